@@ -1,0 +1,291 @@
+//! The `Outbox` handle: lifecycle, enqueue, find, subscribe.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::Mutex as AsyncMutex;
+use tokio_postgres::{Client, GenericClient};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::{OnDelivery, OutboxBuilder, Settings};
+use crate::delivery::{DeliveryStream, Hub};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventFilter, NewEvent, MAX_FIND_LIMIT};
+use crate::relay::{Counters, Relay};
+use crate::store::{event_from_row, Store};
+use crate::wake;
+use crate::writer::Writer;
+
+/// The outbox: enqueue events, run the relay, watch deliveries. Cheap to clone (an `Arc`).
+///
+/// Build it with [`Outbox::builder`]. The relay runs with [`run`](Self::run) or
+/// [`start`](Self::start) and stops when the cancellation token is cancelled or
+/// [`stop`](Self::stop) is called; a stopped relay cannot run again (build a new `Outbox`).
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    store: Arc<Store>,
+    pg: tokio_postgres::Config,
+    producer: FutureProducer,
+    admin: AsyncMutex<Option<Client>>,
+    hub: Hub,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    started: AtomicBool,
+    counters: Arc<Counters>,
+    shutdown_timeout: Arc<Mutex<Duration>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("table", &self.inner.settings.table)
+            .field("channel", &self.inner.settings.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of the relay's counters since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// Events delivered and confirmed.
+    pub delivered: u64,
+    /// Failed attempts that will be retried.
+    pub retried: u64,
+    /// Events that became dead letters.
+    pub dead_lettered: u64,
+    /// Batches whose confirmation failed (their acknowledged events are published again).
+    pub confirm_failures: u64,
+    /// Reservations that failed (Postgres unreachable, …).
+    pub reserve_failures: u64,
+    /// Batches reserved.
+    pub batches: u64,
+    /// Times the LISTEN connection was re-established after a loss.
+    pub listener_reconnects: u64,
+    /// Whether the LISTEN connection is up now.
+    pub listener_connected: bool,
+    /// Messages handed to the producer and not yet reported.
+    pub in_flight: i64,
+    /// When the last delivery was confirmed.
+    pub last_delivery: Option<DateTime<Utc>>,
+    /// Whether the relay is running.
+    pub running: bool,
+}
+
+impl Outbox {
+    /// A builder with every default; see [`OutboxBuilder`].
+    pub fn builder() -> OutboxBuilder {
+        OutboxBuilder::default()
+    }
+
+    pub(crate) async fn connect(builder: OutboxBuilder) -> Result<Outbox> {
+        let (pg, producer) = builder.validate()?;
+        let settings = Arc::new(builder.settings);
+        let admin = wake::connect(&pg, "admin").await?;
+        if builder.migrate {
+            crate::schema::migrate_table(&admin, &settings.table, &settings.channel).await?;
+        }
+        crate::schema::check(&admin, &settings.table, &settings.channel).await?;
+        let store = Arc::new(Store::new(
+            &settings.table,
+            &settings.channel,
+            settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,
+            settings.on_delivery == OnDelivery::Delete,
+        ));
+        let token = match builder.token {
+            Some(t) => t.child_token(),
+            None => CancellationToken::new(),
+        };
+        let hub = Hub::new(settings.ack_buffer);
+        let shutdown = settings.shutdown_timeout;
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                pg,
+                producer,
+                admin: AsyncMutex::new(Some(admin)),
+                hub,
+                token,
+                tracker: TaskTracker::new(),
+                started: AtomicBool::new(false),
+                counters: Arc::new(Counters::default()),
+                shutdown_timeout: Arc::new(Mutex::new(shutdown)),
+            }),
+        })
+    }
+
+    /// A writer for this outbox's table (cheap to clone, holds no connection).
+    pub fn writer(&self) -> Writer {
+        Writer::from_store(self.inner.store.clone())
+    }
+
+    /// Inserts one event into this outbox's table inside the caller's transaction; see
+    /// [`Writer::add_new_event`].
+    ///
+    /// # Errors
+    /// As [`Writer::add_new_event`].
+    pub async fn add_new_event<C: GenericClient>(
+        &self,
+        client: &C,
+        event: impl AsRef<NewEvent>,
+    ) -> Result<Uuid> {
+        self.writer().add_new_event(client, event).await
+    }
+
+    /// Inserts many events in one statement; see [`Writer::add_new_events`].
+    ///
+    /// # Errors
+    /// As [`Writer::add_new_events`].
+    pub async fn add_new_events<C: GenericClient>(
+        &self,
+        client: &C,
+        events: &[NewEvent],
+    ) -> Result<Vec<Uuid>> {
+        self.writer().add_new_events(client, events).await
+    }
+
+    /// Finds events matching `filter`, ordered by `seq`, at most the filter's limit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidEvent`] (field `limit`) for a limit outside 1..=10,000;
+    /// [`Error::Postgres`] when the query fails (the connection is re-established next call).
+    pub async fn find(&self, filter: &EventFilter) -> Result<Vec<Event>> {
+        if let Some(limit) = filter.limit {
+            if limit == 0 || limit > MAX_FIND_LIMIT {
+                return Err(Error::invalid_event(
+                    "limit",
+                    format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
+                ));
+            }
+        }
+        let (sql, params) = self.inner.store.find_query(filter);
+        let refs: Vec<&(dyn postgres_types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
+            .collect();
+        let admin = self.admin().await?;
+        let client = admin.as_ref().expect("admin() connects");
+        let rows = client.query(&sql, &refs).await?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    /// The admin connection (for `find` and operator calls), reconnected when it was lost.
+    pub(crate) async fn admin(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut guard = self.inner.admin.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(wake::connect(&self.inner.pg, "admin").await?);
+        }
+        Ok(guard)
+    }
+
+    /// A stream of delivery acknowledgements and failures from now on; see [`DeliveryStream`].
+    /// Subscribing after the relay stopped gives a stream that ends at once.
+    pub fn subscribe(&self) -> DeliveryStream {
+        self.inner.hub.subscribe()
+    }
+
+    /// The relay's cancellation token: cancelling it stops the relay gracefully. It is a child
+    /// of the token given to the builder, if any.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.inner.token.clone()
+    }
+
+    /// Runs the relay until the cancellation token is cancelled, then stops gracefully: no more
+    /// reservations; in-flight deliveries are awaited (up to `batch_timeout`), the producer is
+    /// flushed (within `shutdown_timeout` or `stop`'s timeout), acknowledged events are
+    /// confirmed, unsent reservations are released, and the delivery streams end.
+    ///
+    /// # Errors
+    /// [`Error::Relay`] when the relay already ran or is running.
+    ///
+    /// # Cancel safety
+    /// Dropping this future abandons the relay mid-batch: reserved rows are released when their
+    /// connections close, and acknowledged but unconfirmed events are published again. Stop it
+    /// with the token instead.
+    pub async fn run(&self) -> Result<()> {
+        if self.inner.started.swap(true, Ordering::AcqRel) {
+            return Err(Error::Relay(
+                "the relay already ran; build a new Outbox to run it again".into(),
+            ));
+        }
+        let relay = Relay {
+            settings: self.inner.settings.clone(),
+            store: self.inner.store.clone(),
+            pg: self.inner.pg.clone(),
+            producer: self.inner.producer.clone(),
+            hub: self.inner.hub.clone(),
+            token: self.inner.token.clone(),
+            counters: self.inner.counters.clone(),
+            shutdown_timeout: self.inner.shutdown_timeout.clone(),
+        };
+        self.inner.tracker.track_future(relay.run()).await
+    }
+
+    /// Spawns [`run`](Self::run) on the current Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Relay`] when the relay already ran or is running.
+    pub fn start(&self) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        if self.inner.started.load(Ordering::Acquire) {
+            return Err(Error::Relay(
+                "the relay already ran; build a new Outbox to run it again".into(),
+            ));
+        }
+        let this = self.clone();
+        Ok(tokio::spawn(async move { this.run().await }))
+    }
+
+    /// Stops the relay gracefully (see [`run`](Self::run)) and waits up to `timeout` for it.
+    /// Returns at once when the relay never ran.
+    ///
+    /// # Errors
+    /// [`Error::StopTimeout`] when the relay is still stopping after `timeout`; it goes on
+    /// stopping in the background.
+    pub async fn stop(&self, timeout: Duration) -> Result<()> {
+        *self
+            .inner
+            .shutdown_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = timeout;
+        self.inner.token.cancel();
+        self.inner.tracker.close();
+        if !self.inner.started.load(Ordering::Acquire) {
+            self.inner.hub.close();
+        }
+        tokio::time::timeout(timeout + Duration::from_millis(500), self.inner.tracker.wait())
+            .await
+            .map_err(|_| Error::StopTimeout(timeout))
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> RelayStats {
+        let c = &self.inner.counters;
+        let last = c.last_delivery_ms.load(Ordering::Relaxed);
+        RelayStats {
+            delivered: c.delivered.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            confirm_failures: c.confirm_failures.load(Ordering::Relaxed),
+            reserve_failures: c.reserve_failures.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            listener_reconnects: c.listener_reconnects.load(Ordering::Relaxed),
+            listener_connected: c.listener_connected.load(Ordering::Relaxed),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            last_delivery: (last > 0)
+                .then(|| DateTime::<Utc>::from_timestamp_millis(last))
+                .flatten(),
+            running: c.running.load(Ordering::Relaxed),
+        }
+    }
+}

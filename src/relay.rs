@@ -1,0 +1,754 @@
+//! The relay pipeline: wake → reserve → publish per-aggregate chains → confirm → acks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use postgres_types::Type;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_postgres::{Client, Statement};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::{OnDelivery, Settings, WakeMode, LEASE_MARGIN};
+use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure, Hub};
+use crate::store::{outcome, RawJson, Store};
+use crate::wake::{self, Wake};
+
+/// Counters kept by the relay; read them with [`Outbox::stats`](crate::Outbox::stats).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) confirm_failures: AtomicU64,
+    pub(crate) reserve_failures: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) listener_reconnects: Arc<AtomicU64>,
+    pub(crate) listener_connected: Arc<AtomicBool>,
+    pub(crate) in_flight: AtomicI64,
+    /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
+    pub(crate) last_delivery_ms: AtomicI64,
+    pub(crate) running: AtomicBool,
+}
+
+/// A row reserved for publishing.
+#[derive(Debug)]
+struct Reserved {
+    id: Uuid,
+    seq: i64,
+    aggregate_id: String,
+    topic: String,
+    event_type: String,
+    payload: RawJson,
+    headers: Option<RawJson>,
+    attempts: i32,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    NotSent,
+    Delivered { partition: i32, offset: i64 },
+    Failed { error: String, permanent: bool },
+    Held,
+}
+
+/// A message sent but not yet reported when its batch was confirmed.
+struct Straggler {
+    idx: usize,
+    future: DeliveryFuture,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct BatchConn {
+    client: Client,
+    reserve: Statement,
+    confirm: Statement,
+}
+
+pub(crate) struct Relay {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) producer: FutureProducer,
+    pub(crate) hub: Hub,
+    pub(crate) token: CancellationToken,
+    pub(crate) counters: Arc<Counters>,
+    /// How long the stop may take, set by `Outbox::stop` before it cancels.
+    pub(crate) shutdown_timeout: Arc<Mutex<Duration>>,
+}
+
+/// Shared by the batch tasks.
+struct Ctx {
+    settings: Arc<Settings>,
+    store: Arc<Store>,
+    pg: tokio_postgres::Config,
+    producer: FutureProducer,
+    acks: Option<broadcast::Sender<DeliveryEvent>>,
+    token: CancellationToken,
+    counters: Arc<Counters>,
+    in_flight: Arc<Semaphore>,
+    late: TaskTracker,
+}
+
+impl Relay {
+    pub(crate) async fn run(self) -> crate::Result<()> {
+        let s = self.settings.clone();
+        let ctx = Arc::new(Ctx {
+            settings: s.clone(),
+            store: self.store.clone(),
+            pg: self.pg.clone(),
+            producer: self.producer.clone(),
+            acks: self.hub.sender(),
+            token: self.token.clone(),
+            counters: self.counters.clone(),
+            in_flight: Arc::new(Semaphore::new(s.max_in_flight)),
+            late: TaskTracker::new(),
+        });
+        self.counters.running.store(true, Ordering::Relaxed);
+        let background = TaskTracker::new();
+        let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
+        let (arm_tx, arm_rx) = watch::channel(false);
+        if s.wake == WakeMode::Notify {
+            wake::spawn_listener(
+                &background,
+                self.pg.clone(),
+                s.channel.clone(),
+                wake_tx.clone(),
+                self.token.clone(),
+                self.counters.listener_reconnects.clone(),
+                self.counters.listener_connected.clone(),
+            );
+            wake::spawn_waker(
+                &background,
+                self.pg.clone(),
+                s.table.clone(),
+                arm_rx,
+                wake_tx.clone(),
+                self.token.clone(),
+            );
+        }
+        drop(wake_tx);
+        let mut ticker = tokio::time::interval(s.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cleanup_ticker = tokio::time::interval(s.cleanup_interval);
+        cleanup_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cleanup_running = Arc::new(AtomicBool::new(false));
+
+        let mut idle: Vec<BatchConn> = Vec::new();
+        let mut batches: JoinSet<Option<BatchConn>> = JoinSet::new();
+        let mut poll_due = true;
+        let mut pause_until: Option<Instant> = None;
+        let mut errors = error_backoff();
+
+        loop {
+            let paused = pause_until.is_some_and(|t| Instant::now() < t);
+            if poll_due && !paused && batches.len() < s.max_batches_in_flight {
+                poll_due = false;
+                let conn = match idle.pop() {
+                    Some(c) if !c.client.is_closed() => Ok(c),
+                    _ => open_batch_conn(&ctx).await,
+                };
+                let reserved = match conn {
+                    Ok(conn) => {
+                        let started = Instant::now();
+                        match reserve(&conn, s.batch_size).await {
+                            Ok(rows) => Ok((conn, rows, started)),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match reserved {
+                    Ok((conn, rows, _)) if rows.is_empty() => {
+                        idle.push(conn);
+                        errors = error_backoff();
+                        if batches.is_empty() {
+                            arm_tx.send_replace(true);
+                        }
+                    }
+                    Ok((conn, rows, started)) => {
+                        errors = error_backoff();
+                        arm_tx.send_replace(false);
+                        if rows.len() >= s.batch_size {
+                            poll_due = true;
+                        }
+                        batches.spawn(run_batch(ctx.clone(), conn, rows, started));
+                    }
+                    Err(e) => {
+                        self.counters.reserve_failures.fetch_add(1, Ordering::Relaxed);
+                        let delay = errors.next().unwrap_or(Duration::from_secs(5));
+                        tracing::warn!(error = %e, ?delay, "outbox relay: reservation failed; retrying");
+                        pause_until = Some(Instant::now() + delay);
+                        poll_due = true;
+                    }
+                }
+                continue;
+            }
+            let pause = async {
+                match pause_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.token.cancelled() => break,
+                Some(done) = batches.join_next() => {
+                    match done {
+                        Ok(Some(conn)) => idle.push(conn),
+                        Ok(None) => {
+                            // Confirm failed: back off so a persistent fault is not a tight loop of re-sends.
+                            let delay = errors.next().unwrap_or(Duration::from_secs(5));
+                            pause_until = Some(Instant::now() + delay);
+                        }
+                        Err(e) => tracing::error!(error = %e, "outbox relay: batch task panicked"),
+                    }
+                    poll_due = true;
+                }
+                Some(_) = wake_rx.recv() => poll_due = true,
+                _ = ticker.tick() => poll_due = true,
+                _ = pause => { pause_until = None; }
+                _ = cleanup_ticker.tick(), if s.on_delivery == OnDelivery::MarkDone => {
+                    if !cleanup_running.swap(true, Ordering::AcqRel) {
+                        let ctx = ctx.clone();
+                        let flag = cleanup_running.clone();
+                        background.spawn(async move {
+                            if let Err(e) = cleanup(&ctx).await {
+                                tracing::warn!(error = %e, "outbox relay: retention cleanup failed");
+                            }
+                            flag.store(false, Ordering::Release);
+                        });
+                    }
+                }
+            }
+        }
+
+        // Graceful stop: no more reservations. Batches stop sending, wait for their in-flight
+        // reports (bounded by batch_timeout), confirm, and commit (releasing unsent rows).
+        arm_tx.send_replace(false);
+        let stop_timeout = *self
+            .shutdown_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + stop_timeout;
+        tracing::info!(in_flight_batches = batches.len(), "outbox relay stopping");
+        while let Some(done) = batches.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "outbox relay: batch task panicked");
+            }
+        }
+        drop(idle);
+        // Held messages whose reports may still come.
+        ctx.late.close();
+        let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
+        // Anything still queued in the producer: flush within what is left, then purge so that
+        // nothing is sent after we return (purged rows were never confirmed, so they stay pending).
+        let producer = self.producer.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(left);
+            if producer.in_flight_count() > 0 {
+                producer.purge(PurgeConfig::default().queue().inflight());
+                let _ = producer.flush(Duration::from_millis(100));
+            }
+        })
+        .await;
+        background.close();
+        background.wait().await;
+        self.counters.running.store(false, Ordering::Relaxed);
+        self.hub.close();
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+}
+
+fn error_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn open_batch_conn(ctx: &Ctx) -> Result<BatchConn, tokio_postgres::Error> {
+    let client = wake::connect(&ctx.pg, "batch").await?;
+    // The reservation is a row lock held by the batch transaction; a session that idles in it
+    // longer than the lease (a hung relay) is ended by Postgres, which releases the rows.
+    client
+        .batch_execute(&format!(
+            "set idle_in_transaction_session_timeout = {}",
+            ctx.settings.lease.as_millis()
+        ))
+        .await?;
+    let reserve = client.prepare_typed(&ctx.store.reserve, &[Type::INT8]).await?;
+    let confirm = client.prepare(&ctx.store.confirm).await?;
+    Ok(BatchConn {
+        client,
+        reserve,
+        confirm,
+    })
+}
+
+/// Begins the batch transaction and locks up to `limit` rows (see `Store::reserve`). On an empty
+/// result the transaction is ended.
+async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_postgres::Error> {
+    let limit = limit as i64;
+    let params: [&(dyn postgres_types::ToSql + Sync); 1] = [&limit];
+    let (_, rows) = futures::try_join!(
+        conn.client.batch_execute("begin"),
+        conn.client.query(&conn.reserve, &params)
+    )?;
+    if rows.is_empty() {
+        conn.client.batch_execute("rollback").await?;
+        return Ok(Vec::new());
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| Reserved {
+            id: r.get(0),
+            seq: r.get(1),
+            aggregate_id: r.get(2),
+            topic: r.get(3),
+            event_type: r.get(4),
+            payload: r.get(5),
+            headers: r.get(6),
+            attempts: r.get(7),
+        })
+        .collect())
+}
+
+fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
+    let custom: Vec<(String, String)> = row
+        .headers
+        .as_ref()
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h.0).ok())
+        .map(|v| crate::store::headers_from_json(v).into_iter().collect())
+        .unwrap_or_default();
+    let mut headers = OwnedHeaders::new_with_capacity(2 + custom.len())
+        .insert(Header {
+            key: "event_id",
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(row.event_type.as_str()),
+        });
+    for (k, v) in &custom {
+        headers = headers.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_str()),
+        });
+    }
+    headers
+}
+
+/// Errors that no retry can fix: the event is dead-lettered at once.
+pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge
+            | InvalidMessageSize
+            | InvalidMessage
+            | BadMessage
+            | InvalidTopic
+            | MessageBatchTooLarge
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | InvalidRecord
+            | PolicyViolation
+            | UnsupportedForMessageFormat
+            | InvalidRequiredAcks
+            | InvalidTimestamp
+            | InvalidArgument
+    )
+}
+
+fn classify(e: &KafkaError) -> (String, bool) {
+    let permanent = e.rdkafka_error_code().is_some_and(is_permanent);
+    (e.to_string(), permanent)
+}
+
+enum Sent {
+    Report(Result<(i32, i64), KafkaError>),
+    Cutoff(DeliveryFuture, OwnedSemaphorePermit),
+    NotSent,
+}
+
+/// Publishes one aggregate's events of the batch in order, one at a time: an event is handed to
+/// the producer only after the previous one was acknowledged, so a failure can never let a later
+/// event of the aggregate reach Kafka first.
+async fn publish_chain(
+    ctx: &Ctx,
+    rows: &[Reserved],
+    chain: &[usize],
+    send_until: Instant,
+    cutoff: Instant,
+) -> (Vec<(usize, Outcome)>, Option<Straggler>) {
+    let mut out = Vec::with_capacity(chain.len());
+    for &idx in chain {
+        if ctx.token.is_cancelled() || Instant::now() >= send_until.min(cutoff) {
+            break;
+        }
+        let row = &rows[idx];
+        let sent = send_one(ctx, row, send_until.min(cutoff), cutoff).await;
+        match sent {
+            Sent::NotSent => break,
+            Sent::Report(Ok((partition, offset))) => {
+                out.push((idx, Outcome::Delivered { partition, offset }))
+            }
+            Sent::Report(Err(e)) => {
+                let (error, permanent) = classify(&e);
+                out.push((idx, Outcome::Failed { error, permanent }));
+                break;
+            }
+            Sent::Cutoff(future, permit) => {
+                out.push((idx, Outcome::Held));
+                return (
+                    out,
+                    Some(Straggler {
+                        idx,
+                        future,
+                        _permit: permit,
+                    }),
+                );
+            }
+        }
+    }
+    (out, None)
+}
+
+async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instant) -> Sent {
+    let permit = tokio::select! {
+        p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::NotSent },
+        _ = tokio::time::sleep_until(send_until) => return Sent::NotSent,
+    };
+    let mut id_buf = Uuid::encode_buffer();
+    let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
+    let mut record = FutureRecord::to(&row.topic)
+        .key(row.aggregate_id.as_str())
+        .payload(row.payload.0.as_slice())
+        .headers(record_headers(row, event_id));
+    let future = loop {
+        match ctx.producer.send_result(record) {
+            Ok(f) => break f,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                // Backpressure: the producer queue is full; wait for it to drain.
+                if Instant::now() >= send_until {
+                    return Sent::NotSent;
+                }
+                record = r;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Sent::Report(Err(e)),
+        }
+    };
+    ctx.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut future = future;
+    let report = tokio::select! {
+        r = &mut future => r,
+        _ = tokio::time::sleep_until(cutoff) => {
+            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Sent::Cutoff(future, permit);
+        }
+    };
+    ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
+    Sent::Report(report_result(report))
+}
+
+fn report_result(
+    r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Result<(i32, i64), KafkaError> {
+    match r {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+fn retry_delay(settings: &Settings, attempts: i32) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(settings.retry_backoff_min)
+        .with_max_delay(settings.retry_backoff_max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempts.saturating_sub(1).max(0) as usize)
+        .unwrap_or(settings.retry_backoff_max)
+        .min(settings.retry_backoff_max)
+}
+
+/// Publishes a reserved batch, confirms it and emits its acks. Returns the connection for reuse,
+/// or `None` when it must not be reused (confirm failed).
+async fn run_batch(
+    ctx: Arc<Ctx>,
+    conn: BatchConn,
+    rows: Vec<Reserved>,
+    reserved_at: Instant,
+) -> Option<BatchConn> {
+    let s = &ctx.settings;
+    ctx.counters.batches.fetch_add(1, Ordering::Relaxed);
+    // Every message must have its final report before the lease ends.
+    let send_until = reserved_at + (s.lease - s.publish_timeout - LEASE_MARGIN);
+    let cutoff = (reserved_at + s.batch_timeout).min(reserved_at + (s.lease - LEASE_MARGIN));
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    {
+        let mut by_aggregate: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let slot = *by_aggregate.entry(r.aggregate_id.as_str()).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[slot].push(i);
+        }
+    }
+    let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
+    let mut stragglers = Vec::new();
+    {
+        let mut running: FuturesUnordered<_> = chains
+            .iter()
+            .map(|c| publish_chain(&ctx, &rows, c, send_until, cutoff))
+            .collect();
+        while let Some((results, straggler)) = running.next().await {
+            for (idx, o) in results {
+                outcomes[idx] = o;
+            }
+            stragglers.extend(straggler);
+        }
+    }
+    // Confirm in one statement, then commit (pipelined: one round trip).
+    let mut ids = Vec::new();
+    let mut codes = Vec::new();
+    let mut parts = Vec::new();
+    let mut offs = Vec::new();
+    let mut errs: Vec<Option<&str>> = Vec::new();
+    let mut delays = Vec::new();
+    let hold_ms = (s.publish_timeout + LEASE_MARGIN).as_millis() as i64;
+    for (row, o) in rows.iter().zip(&outcomes) {
+        let (code, part, off, err, delay) = match o {
+            Outcome::NotSent => continue,
+            Outcome::Delivered { partition, offset } => {
+                (outcome::DELIVERED, *partition, *offset, None, 0)
+            }
+            Outcome::Failed { error, permanent } => {
+                let dead = *permanent || row.attempts + 1 >= s.max_attempts as i32;
+                if dead {
+                    (outcome::DEAD, 0, 0, Some(error.as_str()), 0)
+                } else {
+                    let d = retry_delay(s, row.attempts + 1).as_millis() as i64;
+                    (outcome::RETRY, 0, 0, Some(error.as_str()), d)
+                }
+            }
+            Outcome::Held => (outcome::HOLD, 0, 0, None, hold_ms),
+        };
+        ids.push(row.id);
+        codes.push(code);
+        parts.push(part);
+        offs.push(off);
+        errs.push(err);
+        delays.push(delay);
+    }
+    let params: [&(dyn postgres_types::ToSql + Sync); 6] =
+        [&ids, &codes, &parts, &offs, &errs, &delays];
+    let confirmed = futures::try_join!(
+        conn.client.execute(&conn.confirm, &params),
+        conn.client.batch_execute("commit")
+    );
+    if let Err(e) = confirmed {
+        let delivered = codes.iter().filter(|c| **c == outcome::DELIVERED).count();
+        ctx.counters.confirm_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            error = %e,
+            delivered,
+            "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
+        );
+        let _ = conn.client.batch_execute("rollback").await;
+        return None;
+    }
+    let now = Utc::now();
+    let mut delivered = 0u64;
+    let acks = ctx.acks.as_ref().filter(|tx| tx.receiver_count() > 0);
+    for (row, (o, code)) in rows.iter().zip(outcomes.iter().zip(codes_by_row(&outcomes, s, &rows))) {
+        match o {
+            Outcome::Delivered { partition, offset } => {
+                delivered += 1;
+                if let Some(tx) = acks {
+                    let _ = tx.send(DeliveryEvent::Delivered(DeliveryAck {
+                        event_id: row.id,
+                        seq: row.seq,
+                        aggregate_id: row.aggregate_id.clone(),
+                        topic: row.topic.clone(),
+                        event_type: row.event_type.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                        delivered_at: now,
+                    }));
+                }
+            }
+            Outcome::Failed { error, .. } => {
+                let dead = code == Some(outcome::DEAD);
+                if dead {
+                    ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, error = %error, "outbox event dead-lettered");
+                } else {
+                    ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, attempts = row.attempts + 1, error = %error, "outbox delivery failed; will retry");
+                }
+                if let Some(tx) = acks {
+                    let _ = tx.send(DeliveryEvent::Failed(DeliveryFailure {
+                        event_id: row.id,
+                        aggregate_id: row.aggregate_id.clone(),
+                        topic: row.topic.clone(),
+                        error: error.clone(),
+                        attempts: row.attempts + 1,
+                        dead_letter: dead,
+                    }));
+                }
+            }
+            _ => {}
+        }
+    }
+    if delivered > 0 {
+        ctx.counters.delivered.fetch_add(delivered, Ordering::Relaxed);
+        ctx.counters
+            .last_delivery_ms
+            .store(now.timestamp_millis(), Ordering::Relaxed);
+    }
+    if !stragglers.is_empty() {
+        tracing::warn!(
+            held = stragglers.len(),
+            "outbox relay: delivery reports late; holding those events until they arrive"
+        );
+        let ctx2 = ctx.clone();
+        ctx.late.spawn(confirm_late(ctx2, rows, stragglers));
+    }
+    Some(conn)
+}
+
+fn codes_by_row<'a>(
+    outcomes: &'a [Outcome],
+    s: &'a Settings,
+    rows: &'a [Reserved],
+) -> impl Iterator<Item = Option<i16>> + 'a {
+    outcomes.iter().zip(rows).map(move |(o, r)| match o {
+        Outcome::Failed { permanent, .. } => Some(
+            if *permanent || r.attempts + 1 >= s.max_attempts as i32 {
+                outcome::DEAD
+            } else {
+                outcome::RETRY
+            },
+        ),
+        _ => None,
+    })
+}
+
+/// Waits for the reports of held messages and records them, fenced by the hold: a row whose hold
+/// ended is left to be retried.
+async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
+    let hold_end = Instant::now() + ctx.settings.publish_timeout + LEASE_MARGIN;
+    let client = match wake::connect(&ctx.pg, "late").await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox relay: cannot record late delivery reports; the held events will be published again");
+            return;
+        }
+    };
+    let mut waiting: FuturesUnordered<_> = stragglers
+        .into_iter()
+        .map(|st| async move {
+            let Straggler { idx, future, _permit } = st;
+            (idx, report_result(future.await))
+        })
+        .collect();
+    loop {
+        let next = tokio::select! {
+            n = waiting.next() => n,
+            _ = tokio::time::sleep_until(hold_end) => None,
+        };
+        let Some((idx, report)) = next else { break };
+        let row = &rows[idx];
+        match report {
+            Ok((partition, offset)) => {
+                let done = client
+                    .execute(&ctx.store.late_confirm, &[&row.id, &partition, &offset])
+                    .await;
+                if matches!(done, Ok(1)) {
+                    ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Some(tx) = ctx.acks.as_ref() {
+                        let _ = tx.send(DeliveryEvent::Delivered(DeliveryAck {
+                            event_id: row.id,
+                            seq: row.seq,
+                            aggregate_id: row.aggregate_id.clone(),
+                            topic: row.topic.clone(),
+                            event_type: row.event_type.clone(),
+                            partition,
+                            offset,
+                            delivered_at: Utc::now(),
+                        }));
+                    }
+                }
+            }
+            Err(e) => {
+                let (error, permanent) = classify(&e);
+                let delay = retry_delay(&ctx.settings, row.attempts + 1).as_millis() as i64;
+                let dead = permanent || row.attempts + 1 >= ctx.settings.max_attempts as i32;
+                let r = client
+                    .execute(&ctx.store.late_fail, &[&row.id, &error, &delay, &dead])
+                    .await;
+                if matches!(r, Ok(1)) {
+                    if dead {
+                        ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(event_id = %row.id, error = %error, dead_letter = dead, "outbox delivery failed (late report)");
+                    if let Some(tx) = ctx.acks.as_ref() {
+                        let _ = tx.send(DeliveryEvent::Failed(DeliveryFailure {
+                            event_id: row.id,
+                            aggregate_id: row.aggregate_id.clone(),
+                            topic: row.topic.clone(),
+                            error,
+                            attempts: row.attempts + 1,
+                            dead_letter: dead,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Deletes delivered rows older than the retention, in bounded batches.
+async fn cleanup(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
+    let client = wake::connect(&ctx.pg, "cleanup").await?;
+    let retention_ms = ctx.settings.retention.as_millis() as f64;
+    let batch = ctx.settings.cleanup_batch as i64;
+    loop {
+        if ctx.token.is_cancelled() {
+            return Ok(());
+        }
+        let n = client
+            .execute(&ctx.store.cleanup, &[&retention_ms, &batch])
+            .await?;
+        if n > 0 {
+            tracing::debug!(deleted = n, "outbox retention cleanup");
+        }
+        if (n as i64) < batch {
+            return Ok(());
+        }
+    }
+}

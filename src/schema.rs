@@ -1,0 +1,264 @@
+//! Migrations (`migrations/*.sql`) and the schema check done at `connect()`.
+
+use tokio_postgres::{Client, GenericClient};
+
+use crate::error::{Error, Result};
+
+/// Longest table or channel name accepted, in bytes. Postgres identifiers hold 63 bytes
+/// (`NAMEDATALEN - 1`) and the crate derives index, constraint and function names from the table
+/// name with suffixes of up to 15 bytes.
+pub const MAX_IDENTIFIER_LEN: usize = 48;
+
+/// Advisory-lock class shared by everything this crate locks (`pg_advisory_lock(class, key)`).
+pub(crate) const LOCK_CLASS: i32 = 0x6f62_7831; // "obx1"
+
+/// Key of the advisory lock that serializes migrations of all tables.
+const MIGRATION_LOCK_KEY: i32 = 0;
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events table (the original's DDL)",
+        sql: include_str!("../migrations/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "relay columns, status set, indexes",
+        sql: include_str!("../migrations/0002_relay_columns.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "wake trigger",
+        sql: include_str!("../migrations/0003_wake_trigger.sql"),
+    },
+];
+
+/// The schema version this crate needs.
+pub const SCHEMA_VERSION: i32 = 3;
+
+/// Checks a table or channel name: a plain, lower-case Postgres identifier
+/// (`[a-z_][a-z0-9_]*`, 1–[`MAX_IDENTIFIER_LEN`] bytes). Anything else is refused rather than
+/// quoted, so no configuration value can inject SQL.
+///
+/// # Errors
+/// [`Error::InvalidIdentifier`] naming `what` and the rule broken.
+pub fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("must not be empty".to_string())
+    } else if name.len() > MAX_IDENTIFIER_LEN {
+        Some(format!(
+            "`{}` is {} bytes; at most {MAX_IDENTIFIER_LEN} (Postgres identifiers hold 63 bytes and derived names add suffixes)",
+            name.escape_debug(),
+            name.len()
+        ))
+    } else if !name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        Some(format!(
+            "`{}` is not a plain identifier: use lower-case ASCII letters, digits and '_', not starting with a digit",
+            name.escape_debug()
+        ))
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidIdentifier { what, reason }),
+        None => Ok(()),
+    }
+}
+
+/// Key of the table's wake lock (`pg_advisory_lock(LOCK_CLASS, key)`): FNV-1a of the table name.
+pub(crate) fn wake_lock_key(table: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in table.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    // Keep clear of MIGRATION_LOCK_KEY.
+    if h == 0 {
+        1
+    } else {
+        h as i32
+    }
+}
+
+fn render(sql: &str, table: &str, channel: &str) -> String {
+    sql.replace("{{table}}", table)
+        .replace("{{channel}}", channel)
+        .replace("{{lock_class}}", &LOCK_CLASS.to_string())
+        .replace("{{lock_key}}", &wake_lock_key(table).to_string())
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    applied: Vec<i32>,
+}
+
+impl MigrationReport {
+    /// Versions applied by this call, ascending; empty when the table was up to date.
+    pub fn applied(&self) -> &[i32] {
+        &self.applied
+    }
+}
+
+/// Creates or upgrades the outbox table `table` (default `events`) and its wake trigger on
+/// `channel` (default `outbox`), idempotently.
+///
+/// Applied versions are recorded in `outbox_migrations`; the table's channel in `outbox_tables`.
+/// The whole run is one transaction holding an advisory lock, so processes starting together do
+/// not race. A table created with the original Go package's DDL is upgraded in place, keeping
+/// every row (existing rows are numbered in `created_at` order). Calling it again with another
+/// channel re-creates the trigger for the new channel.
+///
+/// Index creation on a large existing table blocks writes to it while it runs.
+///
+/// `client` must not be inside a transaction: the migration runs its own.
+///
+/// # Errors
+/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Postgres`] when a
+/// statement fails (nothing is applied then: the transaction rolls back).
+pub async fn migrate_table(
+    client: &Client,
+    table: &str,
+    channel: &str,
+) -> Result<MigrationReport> {
+    validate_identifier("table", table)?;
+    validate_identifier("channel", channel)?;
+    client.batch_execute("begin").await?;
+    match migrate_in_tx(client, table, channel).await {
+        Ok(report) => {
+            client.batch_execute("commit").await?;
+            Ok(report)
+        }
+        Err(e) => {
+            // The connection may be gone; the server rolls back then anyway.
+            let _ = client.batch_execute("rollback").await;
+            Err(e)
+        }
+    }
+}
+
+/// [`migrate_table`] for the default table `events` and channel `outbox`.
+///
+/// # Errors
+/// As [`migrate_table`].
+pub async fn migrate(client: &Client) -> Result<MigrationReport> {
+    migrate_table(client, crate::config::DEFAULT_TABLE, crate::config::DEFAULT_CHANNEL).await
+}
+
+async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
+    let tx = client;
+    tx.execute(
+        "select pg_advisory_xact_lock($1, $2)",
+        &[&LOCK_CLASS, &MIGRATION_LOCK_KEY],
+    )
+    .await?;
+    tx.batch_execute(
+        "create table if not exists outbox_migrations (
+             table_name text not null,
+             version integer not null,
+             name text not null,
+             applied_at timestamptz not null default now(),
+             primary key (table_name, version));
+         create table if not exists outbox_tables (
+             table_name text primary key,
+             channel text not null,
+             schema_version integer not null,
+             updated_at timestamptz not null default now());",
+    )
+    .await?;
+    let done: Vec<i32> = tx
+        .query(
+            "select version from outbox_migrations where table_name = $1",
+            &[&table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let previous_channel: Option<String> = tx
+        .query_opt(
+            "select channel from outbox_tables where table_name = $1",
+            &[&table],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        let is_trigger = m.version == 3;
+        let channel_changed = previous_channel.as_deref().is_some_and(|c| c != channel);
+        if done.contains(&m.version) && !(is_trigger && channel_changed) {
+            continue;
+        }
+        tracing::info!(table, version = m.version, name = m.name, "applying outbox migration");
+        tx.batch_execute(&render(m.sql, table, channel)).await?;
+        if !done.contains(&m.version) {
+            tx.execute(
+                "insert into outbox_migrations (table_name, version, name) values ($1, $2, $3)",
+                &[&table, &m.version, &m.name],
+            )
+            .await?;
+            applied.push(m.version);
+        }
+    }
+    tx.execute(
+        "insert into outbox_tables (table_name, channel, schema_version) values ($1, $2, $3)
+         on conflict (table_name) do update
+           set channel = excluded.channel, schema_version = excluded.schema_version, updated_at = now()",
+        &[&table, &channel, &SCHEMA_VERSION],
+    )
+    .await?;
+    Ok(MigrationReport { applied })
+}
+
+/// Checks that `table` is migrated to [`SCHEMA_VERSION`] and notifies on `channel`.
+pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &str) -> Result<()> {
+    let exists: bool = client
+        .query_one("select to_regclass($1) is not null", &[&table])
+        .await?
+        .get(0);
+    if !exists {
+        return Err(Error::Schema(format!(
+            "table `{table}` does not exist: run `outbox::migrate` (or `outbox-relay migrate`) first"
+        )));
+    }
+    let registered = client
+        .query_opt(
+            "select channel, schema_version from outbox_tables where table_name = $1",
+            &[&table],
+        )
+        .await;
+    let row = match registered {
+        Ok(row) => row,
+        // outbox_tables missing: a table made by the original DDL, never migrated.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = row else {
+        return Err(Error::Schema(format!(
+            "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` first; it upgrades the table in place"
+        )));
+    };
+    let registered_channel: String = row.get(0);
+    let version: i32 = row.get(1);
+    if version < SCHEMA_VERSION {
+        return Err(Error::Schema(format!(
+            "table `{table}` is at schema version {version}, this crate needs {SCHEMA_VERSION}: run `outbox::migrate`"
+        )));
+    }
+    if registered_channel != channel {
+        return Err(Error::Schema(format!(
+            "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
+        )));
+    }
+    Ok(())
+}

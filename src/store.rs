@@ -1,0 +1,303 @@
+//! All SQL the crate runs against the outbox table, rendered once per table name.
+//!
+//! Table and channel names are validated identifiers (see `schema::validate_identifier`), so
+//! formatting them into statements is safe; every value is a bind parameter.
+
+use std::collections::BTreeMap;
+
+use bytes::BufMut;
+use postgres_types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::Row;
+
+use crate::event::{Event, EventFilter, EventStatus, DEFAULT_FIND_LIMIT};
+
+/// Columns returned by the reservation, in order.
+pub(crate) const RESERVED_COLUMNS: &str =
+    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts";
+
+/// Columns returned by `find`, in order.
+const EVENT_COLUMNS: &str = "id, seq, aggregate_id, event_topic, event_type, payload, headers, status, \
+     created_at, reserved_to, attempts, last_error, next_attempt_at, published_at, kafka_partition, kafka_offset";
+
+/// Outcome codes of the confirm statement.
+pub(crate) mod outcome {
+    /// Kafka acknowledged it: done (or deleted).
+    pub(crate) const DELIVERED: i16 = 0;
+    /// Failed, will be retried after `delay_ms`.
+    pub(crate) const RETRY: i16 = 1;
+    /// Failed permanently or too often: dead letter.
+    pub(crate) const DEAD: i16 = 2;
+    /// Sent, no delivery report yet: no relay may send it again for `delay_ms`.
+    pub(crate) const HOLD: i16 = 3;
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) table: String,
+    pub(crate) insert_one: String,
+    pub(crate) insert_many: String,
+    pub(crate) reserve: String,
+    pub(crate) confirm: String,
+    pub(crate) late_confirm: String,
+    pub(crate) late_fail: String,
+    pub(crate) cleanup: String,
+}
+
+impl Store {
+    /// `block_on_dead_letter`: whether a dead letter holds back the later events of its aggregate.
+    /// `delete_on_delivery`: delete delivered rows instead of marking them done.
+    pub(crate) fn new(
+        table: &str,
+        _channel: &str,
+        block_on_dead_letter: bool,
+        delete_on_delivery: bool,
+    ) -> Self {
+        let t = table;
+        let open = if block_on_dead_letter {
+            "e.status <> 'done'"
+        } else {
+            "e.status <> 'done' and e.status = 'new'"
+        };
+        // Reserve: lock the earliest available rows (the lock is the lease: it lasts as long as
+        // the relay's batch transaction), then keep, per aggregate, only the rows before the
+        // first open row of that aggregate that this batch did not get (in backoff, held, dead,
+        // or locked by another relay): an aggregate's later event never overtakes an earlier one.
+        let reserve = format!(
+            "with cand as materialized (
+                 select {RESERVED_COLUMNS}
+                   from {t}
+                  where status = 'new'
+                    and (reserved_to is null or reserved_to < localtimestamp)
+                    and (next_attempt_at is null or next_attempt_at <= now())
+                  order by seq
+                  limit $1
+                    for update skip locked
+             ),
+             gate as (
+                 select a.aggregate_id, g.seq as gap
+                   from (select distinct aggregate_id from cand) a
+                   left join lateral (
+                        select e.seq from {t} e
+                         where e.aggregate_id = a.aggregate_id and {open}
+                           and e.id not in (select id from cand)
+                         order by e.seq
+                         limit 1
+                   ) g on true
+             )
+             select {cols}
+               from cand c join gate g on g.aggregate_id = c.aggregate_id
+              where g.gap is null or c.seq < g.gap
+              order by c.seq",
+            cols = RESERVED_COLUMNS
+                .split(", ")
+                .map(|c| format!("c.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let update = format!(
+            "update {t} e set
+                 status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
+                 published_at = case when u.outcome = 0 then now() else e.published_at end,
+                 kafka_partition = case when u.outcome = 0 then u.part else e.kafka_partition end,
+                 kafka_offset = case when u.outcome = 0 then u.off else e.kafka_offset end,
+                 attempts = e.attempts + case when u.outcome in (1, 2) then 1 else 0 end,
+                 last_error = case when u.outcome = 0 then null else coalesce(u.error, e.last_error) end,
+                 next_attempt_at = case when u.outcome in (1, 3)
+                                        then now() + u.delay_ms * interval '1 millisecond' end,
+                 reserved_to = null
+               from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])
+                    as u(id, outcome, part, off, error, delay_ms)
+              where e.id = u.id"
+        );
+        let confirm = if delete_on_delivery {
+            format!(
+                "with delivered as (
+                     delete from {t} where id = any(
+                         select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
+                          where u.outcome = 0)
+                 )
+                 {update} and u.outcome <> 0"
+            )
+        } else {
+            update
+        };
+        // A held row (sent, no report before the batch committed) whose report arrived while the
+        // hold lasts: nobody else can have taken it, because reservation skips held rows.
+        let late_confirm = if delete_on_delivery {
+            format!(
+                "delete from {t} where id = $1 and status = 'new' and next_attempt_at > now()"
+            )
+        } else {
+            format!(
+                "update {t} set status = 'done', published_at = now(), kafka_partition = $2,
+                        kafka_offset = $3, last_error = null, next_attempt_at = null, reserved_to = null
+                  where id = $1 and status = 'new' and next_attempt_at > now()"
+            )
+        };
+        let late_fail = format!(
+            "update {t} set attempts = attempts + 1, last_error = $2,
+                    status = case when $4::bool then 'failed' else status end,
+                    next_attempt_at = case when $4::bool then null
+                                           else now() + $3::int8 * interval '1 millisecond' end
+              where id = $1 and status = 'new' and next_attempt_at > now()"
+        );
+        let cleanup = format!(
+            "delete from {t} where id in (
+                 select id from {t}
+                  where status = 'done'
+                    and (published_at < now() - $1::float8 * interval '1 millisecond'
+                         or (published_at is null
+                             and created_at < localtimestamp - $1::float8 * interval '1 millisecond'))
+                  limit $2)"
+        );
+        Store {
+            table: t.to_string(),
+            insert_one: format!(
+                "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 values ($1, $2, $3, $4, $5, $6)"
+            ),
+            insert_many: format!(
+                "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 select id, aggregate_id, event_topic, event_type, payload, headers
+                   from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
+                        with ordinality as u(id, aggregate_id, event_topic, event_type, payload, headers, ord)
+                  order by ord"
+            ),
+            reserve,
+            confirm,
+            late_confirm,
+            late_fail,
+            cleanup,
+        }
+    }
+
+    /// Renders `find`: SQL text and its parameters.
+    pub(crate) fn find_query(&self, f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+        let mut sql = format!("select {EVENT_COLUMNS} from {} where true", self.table);
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut push = |sql: &mut String, clause: &str, p: Box<dyn ToSql + Sync + Send>| {
+            params.push(p);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        };
+        if !f.statuses.is_empty() {
+            let s: Vec<String> = f.statuses.iter().map(|s| s.as_str().to_string()).collect();
+            push(&mut sql, " and status = any(?::text[])", Box::new(s));
+        }
+        if let Some(a) = &f.aggregate_id {
+            push(&mut sql, " and aggregate_id = ?", Box::new(a.clone()));
+        }
+        if let Some(t) = &f.topic {
+            push(&mut sql, " and event_topic = ?", Box::new(t.clone()));
+        }
+        if let Some(t) = &f.event_type {
+            push(&mut sql, " and event_type = ?", Box::new(t.clone()));
+        }
+        if !f.ids.is_empty() {
+            push(&mut sql, " and id = any(?)", Box::new(f.ids.clone()));
+        }
+        if let Some(from) = f.created_from {
+            push(&mut sql, " and created_at >= ?", Box::new(from));
+        }
+        if let Some(to) = f.created_to {
+            push(&mut sql, " and created_at < ?", Box::new(to));
+        }
+        if let Some(after) = f.after_seq {
+            push(&mut sql, " and seq > ?", Box::new(after));
+        }
+        let limit = i64::from(f.limit.unwrap_or(DEFAULT_FIND_LIMIT));
+        push(&mut sql, " order by seq limit ?", Box::new(limit));
+        (sql, params)
+    }
+}
+
+/// Maps a `find` row.
+pub(crate) fn event_from_row(row: &Row) -> Event {
+    let payload: serde_json::Value = row.get(5);
+    let headers: Option<serde_json::Value> = row.get(6);
+    let status: String = row.get(7);
+    Event {
+        id: row.get(0),
+        seq: row.get(1),
+        aggregate_id: row.get(2),
+        topic: row.get(3),
+        event_type: row.get(4),
+        payload,
+        headers: headers.map(headers_from_json).unwrap_or_default(),
+        // Unknown values cannot pass the check constraint; treat them as new defensively.
+        status: EventStatus::parse(&status).unwrap_or(EventStatus::New),
+        created_at: row.get(8),
+        reserved_to: row.get(9),
+        attempts: row.get(10),
+        last_error: row.get(11),
+        next_attempt_at: row.get(12),
+        published_at: row.get(13),
+        partition: row.get(14),
+        offset: row.get(15),
+    }
+}
+
+/// Custom headers stored as a JSON object; non-string values are kept as their JSON text.
+pub(crate) fn headers_from_json(v: serde_json::Value) -> BTreeMap<String, String> {
+    match v {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, v)
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// JSON text bound as `json`/`jsonb` without building a `serde_json::Value`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JsonText<'a>(pub(crate) &'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1); // jsonb binary format version
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+/// JSON text read from a `json`/`jsonb` column without parsing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawJson(pub(crate) Vec<u8>);
+
+impl<'a> FromSql<'a> for RawJson {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let body = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, rest)) => rest,
+                _ => return Err("unsupported jsonb binary format version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(RawJson(body.to_vec()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
