@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
             b
         }
         Err(_) => {
-            println!("KAFKA_BROKERS is unset: starting librdkafka's in-process mock Kafka cluster…");
+            println!(
+                "KAFKA_BROKERS is unset: starting librdkafka's in-process mock Kafka cluster…"
+            );
             let kafka = MockKafka::start(1)?;
             kafka.create_topic(TOPIC, 3)?;
             let b = kafka.bootstrap_servers();
@@ -85,12 +87,21 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         let placed = outbox
-            .add_new_event(&tx, NewEvent::new(TOPIC, &order, "OrderPlaced", json!({"order": order, "total": n * 10})))
+            .add_new_event(
+                &tx,
+                NewEvent::new(
+                    TOPIC,
+                    &order,
+                    "OrderPlaced",
+                    json!({"order": order, "total": n * 10}),
+                ),
+            )
             .await?;
         let paid = outbox
             .add_new_event(
                 &tx,
-                NewEvent::new(TOPIC, &order, "OrderPaid", json!({"order": order})).header("source", "quickstart"),
+                NewEvent::new(TOPIC, &order, "OrderPaid", json!({"order": order}))
+                    .header("source", "quickstart"),
             )
             .await?;
         tx.commit().await?;
@@ -106,7 +117,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         let id = outbox
-            .add_new_event(&tx, NewEvent::new(TOPIC, &order, "OrderPlaced", json!({"order": order})))
+            .add_new_event(
+                &tx,
+                NewEvent::new(TOPIC, &order, "OrderPlaced", json!({"order": order})),
+            )
             .await?;
         tx.rollback().await?;
         id
@@ -134,7 +148,11 @@ async fn main() -> anyhow::Result<()> {
                 seen.insert(ack.event_id());
             }
             Ok(Some(DeliveryEvent::Failed(f))) => {
-                println!("delivery failed (will retry): {} {}", f.event_id(), f.error())
+                println!(
+                    "delivery failed (will retry): {} {}",
+                    f.event_id(),
+                    f.error()
+                )
             }
             Ok(Some(other)) => println!("{other:?}"),
             Ok(None) => break,
@@ -156,7 +174,9 @@ async fn main() -> anyhow::Result<()> {
         elapsed
     );
     if missing > 0 || leaked {
-        anyhow::bail!("quickstart failed: {missing} events missing, rolled-back published: {leaked}");
+        anyhow::bail!(
+            "quickstart failed: {missing} events missing, rolled-back published: {leaked}"
+        );
     }
     Ok(())
 }

@@ -148,7 +148,10 @@ impl OutboxBuilder {
     /// Postgres connection string (`postgres://user:pass@host:port/db` or `host=… user=…`).
     /// Required (or [`postgres`](Self::postgres)). The password never appears in errors or logs.
     pub fn database_url(mut self, url: &str) -> Self {
-        self.postgres = Some(url.parse().map_err(|e: tokio_postgres::Error| e.to_string()));
+        self.postgres = Some(
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| e.to_string()),
+        );
         self
     }
 
@@ -347,15 +350,35 @@ impl OutboxBuilder {
         }
         let mut range = |name: &str, v: u128, lo: u128, hi: u128, unit: &str| {
             if v < lo || v > hi {
-                problems.push(format!("{name}: {v}{unit} is out of range {lo}..={hi}{unit}"));
+                problems.push(format!(
+                    "{name}: {v}{unit} is out of range {lo}..={hi}{unit}"
+                ));
             }
         };
         range("batch_size", s.batch_size as u128, 1, 50_000, "");
         range("max_in_flight", s.max_in_flight as u128, 1, 1_000_000, "");
-        range("max_batches_in_flight", s.max_batches_in_flight as u128, 1, 16, "");
-        range("poll_interval", s.poll_interval.as_millis(), 10, 3_600_000, " ms");
+        range(
+            "max_batches_in_flight",
+            s.max_batches_in_flight as u128,
+            1,
+            16,
+            "",
+        );
+        range(
+            "poll_interval",
+            s.poll_interval.as_millis(),
+            10,
+            3_600_000,
+            " ms",
+        );
         range("lease", s.lease.as_millis(), 1_000, 86_400_000, " ms");
-        range("publish_timeout", s.publish_timeout.as_millis(), 1_000, 600_000, " ms");
+        range(
+            "publish_timeout",
+            s.publish_timeout.as_millis(),
+            1_000,
+            600_000,
+            " ms",
+        );
         range(
             "batch_timeout",
             s.batch_timeout.as_millis(),
@@ -363,9 +386,21 @@ impl OutboxBuilder {
             s.publish_timeout.as_millis().max(10),
             " ms",
         );
-        range("shutdown_timeout", s.shutdown_timeout.as_millis(), 0, s.lease.as_millis(), " ms");
+        range(
+            "shutdown_timeout",
+            s.shutdown_timeout.as_millis(),
+            0,
+            s.lease.as_millis(),
+            " ms",
+        );
         range("max_attempts", u128::from(s.max_attempts), 1, 1_000, "");
-        range("retry_backoff min", s.retry_backoff_min.as_millis(), 1, 86_400_000, " ms");
+        range(
+            "retry_backoff min",
+            s.retry_backoff_min.as_millis(),
+            1,
+            86_400_000,
+            " ms",
+        );
         range(
             "retry_backoff max",
             s.retry_backoff_max.as_millis(),
@@ -373,8 +408,20 @@ impl OutboxBuilder {
             86_400_000,
             " ms",
         );
-        range("retention", s.retention.as_millis(), 1_000, u128::from(u64::MAX), " ms");
-        range("cleanup interval", s.cleanup_interval.as_millis(), 100, 86_400_000, " ms");
+        range(
+            "retention",
+            s.retention.as_millis(),
+            1_000,
+            u128::from(u64::MAX),
+            " ms",
+        );
+        range(
+            "cleanup interval",
+            s.cleanup_interval.as_millis(),
+            100,
+            86_400_000,
+            " ms",
+        );
         range("cleanup batch", s.cleanup_batch as u128, 1, 1_000_000, "");
         range("ack_buffer", s.ack_buffer as u128, 1, 1_000_000, "");
         if s.lease < s.publish_timeout + LEASE_MARGIN {
@@ -385,14 +432,20 @@ impl OutboxBuilder {
         }
         let mut kafka = ClientConfig::new();
         kafka
-            .set("bootstrap.servers", self.kafka_brokers.clone().unwrap_or_default())
+            .set(
+                "bootstrap.servers",
+                self.kafka_brokers.clone().unwrap_or_default(),
+            )
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("compression.type", "none")
             .set(
                 "message.timeout.ms",
-                s.publish_timeout.as_millis().min(i32::MAX as u128).to_string(),
+                s.publish_timeout
+                    .as_millis()
+                    .min(i32::MAX as u128)
+                    .to_string(),
             );
         for (k, v) in &self.kafka_properties {
             if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(p, _)| p == k) {

@@ -156,7 +156,10 @@ fn check_column(field: &'static str, value: &str) -> Result<()> {
         ));
     }
     if value.contains('\0') {
-        return Err(Error::invalid_event(field, "contains a NUL character, which Postgres text cannot store"));
+        return Err(Error::invalid_event(
+            field,
+            "contains a NUL character, which Postgres text cannot store",
+        ));
     }
     Ok(())
 }

@@ -80,7 +80,7 @@ pub use crate::event::{
     validate_topic, Event, EventFilter, EventStatus, NewEvent, DEFAULT_FIND_LIMIT,
     MAX_COLUMN_CHARS, MAX_FIND_LIMIT, MAX_TOPIC_CHARS, RESERVED_HEADERS,
 };
-pub use crate::outbox::{Outbox, RelayStats};
+pub use crate::outbox::{Outbox, RelayStats, RequeueFilter};
 pub use crate::schema::{
     migrate, migrate_table, validate_identifier, MigrationReport, MAX_IDENTIFIER_LEN,
     SCHEMA_VERSION,

@@ -82,6 +82,37 @@ pub struct RelayStats {
     pub running: bool,
 }
 
+/// Which dead letters [`Outbox::requeue`] takes back: all set criteria must match; an empty
+/// filter matches every dead letter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequeueFilter {
+    ids: Vec<Uuid>,
+    aggregate_id: Option<String>,
+    topic: Option<String>,
+}
+
+impl RequeueFilter {
+    /// Every dead letter.
+    pub fn all() -> Self {
+        Self::default()
+    }
+    /// Only these event ids.
+    pub fn ids(mut self, ids: impl IntoIterator<Item = Uuid>) -> Self {
+        self.ids.extend(ids);
+        self
+    }
+    /// Only this aggregate's dead letters.
+    pub fn aggregate_id(mut self, aggregate_id: impl Into<String>) -> Self {
+        self.aggregate_id = Some(aggregate_id.into());
+        self
+    }
+    /// Only dead letters for this topic.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+}
+
 impl Outbox {
     /// A builder with every default; see [`OutboxBuilder`].
     pub fn builder() -> OutboxBuilder {
@@ -189,6 +220,34 @@ impl Outbox {
         Ok(guard)
     }
 
+    /// Turns dead letters (`status = 'failed'`) matching `filter` back into pending events and
+    /// wakes the relays; returns how many were requeued. Their attempts restart at 0; `last_error`
+    /// is kept until the next attempt.
+    ///
+    /// Requeued events keep their `seq`, so order holds: under
+    /// [`DeadLetterPolicy::BlockAggregate`](crate::DeadLetterPolicy::BlockAggregate) the
+    /// aggregate's later events, which waited behind the dead letter, go out after it. Under
+    /// `Continue` those later events were already published, so the requeued event arrives after
+    /// them.
+    ///
+    /// # Errors
+    /// [`Error::Postgres`] when the update fails.
+    pub async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
+        let admin = self.admin().await?;
+        let client = admin.as_ref().expect("admin() connects");
+        let ids: Option<&[Uuid]> = (!filter.ids.is_empty()).then_some(filter.ids.as_slice());
+        let n = client
+            .execute(
+                &self.inner.store.requeue,
+                &[&ids, &filter.aggregate_id, &filter.topic],
+            )
+            .await?;
+        if n > 0 {
+            client.execute(&self.inner.store.notify, &[]).await?;
+        }
+        Ok(n)
+    }
+
     /// A stream of delivery acknowledgements and failures from now on; see [`DeliveryStream`].
     /// Subscribing after the relay stopped gives a stream that ends at once.
     pub fn subscribe(&self) -> DeliveryStream {
@@ -263,9 +322,12 @@ impl Outbox {
         if !self.inner.started.load(Ordering::Acquire) {
             self.inner.hub.close();
         }
-        tokio::time::timeout(timeout + Duration::from_millis(500), self.inner.tracker.wait())
-            .await
-            .map_err(|_| Error::StopTimeout(timeout))
+        tokio::time::timeout(
+            timeout + Duration::from_millis(500),
+            self.inner.tracker.wait(),
+        )
+        .await
+        .map_err(|_| Error::StopTimeout(timeout))
     }
 
     /// The relay's counters.

@@ -187,7 +187,9 @@ impl Relay {
                         batches.spawn(run_batch(ctx.clone(), conn, rows, started));
                     }
                     Err(e) => {
-                        self.counters.reserve_failures.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .reserve_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         let delay = errors.next().unwrap_or(Duration::from_secs(5));
                         tracing::warn!(error = %e, ?delay, "outbox relay: reservation failed; retrying");
                         pause_until = Some(Instant::now() + delay);
@@ -293,7 +295,9 @@ async fn open_batch_conn(ctx: &Ctx) -> Result<BatchConn, tokio_postgres::Error> 
             ctx.settings.lease.as_millis()
         ))
         .await?;
-    let reserve = client.prepare_typed(&ctx.store.reserve, &[Type::INT8]).await?;
+    let reserve = client
+        .prepare_typed(&ctx.store.reserve, &[Type::INT8])
+        .await?;
     let confirm = client.prepare(&ctx.store.confirm).await?;
     Ok(BatchConn {
         client,
@@ -471,7 +475,10 @@ async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instan
 }
 
 fn report_result(
-    r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
 ) -> Result<(i32, i64), KafkaError> {
     match r {
         Ok(Ok(d)) => Ok((d.partition, d.offset)),
@@ -509,10 +516,12 @@ async fn run_batch(
     {
         let mut by_aggregate: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
-            let slot = *by_aggregate.entry(r.aggregate_id.as_str()).or_insert_with(|| {
-                chains.push(Vec::new());
-                chains.len() - 1
-            });
+            let slot = *by_aggregate
+                .entry(r.aggregate_id.as_str())
+                .or_insert_with(|| {
+                    chains.push(Vec::new());
+                    chains.len() - 1
+                });
             chains[slot].push(i);
         }
     }
@@ -570,7 +579,9 @@ async fn run_batch(
     );
     if let Err(e) = confirmed {
         let delivered = codes.iter().filter(|c| **c == outcome::DELIVERED).count();
-        ctx.counters.confirm_failures.fetch_add(1, Ordering::Relaxed);
+        ctx.counters
+            .confirm_failures
+            .fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             error = %e,
             delivered,
@@ -582,7 +593,10 @@ async fn run_batch(
     let now = Utc::now();
     let mut delivered = 0u64;
     let acks = ctx.acks.as_ref().filter(|tx| tx.receiver_count() > 0);
-    for (row, (o, code)) in rows.iter().zip(outcomes.iter().zip(codes_by_row(&outcomes, s, &rows))) {
+    for (row, (o, code)) in rows
+        .iter()
+        .zip(outcomes.iter().zip(codes_by_row(&outcomes, s, &rows)))
+    {
         match o {
             Outcome::Delivered { partition, offset } => {
                 delivered += 1;
@@ -623,7 +637,9 @@ async fn run_batch(
         }
     }
     if delivered > 0 {
-        ctx.counters.delivered.fetch_add(delivered, Ordering::Relaxed);
+        ctx.counters
+            .delivered
+            .fetch_add(delivered, Ordering::Relaxed);
         ctx.counters
             .last_delivery_ms
             .store(now.timestamp_millis(), Ordering::Relaxed);
@@ -645,13 +661,13 @@ fn codes_by_row<'a>(
     rows: &'a [Reserved],
 ) -> impl Iterator<Item = Option<i16>> + 'a {
     outcomes.iter().zip(rows).map(move |(o, r)| match o {
-        Outcome::Failed { permanent, .. } => Some(
-            if *permanent || r.attempts + 1 >= s.max_attempts as i32 {
+        Outcome::Failed { permanent, .. } => {
+            Some(if *permanent || r.attempts + 1 >= s.max_attempts as i32 {
                 outcome::DEAD
             } else {
                 outcome::RETRY
-            },
-        ),
+            })
+        }
         _ => None,
     })
 }
@@ -670,7 +686,11 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
     let mut waiting: FuturesUnordered<_> = stragglers
         .into_iter()
         .map(|st| async move {
-            let Straggler { idx, future, _permit } = st;
+            let Straggler {
+                idx,
+                future,
+                _permit,
+            } = st;
             (idx, report_result(future.await))
         })
         .collect();

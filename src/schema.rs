@@ -126,11 +126,7 @@ impl MigrationReport {
 /// # Errors
 /// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Postgres`] when a
 /// statement fails (nothing is applied then: the transaction rolls back).
-pub async fn migrate_table(
-    client: &Client,
-    table: &str,
-    channel: &str,
-) -> Result<MigrationReport> {
+pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     validate_identifier("table", table)?;
     validate_identifier("channel", channel)?;
     client.batch_execute("begin").await?;
@@ -152,7 +148,12 @@ pub async fn migrate_table(
 /// # Errors
 /// As [`migrate_table`].
 pub async fn migrate(client: &Client) -> Result<MigrationReport> {
-    migrate_table(client, crate::config::DEFAULT_TABLE, crate::config::DEFAULT_CHANNEL).await
+    migrate_table(
+        client,
+        crate::config::DEFAULT_TABLE,
+        crate::config::DEFAULT_CHANNEL,
+    )
+    .await
 }
 
 async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
@@ -199,7 +200,12 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         if done.contains(&m.version) && !(is_trigger && channel_changed) {
             continue;
         }
-        tracing::info!(table, version = m.version, name = m.name, "applying outbox migration");
+        tracing::info!(
+            table,
+            version = m.version,
+            name = m.name,
+            "applying outbox migration"
+        );
         tx.batch_execute(&render(m.sql, table, channel)).await?;
         if !done.contains(&m.version) {
             tx.execute(

@@ -41,6 +41,8 @@ pub(crate) struct Store {
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
     pub(crate) cleanup: String,
+    pub(crate) requeue: String,
+    pub(crate) notify: String,
 }
 
 impl Store {
@@ -48,7 +50,7 @@ impl Store {
     /// `delete_on_delivery`: delete delivered rows instead of marking them done.
     pub(crate) fn new(
         table: &str,
-        _channel: &str,
+        channel: &str,
         block_on_dead_letter: bool,
         delete_on_delivery: bool,
     ) -> Self {
@@ -124,9 +126,7 @@ impl Store {
         // A held row (sent, no report before the batch committed) whose report arrived while the
         // hold lasts: nobody else can have taken it, because reservation skips held rows.
         let late_confirm = if delete_on_delivery {
-            format!(
-                "delete from {t} where id = $1 and status = 'new' and next_attempt_at > now()"
-            )
+            format!("delete from {t} where id = $1 and status = 'new' and next_attempt_at > now()")
         } else {
             format!(
                 "update {t} set status = 'done', published_at = now(), kafka_partition = $2,
@@ -168,11 +168,24 @@ impl Store {
             late_confirm,
             late_fail,
             cleanup,
+            // Dead letters back to pending, keeping their seq: each goes out before its
+            // aggregate's later events, which were blocked behind it.
+            requeue: format!(
+                "update {t} set status = 'new', attempts = 0, next_attempt_at = null, reserved_to = null
+                  where status = 'failed'
+                    and ($1::uuid[] is null or id = any($1))
+                    and ($2::text is null or aggregate_id = $2)
+                    and ($3::text is null or event_topic = $3)"
+            ),
+            notify: format!("select pg_notify('{channel}', '')"),
         }
     }
 
     /// Renders `find`: SQL text and its parameters.
-    pub(crate) fn find_query(&self, f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    pub(crate) fn find_query(
+        &self,
+        f: &EventFilter,
+    ) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
         let mut sql = format!("select {EVENT_COLUMNS} from {} where true", self.table);
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut push = |sql: &mut String, clause: &str, p: Box<dyn ToSql + Sync + Send>| {

@@ -115,7 +115,10 @@ pub(crate) fn spawn_listener(
             connected.store(true, Ordering::Relaxed);
             if !first {
                 reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(channel, "outbox listener reconnected; running a catch-up pass");
+                tracing::info!(
+                    channel,
+                    "outbox listener reconnected; running a catch-up pass"
+                );
             }
             first = false;
             backoff = reconnect_backoff();

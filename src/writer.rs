@@ -150,6 +150,9 @@ pub async fn add_new_event<C: GenericClient>(
 ///
 /// # Errors
 /// As [`Writer::add_new_events`].
-pub async fn add_new_events<C: GenericClient>(client: &C, events: &[NewEvent]) -> Result<Vec<Uuid>> {
+pub async fn add_new_events<C: GenericClient>(
+    client: &C,
+    events: &[NewEvent],
+) -> Result<Vec<Uuid>> {
     Writer::default().add_new_events(client, events).await
 }
