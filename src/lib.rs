@@ -57,6 +57,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
 mod delivery;
 mod error;
@@ -80,7 +81,8 @@ pub use crate::event::{
     validate_topic, Event, EventFilter, EventStatus, NewEvent, DEFAULT_FIND_LIMIT,
     MAX_COLUMN_CHARS, MAX_FIND_LIMIT, MAX_TOPIC_CHARS, RESERVED_HEADERS,
 };
-pub use crate::outbox::{Outbox, RelayStats, RequeueFilter};
+pub use crate::admin::{Admin, OutboxStatus, RequeueFilter, TopicStatus};
+pub use crate::outbox::{Outbox, RelayStats};
 pub use crate::schema::{
     migrate, migrate_table, validate_identifier, MigrationReport, MAX_IDENTIFIER_LEN,
     SCHEMA_VERSION,

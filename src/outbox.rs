@@ -6,18 +6,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::producer::FutureProducer;
-use tokio::sync::Mutex as AsyncMutex;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::admin::{Admin, OutboxStatus, RequeueFilter};
 use crate::config::{OnDelivery, OutboxBuilder, Settings};
 use crate::delivery::{DeliveryStream, Hub};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventFilter, NewEvent, MAX_FIND_LIMIT};
+use crate::event::{Event, EventFilter, NewEvent};
 use crate::relay::{Counters, Relay};
-use crate::store::{event_from_row, Store};
+use crate::store::Store;
 use crate::wake;
 use crate::writer::Writer;
 
@@ -36,7 +36,7 @@ struct Inner {
     store: Arc<Store>,
     pg: tokio_postgres::Config,
     producer: FutureProducer,
-    admin: AsyncMutex<Option<Client>>,
+    admin: Admin,
     hub: Hub,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -82,37 +82,6 @@ pub struct RelayStats {
     pub running: bool,
 }
 
-/// Which dead letters [`Outbox::requeue`] takes back: all set criteria must match; an empty
-/// filter matches every dead letter.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequeueFilter {
-    ids: Vec<Uuid>,
-    aggregate_id: Option<String>,
-    topic: Option<String>,
-}
-
-impl RequeueFilter {
-    /// Every dead letter.
-    pub fn all() -> Self {
-        Self::default()
-    }
-    /// Only these event ids.
-    pub fn ids(mut self, ids: impl IntoIterator<Item = Uuid>) -> Self {
-        self.ids.extend(ids);
-        self
-    }
-    /// Only this aggregate's dead letters.
-    pub fn aggregate_id(mut self, aggregate_id: impl Into<String>) -> Self {
-        self.aggregate_id = Some(aggregate_id.into());
-        self
-    }
-    /// Only dead letters for this topic.
-    pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        self.topic = Some(topic.into());
-        self
-    }
-}
-
 impl Outbox {
     /// A builder with every default; see [`OutboxBuilder`].
     pub fn builder() -> OutboxBuilder {
@@ -139,13 +108,14 @@ impl Outbox {
         };
         let hub = Hub::new(settings.ack_buffer);
         let shutdown = settings.shutdown_timeout;
+        let admin = Admin::from_parts(store.clone(), pg.clone(), admin);
         Ok(Outbox {
             inner: Arc::new(Inner {
                 settings,
                 store,
                 pg,
                 producer,
-                admin: AsyncMutex::new(Some(admin)),
+                admin,
                 hub,
                 token,
                 tracker: TaskTracker::new(),
@@ -186,66 +156,33 @@ impl Outbox {
         self.writer().add_new_events(client, events).await
     }
 
-    /// Finds events matching `filter`, ordered by `seq`, at most the filter's limit.
+    /// Finds events matching `filter`; see [`Admin::find`].
     ///
     /// # Errors
-    /// [`Error::InvalidEvent`] (field `limit`) for a limit outside 1..=10,000;
-    /// [`Error::Postgres`] when the query fails (the connection is re-established next call).
+    /// As [`Admin::find`].
     pub async fn find(&self, filter: &EventFilter) -> Result<Vec<Event>> {
-        if let Some(limit) = filter.limit {
-            if limit == 0 || limit > MAX_FIND_LIMIT {
-                return Err(Error::invalid_event(
-                    "limit",
-                    format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
-                ));
-            }
-        }
-        let (sql, params) = self.inner.store.find_query(filter);
-        let refs: Vec<&(dyn postgres_types::ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
-            .collect();
-        let admin = self.admin().await?;
-        let client = admin.as_ref().expect("admin() connects");
-        let rows = client.query(&sql, &refs).await?;
-        Ok(rows.iter().map(event_from_row).collect())
+        self.inner.admin.find(filter).await
     }
 
-    /// The admin connection (for `find` and operator calls), reconnected when it was lost.
-    pub(crate) async fn admin(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.inner.admin.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(wake::connect(&self.inner.pg, "admin").await?);
-        }
-        Ok(guard)
-    }
-
-    /// Turns dead letters (`status = 'failed'`) matching `filter` back into pending events and
-    /// wakes the relays; returns how many were requeued. Their attempts restart at 0; `last_error`
-    /// is kept until the next attempt.
-    ///
-    /// Requeued events keep their `seq`, so order holds: under
-    /// [`DeadLetterPolicy::BlockAggregate`](crate::DeadLetterPolicy::BlockAggregate) the
-    /// aggregate's later events, which waited behind the dead letter, go out after it. Under
-    /// `Continue` those later events were already published, so the requeued event arrives after
-    /// them.
+    /// Requeues dead letters; see [`Admin::requeue`].
     ///
     /// # Errors
-    /// [`Error::Postgres`] when the update fails.
+    /// As [`Admin::requeue`].
     pub async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
-        let admin = self.admin().await?;
-        let client = admin.as_ref().expect("admin() connects");
-        let ids: Option<&[Uuid]> = (!filter.ids.is_empty()).then_some(filter.ids.as_slice());
-        let n = client
-            .execute(
-                &self.inner.store.requeue,
-                &[&ids, &filter.aggregate_id, &filter.topic],
-            )
-            .await?;
-        if n > 0 {
-            client.execute(&self.inner.store.notify, &[]).await?;
-        }
-        Ok(n)
+        self.inner.admin.requeue(filter).await
+    }
+
+    /// The backlog; see [`Admin::status`].
+    ///
+    /// # Errors
+    /// As [`Admin::status`].
+    pub async fn status(&self) -> Result<OutboxStatus> {
+        self.inner.admin.status().await
+    }
+
+    /// The Postgres-only operator handle of this outbox (cheap to clone).
+    pub fn admin(&self) -> Admin {
+        self.inner.admin.clone()
     }
 
     /// A stream of delivery acknowledgements and failures from now on; see [`DeliveryStream`].

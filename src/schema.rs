@@ -228,6 +228,17 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
 
 /// Checks that `table` is migrated to [`SCHEMA_VERSION`] and notifies on `channel`.
 pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &str) -> Result<()> {
+    let registered_channel = check_migrated(client, table).await?;
+    if registered_channel != channel {
+        return Err(Error::Schema(format!(
+            "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `table` is migrated to [`SCHEMA_VERSION`]; returns its channel.
+pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) -> Result<String> {
     let exists: bool = client
         .query_one("select to_regclass($1) is not null", &[&table])
         .await?
@@ -261,10 +272,5 @@ pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &s
             "table `{table}` is at schema version {version}, this crate needs {SCHEMA_VERSION}: run `outbox::migrate`"
         )));
     }
-    if registered_channel != channel {
-        return Err(Error::Schema(format!(
-            "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
-        )));
-    }
-    Ok(())
+    Ok(registered_channel)
 }

@@ -43,6 +43,8 @@ pub(crate) struct Store {
     pub(crate) cleanup: String,
     pub(crate) requeue: String,
     pub(crate) notify: String,
+    pub(crate) status: String,
+    pub(crate) status_relays: String,
 }
 
 impl Store {
@@ -178,6 +180,21 @@ impl Store {
                     and ($3::text is null or event_topic = $3)"
             ),
             notify: format!("select pg_notify('{channel}', '')"),
+            status: format!(
+                "select event_topic,
+                        count(*) filter (where status = 'new'),
+                        count(*) filter (where status = 'new' and next_attempt_at > now()),
+                        count(*) filter (where status = 'failed'),
+                        extract(epoch from localtimestamp - min(created_at) filter (where status = 'new'))::float8
+                   from {t} where status <> 'done'
+                  group by event_topic order by event_topic"
+            ),
+            status_relays: format!(
+                "select (select count(*) from pg_stat_activity
+                          where application_name = 'outbox-relay-batch' and datname = current_database()
+                            and state in ('idle in transaction', 'active') and xact_start is not null),
+                        (select count(*) from {t} where status = 'new' and reserved_to > localtimestamp)"
+            ),
         }
     }
 
