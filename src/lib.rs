@@ -72,6 +72,7 @@ mod writer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use crate::admin::{Admin, OutboxStatus, RequeueFilter, TopicStatus};
 pub use crate::config::{
     DeadLetterPolicy, OnDelivery, OutboxBuilder, WakeMode, DEFAULT_CHANNEL, DEFAULT_TABLE,
 };
@@ -81,8 +82,7 @@ pub use crate::event::{
     validate_topic, Event, EventFilter, EventStatus, NewEvent, DEFAULT_FIND_LIMIT,
     MAX_COLUMN_CHARS, MAX_FIND_LIMIT, MAX_TOPIC_CHARS, RESERVED_HEADERS,
 };
-pub use crate::admin::{Admin, OutboxStatus, RequeueFilter, TopicStatus};
-pub use crate::outbox::{Outbox, RelayStats};
+pub use crate::outbox::{Health, Outbox, RelayStats};
 pub use crate::schema::{
     migrate, migrate_table, validate_identifier, MigrationReport, MAX_IDENTIFIER_LEN,
     SCHEMA_VERSION,

@@ -82,6 +82,35 @@ pub struct RelayStats {
     pub running: bool,
 }
 
+/// The relay's health, from [`Outbox::health`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether the relay is running.
+    pub running: bool,
+    /// Whether the LISTEN connection is up (`None` in [`WakeMode::PollOnly`](crate::WakeMode)).
+    pub listener_connected: Option<bool>,
+    /// When the last delivery was confirmed.
+    pub last_delivery: Option<DateTime<Utc>>,
+    /// Pending events.
+    pub backlog: i64,
+    /// Age of the oldest pending event.
+    pub oldest_pending_age: Option<Duration>,
+    /// Dead letters.
+    pub dead_letters: i64,
+}
+
+impl Health {
+    /// Healthy: running, listener connected (when used), and no pending event older than
+    /// `max_pending_age`. Dead letters alone do not make the relay unhealthy (alert on them
+    /// separately).
+    pub fn is_healthy(&self, max_pending_age: Duration) -> bool {
+        self.running
+            && self.listener_connected != Some(false)
+            && self.oldest_pending_age.is_none_or(|a| a <= max_pending_age)
+    }
+}
+
 impl Outbox {
     /// A builder with every default; see [`OutboxBuilder`].
     pub fn builder() -> OutboxBuilder {
@@ -265,6 +294,25 @@ impl Outbox {
         )
         .await
         .map_err(|_| Error::StopTimeout(timeout))
+    }
+
+    /// Health of the relay: running, listener connected, last delivery, and the backlog (one
+    /// status query).
+    ///
+    /// # Errors
+    /// [`Error::Postgres`] when the status query fails (which is itself unhealthy).
+    pub async fn health(&self) -> Result<Health> {
+        let stats = self.stats();
+        let status = self.status().await?;
+        Ok(Health {
+            running: stats.running,
+            listener_connected: (self.inner.settings.wake == crate::WakeMode::Notify)
+                .then_some(stats.listener_connected),
+            last_delivery: stats.last_delivery,
+            backlog: status.pending,
+            oldest_pending_age: status.oldest_pending_age,
+            dead_letters: status.dead_letters,
+        })
     }
 
     /// The relay's counters.

@@ -54,6 +54,8 @@ struct Reserved {
     payload: RawJson,
     headers: Option<RawJson>,
     attempts: i32,
+    /// Seconds since `created_at` when reserved (None for rows without `created_at`).
+    age_at_reserve: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -145,6 +147,9 @@ impl Relay {
         let mut cleanup_ticker = tokio::time::interval(s.cleanup_interval);
         cleanup_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cleanup_running = Arc::new(AtomicBool::new(false));
+        let mut gauge_ticker = tokio::time::interval(GAUGE_INTERVAL);
+        gauge_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let gauges_running = Arc::new(AtomicBool::new(false));
 
         let mut idle: Vec<BatchConn> = Vec::new();
         let mut batches: JoinSet<Option<BatchConn>> = JoinSet::new();
@@ -179,7 +184,6 @@ impl Relay {
                         }
                     }
                     Ok((conn, rows, started)) => {
-                        errors = error_backoff();
                         arm_tx.send_replace(false);
                         if rows.len() >= s.batch_size {
                             poll_due = true;
@@ -209,7 +213,12 @@ impl Relay {
                 _ = self.token.cancelled() => break,
                 Some(done) = batches.join_next() => {
                     match done {
-                        Ok(Some(conn)) => idle.push(conn),
+                        Ok(Some(conn)) => {
+                            idle.push(conn);
+                            // Only a confirmed batch ends an error streak: a batch that publishes
+                            // but cannot be confirmed must not re-send in a tight loop.
+                            errors = error_backoff();
+                        }
                         Ok(None) => {
                             // Confirm failed: back off so a persistent fault is not a tight loop of re-sends.
                             let delay = errors.next().unwrap_or(Duration::from_secs(5));
@@ -222,6 +231,18 @@ impl Relay {
                 Some(_) = wake_rx.recv() => poll_due = true,
                 _ = ticker.tick() => poll_due = true,
                 _ = pause => { pause_until = None; }
+                _ = gauge_ticker.tick() => {
+                    if !gauges_running.swap(true, Ordering::AcqRel) {
+                        let ctx = ctx.clone();
+                        let flag = gauges_running.clone();
+                        background.spawn(async move {
+                            if let Err(e) = update_gauges(&ctx).await {
+                                tracing::debug!(error = %e, "outbox relay: backlog gauges not updated");
+                            }
+                            flag.store(false, Ordering::Release);
+                        });
+                    }
+                }
                 _ = cleanup_ticker.tick(), if s.on_delivery == OnDelivery::MarkDone => {
                     if !cleanup_running.swap(true, Ordering::AcqRel) {
                         let ctx = ctx.clone();
@@ -330,6 +351,7 @@ async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_
             payload: r.get(5),
             headers: r.get(6),
             attempts: r.get(7),
+            age_at_reserve: r.get(8),
         })
         .collect())
 }
@@ -460,7 +482,8 @@ async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instan
             Err((e, _)) => return Sent::Report(Err(e)),
         }
     };
-    ctx.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    let in_flight = ctx.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    metrics::gauge!("outbox_in_flight_messages").set(in_flight as f64);
     let mut future = future;
     let report = tokio::select! {
         r = &mut future => r,
@@ -509,6 +532,12 @@ async fn run_batch(
 ) -> Option<BatchConn> {
     let s = &ctx.settings;
     ctx.counters.batches.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("outbox_batches_total").increment(1);
+    tracing::debug!(
+        events = rows.len(),
+        first_seq = rows[0].seq,
+        "outbox batch reserved"
+    );
     // Every message must have its final report before the lease ends.
     let send_until = reserved_at + (s.lease - s.publish_timeout - LEASE_MARGIN);
     let cutoff = (reserved_at + s.batch_timeout).min(reserved_at + (s.lease - LEASE_MARGIN));
@@ -579,10 +608,14 @@ async fn run_batch(
     );
     if let Err(e) = confirmed {
         let delivered = codes.iter().filter(|c| **c == outcome::DELIVERED).count();
-        ctx.counters
+        let streak = ctx
+            .counters
             .confirm_failures
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        metrics::counter!("outbox_confirm_failures_total").increment(1);
         tracing::error!(
+            confirm_failures_total = streak,
             error = %e,
             delivered,
             "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
@@ -617,9 +650,11 @@ async fn run_batch(
                 let dead = code == Some(outcome::DEAD);
                 if dead {
                     ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("outbox_dead_letters_total").increment(1);
                     tracing::error!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, error = %error, "outbox event dead-lettered");
                 } else {
                     ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("outbox_delivery_failures_total").increment(1);
                     tracing::warn!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, attempts = row.attempts + 1, error = %error, "outbox delivery failed; will retry");
                 }
                 if let Some(tx) = acks {
@@ -637,6 +672,14 @@ async fn run_batch(
         }
     }
     if delivered > 0 {
+        let acked = reserved_at.elapsed().as_secs_f64();
+        let latency = metrics::histogram!("outbox_commit_to_ack_seconds");
+        for (row, o) in rows.iter().zip(&outcomes) {
+            if let (Outcome::Delivered { .. }, Some(age)) = (o, row.age_at_reserve) {
+                latency.record(age + acked);
+            }
+        }
+        metrics::counter!("outbox_events_delivered_total").increment(delivered);
         ctx.counters
             .delivered
             .fetch_add(delivered, Ordering::Relaxed);
@@ -703,11 +746,16 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
         let row = &rows[idx];
         match report {
             Ok((partition, offset)) => {
-                let done = client
-                    .execute(&ctx.store.late_confirm, &[&row.id, &partition, &offset])
-                    .await;
+                let done = if ctx.settings.on_delivery == OnDelivery::Delete {
+                    client.execute(&ctx.store.late_confirm, &[&row.id]).await
+                } else {
+                    client
+                        .execute(&ctx.store.late_confirm, &[&row.id, &partition, &offset])
+                        .await
+                };
                 if matches!(done, Ok(1)) {
                     ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("outbox_events_delivered_total").increment(1);
                     if let Some(tx) = ctx.acks.as_ref() {
                         let _ = tx.send(DeliveryEvent::Delivered(DeliveryAck {
                             event_id: row.id,
@@ -732,8 +780,10 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
                 if matches!(r, Ok(1)) {
                     if dead {
                         ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("outbox_dead_letters_total").increment(1);
                     } else {
                         ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("outbox_delivery_failures_total").increment(1);
                     }
                     tracing::warn!(event_id = %row.id, error = %error, dead_letter = dead, "outbox delivery failed (late report)");
                     if let Some(tx) = ctx.acks.as_ref() {
@@ -750,6 +800,27 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
             }
         }
     }
+}
+
+/// Period of the backlog gauges (`outbox_backlog_events`, …).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sets the backlog gauges from the status query.
+async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
+    let client = wake::connect(&ctx.pg, "metrics").await?;
+    let rows = client.query(&ctx.store.status, &[]).await?;
+    let (mut pending, mut retrying, mut dead, mut oldest) = (0i64, 0i64, 0i64, 0f64);
+    for r in &rows {
+        pending += r.get::<_, i64>(1);
+        retrying += r.get::<_, i64>(2);
+        dead += r.get::<_, i64>(3);
+        oldest = oldest.max(r.get::<_, Option<f64>>(4).unwrap_or(0.0));
+    }
+    metrics::gauge!("outbox_backlog_events").set(pending as f64);
+    metrics::gauge!("outbox_retrying_events").set(retrying as f64);
+    metrics::gauge!("outbox_dead_letter_events").set(dead as f64);
+    metrics::gauge!("outbox_oldest_pending_age_seconds").set(oldest);
+    Ok(())
 }
 
 /// Deletes delivered rows older than the retention, in bounded batches.

@@ -13,7 +13,7 @@ use crate::event::{Event, EventFilter, EventStatus, DEFAULT_FIND_LIMIT};
 
 /// Columns returned by the reservation, in order.
 pub(crate) const RESERVED_COLUMNS: &str =
-    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts";
+    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at";
 
 /// Columns returned by `find`, in order.
 const EVENT_COLUMNS: &str = "id, seq, aggregate_id, event_topic, event_type, payload, headers, status, \
@@ -88,15 +88,11 @@ impl Store {
                          limit 1
                    ) g on true
              )
-             select {cols}
+             select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
+                    c.attempts, extract(epoch from now() - c.created_at::timestamptz)::float8
                from cand c join gate g on g.aggregate_id = c.aggregate_id
               where g.gap is null or c.seq < g.gap
-              order by c.seq",
-            cols = RESERVED_COLUMNS
-                .split(", ")
-                .map(|c| format!("c.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+              order by c.seq"
         );
         let update = format!(
             "update {t} e set

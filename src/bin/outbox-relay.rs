@@ -122,6 +122,13 @@ struct RunArgs {
     /// Run migrations before starting.
     #[arg(long)]
     migrate: bool,
+    /// Serve Prometheus metrics at `/metrics` and health at `/health` on this address
+    /// (e.g. `127.0.0.1:9464`).
+    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// `/health` answers 503 when the oldest pending event is older than this.
+    #[arg(long, env = "OUTBOX_HEALTH_MAX_PENDING_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
+    health_max_pending_age: Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -436,6 +443,9 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         }
         other => other.into(),
     })?;
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
+    }
     // Stop gracefully on SIGINT / SIGTERM.
     {
         let token = token.clone();
@@ -487,6 +497,69 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     }
     tracing::info!(table = %cli.table, channel = %cli.channel, "outbox relay running");
     outbox.run().await?;
+    Ok(())
+}
+
+/// Serves `/metrics` (Prometheus text format) and `/health` (JSON; 200 healthy, 503 not) on a
+/// thread of its own.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    outbox: Outbox,
+    max_pending_age: Duration,
+) -> Result<(), Failure> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| fail(1, format!("metrics recorder: {e}")))?;
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| fail(3, format!("--metrics-addr {addr}: {e}")))?;
+    let runtime = tokio::runtime::Handle::current();
+    tracing::info!(%addr, "serving /metrics and /health");
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let (code, body, content_type) = match request.url() {
+                "/metrics" => (200, handle.render(), "text/plain; version=0.0.4"),
+                "/health" => {
+                    let health = runtime.block_on(outbox.health());
+                    match health {
+                        Ok(h) => {
+                            let healthy = h.is_healthy(max_pending_age);
+                            let body = serde_json::json!({
+                                "healthy": healthy,
+                                "running": h.running,
+                                "listener_connected": h.listener_connected,
+                                "last_delivery": h.last_delivery,
+                                "backlog": h.backlog,
+                                "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
+                                "dead_letters": h.dead_letters,
+                            });
+                            (
+                                if healthy { 200 } else { 503 },
+                                body.to_string(),
+                                "application/json",
+                            )
+                        }
+                        Err(e) => (
+                            503,
+                            serde_json::json!({"healthy": false, "error": e.to_string()})
+                                .to_string(),
+                            "application/json",
+                        ),
+                    }
+                }
+                _ => (
+                    404,
+                    "not found: try /metrics or /health\n".to_string(),
+                    "text/plain",
+                ),
+            };
+            let header =
+                tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header");
+            let response = tiny_http::Response::from_string(body)
+                .with_status_code(code)
+                .with_header(header);
+            let _ = request.respond(response);
+        }
+    });
     Ok(())
 }
 
