@@ -455,16 +455,13 @@ impl OutboxBuilder {
             kafka.set(k, v);
         }
         // librdkafka validates property names and values when a client is created.
-        let producer = if problems.is_empty() {
-            match kafka.create::<FutureProducer>() {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    problems.push(format!("kafka_property: {e}"));
-                    None
-                }
+        // Checked even when other settings are wrong, so that every problem is listed at once.
+        let producer = match kafka.create::<FutureProducer>() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.push(format!("kafka_property: {e}"));
+                None
             }
-        } else {
-            None
         };
         match (pg, producer) {
             (Some(pg), Some(producer)) if problems.is_empty() => Ok((pg, producer)),
