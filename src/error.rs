@@ -38,6 +38,10 @@ pub enum Error {
     /// Postgres returned an error or the connection failed.
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// sqlx returned an error (feature `sqlx`).
+    #[cfg(feature = "sqlx")]
+    #[error("sqlx: {0}")]
+    Sqlx(#[from] sqlx::Error),
     /// Kafka (librdkafka) returned an error.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),

@@ -126,6 +126,40 @@ impl Writer {
     }
 }
 
+#[cfg(feature = "sqlx")]
+impl Writer {
+    /// [`add_new_event`](Self::add_new_event) for sqlx: pass `&mut *tx` where `tx` is a
+    /// `sqlx::Transaction<'_, sqlx::Postgres>` (or any `&mut PgConnection`), so the event commits
+    /// or rolls back with your sqlx transaction.
+    ///
+    /// # Errors
+    /// [`Error::InvalidEvent`](crate::Error::InvalidEvent) naming the field (nothing is sent);
+    /// [`Error::Sqlx`](crate::Error::Sqlx) when the insert fails.
+    pub async fn add_new_event_sqlx(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        event: impl AsRef<NewEvent>,
+    ) -> Result<Uuid> {
+        let event = event.as_ref();
+        event.validate()?;
+        let id = Uuid::now_v7();
+        let payload: &sqlx::types::JsonRawValue = serde_json::from_str(&event.payload)?;
+        let headers: Option<Box<sqlx::types::JsonRawValue>> = headers_json(event)
+            .map(sqlx::types::JsonRawValue::from_string)
+            .transpose()?;
+        sqlx::query(&self.store.insert_one)
+            .bind(id)
+            .bind(&event.aggregate_id)
+            .bind(&event.topic)
+            .bind(&event.event_type)
+            .bind(sqlx::types::Json(payload))
+            .bind(headers.as_deref().map(sqlx::types::Json))
+            .execute(conn)
+            .await?;
+        Ok(id)
+    }
+}
+
 fn headers_json(event: &NewEvent) -> Option<String> {
     if event.headers.is_empty() {
         None
