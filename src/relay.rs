@@ -411,7 +411,7 @@ fn classify(e: &KafkaError) -> (String, bool) {
 enum Sent {
     Report(Result<(i32, i64), KafkaError>),
     Cutoff(DeliveryFuture, OwnedSemaphorePermit),
-    NotSent,
+    Skipped,
 }
 
 /// Publishes one aggregate's events of the batch in order, one at a time: an event is handed to
@@ -432,7 +432,7 @@ async fn publish_chain(
         let row = &rows[idx];
         let sent = send_one(ctx, row, send_until.min(cutoff), cutoff).await;
         match sent {
-            Sent::NotSent => break,
+            Sent::Skipped => break,
             Sent::Report(Ok((partition, offset))) => {
                 out.push((idx, Outcome::Delivered { partition, offset }))
             }
@@ -459,8 +459,8 @@ async fn publish_chain(
 
 async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instant) -> Sent {
     let permit = tokio::select! {
-        p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::NotSent },
-        _ = tokio::time::sleep_until(send_until) => return Sent::NotSent,
+        p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::Skipped },
+        _ = tokio::time::sleep_until(send_until) => return Sent::Skipped,
     };
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
@@ -474,7 +474,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instan
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
                 if Instant::now() >= send_until {
-                    return Sent::NotSent;
+                    return Sent::Skipped;
                 }
                 record = r;
                 tokio::time::sleep(Duration::from_millis(2)).await;

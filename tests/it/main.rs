@@ -1,0 +1,6 @@
+//! Integration tests (one binary: `cargo test --all-features --test it`).
+
+mod core;
+mod infra;
+mod interop;
+mod support;
