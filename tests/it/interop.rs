@@ -94,7 +94,7 @@ async fn sqlx_transactions_join_the_outbox() {
     let mut tx = conn.begin().await.unwrap();
     writer
         .add_new_event_sqlx(
-            &mut *tx,
+            &mut tx,
             NewEvent::new(&topic, "agg-9", "Gone", json!({"n": 0})),
         )
         .await
@@ -103,7 +103,7 @@ async fn sqlx_transactions_join_the_outbox() {
     let mut tx = conn.begin().await.unwrap();
     let kept = writer
         .add_new_event_sqlx(
-            &mut *tx,
+            &mut tx,
             NewEvent::new(&topic, "agg-9", "Kept", json!({"n": 1, "s": "é"})).header("h", "v"),
         )
         .await
