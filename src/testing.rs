@@ -1169,3 +1169,76 @@ pub async fn assert_nothing_more(
     records.sort_by_key(|r| (r.partition, r.offset));
     records
 }
+
+// ---------------------------------------------------------------------------------------------
+// Assertions about what the outbox published
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts that the events with ids `expected` (as returned by `add_new_event`) were published
+/// to `topic` within `timeout`, and that for each aggregate (record key) they arrived in the
+/// order given. Duplicates are allowed (delivery is at-least-once); their first appearance
+/// counts. Returns the first record of each expected event, in `expected` order.
+///
+/// # Panics
+/// When an event is missing after `timeout` (naming the missing ids), when two events of one
+/// aggregate arrived out of the given order, or when the topic cannot be read.
+pub async fn assert_published(
+    brokers: &str,
+    topic: &str,
+    expected: &[uuid::Uuid],
+    timeout: Duration,
+) -> Vec<ConsumedRecord> {
+    use std::collections::HashMap;
+    let deadline = Instant::now() + timeout;
+    let mut reader = TopicReader::connect(brokers, topic, timeout)
+        .await
+        .unwrap_or_else(|e| panic!("assert_published: cannot read topic {topic} on {brokers}: {e}"));
+    let wanted: HashMap<String, usize> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.to_string(), i))
+        .collect();
+    let mut first: Vec<Option<ConsumedRecord>> = vec![None; expected.len()];
+    let mut found = 0;
+    // Per key, the position (in `expected`) of the last expected event seen.
+    let mut last_per_key: HashMap<String, usize> = HashMap::new();
+    while found < expected.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        for record in reader.read(1, left).await {
+            let Some(&pos) = record.header("event_id").and_then(|id| wanted.get(id)) else {
+                continue;
+            };
+            if first[pos].is_some() {
+                continue; // a duplicate: at-least-once
+            }
+            let key = record.key_str().to_string();
+            if let Some(&prev) = last_per_key.get(&key) {
+                assert!(
+                    prev < pos,
+                    "topic {topic}, key {key}: event {} (position {pos}) arrived after event {} (position {prev})",
+                    expected[pos],
+                    expected[prev]
+                );
+            }
+            last_per_key.insert(key, pos);
+            first[pos] = Some(record);
+            found += 1;
+        }
+    }
+    let missing: Vec<String> = expected
+        .iter()
+        .zip(&first)
+        .filter(|(_, r)| r.is_none())
+        .map(|(id, _)| id.to_string())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "topic {topic}: {} of {} events not published within {timeout:?}: {missing:?}",
+        missing.len(),
+        expected.len()
+    );
+    first.into_iter().map(|r| r.expect("checked above")).collect()
+}
