@@ -9,15 +9,15 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, MAX_FIND_LIMIT};
+use crate::pg::Pg;
 use crate::store::{event_from_row, Store};
-use crate::wake;
 
 /// Find, requeue and status for one outbox table, over one Postgres connection (re-established
 /// when lost). Needs no Kafka; [`Outbox`](crate::Outbox) offers the same calls.
 #[derive(Clone)]
 pub struct Admin {
     store: Arc<Store>,
-    pg: tokio_postgres::Config,
+    pg: Pg,
     client: Arc<Mutex<Option<Client>>>,
 }
 
@@ -119,8 +119,26 @@ impl Admin {
     /// [`Error::InvalidIdentifier`] for a bad table name; [`Error::Postgres`] when Postgres is
     /// unreachable; [`Error::Schema`] when the table is not migrated.
     pub async fn connect(pg: tokio_postgres::Config, table: &str) -> Result<Admin> {
+        Self::connect_pg(Pg::plain(pg), table).await
+    }
+
+    /// [`connect`](Self::connect) over TLS (rustls; honours `sslmode` in the config).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    #[cfg(feature = "postgres-rustls")]
+    pub async fn connect_rustls(
+        pg: tokio_postgres::Config,
+        tls: rustls::ClientConfig,
+        table: &str,
+    ) -> Result<Admin> {
+        let tls = crate::pg::Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls));
+        Self::connect_pg(Pg { config: pg, tls }, table).await
+    }
+
+    async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
-        let client = wake::connect(&pg, "admin").await?;
+        let client = pg.connect("admin").await?;
         crate::schema::check_migrated(&client, table).await?;
         let channel: String = client
             .query_one(
@@ -133,11 +151,7 @@ impl Admin {
         Ok(Admin::from_parts(store, pg, client))
     }
 
-    pub(crate) fn from_parts(
-        store: Arc<Store>,
-        pg: tokio_postgres::Config,
-        client: Client,
-    ) -> Self {
+    pub(crate) fn from_parts(store: Arc<Store>, pg: Pg, client: Client) -> Self {
         Admin {
             store,
             pg,
@@ -149,7 +163,7 @@ impl Admin {
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(wake::connect(&self.pg, "admin").await?);
+            *guard = Some(self.pg.connect("admin").await?);
         }
         Ok(guard)
     }

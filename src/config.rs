@@ -14,8 +14,8 @@ pub const DEFAULT_TABLE: &str = "events";
 /// Default NOTIFY channel.
 pub const DEFAULT_CHANNEL: &str = "outbox";
 
-/// Margin kept between the end of the last possible delivery and the end of the lease.
-pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// Safety margin added to the lease check and to holds of unreported messages.
+pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// librdkafka properties the relay owns; setting them through
 /// [`kafka_property`](OutboxBuilder::kafka_property) is refused, with the setting to use instead.
@@ -103,6 +103,7 @@ pub(crate) struct Settings {
 #[must_use = "a builder does nothing until `connect()` is awaited"]
 pub struct OutboxBuilder {
     pub(crate) postgres: Option<std::result::Result<tokio_postgres::Config, String>>,
+    pub(crate) tls: crate::pg::Tls,
     pub(crate) kafka_brokers: Option<String>,
     pub(crate) kafka_properties: Vec<(String, String)>,
     pub(crate) settings: Settings,
@@ -114,6 +115,7 @@ impl Default for OutboxBuilder {
     fn default() -> Self {
         OutboxBuilder {
             postgres: None,
+            tls: crate::pg::Tls::None,
             kafka_brokers: None,
             kafka_properties: Vec::new(),
             settings: Settings {
@@ -158,6 +160,16 @@ impl OutboxBuilder {
     /// Postgres connection settings as a `tokio_postgres::Config`.
     pub fn postgres(mut self, config: tokio_postgres::Config) -> Self {
         self.postgres = Some(Ok(config));
+        self
+    }
+
+    /// Encrypt every Postgres connection with rustls (feature `postgres-rustls`). `sslmode` in
+    /// the connection string decides whether TLS is required (`require`) or tried (`prefer`, the
+    /// default). Build the `rustls::ClientConfig` with the roots you trust, e.g. your CA's
+    /// certificate or `webpki-roots`.
+    #[cfg(feature = "postgres-rustls")]
+    pub fn postgres_tls(mut self, tls: rustls::ClientConfig) -> Self {
+        self.tls = crate::pg::Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls));
         self
     }
 
@@ -217,10 +229,12 @@ impl OutboxBuilder {
         self
     }
 
-    /// How long a relay may hold a reserved batch, 1 s..=24 h (default 60 s). Must exceed
-    /// `publish_timeout` by at least 5 s, so that every message of a batch has a final delivery
-    /// report before the lease ends. A relay that dies or hangs loses its reservations at the end
-    /// of the lease at the latest (at once when its Postgres session ends).
+    /// How long a relay may hold a reserved batch, 1 s..=24 h (default 60 s). Must be at least
+    /// `publish_timeout + batch_timeout + 1 s`: a batch sends only during its first
+    /// `batch_timeout`, and each message has its final delivery report within `publish_timeout`
+    /// of being sent, so a hung relay's messages are all settled before Postgres ends its session
+    /// (`idle_in_transaction_session_timeout = lease`) and another relay takes the rows. A relay
+    /// that dies loses its reservations at once (its session ends).
     pub fn lease(mut self, d: Duration) -> Self {
         self.settings.lease = d;
         self
@@ -242,9 +256,10 @@ impl OutboxBuilder {
         self
     }
 
-    /// How long a stop (through the cancellation token) waits for in-flight deliveries before
-    /// flushing and confirming, 0..=`lease` (default 10 s). [`Outbox::stop`](crate::Outbox::stop)
-    /// takes its own timeout.
+    /// How long a stop through the cancellation token may take, 0..=10 min (default 10 s):
+    /// in-flight deliveries are awaited for half of it, then the batches are confirmed and the
+    /// producer is flushed for the rest. [`Outbox::stop`](crate::Outbox::stop) takes its own
+    /// timeout.
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.settings.shutdown_timeout = d;
         self
@@ -323,7 +338,7 @@ impl OutboxBuilder {
 
     /// Checks every setting; returns the Postgres config and the producer (created, so that
     /// librdkafka validates property names and values; it connects in the background).
-    pub(crate) fn validate(&self) -> Result<(tokio_postgres::Config, FutureProducer)> {
+    pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, FutureProducer)> {
         let s = &self.settings;
         let mut problems = Vec::new();
         let pg = match &self.postgres {
@@ -390,7 +405,7 @@ impl OutboxBuilder {
             "shutdown_timeout",
             s.shutdown_timeout.as_millis(),
             0,
-            s.lease.as_millis(),
+            600_000,
             " ms",
         );
         range("max_attempts", u128::from(s.max_attempts), 1, 1_000, "");
@@ -424,10 +439,10 @@ impl OutboxBuilder {
         );
         range("cleanup batch", s.cleanup_batch as u128, 1, 1_000_000, "");
         range("ack_buffer", s.ack_buffer as u128, 1, 1_000_000, "");
-        if s.lease < s.publish_timeout + LEASE_MARGIN {
+        if s.lease < s.publish_timeout + s.batch_timeout + LEASE_MARGIN {
             problems.push(format!(
-                "lease: {:?} must exceed publish_timeout ({:?}) by at least {:?}, so that every delivery report arrives before another relay may take the batch over",
-                s.lease, s.publish_timeout, LEASE_MARGIN
+                "lease: {:?} must be at least publish_timeout ({:?}) + batch_timeout ({:?}) + {:?}, so that every delivery report of a batch arrives before another relay may take it over",
+                s.lease, s.publish_timeout, s.batch_timeout, LEASE_MARGIN
             ));
         }
         let mut kafka = ClientConfig::new();
@@ -464,7 +479,13 @@ impl OutboxBuilder {
             }
         };
         match (pg, producer) {
-            (Some(pg), Some(producer)) if problems.is_empty() => Ok((pg, producer)),
+            (Some(config), Some(producer)) if problems.is_empty() => Ok((
+                crate::pg::Pg {
+                    config,
+                    tls: self.tls.clone(),
+                },
+                producer,
+            )),
             _ => Err(Error::Config(ConfigErrors::new(problems))),
         }
     }

@@ -63,6 +63,7 @@ mod delivery;
 mod error;
 mod event;
 mod outbox;
+mod pg;
 mod relay;
 mod schema;
 mod store;

@@ -16,9 +16,9 @@ use crate::config::{OnDelivery, OutboxBuilder, Settings};
 use crate::delivery::{DeliveryStream, Hub};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, NewEvent};
+use crate::pg::Pg;
 use crate::relay::{Counters, Relay};
 use crate::store::Store;
-use crate::wake;
 use crate::writer::Writer;
 
 /// The outbox: enqueue events, run the relay, watch deliveries. Cheap to clone (an `Arc`).
@@ -34,7 +34,7 @@ pub struct Outbox {
 struct Inner {
     settings: Arc<Settings>,
     store: Arc<Store>,
-    pg: tokio_postgres::Config,
+    pg: Pg,
     producer: FutureProducer,
     admin: Admin,
     hub: Hub,
@@ -120,7 +120,7 @@ impl Outbox {
     pub(crate) async fn connect(builder: OutboxBuilder) -> Result<Outbox> {
         let (pg, producer) = builder.validate()?;
         let settings = Arc::new(builder.settings);
-        let admin = wake::connect(&pg, "admin").await?;
+        let admin = pg.connect("admin").await?;
         if builder.migrate {
             crate::schema::migrate_table(&admin, &settings.table, &settings.channel).await?;
         }
@@ -289,7 +289,7 @@ impl Outbox {
             self.inner.hub.close();
         }
         tokio::time::timeout(
-            timeout + Duration::from_millis(500),
+            timeout + Duration::from_millis(1500),
             self.inner.tracker.wait(),
         )
         .await

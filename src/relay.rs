@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::config::{OnDelivery, Settings, WakeMode, LEASE_MARGIN};
 use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure, Hub};
+use crate::pg::Pg;
 use crate::store::{outcome, RawJson, Store};
 use crate::wake::{self, Wake};
 
@@ -82,7 +83,7 @@ struct BatchConn {
 pub(crate) struct Relay {
     pub(crate) settings: Arc<Settings>,
     pub(crate) store: Arc<Store>,
-    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) pg: Pg,
     pub(crate) producer: FutureProducer,
     pub(crate) hub: Hub,
     pub(crate) token: CancellationToken,
@@ -95,13 +96,14 @@ pub(crate) struct Relay {
 struct Ctx {
     settings: Arc<Settings>,
     store: Arc<Store>,
-    pg: tokio_postgres::Config,
+    pg: Pg,
     producer: FutureProducer,
     acks: Option<broadcast::Sender<DeliveryEvent>>,
     token: CancellationToken,
     counters: Arc<Counters>,
     in_flight: Arc<Semaphore>,
     late: TaskTracker,
+    shutdown_timeout: Arc<Mutex<Duration>>,
 }
 
 impl Relay {
@@ -117,6 +119,7 @@ impl Relay {
             counters: self.counters.clone(),
             in_flight: Arc::new(Semaphore::new(s.max_in_flight)),
             late: TaskTracker::new(),
+            shutdown_timeout: self.shutdown_timeout.clone(),
         });
         self.counters.running.store(true, Ordering::Relaxed);
         let background = TaskTracker::new();
@@ -152,7 +155,8 @@ impl Relay {
         let gauges_running = Arc::new(AtomicBool::new(false));
 
         let mut idle: Vec<BatchConn> = Vec::new();
-        let mut batches: JoinSet<Option<BatchConn>> = JoinSet::new();
+        let mut batches: JoinSet<BatchDone> = JoinSet::new();
+        let mut retry_at: Option<Instant> = None;
         let mut poll_due = true;
         let mut pause_until: Option<Instant> = None;
         let mut errors = error_backoff();
@@ -202,6 +206,12 @@ impl Relay {
                 }
                 continue;
             }
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let pause = async {
                 match pause_until {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -213,13 +223,17 @@ impl Relay {
                 _ = self.token.cancelled() => break,
                 Some(done) = batches.join_next() => {
                     match done {
-                        Ok(Some(conn)) => {
+                        Ok(BatchDone { conn: Some(conn), next_due }) => {
+                            if let Some(d) = next_due {
+                                let at = Instant::now() + d;
+                                retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                            }
                             idle.push(conn);
                             // Only a confirmed batch ends an error streak: a batch that publishes
                             // but cannot be confirmed must not re-send in a tight loop.
                             errors = error_backoff();
                         }
-                        Ok(None) => {
+                        Ok(BatchDone { conn: None, .. }) => {
                             // Confirm failed: back off so a persistent fault is not a tight loop of re-sends.
                             let delay = errors.next().unwrap_or(Duration::from_secs(5));
                             pause_until = Some(Instant::now() + delay);
@@ -231,6 +245,7 @@ impl Relay {
                 Some(_) = wake_rx.recv() => poll_due = true,
                 _ = ticker.tick() => poll_due = true,
                 _ = pause => { pause_until = None; }
+                _ = retry => { retry_at = None; poll_due = true; }
                 _ = gauge_ticker.tick() => {
                     if !gauges_running.swap(true, Ordering::AcqRel) {
                         let ctx = ctx.clone();
@@ -273,21 +288,23 @@ impl Relay {
             }
         }
         drop(idle);
-        // Held messages whose reports may still come.
+        // Flush what the producer still holds while the held messages' reports come in, then
+        // purge so that nothing is sent after we return. A message purged before it was sent is
+        // released at once; one purged in flight stays held (it may have reached Kafka).
         ctx.late.close();
-        let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
-        // Anything still queued in the producer: flush within what is left, then purge so that
-        // nothing is sent after we return (purged rows were never confirmed, so they stay pending).
         let producer = self.producer.clone();
         let left = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = producer.flush(left);
-            if producer.in_flight_count() > 0 {
-                producer.purge(PurgeConfig::default().queue().inflight());
-                let _ = producer.flush(Duration::from_millis(100));
-            }
-        })
-        .await;
+        let flush = tokio::task::spawn_blocking(move || producer.flush(left));
+        let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
+        let _ = flush.await;
+        if self.producer.in_flight_count() > 0 {
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            let producer = self.producer.clone();
+            let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_millis(100)))
+                .await;
+        }
+        let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
         background.close();
         background.wait().await;
         self.counters.running.store(false, Ordering::Relaxed);
@@ -307,7 +324,7 @@ fn error_backoff() -> impl Iterator<Item = Duration> {
 }
 
 async fn open_batch_conn(ctx: &Ctx) -> Result<BatchConn, tokio_postgres::Error> {
-    let client = wake::connect(&ctx.pg, "batch").await?;
+    let client = ctx.pg.connect("batch").await?;
     // The reservation is a row lock held by the batch transaction; a session that idles in it
     // longer than the lease (a hung relay) is ended by Postgres, which releases the rows.
     client
@@ -421,21 +438,22 @@ async fn publish_chain(
     ctx: &Ctx,
     rows: &[Reserved],
     chain: &[usize],
-    send_until: Instant,
     cutoff: Instant,
 ) -> (Vec<(usize, Outcome)>, Option<Straggler>) {
     let mut out = Vec::with_capacity(chain.len());
     for &idx in chain {
-        if ctx.token.is_cancelled() || Instant::now() >= send_until.min(cutoff) {
+        if ctx.token.is_cancelled() || Instant::now() >= cutoff {
             break;
         }
         let row = &rows[idx];
-        let sent = send_one(ctx, row, send_until.min(cutoff), cutoff).await;
+        let sent = send_one(ctx, row, cutoff).await;
         match sent {
             Sent::Skipped => break,
             Sent::Report(Ok((partition, offset))) => {
                 out.push((idx, Outcome::Delivered { partition, offset }))
             }
+            // Purged from the producer's queue at stop: never sent, so simply released.
+            Sent::Report(Err(e)) if is_purged_unsent(&e) => break,
             Sent::Report(Err(e)) => {
                 let (error, permanent) = classify(&e);
                 out.push((idx, Outcome::Failed { error, permanent }));
@@ -457,10 +475,30 @@ async fn publish_chain(
     (out, None)
 }
 
-async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instant) -> Sent {
+/// Completes at `cutoff`, or — once the relay is stopping — after half of the stop timeout.
+async fn wait_until(ctx: &Ctx, cutoff: Instant) {
+    let stopping = async {
+        ctx.token.cancelled().await;
+        let stop = *ctx
+            .shutdown_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        tokio::time::sleep(stop / 2).await;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep_until(cutoff) => {}
+        _ = stopping => {}
+    }
+}
+
+fn is_purged_unsent(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue)
+}
+
+async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     let permit = tokio::select! {
         p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::Skipped },
-        _ = tokio::time::sleep_until(send_until) => return Sent::Skipped,
+        _ = wait_until(ctx, cutoff) => return Sent::Skipped,
     };
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
@@ -473,7 +511,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instan
             Ok(f) => break f,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
-                if Instant::now() >= send_until {
+                if Instant::now() >= cutoff || ctx.token.is_cancelled() {
                     return Sent::Skipped;
                 }
                 record = r;
@@ -487,7 +525,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, send_until: Instant, cutoff: Instan
     let mut future = future;
     let report = tokio::select! {
         r = &mut future => r,
-        _ = tokio::time::sleep_until(cutoff) => {
+        _ = wait_until(ctx, cutoff) => {
             ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Sent::Cutoff(future, permit);
         }
@@ -529,7 +567,7 @@ async fn run_batch(
     conn: BatchConn,
     rows: Vec<Reserved>,
     reserved_at: Instant,
-) -> Option<BatchConn> {
+) -> BatchDone {
     let s = &ctx.settings;
     ctx.counters.batches.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("outbox_batches_total").increment(1);
@@ -538,9 +576,9 @@ async fn run_batch(
         first_seq = rows[0].seq,
         "outbox batch reserved"
     );
-    // Every message must have its final report before the lease ends.
-    let send_until = reserved_at + (s.lease - s.publish_timeout - LEASE_MARGIN);
-    let cutoff = (reserved_at + s.batch_timeout).min(reserved_at + (s.lease - LEASE_MARGIN));
+    // The batch confirms (and commits) at the latest `batch_timeout` after its reservation,
+    // well inside the lease; a message without a report by then is held by a written hold.
+    let cutoff = reserved_at + s.batch_timeout;
     let mut chains: Vec<Vec<usize>> = Vec::new();
     {
         let mut by_aggregate: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
@@ -559,7 +597,7 @@ async fn run_batch(
     {
         let mut running: FuturesUnordered<_> = chains
             .iter()
-            .map(|c| publish_chain(&ctx, &rows, c, send_until, cutoff))
+            .map(|c| publish_chain(&ctx, &rows, c, cutoff))
             .collect();
         while let Some((results, straggler)) = running.next().await {
             for (idx, o) in results {
@@ -621,7 +659,10 @@ async fn run_batch(
             "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
         );
         let _ = conn.client.batch_execute("rollback").await;
-        return None;
+        return BatchDone {
+            conn: None,
+            next_due: None,
+        };
     }
     let now = Utc::now();
     let mut delivered = 0u64;
@@ -695,7 +736,25 @@ async fn run_batch(
         let ctx2 = ctx.clone();
         ctx.late.spawn(confirm_late(ctx2, rows, stragglers));
     }
-    Some(conn)
+    // Wake up when the earliest retry or hold of this batch is due, not at the next poll.
+    let next_due = codes
+        .iter()
+        .zip(&delays)
+        .filter(|(c, _)| **c == outcome::RETRY || **c == outcome::HOLD)
+        .map(|(_, d)| Duration::from_millis(*d as u64))
+        .min();
+    BatchDone {
+        conn: Some(conn),
+        next_due,
+    }
+}
+
+/// What a batch task hands back to the relay loop.
+struct BatchDone {
+    /// The connection for reuse; `None` when the confirmation failed.
+    conn: Option<BatchConn>,
+    /// When the earliest retry (or held event) of the batch becomes due.
+    next_due: Option<Duration>,
 }
 
 fn codes_by_row<'a>(
@@ -719,7 +778,7 @@ fn codes_by_row<'a>(
 /// ended is left to be retried.
 async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
     let hold_end = Instant::now() + ctx.settings.publish_timeout + LEASE_MARGIN;
-    let client = match wake::connect(&ctx.pg, "late").await {
+    let client = match ctx.pg.connect("late").await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "outbox relay: cannot record late delivery reports; the held events will be published again");
@@ -737,10 +796,20 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
             (idx, report_result(future.await))
         })
         .collect();
+    let stopping = async {
+        ctx.token.cancelled().await;
+        let stop = *ctx
+            .shutdown_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        tokio::time::sleep(stop + LATE_GRACE).await;
+    };
+    tokio::pin!(stopping);
     loop {
         let next = tokio::select! {
             n = waiting.next() => n,
             _ = tokio::time::sleep_until(hold_end) => None,
+            _ = &mut stopping => None,
         };
         let Some((idx, report)) = next else { break };
         let row = &rows[idx];
@@ -769,6 +838,10 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
                         }));
                     }
                 }
+            }
+            Err(e) if is_purged_unsent(&e) => {
+                // Never sent: release the hold, no attempt counted.
+                let _ = client.execute(&ctx.store.late_release, &[&row.id]).await;
             }
             Err(e) => {
                 let (error, permanent) = classify(&e);
@@ -802,12 +875,15 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
     }
 }
 
+/// How long a stopping relay waits, after the purge, for held messages' last reports.
+const LATE_GRACE: Duration = Duration::from_millis(500);
+
 /// Period of the backlog gauges (`outbox_backlog_events`, …).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Sets the backlog gauges from the status query.
 async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
-    let client = wake::connect(&ctx.pg, "metrics").await?;
+    let client = ctx.pg.connect("metrics").await?;
     let rows = client.query(&ctx.store.status, &[]).await?;
     let (mut pending, mut retrying, mut dead, mut oldest) = (0i64, 0i64, 0i64, 0f64);
     for r in &rows {
@@ -825,7 +901,7 @@ async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
 
 /// Deletes delivered rows older than the retention, in bounded batches.
 async fn cleanup(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
-    let client = wake::connect(&ctx.pg, "cleanup").await?;
+    let client = ctx.pg.connect("cleanup").await?;
     let retention_ms = ctx.settings.retention.as_millis() as f64;
     let batch = ctx.settings.cleanup_batch as i64;
     loop {

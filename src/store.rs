@@ -40,6 +40,7 @@ pub(crate) struct Store {
     pub(crate) confirm: String,
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
+    pub(crate) late_release: String,
     pub(crate) cleanup: String,
     pub(crate) requeue: String,
     pub(crate) notify: String,
@@ -165,6 +166,10 @@ impl Store {
             confirm,
             late_confirm,
             late_fail,
+            late_release: format!(
+                "update {t} set next_attempt_at = null
+                  where id = $1 and status = 'new' and next_attempt_at > now()"
+            ),
             cleanup,
             // Dead letters back to pending, keeping their seq: each goes out before its
             // aggregate's later events, which were blocked behind it.

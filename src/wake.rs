@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::pg::Pg;
 use crate::schema::{wake_lock_key, LOCK_CLASS};
 
 /// Why the relay should poll now.
@@ -33,28 +32,10 @@ pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Connects with `application_name` set, driving the connection on a task; notifications are
-/// dropped (use [`listener`] to receive them).
-pub(crate) async fn connect(
-    pg: &tokio_postgres::Config,
-    role: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let mut cfg = pg.clone();
-    cfg.application_name(format!("outbox-relay-{role}"));
-    let (client, connection) = cfg.connect(NoTls).await?;
-    let role = role.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(role, error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
-}
-
 /// Runs the LISTEN connection until `token` is cancelled, reconnecting with backoff.
 pub(crate) fn spawn_listener(
     tracker: &TaskTracker,
-    pg: tokio_postgres::Config,
+    pg: Pg,
     channel: String,
     wake: mpsc::Sender<Wake>,
     token: CancellationToken,
@@ -66,13 +47,16 @@ pub(crate) fn spawn_listener(
         let mut backoff = reconnect_backoff();
         let mut first = true;
         while !token.is_cancelled() {
-            let mut cfg = pg.clone();
-            cfg.application_name("outbox-relay-listener");
+            let forward = wake.clone();
+            let on_notify: Box<dyn Fn() + Send> = Box::new(move || {
+                // Coalesce: a full queue already means "poll".
+                let _ = forward.try_send(Wake::Notified);
+            });
             let attempt = tokio::select! {
                 _ = token.cancelled() => return,
-                r = cfg.connect(NoTls) => r,
+                r = pg.connect_driven("listener", Some(on_notify)) => r,
             };
-            let (client, mut connection) = match attempt {
+            let (client, mut drain) = match attempt {
                 Ok(pair) => pair,
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
@@ -83,25 +67,6 @@ pub(crate) fn spawn_listener(
                     }
                 }
             };
-            // Drain every message: the bare connection future would drop notifications.
-            let forward = wake.clone();
-            let mut drain = tokio::spawn(async move {
-                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                while let Some(m) = messages.next().await {
-                    match m {
-                        Ok(AsyncMessage::Notification(_)) => {
-                            // Coalesce: a full queue already means "poll".
-                            let _ = forward.try_send(Wake::Notified);
-                        }
-                        Ok(AsyncMessage::Notice(n)) => {
-                            tracing::debug!(notice = %n.message(), "outbox listener notice")
-                        }
-                        Ok(_) => {}
-                        Err(e) => return Some(e),
-                    }
-                }
-                None
-            });
             let listen_sql = format!("listen {channel}");
             let listen = tokio::select! {
                 _ = token.cancelled() => { drain.abort(); return; }
@@ -152,7 +117,7 @@ pub(crate) fn spawn_listener(
 /// NOTIFY; sends [`Wake::Armed`] each time the lock is granted.
 pub(crate) fn spawn_waker(
     tracker: &TaskTracker,
-    pg: tokio_postgres::Config,
+    pg: Pg,
     table: String,
     mut armed: watch::Receiver<bool>,
     wake: mpsc::Sender<Wake>,
@@ -170,7 +135,7 @@ pub(crate) fn spawn_waker(
             }
             let c = match client.take().filter(|c| !c.is_closed()) {
                 Some(c) => c,
-                None => match connect(&pg, "waker").await {
+                None => match pg.connect("waker").await {
                     Ok(c) => c,
                     Err(e) => {
                         let delay = backoff.next().unwrap_or(Duration::from_secs(5));

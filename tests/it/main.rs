@@ -1,6 +1,7 @@
 //! Integration tests (one binary: `cargo test --all-features --test it`).
 
 mod core;
+mod faults;
 mod infra;
 mod interop;
 mod support;
