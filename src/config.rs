@@ -455,6 +455,16 @@ impl OutboxBuilder {
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("compression.type", "none")
+            // Fail a record for a topic the broker does not know well before `publish_timeout`,
+            // so that the error names the unknown topic (and is retried with backoff) instead
+            // of reading "message timed out". librdkafka's default is 30 s.
+            .set(
+                "topic.metadata.propagation.max.ms",
+                (s.publish_timeout / 2)
+                    .min(std::time::Duration::from_secs(5))
+                    .as_millis()
+                    .to_string(),
+            )
             .set(
                 "message.timeout.ms",
                 s.publish_timeout

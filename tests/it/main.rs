@@ -2,6 +2,7 @@
 
 mod core;
 mod faults;
+mod guarantees;
 mod infra;
 mod interop;
 mod support;

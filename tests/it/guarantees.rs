@@ -1,0 +1,1621 @@
+//! Delivery guarantees under concurrency and faults (scenarios S3–S6, S10 (b), S11 of
+//! `shared/SCENARIOS.md`), against real Postgres and the real Kafka-protocol broker (tansu);
+//! librdkafka's mock cluster (`MockKafka`) only where a Kafka fault must be injected.
+//!
+//! Every test uses its own table, channel and topic (`unique_name`), so they run in parallel.
+//! Records are read back with a real consumer (`TopicReader`); absence is asserted with short
+//! read windows (`assert_idle`), never with sleeps alone.
+//!
+//! Broker facts these tests rely on (checked against tansu 0.6 with librdkafka 2.12):
+//! * tansu does not create a topic on produce, whatever the producer's
+//!   `allow.auto.create.topics`: a topic that was never created stays missing (S6).
+//! * tansu accepts but ignores the topic config `max.message.bytes`; the 1 MB limit of S5 is the
+//!   producer's `message.max.bytes` default (1,000,000), which fails a 2 MB record locally.
+//! * The mock cluster creates topics only from Metadata requests that allow auto-creation, never
+//!   from Produce; an injected Produce error applies to every partition of the next request.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use outbox::{
+    DeadLetterPolicy, DeliveryEvent, DeliveryFailure, DeliveryStream, Error, Event, EventFilter,
+    EventStatus, NewEvent, Outbox, OutboxBuilder, RequeueFilter,
+};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::support::{self, ConsumedRecord, MockKafka, TopicReader};
+
+// ----------------------------------------------------------------------------------------------
+// Local helpers
+// ----------------------------------------------------------------------------------------------
+
+/// One test's private table, channel and topic, on Postgres `pg` and Kafka `brokers`.
+struct Env {
+    table: String,
+    channel: String,
+    topic: String,
+    brokers: String,
+    pg: tokio_postgres::Config,
+}
+
+/// Migrates a fresh table (own channel) on the shared test database and creates a topic with
+/// `partitions`, on the test broker (tansu) or, when given, on `mock`.
+async fn setup(prefix: &str, partitions: i32, mock: Option<&MockKafka>) -> Env {
+    setup_in(prefix, partitions, mock, support::postgres().await).await
+}
+
+async fn setup_in(
+    prefix: &str,
+    partitions: i32,
+    mock: Option<&MockKafka>,
+    pg: tokio_postgres::Config,
+) -> Env {
+    support::init_tracing();
+    let table = support::unique_name(&format!("{prefix}_t"));
+    let channel = support::unique_name(&format!("{prefix}_c"));
+    let topic = support::unique_name(&format!("{prefix}_topic"));
+    let client = outbox::testing::connect(&pg).await.expect("connect pg");
+    outbox::migrate_table(&client, &table, &channel)
+        .await
+        .unwrap_or_else(|e| panic!("migrating {table}: {e}"));
+    let brokers = match mock {
+        Some(kafka) => {
+            let brokers = kafka.bootstrap_servers();
+            kafka
+                .create_topic(&topic, partitions)
+                .unwrap_or_else(|e| panic!("creating {topic} on the mock cluster: {e}"));
+            support::wait_for_topic(&brokers, &topic, Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|e| panic!("topic {topic} did not appear: {e}"));
+            brokers
+        }
+        None => {
+            support::create_topic(&topic, partitions).await;
+            support::kafka_brokers()
+        }
+    };
+    Env {
+        table,
+        channel,
+        topic,
+        brokers,
+        pg,
+    }
+}
+
+/// A builder for the test's table and channel.
+fn builder(env: &Env) -> OutboxBuilder {
+    Outbox::builder()
+        .postgres(env.pg.clone())
+        .kafka_brokers(env.brokers.clone())
+        .table(env.table.clone())
+        .channel(env.channel.clone())
+        .poll_interval(Duration::from_millis(200))
+}
+
+/// A builder for a test that produces to a topic that was never created. tansu never creates
+/// topics on produce; the mock cluster (the fallback when tansu is missing) does unless the
+/// producer disallows it.
+fn without_auto_create(b: OutboxBuilder) -> OutboxBuilder {
+    if support::kafka_is_mock() {
+        b.kafka_property("allow.auto.create.topics", "false")
+    } else {
+        b
+    }
+}
+
+/// Short timeouts for fault tests: a failed message is reported within 2 s.
+fn fast(b: OutboxBuilder) -> OutboxBuilder {
+    b.publish_timeout(Duration::from_secs(2))
+        .lease(Duration::from_secs(8))
+        // The default shutdown_timeout (10 s) may not exceed the lease.
+        .shutdown_timeout(Duration::from_secs(5))
+        .batch_timeout(Duration::from_millis(200))
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+async fn pg(env: &Env) -> tokio_postgres::Client {
+    outbox::testing::connect(&env.pg).await.expect("connect pg")
+}
+
+async fn reader_of(brokers: &str, topic: &str) -> TopicReader {
+    TopicReader::connect(brokers, topic, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("reading topic {topic}: {e}"))
+}
+
+async fn reader(env: &Env) -> TopicReader {
+    reader_of(&env.brokers, &env.topic).await
+}
+
+/// Reads exactly `n` records within `timeout` or panics.
+async fn read_n(reader: &mut TopicReader, n: usize, timeout: Duration) -> Vec<ConsumedRecord> {
+    let got = reader.read(n, timeout).await;
+    assert_eq!(
+        got.len(),
+        n,
+        "expected {n} records within {timeout:?}, got {}: {:#?}",
+        got.len(),
+        &got[..got.len().min(10)]
+    );
+    got
+}
+
+/// An event of `aggregate` whose payload carries the aggregate's counter `n`.
+fn ev(topic: &str, aggregate: &str, n: i64) -> NewEvent {
+    NewEvent::new(
+        topic,
+        aggregate,
+        "counter.incremented",
+        json!({ "aggregate": aggregate, "n": n }),
+    )
+}
+
+/// Inserts `events` in one transaction (one `add_new_events` call) and commits.
+async fn insert(
+    outbox: &Outbox,
+    client: &mut tokio_postgres::Client,
+    events: &[NewEvent],
+) -> Vec<Uuid> {
+    let tx = client.transaction().await.expect("begin");
+    let ids = outbox
+        .add_new_events(&tx, events)
+        .await
+        .expect("add_new_events");
+    tx.commit().await.expect("commit");
+    ids
+}
+
+fn counter(r: &ConsumedRecord) -> i64 {
+    r.json()["n"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("record without counter: {r:#?}"))
+}
+
+fn event_id_of(r: &ConsumedRecord) -> Uuid {
+    let h = r
+        .header("event_id")
+        .unwrap_or_else(|| panic!("record without event_id header: {r:#?}"));
+    Uuid::parse_str(h).unwrap_or_else(|e| panic!("event_id header {h:?} is not a uuid: {e}"))
+}
+
+/// Counters per key, in consumed order (records of one key share a partition, so arrival order
+/// is offset order).
+fn counters_by_key(records: &[ConsumedRecord]) -> BTreeMap<String, Vec<i64>> {
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        by_key
+            .entry(r.key_str().to_string())
+            .or_default()
+            .push(counter(r));
+    }
+    by_key
+}
+
+/// Asserts that one aggregate's consumed counters are `expected`, in order, where a duplicate
+/// may appear only as a contiguous replay of already published events (1 2 1 2 3 or 1 2 2 3,
+/// never 2 3 1 or 1 2 1 3).
+fn assert_order_with_contiguous_replays(aggregate: &str, seen: &[i64], expected: &[i64]) {
+    let mut first_seen = Vec::new();
+    let mut known = HashSet::new();
+    for (i, &c) in seen.iter().enumerate() {
+        if known.insert(c) {
+            first_seen.push(c);
+            continue;
+        }
+        // A replay must go on with the event that followed `c` the first time.
+        if let Some(&next) = seen.get(i + 1) {
+            let pos = expected.iter().position(|&e| e == c);
+            let successor = pos.and_then(|p| expected.get(p + 1)).copied();
+            assert_eq!(
+                Some(next),
+                successor,
+                "aggregate {aggregate}: duplicate {c} at position {i} is not a contiguous replay: {seen:?}"
+            );
+        }
+    }
+    assert_eq!(
+        first_seen, expected,
+        "aggregate {aggregate}: consumed out of order or incomplete: {seen:?}"
+    );
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what` and
+/// the last state `describe` gives.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(state) => {
+                if Instant::now() >= deadline {
+                    panic!("{what}: not reached within {timeout:?}; last state: {state}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn find_aggregate(outbox: &Outbox, aggregate: &str) -> Vec<Event> {
+    outbox
+        .find(&EventFilter::new().aggregate_id(aggregate).limit(10_000))
+        .await
+        .expect("find by aggregate")
+}
+
+fn brief(events: &[Event]) -> String {
+    format!(
+        "{:#?}",
+        events
+            .iter()
+            .map(|e| (
+                e.seq(),
+                e.status(),
+                e.attempts(),
+                e.last_error().map(str::to_string),
+                e.next_attempt_at()
+            ))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Waits until the events with `ids` all have `status`; returns them in seq order.
+async fn wait_status(
+    outbox: &Outbox,
+    ids: &[Uuid],
+    status: EventStatus,
+    timeout: Duration,
+) -> Vec<Event> {
+    eventually(
+        &format!("events {ids:?} become {status}"),
+        timeout,
+        || async {
+            let events = outbox
+                .find(&EventFilter::new().ids(ids.iter().copied()).limit(10_000))
+                .await
+                .map_err(|e| e.to_string())?;
+            if events.len() == ids.len() && events.iter().all(|e| e.status() == status) {
+                Ok(events)
+            } else {
+                Err(brief(&events))
+            }
+        },
+    )
+    .await
+}
+
+/// The next `Failed` item of a delivery stream (acks are skipped).
+async fn next_failure(stream: &mut DeliveryStream, timeout: Duration) -> DeliveryFailure {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => panic!("no delivery failure reported within {timeout:?}"),
+            Ok(None) => panic!("the delivery stream ended while a failure was expected"),
+            Ok(Some(DeliveryEvent::Failed(f))) => return f,
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+async fn stop_and_join(outbox: &Outbox, handle: tokio::task::JoinHandle<outbox::Result<()>>) {
+    outbox
+        .stop(Duration::from_secs(10))
+        .await
+        .expect("the relay stops within 10 s");
+    tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the relay task ends after stop")
+        .expect("the relay task did not panic")
+        .expect("the relay ended without error");
+}
+
+/// Advisory-lock class the crate uses (`"obx1"`, `src/schema.rs`).
+const LOCK_CLASS: i64 = 0x6f62_7831;
+
+/// The wake-lock key of a table: FNV-1a of its name (a copy of the private
+/// `schema::wake_lock_key`).
+fn wake_lock_key(table: &str) -> i64 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in table.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == 0 {
+        1
+    } else {
+        i64::from(h)
+    }
+}
+
+/// Holders of the table's wake lock: (exclusive granted, any).
+async fn wake_lock_holders(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "select count(*) filter (where mode = 'ExclusiveLock' and granted), count(*)
+               from pg_locks
+              where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
+                and objsubid = 2",
+            &[&LOCK_CLASS, &wake_lock_key(table)],
+        )
+        .await
+        .expect("querying pg_locks");
+    (row.get(0), row.get(1))
+}
+
+/// Waits until the relay is idle and armed: its LISTEN connection is up and it holds the table's
+/// wake lock (so writers NOTIFY).
+async fn wait_armed(
+    outbox: &Outbox,
+    client: &tokio_postgres::Client,
+    table: &str,
+    timeout: Duration,
+) {
+    eventually("the relay is idle and armed", timeout, || async {
+        let (granted, _) = wake_lock_holders(client, table).await;
+        let stats = outbox.stats();
+        if granted == 1 && stats.listener_connected && stats.running {
+            Ok(())
+        } else {
+            Err(format!("wake lock granted: {granted}, stats: {stats:?}"))
+        }
+    })
+    .await
+}
+
+/// LISTENs on `channel` from a connection of its own, drained with `Connection::poll_message`;
+/// the receiver gets one item per notification.
+async fn listen(
+    pg: &tokio_postgres::Config,
+    channel: &str,
+) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connecting the test listener");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.channel().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("listen {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
+
+/// Notifications that arrive within `window`.
+async fn notifications_within(rx: &mut mpsc::UnboundedReceiver<String>, window: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut n = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        n += 1;
+    }
+    n
+}
+
+// ----------------------------------------------------------------------------------------------
+// S3 — several relays, per-aggregate order
+// ----------------------------------------------------------------------------------------------
+
+/// Three relays (three `Outbox` instances on one table, batches of 50, two batches in flight
+/// each) and five concurrent writers, each owning ten aggregates and committing transactions of
+/// four events (two consecutive events of each of two aggregates). 50 aggregates × 200 events:
+/// every event is consumed exactly once, each aggregate's counters strictly increase, at least
+/// two relays did part of the work, and every row ends done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_three_relays_deliver_every_event_once_in_order_per_aggregate() {
+    const AGGREGATES: usize = 50;
+    const PER_AGGREGATE: i64 = 200;
+    const WRITERS: usize = 5;
+    const TOTAL: usize = AGGREGATES * PER_AGGREGATE as usize;
+
+    let env = setup("s3", 4, None).await;
+    let mut relays = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let outbox = builder(&env)
+            .batch_size(50)
+            .max_batches_in_flight(2)
+            .poll_interval(Duration::from_millis(100))
+            .connect()
+            .await
+            .expect("connect");
+        handles.push(outbox.start().expect("start"));
+        relays.push(outbox);
+    }
+    let mut reader = reader(&env).await;
+
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let writer = relays[0].writer();
+        let topic = env.topic.clone();
+        let pg = env.pg.clone();
+        writers.spawn(async move {
+            let mut client = outbox::testing::connect(&pg).await.expect("connect writer");
+            let owned: Vec<String> = (0..AGGREGATES)
+                .filter(|a| a % WRITERS == w)
+                .map(|a| format!("agg-{a:02}"))
+                .collect();
+            // Round-robin over the writer's aggregates, two consecutive events at a time.
+            let mut plan = Vec::new();
+            for n in (0..PER_AGGREGATE).step_by(2) {
+                for a in &owned {
+                    plan.push(ev(&topic, a, n));
+                    plan.push(ev(&topic, a, n + 1));
+                }
+            }
+            for (i, chunk) in plan.chunks(4).enumerate() {
+                let tx = client.transaction().await.expect("begin");
+                if i % 2 == 0 {
+                    writer
+                        .add_new_events(&tx, chunk)
+                        .await
+                        .expect("add_new_events");
+                } else {
+                    for e in chunk {
+                        writer.add_new_event(&tx, e).await.expect("add_new_event");
+                    }
+                }
+                tx.commit().await.expect("commit");
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer task");
+    }
+
+    let records = read_n(&mut reader, TOTAL, Duration::from_secs(240)).await;
+    // No faults: nothing more may arrive (no duplicates).
+    reader.assert_idle(Duration::from_secs(2)).await;
+
+    let ids: HashSet<Uuid> = records.iter().map(event_id_of).collect();
+    assert_eq!(
+        ids.len(),
+        TOTAL,
+        "every event exactly once (distinct event_id headers)"
+    );
+    let by_key = counters_by_key(&records);
+    assert_eq!(by_key.len(), AGGREGATES, "keys: {:?}", by_key.keys());
+    let expected: Vec<i64> = (0..PER_AGGREGATE).collect();
+    for (key, counters) in &by_key {
+        assert_eq!(
+            counters, &expected,
+            "aggregate {key}: every counter exactly once, strictly increasing"
+        );
+        let r = records.iter().find(|r| r.key_str() == key).unwrap();
+        assert_eq!(r.json()["aggregate"], json!(key), "key is the aggregate id");
+    }
+    for r in &records {
+        assert_eq!(r.header("event_type"), Some("counter.incremented"));
+    }
+
+    let stats: Vec<_> = relays.iter().map(Outbox::stats).collect();
+    let delivered: u64 = stats.iter().map(|s| s.delivered).sum();
+    assert_eq!(
+        delivered, TOTAL as u64,
+        "the relays confirmed every event exactly once: {stats:#?}"
+    );
+    let busy = stats.iter().filter(|s| s.delivered > 0).count();
+    assert!(
+        busy >= 2,
+        "at least two relays delivered events concurrently: {stats:#?}"
+    );
+    for s in &stats {
+        assert_eq!(
+            (s.retried, s.dead_lettered, s.confirm_failures),
+            (0, 0, 0),
+            "{s:?}"
+        );
+    }
+
+    for (outbox, handle) in relays.iter().zip(handles) {
+        stop_and_join(outbox, handle).await;
+    }
+    let client = pg(&env).await;
+    let row = client
+        .query_one(
+            &format!(
+                "select count(*) filter (where status = 'done'), count(*) from {}",
+                env.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (done, all): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((done, all), (TOTAL as i64, TOTAL as i64), "every row done");
+}
+
+// ----------------------------------------------------------------------------------------------
+// S4 — a failed publish must not reorder; dead letters (mock cluster)
+// ----------------------------------------------------------------------------------------------
+
+/// On the mock cluster: X's first Produce fails once with NOT_LEADER_FOR_PARTITION (retried by
+/// the idempotent producer): X is consumed 1, 2, 3. Then Y's event 1 fails permanently
+/// (INVALID_RECORD, a per-record broker error; TOPIC_AUTHORIZATION_FAILED would not do: librdkafka
+/// then marks the whole topic as failed and every later event of it fails at once): under the default `BlockAggregate` it becomes a dead letter
+/// (`failed`, `last_error`, a dead-letter `Failed` item on the ack stream), Y's 2 and 3 stay
+/// pending and unpublished behind it and are visible as such through `find` and `status()`,
+/// while another aggregate flows. Requeueing Y after the fault is gone publishes Y 1, 2, 3 in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup("s4", 2, Some(&kafka)).await;
+    let outbox = fast(builder(&env)).connect().await.expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+
+    // 1. A retriable failure of X's first publish.
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+    );
+    let x_ids = insert(
+        &outbox,
+        &mut client,
+        &[ev(t, "X", 1), ev(t, "X", 2), ev(t, "X", 3)],
+    )
+    .await;
+    let mut got = read_n(&mut reader, 3, Duration::from_secs(30)).await;
+    got.extend(reader.read_for(Duration::from_millis(500)).await);
+    let by_key = counters_by_key(&got);
+    assert_eq!(by_key.keys().collect::<Vec<_>>(), vec!["X"], "{got:#?}");
+    assert_order_with_contiguous_replays("X", &by_key["X"], &[1, 2, 3]);
+    wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
+
+    // 2. A permanent failure of Y's event 1.
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    let y_ids = insert(
+        &outbox,
+        &mut client,
+        &[ev(t, "Y", 1), ev(t, "Y", 2), ev(t, "Y", 3)],
+    )
+    .await;
+    let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
+    assert_eq!(
+        failure.event_id(),
+        y_ids[0],
+        "Y's event 1 failed: {failure:?}"
+    );
+    assert_eq!(failure.aggregate_id(), "Y");
+    assert_eq!(failure.topic(), t);
+    assert!(
+        failure.is_dead_letter(),
+        "a permanent error dead-letters at once: {failure:?}"
+    );
+    assert_eq!(failure.attempts(), 1, "{failure:?}");
+    assert!(
+        failure.error().to_lowercase().contains("record"),
+        "the error names the cause: {failure:?}"
+    );
+
+    let y = find_aggregate(&outbox, "Y").await;
+    assert_eq!(y.len(), 3, "{}", brief(&y));
+    assert_eq!(y[0].id(), y_ids[0]);
+    assert_eq!(y[0].status(), EventStatus::Failed, "{}", brief(&y));
+    assert_eq!(y[0].attempts(), 1);
+    assert_eq!(y[0].last_error(), Some(failure.error()));
+    for e in &y[1..] {
+        assert_eq!(
+            e.status(),
+            EventStatus::New,
+            "blocked, still pending: {}",
+            brief(&y)
+        );
+        assert_eq!(e.attempts(), 0, "never tried: {}", brief(&y));
+        assert!(e.seq() > y[0].seq(), "behind the dead letter");
+    }
+    let status = outbox.status().await.expect("status");
+    assert_eq!((status.dead_letters, status.pending), (1, 2), "{status:?}");
+    let topic_status = status
+        .topics
+        .iter()
+        .find(|s| s.topic == t)
+        .expect("topic listed");
+    assert_eq!(
+        (topic_status.dead_letters, topic_status.pending),
+        (1, 2),
+        "{status:?}"
+    );
+
+    // Other aggregates keep flowing; Y's 2 and 3 do not go out.
+    insert(
+        &outbox,
+        &mut client,
+        &[ev(t, "Z", 1), ev(t, "Z", 2), ev(t, "Z", 3)],
+    )
+    .await;
+    let z = read_n(&mut reader, 3, Duration::from_secs(10)).await;
+    assert_eq!(counters_by_key(&z).get("Z"), Some(&vec![1, 2, 3]), "{z:#?}");
+    reader.assert_idle(Duration::from_secs(2)).await;
+    let y = find_aggregate(&outbox, "Y").await;
+    assert_eq!(
+        y.iter()
+            .map(|e| (e.status(), e.attempts()))
+            .collect::<Vec<_>>(),
+        vec![
+            (EventStatus::Failed, 1),
+            (EventStatus::New, 0),
+            (EventStatus::New, 0)
+        ],
+        "Y stays blocked behind its dead letter: {}",
+        brief(&y)
+    );
+
+    // 3. Fault removed, requeue: Y 1, 2, 3 in order.
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    let n = outbox
+        .requeue(&RequeueFilter::all().aggregate_id("Y"))
+        .await
+        .expect("requeue");
+    assert_eq!(n, 1, "one dead letter requeued");
+    let mut y_recs = read_n(&mut reader, 3, Duration::from_secs(15)).await;
+    y_recs.extend(reader.read_for(Duration::from_millis(500)).await);
+    let by_key = counters_by_key(&y_recs);
+    assert_eq!(by_key.keys().collect::<Vec<_>>(), vec!["Y"], "{y_recs:#?}");
+    assert_order_with_contiguous_replays("Y", &by_key["Y"], &[1, 2, 3]);
+    assert_eq!(
+        event_id_of(&y_recs[0]),
+        y_ids[0],
+        "the requeued event keeps its id"
+    );
+    wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    let stats = outbox.stats();
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    stop_and_join(&outbox, handle).await;
+}
+
+/// The same permanent failure under `DeadLetterPolicy::Continue`: Y's 2 and 3 go out while 1 is
+/// a dead letter; requeued, 1 is published after them (as documented).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4_dead_letter_policy_continue_publishes_later_events() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup("s4c", 2, Some(&kafka)).await;
+    let outbox = fast(builder(&env))
+        .dead_letter_policy(DeadLetterPolicy::Continue)
+        .connect()
+        .await
+        .expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    let y_ids = insert(
+        &outbox,
+        &mut client,
+        &[ev(t, "Y", 1), ev(t, "Y", 2), ev(t, "Y", 3)],
+    )
+    .await;
+    let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
+    assert_eq!(failure.event_id(), y_ids[0], "{failure:?}");
+    assert!(failure.is_dead_letter(), "{failure:?}");
+
+    let mut got = read_n(&mut reader, 2, Duration::from_secs(15)).await;
+    got.extend(reader.read_for(Duration::from_secs(1)).await);
+    let by_key = counters_by_key(&got);
+    assert_eq!(
+        by_key.get("Y"),
+        Some(&vec![2, 3]),
+        "2 and 3 go on: {got:#?}"
+    );
+    wait_status(
+        &outbox,
+        &y_ids[1..],
+        EventStatus::Done,
+        Duration::from_secs(10),
+    )
+    .await;
+    let y = find_aggregate(&outbox, "Y").await;
+    assert_eq!(y[0].status(), EventStatus::Failed, "{}", brief(&y));
+    assert!(y[0].last_error().is_some());
+
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    assert_eq!(
+        outbox
+            .requeue(&RequeueFilter::all().aggregate_id("Y"))
+            .await
+            .expect("requeue"),
+        1
+    );
+    let again = read_n(&mut reader, 1, Duration::from_secs(15)).await;
+    assert_eq!((again[0].key_str(), counter(&again[0])), ("Y", 1));
+    assert_eq!(event_id_of(&again[0]), y_ids[0]);
+    reader.assert_idle(Duration::from_millis(500)).await;
+    wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    stop_and_join(&outbox, handle).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Retries and backoff (mock cluster)
+// ----------------------------------------------------------------------------------------------
+
+fn retriable_errors(n: usize) -> Vec<RDKafkaRespErr> {
+    vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; n]
+}
+
+/// Every Produce fails with a retriable error until X's event 1 times out in the producer: the
+/// relay records the failed attempt (attempts 1, `last_error`, `next_attempt_at` in the future,
+/// still pending), X's 2 and 3 wait behind it, and after the fault is gone X is consumed 1, 2, 3,
+/// event 1 not before its `next_attempt_at`. With `max_attempts(2)`, an event that keeps failing
+/// becomes a dead letter on its second failure, and its aggregate's next event stays pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup("retry", 1, Some(&kafka)).await;
+    let outbox = builder(&env)
+        .publish_timeout(Duration::from_secs(2))
+        .lease(Duration::from_secs(8))
+        .shutdown_timeout(Duration::from_secs(5))
+        .batch_timeout(Duration::from_secs(2))
+        .retry_backoff(Duration::from_secs(2), Duration::from_secs(4))
+        .max_attempts(2)
+        .connect()
+        .await
+        .expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+
+    // 1. A transient failure.
+    kafka.request_errors(RDKafkaApiKey::Produce, &retriable_errors(1000));
+    let x_ids = insert(
+        &outbox,
+        &mut client,
+        &[ev(t, "X", 1), ev(t, "X", 2), ev(t, "X", 3)],
+    )
+    .await;
+    let failure = next_failure(&mut acks, Duration::from_secs(20)).await;
+    let failed_at = Utc::now();
+    assert_eq!(failure.event_id(), x_ids[0], "{failure:?}");
+    assert!(
+        !failure.is_dead_letter(),
+        "a retriable failure is retried: {failure:?}"
+    );
+    assert_eq!(failure.attempts(), 1);
+    let x = find_aggregate(&outbox, "X").await;
+    assert_eq!(x[0].status(), EventStatus::New, "{}", brief(&x));
+    assert_eq!(x[0].attempts(), 1, "{}", brief(&x));
+    assert_eq!(x[0].last_error(), Some(failure.error()), "{}", brief(&x));
+    let next_attempt = x[0]
+        .next_attempt_at()
+        .expect("next_attempt_at set after a failure");
+    assert!(
+        next_attempt > failed_at + chrono::Duration::milliseconds(1500),
+        "next attempt after the 2 s minimum backoff: next {next_attempt}, failed at {failed_at}"
+    );
+    for e in &x[1..] {
+        assert_eq!(
+            (e.status(), e.attempts()),
+            (EventStatus::New, 0),
+            "{}",
+            brief(&x)
+        );
+    }
+    reader.assert_idle(Duration::from_millis(500)).await;
+
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    let mut got = read_n(&mut reader, 3, Duration::from_secs(20)).await;
+    got.extend(reader.read_for(Duration::from_millis(500)).await);
+    let by_key = counters_by_key(&got);
+    assert_eq!(by_key.keys().collect::<Vec<_>>(), vec!["X"], "{got:#?}");
+    assert_order_with_contiguous_replays("X", &by_key["X"], &[1, 2, 3]);
+    let sent_ms = got[0].timestamp_ms.expect("record timestamp");
+    assert!(
+        sent_ms + 100 >= next_attempt.timestamp_millis(),
+        "event 1 was sent again only after its backoff: sent at {sent_ms} ms, next attempt {next_attempt}"
+    );
+    let x = wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    assert_eq!(
+        x[0].attempts(),
+        1,
+        "the failed attempt stays counted: {}",
+        brief(&x)
+    );
+    assert_eq!(
+        x[0].last_error(),
+        None,
+        "cleared on delivery: {}",
+        brief(&x)
+    );
+
+    // 2. Failing again and again: a dead letter after max_attempts (2).
+    kafka.request_errors(RDKafkaApiKey::Produce, &retriable_errors(1000));
+    let w_ids = insert(&outbox, &mut client, &[ev(t, "W", 1), ev(t, "W", 2)]).await;
+    let first = next_failure(&mut acks, Duration::from_secs(20)).await;
+    assert_eq!(first.event_id(), w_ids[0], "{first:?}");
+    assert_eq!(
+        (first.attempts(), first.is_dead_letter()),
+        (1, false),
+        "{first:?}"
+    );
+    let second = next_failure(&mut acks, Duration::from_secs(20)).await;
+    assert_eq!(second.event_id(), w_ids[0], "{second:?}");
+    assert_eq!(
+        (second.attempts(), second.is_dead_letter()),
+        (2, true),
+        "{second:?}"
+    );
+    let w = find_aggregate(&outbox, "W").await;
+    assert_eq!(w[0].status(), EventStatus::Failed, "{}", brief(&w));
+    assert_eq!(w[0].attempts(), 2, "{}", brief(&w));
+    assert!(w[0].last_error().is_some(), "{}", brief(&w));
+    assert_eq!(
+        w[0].next_attempt_at(),
+        None,
+        "a dead letter is not scheduled: {}",
+        brief(&w)
+    );
+    assert_eq!(
+        (w[1].status(), w[1].attempts()),
+        (EventStatus::New, 0),
+        "{}",
+        brief(&w)
+    );
+    reader.assert_idle(Duration::from_secs(1)).await;
+    let stats = outbox.stats();
+    assert_eq!((stats.retried, stats.dead_lettered), (2, 1), "{stats:?}");
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    stop_and_join(&outbox, handle).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// S5 — oversized payload
+// ----------------------------------------------------------------------------------------------
+
+/// A 2 MB event (topic `max.message.bytes` 1 MB, which tansu ignores; the producer's default
+/// `message.max.bytes` of 1,000,000 refuses it locally), then 10 normal events of other
+/// aggregates: the big one becomes a dead letter with an error about its size after one attempt
+/// and is never retried; the 10 others are consumed within seconds (far below the 30 s publish
+/// timeout a stalled batch would wait for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_oversized_event_is_dead_lettered_once_and_others_flow() {
+    support::init_tracing();
+    let pg_config = support::postgres().await;
+    let table = support::unique_name("s5_t");
+    let channel = support::unique_name("s5_c");
+    let topic = support::unique_name("s5_topic");
+    let brokers = support::kafka_brokers();
+    outbox::migrate_table(&support::connect_pg().await, &table, &channel)
+        .await
+        .expect("migrate");
+    if support::kafka_is_mock() {
+        // The mock cluster has no CreateTopics; the limit is the producer's anyway.
+        support::create_topic(&topic, 1).await;
+    } else {
+        support::create_topic_with_config(&brokers, &topic, 1, &[("max.message.bytes", "1000000")])
+            .await
+            .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
+    }
+    let env = Env {
+        table,
+        channel,
+        topic,
+        brokers,
+        pg: pg_config,
+    };
+    let outbox = builder(&env).connect().await.expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+
+    let big = NewEvent::new(
+        t,
+        "big",
+        "blob.stored",
+        json!({ "blob": "x".repeat(2_000_000) }),
+    );
+    let started = Instant::now();
+    let big_id = insert(&outbox, &mut client, &[big]).await[0];
+    let normal: Vec<NewEvent> = (0..10).map(|i| ev(t, &format!("n-{i}"), i)).collect();
+    let normal_ids = insert(&outbox, &mut client, &normal).await;
+
+    let got = read_n(&mut reader, 10, Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    let mut keys: Vec<&str> = got.iter().map(ConsumedRecord::key_str).collect();
+    keys.sort_unstable();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("n-{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(keys, expected, "the 10 normal events, not the big one");
+    assert!(
+        took < Duration::from_secs(10),
+        "normal events went out in {took:?}"
+    );
+    wait_status(
+        &outbox,
+        &normal_ids,
+        EventStatus::Done,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let failure = next_failure(&mut acks, Duration::from_secs(10)).await;
+    assert_eq!(failure.event_id(), big_id, "{failure:?}");
+    assert!(
+        failure.is_dead_letter(),
+        "too large is permanent: {failure:?}"
+    );
+    let dead = wait_status(
+        &outbox,
+        &[big_id],
+        EventStatus::Failed,
+        Duration::from_secs(10),
+    )
+    .await;
+    let error = dead[0].last_error().expect("last_error").to_lowercase();
+    assert!(
+        error.contains("size") || error.contains("too large"),
+        "error mentions size: {error}"
+    );
+    assert_eq!(dead[0].attempts(), 1);
+
+    // Not retried: several poll intervals later nothing more is published and attempts stay 1.
+    reader.assert_idle(Duration::from_secs(3)).await;
+    let dead = wait_status(
+        &outbox,
+        &[big_id],
+        EventStatus::Failed,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(dead[0].attempts(), 1, "not retried: {}", brief(&dead));
+    let stats = outbox.stats();
+    assert_eq!(
+        (stats.delivered, stats.dead_lettered, stats.retried),
+        (10, 1, 0),
+        "{stats:?}"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// S6 — bad or missing topic
+// ----------------------------------------------------------------------------------------------
+
+fn assert_invalid_topic(result: outbox::Result<impl std::fmt::Debug>, what: &str) -> String {
+    match result {
+        Err(Error::InvalidEvent { field, reason }) => {
+            assert_eq!(field, "event_topic", "{what}: {reason}");
+            reason
+        }
+        other => panic!("{what}: expected InvalidEvent(event_topic), got {other:?}"),
+    }
+}
+
+/// `orders events!` and a 250-character topic are refused by `add_new_event` and
+/// `add_new_events` with `Error::InvalidEvent` on `event_topic`; nothing is written and the
+/// caller's transaction stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_invalid_topics_are_rejected_at_add_new_event() {
+    let env = setup("s6i", 1, None).await;
+    let outbox = builder(&env).connect().await.expect("connect");
+    let mut client = pg(&env).await;
+    let long = "a".repeat(250);
+    let tx = client.transaction().await.unwrap();
+
+    let reason = assert_invalid_topic(
+        outbox
+            .add_new_event(&tx, ev("orders events!", "o-1", 1))
+            .await,
+        "`orders events!`",
+    );
+    assert!(
+        reason.contains("orders events!"),
+        "names the topic: {reason}"
+    );
+    let reason = assert_invalid_topic(
+        outbox.add_new_event(&tx, ev(&long, "o-1", 1)).await,
+        "250 chars",
+    );
+    assert!(
+        reason.contains("250") && reason.contains("249"),
+        "names the limit: {reason}"
+    );
+    assert_invalid_topic(
+        outbox
+            .add_new_events(
+                &tx,
+                &[ev(&env.topic, "o-1", 1), ev("orders events!", "o-1", 2)],
+            )
+            .await,
+        "a batch with one bad topic",
+    );
+    assert_invalid_topic(
+        outbox
+            .add_new_events(&tx, &[ev(&long, "o-1", 1), ev(&env.topic, "o-1", 2)])
+            .await,
+        "a batch with a 250-char topic",
+    );
+
+    // The transaction is still usable and nothing was written.
+    outbox
+        .add_new_event(&tx, ev(&env.topic, "o-1", 3))
+        .await
+        .expect("a valid event in the same transaction");
+    tx.commit().await.expect("commit");
+    let rows: Vec<(String, i64)> = client
+        .query(
+            &format!(
+                "select event_topic, (payload->>'n')::int8 from {}",
+                env.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(env.topic.clone(), 3)]);
+}
+
+/// Events for a valid topic that does not exist (tansu does not create topics on produce) are
+/// retried with backoff — attempts grow, `last_error` is set, they stay pending (not dead after
+/// the first failures) — while events for an existing topic keep flowing, before and during
+/// the retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_missing_topic_is_retried_with_backoff_while_others_flow() {
+    let env = setup("s6m", 1, None).await;
+    let missing = support::unique_name("s6_missing_topic");
+    let outbox = without_auto_create(fast(builder(&env)))
+        .connect()
+        .await
+        .expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+
+    let m_ids = insert(
+        &outbox,
+        &mut client,
+        &[ev(&missing, "m", 1), ev(&missing, "m", 2)],
+    )
+    .await;
+    let started = Instant::now();
+    let good: Vec<NewEvent> = (0..5).map(|i| ev(t, &format!("g-{i}"), i)).collect();
+    insert(&outbox, &mut client, &good).await;
+    read_n(&mut reader, 5, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The missing topic's event fails, and is retried.
+    let mut failures = Vec::new();
+    while failures.len() < 2 {
+        let f = next_failure(&mut acks, Duration::from_secs(20)).await;
+        assert_eq!(
+            f.event_id(),
+            m_ids[0],
+            "only m's first event is tried: {f:?}"
+        );
+        assert!(!f.is_dead_letter(), "a missing topic is retried: {f:?}");
+        failures.push(f);
+    }
+    assert_eq!(
+        failures
+            .iter()
+            .map(DeliveryFailure::attempts)
+            .collect::<Vec<_>>(),
+        vec![1, 2],
+        "{failures:?}"
+    );
+    let m = find_aggregate(&outbox, "m").await;
+    assert_eq!(m[0].status(), EventStatus::New, "{}", brief(&m));
+    assert!(m[0].attempts() >= 2, "{}", brief(&m));
+    assert!(
+        m[0].last_error().is_some_and(|e| !e.is_empty()),
+        "{}",
+        brief(&m)
+    );
+    assert!(
+        m[0].next_attempt_at().is_some(),
+        "scheduled for a retry: {}",
+        brief(&m)
+    );
+    assert_eq!(
+        (m[1].status(), m[1].attempts()),
+        (EventStatus::New, 0),
+        "{}",
+        brief(&m)
+    );
+    let status = outbox.status().await.expect("status");
+    let ms = status
+        .topics
+        .iter()
+        .find(|s| s.topic == missing)
+        .expect("missing topic listed");
+    assert_eq!((ms.pending, ms.dead_letters), (2, 0), "{status:?}");
+
+    // Still flowing while m is retried.
+    let more: Vec<NewEvent> = (5..10).map(|i| ev(t, &format!("g-{i}"), i)).collect();
+    let started = Instant::now();
+    insert(&outbox, &mut client, &more).await;
+    read_n(&mut reader, 5, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    reader.assert_idle(Duration::from_millis(300)).await;
+    assert!(
+        support::wait_for_topic(&env.brokers, &missing, Duration::from_millis(500))
+            .await
+            .is_err(),
+        "the missing topic was not created"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
+/// The missing topic's `last_error` names the problem (unknown topic or partition), not just a
+/// timeout, with the relay's own settings (`publish_timeout` 2 s). librdkafka keeps messages for
+/// a topic it has not seen for `topic.metadata.propagation.max.ms` (default 30 s) before failing
+/// them with "Unknown topic or partition"; unless the relay keeps that below `publish_timeout`,
+/// the message just times out ("Local: Message timed out").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_missing_topic_error_names_unknown_topic() {
+    let env = setup("s6e", 1, None).await;
+    let missing = support::unique_name("s6_missing_topic");
+    let outbox = without_auto_create(fast(builder(&env)))
+        .connect()
+        .await
+        .expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let ids = insert(&outbox, &mut client, &[ev(&missing, "m", 1)]).await;
+    let failure = next_failure(&mut acks, Duration::from_secs(20)).await;
+    assert_eq!(failure.event_id(), ids[0]);
+    let m = find_aggregate(&outbox, "m").await;
+    let error = m[0].last_error().unwrap_or_default().to_lowercase();
+    stop_and_join(&outbox, handle).await;
+    assert!(
+        error.contains("unknown topic"),
+        "last_error of an event for a missing topic should say the topic is unknown, got {error:?}"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// S10 (b) — one wake-up per transaction; no NOTIFY without a waiting relay
+// ----------------------------------------------------------------------------------------------
+
+/// While a relay waits (holds the wake lock), 1,000 events in one transaction — one
+/// `add_new_events` call, then 1,000 `add_new_event` statements — each produce exactly one
+/// notification on the channel (counted by a LISTEN connection of the test drained with
+/// `poll_message`), which wakes the relay (the poll interval is 60 s). With the relay stopped,
+/// and on a table no relay ever watched, an insert notifies nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
+    let env = setup("s10", 2, None).await;
+    let outbox = builder(&env)
+        .poll_interval(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("connect");
+    let (_listener, mut notes) = listen(&env.pg, &env.channel).await;
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let mut client = pg(&env).await;
+    let watcher = pg(&env).await;
+    let t = env.topic.as_str();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_armed(&outbox, &watcher, &env.table, Duration::from_secs(10)).await;
+    assert_eq!(
+        notifications_within(&mut notes, Duration::from_millis(300)).await,
+        0
+    );
+
+    // (1) one add_new_events call of 1,000 events.
+    let batch: Vec<NewEvent> = (0..1000)
+        .map(|i| ev(t, &format!("a-{}", i % 50), i))
+        .collect();
+    insert(&outbox, &mut client, &batch).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv()).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "a waiting relay gets a notification"
+    );
+    let more = notifications_within(&mut notes, Duration::from_millis(1500)).await;
+    assert_eq!(
+        more, 0,
+        "exactly one notification for one transaction of 1,000 events"
+    );
+    read_n(&mut reader, 1000, Duration::from_secs(30)).await;
+
+    // (2) 1,000 add_new_event statements in one transaction.
+    wait_armed(&outbox, &watcher, &env.table, Duration::from_secs(10)).await;
+    assert_eq!(
+        notifications_within(&mut notes, Duration::from_millis(200)).await,
+        0
+    );
+    let tx = client.transaction().await.unwrap();
+    for i in 0..1000 {
+        outbox
+            .add_new_event(&tx, ev(t, &format!("b-{}", i % 50), i))
+            .await
+            .expect("add_new_event");
+    }
+    assert_eq!(
+        notifications_within(&mut notes, Duration::from_millis(200)).await,
+        0,
+        "nothing before commit"
+    );
+    tx.commit().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv()).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "a waiting relay gets a notification"
+    );
+    let more = notifications_within(&mut notes, Duration::from_millis(1500)).await;
+    assert_eq!(
+        more, 0,
+        "exactly one notification for 1,000 statements in one transaction"
+    );
+    read_n(&mut reader, 1000, Duration::from_secs(30)).await;
+
+    // (3) relay stopped: its wake lock is released and writers stop notifying.
+    stop_and_join(&outbox, handle).await;
+    eventually(
+        "the wake lock is released after stop",
+        Duration::from_secs(10),
+        || async {
+            match wake_lock_holders(&watcher, &env.table).await {
+                (_, 0) => Ok(()),
+                held => Err(format!("{held:?}")),
+            }
+        },
+    )
+    .await;
+    insert(&outbox, &mut client, &[ev(t, "c", 1)]).await;
+    assert_eq!(
+        notifications_within(&mut notes, Duration::from_millis(1500)).await,
+        0,
+        "no relay waits: no NOTIFY"
+    );
+
+    // (4) a table no relay ever ran on.
+    let quiet = setup("s10q", 1, None).await;
+    let (_l2, mut quiet_notes) = listen(&quiet.pg, &quiet.channel).await;
+    let writer = outbox::Writer::new(&quiet.table).unwrap();
+    let tx = client.transaction().await.unwrap();
+    writer
+        .add_new_event(&tx, ev(&quiet.topic, "q", 1))
+        .await
+        .unwrap();
+    writer
+        .add_new_events(&tx, &[ev(&quiet.topic, "q", 2), ev(&quiet.topic, "q", 3)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        notifications_within(&mut quiet_notes, Duration::from_millis(1500)).await,
+        0,
+        "no relay: no NOTIFY"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// S11 — table bloat
+// ----------------------------------------------------------------------------------------------
+
+/// The reservation statement of `Store::reserve` (BlockAggregate), copied from `src/store.rs`,
+/// with the limit inlined.
+fn reserve_sql(t: &str, limit: i64) -> String {
+    let cols = "c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers, c.attempts";
+    format!(
+        "with cand as materialized (
+             select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts
+               from {t}
+              where status = 'new'
+                and (reserved_to is null or reserved_to < localtimestamp)
+                and (next_attempt_at is null or next_attempt_at <= now())
+              order by seq
+              limit {limit}
+                for update skip locked
+         ),
+         gate as (
+             select a.aggregate_id, g.seq as gap
+               from (select distinct aggregate_id from cand) a
+               left join lateral (
+                    select e.seq from {t} e
+                     where e.aggregate_id = a.aggregate_id and e.status <> 'done'
+                       and e.id not in (select id from cand)
+                     order by e.seq
+                     limit 1
+               ) g on true
+         )
+         select {cols}
+           from cand c join gate g on g.aggregate_id = c.aggregate_id
+          where g.gap is null or c.seq < g.gap
+          order by c.seq"
+    )
+}
+
+/// `analyze`, then the plan of the reservation statement.
+async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
+    client
+        .batch_execute(&format!("analyze {table}"))
+        .await
+        .unwrap();
+    client
+        .query(&format!("explain {}", reserve_sql(table, 1000)), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(
+            "select pg_total_relation_size($1::text::regclass)",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn count_status(client: &tokio_postgres::Client, table: &str, status: &str) -> i64 {
+    client
+        .query_one(
+            &format!("select count(*) from {table} where status = $1"),
+            &[&status],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Scaled down from 200k to 20k events for test time. In its own database (so that other
+/// tests' transactions do not hold back vacuum): 20k events are published while another session
+/// holds a REPEATABLE READ snapshot; after it is released, 10 cycles of 2k events (publish,
+/// retention cleanup with retention 1 s and batches of 500, vacuum) keep the table's total size
+/// flat; cleanup never deletes a dead letter, the pending events blocked behind it, or a pending
+/// event waiting for a retry; the reservation query uses the partial index `<table>_pending_idx`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
+    const SNAPSHOT_EVENTS: usize = 20_000;
+    const CYCLE_EVENTS: usize = 2_000;
+    const CYCLES: usize = 10;
+    const AGGREGATES: usize = 2_000;
+
+    let db = support::fresh_database().await;
+    let env = setup_in("s11", 4, None, db).await;
+    let outbox = builder(&env)
+        .retention(Duration::from_secs(1))
+        .cleanup(Duration::from_millis(200), 500)
+        .connect()
+        .await
+        .expect("connect");
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+    let table = env.table.as_str();
+
+    // Rows cleanup must keep: a dead letter (a payload above the producer's 1 MB limit), the
+    // pending events blocked behind it, and a pending event waiting for its retry tomorrow.
+    let dead = NewEvent::new(
+        t,
+        "dead",
+        "blob.stored",
+        json!({ "blob": "x".repeat(1_100_000) }),
+    );
+    let mut keep = insert(
+        &outbox,
+        &mut client,
+        &[dead, ev(t, "dead", 2), ev(t, "dead", 3)],
+    )
+    .await;
+    wait_status(
+        &outbox,
+        &keep[..1],
+        EventStatus::Failed,
+        Duration::from_secs(15),
+    )
+    .await;
+    {
+        let tx = client.transaction().await.unwrap();
+        let id = outbox.add_new_event(&tx, ev(t, "later", 1)).await.unwrap();
+        tx.execute(
+            &format!("update {table} set next_attempt_at = now() + interval '1 day' where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        keep.push(id);
+    }
+
+    let plan = |round: usize, n: usize| -> Vec<Vec<NewEvent>> {
+        (0..n)
+            .map(|i| {
+                ev(
+                    t,
+                    &format!("a{:04}", i % AGGREGATES),
+                    (round * n + i) as i64,
+                )
+            })
+            .collect::<Vec<_>>()
+            .chunks(1000)
+            .map(<[NewEvent]>::to_vec)
+            .collect()
+    };
+    let wait_delivered = |target: u64| {
+        let outbox = &outbox;
+        async move {
+            eventually(
+                &format!("{target} events delivered"),
+                Duration::from_secs(300),
+                || async {
+                    let s = outbox.stats();
+                    if s.delivered >= target {
+                        Ok(())
+                    } else {
+                        Err(format!("{s:?}"))
+                    }
+                },
+            )
+            .await
+        }
+    };
+
+    // 1. 20k events while a REPEATABLE READ snapshot is held.
+    let snapshot = pg(&env).await;
+    snapshot
+        .batch_execute(&format!(
+            "begin isolation level repeatable read; select 1 from {table} limit 1"
+        ))
+        .await
+        .unwrap();
+    let size_before = table_size(&client, table).await;
+    for chunk in plan(0, SNAPSHOT_EVENTS) {
+        insert(&outbox, &mut client, &chunk).await;
+    }
+    wait_delivered(SNAPSHOT_EVENTS as u64).await;
+    let size_with_snapshot = table_size(&client, table).await;
+    // The reservation uses the partial index on pending rows (asked while the table is large
+    // and bloated: on the few-row table left at the end, a sequential scan is rightly cheaper).
+    let plan_text = reserve_plan(&client, table).await;
+    assert!(
+        plan_text.contains(&format!("{table}_pending_idx")),
+        "the reservation should use {table}_pending_idx:\n{plan_text}"
+    );
+    snapshot.batch_execute("commit").await.unwrap();
+
+    // 2. Publish + cleanup cycles.
+    let mut sizes = Vec::new();
+    for cycle in 1..=CYCLES {
+        for chunk in plan(cycle, CYCLE_EVENTS) {
+            insert(&outbox, &mut client, &chunk).await;
+        }
+        wait_delivered((SNAPSHOT_EVENTS + cycle * CYCLE_EVENTS) as u64).await;
+        let c = &client;
+        eventually(
+            &format!("cycle {cycle}: delivered rows cleaned up"),
+            Duration::from_secs(60),
+            || async {
+                match count_status(c, table, "done").await {
+                    0 => Ok(()),
+                    n => Err(format!("{n} done rows left")),
+                }
+            },
+        )
+        .await;
+        client
+            .batch_execute(&format!("vacuum {table}"))
+            .await
+            .unwrap();
+        sizes.push(table_size(&client, table).await);
+    }
+    eprintln!(
+        "s11: size before {size_before}, with snapshot {size_with_snapshot}, after each cycle {sizes:?}"
+    );
+    let baseline = sizes[1];
+    for (i, &s) in sizes.iter().enumerate().skip(2) {
+        assert!(
+            s as f64 <= baseline as f64 * 1.5,
+            "table grows: after cycle {} {s} bytes > 1.5 × {baseline} (after cycle 2); all: {sizes:?}",
+            i + 1
+        );
+    }
+
+    // Cleanup kept the dead letter, the events behind it and the one in backoff, untouched.
+    let kept = outbox
+        .find(&EventFilter::new().ids(keep.iter().copied()))
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.iter()
+            .map(|e| (e.id(), e.status()))
+            .collect::<Vec<_>>(),
+        vec![
+            (keep[0], EventStatus::Failed),
+            (keep[1], EventStatus::New),
+            (keep[2], EventStatus::New),
+            (keep[3], EventStatus::New),
+        ],
+        "{}",
+        brief(&kept)
+    );
+    let all: i64 = client
+        .query_one(&format!("select count(*) from {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(all, 4, "only the kept rows remain");
+
+    stop_and_join(&outbox, handle).await;
+    // Everything published exactly once (the dead letter and the rows behind it never).
+    let total = SNAPSHOT_EVENTS + CYCLES * CYCLE_EVENTS;
+    let records =
+        support::assert_nothing_more(&env.brokers, t, total, Duration::from_secs(1)).await;
+    let ids: HashSet<Uuid> = records.iter().map(event_id_of).collect();
+    assert_eq!(ids.len(), total, "no duplicates");
+    assert!(records
+        .iter()
+        .all(|r| r.key_str() != "dead" && r.key_str() != "later"));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Lease validation
+// ----------------------------------------------------------------------------------------------
+
+/// `lease(10 s)` with `publish_timeout(8 s)` leaves less than the 5 s margin: `connect()` refuses
+/// it with one problem naming `lease`; `lease(13 s)` is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_shorter_than_publish_timeout_plus_margin_is_rejected() {
+    let env = setup("lease", 1, None).await;
+    let err = builder(&env)
+        .publish_timeout(Duration::from_secs(8))
+        .lease(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect_err("lease 10 s with publish_timeout 8 s must be refused");
+    let problems = match err {
+        Error::Config(c) => c.problems().to_vec(),
+        other => panic!("expected Error::Config, got {other:?}"),
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("lease"),
+        "names lease: {problems:?}"
+    );
+    assert!(problems[0].contains("publish_timeout"), "{problems:?}");
+
+    builder(&env)
+        .publish_timeout(Duration::from_secs(8))
+        .lease(Duration::from_secs(13))
+        .connect()
+        .await
+        .expect("lease 13 s with publish_timeout 8 s is valid");
+}
