@@ -6,3 +6,4 @@ mod guarantees;
 mod infra;
 mod interop;
 mod support;
+mod tls;
