@@ -262,7 +262,7 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
     };
     let Some(row) = row else {
         return Err(Error::Schema(format!(
-            "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` first; it upgrades the table in place"
+            "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` (or `outbox-relay migrate`) first; it upgrades the table in place"
         )));
     };
     let registered_channel: String = row.get(0);

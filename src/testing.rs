@@ -1192,7 +1192,9 @@ pub async fn assert_published(
     let deadline = Instant::now() + timeout;
     let mut reader = TopicReader::connect(brokers, topic, timeout)
         .await
-        .unwrap_or_else(|e| panic!("assert_published: cannot read topic {topic} on {brokers}: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("assert_published: cannot read topic {topic} on {brokers}: {e}")
+        });
     let wanted: HashMap<String, usize> = expected
         .iter()
         .enumerate()
@@ -1240,5 +1242,8 @@ pub async fn assert_published(
         missing.len(),
         expected.len()
     );
-    first.into_iter().map(|r| r.expect("checked above")).collect()
+    first
+        .into_iter()
+        .map(|r| r.expect("checked above"))
+        .collect()
 }

@@ -3,8 +3,9 @@
 //! Configuration comes from flags or the environment (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
-//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres or Kafka unreachable,
-//! 5 outbox table missing or not migrated, 1 anything else.
+//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable,
+//! 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
+//! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -233,8 +234,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
         .unwrap_or_else(|_| "info,rdkafka=warn".into());
+    // Colours only on a terminal: logs piped to files, journald or collectors stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -471,6 +474,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             let mut last = 0u64;
             loop {
                 tokio::select! {
+                    biased;
                     _ = token.cancelled() => return,
                     _ = tick.tick() => {}
                 }
