@@ -1565,3 +1565,108 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
     check_after_stop(&client, &n.table, &all).await;
     stop_relay(&outbox, relay).await.unwrap();
 }
+
+// ----------------------------------------------------------------------------------------------
+// Lease safety — a hung relay loses its reservation and cannot confirm afterwards
+// ----------------------------------------------------------------------------------------------
+
+/// Relay A (a child process whose broker is unreachable) reserves a batch and is frozen with
+/// SIGSTOP. Postgres ends its idle-in-transaction session after the lease, which releases the
+/// rows: relay B publishes every event. When A is resumed, its confirmation fails (its session is
+/// gone): it cannot mark, count attempts on, or otherwise touch rows it no longer owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_relay_loses_its_lease_and_cannot_confirm() {
+    support::init_tracing();
+    let brokers = support::kafka_brokers();
+    let n = names("hung");
+    let client = support::connect_pg().await;
+    outbox::migrate_table(&client, &n.table, &n.channel)
+        .await
+        .unwrap();
+    support::create_topic(&n.topic, 3).await;
+    let events = round_robin(&n.topic, "hung-agg", 300, 30);
+    let ids: HashSet<Uuid> = Writer::new(&n.table)
+        .unwrap()
+        .add_new_events(&client, &events)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    // lease = publish_timeout + batch_timeout + 2 s.
+    let lease = Duration::from_secs(4);
+    let dead_port = support::free_port().unwrap();
+    let mut a = ChildRelay::spawn(&[
+        ("DATABASE_URL", support::postgres_url().await),
+        ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
+        ("OUTBOX_TABLE", n.table.clone()),
+        ("OUTBOX_CHANNEL", n.channel.clone()),
+        ("OUTBOX_LEASE_MS", lease.as_millis().to_string()),
+        ("OUTBOX_PUBLISH_TIMEOUT_MS", "1000".into()),
+        ("OUTBOX_BATCH_TIMEOUT_MS", "1000".into()),
+        ("OUTBOX_BATCH_SIZE", "300".into()),
+        ("OUTBOX_POLL_MS", "200".into()),
+    ])
+    .await;
+    let locked = wait_reserved(&client, &n.table, Duration::from_secs(60)).await;
+    assert!(locked > 0, "relay A never reserved\n{}", a.diagnostics());
+    let pid = a.child.id().to_string();
+    let stop = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert!(stop.success());
+    let frozen_at = Instant::now();
+
+    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let outbox = builder(&n, support::postgres().await, &brokers)
+        .poll_interval(Duration::from_millis(200))
+        .batch_size(100)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records = reader.read(300, lease + Duration::from_secs(15)).await;
+    let took = frozen_at.elapsed();
+    assert_eq!(
+        records.len(),
+        300,
+        "B published {} of 300 while A was frozen; states {:?}",
+        records.len(),
+        status_counts(&client, &n.table).await
+    );
+    let unique: HashSet<Uuid> = records.iter().map(event_id).collect();
+    assert_eq!(unique, ids, "every event once (A never reached a broker)");
+    assert_per_key_order(&records);
+    // A's rows were only free once Postgres ended A's session after the lease.
+    assert!(
+        took >= lease - Duration::from_millis(500),
+        "B got A's locked rows after {took:?}, before the {lease:?} lease ran out"
+    );
+    assert_eq!(
+        wait_status(&client, &n.table, "done", 300, Duration::from_secs(10)).await,
+        300
+    );
+
+    // Resume A: its batch transaction is gone, so it confirms nothing.
+    let cont = Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(cont.success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rows(&client, &n.table).await;
+    assert!(
+        after.iter().all(|r| r.status == "done" && r.attempts == 0),
+        "a row was touched by the resumed relay: {:?}",
+        after
+            .iter()
+            .filter(|r| r.status != "done" || r.attempts != 0)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    reader.assert_idle(Duration::from_secs(1)).await;
+    let log = a.stderr();
+    assert!(
+        log.contains("confirming the batch failed") || log.contains("terminat"),
+        "A should report its lost session\n{}",
+        a.diagnostics()
+    );
+    a.sigkill();
+    stop_relay(&outbox, relay).await.unwrap();
+}
