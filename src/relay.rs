@@ -62,8 +62,15 @@ struct Reserved {
 #[derive(Debug)]
 enum Outcome {
     NotSent,
-    Delivered { partition: i32, offset: i64 },
-    Failed { error: String, permanent: bool },
+    Delivered {
+        partition: i32,
+        offset: i64,
+    },
+    /// `dead`: a permanent error, or the last allowed attempt.
+    Failed {
+        error: String,
+        dead: bool,
+    },
     Held,
 }
 
@@ -104,6 +111,8 @@ struct Ctx {
     in_flight: Arc<Semaphore>,
     late: TaskTracker,
     shutdown_timeout: Arc<Mutex<Duration>>,
+    /// Autocommit connection for batch fences (shared by the batches; reconnected when lost).
+    fence: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
 impl Relay {
@@ -120,6 +129,7 @@ impl Relay {
             in_flight: Arc::new(Semaphore::new(s.max_in_flight)),
             late: TaskTracker::new(),
             shutdown_timeout: self.shutdown_timeout.clone(),
+            fence: tokio::sync::Mutex::new(None),
         });
         self.counters.running.store(true, Ordering::Relaxed);
         let background = TaskTracker::new();
@@ -436,13 +446,16 @@ enum Sent {
 /// event of the aggregate reach Kafka first.
 async fn publish_chain(
     ctx: &Ctx,
+    session: &Client,
     rows: &[Reserved],
     chain: &[usize],
     cutoff: Instant,
 ) -> (Vec<(usize, Outcome)>, Option<Straggler>) {
     let mut out = Vec::with_capacity(chain.len());
     for &idx in chain {
-        if ctx.token.is_cancelled() || Instant::now() >= cutoff {
+        // A lost batch session means lost row locks: send nothing more (the fence keeps other
+        // relays off these aggregates until what was sent has settled).
+        if ctx.token.is_cancelled() || Instant::now() >= cutoff || session.is_closed() {
             break;
         }
         let row = &rows[idx];
@@ -456,7 +469,8 @@ async fn publish_chain(
             Sent::Report(Err(e)) if is_purged_unsent(&e) => break,
             Sent::Report(Err(e)) => {
                 let (error, permanent) = classify(&e);
-                out.push((idx, Outcome::Failed { error, permanent }));
+                let dead = permanent || row.attempts + 1 >= ctx.settings.max_attempts as i32;
+                out.push((idx, Outcome::Failed { error, dead }));
                 break;
             }
             Sent::Cutoff(future, permit) => {
@@ -592,12 +606,27 @@ async fn run_batch(
             chains[slot].push(i);
         }
     }
+    // Fence the batch's aggregates (committed on its own connection) before sending anything.
+    let batch_id = Uuid::new_v4();
+    let aggregates: Vec<&str> = chains
+        .iter()
+        .map(|c| rows[c[0]].aggregate_id.as_str())
+        .collect();
+    let fence_ms = (s.batch_timeout + s.publish_timeout + LEASE_MARGIN).as_millis() as i64;
+    if let Err(e) = fence(&ctx, &batch_id, fence_ms, &aggregates).await {
+        tracing::warn!(error = %e, "outbox relay: cannot fence the batch; releasing it");
+        let _ = conn.client.batch_execute("rollback").await;
+        return BatchDone {
+            conn: None,
+            next_due: None,
+        };
+    }
     let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
     let mut stragglers = Vec::new();
     {
         let mut running: FuturesUnordered<_> = chains
             .iter()
-            .map(|c| publish_chain(&ctx, &rows, c, cutoff))
+            .map(|c| publish_chain(&ctx, &conn.client, &rows, c, cutoff))
             .collect();
         while let Some((results, straggler)) = running.next().await {
             for (idx, o) in results {
@@ -620,9 +649,8 @@ async fn run_batch(
             Outcome::Delivered { partition, offset } => {
                 (outcome::DELIVERED, *partition, *offset, None, 0)
             }
-            Outcome::Failed { error, permanent } => {
-                let dead = *permanent || row.attempts + 1 >= s.max_attempts as i32;
-                if dead {
+            Outcome::Failed { error, dead } => {
+                if *dead {
                     (outcome::DEAD, 0, 0, Some(error.as_str()), 0)
                 } else {
                     let d = retry_delay(s, row.attempts + 1).as_millis() as i64;
@@ -638,8 +666,8 @@ async fn run_batch(
         errs.push(err);
         delays.push(delay);
     }
-    let params: [&(dyn postgres_types::ToSql + Sync); 6] =
-        [&ids, &codes, &parts, &offs, &errs, &delays];
+    let params: [&(dyn postgres_types::ToSql + Sync); 7] =
+        [&ids, &codes, &parts, &offs, &errs, &delays, &batch_id];
     let confirmed = futures::try_join!(
         conn.client.execute(&conn.confirm, &params),
         conn.client.batch_execute("commit")
@@ -667,10 +695,7 @@ async fn run_batch(
     let now = Utc::now();
     let mut delivered = 0u64;
     let acks = ctx.acks.as_ref().filter(|tx| tx.receiver_count() > 0);
-    for (row, (o, code)) in rows
-        .iter()
-        .zip(outcomes.iter().zip(codes_by_row(&outcomes, s, &rows)))
-    {
+    for (row, o) in rows.iter().zip(&outcomes) {
         match o {
             Outcome::Delivered { partition, offset } => {
                 delivered += 1;
@@ -687,8 +712,8 @@ async fn run_batch(
                     }));
                 }
             }
-            Outcome::Failed { error, .. } => {
-                let dead = code == Some(outcome::DEAD);
+            Outcome::Failed { error, dead } => {
+                let dead = *dead;
                 if dead {
                     ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("outbox_dead_letters_total").increment(1);
@@ -749,29 +774,36 @@ async fn run_batch(
     }
 }
 
+/// Records the batch's fence on the relay's fence connection (autocommit).
+async fn fence(
+    ctx: &Ctx,
+    batch_id: &Uuid,
+    fence_ms: i64,
+    aggregates: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let client = {
+        let mut guard = ctx.fence.lock().await;
+        match guard.as_ref().filter(|c| !c.is_closed()) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(ctx.pg.connect("fence").await?);
+                *guard = Some(c.clone());
+                c
+            }
+        }
+    };
+    client
+        .execute(&ctx.store.fence, &[batch_id, &fence_ms, &aggregates])
+        .await?;
+    Ok(())
+}
+
 /// What a batch task hands back to the relay loop.
 struct BatchDone {
     /// The connection for reuse; `None` when the confirmation failed.
     conn: Option<BatchConn>,
     /// When the earliest retry (or held event) of the batch becomes due.
     next_due: Option<Duration>,
-}
-
-fn codes_by_row<'a>(
-    outcomes: &'a [Outcome],
-    s: &'a Settings,
-    rows: &'a [Reserved],
-) -> impl Iterator<Item = Option<i16>> + 'a {
-    outcomes.iter().zip(rows).map(move |(o, r)| match o {
-        Outcome::Failed { permanent, .. } => {
-            Some(if *permanent || r.attempts + 1 >= s.max_attempts as i32 {
-                outcome::DEAD
-            } else {
-                outcome::RETRY
-            })
-        }
-        _ => None,
-    })
 }
 
 /// Waits for the reports of held messages and records them, fenced by the hold: a row whose hold
@@ -884,6 +916,8 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 /// Sets the backlog gauges from the status query.
 async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     let client = ctx.pg.connect("metrics").await?;
+    // Fences of batches that never confirmed (their session was lost) expire here.
+    client.execute(&ctx.store.fence_expire, &[]).await?;
     let rows = client.query(&ctx.store.status, &[]).await?;
     let (mut pending, mut retrying, mut dead, mut oldest) = (0i64, 0i64, 0i64, 0f64);
     for r in &rows {

@@ -37,10 +37,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "wake trigger",
         sql: include_str!("../migrations/0003_wake_trigger.sql"),
     },
+    Migration {
+        version: 4,
+        name: "batch fences",
+        sql: include_str!("../migrations/0004_fence.sql"),
+    },
 ];
 
 /// The schema version this crate needs.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Checks a table or channel name: a plain, lower-case Postgres identifier
 /// (`[a-z_][a-z0-9_]*`, 1–[`MAX_IDENTIFIER_LEN`] bytes). Anything else is refused rather than

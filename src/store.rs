@@ -41,6 +41,8 @@ pub(crate) struct Store {
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
     pub(crate) late_release: String,
+    pub(crate) fence: String,
+    pub(crate) fence_expire: String,
     pub(crate) cleanup: String,
     pub(crate) requeue: String,
     pub(crate) notify: String,
@@ -74,6 +76,8 @@ impl Store {
                   where status = 'new'
                     and (reserved_to is null or reserved_to < localtimestamp)
                     and (next_attempt_at is null or next_attempt_at <= now())
+                    and aggregate_id not in (select unnest(aggregates) from {t}_fence
+                                              where until > now())
                   order by seq
                   limit $1
                     for update skip locked
@@ -95,6 +99,7 @@ impl Store {
               where g.gap is null or c.seq < g.gap
               order by c.seq"
         );
+        // Confirm: one statement per batch for every outcome, deleting the batch's fence.
         let update = format!(
             "update {t} e set
                  status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
@@ -110,9 +115,11 @@ impl Store {
                     as u(id, outcome, part, off, error, delay_ms)
               where e.id = u.id"
         );
+        let unfence = format!("unfenced as (delete from {t}_fence where batch_id = $7)");
         let confirm = if delete_on_delivery {
             format!(
-                "with delivered as (
+                "with {unfence},
+                 delivered as (
                      delete from {t} where id = any(
                          select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
                           where u.outcome = 0)
@@ -120,7 +127,7 @@ impl Store {
                  {update} and u.outcome <> 0"
             )
         } else {
-            update
+            format!("with {unfence} {update}")
         };
         // A held row (sent, no report before the batch committed) whose report arrived while the
         // hold lasts: nobody else can have taken it, because reservation skips held rows.
@@ -166,6 +173,11 @@ impl Store {
             confirm,
             late_confirm,
             late_fail,
+            fence: format!(
+                "insert into {t}_fence (batch_id, until, aggregates)
+                 values ($1, now() + $2::int8 * interval '1 millisecond', $3)"
+            ),
+            fence_expire: format!("delete from {t}_fence where until < now()"),
             late_release: format!(
                 "update {t} set next_attempt_at = null
                   where id = $1 and status = 'new' and next_attempt_at > now()"

@@ -440,16 +440,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             OnDeliveryArg::Delete => OnDelivery::Delete,
         });
     }
-    let outbox = b.connect().await.map_err(|e| match e {
-        Error::Postgres(pe) if pe.code().is_none() => {
-            fail(4, format!("cannot connect to Postgres: {pe}"))
-        }
-        other => other.into(),
-    })?;
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
-    }
-    // Stop gracefully on SIGINT / SIGTERM.
+    // Stop gracefully on SIGINT / SIGTERM (also while still connecting).
     {
         let token = token.clone();
         tokio::spawn(async move {
@@ -463,6 +454,15 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             tracing::info!("signal received: stopping");
             token.cancel();
         });
+    }
+    let outbox = b.connect().await.map_err(|e| match e {
+        Error::Postgres(pe) if pe.code().is_none() => {
+            fail(4, format!("cannot connect to Postgres: {pe}"))
+        }
+        other => other.into(),
+    })?;
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
     }
     if !args.progress_interval.is_zero() {
         let outbox = outbox.clone();

@@ -1,5 +1,6 @@
 //! Integration tests (one binary: `cargo test --all-features --test it`).
 
+mod chaos;
 mod cli;
 mod core;
 mod faults;
