@@ -85,7 +85,7 @@ pub use crate::event::{
 };
 pub use crate::outbox::{Health, Outbox, RelayStats};
 pub use crate::schema::{
-    migrate, migrate_table, validate_identifier, MigrationReport, MAX_IDENTIFIER_LEN,
+    migrate, migrate_table, validate_identifier, wake_lock, MigrationReport, MAX_IDENTIFIER_LEN,
     SCHEMA_VERSION,
 };
 pub use crate::writer::{add_new_event, add_new_events, Writer};

@@ -80,6 +80,14 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
     }
 }
 
+/// The advisory lock (`pg_advisory_lock(class, key)`, two `int4` keys) that a relay holds
+/// exclusively while it is idle and waiting for work on `table`; writers NOTIFY only while it is
+/// held or requested. In `pg_locks` it shows as `locktype = 'advisory'`, `classid = class`,
+/// `objid = key` (both as unsigned 32-bit), `objsubid = 2`. Useful to monitor idle relays.
+pub fn wake_lock(table: &str) -> (i32, i32) {
+    (LOCK_CLASS, wake_lock_key(table))
+}
+
 /// Key of the table's wake lock (`pg_advisory_lock(LOCK_CLASS, key)`): FNV-1a of the table name.
 pub(crate) fn wake_lock_key(table: &str) -> i32 {
     let mut h: u32 = 0x811c_9dc5;

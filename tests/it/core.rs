@@ -15,7 +15,6 @@ use outbox::{
     Outbox, OutboxBuilder, WakeMode,
 };
 use serde_json::json;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::support::{self, ConsumedRecord, TopicReader};
@@ -164,75 +163,14 @@ async fn drain_until_end(stream: &mut DeliveryStream, timeout: Duration) -> Vec<
     }
 }
 
-/// Advisory-lock class the crate uses (`"obx1"`), as documented in `src/schema.rs`.
-const LOCK_CLASS: i64 = 0x6f62_7831;
-
-/// The wake-lock key of a table: FNV-1a of its name (a local copy of `schema::wake_lock_key`,
-/// which is private).
-fn wake_lock_key(table: &str) -> i64 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in table.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    if h == 0 {
-        1
-    } else {
-        i64::from(h)
-    }
-}
-
-/// Waits until the relay is idle and armed: its LISTEN connection is up and it holds the table's
-/// wake lock (so writers NOTIFY). Panics after `timeout`.
-async fn wait_armed(outbox: &Outbox, table: &str, timeout: Duration) {
-    let client = support::connect_pg().await;
-    let key = wake_lock_key(table);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let granted: i64 = client
-            .query_one(
-                "select count(*) from pg_locks
-                  where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
-                    and objsubid = 2 and mode = 'ExclusiveLock' and granted",
-                &[&LOCK_CLASS, &key],
-            )
-            .await
-            .expect("querying pg_locks")
-            .get(0);
-        let stats = outbox.stats();
-        if granted == 1 && stats.listener_connected && stats.running {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "the relay did not become idle and armed within {timeout:?} (wake lock granted: {granted}, stats: {stats:?})"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// LISTENs on `channel` from a separate connection; the receiver gets one item per NOTIFY.
-async fn listen(channel: &str) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
-    let config = support::postgres().await;
-    let (client, mut conn) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connecting the test listener");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send(n.channel().to_string());
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("listen {channel}"))
-        .await
-        .expect("LISTEN");
-    (client, rx)
+/// LISTENs on `channel` on the shared test database.
+async fn listen_on(
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    support::listen(&support::postgres().await, channel).await
 }
 
 async fn stop_and_join(outbox: &Outbox, handle: tokio::task::JoinHandle<outbox::Result<()>>) {
@@ -445,11 +383,11 @@ async fn notify_wakes_idle_relay_within_seconds() {
         .await
         .unwrap();
     let mut reader = reader(&env).await;
-    let (_listener, mut notes) = listen(&env.channel).await;
+    let (_listener, mut notes) = listen_on(&env.channel).await;
     let handle = outbox.start().unwrap();
     // Idle: the first (empty) poll ran and the relay armed the wake lock.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
     assert_eq!(outbox.stats().batches, 0, "nothing to reserve yet");
 
     let mut client = support::connect_pg().await;
@@ -477,7 +415,7 @@ async fn notify_wakes_idle_relay_within_seconds() {
         assert_eq!(note, env.channel);
         wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
         // Idle again before the next insert.
-        wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
+        support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
     }
     reader.assert_idle(Duration::from_millis(500)).await;
     assert_eq!(outbox.stats().delivered, 2);
@@ -495,7 +433,7 @@ async fn poll_only_mode_delivers_without_notify() {
         .await
         .unwrap();
     let mut reader = reader(&env).await;
-    let (_listener, mut notes) = listen(&env.channel).await;
+    let (_listener, mut notes) = listen_on(&env.channel).await;
     let handle = outbox.start().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -650,7 +588,7 @@ async fn open_transaction_is_published_only_after_commit() {
     let mut reader = reader(&env).await;
     let handle = outbox.start().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
 
     let mut client = support::connect_pg().await;
     let tx = client.transaction().await.unwrap();

@@ -320,85 +320,6 @@ async fn stop_and_join(outbox: &Outbox, handle: tokio::task::JoinHandle<outbox::
         .expect("the relay ended without error");
 }
 
-/// Advisory-lock class the crate uses (`"obx1"`, `src/schema.rs`).
-const LOCK_CLASS: i64 = 0x6f62_7831;
-
-/// The wake-lock key of a table: FNV-1a of its name (a copy of the private
-/// `schema::wake_lock_key`).
-fn wake_lock_key(table: &str) -> i64 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in table.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    if h == 0 {
-        1
-    } else {
-        i64::from(h)
-    }
-}
-
-/// Holders of the table's wake lock: (exclusive granted, any).
-async fn wake_lock_holders(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = client
-        .query_one(
-            "select count(*) filter (where mode = 'ExclusiveLock' and granted), count(*)
-               from pg_locks
-              where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
-                and objsubid = 2",
-            &[&LOCK_CLASS, &wake_lock_key(table)],
-        )
-        .await
-        .expect("querying pg_locks");
-    (row.get(0), row.get(1))
-}
-
-/// Waits until the relay is idle and armed: its LISTEN connection is up and it holds the table's
-/// wake lock (so writers NOTIFY).
-async fn wait_armed(
-    outbox: &Outbox,
-    client: &tokio_postgres::Client,
-    table: &str,
-    timeout: Duration,
-) {
-    eventually("the relay is idle and armed", timeout, || async {
-        let (granted, _) = wake_lock_holders(client, table).await;
-        let stats = outbox.stats();
-        if granted == 1 && stats.listener_connected && stats.running {
-            Ok(())
-        } else {
-            Err(format!("wake lock granted: {granted}, stats: {stats:?}"))
-        }
-    })
-    .await
-}
-
-/// LISTENs on `channel` from a connection of its own, drained with `Connection::poll_message`;
-/// the receiver gets one item per notification.
-async fn listen(
-    pg: &tokio_postgres::Config,
-    channel: &str,
-) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
-    let (client, mut conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connecting the test listener");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send(n.channel().to_string());
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("listen {channel}"))
-        .await
-        .expect("LISTEN");
-    (client, rx)
-}
-
 /// Notifications that arrive within `window`.
 async fn notifications_within(rx: &mut mpsc::UnboundedReceiver<String>, window: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + window;
@@ -1219,14 +1140,14 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
         .connect()
         .await
         .expect("connect");
-    let (_listener, mut notes) = listen(&env.pg, &env.channel).await;
+    let (_listener, mut notes) = support::listen(&env.pg, &env.channel).await;
     let handle = outbox.start().expect("start");
     let mut reader = reader(&env).await;
     let mut client = pg(&env).await;
     let watcher = pg(&env).await;
     let t = env.topic.as_str();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    wait_armed(&outbox, &watcher, &env.table, Duration::from_secs(10)).await;
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
     assert_eq!(
         notifications_within(&mut notes, Duration::from_millis(300)).await,
         0
@@ -1250,7 +1171,7 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
     read_n(&mut reader, 1000, Duration::from_secs(30)).await;
 
     // (2) 1,000 add_new_event statements in one transaction.
-    wait_armed(&outbox, &watcher, &env.table, Duration::from_secs(10)).await;
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
     assert_eq!(
         notifications_within(&mut notes, Duration::from_millis(200)).await,
         0
@@ -1286,7 +1207,7 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
         "the wake lock is released after stop",
         Duration::from_secs(10),
         || async {
-            match wake_lock_holders(&watcher, &env.table).await {
+            match support::wake_lock_holders(&watcher, &env.table).await {
                 (_, 0) => Ok(()),
                 held => Err(format!("{held:?}")),
             }
@@ -1302,7 +1223,7 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
 
     // (4) a table no relay ever ran on.
     let quiet = setup("s10q", 1, None).await;
-    let (_l2, mut quiet_notes) = listen(&quiet.pg, &quiet.channel).await;
+    let (_l2, mut quiet_notes) = support::listen(&quiet.pg, &quiet.channel).await;
     let writer = outbox::Writer::new(&quiet.table).unwrap();
     let tx = client.transaction().await.unwrap();
     writer

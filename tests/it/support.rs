@@ -286,3 +286,74 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+// ----------------------------------------------------------------------------------------------
+// Wake path
+// ----------------------------------------------------------------------------------------------
+
+/// Holders of the table's wake lock (`outbox::wake_lock`): (exclusive and granted, any mode).
+pub async fn wake_lock_holders(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let (class, key) = outbox::wake_lock(table);
+    let (class, key) = (i64::from(class as u32), i64::from(key as u32));
+    let row = client
+        .query_one(
+            "select count(*) filter (where mode = 'ExclusiveLock' and granted), count(*)
+               from pg_locks
+              where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
+                and objsubid = 2",
+            &[&class, &key],
+        )
+        .await
+        .expect("querying pg_locks");
+    (row.get(0), row.get(1))
+}
+
+/// Waits until the relay is idle and armed: running, its LISTEN connection up, and holding the
+/// table's wake lock (so writers NOTIFY). Panics after `timeout`.
+pub async fn wait_armed(outbox: &outbox::Outbox, table: &str, timeout: Duration) {
+    let client = connect_pg().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (granted, _) = wake_lock_holders(&client, table).await;
+        let stats = outbox.stats();
+        if granted == 1 && stats.listener_connected && stats.running {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "the relay did not become idle and armed within {timeout:?} (wake lock granted: {granted}, stats: {stats:?})"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// LISTENs on `channel` from a connection of its own, drained with `Connection::poll_message`;
+/// the receiver gets one item (the channel name) per notification.
+pub async fn listen(
+    pg: &tokio_postgres::Config,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures::StreamExt;
+    let (client, mut conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connecting the test listener");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.channel().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("listen {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
