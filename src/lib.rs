@@ -54,6 +54,23 @@
 //! An insert trigger NOTIFYs the channel (empty payload: the table is the source of truth) — but
 //! only while a relay is idle and waiting, announced with an advisory lock, so busy writers do not
 //! pay NOTIFY's commit-time lock. A poll interval is the safety net.
+//!
+//! ## Features
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `testing` | `outbox::testing`: a throwaway Postgres, an embedded Kafka (librdkafka's mock cluster), consume-back and `assert_published` helpers |
+//! | `cli` | the `outbox-relay` binary (migrate, run, status, find, requeue; Prometheus `/metrics` and `/health`) |
+//! | `sqlx` | `Writer::add_new_event_sqlx` inside a `sqlx::Transaction` |
+//! | `postgres-rustls` | `OutboxBuilder::postgres_tls` and `Admin::connect_rustls`: Postgres over TLS |
+//! | `kafka-ssl` | librdkafka with OpenSSL: TLS and SASL/SCRAM through [`OutboxBuilder::kafka_property`] |
+//!
+//! ## Observability
+//!
+//! Counters, gauges and a commit-to-ack histogram go through the `metrics` facade
+//! (`outbox_events_delivered_total`, `outbox_backlog_events`, `outbox_commit_to_ack_seconds`, …);
+//! [`Outbox::health`] and [`Outbox::stats`] give the same in code; each batch runs in a
+//! `outbox_batch` tracing span, with its event ids at debug level.
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 

@@ -202,7 +202,16 @@ impl Relay {
                         if rows.len() >= s.batch_size {
                             poll_due = true;
                         }
-                        batches.spawn(run_batch(ctx.clone(), conn, rows, started));
+                        let span = tracing::debug_span!(
+                            "outbox_batch",
+                            events = rows.len(),
+                            first_seq = rows[0].seq,
+                            last_seq = rows[rows.len() - 1].seq
+                        );
+                        batches.spawn(tracing::Instrument::instrument(
+                            run_batch(ctx.clone(), conn, rows, started),
+                            span,
+                        ));
                     }
                     Err(e) => {
                         self.counters
@@ -585,11 +594,10 @@ async fn run_batch(
     let s = &ctx.settings;
     ctx.counters.batches.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("outbox_batches_total").increment(1);
-    tracing::debug!(
-        events = rows.len(),
-        first_seq = rows[0].seq,
-        "outbox batch reserved"
-    );
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
+        tracing::debug!(event_ids = ?ids, "outbox batch reserved");
+    }
     // The batch confirms (and commits) at the latest `batch_timeout` after its reservation,
     // well inside the lease; a message without a report by then is held by a written hold.
     let cutoff = reserved_at + s.batch_timeout;

@@ -1598,3 +1598,105 @@ async fn graceful_stop_after_first_acks_leaves_no_reservation() {
 fn all_migrations() -> Vec<i32> {
     (1..=outbox::SCHEMA_VERSION).collect()
 }
+
+/// A subscriber that never reads does not stall the relay: every event is delivered, and the
+/// subscriber is told how many items it missed, then continues with newer ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_lags_without_stalling_the_relay() {
+    let env = env("lag", 1).await;
+    let outbox = builder(&env).await.ack_buffer(4).connect().await.unwrap();
+    let mut slow = outbox.subscribe();
+    let relay = outbox.start().unwrap();
+    let client = support::connect_pg().await;
+    let events: Vec<NewEvent> = (0..50)
+        .map(|i| NewEvent::new(&env.topic, format!("agg-{i}"), "T", json!({ "i": i })))
+        .collect();
+    let ids = outbox.add_new_events(&client, &events).await.unwrap();
+    let records = support::consume_all(&env.brokers, &env.topic, 50, Duration::from_secs(20)).await;
+    assert_eq!(records.len(), 50, "the relay delivered everything");
+    let done = wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(10)).await;
+    assert_eq!(done.len(), 50);
+    match tokio::time::timeout(Duration::from_secs(5), slow.next()).await {
+        Ok(Some(DeliveryEvent::Lagged { missed })) => {
+            assert!(missed >= 46, "missed {missed} of 50 with a buffer of 4")
+        }
+        other => panic!("expected Lagged first, got {other:?}"),
+    }
+    // Then the newest items, still in order.
+    let mut rest = 0;
+    while let Ok(Some(DeliveryEvent::Delivered(_))) =
+        tokio::time::timeout(Duration::from_millis(500), slow.next()).await
+    {
+        rest += 1;
+    }
+    assert!((1..=4).contains(&rest), "{rest} items after the lag");
+    stop_and_join(&outbox, relay).await;
+}
+
+/// `OnDelivery::Delete`: delivered rows are deleted at once, pending ones are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_delivery_removes_delivered_rows() {
+    let env = env("del", 1).await;
+    let outbox = builder(&env)
+        .await
+        .on_delivery(outbox::OnDelivery::Delete)
+        .connect()
+        .await
+        .unwrap();
+    let client = support::connect_pg().await;
+    let mut acks = outbox.subscribe();
+    let relay = outbox.start().unwrap();
+    let events: Vec<NewEvent> = (0..20)
+        .map(|i| NewEvent::new(&env.topic, "agg", "T", json!({ "i": i })))
+        .collect();
+    let ids = outbox.add_new_events(&client, &events).await.unwrap();
+    let records = support::consume_all(&env.brokers, &env.topic, 20, Duration::from_secs(20)).await;
+    let got: Vec<String> = records
+        .iter()
+        .map(|r| r.header("event_id").unwrap().to_string())
+        .collect();
+    let want: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "all 20, in order");
+    for _ in 0..20 {
+        next_ack(&mut acks, Duration::from_secs(10)).await;
+    }
+    let left: i64 = client
+        .query_one(&format!("select count(*) from {}", env.table), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "delivered rows are deleted");
+    stop_and_join(&outbox, relay).await;
+}
+
+/// With the `kafka-ssl` feature librdkafka is built with OpenSSL, so TLS and SASL properties
+/// pass `connect()`'s validation (without it, `security.protocol=SSL` is refused).
+#[cfg(feature = "kafka-ssl")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_tls_properties_are_accepted_with_kafka_ssl() {
+    let env = env("ssl", 1).await;
+    let result = builder(&env)
+        .await
+        .kafka_property("security.protocol", "SASL_SSL")
+        .kafka_property("sasl.mechanisms", "SCRAM-SHA-512")
+        .kafka_property("sasl.username", "relay")
+        .kafka_property("sasl.password", "pw")
+        .connect()
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+    let bad = builder(&env)
+        .await
+        .kafka_property("security.protocol", "SSL")
+        .kafka_property("ssl.ca.location", "/no/such/ca.pem")
+        .connect()
+        .await;
+    match bad {
+        Err(outbox::Error::Config(e)) => assert!(
+            e.problems()
+                .iter()
+                .any(|p| p.contains("ssl.ca.location") || p.contains("ca")),
+            "{e}"
+        ),
+        other => panic!("a missing CA file must be a config error, got {other:?}"),
+    }
+}
