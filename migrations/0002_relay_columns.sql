@@ -1,11 +1,12 @@
 -- What the relay needs, added in place: no row is rewritten except to number existing rows.
 
--- Insertion order. Existing rows are numbered in creation order, then new rows draw from an
--- identity sequence that starts after them.
+-- Insertion order. Existing rows are numbered in creation order (rows of one transaction share
+-- created_at; their physical order breaks the tie), then new rows draw from an identity
+-- sequence that starts after them.
 alter table {{table}} add column if not exists seq bigint;
 update {{table}} e
    set seq = n.rn
-  from (select id, row_number() over (order by created_at nulls first, id) as rn
+  from (select id, row_number() over (order by created_at nulls first, ctid) as rn
           from {{table}}) n
  where e.id = n.id and e.seq is null;
 alter table {{table}} alter column seq set not null;

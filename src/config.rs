@@ -36,6 +36,21 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Whether a librdkafka property holds a secret (its value is never shown in errors).
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+        "ssl_key",
+        "token",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
 /// How the relay learns about new events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -484,7 +499,14 @@ impl OutboxBuilder {
         let producer = match kafka.create::<FutureProducer>() {
             Ok(p) => Some(p),
             Err(e) => {
-                problems.push(format!("kafka_property: {e}"));
+                // librdkafka echoes the offending value; never echo a secret.
+                let mut text = e.to_string();
+                for (k, v) in &self.kafka_properties {
+                    if is_secret_property(k) && !v.is_empty() {
+                        text = text.replace(v.as_str(), "<redacted>");
+                    }
+                }
+                problems.push(format!("kafka_property: {text}"));
                 None
             }
         };

@@ -35,8 +35,9 @@ pub enum Error {
     /// The outbox table is missing or not migrated to the version this crate needs.
     #[error("outbox schema problem: {0}")]
     Schema(String),
-    /// Postgres returned an error or the connection failed.
-    #[error("postgres: {0}")]
+    /// Postgres returned an error or the connection failed. The message includes the server's
+    /// error (or the I/O cause), never the connection string.
+    #[error("postgres: {}", describe_postgres(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// sqlx returned an error (feature `sqlx`).
     #[cfg(feature = "sqlx")]
@@ -71,6 +72,22 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// `tokio_postgres::Error`'s own message is only its kind ("db error"); add the causes.
+fn describe_postgres(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Every problem found in a configuration, in the order the settings were checked.

@@ -549,11 +549,13 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     let report = tokio::select! {
         r = &mut future => r,
         _ = wait_until(ctx, cutoff) => {
-            ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let in_flight = ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+            metrics::gauge!("outbox_in_flight_messages").set(in_flight as f64);
             return Sent::Cutoff(future, permit);
         }
     };
-    ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let in_flight = ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+    metrics::gauge!("outbox_in_flight_messages").set(in_flight as f64);
     drop(permit);
     Sent::Report(report_result(report))
 }
@@ -695,6 +697,19 @@ async fn run_batch(
             "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
         );
         let _ = conn.client.batch_execute("rollback").await;
+        // Nothing of this batch is in flight any more once its held messages have settled: then
+        // its fence can go, so that the events are retried without waiting for it to expire.
+        let ctx2 = ctx.clone();
+        ctx.late.spawn(async move {
+            let settle_by = Instant::now() + ctx2.settings.publish_timeout + LEASE_MARGIN;
+            let pending: FuturesUnordered<_> = stragglers.into_iter().map(|s| s.future).collect();
+            let settled = tokio::time::timeout_at(settle_by, pending.count()).await.is_ok();
+            if settled {
+                if let Err(e) = unfence(&ctx2, &batch_id).await {
+                    tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
+                }
+            }
+        });
         return BatchDone {
             conn: None,
             next_due: None,
@@ -789,6 +804,24 @@ async fn fence(
     fence_ms: i64,
     aggregates: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
+    fence_client(ctx)
+        .await?
+        .execute(&ctx.store.fence, &[batch_id, &fence_ms, &aggregates])
+        .await?;
+    Ok(())
+}
+
+/// Removes the fence of a batch that did not confirm, once nothing of it is in flight.
+async fn unfence(ctx: &Ctx, batch_id: &Uuid) -> Result<(), tokio_postgres::Error> {
+    fence_client(ctx)
+        .await?
+        .execute(&ctx.store.unfence, &[batch_id])
+        .await?;
+    Ok(())
+}
+
+/// The relay's fence connection, (re)connected on demand.
+async fn fence_client(ctx: &Ctx) -> Result<Arc<Client>, tokio_postgres::Error> {
     let client = {
         let mut guard = ctx.fence.lock().await;
         match guard.as_ref().filter(|c| !c.is_closed()) {
@@ -800,10 +833,7 @@ async fn fence(
             }
         }
     };
-    client
-        .execute(&ctx.store.fence, &[batch_id, &fence_ms, &aggregates])
-        .await?;
-    Ok(())
+    Ok(client)
 }
 
 /// What a batch task hands back to the relay loop.

@@ -114,12 +114,18 @@ fn render(sql: &str, table: &str, channel: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {
     applied: Vec<i32>,
+    previous_channel: Option<String>,
 }
 
 impl MigrationReport {
     /// Versions applied by this call, ascending; empty when the table was up to date.
     pub fn applied(&self) -> &[i32] {
         &self.applied
+    }
+
+    /// The channel the trigger notified before this call, when this call changed it.
+    pub fn previous_channel(&self) -> Option<&str> {
+        self.previous_channel.as_deref()
     }
 }
 
@@ -236,7 +242,11 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         &[&table, &channel, &SCHEMA_VERSION],
     )
     .await?;
-    Ok(MigrationReport { applied })
+    let previous_channel = previous_channel.filter(|c| c != channel);
+    Ok(MigrationReport {
+        applied,
+        previous_channel,
+    })
 }
 
 /// Checks that `table` is migrated to [`SCHEMA_VERSION`] and notifies on `channel`.

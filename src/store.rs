@@ -43,6 +43,7 @@ pub(crate) struct Store {
     pub(crate) late_release: String,
     pub(crate) fence: String,
     pub(crate) fence_expire: String,
+    pub(crate) unfence: String,
     pub(crate) cleanup: String,
     pub(crate) requeue: String,
     pub(crate) notify: String,
@@ -94,7 +95,7 @@ impl Store {
                    ) g on true
              )
              select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-                    c.attempts, extract(epoch from now() - c.created_at::timestamptz)::float8
+                    c.attempts, greatest(0, extract(epoch from now() - c.created_at::timestamptz))::float8
                from cand c join gate g on g.aggregate_id = c.aggregate_id
               where g.gap is null or c.seq < g.gap
               order by c.seq"
@@ -178,6 +179,7 @@ impl Store {
                  values ($1, now() + $2::int8 * interval '1 millisecond', $3)"
             ),
             fence_expire: format!("delete from {t}_fence where until < now()"),
+            unfence: format!("delete from {t}_fence where batch_id = $1"),
             late_release: format!(
                 "update {t} set next_attempt_at = null
                   where id = $1 and status = 'new' and next_attempt_at > now()"

@@ -211,7 +211,7 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::Config(_) | Error::InvalidIdentifier { .. } | Error::InvalidEvent { .. } => 3,
-            Error::Postgres(pe) if pe.code().is_none() => 4,
+            Error::Postgres(pe) if cannot_connect(pe) => 4,
             Error::Kafka(_) => 4,
             Error::Schema(_) => 5,
             _ => 1,
@@ -219,6 +219,18 @@ impl From<Error> for Failure {
         Failure {
             code,
             message: e.to_string(),
+        }
+    }
+}
+
+/// Errors that mean "could not connect": no server answer, or the server refused the login
+/// (SQLSTATE class 28, invalid authorization) or the database (3D000).
+fn cannot_connect(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => {
+            code.code().starts_with("28")
+                || code == &tokio_postgres::error::SqlState::UNDEFINED_DATABASE
         }
     }
 }
@@ -273,10 +285,12 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
 
 async fn connect_client(cli: &Cli) -> Result<tokio_postgres::Client, Failure> {
     let cfg = pg_config(cli)?;
-    let (client, connection) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| fail(4, format!("cannot connect to Postgres: {e}")))?;
+    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        fail(
+            4,
+            format!("cannot connect to Postgres: {}", Error::Postgres(e)),
+        )
+    })?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -284,9 +298,10 @@ async fn connect_client(cli: &Cli) -> Result<tokio_postgres::Client, Failure> {
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {
     let cfg = pg_config(cli)?;
     Admin::connect(cfg, &cli.table).await.map_err(|e| match e {
-        Error::Postgres(pe) if pe.code().is_none() => {
-            fail(4, format!("cannot connect to Postgres: {pe}"))
-        }
+        Error::Postgres(pe) if cannot_connect(&pe) => fail(
+            4,
+            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
+        ),
         other => other.into(),
     })
 }
@@ -296,6 +311,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Migrate => {
             let client = connect_client(&cli).await?;
             let report = outbox::migrate_table(&client, &cli.table, &cli.channel).await?;
+            if let Some(previous) = report.previous_channel() {
+                println!(
+                    "table {}: notify channel changed from {previous} to {}",
+                    cli.table, cli.channel
+                );
+            }
             if report.applied().is_empty() {
                 println!(
                     "table {} is up to date (schema version {})",
@@ -456,13 +477,20 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         });
     }
     let outbox = b.connect().await.map_err(|e| match e {
-        Error::Postgres(pe) if pe.code().is_none() => {
-            fail(4, format!("cannot connect to Postgres: {pe}"))
-        }
+        Error::Postgres(pe) if cannot_connect(&pe) => fail(
+            4,
+            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
+        ),
         other => other.into(),
     })?;
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
+    }
+    if !args.progress_interval.is_zero() && args.progress_interval < Duration::from_millis(100) {
+        return Err(fail(
+            3,
+            "--progress-interval: at least 100ms (each line runs a status query), or 0s for none",
+        ));
     }
     if !args.progress_interval.is_zero() {
         let outbox = outbox.clone();
@@ -512,6 +540,14 @@ fn serve_metrics(
     max_pending_age: Duration,
 ) -> Result<(), Failure> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("outbox_commit_to_ack_seconds".into()),
+            &[
+                0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
+        )
+        .map_err(|e| fail(1, format!("metrics buckets: {e}")))?
         .install_recorder()
         .map_err(|e| fail(1, format!("metrics recorder: {e}")))?;
     let server = tiny_http::Server::http(addr)
