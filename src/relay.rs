@@ -193,9 +193,10 @@ impl Relay {
                     Ok((conn, rows, _)) if rows.is_empty() => {
                         idle.push(conn);
                         errors = error_backoff();
-                        if batches.is_empty() {
-                            arm_tx.send_replace(true);
-                        }
+                        // Nothing to reserve: ask writers to NOTIFY, even while other
+                        // batches are still in flight, so that a new event is reserved in
+                        // the free slot at once rather than after those batches.
+                        arm_tx.send_replace(true);
                     }
                     Ok((conn, rows, started)) => {
                         arm_tx.send_replace(false);
