@@ -3,19 +3,25 @@
 //! a 1M-event drain, against real Postgres (fsync on) and the tansu broker on loopback.
 //!
 //! ```text
-//! cargo bench --bench relay --features testing                   # full mode (≈ 10 min)
+//! cargo bench --bench relay --features testing                   # full mode (≈ 5 min when quiet)
 //! cargo bench --bench relay --features testing -- --short        # smoke run (≈ 2 min)
 //! OUTBOX_BENCH=short cargo bench --bench relay --features testing
 //! cargo bench --bench relay --features testing -- --write        # also update BENCHMARKS.md
 //! ```
 //!
-//! Other flags: `--only drain,delete,million,kafka,pg,profile,latency,wake,baseline` runs a
-//! subset; `--explain` prints the reservation's EXPLAIN ANALYZE plans. Environment:
-//! `DATABASE_URL` (use this database instead of a throwaway fsync-on server), `KAFKA_BROKERS`
-//! (use this broker instead of starting tansu), `TANSU` (tansu binary),
-//! `OUTBOX_BENCH_PARTITIONS` (topic partitions, default 8).
+//! Flags (after `--`): `--short`, `--write`, `--only drain,delete,million,kafka,pg,burst,profile,
+//! latency,wake,baseline` (a subset), `--explain` (print the reservation's EXPLAIN ANALYZE
+//! plans), `--wait-idle SECS` (on a shared machine, wait up to SECS before each phase for other
+//! load to stop), and relay overrides recorded in the table: `--batch-size N`,
+//! `--batches-in-flight N`, `--kafka-property key=value`, `--aggregates N` (default 10,000).
+//! Environment: `DATABASE_URL` (use this database instead of a throwaway fsync-on server),
+//! `KAFKA_BROKERS` (use this broker instead of starting tansu), `TANSU` (tansu binary),
+//! `OUTBOX_BENCH_PARTITIONS` (topic partitions, default 8); for investigation only:
+//! `OUTBOX_BENCH_KEEP_TABLES=1` (keep the tables, with `DATABASE_URL`), `OUTBOX_BENCH_DEBUG_CPU=1`
+//! (print the CPU split per Postgres process). Relay/server overrides: `--pg-setting name=value`
+//! (throwaway server only).
 //!
-//! Progress goes to stderr, the result table to stdout.
+//! Progress goes to stderr, the result table to stdout. BENCHMARKS.md explains every row.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -46,7 +52,7 @@ use uuid::Uuid;
 // ---------------------------------------------------------------------------------------------
 
 const PHASES: &[&str] = &[
-    "drain", "delete", "million", "kafka", "pg", "profile", "latency", "wake", "baseline",
+    "drain", "delete", "million", "kafka", "pg", "profile", "burst", "latency", "wake", "baseline",
 ];
 
 #[derive(Debug, Clone)]
@@ -70,6 +76,10 @@ struct Opts {
     /// Relay overrides (`--batch-size`, `--batches-in-flight`); defaults otherwise.
     batch_size: Option<usize>,
     batches_in_flight: Option<usize>,
+    /// `--kafka-property k=v` (repeatable): extra librdkafka properties for the relay.
+    kafka_properties: Vec<(String, String)>,
+    /// `--pg-setting name=value` (repeatable): server settings of the throwaway Postgres.
+    pg_settings: Vec<(String, String)>,
 }
 
 impl Opts {
@@ -82,6 +92,9 @@ impl Opts {
         let mut batch_size = None;
         let mut batches_in_flight = None;
         let mut wait_idle = 0.0;
+        let mut aggregates = 10_000;
+        let mut kafka_properties = Vec::new();
+        let mut pg_settings = Vec::new();
         let mut i = 0;
         while i < args.len() {
             let a = args[i].as_str();
@@ -102,6 +115,30 @@ impl Opts {
                         .get(i)
                         .and_then(|v| v.parse().ok())
                         .ok_or_else(|| anyhow!("--wait-idle needs seconds"))?;
+                }
+                "--kafka-property" => {
+                    i += 1;
+                    let kv = args.get(i).and_then(|v| v.split_once('=')).ok_or_else(|| {
+                        anyhow!("--kafka-property needs key=value, e.g. linger.ms=0")
+                    })?;
+                    kafka_properties.push((kv.0.to_string(), kv.1.to_string()));
+                }
+                "--pg-setting" => {
+                    i += 1;
+                    let kv = args.get(i).and_then(|v| v.split_once('=')).ok_or_else(|| {
+                        anyhow!(
+                            "--pg-setting needs name=value, e.g. plan_cache_mode=force_custom_plan"
+                        )
+                    })?;
+                    pg_settings.push((kv.0.to_string(), kv.1.to_string()));
+                }
+                "--aggregates" => {
+                    i += 1;
+                    aggregates = args
+                        .get(i)
+                        .and_then(|v| v.parse().ok())
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| anyhow!("--aggregates needs a positive number"))?;
                 }
                 "--batch-size" | "--batches-in-flight" => {
                     i += 1;
@@ -131,7 +168,7 @@ impl Opts {
                 explain,
                 only,
                 n: 40_000,
-                aggregates: 10_000,
+                aggregates,
                 partitions,
                 lat_secs: 3.0,
                 lat_warmup: 1.0,
@@ -142,6 +179,8 @@ impl Opts {
                 wait_idle,
                 batch_size,
                 batches_in_flight,
+                kafka_properties: kafka_properties.clone(),
+                pg_settings: pg_settings.clone(),
             }
         } else {
             Opts {
@@ -150,17 +189,19 @@ impl Opts {
                 explain,
                 only,
                 n: 200_000,
-                aggregates: 10_000,
+                aggregates,
                 partitions,
                 lat_secs: 10.0,
                 lat_warmup: 1.0,
                 wake_secs: 5.0,
-                wake_rounds: 2,
+                wake_rounds: 3,
                 baseline_secs: 30.0,
                 million: 1_000_000,
                 wait_idle,
                 batch_size,
                 batches_in_flight,
+                kafka_properties: kafka_properties.clone(),
+                pg_settings: pg_settings.clone(),
             }
         })
     }
@@ -305,6 +346,10 @@ impl Env {
     }
 
     async fn drop_table(&self, t: &str) {
+        // OUTBOX_BENCH_KEEP_TABLES=1 keeps them for inspection (with DATABASE_URL).
+        if std::env::var_os("OUTBOX_BENCH_KEEP_TABLES").is_some() {
+            return;
+        }
         if let Ok(c) = self.connect("bench-admin").await {
             let _ = c
                 .batch_execute(&format!(
@@ -345,6 +390,9 @@ impl Env {
         }
         if let Some(n) = self.opts.batches_in_flight {
             b = b.max_batches_in_flight(n);
+        }
+        for (k, v) in &self.opts.kafka_properties {
+            b = b.kafka_property(k, v);
         }
         b
     }
@@ -464,6 +512,43 @@ fn machine() -> (String, usize, f64) {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     (model, cores, mem_kb / 1024.0 / 1024.0)
+}
+
+/// The code measured: HEAD's short hash, and whether src/ or migrations/ differ from it.
+fn code_version() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "migrations",
+                "Cargo.toml",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            format!(
+                "commit {head}{}",
+                if dirty {
+                    " + uncommitted changes in src/migrations"
+                } else {
+                    ""
+                }
+            )
+        }
+        None => "unknown commit".into(),
+    }
 }
 
 fn loadavg() -> f64 {
@@ -635,85 +720,16 @@ fn producer_config(brokers: &str) -> ClientConfig {
 // The profiled drain checks that the relay runs exactly these texts.
 // ---------------------------------------------------------------------------------------------
 
-const RESERVED_COLUMNS: &str =
-    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at";
-
 fn reserve_sql(t: &str) -> String {
-    let open = "e.status <> 'done'";
-    format!(
-        "with cand as materialized (
-                 select {RESERVED_COLUMNS}
-                   from {t}
-                  where status = 'new'
-                    and (reserved_to is null or reserved_to < localtimestamp)
-                    and (next_attempt_at is null or next_attempt_at <= now())
-                  order by seq
-                  limit $1
-                    for update skip locked
-             ),
-             gate as (
-                 select a.aggregate_id, g.seq as gap
-                   from (select distinct aggregate_id from cand) a
-                   left join lateral (
-                        select e.seq from {t} e
-                         where e.aggregate_id = a.aggregate_id and {open}
-                           and e.id not in (select id from cand)
-                         order by e.seq
-                         limit 1
-                   ) g on true
-             )
-             select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-                    c.attempts, extract(epoch from now() - c.created_at::timestamptz)::float8
-               from cand c join gate g on g.aggregate_id = c.aggregate_id
-              where g.gap is null or c.seq < g.gap
-              order by c.seq"
-    )
+    outbox::testing::relay_sql(t, false).reserve
 }
 
 fn confirm_sql(t: &str, delete_on_delivery: bool) -> String {
-    let update = format!(
-            "update {t} e set
-                 status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
-                 published_at = case when u.outcome = 0 then now() else e.published_at end,
-                 kafka_partition = case when u.outcome = 0 then u.part else e.kafka_partition end,
-                 kafka_offset = case when u.outcome = 0 then u.off else e.kafka_offset end,
-                 attempts = e.attempts + case when u.outcome in (1, 2) then 1 else 0 end,
-                 last_error = case when u.outcome = 0 then null else coalesce(u.error, e.last_error) end,
-                 next_attempt_at = case when u.outcome in (1, 3)
-                                        then now() + u.delay_ms * interval '1 millisecond' end,
-                 reserved_to = null
-               from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])
-                    as u(id, outcome, part, off, error, delay_ms)
-              where e.id = u.id"
-        );
-    if delete_on_delivery {
-        format!(
-            "with delivered as (
-                     delete from {t} where id = any(
-                         select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
-                          where u.outcome = 0)
-                 )
-                 {update} and u.outcome <> 0"
-        )
-    } else {
-        update
-    }
+    outbox::testing::relay_sql(t, delete_on_delivery).confirm
 }
 
-/// The wake trigger's advisory lock (src/schema.rs): class "obx1", key FNV-1a of the table.
-const LOCK_CLASS: i32 = 0x6f62_7831;
-
-fn wake_lock_key(table: &str) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in table.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    if h == 0 {
-        1
-    } else {
-        h as i32
-    }
+fn fence_sql(t: &str) -> String {
+    outbox::testing::relay_sql(t, false).fence
 }
 
 /// JSON bytes read without parsing, like the relay's `RawJson`.
@@ -1029,8 +1045,92 @@ struct Profile {
     samples: usize,
     phases: Vec<(String, f64)>,
     waits: Vec<(String, f64)>,
+    fence_active_pct: f64,
     reserve_text_ok: Option<bool>,
     confirm_text_ok: Option<bool>,
+    fence_text_ok: Option<bool>,
+}
+
+/// A backlog that arrives while the relay is already running on a small table: the relay has
+/// prepared its statements (and Postgres cached their plans) while the table was tiny, then `n`
+/// events commit in one transaction. Measured from that commit until all are delivered.
+async fn burst(env: &Env, n: usize) -> Result<Drain> {
+    env.note_load("burst").await;
+    let table = env.fresh_table("burst").await?;
+    let topic = env.create_topic("burst").await?;
+    let outbox = env.outbox(&table).connect().await?;
+    let handle = outbox.start()?;
+    // Trickle: single events, 20 ms apart, so that the relay runs ~30 small batches.
+    let client = env.connect("bench-writer").await?;
+    let writer = outbox.writer();
+    let warm = 30usize;
+    for i in 0..warm {
+        writer
+            .add_new_event(&client, new_event(&topic, n + i, env.opts.aggregates))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    while (outbox.stats().delivered as usize) < warm && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The burst: n events in one transaction.
+    let mut client = client;
+    let tx = client.transaction().await?;
+    for start in (0..n).step_by(5_000) {
+        let events: Vec<NewEvent> = (start..(start + 5_000).min(n))
+            .map(|i| new_event(&topic, i, env.opts.aggregates))
+            .collect();
+        writer.add_new_events(&tx, &events).await?;
+    }
+    reset_hwm();
+    let before = cpu_snap(env).await;
+    tx.commit().await?;
+    let t0 = Instant::now();
+    let target = (warm + n) as u64;
+    let deadline = t0 + Duration::from_secs(300 + n as u64 / 500);
+    let mut last_say = t0;
+    while outbox.stats().delivered < target {
+        if handle.is_finished() || Instant::now() > deadline {
+            bail!(
+                "burst: relay delivered only {} of {n}",
+                outbox.stats().delivered as usize - warm
+            );
+        }
+        if last_say.elapsed() > Duration::from_secs(10) {
+            say!(
+                "  burst: {}/{n} delivered",
+                outbox.stats().delivered as usize - warm
+            );
+            last_say = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let after = cpu_snap(env).await;
+    let hwm = hwm_mb();
+    outbox.stop(Duration::from_secs(10)).await?;
+    let _ = handle.await;
+    let mut cpu = cpu_split(env, &before, &after);
+    cpu.events = n;
+    drop(outbox);
+    env.drop_table(&table).await;
+    env.delete_topic(&topic).await;
+    let d = Drain {
+        n,
+        secs,
+        rate: n as f64 / secs,
+        hwm_mb: hwm,
+        rss_end_mb: rss_mb(),
+        cpu,
+        ..Default::default()
+    };
+    say!(
+        "  burst: {n} events in {secs:.2} s = {:.0}/s; CPU {}",
+        d.rate,
+        d.cpu.render()
+    );
+    Ok(d)
 }
 
 async fn drain(
@@ -1055,8 +1155,12 @@ async fn drain(
         let client = env.connect("bench-sampler").await?;
         let stop = stop_sampler.clone();
         let delete = on_delivery == OnDelivery::Delete;
-        let (reserve, confirm) = (reserve_sql(&table), confirm_sql(&table, delete));
-        Some(tokio::spawn(sample_batches(client, stop, reserve, confirm)))
+        Some(tokio::spawn(sample_batches(
+            client,
+            stop,
+            RelaySql::new(&table, delete),
+            Duration::from_millis(10),
+        )))
     } else {
         None
     };
@@ -1147,34 +1251,83 @@ async fn drain(
 /// Samples what the relay's batch sessions are doing (pg_stat_activity every 10 ms): a
 /// perf-free time split of a batch between reserve, publish (transaction open, waiting for
 /// Kafka), confirm and commit; and checks that the relay runs the SQL this bench copied.
+/// The relay's statements as this bench copied them (src/store.rs).
+#[derive(Debug, Clone)]
+struct RelaySql {
+    reserve: String,
+    confirm: String,
+    fence: String,
+}
+
+impl RelaySql {
+    fn new(table: &str, delete: bool) -> RelaySql {
+        RelaySql {
+            reserve: reserve_sql(table),
+            confirm: confirm_sql(table, delete),
+            fence: fence_sql(table),
+        }
+    }
+}
+
+/// Samples what the relay's batch sessions are doing (pg_stat_activity every `every`): a
+/// perf-free time split of a batch between reserve, publish (transaction open, waiting for
+/// Kafka), confirm and commit, how often the fence connection is busy; and checks that the
+/// relay runs exactly the SQL this bench copied.
 async fn sample_batches(
     client: Client,
     stop: Arc<AtomicBool>,
-    reserve: String,
-    confirm: String,
+    sql: RelaySql,
+    every: Duration,
 ) -> Result<Profile> {
     let mut phases: HashMap<String, usize> = HashMap::new();
     let mut waits: HashMap<String, usize> = HashMap::new();
     let mut samples = 0usize;
-    let (mut reserve_ok, mut confirm_ok) = (None, None);
-    let q = "select state, coalesce(wait_event_type || ':' || wait_event, 'CPU'), query \
-             from pg_stat_activity where application_name = 'outbox-relay-batch'";
+    let mut polls = 0usize;
+    let mut fence_active = 0usize;
+    let (mut reserve_ok, mut confirm_ok, mut fence_ok) = (None, None, None);
+    let check = |slot: &mut Option<bool>, what: &str, seen: &str, ours: &str| {
+        let same = seen == ours;
+        if !same && slot.is_none() {
+            eprintln!(
+                "WARNING: the relay's {what} SQL differs from the bench's copy; update benches/relay.rs from src/store.rs. The relay ran:\n{seen}"
+            );
+        }
+        *slot = Some(slot.unwrap_or(true) && same);
+    };
+    let q = "select application_name, state, \
+                    coalesce(wait_event_type || ':' || wait_event, 'CPU'), query \
+               from pg_stat_activity \
+              where application_name in ('outbox-relay-batch', 'outbox-relay-fence')";
     while !stop.load(Ordering::Relaxed) {
         let rows = client.query(q, &[]).await?;
+        polls += 1;
         for r in rows {
-            let state: Option<String> = r.get(0);
-            let wait: String = r.get(1);
-            let query: String = r.get(2);
+            let app: String = r.get(0);
+            let state: Option<String> = r.get(1);
+            let wait: String = r.get(2);
+            let query: String = r.get(3);
             let state = state.unwrap_or_default();
+            if app == "outbox-relay-fence" {
+                if state == "active" {
+                    fence_active += 1;
+                    if query.starts_with("insert") {
+                        check(&mut fence_ok, "fence", &query, &sql.fence);
+                    }
+                }
+                continue;
+            }
             let phase = match state.as_str() {
-                "idle in transaction" => "publish (tx open: relay + Kafka)",
+                "idle in transaction" => "publish (tx open: fence + relay + Kafka)",
                 "idle" => "idle (between batches)",
                 "active" => {
                     if query.starts_with("with cand") {
-                        reserve_ok = Some(query == reserve);
+                        check(&mut reserve_ok, "reserve", &query, &sql.reserve);
                         "reserve SQL"
-                    } else if query.starts_with("update") || query.starts_with("with delivered") {
-                        confirm_ok = Some(query == confirm);
+                    } else if query.starts_with("update")
+                        || query.starts_with("with delivered")
+                        || query.starts_with("with unfenced")
+                    {
+                        check(&mut confirm_ok, "confirm", &query, &sql.confirm);
                         "confirm SQL"
                     } else if query == "commit" {
                         "commit"
@@ -1192,7 +1345,7 @@ async fn sample_batches(
                 *waits.entry(format!("{phase} / {wait}")).or_default() += 1;
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
     let total = samples.max(1) as f64;
     let mut p: Vec<(String, f64)> = phases
@@ -1209,9 +1362,72 @@ async fn sample_batches(
         samples,
         phases: p,
         waits: w,
+        fence_active_pct: 100.0 * fence_active as f64 / polls.max(1) as f64,
         reserve_text_ok: reserve_ok,
         confirm_text_ok: confirm_ok,
+        fence_text_ok: fence_ok,
     })
+}
+
+/// Runs a relay over a small backlog while sampling pg_stat_activity every millisecond, to check
+/// that the bench's copies of the relay's statements are still exact.
+async fn verify_sql(env: &Env, delete: bool) -> Result<Profile> {
+    let phase = if delete { "sqldel" } else { "sqldone" };
+    let table = env.fresh_table(phase).await?;
+    let topic = env.create_topic(phase).await?;
+    let n = 5_000;
+    load_backlog(env, &table, &topic, n).await?;
+    let on_delivery = if delete {
+        OnDelivery::Delete
+    } else {
+        OnDelivery::MarkDone
+    };
+    let outbox = env
+        .outbox(&table)
+        .on_delivery(on_delivery)
+        .connect()
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn(sample_batches(
+        env.connect("bench-sampler").await?,
+        stop.clone(),
+        RelaySql::new(&table, delete),
+        Duration::from_millis(1),
+    ));
+    let handle = outbox.start()?;
+    let t = Instant::now();
+    while (outbox.stats().delivered as usize) < n && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let profile = sampler.await??;
+    outbox.stop(Duration::from_secs(10)).await?;
+    let _ = handle.await;
+    drop(outbox);
+    env.drop_table(&table).await;
+    env.delete_topic(&topic).await;
+    say!(
+        "  SQL check ({}): reserve {:?}, confirm {:?}, fence {:?}",
+        if delete { "delete" } else { "mark done" },
+        profile.reserve_text_ok,
+        profile.confirm_text_ok,
+        profile.fence_text_ok
+    );
+    Ok(profile)
+}
+
+fn sql_check(p: &Profile) -> String {
+    let ok = |o: Option<bool>| match o {
+        Some(true) => "identical",
+        Some(false) => "**differs** (this row is not the relay's SQL)",
+        None => "not seen",
+    };
+    format!(
+        "reserve {}, fence {}, confirm {}",
+        ok(p.reserve_text_ok),
+        ok(p.fence_text_ok),
+        ok(p.confirm_text_ok)
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1316,16 +1532,19 @@ struct PgCeiling {
     rate: f64,
     batches: usize,
     reserve_ms: f64,
+    fence_ms: f64,
     confirm_ms: f64,
     first_reserve_ms: f64,
     last_reserve_ms: f64,
     empty_polls: usize,
     explain: Vec<String>,
+    sql_check: String,
 }
 
 async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
     let phase = if delete { "pgdel" } else { "pgdone" };
     env.note_load(phase).await;
+    let check = verify_sql(env, delete).await?;
     let table = env.fresh_table(phase).await?;
     load_backlog(env, &table, &env.topic(phase), n).await?;
     let reserve = reserve_sql(&table);
@@ -1333,19 +1552,28 @@ async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
     let mut explain = Vec::new();
     explain.push(explain_reserve(env, &table, "fresh backlog").await?);
     let confirmed = Arc::new(AtomicU64::new(0));
+    // The relay's fence connection: autocommit, shared by its batches.
+    let fence_client = Arc::new(env.connect("bench-pg-ceiling-fence").await?);
+    let fence = Arc::new(fence_sql(&table));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..2 {
-        // max_batches_in_flight = 2: two sessions, each reserve → confirm + commit.
+        // max_batches_in_flight = 2: two sessions, each reserve → fence → confirm + commit.
         let client = env.connect("bench-pg-ceiling").await?;
+        // The same session settings as the relay's batch connections.
         client
-            .batch_execute("set idle_in_transaction_session_timeout = 60000")
+            .batch_execute(&format!(
+                "set idle_in_transaction_session_timeout = 60000; {}",
+                outbox::testing::relay_sql(&table, delete).session_setup
+            ))
             .await?;
         let reserve = client.prepare_typed(&reserve, &[Type::INT8]).await?;
         let confirm = client.prepare(&confirm).await?;
         let confirmed = confirmed.clone();
+        let fence_client = fence_client.clone();
+        let fence = fence.clone();
         tasks.push(tokio::spawn(async move {
-            let mut batches: Vec<(f64, f64, usize)> = Vec::new();
+            let mut batches: Vec<(f64, f64, f64, usize)> = Vec::new();
             let mut empty = 0usize;
             let limit = 1000i64;
             let reserve_params: [&(dyn postgres_types::ToSql + Sync); 1] = [&limit];
@@ -1371,23 +1599,38 @@ async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
                 }
                 let mut ids = Vec::with_capacity(rows.len());
                 let mut offs = Vec::with_capacity(rows.len());
+                let mut aggregates: Vec<String> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 for r in &rows {
                     // Decode every column, as the relay does.
                     let id: Uuid = r.get(0);
                     let seq: i64 = r.get(1);
-                    let _: (String, String, String) = (r.get(2), r.get(3), r.get(4));
+                    let agg: String = r.get(2);
+                    let _: (String, String) = (r.get(3), r.get(4));
                     let _: (Raw, Option<Raw>, i32, Option<f64>) =
                         (r.get(5), r.get(6), r.get(7), r.get(8));
                     ids.push(id);
                     offs.push(seq);
+                    if seen.insert(agg.clone()) {
+                        aggregates.push(agg);
+                    }
                 }
+                // The fence, committed on its own connection before publishing (the relay
+                // passes the SQL text, so tokio-postgres prepares it each time, as here).
+                let batch_id = Uuid::new_v4();
+                let fence_ms = 37_000i64; // batch_timeout + publish_timeout + 5 s
+                let aggs: Vec<&str> = aggregates.iter().map(String::as_str).collect();
+                fence_client
+                    .execute(fence.as_str(), &[&batch_id, &fence_ms, &aggs])
+                    .await?;
+                let b2 = Instant::now();
                 let len = ids.len();
                 let codes = vec![0i16; len];
                 let parts = vec![0i32; len];
                 let errs: Vec<Option<&str>> = vec![None; len];
                 let delays = vec![0i64; len];
-                let params: [&(dyn postgres_types::ToSql + Sync); 6] =
-                    [&ids, &codes, &parts, &offs, &errs, &delays];
+                let params: [&(dyn postgres_types::ToSql + Sync); 7] =
+                    [&ids, &codes, &parts, &offs, &errs, &delays, &batch_id];
                 futures::try_join!(
                     client.execute(&confirm, &params),
                     client.batch_execute("commit")
@@ -1396,7 +1639,8 @@ async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
                 confirmed.fetch_add(len as u64, Ordering::Relaxed);
                 batches.push((
                     b.duration_since(a).as_secs_f64() * 1e3,
-                    c.duration_since(b).as_secs_f64() * 1e3,
+                    b2.duration_since(b).as_secs_f64() * 1e3,
+                    c.duration_since(b2).as_secs_f64() * 1e3,
                     len,
                 ));
             }
@@ -1416,9 +1660,8 @@ async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
     load_backlog(env, &table, &env.topic(phase), 1_000).await?;
     explain.push(explain_reserve(env, &table, "1,000 new rows after the drain").await?);
     env.drop_table(&table).await;
-    let avg = |v: &[(f64, f64, usize)], f: fn(&(f64, f64, usize)) -> f64| {
-        v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
-    };
+    type B = (f64, f64, f64, usize);
+    let avg = |v: &[B], f: fn(&B) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
     let k = 10.min(all.len());
     let p = PgCeiling {
         n,
@@ -1426,20 +1669,23 @@ async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCeiling> {
         rate: n as f64 / secs,
         batches: all.len(),
         reserve_ms: avg(&all, |b| b.0),
-        confirm_ms: avg(&all, |b| b.1),
+        fence_ms: avg(&all, |b| b.1),
+        confirm_ms: avg(&all, |b| b.2),
         first_reserve_ms: avg(&all[..k], |b| b.0),
         last_reserve_ms: avg(&all[all.len() - k..], |b| b.0),
         empty_polls,
         explain,
+        sql_check: sql_check(&check),
     };
     say!(
-        "  pg ceiling ({}): {n} rows in {secs:.2} s = {:.0}/s; {} batches, reserve {:.1} ms (first 10 {:.1}, last 10 {:.1}), confirm+commit {:.1} ms, {} empty polls",
+        "  pg ceiling ({}): {n} rows in {secs:.2} s = {:.0}/s; {} batches, reserve {:.1} ms (first 10 {:.1}, last 10 {:.1}), fence {:.1} ms, confirm+commit {:.1} ms, {} empty polls",
         if delete { "delete" } else { "mark done" },
         p.rate,
         p.batches,
         p.reserve_ms,
         p.first_reserve_ms,
         p.last_reserve_ms,
+        p.fence_ms,
         p.confirm_ms,
         p.empty_polls
     );
@@ -1570,7 +1816,6 @@ async fn latency(env: &Env, rate: f64, writers: usize) -> Result<Latency> {
         let topic = topic.clone();
         let aggs = env.opts.aggregates;
         tasks.push(tokio::spawn(async move {
-            let mut client = client;
             let mut out: Vec<(Uuid, Instant, bool)> = Vec::new();
             let mut k = 0usize;
             loop {
@@ -1580,11 +1825,11 @@ async fn latency(env: &Env, rate: f64, writers: usize) -> Result<Latency> {
                     break;
                 }
                 tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-                let tx = client.transaction().await?;
+                // A single-event transaction: the INSERT commits on its own (one round trip, the
+                // cheapest write, leaving the 2 cores as much room as possible for the relay).
                 let id = writer
-                    .add_new_event(&tx, new_event(&topic, seq, aggs))
+                    .add_new_event(&client, new_event(&topic, seq, aggs))
                     .await?;
-                tx.commit().await?;
                 out.push((id, Instant::now(), due >= measure_from));
                 k += 1;
             }
@@ -1636,6 +1881,29 @@ async fn latency(env: &Env, rate: f64, writers: usize) -> Result<Latency> {
             None => missing += 1,
         }
     }
+    // p50 per second of the window: shows whether latency drifts as delivered rows accumulate.
+    let mut per_sec: Vec<Vec<f64>> = Vec::new();
+    for (id, committed, measured) in &commits {
+        if let (true, Some(at)) = (*measured, acked.get(id)) {
+            let sec = committed.saturating_duration_since(measure_from).as_secs() as usize;
+            if per_sec.len() <= sec {
+                per_sec.resize(sec + 1, Vec::new());
+            }
+            per_sec[sec].push(at.saturating_duration_since(*committed).as_secs_f64() * 1e3);
+        }
+    }
+    let drift: Vec<String> = per_sec
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2)
+                .map_or("-".to_string(), |m| format!("{m:.1}"))
+        })
+        .collect();
+    say!(
+        "  latency @{rate}/s: p50 per second of the window (ms): {}",
+        drift.join(" ")
+    );
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
@@ -1644,11 +1912,23 @@ async fn latency(env: &Env, rate: f64, writers: usize) -> Result<Latency> {
         let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
         lat[i]
     };
+    // Writers that cannot keep up fall behind their schedule: the achieved rate is the measured
+    // events over the time their commits actually took.
     let measured = commits.iter().filter(|c| c.2).count();
+    let last_commit = commits
+        .iter()
+        .filter(|c| c.2)
+        .map(|c| c.1)
+        .max()
+        .unwrap_or(measure_from);
+    let took = last_commit
+        .saturating_duration_since(measure_from)
+        .as_secs_f64()
+        .max(secs);
     let l = Latency {
         target_rate: rate,
         writers,
-        achieved: measured as f64 / secs,
+        achieved: measured as f64 / took,
         n: lat.len(),
         p50: pct(0.50),
         p99: pct(0.99),
@@ -1714,9 +1994,18 @@ struct Wake {
 type WakeVariantKey = u8;
 
 impl Wake {
+    /// Median over the rounds.
     fn mean(&self, v: WakeVariant, w: usize) -> f64 {
-        let r = self.results.get(&(v as u8, w)).cloned().unwrap_or_default();
-        r.iter().sum::<f64>() / r.len().max(1) as f64
+        let mut r = self.results.get(&(v as u8, w)).cloned().unwrap_or_default();
+        if r.is_empty() {
+            return f64::NAN;
+        }
+        r.sort_by(f64::total_cmp);
+        if r.len() % 2 == 1 {
+            r[r.len() / 2]
+        } else {
+            (r[r.len() / 2 - 1] + r[r.len() / 2]) / 2.0
+        }
     }
 
     fn idle(&self, v: WakeVariant, w: usize) -> f64 {
@@ -1740,7 +2029,7 @@ async fn wake_cost(env: &Env) -> Result<Wake> {
     let table = env.fresh_table("wake").await?;
     let topic = env.create_topic("wake").await?;
     let admin = env.connect("bench-admin").await?;
-    let key = wake_lock_key(&table);
+    let (lock_class, key) = outbox::wake_lock(&table);
     let mut out = Wake::default();
 
     // Check that the simulated idle relay takes the same lock as a real one.
@@ -1762,7 +2051,7 @@ async fn wake_cost(env: &Env) -> Result<Wake> {
                 .await?;
             if let Some(r) = rows.first() {
                 let (c, o): (i64, i64) = (r.get(0), r.get(1));
-                seen = Some(c == i64::from(LOCK_CLASS as u32) && o == i64::from(key as u32));
+                seen = Some(c == i64::from(lock_class as u32) && o == i64::from(key as u32));
             }
         }
         outbox.stop(Duration::from_secs(10)).await?;
@@ -1800,7 +2089,7 @@ async fn wake_cost(env: &Env) -> Result<Wake> {
                 match v {
                     WakeVariant::IdleRelay => {
                         let h = env.connect("bench-waker").await?;
-                        h.execute("select pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
+                        h.execute("select pg_advisory_lock($1, $2)", &[&lock_class, &key])
                             .await?;
                         holder = Some(h);
                         let mut cfg = env.pg.clone();
@@ -1845,7 +2134,7 @@ async fn wake_cost(env: &Env) -> Result<Wake> {
                     let _ = h.await;
                 }
                 if let Some(h) = holder {
-                    h.execute("select pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &key])
+                    h.execute("select pg_advisory_unlock($1, $2)", &[&lock_class, &key])
                         .await?;
                 }
                 if let Some((lc, drain)) = listener {
@@ -2036,6 +2325,7 @@ struct Results {
     delete: Option<Drain>,
     million: Option<Drain>,
     profile: Option<Drain>,
+    burst: Option<Drain>,
     kafka: Option<KafkaCeiling>,
     pg_done: Option<PgCeiling>,
     pg_delete: Option<PgCeiling>,
@@ -2140,14 +2430,16 @@ fn table(env: &Env, header: &[(String, String)], r: &Results) -> String {
             row(
                 name,
                 format!(
-                    "{} rows/s ({} rows in {:.2} s); per 1,000-row batch: reserve {:.1} ms (first 10 batches {:.1}, last 10 {:.1}), confirm + commit {:.1} ms. EXPLAIN ANALYZE of the reservation: {}",
+                    "{} rows/s ({} rows in {:.2} s); per 1,000-row batch: reserve {:.1} ms (first 10 batches {:.1}, last 10 {:.1}), fence {:.1} ms, confirm + commit {:.1} ms. Copies checked against the running relay: {}. EXPLAIN ANALYZE of the reservation: {}",
                     num(p.rate),
                     num(p.n as f64),
                     p.secs,
                     p.reserve_ms,
                     p.first_reserve_ms,
                     p.last_reserve_ms,
+                    p.fence_ms,
                     p.confirm_ms,
+                    p.sql_check,
                     p.explain.join("; ")
                 ),
                 "",
@@ -2180,6 +2472,25 @@ fn table(env: &Env, header: &[(String, String)], r: &Results) -> String {
             String::new(),
         );
     }
+    if let Some(b) = &r.burst {
+        let reference = r
+            .drain
+            .as_ref()
+            .map(|d| format!(" ({:.2}× the MarkDone drain)", b.rate / d.rate))
+            .unwrap_or_default();
+        row(
+            "Burst: the same backlog committed in one transaction while the relay runs (its statements were planned on a near-empty table)",
+            format!(
+                "{} events/s{reference}; {} events in {:.2} s; CPU {}",
+                num(b.rate),
+                num(b.n as f64),
+                b.secs,
+                b.cpu.render()
+            ),
+            "≥ 50,000 events/s",
+            verdict(b.rate >= 50_000.0),
+        );
+    }
     if let Some(d) = &r.profile {
         if let Some(p) = &d.profile {
             let phases: Vec<String> = p
@@ -2194,21 +2505,16 @@ fn table(env: &Env, header: &[(String, String)], r: &Results) -> String {
                 .take(6)
                 .map(|(k, v)| format!("{k} {v:.0}%"))
                 .collect();
-            let ok = |o: Option<bool>| match o {
-                Some(true) => "identical",
-                Some(false) => "**differs**",
-                None => "not seen",
-            };
             row(
                 "Profiled MarkDone drain (pg_stat_activity sampled every 10 ms): time of the relay's batch sessions",
                 format!(
-                    "{} events/s while sampled; {}; active waits: {}; {} samples. Bench SQL vs relay's: reserve {}, confirm {}",
+                    "{} events/s while sampled; {}; active waits: {}; fence connection active in {:.0} % of samples; {} samples. Bench SQL vs relay's: {}",
                     num(d.rate),
                     phases.join(" · "),
                     waits.join(" · "),
+                    p.fence_active_pct,
                     p.samples,
-                    ok(p.reserve_text_ok),
-                    ok(p.confirm_text_ok)
+                    sql_check(p)
                 ),
                 "",
                 String::new(),
@@ -2241,7 +2547,7 @@ fn table(env: &Env, header: &[(String, String)], r: &Results) -> String {
             row(
                 name,
                 format!(
-                    "p50 **{:.2} ms**, p99 **{:.2} ms**, max {:.1} ms; achieved {} events/s from {} writers (single-event transactions), {} events measured, {} unacked, {} lagged; {:.1} events per relay batch; {:.0} % of writer commits NOTIFYed (relay idle-waiting); CPU {}",
+                    "p50 **{:.2} ms**, p99 **{:.2} ms**, max {:.1} ms; achieved {} events/s from {} writers (single-event autocommit INSERTs, paced), {} events measured, {} unacked, {} lagged; {:.1} events per relay batch; {:.0} % of writer commits NOTIFYed (relay idle-waiting); CPU {}",
                     l.p50,
                     l.p99,
                     l.max,
@@ -2267,12 +2573,13 @@ fn table(env: &Env, header: &[(String, String)], r: &Results) -> String {
             row(
                 &format!("Wake path cost to writers, {writers} writers (no relay)"),
                 format!(
-                    "trigger off {}{} tx/s, on {}{} tx/s → **{:+.1} %** (single-row autocommit inserts; CPU idle {:.0} % / {:.0} %)",
+                    "trigger off {}{} tx/s, on {}{} tx/s → **{:+.1} %** (medians of {} rounds [range]; single-row autocommit inserts; CPU idle {:.0} % / {:.0} %)",
                     num(off),
                     w.range(WakeVariant::TriggerOff, writers),
                     num(on),
                     w.range(WakeVariant::TriggerOn, writers),
                     -100.0 * cost,
+                    env.opts.wake_rounds,
                     w.idle(WakeVariant::TriggerOff, writers),
                     w.idle(WakeVariant::TriggerOn, writers)
                 ),
@@ -2383,12 +2690,14 @@ async fn setup(opts: Opts) -> Result<Env> {
         }
         _ => {
             say!("starting a throwaway Postgres (fsync on)");
-            let server = TestPostgres::builder()
+            let mut builder = TestPostgres::builder()
                 .fsync(true)
                 // Lets the profiled drain read the relay's full SQL from pg_stat_activity.
-                .setting("track_activity_query_size", "16384")
-                .start()
-                .await?;
+                .setting("track_activity_query_size", "16384");
+            for (k, v) in &opts.pg_settings {
+                builder = builder.setting(k, v);
+            }
+            let server = builder.start().await?;
             let cfg = server.config();
             (Some(server), cfg, "TestPostgres")
         }
@@ -2516,6 +2825,10 @@ async fn run(env: &Env, r: &mut Results) {
         say!("ceiling (b): reserve + confirm SQL, {} rows, Delete", o.n);
         r.pg_delete = attempt!("pg delete", pg_ceiling(env, o.n, true));
     }
+    if o.runs("burst") {
+        say!("burst: {} events committed while the relay runs", o.n);
+        r.burst = attempt!("burst", burst(env, o.n));
+    }
     if o.runs("profile") {
         say!("profiled drain: {} events (MarkDone)", o.n);
         r.profile = attempt!(
@@ -2527,7 +2840,7 @@ async fn run(env: &Env, r: &mut Results) {
         say!("latency at 1k/s");
         r.lat1k = attempt!("latency 1k", latency(env, 1_000.0, 4));
         say!("latency at 10k/s");
-        r.lat10k = attempt!("latency 10k", latency(env, 10_000.0, 16));
+        r.lat10k = attempt!("latency 10k", latency(env, 10_000.0, 32));
     }
     if o.runs("wake") {
         say!("wake path cost");
@@ -2580,18 +2893,25 @@ fn main() -> Result<()> {
             (
                 "Settings".to_string(),
                 format!(
-                    "{} mode; {}; Kafka: {} on loopback ({}), {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
+                    "{} mode; code: {}; {}; Kafka: {} on loopback ({}), {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
                     if opts.short { "short" } else { "full" },
+                    code_version(),
                     env.pg_desc,
                     if env.tansu.is_some() { tansu_version() } else { "KAFKA_BROKERS".into() },
                     if env.tansu.is_some() { "memory storage" } else { "external" },
                     opts.partitions,
-                    match (opts.batch_size, opts.batches_in_flight) {
-                        (None, None) => String::new(),
-                        (b, f) => format!(
-                            " **except batch_size={} max_batches_in_flight={}** (flags)",
+                    match (
+                        opts.batch_size,
+                        opts.batches_in_flight,
+                        opts.kafka_properties.is_empty() && opts.pg_settings.is_empty(),
+                    ) {
+                        (None, None, true) => String::new(),
+                        (b, f, _) => format!(
+                            " **except batch_size={} max_batches_in_flight={} kafka properties {:?} Postgres settings {:?}** (flags)",
                             b.map_or("default".into(), |v| v.to_string()),
-                            f.map_or("default".into(), |v| v.to_string())
+                            f.map_or("default".into(), |v| v.to_string()),
+                            opts.kafka_properties,
+                            opts.pg_settings
                         ),
                     },
                     num(opts.n as f64),

@@ -111,8 +111,9 @@ struct Ctx {
     in_flight: Arc<Semaphore>,
     late: TaskTracker,
     shutdown_timeout: Arc<Mutex<Duration>>,
-    /// Autocommit connection for batch fences (shared by the batches; reconnected when lost).
-    fence: tokio::sync::Mutex<Option<Arc<Client>>>,
+    /// Autocommit connection for batch fences with its prepared statements (shared by the
+    /// batches; reconnected when lost).
+    fence: tokio::sync::Mutex<Option<Arc<FenceConn>>>,
 }
 
 impl Relay {
@@ -343,13 +344,20 @@ fn error_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// Session settings of the relay's batch connections (besides the lease timeout).
+pub(crate) const BATCH_SESSION_SETUP: &str =
+    "set plan_cache_mode = force_custom_plan; set enable_bitmapscan = off";
+
 async fn open_batch_conn(ctx: &Ctx) -> Result<BatchConn, tokio_postgres::Error> {
     let client = ctx.pg.connect("batch").await?;
     // The reservation is a row lock held by the batch transaction; a session that idles in it
     // longer than the lease (a hung relay) is ended by Postgres, which releases the rows.
+    // Custom plans: a generic plan made while the table was nearly empty is several times slower
+    // once a backlog arrives (measured: 15k vs 40k events/s); planning costs well under 1 ms.
+    // Bitmap scans read and sort every pending row for the `order by seq limit n` reservation.
     client
         .batch_execute(&format!(
-            "set idle_in_transaction_session_timeout = {}",
+            "set idle_in_transaction_session_timeout = {}; {BATCH_SESSION_SETUP}",
             ctx.settings.lease.as_millis()
         ))
         .await?;
@@ -805,36 +813,50 @@ async fn fence(
     fence_ms: i64,
     aggregates: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
-    fence_client(ctx)
-        .await?
-        .execute(&ctx.store.fence, &[batch_id, &fence_ms, &aggregates])
+    let f = fence_conn(ctx).await?;
+    f.client
+        .execute(&f.insert, &[batch_id, &fence_ms, &aggregates])
         .await?;
     Ok(())
 }
 
 /// Removes the fence of a batch that did not confirm, once nothing of it is in flight.
 async fn unfence(ctx: &Ctx, batch_id: &Uuid) -> Result<(), tokio_postgres::Error> {
-    fence_client(ctx)
-        .await?
-        .execute(&ctx.store.unfence, &[batch_id])
-        .await?;
+    let f = fence_conn(ctx).await?;
+    f.client.execute(&f.delete, &[batch_id]).await?;
     Ok(())
 }
 
+/// The fence connection and its prepared statements.
+struct FenceConn {
+    client: Client,
+    insert: Statement,
+    delete: Statement,
+}
+
 /// The relay's fence connection, (re)connected on demand.
-async fn fence_client(ctx: &Ctx) -> Result<Arc<Client>, tokio_postgres::Error> {
-    let client = {
-        let mut guard = ctx.fence.lock().await;
-        match guard.as_ref().filter(|c| !c.is_closed()) {
-            Some(c) => c.clone(),
-            None => {
-                let c = Arc::new(ctx.pg.connect("fence").await?);
-                *guard = Some(c.clone());
-                c
-            }
-        }
-    };
-    Ok(client)
+async fn fence_conn(ctx: &Ctx) -> Result<Arc<FenceConn>, tokio_postgres::Error> {
+    let mut guard = ctx.fence.lock().await;
+    if let Some(f) = guard.as_ref().filter(|f| !f.client.is_closed()) {
+        return Ok(f.clone());
+    }
+    let client = ctx.pg.connect("fence").await?;
+    let insert = client
+        .prepare_typed(
+            &ctx.store.fence,
+            &[Type::UUID, Type::INT8, Type::TEXT_ARRAY],
+        )
+        .await?;
+    let delete = client
+        .prepare_typed(&ctx.store.unfence, &[Type::UUID])
+        .await?;
+    let f = Arc::new(FenceConn {
+        client,
+        insert,
+        delete,
+    });
+    *guard = Some(f.clone());
+    Ok(f)
 }
 
 /// What a batch task hands back to the relay loop.

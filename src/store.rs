@@ -70,6 +70,8 @@ impl Store {
         // the relay's batch transaction), then keep, per aggregate, only the rows before the
         // first open row of that aggregate that this batch did not get (in backoff, held, dead,
         // or locked by another relay): an aggregate's later event never overtakes an earlier one.
+        // The probe stops at the aggregate's last candidate: an open row after all of them
+        // excludes nothing.
         let reserve = format!(
             "with cand as materialized (
                  select {RESERVED_COLUMNS}
@@ -85,10 +87,11 @@ impl Store {
              ),
              gate as (
                  select a.aggregate_id, g.seq as gap
-                   from (select distinct aggregate_id from cand) a
+                   from (select aggregate_id, max(seq) as max_seq from cand group by aggregate_id) a
                    left join lateral (
                         select e.seq from {t} e
                          where e.aggregate_id = a.aggregate_id and {open}
+                           and e.seq < a.max_seq
                            and e.id not in (select id from cand)
                          order by e.seq
                          limit 1

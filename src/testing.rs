@@ -1247,3 +1247,37 @@ pub async fn assert_published(
         .map(|r| r.expect("checked above"))
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// The relay's own SQL, for benchmarks
+// ---------------------------------------------------------------------------------------------
+
+/// The statements the relay runs against an outbox table, exactly as it runs them: for
+/// benchmarks that measure the Postgres ceiling of the relay's SQL without Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelaySql {
+    /// Reservation; `$1` = batch size (`int8`). Run inside a transaction.
+    pub reserve: String,
+    /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`, 0 = delivered),
+    /// `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5` errors (`text[]`), `$6` delays in
+    /// ms (`int8[]`), `$7` the batch id (`uuid`, its fence is deleted).
+    pub confirm: String,
+    /// Batch fence; `$1` batch id (`uuid`), `$2` lifetime in ms (`int8`), `$3` aggregates
+    /// (`text[]`). Runs on its own autocommit connection before the batch publishes.
+    pub fence: String,
+    /// Session settings of the batch connections (besides `idle_in_transaction_session_timeout`).
+    pub session_setup: String,
+}
+
+/// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
+/// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
+pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
+    let store = crate::store::Store::new(table, crate::DEFAULT_CHANNEL, true, delete_on_delivery);
+    RelaySql {
+        reserve: store.reserve.clone(),
+        confirm: store.confirm.clone(),
+        fence: store.fence.clone(),
+        session_setup: crate::relay::BATCH_SESSION_SETUP.to_string(),
+    }
+}
