@@ -656,16 +656,7 @@ async fn transaction_open_before_relay_started_is_published_after_commit() {
 // 4. Upgrading the original Go package's table
 // ----------------------------------------------------------------------------------------------
 
-const GO_DDL: &str = "create table if not exists events (
-    id uuid primary key default gen_random_uuid(),
-    aggregate_id varchar(100) not null,
-    event_topic varchar(100) not null,
-    event_type varchar(100) not null,
-    payload jsonb not null,
-    status varchar not null default 'new' check(status in ('new', 'done')),
-    created_at timestamp default now(),
-    reserved_to timestamp default null
-);";
+use crate::support::GO_DDL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
