@@ -227,18 +227,8 @@ impl Relay {
                 }
                 continue;
             }
-            let retry = async {
-                match retry_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let pause = async {
-                match pause_until {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let retry = sleep_until_opt(retry_at);
+            let pause = sleep_until_opt(pause_until);
             tokio::select! {
                 biased;
                 _ = self.token.cancelled() => break,
@@ -268,28 +258,20 @@ impl Relay {
                 _ = pause => { pause_until = None; }
                 _ = retry => { retry_at = None; poll_due = true; }
                 _ = gauge_ticker.tick() => {
-                    if !gauges_running.swap(true, Ordering::AcqRel) {
-                        let ctx = ctx.clone();
-                        let flag = gauges_running.clone();
-                        background.spawn(async move {
-                            if let Err(e) = update_gauges(&ctx).await {
-                                tracing::debug!(error = %e, "outbox relay: backlog gauges not updated");
-                            }
-                            flag.store(false, Ordering::Release);
-                        });
-                    }
+                    let ctx = ctx.clone();
+                    spawn_unless_running(&background, &gauges_running, async move {
+                        if let Err(e) = update_gauges(&ctx).await {
+                            tracing::debug!(error = %e, "outbox relay: backlog gauges not updated");
+                        }
+                    });
                 }
                 _ = cleanup_ticker.tick(), if s.on_delivery == OnDelivery::MarkDone => {
-                    if !cleanup_running.swap(true, Ordering::AcqRel) {
-                        let ctx = ctx.clone();
-                        let flag = cleanup_running.clone();
-                        background.spawn(async move {
-                            if let Err(e) = cleanup(&ctx).await {
-                                tracing::warn!(error = %e, "outbox relay: retention cleanup failed");
-                            }
-                            flag.store(false, Ordering::Release);
-                        });
-                    }
+                    let ctx = ctx.clone();
+                    spawn_unless_running(&background, &cleanup_running, async move {
+                        if let Err(e) = cleanup(&ctx).await {
+                            tracing::warn!(error = %e, "outbox relay: retention cleanup failed");
+                        }
+                    });
                 }
             }
         }
@@ -333,6 +315,30 @@ impl Relay {
         tracing::info!("outbox relay stopped");
         Ok(())
     }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Spawns `task` on `tracker` unless the previous run (flagged by `running`) is still going.
+fn spawn_unless_running(
+    tracker: &TaskTracker,
+    running: &Arc<AtomicBool>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let running = running.clone();
+    tracker.spawn(async move {
+        task.await;
+        running.store(false, Ordering::Release);
+    });
 }
 
 fn error_backoff() -> impl Iterator<Item = Duration> {

@@ -173,17 +173,7 @@ async fn listen_on(
     support::listen(&support::postgres().await, channel).await
 }
 
-async fn stop_and_join(outbox: &Outbox, handle: tokio::task::JoinHandle<outbox::Result<()>>) {
-    outbox
-        .stop(Duration::from_secs(10))
-        .await
-        .expect("the relay stops within 10 s");
-    tokio::time::timeout(Duration::from_secs(5), handle)
-        .await
-        .expect("the relay task ends after stop")
-        .expect("the relay task did not panic")
-        .expect("the relay ended without error");
-}
+use crate::support::stop_and_join;
 
 fn ev(topic: &str, aggregate: &str, event_type: &str, payload: serde_json::Value) -> NewEvent {
     NewEvent::new(topic, aggregate, event_type, payload)

@@ -308,17 +308,7 @@ async fn next_failure(stream: &mut DeliveryStream, timeout: Duration) -> Deliver
     }
 }
 
-async fn stop_and_join(outbox: &Outbox, handle: tokio::task::JoinHandle<outbox::Result<()>>) {
-    outbox
-        .stop(Duration::from_secs(10))
-        .await
-        .expect("the relay stops within 10 s");
-    tokio::time::timeout(Duration::from_secs(5), handle)
-        .await
-        .expect("the relay task ends after stop")
-        .expect("the relay task did not panic")
-        .expect("the relay ended without error");
-}
+use crate::support::stop_and_join;
 
 /// Notifications that arrive within `window`.
 async fn notifications_within(rx: &mut mpsc::UnboundedReceiver<String>, window: Duration) -> usize {

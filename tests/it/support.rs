@@ -369,3 +369,19 @@ pub const GO_DDL: &str = "create table if not exists events (
     created_at timestamp default now(),
     reserved_to timestamp default null
 );";
+
+/// Stops the relay (10 s) and checks its task ended cleanly.
+pub async fn stop_and_join(
+    outbox: &outbox::Outbox,
+    handle: tokio::task::JoinHandle<outbox::Result<()>>,
+) {
+    outbox
+        .stop(Duration::from_secs(10))
+        .await
+        .expect("the relay stops within 10 s");
+    tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the relay task ends after stop")
+        .expect("the relay task did not panic")
+        .expect("the relay ended without error");
+}
