@@ -9,8 +9,8 @@
 //!   directory and port, to test recovery.
 //! * [`MockKafka`] is librdkafka's in-process mock cluster (with error and latency injection).
 //! * [`consume_all`], [`assert_nothing_more`] and [`TopicReader`] read a topic back from any
-//!   Kafka-protocol broker (a real Kafka, tansu, or the mock cluster); [`create_topic`] creates
-//!   one through the admin API (Kafka, tansu; the mock cluster has its own way).
+//!   Kafka-protocol broker (Apache Kafka or the mock cluster); [`create_topic`] creates one
+//!   through the admin API (the mock cluster has its own way).
 //!
 //! The helpers in this module panic on infrastructure failures where that is what a test wants
 //! (each such function documents it); functions that return a `Result` never panic.
@@ -976,9 +976,11 @@ pub async fn wait_for_topic(brokers: &str, topic: &str, timeout: Duration) -> Ka
     .map_err(|_| KafkaError::MetadataFetch(RDKafkaErrorCode::Fail))?
 }
 
-/// Creates a topic through the Kafka admin API (CreateTopics) with replication factor 1 and
-/// waits until its partitions have leaders. Works with Kafka and tansu, not with [`MockKafka`]
-/// (use [`MockKafka::create_topic`]).
+/// Creates a topic through the Kafka admin API (CreateTopics) with the broker's default
+/// replication factor (`default.replication.factor`; 3 on the test cluster of
+/// `scripts/kafka-cluster`) and waits until its partitions have leaders. Works with Apache Kafka
+/// and other brokers that implement CreateTopics, not with [`MockKafka`] (use
+/// [`MockKafka::create_topic`]).
 pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> KafkaResult<()> {
     create_topic_with_config(brokers, name, partitions, &[]).await
 }
@@ -992,7 +994,8 @@ pub async fn create_topic_with_config(
     config: &[(&str, &str)],
 ) -> KafkaResult<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(brokers).create()?;
-    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    // -1: the broker's default replication factor (KIP-464).
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
     for (k, v) in config {
         topic = topic.set(k, v);
     }
@@ -1119,7 +1122,7 @@ impl TopicReader {
 /// `timeout` passed (which includes waiting for the topic to exist), and returns them sorted by
 /// partition and offset. Check the length: fewer records than expected means the timeout passed.
 ///
-/// Works with any broker (Kafka, tansu, [`MockKafka`]). See [`TopicReader`] for reading in steps.
+/// Works with any broker (Apache Kafka, [`MockKafka`]). See [`TopicReader`] for reading in steps.
 ///
 /// # Panics
 ///

@@ -1,5 +1,6 @@
 //! Chaos suite: the `outbox-relay` binary against a real Postgres (a private [`TestPostgres`])
-//! and a real broker (a private tansu), while the relays are killed and the infrastructure fails.
+//! and a real Apache Kafka cluster (the private 3-node [`support::fault_cluster`]: replication
+//! factor 3, `min.insync.replicas=2`), while the relays are killed and the infrastructure fails.
 //!
 //! * Writers (a few tasks) insert events for ~120 aggregates (skewed: a few hot ones get half of
 //!   the events, so batches hold long per-aggregate chains), 1–5 per transaction, each payload
@@ -14,17 +15,18 @@
 //!   was started during the previous round's fault and is older than that: 50–1500 ms after the
 //!   round starts), and starts a new one at once, and adds a fault at a random moment of the
 //!   round: nothing more (`Kill`); two or three relays at once, one of them killed (`Multi`; the
-//!   extras are stopped with SIGTERM in the next round, and must exit 0); the broker unavailable
-//!   for 0.5–5 s (`BrokerDown`); Postgres restarted (`pg_ctl stop -m fast`) or crashed
+//!   extras are stopped with SIGTERM in the next round, and must exit 0); the leader of a random
+//!   partition SIGKILLed and started again on its data 0.5–5 s later (`BrokerDown`: the leader
+//!   moves, in-flight produce requests to it are lost and retried); Postgres restarted (`pg_ctl stop -m fast`) or crashed
 //!   (`-m immediate`) and started again (`PgRestart`); the listener's backend terminated
 //!   (`ListenerKill`); the batch sessions of one or two relays terminated, at once, while the
-//!   broker is unavailable, or just after it came back (the batches are then still publishing
-//!   when their row locks go away) (`BatchKill`). The first rounds go through every kind in
+//!   partition cannot take writes (two of the three nodes SIGKILLed: no in-sync quorum, then
+//!   restarted on their data), or just after they were started again (the batches are then still
+//!   publishing when their row locks go away) (`BatchKill`). The first rounds go through every kind in
 //!   turn, later ones are drawn at random.
-//! * "Broker unavailable" is tansu SIGSTOPped, then SIGCONTinued: connections hang and time out
-//!   like a broker that stopped answering. A real restart is not possible without losing data:
-//!   this tansu only has memory storage (its sqlite / postgres / slatedb engines are not compiled
-//!   in), and a restart would lose every record, the topic and the idempotent producer state.
+//! * Broker faults are real: `kill -9` of Kafka nodes and a restart on their data (a node takes
+//!   10–30 s to be back on this kind of machine, so the next rounds may run with one or two nodes
+//!   still recovering). Before the final phase every node is running again.
 //! * Final phase: the writers stop, the running relays get SIGTERM (each must exit 0), one fresh
 //!   relay runs until the table has no `new` rows left and is stopped, then the verifier reads the
 //!   whole topic and checks, per aggregate in partition order:
@@ -48,11 +50,10 @@
 //! `OUTBOX_CHAOS_SEED=n` replays a schedule (not its timing); `OUTBOX_CHAOS_VERBOSE=1` prints
 //! the round log as it goes; `OUTBOX_CHAOS_KEEP_LOGS=1` keeps the relay logs of a passing run;
 //! `OUTBOX_CHAOS_KINDS=BatchKill,Multi` runs only these kinds of rounds, in turn.
-//! Without tansu installed the test is skipped.
+//! Without a real cluster (`OUTBOX_TEST_KAFKA=mock`, or no Java) the test is skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -65,7 +66,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::support::{self, ConsumedRecord, TestPostgres, TopicReader};
+use crate::support::{self, AggCheck, ConsumedRecord, TestPostgres, TopicReader};
 
 const DEFAULT_ROUNDS: usize = 8;
 const PARTITIONS: i32 = 4;
@@ -201,7 +202,8 @@ fn kind_of_round(n: usize, rng: &mut StdRng, only: &[Kind]) -> Kind {
 
 struct Chaos {
     pg: TestPostgres,
-    tansu: Tansu,
+    kafka: &'static support::Cluster,
+    topic: String,
     relays: Relays,
     rng: StdRng,
     started: Instant,
@@ -277,7 +279,9 @@ impl Chaos {
 
         let relays = &mut self.relays;
         let pg = &self.pg;
-        let tansu = &mut self.tansu;
+        let kafka = self.kafka;
+        let topic = self.topic.as_str();
+        let partition = self.rng.random_range(0..PARTITIONS);
         let (killed, fault) = tokio::join!(
             async {
                 tokio::time::sleep_until(kill_at.into()).await;
@@ -287,7 +291,7 @@ impl Chaos {
             },
             async {
                 tokio::time::sleep(fault_at).await;
-                apply_fault(kind, &params, pg, tansu).await
+                apply_fault(kind, &params, pg, kafka, topic, partition).await
             }
         );
         self.note(format!(
@@ -313,14 +317,41 @@ struct FaultParams {
     mode: u8,
 }
 
-async fn apply_fault(kind: Kind, p: &FaultParams, pg: &TestPostgres, tansu: &mut Tansu) -> String {
+/// Kills (SIGKILL) the leader of `topic`/`partition` and, when it has none, node 1; returns
+/// the node.
+async fn kill_leader(kafka: &support::Cluster, topic: &str, partition: i32) -> i32 {
+    let node = kafka.leader(topic, partition).await.unwrap_or(1);
+    kafka.kill(node).await;
+    node
+}
+
+/// SIGKILLs two nodes, the leader of `topic`/`partition` first: no partition can take writes
+/// with acks=all (`min.insync.replicas=2`) and the controller quorum is gone.
+async fn kill_two(kafka: &support::Cluster, topic: &str, partition: i32) -> [i32; 2] {
+    let first = kill_leader(kafka, topic, partition).await;
+    let second = if first == 1 { 2 } else { 1 };
+    kafka.kill(second).await;
+    [first, second]
+}
+
+async fn apply_fault(
+    kind: Kind,
+    p: &FaultParams,
+    pg: &TestPostgres,
+    kafka: &support::Cluster,
+    topic: &str,
+    partition: i32,
+) -> String {
     match kind {
         Kind::Kill | Kind::Multi => "none".to_string(),
         Kind::BrokerDown => {
-            tansu.pause();
+            let node = kill_leader(kafka, topic, partition).await;
             tokio::time::sleep(p.pause).await;
-            tansu.resume();
-            format!("broker stopped (SIGSTOP) for {}ms", p.pause.as_millis())
+            kafka.start(node).await;
+            format!(
+                "node {node} (leader of partition {partition}) SIGKILLed, started again after {}ms",
+                p.pause.as_millis()
+            )
         }
         Kind::PgRestart => {
             let t = Instant::now();
@@ -349,8 +380,9 @@ async fn apply_fault(kind: Kind, p: &FaultParams, pg: &TestPostgres, tansu: &mut
             // publish the backlog in per-aggregate chains. In modes 1 and 2 the batches are still
             // publishing when their sessions, and so their row locks, go away.
             let stop = p.pause.min(Duration::from_millis(3000));
+            let mut killed = [0; 2];
             if p.mode > 0 {
-                tansu.pause();
+                killed = kill_two(kafka, topic, partition).await;
             }
             if p.mode == 1 {
                 tokio::time::sleep(p.down.min(stop)).await;
@@ -362,7 +394,9 @@ async fn apply_fault(kind: Kind, p: &FaultParams, pg: &TestPostgres, tansu: &mut
             };
             if p.mode > 0 {
                 tokio::time::sleep(stop.saturating_sub(p.down)).await;
-                tansu.resume();
+                for node in killed {
+                    kafka.start(node).await;
+                }
             }
             if p.mode == 2 {
                 tokio::time::sleep(p.down / 4).await;
@@ -379,12 +413,12 @@ async fn apply_fault(kind: Kind, p: &FaultParams, pg: &TestPostgres, tansu: &mut
             match p.mode {
                 0 => what,
                 1 => format!(
-                    "{what} {}ms into a {}ms broker stop (SIGSTOP)",
+                    "{what} {}ms after nodes {killed:?} were SIGKILLed (started again {}ms later)",
                     p.down.min(stop).as_millis(),
                     stop.max(p.down).as_millis()
                 ),
                 _ => format!(
-                    "{what} {}ms after a {}ms broker stop (SIGSTOP) ended",
+                    "{what} {}ms after nodes {killed:?}, SIGKILLed for {}ms, were started again",
                     (p.down / 4).as_millis(),
                     stop.saturating_sub(p.down).as_millis()
                 ),
@@ -407,10 +441,8 @@ async fn terminate_backends(pg: &TestPostgres, application_name: &str) -> Result
 }
 
 async fn run_chaos(rounds: usize) {
-    let Some(tansu_bin) = support::find_tansu() else {
-        eprintln!(
-            "chaos: skipped: tansu is not installed (run scripts/test, or set TANSU / OUTBOX_TOOLS)"
-        );
+    let Some((_faults, kafka)) = support::fault_cluster().await else {
+        eprintln!("chaos: skipped: no real Kafka cluster (OUTBOX_TEST_KAFKA=mock, or no Java)");
         return;
     };
     let seed: u64 = std::env::var("OUTBOX_CHAOS_SEED")
@@ -447,7 +479,6 @@ async fn run_chaos(rounds: usize) {
         .start()
         .await
         .expect("starting the chaos suite's own Postgres");
-    let tansu = Tansu::start(&tansu_bin, logs.path()).await;
     let table = support::unique_name("chaos");
     let channel = support::unique_name("chaos_wake");
     let topic = support::unique_name("chaos");
@@ -457,13 +488,14 @@ async fn run_chaos(rounds: usize) {
             .await
             .expect("migrating the outbox table");
     }
-    outbox::testing::create_topic(&tansu.brokers, &topic, PARTITIONS)
+    let brokers = kafka.brokers();
+    outbox::testing::create_topic(&brokers, &topic, PARTITIONS)
         .await
-        .unwrap_or_else(|e| panic!("creating topic {topic} on {}: {e}", tansu.brokers));
+        .unwrap_or_else(|e| panic!("creating topic {topic} on {brokers}: {e}"));
 
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), pg.url()),
-        ("KAFKA_BROKERS".into(), tansu.brokers.clone()),
+        ("KAFKA_BROKERS".into(), brokers.clone()),
         ("OUTBOX_TABLE".into(), table.clone()),
         ("OUTBOX_CHANNEL".into(), channel.clone()),
     ];
@@ -484,7 +516,8 @@ async fn run_chaos(rounds: usize) {
     };
     let mut chaos = Chaos {
         pg,
-        tansu,
+        kafka,
+        topic: topic.clone(),
         relays,
         rng: StdRng::seed_from_u64(seed),
         started,
@@ -496,7 +529,7 @@ async fn run_chaos(rounds: usize) {
     };
     chaos.note(format!(
         "seed={seed} rounds={rounds} table={table} topic={topic} brokers={} started_at={} logs={}",
-        chaos.tansu.brokers,
+        brokers,
         chrono::DateTime::<chrono::Utc>::from(SystemTime::now() - started.elapsed())
             .format("%H:%M:%S%.3fZ"),
         logs.path().display()
@@ -545,7 +578,7 @@ async fn run_chaos(rounds: usize) {
         wlog.unknown,
         wlog.maybe.len()
     ));
-    chaos.tansu.resume();
+    chaos.kafka.heal().await;
     chaos
         .pg
         .start_again()
@@ -645,7 +678,7 @@ async fn run_chaos(rounds: usize) {
     ));
 
     // Read the topic back.
-    let mut reader = TopicReader::connect(&chaos.tansu.brokers, &topic, Duration::from_secs(30))
+    let mut reader = TopicReader::connect(&brokers, &topic, Duration::from_secs(30))
         .await
         .unwrap_or_else(|e| panic!("reading topic {topic}: {e}"));
     let mut records: Vec<ConsumedRecord> = Vec::new();
@@ -666,6 +699,10 @@ async fn run_chaos(rounds: usize) {
         }
     }
     records.sort_by_key(|r| (r.partition, r.offset));
+    // The official Java consumer reads the same topic: same records, keys, values, headers.
+    let java =
+        support::java_read(chaos.kafka, &topic, records.len(), Duration::from_secs(90)).await;
+    support::assert_same_as_java(&records, &java);
 
     let report = verify(&committed, &not_committed, &records);
     let figures = format!(
@@ -898,54 +935,6 @@ fn now_ms() -> i64 {
 // ----------------------------------------------------------------------------------------------
 // Verifier
 // ----------------------------------------------------------------------------------------------
-
-/// What arrived for one aggregate so far.
-#[derive(Default)]
-struct AggCheck {
-    seen: HashSet<u64>,
-    max: Option<u64>,
-    prev: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    New,
-    Duplicate,
-    /// A new counter lower than one already seen.
-    OutOfOrder,
-    /// A new counter while a replay had not caught up yet.
-    NewBeforeReplayDone,
-    /// A duplicate more than one ahead of the record before it.
-    ReplaySkip,
-}
-
-impl Verdict {
-    fn is_violation(self) -> bool {
-        !matches!(self, Verdict::New | Verdict::Duplicate)
-    }
-}
-
-impl AggCheck {
-    fn push(&mut self, c: u64) -> Verdict {
-        let verdict = if self.seen.contains(&c) {
-            match self.prev {
-                Some(p) if c <= p + 1 => Verdict::Duplicate,
-                _ => Verdict::ReplaySkip,
-            }
-        } else if self.max.is_some_and(|m| c < m) {
-            Verdict::OutOfOrder
-        } else if self.prev != self.max {
-            Verdict::NewBeforeReplayDone
-        } else {
-            Verdict::New
-        };
-        if self.seen.insert(c) {
-            self.max = Some(self.max.map_or(c, |m| m.max(c)));
-        }
-        self.prev = Some(c);
-        verdict
-    }
-}
 
 struct Violation {
     aggregate: String,
@@ -1194,7 +1183,7 @@ async fn run_writer(
 }
 
 // ----------------------------------------------------------------------------------------------
-// Processes: relays and tansu
+// Processes: relays
 // ----------------------------------------------------------------------------------------------
 
 /// Whether `setpriv --pdeathsig` works here: children then die with this process even when it
@@ -1410,88 +1399,5 @@ impl Drop for Relays {
             let _ = r.child.kill();
             let _ = r.child.wait();
         }
-    }
-}
-
-/// A private tansu broker (memory storage) that can be paused.
-struct Tansu {
-    child: Child,
-    brokers: String,
-    paused: bool,
-}
-
-impl Tansu {
-    async fn start(program: &Path, dir: &Path) -> Tansu {
-        let mut last = String::new();
-        for attempt in 0..3 {
-            let port = support::free_port().expect("a free port for tansu");
-            let url = format!("tcp://127.0.0.1:{port}");
-            let log = dir.join(format!("tansu-{attempt}.log"));
-            let env = [(
-                "RUST_LOG".to_string(),
-                std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-            )];
-            let mut child = spawn_process(
-                program,
-                &[
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                &env,
-                &[],
-                &log,
-            )
-            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                if TcpStream::connect_timeout(
-                    &([127, 0, 0, 1], port).into(),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-                {
-                    return Tansu {
-                        child,
-                        brokers: format!("127.0.0.1:{port}"),
-                        paused: false,
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last = std::fs::read_to_string(&log).unwrap_or_default();
-        }
-        panic!(
-            "tansu ({}) did not start; its log:\n{last}",
-            program.display()
-        );
-    }
-
-    fn pause(&mut self) {
-        signal(&mut self.child, "STOP");
-        self.paused = true;
-    }
-
-    fn resume(&mut self) {
-        if self.paused {
-            signal(&mut self.child, "CONT");
-            self.paused = false;
-        }
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

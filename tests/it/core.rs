@@ -357,6 +357,13 @@ async fn end_to_end_publishes_records_marks_done_and_acks() {
         .is_none());
     assert!(matches!(outbox.start(), Err(Error::Relay(_))));
     reader.assert_idle(Duration::from_millis(500)).await;
+
+    // An independent reader (the official Java consumer) sees the same records: keys, values,
+    // headers, partitions and offsets.
+    if let Some(cluster) = support::shared_cluster() {
+        let java = support::java_read(cluster, &env.topic, 6, Duration::from_secs(60)).await;
+        support::assert_same_as_java(&records, &java);
+    }
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! Tests of the test infrastructure itself: throwaway Postgres, tansu / mock Kafka, read-back
+//! Tests of the test infrastructure itself: throwaway Postgres, Apache Kafka / mock Kafka, read-back
 //! helpers.
 
 use std::time::Duration;

@@ -7,5 +7,6 @@ mod faults;
 mod guarantees;
 mod infra;
 mod interop;
+mod kafka;
 mod support;
 mod tls;

@@ -4,16 +4,19 @@
 //!   `DATABASE_URL` when it is set, else one throwaway [`TestPostgres`] shared by every test of
 //!   this process (started on first use, removed when the process exits). Tests that stop or
 //!   restart Postgres must start their own `TestPostgres` instead.
-//! * Kafka: [`kafka_brokers`] returns `KAFKA_BROKERS` when it is set (`scripts/test` starts tansu
-//!   and sets it), else starts one tansu broker for this process, else (no tansu installed, or
-//!   `OUTBOX_TEST_KAFKA=mock`) falls back to an in-process [`MockKafka`]. Create topics with
-//!   [`create_topic`], which works with all three.
+//! * Kafka: [`kafka_brokers`] returns `KAFKA_BROKERS` when it is set (`scripts/test` starts a
+//!   3-node Apache Kafka cluster with `scripts/kafka-cluster` and sets it), else falls back to an
+//!   in-process [`MockKafka`]. Create topics with [`create_topic`], which works with both (auto
+//!   create is off on the cluster). Tests that stop, kill or restart brokers take the private
+//!   [`fault_cluster`] (one at a time); [`Cluster`] controls nodes and finds partition leaders;
+//!   [`eventually`] replaces hand-written deadline loops.
 //! * [`unique_name`] gives every test its own table / topic names, so tests run in parallel.
 //!
 //! Nothing here is tied to a tokio runtime: every `#[tokio::test]` runs its own runtime, and the
 //! shared servers are plain processes.
 #![allow(dead_code, unused_imports)]
 
+use std::collections::HashSet;
 use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -89,11 +92,10 @@ pub async fn shared_test_postgres() -> &'static TestPostgres {
 // ----------------------------------------------------------------------------------------------
 
 enum Kafka {
-    External(String),
-    Tansu {
+    /// `KAFKA_BROKERS`; with `OUTBOX_KAFKA_CLUSTER`, the cluster of `scripts/kafka-cluster` it is.
+    External {
         brokers: String,
-        /// `sh` wrapper: kills tansu when its stdin (held only by this process) closes.
-        _guard: Mutex<Child>,
+        cluster: Option<Cluster>,
     },
     Mock(MockKafka),
 }
@@ -101,7 +103,7 @@ enum Kafka {
 impl Kafka {
     fn brokers(&self) -> String {
         match self {
-            Kafka::External(b) | Kafka::Tansu { brokers: b, .. } => b.clone(),
+            Kafka::External { brokers, .. } => brokers.clone(),
             Kafka::Mock(m) => m.bootstrap_servers(),
         }
     }
@@ -113,26 +115,22 @@ fn kafka() -> &'static Kafka {
     KAFKA.get_or_init(|| {
         if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
             if !brokers.is_empty() {
-                return Kafka::External(brokers);
+                let cluster = std::env::var_os("OUTBOX_KAFKA_CLUSTER")
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Cluster::open(PathBuf::from(d)));
+                return Kafka::External { brokers, cluster };
             }
         }
-        let want_mock = std::env::var("OUTBOX_TEST_KAFKA").as_deref() == Ok("mock");
-        if !want_mock {
-            if let Some(tansu) = find_tansu() {
-                return start_tansu(&tansu);
-            }
-            eprintln!(
-                "support: KAFKA_BROKERS is not set and tansu is not installed: using librdkafka's \
-                 mock cluster (run scripts/test to test against tansu)"
-            );
-        }
+        eprintln!(
+            "support: KAFKA_BROKERS is not set: using librdkafka's mock cluster (run scripts/test \
+             to test against a 3-node Apache Kafka cluster)"
+        );
         Kafka::Mock(MockKafka::start(1).expect("starting the librdkafka mock cluster"))
     })
 }
 
-/// `bootstrap.servers` of the test Kafka: `KAFKA_BROKERS`, else a tansu broker started once per
-/// test process, else an in-process mock cluster (see the module docs). Blocks on first use
-/// while the broker starts (about a second).
+/// `bootstrap.servers` of the test Kafka: `KAFKA_BROKERS` (`scripts/test` starts a 3-node
+/// cluster and sets it), else an in-process mock cluster (see the module docs).
 pub fn kafka_brokers() -> String {
     kafka().brokers()
 }
@@ -142,8 +140,18 @@ pub fn kafka_is_mock() -> bool {
     matches!(kafka(), Kafka::Mock(_))
 }
 
-/// Creates a topic on the test Kafka (CreateTopics, or the mock cluster's own API) and waits
-/// until it is usable.
+/// The shared test cluster when `scripts/test` started it (`OUTBOX_KAFKA_CLUSTER`): for tests
+/// that read its SASL_SSL listener or credentials. Do not stop its nodes: other tests use it at
+/// the same time; use [`fault_cluster`] for broker faults.
+pub fn shared_cluster() -> Option<&'static Cluster> {
+    match kafka() {
+        Kafka::External { cluster, .. } => cluster.as_ref(),
+        Kafka::Mock(_) => None,
+    }
+}
+
+/// Creates a topic on the test Kafka (CreateTopics with the broker's default replication factor,
+/// or the mock cluster's own API) and waits until it is usable.
 pub async fn create_topic(name: &str, partitions: i32) {
     match kafka() {
         Kafka::Mock(m) => {
@@ -159,89 +167,279 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
-/// The tansu binary: `$TANSU`, `tansu` on PATH, `$OUTBOX_TOOLS/bin/tansu`,
-/// `$HOME/.cache/outbox-tools/bin/tansu` or `/root/.cache/outbox-tools/bin/tansu`.
-pub fn find_tansu() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(t) = std::env::var_os("TANSU") {
-        candidates.push(PathBuf::from(t));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("tansu")));
-    }
-    if let Some(tools) = std::env::var_os("OUTBOX_TOOLS") {
-        candidates.push(PathBuf::from(tools).join("bin/tansu"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cache/outbox-tools/bin/tansu"));
-    }
-    candidates.push(PathBuf::from("/root/.cache/outbox-tools/bin/tansu"));
-    candidates.into_iter().find(|p| p.is_file())
+// ----------------------------------------------------------------------------------------------
+// Apache Kafka cluster control (scripts/kafka-cluster)
+// ----------------------------------------------------------------------------------------------
+
+/// `scripts/kafka-cluster` of this checkout.
+pub fn cluster_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-cluster")
 }
 
-fn start_tansu(tansu: &std::path::Path) -> Kafka {
-    let mut last = String::new();
-    for _ in 0..3 {
-        let port = free_port().expect("finding a free port for tansu");
-        let url = format!("tcp://127.0.0.1:{port}");
-        // Runs tansu, then waits for EOF on stdin (this process exiting or dropping the guard)
-        // and kills it. Signals are ignored so that Ctrl-C still reaches the cleanup.
-        let script = r#"log=$1; shift
-"$@" >"$log" 2>&1 &
-pid=$!
-trap '' INT HUP TERM QUIT
-cat >/dev/null 2>&1
-kill -9 "$pid" 2>/dev/null
-wait "$pid" 2>/dev/null
-rm -f "$log""#;
-        let log =
-            std::env::temp_dir().join(format!("outbox-it-tansu-{}-{port}.log", std::process::id()));
-        let child = Command::new("/bin/sh")
+/// A KRaft cluster made by `scripts/kafka-cluster` (combined broker+controller nodes `1..=n`,
+/// replication factor 3, `min.insync.replicas=2`, auto-create off), controlled through its
+/// state directory: stop, kill -9 and restart single nodes (with their data), find leaders.
+pub struct Cluster {
+    dir: PathBuf,
+    /// Keeps a private cluster alive: a `sh` wrapper destroys it when its stdin closes (this
+    /// process exiting). `None` for the cluster of `scripts/test`.
+    _guard: Option<Mutex<Child>>,
+}
+
+impl Cluster {
+    fn open(dir: PathBuf) -> Cluster {
+        Cluster { dir, _guard: None }
+    }
+
+    /// Starts a private cluster in a new temporary directory (about 30–60 s; the jars are fetched
+    /// once, see `scripts/kafka-cluster`). It is destroyed when this process exits.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start (the message has the nodes' log tails).
+    pub async fn start_private() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-it-kafka-")
+            .tempdir()
+            .expect("a temporary directory for a Kafka cluster")
+            .keep();
+        let script = cluster_script();
+        let out = tokio::process::Command::new(&script)
+            .arg("--dir")
+            .arg(&dir)
+            .arg("start")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        if !out.status.success() {
+            let mut tails = String::new();
+            for n in 1..=3 {
+                let log = dir.join(format!("node{n}/server.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<_> = text.lines().rev().take(20).collect();
+                tails += &format!("\n--- {}\n", log.display());
+                tails += &lines.into_iter().rev().collect::<Vec<_>>().join("\n");
+            }
+            let _ = std::process::Command::new(&script)
+                .arg("--dir")
+                .arg(&dir)
+                .arg("destroy")
+                .status();
+            panic!(
+                "starting a private Kafka cluster failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                tails
+            );
+        }
+        // Destroys the cluster once this process is gone (its stdin closes). Signals are ignored
+        // so that Ctrl-C of the test run still reaches the cleanup.
+        let guard = Command::new("/bin/sh")
             .arg("-c")
-            .arg(script)
-            .arg("outbox-it-tansu")
-            .arg(&log)
-            .arg(tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env(
-                "RUST_LOG",
-                std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .arg(r#"trap '' INT HUP TERM QUIT; cat >/dev/null 2>&1; "$0" --dir "$1" destroy >/dev/null 2>&1"#)
+            .arg(&script)
+            .arg(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawning /bin/sh to run tansu");
-        let brokers = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(
-                &([127, 0, 0, 1], port).into(),
-                Duration::from_millis(200),
-            )
-            .is_ok()
-            {
-                return Kafka::Tansu {
-                    brokers,
-                    _guard: Mutex::new(child),
-                };
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            .expect("spawning the cluster's cleanup wrapper");
+        Cluster {
+            dir,
+            _guard: Some(Mutex::new(guard)),
         }
-        last = std::fs::read_to_string(&log).unwrap_or_default();
-        drop(child); // closes stdin: the wrapper kills tansu
     }
-    panic!(
-        "tansu ({}) did not start listening; its log:\n{last}",
-        tansu.display()
-    );
+
+    /// The state directory (see `scripts/kafka-cluster`).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_else(|e| panic!("reading {}/{file}: {e}", self.dir.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// `bootstrap.servers` of the PLAINTEXT listeners.
+    pub fn brokers(&self) -> String {
+        self.read("brokers")
+    }
+
+    /// `bootstrap.servers` of the SASL_SSL (SCRAM-SHA-512) listeners.
+    pub fn sasl_brokers(&self) -> String {
+        self.read("sasl_brokers")
+    }
+
+    /// The SCRAM-SHA-512 user and its password.
+    pub fn sasl_credentials(&self) -> (String, String) {
+        (self.read("sasl_user"), self.read("sasl_password"))
+    }
+
+    /// PEM file of the certificate the SASL_SSL listeners present.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Node ids (`1..=3`).
+    pub fn nodes(&self) -> Vec<i32> {
+        (1..=3)
+            .filter(|n| self.dir.join(format!("node{n}")).is_dir())
+            .collect()
+    }
+
+    /// Runs `scripts/kafka-cluster --dir DIR args…` (deadline 200 s) and panics when it fails.
+    pub async fn control(&self, args: &[&str]) {
+        let script = cluster_script();
+        let run = tokio::process::Command::new(&script)
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(200), run)
+            .await
+            .unwrap_or_else(|_| panic!("kafka-cluster {args:?}: no answer within 200 s"))
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "kafka-cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// SIGKILLs node `n` (a crash: its data stays).
+    pub async fn kill(&self, n: i32) {
+        self.control(&["kill", &n.to_string()]).await;
+    }
+
+    /// Stops node `n` with SIGTERM (controlled shutdown: leadership moves first).
+    pub async fn stop(&self, n: i32) {
+        self.control(&["stop-node", &n.to_string()]).await;
+    }
+
+    /// Starts node `n` again on its data; returns at once (see [`Cluster::wait_ready`]).
+    pub async fn start(&self, n: i32) {
+        self.control(&["start-node", &n.to_string()]).await;
+    }
+
+    /// Starts every node that is down and waits until the metadata lists all of them.
+    pub async fn heal(&self) {
+        for n in self.nodes() {
+            self.start(n).await;
+        }
+        self.wait_ready().await;
+    }
+
+    /// Waits until the metadata lists every running node.
+    pub async fn wait_ready(&self) {
+        self.control(&["wait"]).await;
+    }
+
+    /// The leader of `topic`'s `partition` by the cluster's metadata (deadline 30 s); `None`
+    /// while it has none.
+    pub async fn leader(&self, topic: &str, partition: i32) -> Option<i32> {
+        let brokers = self.brokers();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .expect("a metadata client");
+            use rdkafka::consumer::Consumer as _;
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(30))
+                .ok()?;
+            let t = md.topics().iter().find(|t| t.name() == topic)?;
+            let p = t.partitions().iter().find(|p| p.id() == partition)?;
+            (p.leader() >= 0).then_some(p.leader())
+        })
+        .await
+        .expect("the metadata task")
+    }
+
+    /// Waits (deadline `within`) until `partition`'s leader is a node other than `not`; returns it.
+    pub async fn wait_new_leader(
+        &self,
+        topic: &str,
+        partition: i32,
+        not: i32,
+        within: Duration,
+    ) -> i32 {
+        eventually(
+            within,
+            &format!("a new leader of {topic}/{partition}"),
+            || async {
+                match self.leader(topic, partition).await {
+                    Some(l) if l != not => Ok(l),
+                    other => Err(format!("leader {other:?}")),
+                }
+            },
+        )
+        .await
+    }
+}
+
+static FAULT_CLUSTER: tokio::sync::OnceCell<Option<Cluster>> = tokio::sync::OnceCell::const_new();
+static FAULT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A private 3-node cluster for tests that stop, kill or restart brokers, shared by such tests of
+/// this process one at a time (the guard serializes them; the cluster is healed, every node
+/// running, before it is handed out). Started on first use (30–60 s), destroyed at exit.
+///
+/// `None` (the caller skips, saying so) when the suite runs against the mock cluster
+/// (`OUTBOX_TEST_KAFKA=mock`, or `KAFKA_BROKERS` unset without `OUTBOX_KAFKA_CLUSTER`) or Java
+/// is missing.
+pub async fn fault_cluster() -> Option<(tokio::sync::MutexGuard<'static, ()>, &'static Cluster)> {
+    let guard = FAULT_LOCK.lock().await;
+    let cluster = FAULT_CLUSTER
+        .get_or_init(|| async {
+            let mock = std::env::var("OUTBOX_TEST_KAFKA").as_deref() == Ok("mock");
+            let java = Command::new("java")
+                .arg("-version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if mock || !java || shared_cluster().is_none() && kafka_is_mock() {
+                return None;
+            }
+            Some(Cluster::start_private().await)
+        })
+        .await
+        .as_ref()?;
+    cluster.heal().await;
+    Some((guard, cluster))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Waiting
+// ----------------------------------------------------------------------------------------------
+
+/// Polls `probe` (every 100 ms) until it returns `Ok`, and returns that value; `Err` carries a
+/// description of the state so far.
+///
+/// # Panics
+///
+/// When `within` passes first; the message names `what` and the last state.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(state) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {within:?}; last state: {state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -384,4 +582,263 @@ pub async fn stop_and_join(
         .expect("the relay task ends after stop")
         .expect("the relay task did not panic")
         .expect("the relay ended without error");
+}
+
+// ----------------------------------------------------------------------------------------------
+// Order and duplicate checks
+// ----------------------------------------------------------------------------------------------
+
+/// The order rule for one aggregate's records, fed in publication (partition offset) order: each
+/// new counter must be above every counter seen; a duplicate is allowed only as part of a
+/// contiguous replay (it starts at any earlier counter and runs c, c+1, …, and nothing new comes
+/// before the replay caught up). What arrived for one aggregate so far.
+#[derive(Default)]
+pub struct AggCheck {
+    /// Every counter seen.
+    pub seen: HashSet<u64>,
+    /// The highest counter seen.
+    pub max: Option<u64>,
+    /// The counter of the record before.
+    pub prev: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    New,
+    Duplicate,
+    /// A new counter lower than one already seen.
+    OutOfOrder,
+    /// A new counter while a replay had not caught up yet.
+    NewBeforeReplayDone,
+    /// A duplicate more than one ahead of the record before it.
+    ReplaySkip,
+}
+
+impl Verdict {
+    pub fn is_violation(self) -> bool {
+        !matches!(self, Verdict::New | Verdict::Duplicate)
+    }
+}
+
+impl AggCheck {
+    pub fn push(&mut self, c: u64) -> Verdict {
+        let verdict = if self.seen.contains(&c) {
+            match self.prev {
+                Some(p) if c <= p + 1 => Verdict::Duplicate,
+                _ => Verdict::ReplaySkip,
+            }
+        } else if self.max.is_some_and(|m| c < m) {
+            Verdict::OutOfOrder
+        } else if self.prev != self.max {
+            Verdict::NewBeforeReplayDone
+        } else {
+            Verdict::New
+        };
+        if self.seen.insert(c) {
+            self.max = Some(self.max.map_or(c, |m| m.max(c)));
+        }
+        self.prev = Some(c);
+        verdict
+    }
+}
+
+/// The result of [`check_delivery`].
+#[derive(Debug, Default)]
+pub struct DeliveryCheck {
+    /// Expected event ids that never arrived.
+    pub lost: Vec<uuid::Uuid>,
+    /// Records whose event id was not expected.
+    pub unexpected: Vec<String>,
+    /// Order violations: "aggregate: p/offset counter N: verdict".
+    pub violations: Vec<String>,
+    /// Records that repeated an event already read (allowed as contiguous replays).
+    pub duplicates: usize,
+}
+
+impl DeliveryCheck {
+    /// Panics with the details unless nothing was lost, nothing unexpected arrived and no order
+    /// rule was broken.
+    pub fn assert_ok(&self, what: &str) {
+        assert!(
+            self.lost.is_empty() && self.unexpected.is_empty() && self.violations.is_empty(),
+            "{what}: lost {} (first {:?}), unexpected {} (first {:?}), order violations {} (first {:?}), duplicates {}",
+            self.lost.len(),
+            &self.lost[..self.lost.len().min(5)],
+            self.unexpected.len(),
+            &self.unexpected[..self.unexpected.len().min(5)],
+            self.violations.len(),
+            &self.violations[..self.violations.len().min(5)],
+            self.duplicates
+        );
+    }
+}
+
+/// Checks records read back against what was written: `expected` maps each event id to its
+/// aggregate (the key) and its per-aggregate counter (0, 1, 2, … in commit order). Records
+/// (identified by their `event_id` header) must come sorted by partition
+/// and offset (as [`consume_all`] returns them). Every expected id must arrive, no other id, and
+/// each aggregate's counters must follow the [`AggCheck`] rule; the key must be the aggregate.
+pub fn check_delivery(
+    expected: &std::collections::HashMap<uuid::Uuid, (String, u64)>,
+    records: &[ConsumedRecord],
+) -> DeliveryCheck {
+    use std::collections::{HashMap, HashSet};
+    let mut check = DeliveryCheck::default();
+    let mut aggs: HashMap<String, AggCheck> = HashMap::new();
+    let mut seen: HashSet<uuid::Uuid> = HashSet::new();
+    for r in records {
+        let id = r
+            .header("event_id")
+            .and_then(|s| uuid::Uuid::parse_str(s).ok());
+        let Some((aggregate, counter)) = id.and_then(|id| expected.get(&id)) else {
+            check.unexpected.push(format!(
+                "{}/{}@{} key {:?}",
+                r.topic, r.partition, r.offset, r.key
+            ));
+            continue;
+        };
+        if r.key_str() != aggregate {
+            check.violations.push(format!(
+                "{aggregate}: {}/{} has key {:?}",
+                r.partition,
+                r.offset,
+                r.key_str()
+            ));
+        }
+        if !seen.insert(id.expect("checked")) {
+            check.duplicates += 1;
+        }
+        let verdict = aggs.entry(aggregate.clone()).or_default().push(*counter);
+        if verdict.is_violation() {
+            check.violations.push(format!(
+                "{aggregate}: {}/{} counter {counter}: {verdict:?}",
+                r.partition, r.offset
+            ));
+        }
+    }
+    check.lost = expected
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    check
+}
+
+// ----------------------------------------------------------------------------------------------
+// An independent reader: the official Java consumer
+// ----------------------------------------------------------------------------------------------
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s == "-" {
+        return None;
+    }
+    let b = s.as_bytes();
+    Some(
+        (0..b.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex from Verify.java"))
+            .collect(),
+    )
+}
+
+/// Reads `topic` of `cluster` from the beginning with the official Java consumer
+/// (`tests/it/java/Verify.java`, run as a single-file source program on the cluster's Kafka
+/// jars) until `expected` records arrived or `timeout` passed; returns them sorted by partition
+/// and offset, as [`ConsumedRecord`]s (header values and keys as text, like rdkafka's reader).
+///
+/// # Panics
+///
+/// When `java` cannot run or exits non-zero (its stderr is in the message).
+pub async fn java_read(
+    cluster: &Cluster,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<ConsumedRecord> {
+    let lib = cluster.read("lib");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/java/Verify.java");
+    let run = tokio::process::Command::new("java")
+        .arg("-Xmx256m")
+        .arg("-XX:TieredStopAtLevel=1")
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            cluster.dir.join("log4j2-tools.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{lib}/*"))
+        .arg(&source)
+        .arg(cluster.brokers())
+        .arg(topic)
+        .arg(expected.to_string())
+        .arg(timeout.as_millis().to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout + Duration::from_secs(60), run)
+        .await
+        .expect("Verify.java ends within its timeout + 60 s")
+        .expect("running java");
+    assert!(
+        out.status.success(),
+        "Verify.java failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let mut records: Vec<ConsumedRecord> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("R "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let headers = if f[4] == "." {
+                Vec::new()
+            } else {
+                f[4].split(',')
+                    .map(|h| {
+                        let (k, v) = h.split_once('=').expect("name=value");
+                        (
+                            text(unhex(k)).unwrap_or_default(),
+                            text(unhex(v)).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            };
+            ConsumedRecord {
+                topic: topic.to_string(),
+                partition: f[0].parse().expect("partition"),
+                offset: f[1].parse().expect("offset"),
+                key: text(unhex(f[2])),
+                payload: unhex(f[3]),
+                headers,
+                timestamp_ms: None,
+            }
+        })
+        .collect();
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+}
+
+/// Asserts that the Java consumer read the same records as rdkafka: partition, offset, key,
+/// value and headers (names, values, order), record by record.
+pub fn assert_same_as_java(rdkafka: &[ConsumedRecord], java: &[ConsumedRecord]) {
+    let strip = |r: &ConsumedRecord| {
+        (
+            r.partition,
+            r.offset,
+            r.key.clone(),
+            r.payload.clone(),
+            r.headers.clone(),
+        )
+    };
+    let mut rd: Vec<_> = rdkafka.iter().map(strip).collect();
+    rd.sort_by_key(|r| (r.0, r.1));
+    let jv: Vec<_> = java.iter().map(strip).collect();
+    assert_eq!(
+        rd.len(),
+        jv.len(),
+        "rdkafka read {} records, the Java consumer {}",
+        rd.len(),
+        jv.len()
+    );
+    for (a, b) in rd.iter().zip(&jv) {
+        assert_eq!(a, b, "rdkafka and the Java consumer disagree");
+    }
 }
