@@ -976,9 +976,9 @@ pub async fn wait_for_topic(brokers: &str, topic: &str, timeout: Duration) -> Ka
     .map_err(|_| KafkaError::MetadataFetch(RDKafkaErrorCode::Fail))?
 }
 
-/// Creates a topic through the Kafka admin API (CreateTopics) with the broker's default
-/// replication factor (`default.replication.factor`; 3 on the test cluster of
-/// `scripts/kafka-cluster`) and waits until its partitions have leaders. Works with Apache Kafka
+/// Creates a topic through the Kafka admin API (CreateTopics) with replication factor
+/// min(3, brokers in the cluster) — 3 on the test cluster of `scripts/kafka-cluster` — and waits
+/// until its partitions have leaders. Works with Apache Kafka
 /// and other brokers that implement CreateTopics, not with [`MockKafka`] (use
 /// [`MockKafka::create_topic`]).
 pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> KafkaResult<()> {
@@ -994,8 +994,22 @@ pub async fn create_topic_with_config(
     config: &[(&str, &str)],
 ) -> KafkaResult<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(brokers).create()?;
-    // -1: the broker's default replication factor (KIP-464).
-    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
+    // An explicit factor: librdkafka 2.12's -1 ("the broker's default", KIP-464) made topics
+    // with one replica on Apache Kafka 4.1.
+    let cluster_size = {
+        let config = client_config(brokers);
+        tokio::task::spawn_blocking(move || -> KafkaResult<usize> {
+            let consumer: BaseConsumer = config.create()?;
+            Ok(consumer
+                .fetch_metadata(None, Duration::from_secs(10))?
+                .brokers()
+                .len())
+        })
+        .await
+        .map_err(|_| KafkaError::MetadataFetch(RDKafkaErrorCode::Fail))??
+    };
+    let replication = cluster_size.clamp(1, 3) as i32;
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     for (k, v) in config {
         topic = topic.set(k, v);
     }

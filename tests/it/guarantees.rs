@@ -821,8 +821,8 @@ async fn s5_oversized_event_is_dead_lettered_once_and_others_flow() {
 /// aggregates: only the big one may become a dead letter.
 ///
 /// Fails today on Apache Kafka in most runs (2 of 3 here): when librdkafka puts the small events
-/// in the same record batch as the
-/// big one, the broker refuses the whole batch and the relay dead-letters all 11 events with
+/// in the same record batch as the big one, the broker refuses the whole batch and the relay
+/// dead-letters all 11 events with
 /// "Broker: Message size too large" (seen with Kafka 4.1.1, librdkafka 2.12). The relay must not
 /// take MESSAGE_TOO_LARGE from the broker as permanent for every message of the batch (retry
 /// the others, or send a message alone before dead-lettering it). Needs a real broker: the mock

@@ -310,6 +310,42 @@ impl Cluster {
         );
     }
 
+    /// Runs a Kafka command-line tool (`org.apache.kafka.tools.…`) on the cluster's classpath and
+    /// returns its standard output and error (deadline 200 s), whether it succeeded or not.
+    pub async fn tool(&self, args: &[&str]) -> String {
+        let run = tokio::process::Command::new(cluster_script())
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("tool")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(200), run).await {
+            Ok(Ok(out)) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Ok(Err(e)) => format!("running kafka-cluster tool: {e}"),
+            Err(_) => "kafka-cluster tool: no answer within 200 s".into(),
+        }
+    }
+
+    /// `TopicCommand --describe` of `topic`: leader, replicas and ISR of each partition.
+    pub async fn describe(&self, topic: &str) -> String {
+        let brokers = self.brokers();
+        self.tool(&[
+            "org.apache.kafka.tools.TopicCommand",
+            "--bootstrap-server",
+            &brokers,
+            "--describe",
+            "--topic",
+            topic,
+        ])
+        .await
+    }
+
     /// SIGKILLs node `n` (a crash: its data stays).
     pub async fn kill(&self, n: i32) {
         self.control(&["kill", &n.to_string()]).await;
