@@ -2,22 +2,20 @@
 //! Kafka-protocol broker (`support::kafka_brokers()`) or a private `MockKafka` where a Kafka
 //! fault is injected, and every outcome read back with a real rdkafka consumer.
 //!
-//! S2 and S12c (child variant) run a relay in a child process (`examples/relay.rs`) so that it
-//! can be SIGKILLed / SIGTERMed: the test builds the example with
-//! `cargo build --example relay --features testing` (same features and target directory as the
-//! test binary, so only the example itself is compiled) — see [`relay_example`].
+//! S2 and S12c (child variant) run the `outbox-relay` binary in a child process
+//! ([`support::ChildRelay`]) so that it can be SIGKILLed / SIGTERMed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::{NewEvent, Outbox, OutboxBuilder, Writer};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::support::ChildRelay;
 use crate::support::{self, ConsumedRecord, MockKafka, TopicReader};
 
 // ----------------------------------------------------------------------------------------------
@@ -258,152 +256,6 @@ async fn stop_relay(
     stopped.and(joined)
 }
 
-// ----------------------------------------------------------------------------------------------
-// The relay as a child process (examples/relay.rs)
-// ----------------------------------------------------------------------------------------------
-
-/// Builds `examples/relay.rs` once per test process and returns the binary's path.
-///
-/// Runs `$CARGO build --example relay --features testing` (plus `--release` when this test binary
-/// is a release build) in the crate directory with `CARGO_TARGET_DIR` set to this binary's
-/// target directory: the library is already built with the same features, so only the example
-/// compiles. Blocking; call it through `spawn_blocking`.
-fn relay_example() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        // target/<profile>/deps/it-xxxx
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .ok_or_else(|| format!("unexpected test binary path {}", exe.display()))?;
-        let target_dir = profile_dir
-            .parent()
-            .ok_or_else(|| format!("unexpected test binary path {}", exe.display()))?;
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--example", "relay", "--features", "testing"])
-            .env("CARGO_TARGET_DIR", target_dir)
-            .stdin(Stdio::null());
-        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-            cmd.arg("--release");
-        }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("running cargo build --example relay: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cargo build --example relay failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let bin = profile_dir.join("examples").join("relay");
-        if !bin.is_file() {
-            return Err(format!("{} missing after the build", bin.display()));
-        }
-        Ok(bin)
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A child relay: SIGKILLed when dropped; its stdout and stderr go to files.
-struct ChildRelay {
-    child: Child,
-    _dir: tempfile::TempDir,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl ChildRelay {
-    async fn spawn(envs: &[(&str, String)]) -> ChildRelay {
-        let bin = tokio::task::spawn_blocking(relay_example)
-            .await
-            .expect("building the relay example");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let stdout = dir.path().join("stdout");
-        let stderr = dir.path().join("stderr");
-        let mut cmd = Command::new(&bin);
-        cmd.env("RUST_LOG", "warn,outbox=info,librdkafka=info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        ChildRelay {
-            child,
-            _dir: dir,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
-    fn sigkill(&mut self) -> std::process::ExitStatus {
-        self.child.kill().expect("SIGKILL the child relay");
-        self.child.wait().expect("reaping the child relay")
-    }
-
-    /// SIGTERM through kill(1) (no libc dependency in the test crate).
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("running kill -TERM");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn diagnostics(&self) -> String {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "--- child stdout ---\n{}\n--- child stderr (tail) ---\n{}",
-            tail(self.stdout()),
-            tail(self.stderr())
-        )
-    }
-}
-
-impl Drop for ChildRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Waits until some relay holds a reservation on `table` (pending rows row-locked by a batch
 /// transaction); returns how many rows are locked, 0 on timeout.
 async fn wait_reserved(client: &tokio_postgres::Client, table: &str, timeout: Duration) -> i64 {
@@ -575,18 +427,18 @@ async fn s2_sigkilled_relay_releases_its_reservations() {
     let lease = Duration::from_secs(15);
     let poll = Duration::from_millis(500);
     let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::spawn(&[
+    let mut a = ChildRelay::new(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
         ("OUTBOX_TABLE", n.table.clone()),
         ("OUTBOX_CHANNEL", n.channel.clone()),
-        ("OUTBOX_LEASE_MS", lease.as_millis().to_string()),
-        ("OUTBOX_PUBLISH_TIMEOUT_MS", "5000".into()),
-        ("OUTBOX_BATCH_TIMEOUT_MS", "5000".into()),
+        ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
+        ("OUTBOX_PUBLISH_TIMEOUT", "5000ms".into()),
+        ("OUTBOX_BATCH_TIMEOUT", "5000ms".into()),
         ("OUTBOX_BATCH_SIZE", "200".into()),
-        ("OUTBOX_POLL_MS", poll.as_millis().to_string()),
+        ("OUTBOX_POLL_INTERVAL", format!("{}ms", poll.as_millis())),
     ])
-    .await;
+    .spawn();
     let locked = wait_reserved(&client, &n.table, Duration::from_secs(60)).await;
     assert!(
         locked > 0,
@@ -1475,21 +1327,21 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
     let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
         .await
         .unwrap();
-    let mut child = ChildRelay::spawn(&[
+    let mut child = ChildRelay::new(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", brokers.clone()),
         ("OUTBOX_TABLE", n.table.clone()),
         ("OUTBOX_CHANNEL", n.channel.clone()),
-        ("OUTBOX_PUBLISH_TIMEOUT_MS", "10000".into()),
-        ("OUTBOX_BATCH_TIMEOUT_MS", "2000".into()),
-        ("OUTBOX_POLL_MS", "200".into()),
-        ("OUTBOX_STOP_TIMEOUT_MS", "1000".into()),
-        ("OUTBOX_KAFKA_PROPS", "linger.ms=5000".into()),
+        ("OUTBOX_PUBLISH_TIMEOUT", "10000ms".into()),
+        ("OUTBOX_BATCH_TIMEOUT", "2000ms".into()),
+        ("OUTBOX_POLL_INTERVAL", "200ms".into()),
+        ("OUTBOX_SHUTDOWN_TIMEOUT", "1000ms".into()),
     ])
-    .await;
+    .args(&["-X", "linger.ms=5000"])
+    .spawn();
     let started = {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !child.stdout().contains("relay: started") && Instant::now() < deadline {
+        while !child.stderr().contains("outbox relay running") && Instant::now() < deadline {
             assert!(
                 child.exited().is_none(),
                 "child relay exited\n{}",
@@ -1497,7 +1349,7 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        child.stdout().contains("relay: started")
+        child.stderr().contains("outbox relay running")
     };
     assert!(
         started,
@@ -1526,9 +1378,6 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
     let status = status.unwrap_or_else(|| panic!("child relay did not exit on SIGTERM\n{diag}"));
     eprintln!("s12c child: exited {status} {took:?} after SIGTERM");
     assert!(status.success(), "child relay failed: {status}\n{diag}");
-    let out = child.stdout();
-    assert!(out.contains("relay: stopped"), "{diag}");
-    assert!(out.contains("in_flight=0"), "{diag}");
     let err = child.stderr();
     assert!(
         !err.contains("terminating with") && !err.contains("still in queue or transit"),
@@ -1595,18 +1444,18 @@ async fn hung_relay_loses_its_lease_and_cannot_confirm() {
     // lease = publish_timeout + batch_timeout + 2 s.
     let lease = Duration::from_secs(4);
     let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::spawn(&[
+    let mut a = ChildRelay::new(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
         ("OUTBOX_TABLE", n.table.clone()),
         ("OUTBOX_CHANNEL", n.channel.clone()),
-        ("OUTBOX_LEASE_MS", lease.as_millis().to_string()),
-        ("OUTBOX_PUBLISH_TIMEOUT_MS", "1000".into()),
-        ("OUTBOX_BATCH_TIMEOUT_MS", "1000".into()),
+        ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
+        ("OUTBOX_PUBLISH_TIMEOUT", "1000ms".into()),
+        ("OUTBOX_BATCH_TIMEOUT", "1000ms".into()),
         ("OUTBOX_BATCH_SIZE", "300".into()),
-        ("OUTBOX_POLL_MS", "200".into()),
+        ("OUTBOX_POLL_INTERVAL", "200ms".into()),
     ])
-    .await;
+    .spawn();
     let locked = wait_reserved(&client, &n.table, Duration::from_secs(60)).await;
     assert!(locked > 0, "relay A never reserved\n{}", a.diagnostics());
     let pid = a.child.id().to_string();

@@ -878,3 +878,150 @@ pub fn assert_same_as_java(rdkafka: &[ConsumedRecord], java: &[ConsumedRecord]) 
         assert_eq!(a, b, "rdkafka and the Java consumer disagree");
     }
 }
+
+// ----------------------------------------------------------------------------------------------
+// The relay as a child process (the `outbox-relay` binary)
+// ----------------------------------------------------------------------------------------------
+
+/// The `outbox-relay` binary cargo built for this test run.
+pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// How to start a child `outbox-relay run`: environment (`OUTBOX_*`, `DATABASE_URL`,
+/// `KAFKA_BROKERS`; none is inherited from the test's environment) and extra arguments.
+pub struct ChildRelayBuilder {
+    envs: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl ChildRelayBuilder {
+    /// Extra arguments after `run` (e.g. `-X linger.ms=5000`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Starts the process: its stdout and stderr go to files ([`ChildRelay::stderr`]); text
+    /// logs at `warn,outbox=info,librdkafka=info` unless `OUTBOX_LOG` is given.
+    ///
+    /// # Panics
+    ///
+    /// When the binary cannot be spawned.
+    pub fn spawn(self) -> ChildRelay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stdout = dir.path().join("stdout");
+        let stderr = dir.path().join("stderr");
+        let mut cmd = Command::new(RELAY_BIN);
+        for (k, _) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            if name.starts_with("OUTBOX_") || name == "DATABASE_URL" || name == "KAFKA_BROKERS" {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.arg("run")
+            .args(&self.args)
+            .env("OUTBOX_LOG", "warn,outbox=info,librdkafka=info")
+            .env("OUTBOX_LOG_FORMAT", "text")
+            .env("OUTBOX_PROGRESS_INTERVAL", "0s")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {RELAY_BIN}: {e}"));
+        ChildRelay {
+            child,
+            _dir: dir,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// A child `outbox-relay run`: SIGKILLed when dropped; its stdout and stderr go to files.
+pub struct ChildRelay {
+    /// The process.
+    pub child: Child,
+    _dir: tempfile::TempDir,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ChildRelay {
+    /// A builder with these environment variables.
+    pub fn new(envs: &[(&str, String)]) -> ChildRelayBuilder {
+        ChildRelayBuilder {
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Its stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Its stderr (the log) so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Its exit status once it exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
+    pub fn sigkill(&mut self) -> std::process::ExitStatus {
+        self.child.kill().expect("SIGKILL the child relay");
+        self.child.wait().expect("reaping the child relay")
+    }
+
+    /// SIGTERM through kill(1).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill -TERM");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The tails of stdout and stderr, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- child stdout ---\n{}\n--- child stderr (tail) ---\n{}",
+            tail(self.stdout()),
+            tail(self.stderr())
+        )
+    }
+}
+
+impl Drop for ChildRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
