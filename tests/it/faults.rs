@@ -427,7 +427,7 @@ async fn s2_sigkilled_relay_releases_its_reservations() {
     let lease = Duration::from_secs(15);
     let poll = Duration::from_millis(500);
     let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::new(&[
+    let mut a = ChildRelay::builder(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
         ("OUTBOX_TABLE", n.table.clone()),
@@ -1327,7 +1327,7 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
     let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
         .await
         .unwrap();
-    let mut child = ChildRelay::new(&[
+    let mut child = ChildRelay::builder(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", brokers.clone()),
         ("OUTBOX_TABLE", n.table.clone()),
@@ -1444,7 +1444,7 @@ async fn hung_relay_loses_its_lease_and_cannot_confirm() {
     // lease = publish_timeout + batch_timeout + 2 s.
     let lease = Duration::from_secs(4);
     let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::new(&[
+    let mut a = ChildRelay::builder(&[
         ("DATABASE_URL", support::postgres_url().await),
         ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
         ("OUTBOX_TABLE", n.table.clone()),

@@ -951,7 +951,7 @@ pub struct ChildRelay {
 
 impl ChildRelay {
     /// A builder with these environment variables.
-    pub fn new(envs: &[(&str, String)]) -> ChildRelayBuilder {
+    pub fn builder(envs: &[(&str, String)]) -> ChildRelayBuilder {
         ChildRelayBuilder {
             envs: envs
                 .iter()
