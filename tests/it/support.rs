@@ -289,7 +289,7 @@ impl Cluster {
             .collect()
     }
 
-    /// Runs `scripts/kafka-cluster --dir DIR args…` (deadline 200 s) and panics when it fails.
+    /// Runs `scripts/kafka-cluster --dir DIR args…` (deadline 400 s) and panics when it fails.
     pub async fn control(&self, args: &[&str]) {
         let script = cluster_script();
         let run = tokio::process::Command::new(&script)
@@ -299,9 +299,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
-        let out = tokio::time::timeout(Duration::from_secs(200), run)
+        let out = tokio::time::timeout(Duration::from_secs(400), run)
             .await
-            .unwrap_or_else(|_| panic!("kafka-cluster {args:?}: no answer within 200 s"))
+            .unwrap_or_else(|_| panic!("kafka-cluster {args:?}: no answer within 400 s"))
             .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
         assert!(
             out.status.success(),
