@@ -83,6 +83,7 @@ mod outbox;
 mod pg;
 mod relay;
 mod schema;
+mod schema_check;
 mod store;
 mod wake;
 mod writer;

@@ -34,6 +34,8 @@ pub(crate) mod outcome {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) table: String,
+    /// The NOTIFY channel, bound as a parameter of [`Store::notify`], never formatted into SQL.
+    pub(crate) channel: String,
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
     pub(crate) reserve: String,
@@ -162,6 +164,7 @@ impl Store {
         );
         Store {
             table: t.to_string(),
+            channel: channel.to_string(),
             insert_one: format!(
                 "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
                  values ($1, $2, $3, $4, $5, $6)"
@@ -197,7 +200,8 @@ impl Store {
                     and ($2::text is null or aggregate_id = $2)
                     and ($3::text is null or event_topic = $3)"
             ),
-            notify: format!("select pg_notify('{channel}', '')"),
+            // `$1` = the channel: a bind parameter, never SQL text.
+            notify: "select pg_notify($1, '')".to_string(),
             status: format!(
                 "select event_topic,
                         count(*) filter (where status = 'new'),
