@@ -936,7 +936,10 @@ async fn the_metrics_port_withstands_abuse_and_the_relay_keeps_relaying() {
         .await
         .unwrap();
     assert!(
-        matches!(answer, RawAnswer::Closed | RawAnswer::Status(400 | 413 | 414 | 431)),
+        matches!(
+            answer,
+            RawAnswer::Closed | RawAnswer::Status(400 | 413 | 414 | 431)
+        ),
         "oversized request: {answer:?}"
     );
     get_until(addr, "/metrics", 200).await;
