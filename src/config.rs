@@ -279,8 +279,14 @@ impl OutboxBuilder {
 
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. Properties the relay owns
-    /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`, …) are refused at
-    /// `connect()` with the setting to use instead.
+    /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`,
+    /// `delivery.report.only.error`, `queuing.strategy`, …) are refused at `connect()` with the
+    /// setting to use instead, under every alias (`request.required.acks`,
+    /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only
+    /// partitioners that map a key to one partition (default `murmur2_random`, the Java
+    /// producer's; `random` is refused). The values of properties whose name suggests a secret
+    /// (password, secret, token, key, credential, …; misspelt too) never appear in errors or in
+    /// this builder's `Debug`.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_properties.push((key.into(), value.into()));
         self

@@ -309,7 +309,8 @@ impl Event {
     pub fn event_type(&self) -> &str {
         &self.event_type
     }
-    /// The payload.
+    /// The payload. A payload nested deeper than 128 levels (possible in rows written by SQL)
+    /// cannot be parsed into a `Value`: it is given as a JSON string holding its text.
     pub fn payload(&self) -> &serde_json::Value {
         &self.payload
     }

@@ -264,8 +264,23 @@ impl Store {
 
 /// Maps a `find` row.
 pub(crate) fn event_from_row(row: &Row) -> Event {
-    let payload: serde_json::Value = row.get(5);
-    let headers: Option<serde_json::Value> = row.get(6);
+    // A row written by SQL may nest deeper than serde_json's limit (128 levels): never panic.
+    let payload = row.try_get::<_, serde_json::Value>(5).unwrap_or_else(|_| {
+        match row.try_get::<_, RawJson>(5) {
+            Ok(raw) => serde_json::Value::String(String::from_utf8_lossy(&raw.0).into_owned()),
+            Err(_) => serde_json::Value::Null,
+        }
+    });
+    let headers =
+        row.try_get::<_, Option<RawJson>>(6).ok().flatten().map(
+            |raw| match serde_json::from_slice(&raw.0) {
+                Ok(v) => headers_from_json(v),
+                Err(_) => crate::headers::parse(Some(&raw.0))
+                    .valid
+                    .into_iter()
+                    .collect(),
+            },
+        );
     let status: String = row.get(7);
     Event {
         id: row.get(0),
@@ -274,7 +289,7 @@ pub(crate) fn event_from_row(row: &Row) -> Event {
         topic: row.get(3),
         event_type: row.get(4),
         payload,
-        headers: headers.map(headers_from_json).unwrap_or_default(),
+        headers: headers.unwrap_or_default(),
         // Unknown values cannot pass the check constraint; treat them as new defensively.
         status: EventStatus::parse(&status).unwrap_or(EventStatus::New),
         created_at: row.get(8),

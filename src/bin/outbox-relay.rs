@@ -266,7 +266,17 @@ fn parse_cli() -> Result<Cli, ExitCode> {
             }
             let mut text = e.render().to_string();
             const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
+            // The first bare word stands where a subcommand goes: shown when it looks like one
+            // (`frobnicate`), so that a mistyped subcommand is still named.
+            let first_bare = args
+                .iter()
+                .skip(1)
+                .find(|a| !a.starts_with('-'))
+                .filter(|a| a.len() <= 20 && a.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
             for a in args.iter().skip(1) {
+                if Some(a) == first_bare {
+                    continue;
+                }
                 // The value part: all of a bare argument, after `=` or `-X` in a flag.
                 let value = if let Some(flag) = a.strip_prefix('-') {
                     match (flag.split_once('='), flag.strip_prefix('X')) {

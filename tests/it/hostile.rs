@@ -992,3 +992,35 @@ async fn the_metrics_port_withstands_abuse_and_the_relay_keeps_relaying() {
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
     drop(client);
 }
+
+/// `find` reads back rows whose payload and headers nest deeper than serde_json's limit (written
+/// by SQL) instead of panicking: the payload as its JSON text, the valid headers kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_reads_rows_nested_beyond_the_parser_limit() {
+    let (client, table) = migrated_table("deepfind").await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let headers = format!(r#"{{"ok": "v", "deep": {deep}}}"#);
+    client
+        .execute(
+            &format!(
+                "insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 values ($1, 'a', 't', 'T', $2::text::jsonb, $3::text::jsonb)"
+            ),
+            &[&Uuid::new_v4(), &deep, &headers],
+        )
+        .await
+        .unwrap();
+    let admin = Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap();
+    let found = admin.find(&outbox::EventFilter::new()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    let text = found[0]
+        .payload()
+        .as_str()
+        .expect("the payload's JSON text");
+    assert_eq!(text.replace(' ', ""), deep);
+    assert_eq!(found[0].headers().get("ok").map(String::as_str), Some("v"));
+    let out = cli_on(&table, &["find"]).await;
+    assert_code(&out, 0, "find");
+}
