@@ -110,6 +110,9 @@ pub struct OutboxStatus {
     pub open_batches: i64,
     /// Rows reserved by the original Go relay whose lease has not run out.
     pub legacy_reservations: i64,
+    /// Where the table differs from what the relay relies on (column types, NOT NULL
+    /// constraints, fence table, wake trigger), each with what to do; empty when all is well.
+    pub schema_problems: Vec<String>,
 }
 
 impl Admin {
@@ -139,14 +142,8 @@ impl Admin {
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
         let client = pg.connect("admin").await?;
-        crate::schema::check_migrated(&client, table).await?;
-        let channel: String = client
-            .query_one(
-                "select channel from outbox_tables where table_name = $1",
-                &[&table],
-            )
-            .await?
-            .get(0);
+        // Validated by check_migrated: a value read from the database is never trusted as SQL.
+        let channel = crate::schema::check_migrated(&client, table).await?;
         let store = Arc::new(Store::new(table, &channel, true, false));
         Ok(Admin::from_parts(store, pg, client))
     }
@@ -216,13 +213,16 @@ impl Admin {
             )
             .await?;
         if n > 0 {
-            client.execute(&self.store.notify, &[]).await?;
+            client
+                .execute(&self.store.notify, &[&self.store.channel])
+                .await?;
         }
         Ok(n)
     }
 
     /// The backlog per topic: pending, retrying, dead letters, oldest pending age; plus the
-    /// relay transactions open now. Reads the open (not delivered) rows only.
+    /// relay transactions open now and any deviation of the schema from what the relay relies
+    /// on. Reads the open (not delivered) rows only.
     ///
     /// # Errors
     /// [`Error::Postgres`] when the query fails.
@@ -242,6 +242,8 @@ impl Admin {
             })
             .collect();
         let extra = client.query_one(&self.store.status_relays, &[]).await?;
+        let schema_problems =
+            crate::schema_check::schema_deviations(client, &self.store.table).await?;
         Ok(OutboxStatus {
             pending: topics.iter().map(|t| t.pending).sum(),
             retrying: topics.iter().map(|t| t.retrying).sum(),
@@ -249,6 +251,7 @@ impl Admin {
             oldest_pending_age: topics.iter().filter_map(|t| t.oldest_pending_age).max(),
             open_batches: extra.get(0),
             legacy_reservations: extra.get(1),
+            schema_problems,
             topics,
         })
     }

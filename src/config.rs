@@ -19,12 +19,18 @@ pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// librdkafka properties the relay owns; setting them through
 /// [`kafka_property`](OutboxBuilder::kafka_property) is refused, with the setting to use instead.
+/// Names are compared after [`canonical_property`]: every alias and the `topic.` form of a
+/// topic-level property are refused too (librdkafka applies whichever it sets last).
 const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "use `kafka_brokers`"),
     ("metadata.broker.list", "use `kafka_brokers`"),
     (
         "enable.idempotence",
         "the relay's per-aggregate order and no-duplicate retries need the idempotent producer; it is always on",
+    ),
+    (
+        "enable.gapless.guarantee",
+        "the relay handles gaps itself (a failed event holds its aggregate back); a fatal producer error would stop it",
     ),
     ("acks", "the relay always uses acks=all (required by idempotence)"),
     ("request.required.acks", "the relay always uses acks=all"),
@@ -34,18 +40,55 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
         "transactional.id",
         "the relay uses the idempotent producer, not Kafka transactions",
     ),
+    (
+        "delivery.report.only.error",
+        "the relay confirms each event from its delivery report",
+    ),
+    (
+        "queuing.strategy",
+        "the relay needs FIFO order within a partition",
+    ),
+    (
+        "partitioner_cb",
+        "use `partitioner` with a key-hashing partitioner",
+    ),
 ];
 
-/// Whether a librdkafka property holds a secret (its value is never shown in errors).
-fn is_secret_property(key: &str) -> bool {
+/// Default `partitioner`: Kafka's own murmur2 hash of the key (Java producer, Kafka Streams,
+/// Debezium), so a key lands on the same partition whichever of them writes it.
+pub(crate) const DEFAULT_PARTITIONER: &str = "murmur2_random";
+
+/// `partitioner` values accepted: each maps a key to exactly one partition. `random` does not.
+const KEYED_PARTITIONERS: &[&str] = &[
+    "murmur2_random",
+    "murmur2",
+    "consistent_random",
+    "consistent",
+    "fnv1a_random",
+    "fnv1a",
+];
+
+/// The name librdkafka resolves a property to, for comparison: trimmed, lower-case, without
+/// the `topic.` prefix it accepts on topic-level properties (`topic.acks` is `acks`).
+fn canonical_property(key: &str) -> String {
+    let k = key.trim().to_ascii_lowercase();
+    match k.strip_prefix("topic.") {
+        // `topic.metadata.*` are global properties of their own.
+        Some(rest) if !rest.starts_with("metadata.") && !rest.starts_with("blacklist") => {
+            rest.to_string()
+        }
+        _ => k,
+    }
+}
+
+/// Whether a property (set or mistyped) may hold a secret: its value is never shown in errors
+/// or `Debug`. Errs on the safe side: any name mentioning a password, secret, token, key,
+/// credential or the like counts, including unknown and misspelt names (`sasl.passwrd`).
+pub(crate) fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     [
-        "password",
-        "secret",
-        "sasl.oauthbearer.config",
-        "ssl.key.pem",
-        "ssl_key",
-        "token",
+        "pass", "pwd", "secret", "token", "key", "cred", "oauth", "jaas", "private", "auth",
+        "cert", "pem",
     ]
     .iter()
     .any(|s| k.contains(s))
@@ -114,7 +157,6 @@ pub(crate) struct Settings {
 ///
 /// Every setter takes and returns the builder by value. Nothing is checked until `connect()`,
 /// which reports every invalid setting at once.
-#[derive(Debug)]
 #[must_use = "a builder does nothing until `connect()` is awaited"]
 pub struct OutboxBuilder {
     pub(crate) postgres: Option<std::result::Result<tokio_postgres::Config, String>>,
@@ -124,6 +166,46 @@ pub struct OutboxBuilder {
     pub(crate) settings: Settings,
     pub(crate) migrate: bool,
     pub(crate) token: Option<CancellationToken>,
+}
+
+/// Shows every setting except secrets: the Postgres password (redacted by `tokio_postgres`) and
+/// the value of every Kafka property that may hold one (see `is_secret_property`).
+impl std::fmt::Debug for OutboxBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka_properties: Vec<(&str, &str)> = self
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        struct Postgres<'a>(&'a Option<std::result::Result<tokio_postgres::Config, String>>);
+        impl std::fmt::Debug for Postgres<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.0 {
+                    None => f.write_str("None"),
+                    Some(Ok(config)) => config.fmt(f),
+                    // The parse error of a connection string may quote part of it.
+                    Some(Err(_)) => f.write_str("<invalid connection string>"),
+                }
+            }
+        }
+        let postgres = Postgres(&self.postgres);
+        f.debug_struct("OutboxBuilder")
+            .field("postgres", &postgres)
+            .field("tls", &self.tls)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("kafka_properties", &kafka_properties)
+            .field("settings", &self.settings)
+            .field("migrate", &self.migrate)
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl Default for OutboxBuilder {
@@ -197,8 +279,14 @@ impl OutboxBuilder {
 
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. Properties the relay owns
-    /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`, …) are refused at
-    /// `connect()` with the setting to use instead.
+    /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`,
+    /// `delivery.report.only.error`, `queuing.strategy`, …) are refused at `connect()` with the
+    /// setting to use instead, under every alias (`request.required.acks`,
+    /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only
+    /// partitioners that map a key to one partition (default `murmur2_random`, the Java
+    /// producer's; `random` is refused). The values of properties whose name suggests a secret
+    /// (password, secret, token, key, credential, …; misspelt too) never appear in errors or in
+    /// this builder's `Debug`.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_properties.push((key.into(), value.into()));
         self
@@ -469,6 +557,7 @@ impl OutboxBuilder {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
+            .set("partitioner", DEFAULT_PARTITIONER)
             .set("compression.type", "none")
             // Fail a record for a topic the broker does not know well before `publish_timeout`,
             // so that the error names the unknown topic (and is retried with backoff) instead
@@ -488,8 +577,25 @@ impl OutboxBuilder {
                     .to_string(),
             );
         for (k, v) in &self.kafka_properties {
-            if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(p, _)| p == k) {
-                problems.push(format!("kafka_property `{k}`: set by the relay; {instead}"));
+            let canonical = canonical_property(k);
+            let shown = k.escape_debug();
+            if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(p, _)| *p == canonical) {
+                problems.push(format!(
+                    "kafka_property `{shown}`: set by the relay; {instead}"
+                ));
+                continue;
+            }
+            if canonical == "partitioner" {
+                if !KEYED_PARTITIONERS.contains(&v.trim()) {
+                    problems.push(format!(
+                        "kafka_property `{shown}`: `{}` does not map a key to one partition, which per-aggregate order needs; use one of {} (default {DEFAULT_PARTITIONER})",
+                        v.escape_debug(),
+                        KEYED_PARTITIONERS.join(", ")
+                    ));
+                    continue;
+                }
+                // One spelling only, so that no other form can win.
+                kafka.set("partitioner", v.trim());
                 continue;
             }
             kafka.set(k, v);

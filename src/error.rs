@@ -32,7 +32,9 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The outbox table is missing or not migrated to the version this crate needs.
+    /// The outbox table is missing, not migrated to the version this crate needs, or differs
+    /// from what the relay relies on (column types, NOT NULL, fence table, trigger), or the
+    /// relay's role lacks a privilege it needs. The message lists every problem with its fix.
     #[error("outbox schema problem: {0}")]
     Schema(String),
     /// Postgres returned an error or the connection failed. The message includes the server's

@@ -117,7 +117,7 @@ impl NewEvent {
         check_column("aggregate_id", &self.aggregate_id)?;
         check_column("event_type", &self.event_type)?;
         // jsonb cannot hold U+0000; Postgres would abort the caller's transaction.
-        if self.payload.contains("\\u0000") {
+        if has_nul_escape(&self.payload) {
             return Err(Error::invalid_event(
                 "payload",
                 "contains \\u0000, which Postgres jsonb cannot store",
@@ -142,6 +142,25 @@ impl NewEvent {
         }
         Ok(())
     }
+}
+
+/// Whether JSON text holds a real NUL character (the escape `\u0000`, which jsonb cannot
+/// store), as opposed to the text `\u0000` after an escaped backslash (`"C:\\u0000"`, which it
+/// can). Escapes are read pairwise, so `\\` never starts another escape.
+pub(crate) fn has_nul_escape(json: &str) -> bool {
+    let b = json.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                return true;
+            }
+            i += 2; // the escaped character, whatever it is
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 fn check_column(field: &'static str, value: &str) -> Result<()> {
@@ -290,7 +309,8 @@ impl Event {
     pub fn event_type(&self) -> &str {
         &self.event_type
     }
-    /// The payload.
+    /// The payload. A payload nested deeper than 128 levels (possible in rows written by SQL)
+    /// cannot be parsed into a `Value`: it is given as a JSON string holding its text.
     pub fn payload(&self) -> &serde_json::Value {
         &self.payload
     }

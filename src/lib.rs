@@ -79,11 +79,14 @@ mod config;
 mod delivery;
 mod error;
 mod event;
+mod headers;
 mod outbox;
 mod pg;
 mod relay;
 mod schema;
+mod schema_check;
 mod store;
+mod text;
 mod wake;
 mod writer;
 

@@ -25,6 +25,7 @@ use crate::config::{OnDelivery, Settings, WakeMode, LEASE_MARGIN};
 use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure, Hub};
 use crate::pg::Pg;
 use crate::store::{outcome, RawJson, Store};
+use crate::text::printable;
 use crate::wake::{self, Wake};
 
 /// Counters kept by the relay; read them with [`Outbox::stats`](crate::Outbox::stats).
@@ -407,14 +408,24 @@ async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_
         .collect())
 }
 
+/// The record's headers: the relay's own (`event_id`, `event_type`) exactly once, then the row's
+/// valid custom headers. Custom headers the relay will not publish (a forged reserved name, a
+/// non-string value, a column that is not an object) are logged and counted in
+/// `outbox_headers_dropped_total{reason}`; the event itself is published.
 fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
-    let custom: Vec<(String, String)> = row
-        .headers
-        .as_ref()
-        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h.0).ok())
-        .map(|v| crate::store::headers_from_json(v).into_iter().collect())
-        .unwrap_or_default();
-    let mut headers = OwnedHeaders::new_with_capacity(2 + custom.len())
+    let custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
+    for dropped in &custom.dropped {
+        metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason())
+            .increment(1);
+        tracing::warn!(
+            event_id,
+            topic = %printable(&row.topic),
+            reason = dropped.reason(),
+            "outbox relay: publishing without a custom header: {}",
+            printable(&dropped.to_string())
+        );
+    }
+    let mut headers = OwnedHeaders::new_with_capacity(2 + custom.valid.len())
         .insert(Header {
             key: "event_id",
             value: Some(event_id),
@@ -423,7 +434,7 @@ fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
             key: "event_type",
             value: Some(row.event_type.as_str()),
         });
-    for (k, v) in &custom {
+    for (k, v) in &custom.valid {
         headers = headers.insert(Header {
             key: k.as_str(),
             value: Some(v.as_str()),
@@ -755,11 +766,11 @@ async fn run_batch(
                 if dead {
                     ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("outbox_dead_letters_total").increment(1);
-                    tracing::error!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, error = %error, "outbox event dead-lettered");
+                    tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), error = %printable(&error.to_string()), "outbox event dead-lettered");
                 } else {
                     ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("outbox_delivery_failures_total").increment(1);
-                    tracing::warn!(event_id = %row.id, aggregate_id = %row.aggregate_id, topic = %row.topic, attempts = row.attempts + 1, error = %error, "outbox delivery failed; will retry");
+                    tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts = row.attempts + 1, error = %printable(&error.to_string()), "outbox delivery failed; will retry");
                 }
                 if let Some(tx) = acks {
                     let _ = tx.send(DeliveryEvent::Failed(DeliveryFailure {
@@ -957,7 +968,7 @@ async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Stragg
                         ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("outbox_delivery_failures_total").increment(1);
                     }
-                    tracing::warn!(event_id = %row.id, error = %error, dead_letter = dead, "outbox delivery failed (late report)");
+                    tracing::warn!(event_id = %row.id, error = %printable(&error.to_string()), dead_letter = dead, "outbox delivery failed (late report)");
                     if let Some(tx) = ctx.acks.as_ref() {
                         let _ = tx.send(DeliveryEvent::Failed(DeliveryFailure {
                             event_id: row.id,

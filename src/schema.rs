@@ -47,9 +47,117 @@ const MIGRATIONS: &[Migration] = &[
 /// The schema version this crate needs.
 pub const SCHEMA_VERSION: i32 = 4;
 
+/// Postgres' reserved key words (`pg_get_keywords()` category `R`) and those allowed only as
+/// column labels or function/type names (category `T`): neither can name a table or a channel
+/// without quotes. As of Postgres 15–17 (the test suite compares this list with the server's).
+pub(crate) const SQL_KEYWORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
 /// Checks a table or channel name: a plain, lower-case Postgres identifier
-/// (`[a-z_][a-z0-9_]*`, 1–[`MAX_IDENTIFIER_LEN`] bytes). Anything else is refused rather than
-/// quoted, so no configuration value can inject SQL.
+/// (`[a-z_][a-z0-9_]*`, 1–[`MAX_IDENTIFIER_LEN`] bytes) that is not an SQL key word Postgres
+/// reserves (`select`, `table`, `user`, …). Anything else is refused rather than quoted, so no
+/// configuration value can inject SQL or break a statement.
 ///
 /// # Errors
 /// [`Error::InvalidIdentifier`] naming `what` and the rule broken.
@@ -70,6 +178,10 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
         Some(format!(
             "`{}` is not a plain identifier: use lower-case ASCII letters, digits and '_', not starting with a digit",
             name.escape_debug()
+        ))
+    } else if SQL_KEYWORDS.contains(&name) {
+        Some(format!(
+            "`{name}` is an SQL key word Postgres reserves: choose another name (e.g. `{name}_events`)"
         ))
     } else {
         None
@@ -249,15 +361,33 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
     })
 }
 
-/// Checks that `table` is migrated to [`SCHEMA_VERSION`] and notifies on `channel`.
+/// Checks, for a relay, that `table` is migrated to [`SCHEMA_VERSION`] and notifies on
+/// `channel`, that its columns and objects are what the relay relies on, and that the connected
+/// role has the relay's privileges. Every problem found is reported at once.
 pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &str) -> Result<()> {
-    let registered_channel = check_migrated(client, table).await?;
-    if registered_channel != channel {
-        return Err(Error::Schema(format!(
-            "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
-        )));
+    let mut problems = crate::schema_check::missing_relay_privileges(client, table).await?;
+    match check_migrated(client, table).await {
+        Ok(registered_channel) => {
+            if registered_channel != channel {
+                problems.push(format!(
+                    "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
+                ));
+            }
+            problems.extend(crate::schema_check::schema_deviations(client, table).await?);
+        }
+        Err(Error::Schema(msg)) => problems.push(msg),
+        // A permission error while reading outbox_tables: already named above.
+        Err(Error::Postgres(_)) if !problems.is_empty() => {}
+        Err(e) => return Err(e),
     }
-    Ok(())
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(Error::Schema(problems.remove(0))),
+        n => Err(Error::Schema(format!(
+            "{n} problems with table `{table}`:\n  - {}",
+            problems.join("\n  - ")
+        ))),
+    }
 }
 
 /// Checks that `table` is migrated to [`SCHEMA_VERSION`]; returns its channel.
@@ -290,6 +420,13 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
     };
     let registered_channel: String = row.get(0);
     let version: i32 = row.get(1);
+    // Read back from the database: anyone with write access to outbox_tables could have put SQL
+    // there. It is only ever a bind parameter, and must still be a plain identifier.
+    if let Err(e) = validate_identifier("channel", &registered_channel) {
+        return Err(Error::Schema(format!(
+            "outbox_tables.channel for table `{table}` is not a valid channel name ({e}): it was changed outside `migrate`; run `outbox-relay --channel <name> migrate` to reset it"
+        )));
+    }
     if version < SCHEMA_VERSION {
         return Err(Error::Schema(format!(
             "table `{table}` is at schema version {version}, this crate needs {SCHEMA_VERSION}: run `outbox::migrate`"

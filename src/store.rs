@@ -34,6 +34,8 @@ pub(crate) mod outcome {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) table: String,
+    /// The NOTIFY channel, bound as a parameter of [`Store::notify`], never formatted into SQL.
+    pub(crate) channel: String,
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
     pub(crate) reserve: String,
@@ -162,6 +164,7 @@ impl Store {
         );
         Store {
             table: t.to_string(),
+            channel: channel.to_string(),
             insert_one: format!(
                 "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
                  values ($1, $2, $3, $4, $5, $6)"
@@ -197,7 +200,8 @@ impl Store {
                     and ($2::text is null or aggregate_id = $2)
                     and ($3::text is null or event_topic = $3)"
             ),
-            notify: format!("select pg_notify('{channel}', '')"),
+            // `$1` = the channel: a bind parameter, never SQL text.
+            notify: "select pg_notify($1, '')".to_string(),
             status: format!(
                 "select event_topic,
                         count(*) filter (where status = 'new'),
@@ -260,8 +264,23 @@ impl Store {
 
 /// Maps a `find` row.
 pub(crate) fn event_from_row(row: &Row) -> Event {
-    let payload: serde_json::Value = row.get(5);
-    let headers: Option<serde_json::Value> = row.get(6);
+    // A row written by SQL may nest deeper than serde_json's limit (128 levels): never panic.
+    let payload = row.try_get::<_, serde_json::Value>(5).unwrap_or_else(|_| {
+        match row.try_get::<_, RawJson>(5) {
+            Ok(raw) => serde_json::Value::String(String::from_utf8_lossy(&raw.0).into_owned()),
+            Err(_) => serde_json::Value::Null,
+        }
+    });
+    let headers =
+        row.try_get::<_, Option<RawJson>>(6).ok().flatten().map(
+            |raw| match serde_json::from_slice(&raw.0) {
+                Ok(v) => headers_from_json(v),
+                Err(_) => crate::headers::parse(Some(&raw.0))
+                    .valid
+                    .into_iter()
+                    .collect(),
+            },
+        );
     let status: String = row.get(7);
     Event {
         id: row.get(0),
@@ -270,7 +289,7 @@ pub(crate) fn event_from_row(row: &Row) -> Event {
         topic: row.get(3),
         event_type: row.get(4),
         payload,
-        headers: headers.map(headers_from_json).unwrap_or_default(),
+        headers: headers.unwrap_or_default(),
         // Unknown values cannot pass the check constraint; treat them as new defensively.
         status: EventStatus::parse(&status).unwrap_or(EventStatus::New),
         created_at: row.get(8),

@@ -11,6 +11,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[path = "../text.rs"]
+#[allow(dead_code)]
+mod text;
 use outbox::{
     Admin, DeadLetterPolicy, Error, Event, EventFilter, EventStatus, OnDelivery, Outbox,
     RequeueFilter, WakeMode,
@@ -242,8 +246,68 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
     }
 }
 
+/// Parses the command line; on an error clap would print, prints it with every value from the
+/// command line redacted (a misplaced `-X sasl.password S` must not echo `S`).
+fn parse_cli() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let mut text = e.render().to_string();
+            const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
+            // The first bare word stands where a subcommand goes: shown when it looks like one
+            // (`frobnicate`), so that a mistyped subcommand is still named.
+            let first_bare = args
+                .iter()
+                .skip(1)
+                .find(|a| !a.starts_with('-'))
+                .filter(|a| a.len() <= 20 && a.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
+            for a in args.iter().skip(1) {
+                if Some(a) == first_bare {
+                    continue;
+                }
+                // The value part: all of a bare argument, after `=` or `-X` in a flag.
+                let value = if let Some(flag) = a.strip_prefix('-') {
+                    match (flag.split_once('='), flag.strip_prefix('X')) {
+                        (Some((_, v)), _) => v,
+                        (None, Some(v)) => v,
+                        (None, None) => continue,
+                    }
+                } else if WORDS.contains(&a.as_str()) {
+                    continue;
+                } else {
+                    a.as_str()
+                };
+                if value.is_empty() {
+                    continue;
+                }
+                text = text.replace(&format!("'{value}'"), "'<redacted>'");
+                if value.len() >= 4 {
+                    text = text.replace(value, "<redacted>");
+                }
+            }
+            eprint!("{}", text::printable_lines(&text));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
         .unwrap_or_else(|_| "info,rdkafka=warn".into());
     // Colours only on a terminal: logs piped to files, journald or collectors stay plain text.
@@ -268,7 +332,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("outbox-relay: {}", f.message);
+            eprintln!("outbox-relay: {}", text::printable(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -362,7 +426,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 f = f.after_seq(s);
             }
             for e in admin(&cli).await?.find(&f).await? {
-                println!("{}", event_json(&e));
+                println!("{}", text::json_line(&event_json(&e)));
             }
             Ok(())
         }
@@ -386,7 +450,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             if args.dry_run {
                 let events = admin.find(&filter.to_event_filter()).await?;
                 for e in &events {
-                    println!("{}", event_json(e));
+                    println!("{}", text::json_line(&event_json(e)));
                 }
                 eprintln!("dry run: {} dead letter(s) would be requeued", events.len());
             } else {
@@ -411,9 +475,17 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         b = b.kafka_brokers(k);
     }
     for kv in &args.kafka_property {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| fail(2, format!("-X {kv}: expected key=value")))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            // Only the leading name is shown: the rest may be a secret (`sasl.password:S`).
+            let name: String = kv
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .collect();
+            fail(
+                2,
+                format!("-X `{name}…`: expected key=value (the rest is not shown: it may hold a secret)"),
+            )
+        })?;
         b = b.kafka_property(k, v);
     }
     if let Some(n) = args.batch_size {
@@ -484,7 +556,13 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         other => other.into(),
     })?;
     if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
+        serve_metrics(
+            addr,
+            outbox.clone(),
+            args.health_max_pending_age,
+            token.clone(),
+        )
+        .await?;
     }
     if !args.progress_interval.is_zero() && args.progress_interval < Duration::from_millis(100) {
         return Err(fail(
@@ -532,12 +610,39 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Serves `/metrics` (Prometheus text format) and `/health` (JSON; 200 healthy, 503 not) on a
-/// thread of its own.
-fn serve_metrics(
+/// Limits of the metrics/health port: its clients are not trusted.
+mod http_limits {
+    use std::time::Duration;
+    /// Connections served at once; further clients get 503 at once.
+    pub(crate) const MAX_CONNECTIONS: usize = 64;
+    /// Longest wait for a request's head (request line and headers).
+    pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Longest life of one connection, request and response included.
+    pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Largest request head buffered, in bytes (hyper's minimum is 8 KiB); larger ones get 431.
+    pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+    /// Longest `/health` waits for Postgres before answering 503.
+    pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Period of the Prometheus exporter's upkeep (drains histogram samples when nobody scrapes).
+    pub(crate) const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+}
+
+struct HttpState {
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    outbox: Outbox,
+    max_pending_age: Duration,
+}
+
+/// Serves `/metrics` (Prometheus text format) and `/health` (JSON; 200 healthy, 503 not) on
+/// tokio with hyper, bounded against its clients (see `http_limits`): one request per
+/// connection, a header size and read timeout, a connection limit, `/health` answered within
+/// `HEALTH_TIMEOUT` (never holding up `/metrics`), an accept loop that outlives accept errors
+/// (e.g. no file descriptors left), and a stop when `token` is cancelled.
+async fn serve_metrics(
     addr: std::net::SocketAddr,
     outbox: Outbox,
     max_pending_age: Duration,
+    token: CancellationToken,
 ) -> Result<(), Failure> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -550,57 +655,135 @@ fn serve_metrics(
         .map_err(|e| fail(1, format!("metrics buckets: {e}")))?
         .install_recorder()
         .map_err(|e| fail(1, format!("metrics recorder: {e}")))?;
-    let server = tiny_http::Server::http(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
         .map_err(|e| fail(3, format!("--metrics-addr {addr}: {e}")))?;
-    let runtime = tokio::runtime::Handle::current();
-    tracing::info!(%addr, "serving /metrics and /health");
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let (code, body, content_type) = match request.url() {
-                "/metrics" => (200, handle.render(), "text/plain; version=0.0.4"),
-                "/health" => {
-                    let health = runtime.block_on(outbox.health());
-                    match health {
-                        Ok(h) => {
-                            let healthy = h.is_healthy(max_pending_age);
-                            let body = serde_json::json!({
-                                "healthy": healthy,
-                                "running": h.running,
-                                "listener_connected": h.listener_connected,
-                                "last_delivery": h.last_delivery,
-                                "backlog": h.backlog,
-                                "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
-                                "dead_letters": h.dead_letters,
-                            });
-                            (
-                                if healthy { 200 } else { 503 },
-                                body.to_string(),
-                                "application/json",
-                            )
-                        }
-                        Err(e) => (
-                            503,
-                            serde_json::json!({"healthy": false, "error": e.to_string()})
-                                .to_string(),
-                            "application/json",
-                        ),
-                    }
+    {
+        // Without a scraper, histogram samples would pile up until the next render.
+        let handle = handle.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(http_limits::UPKEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => handle.run_upkeep(),
                 }
-                _ => (
-                    404,
-                    "not found: try /metrics or /health\n".to_string(),
-                    "text/plain",
-                ),
+            }
+        });
+    }
+    let state = std::sync::Arc::new(HttpState {
+        metrics: handle,
+        outbox,
+        max_pending_age,
+    });
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(http_limits::MAX_CONNECTIONS));
+    tracing::info!(%addr, "serving /metrics and /health");
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let stream = tokio::select! {
+                _ = token.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics port: accept failed; retrying in 100 ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
             };
-            let header =
-                tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header");
-            let response = tiny_http::Response::from_string(body)
-                .with_status_code(code)
-                .with_header(header);
-            let _ = request.respond(response);
+            while connections.try_join_next().is_some() {}
+            // Over the limit: answer 503 at once without reading anything (a non-blocking
+            // write of a few bytes), so that idle clients cannot queue the scraper behind them.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics::counter!("outbox_http_rejected_connections_total").increment(1);
+                let _ = stream.try_write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 21\r\n\r\ntoo many connections\n",
+                );
+                continue;
+            };
+            let state = state.clone();
+            connections.spawn(async move {
+                let _slot = slot;
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(respond(&state, &req).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(http_limits::HEADER_TIMEOUT)
+                    .max_buf_size(http_limits::MAX_HEAD_BYTES)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(http_limits::CONNECTION_TIMEOUT, connection).await;
+            });
         }
+        // Stop: no new connections; the ones in progress are dropped with the set.
+        connections.shutdown().await;
     });
     Ok(())
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn response(code: u16, content_type: &str, body: String) -> hyper::Response<Body> {
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .body(Body::new(bytes::Bytes::from(body)))
+        .expect("static status and header")
+}
+
+async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Response<Body> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return response(405, "text/plain", "only GET and HEAD\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => response(200, "text/plain; version=0.0.4", state.metrics.render()),
+        "/health" => {
+            let (code, body) = match tokio::time::timeout(
+                http_limits::HEALTH_TIMEOUT,
+                state.outbox.health(),
+            )
+            .await
+            {
+                Ok(Ok(h)) => {
+                    let healthy = h.is_healthy(state.max_pending_age);
+                    let body = serde_json::json!({
+                        "healthy": healthy,
+                        "running": h.running,
+                        "listener_connected": h.listener_connected,
+                        "last_delivery": h.last_delivery,
+                        "backlog": h.backlog,
+                        "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
+                        "dead_letters": h.dead_letters,
+                    });
+                    (if healthy { 200 } else { 503 }, body)
+                }
+                Ok(Err(e)) => (
+                    503,
+                    serde_json::json!({"healthy": false, "error": e.to_string()}),
+                ),
+                Err(_) => (
+                    503,
+                    serde_json::json!({
+                        "healthy": false,
+                        "error": format!(
+                            "the health check did not finish within {:?}: Postgres is slow or a lock blocks the outbox table",
+                            http_limits::HEALTH_TIMEOUT
+                        ),
+                    }),
+                ),
+            };
+            response(code, "application/json", text::json_line(&body))
+        }
+        _ => response(
+            404,
+            "text/plain",
+            "not found: try /metrics or /health\n".into(),
+        ),
+    }
 }
 
 fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
@@ -618,12 +801,13 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
             .collect();
         println!(
             "{}",
-            serde_json::json!({
+            text::json_line(&serde_json::json!({
                 "table": table, "pending": s.pending, "retrying": s.retrying,
                 "dead_letters": s.dead_letters, "oldest_pending_age_s": age(s.oldest_pending_age),
                 "open_batches": s.open_batches, "legacy_reservations": s.legacy_reservations,
+                "schema_problems": s.schema_problems,
                 "topics": topics,
-            })
+            }))
         );
         return;
     }
@@ -636,7 +820,7 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
     for t in &s.topics {
         println!(
             "{:<40} {:>10} {:>10} {:>12} {:>18}",
-            t.topic,
+            text::printable(&t.topic),
             t.pending,
             t.retrying,
             t.dead_letters,
@@ -652,6 +836,9 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
         fmt_age(s.oldest_pending_age)
     );
     println!("open relay batches: {}", s.open_batches);
+    for p in &s.schema_problems {
+        println!("SCHEMA PROBLEM: {}", text::printable(p));
+    }
     if s.legacy_reservations > 0 {
         println!(
             "rows reserved by the original Go relay: {}",

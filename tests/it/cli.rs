@@ -38,20 +38,20 @@ fn relay_cmd() -> tokio::process::Command {
 }
 
 #[derive(Debug)]
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Output {
-    fn all(&self) -> String {
+    pub(crate) fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
 }
 
 /// Runs the binary to completion (at most 60 s).
-async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
+pub(crate) async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = relay_cmd();
     cmd.args(args).envs(envs.iter().copied());
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
@@ -66,7 +66,7 @@ async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
 }
 
 /// Runs the binary against `table` of the test database (via `--database-url`/`--table`).
-async fn cli_on(table: &str, args: &[&str]) -> Output {
+pub(crate) async fn cli_on(table: &str, args: &[&str]) -> Output {
     cli_on_url(&support::postgres_url().await, table, args).await
 }
 
@@ -91,7 +91,7 @@ fn url_for_db(url: &str, db: &str) -> String {
     format!("{base}/{db}{query}")
 }
 
-fn assert_code(out: &Output, code: i32, what: &str) {
+pub(crate) fn assert_code(out: &Output, code: i32, what: &str) {
     assert_eq!(
         out.code,
         Some(code),
@@ -102,7 +102,7 @@ fn assert_code(out: &Output, code: i32, what: &str) {
 }
 
 /// Removes ANSI escape sequences (colours) from log text.
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -123,19 +123,20 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// The value of `name=value` in a text log line.
-fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|tok| tok.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// A running `outbox-relay run` process whose stderr is collected as it comes.
-struct RelayProcess {
-    child: tokio::process::Child,
-    stderr: Arc<Mutex<String>>,
+pub(crate) struct RelayProcess {
+    pub(crate) child: tokio::process::Child,
+    /// The raw stderr so far (colours and all).
+    pub(crate) stderr: Arc<Mutex<String>>,
 }
 
 impl RelayProcess {
-    fn spawn(args: &[&str], envs: &[(&str, &str)]) -> RelayProcess {
+    pub(crate) fn spawn(args: &[&str], envs: &[(&str, &str)]) -> RelayProcess {
         let mut cmd = relay_cmd();
         cmd.args(args)
             .envs(envs.iter().copied())
@@ -159,12 +160,12 @@ impl RelayProcess {
     }
 
     /// The stderr so far, without colours.
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         strip_ansi(&self.stderr.lock().unwrap())
     }
 
     /// Waits until a stderr line satisfies `pred`; returns it.
-    async fn wait_for_line(
+    pub(crate) async fn wait_for_line(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -192,7 +193,7 @@ impl RelayProcess {
     }
 
     /// `kill -TERM <pid>`.
-    fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let pid = self.child.id().expect("the relay is still running");
         let status = std::process::Command::new("kill")
             .arg("-TERM")
@@ -203,7 +204,7 @@ impl RelayProcess {
     }
 
     /// Waits for the process to exit; returns its exit code and how long it took.
-    async fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
         let status = match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(s) => s.expect("waiting for outbox-relay"),
@@ -219,7 +220,7 @@ impl RelayProcess {
 }
 
 /// A plain HTTP/1.0 GET; returns the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
@@ -234,7 +235,7 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let p = path.to_string();
     tokio::task::spawn_blocking(move || http_get(addr, &p))
         .await
@@ -243,7 +244,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The value of an unlabelled sample `name value` in Prometheus text.
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok()).flatten()
@@ -251,7 +252,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// A migrated table (own channel) in the shared test database.
-async fn migrated_table(prefix: &str) -> (tokio_postgres::Client, String) {
+pub(crate) async fn migrated_table(prefix: &str) -> (tokio_postgres::Client, String) {
     let client = support::connect_pg().await;
     let table = support::unique_name(prefix);
     outbox::migrate_table(&client, &table, &table)
@@ -307,7 +308,7 @@ async fn go_table(client: &tokio_postgres::Client, table: &str, topic: &str) -> 
 }
 
 /// Parses JSON lines.
-fn json_lines(stdout: &str) -> Vec<Value> {
+pub(crate) fn json_lines(stdout: &str) -> Vec<Value> {
     stdout
         .lines()
         .filter(|l| !l.trim().is_empty())

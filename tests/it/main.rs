@@ -5,6 +5,7 @@ mod cli;
 mod core;
 mod faults;
 mod guarantees;
+mod hostile;
 mod infra;
 mod interop;
 mod kafka;

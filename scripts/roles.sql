@@ -1,0 +1,27 @@
+-- Least-privilege roles for the outbox: a migrator that owns the schema objects, a relay that can
+-- run but not migrate, and the writers (your services). For table `events` in schema `public`;
+-- replace the names to suit. Run as a superuser or the database owner, e.g.
+--   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 -f scripts/roles.sql
+-- then set passwords (`\password app_outbox_relay`). The test suite runs this file as it is.
+
+-- 1. Roles. The migrator runs `outbox-relay migrate` (DDL: it owns the table, its fence table,
+--    trigger and function, outbox_migrations and outbox_tables).
+create role app_outbox_migrator login;
+create role app_outbox_relay login;
+create role app_outbox_writer login;
+grant usage, create on schema public to app_outbox_migrator;
+grant usage on schema public to app_outbox_relay, app_outbox_writer;
+
+-- 2. Now run `outbox-relay migrate` as app_outbox_migrator, then grant (again as the admin, or
+--    as app_outbox_migrator, the owner):
+-- after migrate
+-- The relay: reserves, confirms (update), deletes delivered rows (retention, on_delivery=delete),
+-- fences its batches, reads which channel the table notifies. No DDL, no insert into events.
+grant select, update, delete on events to app_outbox_relay;
+grant select, insert, delete on events_fence to app_outbox_relay;
+grant select on outbox_tables to app_outbox_relay;
+-- The writers: insert only (the wake trigger needs nothing more).
+grant insert on events to app_outbox_writer;
+-- Operators running `status`, `find`, `requeue` need select and update on events and select on
+-- outbox_tables (the relay role has them); `status` counts other roles' open relay batches only
+-- with `pg_read_all_stats`.

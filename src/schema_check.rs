@@ -1,0 +1,230 @@
+//! What the relay assumes about the migrated schema and its own role, checked against the
+//! catalog at `connect()` (and the schema part by `status`): every deviation is reported at
+//! once, each with what to do.
+
+use tokio_postgres::GenericClient;
+
+use crate::error::Result;
+
+/// A column the relay reads or writes: name, accepted types (`format_type` without the type
+/// modifier), and whether it must be `NOT NULL` (the relay reads it as a non-null value).
+struct Column {
+    name: &'static str,
+    types: &'static [&'static str],
+    not_null: bool,
+}
+
+const TEXT: &[&str] = &["character varying", "text"];
+const TIMESTAMP: &[&str] = &["timestamp without time zone", "timestamp with time zone"];
+const TIMESTAMPTZ: &[&str] = &["timestamp with time zone"];
+
+const COLUMNS: &[Column] = &[
+    Column {
+        name: "id",
+        types: &["uuid"],
+        not_null: true,
+    },
+    Column {
+        name: "seq",
+        types: &["bigint"],
+        not_null: true,
+    },
+    Column {
+        name: "aggregate_id",
+        types: TEXT,
+        not_null: true,
+    },
+    Column {
+        name: "event_topic",
+        types: TEXT,
+        not_null: true,
+    },
+    Column {
+        name: "event_type",
+        types: TEXT,
+        not_null: true,
+    },
+    Column {
+        name: "payload",
+        types: &["jsonb"],
+        not_null: true,
+    },
+    Column {
+        name: "status",
+        types: TEXT,
+        not_null: true,
+    },
+    Column {
+        name: "created_at",
+        types: TIMESTAMP,
+        not_null: false,
+    },
+    Column {
+        name: "reserved_to",
+        types: TIMESTAMP,
+        not_null: false,
+    },
+    Column {
+        name: "attempts",
+        types: &["integer"],
+        not_null: true,
+    },
+    Column {
+        name: "last_error",
+        types: TEXT,
+        not_null: false,
+    },
+    Column {
+        name: "headers",
+        types: &["jsonb"],
+        not_null: false,
+    },
+    Column {
+        name: "next_attempt_at",
+        types: TIMESTAMPTZ,
+        not_null: false,
+    },
+    Column {
+        name: "published_at",
+        types: TIMESTAMPTZ,
+        not_null: false,
+    },
+    Column {
+        name: "kafka_partition",
+        types: &["integer"],
+        not_null: false,
+    },
+    Column {
+        name: "kafka_offset",
+        types: &["bigint"],
+        not_null: false,
+    },
+];
+
+/// Deviations of `table` (which exists) from what the relay relies on: missing columns, other
+/// types, nullable columns the relay reads as non-null, and missing objects (the fence table,
+/// the wake trigger, the status check). Empty when all is well.
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
+pub(crate) async fn schema_deviations<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "select a.attname::text, format_type(a.atttypid, null), a.attnotnull
+               from pg_attribute a
+              where a.attrelid = to_regclass($1) and a.attnum > 0 and not a.attisdropped",
+            &[&table],
+        )
+        .await?;
+    let mut problems = Vec::new();
+    for c in COLUMNS {
+        let Some(row) = rows.iter().find(|r| r.get::<_, String>(0) == c.name) else {
+            problems.push(format!(
+                "column `{table}.{}` is missing: run `outbox-relay migrate` (or `outbox::migrate_table`)",
+                c.name
+            ));
+            continue;
+        };
+        let ty: String = row.get(1);
+        let not_null: bool = row.get(2);
+        if !c.types.contains(&ty.as_str()) {
+            problems.push(format!(
+                "column `{table}.{}` is `{ty}`, the relay needs {}: `alter table {table} alter column {} type {}`",
+                c.name,
+                c.types.join(" or "),
+                c.name,
+                c.types[0]
+            ));
+        }
+        if c.not_null && !not_null {
+            problems.push(format!(
+                "column `{table}.{}` allows NULL, which the relay cannot publish: fix or delete the NULL rows, then `alter table {table} alter column {} set not null`",
+                c.name, c.name
+            ));
+        }
+    }
+    let objects = client
+        .query_one(
+            "select to_regclass($1) is not null,
+                    exists (select 1 from pg_trigger
+                             where tgrelid = to_regclass($2) and tgname = $3 and tgenabled <> 'D'),
+                    exists (select 1 from pg_constraint
+                             where conrelid = to_regclass($2) and conname = $4)",
+            &[
+                &format!("{table}_fence"),
+                &table,
+                &format!("{table}_outbox_wake"),
+                &format!("{table}_status_check"),
+            ],
+        )
+        .await?;
+    let missing = [
+        (objects.get::<_, bool>(0), format!("table `{table}_fence` (batch fences) is missing")),
+        (
+            objects.get::<_, bool>(1),
+            format!("trigger `{table}_outbox_wake` is missing or disabled: writers never wake the relay"),
+        ),
+        (
+            objects.get::<_, bool>(2),
+            format!("check constraint `{table}_status_check` is missing: a row can hold a status the relay does not know"),
+        ),
+    ];
+    for (present, what) in missing {
+        if !present {
+            problems.push(format!(
+                "{what}: run `outbox-relay migrate` (or `outbox::migrate_table`)"
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// The privileges a relay's role needs, as (table, privilege); see the README's "Security".
+pub(crate) fn relay_privileges(table: &str) -> Vec<(String, &'static str)> {
+    let fence = format!("{table}_fence");
+    vec![
+        (table.to_string(), "SELECT"),
+        (table.to_string(), "UPDATE"),
+        (table.to_string(), "DELETE"),
+        (fence.clone(), "SELECT"),
+        (fence.clone(), "INSERT"),
+        (fence, "DELETE"),
+        ("outbox_tables".to_string(), "SELECT"),
+    ]
+}
+
+/// The relay privileges the connected role lacks, each with the `GRANT` that fixes it. Tables
+/// that do not exist are skipped (the schema check reports them).
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
+pub(crate) async fn missing_relay_privileges<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<String>> {
+    let wanted = relay_privileges(table);
+    let names: Vec<&str> = wanted.iter().map(|(t, _)| t.as_str()).collect();
+    let privs: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
+    let rows = client
+        .query(
+            "select w.t, w.p, current_user::text
+               from unnest($1::text[], $2::text[]) as w(t, p)
+              where to_regclass(w.t) is not null
+                and not has_table_privilege(to_regclass(w.t), w.p)",
+            &[&names, &privs],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (t, p, role): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            format!(
+                "role `{role}` lacks {p} on `{t}`, which the relay needs: `grant {} on {t} to {role}`",
+                p.to_lowercase()
+            )
+        })
+        .collect())
+}

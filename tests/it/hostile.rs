@@ -1,0 +1,1026 @@
+//! Hostile input and the operator surface (issue 10): a writer with SQL access to the outbox
+//! tables, a user passing odd flags, a terminal reading the output. Real Postgres, the test
+//! Kafka, the real binary.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use outbox::{Admin, Error, NewEvent, Outbox, RequeueFilter, Writer};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::cli::{assert_code, cli, cli_on, get, json_lines, migrated_table, RelayProcess};
+use crate::support;
+
+/// A topic name (Kafka allows `-`, the tables do not need it).
+fn topic_name(prefix: &str) -> String {
+    support::unique_name(prefix).replace('_', "-")
+}
+
+// ----------------------------------------------------------------------------------------------
+// 1. Second-order SQL injection through outbox_tables.channel
+// ----------------------------------------------------------------------------------------------
+
+/// A channel rewritten by SQL to `x', public.f())--` must never run `f` with the operator's
+/// role: not through `Admin` (requeue notifies the channel) and not through `outbox-relay
+/// requeue --all`. The tampered channel is refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_read_from_the_database_never_runs_as_sql() {
+    let (client, table) = migrated_table("inj").await;
+    let marker = format!("{table}_pwned");
+    let func = format!("{table}_f");
+    client
+        .batch_execute(&format!(
+            "create table {marker} (at timestamptz default now());
+             create function public.{func}() returns text language sql
+                 as $$ insert into {marker} default values returning 'x' $$;"
+        ))
+        .await
+        .unwrap();
+    let writer = Writer::new(&table).unwrap();
+    let id = writer
+        .add_new_event(&client, NewEvent::new("t", "a", "T", json!({})))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("update {table} set status = 'failed' where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let attack = format!("x', public.{func}())--");
+    client
+        .execute(
+            "update outbox_tables set channel = $1 where table_name = $2",
+            &[&attack, &table],
+        )
+        .await
+        .unwrap();
+
+    // The library.
+    let pg = support::postgres().await;
+    match Admin::connect(pg.clone(), &table).await {
+        Err(Error::Schema(msg)) => {
+            assert!(
+                msg.contains("outbox_tables.channel") && msg.contains("migrate"),
+                "names the tampered value and the fix: {msg}"
+            );
+        }
+        Err(other) => panic!("expected a schema error, got {other}"),
+        Ok(admin) => {
+            let _ = admin.requeue(&RequeueFilter::all()).await;
+        }
+    }
+    // The binary.
+    let out = cli_on(&table, &["requeue", "--all"]).await;
+    assert_ne!(out.code, Some(0), "refused: {}", out.all());
+
+    let ran: i64 = client
+        .query_one(&format!("select count(*) from {marker}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ran, 0, "the attacker's function ran {ran} time(s)");
+    let status: String = client
+        .query_one(&format!("select status from {table} where id = $1"), &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "failed",
+        "nothing was requeued through a tampered table"
+    );
+
+    // `migrate` resets the channel; requeue then works and notifies (as a bind parameter).
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let admin = Admin::connect(pg, &table).await.unwrap();
+    let (_listener, mut notes) = support::listen(&support::postgres().await, &table).await;
+    assert_eq!(admin.requeue(&RequeueFilter::all()).await.unwrap(), 1);
+    let note = tokio::time::timeout(Duration::from_secs(10), notes.recv())
+        .await
+        .expect("requeue notifies the channel");
+    assert_eq!(note.as_deref(), Some(table.as_str()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// 2. Forged and malformed headers written by SQL
+// ----------------------------------------------------------------------------------------------
+
+/// Headers written by SQL: a forged `event_id`/`event_type` is dropped (the relay's values appear
+/// exactly once), valid custom headers are kept beside invalid ones (numbers, objects, a value
+/// nested 200 levels deep), and a column that is not an object (array, string) costs only the
+/// custom headers. Every event is published; nothing is retried or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
+    let (client, table) = migrated_table("hdr").await;
+    let topic = topic_name("hdr");
+    support::create_topic(&topic, 1).await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let rows: Vec<(Uuid, String)> = vec![
+        (
+            Uuid::new_v4(),
+            r#"{"event_id": "00000000-0000-0000-0000-000000000000", "event_type": "Forged", "trace": "t1"}"#
+                .to_string(),
+        ),
+        (
+            Uuid::new_v4(),
+            format!(r#"{{"a": "1", "n": 5, "obj": {{"x": "y"}}, "deep": {deep}, "z": "2"}}"#),
+        ),
+        (Uuid::new_v4(), r#"["trace", "t"]"#.to_string()),
+        (Uuid::new_v4(), r#""just a string""#.to_string()),
+    ];
+    for (id, headers) in &rows {
+        client
+            .execute(
+                &format!(
+                    "insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+                     values ($1, 'agg', $2, 'Real', '{{}}', $3::text::jsonb)"
+                ),
+                &[id, &topic, headers],
+            )
+            .await
+            .unwrap();
+    }
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records =
+        support::assert_nothing_more(&support::kafka_brokers(), &topic, 4, Duration::from_secs(1))
+            .await;
+    let headers: Vec<Vec<(String, String)>> = records.iter().map(|r| r.headers.clone()).collect();
+    let own = |i: usize| {
+        vec![
+            ("event_id".to_string(), rows[i].0.to_string()),
+            ("event_type".to_string(), "Real".to_string()),
+        ]
+    };
+    let with = |i: usize, extra: &[(&str, &str)]| {
+        let mut h = own(i);
+        h.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        h
+    };
+    assert_eq!(
+        headers,
+        vec![
+            with(0, &[("trace", "t1")]),
+            with(1, &[("a", "1"), ("z", "2")]),
+            own(2),
+            own(3),
+        ],
+        "relay-owned headers once with the relay's values; valid custom headers kept"
+    );
+    support::stop_and_join(&outbox, relay).await;
+    let statuses: Vec<(String, i32)> = client
+        .query(
+            &format!("select status, attempts from {table} order by seq"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(statuses, vec![("done".to_string(), 0); 4]);
+}
+
+/// The binary logs every dropped header (with the event id and why) and counts it in
+/// `outbox_headers_dropped_total{reason}`; the topic name in the log line is escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_headers_are_logged_and_counted() {
+    let (client, table) = migrated_table("hdrlog").await;
+    let topic = topic_name("hdrlog");
+    support::create_topic(&topic, 1).await;
+    let id = Uuid::new_v4();
+    client
+        .execute(
+            &format!(
+                "insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 values ($1, 'agg', $2, 'Real', '{{}}',
+                         '{{\"event_id\": \"forged\", \"n\": 1, \"ok\": \"v\"}}')"
+            ),
+            &[&id, &topic],
+        )
+        .await
+        .unwrap();
+    let url = support::postgres_url().await;
+    let brokers = support::kafka_brokers();
+    let addr: SocketAddr = ([127, 0, 0, 1], support::free_port().unwrap()).into();
+    let addr_s = addr.to_string();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--channel",
+            &table,
+            "run",
+            "--kafka-brokers",
+            &brokers,
+            "--metrics-addr",
+            &addr_s,
+            "--shutdown-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    let line = relay
+        .wait_for_line("the reserved header", Duration::from_secs(60), |l| {
+            l.contains("event_id") && l.contains("is reserved") && l.contains(&id.to_string())
+        })
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    relay
+        .wait_for_line("the non-string header", Duration::from_secs(10), |l| {
+            l.contains("header `n` is a number")
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, text) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        let has = |reason: &str| {
+            text.lines().any(|l| {
+                l.starts_with("outbox_headers_dropped_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+                    && l.ends_with(" 1")
+            })
+        };
+        if has("reserved") && has("not_a_string") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dropped-header counters:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = support::consume_all(&brokers, &topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(records[0].header("ok"), Some("v"));
+    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(30)).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 3. Relay-owned Kafka properties; the partitioner (issue 13.1)
+// ----------------------------------------------------------------------------------------------
+
+/// Every alias and `topic.` form of a property the relay owns is refused at `connect()`, all
+/// listed at once, and so is a partitioner that does not map a key to one partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_owned_kafka_properties_are_refused_in_every_form() {
+    let refused = [
+        ("topic.message.timeout.ms", "600000"),
+        ("delivery.timeout.ms", "600000"),
+        ("topic.delivery.timeout.ms", "600000"),
+        ("topic.acks", "1"),
+        ("request.required.acks", "1"),
+        ("topic.request.required.acks", "0"),
+        ("enable.idempotence", "false"),
+        ("transactional.id", "x"),
+        ("enable.gapless.guarantee", "true"),
+        ("delivery.report.only.error", "true"),
+        ("topic.queuing.strategy", "lifo"),
+        ("partitioner", "random"),
+        ("topic.partitioner", "random"),
+        (" Topic.ACKS ", "1"),
+    ];
+    let mut b = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers());
+    for (k, v) in refused {
+        b = b.kafka_property(k, v);
+    }
+    let msg = match b.connect().await {
+        Err(Error::Config(e)) => e.to_string(),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("relay-owned properties were accepted"),
+    };
+    for (k, _) in refused {
+        assert!(
+            msg.contains(&format!("`{}`", k.escape_debug())),
+            "`{k}` is named among the problems:\n{msg}"
+        );
+    }
+    assert!(msg.contains("does not map a key to one partition"), "{msg}");
+}
+
+/// Kafka's `Utils.murmur2` (Java client), for the expected partition of a key.
+fn java_murmur2(data: &[u8]) -> i32 {
+    let length = data.len() as u32;
+    let seed: u32 = 0x9747_b28c;
+    let m: u32 = 0x5bd1_e995;
+    let r = 24;
+    let mut h: u32 = seed ^ length;
+    let length4 = (length / 4) as usize;
+    for i in 0..length4 {
+        let i4 = i * 4;
+        let mut k = u32::from(data[i4])
+            | (u32::from(data[i4 + 1]) << 8)
+            | (u32::from(data[i4 + 2]) << 16)
+            | (u32::from(data[i4 + 3]) << 24);
+        k = k.wrapping_mul(m);
+        k ^= k >> r;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = data.len() & !3;
+    let rest = data.len() % 4;
+    if rest == 3 {
+        h ^= u32::from(data[tail + 2]) << 16;
+    }
+    if rest >= 2 {
+        h ^= u32::from(data[tail + 1]) << 8;
+    }
+    if rest >= 1 {
+        h ^= u32::from(data[tail]);
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// Java's `DefaultPartitioner` / `BuiltInPartitioner.partitionForKey`: `toPositive(murmur2) % n`.
+fn java_partition(key: &str, partitions: i32) -> i32 {
+    (java_murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
+}
+
+/// By default every key lands on the partition Java's producer (and Debezium) would choose:
+/// 3,000 keys of 1–40 bytes, ASCII and not, over 12 partitions, consumed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_land_on_the_java_producers_partition() {
+    // Known values of Kafka's murmur2 (from its own test suite, `UtilsTest.testMurmur2`).
+    assert_eq!(java_murmur2(b"21"), -973_932_308);
+    assert_eq!(java_murmur2(b"foobar"), -790_332_482);
+    assert_eq!(java_murmur2(b"a-little-bit-long-string"), -985_981_536);
+    assert_eq!(java_murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+    assert_eq!(
+        java_murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+        -58_897_971
+    );
+    assert_eq!(java_murmur2(b"abc"), 479_470_107);
+
+    let (client, table) = migrated_table("part").await;
+    let topic = topic_name("part");
+    let partitions = 12;
+    support::create_topic(&topic, partitions).await;
+    let keys: Vec<String> = (0..3000)
+        .map(|i| match i % 3 {
+            0 => format!("order-{i}"),
+            1 => format!("ü{i}-{}", "x".repeat(i % 37)),
+            _ => Uuid::new_v4().to_string(),
+        })
+        .collect();
+    let events: Vec<NewEvent> = keys
+        .iter()
+        .map(|k| NewEvent::new(&topic, k, "K", json!({})))
+        .collect();
+    Writer::new(&table)
+        .unwrap()
+        .add_new_events(&client, &events)
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records = support::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        keys.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(records.len(), keys.len());
+    let wrong: Vec<_> = records
+        .iter()
+        .filter(|r| r.partition != java_partition(r.key_str(), partitions))
+        .map(|r| (r.key_str().to_string(), r.partition))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} keys on another partition than Java's, e.g. {:?}",
+        wrong.len(),
+        records.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 4. Secrets never echoed
+// ----------------------------------------------------------------------------------------------
+
+const SECRET: &str = "Sup3rS3cretValue";
+
+/// Malformed `-X` shapes around a secret exit with an error that does not print it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_kafka_properties_never_print_the_secret() {
+    let url = "postgres://relay@127.0.0.1:1/db";
+    let shapes: Vec<Vec<String>> = vec![
+        vec!["-X".into(), format!("sasl.password:{SECRET}")],
+        vec!["-X".into(), format!("sasl.password {SECRET}")],
+        vec!["-X".into(), "sasl.password".into(), SECRET.into()],
+        vec!["-X".into(), format!("sasl.passwrd={SECRET}")],
+        vec![format!("-Xsasl.password:{SECRET}")],
+        vec!["-X".into(), format!("ssl.key.password={SECRET}")],
+        vec![
+            "-X".into(),
+            format!("sasl.oauthbearer.client.secret={SECRET}"),
+        ],
+        vec!["-X".into(), format!("my.api.token={SECRET}")],
+    ];
+    for shape in shapes {
+        let mut args = vec![
+            "--database-url",
+            url,
+            "run",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+        ];
+        args.extend(shape.iter().map(String::as_str));
+        let out = cli(&args, &[]).await;
+        assert_ne!(out.code, Some(0), "{shape:?} refused");
+        assert!(
+            !out.all().contains(SECRET),
+            "{shape:?} printed the secret:\n{}",
+            out.all()
+        );
+        assert!(!out.all().trim().is_empty(), "{shape:?} says why");
+    }
+}
+
+/// `OutboxBuilder`'s `Debug` shows the settings but no secret: not the Postgres password, not
+/// any Kafka property that may hold one, whatever its spelling.
+#[test]
+fn builder_debug_shows_no_secret() {
+    let b = Outbox::builder()
+        .database_url(&format!("postgres://relay:{SECRET}@db.example/outbox"))
+        .kafka_brokers("kafka:9092")
+        .kafka_property("sasl.password", SECRET)
+        .kafka_property("ssl.key.password", SECRET)
+        .kafka_property("sasl.oauthbearer.client.secret", SECRET)
+        .kafka_property("sasl.oauthbearer.config", format!("clientSecret={SECRET}"))
+        .kafka_property("SASL.PASSWRD", SECRET)
+        .kafka_property("linger.ms", "7");
+    let debug = format!("{b:?}");
+    assert!(!debug.contains(SECRET), "{debug}");
+    assert!(
+        debug.contains("linger.ms") && debug.contains("\"7\""),
+        "{debug}"
+    );
+    assert!(debug.contains("sasl.password"), "names stay: {debug}");
+    let bad_url =
+        Outbox::builder().database_url(&format!("postgres://relay:{SECRET}@h:notaport/db"));
+    assert!(!format!("{bad_url:?}").contains(SECRET));
+}
+
+// ----------------------------------------------------------------------------------------------
+// 5. Terminal injection
+// ----------------------------------------------------------------------------------------------
+
+fn has_terminal_controls(s: &str) -> bool {
+    s.chars().any(|c| {
+        (c.is_control() && c != '\n')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    })
+}
+
+/// Topic names written by SQL with escape sequences (clear screen, carriage return, a forged
+/// TOTAL line, an 8-bit CSI) print escaped in `status`, `status --json`, `find` and the relay's
+/// log lines; the JSON outputs still parse back to the exact names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_escaped_in_every_output() {
+    let (client, table) = migrated_table("tty").await;
+    let evil = "x\u{1b}[2J\u{1b}[H\rTOTAL 0 0 0\n\u{9b}31m\u{202e}";
+    let id = Uuid::new_v4();
+    client
+        .execute(
+            &format!(
+                "insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 values ($1, $2, $2, $2, '{{}}', '{{\"event_id\": \"forged\"}}')"
+            ),
+            &[&id, &evil],
+        )
+        .await
+        .unwrap();
+
+    let out = cli_on(&table, &["status"]).await;
+    assert_code(&out, 0, "status");
+    assert!(
+        !has_terminal_controls(&out.stdout),
+        "status:\n{:?}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with("TOTAL"))
+            .count(),
+        1,
+        "one TOTAL line:\n{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("x\\u{1b}[2J"), "{}", out.stdout);
+
+    let out = cli_on(&table, &["status", "--json"]).await;
+    assert_code(&out, 0, "status --json");
+    assert!(!has_terminal_controls(&out.stdout), "{:?}", out.stdout);
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["topics"][0]["topic"], evil);
+
+    let out = cli_on(&table, &["find"]).await;
+    assert_code(&out, 0, "find");
+    assert!(!has_terminal_controls(&out.stdout), "{:?}", out.stdout);
+    let found = json_lines(&out.stdout);
+    assert_eq!(found[0]["topic"], evil);
+    assert_eq!(found[0]["aggregate_id"], evil);
+
+    // The relay's log line about the event (its forged header), which names the topic.
+    let url = support::postgres_url().await;
+    let brokers = support::kafka_brokers();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--channel",
+            &table,
+            "run",
+            "--kafka-brokers",
+            &brokers,
+            "--shutdown-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    let line = relay
+        .wait_for_line("the dropped header", Duration::from_secs(60), |l| {
+            l.contains(&id.to_string()) && l.contains("is reserved")
+        })
+        .await;
+    assert!(line.contains("x\\u{1b}[2J"), "escaped topic: {line}");
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(30)).await;
+    let raw = relay.stderr.lock().unwrap().clone();
+    assert!(
+        !raw.contains('\u{1b}') && !raw.contains('\u{9b}') && !raw.contains('\r'),
+        "{raw:?}"
+    );
+    assert!(
+        !raw.lines().any(|l| l.starts_with("TOTAL")),
+        "no forged log line: {raw}"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// 6. NUL: only a real one is refused
+// ----------------------------------------------------------------------------------------------
+
+/// `{"path":"C:\\u0000"}` (a backslash, then the text `u0000`) is stored and read back; a real
+/// U+0000 anywhere in the payload is refused before Postgres sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_real_nul_is_refused() {
+    let (client, table) = migrated_table("nul").await;
+    let writer = Writer::new(&table).unwrap();
+    let fine = [
+        json!({"path": "C:\\u0000"}),
+        json!({"path": "C:\\\\\\u0000"}),
+        json!({"C:\\u0000": 1}),
+    ];
+    for payload in &fine {
+        let id = writer
+            .add_new_event(&client, NewEvent::new("t", "a", "T", payload.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{payload} refused: {e}"));
+        let stored: Value = client
+            .query_one(
+                &format!("select payload from {table} where id = $1"),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(&stored, payload);
+    }
+    for payload in [
+        json!({"p": "a\u{0}b"}),
+        json!({"p": "C:\\\u{0}"}),
+        json!({"k\u{0}": 1}),
+    ] {
+        let r = writer
+            .add_new_event(&client, NewEvent::new("t", "a", "T", payload.clone()))
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidEvent {
+                    field: "payload",
+                    ..
+                })
+            ),
+            "{payload}: {r:?}"
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// 7. SQL key words as table or channel names
+// ----------------------------------------------------------------------------------------------
+
+/// Every key word the server reserves (`pg_get_keywords()`, categories R and T) is refused as a
+/// table or channel name with a clear error, at `connect()` and by the binary; ordinary and
+/// unreserved words pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_key_words_are_refused_as_names() {
+    let client = support::connect_pg().await;
+    let words: Vec<String> = client
+        .query(
+            "select word from pg_get_keywords() where catcode in ('R', 'T') order by word",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(words.len() > 90, "{words:?}");
+    let accepted: Vec<&String> = words
+        .iter()
+        .filter(|w| outbox::validate_identifier("table", w).is_ok())
+        .collect();
+    assert!(
+        accepted.is_empty(),
+        "reserved key words accepted: {accepted:?}"
+    );
+    for ok in [
+        "events",
+        "outbox",
+        "name",
+        "value",
+        "status",
+        "order_events",
+    ] {
+        outbox::validate_identifier("table", ok).unwrap();
+    }
+    let r = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table("select")
+        .channel("user")
+        .connect()
+        .await;
+    match r {
+        Err(Error::Config(e)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("`select` is an SQL key word"), "{msg}");
+            assert!(msg.contains("`user` is an SQL key word"), "{msg}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let out = cli_on("select", &["status"]).await;
+    assert_code(&out, 3, "--table select");
+    assert!(out.stderr.contains("SQL key word"), "{}", out.stderr);
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9. Schema assumptions and the relay's privileges (issue 14.4)
+// ----------------------------------------------------------------------------------------------
+
+/// A migrated table changed behind the relay's back (a column type, a dropped NOT NULL, the fence
+/// table gone, the wake trigger disabled): `connect()` refuses it naming every deviation with
+/// what to do, and `status` lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_deviations_are_all_reported_at_connect_and_in_status() {
+    let (client, table) = migrated_table("drift").await;
+    client
+        .batch_execute(&format!(
+            "alter table {table} alter column payload type json;
+             alter table {table} alter column aggregate_id drop not null;
+             drop table {table}_fence;
+             alter table {table} disable trigger {table}_outbox_wake;"
+        ))
+        .await
+        .unwrap();
+    let r = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await;
+    let msg = match r {
+        Err(Error::Schema(msg)) => msg,
+        other => panic!("expected a schema error, got {other:?}"),
+    };
+    for expected in [
+        format!("`{table}.payload` is `json`"),
+        "alter column payload type jsonb".to_string(),
+        format!("`{table}.aggregate_id` allows NULL"),
+        "set not null".to_string(),
+        format!("`{table}_fence`"),
+        format!("`{table}_outbox_wake` is missing or disabled"),
+        "4 problems".to_string(),
+    ] {
+        assert!(msg.contains(&expected), "names {expected:?}:\n{msg}");
+    }
+    let out = cli_on(&table, &["status"]).await;
+    assert_code(&out, 0, "status");
+    assert_eq!(
+        out.stdout.matches("SCHEMA PROBLEM:").count(),
+        4,
+        "{}",
+        out.stdout
+    );
+    let out = cli_on(&table, &["status", "--json"]).await;
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        v["schema_problems"].as_array().map(Vec::len),
+        Some(4),
+        "{v}"
+    );
+}
+
+/// The README's roles (scripts/roles.sql, run as it is, with unique role names): the migrator
+/// migrates, the writer inserts, the relay runs and publishes but cannot migrate; a relay role
+/// missing a grant is refused at `connect()` with the missing privilege named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
+    const SCRIPT: &str = include_str!("../../scripts/roles.sql");
+    let prefix = support::unique_name("r");
+    let script = SCRIPT.replace("app_outbox_", &format!("{prefix}_"));
+    let (roles, grants) = script
+        .split_once("-- after migrate")
+        .expect("the script marks the grants that follow `migrate`");
+    let admin_cfg = support::fresh_database().await;
+    let admin = outbox::testing::connect(&admin_cfg).await.unwrap();
+    admin.batch_execute(roles).await.unwrap();
+    let as_role = |role: &str| {
+        let mut c = admin_cfg.clone();
+        c.user(format!("{prefix}_{role}"));
+        c
+    };
+    let migrator = outbox::testing::connect(&as_role("migrator"))
+        .await
+        .unwrap();
+    outbox::migrate(&migrator).await.unwrap();
+    admin.batch_execute(grants).await.unwrap();
+
+    let relay_cfg = as_role("relay");
+    let relay_client = outbox::testing::connect(&relay_cfg).await.unwrap();
+    let denied = outbox::migrate(&relay_client).await;
+    assert!(denied.is_err(), "the relay role cannot migrate");
+
+    let topic = topic_name("roles");
+    support::create_topic(&topic, 1).await;
+    let writer = outbox::testing::connect(&as_role("writer")).await.unwrap();
+    let id = outbox::add_new_event(&writer, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(relay_cfg.clone())
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("the relay role connects: {e}"));
+    let relay = outbox.start().unwrap();
+    let records = support::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    support::stop_and_join(&outbox, relay).await;
+
+    admin
+        .batch_execute(&format!("revoke update on events from {prefix}_relay"))
+        .await
+        .unwrap();
+    match Outbox::builder()
+        .postgres(relay_cfg)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+    {
+        Err(Error::Schema(msg)) => assert!(
+            msg.contains(&format!("role `{prefix}_relay` lacks UPDATE on `events`"))
+                && msg.contains(&format!("grant update on events to {prefix}_relay")),
+            "{msg}"
+        ),
+        other => panic!("expected a schema error naming the privilege, got {other:?}"),
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// 8. The metrics/health port under abuse
+// ----------------------------------------------------------------------------------------------
+
+/// What a raw request got back: the status code, or how the connection ended without one.
+#[derive(Debug, PartialEq)]
+enum RawAnswer {
+    Status(u16),
+    Closed,
+}
+
+/// Sends `request` (as far as the server lets it) and reads the answer (at most 20 s).
+fn raw_request(addr: SocketAddr, request: &[u8]) -> RawAnswer {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(request); // the server may close before reading it all
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            panic!("no answer within 20 s")
+        }
+        _ => {}
+    }
+    let text = String::from_utf8_lossy(&buf);
+    match text.split_whitespace().nth(1).and_then(|c| c.parse().ok()) {
+        Some(code) if text.starts_with("HTTP/") => RawAnswer::Status(code),
+        _ => RawAnswer::Closed,
+    }
+}
+
+/// GETs `path` until it answers `want` (at most 30 s); returns the body.
+async fn get_until(addr: SocketAddr, path: &str, want: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = path.to_string();
+        let r = tokio::task::spawn_blocking(move || crate::cli::http_get(addr, &p))
+            .await
+            .unwrap();
+        match r {
+            Ok((code, body)) if code == want => return body,
+            other => assert!(
+                Instant::now() < deadline,
+                "{path} did not answer {want} within 30 s; last: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A bounded abuse of the metrics port: an oversized request line is refused without being read
+/// whole; 300 idle connections do not lock the scraper out for good; while a `LOCK TABLE` holds
+/// up `/health`, it answers 503 with the reason within its bound and `/metrics` answers 200; the
+/// relay relays the event written meanwhile; SIGTERM closes the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_withstands_abuse_and_the_relay_keeps_relaying() {
+    let (client, table) = migrated_table("abuse").await;
+    let topic = topic_name("abuse");
+    support::create_topic(&topic, 1).await;
+    let url = support::postgres_url().await;
+    let brokers = support::kafka_brokers();
+    let addr: SocketAddr = ([127, 0, 0, 1], support::free_port().unwrap()).into();
+    let addr_s = addr.to_string();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--channel",
+            &table,
+            "run",
+            "--kafka-brokers",
+            &brokers,
+            "--metrics-addr",
+            &addr_s,
+            "--poll-interval",
+            "200ms",
+            "--shutdown-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    relay
+        .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
+            l.contains("serving /metrics")
+        })
+        .await;
+    get_until(addr, "/health", 200).await;
+
+    // 1. A 4 MiB request line.
+    let mut huge = b"GET /".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 4 << 20));
+    huge.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\n\r\n");
+    let answer = tokio::task::spawn_blocking(move || raw_request(addr, &huge))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            answer,
+            RawAnswer::Closed | RawAnswer::Status(400 | 413 | 414 | 431)
+        ),
+        "oversized request: {answer:?}"
+    );
+    get_until(addr, "/metrics", 200).await;
+
+    // 2. 300 idle connections, held open.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+        .collect();
+    let text = get_until(addr, "/metrics", 200).await;
+    assert!(text.contains("outbox_"), "{text}");
+    get_until(addr, "/health", 200).await;
+    drop(idle);
+
+    // 3. /health held up by a lock on the outbox table; /metrics answers meanwhile.
+    let mut locker = support::connect_pg().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!("lock table {table} in access exclusive mode"))
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    let writer = {
+        let table = table.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let c = support::connect_pg().await;
+            c.execute(
+                &format!(
+                    "insert into {table} (id, aggregate_id, event_topic, event_type, payload)
+                     values ($1, 'a', $2, 'T', '{{}}')"
+                ),
+                &[&id, &topic],
+            )
+            .await
+            .unwrap();
+        })
+    };
+    let health = get_until(addr, "/health", 503).await;
+    assert!(health.contains("did not finish within"), "{health}");
+    get_until(addr, "/metrics", 200).await;
+    tx.rollback().await.unwrap();
+    writer.await.unwrap();
+    let records = support::consume_all(&brokers, &topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    get_until(addr, "/health", 200).await;
+
+    // 4. A stop closes the port.
+    relay.sigterm();
+    let (code, _) = relay.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", relay.log());
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
+    drop(client);
+}
+
+/// `find` reads back rows whose payload and headers nest deeper than serde_json's limit (written
+/// by SQL) instead of panicking: the payload as its JSON text, the valid headers kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_reads_rows_nested_beyond_the_parser_limit() {
+    let (client, table) = migrated_table("deepfind").await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let headers = format!(r#"{{"ok": "v", "deep": {deep}}}"#);
+    client
+        .execute(
+            &format!(
+                "insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+                 values ($1, 'a', 't', 'T', $2::text::jsonb, $3::text::jsonb)"
+            ),
+            &[&Uuid::new_v4(), &deep, &headers],
+        )
+        .await
+        .unwrap();
+    let admin = Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap();
+    let found = admin.find(&outbox::EventFilter::new()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    let text = found[0]
+        .payload()
+        .as_str()
+        .expect("the payload's JSON text");
+    assert_eq!(text.replace(' ', ""), deep);
+    assert_eq!(found[0].headers().get("ok").map(String::as_str), Some("v"));
+    let out = cli_on(&table, &["find"]).await;
+    assert_code(&out, 0, "find");
+}
