@@ -124,23 +124,92 @@ impl NewEvent {
             ));
         }
         for (name, value) in &self.headers {
-            if name.is_empty() {
-                return Err(Error::invalid_event("headers", "a header name is empty"));
-            }
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(Error::invalid_event(
-                    "headers",
-                    format!("`{name}` is reserved: the relay sets it on every record"),
-                ));
-            }
-            if name.contains('\0') || value.contains('\0') {
-                return Err(Error::invalid_event(
-                    "headers",
-                    format!("header `{}` contains a NUL character", name.escape_debug()),
-                ));
-            }
+            check_header(name, value)?;
         }
         Ok(())
+    }
+}
+
+fn check_header(name: &str, value: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_event("headers", "a header name is empty"));
+    }
+    if RESERVED_HEADERS.contains(&name) {
+        return Err(Error::invalid_event(
+            "headers",
+            format!(
+                "`{}` is reserved: the relay sets it on every record",
+                name.escape_debug()
+            ),
+        ));
+    }
+    if name.contains('\0') || value.contains('\0') {
+        return Err(Error::invalid_event(
+            "headers",
+            format!("header `{}` contains a NUL character", name.escape_debug()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a row that another writer (plain SQL, the Go package) put into the table against the
+/// rules [`NewEvent`]'s writers enforce: topic name, column lengths, non-empty key and type, and
+/// `headers` (JSON text of the `headers jsonb` column, if any) as one JSON object whose values are
+/// strings, with no reserved, empty or NUL-containing name. The payload needs no check: `jsonb`
+/// holds only valid JSON without U+0000.
+///
+/// # Errors
+/// [`Error::InvalidEvent`] naming the first broken rule.
+pub(crate) fn validate_row(
+    topic: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    headers: Option<&[u8]>,
+) -> Result<()> {
+    validate_topic(topic)?;
+    check_column("aggregate_id", aggregate_id)?;
+    check_column("event_type", event_type)?;
+    let Some(raw) = headers else {
+        return Ok(());
+    };
+    let value: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| Error::invalid_event("headers", format!("not JSON: {e}")))?;
+    match value {
+        serde_json::Value::Null => Ok(()),
+        serde_json::Value::Object(map) => {
+            for (name, value) in &map {
+                let serde_json::Value::String(value) = value else {
+                    return Err(Error::invalid_event(
+                        "headers",
+                        format!(
+                            "header `{}` is a JSON {}, not a string: headers are a JSON object of strings",
+                            name.escape_debug(),
+                            json_kind(value)
+                        ),
+                    ));
+                };
+                check_header(name, value)?;
+            }
+            Ok(())
+        }
+        other => Err(Error::invalid_event(
+            "headers",
+            format!(
+                "a JSON {}, not an object: headers are a JSON object of strings",
+                json_kind(&other)
+            ),
+        )),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -267,6 +336,7 @@ pub struct Event {
     pub(crate) published_at: Option<DateTime<Utc>>,
     pub(crate) partition: Option<i32>,
     pub(crate) offset: Option<i64>,
+    pub(crate) created_at_tz: DateTime<Utc>,
 }
 
 impl Event {
@@ -302,9 +372,17 @@ impl Event {
     pub fn status(&self) -> EventStatus {
         self.status
     }
-    /// When the row was inserted (`created_at timestamp`, the database session's time zone).
+    /// When the row was inserted, as the writer's wall-clock time in the writer's session time
+    /// zone (`created_at timestamp`, the original Go package's column; `None` when a writer set
+    /// it to null). Zone-dependent: use [`created_at_tz`](Self::created_at_tz) for ages.
     pub fn created_at(&self) -> Option<NaiveDateTime> {
         self.created_at
+    }
+    /// When the row was inserted, as an absolute time (`created_at_tz timestamptz`, the start of
+    /// the writer's transaction, whatever the writer's time zone). Every age the relay reports
+    /// (pending age, `status`, health, commit-to-ack) is measured from it.
+    pub fn created_at_tz(&self) -> DateTime<Utc> {
+        self.created_at_tz
     }
     /// A reservation written by the original Go relay (this crate reserves with row locks).
     pub fn reserved_to(&self) -> Option<NaiveDateTime> {

@@ -55,8 +55,11 @@ struct Reserved {
     payload: RawJson,
     headers: Option<RawJson>,
     attempts: i32,
-    /// Seconds since `created_at` when reserved (None for rows without `created_at`).
+    /// Seconds since `created_at_tz` when reserved.
     age_at_reserve: Option<f64>,
+    /// The rule of `add_new_event` this row breaks (a row written by another writer): it is
+    /// dead-lettered without being sent.
+    invalid: Option<String>,
 }
 
 #[derive(Debug)]
@@ -393,16 +396,28 @@ async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_
     }
     Ok(rows
         .into_iter()
-        .map(|r| Reserved {
-            id: r.get(0),
-            seq: r.get(1),
-            aggregate_id: r.get(2),
-            topic: r.get(3),
-            event_type: r.get(4),
-            payload: r.get(5),
-            headers: r.get(6),
-            attempts: r.get(7),
-            age_at_reserve: r.get(8),
+        .map(|r| {
+            let mut row = Reserved {
+                id: r.get(0),
+                seq: r.get(1),
+                aggregate_id: r.get(2),
+                topic: r.get(3),
+                event_type: r.get(4),
+                payload: r.get(5),
+                headers: r.get(6),
+                attempts: r.get(7),
+                age_at_reserve: r.get(8),
+                invalid: None,
+            };
+            row.invalid = crate::event::validate_row(
+                &row.topic,
+                &row.aggregate_id,
+                &row.event_type,
+                row.headers.as_ref().map(|h| h.0.as_slice()),
+            )
+            .err()
+            .map(|e| format!("{e} (a rule of add_new_event; not sent, no retries)"));
+            row
         })
         .collect())
 }
@@ -483,6 +498,16 @@ async fn publish_chain(
             break;
         }
         let row = &rows[idx];
+        if let Some(rule) = &row.invalid {
+            out.push((
+                idx,
+                Outcome::Failed {
+                    error: rule.clone(),
+                    dead: true,
+                },
+            ));
+            break;
+        }
         let sent = send_one(ctx, row, cutoff).await;
         match sent {
             Sent::Skipped => break,
@@ -997,6 +1022,18 @@ async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     metrics::gauge!("outbox_retrying_events").set(retrying as f64);
     metrics::gauge!("outbox_dead_letter_events").set(dead as f64);
     metrics::gauge!("outbox_oldest_pending_age_seconds").set(oldest);
+    let legacy: i64 = client
+        .query_one(&ctx.store.status_relays, &[])
+        .await?
+        .get(1);
+    metrics::gauge!("outbox_legacy_reservations").set(legacy as f64);
+    if legacy > 0 {
+        tracing::error!(
+            table = %ctx.store.table,
+            legacy_reservations = legacy,
+            "outbox relay: rows reserved by another relay within its lease (reserved_to in the future): the original Go relay is probably still running against this table; stop it — it publishes dead letters and ignores the order per aggregate"
+        );
+    }
     Ok(())
 }
 

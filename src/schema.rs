@@ -42,10 +42,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "batch fences",
         sql: include_str!("../migrations/0004_fence.sql"),
     },
+    Migration {
+        version: 5,
+        name: "created_at_tz (zone-proof insertion time)",
+        sql: include_str!("../migrations/0005_created_at_tz.sql"),
+    },
 ];
 
 /// The schema version this crate needs.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Checks a table or channel name: a plain, lower-case Postgres identifier
 /// (`[a-z_][a-z0-9_]*`, 1–[`MAX_IDENTIFIER_LEN`] bytes). Anything else is refused rather than
