@@ -400,7 +400,9 @@ impl Event {
     pub fn next_attempt_at(&self) -> Option<DateTime<Utc>> {
         self.next_attempt_at
     }
-    /// When Kafka acknowledged the event.
+    /// When the relay confirmed Kafka's acknowledgement of the event: the start of the confirm
+    /// statement, after the acknowledgement (at most the batch timeout later; for a late report,
+    /// when it was confirmed).
     pub fn published_at(&self) -> Option<DateTime<Utc>> {
         self.published_at
     }

@@ -136,6 +136,7 @@ impl Relay {
             fence: tokio::sync::Mutex::new(None),
         });
         self.counters.running.store(true, Ordering::Relaxed);
+        register_metrics();
         let background = TaskTracker::new();
         let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
         let (arm_tx, arm_rx) = watch::channel(false);
@@ -1004,6 +1005,71 @@ const LATE_GRACE: Duration = Duration::from_millis(500);
 
 /// Period of the backlog gauges (`outbox_backlog_events`, …).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Describes the relay's metrics and registers its counters at zero, so that `rate(…)` alerts
+/// have a series to evaluate before the first event (a counter otherwise appears only when it
+/// first increases).
+fn register_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    let counters = [
+        (
+            "outbox_events_delivered_total",
+            "Events Kafka acknowledged and the relay confirmed.",
+        ),
+        (
+            "outbox_delivery_failures_total",
+            "Failed delivery attempts that will be retried.",
+        ),
+        (
+            "outbox_dead_letters_total",
+            "Events that became dead letters.",
+        ),
+        (
+            "outbox_confirm_failures_total",
+            "Batches whose confirmation in Postgres failed (their events are published again).",
+        ),
+        ("outbox_batches_total", "Batches reserved."),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, Unit::Count, help);
+        metrics::counter!(name).increment(0);
+    }
+    describe_gauge!(
+        "outbox_backlog_events",
+        Unit::Count,
+        "Pending events (every 10 s)."
+    );
+    describe_gauge!(
+        "outbox_retrying_events",
+        Unit::Count,
+        "Pending events waiting for a retry."
+    );
+    describe_gauge!(
+        "outbox_dead_letter_events",
+        Unit::Count,
+        "Dead letters in the table."
+    );
+    describe_gauge!(
+        "outbox_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending event."
+    );
+    describe_gauge!(
+        "outbox_legacy_reservations",
+        Unit::Count,
+        "Rows with a live reservation of another relay (the original Go relay still running)."
+    );
+    describe_gauge!(
+        "outbox_in_flight_messages",
+        Unit::Count,
+        "Messages sent, not yet acknowledged."
+    );
+    describe_histogram!(
+        "outbox_commit_to_ack_seconds",
+        Unit::Seconds,
+        "From the writer's transaction start to the confirmed delivery."
+    );
+}
 
 /// Sets the backlog gauges from the status query.
 async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {

@@ -182,6 +182,11 @@ pub async fn migrate(client: &Client) -> Result<MigrationReport> {
 
 async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     let tx = client;
+    // `if not exists` / `if exists` statements answer with NOTICEs ("… already exists,
+    // skipping"), which clients print as log lines that look like errors: not for this
+    // transaction.
+    tx.batch_execute("set local client_min_messages = warning")
+        .await?;
     tx.execute(
         "select pg_advisory_xact_lock($1, $2)",
         &[&LOCK_CLASS, &MIGRATION_LOCK_KEY],

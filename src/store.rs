@@ -105,10 +105,13 @@ impl Store {
               order by c.seq"
         );
         // Confirm: one statement per batch for every outcome, deleting the batch's fence.
+        // `published_at` is the confirm statement's start: after Kafka acknowledged every
+        // delivered row of the batch (not `now()`, the batch transaction's start, which is the
+        // reservation).
         let update = format!(
             "update {t} e set
                  status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
-                 published_at = case when u.outcome = 0 then now() else e.published_at end,
+                 published_at = case when u.outcome = 0 then statement_timestamp() else e.published_at end,
                  kafka_partition = case when u.outcome = 0 then u.part else e.kafka_partition end,
                  kafka_offset = case when u.outcome = 0 then u.off else e.kafka_offset end,
                  attempts = e.attempts + case when u.outcome in (1, 2) then 1 else 0 end,

@@ -361,6 +361,12 @@ async fn migrate_upgrades_a_go_table_in_place() {
 
     let first = cli_on(&table, &["--channel", &channel, "migrate"]).await;
     assert_code(&first, 0, "first migrate");
+    // Its `if not exists` statements on the Go table answer with NOTICEs: not printed.
+    assert!(
+        !first.stderr.contains("NOTICE") && !first.stderr.contains("skipping"),
+        "migrate prints no Postgres NOTICE: {}",
+        first.stderr
+    );
     let applied: Vec<i32> = (1..=outbox::SCHEMA_VERSION).collect();
     assert!(
         first.stdout.contains(&table)
@@ -729,7 +735,7 @@ async fn metrics_and_health_endpoints() {
 /// hours old and Tokyo's 0 s, whatever the server's zone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ages_are_right_whatever_the_writers_time_zone() {
-    let (_client, table) = migrated_table("cli_zones").await;
+    let (client, table) = migrated_table("cli_zones").await;
     let topic = support::unique_name("cli_zones_topic");
     support::create_topic(&topic, 1).await;
     let brokers = support::kafka_brokers();
@@ -848,6 +854,37 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Counters exist from the start, also those that never increased (issue 14.5).
+    assert_eq!(
+        metric(&text, "outbox_confirm_failures_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_dead_letters_total"),
+        Some(0.0),
+        "{text}"
+    );
+    // published_at is when the delivery was confirmed: not before the producer created the
+    // record (its CreateTime), which is after the reservation.
+    for r in &records {
+        let id: Uuid = r.header("event_id").unwrap().parse().unwrap();
+        let published_ms: i64 = client
+            .query_one(
+                &format!(
+                    "select (extract(epoch from published_at) * 1000)::int8 from {table} where id = $1"
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let created_ms = r.timestamp_ms.expect("records carry a CreateTime");
+        assert!(
+            published_ms >= created_ms,
+            "published_at {published_ms} ms precedes the record's CreateTime {created_ms} ms"
+        );
+    }
     let count = metric(&text, "outbox_commit_to_ack_seconds_count").unwrap();
     let sum = metric(&text, "outbox_commit_to_ack_seconds_sum").unwrap();
     assert_eq!(count, 6.0, "{text}");
