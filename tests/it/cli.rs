@@ -1456,6 +1456,12 @@ async fn invalid_configuration_exits_3() {
     let out = cli_on(&table, &["run"]).await;
     assert_code(&out, 3, "run without KAFKA_BROKERS");
     assert!(out.stderr.contains("kafka_brokers"), "{}", out.stderr);
+    // Only the clear error: no librdkafka warning about the missing bootstrap.servers first.
+    assert!(
+        !out.stderr.contains("librdkafka") && !out.stderr.contains("CONFWARN"),
+        "{}",
+        out.stderr
+    );
 
     let out = cli_on(
         &table,
