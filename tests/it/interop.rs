@@ -325,7 +325,8 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
          values ($1, $2, $3, '{{}}', $4::text::jsonb) returning id"
     );
     // (aggregate, topic, type, headers, words the error must contain)
-    let bad: Vec<(&str, String, &str, Option<&str>, &[&str])> = vec![
+    type BadRow<'a> = (&'a str, String, &'a str, Option<&'a str>, &'a [&'a str]);
+    let bad: Vec<BadRow<'_>> = vec![
         (
             "b-topic",
             "bad topic!".to_string(),
