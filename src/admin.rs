@@ -108,7 +108,12 @@ pub struct OutboxStatus {
     /// Relay batch transactions open now (reservations in flight), over all relays of the
     /// database.
     pub open_batches: i64,
-    /// Rows reserved by the original Go relay whose lease has not run out.
+    /// Rows (of any status) with a `reserved_to` still in the future, compared in this
+    /// session's time zone. This crate never sets `reserved_to` (it reserves with row locks and
+    /// clears the column when it confirms), so a non-zero count means another relay, such as the
+    /// original Go package's, reserved them within its lease: it is probably still running
+    /// against this table and must be stopped (it publishes dead letters and ignores the order
+    /// per aggregate).
     pub legacy_reservations: i64,
     /// Where the table differs from what the relay relies on (column types, NOT NULL
     /// constraints, fence table, wake trigger), each with what to do; empty when all is well.

@@ -602,8 +602,16 @@ impl OutboxBuilder {
         }
         // librdkafka validates property names and values when a client is created.
         // Checked even when other settings are wrong, so that every problem is listed at once.
-        let producer = match kafka.create::<FutureProducer>() {
-            Ok(p) => Some(p),
+        // Without brokers the configuration is refused anyway (listed above): the properties are
+        // then only set on a native configuration, which validates them too, without creating a
+        // client, whose "No `bootstrap.servers` configured" warning would precede the clear error.
+        let created = if self.kafka_brokers.is_none() {
+            kafka.create_native_config().map(|_| None)
+        } else {
+            kafka.create::<FutureProducer>().map(Some)
+        };
+        let producer = match created {
+            Ok(p) => p,
             Err(e) => {
                 // librdkafka echoes the offending value; never echo a secret.
                 let mut text = e.to_string();

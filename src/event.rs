@@ -124,21 +124,7 @@ impl NewEvent {
             ));
         }
         for (name, value) in &self.headers {
-            if name.is_empty() {
-                return Err(Error::invalid_event("headers", "a header name is empty"));
-            }
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(Error::invalid_event(
-                    "headers",
-                    format!("`{name}` is reserved: the relay sets it on every record"),
-                ));
-            }
-            if name.contains('\0') || value.contains('\0') {
-                return Err(Error::invalid_event(
-                    "headers",
-                    format!("header `{}` contains a NUL character", name.escape_debug()),
-                ));
-            }
+            check_header(name, value)?;
         }
         Ok(())
     }
@@ -161,6 +147,42 @@ pub(crate) fn has_nul_escape(json: &str) -> bool {
         }
     }
     false
+}
+
+fn check_header(name: &str, value: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_event("headers", "a header name is empty"));
+    }
+    if RESERVED_HEADERS.contains(&name) {
+        return Err(Error::invalid_event(
+            "headers",
+            format!(
+                "`{}` is reserved: the relay sets it on every record",
+                name.escape_debug()
+            ),
+        ));
+    }
+    if name.contains('\0') || value.contains('\0') {
+        return Err(Error::invalid_event(
+            "headers",
+            format!("header `{}` contains a NUL character", name.escape_debug()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a row that another writer (plain SQL, the Go package) put into the table against the
+/// rules [`NewEvent`]'s writers enforce: topic name, column lengths, non-empty key and type. The
+/// payload needs no check (`jsonb` holds only valid JSON without U+0000), and custom headers are
+/// not a reason to refuse the event: the relay publishes the valid ones and reports the rest (see
+/// `crate::headers`).
+///
+/// # Errors
+/// [`Error::InvalidEvent`] naming the first broken rule.
+pub(crate) fn validate_row(topic: &str, aggregate_id: &str, event_type: &str) -> Result<()> {
+    validate_topic(topic)?;
+    check_column("aggregate_id", aggregate_id)?;
+    check_column("event_type", event_type)
 }
 
 fn check_column(field: &'static str, value: &str) -> Result<()> {
@@ -286,6 +308,7 @@ pub struct Event {
     pub(crate) published_at: Option<DateTime<Utc>>,
     pub(crate) partition: Option<i32>,
     pub(crate) offset: Option<i64>,
+    pub(crate) created_at_tz: DateTime<Utc>,
 }
 
 impl Event {
@@ -322,9 +345,17 @@ impl Event {
     pub fn status(&self) -> EventStatus {
         self.status
     }
-    /// When the row was inserted (`created_at timestamp`, the database session's time zone).
+    /// When the row was inserted, as the writer's wall-clock time in the writer's session time
+    /// zone (`created_at timestamp`, the original Go package's column; `None` when a writer set
+    /// it to null). Zone-dependent: use [`created_at_tz`](Self::created_at_tz) for ages.
     pub fn created_at(&self) -> Option<NaiveDateTime> {
         self.created_at
+    }
+    /// When the row was inserted, as an absolute time (`created_at_tz timestamptz`, the start of
+    /// the writer's transaction, whatever the writer's time zone). Every age the relay reports
+    /// (pending age, `status`, health, commit-to-ack) is measured from it.
+    pub fn created_at_tz(&self) -> DateTime<Utc> {
+        self.created_at_tz
     }
     /// A reservation written by the original Go relay (this crate reserves with row locks).
     pub fn reserved_to(&self) -> Option<NaiveDateTime> {
@@ -342,7 +373,9 @@ impl Event {
     pub fn next_attempt_at(&self) -> Option<DateTime<Utc>> {
         self.next_attempt_at
     }
-    /// When Kafka acknowledged the event.
+    /// When the relay confirmed Kafka's acknowledgement of the event: the start of the confirm
+    /// statement, after the acknowledgement (at most the batch timeout later; for a late report,
+    /// when it was confirmed).
     pub fn published_at(&self) -> Option<DateTime<Utc>> {
         self.published_at
     }

@@ -110,6 +110,13 @@ pub use crate::schema::{
 };
 pub use crate::writer::{add_new_event, add_new_events, Writer};
 
+/// The README's Rust code blocks, run by `cargo test --doc` exactly as the README shows them
+/// (no hidden lines), so that a reader can copy them; a warning (an unused `mut`, say) fails them.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+#[doc(test(attr(deny(warnings))))]
+pub struct ReadmeDoctests;
+
 impl OutboxBuilder {
     /// Validates every setting (all problems reported at once), connects to Postgres, runs or
     /// checks the migrations, and creates the idempotent producer (`enable.idempotence=true`,

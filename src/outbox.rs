@@ -98,16 +98,22 @@ pub struct Health {
     pub oldest_pending_age: Option<Duration>,
     /// Dead letters.
     pub dead_letters: i64,
+    /// Rows reserved by another relay, such as the original Go package's, within its lease
+    /// (see [`OutboxStatus::legacy_reservations`](crate::OutboxStatus::legacy_reservations)).
+    /// Any makes the relay unhealthy: two relays must not share a table.
+    pub legacy_reservations: i64,
 }
 
 impl Health {
-    /// Healthy: running, listener connected (when used), and no pending event older than
-    /// `max_pending_age`. Dead letters alone do not make the relay unhealthy (alert on them
-    /// separately).
+    /// Healthy: running, listener connected (when used), no pending event older than
+    /// `max_pending_age`, and no row reserved by another relay (a Go relay still running against
+    /// the table, see [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do
+    /// not make the relay unhealthy (alert on them separately).
     pub fn is_healthy(&self, max_pending_age: Duration) -> bool {
         self.running
             && self.listener_connected != Some(false)
             && self.oldest_pending_age.is_none_or(|a| a <= max_pending_age)
+            && self.legacy_reservations == 0
     }
 }
 
@@ -312,6 +318,7 @@ impl Outbox {
             backlog: status.pending,
             oldest_pending_age: status.oldest_pending_age,
             dead_letters: status.dead_letters,
+            legacy_reservations: status.legacy_reservations,
         })
     }
 

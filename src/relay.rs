@@ -56,8 +56,11 @@ struct Reserved {
     payload: RawJson,
     headers: Option<RawJson>,
     attempts: i32,
-    /// Seconds since `created_at` when reserved (None for rows without `created_at`).
+    /// Seconds since `created_at_tz` when reserved.
     age_at_reserve: Option<f64>,
+    /// The rule of `add_new_event` this row breaks (a row written by another writer): it is
+    /// dead-lettered without being sent.
+    invalid: Option<String>,
 }
 
 #[derive(Debug)]
@@ -134,6 +137,7 @@ impl Relay {
             fence: tokio::sync::Mutex::new(None),
         });
         self.counters.running.store(true, Ordering::Relaxed);
+        register_metrics();
         let background = TaskTracker::new();
         let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(16);
         let (arm_tx, arm_rx) = watch::channel(false);
@@ -394,16 +398,27 @@ async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_
     }
     Ok(rows
         .into_iter()
-        .map(|r| Reserved {
-            id: r.get(0),
-            seq: r.get(1),
-            aggregate_id: r.get(2),
-            topic: r.get(3),
-            event_type: r.get(4),
-            payload: r.get(5),
-            headers: r.get(6),
-            attempts: r.get(7),
-            age_at_reserve: r.get(8),
+        .map(|r| {
+            let mut row = Reserved {
+                id: r.get(0),
+                seq: r.get(1),
+                aggregate_id: r.get(2),
+                topic: r.get(3),
+                event_type: r.get(4),
+                payload: r.get(5),
+                headers: r.get(6),
+                attempts: r.get(7),
+                age_at_reserve: r.get(8),
+                invalid: None,
+            };
+            row.invalid = crate::event::validate_row(
+                &row.topic,
+                &row.aggregate_id,
+                &row.event_type,
+            )
+            .err()
+            .map(|e| format!("{e} (a rule of add_new_event; not sent, no retries)"));
+            row
         })
         .collect())
 }
@@ -494,6 +509,16 @@ async fn publish_chain(
             break;
         }
         let row = &rows[idx];
+        if let Some(rule) = &row.invalid {
+            out.push((
+                idx,
+                Outcome::Failed {
+                    error: rule.clone(),
+                    dead: true,
+                },
+            ));
+            break;
+        }
         let sent = send_one(ctx, row, cutoff).await;
         match sent {
             Sent::Skipped => break,
@@ -991,6 +1016,71 @@ const LATE_GRACE: Duration = Duration::from_millis(500);
 /// Period of the backlog gauges (`outbox_backlog_events`, …).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Describes the relay's metrics and registers its counters at zero, so that `rate(…)` alerts
+/// have a series to evaluate before the first event (a counter otherwise appears only when it
+/// first increases).
+fn register_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    let counters = [
+        (
+            "outbox_events_delivered_total",
+            "Events Kafka acknowledged and the relay confirmed.",
+        ),
+        (
+            "outbox_delivery_failures_total",
+            "Failed delivery attempts that will be retried.",
+        ),
+        (
+            "outbox_dead_letters_total",
+            "Events that became dead letters.",
+        ),
+        (
+            "outbox_confirm_failures_total",
+            "Batches whose confirmation in Postgres failed (their events are published again).",
+        ),
+        ("outbox_batches_total", "Batches reserved."),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, Unit::Count, help);
+        metrics::counter!(name).increment(0);
+    }
+    describe_gauge!(
+        "outbox_backlog_events",
+        Unit::Count,
+        "Pending events (every 10 s)."
+    );
+    describe_gauge!(
+        "outbox_retrying_events",
+        Unit::Count,
+        "Pending events waiting for a retry."
+    );
+    describe_gauge!(
+        "outbox_dead_letter_events",
+        Unit::Count,
+        "Dead letters in the table."
+    );
+    describe_gauge!(
+        "outbox_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending event."
+    );
+    describe_gauge!(
+        "outbox_legacy_reservations",
+        Unit::Count,
+        "Rows with a live reservation of another relay (the original Go relay still running)."
+    );
+    describe_gauge!(
+        "outbox_in_flight_messages",
+        Unit::Count,
+        "Messages sent, not yet acknowledged."
+    );
+    describe_histogram!(
+        "outbox_commit_to_ack_seconds",
+        Unit::Seconds,
+        "From the writer's transaction start to the confirmed delivery."
+    );
+}
+
 /// Sets the backlog gauges from the status query.
 async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     let client = ctx.pg.connect("metrics").await?;
@@ -1008,6 +1098,18 @@ async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     metrics::gauge!("outbox_retrying_events").set(retrying as f64);
     metrics::gauge!("outbox_dead_letter_events").set(dead as f64);
     metrics::gauge!("outbox_oldest_pending_age_seconds").set(oldest);
+    let legacy: i64 = client
+        .query_one(&ctx.store.status_relays, &[])
+        .await?
+        .get(1);
+    metrics::gauge!("outbox_legacy_reservations").set(legacy as f64);
+    if legacy > 0 {
+        tracing::error!(
+            table = %ctx.store.table,
+            legacy_reservations = legacy,
+            "outbox relay: rows reserved by another relay within its lease (reserved_to in the future): the original Go relay is probably still running against this table; stop it — it publishes dead letters and ignores the order per aggregate"
+        );
+    }
     Ok(())
 }
 

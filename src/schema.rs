@@ -42,10 +42,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "batch fences",
         sql: include_str!("../migrations/0004_fence.sql"),
     },
+    Migration {
+        version: 5,
+        name: "created_at_tz (zone-proof insertion time)",
+        sql: include_str!("../migrations/0005_created_at_tz.sql"),
+    },
 ];
 
 /// The schema version this crate needs.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Postgres' reserved key words (`pg_get_keywords()` category `R`) and those allowed only as
 /// column labels or function/type names (category `T`): neither can name a table or a channel
@@ -289,6 +294,11 @@ pub async fn migrate(client: &Client) -> Result<MigrationReport> {
 
 async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     let tx = client;
+    // `if not exists` / `if exists` statements answer with NOTICEs ("… already exists,
+    // skipping"), which clients print as log lines that look like errors: not for this
+    // transaction.
+    tx.batch_execute("set local client_min_messages = warning")
+        .await?;
     tx.execute(
         "select pg_advisory_xact_lock($1, $2)",
         &[&LOCK_CLASS, &MIGRATION_LOCK_KEY],

@@ -13,11 +13,12 @@ use crate::event::{Event, EventFilter, EventStatus, DEFAULT_FIND_LIMIT};
 
 /// Columns returned by the reservation, in order.
 pub(crate) const RESERVED_COLUMNS: &str =
-    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at";
+    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz";
 
 /// Columns returned by `find`, in order.
 const EVENT_COLUMNS: &str = "id, seq, aggregate_id, event_topic, event_type, payload, headers, status, \
-     created_at, reserved_to, attempts, last_error, next_attempt_at, published_at, kafka_partition, kafka_offset";
+     created_at, reserved_to, attempts, last_error, next_attempt_at, published_at, kafka_partition, kafka_offset, \
+     created_at_tz";
 
 /// Outcome codes of the confirm statement.
 pub(crate) mod outcome {
@@ -100,16 +101,19 @@ impl Store {
                    ) g on true
              )
              select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-                    c.attempts, greatest(0, extract(epoch from now() - c.created_at::timestamptz))::float8
+                    c.attempts, greatest(0, extract(epoch from now() - c.created_at_tz))::float8
                from cand c join gate g on g.aggregate_id = c.aggregate_id
               where g.gap is null or c.seq < g.gap
               order by c.seq"
         );
         // Confirm: one statement per batch for every outcome, deleting the batch's fence.
+        // `published_at` is the confirm statement's start: after Kafka acknowledged every
+        // delivered row of the batch (not `now()`, the batch transaction's start, which is the
+        // reservation).
         let update = format!(
             "update {t} e set
                  status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
-                 published_at = case when u.outcome = 0 then now() else e.published_at end,
+                 published_at = case when u.outcome = 0 then statement_timestamp() else e.published_at end,
                  kafka_partition = case when u.outcome = 0 then u.part else e.kafka_partition end,
                  kafka_offset = case when u.outcome = 0 then u.off else e.kafka_offset end,
                  attempts = e.attempts + case when u.outcome in (1, 2) then 1 else 0 end,
@@ -159,7 +163,7 @@ impl Store {
                   where status = 'done'
                     and (published_at < now() - $1::float8 * interval '1 millisecond'
                          or (published_at is null
-                             and created_at < localtimestamp - $1::float8 * interval '1 millisecond'))
+                             and created_at_tz < now() - $1::float8 * interval '1 millisecond'))
                   limit $2)"
         );
         Store {
@@ -207,7 +211,7 @@ impl Store {
                         count(*) filter (where status = 'new'),
                         count(*) filter (where status = 'new' and next_attempt_at > now()),
                         count(*) filter (where status = 'failed'),
-                        extract(epoch from localtimestamp - min(created_at) filter (where status = 'new'))::float8
+                        greatest(0, extract(epoch from now() - min(created_at_tz) filter (where status = 'new')))::float8
                    from {t} where status <> 'done'
                   group by event_topic order by event_topic"
             ),
@@ -215,7 +219,7 @@ impl Store {
                 "select (select count(*) from pg_stat_activity
                           where application_name = 'outbox-relay-batch' and datname = current_database()
                             and state in ('idle in transaction', 'active') and xact_start is not null),
-                        (select count(*) from {t} where status = 'new' and reserved_to > localtimestamp)"
+                        (select count(*) from {t} where reserved_to > localtimestamp)"
             ),
         }
     }
@@ -300,6 +304,7 @@ pub(crate) fn event_from_row(row: &Row) -> Event {
         published_at: row.get(13),
         partition: row.get(14),
         offset: row.get(15),
+        created_at_tz: row.get(16),
     }
 }
 

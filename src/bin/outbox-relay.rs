@@ -758,6 +758,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "backlog": h.backlog,
                         "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
                         "dead_letters": h.dead_letters,
+                        "legacy_reservations": h.legacy_reservations,
                     });
                     (if healthy { 200 } else { 503 }, body)
                 }
@@ -841,7 +842,9 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
     }
     if s.legacy_reservations > 0 {
         println!(
-            "rows reserved by the original Go relay: {}",
+            "WARNING: {} rows reserved by another relay within its lease (reserved_to in the future): \
+             the original Go relay is probably still running against this table; stop it \
+             (see README, \"Switching from the Go package\")",
             s.legacy_reservations
         );
     }
@@ -858,6 +861,7 @@ fn event_json(e: &Event) -> serde_json::Value {
         "headers": e.headers(),
         "status": e.status().as_str(),
         "created_at": e.created_at(),
+        "created_at_tz": e.created_at_tz(),
         "attempts": e.attempts(),
         "last_error": e.last_error(),
         "next_attempt_at": e.next_attempt_at(),

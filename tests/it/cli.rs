@@ -362,6 +362,12 @@ async fn migrate_upgrades_a_go_table_in_place() {
 
     let first = cli_on(&table, &["--channel", &channel, "migrate"]).await;
     assert_code(&first, 0, "first migrate");
+    // Its `if not exists` statements on the Go table answer with NOTICEs: not printed.
+    assert!(
+        !first.stderr.contains("NOTICE") && !first.stderr.contains("skipping"),
+        "migrate prints no Postgres NOTICE: {}",
+        first.stderr
+    );
     let applied: Vec<i32> = (1..=outbox::SCHEMA_VERSION).collect();
     assert!(
         first.stdout.contains(&table)
@@ -721,6 +727,333 @@ async fn metrics_and_health_endpoints() {
     );
 }
 
+/// Ages do not depend on the writers' time zones (issue 13.2). Writers in New York, Tokyo and
+/// UTC each commit, in one transaction, an event for a topic of their own that does not exist
+/// (it stays pending), one for a real topic through `add_new_event`, and one through the Go
+/// package's INSERT. A second later every age — `status` per topic, `/health`, and the
+/// commit-to-ack histogram of the relay started then — lies between 1 s and the time since the
+/// first write began. Read from the zone-dependent `created_at`, New York's events would be
+/// hours old and Tokyo's 0 s, whatever the server's zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ages_are_right_whatever_the_writers_time_zone() {
+    let (client, table) = migrated_table("cli_zones").await;
+    let topic = support::unique_name("cli_zones_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let url = support::postgres_url().await;
+    let zones = ["America/New_York", "Asia/Tokyo", "UTC"];
+    let prefix = support::unique_name("cli_zones_missing");
+    let missing: Vec<String> = zones
+        .iter()
+        .map(|z| format!("{prefix}_{}", z.replace('/', "_").to_lowercase()))
+        .collect();
+    let writer = Writer::new(&table).unwrap();
+    let go_insert = format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload)
+         values ($1,$2,$3,$4) returning id;"
+    );
+    let began = Instant::now();
+    for (zone, stuck) in zones.iter().zip(&missing) {
+        let mut client = support::connect_pg().await;
+        client
+            .batch_execute(&format!("set time zone '{zone}'"))
+            .await
+            .unwrap();
+        let tx = client.transaction().await.unwrap();
+        writer
+            .add_new_event(
+                &tx,
+                NewEvent::new(
+                    stuck,
+                    format!("stuck-{zone}"),
+                    "Stuck",
+                    json!({"zone": zone}),
+                ),
+            )
+            .await
+            .unwrap();
+        writer
+            .add_new_event(
+                &tx,
+                NewEvent::new(&topic, *zone, "Ours", json!({"zone": zone})),
+            )
+            .await
+            .unwrap();
+        tx.query_one(&go_insert, &[zone, &topic, &"Go", &json!({"zone": zone})])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    // Every event is at least this old when any age is read below.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let check = |age: f64, what: &str| {
+        let max = began.elapsed().as_secs_f64();
+        assert!(
+            (1.0..=max).contains(&age),
+            "{what}: age {age} s, expected 1 s..{max} s"
+        );
+    };
+
+    let out = cli_on_url(&url, &table, &["status", "--json"]).await;
+    assert_code(&out, 0, "status --json");
+    let s: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let topics = s["topics"].as_array().unwrap();
+    assert_eq!(topics.len(), 4, "three stuck topics and the real one: {s}");
+    for t in topics {
+        check(
+            t["oldest_pending_age_s"].as_f64().unwrap(),
+            &format!("status of {}", t["topic"]),
+        );
+    }
+
+    let port = support::free_port().unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr_s = addr.to_string();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--channel",
+            &table,
+            "run",
+            "--kafka-brokers",
+            &brokers,
+            "-X",
+            "allow.auto.create.topics=false",
+            "--metrics-addr",
+            &addr_s,
+            "--health-max-pending-age",
+            "1h",
+            "--shutdown-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    relay
+        .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
+            l.contains("serving /metrics")
+        })
+        .await;
+    let records = support::consume_all(&brokers, &topic, 6, Duration::from_secs(30)).await;
+    assert_eq!(
+        records.len(),
+        6,
+        "both writers' events of every zone delivered"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (code, text) = get(addr, "/metrics").await;
+        assert_eq!(code, 200, "/metrics: {text}");
+        if metric(&text, "outbox_events_delivered_total") == Some(6.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox_events_delivered_total never reached 6:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Counters exist from the start, also those that never increased (issue 14.5).
+    assert_eq!(
+        metric(&text, "outbox_confirm_failures_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_dead_letters_total"),
+        Some(0.0),
+        "{text}"
+    );
+    // published_at is when the delivery was confirmed: not before the producer created the
+    // record (its CreateTime), which is after the reservation.
+    for r in &records {
+        let id: Uuid = r.header("event_id").unwrap().parse().unwrap();
+        let published_ms: i64 = client
+            .query_one(
+                &format!(
+                    "select (extract(epoch from published_at) * 1000)::int8 from {table} where id = $1"
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let created_ms = r.timestamp_ms.expect("records carry a CreateTime");
+        assert!(
+            published_ms >= created_ms,
+            "published_at {published_ms} ms precedes the record's CreateTime {created_ms} ms"
+        );
+    }
+    let count = metric(&text, "outbox_commit_to_ack_seconds_count").unwrap();
+    let sum = metric(&text, "outbox_commit_to_ack_seconds_sum").unwrap();
+    assert_eq!(count, 6.0, "{text}");
+    let max = began.elapsed().as_secs_f64();
+    assert!(
+        (6.0..=6.0 * max).contains(&sum),
+        "commit-to-ack: six samples of 1 s..{max} s each, sum {sum} s"
+    );
+
+    let (code, body) = get(addr, "/health").await;
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "no event is an hour old: {h}");
+    assert_eq!(h["backlog"], 3, "{h}");
+    check(h["oldest_pending_age_s"].as_f64().unwrap(), "/health");
+    relay.sigterm();
+    let (code, _) = relay.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "stderr:\n{}", relay.log());
+}
+
+/// A Go relay still running against the table after `migrate` (issue 14.1), simulated with its
+/// own statements (`FindNewAndNotReserved`, then `SetReservedToByIDs` with its process's clock
+/// plus its lease): `status` warns, `/health` turns 503 naming the reserved rows, and the relay
+/// logs an error telling to stop the Go relay; while reserved, our relay does not publish those
+/// rows. When the Go relay's reservation is gone, health is green again and the rows go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_relay_still_running_is_reported() {
+    let (client, table) = migrated_table("cli_gorelay").await;
+    let topic = support::unique_name("cli_gorelay_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let url = support::postgres_url().await;
+    let go_insert = format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload)
+         values ($1,$2,$3,$4) returning id;"
+    );
+    for i in 0..3 {
+        client
+            .query_one(
+                &go_insert,
+                &[&format!("g-{i}"), &topic, &"Go", &json!({"i": i})],
+            )
+            .await
+            .unwrap();
+    }
+    // The Go relay's round: its SELECT, then its reservation `time.Now().Add(ReserveDuration)`
+    // (the Go process's wall clock; the same zone as this session here).
+    let found: Vec<Uuid> = client
+        .query(
+            &format!(
+                "select id, aggregate_id, event_topic, event_type,
+                        payload, status, created_at, reserved_to
+                   from {table} where status != $1 AND
+                        (reserved_to IS NULL OR reserved_to < now());"
+            ),
+            &[&"done"],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(found.len(), 3);
+    let reserved_to: chrono::NaiveDateTime = client
+        .query_one("select localtimestamp + interval '2 minutes'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let n = client
+        .execute(
+            &format!("update {table} set reserved_to = $1 where id = ANY ($2);"),
+            &[&reserved_to, &found],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+
+    let out = cli_on_url(&url, &table, &["status"]).await;
+    assert_code(&out, 0, "status");
+    assert!(
+        out.stdout
+            .contains("WARNING: 3 rows reserved by another relay")
+            && out.stdout.contains("Go relay"),
+        "status warns:\n{}",
+        out.stdout
+    );
+    let out = cli_on_url(&url, &table, &["status", "--json"]).await;
+    let s: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(s["legacy_reservations"], 3, "{s}");
+
+    let port = support::free_port().unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr_s = addr.to_string();
+    let mut relay = RelayProcess::spawn(
+        &[
+            "--database-url",
+            &url,
+            "--table",
+            &table,
+            "--channel",
+            &table,
+            "run",
+            "--kafka-brokers",
+            &brokers,
+            "--metrics-addr",
+            &addr_s,
+            "--poll-interval",
+            "200ms",
+            "--shutdown-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    let line = relay
+        .wait_for_line("the Go relay error", Duration::from_secs(60), |l| {
+            l.contains("Go relay is probably still running")
+        })
+        .await;
+    assert!(line.contains("ERROR") && line.contains("3"), "{line}");
+    let (code, body) = get(addr, "/health").await;
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 503, "a Go relay beside ours is unhealthy: {h}");
+    assert_eq!(h["legacy_reservations"], 3, "{h}");
+    assert_eq!(h["healthy"], false, "{h}");
+    // The Go relay's rows are left alone while it holds them.
+    let pending: i64 = client
+        .query_one(
+            &format!("select count(*) from {table} where status = 'new'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 3);
+
+    // The Go relay stopped and its lease ran out (simulated: moved into the past).
+    client
+        .execute(
+            &format!(
+                "update {table} set reserved_to = localtimestamp - interval '1 second' where id = ANY ($1)"
+            ),
+            &[&found],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(&format!("select pg_notify('{table}', '')"), &[])
+        .await
+        .unwrap();
+    let records = support::consume_all(&brokers, &topic, 3, Duration::from_secs(30)).await;
+    assert_eq!(
+        records.len(),
+        3,
+        "the rows go out once the Go relay's lease ended"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = get(addr, "/health").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/health stays 503: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.sigterm();
+    let (code, _) = relay.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "stderr:\n{}", relay.log());
+}
+
 /// The default text log format writes plain text when stderr is not a terminal (a pipe, a log
 /// file, journald, a container runtime): no ANSI colour escape sequences.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -790,7 +1123,7 @@ async fn status_reports_backlog_as_json_and_table() {
     };
     // t1: a1 pending an hour old, a2 pending (retrying), a3 pending, a4 dead.
     exec(
-        format!("update {table} set created_at = localtimestamp - interval '1 hour' where id = $1"),
+        format!("update {table} set created_at_tz = now() - interval '1 hour' where id = $1"),
         ids[0],
     )
     .await;
@@ -1124,6 +1457,12 @@ async fn invalid_configuration_exits_3() {
     let out = cli_on(&table, &["run"]).await;
     assert_code(&out, 3, "run without KAFKA_BROKERS");
     assert!(out.stderr.contains("kafka_brokers"), "{}", out.stderr);
+    // Only the clear error: no librdkafka warning about the missing bootstrap.servers first.
+    assert!(
+        !out.stderr.contains("librdkafka") && !out.stderr.contains("CONFWARN"),
+        "{}",
+        out.stderr
+    );
 
     let out = cli_on(
         &table,

@@ -1,12 +1,15 @@
-//! `add_new_event` inside other libraries' transactions: deadpool-postgres and sqlx.
+//! Other writers: `add_new_event` inside other libraries' transactions (deadpool-postgres,
+//! sqlx), the original Go package's writer, and rows written by plain SQL.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use outbox::{NewEvent, Outbox, Writer};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::support::{
-    connect_pg, consume_all, create_topic, kafka_brokers, postgres_url, unique_name,
+    self, connect_pg, consume_all, create_topic, kafka_brokers, postgres_url, unique_name, GO_DDL,
 };
 
 async fn setup(prefix: &str) -> (String, String) {
@@ -144,4 +147,327 @@ async fn sqlx_transactions_join_the_outbox() {
     assert_eq!(records[0].key_str(), "agg-9");
     outbox.stop(Duration::from_secs(5)).await.unwrap();
     relay.await.unwrap().unwrap();
+}
+
+/// The original Go package's `AddNewEvent` statement (`postgres.go`, `Create`), for `table`:
+/// no id, no `seq`, `created_at` and `status` from their defaults.
+fn go_insert(table: &str) -> String {
+    format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload)
+         values ($1,$2,$3,$4) returning id;"
+    )
+}
+
+/// The Go writer for real (issue 13.5): a table created by the Go DDL, a Go writer (its INSERT,
+/// defaults only, one to three events per transaction, session zone Asia/Tokyo) writing before,
+/// during and after `migrate` upgrades the table, and our relay started as soon as the upgrade
+/// committed while the writer goes on. Every event comes back once per id (duplicates allowed,
+/// none in practice), in each aggregate's write order, with the Go writer's id as `event_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_writer_rows_before_and_after_migrate_relayed_in_order() {
+    support::init_tracing();
+    let table = unique_name("gowriter");
+    let topic = unique_name("gowriter-topic").replace('_', "-");
+    create_topic(&topic, 3).await;
+    let client = connect_pg().await;
+    client
+        .batch_execute(&GO_DDL.replace(
+            "create table if not exists events (",
+            &format!("create table if not exists {table} ("),
+        ))
+        .await
+        .unwrap();
+
+    const TOTAL: usize = 90;
+    const AGGREGATES: usize = 4;
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+    let writer = {
+        let table = table.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut go = connect_pg().await;
+            go.batch_execute("set time zone 'Asia/Tokyo'")
+                .await
+                .unwrap();
+            let insert = go_insert(&table);
+            let mut written: Vec<(String, i64, Uuid)> = Vec::with_capacity(TOTAL);
+            let mut counters = [0i64; AGGREGATES];
+            let mut i = 0usize;
+            while written.len() < TOTAL {
+                let tx = go.transaction().await.unwrap();
+                for _ in 0..=(i % 3) {
+                    if written.len() == TOTAL {
+                        break;
+                    }
+                    let a = (i * 7 + written.len()) % AGGREGATES;
+                    let aggregate = format!("go-agg-{a}");
+                    let n = counters[a];
+                    counters[a] += 1;
+                    let id: Uuid = tx
+                        .query_one(
+                            &insert,
+                            &[&aggregate, &topic, &"GoEvent", &json!({"agg": a, "n": n})],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    written.push((aggregate, n, id));
+                }
+                tx.commit().await.unwrap();
+                i += 1;
+                let _ = progress_tx.send(written.len());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        })
+    };
+
+    // Rows exist before the upgrade; the writer keeps writing while it runs (its inserts wait
+    // for the migration's table lock) and after it.
+    progress.wait_for(|n| *n >= 20).await.unwrap();
+    let report = outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.applied(),
+        (1..=outbox::SCHEMA_VERSION).collect::<Vec<_>>().as_slice()
+    );
+    let before: i64 = client
+        .query_one(&format!("select count(*) from {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let written = writer.await.unwrap();
+    assert!(
+        (before as usize) < TOTAL,
+        "the writer was still writing when the relay started ({before} rows)"
+    );
+
+    let records = consume_all(&kafka_brokers(), &topic, TOTAL, Duration::from_secs(60)).await;
+    let mut by_id: BTreeMap<String, usize> = BTreeMap::new();
+    let mut order: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in &records {
+        let id = r.header("event_id").expect("event_id header").to_string();
+        *by_id.entry(id).or_default() += 1;
+        assert_eq!(r.header("event_type"), Some("GoEvent"));
+        let v = r.json();
+        let key = r.key_str().to_string();
+        assert_eq!(key, format!("go-agg-{}", v["agg"]), "key = aggregate_id");
+        let seen = order.entry(key).or_default();
+        let n = v["n"].as_i64().unwrap();
+        // A duplicate (re-send) may repeat an earlier event, never skip ahead.
+        if seen.last().is_none_or(|last| n > *last) {
+            assert_eq!(
+                n,
+                seen.len() as i64,
+                "aggregate order broken: {seen:?} then {n}"
+            );
+            seen.push(n);
+        }
+    }
+    let expected: BTreeMap<String, usize> = written
+        .iter()
+        .map(|(_, _, id)| (id.to_string(), 1))
+        .collect();
+    assert_eq!(
+        by_id.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "every Go-written event relayed, under the Go writer's id"
+    );
+    let mut per_aggregate: BTreeMap<String, i64> = BTreeMap::new();
+    for (a, _, _) in &written {
+        *per_aggregate.entry(a.clone()).or_default() += 1;
+    }
+    for (a, n) in per_aggregate {
+        assert_eq!(
+            order[&a].len() as i64,
+            n,
+            "aggregate {a} complete and in order"
+        );
+    }
+    outbox.stop(Duration::from_secs(5)).await.unwrap();
+    relay.await.unwrap().unwrap();
+    // Rows written before the upgrade carry the upgrade's fill, rows after it their own insert
+    // time; every row has one.
+    let missing: i64 = client
+        .query_one(
+            &format!(
+                "select count(*) from {table} where created_at_tz is null or status <> 'done'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(missing, 0, "all done, every row with created_at_tz");
+}
+
+/// Rows from other writers are held to `add_new_event`'s rules (issue 14.2): a row that breaks
+/// one becomes a dead letter at its first reservation, without being sent and without retries,
+/// with the rule in `last_error`; under the default policy it holds back its aggregate's later
+/// event; valid rows of other aggregates go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
+    support::init_tracing();
+    let (table, topic) = setup("badrows").await;
+    let client = connect_pg().await;
+    let insert = format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload, headers)
+         values ($1, $2, $3, '{{}}', $4::text::jsonb) returning id"
+    );
+    // (aggregate, topic, type, headers, words the error must contain)
+    type BadRow<'a> = (&'a str, String, &'a str, Option<&'a str>, &'a [&'a str]);
+    let bad: Vec<BadRow<'_>> = vec![
+        (
+            "b-topic",
+            "bad topic!".to_string(),
+            "T",
+            None,
+            &["event_topic", "' '"],
+        ),
+        (
+            "b-dot",
+            "..".to_string(),
+            "T",
+            None,
+            &["event_topic", "not allowed"],
+        ),
+        ("", topic.clone(), "T", None, &["aggregate_id", "empty"]),
+        ("b-type", topic.clone(), "", None, &["event_type", "empty"]),
+    ];
+    let mut bad_ids = Vec::new();
+    for (agg, t, ty, h, _) in &bad {
+        let id: Uuid = client
+            .query_one(&insert, &[agg, t, ty, h])
+            .await
+            .unwrap()
+            .get(0);
+        bad_ids.push(id);
+    }
+    // Behind a bad row of its aggregate: held back. Another aggregate: delivered. (Malformed or
+    // forged custom headers are not a reason to refuse a row: see `hostile::forged_and_malformed_headers_are_dropped_valid_ones_kept`.)
+    let held: Uuid = client
+        .query_one(&insert, &[&"b-type", &topic, &"Later", &None::<&str>])
+        .await
+        .unwrap()
+        .get(0);
+    let good: Uuid = client
+        .query_one(&insert, &[&"good", &topic, &"Good", &Some(r#"{"h": "v"}"#)])
+        .await
+        .unwrap()
+        .get(0);
+
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records = consume_all(&kafka_brokers(), &topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        records[0].header("event_id"),
+        Some(good.to_string().as_str())
+    );
+    assert_eq!(records[0].header("h"), Some("v"));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = client
+            .query(
+                &format!(
+                    "select id, status, attempts, coalesce(last_error, '') from {table}
+                      where id = any($1) order by seq"
+                ),
+                &[&bad_ids],
+            )
+            .await
+            .unwrap();
+        if rows.iter().all(|r| r.get::<_, String>(1) != "new") {
+            break rows;
+        }
+        let states: Vec<(String, i32, String)> = rows
+            .iter()
+            .map(|r| (r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "bad rows not dead-lettered within 30 s: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (row, (agg, t, _, h, words)) in rows.iter().zip(&bad) {
+        let (status, attempts, error): (String, i32, String) = (row.get(1), row.get(2), row.get(3));
+        let what = format!("row aggregate={agg:?} topic={t:?} headers={h:?}");
+        assert_eq!(status, "failed", "{what}: dead letter ({error})");
+        assert_eq!(attempts, 1, "{what}: no retries ({error})");
+        for w in *words {
+            assert!(
+                error.contains(w),
+                "{what}: last_error names the rule ({w}): {error}"
+            );
+        }
+    }
+    // Nothing of the bad rows reached Kafka; the held row is still pending.
+    support::assert_nothing_more(&kafka_brokers(), &topic, 1, Duration::from_secs(2)).await;
+    let held_status: String = client
+        .query_one(
+            &format!("select status from {table} where id = $1"),
+            &[&held],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        held_status, "new",
+        "the aggregate's later event waits behind its dead letter"
+    );
+    outbox.stop(Duration::from_secs(5)).await.unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+/// The README's Rust blocks are copied by readers as they are rendered: no rustdoc hidden lines
+/// (`# …`), which a rendered README shows and which break the paste. (`cargo test --doc` compiles
+/// the runnable blocks through `outbox::ReadmeDoctests`.)
+#[test]
+fn readme_rust_blocks_have_no_hidden_lines() {
+    let readme = include_str!("../../README.md");
+    let mut in_rust = false;
+    let mut runnable = 0;
+    for (i, line) in readme.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if let Some(info) = trimmed.strip_prefix("```") {
+            if in_rust {
+                in_rust = false;
+            } else if info.starts_with("rust") {
+                in_rust = true;
+                if !info.contains("ignore") {
+                    runnable += 1;
+                }
+            }
+            continue;
+        }
+        if in_rust {
+            assert!(
+                !(trimmed == "#" || trimmed.starts_with("# ")),
+                "README.md line {}: a hidden doctest line shows on the rendered README: {line}",
+                i + 1
+            );
+        }
+    }
+    assert!(
+        runnable >= 1,
+        "the README shows at least one compiled example"
+    );
 }
