@@ -267,9 +267,17 @@ pub struct Event {
     pub(crate) published_at: Option<DateTime<Utc>>,
     pub(crate) partition: Option<i32>,
     pub(crate) offset: Option<i64>,
+    pub(crate) problems: Vec<String>,
 }
 
 impl Event {
+    /// Values of this row the crate could not represent, one sentence each naming the column:
+    /// a timestamp of `infinity` / `-infinity` or outside chrono's range (its accessor returns
+    /// `None`), a payload or headers that are not decodable JSON, e.g. nested deeper than 128
+    /// levels (the payload reads as `null`, the headers as empty). Empty for ordinary rows.
+    pub fn decode_problems(&self) -> &[String] {
+        &self.problems
+    }
     /// The event id (the `event_id` header).
     pub fn id(&self) -> Uuid {
         self.id

@@ -3,7 +3,8 @@
 //! Configuration comes from flags or the environment (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
-//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable,
+//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable or not
+//! answering within its timeout (`connect_timeout` in the URL, default 10 s),
 //! 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
 //! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
@@ -212,6 +213,7 @@ impl From<Error> for Failure {
         let code = match &e {
             Error::Config(_) | Error::InvalidIdentifier { .. } | Error::InvalidEvent { .. } => 3,
             Error::Postgres(pe) if cannot_connect(pe) => 4,
+            Error::Timeout { .. } => 4,
             Error::Kafka(_) => 4,
             Error::Schema(_) => 5,
             _ => 1,
@@ -283,18 +285,6 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
         .map_err(|e: tokio_postgres::Error| fail(3, format!("invalid --database-url: {e}")))
 }
 
-async fn connect_client(cli: &Cli) -> Result<tokio_postgres::Client, Failure> {
-    let cfg = pg_config(cli)?;
-    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(e)),
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {
     let cfg = pg_config(cli)?;
     Admin::connect(cfg, &cli.table).await.map_err(|e| match e {
@@ -309,21 +299,36 @@ async fn admin(cli: &Cli) -> Result<Admin, Failure> {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Migrate => {
-            let client = connect_client(&cli).await?;
-            let report = outbox::migrate_table(&client, &cli.table, &cli.channel).await?;
+            let cfg = pg_config(&cli)?;
+            let report = Admin::migrate(cfg, &cli.table, &cli.channel)
+                .await
+                .map_err(|e| match e {
+                    Error::Postgres(pe) if cannot_connect(&pe) => fail(
+                        4,
+                        format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
+                    ),
+                    other => other.into(),
+                })?;
             if let Some(previous) = report.previous_channel() {
                 println!(
                     "table {}: notify channel changed from {previous} to {}",
                     cli.table, cli.channel
                 );
             }
-            if report.applied().is_empty() {
+            if !report.repaired().is_empty() {
+                println!(
+                    "table {}: re-created missing objects: {}",
+                    cli.table,
+                    report.repaired().join(", ")
+                );
+            }
+            if report.applied().is_empty() && report.repaired().is_empty() {
                 println!(
                     "table {} is up to date (schema version {})",
                     cli.table,
                     outbox::SCHEMA_VERSION
                 );
-            } else {
+            } else if !report.applied().is_empty() {
                 println!(
                     "table {}: applied migrations {:?}",
                     cli.table,
@@ -571,6 +576,7 @@ fn serve_metrics(
                                 "backlog": h.backlog,
                                 "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
                                 "dead_letters": h.dead_letters,
+                                "oldest_transaction": h.oldest_transaction.as_ref().map(oldest_json),
                             });
                             (
                                 if healthy { 200 } else { 503 },
@@ -622,6 +628,7 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
                 "table": table, "pending": s.pending, "retrying": s.retrying,
                 "dead_letters": s.dead_letters, "oldest_pending_age_s": age(s.oldest_pending_age),
                 "open_batches": s.open_batches, "legacy_reservations": s.legacy_reservations,
+                "oldest_transaction": s.oldest_transaction.as_ref().map(oldest_json),
                 "topics": topics,
             })
         );
@@ -652,12 +659,32 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
         fmt_age(s.oldest_pending_age)
     );
     println!("open relay batches: {}", s.open_batches);
+    if let Some(t) = &s.oldest_transaction {
+        println!(
+            "oldest transaction (holds back cleanup): pid {} ({}), {}, {:.1}s",
+            t.pid,
+            if t.application_name.is_empty() {
+                "-"
+            } else {
+                &t.application_name
+            },
+            t.state,
+            t.age.as_secs_f64()
+        );
+    }
     if s.legacy_reservations > 0 {
         println!(
             "rows reserved by the original Go relay: {}",
             s.legacy_reservations
         );
     }
+}
+
+fn oldest_json(t: &outbox::OldestTransaction) -> serde_json::Value {
+    serde_json::json!({
+        "pid": t.pid, "application_name": t.application_name, "state": t.state,
+        "age_s": t.age.as_secs_f64(),
+    })
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -677,5 +704,6 @@ fn event_json(e: &Event) -> serde_json::Value {
         "published_at": e.published_at(),
         "partition": e.partition(),
         "offset": e.offset(),
+        "decode_problems": e.decode_problems(),
     })
 }

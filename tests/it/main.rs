@@ -7,5 +7,6 @@ mod faults;
 mod guarantees;
 mod infra;
 mod interop;
+mod resilience;
 mod support;
 mod tls;
