@@ -369,9 +369,19 @@ impl Pg {
     /// [`Error::Config`] naming transaction pooling and the fix; [`Error::Postgres`] /
     /// [`Error::Timeout`] when the probe cannot run.
     pub(crate) async fn check_session_semantics(&self) -> crate::Result<()> {
+        let deadline = self.connect_deadline();
+        let connect = || async {
+            match tokio::time::timeout(deadline, self.connect_probe()).await {
+                Ok(r) => r.map_err(Error::Postgres),
+                Err(_) => Err(Error::Timeout {
+                    what: "connect",
+                    after: deadline,
+                }),
+            }
+        };
+        let a = connect().await?;
+        let b = connect().await?;
         let probe = async {
-            let a = self.connect_probe().await?;
-            let b = self.connect_probe().await?;
             let token = uuid::Uuid::new_v4().to_string();
             let r = a
                 .query_one(
