@@ -828,3 +828,44 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
     );
     let _ = tokio::time::timeout(HANG, relay).await;
 }
+
+// ----------------------------------------------------------------------------------------------
+// The fault kit itself
+// ----------------------------------------------------------------------------------------------
+
+/// Each fault does what it says on a real Postgres connection: latency and a bandwidth cap
+/// forward everything intact, a reset aborts open connections and refuses new ones, healing
+/// lets new connections through; `terminate_backends` ends sessions by application name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_kit_does_what_it_says() {
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let mut cfg = proxy.postgres_config(&support::postgres().await);
+    cfg.application_name("outbox-relay-kit-test");
+    let c = outbox::testing::connect(&cfg).await.unwrap();
+    let q = "select length(repeat('x', 200000))";
+    proxy.set_fault(Fault::Latency(Duration::from_millis(5)));
+    assert_eq!(c.query_one(q, &[]).await.unwrap().get::<_, i32>(0), 200_000);
+    proxy.set_fault(Fault::Bandwidth(2_000_000));
+    let big: String = c
+        .query_one("select repeat('y', 300000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(big.len(), 300_000);
+    proxy.set_fault(Fault::Reset);
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[])).await.unwrap();
+    assert!(r.is_err(), "a reset connection fails");
+    assert!(outbox::testing::connect(&cfg).await.is_err(), "new connections are reset");
+    proxy.set_fault(Fault::None);
+    cfg.application_name("outbox-kit-victim");
+    let c = outbox::testing::connect(&cfg).await.unwrap();
+    c.query_one("select 1", &[]).await.unwrap();
+
+    let admin = support::connect_pg().await;
+    let n = outbox::testing::faults::terminate_backends(&admin, "outbox-kit-victim")
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[])).await.unwrap();
+    assert!(r.is_err(), "the terminated session is gone");
+}
