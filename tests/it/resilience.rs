@@ -274,7 +274,7 @@ async fn database_defaults_cannot_end_relay_sessions() {
         "relay sessions were ended by a database default"
     );
     assert_eq!(outbox.stats().listener_reconnects, 0);
-    assert_eq!(outbox.stats().listener_connected, true);
+    assert!(outbox.stats().listener_connected);
     outbox
         .status()
         .await
@@ -853,9 +853,14 @@ async fn fault_kit_does_what_it_says() {
         .get(0);
     assert_eq!(big.len(), 300_000);
     proxy.set_fault(Fault::Reset);
-    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[])).await.unwrap();
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[]))
+        .await
+        .unwrap();
     assert!(r.is_err(), "a reset connection fails");
-    assert!(outbox::testing::connect(&cfg).await.is_err(), "new connections are reset");
+    assert!(
+        outbox::testing::connect(&cfg).await.is_err(),
+        "new connections are reset"
+    );
     proxy.set_fault(Fault::None);
     cfg.application_name("outbox-kit-victim");
     let c = outbox::testing::connect(&cfg).await.unwrap();
@@ -866,6 +871,8 @@ async fn fault_kit_does_what_it_says() {
         .await
         .unwrap();
     assert_eq!(n, 1);
-    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[])).await.unwrap();
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[]))
+        .await
+        .unwrap();
     assert!(r.is_err(), "the terminated session is gone");
 }
