@@ -9,11 +9,19 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, MAX_FIND_LIMIT};
-use crate::pg::Pg;
+use crate::pg::{bounded, Pg};
+
+/// [`Admin::migrate`]'s deadline, in multiples of the Postgres timeout.
+pub const MIGRATE_TIMEOUT_FACTOR: u32 = 30;
 use crate::store::{event_from_row, Store};
 
 /// Find, requeue and status for one outbox table, over one Postgres connection (re-established
 /// when lost). Needs no Kafka; [`Outbox`](crate::Outbox) offers the same calls.
+///
+/// Every call is bounded by the Postgres timeout, connecting included: the connection string's
+/// `connect_timeout` when it sets one, else 10 s (through an [`Outbox`](crate::Outbox): its
+/// [`postgres_timeout`](crate::OutboxBuilder::postgres_timeout)). A call that misses it fails
+/// with [`Error::Timeout`] and drops the connection; the next call opens a new one.
 #[derive(Clone)]
 pub struct Admin {
     store: Arc<Store>,
@@ -118,6 +126,25 @@ pub struct OutboxStatus {
     /// Where the table differs from what the relay relies on (column types, NOT NULL
     /// constraints, fence table, wake trigger), each with what to do; empty when all is well.
     pub schema_problems: Vec<String>,
+    /// The transaction holding the oldest snapshot in the database, which keeps Postgres from
+    /// removing dead rows (delivered or deleted events) and so slows the relay's reservations;
+    /// `None` when no other session holds a snapshot (or the role may not see it: grant
+    /// `pg_read_all_stats`).
+    pub oldest_transaction: Option<OldestTransaction>,
+}
+
+/// A session holding back cleanup of dead rows, from [`OutboxStatus::oldest_transaction`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OldestTransaction {
+    /// Backend pid (`pg_terminate_backend(pid)` ends it).
+    pub pid: i32,
+    /// Its `application_name` (may be empty).
+    pub application_name: String,
+    /// Its state (`active`, `idle in transaction`, …).
+    pub state: String,
+    /// Time since its transaction (else its statement) began.
+    pub age: Duration,
 }
 
 impl Admin {
@@ -141,16 +168,51 @@ impl Admin {
         table: &str,
     ) -> Result<Admin> {
         let tls = crate::pg::Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls));
-        Self::connect_pg(Pg { config: pg, tls }, table).await
+        let timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(crate::pg::DEFAULT_TIMEOUT);
+        Self::connect_pg(Pg::new(pg, tls, timeout), table).await
     }
 
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
-        let client = pg.connect("admin").await?;
-        // Validated by check_migrated: a value read from the database is never trusted as SQL.
-        let channel = crate::schema::check_migrated(&client, table).await?;
+        let client = pg.connect_bounded("admin").await?;
+        let channel = bounded(
+            "schema check",
+            pg.timeout,
+            crate::schema::check_migrated(&client, table),
+        )
+        .await?;
         let store = Arc::new(Store::new(table, &channel, true, false));
         Ok(Admin::from_parts(store, pg, client))
+    }
+
+    /// Creates or upgrades `table` with its wake trigger on `channel`, like
+    /// [`migrate_table`](crate::migrate_table), over a connection of its own made with the
+    /// crate's connection defaults (connect timeout, TCP keepalives, `tcp_user_timeout`; see
+    /// [`OutboxBuilder::postgres_timeout`](crate::OutboxBuilder::postgres_timeout)).
+    ///
+    /// Connecting is bounded by the connection string's `connect_timeout` (default 10 s); the
+    /// migration itself by [`MIGRATE_TIMEOUT_FACTOR`] times that (5 min by default), since
+    /// index builds on a large table and waiting for its lock take real time.
+    ///
+    /// # Errors
+    /// As [`migrate_table`](crate::migrate_table); [`Error::Timeout`] (`connect` or `migrate`)
+    /// when Postgres does not answer in time.
+    pub async fn migrate(
+        pg: tokio_postgres::Config,
+        table: &str,
+        channel: &str,
+    ) -> Result<crate::MigrationReport> {
+        let pg = Pg::plain(pg);
+        let client = pg.connect_bounded("migrate").await?;
+        bounded(
+            "migrate",
+            pg.timeout * MIGRATE_TIMEOUT_FACTOR,
+            crate::schema::migrate_table(&client, table, channel),
+        )
+        .await
     }
 
     pub(crate) fn from_parts(store: Arc<Store>, pg: Pg, client: Client) -> Self {
@@ -161,13 +223,37 @@ impl Admin {
         }
     }
 
-    /// The connection, re-established when it was lost.
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.pg.connect("admin").await?);
+    /// Runs `op` on the connection (re-established when it was lost), all within the Postgres
+    /// timeout; a missed deadline drops the connection, so the next call opens a new one.
+    async fn call<T>(
+        &self,
+        what: &'static str,
+        op: impl AsyncFnOnce(&Client) -> Result<T>,
+    ) -> Result<T> {
+        let after = self.pg.timeout;
+        let deadline = tokio::time::Instant::now() + after;
+        let Ok(mut guard) = tokio::time::timeout_at(deadline, self.client.lock()).await else {
+            return Err(Error::Timeout { what, after });
+        };
+        let result = tokio::time::timeout_at(deadline, async {
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                *guard = None;
+                *guard = Some(self.pg.connect("admin").await?);
+            }
+            match guard.as_ref() {
+                Some(client) => op(client).await,
+                None => Err(Error::Relay("admin connection missing".into())),
+            }
+        })
+        .await;
+        match result {
+            Ok(r) => r,
+            Err(_) => {
+                // The connection may be half-open: never reuse it.
+                *guard = None;
+                Err(Error::Timeout { what, after })
+            }
         }
-        Ok(guard)
     }
 
     /// Finds events matching `filter`, ordered by `seq`, at most the filter's limit.
@@ -189,10 +275,12 @@ impl Admin {
             .iter()
             .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
             .collect();
-        let guard = self.client().await?;
-        let client = guard.as_ref().expect("client() connects");
-        let rows = client.query(&sql, &refs).await?;
-        Ok(rows.iter().map(event_from_row).collect())
+        let rows = self
+            .call("find", async |client: &Client| {
+                Ok(client.query(&sql, &refs).await?)
+            })
+            .await?;
+        rows.iter().map(event_from_row).collect()
     }
 
     /// Turns dead letters (`status = 'failed'`) matching `filter` back into pending events and
@@ -208,21 +296,22 @@ impl Admin {
     /// # Errors
     /// [`Error::Postgres`] when the update fails.
     pub async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().expect("client() connects");
         let ids: Option<&[Uuid]> = (!filter.ids.is_empty()).then_some(filter.ids.as_slice());
-        let n = client
-            .execute(
-                &self.store.requeue,
-                &[&ids, &filter.aggregate_id, &filter.topic],
-            )
-            .await?;
-        if n > 0 {
-            client
-                .execute(&self.store.notify, &[&self.store.channel])
+        self.call("requeue", async |client: &Client| {
+            let n = client
+                .execute(
+                    &self.store.requeue,
+                    &[&ids, &filter.aggregate_id, &filter.topic],
+                )
                 .await?;
-        }
-        Ok(n)
+            if n > 0 {
+                client
+                    .execute(&self.store.notify, &[&self.store.channel])
+                    .await?;
+            }
+            Ok(n)
+        })
+        .await
     }
 
     /// The backlog per topic: pending, retrying, dead letters, oldest pending age; plus the
@@ -232,10 +321,23 @@ impl Admin {
     /// # Errors
     /// [`Error::Postgres`] when the query fails.
     pub async fn status(&self) -> Result<OutboxStatus> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().expect("client() connects");
-        let rows = client.query(&self.store.status, &[]).await?;
-        let age = |secs: Option<f64>| secs.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        let (rows, extra) = self
+            .call("status", async |client: &Client| {
+                let rows = client.query(&self.store.status, &[]).await?;
+                let extra = client.query_one(&self.store.status_relays, &[]).await?;
+                let oldest = client
+                    .query_opt(crate::store::OLDEST_TRANSACTION, &[])
+                    .await?;
+                let schema_problems =
+                    crate::schema_check::schema_deviations(client, &self.store.table).await?;
+                Ok((rows, (extra, oldest, schema_problems)))
+            })
+            .await?;
+        let (extra, oldest, schema_problems) = extra;
+        // Never panics: NaN and negative ages read as 0, ages beyond `Duration` as its maximum.
+        let age = |secs: Option<f64>| {
+            secs.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX))
+        };
         let topics: Vec<TopicStatus> = rows
             .iter()
             .map(|r| TopicStatus {
@@ -246,9 +348,6 @@ impl Admin {
                 oldest_pending_age: age(r.get(4)),
             })
             .collect();
-        let extra = client.query_one(&self.store.status_relays, &[]).await?;
-        let schema_problems =
-            crate::schema_check::schema_deviations(client, &self.store.table).await?;
         Ok(OutboxStatus {
             pending: topics.iter().map(|t| t.pending).sum(),
             retrying: topics.iter().map(|t| t.retrying).sum(),
@@ -257,6 +356,12 @@ impl Admin {
             open_batches: extra.get(0),
             legacy_reservations: extra.get(1),
             schema_problems,
+            oldest_transaction: oldest.map(|r| OldestTransaction {
+                pid: r.get(0),
+                application_name: r.get(1),
+                state: r.get(2),
+                age: age(r.get(3)).unwrap_or_default(),
+            }),
             topics,
         })
     }

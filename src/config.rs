@@ -151,6 +151,7 @@ pub(crate) struct Settings {
     pub(crate) cleanup_interval: Duration,
     pub(crate) cleanup_batch: usize,
     pub(crate) ack_buffer: usize,
+    pub(crate) postgres_timeout: Duration,
 }
 
 /// Builds an [`Outbox`](crate::Outbox): set what you need, then [`connect`](Self::connect).
@@ -236,6 +237,7 @@ impl Default for OutboxBuilder {
                 cleanup_interval: Duration::from_secs(60),
                 cleanup_batch: 10_000,
                 ack_buffer: 4096,
+                postgres_timeout: crate::pg::DEFAULT_TIMEOUT,
             },
             migrate: false,
             token: None,
@@ -425,6 +427,21 @@ impl OutboxBuilder {
         self
     }
 
+    /// Deadline of every Postgres call outside the relay's batch pipeline, 100 ms..=10 min
+    /// (default 10 s): [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`,
+    /// the schema check at `connect()`, each backlog-gauge update and each retention-cleanup
+    /// step, each including connecting when a new connection is needed. It is also the connect
+    /// timeout of every connection unless the connection string sets `connect_timeout`
+    /// (tokio-postgres bounds only the TCP connect with it; the crate bounds the whole startup).
+    /// A call that misses it fails with [`Error::Timeout`](crate::Error::Timeout) and its
+    /// connection is replaced. Every connection also gets TCP keepalives (15 s idle, 5 s
+    /// interval, 3 probes) and `tcp_user_timeout = 30 s` unless the connection string sets
+    /// `keepalives*` / `tcp_user_timeout`, so a peer that vanished is detected in about 30 s.
+    pub fn postgres_timeout(mut self, d: Duration) -> Self {
+        self.settings.postgres_timeout = d;
+        self
+    }
+
     /// Run [`migrate`](crate::migrate_table) for the table and channel at `connect()`
     /// (default off: `connect()` then only checks the schema).
     pub fn migrate(mut self, yes: bool) -> Self {
@@ -542,6 +559,13 @@ impl OutboxBuilder {
         );
         range("cleanup batch", s.cleanup_batch as u128, 1, 1_000_000, "");
         range("ack_buffer", s.ack_buffer as u128, 1, 1_000_000, "");
+        range(
+            "postgres_timeout",
+            s.postgres_timeout.as_millis(),
+            100,
+            600_000,
+            " ms",
+        );
         if s.lease < s.publish_timeout + s.batch_timeout + LEASE_MARGIN {
             problems.push(format!(
                 "lease: {:?} must be at least publish_timeout ({:?}) + batch_timeout ({:?}) + {:?}, so that every delivery report of a batch arrives before another relay may take it over",
@@ -626,9 +650,10 @@ impl OutboxBuilder {
         };
         match (pg, producer) {
             (Some(config), Some(producer)) if problems.is_empty() => Ok((
-                crate::pg::Pg {
-                    config,
-                    tls: self.tls.clone(),
+                {
+                    let mut pg = crate::pg::Pg::new(config, self.tls.clone(), s.postgres_timeout);
+                    pg.lease = Some(s.lease);
+                    pg
                 },
                 producer,
             )),

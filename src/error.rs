@@ -54,6 +54,17 @@ pub enum Error {
     /// The relay is already running, or has been stopped and cannot run again.
     #[error("relay state: {0}")]
     Relay(String),
+    /// A Postgres call got no answer in time: the server, or the network path to it, is not
+    /// answering (a half-open connection, a hung server, a blackholed route). `what` names the
+    /// call (`connect`, `status`, `find`, `requeue`, `migrate`, `health`, …); `after` is the
+    /// deadline that passed. The connection is dropped and the next call opens a new one.
+    #[error("postgres: {what}: no answer within {after:?} (timeout; the server or the network path to it is not answering)")]
+    Timeout {
+        /// The call that timed out.
+        what: &'static str,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
     /// `stop` did not finish within the given time.
     #[error("the relay did not stop within {0:?}")]
     StopTimeout(std::time::Duration),
@@ -76,10 +87,15 @@ impl Error {
     }
 }
 
-/// `tokio_postgres::Error`'s own message is only its kind ("db error"); add the causes.
-fn describe_postgres(e: &tokio_postgres::Error) -> String {
+/// `tokio_postgres::Error`'s own message is only its kind ("db error"); add the causes and,
+/// for a server error, its SQLSTATE.
+pub(crate) fn describe_postgres(e: &tokio_postgres::Error) -> String {
     use std::error::Error as _;
     let mut text = e.to_string();
+    if let Some(db) = e.as_db_error() {
+        text.push_str(&format!(": {db} (SQLSTATE {})", db.code().code()));
+        return text;
+    }
     let mut cause = e.source();
     while let Some(c) = cause {
         let more = c.to_string();

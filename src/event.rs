@@ -308,10 +308,18 @@ pub struct Event {
     pub(crate) published_at: Option<DateTime<Utc>>,
     pub(crate) partition: Option<i32>,
     pub(crate) offset: Option<i64>,
-    pub(crate) created_at_tz: DateTime<Utc>,
+    pub(crate) created_at_tz: Option<DateTime<Utc>>,
+    pub(crate) problems: Vec<String>,
 }
 
 impl Event {
+    /// Values of this row the crate could not represent, one sentence each naming the column:
+    /// a timestamp of `infinity` / `-infinity` or outside chrono's range (its accessor returns
+    /// `None`), a payload or headers that are not decodable JSON, e.g. nested deeper than 128
+    /// levels (the payload reads as `null`, the headers as empty). Empty for ordinary rows.
+    pub fn decode_problems(&self) -> &[String] {
+        &self.problems
+    }
     /// The event id (the `event_id` header).
     pub fn id(&self) -> Uuid {
         self.id
@@ -353,8 +361,10 @@ impl Event {
     }
     /// When the row was inserted, as an absolute time (`created_at_tz timestamptz`, the start of
     /// the writer's transaction, whatever the writer's time zone). Every age the relay reports
-    /// (pending age, `status`, health, commit-to-ack) is measured from it.
-    pub fn created_at_tz(&self) -> DateTime<Utc> {
+    /// (pending age, `status`, health, commit-to-ack) is measured from it. `None` only when a
+    /// writer stored a value this crate cannot represent (`±infinity`; see
+    /// [`decode_problems`](Self::decode_problems)).
+    pub fn created_at_tz(&self) -> Option<DateTime<Utc>> {
         self.created_at_tz
     }
     /// A reservation written by the original Go relay (this crate reserves with row locks).

@@ -93,7 +93,9 @@ mod writer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use crate::admin::{Admin, OutboxStatus, RequeueFilter, TopicStatus};
+pub use crate::admin::{
+    Admin, OldestTransaction, OutboxStatus, RequeueFilter, TopicStatus, MIGRATE_TIMEOUT_FACTOR,
+};
 pub use crate::config::{
     DeadLetterPolicy, OnDelivery, OutboxBuilder, WakeMode, DEFAULT_CHANNEL, DEFAULT_TABLE,
 };
@@ -122,10 +124,15 @@ impl OutboxBuilder {
     /// checks the migrations, and creates the idempotent producer (`enable.idempotence=true`,
     /// `acks=all`). The relay does not run until [`Outbox::run`] or [`Outbox::start`].
     ///
+    /// Before anything else touches Postgres, a self-test refuses a pooler in transaction or
+    /// statement pooling mode (see the README's "Connection poolers").
+    ///
     /// # Errors
-    /// [`Error::Config`] listing every invalid setting; [`Error::Postgres`] when Postgres is
-    /// unreachable; [`Error::Schema`] when the table is missing or not migrated (and `migrate` is
-    /// off) or was migrated for another channel.
+    /// [`Error::Config`] listing every invalid setting, or naming transaction pooling and the
+    /// fix; [`Error::Postgres`] when Postgres is unreachable; [`Error::Timeout`] when it does not
+    /// answer within `postgres_timeout` (the connect timeout); [`Error::Schema`] when the table
+    /// is missing, not migrated (and `migrate` is off), has missing objects (each named), or was
+    /// migrated for another channel.
     pub async fn connect(self) -> Result<Outbox> {
         Outbox::connect(self).await
     }

@@ -102,6 +102,10 @@ pub struct Health {
     /// (see [`OutboxStatus::legacy_reservations`](crate::OutboxStatus::legacy_reservations)).
     /// Any makes the relay unhealthy: two relays must not share a table.
     pub legacy_reservations: i64,
+    /// The transaction holding the oldest snapshot in the database (it keeps dead rows from
+    /// being cleaned up and slows reservations); see [`OutboxStatus::oldest_transaction`].
+    /// Informational: it does not make the relay unhealthy.
+    pub oldest_transaction: Option<crate::OldestTransaction>,
 }
 
 impl Health {
@@ -126,11 +130,25 @@ impl Outbox {
     pub(crate) async fn connect(builder: OutboxBuilder) -> Result<Outbox> {
         let (pg, producer) = builder.validate()?;
         let settings = Arc::new(builder.settings);
-        let admin = pg.connect("admin").await?;
+        // Before any session parameter is sent: refuse a pooler that breaks sessions.
+        pg.check_session_semantics().await?;
         if builder.migrate {
-            crate::schema::migrate_table(&admin, &settings.table, &settings.channel).await?;
+            // A session of its own: index builds may exceed the admin session's statement_timeout.
+            let client = pg.connect_bounded("migrate").await?;
+            crate::pg::bounded(
+                "migrate",
+                pg.timeout * crate::admin::MIGRATE_TIMEOUT_FACTOR,
+                crate::schema::migrate_table(&client, &settings.table, &settings.channel),
+            )
+            .await?;
         }
-        crate::schema::check(&admin, &settings.table, &settings.channel).await?;
+        let admin = pg.connect_bounded("admin").await?;
+        crate::pg::bounded(
+            "schema check",
+            pg.timeout,
+            crate::schema::check(&admin, &settings.table, &settings.channel),
+        )
+        .await?;
         let store = Arc::new(Store::new(
             &settings.table,
             &settings.channel,
@@ -303,10 +321,13 @@ impl Outbox {
     }
 
     /// Health of the relay: running, listener connected, last delivery, and the backlog (one
-    /// status query).
+    /// status query). Answers within
+    /// [`postgres_timeout`](crate::OutboxBuilder::postgres_timeout) (default 10 s), whatever
+    /// state Postgres or the network is in.
     ///
     /// # Errors
-    /// [`Error::Postgres`] when the status query fails (which is itself unhealthy).
+    /// [`Error::Postgres`] when the status query fails, [`Error::Timeout`] when Postgres does
+    /// not answer within `postgres_timeout` (both are themselves unhealthy).
     pub async fn health(&self) -> Result<Health> {
         let stats = self.stats();
         let status = self.status().await?;
@@ -319,6 +340,7 @@ impl Outbox {
             oldest_pending_age: status.oldest_pending_age,
             dead_letters: status.dead_letters,
             legacy_reservations: status.legacy_reservations,
+            oldest_transaction: status.oldest_transaction,
         })
     }
 

@@ -1,9 +1,21 @@
-//! Postgres connections: configuration plus the TLS connector, and the task that drives each
-//! connection.
+//! Postgres connections: configuration plus the TLS connector, the task that drives each
+//! connection, and the deadlines of every round trip outside the relay's pipeline.
+//!
+//! Every connection the crate opens gets, unless the connection string sets them:
+//! `connect_timeout` = the Postgres timeout, TCP keepalives after [`KEEPALIVE_IDLE`] of silence
+//! every [`KEEPALIVE_INTERVAL`] ([`KEEPALIVE_RETRIES`] probes), and `tcp_user_timeout` =
+//! [`TCP_USER_TIMEOUT`]. tokio-postgres' `connect_timeout` bounds only the TCP connect, so the
+//! whole connect (TLS, startup, authentication) is bounded here as well.
+
+use std::future::Future;
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Config, Connection};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, Socket};
+
+use crate::error::Error;
 
 /// How Postgres connections are encrypted.
 #[derive(Clone)]
@@ -25,11 +37,29 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// Default Postgres timeout: bound of one admin/health/gauge/cleanup call (connecting included)
+/// and of connecting when the connection string sets no `connect_timeout`.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive: idle time before the first probe (libpq's `keepalives_idle`), unless set.
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// TCP keepalive: time between probes (`keepalives_interval`), unless set.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// TCP keepalive: unanswered probes before the connection is dropped (`keepalives_count`).
+pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
+/// `tcp_user_timeout` (Linux): how long sent data may stay unacknowledged, unless set.
+pub(crate) const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// tokio-postgres' default `keepalives_idle` (2 h): taken to mean "not set".
+const LIBRARY_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 /// Connection settings shared by every connection the crate opens.
 #[derive(Clone)]
 pub(crate) struct Pg {
     pub(crate) config: Config,
     pub(crate) tls: Tls,
+    /// Bound of one call outside the pipeline (connect, admin, health, gauges, cleanup step).
+    pub(crate) timeout: Duration,
+    /// The relay's lease (`idle_in_transaction_session_timeout` of batch sessions), if any.
+    pub(crate) lease: Option<Duration>,
 }
 
 impl std::fmt::Debug for Pg {
@@ -70,37 +100,212 @@ where
     None
 }
 
+/// Applies the crate's connection defaults to `config` where it leaves them unset; returns the
+/// connect timeout in effect.
+pub(crate) fn apply_defaults(config: &mut Config, timeout: Duration) -> Duration {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    if config.get_keepalives() {
+        if config.get_keepalives_idle() == LIBRARY_KEEPALIVE_IDLE {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    *config.get_connect_timeout().unwrap_or(&timeout)
+}
+
+/// Runs `op` with a deadline of `after`; a miss becomes [`Error::Timeout`] naming `what`.
+pub(crate) async fn bounded<T>(
+    what: &'static str,
+    after: Duration,
+    op: impl Future<Output = crate::Result<T>>,
+) -> crate::Result<T> {
+    match tokio::time::timeout(after, op).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout { what, after }),
+    }
+}
+
+/// Whether a connect failed because the server refused startup `options` (PgBouncer:
+/// "unsupported startup parameter", 08P01; Postgres: "unrecognized configuration parameter",
+/// 42704).
+fn options_refused(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.as_db_error().is_some_and(|db| {
+        (db.code() == &SqlState::PROTOCOL_VIOLATION && db.message().contains("startup parameter"))
+            || db.code() == &SqlState::UNDEFINED_OBJECT
+    })
+}
+
+/// Connects with `with_options`; when the server refuses the options, with `plain` and `SET`s.
+async fn connect_with<M>(
+    with_options: Config,
+    plain: Config,
+    tls: M,
+    params: &[(&'static str, String)],
+    on_notification: Option<Box<dyn Fn() + Send>>,
+) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error>
+where
+    M: MakeTlsConnect<Socket> + Clone + Send,
+    M::Stream: Send + 'static,
+    M::TlsConnect: Send,
+    <M::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    match with_options.connect(tls.clone()).await {
+        Ok((client, conn)) => Ok((client, tokio::spawn(drive(conn, on_notification)))),
+        Err(e) if options_refused(&e) => {
+            tracing::info!(
+                error = %crate::error::describe_postgres(&e),
+                "postgres refused the session parameters as startup options; setting them with SET"
+            );
+            let (client, conn) = plain.connect(tls).await?;
+            let task = tokio::spawn(drive(conn, on_notification));
+            for (k, v) in params {
+                match client.batch_execute(&format!("set {k} = '{v}'")).await {
+                    Ok(()) => {}
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) =>
+                    {
+                        tracing::debug!(
+                            parameter = k,
+                            "postgres does not know this parameter; skipped"
+                        )
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((client, task))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Pg {
-    pub(crate) fn plain(config: Config) -> Self {
+    /// Connection settings with the crate's defaults applied (see the module docs); `timeout`
+    /// bounds every call outside the relay's pipeline and connecting, unless the connection
+    /// string sets `connect_timeout`.
+    pub(crate) fn new(mut config: Config, tls: Tls, timeout: Duration) -> Self {
+        apply_defaults(&mut config, timeout);
         Pg {
             config,
-            tls: Tls::None,
+            tls,
+            timeout,
+            lease: None,
         }
     }
 
-    /// Connects with `application_name = outbox-relay-<role>`; the connection runs on a task
-    /// whose handle is returned (it ends when the client is dropped or the connection fails).
+    /// [`Pg::new`] without TLS; the timeout is the connection string's `connect_timeout`, else
+    /// [`DEFAULT_TIMEOUT`].
+    pub(crate) fn plain(config: Config) -> Self {
+        let timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_TIMEOUT);
+        Pg::new(config, Tls::None, timeout)
+    }
+
+    /// The connect deadline: the configured `connect_timeout` (TCP connect per host in
+    /// tokio-postgres) applied to the whole connect, times the number of hosts tried.
+    pub(crate) fn connect_deadline(&self) -> Duration {
+        let per_host = self
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(self.timeout);
+        per_host * (self.config.get_hosts().len().max(1) as u32)
+    }
+
+    /// Session parameters a relay session of `role` depends on, so that a role's or
+    /// database's defaults (`ALTER ROLE … SET idle_session_timeout`, `statement_timeout`, …)
+    /// cannot break it. Sent as startup `options`, which are session-level and cannot leak to
+    /// other clients of a pooler the way `SET` on a pooled server connection does.
+    pub(crate) fn session_params(&self, role: &str) -> Vec<(&'static str, String)> {
+        // Relay sessions idle for long stretches between polls and batches: never end them.
+        let mut p = vec![("idle_session_timeout", "0".to_string())];
+        match role {
+            // Bounded by the caller's deadline; the server gives up at the same time.
+            "admin" | "metrics" | "cleanup" => {
+                p.push(("statement_timeout", self.timeout.as_millis().to_string()));
+            }
+            // The waker waits for its advisory lock as long as writers hold it.
+            "waker" => {
+                p.push(("statement_timeout", "0".into()));
+                p.push(("lock_timeout", "0".into()));
+            }
+            "batch" => {
+                p.push(("statement_timeout", "0".into()));
+                if let Some(lease) = self.lease {
+                    p.push((
+                        "idle_in_transaction_session_timeout",
+                        lease.as_millis().to_string(),
+                    ));
+                }
+                p.push(("plan_cache_mode", "force_custom_plan".into()));
+                p.push(("enable_bitmapscan", "off".into()));
+            }
+            _ => p.push(("statement_timeout", "0".into())),
+        }
+        p
+    }
+
+    /// Connects with `application_name = outbox-relay-<role>` and the role's
+    /// [`session_params`](Self::session_params); the connection runs on a task whose handle is
+    /// returned (it ends when the client is dropped or the connection fails). Only the TCP
+    /// connect is bounded (by `connect_timeout`); see [`connect_bounded`](Self::connect_bounded).
+    ///
+    /// A server that refuses the startup `options` (PgBouncer ≥ 1.20 refuses parameters it does
+    /// not track, older servers parameters they do not know) is connected to again without them,
+    /// and the parameters are `SET` on the session (ones it does not know are skipped): with
+    /// PgBouncer in session pooling a `SET` stays in the client's session and is reset
+    /// (`server_reset_query`) when the server connection is released; transaction pooling is
+    /// refused at `connect()`.
     pub(crate) async fn connect_driven(
         &self,
         role: &str,
         on_notification: Option<Box<dyn Fn() + Send>>,
     ) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error> {
-        let mut cfg = self.config.clone();
-        cfg.application_name(format!("outbox-relay-{role}"));
+        let mut plain = self.config.clone();
+        plain.application_name(format!("outbox-relay-{role}"));
+        let params = self.session_params(role);
+        let ours: Vec<String> = params.iter().map(|(k, v)| format!("-c {k}={v}")).collect();
+        let mut with_options = plain.clone();
+        with_options.options(
+            match plain.get_options() {
+                Some(o) if !o.trim().is_empty() => format!("{o} {}", ours.join(" ")),
+                _ => ours.join(" "),
+            }
+            .as_str(),
+        );
         match &self.tls {
             Tls::None => {
-                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-                Ok((client, tokio::spawn(drive(conn, on_notification))))
+                connect_with(
+                    with_options,
+                    plain,
+                    tokio_postgres::NoTls,
+                    &params,
+                    on_notification,
+                )
+                .await
             }
             #[cfg(feature = "postgres-rustls")]
             Tls::Rustls(tls) => {
-                let (client, conn) = cfg.connect(tls.clone()).await?;
-                Ok((client, tokio::spawn(drive(conn, on_notification))))
+                connect_with(with_options, plain, tls.clone(), &params, on_notification).await
             }
         }
     }
 
-    /// Connects for queries only (notifications are not expected and dropped).
+    /// Connects for queries only (notifications are not expected and dropped). Only the TCP
+    /// connect is bounded (by `connect_timeout`): a server that accepts the connection and never
+    /// answers the startup holds it; prefer [`connect_bounded`](Self::connect_bounded).
     pub(crate) async fn connect(&self, role: &str) -> Result<Client, tokio_postgres::Error> {
         let (client, task) = self.connect_driven(role, None).await?;
         let role = role.to_string();
@@ -110,5 +315,106 @@ impl Pg {
             }
         });
         Ok(client)
+    }
+
+    /// [`connect`](Self::connect) with the whole connect (TCP, TLS, startup, authentication)
+    /// bounded by the connect timeout, times the number of hosts.
+    ///
+    /// # Errors
+    /// [`Error::Postgres`] when connecting fails; [`Error::Timeout`] (`what = "connect"`) when
+    /// the server did not complete the startup in time.
+    pub(crate) async fn connect_bounded(&self, role: &str) -> crate::Result<Client> {
+        let deadline = self.connect_deadline();
+        match tokio::time::timeout(deadline, self.connect(role)).await {
+            Ok(r) => r.map_err(Error::Postgres),
+            Err(_) => Err(Error::Timeout {
+                what: "connect",
+                after: deadline,
+            }),
+        }
+    }
+}
+
+/// The pooler self-test's verdict when session semantics are broken, naming the fix.
+pub(crate) const POOLER_PROBLEM: &str = "the Postgres connection goes through a pooler in transaction (or statement) pooling mode (e.g. PgBouncer `pool_mode = transaction`): two of the relay's sessions shared one server backend, or a session lost its own setting between two statements. The relay needs real sessions (LISTEN, advisory locks, prepared statements, its batch transactions' settings). Point the relay at Postgres directly or at a session-pooling port; writers (`add_new_event` in your transactions) may keep using transaction pooling";
+
+impl Pg {
+    /// Connects without the relay's session parameters (a probe must not change any server
+    /// session before the pooler test passed).
+    async fn connect_probe(&self) -> Result<Client, tokio_postgres::Error> {
+        let mut cfg = self.config.clone();
+        cfg.application_name("outbox-relay-probe");
+        let connection = match &self.tls {
+            Tls::None => {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                (client, tokio::spawn(drive(conn, None)))
+            }
+            #[cfg(feature = "postgres-rustls")]
+            Tls::Rustls(tls) => {
+                let (client, conn) = cfg.connect(tls.clone()).await?;
+                (client, tokio::spawn(drive(conn, None)))
+            }
+        };
+        Ok(connection.0)
+    }
+
+    /// Detects a pooler that breaks session semantics (transaction or statement pooling), with
+    /// two probe sessions A and B: A sets a session-level custom setting and reads its backend
+    /// pid; B reads its pid; A reads its setting and pid again. With real sessions A keeps its
+    /// backend and setting and B has another backend; a transaction pooler hands A's server
+    /// connection to B (it is the most recently released) or gives A another one. Three round
+    /// trips and two short-lived connections, within the Postgres timeout.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming transaction pooling and the fix; [`Error::Postgres`] /
+    /// [`Error::Timeout`] when the probe cannot run.
+    pub(crate) async fn check_session_semantics(&self) -> crate::Result<()> {
+        let deadline = self.connect_deadline();
+        let connect = || async {
+            match tokio::time::timeout(deadline, self.connect_probe()).await {
+                Ok(r) => r.map_err(Error::Postgres),
+                Err(_) => Err(Error::Timeout {
+                    what: "connect",
+                    after: deadline,
+                }),
+            }
+        };
+        let a = connect().await?;
+        let b = connect().await?;
+        let probe = async {
+            let token = uuid::Uuid::new_v4().to_string();
+            let r = a
+                .query_one(
+                    "select set_config('outbox.session_probe', $1, false), pg_backend_pid()",
+                    &[&token],
+                )
+                .await?;
+            let pid_a1: i32 = r.get(1);
+            let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await?.get(0);
+            let r = a
+                .query_one(
+                    "select current_setting('outbox.session_probe', true), pg_backend_pid()",
+                    &[],
+                )
+                .await?;
+            let kept: Option<String> = r.get(0);
+            let pid_a2: i32 = r.get(1);
+            // Clear the probe setting (it may sit on a pooled server connection).
+            let _ = a
+                .execute("select set_config('outbox.session_probe', '', false)", &[])
+                .await;
+            let broken = pid_a1 != pid_a2 || pid_b == pid_a1 || kept.as_deref() != Some(&token);
+            Ok::<bool, tokio_postgres::Error>(broken)
+        };
+        let broken = bounded("pooler check", self.timeout, async {
+            probe.await.map_err(Error::Postgres)
+        })
+        .await?;
+        if broken {
+            return Err(Error::Config(crate::error::ConfigErrors::new(vec![
+                format!("database_url: {POOLER_PROBLEM}"),
+            ])));
+        }
+        Ok(())
     }
 }

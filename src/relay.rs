@@ -266,7 +266,7 @@ impl Relay {
                     let ctx = ctx.clone();
                     spawn_unless_running(&background, &gauges_running, async move {
                         if let Err(e) = update_gauges(&ctx).await {
-                            tracing::debug!(error = %e, "outbox relay: backlog gauges not updated");
+                            tracing::warn!(error = %e, "outbox relay: backlog gauges not updated");
                         }
                     });
                 }
@@ -1081,8 +1081,12 @@ fn register_metrics() {
     );
 }
 
-/// Sets the backlog gauges from the status query.
-async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
+/// Sets the backlog gauges from the status query, within the Postgres timeout.
+async fn update_gauges(ctx: &Ctx) -> crate::Result<()> {
+    crate::pg::bounded("gauges", ctx.pg.timeout, update_gauges_unbounded(ctx)).await
+}
+
+async fn update_gauges_unbounded(ctx: &Ctx) -> crate::Result<()> {
     let client = ctx.pg.connect("metrics").await?;
     // Fences of batches that never confirmed (their session was lost) expire here.
     client.execute(&ctx.store.fence_expire, &[]).await?;
@@ -1110,21 +1114,34 @@ async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
             "outbox relay: rows reserved by another relay within its lease (reserved_to in the future): the original Go relay is probably still running against this table; stop it — it publishes dead letters and ignores the order per aggregate"
         );
     }
+    // The transaction holding back cleanup of dead rows (named in `status` and `/health`).
+    let xact_age = match client
+        .query_opt(crate::store::OLDEST_TRANSACTION, &[])
+        .await?
+    {
+        Some(r) => r.get::<_, Option<f64>>(3).unwrap_or(0.0),
+        None => 0.0,
+    };
+    metrics::gauge!("outbox_oldest_transaction_age_seconds").set(xact_age);
     Ok(())
 }
 
-/// Deletes delivered rows older than the retention, in bounded batches.
-async fn cleanup(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
-    let client = ctx.pg.connect("cleanup").await?;
+/// Deletes delivered rows older than the retention, in bounded batches; connecting and each
+/// batch are bounded by the Postgres timeout.
+async fn cleanup(ctx: &Ctx) -> crate::Result<()> {
+    let client = ctx.pg.connect_bounded("cleanup").await?;
     let retention_ms = ctx.settings.retention.as_millis() as f64;
     let batch = ctx.settings.cleanup_batch as i64;
     loop {
         if ctx.token.is_cancelled() {
             return Ok(());
         }
-        let n = client
-            .execute(&ctx.store.cleanup, &[&retention_ms, &batch])
-            .await?;
+        let n = crate::pg::bounded("cleanup", ctx.pg.timeout, async {
+            Ok(client
+                .execute(&ctx.store.cleanup, &[&retention_ms, &batch])
+                .await?)
+        })
+        .await?;
         if n > 0 {
             tracing::debug!(deleted = n, "outbox retention cleanup");
         }

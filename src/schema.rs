@@ -232,9 +232,17 @@ fn render(sql: &str, table: &str, channel: &str) -> String {
 pub struct MigrationReport {
     applied: Vec<i32>,
     previous_channel: Option<String>,
+    repaired: Vec<String>,
 }
 
 impl MigrationReport {
+    /// Objects of recorded migrations that were missing (dropped by hand) and were created
+    /// again by this call, e.g. `events_fence (table)`, `events_pending_idx (index)`; empty
+    /// when everything was there.
+    pub fn repaired(&self) -> &[String] {
+        &self.repaired
+    }
+
     /// Versions applied by this call, ascending; empty when the table was up to date.
     pub fn applied(&self) -> &[i32] {
         &self.applied
@@ -248,6 +256,10 @@ impl MigrationReport {
 
 /// Creates or upgrades the outbox table `table` (default `events`) and its wake trigger on
 /// `channel` (default `outbox`), idempotently.
+///
+/// Recorded migrations are checked against what exists: a table, fence table, trigger, trigger
+/// function or index that was dropped since is created again (see
+/// [`MigrationReport::repaired`]); a dropped outbox table is created anew, empty.
 ///
 /// Applied versions are recorded in `outbox_migrations`; the table's channel in `outbox_tables`.
 /// The whole run is one transaction holding an advisory lock, so processes starting together do
@@ -364,11 +376,128 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         &[&table, &channel, &SCHEMA_VERSION],
     )
     .await?;
+    // Recorded migrations whose objects were dropped since: re-run their idempotent DDL.
+    let mut repaired = Vec::new();
+    let missing = missing_objects(tx, table).await?;
+    if !missing.is_empty() {
+        tracing::warn!(table, missing = ?missing, "outbox objects missing; repairing");
+        if missing.iter().any(|m| m.kind == "table" && m.name == table) {
+            for m in MIGRATIONS {
+                tx.batch_execute(&render(m.sql, table, channel)).await?;
+            }
+        } else {
+            if missing.iter().any(|m| m.kind == "index") {
+                tx.batch_execute(&render(REPAIR_INDEXES, table, channel))
+                    .await?;
+            }
+            if missing
+                .iter()
+                .any(|m| m.kind == "trigger" || m.kind == "function")
+            {
+                tx.batch_execute(&render(MIGRATIONS[2].sql, table, channel))
+                    .await?;
+            }
+            if missing.iter().any(|m| m.kind == "table") {
+                tx.batch_execute(&render(MIGRATIONS[3].sql, table, channel))
+                    .await?;
+            }
+        }
+        let still = missing_objects(tx, table).await?;
+        if !still.is_empty() {
+            return Err(Error::Schema(format!(
+                "table `{table}`: could not repair {}",
+                describe_missing(&still)
+            )));
+        }
+        repaired = missing
+            .iter()
+            .map(|m| format!("{} ({})", m.name, m.kind))
+            .collect();
+    }
     let previous_channel = previous_channel.filter(|c| c != channel);
     Ok(MigrationReport {
         applied,
         previous_channel,
+        repaired,
     })
+}
+
+/// The indexes of migration 2, each created only if missing.
+const REPAIR_INDEXES: &str = "
+create index if not exists {{table}}_pending_idx on {{table}} (seq) where status = 'new';
+create index if not exists {{table}}_aggregate_open_idx on {{table}} (aggregate_id, seq)
+    where status <> 'done';
+create index if not exists {{table}}_done_idx on {{table}} (published_at) where status = 'done';";
+
+/// An object the migrations create that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Missing {
+    pub(crate) kind: &'static str,
+    pub(crate) name: String,
+}
+
+/// The migrations' objects for `table` that do not exist (in the search path).
+pub(crate) async fn missing_objects<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<Missing>> {
+    let mut wanted: Vec<(&'static str, String)> = vec![
+        ("table", table.to_string()),
+        ("table", format!("{table}_fence")),
+        ("index", format!("{table}_pending_idx")),
+        ("index", format!("{table}_aggregate_open_idx")),
+        ("index", format!("{table}_done_idx")),
+        ("function", format!("{table}_outbox_wake")),
+    ];
+    let rows = client
+        .query(
+            "select w.kind, w.name,
+                    case w.kind
+                      when 'function' then to_regproc(w.name) is not null
+                      else to_regclass(w.name) is not null end
+               from unnest($1::text[], $2::text[]) as w(kind, name)",
+            &[
+                &wanted.iter().map(|w| w.0).collect::<Vec<_>>(),
+                &wanted.iter().map(|w| w.1.clone()).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    let mut missing: Vec<Missing> = Vec::new();
+    for (r, w) in rows.iter().zip(wanted.drain(..)) {
+        if !r.get::<_, bool>(2) {
+            missing.push(Missing {
+                kind: w.0,
+                name: w.1,
+            });
+        }
+    }
+    // The trigger (only meaningful when the table exists).
+    if !missing.iter().any(|m| m.name == table) {
+        let trigger = format!("{table}_outbox_wake");
+        let exists: bool = client
+            .query_one(
+                "select exists(select 1 from pg_trigger
+                                where tgrelid = to_regclass($1) and tgname = $2)",
+                &[&table, &trigger],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            missing.push(Missing {
+                kind: "trigger",
+                name: trigger,
+            });
+        }
+    }
+    Ok(missing)
+}
+
+fn describe_missing(missing: &[Missing]) -> String {
+    missing
+        .iter()
+        .map(|m| format!("{} `{}`", m.kind, m.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks, for a relay, that `table` is migrated to [`SCHEMA_VERSION`] and notifies on
@@ -381,6 +510,15 @@ pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &s
             if registered_channel != channel {
                 problems.push(format!(
                     "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
+                ));
+            }
+            let missing = missing_objects(client, table).await?;
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "table `{table}` is recorded as migrated but {} {} missing (dropped?): run `outbox::migrate` (or `outbox-relay migrate`), which re-creates {}",
+                    describe_missing(&missing),
+                    if missing.len() == 1 { "is" } else { "are" },
+                    if missing.len() == 1 { "it" } else { "them" },
                 ));
             }
             problems.extend(crate::schema_check::schema_deviations(client, table).await?);

@@ -54,6 +54,19 @@ pub(crate) struct Store {
     pub(crate) status_relays: String,
 }
 
+/// The session whose snapshot is the oldest in this database (it holds back cleanup of dead
+/// rows): pid, application_name, state, seconds since its transaction (or statement) began.
+/// Sessions of other roles show their `backend_xmin` only to roles with `pg_read_all_stats`.
+pub(crate) const OLDEST_TRANSACTION: &str =
+    "select pid, coalesce(application_name, ''), coalesce(state, ''),
+            greatest(0, extract(epoch from clock_timestamp())
+                        - extract(epoch from coalesce(xact_start, query_start, backend_start)))::float8
+       from pg_stat_activity
+      where backend_xmin is not null and pid <> pg_backend_pid()
+        and datname = current_database()
+      order by age(backend_xmin) desc, xact_start
+      limit 1";
+
 impl Store {
     /// `block_on_dead_letter`: whether a dead letter holds back the later events of its aggregate.
     /// `delete_on_delivery`: delete delivered rows instead of marking them done.
@@ -101,7 +114,9 @@ impl Store {
                    ) g on true
              )
              select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-                    c.attempts, greatest(0, extract(epoch from now() - c.created_at_tz))::float8
+                    c.attempts, case when isfinite(c.created_at_tz)
+                               then greatest(0, extract(epoch from now() - c.created_at_tz))::float8
+                               end
                from cand c join gate g on g.aggregate_id = c.aggregate_id
               where g.gap is null or c.seq < g.gap
               order by c.seq"
@@ -211,7 +226,7 @@ impl Store {
                         count(*) filter (where status = 'new'),
                         count(*) filter (where status = 'new' and next_attempt_at > now()),
                         count(*) filter (where status = 'failed'),
-                        greatest(0, extract(epoch from now() - min(created_at_tz) filter (where status = 'new')))::float8
+                        greatest(0, extract(epoch from now() - min(created_at_tz) filter (where status = 'new' and isfinite(created_at_tz))))::float8
                    from {t} where status <> 'done'
                   group by event_topic order by event_topic"
             ),
@@ -266,45 +281,147 @@ impl Store {
     }
 }
 
-/// Maps a `find` row.
-pub(crate) fn event_from_row(row: &Row) -> Event {
-    // A row written by SQL may nest deeper than serde_json's limit (128 levels): never panic.
-    let payload = row.try_get::<_, serde_json::Value>(5).unwrap_or_else(|_| {
-        match row.try_get::<_, RawJson>(5) {
-            Ok(raw) => serde_json::Value::String(String::from_utf8_lossy(&raw.0).into_owned()),
-            Err(_) => serde_json::Value::Null,
+/// Maps a `find` row. Values a row can hold but this crate cannot represent (timestamps of
+/// `±infinity` or outside chrono's range, JSON nested deeper than serde_json's 128 levels, …)
+/// become `None` / `null` with a note in [`Event::decode_problems`]; they never panic.
+///
+/// # Errors
+/// [`crate::Error::Schema`] when a column no longer has the type the crate created it with.
+pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
+    let mut problems = Vec::new();
+    let id = get(row, 0)?;
+    // A row written by SQL may nest deeper than serde_json's limit (128 levels): the payload is
+    // then given as its JSON text, and the headers that can be read are kept.
+    let raw_payload = get::<RawJson>(row, 5)?;
+    let payload = match raw_payload.parse("payload") {
+        Ok(v) => v,
+        Err(p) => {
+            problems.push(p);
+            serde_json::Value::String(String::from_utf8_lossy(&raw_payload.0).into_owned())
         }
-    });
-    let headers =
-        row.try_get::<_, Option<RawJson>>(6).ok().flatten().map(
-            |raw| match serde_json::from_slice(&raw.0) {
-                Ok(v) => headers_from_json(v),
-                Err(_) => crate::headers::parse(Some(&raw.0))
-                    .valid
-                    .into_iter()
-                    .collect(),
-            },
-        );
-    let status: String = row.get(7);
-    Event {
-        id: row.get(0),
-        seq: row.get(1),
-        aggregate_id: row.get(2),
-        topic: row.get(3),
-        event_type: row.get(4),
+    };
+    let headers = match get::<Option<RawJson>>(row, 6)? {
+        None => BTreeMap::new(),
+        Some(raw) => match raw.parse("headers") {
+            Ok(v) => headers_from_json(v),
+            Err(p) => {
+                problems.push(p);
+                crate::headers::parse(Some(&raw.0)).valid.into_iter().collect()
+            }
+        },
+    };
+    let status: String = get(row, 7)?;
+    let mut ts = |i: usize, name: &str| -> crate::Result<Option<PgTimestamp>> {
+        let v: Option<PgTimestamp> = get(row, i)?;
+        Ok(match v {
+            Some(PgTimestamp::Unrepresentable(what)) => {
+                problems.push(format!("{name}: {what}"));
+                None
+            }
+            other => other,
+        })
+    };
+    let created_at = ts(8, "created_at")?.and_then(PgTimestamp::naive);
+    let reserved_to = ts(9, "reserved_to")?.and_then(PgTimestamp::naive);
+    let next_attempt_at = ts(12, "next_attempt_at")?.and_then(PgTimestamp::utc);
+    let published_at = ts(13, "published_at")?.and_then(PgTimestamp::utc);
+    let created_at_tz = ts(16, "created_at_tz")?.and_then(PgTimestamp::utc);
+    Ok(Event {
+        id,
+        seq: get(row, 1)?,
+        aggregate_id: get(row, 2)?,
+        topic: get(row, 3)?,
+        event_type: get(row, 4)?,
         payload,
-        headers: headers.unwrap_or_default(),
+        headers,
         // Unknown values cannot pass the check constraint; treat them as new defensively.
         status: EventStatus::parse(&status).unwrap_or(EventStatus::New),
-        created_at: row.get(8),
-        reserved_to: row.get(9),
-        attempts: row.get(10),
-        last_error: row.get(11),
-        next_attempt_at: row.get(12),
-        published_at: row.get(13),
-        partition: row.get(14),
-        offset: row.get(15),
-        created_at_tz: row.get(16),
+        created_at,
+        reserved_to,
+        attempts: get(row, 10)?,
+        last_error: get(row, 11)?,
+        next_attempt_at,
+        published_at,
+        partition: get(row, 14)?,
+        offset: get(row, 15)?,
+        created_at_tz,
+        problems,
+    })
+}
+
+/// One column of a row; a type that does not match is a schema problem, not a panic.
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> crate::Result<T> {
+    row.try_get(idx).map_err(|e| {
+        let col = &row.columns()[idx];
+        crate::Error::Schema(format!(
+            "column `{}` (type {}) cannot be read: {e}; was its type changed? Run `outbox-relay migrate` or restore the type",
+            col.name(),
+            col.type_()
+        ))
+    })
+}
+
+/// A `timestamp` / `timestamptz` decoded without panicking on values chrono cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PgTimestamp {
+    /// A value in chrono's range (UTC for `timestamptz`, as stored for `timestamp`).
+    At(chrono::NaiveDateTime),
+    /// `infinity`, `-infinity`, or a value outside chrono's range: described.
+    Unrepresentable(String),
+}
+
+impl PgTimestamp {
+    fn naive(self) -> Option<chrono::NaiveDateTime> {
+        match self {
+            PgTimestamp::At(t) => Some(t),
+            PgTimestamp::Unrepresentable(_) => None,
+        }
+    }
+    fn utc(self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.naive().map(|t| t.and_utc())
+    }
+}
+
+impl<'a> FromSql<'a> for PgTimestamp {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "timestamp: expected 8 bytes")?;
+        // Microseconds since 2000-01-01 00:00:00; i64::MAX / MIN are ±infinity.
+        let micros = i64::from_be_bytes(bytes);
+        Ok(match micros {
+            i64::MAX => PgTimestamp::Unrepresentable("infinity".into()),
+            i64::MIN => PgTimestamp::Unrepresentable("-infinity".into()),
+            m => {
+                let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .ok_or("timestamp epoch")?;
+                match epoch.checked_add_signed(chrono::TimeDelta::microseconds(m)) {
+                    Some(t) => PgTimestamp::At(t),
+                    None => PgTimestamp::Unrepresentable(format!(
+                        "{m} µs from 2000-01-01 is outside the range this crate can represent"
+                    )),
+                }
+            }
+        })
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMP || *ty == Type::TIMESTAMPTZ
+    }
+}
+
+impl RawJson {
+    /// Parses the JSON text; a problem (e.g. nesting deeper than serde_json's 128 levels) is
+    /// described, naming `column` and the size.
+    fn parse(&self, column: &str) -> Result<serde_json::Value, String> {
+        serde_json::from_slice(&self.0).map_err(|e| {
+            format!(
+                "{column}: {} bytes of JSON this crate cannot decode ({e}); read it with SQL",
+                self.0.len()
+            )
+        })
     }
 }
 

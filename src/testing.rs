@@ -8,12 +8,17 @@
 //!   user `postgres`, loopback only). It can be stopped, crashed and restarted on the same data
 //!   directory and port, to test recovery.
 //! * [`MockKafka`] is librdkafka's in-process mock cluster (with error and latency injection).
+//! * [`faults`]: a TCP fault proxy (latency, blackhole, reset, bandwidth) for Postgres and
+//!   Kafka connections, and helpers that end relay sessions, hold a snapshot open, or make the
+//!   idempotent producer fatal through the mock cluster.
 //! * [`consume_all`], [`assert_nothing_more`] and [`TopicReader`] read a topic back from any
 //!   Kafka-protocol broker (Apache Kafka or the mock cluster); [`create_topic`] creates one
 //!   through the admin API (the mock cluster has its own way).
 //!
 //! The helpers in this module panic on infrastructure failures where that is what a test wants
 //! (each such function documents it); functions that return a `Result` never panic.
+
+pub mod faults;
 
 use std::collections::BTreeMap;
 use std::fmt;

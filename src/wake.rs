@@ -54,7 +54,11 @@ pub(crate) fn spawn_listener(
             });
             let attempt = tokio::select! {
                 _ = token.cancelled() => return,
-                r = pg.connect_driven("listener", Some(on_notify)) => r,
+                r = tokio::time::timeout(
+                    pg.connect_deadline(),
+                    pg.connect_driven("listener", Some(on_notify)),
+                ) => r.map_err(|_| crate::Error::Timeout { what: "connect", after: pg.connect_deadline() })
+                    .and_then(|r| r.map_err(crate::Error::Postgres)),
             };
             let (client, mut drain) = match attempt {
                 Ok(pair) => pair,
@@ -135,7 +139,10 @@ pub(crate) fn spawn_waker(
             }
             let c = match client.take().filter(|c| !c.is_closed()) {
                 Some(c) => c,
-                None => match pg.connect("waker").await {
+                None => match tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = pg.connect_bounded("waker") => r,
+                } {
                     Ok(c) => c,
                     Err(e) => {
                         let delay = backoff.next().unwrap_or(Duration::from_secs(5));

@@ -3,7 +3,8 @@
 //! Configuration comes from flags or the environment (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
-//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable,
+//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable or not
+//! answering within its timeout (`connect_timeout` in the URL, default 10 s),
 //! 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
 //! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
@@ -216,6 +217,7 @@ impl From<Error> for Failure {
         let code = match &e {
             Error::Config(_) | Error::InvalidIdentifier { .. } | Error::InvalidEvent { .. } => 3,
             Error::Postgres(pe) if cannot_connect(pe) => 4,
+            Error::Timeout { .. } => 4,
             Error::Kafka(_) => 4,
             Error::Schema(_) => 5,
             _ => 1,
@@ -347,18 +349,6 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
         .map_err(|e: tokio_postgres::Error| fail(3, format!("invalid --database-url: {e}")))
 }
 
-async fn connect_client(cli: &Cli) -> Result<tokio_postgres::Client, Failure> {
-    let cfg = pg_config(cli)?;
-    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(e)),
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {
     let cfg = pg_config(cli)?;
     Admin::connect(cfg, &cli.table).await.map_err(|e| match e {
@@ -373,21 +363,36 @@ async fn admin(cli: &Cli) -> Result<Admin, Failure> {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Migrate => {
-            let client = connect_client(&cli).await?;
-            let report = outbox::migrate_table(&client, &cli.table, &cli.channel).await?;
+            let cfg = pg_config(&cli)?;
+            let report = Admin::migrate(cfg, &cli.table, &cli.channel)
+                .await
+                .map_err(|e| match e {
+                    Error::Postgres(pe) if cannot_connect(&pe) => fail(
+                        4,
+                        format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
+                    ),
+                    other => other.into(),
+                })?;
             if let Some(previous) = report.previous_channel() {
                 println!(
                     "table {}: notify channel changed from {previous} to {}",
                     cli.table, cli.channel
                 );
             }
-            if report.applied().is_empty() {
+            if !report.repaired().is_empty() {
+                println!(
+                    "table {}: re-created missing objects: {}",
+                    cli.table,
+                    report.repaired().join(", ")
+                );
+            }
+            if report.applied().is_empty() && report.repaired().is_empty() {
                 println!(
                     "table {} is up to date (schema version {})",
                     cli.table,
                     outbox::SCHEMA_VERSION
                 );
-            } else {
+            } else if !report.applied().is_empty() {
                 println!(
                     "table {}: applied migrations {:?}",
                     cli.table,
@@ -759,6 +764,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),
                         "dead_letters": h.dead_letters,
                         "legacy_reservations": h.legacy_reservations,
+                        "oldest_transaction": h.oldest_transaction.as_ref().map(oldest_json),
                     });
                     (if healthy { 200 } else { 503 }, body)
                 }
@@ -807,6 +813,7 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
                 "dead_letters": s.dead_letters, "oldest_pending_age_s": age(s.oldest_pending_age),
                 "open_batches": s.open_batches, "legacy_reservations": s.legacy_reservations,
                 "schema_problems": s.schema_problems,
+                "oldest_transaction": s.oldest_transaction.as_ref().map(oldest_json),
                 "topics": topics,
             }))
         );
@@ -840,6 +847,19 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
     for p in &s.schema_problems {
         println!("SCHEMA PROBLEM: {}", text::printable(p));
     }
+    if let Some(t) = &s.oldest_transaction {
+        println!(
+            "oldest transaction (holds back cleanup): pid {} ({}), {}, {:.1}s",
+            t.pid,
+            if t.application_name.is_empty() {
+                "-".to_string()
+            } else {
+                text::printable(&t.application_name).to_string()
+            },
+            text::printable(&t.state),
+            t.age.as_secs_f64()
+        );
+    }
     if s.legacy_reservations > 0 {
         println!(
             "WARNING: {} rows reserved by another relay within its lease (reserved_to in the future): \
@@ -848,6 +868,13 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
             s.legacy_reservations
         );
     }
+}
+
+fn oldest_json(t: &outbox::OldestTransaction) -> serde_json::Value {
+    serde_json::json!({
+        "pid": t.pid, "application_name": t.application_name, "state": t.state,
+        "age_s": t.age.as_secs_f64(),
+    })
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -868,5 +895,6 @@ fn event_json(e: &Event) -> serde_json::Value {
         "published_at": e.published_at(),
         "partition": e.partition(),
         "offset": e.offset(),
+        "decode_problems": e.decode_problems(),
     })
 }

@@ -9,5 +9,6 @@ mod hostile;
 mod infra;
 mod interop;
 mod kafka;
+mod resilience;
 mod support;
 mod tls;

@@ -1,0 +1,909 @@
+//! Issue 9, outside the relay pipeline: half-open Postgres connections (deadlines, connect
+//! timeouts), relay session parameters that a role's defaults cannot break, hostile rows in
+//! `find`/`status`, dropped objects and `migrate`, and the fault kit itself.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outbox::testing::faults::{Fault, FaultProxy};
+use outbox::{Admin, Error, EventFilter, NewEvent, Outbox, RequeueFilter};
+use serde_json::json;
+
+use crate::support;
+
+/// Upper bound for calls that must fail fast: far above every deadline used here, far below
+/// "hangs forever". Not a performance assertion.
+const HANG: Duration = Duration::from_secs(30);
+
+/// Address of the shared test Postgres (TCP).
+async fn postgres_addr() -> SocketAddr {
+    let config = support::postgres().await;
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        other => panic!("the test database must be reached over TCP, not {other:?}"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut addrs = tokio::net::lookup_host(format!("{host}:{port}"))
+        .await
+        .expect("resolving the test database host");
+    addrs.next().expect("an address for the test database")
+}
+
+async fn migrated_table(prefix: &str) -> (String, tokio_postgres::Client) {
+    let table = support::unique_name(prefix);
+    let client = support::connect_pg().await;
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .expect("migrate");
+    (table, client)
+}
+
+fn url_of(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "postgres://postgres@{}:{}/postgres?{extra}",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.2 Half-open connections
+// ----------------------------------------------------------------------------------------------
+
+/// A server that accepts TCP and never answers: `Admin::connect`, `Admin::migrate` and the
+/// builder's `connect()` fail with a timeout naming the connect instead of hanging (tokio-postgres'
+/// own `connect_timeout` bounds only the TCP connect, which succeeds here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_server_connect_times_out() {
+    let silent = FaultProxy::silent().await.unwrap();
+    let config: tokio_postgres::Config =
+        url_of(silent.addr(), "connect_timeout=1").parse().unwrap();
+
+    let r = tokio::time::timeout(HANG, Admin::connect(config.clone(), "events"))
+        .await
+        .expect("Admin::connect must not hang against a silent server");
+    match r {
+        Err(Error::Timeout {
+            what: "connect", ..
+        }) => {}
+        other => panic!("expected a connect timeout, got {other:?}"),
+    }
+    let r = tokio::time::timeout(HANG, Admin::migrate(config.clone(), "events", "outbox"))
+        .await
+        .expect("Admin::migrate must not hang against a silent server");
+    assert!(
+        matches!(
+            r,
+            Err(Error::Timeout {
+                what: "connect",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // The builder: the URL sets no connect_timeout, postgres_timeout bounds the connect.
+    let config: tokio_postgres::Config = url_of(silent.addr(), "").parse().unwrap();
+    let r = tokio::time::timeout(
+        HANG,
+        Outbox::builder()
+            .postgres(config)
+            .kafka_brokers("127.0.0.1:1")
+            .postgres_timeout(Duration::from_millis(500))
+            .connect(),
+    )
+    .await
+    .expect("connect() must not hang against a silent server");
+    let e = r.expect_err("connect() cannot succeed");
+    assert!(
+        matches!(
+            e,
+            Error::Timeout {
+                what: "connect",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no answer within"), "{e}");
+    assert!(silent.accepted_connections() >= 3);
+}
+
+/// `outbox-relay status` and `migrate` against a server that accepts TCP and never answers exit
+/// with code 4 and an error naming the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_and_migrate_time_out_against_silent_server() {
+    let silent = FaultProxy::silent().await.unwrap();
+    let url = url_of(silent.addr(), "connect_timeout=1");
+    for cmd in ["status", "migrate", "find"] {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        c.args(["--database-url", &url, cmd])
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(HANG, c.output())
+            .await
+            .unwrap_or_else(|_| panic!("outbox-relay {cmd} hangs against a silent server"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("connect: no answer within 1s"),
+            "{cmd}: the error names the timeout: {stderr}"
+        );
+        assert!(!stderr.contains("password"), "{stderr}");
+    }
+}
+
+/// Postgres goes silent behind a blackholing proxy (sockets stay open): `health()`, `status()`,
+/// `find()` and `requeue()` answer within `postgres_timeout` with a timeout error, and once the
+/// path heals they work again on a new connection (the stuck one is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_admin_bounded_when_postgres_goes_silent() {
+    support::init_tracing();
+    let (table, _client) = migrated_table("silent_admin").await;
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let config = proxy.postgres_config(&support::postgres().await);
+    let outbox = Outbox::builder()
+        .postgres(config)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .postgres_timeout(Duration::from_millis(800))
+        .connect()
+        .await
+        .unwrap();
+    outbox
+        .health()
+        .await
+        .expect("health while Postgres answers");
+
+    proxy.set_fault(Fault::Blackhole);
+    let h = tokio::time::timeout(HANG, outbox.health())
+        .await
+        .expect("health() must answer while Postgres is silent");
+    assert!(
+        matches!(h, Err(Error::Timeout { what: "status", .. })),
+        "{h:?}"
+    );
+    let f = tokio::time::timeout(HANG, outbox.find(&EventFilter::new()))
+        .await
+        .expect("find() must answer");
+    assert!(matches!(f, Err(Error::Timeout { .. })), "{f:?}");
+    let r = tokio::time::timeout(HANG, outbox.requeue(&RequeueFilter::all()))
+        .await
+        .expect("requeue() must answer");
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+
+    proxy.set_fault(Fault::None);
+    let before = proxy.accepted_connections();
+    let h = tokio::time::timeout(HANG, outbox.health())
+        .await
+        .expect("health() answers after the path healed")
+        .expect("health() works again");
+    assert!(h.dead_letters == 0);
+    assert!(
+        proxy.accepted_connections() > before,
+        "the stuck connection was replaced by a new one"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.3 Session parameters the relay depends on
+// ----------------------------------------------------------------------------------------------
+
+/// `ALTER DATABASE … SET idle_session_timeout` / `statement_timeout` cannot end or break the
+/// relay's sessions: the relay sends its own as startup options. The listener keeps its
+/// session (no reconnect) and the waker's lock wait is not cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_defaults_cannot_end_relay_sessions() {
+    support::init_tracing();
+    let db_config = support::fresh_database().await;
+    let db = db_config.get_dbname().unwrap().to_string();
+    let admin = support::connect_pg().await;
+    admin
+        .batch_execute(&format!(
+            "alter database {db} set idle_session_timeout = '300ms';
+             alter database {db} set statement_timeout = '1ms'"
+        ))
+        .await
+        .unwrap();
+    let table = support::unique_name("sess");
+    let topic = support::unique_name("sess_topic");
+    support::create_topic(&topic, 1).await;
+    let outbox = Outbox::builder()
+        .postgres(db_config.clone())
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .migrate(true)
+        .connect()
+        .await
+        .expect("connect (and migrate) despite the database's statement_timeout of 1 ms");
+    let relay = outbox.start().unwrap();
+    support::wait_armed(&outbox, &table, Duration::from_secs(20)).await;
+    let pids = |c: tokio_postgres::Client| async move {
+        c.query(
+            "select application_name, pid from pg_stat_activity
+              where application_name in ('outbox-relay-listener', 'outbox-relay-waker')
+                and datname = current_database() order by 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
+        .collect::<Vec<_>>()
+    };
+    let mut observer_cfg = db_config.clone();
+    observer_cfg.options("-c idle_session_timeout=0 -c statement_timeout=0");
+    let observer = outbox::testing::connect(&observer_cfg).await.unwrap();
+    let first = pids(observer).await;
+    assert_eq!(first.len(), 2, "listener and waker sessions: {first:?}");
+    // A control session with the database's defaults is ended by idle_session_timeout …
+    let control = outbox::testing::connect(&db_config).await.unwrap();
+    let control_pid: i32 = control
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let watcher = outbox::testing::connect(&observer_cfg).await.unwrap();
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let alive: bool = watcher
+            .query_one(
+                "select exists(select 1 from pg_stat_activity where pid = $1)",
+                &[&control_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !alive {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the control session was never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // … after which the relay's sessions are still the same ones.
+    let second = pids(watcher).await;
+    assert_eq!(
+        first, second,
+        "relay sessions were ended by a database default"
+    );
+    assert_eq!(outbox.stats().listener_reconnects, 0);
+    assert!(outbox.stats().listener_connected);
+    outbox
+        .status()
+        .await
+        .expect("status despite statement_timeout = 1ms");
+    // And delivery works.
+    let mut writer_cfg = db_config.clone();
+    writer_cfg.options("-c statement_timeout=0");
+    let writer = outbox::testing::connect(&writer_cfg).await.unwrap();
+    outbox
+        .add_new_event(&writer, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
+    assert_eq!(records.len(), 1);
+    support::stop_and_join(&outbox, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.4 Hostile rows (admin side)
+// ----------------------------------------------------------------------------------------------
+
+/// JSON nested `depth` levels deep: `[[[…]]]`.
+fn deep_json(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Rows with `created_at = ±infinity`, `next_attempt_at = infinity`, payload and headers nested
+/// deeper than serde_json's 128 levels: `find`, `requeue --dry-run` (a find over dead letters)
+/// and `status` neither panic nor fail; each unrepresentable value is reported; the relay's
+/// reservation statement does not fail on them either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_rows_do_not_break_find_status_or_reservation() {
+    let (table, client) = migrated_table("hostile").await;
+    let deep = deep_json(200);
+    client
+        .batch_execute(&format!(
+            "insert into {table} (id, aggregate_id, event_topic, event_type, payload, created_at)
+             values (gen_random_uuid(), 'a', 't', 'inf', '{{}}', 'infinity'),
+                    (gen_random_uuid(), 'b', 't', 'neginf', '{{}}', '-infinity');
+             insert into {table} (id, aggregate_id, event_topic, event_type, payload, headers)
+             values (gen_random_uuid(), 'c', 't', 'deep', '{deep}', '{{\"h\": {deep}}}');
+             insert into {table} (id, aggregate_id, event_topic, event_type, payload, status,
+                                  next_attempt_at)
+             values (gen_random_uuid(), 'd', 't', 'failed-inf', '{{}}', 'failed', 'infinity');
+             insert into {table} (id, aggregate_id, event_topic, event_type, payload)
+             values (gen_random_uuid(), 'e', 't', 'ordinary', '{{\"ok\": true}}');"
+        ))
+        .await
+        .unwrap();
+    let admin = Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap();
+
+    let events = admin.find(&EventFilter::new()).await.expect("find");
+    assert_eq!(events.len(), 5);
+    let by_type = |t: &str| events.iter().find(|e| e.event_type() == t).unwrap();
+    let inf = by_type("inf");
+    assert_eq!(inf.created_at(), None);
+    assert_eq!(inf.decode_problems(), ["created_at: infinity"]);
+    assert_eq!(
+        by_type("neginf").decode_problems(),
+        ["created_at: -infinity"]
+    );
+    let d = by_type("deep");
+    assert_eq!(d.payload(), &serde_json::Value::Null);
+    assert!(d.headers().is_empty());
+    assert_eq!(d.decode_problems().len(), 2, "{:?}", d.decode_problems());
+    assert!(
+        d.decode_problems()[0].starts_with("payload: 400 bytes of JSON")
+            && d.decode_problems()[0].contains("recursion limit"),
+        "{:?}",
+        d.decode_problems()
+    );
+    assert!(d.decode_problems()[1].starts_with("headers:"));
+    assert_eq!(
+        by_type("failed-inf").decode_problems(),
+        ["next_attempt_at: infinity"]
+    );
+    let ok = by_type("ordinary");
+    assert!(ok.decode_problems().is_empty());
+    assert_eq!(ok.payload(), &json!({"ok": true}));
+
+    // requeue --dry-run is a find over dead letters.
+    let dead = admin
+        .find(&RequeueFilter::all().to_event_filter())
+        .await
+        .expect("dry run");
+    assert_eq!(dead.len(), 1);
+
+    let status = admin
+        .status()
+        .await
+        .expect("status with infinite timestamps");
+    assert_eq!(status.pending, 4);
+    assert_eq!(status.dead_letters, 1);
+    assert!(status.oldest_pending_age.is_some());
+
+    // The reservation's age computation does not fail on infinite created_at.
+    let sql = outbox::testing::relay_sql(&table, false);
+    client.batch_execute("begin").await.unwrap();
+    let rows = client
+        .query(&sql.reserve, &[&100i64])
+        .await
+        .expect("the reservation does not fail on infinite timestamps");
+    client.batch_execute("rollback").await.unwrap();
+    assert_eq!(rows.len(), 4, "every pending row is reservable");
+}
+
+/// The CLI prints hostile rows with their problems (exit 0, no panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_find_and_dry_run_survive_hostile_rows() {
+    let (table, client) = migrated_table("hostile_cli").await;
+    let deep = deep_json(150);
+    client
+        .batch_execute(&format!(
+            "insert into {table} (id, aggregate_id, event_topic, event_type, payload, created_at)
+             values (gen_random_uuid(), 'a', 't', 'inf', '{deep}', 'infinity');
+             insert into {table} (id, aggregate_id, event_topic, event_type, payload, status,
+                                  next_attempt_at, created_at)
+             values (gen_random_uuid(), 'b', 't', 'dead', '{deep}', 'failed', 'infinity', '-infinity');"
+        ))
+        .await
+        .unwrap();
+    let url = support::postgres_url().await;
+    for args in [
+        vec!["find"],
+        vec!["requeue", "--all", "--dry-run"],
+        vec!["status"],
+    ] {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        c.args(["--database-url", &url, "--table", &table])
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(HANG, c.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}\n{stderr}");
+        if args[0] != "status" {
+            assert!(
+                stdout.contains("\"decode_problems\":[\""),
+                "{args:?}: {stdout}"
+            );
+            assert!(stdout.contains("infinity"), "{args:?}: {stdout}");
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.9 Dropped objects
+// ----------------------------------------------------------------------------------------------
+
+async fn exists(client: &tokio_postgres::Client, name: &str) -> bool {
+    client
+        .query_one("select to_regclass($1) is not null", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// With the fence table, an index and the wake trigger dropped, `connect()` names what is
+/// missing, and `migrate` re-creates exactly those; with the outbox table dropped, `migrate`
+/// creates it again (it used to print "up to date").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_repairs_dropped_objects_and_connect_names_them() {
+    let (table, client) = migrated_table("dropped").await;
+    client
+        .batch_execute(&format!(
+            "drop table {table}_fence; drop index {table}_pending_idx;
+             drop trigger {table}_outbox_wake on {table}"
+        ))
+        .await
+        .unwrap();
+    let e = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .expect_err("connect() refuses a table with dropped objects");
+    let text = e.to_string();
+    assert!(matches!(e, Error::Schema(_)), "{e:?}");
+    for name in [
+        format!("table `{table}_fence`"),
+        format!("index `{table}_pending_idx`"),
+        format!("trigger `{table}_outbox_wake`"),
+    ] {
+        assert!(text.contains(&name), "{name} named in: {text}");
+    }
+
+    let report = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .expect("migrate repairs");
+    assert!(report.applied().is_empty());
+    let mut repaired = report.repaired().to_vec();
+    repaired.sort();
+    assert_eq!(
+        repaired,
+        [
+            format!("{table}_fence (table)"),
+            format!("{table}_outbox_wake (trigger)"),
+            format!("{table}_pending_idx (index)"),
+        ]
+    );
+    assert!(exists(&client, &format!("{table}_fence")).await);
+    assert!(exists(&client, &format!("{table}_pending_idx")).await);
+    // Repaired: connect() accepts it, and a second migrate has nothing to do.
+    Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .expect("connect after the repair");
+    let again = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .unwrap();
+    assert!(again.repaired().is_empty() && again.applied().is_empty());
+
+    // The outbox table itself.
+    client
+        .batch_execute(&format!("drop table {table}"))
+        .await
+        .unwrap();
+    let report = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .expect("migrate re-creates a dropped table");
+    assert!(
+        report.repaired().contains(&format!("{table} (table)")),
+        "{report:?}"
+    );
+    assert!(exists(&client, &table).await);
+    let admin = Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap();
+    assert_eq!(admin.status().await.unwrap().pending, 0);
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.10 Long transactions: named in status and health
+// ----------------------------------------------------------------------------------------------
+
+/// A session holding a snapshot open is named (pid, application name, age) by `status()` and
+/// `health()`; once it ends, it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_health_name_the_oldest_transaction() {
+    let db_config = support::fresh_database().await;
+    let table = support::unique_name("longtx");
+    let outbox = Outbox::builder()
+        .postgres(db_config.clone())
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .migrate(true)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(outbox.status().await.unwrap().oldest_transaction, None);
+
+    let holder = outbox::testing::faults::SnapshotHolder::start(&db_config)
+        .await
+        .unwrap();
+    let status = outbox.status().await.unwrap();
+    let t = status
+        .oldest_transaction
+        .expect("the snapshot holder is named");
+    assert_eq!(t.pid, holder.pid());
+    assert_eq!(t.application_name, "outbox-test-snapshot");
+    assert_eq!(t.state, "idle in transaction");
+    let h = outbox.health().await.unwrap();
+    assert_eq!(h.oldest_transaction.map(|t| t.pid), Some(holder.pid()));
+
+    holder.release().await.unwrap();
+    assert_eq!(outbox.status().await.unwrap().oldest_transaction, None);
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.7 PgBouncer
+// ----------------------------------------------------------------------------------------------
+
+/// A PgBouncer process in front of the test Postgres (killed on drop).
+struct Bouncer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bouncer {
+    fn config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres");
+        c
+    }
+}
+
+/// Starts Debian's `pgbouncer` with `pool_mode`, or `None` (with a clear message) when the
+/// binary is not installed.
+async fn start_pgbouncer(pool_mode: &str) -> Option<Bouncer> {
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())?;
+    let upstream = postgres_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port().unwrap();
+    let users = dir.path().join("users.txt");
+    std::fs::write(&users, "\"postgres\" \"\"\n").unwrap();
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = {pool_mode}\n\
+             max_client_conn = 100\ndefault_pool_size = 30\nignore_startup_parameters = extra_float_digits\n",
+            upstream.ip(),
+            upstream.port(),
+            users.display()
+        ),
+    )
+    .unwrap();
+    // PgBouncer refuses to run as root: drop to `nobody`, who must read the files.
+    use std::os::unix::fs::PermissionsExt as _;
+    for p in [dir.path(), &users, &ini] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mut cmd = std::process::Command::new(&bin);
+    if nix_is_root() {
+        cmd.args(["-u", "nobody"]);
+    }
+    let child = cmd
+        .arg(&ini)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let bouncer = Bouncer {
+        child,
+        port,
+        _dir: dir,
+    };
+    let deadline = tokio::time::Instant::now() + HANG;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pgbouncer did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Some(bouncer)
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Behind PgBouncer in transaction pooling, `connect()` refuses with an error naming
+/// transaction pooling and the fix; writers through the same pooler keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
+    let Some(bouncer) = start_pgbouncer("transaction").await else {
+        eprintln!("SKIPPED pgbouncer_transaction_pooling_is_refused_writers_work: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let (table, client) = migrated_table("bouncer_tx").await;
+    let e = tokio::time::timeout(
+        HANG,
+        Outbox::builder()
+            .postgres(bouncer.config())
+            .kafka_brokers(support::kafka_brokers())
+            .table(&table)
+            .channel(&table)
+            .connect(),
+    )
+    .await
+    .expect("connect() answers")
+    .expect_err("connect() must refuse transaction pooling");
+    let text = e.to_string();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(
+        text.contains("transaction (or statement) pooling"),
+        "{text}"
+    );
+    assert!(text.contains("session-pooling port"), "{text}");
+
+    // Writers: their own transactions through the pooler.
+    let writer = outbox::Writer::new(&table).unwrap();
+    let mut w = outbox::testing::connect(&bouncer.config()).await.unwrap();
+    for i in 0..20 {
+        let tx = w.transaction().await.unwrap();
+        writer
+            .add_new_event(
+                &tx,
+                NewEvent::new("t", format!("agg-{}", i % 3), "T", json!({"i": i})),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let n: i64 = client
+        .query_one(&format!("select count(*) from {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20);
+}
+
+/// Behind PgBouncer in session pooling the relay works: its startup options are refused by
+/// PgBouncer, so it connects again and sets them in its session; an event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_session_pooling_works() {
+    support::init_tracing();
+    let Some(bouncer) = start_pgbouncer("session").await else {
+        eprintln!("SKIPPED pgbouncer_session_pooling_works: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let (table, _client) = migrated_table("bouncer_sess").await;
+    let topic = support::unique_name("bouncer_topic");
+    support::create_topic(&topic, 1).await;
+    let outbox = Outbox::builder()
+        .postgres(bouncer.config())
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .expect("session pooling is accepted");
+    let relay = outbox.start().unwrap();
+    let w = outbox::testing::connect(&bouncer.config()).await.unwrap();
+    outbox
+        .add_new_event(&w, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
+    assert_eq!(records.len(), 1);
+    support::stop_and_join(&outbox, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.11 Order of one aggregate's events written by concurrent transactions
+// ----------------------------------------------------------------------------------------------
+
+/// What the README states: seq is drawn at insert, visibility comes at commit. With two
+/// overlapping transactions writing X:1 (lower seq) and X:2, where X:2's commits first and is
+/// published, X:1 follows after its commit: the consumer sees commit order for the pair. A
+/// writer that locks the aggregate first would have made X:2 wait for X:1's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_aggregate_are_published_in_commit_order() {
+    let (table, _client) = migrated_table("concurrent").await;
+    let topic = support::unique_name("concurrent_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let mut c1 = support::connect_pg().await;
+    let mut c2 = support::connect_pg().await;
+    let t1 = c1.transaction().await.unwrap();
+    let id1 = outbox
+        .add_new_event(&t1, NewEvent::new(&topic, "X", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let t2 = c2.transaction().await.unwrap();
+    let id2 = outbox
+        .add_new_event(&t2, NewEvent::new(&topic, "X", "T", json!({"n": 2})))
+        .await
+        .unwrap();
+    t2.commit().await.unwrap();
+    let first = reader.read(1, HANG).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].header("event_id"), Some(id2.to_string().as_str()));
+    t1.commit().await.unwrap();
+    let second = reader.read(1, HANG).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].header("event_id"), Some(id1.to_string().as_str()));
+    let events = outbox
+        .find(&EventFilter::new().aggregate_id("X"))
+        .await
+        .unwrap();
+    assert_eq!(events[0].id(), id1, "X:1 has the lower seq");
+    support::stop_and_join(&outbox, relay).await;
+}
+
+/// The relay runs through a proxy that starts blackholing Postgres (sockets kept open): `stop`
+/// returns within its timeout, and `health()` answers meanwhile.
+///
+/// Fails today: the reservation on the blackholed batch connection has no deadline and the stop
+/// waits for it (`StopTimeout`). Needs the pipeline's round trips (reserve, fence, confirm, late
+/// confirm) bounded and cancellable, which belongs to the relay restructuring.
+#[ignore = "needs deadlines on the pipeline's round trips (relay restructuring, issue 9.2)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
+    support::init_tracing();
+    let (table, _client) = migrated_table("silent_stop").await;
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let outbox = Outbox::builder()
+        .postgres(proxy.postgres_config(&support::postgres().await))
+        .kafka_brokers(support::kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(100))
+        .postgres_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    support::wait_armed(&outbox, &table, HANG).await;
+    proxy.set_fault(Fault::Blackhole);
+    // health() answers (with a timeout) meanwhile; by then polls have run into the blackhole.
+    let h = tokio::time::timeout(HANG, outbox.health())
+        .await
+        .expect("health() answers while Postgres is silent");
+    assert!(matches!(h, Err(Error::Timeout { .. })), "{h:?}");
+    let stopped = tokio::time::timeout(HANG, outbox.stop(Duration::from_secs(2))).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "stop(2s) must complete against a silent Postgres: {stopped:?}"
+    );
+    let _ = tokio::time::timeout(HANG, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// The fault kit itself
+// ----------------------------------------------------------------------------------------------
+
+/// Each fault does what it says on a real Postgres connection: latency and a bandwidth cap
+/// forward everything intact, a reset aborts open connections and refuses new ones, healing
+/// lets new connections through; `terminate_backends` ends sessions by application name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_kit_does_what_it_says() {
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let mut cfg = proxy.postgres_config(&support::postgres().await);
+    cfg.application_name("outbox-relay-kit-test");
+    let c = outbox::testing::connect(&cfg).await.unwrap();
+    let q = "select length(repeat('x', 200000))";
+    proxy.set_fault(Fault::Latency(Duration::from_millis(5)));
+    assert_eq!(c.query_one(q, &[]).await.unwrap().get::<_, i32>(0), 200_000);
+    proxy.set_fault(Fault::Bandwidth(2_000_000));
+    let big: String = c
+        .query_one("select repeat('y', 300000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(big.len(), 300_000);
+    proxy.set_fault(Fault::Reset);
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[]))
+        .await
+        .unwrap();
+    assert!(r.is_err(), "a reset connection fails");
+    assert!(
+        outbox::testing::connect(&cfg).await.is_err(),
+        "new connections are reset"
+    );
+    proxy.set_fault(Fault::None);
+    cfg.application_name("outbox-kit-victim");
+    let c = outbox::testing::connect(&cfg).await.unwrap();
+    c.query_one("select 1", &[]).await.unwrap();
+
+    let admin = support::connect_pg().await;
+    let n = outbox::testing::faults::terminate_backends(&admin, "outbox-kit-victim")
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let r = tokio::time::timeout(HANG, c.query_one("select 1", &[]))
+        .await
+        .unwrap();
+    assert!(r.is_err(), "the terminated session is gone");
+}
+
+/// `fatal_producer_errors` makes an idempotent producer fatal on the mock cluster (what issue
+/// 9.1's relay fix must detect through `fatal_error()`).
+#[ignore = "written for the fault kit's fatal-producer helper but not yet run (the machine was saturated); run it before relying on the helper"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_producer_errors_make_the_idempotent_producer_fatal() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    mock.create_topic("fatal", 1).unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    let ok = producer
+        .send(FutureRecord::to("fatal").key("k").payload("0"), HANG)
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert!(producer.client().fatal_error().is_none());
+    outbox::testing::faults::fatal_producer_errors(&mock, 3);
+    let r = producer
+        .send(FutureRecord::to("fatal").key("k").payload("1"), HANG)
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    let fatal = producer.client().fatal_error();
+    assert!(
+        fatal.is_some(),
+        "the producer is fatal after OUT_OF_ORDER_SEQUENCE_NUMBER"
+    );
+}
