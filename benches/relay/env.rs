@@ -8,7 +8,7 @@ use crate::host::loadavg;
 use crate::host::machine;
 use crate::host::read_stat;
 use crate::host::system_ticks;
-use crate::opts::Opts;
+use crate::opts::{Opts, Phase};
 use crate::say;
 use crate::tansu::start_tansu;
 use crate::tansu::Tansu;
@@ -199,6 +199,13 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
                 .fsync(true)
                 // Lets the profiled drain read the relay's full SQL from pg_stat_activity.
                 .setting("track_activity_query_size", "16384");
+            if opts.runs(Phase::Debezium) {
+                // Debezium's connector decodes the WAL (pgoutput).
+                builder = builder
+                    .setting("wal_level", "logical")
+                    .setting("max_wal_senders", "4")
+                    .setting("max_replication_slots", "4");
+            }
             for (k, v) in &opts.pg_settings {
                 builder = builder.setting(k, v);
             }
@@ -244,16 +251,17 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
         .query_one(
             "select current_setting('server_version'), current_setting('fsync'),
                     current_setting('synchronous_commit'), current_setting('shared_buffers'),
-                    current_setting('max_wal_size'), pg_backend_pid()",
+                    current_setting('max_wal_size'), pg_backend_pid(), current_setting('wal_level')",
             &[],
         )
         .await?;
     let (ver, fsync, sc, sb, wal): (String, String, String, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     let pid: i32 = row.get(5);
+    let wal_level: String = row.get(6);
     env.postmaster = read_stat(&PathBuf::from(format!("/proc/{pid}/stat"))).map(|s| s.1);
     env.pg_desc = format!(
-        "Postgres {ver} ({pg_kind}; fsync={fsync}, synchronous_commit={sc}, shared_buffers={sb}, max_wal_size={wal})"
+        "Postgres {ver} ({pg_kind}; fsync={fsync}, synchronous_commit={sc}, shared_buffers={sb}, max_wal_size={wal}, wal_level={wal_level})"
     );
     // The payload the raw producer sends must be what the relay sends (jsonb text).
     let sample: String = c

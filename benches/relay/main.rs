@@ -11,7 +11,7 @@
 //!
 //! Flags (after `--`; `-- --help` lists them all, parsed by clap in `opts.rs`): `--short`,
 //! `--write`, `--only drain,delete,million,kafka,pg,burst,profile,latency,wake,baseline,keys,
-//! latency-max,snapshot` (a subset), `--snapshot-secs S`, `--million N`, `--explain` (print the reservation's EXPLAIN ANALYZE plans), `--wait-idle SECS` (on a
+//! latency-max,snapshot,debezium` (a subset), `--snapshot-secs S`, `--million N`, `--explain` (print the reservation's EXPLAIN ANALYZE plans), `--wait-idle SECS` (on a
 //! shared machine, wait up to SECS before each phase for other load to stop), and relay overrides
 //! recorded in the table: `--batch-size N`, `--batches-in-flight N`, `--kafka-property key=value`,
 //! `--aggregates N` (default 10,000), `--pg-setting name=value` (throwaway server only).
@@ -22,7 +22,7 @@
 //! (print the CPU split per Postgres process).
 //!
 //! One module per scenario (`drain`, `keys`, `burst`, `snapshot`, `ceilings`, `profile`,
-//! `latency`, `wake`, `baseline`, `million`); the shared harness is `env` (servers, tables, topics), `events` (the records),
+//! `latency`, `wake`, `baseline`, `million`, `debezium`); the shared harness is `env` (servers, tables, topics), `events` (the records),
 //! `host` (load, RSS, CPU split), `report` (the table) and `opts` (flags).
 //!
 //! Progress goes to stderr, the result table to stdout. BENCHMARKS.md explains every row.
@@ -30,6 +30,7 @@
 mod baseline;
 mod burst;
 mod ceilings;
+mod debezium;
 mod drain;
 mod env;
 mod events;
@@ -53,6 +54,7 @@ use outbox::OnDelivery;
 use crate::baseline::baseline;
 use crate::burst::burst;
 use crate::ceilings::{kafka_ceiling, pg_ceiling};
+use crate::debezium::debezium;
 use crate::drain::drain;
 use crate::env::{setup, Env};
 use crate::host::loadavg;
@@ -156,6 +158,10 @@ async fn run(env: &Env, r: &mut Results) {
             o.snapshot_secs
         );
         r.snapshot = attempt!("snapshot", held_snapshot(env));
+    }
+    if o.runs(Phase::Debezium) {
+        say!("Debezium side by side: drain of {} events, then 1k/s", o.n);
+        r.debezium = attempt!("debezium", debezium(env));
     }
     if o.runs(Phase::Million) {
         // Last: the global Prometheus recorder stays installed for the rest of the process.

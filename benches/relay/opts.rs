@@ -34,6 +34,10 @@ pub(crate) enum Phase {
     LatencyMax,
     /// A drain and commit → ack at 1k/s while a snapshot is held (`--snapshot-secs`).
     Snapshot,
+    /// Debezium (Kafka Connect standalone, Postgres connector, outbox event router) on the same
+    /// Postgres and broker: drain of the same backlog and commit → ack at 1k/s
+    /// (benches/debezium/run; the throwaway server then runs with wal_level=logical).
+    Debezium,
 }
 
 /// Relay benchmark (harness = false). Progress on stderr, the result table on stdout.

@@ -3,6 +3,7 @@
 use crate::baseline::Baseline;
 use crate::ceilings::KafkaCeiling;
 use crate::ceilings::PgCeiling;
+use crate::debezium::Debezium;
 use crate::drain::Drain;
 use crate::env::Env;
 use crate::events::payload_jsonb_text;
@@ -38,6 +39,7 @@ pub(crate) struct Results {
     /// (rate the writers reached with a relay running, latency paced at 90 % of it).
     pub(crate) lat_max: Option<(f64, Latency)>,
     pub(crate) snapshot: Option<HeldSnapshot>,
+    pub(crate) debezium: Option<Debezium>,
     pub(crate) errors: Vec<String>,
 }
 
@@ -354,6 +356,54 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
             "p99 ≤ 1 s",
             verdict(l.p99 <= 1_000.0 && l.missing == 0),
         );
+    }
+    if let Some(z) = &r.debezium {
+        row(
+            "Debezium 3.6.1 (Connect standalone, pgoutput, outbox event router): the backlog committed in one transaction, commit → last record in Kafka",
+            format!(
+                "{} events/s ({} events in {:.2} s; first record after {:.2} s)",
+                num(z.drain_rate),
+                num(z.n as f64),
+                z.drain_secs,
+                z.first_secs
+            ),
+            "",
+            String::new(),
+        );
+        for (name, ours) in [("MarkDone drain", &r.drain), ("burst", &r.burst)] {
+            if let Some(d) = ours {
+                let ratio = d.rate / z.drain_rate;
+                row(
+                    &format!("Ours ({name}) / Debezium's drain"),
+                    format!("**{ratio:.2} ×** ({} / {})", num(d.rate), num(z.drain_rate)),
+                    "≥ 2 ×",
+                    verdict(ratio >= 2.0),
+                );
+            }
+        }
+        row(
+            "Debezium commit → record read from Kafka at 1k/s (4 writers, consumer with fetch.wait.max.ms 5)",
+            format!(
+                "p50 **{:.2} ms**, p99 **{:.2} ms**, max {:.1} ms; {} measured, {} missing; achieved {} events/s",
+                z.p50,
+                z.p99,
+                z.max,
+                num(z.measured as f64),
+                z.missing,
+                num(z.achieved)
+            ),
+            "",
+            String::new(),
+        );
+        if let Some(l) = &r.lat1k {
+            let ratio = l.p99 / z.p99;
+            row(
+                "Our commit → ack p99 at 1k/s / Debezium's",
+                format!("**{ratio:.2}** ({:.2} ms / {:.2} ms)", l.p99, z.p99),
+                "≤ 0.2",
+                verdict(ratio <= 0.2),
+            );
+        }
     }
     if let Some(w) = &r.wake {
         for writers in [8usize, 32] {
