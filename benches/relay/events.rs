@@ -64,14 +64,14 @@ impl Keys {
         }
     }
 
-    /// "10,000 aggregates (uniform)" / "Zipf(1.1) over 10,000 aggregates".
+    /// "10,000 aggregates (uniform)" / "a Zipf(1.1) mix of 10,000 aggregates".
     pub(crate) fn describe(&self) -> String {
         match self {
             Keys::Uniform(1) => "1 aggregate".into(),
             Keys::Uniform(n) => format!("{} aggregates (uniform)", crate::report::num(*n as f64)),
             Keys::Zipf { n, s, .. } => {
                 format!(
-                    "Zipf({s}) over {} aggregates",
+                    "a Zipf({s}) mix of {} aggregates",
                     crate::report::num(*n as f64)
                 )
             }
