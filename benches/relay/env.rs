@@ -10,8 +10,8 @@ use crate::host::read_stat;
 use crate::host::system_ticks;
 use crate::opts::{Opts, Phase};
 use crate::say;
-use crate::tansu::start_tansu;
 use crate::tansu::Tansu;
+use crate::tansu::{start_tansu, tansu_version};
 use anyhow::bail;
 use anyhow::Context as _;
 use anyhow::Result;
@@ -69,6 +69,23 @@ impl Env {
     /// The keys of the backlogs and writers: uniform over `--aggregates`.
     pub(crate) fn keys(&self) -> Keys {
         Keys::Uniform(self.opts.aggregates)
+    }
+
+    /// Pids of the local broker processes: tansu's, or `--broker-pid`.
+    pub(crate) fn broker_pids(&self) -> Vec<i32> {
+        match self.tansu.as_ref().and_then(|t| t.pid) {
+            Some(pid) => vec![pid],
+            None => self.opts.broker_pids.clone(),
+        }
+    }
+
+    /// The broker as the table names it.
+    pub(crate) fn broker_desc(&self) -> String {
+        match (&self.opts.broker, &self.tansu) {
+            (Some(d), _) => d.clone(),
+            (None, Some(_)) => format!("{} on loopback (memory storage)", tansu_version()),
+            (None, None) => "KAFKA_BROKERS (external; `--broker` describes it)".into(),
+        }
     }
 
     pub(crate) fn name(&self, phase: &str) -> String {

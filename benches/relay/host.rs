@@ -183,7 +183,8 @@ pub(crate) struct CpuSnap {
     pub(crate) pg: HashMap<i32, u64>,
     pub(crate) pm_self: u64,
     pub(crate) pm_exited: u64,
-    pub(crate) tansu: Option<u64>,
+    /// Local broker processes (tansu, or `--broker-pid`).
+    pub(crate) broker: Option<u64>,
     pub(crate) me: u64,
     pub(crate) threads: HashMap<i32, (String, u64)>,
 }
@@ -221,12 +222,13 @@ pub(crate) async fn cpu_snap(env: &Env) -> CpuSnap {
             }
         }
     }
-    let tansu = env
-        .tansu
-        .as_ref()
-        .and_then(|t| t.pid)
-        .and_then(|pid| read_stat(&PathBuf::from(format!("/proc/{pid}/stat"))))
-        .map(|(_, _, t, c)| t + c);
+    let pids = env.broker_pids();
+    let broker = (!pids.is_empty()).then(|| {
+        pids.iter()
+            .filter_map(|pid| read_stat(&PathBuf::from(format!("/proc/{pid}/stat"))))
+            .map(|(_, _, t, c)| t + c)
+            .sum()
+    });
     let me = read_stat(&PathBuf::from("/proc/self/stat"))
         .map(|s| s.2)
         .unwrap_or(0);
@@ -250,7 +252,7 @@ pub(crate) async fn cpu_snap(env: &Env) -> CpuSnap {
         pg,
         pm_self,
         pm_exited,
-        tansu,
+        broker,
         me,
         threads,
     }
@@ -262,7 +264,7 @@ pub(crate) struct CpuSplit {
     pub(crate) cores: usize,
     pub(crate) pg_total: Option<f64>,
     pub(crate) pg_groups: Vec<(String, f64)>,
-    pub(crate) tansu: Option<f64>,
+    pub(crate) broker: Option<f64>,
     pub(crate) me: f64,
     pub(crate) me_rdkafka: f64,
     pub(crate) me_tokio: f64,
@@ -273,7 +275,7 @@ pub(crate) struct CpuSplit {
 
 impl CpuSplit {
     pub(crate) fn other(&self) -> f64 {
-        (self.sys_busy - self.pg_total.unwrap_or(0.0) - self.tansu.unwrap_or(0.0) - self.me)
+        (self.sys_busy - self.pg_total.unwrap_or(0.0) - self.broker.unwrap_or(0.0) - self.me)
             .max(0.0)
     }
 
@@ -300,9 +302,9 @@ impl CpuSplit {
             }
             None => s.push_str("Postgres n/a (not local)"),
         }
-        match self.tansu {
+        match self.broker {
             Some(t) => {
-                let _ = write!(s, "; tansu {t:.1}");
+                let _ = write!(s, "; broker {t:.1}");
             }
             None => s.push_str("; broker n/a (external)"),
         }
@@ -321,7 +323,7 @@ impl CpuSplit {
                 s,
                 ". Per event: Postgres {:.0} µs, broker {:.0} µs, bench process {:.0} µs",
                 us(self.pg_total.unwrap_or(f64::NAN)),
-                us(self.tansu.unwrap_or(f64::NAN)),
+                us(self.broker.unwrap_or(f64::NAN)),
                 us(self.me)
             );
         }
@@ -346,8 +348,8 @@ pub(crate) fn cpu_split(env: &Env, a: &CpuSnap, b: &CpuSnap) -> CpuSplit {
             split.me_tokio += d;
         }
     }
-    if let (Some(at), Some(bt)) = (a.tansu, b.tansu) {
-        split.tansu = Some(tick(bt.saturating_sub(at)));
+    if let (Some(at), Some(bt)) = (a.broker, b.broker) {
+        split.broker = Some(tick(bt.saturating_sub(at)));
     }
     if env.postmaster.is_some() {
         let labels = &b.labels;

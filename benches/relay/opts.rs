@@ -86,6 +86,14 @@ pub(crate) struct Cli {
     /// Events of the RSS run (default 1,000,000; 0 in short mode, which skips it).
     #[arg(long, value_name = "N")]
     million: Option<usize>,
+    /// How the table describes the broker of `KAFKA_BROKERS`, e.g. "Apache Kafka 4.1.1, 1 node
+    /// (KRaft) on loopback".
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) broker: Option<String>,
+    /// Pid of a local broker process (repeatable; e.g. each node's `pid` file of
+    /// scripts/kafka-cluster), so that the CPU split counts the broker.
+    #[arg(long, value_name = "PID")]
+    pub(crate) broker_pid: Vec<i32>,
     /// Topic partitions.
     #[arg(long, env = "OUTBOX_BENCH_PARTITIONS", default_value_t = 8)]
     pub(crate) partitions: i32,
@@ -122,6 +130,8 @@ pub(crate) struct Opts {
     pub(crate) baseline_secs: f64,
     pub(crate) million: usize,
     pub(crate) snapshot_secs: f64,
+    pub(crate) broker: Option<String>,
+    pub(crate) broker_pids: Vec<i32>,
     /// `--wait-idle SECS`: at each phase start, wait up to SECS for other load to stop.
     pub(crate) wait_idle: f64,
     /// Relay overrides (`--batch-size`, `--batches-in-flight`); defaults otherwise.
@@ -157,6 +167,8 @@ impl Opts {
             baseline_secs: 30.0,
             million: 1_000_000,
             snapshot_secs: 60.0,
+            broker: cli.broker,
+            broker_pids: cli.broker_pid,
             wait_idle: cli.wait_idle,
             batch_size: cli.batch_size,
             batches_in_flight: cli.batches_in_flight,

@@ -14,7 +14,6 @@ use crate::opts::Opts;
 use crate::profile::sql_check;
 use crate::say;
 use crate::snapshot::HeldSnapshot;
-use crate::tansu::tansu_version;
 use crate::wake::Wake;
 use crate::wake::WakeVariant;
 use anyhow::Result;
@@ -543,18 +542,17 @@ pub(crate) fn header(
     vec![
         (
             "Machine".to_string(),
-            format!("{model}, {cores} cores, {mem:.1} GiB RAM; Postgres, tansu, the relay and the harness share the cores"),
+            format!("{model}, {cores} cores, {mem:.1} GiB RAM; Postgres, the broker (when local), the relay and the harness share the cores"),
         ),
         ("Date".to_string(), date),
         (
             "Settings".to_string(),
             format!(
-                "{} mode; code: {}; {}; Kafka: {} on loopback ({}), {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
+                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
                 if opts.short { "short" } else { "full" },
                 code_version(),
                 env.pg_desc,
-                if env.tansu.is_some() { tansu_version() } else { "KAFKA_BROKERS".into() },
-                if env.tansu.is_some() { "memory storage" } else { "external" },
+                env.broker_desc(),
                 opts.partitions,
                 match (
                     opts.batch_size,
