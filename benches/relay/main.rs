@@ -166,15 +166,23 @@ async fn run(env: &Env, r: &mut Results) {
     if o.runs(Phase::Million) {
         // Last: the global Prometheus recorder stays installed for the rest of the process.
         say!(
-            "drain: {} events, RSS every 100k, Prometheus recorder installed, nobody scraping",
-            o.million
-        );
-        let _recorder = match install_prometheus() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                r.errors.push(format!("million: {e:#}"));
-                None
+            "drain: {} events, RSS every tenth, {}",
+            o.million,
+            if o.no_recorder {
+                "no metrics recorder (--no-recorder)"
+            } else {
+                "Prometheus recorder installed, nobody scraping"
             }
+        );
+        let _recorder = match o.no_recorder {
+            true => None,
+            false => match install_prometheus() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    r.errors.push(format!("million: {e:#}"));
+                    None
+                }
+            },
         };
         r.million = attempt!(
             "million",

@@ -86,6 +86,9 @@ pub(crate) struct Cli {
     /// Events of the RSS run (default 1,000,000; 0 in short mode, which skips it).
     #[arg(long, value_name = "N")]
     million: Option<usize>,
+    /// Run the long drain without the Prometheus recorder (the comparison for its RSS).
+    #[arg(long)]
+    pub(crate) no_recorder: bool,
     /// How the table describes the broker of `KAFKA_BROKERS`, e.g. "Apache Kafka 4.1.1, 1 node
     /// (KRaft) on loopback".
     #[arg(long, value_name = "TEXT")]
@@ -130,6 +133,7 @@ pub(crate) struct Opts {
     pub(crate) baseline_secs: f64,
     pub(crate) million: usize,
     pub(crate) snapshot_secs: f64,
+    pub(crate) no_recorder: bool,
     pub(crate) broker: Option<String>,
     pub(crate) broker_pids: Vec<i32>,
     /// `--wait-idle SECS`: at each phase start, wait up to SECS for other load to stop.
@@ -167,6 +171,7 @@ impl Opts {
             baseline_secs: 30.0,
             million: 1_000_000,
             snapshot_secs: 60.0,
+            no_recorder: cli.no_recorder,
             broker: cli.broker,
             broker_pids: cli.broker_pid,
             wait_idle: cli.wait_idle,

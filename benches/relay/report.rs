@@ -467,14 +467,28 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
         let lo = m.rss_samples.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = m.rss_samples.iter().copied().fold(0.0, f64::max);
         let segs: Vec<String> = m.segment_rates.iter().map(|v| num(*v)).collect();
+        // From the first tenth to the last: nine tenths of the events.
+        let growth_mb = match (m.rss_samples.first(), m.rss_samples.last()) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0.0,
+        };
         row(
-            "Long drain (Prometheus recorder installed, nobody scraping): VmRSS sampled every tenth",
+            &format!(
+                "Long drain ({}): VmRSS sampled every tenth",
+                if env.opts.no_recorder {
+                    "no metrics recorder, `--no-recorder`"
+                } else {
+                    "Prometheus recorder installed as the binary does, nobody scraping"
+                }
+            ),
             format!(
-                "min {:.1} MB, max {:.1} MB (VmHWM {:.1} MB) over {} samples",
+                "min {:.1} MB, max {:.1} MB (VmHWM {:.1} MB) over {} samples; last − first sample {:+.1} MB = {:+.1} bytes per event",
                 lo,
                 hi,
                 m.hwm_mb,
-                m.rss_samples.len()
+                m.rss_samples.len(),
+                growth_mb,
+                growth_mb * 1024.0 * 1024.0 / (m.n as f64 * 0.9).max(1.0)
             ),
             "≤ 64 MB, flat",
             verdict(hi <= 64.0 && m.hwm_mb <= 64.0 && hi - lo <= 8.0),
