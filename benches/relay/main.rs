@@ -11,8 +11,10 @@
 //!
 //! Flags (after `--`; `-- --help` lists them all, parsed by clap in `opts.rs`): `--short`,
 //! `--write`, `--only drain,delete,million,kafka,pg,burst,profile,latency,wake,baseline,keys,
-//! latency-max,snapshot,debezium` (a subset), `--snapshot-secs S`, `--million N`, `--explain` (print the reservation's EXPLAIN ANALYZE plans), `--wait-idle SECS` (on a
-//! shared machine, wait up to SECS before each phase for other load to stop), and relay overrides
+//! latency-max,snapshot,debezium` (a subset), `--snapshot-secs S`, `--million N`,
+//! `--no-recorder`, `--broker TEXT`, `--broker-pid PID`, `--explain` (print the reservation's
+//! EXPLAIN ANALYZE plans), `--wait-idle SECS` (on a shared machine, wait up to SECS before each
+//! phase for other load to stop), and relay overrides
 //! recorded in the table: `--batch-size N`, `--batches-in-flight N`, `--kafka-property key=value`,
 //! `--aggregates N` (default 10,000), `--pg-setting name=value` (throwaway server only).
 //! Environment: `DATABASE_URL` (use this database instead of a throwaway fsync-on server),
