@@ -1,0 +1,77 @@
+//! Drains whose keys are skewed: 1, 10, 1,000 and 10,000 aggregates and a Zipf(1.1) mix, each
+//! as a ratio to the uniform drain of the same run (an aggregate's events go one at a time).
+
+use anyhow::Result;
+use outbox::OnDelivery;
+
+use crate::drain::{drain_with, Drain, DrainSpec};
+use crate::env::Env;
+use crate::events::Keys;
+use crate::say;
+
+/// One skewed drain.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyDrain {
+    pub(crate) keys: String,
+    /// Target ratio to the uniform drain, where the performance issue sets one.
+    pub(crate) target: Option<f64>,
+    pub(crate) drain: Result<Drain, String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct KeySpread {
+    /// The uniform drain the ratios refer to (the `drain` phase's, else one run here).
+    pub(crate) uniform: Drain,
+    pub(crate) runs: Vec<KeyDrain>,
+}
+
+/// Runs the skewed drains. One aggregate drains at one event per produce round trip, so its
+/// backlog is 1/40 of `--n` (5,000 in full mode) and ten aggregates' 1/8; the others drain
+/// the full backlog.
+pub(crate) async fn key_spread(env: &Env, uniform: Option<&Drain>) -> Result<KeySpread> {
+    let n = env.opts.n;
+    let uniform = match uniform {
+        Some(d) => d.clone(),
+        None => {
+            say!("keys: uniform reference drain, {n} events");
+            drain_with(
+                env,
+                &DrainSpec::new(env, "keysuniform", n, OnDelivery::MarkDone),
+            )
+            .await?
+        }
+    };
+    let plan = [
+        (Keys::Uniform(1), (n / 40).max(100), Some(0.5), "keys1"),
+        (Keys::Uniform(10), (n / 8).max(100), Some(0.8), "keys10"),
+        (Keys::Uniform(1_000), n, None, "keys1000"),
+        (Keys::Uniform(10_000), n, None, "keys10000"),
+        (
+            Keys::zipf(env.opts.aggregates, 1.1),
+            n,
+            Some(0.8),
+            "keyszipf",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (keys, events, target, phase) in plan {
+        say!("keys: {} events over {}", events, keys.describe());
+        let mut spec = DrainSpec::new(env, phase, events, OnDelivery::MarkDone);
+        spec.keys = keys.clone();
+        let drain = drain_with(env, &spec).await.map_err(|e| format!("{e:#}"));
+        if let Ok(d) = &drain {
+            say!(
+                "  keys over {}: {:.0}/s = {:.2} × uniform",
+                keys.describe(),
+                d.rate,
+                d.rate / uniform.rate
+            );
+        }
+        runs.push(KeyDrain {
+            keys: keys.describe(),
+            target,
+            drain,
+        });
+    }
+    Ok(KeySpread { uniform, runs })
+}
