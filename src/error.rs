@@ -119,3 +119,32 @@ impl fmt::Display for ConfigErrors {
         Ok(())
     }
 }
+
+/// Displays a `tokio_postgres::Error` with what the server said — severity, SQLSTATE, message,
+/// detail, hint — or, for errors without a server answer, the error and its causes.
+/// (`tokio_postgres::Error`'s own `Display` reads only "db error" for server errors.)
+pub(crate) struct PgErrorDisplay<'a>(pub(crate) &'a tokio_postgres::Error);
+
+impl fmt::Display for PgErrorDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => {
+                write!(
+                    f,
+                    "{} {}: {}",
+                    db.severity(),
+                    db.code().code(),
+                    db.message()
+                )?;
+                if let Some(detail) = db.detail() {
+                    write!(f, "; detail: {detail}")?;
+                }
+                if let Some(hint) = db.hint() {
+                    write!(f, "; hint: {hint}")?;
+                }
+                Ok(())
+            }
+            None => f.write_str(&describe_postgres(self.0)),
+        }
+    }
+}

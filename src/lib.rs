@@ -84,7 +84,6 @@ mod pg;
 mod relay;
 mod schema;
 mod store;
-mod wake;
 mod writer;
 
 #[cfg(feature = "testing")]

@@ -1,7 +1,7 @@
 //! The `Outbox` handle: lifecycle, enqueue, find, subscribe.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,6 +17,7 @@ use crate::delivery::{DeliveryStream, Hub};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, NewEvent};
 use crate::pg::Pg;
+use crate::relay::timing::{Stop, STOP_OVERRUN};
 use crate::relay::{Counters, Relay};
 use crate::store::Store;
 use crate::writer::Writer;
@@ -38,11 +39,10 @@ struct Inner {
     producer: FutureProducer,
     admin: Admin,
     hub: Hub,
-    token: CancellationToken,
+    stop: Arc<Stop>,
     tracker: TaskTracker,
     started: AtomicBool,
     counters: Arc<Counters>,
-    shutdown_timeout: Arc<Mutex<Duration>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -136,7 +136,7 @@ impl Outbox {
             None => CancellationToken::new(),
         };
         let hub = Hub::new(settings.ack_buffer);
-        let shutdown = settings.shutdown_timeout;
+        let stop = Arc::new(Stop::new(token, settings.shutdown_timeout));
         let admin = Admin::from_parts(store.clone(), pg.clone(), admin);
         Ok(Outbox {
             inner: Arc::new(Inner {
@@ -146,11 +146,10 @@ impl Outbox {
                 producer,
                 admin,
                 hub,
-                token,
+                stop,
                 tracker: TaskTracker::new(),
                 started: AtomicBool::new(false),
                 counters: Arc::new(Counters::default()),
-                shutdown_timeout: Arc::new(Mutex::new(shutdown)),
             }),
         })
     }
@@ -223,7 +222,7 @@ impl Outbox {
     /// The relay's cancellation token: cancelling it stops the relay gracefully. It is a child
     /// of the token given to the builder, if any.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.inner.token.clone()
+        self.inner.stop.token().clone()
     }
 
     /// Runs the relay until the cancellation token is cancelled, then stops gracefully: no more
@@ -239,61 +238,63 @@ impl Outbox {
     /// connections close, and acknowledged but unconfirmed events are published again. Stop it
     /// with the token instead.
     pub async fn run(&self) -> Result<()> {
+        self.claim_relay()?;
+        self.run_claimed().await
+    }
+
+    /// Spawns [`run`](Self::run) on the current Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Relay`] when the relay already ran, is running, or was started before (a second
+    /// `start` fails at once, not inside the spawned task).
+    pub fn start(&self) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        self.claim_relay()?;
+        let this = self.clone();
+        Ok(tokio::spawn(async move { this.run_claimed().await }))
+    }
+
+    /// Marks the relay as started; only the first caller gets `Ok`.
+    fn claim_relay(&self) -> Result<()> {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return Err(Error::Relay(
                 "the relay already ran; build a new Outbox to run it again".into(),
             ));
         }
+        Ok(())
+    }
+
+    async fn run_claimed(&self) -> Result<()> {
         let relay = Relay {
             settings: self.inner.settings.clone(),
             store: self.inner.store.clone(),
             pg: self.inner.pg.clone(),
             producer: self.inner.producer.clone(),
             hub: self.inner.hub.clone(),
-            token: self.inner.token.clone(),
+            stop: self.inner.stop.clone(),
             counters: self.inner.counters.clone(),
-            shutdown_timeout: self.inner.shutdown_timeout.clone(),
         };
         self.inner.tracker.track_future(relay.run()).await
     }
 
-    /// Spawns [`run`](Self::run) on the current Tokio runtime.
+    /// Stops the relay gracefully (see [`run`](Self::run)) within `timeout`: in-flight sends
+    /// end halfway through it, the rest is for confirming and flushing; then what the producer
+    /// still holds is purged and late delivery reports get a short grace (together at most
+    /// 1.5 s past `timeout`, which this call allows before it gives up waiting). Returns at once
+    /// when the relay never ran. When a stop was already requested (by an earlier `stop` or the
+    /// cancellation token), that stop's deadline stands.
     ///
     /// # Errors
-    /// [`Error::Relay`] when the relay already ran or is running.
-    pub fn start(&self) -> Result<tokio::task::JoinHandle<Result<()>>> {
-        if self.inner.started.load(Ordering::Acquire) {
-            return Err(Error::Relay(
-                "the relay already ran; build a new Outbox to run it again".into(),
-            ));
-        }
-        let this = self.clone();
-        Ok(tokio::spawn(async move { this.run().await }))
-    }
-
-    /// Stops the relay gracefully (see [`run`](Self::run)) and waits up to `timeout` for it.
-    /// Returns at once when the relay never ran.
-    ///
-    /// # Errors
-    /// [`Error::StopTimeout`] when the relay is still stopping after `timeout`; it goes on
-    /// stopping in the background.
+    /// [`Error::StopTimeout`] when the relay is still stopping after that; it goes on stopping
+    /// in the background.
     pub async fn stop(&self, timeout: Duration) -> Result<()> {
-        *self
-            .inner
-            .shutdown_timeout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = timeout;
-        self.inner.token.cancel();
+        let window = self.inner.stop.request(timeout);
         self.inner.tracker.close();
         if !self.inner.started.load(Ordering::Acquire) {
             self.inner.hub.close();
         }
-        tokio::time::timeout(
-            timeout + Duration::from_millis(1500),
-            self.inner.tracker.wait(),
-        )
-        .await
-        .map_err(|_| Error::StopTimeout(timeout))
+        tokio::time::timeout_at(window.deadline + STOP_OVERRUN, self.inner.tracker.wait())
+            .await
+            .map_err(|_| Error::StopTimeout(timeout))
     }
 
     /// Health of the relay: running, listener connected, last delivery, and the backlog (one
