@@ -10,13 +10,13 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, MAX_FIND_LIMIT};
 use crate::pg::Pg;
-use crate::store::{event_from_row, Store};
+use crate::store::{event_from_row, AdminSql};
 
 /// Find, requeue and status for one outbox table, over one Postgres connection (re-established
 /// when lost). Needs no Kafka; [`Outbox`](crate::Outbox) offers the same calls.
 #[derive(Clone)]
 pub struct Admin {
-    store: Arc<Store>,
+    sql: Arc<AdminSql>,
     pg: Pg,
     client: Arc<Mutex<Option<Client>>>,
 }
@@ -24,7 +24,7 @@ pub struct Admin {
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
-            .field("table", &self.store.table)
+            .field("table", &self.sql.table)
             .finish_non_exhaustive()
     }
 }
@@ -139,21 +139,14 @@ impl Admin {
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
         let client = pg.connect("admin").await?;
-        crate::schema::check_migrated(&client, table).await?;
-        let channel: String = client
-            .query_one(
-                "select channel from outbox_tables where table_name = $1",
-                &[&table],
-            )
-            .await?
-            .get(0);
-        let store = Arc::new(Store::new(table, &channel, true, false));
-        Ok(Admin::from_parts(store, pg, client))
+        let channel = crate::schema::check_migrated(&client, table).await?;
+        let sql = Arc::new(AdminSql::new(table, &channel));
+        Ok(Admin::from_parts(sql, pg, client))
     }
 
-    pub(crate) fn from_parts(store: Arc<Store>, pg: Pg, client: Client) -> Self {
+    pub(crate) fn from_parts(sql: Arc<AdminSql>, pg: Pg, client: Client) -> Self {
         Admin {
-            store,
+            sql,
             pg,
             client: Arc::new(Mutex::new(Some(client))),
         }
@@ -171,25 +164,25 @@ impl Admin {
     /// Finds events matching `filter`, ordered by `seq`, at most the filter's limit.
     ///
     /// # Errors
-    /// [`Error::InvalidEvent`] (field `limit`) for a limit outside 1..=10,000;
+    /// [`Error::InvalidArgument`] (`limit`) for a limit outside 1..=10,000;
     /// [`Error::Postgres`] when the query fails.
     pub async fn find(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         if let Some(limit) = filter.limit {
             if limit == 0 || limit > MAX_FIND_LIMIT {
-                return Err(Error::invalid_event(
-                    "limit",
-                    format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
-                ));
+                return Err(Error::InvalidArgument {
+                    name: "limit",
+                    reason: format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
+                });
             }
         }
-        let (sql, params) = self.store.find_query(filter);
+        let (query, params) = self.sql.find_query(filter);
         let refs: Vec<&(dyn postgres_types::ToSql + Sync)> = params
             .iter()
             .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
             .collect();
         let guard = self.client().await?;
         let client = guard.as_ref().expect("client() connects");
-        let rows = client.query(&sql, &refs).await?;
+        let rows = client.query(&query, &refs).await?;
         Ok(rows.iter().map(event_from_row).collect())
     }
 
@@ -211,12 +204,12 @@ impl Admin {
         let ids: Option<&[Uuid]> = (!filter.ids.is_empty()).then_some(filter.ids.as_slice());
         let n = client
             .execute(
-                &self.store.requeue,
+                &self.sql.requeue,
                 &[&ids, &filter.aggregate_id, &filter.topic],
             )
             .await?;
         if n > 0 {
-            client.execute(&self.store.notify, &[]).await?;
+            client.execute(&self.sql.notify, &[]).await?;
         }
         Ok(n)
     }
@@ -229,7 +222,7 @@ impl Admin {
     pub async fn status(&self) -> Result<OutboxStatus> {
         let guard = self.client().await?;
         let client = guard.as_ref().expect("client() connects");
-        let rows = client.query(&self.store.status, &[]).await?;
+        let rows = client.query(&self.sql.status, &[]).await?;
         let age = |secs: Option<f64>| secs.map(|s| Duration::from_secs_f64(s.max(0.0)));
         let topics: Vec<TopicStatus> = rows
             .iter()
@@ -241,7 +234,7 @@ impl Admin {
                 oldest_pending_age: age(r.get(4)),
             })
             .collect();
-        let extra = client.query_one(&self.store.status_relays, &[]).await?;
+        let extra = client.query_one(&self.sql.status_relays, &[]).await?;
         Ok(OutboxStatus {
             pending: topics.iter().map(|t| t.pending).sum(),
             retrying: topics.iter().map(|t| t.retrying).sum(),

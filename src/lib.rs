@@ -94,7 +94,7 @@ pub use crate::config::{
     DeadLetterPolicy, OnDelivery, OutboxBuilder, WakeMode, DEFAULT_CHANNEL, DEFAULT_TABLE,
 };
 pub use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure, DeliveryStream};
-pub use crate::error::{ConfigErrors, Error, Result};
+pub use crate::error::{ConfigErrors, Error, Result, SchemaError};
 pub use crate::event::{
     validate_topic, Event, EventFilter, EventStatus, NewEvent, DEFAULT_FIND_LIMIT,
     MAX_COLUMN_CHARS, MAX_FIND_LIMIT, MAX_TOPIC_CHARS, RESERVED_HEADERS,

@@ -19,7 +19,7 @@ use crate::event::{Event, EventFilter, NewEvent};
 use crate::pg::Pg;
 use crate::relay::timing::{Stop, STOP_OVERRUN};
 use crate::relay::{Counters, Relay};
-use crate::store::Store;
+use crate::store::{AdminSql, RelaySql, WriterSql};
 use crate::writer::Writer;
 
 /// The outbox: enqueue events, run the relay, watch deliveries. Cheap to clone (an `Arc`).
@@ -34,7 +34,8 @@ pub struct Outbox {
 
 struct Inner {
     settings: Arc<Settings>,
-    store: Arc<Store>,
+    relay_sql: Arc<RelaySql>,
+    writer_sql: Arc<WriterSql>,
     pg: Pg,
     producer: FutureProducer,
     admin: Admin,
@@ -125,23 +126,25 @@ impl Outbox {
             crate::schema::migrate_table(&admin, &settings.table, &settings.channel).await?;
         }
         crate::schema::check(&admin, &settings.table, &settings.channel).await?;
-        let store = Arc::new(Store::new(
+        let relay_sql = Arc::new(RelaySql::new(
             &settings.table,
-            &settings.channel,
             settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,
             settings.on_delivery == OnDelivery::Delete,
         ));
+        let writer_sql = Arc::new(WriterSql::new(&settings.table));
+        let admin_sql = Arc::new(AdminSql::new(&settings.table, &settings.channel));
         let token = match builder.token {
             Some(t) => t.child_token(),
             None => CancellationToken::new(),
         };
         let hub = Hub::new(settings.ack_buffer);
         let stop = Arc::new(Stop::new(token, settings.shutdown_timeout));
-        let admin = Admin::from_parts(store.clone(), pg.clone(), admin);
+        let admin = Admin::from_parts(admin_sql, pg.clone(), admin);
         Ok(Outbox {
             inner: Arc::new(Inner {
                 settings,
-                store,
+                relay_sql,
+                writer_sql,
                 pg,
                 producer,
                 admin,
@@ -156,7 +159,7 @@ impl Outbox {
 
     /// A writer for this outbox's table (cheap to clone, holds no connection).
     pub fn writer(&self) -> Writer {
-        Writer::from_store(self.inner.store.clone())
+        Writer::from_sql(self.inner.writer_sql.clone())
     }
 
     /// Inserts one event into this outbox's table inside the caller's transaction; see
@@ -231,7 +234,7 @@ impl Outbox {
     /// confirmed, unsent reservations are released, and the delivery streams end.
     ///
     /// # Errors
-    /// [`Error::Relay`] when the relay already ran or is running.
+    /// [`Error::AlreadyStarted`] when the relay already ran or is running.
     ///
     /// # Cancel safety
     /// Dropping this future abandons the relay mid-batch: reserved rows are released when their
@@ -245,7 +248,7 @@ impl Outbox {
     /// Spawns [`run`](Self::run) on the current Tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Relay`] when the relay already ran, is running, or was started before (a second
+    /// [`Error::AlreadyStarted`] when the relay already ran, is running, or was started before (a second
     /// `start` fails at once, not inside the spawned task).
     pub fn start(&self) -> Result<tokio::task::JoinHandle<Result<()>>> {
         self.claim_relay()?;
@@ -256,9 +259,7 @@ impl Outbox {
     /// Marks the relay as started; only the first caller gets `Ok`.
     fn claim_relay(&self) -> Result<()> {
         if self.inner.started.swap(true, Ordering::AcqRel) {
-            return Err(Error::Relay(
-                "the relay already ran; build a new Outbox to run it again".into(),
-            ));
+            return Err(Error::AlreadyStarted);
         }
         Ok(())
     }
@@ -266,7 +267,7 @@ impl Outbox {
     async fn run_claimed(&self) -> Result<()> {
         let relay = Relay {
             settings: self.inner.settings.clone(),
-            store: self.inner.store.clone(),
+            sql: self.inner.relay_sql.clone(),
             pg: self.inner.pg.clone(),
             producer: self.inner.producer.clone(),
             hub: self.inner.hub.clone(),

@@ -3,8 +3,9 @@
 //! Configuration comes from flags or the environment (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
-//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable,
-//! 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
+//! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
+//! flags, 3 invalid configuration, 4 Postgres unreachable or the login refused, 5 outbox table
+//! missing or not migrated, 1 anything else. An unreachable Kafka does not stop
 //! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
 use std::process::ExitCode;
@@ -209,29 +210,27 @@ struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        let code = match &e {
-            Error::Config(_) | Error::InvalidIdentifier { .. } | Error::InvalidEvent { .. } => 3,
-            Error::Postgres(pe) if cannot_connect(pe) => 4,
-            Error::Kafka(_) => 4,
-            Error::Schema(_) => 5,
-            _ => 1,
+        let code = exit_code(&e);
+        let message = if code == 4 {
+            format!("cannot connect to Postgres: {e}")
+        } else {
+            e.to_string()
         };
-        Failure {
-            code,
-            message: e.to_string(),
-        }
+        Failure { code, message }
     }
 }
 
-/// Errors that mean "could not connect": no server answer, or the server refused the login
-/// (SQLSTATE class 28, invalid authorization) or the database (3D000).
-fn cannot_connect(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(code) => {
-            code.code().starts_with("28")
-                || code == &tokio_postgres::error::SqlState::UNDEFINED_DATABASE
-        }
+/// The exit code of an error, from its predicates: 3 invalid input, 4 Postgres unreachable (or
+/// the login refused), 5 schema problem, 1 anything else.
+fn exit_code(e: &Error) -> u8 {
+    if e.is_invalid_input() {
+        3
+    } else if e.is_connection() || matches!(e, Error::Kafka(_)) {
+        4
+    } else if e.is_schema() {
+        5
+    } else {
+        1
     }
 }
 
@@ -285,25 +284,17 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
 
 async fn connect_client(cli: &Cli) -> Result<tokio_postgres::Client, Failure> {
     let cfg = pg_config(cli)?;
-    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(e)),
-        )
-    })?;
+    let (client, connection) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| Failure::from(Error::Postgres(e)))?;
     tokio::spawn(connection);
     Ok(client)
 }
 
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {
     let cfg = pg_config(cli)?;
-    Admin::connect(cfg, &cli.table).await.map_err(|e| match e {
-        Error::Postgres(pe) if cannot_connect(&pe) => fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
-        ),
-        other => other.into(),
-    })
+    Ok(Admin::connect(cfg, &cli.table).await?)
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
@@ -476,13 +467,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             token.cancel();
         });
     }
-    let outbox = b.connect().await.map_err(|e| match e {
-        Error::Postgres(pe) if cannot_connect(&pe) => fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
-        ),
-        other => other.into(),
-    })?;
+    let outbox = b.connect().await?;
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr, outbox.clone(), args.health_max_pending_age)?;
     }

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::OnDelivery;
-use crate::store::outcome;
+use crate::store::ConfirmOutcome;
 
 use super::publish::{report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
@@ -48,14 +48,16 @@ impl<'a> ConfirmRows<'a> {
             let (code, partition, offset, error) = match o {
                 Outcome::NotSent => continue,
                 Outcome::Delivered { partition, offset } => {
-                    (outcome::DELIVERED, *partition, *offset, None)
+                    (ConfirmOutcome::Delivered, *partition, *offset, None)
                 }
-                Outcome::Failed(f) if f.dead => (outcome::DEAD, 0, 0, Some(f.error.as_str())),
-                Outcome::Failed(f) => (outcome::RETRY, 0, 0, Some(f.error.as_str())),
-                Outcome::Held => (outcome::HOLD, 0, 0, None),
+                Outcome::Failed(f) if f.dead => {
+                    (ConfirmOutcome::Dead, 0, 0, Some(f.error.as_str()))
+                }
+                Outcome::Failed(f) => (ConfirmOutcome::Retry, 0, 0, Some(f.error.as_str())),
+                Outcome::Held => (ConfirmOutcome::Hold, 0, 0, None),
             };
             c.ids.push(row.id);
-            c.codes.push(code);
+            c.codes.push(code.code());
             c.partitions.push(partition);
             c.offsets.push(offset);
             c.errors.push(error);
@@ -69,7 +71,9 @@ impl<'a> ConfirmRows<'a> {
         self.codes
             .iter()
             .zip(&self.delays_ms)
-            .filter(|(code, _)| **code == outcome::RETRY || **code == outcome::HOLD)
+            .filter(|(code, _)| {
+                **code == ConfirmOutcome::Retry.code() || **code == ConfirmOutcome::Hold.code()
+            })
             .map(|(_, ms)| Duration::from_millis(u64::try_from(*ms).unwrap_or(0)))
             .min()
     }
@@ -140,7 +144,7 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
         match Outcome::of_report(&ctx, row, report) {
             // Never sent: release the hold, no attempt counted.
             None => {
-                let _ = client.execute(&ctx.store.late_release, &[&row.id]).await;
+                let _ = client.execute(&ctx.sql.late_release, &[&row.id]).await;
             }
             Some(outcome) => {
                 if record_late(&ctx, &client, row, &outcome).await {
@@ -155,17 +159,17 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
 async fn record_late(ctx: &Ctx, client: &Client, row: &Reserved, o: &Outcome) -> bool {
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
-            client.execute(&ctx.store.late_confirm, &[&row.id]).await
+            client.execute(&ctx.sql.late_confirm, &[&row.id]).await
         }
         Outcome::Delivered { partition, offset } => {
             client
-                .execute(&ctx.store.late_confirm, &[&row.id, partition, offset])
+                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset])
                 .await
         }
         Outcome::Failed(f) => {
             let delay = due_after(ctx, row, o).map_or(0, millis);
             client
-                .execute(&ctx.store.late_fail, &[&row.id, &f.error, &delay, &f.dead])
+                .execute(&ctx.sql.late_fail, &[&row.id, &f.error, &delay, &f.dead])
                 .await
         }
         Outcome::NotSent | Outcome::Held => return false,

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pg::Pg;
-use crate::store::Store;
+use crate::store::RelaySql;
 
 use super::timing::{millis, Timing};
 
@@ -26,16 +26,16 @@ struct FenceConn {
 /// The relay's fence connection, (re)connected on demand and shared by the batches.
 pub(crate) struct Fences {
     pg: Pg,
-    store: Arc<Store>,
+    sql: Arc<RelaySql>,
     lifetime_ms: i64,
     conn: Mutex<Option<Arc<FenceConn>>>,
 }
 
 impl Fences {
-    pub(crate) fn new(pg: Pg, store: Arc<Store>, timing: &Timing) -> Self {
+    pub(crate) fn new(pg: Pg, sql: Arc<RelaySql>, timing: &Timing) -> Self {
         Fences {
             pg,
-            store,
+            sql,
             lifetime_ms: millis(timing.fence),
             conn: Mutex::new(None),
         }
@@ -68,13 +68,10 @@ impl Fences {
         }
         let client = self.pg.connect("fence").await?;
         let insert = client
-            .prepare_typed(
-                &self.store.fence,
-                &[Type::UUID, Type::INT8, Type::TEXT_ARRAY],
-            )
+            .prepare_typed(&self.sql.fence, &[Type::UUID, Type::INT8, Type::TEXT_ARRAY])
             .await?;
         let delete = client
-            .prepare_typed(&self.store.unfence, &[Type::UUID])
+            .prepare_typed(&self.sql.unfence, &[Type::UUID])
             .await?;
         let f = Arc::new(FenceConn {
             client,

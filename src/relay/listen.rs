@@ -28,34 +28,17 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Runs the LISTEN connection until `token` is cancelled, reconnecting with backoff.
-pub(crate) fn spawn_listener(
-    tracker: &TaskTracker,
-    pg: Pg,
-    channel: String,
-    wake: mpsc::Sender<Wake>,
-    token: CancellationToken,
-    reconnects: Arc<AtomicU64>,
-    connected: Arc<AtomicBool>,
-) {
-    let listener = Listener {
-        pg,
-        channel,
-        wake,
-        token,
-        reconnects,
-        connected,
-    };
-    tracker.spawn(listener.run());
-}
-
-struct Listener {
-    pg: Pg,
-    channel: String,
-    wake: mpsc::Sender<Wake>,
-    token: CancellationToken,
-    reconnects: Arc<AtomicU64>,
-    connected: Arc<AtomicBool>,
+/// The LISTEN connection: run it with [`run`](Self::run) on a task; it reconnects with backoff
+/// until `token` is cancelled.
+pub(crate) struct Listener {
+    pub(crate) pg: Pg,
+    pub(crate) channel: String,
+    pub(crate) wake: mpsc::Sender<Wake>,
+    pub(crate) token: CancellationToken,
+    /// Counts re-established connections (`stats().listener_reconnects`).
+    pub(crate) reconnects: Arc<AtomicU64>,
+    /// Whether it LISTENs now (`stats().listener_connected`).
+    pub(crate) connected: Arc<AtomicBool>,
 }
 
 /// The result of one attempt to connect and LISTEN.
@@ -69,7 +52,7 @@ enum Attempt {
 }
 
 impl Listener {
-    async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut backoff = reconnect_backoff();
         let mut first = true;
         loop {

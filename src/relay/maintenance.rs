@@ -99,7 +99,7 @@ fn supervise<F, Fut>(
 /// Sets the backlog gauges from the status query.
 async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     let client = ctx.pg.connect("metrics").await?;
-    let rows = client.query(&ctx.store.status, &[]).await?;
+    let rows = client.query(&ctx.sql.status, &[]).await?;
     let (mut pending, mut retrying, mut dead, mut oldest) = (0i64, 0i64, 0i64, 0f64);
     for r in &rows {
         pending += r.get::<_, i64>(1);
@@ -117,7 +117,7 @@ async fn update_gauges(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
 /// Deletes the fences of batches that never confirmed (their session was lost) once they ended.
 async fn expire_fences(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
     let client = ctx.pg.connect("fence-expiry").await?;
-    client.execute(&ctx.store.fence_expire, &[]).await?;
+    client.execute(&ctx.sql.fence_expire, &[]).await?;
     Ok(())
 }
 
@@ -131,7 +131,7 @@ async fn cleanup(ctx: &Ctx) -> Result<(), tokio_postgres::Error> {
             return Ok(());
         }
         let n = client
-            .execute(&ctx.store.cleanup, &[&retention_ms, &batch])
+            .execute(&ctx.sql.cleanup, &[&retention_ms, &batch])
             .await?;
         if n > 0 {
             tracing::debug!(deleted = n, "outbox retention cleanup");

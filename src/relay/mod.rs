@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Settings, WakeMode};
 use crate::delivery::Hub;
 use crate::pg::Pg;
-use crate::store::Store;
+use crate::store::RelaySql;
 
 use self::batch::{run_batch, BatchDone};
 use self::fence::Fences;
@@ -60,7 +60,7 @@ pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 pub(crate) struct Ctx {
     settings: Arc<Settings>,
     timing: Timing,
-    store: Arc<Store>,
+    sql: Arc<RelaySql>,
     pg: Pg,
     producer: FutureProducer,
     report: Reporter,
@@ -75,7 +75,7 @@ pub(crate) struct Ctx {
 /// A relay ready to run (see [`Outbox::run`](crate::Outbox::run)).
 pub(crate) struct Relay {
     pub(crate) settings: Arc<Settings>,
-    pub(crate) store: Arc<Store>,
+    pub(crate) sql: Arc<RelaySql>,
     pub(crate) pg: Pg,
     pub(crate) producer: FutureProducer,
     pub(crate) hub: Hub,
@@ -100,14 +100,14 @@ impl Relay {
         let timing = Timing::new(&self.settings);
         let ctx = Arc::new(Ctx {
             timing,
-            store: self.store.clone(),
+            sql: self.sql.clone(),
             pg: self.pg.clone(),
             producer: self.producer.clone(),
             report: Reporter::new(self.counters.clone(), self.hub.sender()),
             stop: self.stop.clone(),
             in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
             late: TaskTracker::new(),
-            fences: Fences::new(self.pg.clone(), self.store.clone(), &timing),
+            fences: Fences::new(self.pg.clone(), self.sql.clone(), &timing),
             settings: self.settings.clone(),
         });
         ctx.report.running(true);
@@ -144,15 +144,15 @@ impl Relay {
         let (tx, rx) = mpsc::channel(16);
         let (reconnects, connected) = ctx.report.listener_counters();
         let token = ctx.stop.token();
-        listen::spawn_listener(
-            background,
-            self.pg.clone(),
-            self.settings.channel.clone(),
-            tx.clone(),
-            token.clone(),
+        let listener = listen::Listener {
+            pg: self.pg.clone(),
+            channel: self.settings.channel.clone(),
+            wake: tx.clone(),
+            token: token.clone(),
             reconnects,
             connected,
-        );
+        };
+        background.spawn(listener.run());
         listen::spawn_waker(
             background,
             self.pg.clone(),
@@ -187,7 +187,7 @@ impl Pipeline {
         let started = Instant::now();
         let reserved = self
             .reserver
-            .reserve(&ctx.pg, &ctx.store, &ctx.timing, ctx.settings.batch_size)
+            .reserve(&ctx.pg, &ctx.sql, &ctx.timing, ctx.settings.batch_size)
             .await;
         match reserved {
             Ok(None) => {

@@ -1,5 +1,5 @@
 //! The reserve stage: the batch connections and the reservation transaction. A reservation is
-//! the batch transaction's row locks (`for update skip locked`, see `Store::reserve`); it lasts
+//! the batch transaction's row locks (`for update skip locked`, see `src/sql/reserve.sql`); it lasts
 //! until the confirm stage commits, and Postgres ends a session that idles in it longer than the
 //! lease.
 
@@ -8,7 +8,7 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pg::Pg;
-use crate::store::{RawJson, Store};
+use crate::store::{RawJson, RelaySql};
 
 use super::timing::{millis, Timing};
 
@@ -44,7 +44,7 @@ pub(crate) struct BatchConn {
 }
 
 impl BatchConn {
-    async fn open(pg: &Pg, store: &Store, timing: &Timing) -> Result<Self, tokio_postgres::Error> {
+    async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing) -> Result<Self, tokio_postgres::Error> {
         let client = pg.connect("batch").await?;
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
@@ -54,8 +54,8 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let reserve = client.prepare_typed(&store.reserve, &[Type::INT8]).await?;
-        let confirm = client.prepare(&store.confirm).await?;
+        let reserve = client.prepare_typed(&sql.reserve, &[Type::INT8]).await?;
+        let confirm = client.prepare(&sql.confirm).await?;
         Ok(BatchConn {
             client,
             reserve,
@@ -113,13 +113,13 @@ impl Reserver {
     pub(crate) async fn reserve(
         &mut self,
         pg: &Pg,
-        store: &Store,
+        sql: &RelaySql,
         timing: &Timing,
         limit: usize,
     ) -> Result<Option<(BatchConn, Vec<Reserved>)>, tokio_postgres::Error> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
-            _ => BatchConn::open(pg, store, timing).await?,
+            _ => BatchConn::open(pg, sql, timing).await?,
         };
         let rows = conn.reserve(limit).await?;
         if rows.is_empty() {
