@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -19,13 +18,9 @@ use crate::schema::{wake_lock_key, LOCK_CLASS};
 
 use super::wake::Wake;
 
+/// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    super::retry::backoff(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 /// The LISTEN connection: run it with [`run`](Self::run) on a task; it reconnects with backoff

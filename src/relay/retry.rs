@@ -57,12 +57,7 @@ pub(crate) fn judge(settings: &Settings, e: &KafkaError, attempts_before: i32) -
 /// How long an event waits after its `attempts`-th failed attempt: exponential from
 /// `retry_backoff_min`, with jitter, at most `retry_backoff_max`.
 pub(crate) fn retry_delay(settings: &Settings, attempts: i32) -> Duration {
-    ExponentialBuilder::default()
-        .with_min_delay(settings.retry_backoff_min)
-        .with_max_delay(settings.retry_backoff_max)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    backoff(settings.retry_backoff_min, settings.retry_backoff_max)
         .nth(attempts.saturating_sub(1).max(0) as usize)
         .unwrap_or(settings.retry_backoff_max)
         .min(settings.retry_backoff_max)
@@ -71,9 +66,14 @@ pub(crate) fn retry_delay(settings: &Settings, attempts: i32) -> Duration {
 /// The relay's pause after failures of its own: 100 ms doubling to 10 s, with jitter; a fresh
 /// iterator after a success.
 pub(crate) fn error_backoff() -> impl Iterator<Item = Duration> {
+    backoff(Duration::from_millis(100), MAX_ERROR_PAUSE)
+}
+
+/// Exponential backoff from `min`, doubling, at most `max`, with jitter, without end.
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
