@@ -10,10 +10,10 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, MAX_FIND_LIMIT};
 use crate::pg::{bounded, Pg};
+use crate::store::{event_from_row, AdminSql};
 
 /// [`Admin::migrate`]'s deadline, in multiples of the Postgres timeout.
 pub const MIGRATE_TIMEOUT_FACTOR: u32 = 30;
-use crate::store::{event_from_row, Store};
 
 /// Find, requeue and status for one outbox table, over one Postgres connection (re-established
 /// when lost). Needs no Kafka; [`Outbox`](crate::Outbox) offers the same calls.
@@ -24,7 +24,7 @@ use crate::store::{event_from_row, Store};
 /// with [`Error::Timeout`] and drops the connection; the next call opens a new one.
 #[derive(Clone)]
 pub struct Admin {
-    store: Arc<Store>,
+    sql: Arc<AdminSql>,
     pg: Pg,
     client: Arc<Mutex<Option<Client>>>,
 }
@@ -32,7 +32,7 @@ pub struct Admin {
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
-            .field("table", &self.store.table)
+            .field("table", &self.sql.table)
             .finish_non_exhaustive()
     }
 }
@@ -184,8 +184,8 @@ impl Admin {
             crate::schema::check_migrated(&client, table),
         )
         .await?;
-        let store = Arc::new(Store::new(table, &channel, true, false));
-        Ok(Admin::from_parts(store, pg, client))
+        let sql = Arc::new(AdminSql::new(table, &channel));
+        Ok(Admin::from_parts(sql, pg, client))
     }
 
     /// Creates or upgrades `table` with its wake trigger on `channel`, like
@@ -215,9 +215,9 @@ impl Admin {
         .await
     }
 
-    pub(crate) fn from_parts(store: Arc<Store>, pg: Pg, client: Client) -> Self {
+    pub(crate) fn from_parts(sql: Arc<AdminSql>, pg: Pg, client: Client) -> Self {
         Admin {
-            store,
+            sql,
             pg,
             client: Arc::new(Mutex::new(Some(client))),
         }
@@ -236,14 +236,11 @@ impl Admin {
             return Err(Error::Timeout { what, after });
         };
         let result = tokio::time::timeout_at(deadline, async {
-            if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                *guard = None;
-                *guard = Some(self.pg.connect("admin").await?);
-            }
-            match guard.as_ref() {
-                Some(client) => op(client).await,
-                None => Err(Error::Relay("admin connection missing".into())),
-            }
+            let client = match guard.take().filter(|c| !c.is_closed()) {
+                Some(c) => c,
+                None => self.pg.connect("admin").await?,
+            };
+            op(guard.insert(client)).await
         })
         .await;
         match result {
@@ -259,25 +256,25 @@ impl Admin {
     /// Finds events matching `filter`, ordered by `seq`, at most the filter's limit.
     ///
     /// # Errors
-    /// [`Error::InvalidEvent`] (field `limit`) for a limit outside 1..=10,000;
+    /// [`Error::InvalidArgument`] (`limit`) for a limit outside 1..=10,000;
     /// [`Error::Postgres`] when the query fails.
     pub async fn find(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         if let Some(limit) = filter.limit {
             if limit == 0 || limit > MAX_FIND_LIMIT {
-                return Err(Error::invalid_event(
-                    "limit",
-                    format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
-                ));
+                return Err(Error::InvalidArgument {
+                    name: "limit",
+                    reason: format!("{limit} is out of range 1..={MAX_FIND_LIMIT}"),
+                });
             }
         }
-        let (sql, params) = self.store.find_query(filter);
+        let (query, params) = self.sql.find_query(filter);
         let refs: Vec<&(dyn postgres_types::ToSql + Sync)> = params
             .iter()
             .map(|p| p.as_ref() as &(dyn postgres_types::ToSql + Sync))
             .collect();
         let rows = self
             .call("find", async |client: &Client| {
-                Ok(client.query(&sql, &refs).await?)
+                Ok(client.query(&query, &refs).await?)
             })
             .await?;
         rows.iter().map(event_from_row).collect()
@@ -300,13 +297,13 @@ impl Admin {
         self.call("requeue", async |client: &Client| {
             let n = client
                 .execute(
-                    &self.store.requeue,
+                    &self.sql.requeue,
                     &[&ids, &filter.aggregate_id, &filter.topic],
                 )
                 .await?;
             if n > 0 {
                 client
-                    .execute(&self.store.notify, &[&self.store.channel])
+                    .execute(&self.sql.notify, &[&self.sql.channel])
                     .await?;
             }
             Ok(n)
@@ -323,13 +320,11 @@ impl Admin {
     pub async fn status(&self) -> Result<OutboxStatus> {
         let (rows, extra) = self
             .call("status", async |client: &Client| {
-                let rows = client.query(&self.store.status, &[]).await?;
-                let extra = client.query_one(&self.store.status_relays, &[]).await?;
-                let oldest = client
-                    .query_opt(crate::store::OLDEST_TRANSACTION, &[])
-                    .await?;
+                let rows = client.query(&self.sql.status, &[]).await?;
+                let extra = client.query_one(&self.sql.status_relays, &[]).await?;
+                let oldest = client.query_opt(&self.sql.oldest_transaction, &[]).await?;
                 let schema_problems =
-                    crate::schema_check::schema_deviations(client, &self.store.table).await?;
+                    crate::schema_check::schema_deviations(client, &self.sql.table).await?;
                 Ok((rows, (extra, oldest, schema_problems)))
             })
             .await?;

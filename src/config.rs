@@ -7,15 +7,13 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConfigErrors, Error, Result};
+use crate::relay::timing::LEASE_MARGIN;
 use crate::schema::validate_identifier;
 
 /// Default outbox table name (the original Go package's).
 pub const DEFAULT_TABLE: &str = "events";
 /// Default NOTIFY channel.
 pub const DEFAULT_CHANNEL: &str = "outbox";
-
-/// Safety margin added to the lease check and to holds of unreported messages.
-pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// librdkafka properties the relay owns; setting them through
 /// [`kafka_property`](OutboxBuilder::kafka_property) is refused, with the setting to use instead.

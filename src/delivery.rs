@@ -66,6 +66,7 @@ pub struct DeliveryFailure {
     pub(crate) aggregate_id: String,
     pub(crate) topic: String,
     pub(crate) error: String,
+    pub(crate) kafka_code: Option<rdkafka::error::RDKafkaErrorCode>,
     pub(crate) attempts: i32,
     pub(crate) dead_letter: bool,
 }
@@ -86,6 +87,11 @@ impl DeliveryFailure {
     /// The error, as stored in `last_error`.
     pub fn error(&self) -> &str {
         &self.error
+    }
+    /// librdkafka's error code (e.g. `MessageSizeTooLarge`, `MessageTimedOut`), when the error
+    /// has one; [`RDKafkaErrorCode`](rdkafka::error::RDKafkaErrorCode) says what it means.
+    pub fn kafka_code(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
+        self.kafka_code
     }
     /// Failed attempts so far, this one included.
     pub fn attempts(&self) -> i32 {

@@ -1,14 +1,26 @@
-//! The crate's one error type.
+//! The crate's one error type, with predicates in the style of `tokio_postgres::Error`
+//! ([`is_connection`](Error::is_connection), [`is_schema`](Error::is_schema),
+//! [`code`](Error::code), …), so that callers decide without matching on messages.
 
 use std::fmt;
+
+use rdkafka::error::RDKafkaErrorCode;
+use tokio_postgres::error::{DbError, SqlState};
 
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in this crate.
 ///
+/// Match on the variants for details, or ask the predicates ([`is_connection`](Self::is_connection),
+/// [`is_schema`](Self::is_schema), [`is_invalid_input`](Self::is_invalid_input), …) and accessors
+/// ([`code`](Self::code) for the SQLSTATE, [`kafka_code`](Self::kafka_code)). New variants may
+/// be added.
+///
 /// Errors never contain a connection-string password: Postgres errors come from `tokio-postgres`,
-/// which does not echo credentials, and configuration errors name settings, not their secret values.
+/// which does not echo credentials, and configuration errors name settings, not their secret
+/// values. Postgres errors display what the server said: severity, SQLSTATE, message, detail and
+/// hint.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -24,6 +36,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An argument of a call is out of range (e.g. [`Admin::find`](crate::Admin::find)'s
+    /// `limit`). Nothing was sent to Postgres.
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument, e.g. `limit`.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A table or channel name is not a plain Postgres identifier.
     #[error("invalid identifier for {what}: {reason}")]
     InvalidIdentifier {
@@ -32,14 +53,15 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The outbox table is missing, not migrated to the version this crate needs, or differs
-    /// from what the relay relies on (column types, NOT NULL, fence table, trigger), or the
-    /// relay's role lacks a privilege it needs. The message lists every problem with its fix.
+    /// The outbox table is missing, not migrated to the version this crate needs, notifies
+    /// another channel, or differs from what the relay relies on (column types, NOT NULL, fence
+    /// table, trigger), or the relay's role lacks a privilege it needs. The message lists every
+    /// problem with its fix.
     #[error("outbox schema problem: {0}")]
     Schema(String),
-    /// Postgres returned an error or the connection failed. The message includes the server's
-    /// error (or the I/O cause), never the connection string.
-    #[error("postgres: {}", describe_postgres(.0))]
+    /// Postgres returned an error or the connection failed. Displays the server's severity,
+    /// SQLSTATE, message, detail and hint (or the I/O cause), never the connection string.
+    #[error("postgres: {}", PgErrorDisplay(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// sqlx returned an error (feature `sqlx`).
     #[cfg(feature = "sqlx")]
@@ -51,9 +73,6 @@ pub enum Error {
     /// The payload could not be serialized to JSON.
     #[error("payload serialization: {0}")]
     Serialize(#[from] serde_json::Error),
-    /// The relay is already running, or has been stopped and cannot run again.
-    #[error("relay state: {0}")]
-    Relay(String),
     /// A Postgres call got no answer in time: the server, or the network path to it, is not
     /// answering (a half-open connection, a hung server, a blackholed route). `what` names the
     /// call (`connect`, `status`, `find`, `requeue`, `migrate`, `health`, …); `after` is the
@@ -65,18 +84,152 @@ pub enum Error {
         /// The deadline that passed.
         after: std::time::Duration,
     },
+    /// The relay was already started (it is running, or ran and stopped); build a new `Outbox`
+    /// to run it again.
+    #[error("the relay already ran or is running; build a new Outbox to run it again")]
+    AlreadyStarted,
     /// `stop` did not finish within the given time.
     #[error("the relay did not stop within {0:?}")]
     StopTimeout(std::time::Duration),
 }
 
+/// A named problem of an outbox table's schema; [`Error::Schema`] carries its `Display`, which
+/// says what to do (run `migrate`, configure the channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SchemaError {
+    /// The table does not exist.
+    Missing {
+        /// The table.
+        table: String,
+    },
+    /// The table exists but was never migrated (e.g. it was created by the original Go package).
+    NotMigrated {
+        /// The table.
+        table: String,
+    },
+    /// The table is migrated to an older schema version than this crate needs.
+    Outdated {
+        /// The table.
+        table: String,
+        /// Its schema version.
+        version: i32,
+        /// The version this crate needs ([`SCHEMA_VERSION`](crate::SCHEMA_VERSION)).
+        needed: i32,
+    },
+    /// The table's trigger notifies another channel than the one configured.
+    ChannelMismatch {
+        /// The table.
+        table: String,
+        /// The channel the table was migrated with.
+        registered: String,
+        /// The channel the relay was configured with.
+        configured: String,
+    },
+}
+
+impl fmt::Display for SchemaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchemaError::Missing { table } => write!(
+                f,
+                "table `{table}` does not exist: run `outbox::migrate` (or `outbox-relay migrate`) first"
+            ),
+            SchemaError::NotMigrated { table } => write!(
+                f,
+                "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` (or `outbox-relay migrate`) first; it upgrades the table in place"
+            ),
+            SchemaError::Outdated {
+                table,
+                version,
+                needed,
+            } => write!(
+                f,
+                "table `{table}` is at schema version {version}, this crate needs {needed}: run `outbox::migrate`"
+            ),
+            SchemaError::ChannelMismatch {
+                table,
+                registered,
+                configured,
+            } => write!(
+                f,
+                "table `{table}` notifies channel `{registered}` but the relay listens on `{configured}`: migrate with the new channel or configure `{registered}`"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SchemaError {}
+
 impl Error {
-    /// `true` for errors caused by the caller's input (configuration, event, identifier).
+    /// `true` for errors caused by the caller's input (configuration, event, argument,
+    /// identifier).
     pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self,
-            Error::Config(_) | Error::InvalidEvent { .. } | Error::InvalidIdentifier { .. }
-        )
+        self.is_config()
+            || matches!(
+                self,
+                Error::InvalidEvent { .. } | Error::InvalidArgument { .. }
+            )
+    }
+
+    /// `true` for invalid settings: [`Error::Config`] and a bad table or channel name.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Error::Config(_) | Error::InvalidIdentifier { .. })
+    }
+
+    /// `true` when the outbox table is missing, not migrated, notifies another channel, differs
+    /// from what the relay relies on, or the role lacks a privilege ([`Error::Schema`]).
+    pub fn is_schema(&self) -> bool {
+        matches!(self, Error::Schema(_))
+    }
+
+    /// `true` when Postgres could not be reached or the session was lost: no answer (I/O error,
+    /// timeout, closed connection, TLS, or [`Error::Timeout`]), or the server refused the
+    /// session — SQLSTATE class 08 (connection exception), 28 (invalid authorization), `3D000`
+    /// (no such database), `53300` (too many connections), `57P01`–`57P03` (shutdown, cannot
+    /// connect now).
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::Postgres(e) => is_connection_error(e),
+            Error::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// `true` for [`Error::Timeout`]: a Postgres call got no answer within its deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// `true` for [`Error::AlreadyStarted`].
+    pub fn is_already_started(&self) -> bool {
+        matches!(self, Error::AlreadyStarted)
+    }
+
+    /// `true` for [`Error::StopTimeout`].
+    pub fn is_stop_timeout(&self) -> bool {
+        matches!(self, Error::StopTimeout(_))
+    }
+
+    /// The SQLSTATE of a Postgres server error.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.as_db_error().map(DbError::code)
+    }
+
+    /// The Postgres server error (severity, message, detail, hint, …), when the server answered
+    /// with one.
+    pub fn as_db_error(&self) -> Option<&DbError> {
+        match self {
+            Error::Postgres(e) => e.as_db_error(),
+            _ => None,
+        }
+    }
+
+    /// librdkafka's error code of a Kafka error.
+    pub fn kafka_code(&self) -> Option<RDKafkaErrorCode> {
+        match self {
+            Error::Kafka(e) => e.rdkafka_error_code(),
+            _ => None,
+        }
     }
 
     pub(crate) fn invalid_event(field: &'static str, reason: impl Into<String>) -> Self {
@@ -87,15 +240,75 @@ impl Error {
     }
 }
 
-/// `tokio_postgres::Error`'s own message is only its kind ("db error"); add the causes and,
-/// for a server error, its SQLSTATE.
+/// See [`Error::is_connection`].
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return code.code().starts_with("08")
+            || code.code().starts_with("28")
+            || [
+                SqlState::UNDEFINED_DATABASE,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+            ]
+            .contains(code);
+    }
+    if e.is_closed() {
+        return true;
+    }
+    // tokio-postgres' error kinds are private; its messages for the connection kinds are
+    // stable: "error connecting to server", "timeout waiting for server", "error performing TLS
+    // handshake", "error communicating with the server", "authentication error".
+    let text = e.to_string();
+    [
+        "connect",
+        "timeout",
+        "TLS",
+        "communicating",
+        "authentication",
+    ]
+    .iter()
+    .any(|k| text.contains(k))
+}
+
+/// Displays a `tokio_postgres::Error` with what the server said — severity, SQLSTATE, message,
+/// detail, hint — or, for errors without a server answer, the error and its causes.
+/// (`tokio_postgres::Error`'s own `Display` reads only "db error" for server errors.)
+pub(crate) struct PgErrorDisplay<'a>(pub(crate) &'a tokio_postgres::Error);
+
+impl fmt::Display for PgErrorDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(db) = self.0.as_db_error() else {
+            return f.write_str(&describe_causes(self.0));
+        };
+        write!(
+            f,
+            "{} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        )?;
+        if let Some(detail) = db.detail() {
+            write!(f, "; detail: {detail}")?;
+        }
+        if let Some(hint) = db.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A `tokio_postgres::Error` as text, as [`PgErrorDisplay`] shows it (for log fields).
 pub(crate) fn describe_postgres(e: &tokio_postgres::Error) -> String {
+    PgErrorDisplay(e).to_string()
+}
+
+/// `tokio_postgres::Error`'s own message is only its kind; add the causes.
+fn describe_causes(e: &tokio_postgres::Error) -> String {
     use std::error::Error as _;
     let mut text = e.to_string();
-    if let Some(db) = e.as_db_error() {
-        text.push_str(&format!(": {db} (SQLSTATE {})", db.code().code()));
-        return text;
-    }
     let mut cause = e.source();
     while let Some(c) = cause {
         let more = c.to_string();

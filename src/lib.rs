@@ -87,7 +87,6 @@ mod schema;
 mod schema_check;
 mod store;
 mod text;
-mod wake;
 mod writer;
 
 #[cfg(feature = "testing")]

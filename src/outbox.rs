@@ -1,7 +1,7 @@
 //! The `Outbox` handle: lifecycle, enqueue, find, subscribe.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,8 +17,9 @@ use crate::delivery::{DeliveryStream, Hub};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, NewEvent};
 use crate::pg::Pg;
+use crate::relay::timing::{Stop, STOP_OVERRUN};
 use crate::relay::{Counters, Relay};
-use crate::store::Store;
+use crate::store::{AdminSql, RelaySql, WriterSql};
 use crate::writer::Writer;
 
 /// The outbox: enqueue events, run the relay, watch deliveries. Cheap to clone (an `Arc`).
@@ -33,16 +34,16 @@ pub struct Outbox {
 
 struct Inner {
     settings: Arc<Settings>,
-    store: Arc<Store>,
+    relay_sql: Arc<RelaySql>,
+    writer_sql: Arc<WriterSql>,
     pg: Pg,
     producer: FutureProducer,
     admin: Admin,
     hub: Hub,
-    token: CancellationToken,
+    stop: Arc<Stop>,
     tracker: TaskTracker,
     started: AtomicBool,
     counters: Arc<Counters>,
-    shutdown_timeout: Arc<Mutex<Duration>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -149,39 +150,40 @@ impl Outbox {
             crate::schema::check(&admin, &settings.table, &settings.channel),
         )
         .await?;
-        let store = Arc::new(Store::new(
+        let relay_sql = Arc::new(RelaySql::new(
             &settings.table,
-            &settings.channel,
             settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,
             settings.on_delivery == OnDelivery::Delete,
         ));
+        let writer_sql = Arc::new(WriterSql::new(&settings.table));
+        let admin_sql = Arc::new(AdminSql::new(&settings.table, &settings.channel));
         let token = match builder.token {
             Some(t) => t.child_token(),
             None => CancellationToken::new(),
         };
         let hub = Hub::new(settings.ack_buffer);
-        let shutdown = settings.shutdown_timeout;
-        let admin = Admin::from_parts(store.clone(), pg.clone(), admin);
+        let stop = Arc::new(Stop::new(token, settings.shutdown_timeout));
+        let admin = Admin::from_parts(admin_sql, pg.clone(), admin);
         Ok(Outbox {
             inner: Arc::new(Inner {
                 settings,
-                store,
+                relay_sql,
+                writer_sql,
                 pg,
                 producer,
                 admin,
                 hub,
-                token,
+                stop,
                 tracker: TaskTracker::new(),
                 started: AtomicBool::new(false),
                 counters: Arc::new(Counters::default()),
-                shutdown_timeout: Arc::new(Mutex::new(shutdown)),
             }),
         })
     }
 
     /// A writer for this outbox's table (cheap to clone, holds no connection).
     pub fn writer(&self) -> Writer {
-        Writer::from_store(self.inner.store.clone())
+        Writer::from_sql(self.inner.writer_sql.clone())
     }
 
     /// Inserts one event into this outbox's table inside the caller's transaction; see
@@ -247,7 +249,7 @@ impl Outbox {
     /// The relay's cancellation token: cancelling it stops the relay gracefully. It is a child
     /// of the token given to the builder, if any.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.inner.token.clone()
+        self.inner.stop.token().clone()
     }
 
     /// Runs the relay until the cancellation token is cancelled, then stops gracefully: no more
@@ -256,68 +258,68 @@ impl Outbox {
     /// confirmed, unsent reservations are released, and the delivery streams end.
     ///
     /// # Errors
-    /// [`Error::Relay`] when the relay already ran or is running.
+    /// [`Error::AlreadyStarted`] when the relay already ran or is running.
     ///
     /// # Cancel safety
     /// Dropping this future abandons the relay mid-batch: reserved rows are released when their
     /// connections close, and acknowledged but unconfirmed events are published again. Stop it
     /// with the token instead.
     pub async fn run(&self) -> Result<()> {
-        if self.inner.started.swap(true, Ordering::AcqRel) {
-            return Err(Error::Relay(
-                "the relay already ran; build a new Outbox to run it again".into(),
-            ));
-        }
-        let relay = Relay {
-            settings: self.inner.settings.clone(),
-            store: self.inner.store.clone(),
-            pg: self.inner.pg.clone(),
-            producer: self.inner.producer.clone(),
-            hub: self.inner.hub.clone(),
-            token: self.inner.token.clone(),
-            counters: self.inner.counters.clone(),
-            shutdown_timeout: self.inner.shutdown_timeout.clone(),
-        };
-        self.inner.tracker.track_future(relay.run()).await
+        self.claim_relay()?;
+        self.run_claimed().await
     }
 
     /// Spawns [`run`](Self::run) on the current Tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Relay`] when the relay already ran or is running.
+    /// [`Error::AlreadyStarted`] when the relay already ran, is running, or was started before (a second
+    /// `start` fails at once, not inside the spawned task).
     pub fn start(&self) -> Result<tokio::task::JoinHandle<Result<()>>> {
-        if self.inner.started.load(Ordering::Acquire) {
-            return Err(Error::Relay(
-                "the relay already ran; build a new Outbox to run it again".into(),
-            ));
-        }
+        self.claim_relay()?;
         let this = self.clone();
-        Ok(tokio::spawn(async move { this.run().await }))
+        Ok(tokio::spawn(async move { this.run_claimed().await }))
     }
 
-    /// Stops the relay gracefully (see [`run`](Self::run)) and waits up to `timeout` for it.
-    /// Returns at once when the relay never ran.
+    /// Marks the relay as started; only the first caller gets `Ok`.
+    fn claim_relay(&self) -> Result<()> {
+        if self.inner.started.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadyStarted);
+        }
+        Ok(())
+    }
+
+    async fn run_claimed(&self) -> Result<()> {
+        let relay = Relay {
+            settings: self.inner.settings.clone(),
+            sql: self.inner.relay_sql.clone(),
+            pg: self.inner.pg.clone(),
+            producer: self.inner.producer.clone(),
+            hub: self.inner.hub.clone(),
+            stop: self.inner.stop.clone(),
+            counters: self.inner.counters.clone(),
+        };
+        self.inner.tracker.track_future(relay.run()).await
+    }
+
+    /// Stops the relay gracefully (see [`run`](Self::run)) within `timeout`: in-flight sends
+    /// end halfway through it, the rest is for confirming and flushing; then what the producer
+    /// still holds is purged and late delivery reports get a short grace (together at most
+    /// 1.5 s past `timeout`, which this call allows before it gives up waiting). Returns at once
+    /// when the relay never ran. When a stop was already requested (by an earlier `stop` or the
+    /// cancellation token), that stop's deadline stands.
     ///
     /// # Errors
-    /// [`Error::StopTimeout`] when the relay is still stopping after `timeout`; it goes on
-    /// stopping in the background.
+    /// [`Error::StopTimeout`] when the relay is still stopping after that; it goes on stopping
+    /// in the background.
     pub async fn stop(&self, timeout: Duration) -> Result<()> {
-        *self
-            .inner
-            .shutdown_timeout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = timeout;
-        self.inner.token.cancel();
+        let window = self.inner.stop.request(timeout);
         self.inner.tracker.close();
         if !self.inner.started.load(Ordering::Acquire) {
             self.inner.hub.close();
         }
-        tokio::time::timeout(
-            timeout + Duration::from_millis(1500),
-            self.inner.tracker.wait(),
-        )
-        .await
-        .map_err(|_| Error::StopTimeout(timeout))
+        tokio::time::timeout_at(window.deadline + STOP_OVERRUN, self.inner.tracker.wait())
+            .await
+            .map_err(|_| Error::StopTimeout(timeout))
     }
 
     /// Health of the relay: running, listener connected, last delivery, and the backlog (one

@@ -311,7 +311,7 @@ impl Pg {
         let role = role.to_string();
         tokio::spawn(async move {
             if let Ok(Some(e)) = task.await {
-                tracing::debug!(role, error = %e, "postgres connection ended");
+                tracing::debug!(role, error = %crate::error::PgErrorDisplay(&e), "postgres connection ended");
             }
         });
         Ok(client)

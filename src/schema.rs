@@ -1,8 +1,10 @@
-//! Migrations (`migrations/*.sql`) and the schema check done at `connect()`.
+//! Migrations (`migrations/*.sql`, rendered by [`render`](crate::store::render) like every
+//! statement) and the schema check done at `connect()`.
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SchemaError};
+use crate::store::render;
 
 /// Longest table or channel name accepted, in bytes. Postgres identifiers hold 63 bytes
 /// (`NAMEDATALEN - 1`) and the crate derives index, constraint and function names from the table
@@ -220,13 +222,6 @@ pub(crate) fn wake_lock_key(table: &str) -> i32 {
     }
 }
 
-fn render(sql: &str, table: &str, channel: &str) -> String {
-    sql.replace("{{table}}", table)
-        .replace("{{channel}}", channel)
-        .replace("{{lock_class}}", &LOCK_CLASS.to_string())
-        .replace("{{lock_key}}", &wake_lock_key(table).to_string())
-}
-
 /// What [`migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {
@@ -304,6 +299,17 @@ pub async fn migrate(client: &Client) -> Result<MigrationReport> {
     .await
 }
 
+/// Bookkeeping tables shared by every outbox table, created before each table's migrations.
+const BOOKKEEPING: &str = include_str!("../migrations/bookkeeping.sql");
+
+impl Migration {
+    /// Whether the migration renders the channel (the wake trigger): it is applied again when
+    /// the table's channel changes.
+    fn uses_channel(&self) -> bool {
+        self.sql.contains("{{channel}}")
+    }
+}
+
 async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     let tx = client;
     // `if not exists` / `if exists` statements answer with NOTICEs ("… already exists,
@@ -316,41 +322,22 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         &[&LOCK_CLASS, &MIGRATION_LOCK_KEY],
     )
     .await?;
-    tx.batch_execute(
-        "create table if not exists outbox_migrations (
-             table_name text not null,
-             version integer not null,
-             name text not null,
-             applied_at timestamptz not null default now(),
-             primary key (table_name, version));
-         create table if not exists outbox_tables (
-             table_name text primary key,
-             channel text not null,
-             schema_version integer not null,
-             updated_at timestamptz not null default now());",
-    )
-    .await?;
+    tx.batch_execute(BOOKKEEPING).await?;
     let done: Vec<i32> = tx
-        .query(
-            "select version from outbox_migrations where table_name = $1",
-            &[&table],
-        )
+        .query(include_str!("sql/migrations_applied.sql"), &[&table])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let previous_channel: Option<String> = tx
-        .query_opt(
-            "select channel from outbox_tables where table_name = $1",
-            &[&table],
-        )
+        .query_opt(include_str!("sql/table_channel.sql"), &[&table])
         .await?
         .map(|r| r.get(0));
+    let channel_changed = previous_channel.as_deref().is_some_and(|c| c != channel);
     let mut applied = Vec::new();
     for m in MIGRATIONS {
-        let is_trigger = m.version == 3;
-        let channel_changed = previous_channel.as_deref().is_some_and(|c| c != channel);
-        if done.contains(&m.version) && !(is_trigger && channel_changed) {
+        let applied_before = done.contains(&m.version);
+        if applied_before && !(m.uses_channel() && channel_changed) {
             continue;
         }
         tracing::info!(
@@ -359,10 +346,11 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
             name = m.name,
             "applying outbox migration"
         );
-        tx.batch_execute(&render(m.sql, table, channel)).await?;
-        if !done.contains(&m.version) {
+        tx.batch_execute(&render(m.sql, table, channel, &[]))
+            .await?;
+        if !applied_before {
             tx.execute(
-                "insert into outbox_migrations (table_name, version, name) values ($1, $2, $3)",
+                include_str!("sql/migration_record.sql"),
                 &[&table, &m.version, &m.name],
             )
             .await?;
@@ -370,9 +358,7 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         }
     }
     tx.execute(
-        "insert into outbox_tables (table_name, channel, schema_version) values ($1, $2, $3)
-         on conflict (table_name) do update
-           set channel = excluded.channel, schema_version = excluded.schema_version, updated_at = now()",
+        include_str!("sql/table_register.sql"),
         &[&table, &channel, &SCHEMA_VERSION],
     )
     .await?;
@@ -383,23 +369,28 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         tracing::warn!(table, missing = ?missing, "outbox objects missing; repairing");
         if missing.iter().any(|m| m.kind == "table" && m.name == table) {
             for m in MIGRATIONS {
-                tx.batch_execute(&render(m.sql, table, channel)).await?;
+                tx.batch_execute(&render(m.sql, table, channel, &[]))
+                    .await?;
             }
         } else {
             if missing.iter().any(|m| m.kind == "index") {
-                tx.batch_execute(&render(REPAIR_INDEXES, table, channel))
+                tx.batch_execute(&render(REPAIR_INDEXES, table, channel, &[]))
                     .await?;
             }
             if missing
                 .iter()
                 .any(|m| m.kind == "trigger" || m.kind == "function")
             {
-                tx.batch_execute(&render(MIGRATIONS[2].sql, table, channel))
-                    .await?;
+                for m in MIGRATIONS.iter().filter(|m| m.uses_channel()) {
+                    tx.batch_execute(&render(m.sql, table, channel, &[]))
+                        .await?;
+                }
             }
             if missing.iter().any(|m| m.kind == "table") {
-                tx.batch_execute(&render(MIGRATIONS[3].sql, table, channel))
-                    .await?;
+                for m in MIGRATIONS.iter().filter(|m| m.version == FENCE_VERSION) {
+                    tx.batch_execute(&render(m.sql, table, channel, &[]))
+                        .await?;
+                }
             }
         }
         let still = missing_objects(tx, table).await?;
@@ -423,11 +414,10 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
 }
 
 /// The indexes of migration 2, each created only if missing.
-const REPAIR_INDEXES: &str = "
-create index if not exists {{table}}_pending_idx on {{table}} (seq) where status = 'new';
-create index if not exists {{table}}_aggregate_open_idx on {{table}} (aggregate_id, seq)
-    where status <> 'done';
-create index if not exists {{table}}_done_idx on {{table}} (published_at) where status = 'done';";
+const REPAIR_INDEXES: &str = include_str!("../migrations/repair_indexes.sql");
+
+/// The migration that creates the fence table (`{table}_fence`).
+const FENCE_VERSION: i32 = 4;
 
 /// An object the migrations create that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -508,9 +498,14 @@ pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &s
     match check_migrated(client, table).await {
         Ok(registered_channel) => {
             if registered_channel != channel {
-                problems.push(format!(
-                    "table `{table}` notifies channel `{registered_channel}` but the relay listens on `{channel}`: migrate with the new channel or configure `{registered_channel}`"
-                ));
+                problems.push(
+                    SchemaError::ChannelMismatch {
+                        table: table.to_string(),
+                        registered: registered_channel,
+                        configured: channel.to_string(),
+                    }
+                    .to_string(),
+                );
             }
             let missing = missing_objects(client, table).await?;
             if !missing.is_empty() {
@@ -545,15 +540,15 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
         .await?
         .get(0);
     if !exists {
-        return Err(Error::Schema(format!(
-            "table `{table}` does not exist: run `outbox::migrate` (or `outbox-relay migrate`) first"
-        )));
+        return Err(Error::Schema(
+            SchemaError::Missing {
+                table: table.to_string(),
+            }
+            .to_string(),
+        ));
     }
     let registered = client
-        .query_opt(
-            "select channel, schema_version from outbox_tables where table_name = $1",
-            &[&table],
-        )
+        .query_opt(include_str!("sql/table_channel.sql"), &[&table])
         .await;
     let row = match registered {
         Ok(row) => row,
@@ -562,9 +557,12 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
         Err(e) => return Err(e.into()),
     };
     let Some(row) = row else {
-        return Err(Error::Schema(format!(
-            "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` (or `outbox-relay migrate`) first; it upgrades the table in place"
-        )));
+        return Err(Error::Schema(
+            SchemaError::NotMigrated {
+                table: table.to_string(),
+            }
+            .to_string(),
+        ));
     };
     let registered_channel: String = row.get(0);
     let version: i32 = row.get(1);
@@ -576,9 +574,14 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
         )));
     }
     if version < SCHEMA_VERSION {
-        return Err(Error::Schema(format!(
-            "table `{table}` is at schema version {version}, this crate needs {SCHEMA_VERSION}: run `outbox::migrate`"
-        )));
+        return Err(Error::Schema(
+            SchemaError::Outdated {
+                table: table.to_string(),
+                version,
+                needed: SCHEMA_VERSION,
+            }
+            .to_string(),
+        ));
     }
     Ok(registered_channel)
 }

@@ -1,7 +1,10 @@
-//! All SQL the crate runs against the outbox table, rendered once per table name.
+//! The SQL layer: every statement the crate runs, kept in `src/sql/*.sql` and rendered once per
+//! table and channel by [`render`], the renderer of the migrations. Each component renders only
+//! what it runs: [`WriterSql`] (inserts), [`AdminSql`] (find, requeue, status), [`RelaySql`]
+//! (reserve, confirm, late confirms, fences, cleanup, gauges).
 //!
 //! Table and channel names are validated identifiers (see `schema::validate_identifier`), so
-//! formatting them into statements is safe; every value is a bind parameter.
+//! rendering them into statements is safe; every value is a bind parameter.
 
 use std::collections::BTreeMap;
 
@@ -10,232 +13,124 @@ use postgres_types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::Row;
 
 use crate::event::{Event, EventFilter, EventStatus, DEFAULT_FIND_LIMIT};
+use crate::schema::{wake_lock_key, LOCK_CLASS};
 
-/// Columns returned by the reservation, in order.
-pub(crate) const RESERVED_COLUMNS: &str =
-    "id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz";
-
-/// Columns returned by `find`, in order.
-const EVENT_COLUMNS: &str = "id, seq, aggregate_id, event_topic, event_type, payload, headers, status, \
-     created_at, reserved_to, attempts, last_error, next_attempt_at, published_at, kafka_partition, kafka_offset, \
-     created_at_tz";
-
-/// Outcome codes of the confirm statement.
-pub(crate) mod outcome {
-    /// Kafka acknowledged it: done (or deleted).
-    pub(crate) const DELIVERED: i16 = 0;
-    /// Failed, will be retried after `delay_ms`.
-    pub(crate) const RETRY: i16 = 1;
-    /// Failed permanently or too often: dead letter.
-    pub(crate) const DEAD: i16 = 2;
-    /// Sent, no delivery report yet: no relay may send it again for `delay_ms`.
-    pub(crate) const HOLD: i16 = 3;
+/// Renders a statement or migration for `table` and `channel`: replaces `{{table}}`,
+/// `{{channel}}`, `{{lock_class}}` and `{{lock_key}}` (the table's wake lock), then each
+/// `{{name}}` of `vars`.
+pub(crate) fn render(sql: &str, table: &str, channel: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = sql
+        .replace("{{table}}", table)
+        .replace("{{channel}}", channel)
+        .replace("{{lock_class}}", &LOCK_CLASS.to_string())
+        .replace("{{lock_key}}", &wake_lock_key(table).to_string());
+    for (name, value) in vars {
+        out = out.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    debug_assert!(!out.contains("{{"), "unrendered placeholder in: {out}");
+    out
 }
 
+/// The outcome of one row in the confirm statement (its `$2::int2[]`). The SQL's literals are
+/// rendered from this enum (`{{delivered}}`, `{{retry}}`, `{{dead}}`, `{{hold}}`), so the two
+/// cannot drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i16)]
+pub(crate) enum ConfirmOutcome {
+    /// Kafka acknowledged it: done (or deleted).
+    Delivered = 0,
+    /// Failed, will be retried after `delay_ms`.
+    Retry = 1,
+    /// Failed permanently or too often: dead letter.
+    Dead = 2,
+    /// Sent, no delivery report yet: no relay may send it again for `delay_ms`.
+    Hold = 3,
+}
+
+impl ConfirmOutcome {
+    pub(crate) const ALL: [ConfirmOutcome; 4] = [
+        ConfirmOutcome::Delivered,
+        ConfirmOutcome::Retry,
+        ConfirmOutcome::Dead,
+        ConfirmOutcome::Hold,
+    ];
+
+    /// The value bound for it.
+    pub(crate) fn code(self) -> i16 {
+        self as i16
+    }
+
+    /// Its placeholder name in the SQL.
+    fn placeholder(self) -> &'static str {
+        match self {
+            ConfirmOutcome::Delivered => "delivered",
+            ConfirmOutcome::Retry => "retry",
+            ConfirmOutcome::Dead => "dead",
+            ConfirmOutcome::Hold => "hold",
+        }
+    }
+
+    /// The rendering variables of every outcome.
+    fn vars() -> Vec<(&'static str, String)> {
+        Self::ALL
+            .iter()
+            .map(|o| (o.placeholder(), o.code().to_string()))
+            .collect()
+    }
+}
+
+/// Renders `sql` with the confirm outcomes' codes and `extra` variables.
+fn render_with_outcomes(sql: &str, table: &str, extra: &[(&str, &str)]) -> String {
+    let outcomes = ConfirmOutcome::vars();
+    let mut vars: Vec<(&str, &str)> = outcomes.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    vars.extend_from_slice(extra);
+    render(sql, table, "", &vars)
+}
+
+/// What [`Writer`](crate::Writer) runs.
 #[derive(Debug)]
-pub(crate) struct Store {
+pub(crate) struct WriterSql {
     pub(crate) table: String,
-    /// The NOTIFY channel, bound as a parameter of [`Store::notify`], never formatted into SQL.
-    pub(crate) channel: String,
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
-    pub(crate) reserve: String,
-    pub(crate) confirm: String,
-    pub(crate) late_confirm: String,
-    pub(crate) late_fail: String,
-    pub(crate) late_release: String,
-    pub(crate) fence: String,
-    pub(crate) fence_expire: String,
-    pub(crate) unfence: String,
-    pub(crate) cleanup: String,
+}
+
+impl WriterSql {
+    pub(crate) fn new(table: &str) -> Self {
+        WriterSql {
+            table: table.to_string(),
+            insert_one: render(include_str!("sql/insert_one.sql"), table, "", &[]),
+            insert_many: render(include_str!("sql/insert_many.sql"), table, "", &[]),
+        }
+    }
+}
+
+/// What [`Admin`](crate::Admin) runs.
+#[derive(Debug)]
+pub(crate) struct AdminSql {
+    pub(crate) table: String,
+    /// The NOTIFY channel, bound as [`notify`](Self::notify)'s `$1`, never rendered into SQL.
+    pub(crate) channel: String,
+    find: String,
     pub(crate) requeue: String,
     pub(crate) notify: String,
     pub(crate) status: String,
     pub(crate) status_relays: String,
+    pub(crate) oldest_transaction: String,
 }
 
-/// The session whose snapshot is the oldest in this database (it holds back cleanup of dead
-/// rows): pid, application_name, state, seconds since its transaction (or statement) began.
-/// Sessions of other roles show their `backend_xmin` only to roles with `pg_read_all_stats`.
-pub(crate) const OLDEST_TRANSACTION: &str =
-    "select pid, coalesce(application_name, ''), coalesce(state, ''),
-            greatest(0, extract(epoch from clock_timestamp())
-                        - extract(epoch from coalesce(xact_start, query_start, backend_start)))::float8
-       from pg_stat_activity
-      where backend_xmin is not null and pid <> pg_backend_pid()
-        and datname = current_database()
-      order by age(backend_xmin) desc, xact_start
-      limit 1";
-
-impl Store {
-    /// `block_on_dead_letter`: whether a dead letter holds back the later events of its aggregate.
-    /// `delete_on_delivery`: delete delivered rows instead of marking them done.
-    pub(crate) fn new(
-        table: &str,
-        channel: &str,
-        block_on_dead_letter: bool,
-        delete_on_delivery: bool,
-    ) -> Self {
-        let t = table;
-        let open = if block_on_dead_letter {
-            "e.status <> 'done'"
-        } else {
-            "e.status <> 'done' and e.status = 'new'"
-        };
-        // Reserve: lock the earliest available rows (the lock is the lease: it lasts as long as
-        // the relay's batch transaction), then keep, per aggregate, only the rows before the
-        // first open row of that aggregate that this batch did not get (in backoff, held, dead,
-        // or locked by another relay): an aggregate's later event never overtakes an earlier one.
-        // The probe stops at the aggregate's last candidate: an open row after all of them
-        // excludes nothing.
-        let reserve = format!(
-            "with cand as materialized (
-                 select {RESERVED_COLUMNS}
-                   from {t}
-                  where status = 'new'
-                    and (reserved_to is null or reserved_to < localtimestamp)
-                    and (next_attempt_at is null or next_attempt_at <= now())
-                    and aggregate_id not in (select unnest(aggregates) from {t}_fence
-                                              where until > now())
-                  order by seq
-                  limit $1
-                    for update skip locked
-             ),
-             gate as (
-                 select a.aggregate_id, g.seq as gap
-                   from (select aggregate_id, max(seq) as max_seq from cand group by aggregate_id) a
-                   left join lateral (
-                        select e.seq from {t} e
-                         where e.aggregate_id = a.aggregate_id and {open}
-                           and e.seq < a.max_seq
-                           and e.id not in (select id from cand)
-                         order by e.seq
-                         limit 1
-                   ) g on true
-             )
-             select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-                    c.attempts, case when isfinite(c.created_at_tz)
-                               then greatest(0, extract(epoch from now() - c.created_at_tz))::float8
-                               end
-               from cand c join gate g on g.aggregate_id = c.aggregate_id
-              where g.gap is null or c.seq < g.gap
-              order by c.seq"
-        );
-        // Confirm: one statement per batch for every outcome, deleting the batch's fence.
-        // `published_at` is the confirm statement's start: after Kafka acknowledged every
-        // delivered row of the batch (not `now()`, the batch transaction's start, which is the
-        // reservation).
-        let update = format!(
-            "update {t} e set
-                 status = case u.outcome when 0 then 'done' when 2 then 'failed' else e.status end,
-                 published_at = case when u.outcome = 0 then statement_timestamp() else e.published_at end,
-                 kafka_partition = case when u.outcome = 0 then u.part else e.kafka_partition end,
-                 kafka_offset = case when u.outcome = 0 then u.off else e.kafka_offset end,
-                 attempts = e.attempts + case when u.outcome in (1, 2) then 1 else 0 end,
-                 last_error = case when u.outcome = 0 then null else coalesce(u.error, e.last_error) end,
-                 next_attempt_at = case when u.outcome in (1, 3)
-                                        then now() + u.delay_ms * interval '1 millisecond' end,
-                 reserved_to = null
-               from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])
-                    as u(id, outcome, part, off, error, delay_ms)
-              where e.id = u.id"
-        );
-        let unfence = format!("unfenced as (delete from {t}_fence where batch_id = $7)");
-        let confirm = if delete_on_delivery {
-            format!(
-                "with {unfence},
-                 delivered as (
-                     delete from {t} where id = any(
-                         select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
-                          where u.outcome = 0)
-                 )
-                 {update} and u.outcome <> 0"
-            )
-        } else {
-            format!("with {unfence} {update}")
-        };
-        // A held row (sent, no report before the batch committed) whose report arrived while the
-        // hold lasts: nobody else can have taken it, because reservation skips held rows.
-        let late_confirm = if delete_on_delivery {
-            format!("delete from {t} where id = $1 and status = 'new' and next_attempt_at > now()")
-        } else {
-            format!(
-                "update {t} set status = 'done', published_at = now(), kafka_partition = $2,
-                        kafka_offset = $3, last_error = null, next_attempt_at = null, reserved_to = null
-                  where id = $1 and status = 'new' and next_attempt_at > now()"
-            )
-        };
-        let late_fail = format!(
-            "update {t} set attempts = attempts + 1, last_error = $2,
-                    status = case when $4::bool then 'failed' else status end,
-                    next_attempt_at = case when $4::bool then null
-                                           else now() + $3::int8 * interval '1 millisecond' end
-              where id = $1 and status = 'new' and next_attempt_at > now()"
-        );
-        let cleanup = format!(
-            "delete from {t} where id in (
-                 select id from {t}
-                  where status = 'done'
-                    and (published_at < now() - $1::float8 * interval '1 millisecond'
-                         or (published_at is null
-                             and created_at_tz < now() - $1::float8 * interval '1 millisecond'))
-                  limit $2)"
-        );
-        Store {
-            table: t.to_string(),
+impl AdminSql {
+    pub(crate) fn new(table: &str, channel: &str) -> Self {
+        let r = |sql: &str| render(sql, table, channel, &[]);
+        AdminSql {
+            table: table.to_string(),
             channel: channel.to_string(),
-            insert_one: format!(
-                "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
-                 values ($1, $2, $3, $4, $5, $6)"
-            ),
-            insert_many: format!(
-                "insert into {t} (id, aggregate_id, event_topic, event_type, payload, headers)
-                 select id, aggregate_id, event_topic, event_type, payload, headers
-                   from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
-                        with ordinality as u(id, aggregate_id, event_topic, event_type, payload, headers, ord)
-                  order by ord"
-            ),
-            reserve,
-            confirm,
-            late_confirm,
-            late_fail,
-            fence: format!(
-                "insert into {t}_fence (batch_id, until, aggregates)
-                 values ($1, now() + $2::int8 * interval '1 millisecond', $3)"
-            ),
-            fence_expire: format!("delete from {t}_fence where until < now()"),
-            unfence: format!("delete from {t}_fence where batch_id = $1"),
-            late_release: format!(
-                "update {t} set next_attempt_at = null
-                  where id = $1 and status = 'new' and next_attempt_at > now()"
-            ),
-            cleanup,
-            // Dead letters back to pending, keeping their seq: each goes out before its
-            // aggregate's later events, which were blocked behind it.
-            requeue: format!(
-                "update {t} set status = 'new', attempts = 0, next_attempt_at = null, reserved_to = null
-                  where status = 'failed'
-                    and ($1::uuid[] is null or id = any($1))
-                    and ($2::text is null or aggregate_id = $2)
-                    and ($3::text is null or event_topic = $3)"
-            ),
-            // `$1` = the channel: a bind parameter, never SQL text.
-            notify: "select pg_notify($1, '')".to_string(),
-            status: format!(
-                "select event_topic,
-                        count(*) filter (where status = 'new'),
-                        count(*) filter (where status = 'new' and next_attempt_at > now()),
-                        count(*) filter (where status = 'failed'),
-                        greatest(0, extract(epoch from now() - min(created_at_tz) filter (where status = 'new' and isfinite(created_at_tz))))::float8
-                   from {t} where status <> 'done'
-                  group by event_topic order by event_topic"
-            ),
-            status_relays: format!(
-                "select (select count(*) from pg_stat_activity
-                          where application_name = 'outbox-relay-batch' and datname = current_database()
-                            and state in ('idle in transaction', 'active') and xact_start is not null),
-                        (select count(*) from {t} where reserved_to > localtimestamp)"
-            ),
+            find: r(include_str!("sql/find.sql")),
+            requeue: r(include_str!("sql/requeue.sql")),
+            notify: r(include_str!("sql/notify.sql")),
+            status: r(include_str!("sql/status.sql")),
+            status_relays: r(include_str!("sql/status_relays.sql")),
+            oldest_transaction: r(include_str!("sql/oldest_transaction.sql")),
         }
     }
 
@@ -244,7 +139,7 @@ impl Store {
         &self,
         f: &EventFilter,
     ) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-        let mut sql = format!("select {EVENT_COLUMNS} from {} where true", self.table);
+        let mut sql = self.find.trim_end().to_string();
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut push = |sql: &mut String, clause: &str, p: Box<dyn ToSql + Sync + Send>| {
             params.push(p);
@@ -281,6 +176,69 @@ impl Store {
     }
 }
 
+/// What the relay runs.
+#[derive(Debug)]
+pub(crate) struct RelaySql {
+    pub(crate) reserve: String,
+    pub(crate) confirm: String,
+    pub(crate) late_confirm: String,
+    pub(crate) late_fail: String,
+    pub(crate) late_release: String,
+    pub(crate) fence: String,
+    pub(crate) unfence: String,
+    pub(crate) fence_expire: String,
+    pub(crate) cleanup: String,
+    pub(crate) status: String,
+    pub(crate) status_relays: String,
+    pub(crate) oldest_transaction: String,
+}
+
+impl RelaySql {
+    /// `block_on_dead_letter`: whether a dead letter holds back the later events of its aggregate.
+    /// `delete_on_delivery`: delete delivered rows instead of marking them done.
+    pub(crate) fn new(table: &str, block_on_dead_letter: bool, delete_on_delivery: bool) -> Self {
+        // The rows that block their aggregate's later events. `status <> 'done'` in both lets
+        // the gate probe use the aggregate index (`… where status <> 'done'`).
+        let open = if block_on_dead_letter {
+            "e.status <> 'done'"
+        } else {
+            "e.status <> 'done' and e.status = 'new'"
+        };
+        let update = render_with_outcomes(include_str!("sql/confirm_update.sql"), table, &[]);
+        let (confirm, late_confirm) = if delete_on_delivery {
+            (
+                include_str!("sql/confirm_delete.sql"),
+                include_str!("sql/late_confirm_delete.sql"),
+            )
+        } else {
+            (
+                include_str!("sql/confirm.sql"),
+                include_str!("sql/late_confirm.sql"),
+            )
+        };
+        let r = |sql: &str| render(sql, table, "", &[]);
+        RelaySql {
+            reserve: render(
+                include_str!("sql/reserve.sql"),
+                table,
+                "",
+                &[("open", open)],
+            ),
+            confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
+            late_confirm: r(late_confirm),
+            late_fail: r(include_str!("sql/late_fail.sql")),
+            late_release: r(include_str!("sql/late_release.sql")),
+            fence: r(include_str!("sql/fence.sql")),
+            unfence: r(include_str!("sql/unfence.sql")),
+            fence_expire: r(include_str!("sql/fence_expire.sql")),
+            cleanup: r(include_str!("sql/cleanup.sql")),
+            status: r(include_str!("sql/status.sql")),
+            status_relays: r(include_str!("sql/status_relays.sql")),
+            oldest_transaction: r(include_str!("sql/oldest_transaction.sql")),
+        }
+    }
+}
+
 /// Maps a `find` row. Values a row can hold but this crate cannot represent (timestamps of
 /// `±infinity` or outside chrono's range, JSON nested deeper than serde_json's 128 levels, …)
 /// become `None` / `null` with a note in [`Event::decode_problems`]; they never panic.
@@ -306,7 +264,10 @@ pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
             Ok(v) => headers_from_json(v),
             Err(p) => {
                 problems.push(p);
-                crate::headers::parse(Some(&raw.0)).valid.into_iter().collect()
+                crate::headers::parse(Some(&raw.0))
+                    .valid
+                    .into_iter()
+                    .collect()
             }
         },
     };
@@ -488,5 +449,69 @@ impl<'a> FromSql<'a> for RawJson {
 
     fn accepts(ty: &Type) -> bool {
         *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirm_outcome_codes_are_rendered_from_the_enum() {
+        let update = include_str!("sql/confirm_update.sql");
+        for o in ConfirmOutcome::ALL {
+            let placeholder = format!("{{{{{}}}}}", o.placeholder());
+            assert!(update.contains(&placeholder), "{placeholder} used");
+        }
+        for delete in [false, true] {
+            let sql = RelaySql::new("t", true, delete);
+            assert!(!sql.confirm.contains("{{"), "{}", sql.confirm);
+            assert!(sql.confirm.contains(&format!(
+                "when {} then 'done' when {} then 'failed'",
+                ConfirmOutcome::Delivered.code(),
+                ConfirmOutcome::Dead.code()
+            )));
+            assert!(sql.confirm.contains(&format!(
+                "u.outcome in ({}, {})",
+                ConfirmOutcome::Retry.code(),
+                ConfirmOutcome::Hold.code()
+            )));
+        }
+    }
+
+    #[test]
+    fn every_statement_renders_completely() {
+        let relay = RelaySql::new("t", false, false);
+        let admin = AdminSql::new("t", "c");
+        let writer = WriterSql::new("t");
+        for sql in [
+            &relay.reserve,
+            &relay.late_confirm,
+            &relay.late_fail,
+            &relay.late_release,
+            &relay.fence,
+            &relay.unfence,
+            &relay.fence_expire,
+            &relay.cleanup,
+            &relay.status,
+            &relay.status_relays,
+            &relay.oldest_transaction,
+            &admin.find,
+            &admin.requeue,
+            &admin.notify,
+            &admin.status,
+            &admin.status_relays,
+            &admin.oldest_transaction,
+            &writer.insert_one,
+            &writer.insert_many,
+        ] {
+            assert!(!sql.contains("{{") && !sql.contains("}}"), "{sql}");
+        }
+        assert!(relay
+            .reserve
+            .contains("e.status <> 'done' and e.status = 'new'"));
+        // The channel is a bind parameter, never SQL text.
+        assert!(admin.notify.contains("pg_notify($1, '')"));
+        assert!(!admin.notify.contains("'c'"));
     }
 }

@@ -1295,11 +1295,11 @@ pub struct RelaySql {
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
 /// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
 pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
-    let store = crate::store::Store::new(table, crate::DEFAULT_CHANNEL, true, delete_on_delivery);
+    let sql = crate::store::RelaySql::new(table, true, delete_on_delivery);
     RelaySql {
-        reserve: store.reserve.clone(),
-        confirm: store.confirm.clone(),
-        fence: store.fence.clone(),
+        reserve: sql.reserve,
+        confirm: sql.confirm,
+        fence: sql.fence,
         session_setup: crate::relay::BATCH_SESSION_SETUP.to_string(),
     }
 }

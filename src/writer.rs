@@ -6,11 +6,11 @@ use postgres_types::{ToSql, Type};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
+use crate::config::DEFAULT_TABLE;
 use crate::error::Result;
 use crate::event::NewEvent;
 use crate::schema::validate_identifier;
-use crate::store::{JsonText, Store};
+use crate::store::{JsonText, WriterSql};
 
 /// Writes events into one outbox table. Cheap to clone; holds no connection.
 ///
@@ -19,7 +19,7 @@ use crate::store::{JsonText, Store};
 /// dereferences to one). With a bare `Client` the insert commits on its own.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    store: Arc<Store>,
+    sql: Arc<WriterSql>,
 }
 
 impl Default for Writer {
@@ -37,17 +37,17 @@ impl Writer {
     pub fn new(table: &str) -> Result<Self> {
         validate_identifier("table", table)?;
         Ok(Writer {
-            store: Arc::new(Store::new(table, DEFAULT_CHANNEL, true, false)),
+            sql: Arc::new(WriterSql::new(table)),
         })
     }
 
-    pub(crate) fn from_store(store: Arc<Store>) -> Self {
-        Writer { store }
+    pub(crate) fn from_sql(sql: Arc<WriterSql>) -> Self {
+        Writer { sql }
     }
 
     /// The table this writer inserts into.
     pub fn table(&self) -> &str {
-        &self.store.table
+        &self.sql.table
     }
 
     /// Inserts one event; returns its id (a UUIDv7, time-ordered).
@@ -71,7 +71,7 @@ impl Writer {
         let headers_param = headers.as_deref().map(JsonText);
         client
             .query_typed(
-                &self.store.insert_one,
+                &self.sql.insert_one,
                 &[
                     (&id as &(dyn ToSql + Sync), Type::UUID),
                     (&event.aggregate_id, Type::VARCHAR),
@@ -111,7 +111,7 @@ impl Writer {
             headers.iter().map(|h| h.as_deref().map(JsonText)).collect();
         client
             .query_typed(
-                &self.store.insert_many,
+                &self.sql.insert_many,
                 &[
                     (&ids as &(dyn ToSql + Sync), Type::UUID_ARRAY),
                     (&aggregates, Type::TEXT_ARRAY),
@@ -147,7 +147,7 @@ impl Writer {
         let headers: Option<Box<sqlx::types::JsonRawValue>> = headers_json(event)
             .map(sqlx::types::JsonRawValue::from_string)
             .transpose()?;
-        sqlx::query(&self.store.insert_one)
+        sqlx::query(&self.sql.insert_one)
             .bind(id)
             .bind(&event.aggregate_id)
             .bind(&event.topic)

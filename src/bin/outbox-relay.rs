@@ -3,9 +3,10 @@
 //! Configuration comes from flags or the environment (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
-//! Exit codes: 0 success, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable or not
-//! answering within its timeout (`connect_timeout` in the URL, default 10 s),
-//! 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
+//! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
+//! flags, 3 invalid configuration, 4 Postgres unreachable, the login refused, or not answering
+//! within its timeout (`connect_timeout` in the URL, default 10 s), 5 outbox table missing or
+//! not migrated, 1 anything else. An unreachable Kafka does not stop
 //! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
 use std::process::ExitCode;
@@ -214,30 +215,27 @@ struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        let code = match &e {
-            Error::Config(_) | Error::InvalidIdentifier { .. } | Error::InvalidEvent { .. } => 3,
-            Error::Postgres(pe) if cannot_connect(pe) => 4,
-            Error::Timeout { .. } => 4,
-            Error::Kafka(_) => 4,
-            Error::Schema(_) => 5,
-            _ => 1,
+        let code = exit_code(&e);
+        let message = if e.is_connection() {
+            format!("cannot connect to Postgres: {e}")
+        } else {
+            e.to_string()
         };
-        Failure {
-            code,
-            message: e.to_string(),
-        }
+        Failure { code, message }
     }
 }
 
-/// Errors that mean "could not connect": no server answer, or the server refused the login
-/// (SQLSTATE class 28, invalid authorization) or the database (3D000).
-fn cannot_connect(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(code) => {
-            code.code().starts_with("28")
-                || code == &tokio_postgres::error::SqlState::UNDEFINED_DATABASE
-        }
+/// The exit code of an error, from its predicates: 3 invalid input, 4 Postgres unreachable (or
+/// the login refused), 5 schema problem, 1 anything else.
+fn exit_code(e: &Error) -> u8 {
+    if e.is_invalid_input() {
+        3
+    } else if e.is_connection() || matches!(e, Error::Kafka(_)) {
+        4
+    } else if e.is_schema() {
+        5
+    } else {
+        1
     }
 }
 
@@ -351,28 +349,14 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
 
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {
     let cfg = pg_config(cli)?;
-    Admin::connect(cfg, &cli.table).await.map_err(|e| match e {
-        Error::Postgres(pe) if cannot_connect(&pe) => fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
-        ),
-        other => other.into(),
-    })
+    Ok(Admin::connect(cfg, &cli.table).await?)
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Migrate => {
             let cfg = pg_config(&cli)?;
-            let report = Admin::migrate(cfg, &cli.table, &cli.channel)
-                .await
-                .map_err(|e| match e {
-                    Error::Postgres(pe) if cannot_connect(&pe) => fail(
-                        4,
-                        format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
-                    ),
-                    other => other.into(),
-                })?;
+            let report = Admin::migrate(cfg, &cli.table, &cli.channel).await?;
             if let Some(previous) = report.previous_channel() {
                 println!(
                     "table {}: notify channel changed from {previous} to {}",
@@ -553,13 +537,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             token.cancel();
         });
     }
-    let outbox = b.connect().await.map_err(|e| match e {
-        Error::Postgres(pe) if cannot_connect(&pe) => fail(
-            4,
-            format!("cannot connect to Postgres: {}", Error::Postgres(pe)),
-        ),
-        other => other.into(),
-    })?;
+    let outbox = b.connect().await?;
     if let Some(addr) = args.metrics_addr {
         serve_metrics(
             addr,

@@ -240,6 +240,11 @@ async fn end_to_end_publishes_records_marks_done_and_acks() {
     let all_ids: Vec<Uuid> = expected.keys().copied().collect();
 
     let handle = outbox.start().expect("start");
+    // A second start fails at once (not inside a spawned task), while the first one runs.
+    assert!(
+        matches!(outbox.start(), Err(Error::AlreadyStarted)),
+        "start() twice must fail the second time"
+    );
     let records = read_n(&mut reader, 6, Duration::from_secs(30)).await;
     reader.assert_idle(Duration::from_secs(1)).await;
 
@@ -355,7 +360,7 @@ async fn end_to_end_publishes_records_marks_done_and_acks() {
         .await
         .expect("a stream subscribed after stop ends at once")
         .is_none());
-    assert!(matches!(outbox.start(), Err(Error::Relay(_))));
+    assert!(matches!(outbox.start(), Err(Error::AlreadyStarted)));
     reader.assert_idle(Duration::from_millis(500)).await;
 
     // An independent reader (the official Java consumer) sees the same records: keys, values,
@@ -747,7 +752,10 @@ async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
         .await
         .expect_err("connect on an un-migrated table must fail");
     match &err {
-        Error::Schema(msg) => assert!(msg.contains("migrate"), "message names migrate: {msg}"),
+        Error::Schema(e) => assert!(
+            e.to_string().contains("migrate"),
+            "message names migrate: {e}"
+        ),
         other => panic!("expected Error::Schema, got {other:?}"),
     }
 
@@ -1000,6 +1008,10 @@ async fn database_password_never_appears_in_errors() {
         .expect("connect to an unreachable server fails in time")
         .expect_err("unreachable database");
     assert!(matches!(err, Error::Postgres(_)), "{err:?}");
+    assert!(
+        err.is_connection(),
+        "an unreachable server is a connection error: {err:?}"
+    );
     for text in [err.to_string(), format!("{err:?}"), format!("{err:#}")] {
         assert!(!text.contains("s3cret"), "error leaks the password: {text}");
     }
@@ -1379,8 +1391,8 @@ async fn find_filters_and_pages() {
     // limit 0 (and above the maximum) is rejected.
     for bad in [0, outbox::MAX_FIND_LIMIT + 1] {
         match outbox.find(&EventFilter::new().limit(bad)).await {
-            Err(Error::InvalidEvent { field, .. }) => assert_eq!(field, "limit"),
-            other => panic!("limit {bad}: expected InvalidEvent(limit), got {other:?}"),
+            Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, "limit"),
+            other => panic!("limit {bad}: expected InvalidArgument(limit), got {other:?}"),
         }
     }
 }
@@ -1687,4 +1699,27 @@ async fn kafka_tls_properties_are_accepted_with_kafka_ssl() {
         ),
         other => panic!("a missing CA file must be a config error, got {other:?}"),
     }
+}
+
+/// A Postgres server error reads as what the server said (severity, SQLSTATE, message), not as
+/// tokio-postgres' bare "db error", and its predicates classify it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_errors_show_the_server_message() {
+    let client = support::connect_pg().await;
+    let table = support::unique_name("never_created");
+    let err = outbox::Writer::new(&table)
+        .unwrap()
+        .add_new_event(&client, NewEvent::new("t", "a", "E", json!({})))
+        .await
+        .expect_err("insert into a missing table");
+    let text = err.to_string();
+    assert!(
+        text.contains("ERROR 42P01") && text.contains(&table),
+        "severity, SQLSTATE and the server's message: {text}"
+    );
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    );
+    assert!(!err.is_connection() && !err.is_schema() && !err.is_invalid_input());
 }

@@ -1,0 +1,103 @@
+//! One batch through the stages after its reservation: fence → publish → confirm → report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::confirm::{confirm_batch, confirm_late};
+use super::publish::{self, Outcome, Straggler};
+use super::reserve::{BatchConn, Reserved};
+use super::Ctx;
+
+/// What a batch hands back to the pipeline.
+pub(crate) struct BatchDone {
+    /// The connection for reuse; `None` when the batch could not be fenced or confirmed (the
+    /// pipeline then pauses, so that a persistent fault is not a tight loop of re-sends).
+    pub(crate) conn: Option<BatchConn>,
+    /// When the earliest retry (or held event) of the batch becomes due.
+    pub(crate) next_due: Option<Duration>,
+}
+
+impl BatchDone {
+    fn failed() -> Self {
+        BatchDone {
+            conn: None,
+            next_due: None,
+        }
+    }
+}
+
+/// Publishes a reserved batch, confirms it and reports it. `reserved_at`: when the reservation
+/// was started; the batch stops sending `batch_timeout` after it.
+pub(crate) async fn run_batch(
+    ctx: Arc<Ctx>,
+    conn: BatchConn,
+    rows: Vec<Reserved>,
+    reserved_at: Instant,
+) -> BatchDone {
+    ctx.report.batch_reserved(&rows);
+    let cutoff = reserved_at + ctx.timing.batch_timeout;
+    let chains = publish::chains(&rows);
+    // Fence the batch's aggregates (committed on its own connection) before sending anything.
+    let batch_id = Uuid::new_v4();
+    let aggregates: Vec<&str> = chains
+        .iter()
+        .map(|c| rows[c[0]].aggregate_id.as_str())
+        .collect();
+    if let Err(e) = ctx.fences.insert(&batch_id, &aggregates).await {
+        ctx.report.fence_failed(&e);
+        conn.rollback().await;
+        return BatchDone::failed();
+    }
+    let published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
+    let outcomes = published.outcomes;
+    match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
+        Ok(next_due) => {
+            ctx.report
+                .batch_confirmed(&rows, &outcomes, reserved_at.elapsed());
+            if !published.stragglers.is_empty() {
+                ctx.report.held(published.stragglers.len());
+                ctx.late
+                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers));
+            }
+            BatchDone {
+                conn: Some(conn),
+                next_due,
+            }
+        }
+        Err(e) => {
+            let delivered = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Delivered { .. }))
+                .count();
+            ctx.report.confirm_failed(&e, delivered);
+            conn.rollback().await;
+            ctx.late.spawn(unfence_when_settled(
+                ctx.clone(),
+                batch_id,
+                published.stragglers,
+            ));
+            BatchDone::failed()
+        }
+    }
+}
+
+/// Nothing of an unconfirmed batch is in flight any more once its held messages have settled:
+/// then its fence can go, so that the events are retried without waiting for it to expire.
+async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Straggler>) {
+    let settle_by = Instant::now() + ctx.timing.hold;
+    let pending: FuturesUnordered<_> = stragglers.into_iter().map(|s| s.future).collect();
+    if tokio::time::timeout_at(settle_by, pending.count())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Err(e) = ctx.fences.remove(&batch_id).await {
+        tracing::debug!(error = %crate::error::PgErrorDisplay(&e), "outbox relay: fence not removed; it expires by itself");
+    }
+}

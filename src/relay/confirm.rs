@@ -1,0 +1,178 @@
+//! The confirm stage: a batch's outcomes written in one statement together with the commit (one
+//! round trip), and — for messages held at the batch's cutoff — their late reports written one by
+//! one while the hold lasts. Both judge reports with the same policy (`Outcome::of_report`) and
+//! report through the same sink.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::config::OnDelivery;
+use crate::store::ConfirmOutcome;
+
+use super::publish::{report_result, Outcome, Straggler};
+use super::reserve::{BatchConn, Reserved};
+use super::retry::retry_delay;
+use super::timing::{millis, LATE_GRACE};
+use super::Ctx;
+
+/// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
+fn due_after(ctx: &Ctx, row: &Reserved, outcome: &Outcome) -> Option<Duration> {
+    match outcome {
+        Outcome::Failed(f) if !f.dead => Some(retry_delay(&ctx.settings, row.attempts + 1)),
+        Outcome::Held => Some(ctx.timing.hold),
+        _ => None,
+    }
+}
+
+/// The confirm statement's parameters: one element per row that has something to record.
+#[derive(Default)]
+struct ConfirmRows<'a> {
+    ids: Vec<Uuid>,
+    codes: Vec<i16>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    errors: Vec<Option<&'a str>>,
+    delays_ms: Vec<i64>,
+}
+
+impl<'a> ConfirmRows<'a> {
+    fn new(ctx: &Ctx, rows: &[Reserved], outcomes: &'a [Outcome]) -> Self {
+        let mut c = ConfirmRows::default();
+        for (row, o) in rows.iter().zip(outcomes) {
+            let (code, partition, offset, error) = match o {
+                Outcome::NotSent => continue,
+                Outcome::Delivered { partition, offset } => {
+                    (ConfirmOutcome::Delivered, *partition, *offset, None)
+                }
+                Outcome::Failed(f) if f.dead => {
+                    (ConfirmOutcome::Dead, 0, 0, Some(f.error.as_str()))
+                }
+                Outcome::Failed(f) => (ConfirmOutcome::Retry, 0, 0, Some(f.error.as_str())),
+                Outcome::Held => (ConfirmOutcome::Hold, 0, 0, None),
+            };
+            c.ids.push(row.id);
+            c.codes.push(code.code());
+            c.partitions.push(partition);
+            c.offsets.push(offset);
+            c.errors.push(error);
+            c.delays_ms.push(due_after(ctx, row, o).map_or(0, millis));
+        }
+        c
+    }
+
+    /// When the earliest retry or hold written by this confirm is due.
+    fn next_due(&self) -> Option<Duration> {
+        self.codes
+            .iter()
+            .zip(&self.delays_ms)
+            .filter(|(code, _)| {
+                **code == ConfirmOutcome::Retry.code() || **code == ConfirmOutcome::Hold.code()
+            })
+            .map(|(_, ms)| Duration::from_millis(u64::try_from(*ms).unwrap_or(0)))
+            .min()
+    }
+}
+
+/// Confirms the batch and commits (pipelined: one round trip). Returns when the earliest retry
+/// or hold of the batch is due.
+///
+/// # Errors
+/// The Postgres error of the confirm or the commit; the transaction is then still open (roll it
+/// back).
+pub(crate) async fn confirm_batch(
+    ctx: &Ctx,
+    conn: &BatchConn,
+    rows: &[Reserved],
+    outcomes: &[Outcome],
+    batch_id: &Uuid,
+) -> Result<Option<Duration>, tokio_postgres::Error> {
+    let c = ConfirmRows::new(ctx, rows, outcomes);
+    let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
+        &c.ids,
+        &c.codes,
+        &c.partitions,
+        &c.offsets,
+        &c.errors,
+        &c.delays_ms,
+        batch_id,
+    ];
+    futures::try_join!(
+        conn.client.execute(&conn.confirm, &params),
+        conn.client.batch_execute("commit")
+    )?;
+    Ok(c.next_due())
+}
+
+/// Waits for the reports of held messages and records them, fenced by the hold: a row whose
+/// hold ended is left to be retried. Ends at the hold's end, or shortly after a stop's deadline.
+pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
+    let hold_end = Instant::now() + ctx.timing.hold;
+    let client = match ctx.pg.connect("late").await {
+        Ok(c) => c,
+        Err(e) => return ctx.report.late_unrecordable(&e),
+    };
+    let mut waiting: FuturesUnordered<_> = stragglers
+        .into_iter()
+        .map(|st| async move {
+            let Straggler {
+                idx,
+                future,
+                _permit,
+            } = st;
+            (idx, report_result(future.await))
+        })
+        .collect();
+    let stopping = async {
+        let window = ctx.stop.requested().await;
+        tokio::time::sleep_until(window.deadline + LATE_GRACE).await;
+    };
+    tokio::pin!(stopping);
+    loop {
+        let next = tokio::select! {
+            n = waiting.next() => n,
+            _ = tokio::time::sleep_until(hold_end) => None,
+            _ = &mut stopping => None,
+        };
+        let Some((idx, report)) = next else { break };
+        let row = &rows[idx];
+        match Outcome::of_report(&ctx, row, report) {
+            // Never sent: release the hold, no attempt counted.
+            None => {
+                let _ = client.execute(&ctx.sql.late_release, &[&row.id]).await;
+            }
+            Some(outcome) => {
+                if record_late(&ctx, &client, row, &outcome).await {
+                    ctx.report.settled_late(row, &outcome);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one late outcome while the row's hold lasts; `true` when it was written.
+async fn record_late(ctx: &Ctx, client: &Client, row: &Reserved, o: &Outcome) -> bool {
+    let written = match o {
+        Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
+            client.execute(&ctx.sql.late_confirm, &[&row.id]).await
+        }
+        Outcome::Delivered { partition, offset } => {
+            client
+                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset])
+                .await
+        }
+        Outcome::Failed(f) => {
+            let delay = due_after(ctx, row, o).map_or(0, millis);
+            client
+                .execute(&ctx.sql.late_fail, &[&row.id, &f.error, &delay, &f.dead])
+                .await
+        }
+        Outcome::NotSent | Outcome::Held => return false,
+    };
+    matches!(written, Ok(1))
+}

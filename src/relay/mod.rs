@@ -1,0 +1,290 @@
+//! The relay, as a pipeline of stages:
+//!
+//! ```text
+//! wake ──▶ reserve ──▶ publish ──▶ confirm ──▶ report
+//! (Stream)  (batch tx)  (chains per   (one statement  (acks, counters,
+//!                        aggregate)    + commit)       metrics, logs)
+//! ```
+//!
+//! - [`wake`]: a `Stream` of wake-ups — notifications ([`listen`]) ⊕ fallback ticker ⊕ due
+//!   retries/holds ⊕ "the last batch was full".
+//! - [`reserve`]: batch connections and the reservation transaction (row locks = the lease).
+//! - [`batch`]: one batch after its reservation: [`fence`] → [`publish`] → [`confirm`] → [`report`].
+//! - [`retry`]: the retry policy (permanent errors, backoff, dead letters).
+//! - [`maintenance`]: retention cleanup, backlog gauges, fence expiry — supervised tasks beside
+//!   the pipeline.
+//! - [`timing`]: every duration derived once from the settings, and the stop window.
+//!
+//! This module drives the pipeline: it takes wake-ups while fewer than `max_batches_in_flight`
+//! batches are in flight, reserves, runs each batch on a task, and on stop drains it in order
+//! (stop reserving → finish batches → flush the producer → record late reports → end streams).
+
+mod batch;
+mod confirm;
+mod fence;
+mod listen;
+mod maintenance;
+mod publish;
+mod report;
+mod reserve;
+mod retry;
+pub(crate) mod timing;
+mod wake;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Settings, WakeMode};
+use crate::delivery::Hub;
+use crate::pg::Pg;
+use crate::store::RelaySql;
+
+use self::batch::{run_batch, BatchDone};
+use self::fence::Fences;
+use self::report::Reporter;
+use self::reserve::Reserver;
+use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
+use self::wake::Wakeups;
+
+pub(crate) use self::report::Counters;
+pub(crate) use self::reserve::BATCH_SESSION_SETUP;
+
+/// Everything the relay's stages share.
+pub(crate) struct Ctx {
+    settings: Arc<Settings>,
+    timing: Timing,
+    sql: Arc<RelaySql>,
+    pg: Pg,
+    producer: FutureProducer,
+    report: Reporter,
+    stop: Arc<Stop>,
+    /// Permits for messages in flight, over all batches (`max_in_flight`).
+    in_flight: Arc<Semaphore>,
+    /// Late confirms and fence removals that outlive their batch.
+    late: TaskTracker,
+    fences: Fences,
+}
+
+/// A relay ready to run (see [`Outbox::run`](crate::Outbox::run)).
+pub(crate) struct Relay {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) sql: Arc<RelaySql>,
+    pub(crate) pg: Pg,
+    pub(crate) producer: FutureProducer,
+    pub(crate) hub: Hub,
+    pub(crate) stop: Arc<Stop>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// The pipeline's state while it runs.
+struct Pipeline {
+    ctx: Arc<Ctx>,
+    wakeups: Wakeups,
+    /// `true` while the relay is idle and wants writers to NOTIFY (see [`listen`]).
+    armed: watch::Sender<bool>,
+    batches: JoinSet<BatchDone>,
+    reserver: Reserver,
+    errors: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl Relay {
+    /// Runs until the stop is requested, then stops gracefully.
+    pub(crate) async fn run(self) -> crate::Result<()> {
+        let timing = Timing::new(&self.settings);
+        let ctx = Arc::new(Ctx {
+            timing,
+            sql: self.sql.clone(),
+            pg: self.pg.clone(),
+            producer: self.producer.clone(),
+            report: Reporter::new(self.counters.clone(), self.hub.sender()),
+            stop: self.stop.clone(),
+            in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
+            late: TaskTracker::new(),
+            fences: Fences::new(self.pg.clone(), self.sql.clone(), &timing),
+            settings: self.settings.clone(),
+        });
+        report::register_metrics();
+        ctx.report.running(true);
+        let background = TaskTracker::new();
+        let (notifications, armed) = self.spawn_wake_sources(&background, &ctx);
+        maintenance::spawn(&background, &ctx);
+        let mut pipeline = Pipeline {
+            wakeups: Wakeups::new(notifications, timing.poll_interval),
+            armed,
+            batches: JoinSet::new(),
+            reserver: Reserver::default(),
+            errors: Box::new(retry::error_backoff()),
+            ctx: ctx.clone(),
+        };
+        pipeline.run().await;
+        pipeline.drain().await;
+        shut_down(&ctx, background).await;
+        self.hub.close();
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+
+    /// Starts the listener and the waker (in [`WakeMode::Notify`]); returns their wake-ups and
+    /// the switch that arms the waker.
+    fn spawn_wake_sources(
+        &self,
+        background: &TaskTracker,
+        ctx: &Ctx,
+    ) -> (Option<mpsc::Receiver<wake::Wake>>, watch::Sender<bool>) {
+        let (armed, arm_rx) = watch::channel(false);
+        if self.settings.wake != WakeMode::Notify {
+            return (None, armed);
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let (reconnects, connected) = ctx.report.listener_counters();
+        let token = ctx.stop.token();
+        let listener = listen::Listener {
+            pg: self.pg.clone(),
+            channel: self.settings.channel.clone(),
+            wake: tx.clone(),
+            token: token.clone(),
+            reconnects,
+            connected,
+        };
+        background.spawn(listener.run());
+        listen::spawn_waker(
+            background,
+            self.pg.clone(),
+            self.settings.table.clone(),
+            arm_rx,
+            tx,
+            token.clone(),
+        );
+        (Some(rx), armed)
+    }
+}
+
+impl Pipeline {
+    /// Takes wake-ups while a batch slot is free, until the stop is requested.
+    async fn run(&mut self) {
+        let max_batches = self.ctx.settings.max_batches_in_flight;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.ctx.stop.token().cancelled() => return,
+                Some(done) = self.batches.join_next() => self.batch_done(done),
+                Some(_) = self.wakeups.next(), if self.batches.len() < max_batches => {
+                    self.reserve().await;
+                }
+            }
+        }
+    }
+
+    /// Reserves a batch and starts it on a task of its own.
+    async fn reserve(&mut self) {
+        let ctx = self.ctx.clone();
+        let started = Instant::now();
+        let reserved = self
+            .reserver
+            .reserve(&ctx.pg, &ctx.sql, &ctx.timing, ctx.settings.batch_size)
+            .await;
+        match reserved {
+            Ok(None) => {
+                self.errors = Box::new(retry::error_backoff());
+                // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
+                // in flight, so that a new event is reserved in the free slot at once rather
+                // than after those batches.
+                self.armed.send_replace(true);
+            }
+            Ok(Some((conn, rows))) => {
+                self.armed.send_replace(false);
+                if rows.len() >= ctx.settings.batch_size {
+                    self.wakeups.again();
+                }
+                let span = tracing::debug_span!(
+                    "outbox_batch",
+                    events = rows.len(),
+                    first_seq = rows[0].seq,
+                    last_seq = rows[rows.len() - 1].seq
+                );
+                let batch = run_batch(ctx.clone(), conn, rows, started);
+                self.batches
+                    .spawn(tracing::Instrument::instrument(batch, span));
+            }
+            Err(e) => {
+                let delay = self.pause();
+                ctx.report.reserve_failed(&e, delay);
+            }
+        }
+    }
+
+    /// Takes a finished batch's connection back and schedules its due retries.
+    fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
+        match done {
+            Ok(BatchDone {
+                conn: Some(conn),
+                next_due,
+            }) => {
+                if let Some(d) = next_due {
+                    self.wakeups.due_at(Instant::now() + d);
+                }
+                self.reserver.put_back(conn);
+                // Only a confirmed batch ends an error streak: a batch that publishes but
+                // cannot be confirmed must not re-send in a tight loop.
+                self.errors = Box::new(retry::error_backoff());
+            }
+            Ok(BatchDone { conn: None, .. }) => {
+                self.pause();
+            }
+            Err(e) => self.ctx.report.batch_panicked(&e),
+        }
+        self.wakeups.again();
+    }
+
+    /// Pauses reservations for the next error backoff; returns its length.
+    fn pause(&mut self) -> Duration {
+        let delay = self.errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
+        self.wakeups.pause(delay);
+        delay
+    }
+
+    /// Stops reserving and lets every batch finish: batches stop sending, wait for their
+    /// in-flight reports (bounded by `batch_timeout`, or half of the stop window), confirm and
+    /// commit (releasing unsent rows).
+    async fn drain(self) {
+        self.armed.send_replace(false);
+        let mut batches = self.batches;
+        tracing::info!(in_flight_batches = batches.len(), "outbox relay stopping");
+        while let Some(done) = batches.join_next().await {
+            if let Err(e) = done {
+                self.ctx.report.batch_panicked(&e);
+            }
+        }
+    }
+}
+
+/// After the batches: flushes what the producer still holds while the held messages' late
+/// reports come in, then purges, so that nothing is sent after the relay returned (a message
+/// purged before it was sent is released at once; one purged in flight stays held, it may have
+/// reached Kafka). Then ends the wake sources and the maintenance tasks.
+async fn shut_down(ctx: &Ctx, background: TaskTracker) {
+    let deadline = ctx.stop.window().map_or_else(Instant::now, |w| w.deadline);
+    ctx.late.close();
+    let producer = ctx.producer.clone();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let flush = tokio::task::spawn_blocking(move || producer.flush(left));
+    let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
+    let _ = flush.await;
+    if ctx.producer.in_flight_count() > 0 {
+        ctx.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let producer = ctx.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(PURGE_FLUSH)).await;
+    }
+    let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
+    background.close();
+    background.wait().await;
+    ctx.report.running(false);
+}

@@ -1,0 +1,278 @@
+//! The publish stage: a batch's rows as one chain per aggregate, all chains at once, each chain
+//! one message at a time — an event is handed to the producer only after the previous one of its
+//! aggregate was acknowledged, so a failure can never let a later event of the aggregate reach
+//! Kafka first. Messages in flight over all batches are bounded by `max_in_flight` permits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::text::printable;
+
+use super::reserve::Reserved;
+use super::retry::{self, Failure};
+use super::Ctx;
+
+/// What became of one reserved row.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Not handed to the producer (or purged unsent): released as it was.
+    NotSent,
+    /// Kafka acknowledged it.
+    Delivered { partition: i32, offset: i64 },
+    /// The attempt failed (retry or dead letter).
+    Failed(Failure),
+    /// Sent, no report by the batch's cutoff: held until the report comes.
+    Held,
+}
+
+impl Outcome {
+    /// The outcome of a delivery report for `row`; `None` when the message was purged from the
+    /// producer's queue before it was sent (nothing to record: it is simply released).
+    pub(crate) fn of_report(
+        ctx: &Ctx,
+        row: &Reserved,
+        report: Result<(i32, i64), KafkaError>,
+    ) -> Option<Outcome> {
+        match report {
+            Ok((partition, offset)) => Some(Outcome::Delivered { partition, offset }),
+            Err(e) if is_purged_unsent(&e) => None,
+            Err(e) => Some(Outcome::Failed(retry::judge(
+                &ctx.settings,
+                &e,
+                row.attempts,
+            ))),
+        }
+    }
+}
+
+/// A message sent but not reported by its batch's cutoff.
+pub(crate) struct Straggler {
+    /// Index of its row in the batch.
+    pub(crate) idx: usize,
+    pub(crate) future: DeliveryFuture,
+    /// Its in-flight permit, released with the report.
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// What the publish stage hands to the confirm stage.
+pub(crate) struct Published {
+    /// One per reserved row, in the batch's order.
+    pub(crate) outcomes: Vec<Outcome>,
+    /// The held messages, still awaiting their reports.
+    pub(crate) stragglers: Vec<Straggler>,
+}
+
+/// The rows' indexes grouped by aggregate, each chain in `seq` order (the batch's order).
+pub(crate) fn chains(rows: &[Reserved]) -> Vec<Vec<usize>> {
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    let mut by_aggregate: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let slot = *by_aggregate
+            .entry(r.aggregate_id.as_str())
+            .or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+        chains[slot].push(i);
+    }
+    chains
+}
+
+/// Publishes every chain until each is done, failed, or reached `cutoff`. Stops sending when
+/// `session` (the batch transaction holding the row locks) is lost.
+pub(crate) async fn publish(
+    ctx: &Ctx,
+    session: &Client,
+    rows: &[Reserved],
+    chains: &[Vec<usize>],
+    cutoff: Instant,
+) -> Published {
+    let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
+    let mut stragglers = Vec::new();
+    let mut running: FuturesUnordered<_> = chains
+        .iter()
+        .map(|c| publish_chain(ctx, session, rows, c, cutoff))
+        .collect();
+    while let Some((results, straggler)) = running.next().await {
+        for (idx, o) in results {
+            outcomes[idx] = o;
+        }
+        stragglers.extend(straggler);
+    }
+    Published {
+        outcomes,
+        stragglers,
+    }
+}
+
+enum Sent {
+    Report(Result<(i32, i64), KafkaError>),
+    Cutoff(DeliveryFuture, OwnedSemaphorePermit),
+    Skipped,
+}
+
+/// Publishes one aggregate's events of the batch in order, one at a time.
+async fn publish_chain(
+    ctx: &Ctx,
+    session: &Client,
+    rows: &[Reserved],
+    chain: &[usize],
+    cutoff: Instant,
+) -> (Vec<(usize, Outcome)>, Option<Straggler>) {
+    let mut out = Vec::with_capacity(chain.len());
+    for &idx in chain {
+        // A lost batch session means lost row locks: send nothing more (the fence keeps other
+        // relays off these aggregates until what was sent has settled).
+        if ctx.stop.token().is_cancelled() || Instant::now() >= cutoff || session.is_closed() {
+            break;
+        }
+        let row = &rows[idx];
+        if let Some(rule) = &row.invalid {
+            // A row that breaks a writer rule is a dead letter, never sent; its aggregate's
+            // later events wait behind it like behind any dead letter.
+            out.push((idx, Outcome::Failed(retry::invalid_row(rule))));
+            break;
+        }
+        let report = match send_one(ctx, row, cutoff).await {
+            Sent::Skipped => break,
+            Sent::Cutoff(future, permit) => {
+                out.push((idx, Outcome::Held));
+                let _permit = permit;
+                return (
+                    out,
+                    Some(Straggler {
+                        idx,
+                        future,
+                        _permit,
+                    }),
+                );
+            }
+            Sent::Report(report) => report,
+        };
+        // Purged from the producer's queue at stop: never sent, so simply released.
+        let Some(outcome) = Outcome::of_report(ctx, row, report) else {
+            break;
+        };
+        let delivered = matches!(outcome, Outcome::Delivered { .. });
+        out.push((idx, outcome));
+        if !delivered {
+            break;
+        }
+    }
+    (out, None)
+}
+
+/// Completes at `cutoff`, or — once the relay is stopping — halfway to the stop deadline.
+async fn wait_until(ctx: &Ctx, cutoff: Instant) {
+    let stopping = async {
+        let window = ctx.stop.requested().await;
+        tokio::time::sleep_until(window.sends_end()).await;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep_until(cutoff) => {}
+        _ = stopping => {}
+    }
+}
+
+/// A message purged from the producer's queue before it was sent.
+pub(crate) fn is_purged_unsent(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue)
+}
+
+async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
+    let permit = tokio::select! {
+        p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::Skipped },
+        _ = wait_until(ctx, cutoff) => return Sent::Skipped,
+    };
+    let mut id_buf = Uuid::encode_buffer();
+    let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
+    let mut record = FutureRecord::to(&row.topic)
+        .key(row.aggregate_id.as_str())
+        .payload(row.payload.0.as_slice())
+        .headers(record_headers(row, event_id));
+    let mut future = loop {
+        match ctx.producer.send_result(record) {
+            Ok(f) => break f,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                // Backpressure: the producer queue is full; wait for it to drain.
+                if Instant::now() >= cutoff || ctx.stop.token().is_cancelled() {
+                    return Sent::Skipped;
+                }
+                record = r;
+                tokio::time::sleep(QUEUE_FULL_WAIT).await;
+            }
+            Err((e, _)) => return Sent::Report(Err(e)),
+        }
+    };
+    ctx.report.in_flight(1);
+    let report = tokio::select! {
+        r = &mut future => r,
+        _ = wait_until(ctx, cutoff) => {
+            ctx.report.in_flight(-1);
+            return Sent::Cutoff(future, permit);
+        }
+    };
+    ctx.report.in_flight(-1);
+    drop(permit);
+    Sent::Report(report_result(report))
+}
+
+/// How long a send waits before trying again when the producer's queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
+
+/// The record's headers: the relay's own (`event_id`, `event_type`) exactly once, then the row's
+/// valid custom headers. Custom headers the relay will not publish (a forged reserved name, a
+/// non-string value, a column that is not an object) are logged and counted in
+/// `outbox_headers_dropped_total{reason}`; the event itself is published.
+fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
+    let custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
+    for dropped in &custom.dropped {
+        metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason())
+            .increment(1);
+        tracing::warn!(
+            event_id,
+            topic = %printable(&row.topic),
+            reason = dropped.reason(),
+            "outbox relay: publishing without a custom header: {}",
+            printable(&dropped.to_string())
+        );
+    }
+    let mut headers = OwnedHeaders::new_with_capacity(2 + custom.valid.len())
+        .insert(Header {
+            key: "event_id",
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(row.event_type.as_str()),
+        });
+    for (k, v) in &custom.valid {
+        headers = headers.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_str()),
+        });
+    }
+    headers
+}
+
+/// A delivery future's result as partition and offset, or the error.
+pub(crate) fn report_result(
+    r: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Result<(i32, i64), KafkaError> {
+    match r {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}

@@ -1,0 +1,285 @@
+//! The report stage: the one sink for what the relay did — delivery acks and failures on the
+//! subscribers' streams, the counters behind [`Outbox::stats`](crate::Outbox::stats), the
+//! `metrics` counters and gauges, and the log lines.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+
+use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure};
+use crate::error::PgErrorDisplay;
+use crate::text::printable;
+
+use super::publish::Outcome;
+use super::reserve::Reserved;
+
+/// Counters kept by the relay; read them with [`Outbox::stats`](crate::Outbox::stats).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) confirm_failures: AtomicU64,
+    pub(crate) reserve_failures: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) listener_reconnects: Arc<AtomicU64>,
+    pub(crate) listener_connected: Arc<AtomicBool>,
+    pub(crate) in_flight: AtomicI64,
+    /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
+    pub(crate) last_delivery_ms: AtomicI64,
+    pub(crate) running: AtomicBool,
+}
+
+/// Where every stage reports to.
+pub(crate) struct Reporter {
+    counters: Arc<Counters>,
+    acks: Option<broadcast::Sender<DeliveryEvent>>,
+}
+
+impl Reporter {
+    pub(crate) fn new(
+        counters: Arc<Counters>,
+        acks: Option<broadcast::Sender<DeliveryEvent>>,
+    ) -> Self {
+        Reporter { counters, acks }
+    }
+
+    pub(crate) fn running(&self, running: bool) {
+        self.counters.running.store(running, Ordering::Relaxed);
+    }
+
+    pub(crate) fn batch_reserved(&self, rows: &[Reserved]) {
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("outbox_batches_total").increment(1);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
+            tracing::debug!(event_ids = ?ids, "outbox batch reserved");
+        }
+    }
+
+    pub(crate) fn reserve_failed(&self, e: &tokio_postgres::Error, delay: Duration) {
+        self.counters
+            .reserve_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %PgErrorDisplay(e), ?delay, "outbox relay: reservation failed; retrying");
+    }
+
+    pub(crate) fn fence_failed(&self, e: &tokio_postgres::Error) {
+        tracing::warn!(error = %PgErrorDisplay(e), "outbox relay: cannot fence the batch; releasing it");
+    }
+
+    /// A message was handed to the producer (`+1`) or left the relay's hands (`-1`).
+    pub(crate) fn in_flight(&self, delta: i64) {
+        let now = self.counters.in_flight.fetch_add(delta, Ordering::Relaxed) + delta;
+        metrics::gauge!("outbox_in_flight_messages").set(now as f64);
+    }
+
+    /// A confirmed batch: every settled row, then the batch's delivery figures.
+    /// `acked_after`: time from the reservation to the confirmation.
+    pub(crate) fn batch_confirmed(
+        &self,
+        rows: &[Reserved],
+        outcomes: &[Outcome],
+        acked_after: Duration,
+    ) {
+        let now = Utc::now();
+        let latency = metrics::histogram!("outbox_commit_to_ack_seconds");
+        let mut delivered = 0;
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            if self.announce(row, outcome, now) {
+                delivered += 1;
+                if let Some(age) = row.age_at_reserve {
+                    latency.record(age + acked_after.as_secs_f64());
+                }
+            }
+        }
+        self.count_delivered(delivered, now);
+    }
+
+    /// One row's outcome recorded from a late delivery report.
+    pub(crate) fn settled_late(&self, row: &Reserved, outcome: &Outcome) {
+        let now = Utc::now();
+        if self.announce(row, outcome, now) {
+            self.count_delivered(1, now);
+        }
+    }
+
+    /// Acks, failure counters and logs of one row's recorded outcome; returns whether it was a
+    /// delivery (counted by the caller).
+    fn announce(&self, row: &Reserved, outcome: &Outcome, at: DateTime<Utc>) -> bool {
+        match outcome {
+            Outcome::Delivered { partition, offset } => {
+                self.send(|| {
+                    DeliveryEvent::Delivered(DeliveryAck {
+                        event_id: row.id,
+                        seq: row.seq,
+                        aggregate_id: row.aggregate_id.clone(),
+                        topic: row.topic.clone(),
+                        event_type: row.event_type.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                        delivered_at: at,
+                    })
+                });
+                true
+            }
+            Outcome::Failed(f) => {
+                self.failed(row, f);
+                false
+            }
+            Outcome::NotSent | Outcome::Held => false,
+        }
+    }
+
+    fn count_delivered(&self, n: u64, at: DateTime<Utc>) {
+        if n == 0 {
+            return;
+        }
+        self.counters.delivered.fetch_add(n, Ordering::Relaxed);
+        self.counters
+            .last_delivery_ms
+            .fetch_max(at.timestamp_millis(), Ordering::Relaxed);
+        metrics::counter!("outbox_events_delivered_total").increment(n);
+    }
+
+    fn failed(&self, row: &Reserved, f: &super::retry::Failure) {
+        let attempts = row.attempts + 1;
+        if f.dead {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outbox_dead_letters_total").increment(1);
+            tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox event dead-lettered");
+        } else {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outbox_delivery_failures_total").increment(1);
+            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed; will retry");
+        }
+        self.send(|| {
+            DeliveryEvent::Failed(DeliveryFailure {
+                event_id: row.id,
+                aggregate_id: row.aggregate_id.clone(),
+                topic: row.topic.clone(),
+                error: f.error.clone(),
+                kafka_code: f.code,
+                attempts,
+                dead_letter: f.dead,
+            })
+        });
+    }
+
+    /// Sends to the subscribers, building the item only when someone listens.
+    fn send(&self, item: impl FnOnce() -> DeliveryEvent) {
+        if let Some(tx) = self.acks.as_ref().filter(|tx| tx.receiver_count() > 0) {
+            let _ = tx.send(item());
+        }
+    }
+
+    pub(crate) fn confirm_failed(&self, e: &tokio_postgres::Error, delivered: usize) {
+        let streak = self
+            .counters
+            .confirm_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        metrics::counter!("outbox_confirm_failures_total").increment(1);
+        tracing::error!(
+            confirm_failures_total = streak,
+            error = %PgErrorDisplay(e),
+            delivered,
+            "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
+        );
+    }
+
+    pub(crate) fn held(&self, held: usize) {
+        tracing::warn!(
+            held,
+            "outbox relay: delivery reports late; holding those events until they arrive"
+        );
+    }
+
+    pub(crate) fn late_unrecordable(&self, e: &tokio_postgres::Error) {
+        tracing::warn!(error = %PgErrorDisplay(e), "outbox relay: cannot record late delivery reports; the held events will be published again");
+    }
+
+    pub(crate) fn batch_panicked(&self, e: &tokio::task::JoinError) {
+        tracing::error!(error = %e, "outbox relay: batch task panicked");
+    }
+
+    pub(crate) fn listener_counters(&self) -> (Arc<AtomicU64>, Arc<AtomicBool>) {
+        (
+            self.counters.listener_reconnects.clone(),
+            self.counters.listener_connected.clone(),
+        )
+    }
+}
+
+/// Describes the relay's metrics and registers its counters at zero, so that `rate(…)` alerts
+/// have a series to evaluate before the first event (a counter otherwise appears only when it
+/// first increases).
+pub(crate) fn register_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    let counters = [
+        (
+            "outbox_events_delivered_total",
+            "Events Kafka acknowledged and the relay confirmed.",
+        ),
+        (
+            "outbox_delivery_failures_total",
+            "Failed delivery attempts that will be retried.",
+        ),
+        (
+            "outbox_dead_letters_total",
+            "Events that became dead letters.",
+        ),
+        (
+            "outbox_confirm_failures_total",
+            "Batches whose confirmation in Postgres failed (their events are published again).",
+        ),
+        ("outbox_batches_total", "Batches reserved."),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, Unit::Count, help);
+        metrics::counter!(name).increment(0);
+    }
+    describe_gauge!(
+        "outbox_backlog_events",
+        Unit::Count,
+        "Pending events (every 10 s)."
+    );
+    describe_gauge!(
+        "outbox_retrying_events",
+        Unit::Count,
+        "Pending events waiting for a retry."
+    );
+    describe_gauge!(
+        "outbox_dead_letter_events",
+        Unit::Count,
+        "Dead letters in the table."
+    );
+    describe_gauge!(
+        "outbox_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending event."
+    );
+    describe_gauge!(
+        "outbox_legacy_reservations",
+        Unit::Count,
+        "Rows with a live reservation of another relay (the original Go relay still running)."
+    );
+    describe_gauge!(
+        "outbox_in_flight_messages",
+        Unit::Count,
+        "Messages sent, not yet acknowledged."
+    );
+    describe_gauge!(
+        "outbox_oldest_transaction_age_seconds",
+        Unit::Seconds,
+        "Age of the transaction holding the oldest snapshot in the database."
+    );
+    describe_histogram!(
+        "outbox_commit_to_ack_seconds",
+        Unit::Seconds,
+        "From the writer's transaction start to the confirmed delivery."
+    );
+}

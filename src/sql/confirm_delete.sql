@@ -1,0 +1,10 @@
+-- Confirm a batch (OnDelivery::Delete): delivered rows deleted, the other outcomes recorded, its
+-- fence deleted ($7 uuid batch id).
+with unfenced as (delete from {{table}}_fence where batch_id = $7),
+     delivered as (
+         delete from {{table}} where id = any(
+             select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
+              where u.outcome = {{delivered}})
+     )
+{{confirm_update}}
+   and u.outcome <> {{delivered}}

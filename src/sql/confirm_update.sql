@@ -1,0 +1,18 @@
+-- The body of the batch confirm: every outcome of the batch in one statement.
+-- $1 uuid[] ids, $2 int2[] outcomes (`ConfirmOutcome`), $3 int4[] partitions, $4 int8[] offsets,
+-- $5 text[] errors, $6 int8[] delays in ms (retry backoff or hold).
+-- `published_at` is the confirm statement's start: after Kafka acknowledged every delivered row
+-- of the batch (not `now()`, the batch transaction's start, which is the reservation).
+update {{table}} e set
+     status = case u.outcome when {{delivered}} then 'done' when {{dead}} then 'failed' else e.status end,
+     published_at = case when u.outcome = {{delivered}} then statement_timestamp() else e.published_at end,
+     kafka_partition = case when u.outcome = {{delivered}} then u.part else e.kafka_partition end,
+     kafka_offset = case when u.outcome = {{delivered}} then u.off else e.kafka_offset end,
+     attempts = e.attempts + case when u.outcome in ({{retry}}, {{dead}}) then 1 else 0 end,
+     last_error = case when u.outcome = {{delivered}} then null else coalesce(u.error, e.last_error) end,
+     next_attempt_at = case when u.outcome in ({{retry}}, {{hold}})
+                            then now() + u.delay_ms * interval '1 millisecond' end,
+     reserved_to = null
+   from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])
+        as u(id, outcome, part, off, error, delay_ms)
+  where e.id = u.id

@@ -1,0 +1,2 @@
+-- Fences of batches that never confirmed, once they ended.
+delete from {{table}}_fence where until < now()

@@ -1,0 +1,2 @@
+-- The migration versions applied to table $1.
+select version from outbox_migrations where table_name = $1
