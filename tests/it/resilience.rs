@@ -339,7 +339,12 @@ async fn hostile_rows_do_not_break_find_status_or_reservation() {
         ["created_at: -infinity"]
     );
     let d = by_type("deep");
-    assert_eq!(d.payload(), &serde_json::Value::Null);
+    // Too deep for serde_json: the payload is given as its JSON text, with a decode problem.
+    assert!(
+        d.payload().as_str().is_some_and(|t| t.starts_with("[[[")),
+        "{:?}",
+        d.payload()
+    );
     assert!(d.headers().is_empty());
     assert_eq!(d.decode_problems().len(), 2, "{:?}", d.decode_problems());
     assert!(
