@@ -411,13 +411,10 @@ async fn reserve(conn: &BatchConn, limit: usize) -> Result<Vec<Reserved>, tokio_
                 age_at_reserve: r.get(8),
                 invalid: None,
             };
-            row.invalid = crate::event::validate_row(
-                &row.topic,
-                &row.aggregate_id,
-                &row.event_type,
-            )
-            .err()
-            .map(|e| format!("{e} (a rule of add_new_event; not sent, no retries)"));
+            row.invalid =
+                crate::event::validate_row(&row.topic, &row.aggregate_id, &row.event_type)
+                    .err()
+                    .map(|e| format!("{e} (a rule of add_new_event; not sent, no retries)"));
             row
         })
         .collect())

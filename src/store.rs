@@ -306,7 +306,10 @@ pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
             Ok(v) => headers_from_json(v),
             Err(p) => {
                 problems.push(p);
-                crate::headers::parse(Some(&raw.0)).valid.into_iter().collect()
+                crate::headers::parse(Some(&raw.0))
+                    .valid
+                    .into_iter()
+                    .collect()
             }
         },
     };

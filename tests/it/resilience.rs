@@ -884,7 +884,6 @@ async fn fault_kit_does_what_it_says() {
 
 /// `fatal_producer_errors` makes an idempotent producer fatal on the mock cluster (what issue
 /// 9.1's relay fix must detect through `fatal_error()`).
-#[ignore = "written for the fault kit's fatal-producer helper but not yet run (the machine was saturated); run it before relying on the helper"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fatal_producer_errors_make_the_idempotent_producer_fatal() {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
