@@ -339,7 +339,12 @@ async fn hostile_rows_do_not_break_find_status_or_reservation() {
         ["created_at: -infinity"]
     );
     let d = by_type("deep");
-    assert_eq!(d.payload(), &serde_json::Value::Null);
+    // Too deep for serde_json: the payload is given as its JSON text, with a decode problem.
+    assert!(
+        d.payload().as_str().is_some_and(|t| t.starts_with("[[[")),
+        "{:?}",
+        d.payload()
+    );
     assert!(d.headers().is_empty());
     assert_eq!(d.decode_problems().len(), 2, "{:?}", d.decode_problems());
     assert!(
@@ -879,7 +884,6 @@ async fn fault_kit_does_what_it_says() {
 
 /// `fatal_producer_errors` makes an idempotent producer fatal on the mock cluster (what issue
 /// 9.1's relay fix must detect through `fatal_error()`).
-#[ignore = "written for the fault kit's fatal-producer helper but not yet run (the machine was saturated); run it before relying on the helper"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fatal_producer_errors_make_the_idempotent_producer_fatal() {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
