@@ -362,55 +362,67 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         &[&table, &channel, &SCHEMA_VERSION],
     )
     .await?;
-    // Recorded migrations whose objects were dropped since: re-run their idempotent DDL.
-    let mut repaired = Vec::new();
-    let missing = missing_objects(tx, table).await?;
-    if !missing.is_empty() {
-        tracing::warn!(table, missing = ?missing, "outbox objects missing; repairing");
-        if missing.iter().any(|m| m.kind == "table" && m.name == table) {
-            for m in MIGRATIONS {
-                tx.batch_execute(&render(m.sql, table, channel, &[]))
-                    .await?;
-            }
-        } else {
-            if missing.iter().any(|m| m.kind == "index") {
-                tx.batch_execute(&render(REPAIR_INDEXES, table, channel, &[]))
-                    .await?;
-            }
-            if missing
-                .iter()
-                .any(|m| m.kind == "trigger" || m.kind == "function")
-            {
-                for m in MIGRATIONS.iter().filter(|m| m.uses_channel()) {
-                    tx.batch_execute(&render(m.sql, table, channel, &[]))
-                        .await?;
-                }
-            }
-            if missing.iter().any(|m| m.kind == "table") {
-                for m in MIGRATIONS.iter().filter(|m| m.version == FENCE_VERSION) {
-                    tx.batch_execute(&render(m.sql, table, channel, &[]))
-                        .await?;
-                }
-            }
-        }
-        let still = missing_objects(tx, table).await?;
-        if !still.is_empty() {
-            return Err(Error::Schema(format!(
-                "table `{table}`: could not repair {}",
-                describe_missing(&still)
-            )));
-        }
-        repaired = missing
-            .iter()
-            .map(|m| format!("{} ({})", m.name, m.kind))
-            .collect();
-    }
+    let repaired = repair_missing(tx, table, channel).await?;
     let previous_channel = previous_channel.filter(|c| c != channel);
     Ok(MigrationReport {
         applied,
         previous_channel,
         repaired,
     })
+}
+
+/// Recorded migrations whose objects were dropped since: re-runs their idempotent DDL. Returns
+/// the objects re-created, e.g. `events_fence (table)`.
+///
+/// # Errors
+/// [`Error::Schema`] when an object is still missing afterwards; [`Error::Postgres`] when a
+/// statement fails.
+async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<String>> {
+    let missing = missing_objects(tx, table).await?;
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    tracing::warn!(table, missing = ?missing, "outbox objects missing; repairing");
+    let any = |kinds: &[&str]| missing.iter().any(|m| kinds.contains(&m.kind));
+    let table_gone = missing.iter().any(|m| m.kind == "table" && m.name == table);
+    let mut ddl: Vec<&str> = Vec::new();
+    if table_gone {
+        ddl.extend(MIGRATIONS.iter().map(|m| m.sql));
+    } else {
+        if any(&["index"]) {
+            ddl.push(REPAIR_INDEXES);
+        }
+        if any(&["trigger", "function"]) {
+            ddl.extend(
+                MIGRATIONS
+                    .iter()
+                    .filter(|m| m.uses_channel())
+                    .map(|m| m.sql),
+            );
+        }
+        if any(&["table"]) {
+            ddl.extend(
+                MIGRATIONS
+                    .iter()
+                    .filter(|m| m.version == FENCE_VERSION)
+                    .map(|m| m.sql),
+            );
+        }
+    }
+    for sql in ddl {
+        tx.batch_execute(&render(sql, table, channel, &[])).await?;
+    }
+    let still = missing_objects(tx, table).await?;
+    if !still.is_empty() {
+        return Err(Error::Schema(format!(
+            "table `{table}`: could not repair {}",
+            describe_missing(&still)
+        )));
+    }
+    Ok(missing
+        .iter()
+        .map(|m| format!("{} ({})", m.name, m.kind))
+        .collect())
 }
 
 /// The indexes of migration 2, each created only if missing.

@@ -1264,53 +1264,32 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
 // S11 — table bloat
 // ----------------------------------------------------------------------------------------------
 
-/// The reservation statement of `Store::reserve` (BlockAggregate), copied from `src/store.rs`,
-/// with the limit inlined.
-fn reserve_sql(t: &str, limit: i64) -> String {
-    let cols = "c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers, c.attempts";
-    format!(
-        "with cand as materialized (
-             select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts
-               from {t}
-              where status = 'new'
-                and (reserved_to is null or reserved_to < localtimestamp)
-                and (next_attempt_at is null or next_attempt_at <= now())
-              order by seq
-              limit {limit}
-                for update skip locked
-         ),
-         gate as (
-             select a.aggregate_id, g.seq as gap
-               from (select distinct aggregate_id from cand) a
-               left join lateral (
-                    select e.seq from {t} e
-                     where e.aggregate_id = a.aggregate_id and e.status <> 'done'
-                       and e.id not in (select id from cand)
-                     order by e.seq
-                     limit 1
-               ) g on true
-         )
-         select {cols}
-           from cand c join gate g on g.aggregate_id = c.aggregate_id
-          where g.gap is null or c.seq < g.gap
-          order by c.seq"
-    )
-}
-
-/// `analyze`, then the plan of the reservation statement.
+/// `analyze`, then the plan of the relay's own reservation statement (for 1,000 rows), under the
+/// relay's batch-session settings.
 async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
     client
         .batch_execute(&format!("analyze {table}"))
         .await
         .unwrap();
+    let sql = outbox::testing::relay_sql(table, false);
+    // `set` inside a transaction that rolls back leaves the session as it was.
     client
-        .query(&format!("explain {}", reserve_sql(table, 1000)), &[])
+        .batch_execute(&format!("begin; {}", sql.session_setup))
+        .await
+        .unwrap();
+    let plan = client
+        .query(
+            &format!("explain {}", sql.reserve.replace("$1", "1000")),
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    client.batch_execute("rollback").await.unwrap();
+    plan
 }
 
 async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
