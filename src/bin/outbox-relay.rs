@@ -216,7 +216,8 @@ struct Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = exit_code(&e);
-        let message = if e.is_connection() {
+        // A refused or failed connection says so; a timeout names its call itself.
+        let message = if matches!(e, Error::Postgres(_)) && e.is_connection() {
             format!("cannot connect to Postgres: {e}")
         } else {
             e.to_string()
