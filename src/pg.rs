@@ -339,23 +339,42 @@ impl Pg {
 pub(crate) const POOLER_PROBLEM: &str = "the Postgres connection goes through a pooler in transaction (or statement) pooling mode (e.g. PgBouncer `pool_mode = transaction`): two of the relay's sessions shared one server backend, or a session lost its own setting between two statements. The relay needs real sessions (LISTEN, advisory locks, prepared statements, its batch transactions' settings). Point the relay at Postgres directly or at a session-pooling port; writers (`add_new_event` in your transactions) may keep using transaction pooling";
 
 impl Pg {
-    /// Connects without the relay's session parameters (a probe must not change any server
-    /// session before the pooler test passed).
+    /// Connects without `SET`ting anything (a probe must not change any server session before
+    /// the pooler test passed). Its only session parameter, `statement_timeout` (the Postgres
+    /// timeout), goes as a startup option, so that a database default such as
+    /// `statement_timeout = 1ms` cannot cancel the probe; a server that refuses startup options
+    /// (PgBouncer ≥ 1.20) is connected to again without it.
     async fn connect_probe(&self) -> Result<Client, tokio_postgres::Error> {
-        let mut cfg = self.config.clone();
-        cfg.application_name("outbox-relay-probe");
-        let connection = match &self.tls {
+        let mut plain = self.config.clone();
+        plain.application_name("outbox-relay-probe");
+        let ours = format!("-c statement_timeout={}", self.timeout.as_millis());
+        let mut with_options = plain.clone();
+        with_options.options(&match plain.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {ours}"),
+            _ => ours,
+        });
+        match self.connect_once(with_options).await {
+            Err(e) if options_refused(&e) => self.connect_once(plain).await,
+            r => r,
+        }
+    }
+
+    /// One connection with `cfg` and the configured TLS, driven on a task.
+    async fn connect_once(&self, cfg: Config) -> Result<Client, tokio_postgres::Error> {
+        let client = match &self.tls {
             Tls::None => {
                 let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-                (client, tokio::spawn(drive(conn, None)))
+                tokio::spawn(drive(conn, None));
+                client
             }
             #[cfg(feature = "postgres-rustls")]
             Tls::Rustls(tls) => {
                 let (client, conn) = cfg.connect(tls.clone()).await?;
-                (client, tokio::spawn(drive(conn, None)))
+                tokio::spawn(drive(conn, None));
+                client
             }
         };
-        Ok(connection.0)
+        Ok(client)
     }
 
     /// Detects a pooler that breaks session semantics (transaction or statement pooling), with
