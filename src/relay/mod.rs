@@ -91,7 +91,19 @@ struct Pipeline {
     armed: watch::Sender<bool>,
     batches: JoinSet<BatchDone>,
     reserver: Reserver,
-    errors: Box<dyn Iterator<Item = Duration> + Send>,
+    /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
+    reserve_errors: Backoff,
+    /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
+    /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
+    /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
+    /// becomes a tight loop of re-sends).
+    batch_errors: Backoff,
+}
+
+type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
+
+fn fresh_backoff() -> Backoff {
+    Box::new(retry::error_backoff())
 }
 
 impl Relay {
@@ -120,7 +132,8 @@ impl Relay {
             armed,
             batches: JoinSet::new(),
             reserver: Reserver::default(),
-            errors: Box::new(retry::error_backoff()),
+            reserve_errors: fresh_backoff(),
+            batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
         pipeline.run().await;
@@ -192,13 +205,14 @@ impl Pipeline {
             .await;
         match reserved {
             Ok(None) => {
-                self.errors = Box::new(retry::error_backoff());
+                self.reserve_errors = fresh_backoff();
                 // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
                 // in flight, so that a new event is reserved in the free slot at once rather
                 // than after those batches.
                 self.armed.send_replace(true);
             }
             Ok(Some((conn, rows))) => {
+                self.reserve_errors = fresh_backoff();
                 self.armed.send_replace(false);
                 if rows.len() >= ctx.settings.batch_size {
                     self.wakeups.again();
@@ -214,7 +228,7 @@ impl Pipeline {
                     .spawn(tracing::Instrument::instrument(batch, span));
             }
             Err(e) => {
-                let delay = self.pause();
+                let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
             }
         }
@@ -233,21 +247,14 @@ impl Pipeline {
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but
                 // cannot be confirmed must not re-send in a tight loop.
-                self.errors = Box::new(retry::error_backoff());
+                self.batch_errors = fresh_backoff();
             }
             Ok(BatchDone { conn: None, .. }) => {
-                self.pause();
+                pause(&mut self.wakeups, &mut self.batch_errors);
             }
             Err(e) => self.ctx.report.batch_panicked(&e),
         }
         self.wakeups.again();
-    }
-
-    /// Pauses reservations for the next error backoff; returns its length.
-    fn pause(&mut self) -> Duration {
-        let delay = self.errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
-        self.wakeups.pause(delay);
-        delay
     }
 
     /// Stops reserving and lets every batch finish: batches stop sending, wait for their
@@ -263,6 +270,13 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Pauses reservations for the next delay of `errors`; returns its length.
+fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
+    let delay = errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
+    wakeups.pause(delay);
+    delay
 }
 
 /// After the batches: flushes what the producer still holds while the held messages' late
