@@ -150,6 +150,8 @@ pub(crate) struct Settings {
     pub(crate) cleanup_batch: usize,
     pub(crate) ack_buffer: usize,
     pub(crate) postgres_timeout: Duration,
+    /// `ce_source` of every record, `Some` in CloudEvents mode (see [`crate::cloudevents`]).
+    pub(crate) cloudevents_source: Option<String>,
 }
 
 /// Builds an [`Outbox`](crate::Outbox): set what you need, then [`connect`](Self::connect).
@@ -236,6 +238,7 @@ impl Default for OutboxBuilder {
                 cleanup_batch: 10_000,
                 ack_buffer: 4096,
                 postgres_timeout: crate::pg::DEFAULT_TIMEOUT,
+                cloudevents_source: None,
             },
             migrate: false,
             token: None,
@@ -302,6 +305,22 @@ impl OutboxBuilder {
     /// the channel the table was migrated with.
     pub fn channel(mut self, channel: impl Into<String>) -> Self {
         self.settings.channel = channel.into();
+        self
+    }
+
+    /// Publishes every record in the CloudEvents format (the Kafka protocol binding, binary
+    /// content mode) with `source` as its `ce_source` (default: off, plain records). The value
+    /// stays the payload; `ce_specversion`, `ce_id` (the event id), `ce_source`, `ce_type`,
+    /// `ce_subject` (the aggregate id), `ce_time` (`created_at_tz`, RFC 3339 UTC) and
+    /// `content-type: application/json` are added as headers, so a CloudEvents SDK's Kafka
+    /// deserializer reads the records as they are. In this mode `ce_*` and `content-type` are
+    /// reserved header names (a row's custom header of that name is dropped and counted).
+    ///
+    /// `source` must be a non-empty URI-reference of at most 1,024 bytes with no whitespace,
+    /// controls or non-ASCII characters (e.g. `/orders`, `urn:acme:orders`,
+    /// `https://acme.example/orders`); `connect()` rejects anything else.
+    pub fn cloudevents_source(mut self, source: impl Into<String>) -> Self {
+        self.settings.cloudevents_source = Some(source.into());
         self
     }
 
@@ -475,6 +494,11 @@ impl OutboxBuilder {
                 problems.push("kafka_brokers: not set; give `host:port[,host:port…]`".to_string())
             }
             Some(_) => {}
+        }
+        if let Some(source) = &s.cloudevents_source {
+            if let Err(reason) = crate::cloudevents::check_source(source) {
+                problems.push(format!("cloudevents_source: {reason}"));
+            }
         }
         for (what, name) in [("table", &s.table), ("channel", &s.channel)] {
             if let Err(Error::InvalidIdentifier { reason, .. }) = validate_identifier(what, name) {

@@ -75,6 +75,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod cloudevents;
 mod config;
 mod delivery;
 mod error;

@@ -200,7 +200,11 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     let mut record = FutureRecord::to(&row.topic)
         .key(row.aggregate_id.as_str())
         .payload(row.payload.0.as_slice())
-        .headers(record_headers(row, event_id));
+        .headers(record_headers(
+            row,
+            event_id,
+            ctx.settings.cloudevents_source.as_deref(),
+        ));
     let mut future = loop {
         match ctx.producer.send_result(record) {
             Ok(f) => break f,
@@ -231,12 +235,28 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
 /// How long a send waits before trying again when the producer's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
-/// The record's headers: the relay's own (`event_id`, `event_type`) exactly once, then the row's
-/// valid custom headers. Custom headers the relay will not publish (a forged reserved name, a
-/// non-string value, a column that is not an object) are logged and counted in
+/// The record's headers: the relay's own (`event_id`, `event_type`) exactly once, the
+/// CloudEvents attributes when `cloudevents_source` is set (see [`crate::cloudevents`]), then the
+/// row's valid custom headers. Custom headers the relay will not publish (a forged reserved name,
+/// a non-string value, a column that is not an object) are logged and counted in
 /// `outbox_headers_dropped_total{reason}`; the event itself is published.
-fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
-    let custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
+fn record_headers(
+    row: &Reserved,
+    event_id: &str,
+    cloudevents_source: Option<&str>,
+) -> OwnedHeaders {
+    let mut custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
+    if cloudevents_source.is_some() {
+        custom.valid.retain(|(name, _)| {
+            let reserved = crate::cloudevents::is_reserved(name);
+            if reserved {
+                custom
+                    .dropped
+                    .push(crate::headers::Dropped::Reserved(name.clone()));
+            }
+            !reserved
+        });
+    }
     for dropped in &custom.dropped {
         metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason())
             .increment(1);
@@ -248,7 +268,7 @@ fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
             printable(&dropped.to_string())
         );
     }
-    let mut headers = OwnedHeaders::new_with_capacity(2 + custom.valid.len())
+    let mut headers = OwnedHeaders::new_with_capacity(9 + custom.valid.len())
         .insert(Header {
             key: "event_id",
             value: Some(event_id),
@@ -257,6 +277,26 @@ fn record_headers(row: &Reserved, event_id: &str) -> OwnedHeaders {
             key: "event_type",
             value: Some(row.event_type.as_str()),
         });
+    if let Some(source) = cloudevents_source {
+        use crate::cloudevents::{CONTENT_TYPE, SPEC_VERSION};
+        let attributes = [
+            ("ce_specversion", Some(SPEC_VERSION)),
+            ("ce_id", Some(event_id)),
+            ("ce_source", Some(source)),
+            ("ce_type", Some(row.event_type.as_str())),
+            ("ce_subject", Some(row.aggregate_id.as_str())),
+            ("ce_time", row.created_at.as_deref()),
+            ("content-type", Some(CONTENT_TYPE)),
+        ];
+        for (key, value) in attributes {
+            if let Some(value) = value {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+        }
+    }
     for (k, v) in &custom.valid {
         headers = headers.insert(Header {
             key: k.as_str(),

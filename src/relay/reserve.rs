@@ -34,6 +34,8 @@ pub(crate) struct Reserved {
     pub(crate) attempts: i32,
     /// Seconds since `created_at_tz` when reserved (None for an infinite `created_at_tz`).
     pub(crate) age_at_reserve: Option<f64>,
+    /// `created_at_tz` as RFC 3339 in UTC with microseconds (None when infinite).
+    pub(crate) created_at: Option<String>,
     /// The rule of `add_new_event` this row breaks (a row written by another writer): it is
     /// dead-lettered without being sent.
     pub(crate) invalid: Option<String>,
@@ -51,6 +53,7 @@ impl Reserved {
             headers: r.get(6),
             attempts: r.get(7),
             age_at_reserve: r.get(8),
+            created_at: r.get(9),
             invalid: None,
         };
         row.invalid = crate::event::validate_row(&row.topic, &row.aggregate_id, &row.event_type)

@@ -31,7 +31,10 @@ with cand as materialized (
  select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
         c.attempts, case when isfinite(c.created_at_tz)
                          then greatest(0, extract(epoch from now() - c.created_at_tz))::float8
-                         end
+                         end,
+        case when isfinite(c.created_at_tz)
+             then to_char(c.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+             end
    from cand c join gate g on g.aggregate_id = c.aggregate_id
   where g.gap is null or c.seq < g.gap
   order by c.seq

@@ -440,6 +440,156 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
 /// The README's Rust blocks are copied by readers as they are rendered: no rustdoc hidden lines
 /// (`# …`), which a rendered README shows and which break the paste. (`cargo test --doc` compiles
 /// the runnable blocks through `outbox::ReadmeDoctests`.)
+/// CloudEvents mode (issue 13.4): with `cloudevents_source` set, every record follows the
+/// CloudEvents Kafka protocol binding in binary mode, and the CloudEvents Java SDK's
+/// `CloudEventDeserializer` decodes it with no glue: id = event id, type, source, subject =
+/// aggregate id, time = `created_at_tz`, `application/json` data = the payload. A row's custom
+/// header named like a CloudEvents attribute (`ce_id`) is dropped (it could forge the id); other
+/// custom headers pass through and are not mistaken for extensions. A `ce_source` that is not a
+/// URI-reference is refused by `connect()`. Needs the real cluster (and Java).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_records_decode_with_the_java_sdk() {
+    support::init_tracing();
+    let Some(cluster) = support::shared_cluster() else {
+        eprintln!(
+            "cloudevents: skipped: the Java SDK reader needs the real cluster (scripts/test)"
+        );
+        return;
+    };
+    let (table, topic) = setup("ce").await;
+    let refused = Outbox::builder()
+        .database_url(&postgres_url().await)
+        .kafka_brokers(kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .cloudevents_source("not a uri")
+        .connect()
+        .await;
+    let msg = refused
+        .expect_err("a ce_source with spaces is refused")
+        .to_string();
+    assert!(
+        msg.contains("cloudevents_source") && msg.contains("' '"),
+        "{msg}"
+    );
+
+    let source = "urn:outbox:orders/v1?x=1";
+    let outbox = Outbox::builder()
+        .database_url(&postgres_url().await)
+        .kafka_brokers(kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(200))
+        .cloudevents_source(source)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let mut client = connect_pg().await;
+    let tx = client.transaction().await.unwrap();
+    let payloads = [
+        json!({"order": 1, "note": "caf\u{e9} \u{1f600}"}),
+        json!({"order": 2}),
+    ];
+    let mut ids = outbox
+        .add_new_events(
+            &tx,
+            &[
+                NewEvent::new(&topic, "order-1", "order.created", payloads[0].clone())
+                    .header("trace", "t-1"),
+                NewEvent::new(&topic, "order-2", "order.paid", payloads[1].clone()),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Another writer's row whose custom headers try to set CloudEvents attributes.
+    let forged: Uuid = client
+        .query_one(
+            &format!(
+                "insert into {table} (aggregate_id, event_topic, event_type, payload, headers)
+                 values ('order-1', $1, 'order.shipped', '{{\"order\": 1}}',
+                         '{{\"ce_id\": \"forged\", \"Content-Type\": \"text/plain\", \"ce_x\": \"y\"}}')
+                 returning id"
+            ),
+            &[&topic],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    ids.push(forged);
+
+    let plain = consume_all(&kafka_brokers(), &topic, 3, Duration::from_secs(60)).await;
+    assert_eq!(plain.len(), 3, "{plain:#?}");
+    let java = support::java_read_cloudevents(cluster, &topic, 3, Duration::from_secs(60)).await;
+    assert_eq!(java.len(), 3, "the SDK decoded every record: {java:#?}");
+    for (record, event) in plain.iter().zip(&java) {
+        assert_eq!(
+            (record.partition, record.offset),
+            (event.partition, event.offset)
+        );
+        let header = |name: &str| -> Vec<&str> {
+            record
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let id = event.id.parse::<Uuid>().expect("ce_id is the event id");
+        assert!(ids.contains(&id), "{event:?}");
+        assert_eq!(
+            header("ce_id"),
+            vec![event.id.as_str()],
+            "one ce_id, ours: {record:?}"
+        );
+        assert_eq!(
+            header("content-type"),
+            vec!["application/json"],
+            "{record:?}"
+        );
+        assert_eq!(event.spec_version, "1.0");
+        assert_eq!(event.source, source);
+        assert_eq!(
+            event.subject.as_deref(),
+            record.key.as_deref(),
+            "subject = aggregate id"
+        );
+        assert_eq!(event.data_content_type.as_deref(), Some("application/json"));
+        assert!(
+            event.extensions.is_empty(),
+            "no stray ce_ header: {event:?}"
+        );
+        let row = client
+            .query_one(
+                &format!(
+                    "select event_type, payload::text, aggregate_id, created_at_tz
+                       from {table} where id = $1"
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(event.event_type, row.get::<_, String>(0));
+        let data: serde_json::Value =
+            serde_json::from_slice(event.data.as_deref().expect("data")).expect("JSON data");
+        let stored: serde_json::Value = serde_json::from_str(row.get::<_, &str>(1)).unwrap();
+        assert_eq!(data, stored, "data is the payload");
+        assert_eq!(event.subject.as_deref(), Some(row.get::<_, &str>(2)));
+        let time = chrono::DateTime::parse_from_rfc3339(event.time.as_deref().expect("ce_time"))
+            .expect("RFC 3339 time");
+        let created: chrono::DateTime<chrono::Utc> = row.get(3);
+        assert_eq!(time, created, "ce_time is created_at_tz to the microsecond");
+    }
+    let trace: Vec<_> = plain
+        .iter()
+        .flat_map(|r| r.headers.iter().filter(|(k, _)| k == "trace"))
+        .collect();
+    assert_eq!(trace.len(), 1, "a custom header passes through: {plain:#?}");
+    outbox.stop(Duration::from_secs(10)).await.unwrap();
+    relay.await.unwrap().unwrap();
+}
+
 #[test]
 fn readme_rust_blocks_have_no_hidden_lines() {
     let readme = include_str!("../../README.md");

@@ -776,6 +776,57 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     )
 }
 
+/// Runs `tests/it/java/<program>` as a single-file source program on the cluster's Kafka jars
+/// (then `extra_classpath`) with arguments `BROKERS TOPIC EXPECTED TIMEOUT_MS`; returns its
+/// stdout.
+///
+/// # Panics
+///
+/// When `java` cannot run, outlives `timeout` by 60 s, or exits non-zero (its stderr is in the
+/// message).
+async fn run_java_reader(
+    cluster: &Cluster,
+    program: &str,
+    extra_classpath: Option<&str>,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> String {
+    let lib = cluster.read("lib");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/it/java/{program}"));
+    let classpath = match extra_classpath {
+        Some(extra) => format!("{lib}/*:{extra}/*"),
+        None => format!("{lib}/*"),
+    };
+    let run = tokio::process::Command::new("java")
+        .arg("-Xmx256m")
+        .arg("-XX:TieredStopAtLevel=1")
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            cluster.dir.join("log4j2-tools.properties").display()
+        ))
+        .arg("-cp")
+        .arg(classpath)
+        .arg(&source)
+        .arg(cluster.brokers())
+        .arg(topic)
+        .arg(expected.to_string())
+        .arg(timeout.as_millis().to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout + Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{program} ends within its timeout + 60 s"))
+        .expect("running java");
+    assert!(
+        out.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Reads `topic` of `cluster` from the beginning with the official Java consumer
 /// (`tests/it/java/Verify.java`, run as a single-file source program on the cluster's Kafka
 /// jars) until `expected` records arrived or `timeout` passed; returns them sorted by partition
@@ -790,36 +841,9 @@ pub async fn java_read(
     expected: usize,
     timeout: Duration,
 ) -> Vec<ConsumedRecord> {
-    let lib = cluster.read("lib");
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/java/Verify.java");
-    let run = tokio::process::Command::new("java")
-        .arg("-Xmx256m")
-        .arg("-XX:TieredStopAtLevel=1")
-        .arg(format!(
-            "-Dlog4j2.configurationFile={}",
-            cluster.dir.join("log4j2-tools.properties").display()
-        ))
-        .arg("-cp")
-        .arg(format!("{lib}/*"))
-        .arg(&source)
-        .arg(cluster.brokers())
-        .arg(topic)
-        .arg(expected.to_string())
-        .arg(timeout.as_millis().to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(timeout + Duration::from_secs(60), run)
-        .await
-        .expect("Verify.java ends within its timeout + 60 s")
-        .expect("running java");
-    assert!(
-        out.status.success(),
-        "Verify.java failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_java_reader(cluster, "Verify.java", None, topic, expected, timeout).await;
     let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
-    let mut records: Vec<ConsumedRecord> = String::from_utf8_lossy(&out.stdout)
+    let mut records: Vec<ConsumedRecord> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("R "))
         .map(|l| {
@@ -850,6 +874,95 @@ pub async fn java_read(
         .collect();
     records.sort_by_key(|r| (r.partition, r.offset));
     records
+}
+
+/// A record as the CloudEvents Java SDK's Kafka binding decoded it
+/// (`tests/it/java/VerifyCloudEvents.java`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JavaCloudEvent {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub spec_version: String,
+    pub id: String,
+    pub source: String,
+    pub event_type: String,
+    pub subject: Option<String>,
+    /// `time` as `Instant.toString()` (RFC 3339, UTC).
+    pub time: Option<String>,
+    pub data_content_type: Option<String>,
+    pub data: Option<Vec<u8>>,
+    /// Names of the extension attributes the SDK found (other `ce_*` headers).
+    pub extensions: Vec<String>,
+}
+
+/// Reads `topic` of `cluster` from the beginning with the CloudEvents Java SDK's Kafka binding
+/// (`CloudEventDeserializer` on the official Java consumer; its jars are fetched once by
+/// `scripts/kafka-cluster fetch-cloudevents`) until `expected` records arrived or `timeout`
+/// passed; returns them sorted by partition and offset.
+///
+/// # Panics
+///
+/// When the SDK cannot be fetched, `java` cannot run, or a record cannot be decoded as a
+/// CloudEvent (the SDK's exception is in the message).
+pub async fn java_read_cloudevents(
+    cluster: &Cluster,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<JavaCloudEvent> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-cluster");
+    let fetched = tokio::process::Command::new(script)
+        .arg("fetch-cloudevents")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running scripts/kafka-cluster fetch-cloudevents");
+    assert!(
+        fetched.status.success(),
+        "fetch-cloudevents failed: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    let ce_lib = String::from_utf8_lossy(&fetched.stdout).trim().to_string();
+    let stdout = run_java_reader(
+        cluster,
+        "VerifyCloudEvents.java",
+        Some(&ce_lib),
+        topic,
+        expected,
+        timeout,
+    )
+    .await;
+    let text = |s: &str| unhex(s).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let opt = |s: &str| (s != "-").then(|| s.to_string());
+    let mut events: Vec<JavaCloudEvent> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("E "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 12, "a VerifyCloudEvents line: {l}");
+            JavaCloudEvent {
+                partition: f[0].parse().expect("partition"),
+                offset: f[1].parse().expect("offset"),
+                key: text(f[2]),
+                spec_version: f[3].to_string(),
+                id: f[4].to_string(),
+                source: text(f[5]).expect("source"),
+                event_type: text(f[6]).expect("type"),
+                subject: text(f[7]),
+                time: opt(f[8]),
+                data_content_type: opt(f[9]),
+                data: unhex(f[10]),
+                extensions: if f[11] == "." {
+                    Vec::new()
+                } else {
+                    f[11].split(',').map(str::to_string).collect()
+                },
+            }
+        })
+        .collect();
+    events.sort_by_key(|e| (e.partition, e.offset));
+    events
 }
 
 /// Asserts that the Java consumer read the same records as rdkafka: partition, offset, key,
