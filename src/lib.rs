@@ -81,6 +81,7 @@ mod delivery;
 mod error;
 mod event;
 mod headers;
+mod otel;
 mod outbox;
 mod pg;
 mod relay;

@@ -160,7 +160,14 @@ impl Writer {
     }
 }
 
+/// The event's headers as JSON text, with the caller's trace context (`traceparent`,
+/// `tracestate`) added under feature `opentelemetry` unless the event sets `traceparent`.
 fn headers_json(event: &NewEvent) -> Option<String> {
+    if let Some(trace) = crate::otel::writer_headers(&event.headers) {
+        let mut headers = event.headers.clone();
+        headers.extend(trace);
+        return Some(serde_json::to_string(&headers).expect("string maps serialize"));
+    }
     if event.headers.is_empty() {
         None
     } else {

@@ -22,6 +22,7 @@ use crate::text::printable;
 use super::reserve::Reserved;
 use super::retry::{self, Failure};
 use super::Ctx;
+use crate::otel::PublishSpan;
 
 /// What became of one reserved row.
 #[derive(Debug)]
@@ -197,26 +198,29 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     };
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
+    let (headers, span) = record_headers(row, event_id, ctx.settings.cloudevents_source.as_deref());
     let mut record = FutureRecord::to(&row.topic)
         .key(row.aggregate_id.as_str())
         .payload(row.payload.0.as_slice())
-        .headers(record_headers(
-            row,
-            event_id,
-            ctx.settings.cloudevents_source.as_deref(),
-        ));
+        .headers(headers);
     let mut future = loop {
         match ctx.producer.send_result(record) {
             Ok(f) => break f,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
                 if Instant::now() >= cutoff || ctx.stop.token().is_cancelled() {
+                    span.end(Err(
+                        "not sent: the batch ended while the producer queue was full",
+                    ));
                     return Sent::Skipped;
                 }
                 record = r;
                 tokio::time::sleep(QUEUE_FULL_WAIT).await;
             }
-            Err((e, _)) => return Sent::Report(Err(e)),
+            Err((e, _)) => {
+                span.end(Err(&e.to_string()));
+                return Sent::Report(Err(e));
+            }
         }
     };
     ctx.report.in_flight(1);
@@ -224,12 +228,18 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
         r = &mut future => r,
         _ = wait_until(ctx, cutoff) => {
             ctx.report.in_flight(-1);
+            span.end(Err("held: no delivery report before the batch ended"));
             return Sent::Cutoff(future, permit);
         }
     };
     ctx.report.in_flight(-1);
     drop(permit);
-    Sent::Report(report_result(report))
+    let report = report_result(report);
+    match &report {
+        Ok(r) => span.end(Ok(*r)),
+        Err(e) => span.end(Err(&e.to_string())),
+    }
+    Sent::Report(report)
 }
 
 /// How long a send waits before trying again when the producer's queue is full.
@@ -239,12 +249,14 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 /// CloudEvents attributes when `cloudevents_source` is set (see [`crate::cloudevents`]), then the
 /// row's valid custom headers. Custom headers the relay will not publish (a forged reserved name,
 /// a non-string value, a column that is not an object) are logged and counted in
-/// `outbox_headers_dropped_total{reason}`; the event itself is published.
+/// `outbox_headers_dropped_total{reason}`; the event itself is published. Under feature
+/// `opentelemetry` the record is published in a producer span continuing the row's
+/// `traceparent`, and carries that span's `traceparent` instead (see [`crate::otel`]).
 fn record_headers(
     row: &Reserved,
     event_id: &str,
     cloudevents_source: Option<&str>,
-) -> OwnedHeaders {
+) -> (OwnedHeaders, PublishSpan) {
     let mut custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
     if cloudevents_source.is_some() {
         custom.valid.retain(|(name, _)| {
@@ -256,6 +268,19 @@ fn record_headers(
             }
             !reserved
         });
+    }
+    let span = PublishSpan::start(
+        &row.topic,
+        &row.aggregate_id,
+        event_id,
+        custom.valid.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let trace = span.headers();
+    if !trace.is_empty() {
+        custom
+            .valid
+            .retain(|(k, _)| !crate::otel::is_trace_header(k));
+        custom.valid.extend(trace);
     }
     for dropped in &custom.dropped {
         metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason())
@@ -303,7 +328,7 @@ fn record_headers(
             value: Some(v.as_str()),
         });
     }
-    headers
+    (headers, span)
 }
 
 /// A delivery future's result as partition and offset, or the error.

@@ -440,6 +440,157 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
 /// The README's Rust blocks are copied by readers as they are rendered: no rustdoc hidden lines
 /// (`# …`), which a rendered README shows and which break the paste. (`cargo test --doc` compiles
 /// the runnable blocks through `outbox::ReadmeDoctests`.)
+/// Trace context end to end (issue 13.3, feature `opentelemetry`): `add_new_event` stores the
+/// caller's span context — a `tracing` span bridged by `tracing-opentelemetry`, or
+/// OpenTelemetry's own current context — as `traceparent`; the relay publishes the record in a
+/// `PRODUCER` span that is a child of the writer's span, and the record's `traceparent` names
+/// that relay span, so the consumer joins one trace: writer → relay publish → record. A
+/// `traceparent` the caller set itself is kept as the parent. Spans are collected with the
+/// OpenTelemetry SDK's in-memory exporter.
+#[cfg(feature = "opentelemetry")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_flows_from_the_writer_through_the_relay_to_the_record() {
+    use opentelemetry::trace::{SpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("order-service")));
+    let _subscriber = tracing::subscriber::set_default(subscriber);
+
+    let (table, topic) = setup("otel").await;
+    let outbox = Outbox::builder()
+        .database_url(&postgres_url().await)
+        .kafka_brokers(kafka_brokers())
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let client = connect_pg().await;
+
+    // 1. Inside a `tracing` span.
+    let span = tracing::info_span!("place_order");
+    let (tracing_trace, tracing_parent) = {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        (sc.trace_id(), sc.span_id())
+    };
+    let id1 = outbox
+        .add_new_event(
+            &client,
+            NewEvent::new(&topic, "o-1", "order.placed", json!({"n": 1})),
+        )
+        .instrument(span)
+        .await
+        .unwrap();
+    // 2. Inside an OpenTelemetry context (no tracing span).
+    let otel_span = provider.tracer("order-service").start("pay_order");
+    let cx = opentelemetry::Context::current_with_span(otel_span);
+    let (otel_trace, otel_parent) = {
+        let sc = cx.span().span_context().clone();
+        (sc.trace_id(), sc.span_id())
+    };
+    let id2 = {
+        let _attached = cx.clone().attach();
+        outbox
+            .add_new_event(
+                &client,
+                NewEvent::new(&topic, "o-2", "order.paid", json!({"n": 2})),
+            )
+            .await
+            .unwrap()
+    };
+    // 3. The caller's own traceparent is the parent.
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let id3 = outbox
+        .add_new_event(
+            &client,
+            NewEvent::new(&topic, "o-3", "order.shipped", json!({"n": 3}))
+                .header("traceparent", own),
+        )
+        .await
+        .unwrap();
+
+    let relay = outbox.start().unwrap();
+    let records = consume_all(&kafka_brokers(), &topic, 3, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), 3, "{records:#?}");
+    outbox.stop(Duration::from_secs(10)).await.unwrap();
+    relay.await.unwrap().unwrap();
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+
+    let expected = [
+        (id1, format!("{tracing_trace}"), format!("{tracing_parent}")),
+        (id2, format!("{otel_trace}"), format!("{otel_parent}")),
+        (
+            id3,
+            "0af7651916cd43dd8448eb211c80319c".to_string(),
+            "b7ad6b7169203331".to_string(),
+        ),
+    ];
+    for (id, trace, parent) in expected {
+        let record = records
+            .iter()
+            .find(|r| {
+                r.headers
+                    .iter()
+                    .any(|(k, v)| k == "event_id" && *v == id.to_string())
+            })
+            .unwrap_or_else(|| panic!("record of {id}: {records:#?}"));
+        let traceparents: Vec<&str> = record
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(traceparents.len(), 1, "one traceparent: {record:?}");
+        let parts: Vec<&str> = traceparents[0].split('-').collect();
+        assert_eq!(parts.len(), 4, "{traceparents:?}");
+        assert_eq!(
+            parts[1], trace,
+            "the record continues the writer's trace: {record:?}"
+        );
+        assert_ne!(
+            parts[2], parent,
+            "the record names the relay's span, not the writer's"
+        );
+        let publish = spans
+            .iter()
+            .find(|s| format!("{}", s.span_context.span_id()) == parts[2])
+            .unwrap_or_else(|| panic!("the relay's span {} was exported: {spans:#?}", parts[2]));
+        assert_eq!(publish.span_kind, SpanKind::Producer);
+        assert_eq!(publish.name, format!("{topic} publish"));
+        assert_eq!(
+            format!("{}", publish.parent_span_id),
+            parent,
+            "child of the writer's span"
+        );
+        assert_eq!(format!("{}", publish.span_context.trace_id()), trace);
+        let attr = |k: &str| {
+            publish
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attr("messaging.destination.name"), Some(topic.clone()));
+        assert_eq!(attr("messaging.message.id"), Some(id.to_string()));
+        assert_eq!(
+            attr("messaging.kafka.offset"),
+            Some(record.offset.to_string())
+        );
+    }
+}
+
 /// CloudEvents mode (issue 13.4): with `cloudevents_source` set, every record follows the
 /// CloudEvents Kafka protocol binding in binary mode, and the CloudEvents Java SDK's
 /// `CloudEventDeserializer` decodes it with no glue: id = event id, type, source, subject =
