@@ -23,16 +23,9 @@ use crate::support::GO_DDL;
 // Helpers
 // ----------------------------------------------------------------------------------------------
 
-/// The binary with none of the configuration variables of the test environment: every test
-/// passes what it means explicitly.
+/// [`support::relay_command`] for tokio, stdin closed, killed when dropped.
 fn relay_cmd() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if name.starts_with("OUTBOX_") || name == "DATABASE_URL" || name == "KAFKA_BROKERS" {
-            cmd.env_remove(&k);
-        }
-    }
+    let mut cmd = tokio::process::Command::from(support::relay_command());
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
@@ -159,6 +152,26 @@ impl RelayProcess {
         RelayProcess { child, stderr }
     }
 
+    /// `outbox-relay --database-url <url> --table <table> --channel <table> run --kafka-brokers
+    /// <brokers> --shutdown-timeout 3s` and `extra`, with no environment.
+    pub(crate) fn run_on(url: &str, table: &str, brokers: &str, extra: &[&str]) -> RelayProcess {
+        let mut args = vec![
+            "--database-url",
+            url,
+            "--table",
+            table,
+            "--channel",
+            table,
+            "run",
+            "--kafka-brokers",
+            brokers,
+            "--shutdown-timeout",
+            "3s",
+        ];
+        args.extend_from_slice(extra);
+        RelayProcess::spawn(&args, &[])
+    }
+
     /// The stderr so far, without colours.
     pub(crate) fn log(&self) -> String {
         strip_ansi(&self.stderr.lock().unwrap())
@@ -241,6 +254,42 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// GETs `path` until it answers `want` (at most 30 s); returns the body.
+pub(crate) async fn get_until(addr: SocketAddr, path: &str, want: u16) -> String {
+    let what = format!("{path} answering {want}");
+    support::eventually(Duration::from_secs(30), &what, || async move {
+        let p = path.to_string();
+        match tokio::task::spawn_blocking(move || http_get(addr, &p))
+            .await
+            .unwrap()
+        {
+            Ok((code, body)) if code == want => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// Scrapes `/metrics` (each answering 200) until `ready` holds for its text (at most 30 s);
+/// returns that text.
+pub(crate) async fn metrics_until(
+    addr: SocketAddr,
+    what: &str,
+    ready: impl Fn(&str) -> bool,
+) -> String {
+    let ready = &ready;
+    support::eventually(Duration::from_secs(30), what, || async move {
+        let (code, text) = get(addr, "/metrics").await;
+        assert_eq!(code, 200, "/metrics: {text}");
+        if ready(&text) {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    })
+    .await
 }
 
 /// The value of an unlabelled sample `name value` in Prometheus text.
@@ -571,19 +620,13 @@ async fn metrics_and_health_endpoints() {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
 
-    let mut relay = RelayProcess::spawn(
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
         &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
             "--log-format",
             "json",
-            "run",
-            "--kafka-brokers",
-            &brokers,
             "-X",
             "allow.auto.create.topics=false",
             "--metrics-addr",
@@ -592,10 +635,7 @@ async fn metrics_and_health_endpoints() {
             "1s",
             "--poll-interval",
             "200ms",
-            "--shutdown-timeout",
-            "3s",
         ],
-        &[],
     );
     relay
         .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
@@ -617,19 +657,10 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(records.len(), 4, "four events delivered");
 
     // The counter follows the confirmation, which may trail the broker's ack a little.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let (code, text) = get(addr, "/metrics").await;
-        assert_eq!(code, 200, "/metrics: {text}");
-        if metric(&text, "outbox_events_delivered_total") == Some(4.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "outbox_events_delivered_total never reached 4:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let text = metrics_until(addr, "outbox_events_delivered_total reaching 4", |text| {
+        metric(text, "outbox_events_delivered_total") == Some(4.0)
+    })
+    .await;
     assert!(
         text.contains("outbox_commit_to_ack_seconds"),
         "commit-to-ack latency exported:\n{text}"
@@ -660,19 +691,7 @@ async fn metrics_and_health_endpoints() {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let h = loop {
-        let (code, body) = get(addr, "/health").await;
-        if code == 503 {
-            break serde_json::from_str::<Value>(&body).unwrap();
-        }
-        assert_eq!(code, 200, "/health: {body}");
-        assert!(
-            Instant::now() < deadline,
-            "/health never turned 503 with a stuck event: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let h: Value = serde_json::from_str(&get_until(addr, "/health", 503).await).unwrap();
     assert_eq!(h["healthy"], false, "{h}");
     assert_eq!(h["backlog"], 1, "{h}");
     assert!(
@@ -809,27 +828,18 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
     let port = support::free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
         &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
             "-X",
             "allow.auto.create.topics=false",
             "--metrics-addr",
             &addr_s,
             "--health-max-pending-age",
             "1h",
-            "--shutdown-timeout",
-            "3s",
         ],
-        &[],
     );
     relay
         .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
@@ -842,19 +852,10 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
         6,
         "both writers' events of every zone delivered"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let (code, text) = get(addr, "/metrics").await;
-        assert_eq!(code, 200, "/metrics: {text}");
-        if metric(&text, "outbox_events_delivered_total") == Some(6.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "outbox_events_delivered_total never reached 6:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let text = metrics_until(addr, "outbox_events_delivered_total reaching 6", |text| {
+        metric(text, "outbox_events_delivered_total") == Some(6.0)
+    })
+    .await;
     // Counters exist from the start, also those that never increased (issue 14.5).
     assert_eq!(
         metric(&text, "outbox_confirm_failures_total"),
@@ -978,25 +979,11 @@ async fn a_go_relay_still_running_is_reported() {
     let port = support::free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
-        &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &addr_s,
-            "--poll-interval",
-            "200ms",
-            "--shutdown-timeout",
-            "3s",
-        ],
-        &[],
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
+        &["--metrics-addr", &addr_s, "--poll-interval", "200ms"],
     );
     let line = relay
         .wait_for_line("the Go relay error", Duration::from_secs(60), |l| {
@@ -1040,15 +1027,7 @@ async fn a_go_relay_still_running_is_reported() {
         3,
         "the rows go out once the Go relay's lease ended"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, body) = get(addr, "/health").await;
-        if code == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/health stays 503: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    get_until(addr, "/health", 200).await;
     relay.sigterm();
     let (code, _) = relay.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "stderr:\n{}", relay.log());
