@@ -5,12 +5,10 @@ use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{NewEvent, Writer};
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt as _;
 use uuid::Uuid;
 
 use crate::support;
@@ -121,35 +119,17 @@ pub(crate) fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|tok| tok.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// A running `outbox-relay run` process whose stderr is collected as it comes.
+/// A running `outbox-relay` process ([`support::ChildRelay`]) and what the CLI tests ask of its
+/// log.
 pub(crate) struct RelayProcess {
-    pub(crate) child: tokio::process::Child,
-    /// The raw stderr so far (colours and all).
-    pub(crate) stderr: Arc<Mutex<String>>,
+    pub(crate) relay: support::ChildRelay,
 }
 
 impl RelayProcess {
     pub(crate) fn spawn(args: &[&str], envs: &[(&str, &str)]) -> RelayProcess {
-        let mut cmd = relay_cmd();
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {BIN}: {e}"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        RelayProcess { child, stderr }
+        RelayProcess {
+            relay: support::ChildRelay::with_args(args, envs),
+        }
     }
 
     /// `outbox-relay --database-url <url> --table <table> --channel <table> run --kafka-brokers
@@ -174,7 +154,7 @@ impl RelayProcess {
 
     /// The stderr so far, without colours.
     pub(crate) fn log(&self) -> String {
-        strip_ansi(&self.stderr.lock().unwrap())
+        strip_ansi(&self.relay.stderr())
     }
 
     /// Waits until a stderr line satisfies `pred`; returns it.
@@ -189,8 +169,7 @@ impl RelayProcess {
             if let Some(line) = self.log().lines().find(|l| pred(l)) {
                 return line.to_string();
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(status) = self.relay.exited() {
                 panic!(
                     "outbox-relay exited ({status}) before logging {what}; stderr:\n{}",
                     self.log()
@@ -207,27 +186,18 @@ impl RelayProcess {
 
     /// `kill -TERM <pid>`.
     pub(crate) fn sigterm(&self) {
-        let pid = self.child.id().expect("the relay is still running");
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
+        self.relay.sigterm();
     }
 
     /// Waits for the process to exit; returns its exit code and how long it took.
     pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
-        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(s) => s.expect("waiting for outbox-relay"),
-            Err(_) => panic!(
+        let Some(status) = self.relay.wait_exit(timeout).await else {
+            panic!(
                 "outbox-relay did not exit within {timeout:?}; stderr:\n{}",
                 self.log()
-            ),
+            );
         };
-        // Let the stderr reader drain the last lines.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         (status.code(), start.elapsed())
     }
 }

@@ -538,7 +538,7 @@ async fn control_characters_are_escaped_in_every_output() {
     assert!(line.contains("x\\u{1b}[2J"), "escaped topic: {line}");
     relay.sigterm();
     relay.wait_exit(Duration::from_secs(30)).await;
-    let raw = relay.stderr.lock().unwrap().clone();
+    let raw = relay.relay.stderr();
     assert!(
         !raw.contains('\u{1b}') && !raw.contains('\u{9b}') && !raw.contains('\r'),
         "{raw:?}"

@@ -921,30 +921,16 @@ impl ChildRelayBuilder {
     ///
     /// When the binary cannot be spawned.
     pub fn spawn(self) -> ChildRelay {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let stdout = dir.path().join("stdout");
-        let stderr = dir.path().join("stderr");
         let mut cmd = relay_command();
         cmd.arg("run")
             .args(&self.args)
             .env("OUTBOX_LOG", "warn,outbox=info,librdkafka=info")
             .env("OUTBOX_LOG_FORMAT", "text")
-            .env("OUTBOX_PROGRESS_INTERVAL", "0s")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap());
+            .env("OUTBOX_PROGRESS_INTERVAL", "0s");
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {RELAY_BIN}: {e}"));
-        ChildRelay {
-            child,
-            _dir: dir,
-            stdout,
-            stderr,
-        }
+        ChildRelay::start(cmd)
     }
 }
 
@@ -969,14 +955,46 @@ impl ChildRelay {
         }
     }
 
-    /// Its stdout so far.
-    pub fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    /// `outbox-relay` with exactly these arguments (global flags, the subcommand and its flags)
+    /// and environment variables: none of the defaults [`builder`](Self::builder) adds.
+    ///
+    /// # Panics
+    ///
+    /// When the binary cannot be spawned.
+    pub fn with_args(args: &[&str], envs: &[(&str, &str)]) -> ChildRelay {
+        let mut cmd = relay_command();
+        cmd.args(args).envs(envs.iter().copied());
+        ChildRelay::start(cmd)
     }
 
-    /// Its stderr (the log) so far.
+    /// Spawns `cmd` with stdin closed and stdout and stderr going to files in a temporary
+    /// directory.
+    fn start(mut cmd: Command) -> ChildRelay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stdout = dir.path().join("stdout");
+        let stderr = dir.path().join("stderr");
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {RELAY_BIN}: {e}"));
+        ChildRelay {
+            child,
+            _dir: dir,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Its stdout so far (invalid UTF-8 replaced).
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout)
+    }
+
+    /// Its stderr (the log) so far, raw (colours and all; invalid UTF-8 replaced).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        read_lossy(&self.stderr)
     }
 
     /// Its exit status once it exited.
@@ -1025,6 +1043,13 @@ impl ChildRelay {
             tail(self.stderr())
         )
     }
+}
+
+/// A file's text, invalid UTF-8 replaced; empty when it cannot be read.
+fn read_lossy(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 impl Drop for ChildRelay {
