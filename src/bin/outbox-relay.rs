@@ -60,7 +60,7 @@ enum Command {
     /// Create or upgrade the outbox table (also a table created by the original Go package).
     Migrate,
     /// Run the relay until SIGINT/SIGTERM, then stop gracefully.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Backlog per topic: pending, retrying, dead letters, oldest pending age.
     Status {
         /// Print JSON instead of a table.
