@@ -94,6 +94,7 @@ pub(crate) fn is_secret_property(key: &str) -> bool {
 
 /// How the relay learns about new events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[non_exhaustive]
 pub enum WakeMode {
     /// LISTEN on the channel; writers' inserts NOTIFY while a relay waits (milliseconds of
@@ -106,10 +107,12 @@ pub enum WakeMode {
 
 /// What happens to an aggregate's later events when one of its events becomes a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[non_exhaustive]
 pub enum DeadLetterPolicy {
     /// The aggregate is blocked behind its dead letter until it is requeued (order is kept).
     /// The default.
+    #[cfg_attr(feature = "cli", value(name = "block", alias = "block-aggregate"))]
     BlockAggregate,
     /// The aggregate's later events go on; the dead letter is skipped (order is broken there).
     Continue,
@@ -117,6 +120,7 @@ pub enum DeadLetterPolicy {
 
 /// What happens to a row once Kafka acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[non_exhaustive]
 pub enum OnDelivery {
     /// Mark it `done` with `published_at`, partition and offset; delete it after `retention`.
@@ -126,32 +130,137 @@ pub enum OnDelivery {
     Delete,
 }
 
-/// Validated settings, shared by the relay's tasks.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) table: String,
-    pub(crate) channel: String,
-    pub(crate) batch_size: usize,
-    pub(crate) max_in_flight: usize,
-    pub(crate) max_batches_in_flight: usize,
-    pub(crate) poll_interval: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) publish_timeout: Duration,
-    pub(crate) batch_timeout: Duration,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) wake: WakeMode,
-    pub(crate) max_attempts: u32,
-    pub(crate) retry_backoff_min: Duration,
-    pub(crate) retry_backoff_max: Duration,
-    pub(crate) dead_letter_policy: DeadLetterPolicy,
-    pub(crate) on_delivery: OnDelivery,
-    pub(crate) retention: Duration,
-    pub(crate) cleanup_interval: Duration,
-    pub(crate) cleanup_batch: usize,
-    pub(crate) ack_buffer: usize,
-    pub(crate) postgres_timeout: Duration,
-    /// `ce_source` of every record, `Some` in CloudEvents mode (see [`crate::cloudevents`]).
-    pub(crate) cloudevents_source: Option<String>,
+/// The relay's settings: one declaration for [`OutboxBuilder`] (its setters and
+/// [`settings`](OutboxBuilder::settings)) and the `outbox-relay` binary (with feature `cli`, each
+/// field is a `run` flag and an `OUTBOX_*` environment variable: `batch_size` is
+/// `--batch-size` / `OUTBOX_BATCH_SIZE`, durations are written `250ms`, `2s`, `1h`).
+///
+/// [`Settings::default()`] holds the defaults; nothing is checked until
+/// [`connect()`](OutboxBuilder::connect), which lists every invalid setting at once. The setters
+/// of [`OutboxBuilder`] document each setting in full.
+///
+/// ```
+/// let mut settings = outbox::Settings::default();
+/// settings.batch_size = 500;
+/// settings.poll_interval = std::time::Duration::from_millis(250);
+/// let builder = outbox::Outbox::builder().settings(settings);
+/// # drop(builder);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[non_exhaustive]
+pub struct Settings {
+    /// Outbox table name (a plain lower-case identifier, 1–48 bytes). In the binary, the global
+    /// `--table` / `OUTBOX_TABLE` (every subcommand uses it).
+    #[cfg_attr(feature = "cli", arg(skip = DEFAULT_TABLE.to_string()))]
+    pub table: String,
+    /// NOTIFY channel (a plain lower-case identifier, 1–48 bytes). In the binary, the global
+    /// `--channel` / `OUTBOX_CHANNEL`.
+    #[cfg_attr(feature = "cli", arg(skip = DEFAULT_CHANNEL.to_string()))]
+    pub channel: String,
+    /// Events reserved per batch, 1..=50000.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = Settings::default().batch_size))]
+    pub batch_size: usize,
+    /// Messages handed to the producer and not yet acknowledged, over all batches, at most;
+    /// 1..=1000000.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
+    pub max_in_flight: usize,
+    /// Batches being published at once, 1..=16; each holds one Postgres connection.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_BATCHES_IN_FLIGHT", default_value_t = Settings::default().max_batches_in_flight))]
+    pub max_batches_in_flight: usize,
+    /// Fallback poll period, 10ms..=1h (with NOTIFY only a safety net; polling only: the
+    /// latency).
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().poll_interval)))]
+    pub poll_interval: Duration,
+    /// How long a relay may hold a reserved batch, 1s..=24h; at least publish_timeout +
+    /// batch_timeout + 1s.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration, default_value = shown(Settings::default().lease)))]
+    pub lease: Duration,
+    /// Producer delivery timeout (librdkafka `message.timeout.ms`), 1s..=10min.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().publish_timeout)))]
+    pub publish_timeout: Duration,
+    /// How long a batch waits for its delivery reports before confirming what was acknowledged,
+    /// 10ms..=publish_timeout.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().batch_timeout)))]
+    pub batch_timeout: Duration,
+    /// How long a graceful stop may take, 0..=10min.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().shutdown_timeout)))]
+    pub shutdown_timeout: Duration,
+    /// How the relay learns about new events.
+    #[cfg_attr(feature = "cli", arg(long = "wake-mode", env = "OUTBOX_WAKE_MODE", value_enum, default_value_t = Settings::default().wake))]
+    pub wake: WakeMode,
+    /// Failed delivery attempts after which an event becomes a dead letter, 1..=1000.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = Settings::default().max_attempts))]
+    pub max_attempts: u32,
+    /// Shortest wait before retrying a failed event (doubling, with jitter), 1ms..=24h.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETRY_BACKOFF_MIN", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_min)))]
+    pub retry_backoff_min: Duration,
+    /// Longest wait before retrying a failed event, retry_backoff_min..=24h.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETRY_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_max)))]
+    pub retry_backoff_max: Duration,
+    /// What a dead letter does to its aggregate.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", value_enum, default_value_t = Settings::default().dead_letter_policy))]
+    pub dead_letter_policy: DeadLetterPolicy,
+    /// What happens to delivered rows.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_ON_DELIVERY", value_enum, default_value_t = Settings::default().on_delivery))]
+    pub on_delivery: OnDelivery,
+    /// How long delivered rows are kept before the relay deletes them, at least 1s.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retention)))]
+    pub retention: Duration,
+    /// Period of the retention cleanup, 100ms..=24h.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLEANUP_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().cleanup_interval)))]
+    pub cleanup_interval: Duration,
+    /// Rows deleted per retention-cleanup step, 1..=1000000.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLEANUP_BATCH", default_value_t = Settings::default().cleanup_batch))]
+    pub cleanup_batch: usize,
+    /// Capacity of each `subscribe` stream, in events, 1..=1000000 (not a flag: the binary has
+    /// no subscribers).
+    #[cfg_attr(feature = "cli", arg(skip = Settings::default().ack_buffer))]
+    pub ack_buffer: usize,
+    /// Deadline of every Postgres call outside the batch pipeline (and of connecting),
+    /// 100ms..=10min.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().postgres_timeout)))]
+    pub postgres_timeout: Duration,
+    /// Publish every record in the CloudEvents format (Kafka protocol binding, binary mode)
+    /// with this `ce_source`, a URI-reference of at most 1024 bytes; unset: plain records. See
+    /// [`OutboxBuilder::cloudevents_source`].
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE"))]
+    pub cloudevents_source: Option<String>,
+}
+
+/// A duration as the binary's flags write it (`2s`, `1day`), for their `--help` defaults.
+#[cfg(feature = "cli")]
+fn shown(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            table: DEFAULT_TABLE.to_string(),
+            channel: DEFAULT_CHANNEL.to_string(),
+            batch_size: 1000,
+            max_in_flight: 10_000,
+            max_batches_in_flight: 2,
+            poll_interval: Duration::from_secs(2),
+            lease: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(30),
+            batch_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(10),
+            wake: WakeMode::Notify,
+            max_attempts: 10,
+            retry_backoff_min: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(60),
+            dead_letter_policy: DeadLetterPolicy::BlockAggregate,
+            on_delivery: OnDelivery::MarkDone,
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 10_000,
+            ack_buffer: 4096,
+            postgres_timeout: crate::pg::DEFAULT_TIMEOUT,
+            cloudevents_source: None,
+        }
+    }
 }
 
 /// Builds an [`Outbox`](crate::Outbox): set what you need, then [`connect`](Self::connect).
@@ -216,30 +325,7 @@ impl Default for OutboxBuilder {
             tls: crate::pg::Tls::None,
             kafka_brokers: None,
             kafka_properties: Vec::new(),
-            settings: Settings {
-                table: DEFAULT_TABLE.to_string(),
-                channel: DEFAULT_CHANNEL.to_string(),
-                batch_size: 1000,
-                max_in_flight: 10_000,
-                max_batches_in_flight: 2,
-                poll_interval: Duration::from_secs(2),
-                lease: Duration::from_secs(60),
-                publish_timeout: Duration::from_secs(30),
-                batch_timeout: Duration::from_secs(2),
-                shutdown_timeout: Duration::from_secs(10),
-                wake: WakeMode::Notify,
-                max_attempts: 10,
-                retry_backoff_min: Duration::from_millis(500),
-                retry_backoff_max: Duration::from_secs(60),
-                dead_letter_policy: DeadLetterPolicy::BlockAggregate,
-                on_delivery: OnDelivery::MarkDone,
-                retention: Duration::from_secs(24 * 3600),
-                cleanup_interval: Duration::from_secs(60),
-                cleanup_batch: 10_000,
-                ack_buffer: 4096,
-                postgres_timeout: crate::pg::DEFAULT_TIMEOUT,
-                cloudevents_source: None,
-            },
+            settings: Settings::default(),
             migrate: false,
             token: None,
         }
@@ -292,6 +378,14 @@ impl OutboxBuilder {
     /// this builder's `Debug`.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_properties.push((key.into(), value.into()));
+        self
+    }
+
+    /// Every relay setting at once (table and channel included), replacing what earlier setters
+    /// set; the setters below change one each. The `outbox-relay` binary builds its relay this
+    /// way from its flags and environment.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -475,9 +569,35 @@ impl OutboxBuilder {
 
     /// Checks every setting; returns the Postgres config and the producer (created, so that
     /// librdkafka validates property names and values; it connects in the background).
+    ///
+    /// # Errors
+    /// [`Error::Config`] listing every problem found, not only the first.
     pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, FutureProducer)> {
         let s = &self.settings;
         let mut problems = Vec::new();
+        let pg = self.check_endpoints(&mut problems);
+        for (what, name) in [("table", &s.table), ("channel", &s.channel)] {
+            if let Err(Error::InvalidIdentifier { reason, .. }) = validate_identifier(what, name) {
+                problems.push(format!("{what}: {reason}"));
+            }
+        }
+        problems.extend(s.range_problems());
+        let kafka = self.kafka_config(&mut problems);
+        // Checked even when other settings are wrong, so that every problem is listed at once.
+        let producer = self.create_producer(&kafka, &mut problems);
+        match (pg, producer) {
+            (Some(config), Some(producer)) if problems.is_empty() => {
+                let mut pg = crate::pg::Pg::new(config, self.tls.clone(), s.postgres_timeout);
+                pg.lease = Some(s.lease);
+                Ok((pg, producer))
+            }
+            _ => Err(Error::Config(ConfigErrors::new(problems))),
+        }
+    }
+
+    /// The Postgres configuration if it is set and parsed; a problem for a missing or
+    /// unparsable one and for missing Kafka brokers.
+    fn check_endpoints(&self, problems: &mut Vec<String>) -> Option<tokio_postgres::Config> {
         let pg = match &self.postgres {
             None => {
                 problems.push("postgres: not set; call `database_url` or `postgres`".to_string());
@@ -489,111 +609,25 @@ impl OutboxBuilder {
             }
             Some(Ok(c)) => Some(c.clone()),
         };
-        match self.kafka_brokers.as_deref().map(str::trim) {
-            None | Some("") => {
-                problems.push("kafka_brokers: not set; give `host:port[,host:port…]`".to_string())
-            }
-            Some(_) => {}
+        if matches!(
+            self.kafka_brokers.as_deref().map(str::trim),
+            None | Some("")
+        ) {
+            problems.push("kafka_brokers: not set; give `host:port[,host:port…]`".to_string());
         }
-        if let Some(source) = &s.cloudevents_source {
+        if let Some(source) = &self.settings.cloudevents_source {
             if let Err(reason) = crate::cloudevents::check_source(source) {
                 problems.push(format!("cloudevents_source: {reason}"));
             }
         }
-        for (what, name) in [("table", &s.table), ("channel", &s.channel)] {
-            if let Err(Error::InvalidIdentifier { reason, .. }) = validate_identifier(what, name) {
-                problems.push(format!("{what}: {reason}"));
-            }
-        }
-        let mut range = |name: &str, v: u128, lo: u128, hi: u128, unit: &str| {
-            if v < lo || v > hi {
-                problems.push(format!(
-                    "{name}: {v}{unit} is out of range {lo}..={hi}{unit}"
-                ));
-            }
-        };
-        range("batch_size", s.batch_size as u128, 1, 50_000, "");
-        range("max_in_flight", s.max_in_flight as u128, 1, 1_000_000, "");
-        range(
-            "max_batches_in_flight",
-            s.max_batches_in_flight as u128,
-            1,
-            16,
-            "",
-        );
-        range(
-            "poll_interval",
-            s.poll_interval.as_millis(),
-            10,
-            3_600_000,
-            " ms",
-        );
-        range("lease", s.lease.as_millis(), 1_000, 86_400_000, " ms");
-        range(
-            "publish_timeout",
-            s.publish_timeout.as_millis(),
-            1_000,
-            600_000,
-            " ms",
-        );
-        range(
-            "batch_timeout",
-            s.batch_timeout.as_millis(),
-            10,
-            s.publish_timeout.as_millis().max(10),
-            " ms",
-        );
-        range(
-            "shutdown_timeout",
-            s.shutdown_timeout.as_millis(),
-            0,
-            600_000,
-            " ms",
-        );
-        range("max_attempts", u128::from(s.max_attempts), 1, 1_000, "");
-        range(
-            "retry_backoff min",
-            s.retry_backoff_min.as_millis(),
-            1,
-            86_400_000,
-            " ms",
-        );
-        range(
-            "retry_backoff max",
-            s.retry_backoff_max.as_millis(),
-            s.retry_backoff_min.as_millis().max(1),
-            86_400_000,
-            " ms",
-        );
-        range(
-            "retention",
-            s.retention.as_millis(),
-            1_000,
-            u128::from(u64::MAX),
-            " ms",
-        );
-        range(
-            "cleanup interval",
-            s.cleanup_interval.as_millis(),
-            100,
-            86_400_000,
-            " ms",
-        );
-        range("cleanup batch", s.cleanup_batch as u128, 1, 1_000_000, "");
-        range("ack_buffer", s.ack_buffer as u128, 1, 1_000_000, "");
-        range(
-            "postgres_timeout",
-            s.postgres_timeout.as_millis(),
-            100,
-            600_000,
-            " ms",
-        );
-        if s.lease < s.publish_timeout + s.batch_timeout + LEASE_MARGIN {
-            problems.push(format!(
-                "lease: {:?} must be at least publish_timeout ({:?}) + batch_timeout ({:?}) + {:?}, so that every delivery report of a batch arrives before another relay may take it over",
-                s.lease, s.publish_timeout, s.batch_timeout, LEASE_MARGIN
-            ));
-        }
+        pg
+    }
+
+    /// The producer's configuration: the relay's own properties, then the user's, each checked
+    /// against [`OWNED_PROPERTIES`] and [`KEYED_PARTITIONERS`] (a refused one is a problem and is
+    /// not set).
+    fn kafka_config(&self, problems: &mut Vec<String>) -> ClientConfig {
+        let s = &self.settings;
         let mut kafka = ClientConfig::new();
         kafka
             .set(
@@ -623,63 +657,158 @@ impl OutboxBuilder {
                     .to_string(),
             );
         for (k, v) in &self.kafka_properties {
-            let canonical = canonical_property(k);
-            let shown = k.escape_debug();
-            if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(p, _)| *p == canonical) {
-                problems.push(format!(
-                    "kafka_property `{shown}`: set by the relay; {instead}"
-                ));
-                continue;
-            }
-            if canonical == "partitioner" {
-                if !KEYED_PARTITIONERS.contains(&v.trim()) {
-                    problems.push(format!(
-                        "kafka_property `{shown}`: `{}` does not map a key to one partition, which per-aggregate order needs; use one of {} (default {DEFAULT_PARTITIONER})",
-                        v.escape_debug(),
-                        KEYED_PARTITIONERS.join(", ")
-                    ));
-                    continue;
+            match user_property(k, v) {
+                Ok((key, value)) => {
+                    kafka.set(key, value);
                 }
-                // One spelling only, so that no other form can win.
-                kafka.set("partitioner", v.trim());
-                continue;
+                Err(problem) => problems.push(problem),
             }
-            kafka.set(k, v);
         }
-        // librdkafka validates property names and values when a client is created.
-        // Checked even when other settings are wrong, so that every problem is listed at once.
-        // Without brokers the configuration is refused anyway (listed above): the properties are
-        // then only set on a native configuration, which validates them too, without creating a
-        // client, whose "No `bootstrap.servers` configured" warning would precede the clear error.
+        kafka
+    }
+
+    /// Creates the producer, so that librdkafka validates property names and values; `None`
+    /// and a problem (secrets redacted: librdkafka echoes the offending value) when it refuses.
+    fn create_producer(
+        &self,
+        kafka: &ClientConfig,
+        problems: &mut Vec<String>,
+    ) -> Option<FutureProducer> {
+        // Without brokers the configuration is refused anyway (listed by `check_endpoints`): the
+        // properties are then only set on a native configuration, which validates them too,
+        // without creating a client, whose "No `bootstrap.servers` configured" warning would
+        // precede the clear error.
         let created = if self.kafka_brokers.is_none() {
             kafka.create_native_config().map(|_| None)
         } else {
             kafka.create::<FutureProducer>().map(Some)
         };
-        let producer = match created {
-            Ok(p) => p,
-            Err(e) => {
-                // librdkafka echoes the offending value; never echo a secret.
-                let mut text = e.to_string();
-                for (k, v) in &self.kafka_properties {
-                    if is_secret_property(k) && !v.is_empty() {
-                        text = text.replace(v.as_str(), "<redacted>");
-                    }
+        created.unwrap_or_else(|e| {
+            let mut text = e.to_string();
+            for (k, v) in &self.kafka_properties {
+                if is_secret_property(k) && !v.is_empty() {
+                    text = text.replace(v.as_str(), "<redacted>");
                 }
-                problems.push(format!("kafka_property: {text}"));
-                None
             }
-        };
-        match (pg, producer) {
-            (Some(config), Some(producer)) if problems.is_empty() => Ok((
-                {
-                    let mut pg = crate::pg::Pg::new(config, self.tls.clone(), s.postgres_timeout);
-                    pg.lease = Some(s.lease);
-                    pg
-                },
-                producer,
-            )),
-            _ => Err(Error::Config(ConfigErrors::new(problems))),
+            problems.push(format!("kafka_property: {text}"));
+            None
+        })
+    }
+}
+
+/// A user's librdkafka property as it is set (`partitioner` in one spelling only, so that no
+/// other form can win), or the problem that refuses it: a property the relay owns, or a
+/// partitioner that does not map a key to one partition.
+fn user_property<'a>(
+    key: &'a str,
+    value: &'a str,
+) -> std::result::Result<(&'a str, &'a str), String> {
+    let canonical = canonical_property(key);
+    let shown = key.escape_debug();
+    if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(p, _)| *p == canonical) {
+        return Err(format!(
+            "kafka_property `{shown}`: set by the relay; {instead}"
+        ));
+    }
+    if canonical != "partitioner" {
+        return Ok((key, value));
+    }
+    if !KEYED_PARTITIONERS.contains(&value.trim()) {
+        return Err(format!(
+            "kafka_property `{shown}`: `{}` does not map a key to one partition, which per-aggregate order needs; use one of {} (default {DEFAULT_PARTITIONER})",
+            value.escape_debug(),
+            KEYED_PARTITIONERS.join(", ")
+        ));
+    }
+    Ok(("partitioner", value.trim()))
+}
+
+impl Settings {
+    /// A sentence for each setting outside its range, and for a lease too short for a batch's
+    /// delivery reports.
+    fn range_problems(&self) -> Vec<String> {
+        let s = self;
+        let mut problems = Vec::new();
+        let ms = |d: Duration| d.as_millis();
+        let count = |n: usize| n as u128;
+        // (name, value, lowest, highest, unit)
+        #[rustfmt::skip]
+        let checks: &[(&str, u128, u128, u128, &str)] = &[
+            ("batch_size", count(s.batch_size), 1, 50_000, ""),
+            ("max_in_flight", count(s.max_in_flight), 1, 1_000_000, ""),
+            ("max_batches_in_flight", count(s.max_batches_in_flight), 1, 16, ""),
+            ("poll_interval", ms(s.poll_interval), 10, 3_600_000, " ms"),
+            ("lease", ms(s.lease), 1_000, 86_400_000, " ms"),
+            ("publish_timeout", ms(s.publish_timeout), 1_000, 600_000, " ms"),
+            ("batch_timeout", ms(s.batch_timeout), 10, ms(s.publish_timeout).max(10), " ms"),
+            ("shutdown_timeout", ms(s.shutdown_timeout), 0, 600_000, " ms"),
+            ("max_attempts", u128::from(s.max_attempts), 1, 1_000, ""),
+            ("retry_backoff min", ms(s.retry_backoff_min), 1, 86_400_000, " ms"),
+            ("retry_backoff max", ms(s.retry_backoff_max), ms(s.retry_backoff_min).max(1), 86_400_000, " ms"),
+            ("retention", ms(s.retention), 1_000, u128::from(u64::MAX), " ms"),
+            ("cleanup interval", ms(s.cleanup_interval), 100, 86_400_000, " ms"),
+            ("cleanup batch", count(s.cleanup_batch), 1, 1_000_000, ""),
+            ("ack_buffer", count(s.ack_buffer), 1, 1_000_000, ""),
+            ("postgres_timeout", ms(s.postgres_timeout), 100, 600_000, " ms"),
+        ];
+        for &(name, v, lo, hi, unit) in checks {
+            if v < lo || v > hi {
+                problems.push(format!(
+                    "{name}: {v}{unit} is out of range {lo}..={hi}{unit}"
+                ));
+            }
         }
+        if s.lease < s.publish_timeout + s.batch_timeout + LEASE_MARGIN {
+            problems.push(format!(
+                "lease: {:?} must be at least publish_timeout ({:?}) + batch_timeout ({:?}) + {:?}, so that every delivery report of a batch arrives before another relay may take it over",
+                s.lease, s.publish_timeout, s.batch_timeout, LEASE_MARGIN
+            ));
+        }
+        problems
+    }
+}
+
+#[cfg(all(test, feature = "cli"))]
+mod tests {
+    use super::Settings;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    /// The binary's defaults are the builder's: each is written from `Settings::default()` into
+    /// the flag's default and must parse back to the same value.
+    #[test]
+    fn flag_defaults_are_the_builder_defaults() {
+        let parsed = Flags::try_parse_from(["outbox-relay"]).expect("no flags parse");
+        assert_eq!(parsed.settings, Settings::default());
+    }
+
+    /// Every flag reaches its field (a sample of each kind: number, duration, enum).
+    #[test]
+    fn flags_set_their_fields() {
+        let parsed = Flags::try_parse_from([
+            "outbox-relay",
+            "--batch-size",
+            "7",
+            "--poll-interval",
+            "250ms",
+            "--dead-letter-policy",
+            "continue",
+            "--wake-mode",
+            "poll-only",
+            "--on-delivery",
+            "delete",
+        ])
+        .expect("flags parse");
+        let s = parsed.settings;
+        assert_eq!(s.batch_size, 7);
+        assert_eq!(s.poll_interval, std::time::Duration::from_millis(250));
+        assert_eq!(s.dead_letter_policy, super::DeadLetterPolicy::Continue);
+        assert_eq!(s.wake, super::WakeMode::PollOnly);
+        assert_eq!(s.on_delivery, super::OnDelivery::Delete);
     }
 }

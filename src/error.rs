@@ -300,11 +300,6 @@ impl fmt::Display for PgErrorDisplay<'_> {
     }
 }
 
-/// A `tokio_postgres::Error` as text, as [`PgErrorDisplay`] shows it (for log fields).
-pub(crate) fn describe_postgres(e: &tokio_postgres::Error) -> String {
-    PgErrorDisplay(e).to_string()
-}
-
 /// `tokio_postgres::Error`'s own message is only its kind; add the causes.
 fn describe_causes(e: &tokio_postgres::Error) -> String {
     use std::error::Error as _;

@@ -98,7 +98,7 @@ pub use crate::admin::{
     Admin, OldestTransaction, OutboxStatus, RequeueFilter, TopicStatus, MIGRATE_TIMEOUT_FACTOR,
 };
 pub use crate::config::{
-    DeadLetterPolicy, OnDelivery, OutboxBuilder, WakeMode, DEFAULT_CHANNEL, DEFAULT_TABLE,
+    DeadLetterPolicy, OnDelivery, OutboxBuilder, Settings, WakeMode, DEFAULT_CHANNEL, DEFAULT_TABLE,
 };
 pub use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure, DeliveryStream};
 pub use crate::error::{ConfigErrors, Error, Result};

@@ -164,7 +164,7 @@ where
         Ok((client, conn)) => Ok((client, tokio::spawn(drive(conn, on_notification)))),
         Err(e) if options_refused(&e) => {
             tracing::info!(
-                error = %crate::error::describe_postgres(&e),
+                error = %crate::error::PgErrorDisplay(&e),
                 "postgres refused the session parameters as startup options; setting them with SET"
             );
             let (client, conn) = plain.connect(tls).await?;

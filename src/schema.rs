@@ -519,21 +519,6 @@ pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &s
                     .to_string(),
                 );
             }
-            // The fence table and the trigger are named by `schema_deviations` below.
-            let fence = format!("{table}_fence");
-            let missing: Vec<Missing> = missing_objects(client, table)
-                .await?
-                .into_iter()
-                .filter(|m| m.name != fence && m.kind != "trigger")
-                .collect();
-            if !missing.is_empty() {
-                problems.push(format!(
-                    "table `{table}` is recorded as migrated but {} {} missing (dropped?): run `outbox::migrate` (or `outbox-relay migrate`), which re-creates {}",
-                    describe_missing(&missing),
-                    if missing.len() == 1 { "is" } else { "are" },
-                    if missing.len() == 1 { "it" } else { "them" },
-                ));
-            }
             problems.extend(crate::schema_check::schema_deviations(client, table).await?);
         }
         Err(Error::Schema(msg)) => problems.push(msg),

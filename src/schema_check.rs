@@ -103,7 +103,11 @@ const COLUMNS: &[Column] = &[
 
 /// Deviations of `table` (which exists) from what the relay relies on: missing columns, other
 /// types, nullable columns the relay reads as non-null, and missing objects (the fence table,
-/// the wake trigger, the status check). Empty when all is well.
+/// the wake trigger, the status check, and the rest of [`missing_objects`]: indexes, the
+/// trigger's function). Empty when all is well. The one check of the schema's shape, used by
+/// `connect()` and `status`.
+///
+/// [`missing_objects`]: crate::schema::missing_objects
 ///
 /// # Errors
 /// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
@@ -111,6 +115,13 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
     client: &C,
     table: &str,
 ) -> Result<Vec<String>> {
+    let mut problems = column_deviations(client, table).await?;
+    problems.extend(missing_object_problems(client, table).await?);
+    Ok(problems)
+}
+
+/// Missing columns, other types and nullable columns the relay reads as non-null.
+async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<Vec<String>> {
     let rows = client
         .query(
             "select a.attname::text, format_type(a.atttypid, null), a.attnotnull
@@ -146,6 +157,12 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
             ));
         }
     }
+    Ok(problems)
+}
+
+/// The objects of the migrations that are missing, each with what its absence means.
+async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
     let objects = client
         .query_one(
             "select to_regclass($1) is not null,
@@ -176,6 +193,17 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
         if !present {
             problems.push(format!(
                 "{what}: run `outbox-relay migrate` (or `outbox::migrate_table`)"
+            ));
+        }
+    }
+    // The other objects the migrations create (indexes, the trigger's function); the table,
+    // the fence table and the trigger are named above, with what their absence means.
+    let fence = format!("{table}_fence");
+    for m in crate::schema::missing_objects(client, table).await? {
+        if m.name != table && m.name != fence && m.kind != "trigger" {
+            problems.push(format!(
+                "{} `{}` is missing (dropped?): run `outbox-relay migrate` (or `outbox::migrate_table`), which re-creates it",
+                m.kind, m.name
             ));
         }
     }

@@ -116,81 +116,25 @@ impl TestPostgresBuilder {
 
     /// Like [`start`](Self::start), for code that is not async (blocks for about a second).
     pub fn start_blocking(self) -> io::Result<TestPostgres> {
-        let bindir = match self.bindir.clone() {
-            Some(dir) => dir,
-            None => find_bindir()?,
-        };
-        for tool in ["initdb", "pg_ctl", "postgres"] {
-            if !bindir.join(tool).is_file() {
-                return Err(io::Error::other(format!(
-                    "TestPostgres: {} not found in {} (install the `postgresql` package or set PG_BINDIR)",
-                    tool,
-                    bindir.display()
-                )));
-            }
-        }
+        let bindir = self.checked_bindir()?;
         let as_postgres = running_as_root();
-        let base = match &self.base_dir {
-            Some(dir) => dir.clone(),
-            None if as_postgres && Path::new("/tmp").is_dir() => PathBuf::from("/tmp"),
-            None => std::env::temp_dir(),
-        };
-        let tempdir = tempfile::Builder::new()
-            .prefix("outbox-pg-")
-            .tempdir_in(&base)
-            .map_err(|e| {
-                annotate(
-                    e,
-                    &format!("creating a temporary directory in {}", base.display()),
-                )
-            })?;
+        let tempdir = self.make_tempdir(as_postgres)?;
         let dir = tempdir.path().to_path_buf();
-        let data_dir = dir.join("data");
-        let log_file = dir.join("postgres.log");
-
-        if as_postgres {
-            run_checked(
-                Command::new("chown").arg("postgres:").arg(&dir),
-                "chown of the temporary directory to the postgres user (running as root: \
-                 the server runs as `postgres`; does that user exist?)",
-            )?;
-        }
-
         let inner = Inner {
             bindir,
             dir: dir.clone(),
-            data_dir,
-            log_file,
+            data_dir: dir.join("data"),
+            log_file: dir.join("postgres.log"),
             as_postgres,
             port: Mutex::new(0),
             running: Mutex::new(false),
             watchdog: Mutex::new(None),
             _tempdir: tempdir,
         };
-
-        let mut initdb = inner.pg_command("initdb");
-        initdb.arg("-D").arg(&inner.data_dir).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "-N",
-        ]);
-        run_checked(&mut initdb, "initdb")?;
-
-        // Our settings live in their own file so that a port change rewrites only that file.
-        let mut conf = std::fs::OpenOptions::new()
-            .append(true)
-            .open(inner.data_dir.join("postgresql.conf"))?;
-        writeln!(conf, "\ninclude 'outbox_test.conf'")?;
-
+        inner.init_cluster()?;
         // The watchdog stops the server and removes the directory when this process exits
         // without dropping the TestPostgres (a `static`, a panic=abort, a SIGKILL, Ctrl-C).
         inner.spawn_watchdog()?;
-
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
@@ -207,6 +151,75 @@ impl TestPostgresBuilder {
             }
         }
         Err(last_err.unwrap_or_else(|| io::Error::other("TestPostgres: no free port")))
+    }
+
+    /// The directory of the server programs, checked to hold `initdb`, `pg_ctl` and `postgres`.
+    fn checked_bindir(&self) -> io::Result<PathBuf> {
+        let bindir = match self.bindir.clone() {
+            Some(dir) => dir,
+            None => find_bindir()?,
+        };
+        for tool in ["initdb", "pg_ctl", "postgres"] {
+            if !bindir.join(tool).is_file() {
+                return Err(io::Error::other(format!(
+                    "TestPostgres: {} not found in {} (install the `postgresql` package or set PG_BINDIR)",
+                    tool,
+                    bindir.display()
+                )));
+            }
+        }
+        Ok(bindir)
+    }
+
+    /// The server's temporary directory, owned by `postgres` when running as root.
+    fn make_tempdir(&self, as_postgres: bool) -> io::Result<tempfile::TempDir> {
+        let base = match &self.base_dir {
+            Some(dir) => dir.clone(),
+            None if as_postgres && Path::new("/tmp").is_dir() => PathBuf::from("/tmp"),
+            None => std::env::temp_dir(),
+        };
+        let tempdir = tempfile::Builder::new()
+            .prefix("outbox-pg-")
+            .tempdir_in(&base)
+            .map_err(|e| {
+                annotate(
+                    e,
+                    &format!("creating a temporary directory in {}", base.display()),
+                )
+            })?;
+        if as_postgres {
+            run_checked(
+                Command::new("chown").arg("postgres:").arg(tempdir.path()),
+                "chown of the temporary directory to the postgres user (running as root: \
+                 the server runs as `postgres`; does that user exist?)",
+            )?;
+        }
+        Ok(tempdir)
+    }
+}
+
+impl Inner {
+    /// `initdb` of the data directory, whose `postgresql.conf` then includes
+    /// `outbox_test.conf` (our settings live in their own file so that a port change rewrites
+    /// only that file).
+    fn init_cluster(&self) -> io::Result<()> {
+        let mut initdb = self.pg_command("initdb");
+        initdb.arg("-D").arg(&self.data_dir).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-N",
+        ]);
+        run_checked(&mut initdb, "initdb")?;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data_dir.join("postgresql.conf"))?;
+        writeln!(conf, "\ninclude 'outbox_test.conf'")?;
+        Ok(())
     }
 }
 

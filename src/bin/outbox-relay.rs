@@ -17,10 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[path = "../text.rs"]
 #[allow(dead_code)]
 mod text;
-use outbox::{
-    Admin, DeadLetterPolicy, Error, Event, EventFilter, EventStatus, OnDelivery, Outbox,
-    RequeueFilter, WakeMode,
-};
+use outbox::{Admin, Error, Event, EventFilter, EventStatus, Outbox, RequeueFilter, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -34,10 +31,10 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// Outbox table.
-    #[arg(long, env = "OUTBOX_TABLE", default_value = "events", global = true)]
+    #[arg(long, env = "OUTBOX_TABLE", default_value = outbox::DEFAULT_TABLE, global = true)]
     table: String,
     /// NOTIFY channel.
-    #[arg(long, env = "OUTBOX_CHANNEL", default_value = "outbox", global = true)]
+    #[arg(long, env = "OUTBOX_CHANNEL", default_value = outbox::DEFAULT_CHANNEL, global = true)]
     channel: String,
     /// Log format.
     #[arg(
@@ -63,7 +60,7 @@ enum Command {
     /// Create or upgrade the outbox table (also a table created by the original Go package).
     Migrate,
     /// Run the relay until SIGINT/SIGTERM, then stop gracefully.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Backlog per topic: pending, retrying, dead letters, oldest pending age.
     Status {
         /// Print JSON instead of a table.
@@ -84,45 +81,9 @@ struct RunArgs {
     /// librdkafka property `key=value` (repeatable), e.g. `-X linger.ms=5`.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     kafka_property: Vec<String>,
-    /// Events reserved per batch.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE")]
-    batch_size: Option<usize>,
-    /// Messages in flight at most.
-    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT")]
-    max_in_flight: Option<usize>,
-    /// Batches in flight at most.
-    #[arg(long, env = "OUTBOX_MAX_BATCHES_IN_FLIGHT")]
-    max_batches_in_flight: Option<usize>,
-    /// Fallback poll interval (e.g. `2s`, `250ms`).
-    #[arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = humantime::parse_duration)]
-    poll_interval: Option<Duration>,
-    /// Lease of a reserved batch.
-    #[arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration)]
-    lease: Option<Duration>,
-    /// Producer delivery timeout (message.timeout.ms).
-    #[arg(long, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
-    publish_timeout: Option<Duration>,
-    /// Wait for delivery reports before confirming a batch.
-    #[arg(long, env = "OUTBOX_BATCH_TIMEOUT", value_parser = humantime::parse_duration)]
-    batch_timeout: Option<Duration>,
-    /// Graceful stop: longest wait for in-flight deliveries.
-    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
-    shutdown_timeout: Duration,
-    /// Failed attempts before an event becomes a dead letter.
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
-    max_attempts: Option<u32>,
-    /// Wake-up mode.
-    #[arg(long, env = "OUTBOX_WAKE_MODE", value_enum)]
-    wake_mode: Option<WakeArg>,
-    /// What a dead letter does to its aggregate.
-    #[arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", value_enum)]
-    dead_letter_policy: Option<DeadLetterArg>,
-    /// What happens to delivered rows.
-    #[arg(long, env = "OUTBOX_ON_DELIVERY", value_enum)]
-    on_delivery: Option<OnDeliveryArg>,
-    /// How long delivered rows are kept.
-    #[arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration)]
-    retention: Option<Duration>,
+    /// The relay's settings, declared once in `outbox::Settings` (flags and `OUTBOX_*`).
+    #[command(flatten)]
+    settings: Settings,
     /// Period of the progress log line (0s: off).
     #[arg(long, env = "OUTBOX_PROGRESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
     progress_interval: Duration,
@@ -136,24 +97,6 @@ struct RunArgs {
     /// `/health` answers 503 when the oldest pending event is older than this.
     #[arg(long, env = "OUTBOX_HEALTH_MAX_PENDING_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
     health_max_pending_age: Duration,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum WakeArg {
-    Notify,
-    PollOnly,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeadLetterArg {
-    Block,
-    Continue,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum OnDeliveryArg {
-    MarkDone,
-    Delete,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -355,37 +298,7 @@ async fn admin(cli: &Cli) -> Result<Admin, Failure> {
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
-        Command::Migrate => {
-            let cfg = pg_config(&cli)?;
-            let report = Admin::migrate(cfg, &cli.table, &cli.channel).await?;
-            if let Some(previous) = report.previous_channel() {
-                println!(
-                    "table {}: notify channel changed from {previous} to {}",
-                    cli.table, cli.channel
-                );
-            }
-            if !report.repaired().is_empty() {
-                println!(
-                    "table {}: re-created missing objects: {}",
-                    cli.table,
-                    report.repaired().join(", ")
-                );
-            }
-            if report.applied().is_empty() && report.repaired().is_empty() {
-                println!(
-                    "table {} is up to date (schema version {})",
-                    cli.table,
-                    outbox::SCHEMA_VERSION
-                );
-            } else if !report.applied().is_empty() {
-                println!(
-                    "table {}: applied migrations {:?}",
-                    cli.table,
-                    report.applied()
-                );
-            }
-            Ok(())
-        }
+        Command::Migrate => migrate(&cli).await,
         Command::Run(args) => run(&cli, args).await,
         Command::Status { json } => {
             let status = admin(&cli).await?.status().await?;
@@ -393,73 +306,147 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Find(args) => {
-            let mut f = EventFilter::new()
-                .limit(args.limit)
-                .ids(args.id.iter().copied());
-            for s in &args.status {
-                f = f.status(match s {
-                    StatusArg::New => EventStatus::New,
-                    StatusArg::Done => EventStatus::Done,
-                    StatusArg::Failed => EventStatus::Failed,
-                });
-            }
-            if let Some(a) = &args.aggregate {
-                f = f.aggregate_id(a);
-            }
-            if let Some(t) = &args.topic {
-                f = f.topic(t);
-            }
-            if let Some(t) = &args.event_type {
-                f = f.event_type(t);
-            }
-            if let Some(s) = args.after_seq {
-                f = f.after_seq(s);
-            }
-            for e in admin(&cli).await?.find(&f).await? {
+            for e in admin(&cli).await?.find(&event_filter(args)).await? {
                 println!("{}", text::json_line(&event_json(&e)));
             }
             Ok(())
         }
-        Command::Requeue(args) => {
-            let no_selector =
-                args.id.is_empty() && args.aggregate.is_none() && args.topic.is_none();
-            if no_selector && !args.all {
-                return Err(fail(
-                    2,
-                    "requeue: give --id, --aggregate or --topic, or --all for every dead letter",
-                ));
-            }
-            let mut filter = RequeueFilter::all().ids(args.id.iter().copied());
-            if let Some(a) = &args.aggregate {
-                filter = filter.aggregate_id(a);
-            }
-            if let Some(t) = &args.topic {
-                filter = filter.topic(t);
-            }
-            let admin = admin(&cli).await?;
-            if args.dry_run {
-                let events = admin.find(&filter.to_event_filter()).await?;
-                for e in &events {
-                    println!("{}", text::json_line(&event_json(e)));
-                }
-                eprintln!("dry run: {} dead letter(s) would be requeued", events.len());
-            } else {
-                let n = admin.requeue(&filter).await?;
-                println!("requeued {n} dead letter(s)");
-            }
-            Ok(())
-        }
+        Command::Requeue(args) => requeue(&cli, args).await,
     }
 }
 
+/// `migrate`: applies the migrations and says what changed.
+async fn migrate(cli: &Cli) -> Result<(), Failure> {
+    let cfg = pg_config(cli)?;
+    let report = Admin::migrate(cfg, &cli.table, &cli.channel).await?;
+    let table = &cli.table;
+    if let Some(previous) = report.previous_channel() {
+        println!(
+            "table {table}: notify channel changed from {previous} to {}",
+            cli.channel
+        );
+    }
+    if !report.repaired().is_empty() {
+        println!(
+            "table {table}: re-created missing objects: {}",
+            report.repaired().join(", ")
+        );
+    }
+    if report.applied().is_empty() && report.repaired().is_empty() {
+        println!(
+            "table {table} is up to date (schema version {})",
+            outbox::SCHEMA_VERSION
+        );
+    } else if !report.applied().is_empty() {
+        println!("table {table}: applied migrations {:?}", report.applied());
+    }
+    Ok(())
+}
+
+/// The `find` flags as an [`EventFilter`].
+fn event_filter(args: &FindArgs) -> EventFilter {
+    let mut f = EventFilter::new()
+        .limit(args.limit)
+        .ids(args.id.iter().copied());
+    for s in &args.status {
+        f = f.status(match s {
+            StatusArg::New => EventStatus::New,
+            StatusArg::Done => EventStatus::Done,
+            StatusArg::Failed => EventStatus::Failed,
+        });
+    }
+    if let Some(a) = &args.aggregate {
+        f = f.aggregate_id(a);
+    }
+    if let Some(t) = &args.topic {
+        f = f.topic(t);
+    }
+    if let Some(t) = &args.event_type {
+        f = f.event_type(t);
+    }
+    if let Some(s) = args.after_seq {
+        f = f.after_seq(s);
+    }
+    f
+}
+
+/// `requeue`: requeues the selected dead letters, or lists them with `--dry-run`.
+async fn requeue(cli: &Cli, args: &RequeueArgs) -> Result<(), Failure> {
+    let no_selector = args.id.is_empty() && args.aggregate.is_none() && args.topic.is_none();
+    if no_selector && !args.all {
+        return Err(fail(
+            2,
+            "requeue: give --id, --aggregate or --topic, or --all for every dead letter",
+        ));
+    }
+    let mut filter = RequeueFilter::all().ids(args.id.iter().copied());
+    if let Some(a) = &args.aggregate {
+        filter = filter.aggregate_id(a);
+    }
+    if let Some(t) = &args.topic {
+        filter = filter.topic(t);
+    }
+    let admin = admin(cli).await?;
+    if args.dry_run {
+        let events = admin.find(&filter.to_event_filter()).await?;
+        for e in &events {
+            println!("{}", text::json_line(&event_json(e)));
+        }
+        eprintln!("dry run: {} dead letter(s) would be requeued", events.len());
+    } else {
+        let n = admin.requeue(&filter).await?;
+        println!("requeued {n} dead letter(s)");
+    }
+    Ok(())
+}
+
+/// `run`: the relay until SIGINT/SIGTERM, with the metrics port and the progress line.
 async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let token = CancellationToken::new();
+    let builder = relay_builder(cli, args, &token)?;
+    stop_on_signal(token.clone());
+    let outbox = builder.connect().await?;
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(
+            addr,
+            outbox.clone(),
+            args.health_max_pending_age,
+            token.clone(),
+        )
+        .await?;
+    }
+    if !args.progress_interval.is_zero() && args.progress_interval < Duration::from_millis(100) {
+        return Err(fail(
+            3,
+            "--progress-interval: at least 100ms (each line runs a status query), or 0s for none",
+        ));
+    }
+    if !args.progress_interval.is_zero() {
+        tokio::spawn(log_progress(
+            outbox.clone(),
+            args.progress_interval,
+            token.clone(),
+        ));
+    }
+    tracing::info!(table = %cli.table, channel = %cli.channel, "outbox relay running");
+    outbox.run().await?;
+    Ok(())
+}
+
+/// The relay's builder from the flags: the settings as parsed, the global table and channel,
+/// the brokers and every `-X key=value`.
+fn relay_builder(
+    cli: &Cli,
+    args: &RunArgs,
+    token: &CancellationToken,
+) -> Result<outbox::OutboxBuilder, Failure> {
+    let mut settings = args.settings.clone();
+    settings.table.clone_from(&cli.table);
+    settings.channel.clone_from(&cli.channel);
     let mut b = Outbox::builder()
         .postgres(pg_config(cli)?)
-        .table(&cli.table)
-        .channel(&cli.channel)
+        .settings(settings)
         .migrate(args.migrate)
-        .shutdown_timeout(args.shutdown_timeout)
         .cancellation_token(token.clone());
     if let Some(k) = &args.kafka_brokers {
         b = b.kafka_brokers(k);
@@ -478,120 +465,53 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         })?;
         b = b.kafka_property(k, v);
     }
-    if let Some(n) = args.batch_size {
-        b = b.batch_size(n);
-    }
-    if let Some(n) = args.max_in_flight {
-        b = b.max_in_flight(n);
-    }
-    if let Some(n) = args.max_batches_in_flight {
-        b = b.max_batches_in_flight(n);
-    }
-    if let Some(d) = args.poll_interval {
-        b = b.poll_interval(d);
-    }
-    if let Some(d) = args.lease {
-        b = b.lease(d);
-    }
-    if let Some(d) = args.publish_timeout {
-        b = b.publish_timeout(d);
-    }
-    if let Some(d) = args.batch_timeout {
-        b = b.batch_timeout(d);
-    }
-    if let Some(n) = args.max_attempts {
-        b = b.max_attempts(n);
-    }
-    if let Some(d) = args.retention {
-        b = b.retention(d);
-    }
-    if let Some(w) = args.wake_mode {
-        b = b.wake_mode(match w {
-            WakeArg::Notify => WakeMode::Notify,
-            WakeArg::PollOnly => WakeMode::PollOnly,
-        });
-    }
-    if let Some(p) = args.dead_letter_policy {
-        b = b.dead_letter_policy(match p {
-            DeadLetterArg::Block => DeadLetterPolicy::BlockAggregate,
-            DeadLetterArg::Continue => DeadLetterPolicy::Continue,
-        });
-    }
-    if let Some(o) = args.on_delivery {
-        b = b.on_delivery(match o {
-            OnDeliveryArg::MarkDone => OnDelivery::MarkDone,
-            OnDeliveryArg::Delete => OnDelivery::Delete,
-        });
-    }
-    // Stop gracefully on SIGINT / SIGTERM (also while still connecting).
-    {
-        let token = token.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    Ok(b)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM (also while still connecting): a graceful stop.
+fn stop_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received: stopping");
+        token.cancel();
+    });
+}
+
+/// Logs a progress line every `every` (delivered/s, backlog, oldest pending age, dead letters)
+/// until `token` is cancelled.
+async fn log_progress(outbox: Outbox, every: Duration, token: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stats = outbox.stats();
+        let rate = (stats.delivered - last) as f64 / every.as_secs_f64();
+        last = stats.delivered;
+        match outbox.status().await {
+            Ok(s) => tracing::info!(
+                delivered_per_s = format!("{rate:.0}"),
+                delivered = stats.delivered,
+                backlog = s.pending,
+                oldest_pending_age_s = s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                dead_letters = s.dead_letters,
+                listener_connected = stats.listener_connected,
+                "progress"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, delivered = stats.delivered, "progress: status query failed")
             }
-            tracing::info!("signal received: stopping");
-            token.cancel();
-        });
+        }
     }
-    let outbox = b.connect().await?;
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(
-            addr,
-            outbox.clone(),
-            args.health_max_pending_age,
-            token.clone(),
-        )
-        .await?;
-    }
-    if !args.progress_interval.is_zero() && args.progress_interval < Duration::from_millis(100) {
-        return Err(fail(
-            3,
-            "--progress-interval: at least 100ms (each line runs a status query), or 0s for none",
-        ));
-    }
-    if !args.progress_interval.is_zero() {
-        let outbox = outbox.clone();
-        let every = args.progress_interval;
-        let token = token.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            let mut last = 0u64;
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let stats = outbox.stats();
-                let rate = (stats.delivered - last) as f64 / every.as_secs_f64();
-                last = stats.delivered;
-                match outbox.status().await {
-                    Ok(s) => tracing::info!(
-                        delivered_per_s = format!("{rate:.0}"),
-                        delivered = stats.delivered,
-                        backlog = s.pending,
-                        oldest_pending_age_s =
-                            s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                        dead_letters = s.dead_letters,
-                        listener_connected = stats.listener_connected,
-                        "progress"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, delivered = stats.delivered, "progress: status query failed")
-                    }
-                }
-            }
-        });
-    }
-    tracing::info!(table = %cli.table, channel = %cli.channel, "outbox relay running");
-    outbox.run().await?;
-    Ok(())
 }
 
 /// Limits of the metrics/health port: its clients are not trusted.
@@ -628,7 +548,24 @@ async fn serve_metrics(
     max_pending_age: Duration,
     token: CancellationToken,
 ) -> Result<(), Failure> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let handle = install_recorder()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(3, format!("--metrics-addr {addr}: {e}")))?;
+    tokio::spawn(run_upkeep(handle.clone(), token.clone()));
+    let state = std::sync::Arc::new(HttpState {
+        metrics: handle,
+        outbox,
+        max_pending_age,
+    });
+    tracing::info!(%addr, "serving /metrics and /health");
+    tokio::spawn(accept_loop(listener, state, token));
+    Ok(())
+}
+
+/// Installs the Prometheus recorder, with the latency histogram's buckets.
+fn install_recorder() -> Result<metrics_exporter_prometheus::PrometheusHandle, Failure> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("outbox_commit_to_ack_seconds".into()),
             &[
@@ -638,75 +575,80 @@ async fn serve_metrics(
         )
         .map_err(|e| fail(1, format!("metrics buckets: {e}")))?
         .install_recorder()
-        .map_err(|e| fail(1, format!("metrics recorder: {e}")))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| fail(3, format!("--metrics-addr {addr}: {e}")))?;
-    {
-        // Without a scraper, histogram samples would pile up until the next render.
-        let handle = handle.clone();
-        let token = token.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(http_limits::UPKEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tick.tick() => handle.run_upkeep(),
-                }
-            }
-        });
-    }
-    let state = std::sync::Arc::new(HttpState {
-        metrics: handle,
-        outbox,
-        max_pending_age,
-    });
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(http_limits::MAX_CONNECTIONS));
-    tracing::info!(%addr, "serving /metrics and /health");
-    tokio::spawn(async move {
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            let stream = tokio::select! {
-                _ = token.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics port: accept failed; retrying in 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            while connections.try_join_next().is_some() {}
-            // Over the limit: answer 503 at once without reading anything (a non-blocking
-            // write of a few bytes), so that idle clients cannot queue the scraper behind them.
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                metrics::counter!("outbox_http_rejected_connections_total").increment(1);
-                let _ = stream.try_write(
-                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 21\r\n\r\ntoo many connections\n",
-                );
-                continue;
-            };
-            let state = state.clone();
-            connections.spawn(async move {
-                let _slot = slot;
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&state, &req).await) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(http_limits::HEADER_TIMEOUT)
-                    .max_buf_size(http_limits::MAX_HEAD_BYTES)
-                    .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(http_limits::CONNECTION_TIMEOUT, connection).await;
-            });
+        .map_err(|e| fail(1, format!("metrics recorder: {e}")))
+}
+
+/// The exporter's upkeep every `UPKEEP_INTERVAL` until `token` is cancelled: without a scraper,
+/// histogram samples would pile up until the next render.
+async fn run_upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    token: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(http_limits::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
         }
-        // Stop: no new connections; the ones in progress are dropped with the set.
-        connections.shutdown().await;
+    }
+}
+
+/// Accepts connections until `token` is cancelled, at most `MAX_CONNECTIONS` served at once;
+/// an accept error is logged and retried after 100 ms.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: std::sync::Arc<HttpState>,
+    token: CancellationToken,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(http_limits::MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = token.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics port: accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        // Over the limit: answer 503 at once without reading anything (a non-blocking
+        // write of a few bytes), so that idle clients cannot queue the scraper behind them.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("outbox_http_rejected_connections_total").increment(1);
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 21\r\n\r\ntoo many connections\n",
+            );
+            continue;
+        };
+        connections.spawn(serve_connection(stream, state.clone(), slot));
+    }
+    // Stop: no new connections; the ones in progress are dropped with the set.
+    connections.shutdown().await;
+}
+
+/// One HTTP/1.1 request on `stream`, within the header and connection limits; `slot` is given
+/// back when it ends.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    state: std::sync::Arc<HttpState>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _slot = slot;
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(&state, &req).await) }
     });
-    Ok(())
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(http_limits::HEADER_TIMEOUT)
+        .max_buf_size(http_limits::MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(http_limits::CONNECTION_TIMEOUT, connection).await;
 }
 
 type Body = http_body_util::Full<bytes::Bytes>;

@@ -5,12 +5,10 @@ use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{NewEvent, Writer};
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt as _;
 use uuid::Uuid;
 
 use crate::support;
@@ -23,16 +21,9 @@ use crate::support::GO_DDL;
 // Helpers
 // ----------------------------------------------------------------------------------------------
 
-/// The binary with none of the configuration variables of the test environment: every test
-/// passes what it means explicitly.
+/// [`support::relay_command`] for tokio, stdin closed, killed when dropped.
 fn relay_cmd() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if name.starts_with("OUTBOX_") || name == "DATABASE_URL" || name == "KAFKA_BROKERS" {
-            cmd.env_remove(&k);
-        }
-    }
+    let mut cmd = tokio::process::Command::from(support::relay_command());
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
@@ -128,40 +119,42 @@ pub(crate) fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|tok| tok.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// A running `outbox-relay run` process whose stderr is collected as it comes.
+/// A running `outbox-relay` process ([`support::ChildRelay`]) and what the CLI tests ask of its
+/// log.
 pub(crate) struct RelayProcess {
-    pub(crate) child: tokio::process::Child,
-    /// The raw stderr so far (colours and all).
-    pub(crate) stderr: Arc<Mutex<String>>,
+    pub(crate) relay: support::ChildRelay,
 }
 
 impl RelayProcess {
     pub(crate) fn spawn(args: &[&str], envs: &[(&str, &str)]) -> RelayProcess {
-        let mut cmd = relay_cmd();
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {BIN}: {e}"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        RelayProcess { child, stderr }
+        RelayProcess {
+            relay: support::ChildRelay::with_args(args, envs),
+        }
+    }
+
+    /// `outbox-relay --database-url <url> --table <table> --channel <table> run --kafka-brokers
+    /// <brokers> --shutdown-timeout 3s` and `extra`, with no environment.
+    pub(crate) fn run_on(url: &str, table: &str, brokers: &str, extra: &[&str]) -> RelayProcess {
+        let mut args = vec![
+            "--database-url",
+            url,
+            "--table",
+            table,
+            "--channel",
+            table,
+            "run",
+            "--kafka-brokers",
+            brokers,
+            "--shutdown-timeout",
+            "3s",
+        ];
+        args.extend_from_slice(extra);
+        RelayProcess::spawn(&args, &[])
     }
 
     /// The stderr so far, without colours.
     pub(crate) fn log(&self) -> String {
-        strip_ansi(&self.stderr.lock().unwrap())
+        strip_ansi(&self.relay.stderr())
     }
 
     /// Waits until a stderr line satisfies `pred`; returns it.
@@ -176,8 +169,7 @@ impl RelayProcess {
             if let Some(line) = self.log().lines().find(|l| pred(l)) {
                 return line.to_string();
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(status) = self.relay.exited() {
                 panic!(
                     "outbox-relay exited ({status}) before logging {what}; stderr:\n{}",
                     self.log()
@@ -194,27 +186,18 @@ impl RelayProcess {
 
     /// `kill -TERM <pid>`.
     pub(crate) fn sigterm(&self) {
-        let pid = self.child.id().expect("the relay is still running");
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
+        self.relay.sigterm();
     }
 
     /// Waits for the process to exit; returns its exit code and how long it took.
     pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
-        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(s) => s.expect("waiting for outbox-relay"),
-            Err(_) => panic!(
+        let Some(status) = self.relay.wait_exit(timeout).await else {
+            panic!(
                 "outbox-relay did not exit within {timeout:?}; stderr:\n{}",
                 self.log()
-            ),
+            );
         };
-        // Let the stderr reader drain the last lines.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         (status.code(), start.elapsed())
     }
 }
@@ -241,6 +224,42 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// GETs `path` until it answers `want` (at most 30 s); returns the body.
+pub(crate) async fn get_until(addr: SocketAddr, path: &str, want: u16) -> String {
+    let what = format!("{path} answering {want}");
+    support::eventually(Duration::from_secs(30), &what, || async move {
+        let p = path.to_string();
+        match tokio::task::spawn_blocking(move || http_get(addr, &p))
+            .await
+            .unwrap()
+        {
+            Ok((code, body)) if code == want => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// Scrapes `/metrics` (each answering 200) until `ready` holds for its text (at most 30 s);
+/// returns that text.
+pub(crate) async fn metrics_until(
+    addr: SocketAddr,
+    what: &str,
+    ready: impl Fn(&str) -> bool,
+) -> String {
+    let ready = &ready;
+    support::eventually(Duration::from_secs(30), what, || async move {
+        let (code, text) = get(addr, "/metrics").await;
+        assert_eq!(code, 200, "/metrics: {text}");
+        if ready(&text) {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    })
+    .await
 }
 
 /// The value of an unlabelled sample `name value` in Prometheus text.
@@ -571,19 +590,13 @@ async fn metrics_and_health_endpoints() {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
 
-    let mut relay = RelayProcess::spawn(
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
         &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
             "--log-format",
             "json",
-            "run",
-            "--kafka-brokers",
-            &brokers,
             "-X",
             "allow.auto.create.topics=false",
             "--metrics-addr",
@@ -592,10 +605,7 @@ async fn metrics_and_health_endpoints() {
             "1s",
             "--poll-interval",
             "200ms",
-            "--shutdown-timeout",
-            "3s",
         ],
-        &[],
     );
     relay
         .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
@@ -617,19 +627,10 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(records.len(), 4, "four events delivered");
 
     // The counter follows the confirmation, which may trail the broker's ack a little.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let (code, text) = get(addr, "/metrics").await;
-        assert_eq!(code, 200, "/metrics: {text}");
-        if metric(&text, "outbox_events_delivered_total") == Some(4.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "outbox_events_delivered_total never reached 4:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let text = metrics_until(addr, "outbox_events_delivered_total reaching 4", |text| {
+        metric(text, "outbox_events_delivered_total") == Some(4.0)
+    })
+    .await;
     assert!(
         text.contains("outbox_commit_to_ack_seconds"),
         "commit-to-ack latency exported:\n{text}"
@@ -660,19 +661,7 @@ async fn metrics_and_health_endpoints() {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let h = loop {
-        let (code, body) = get(addr, "/health").await;
-        if code == 503 {
-            break serde_json::from_str::<Value>(&body).unwrap();
-        }
-        assert_eq!(code, 200, "/health: {body}");
-        assert!(
-            Instant::now() < deadline,
-            "/health never turned 503 with a stuck event: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let h: Value = serde_json::from_str(&get_until(addr, "/health", 503).await).unwrap();
     assert_eq!(h["healthy"], false, "{h}");
     assert_eq!(h["backlog"], 1, "{h}");
     assert!(
@@ -809,27 +798,18 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
     let port = support::free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
         &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
             "-X",
             "allow.auto.create.topics=false",
             "--metrics-addr",
             &addr_s,
             "--health-max-pending-age",
             "1h",
-            "--shutdown-timeout",
-            "3s",
         ],
-        &[],
     );
     relay
         .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
@@ -842,19 +822,10 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
         6,
         "both writers' events of every zone delivered"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let (code, text) = get(addr, "/metrics").await;
-        assert_eq!(code, 200, "/metrics: {text}");
-        if metric(&text, "outbox_events_delivered_total") == Some(6.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "outbox_events_delivered_total never reached 6:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let text = metrics_until(addr, "outbox_events_delivered_total reaching 6", |text| {
+        metric(text, "outbox_events_delivered_total") == Some(6.0)
+    })
+    .await;
     // Counters exist from the start, also those that never increased (issue 14.5).
     assert_eq!(
         metric(&text, "outbox_confirm_failures_total"),
@@ -978,25 +949,11 @@ async fn a_go_relay_still_running_is_reported() {
     let port = support::free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
-        &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &addr_s,
-            "--poll-interval",
-            "200ms",
-            "--shutdown-timeout",
-            "3s",
-        ],
-        &[],
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
+        &["--metrics-addr", &addr_s, "--poll-interval", "200ms"],
     );
     let line = relay
         .wait_for_line("the Go relay error", Duration::from_secs(60), |l| {
@@ -1040,15 +997,7 @@ async fn a_go_relay_still_running_is_reported() {
         3,
         "the rows go out once the Go relay's lease ended"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, body) = get(addr, "/health").await;
-        if code == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/health stays 503: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    get_until(addr, "/health", 200).await;
     relay.sigterm();
     let (code, _) = relay.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "stderr:\n{}", relay.log());

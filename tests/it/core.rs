@@ -105,40 +105,6 @@ fn owned_headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     h
 }
 
-/// Events with these ids (any status).
-async fn find_ids(outbox: &Outbox, ids: &[Uuid]) -> Vec<Event> {
-    outbox
-        .find(&EventFilter::new().ids(ids.iter().copied()).limit(10_000))
-        .await
-        .expect("find by ids")
-}
-
-/// Waits until every event of `ids` has `status`; returns them (seq order).
-async fn wait_status(
-    outbox: &Outbox,
-    ids: &[Uuid],
-    status: EventStatus,
-    timeout: Duration,
-) -> Vec<Event> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = find_ids(outbox, ids).await;
-        if events.len() == ids.len() && events.iter().all(|e| e.status() == status) {
-            return events;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "events did not all become {status} within {timeout:?}: {:#?}",
-                events
-                    .iter()
-                    .map(|e| (e.id(), e.status(), e.attempts(), e.last_error()))
-                    .collect::<Vec<_>>()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The next `Delivered` ack (failures and lag fail the test).
 async fn next_ack(stream: &mut DeliveryStream, timeout: Duration) -> DeliveryAck {
     match tokio::time::timeout(timeout, stream.next()).await {
@@ -291,7 +257,7 @@ async fn end_to_end_publishes_records_marks_done_and_acks() {
     assert_eq!(ns, vec![0, 1, 2, 3]);
 
     // Rows are done with the partition/offset the consumer saw.
-    let events = wait_status(
+    let events = support::wait_status(
         &outbox,
         &all_ids,
         EventStatus::Done,
@@ -415,7 +381,7 @@ async fn notify_wakes_idle_relay_within_seconds() {
             .unwrap_or_else(|_| panic!("{label}: the insert did not NOTIFY the channel"))
             .expect("listener alive");
         assert_eq!(note, env.channel);
-        wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
+        support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
         // Idle again before the next insert.
         support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
     }
@@ -518,7 +484,7 @@ async fn rollback_publishes_nothing() {
     assert_eq!(event_id_of(&got[0]), marker);
     reader.assert_idle(Duration::from_secs(2)).await;
     assert!(
-        find_ids(&outbox, &[rolled]).await.is_empty(),
+        support::find_ids(&outbox, &[rolled]).await.is_empty(),
         "rolled back row is gone"
     );
     let n: i64 = client
@@ -572,7 +538,7 @@ async fn rolled_back_savepoint_event_is_not_published() {
         "only the events outside the savepoint, in order"
     );
     assert!(!ids.contains(&inner_id));
-    assert!(find_ids(&outbox, &[inner_id]).await.is_empty());
+    assert!(support::find_ids(&outbox, &[inner_id]).await.is_empty());
     stop_and_join(&outbox, handle).await;
 }
 
@@ -831,7 +797,7 @@ async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
         )
         .await
         .unwrap();
-    assert_eq!(find_ids(&outbox, &[newest]).await[0].seq(), 4);
+    assert_eq!(support::find_ids(&outbox, &[newest]).await[0].seq(), 4);
 
     let mut reader = TopicReader::connect(&brokers, &topic, Duration::from_secs(30))
         .await
@@ -852,7 +818,7 @@ async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
         owned_headers(&[("event_id", &oldest.to_string()), ("event_type", "Oldest")])
     );
     assert_eq!(got[1].json(), json!({"row": "stale"}));
-    let events = wait_status(
+    let events = support::wait_status(
         &outbox,
         &[oldest, stale, newest, done],
         EventStatus::Done,
@@ -898,11 +864,8 @@ async fn concurrent_migrations_of_a_fresh_table_both_succeed() {
         "exactly one of them applied the migrations"
     );
     // The table is usable.
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(table.clone())
-        .channel(channel.clone())
+    let outbox = support::builder_on(&table, &channel)
+        .await
         .connect()
         .await
         .expect("connect after concurrent migrations");
@@ -910,7 +873,7 @@ async fn concurrent_migrations_of_a_fresh_table_both_succeed() {
         .add_new_event(&a, ev("some-topic", "agg", "T", json!({})))
         .await
         .unwrap();
-    assert_eq!(find_ids(&outbox, &[id]).await.len(), 1);
+    assert_eq!(support::find_ids(&outbox, &[id]).await.len(), 1);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1170,7 +1133,7 @@ async fn large_and_emoji_payloads_are_published_intact() {
     assert_eq!(r.json()["text"].as_str().unwrap(), emoji);
     assert_eq!(r.key.as_deref(), Some("agg-😀"));
     assert_eq!(r.header("note"), Some("🎉 ok"));
-    let events = wait_status(
+    let events = support::wait_status(
         &outbox,
         &[big_id, emoji_id],
         EventStatus::Done,
@@ -1197,11 +1160,8 @@ async fn find_filters_and_pages() {
     outbox::migrate_table(&client, &table, &channel)
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(table.clone())
-        .channel(channel.clone())
+    let outbox = support::builder_on(&table, &channel)
+        .await
         .connect()
         .await
         .unwrap();
@@ -1553,7 +1513,7 @@ async fn graceful_stop_after_first_acks_leaves_no_reservation() {
         assert!(acked2.insert(a.event_id()), "duplicate ack {a:?}");
     }
     assert_eq!(acked2, pending_ids.iter().copied().collect::<BTreeSet<_>>());
-    wait_status(&second, &ids, EventStatus::Done, Duration::from_secs(15)).await;
+    support::wait_status(&second, &ids, EventStatus::Done, Duration::from_secs(15)).await;
     stop_and_join(&second, handle2).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while ids.iter().any(|id| !consumed_ids.contains_key(id)) && Instant::now() < deadline {
@@ -1614,7 +1574,8 @@ async fn slow_subscriber_lags_without_stalling_the_relay() {
     let ids = outbox.add_new_events(&client, &events).await.unwrap();
     let records = support::consume_all(&env.brokers, &env.topic, 50, Duration::from_secs(20)).await;
     assert_eq!(records.len(), 50, "the relay delivered everything");
-    let done = wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(10)).await;
+    let done =
+        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(10)).await;
     assert_eq!(done.len(), 50);
     match tokio::time::timeout(Duration::from_secs(5), slow.next()).await {
         Ok(Some(DeliveryEvent::Lagged { missed })) => {

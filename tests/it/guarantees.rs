@@ -17,7 +17,6 @@
 //!   from Produce; an injected Produce error applies to every partition of the next request.
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -228,73 +227,11 @@ fn assert_order_with_contiguous_replays(aggregate: &str, seen: &[i64], expected:
     );
 }
 
-/// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what` and
-/// the last state `describe` gives.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe().await {
-            Ok(v) => return v,
-            Err(state) => {
-                if Instant::now() >= deadline {
-                    panic!("{what}: not reached within {timeout:?}; last state: {state}");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn find_aggregate(outbox: &Outbox, aggregate: &str) -> Vec<Event> {
     outbox
         .find(&EventFilter::new().aggregate_id(aggregate).limit(10_000))
         .await
         .expect("find by aggregate")
-}
-
-fn brief(events: &[Event]) -> String {
-    format!(
-        "{:#?}",
-        events
-            .iter()
-            .map(|e| (
-                e.seq(),
-                e.status(),
-                e.attempts(),
-                e.last_error().map(str::to_string),
-                e.next_attempt_at()
-            ))
-            .collect::<Vec<_>>()
-    )
-}
-
-/// Waits until the events with `ids` all have `status`; returns them in seq order.
-async fn wait_status(
-    outbox: &Outbox,
-    ids: &[Uuid],
-    status: EventStatus,
-    timeout: Duration,
-) -> Vec<Event> {
-    eventually(
-        &format!("events {ids:?} become {status}"),
-        timeout,
-        || async {
-            let events = outbox
-                .find(&EventFilter::new().ids(ids.iter().copied()).limit(10_000))
-                .await
-                .map_err(|e| e.to_string())?;
-            if events.len() == ids.len() && events.iter().all(|e| e.status() == status) {
-                Ok(events)
-            } else {
-                Err(brief(&events))
-            }
-        },
-    )
-    .await
 }
 
 /// The next `Failed` item of a delivery stream (acks are skipped).
@@ -494,7 +431,7 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     let by_key = counters_by_key(&got);
     assert_eq!(by_key.keys().collect::<Vec<_>>(), vec!["X"], "{got:#?}");
     assert_order_with_contiguous_replays("X", &by_key["X"], &[1, 2, 3]);
-    wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    support::wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
 
     // 2. A permanent failure of Y's event 1.
     kafka.request_errors(
@@ -526,9 +463,9 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     );
 
     let y = find_aggregate(&outbox, "Y").await;
-    assert_eq!(y.len(), 3, "{}", brief(&y));
+    assert_eq!(y.len(), 3, "{}", support::brief(&y));
     assert_eq!(y[0].id(), y_ids[0]);
-    assert_eq!(y[0].status(), EventStatus::Failed, "{}", brief(&y));
+    assert_eq!(y[0].status(), EventStatus::Failed, "{}", support::brief(&y));
     assert_eq!(y[0].attempts(), 1);
     assert_eq!(y[0].last_error(), Some(failure.error()));
     for e in &y[1..] {
@@ -536,9 +473,9 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
             e.status(),
             EventStatus::New,
             "blocked, still pending: {}",
-            brief(&y)
+            support::brief(&y)
         );
-        assert_eq!(e.attempts(), 0, "never tried: {}", brief(&y));
+        assert_eq!(e.attempts(), 0, "never tried: {}", support::brief(&y));
         assert!(e.seq() > y[0].seq(), "behind the dead letter");
     }
     let status = outbox.status().await.expect("status");
@@ -575,7 +512,7 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
             (EventStatus::New, 0)
         ],
         "Y stays blocked behind its dead letter: {}",
-        brief(&y)
+        support::brief(&y)
     );
 
     // 3. Fault removed, requeue: Y 1, 2, 3 in order.
@@ -595,7 +532,7 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
         y_ids[0],
         "the requeued event keeps its id"
     );
-    wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    support::wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
     let stats = outbox.stats();
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
     stop_and_join(&outbox, handle).await;
@@ -640,7 +577,7 @@ async fn s4_dead_letter_policy_continue_publishes_later_events() {
         Some(&vec![2, 3]),
         "2 and 3 go on: {got:#?}"
     );
-    wait_status(
+    support::wait_status(
         &outbox,
         &y_ids[1..],
         EventStatus::Done,
@@ -648,7 +585,7 @@ async fn s4_dead_letter_policy_continue_publishes_later_events() {
     )
     .await;
     let y = find_aggregate(&outbox, "Y").await;
-    assert_eq!(y[0].status(), EventStatus::Failed, "{}", brief(&y));
+    assert_eq!(y[0].status(), EventStatus::Failed, "{}", support::brief(&y));
     assert!(y[0].last_error().is_some());
 
     kafka.clear_request_errors(RDKafkaApiKey::Produce);
@@ -663,7 +600,7 @@ async fn s4_dead_letter_policy_continue_publishes_later_events() {
     assert_eq!((again[0].key_str(), counter(&again[0])), ("Y", 1));
     assert_eq!(event_id_of(&again[0]), y_ids[0]);
     reader.assert_idle(Duration::from_millis(500)).await;
-    wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    support::wait_status(&outbox, &y_ids, EventStatus::Done, Duration::from_secs(10)).await;
     stop_and_join(&outbox, handle).await;
 }
 
@@ -717,9 +654,14 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     );
     assert_eq!(failure.attempts(), 1);
     let x = find_aggregate(&outbox, "X").await;
-    assert_eq!(x[0].status(), EventStatus::New, "{}", brief(&x));
-    assert_eq!(x[0].attempts(), 1, "{}", brief(&x));
-    assert_eq!(x[0].last_error(), Some(failure.error()), "{}", brief(&x));
+    assert_eq!(x[0].status(), EventStatus::New, "{}", support::brief(&x));
+    assert_eq!(x[0].attempts(), 1, "{}", support::brief(&x));
+    assert_eq!(
+        x[0].last_error(),
+        Some(failure.error()),
+        "{}",
+        support::brief(&x)
+    );
     let next_attempt = x[0]
         .next_attempt_at()
         .expect("next_attempt_at set after a failure");
@@ -732,7 +674,7 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
             (e.status(), e.attempts()),
             (EventStatus::New, 0),
             "{}",
-            brief(&x)
+            support::brief(&x)
         );
     }
     reader.assert_idle(Duration::from_millis(500)).await;
@@ -748,18 +690,18 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
         sent_ms + 100 >= next_attempt.timestamp_millis(),
         "event 1 was sent again only after its backoff: sent at {sent_ms} ms, next attempt {next_attempt}"
     );
-    let x = wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
+    let x = support::wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
     assert_eq!(
         x[0].attempts(),
         1,
         "the failed attempt stays counted: {}",
-        brief(&x)
+        support::brief(&x)
     );
     assert_eq!(
         x[0].last_error(),
         None,
         "cleared on delivery: {}",
-        brief(&x)
+        support::brief(&x)
     );
 
     // 2. Failing again and again: a dead letter after max_attempts (2).
@@ -780,20 +722,20 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
         "{second:?}"
     );
     let w = find_aggregate(&outbox, "W").await;
-    assert_eq!(w[0].status(), EventStatus::Failed, "{}", brief(&w));
-    assert_eq!(w[0].attempts(), 2, "{}", brief(&w));
-    assert!(w[0].last_error().is_some(), "{}", brief(&w));
+    assert_eq!(w[0].status(), EventStatus::Failed, "{}", support::brief(&w));
+    assert_eq!(w[0].attempts(), 2, "{}", support::brief(&w));
+    assert!(w[0].last_error().is_some(), "{}", support::brief(&w));
     assert_eq!(
         w[0].next_attempt_at(),
         None,
         "a dead letter is not scheduled: {}",
-        brief(&w)
+        support::brief(&w)
     );
     assert_eq!(
         (w[1].status(), w[1].attempts()),
         (EventStatus::New, 0),
         "{}",
-        brief(&w)
+        support::brief(&w)
     );
     reader.assert_idle(Duration::from_secs(1)).await;
     let stats = outbox.stats();
@@ -892,7 +834,7 @@ async fn s5_oversized(big: usize, topic_limit: &str) {
         took < Duration::from_secs(10),
         "normal events went out in {took:?}"
     );
-    wait_status(
+    support::wait_status(
         &outbox,
         &normal_ids,
         EventStatus::Done,
@@ -906,7 +848,7 @@ async fn s5_oversized(big: usize, topic_limit: &str) {
         failure.is_dead_letter(),
         "too large is permanent: {failure:?}"
     );
-    let dead = wait_status(
+    let dead = support::wait_status(
         &outbox,
         &[big_id],
         EventStatus::Failed,
@@ -922,14 +864,19 @@ async fn s5_oversized(big: usize, topic_limit: &str) {
 
     // Not retried: several poll intervals later nothing more is published and attempts stay 1.
     reader.assert_idle(Duration::from_secs(3)).await;
-    let dead = wait_status(
+    let dead = support::wait_status(
         &outbox,
         &[big_id],
         EventStatus::Failed,
         Duration::from_secs(1),
     )
     .await;
-    assert_eq!(dead[0].attempts(), 1, "not retried: {}", brief(&dead));
+    assert_eq!(
+        dead[0].attempts(),
+        1,
+        "not retried: {}",
+        support::brief(&dead)
+    );
     let stats = outbox.stats();
     assert_eq!(
         (stats.delivered, stats.dead_lettered, stats.retried),
@@ -1071,23 +1018,23 @@ async fn s6_missing_topic_is_retried_with_backoff_while_others_flow() {
         "{failures:?}"
     );
     let m = find_aggregate(&outbox, "m").await;
-    assert_eq!(m[0].status(), EventStatus::New, "{}", brief(&m));
-    assert!(m[0].attempts() >= 2, "{}", brief(&m));
+    assert_eq!(m[0].status(), EventStatus::New, "{}", support::brief(&m));
+    assert!(m[0].attempts() >= 2, "{}", support::brief(&m));
     assert!(
         m[0].last_error().is_some_and(|e| !e.is_empty()),
         "{}",
-        brief(&m)
+        support::brief(&m)
     );
     assert!(
         m[0].next_attempt_at().is_some(),
         "scheduled for a retry: {}",
-        brief(&m)
+        support::brief(&m)
     );
     assert_eq!(
         (m[1].status(), m[1].attempts()),
         (EventStatus::New, 0),
         "{}",
-        brief(&m)
+        support::brief(&m)
     );
     let status = outbox.status().await.expect("status");
     let ms = status
@@ -1221,9 +1168,9 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
 
     // (3) relay stopped: its wake lock is released and writers stop notifying.
     stop_and_join(&outbox, handle).await;
-    eventually(
-        "the wake lock is released after stop",
+    support::eventually(
         Duration::from_secs(10),
+        "the wake lock is released after stop",
         || async {
             match support::wake_lock_holders(&watcher, &env.table).await {
                 (_, 0) => Ok(()),
@@ -1354,7 +1301,7 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
         &[dead, ev(t, "dead", 2), ev(t, "dead", 3)],
     )
     .await;
-    wait_status(
+    support::wait_status(
         &outbox,
         &keep[..1],
         EventStatus::Failed,
@@ -1391,9 +1338,9 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
     let wait_delivered = |target: u64| {
         let outbox = &outbox;
         async move {
-            eventually(
-                &format!("{target} events delivered"),
+            support::eventually(
                 Duration::from_secs(300),
+                &format!("{target} events delivered"),
                 || async {
                     let s = outbox.stats();
                     if s.delivered >= target {
@@ -1438,9 +1385,9 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
         }
         wait_delivered((SNAPSHOT_EVENTS + cycle * CYCLE_EVENTS) as u64).await;
         let c = &client;
-        eventually(
-            &format!("cycle {cycle}: delivered rows cleaned up"),
+        support::eventually(
             Duration::from_secs(60),
+            &format!("cycle {cycle}: delivered rows cleaned up"),
             || async {
                 match count_status(c, table, "done").await {
                     0 => Ok(()),
@@ -1483,7 +1430,7 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
             (keep[3], EventStatus::New),
         ],
         "{}",
-        brief(&kept)
+        support::brief(&kept)
     );
     let all: i64 = client
         .query_one(&format!("select count(*) from {table}"), &[])

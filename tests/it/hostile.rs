@@ -3,13 +3,15 @@
 //! Kafka, the real binary.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox::{Admin, Error, NewEvent, Outbox, RequeueFilter, Writer};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::cli::{assert_code, cli, cli_on, get, json_lines, migrated_table, RelayProcess};
+use crate::cli::{
+    assert_code, cli, cli_on, get_until, json_lines, metrics_until, migrated_table, RelayProcess,
+};
 use crate::support;
 
 /// A topic name (Kafka allows `-`, the tables do not need it).
@@ -144,11 +146,8 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
             .await
             .unwrap();
     }
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .unwrap();
@@ -215,24 +214,7 @@ async fn dropped_headers_are_logged_and_counted() {
     let brokers = support::kafka_brokers();
     let addr: SocketAddr = ([127, 0, 0, 1], support::free_port().unwrap()).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
-        &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &addr_s,
-            "--shutdown-timeout",
-            "3s",
-        ],
-        &[],
-    );
+    let mut relay = RelayProcess::run_on(&url, &table, &brokers, &["--metrics-addr", &addr_s]);
     let line = relay
         .wait_for_line("the reserved header", Duration::from_secs(60), |l| {
             l.contains("event_id") && l.contains("is reserved") && l.contains(&id.to_string())
@@ -244,10 +226,7 @@ async fn dropped_headers_are_logged_and_counted() {
             l.contains("header `n` is a number")
         })
         .await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, text) = get(addr, "/metrics").await;
-        assert_eq!(code, 200);
+    metrics_until(addr, "the dropped-header counters", |text| {
         let has = |reason: &str| {
             text.lines().any(|l| {
                 l.starts_with("outbox_headers_dropped_total{")
@@ -255,15 +234,9 @@ async fn dropped_headers_are_logged_and_counted() {
                     && l.ends_with(" 1")
             })
         };
-        if has("reserved") && has("not_a_string") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no dropped-header counters:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        has("reserved") && has("not_a_string")
+    })
+    .await;
     let records = support::consume_all(&brokers, &topic, 1, Duration::from_secs(30)).await;
     assert_eq!(records[0].header("ok"), Some("v"));
     assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
@@ -393,11 +366,8 @@ async fn keys_land_on_the_java_producers_partition() {
         .add_new_events(&client, &events)
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .unwrap();
@@ -557,22 +527,7 @@ async fn control_characters_are_escaped_in_every_output() {
     // The relay's log line about the event (its forged header), which names the topic.
     let url = support::postgres_url().await;
     let brokers = support::kafka_brokers();
-    let mut relay = RelayProcess::spawn(
-        &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--shutdown-timeout",
-            "3s",
-        ],
-        &[],
-    );
+    let mut relay = RelayProcess::run_on(&url, &table, &brokers, &[]);
     let line = relay
         // The hostile topic breaks add_new_event's topic rule, so the row is a dead letter at
         // its reservation: its log line carries the topic (and the error quoting it).
@@ -583,7 +538,7 @@ async fn control_characters_are_escaped_in_every_output() {
     assert!(line.contains("x\\u{1b}[2J"), "escaped topic: {line}");
     relay.sigterm();
     relay.wait_exit(Duration::from_secs(30)).await;
-    let raw = relay.stderr.lock().unwrap().clone();
+    let raw = relay.relay.stderr();
     assert!(
         !raw.contains('\u{1b}') && !raw.contains('\u{9b}') && !raw.contains('\r'),
         "{raw:?}"
@@ -684,13 +639,7 @@ async fn sql_key_words_are_refused_as_names() {
     ] {
         outbox::validate_identifier("table", ok).unwrap();
     }
-    let r = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table("select")
-        .channel("user")
-        .connect()
-        .await;
+    let r = support::builder_on("select", "user").await.connect().await;
     match r {
         Err(Error::Config(e)) => {
             let msg = e.to_string();
@@ -723,13 +672,7 @@ async fn schema_deviations_are_all_reported_at_connect_and_in_status() {
         ))
         .await
         .unwrap();
-    let r = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
-        .connect()
-        .await;
+    let r = support::builder_on(&table, &table).await.connect().await;
     let msg = match r {
         Err(Error::Schema(msg)) => msg,
         other => panic!("expected a schema error, got {other:?}"),
@@ -871,25 +814,6 @@ fn raw_request(addr: SocketAddr, request: &[u8]) -> RawAnswer {
     }
 }
 
-/// GETs `path` until it answers `want` (at most 30 s); returns the body.
-async fn get_until(addr: SocketAddr, path: &str, want: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = path.to_string();
-        let r = tokio::task::spawn_blocking(move || crate::cli::http_get(addr, &p))
-            .await
-            .unwrap();
-        match r {
-            Ok((code, body)) if code == want => return body,
-            other => assert!(
-                Instant::now() < deadline,
-                "{path} did not answer {want} within 30 s; last: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A bounded abuse of the metrics port: an oversized request line is refused without being read
 /// whole; 300 idle connections do not lock the scraper out for good; while a `LOCK TABLE` holds
 /// up `/health`, it answers 503 with the reason within its bound and `/metrics` answers 200; the
@@ -903,25 +827,11 @@ async fn the_metrics_port_withstands_abuse_and_the_relay_keeps_relaying() {
     let brokers = support::kafka_brokers();
     let addr: SocketAddr = ([127, 0, 0, 1], support::free_port().unwrap()).into();
     let addr_s = addr.to_string();
-    let mut relay = RelayProcess::spawn(
-        &[
-            "--database-url",
-            &url,
-            "--table",
-            &table,
-            "--channel",
-            &table,
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &addr_s,
-            "--poll-interval",
-            "200ms",
-            "--shutdown-timeout",
-            "3s",
-        ],
-        &[],
+    let mut relay = RelayProcess::run_on(
+        &url,
+        &table,
+        &brokers,
+        &["--metrics-addr", &addr_s, "--poll-interval", "200ms"],
     );
     relay
         .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {

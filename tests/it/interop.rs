@@ -237,11 +237,8 @@ async fn go_writer_rows_before_and_after_migrate_relayed_in_order() {
         .await
         .unwrap()
         .get(0);
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .unwrap();
@@ -366,11 +363,8 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
         .unwrap()
         .get(0);
 
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .unwrap();

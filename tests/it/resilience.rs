@@ -456,11 +456,8 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
         ))
         .await
         .unwrap();
-    let e = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let e = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .expect_err("connect() refuses a table with dropped objects");
@@ -491,11 +488,8 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
     assert!(exists(&client, &format!("{table}_fence")).await);
     assert!(exists(&client, &format!("{table}_pending_idx")).await);
     // Repaired: connect() accepts it, and a second migrate has nothing to do.
-    Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .expect("connect after the repair");

@@ -999,6 +999,20 @@ pub fn assert_same_as_java(rdkafka: &[ConsumedRecord], java: &[ConsumedRecord]) 
 /// The `outbox-relay` binary cargo built for this test run.
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
+/// The `outbox-relay` binary with none of the configuration variables of the test's
+/// environment (`OUTBOX_*`, `DATABASE_URL`, `KAFKA_BROKERS`): every test passes what it means
+/// explicitly.
+pub fn relay_command() -> Command {
+    let mut cmd = Command::new(RELAY_BIN);
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if name.starts_with("OUTBOX_") || name == "DATABASE_URL" || name == "KAFKA_BROKERS" {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
 /// How to start a child `outbox-relay run`: environment (`OUTBOX_*`, `DATABASE_URL`,
 /// `KAFKA_BROKERS`; none is inherited from the test's environment) and extra arguments.
 pub struct ChildRelayBuilder {
@@ -1020,36 +1034,16 @@ impl ChildRelayBuilder {
     ///
     /// When the binary cannot be spawned.
     pub fn spawn(self) -> ChildRelay {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let stdout = dir.path().join("stdout");
-        let stderr = dir.path().join("stderr");
-        let mut cmd = Command::new(RELAY_BIN);
-        for (k, _) in std::env::vars_os() {
-            let name = k.to_string_lossy();
-            if name.starts_with("OUTBOX_") || name == "DATABASE_URL" || name == "KAFKA_BROKERS" {
-                cmd.env_remove(&k);
-            }
-        }
+        let mut cmd = relay_command();
         cmd.arg("run")
             .args(&self.args)
             .env("OUTBOX_LOG", "warn,outbox=info,librdkafka=info")
             .env("OUTBOX_LOG_FORMAT", "text")
-            .env("OUTBOX_PROGRESS_INTERVAL", "0s")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap());
+            .env("OUTBOX_PROGRESS_INTERVAL", "0s");
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {RELAY_BIN}: {e}"));
-        ChildRelay {
-            child,
-            _dir: dir,
-            stdout,
-            stderr,
-        }
+        ChildRelay::start(cmd)
     }
 }
 
@@ -1074,14 +1068,46 @@ impl ChildRelay {
         }
     }
 
-    /// Its stdout so far.
-    pub fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    /// `outbox-relay` with exactly these arguments (global flags, the subcommand and its flags)
+    /// and environment variables: none of the defaults [`builder`](Self::builder) adds.
+    ///
+    /// # Panics
+    ///
+    /// When the binary cannot be spawned.
+    pub fn with_args(args: &[&str], envs: &[(&str, &str)]) -> ChildRelay {
+        let mut cmd = relay_command();
+        cmd.args(args).envs(envs.iter().copied());
+        ChildRelay::start(cmd)
     }
 
-    /// Its stderr (the log) so far.
+    /// Spawns `cmd` with stdin closed and stdout and stderr going to files in a temporary
+    /// directory.
+    fn start(mut cmd: Command) -> ChildRelay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stdout = dir.path().join("stdout");
+        let stderr = dir.path().join("stderr");
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {RELAY_BIN}: {e}"));
+        ChildRelay {
+            child,
+            _dir: dir,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Its stdout so far (invalid UTF-8 replaced).
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout)
+    }
+
+    /// Its stderr (the log) so far, raw (colours and all; invalid UTF-8 replaced).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        read_lossy(&self.stderr)
     }
 
     /// Its exit status once it exited.
@@ -1132,9 +1158,93 @@ impl ChildRelay {
     }
 }
 
+/// A file's text, invalid UTF-8 replaced; empty when it cannot be read.
+fn read_lossy(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 impl Drop for ChildRelay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A builder on the shared test database and the test's Kafka, for `table` and `channel`: the
+/// start of most tests' relays.
+pub async fn builder_on(table: &str, channel: &str) -> outbox::OutboxBuilder {
+    outbox::Outbox::builder()
+        .postgres(postgres().await)
+        .kafka_brokers(kafka_brokers())
+        .table(table)
+        .channel(channel)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Rows seen through `find`
+// ----------------------------------------------------------------------------------------------
+
+/// The events with these ids (any status), in seq order.
+pub async fn find_ids(outbox: &outbox::Outbox, ids: &[uuid::Uuid]) -> Vec<outbox::Event> {
+    outbox
+        .find(
+            &outbox::EventFilter::new()
+                .ids(ids.iter().copied())
+                .limit(10_000),
+        )
+        .await
+        .expect("find by ids")
+}
+
+/// Seq, status, attempts, last error and next attempt of each event, for failure messages.
+pub fn brief(events: &[outbox::Event]) -> String {
+    format!(
+        "{:#?}",
+        events
+            .iter()
+            .map(|e| (
+                e.seq(),
+                e.status(),
+                e.attempts(),
+                e.last_error().map(str::to_string),
+                e.next_attempt_at()
+            ))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Waits until the events with `ids` all have `status` (at most `within`); returns them in seq
+/// order.
+///
+/// # Panics
+///
+/// When `within` passes first, with the events' state.
+pub async fn wait_status(
+    outbox: &outbox::Outbox,
+    ids: &[uuid::Uuid],
+    status: outbox::EventStatus,
+    within: std::time::Duration,
+) -> Vec<outbox::Event> {
+    eventually(
+        within,
+        &format!("events {ids:?} become {status}"),
+        || async {
+            let events = outbox
+                .find(
+                    &outbox::EventFilter::new()
+                        .ids(ids.iter().copied())
+                        .limit(10_000),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if events.len() == ids.len() && events.iter().all(|e| e.status() == status) {
+                Ok(events)
+            } else {
+                Err(brief(&events))
+            }
+        },
+    )
+    .await
 }
