@@ -425,10 +425,13 @@ impl OutboxBuilder {
         self
     }
 
-    /// Deadline of every Postgres call outside the relay's batch pipeline, 100 ms..=10 min
-    /// (default 10 s): [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`,
-    /// the schema check at `connect()`, each backlog-gauge update and each retention-cleanup
-    /// step, each including connecting when a new connection is needed. It is also the connect
+    /// Deadline of every Postgres call, 100 ms..=10 min (default 10 s):
+    /// [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`, the schema check
+    /// at `connect()`, each backlog-gauge update and each retention-cleanup step, each including
+    /// connecting when a new connection is needed; and each round trip of the relay's pipeline
+    /// (reservation, fence, confirm + commit, rollback, late confirm; the listener's and waker's
+    /// pings every 15 s while they wait). A stuck pipeline connection is dropped and replaced;
+    /// a stopping relay cuts them short 500 ms after its stop deadline. It is also the connect
     /// timeout of every connection unless the connection string sets `connect_timeout`
     /// (tokio-postgres bounds only the TCP connect with it; the crate bounds the whole startup).
     /// A call that misses it fails with [`Error::Timeout`](crate::Error::Timeout) and its

@@ -50,7 +50,9 @@ pub(crate) async fn run_batch(
         .collect();
     if let Err(e) = ctx.fences.insert(&batch_id, &aggregates).await {
         ctx.report.fence_failed(&e);
-        conn.rollback().await;
+        // A rollback that fails or misses its deadline leaves the session to end with the
+        // dropped connection (at the latest after the lease).
+        conn.rollback(&ctx.timing, &ctx.stop).await;
         return BatchDone::failed();
     }
     let published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
@@ -75,7 +77,10 @@ pub(crate) async fn run_batch(
                 .filter(|o| matches!(o, Outcome::Delivered { .. }))
                 .count();
             ctx.report.confirm_failed(&e, delivered);
-            conn.rollback().await;
+            // Not after a timeout: the session may be stuck; dropping it ends the transaction.
+            if !e.is_timeout() {
+                conn.rollback(&ctx.timing, &ctx.stop).await;
+            }
             ctx.late.spawn(unfence_when_settled(
                 ctx.clone(),
                 batch_id,
@@ -98,6 +103,6 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
         return;
     }
     if let Err(e) = ctx.fences.remove(&batch_id).await {
-        tracing::debug!(error = %crate::error::PgErrorDisplay(&e), "outbox relay: fence not removed; it expires by itself");
+        tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
     }
 }

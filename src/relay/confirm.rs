@@ -18,7 +18,7 @@ use crate::store::ConfirmOutcome;
 use super::publish::{report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::retry_delay;
-use super::timing::{millis, LATE_GRACE};
+use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
@@ -83,15 +83,16 @@ impl<'a> ConfirmRows<'a> {
 /// or hold of the batch is due.
 ///
 /// # Errors
-/// The Postgres error of the confirm or the commit; the transaction is then still open (roll it
-/// back).
+/// The Postgres error of the confirm or the commit (the transaction is then still open: roll it
+/// back), or [`Error::Timeout`](crate::Error::Timeout) when they missed the round trip deadline
+/// (drop the connection).
 pub(crate) async fn confirm_batch(
     ctx: &Ctx,
     conn: &BatchConn,
     rows: &[Reserved],
     outcomes: &[Outcome],
     batch_id: &Uuid,
-) -> Result<Option<Duration>, tokio_postgres::Error> {
+) -> crate::Result<Option<Duration>> {
     let c = ConfirmRows::new(ctx, rows, outcomes);
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
@@ -102,10 +103,13 @@ pub(crate) async fn confirm_batch(
         &c.delays_ms,
         batch_id,
     ];
-    futures::try_join!(
-        conn.client.execute(&conn.confirm, &params),
-        conn.client.batch_execute("commit")
-    )?;
+    let op = async {
+        futures::try_join!(
+            conn.client.execute(&conn.confirm, &params),
+            conn.client.batch_execute("commit")
+        )
+    };
+    round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
     Ok(c.next_due())
 }
 
@@ -113,10 +117,8 @@ pub(crate) async fn confirm_batch(
 /// hold ended is left to be retried. Ends at the hold's end, or shortly after a stop's deadline.
 pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
     let hold_end = Instant::now() + ctx.timing.hold;
-    let client = match ctx.pg.connect("late").await {
-        Ok(c) => c,
-        Err(e) => return ctx.report.late_unrecordable(&e),
-    };
+    // Connected on the first report; dropped after a write that missed its deadline.
+    let mut client: Option<Client> = None;
     let mut waiting: FuturesUnordered<_> = stragglers
         .into_iter()
         .map(|st| async move {
@@ -141,22 +143,48 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
         };
         let Some((idx, report)) = next else { break };
         let row = &rows[idx];
-        match Outcome::of_report(&ctx, row, report) {
-            // Never sent: release the hold, no attempt counted.
-            None => {
-                let _ = client.execute(&ctx.sql.late_release, &[&row.id]).await;
+        let outcome = Outcome::of_report(&ctx, row, report);
+        if client.as_ref().is_none_or(Client::is_closed) {
+            let connect = ctx.pg.connect("late");
+            match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    ctx.report.late_unrecordable(&e);
+                    continue;
+                }
             }
-            Some(outcome) => {
-                if record_late(&ctx, &client, row, &outcome).await {
-                    ctx.report.settled_late(row, &outcome);
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let write = record_late(&ctx, c, row, outcome.as_ref());
+        match round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await {
+            Ok(true) => {
+                if let Some(o) = &outcome {
+                    ctx.report.settled_late(row, o);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                ctx.report.late_unrecordable(&e);
+                if e.is_timeout() {
+                    client = None;
                 }
             }
         }
     }
 }
 
-/// Writes one late outcome while the row's hold lasts; `true` when it was written.
-async fn record_late(ctx: &Ctx, client: &Client, row: &Reserved, o: &Outcome) -> bool {
+/// Writes one late outcome while the row's hold lasts (`None`: purged unsent, the hold is
+/// released, no attempt counted); `Ok(true)` when an outcome was written.
+async fn record_late(
+    ctx: &Ctx,
+    client: &Client,
+    row: &Reserved,
+    o: Option<&Outcome>,
+) -> Result<bool, tokio_postgres::Error> {
+    let Some(o) = o else {
+        client.execute(&ctx.sql.late_release, &[&row.id]).await?;
+        return Ok(false);
+    };
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
             client.execute(&ctx.sql.late_confirm, &[&row.id]).await
@@ -172,7 +200,7 @@ async fn record_late(ctx: &Ctx, client: &Client, row: &Reserved, o: &Outcome) ->
                 .execute(&ctx.sql.late_fail, &[&row.id, &f.error, &delay, &f.dead])
                 .await
         }
-        Outcome::NotSent | Outcome::Held => return false,
+        Outcome::NotSent | Outcome::Held => return Ok(false),
     };
-    matches!(written, Ok(1))
+    Ok(written? == 1)
 }

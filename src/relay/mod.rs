@@ -119,7 +119,12 @@ impl Relay {
             stop: self.stop.clone(),
             in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
             late: TaskTracker::new(),
-            fences: Fences::new(self.pg.clone(), self.sql.clone(), &timing),
+            fences: Fences::new(
+                self.pg.clone(),
+                self.sql.clone(),
+                &timing,
+                self.stop.clone(),
+            ),
             settings: self.settings.clone(),
         });
         report::register_metrics();
@@ -199,10 +204,18 @@ impl Pipeline {
     async fn reserve(&mut self) {
         let ctx = self.ctx.clone();
         let started = Instant::now();
-        let reserved = self
-            .reserver
-            .reserve(&ctx.pg, &ctx.sql, &ctx.timing, ctx.settings.batch_size)
-            .await;
+        // A stop cancels a reservation in progress (its connection is dropped, which ends the
+        // transaction); every round trip of it has a deadline.
+        let reserved = tokio::select! {
+            _ = ctx.stop.token().cancelled() => return,
+            r = self.reserver.reserve(
+                &ctx.pg,
+                &ctx.sql,
+                &ctx.timing,
+                &ctx.stop,
+                ctx.settings.batch_size,
+            ) => r,
+        };
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::{RawJson, RelaySql};
 
-use super::timing::{millis, Timing};
+use super::timing::{millis, round_trip, Stop, Timing};
 
 /// Session settings of the relay's batch connections (besides the lease timeout).
 ///
@@ -68,8 +68,29 @@ pub(crate) struct BatchConn {
 }
 
 impl BatchConn {
-    async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing) -> Result<Self, tokio_postgres::Error> {
-        let client = pg.connect("batch").await?;
+    /// Connects (bounded by the connect deadline) and prepares (one round trip each).
+    async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing, stop: &Stop) -> crate::Result<Self> {
+        let client =
+            round_trip(stop, "connect", pg.connect_deadline(), pg.connect("batch")).await?;
+        round_trip(
+            stop,
+            "batch session setup",
+            timing.round_trip,
+            Self::setup(&client, sql, timing),
+        )
+        .await
+        .map(|(reserve, confirm)| BatchConn {
+            client,
+            reserve,
+            confirm,
+        })
+    }
+
+    async fn setup(
+        client: &Client,
+        sql: &RelaySql,
+        timing: &Timing,
+    ) -> Result<(Statement, Statement), tokio_postgres::Error> {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -80,11 +101,7 @@ impl BatchConn {
             .await?;
         let reserve = client.prepare_typed(&sql.reserve, &[Type::INT8]).await?;
         let confirm = client.prepare(&sql.confirm).await?;
-        Ok(BatchConn {
-            client,
-            reserve,
-            confirm,
-        })
+        Ok((reserve, confirm))
     }
 
     /// Begins the batch transaction and locks up to `limit` rows. On an empty result the
@@ -103,9 +120,18 @@ impl BatchConn {
         Ok(rows.iter().map(Reserved::from_row).collect())
     }
 
-    /// Ends the batch transaction without confirming (its rows are released).
-    pub(crate) async fn rollback(&self) {
-        let _ = self.client.batch_execute("rollback").await;
+    /// Ends the batch transaction without confirming (its rows are released); `false` when the
+    /// rollback failed or missed its deadline (drop the connection then: Postgres ends the
+    /// transaction with the session, at the latest after the lease).
+    pub(crate) async fn rollback(&self, timing: &Timing, stop: &Stop) -> bool {
+        round_trip(
+            stop,
+            "rollback",
+            timing.round_trip,
+            self.client.batch_execute("rollback"),
+        )
+        .await
+        .is_ok()
     }
 }
 
@@ -120,19 +146,21 @@ impl Reserver {
     /// nothing to reserve (the connection goes back to the pool).
     ///
     /// # Errors
-    /// The Postgres error of the connect or the reservation (that connection is dropped).
+    /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
+    /// when one missed its deadline (that connection is dropped).
     pub(crate) async fn reserve(
         &mut self,
         pg: &Pg,
         sql: &RelaySql,
         timing: &Timing,
+        stop: &Stop,
         limit: usize,
-    ) -> Result<Option<(BatchConn, Vec<Reserved>)>, tokio_postgres::Error> {
+    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>)>> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
-            _ => BatchConn::open(pg, sql, timing).await?,
+            _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
-        let rows = conn.reserve(limit).await?;
+        let rows = round_trip(stop, "reserve", timing.round_trip, conn.reserve(limit)).await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok(None);

@@ -799,10 +799,8 @@ async fn concurrent_writers_of_one_aggregate_are_published_in_commit_order() {
 /// The relay runs through a proxy that starts blackholing Postgres (sockets kept open): `stop`
 /// returns within its timeout, and `health()` answers meanwhile.
 ///
-/// Fails today: the reservation on the blackholed batch connection has no deadline and the stop
-/// waits for it (`StopTimeout`). Needs the pipeline's round trips (reserve, fence, confirm, late
-/// confirm) bounded and cancellable, which belongs to the relay restructuring.
-#[ignore = "needs deadlines on the pipeline's round trips (relay restructuring, issue 9.2)"]
+/// Before the pipeline's round trips had deadlines, the reservation on the blackholed batch
+/// connection was waited on for good and the stop returned `StopTimeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
     support::init_tracing();
@@ -814,7 +812,7 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
         .table(&table)
         .channel(&table)
         .poll_interval(Duration::from_millis(100))
-        .postgres_timeout(Duration::from_secs(1))
+        .postgres_timeout(Duration::from_secs(2))
         .connect()
         .await
         .unwrap();
@@ -831,6 +829,83 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
         matches!(stopped, Ok(Ok(()))),
         "stop(2s) must complete against a silent Postgres: {stopped:?}"
     );
+    let _ = tokio::time::timeout(HANG, relay).await;
+}
+
+/// The relay runs through a proxy that blackholes Postgres (sockets kept open, what is sent is
+/// lost) and then heals: the relay notices (reservations fail with a timeout instead of waiting
+/// for good), drops the stuck connections, opens new ones, and delivers an event written after
+/// the path healed — it is not frozen for good. Before the pipeline's round trips had deadlines
+/// the reservation stuck on the blackholed connection was waited on forever and nothing was
+/// delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resumes_after_postgres_was_silent() {
+    support::init_tracing();
+    let (table, client) = migrated_table("silent_resume").await;
+    let topic = support::unique_name("silent_resume_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let outbox = Outbox::builder()
+        .postgres(proxy.postgres_config(&support::postgres().await))
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(100))
+        .postgres_timeout(Duration::from_secs(3))
+        // A fence insert sent on a stuck connection may still reach Postgres once the path
+        // heals (as TCP retransmits would): the fence then keeps its aggregates waiting until it
+        // expires, batch_timeout + publish_timeout + 1 s later. Short, so that this is quick.
+        .publish_timeout(Duration::from_secs(2))
+        .batch_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let first = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(got[0].header("event_id"), Some(first.to_string().as_str()));
+
+    proxy.set_fault(Fault::Blackhole);
+    support::eventually(
+        HANG,
+        "a reservation fails against the silent Postgres",
+        || async {
+            let failures = outbox.stats().reserve_failures;
+            if failures > 0 {
+                Ok(())
+            } else {
+                Err(format!("reserve_failures = {failures}"))
+            }
+        },
+    )
+    .await;
+    let before = proxy.accepted_connections();
+    proxy.set_fault(Fault::None);
+    // Written directly (not through the proxy) after the path healed.
+    let second = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "b", "T", json!({"n": 2})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(second.to_string().as_str()),
+        "an event written after the path healed is delivered"
+    );
+    assert!(
+        proxy.accepted_connections() > before,
+        "the relay opened new connections"
+    );
+    assert!(outbox.stats().running);
+    let stopped = tokio::time::timeout(HANG, outbox.stop(Duration::from_secs(5))).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
     let _ = tokio::time::timeout(HANG, relay).await;
 }
 
