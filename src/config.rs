@@ -54,6 +54,9 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 
 /// Default `partitioner`: Kafka's own murmur2 hash of the key (Java producer, Kafka Streams,
 /// Debezium), so a key lands on the same partition whichever of them writes it.
+/// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
+pub(crate) const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+
 pub(crate) const DEFAULT_PARTITIONER: &str = "murmur2_random";
 
 /// `partitioner` values accepted: each maps a key to exactly one partition. `random` does not.
@@ -132,6 +135,7 @@ pub(crate) struct Settings {
     pub(crate) table: String,
     pub(crate) channel: String,
     pub(crate) batch_size: usize,
+    pub(crate) max_batch_bytes: usize,
     pub(crate) max_in_flight: usize,
     pub(crate) max_batches_in_flight: usize,
     pub(crate) poll_interval: Duration,
@@ -218,6 +222,7 @@ impl Default for OutboxBuilder {
                 table: DEFAULT_TABLE.to_string(),
                 channel: DEFAULT_CHANNEL.to_string(),
                 batch_size: 1000,
+                max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
                 max_in_flight: 10_000,
                 max_batches_in_flight: 2,
                 poll_interval: Duration::from_secs(2),
@@ -308,6 +313,17 @@ impl OutboxBuilder {
     /// Events reserved per batch, 1..=50,000 (default 1,000).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.settings.batch_size = n;
+        self
+    }
+
+    /// Byte budget of one batch: the payloads and headers (as JSON text) of the rows one
+    /// reservation takes, 1 KiB..=1 GiB (default 16 MiB). A batch takes rows in `seq` order up to
+    /// `batch_size` rows and while their running total stays within this budget, but always at
+    /// least one row, so an event larger than the budget is still published (alone). It bounds
+    /// the relay's memory (about `max_batch_bytes × max_batches_in_flight`, plus the producer's
+    /// buffers) and the time a reservation takes to fetch, whatever the events' sizes.
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.settings.max_batch_bytes = bytes;
         self
     }
 
@@ -492,6 +508,13 @@ impl OutboxBuilder {
             }
         };
         range("batch_size", s.batch_size as u128, 1, 50_000, "");
+        range(
+            "max_batch_bytes",
+            s.max_batch_bytes as u128,
+            1 << 10,
+            1 << 30,
+            " bytes",
+        );
         range("max_in_flight", s.max_in_flight as u128, 1, 1_000_000, "");
         range(
             "max_batches_in_flight",

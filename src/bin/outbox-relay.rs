@@ -87,6 +87,9 @@ struct RunArgs {
     /// Events reserved per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     batch_size: Option<usize>,
+    /// Byte budget of one batch (payloads and headers as JSON text; at least one event).
+    #[arg(long, env = "OUTBOX_MAX_BATCH_BYTES")]
+    max_batch_bytes: Option<usize>,
     /// Messages in flight at most.
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT")]
     max_in_flight: Option<usize>,
@@ -480,6 +483,9 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     }
     if let Some(n) = args.batch_size {
         b = b.batch_size(n);
+    }
+    if let Some(n) = args.max_batch_bytes {
+        b = b.max_batch_bytes(n);
     }
     if let Some(n) = args.max_in_flight {
         b = b.max_in_flight(n);

@@ -32,15 +32,19 @@ impl BatchDone {
 }
 
 /// Publishes a reserved batch, confirms it and reports it. `reserved_at`: when the reservation
-/// was started; the batch stops sending `batch_timeout` after it.
+/// was started (for the batch's latency); `fetched_at`: when its rows had arrived — the batch
+/// stops sending `batch_timeout` after that, not after the reservation started, so that a
+/// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
+/// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
 pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
     reserved_at: Instant,
+    fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
-    let cutoff = reserved_at + ctx.timing.batch_timeout;
+    let cutoff = fetched_at + ctx.timing.batch_timeout;
     let chains = publish::chains(&rows);
     // Fence the batch's aggregates (committed on its own connection) before sending anything.
     let batch_id = Uuid::new_v4();

@@ -214,6 +214,7 @@ impl Pipeline {
                 &ctx.timing,
                 &ctx.stop,
                 ctx.settings.batch_size,
+                ctx.settings.max_batch_bytes,
             ) => r,
         };
         match reserved {
@@ -224,10 +225,10 @@ impl Pipeline {
                 // than after those batches.
                 self.armed.send_replace(true);
             }
-            Ok(Some((conn, rows))) => {
+            Ok(Some((conn, rows, cut_by_bytes))) => {
                 self.reserve_errors = fresh_backoff();
                 self.armed.send_replace(false);
-                if rows.len() >= ctx.settings.batch_size {
+                if cut_by_bytes || rows.len() >= ctx.settings.batch_size {
                     self.wakeups.again();
                 }
                 let span = tracing::debug_span!(
@@ -236,7 +237,7 @@ impl Pipeline {
                     first_seq = rows[0].seq,
                     last_seq = rows[rows.len() - 1].seq
                 );
-                let batch = run_batch(ctx.clone(), conn, rows, started);
+                let batch = run_batch(ctx.clone(), conn, rows, started, Instant::now());
                 self.batches
                     .spawn(tracing::Instrument::instrument(batch, span));
             }

@@ -99,25 +99,35 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let reserve = client.prepare_typed(&sql.reserve, &[Type::INT8]).await?;
+        let reserve = client
+            .prepare_typed(&sql.reserve, &[Type::INT8, Type::INT8])
+            .await?;
         let confirm = client.prepare(&sql.confirm).await?;
         Ok((reserve, confirm))
     }
 
-    /// Begins the batch transaction and locks up to `limit` rows. On an empty result the
-    /// transaction is ended.
-    async fn reserve(&self, limit: usize) -> Result<Vec<Reserved>, tokio_postgres::Error> {
+    /// Begins the batch transaction and locks up to `limit` rows within the byte budget
+    /// `max_bytes` (at least one row). On an empty result the transaction is ended. The flag:
+    /// rows were left out by the byte budget (reserve again at once).
+    async fn reserve(
+        &self,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Reserved>, bool), tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let params: [&(dyn postgres_types::ToSql + Sync); 1] = [&limit];
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&limit, &max_bytes];
         let (_, rows) = futures::try_join!(
             self.client.batch_execute("begin"),
             self.client.query(&self.reserve, &params)
         )?;
         if rows.is_empty() {
             self.client.batch_execute("rollback").await?;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
-        Ok(rows.iter().map(Reserved::from_row).collect())
+        let kept: i64 = rows[0].get(9);
+        let cut = usize::try_from(kept).map_or(true, |k| k > rows.len());
+        Ok((rows.iter().map(Reserved::from_row).collect(), cut))
     }
 
     /// Ends the batch transaction without confirming (its rows are released); `false` when the
@@ -142,8 +152,9 @@ pub(crate) struct Reserver {
 }
 
 impl Reserver {
-    /// Reserves up to `limit` rows on an idle (or new) connection. `Ok(None)` when there was
-    /// nothing to reserve (the connection goes back to the pool).
+    /// Reserves up to `limit` rows within `max_bytes` (see [`BatchConn::reserve`]) on an idle
+    /// (or new) connection. `Ok(None)` when there was nothing to reserve (the connection goes
+    /// back to the pool).
     ///
     /// # Errors
     /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
@@ -155,17 +166,19 @@ impl Reserver {
         timing: &Timing,
         stop: &Stop,
         limit: usize,
-    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>)>> {
+        max_bytes: usize,
+    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>, bool)>> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
             _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
-        let rows = round_trip(stop, "reserve", timing.round_trip, conn.reserve(limit)).await?;
+        let reserve = conn.reserve(limit, max_bytes);
+        let (rows, cut) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok(None);
         }
-        Ok(Some((conn, rows)))
+        Ok(Some((conn, rows, cut)))
     }
 
     /// Returns a connection whose batch committed.
