@@ -62,13 +62,13 @@ pub(crate) async fn run_batch(
     let published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
     let outcomes = published.outcomes;
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
-        Ok(next_due) => {
+        Ok((next_due, holds)) => {
             ctx.report
                 .batch_confirmed(&rows, &outcomes, reserved_at.elapsed());
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
                 ctx.late
-                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers));
+                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers, holds));
             }
             BatchDone {
                 conn: Some(conn),

@@ -3,8 +3,9 @@
 //! one while the hold lasts. Both judge reports with the same policy (`Outcome::of_report`) and
 //! report through the same sink.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -79,8 +80,12 @@ impl<'a> ConfirmRows<'a> {
     }
 }
 
+/// The holds a batch's confirm wrote: each held row's `next_attempt_at`, the token that fences
+/// its late report to this hold (another relay's later write changes or clears it).
+pub(crate) type Holds = HashMap<Uuid, SystemTime>;
+
 /// Confirms the batch and commits (pipelined: one round trip). Returns when the earliest retry
-/// or hold of the batch is due.
+/// or hold of the batch is due, and the holds it wrote.
 ///
 /// # Errors
 /// The Postgres error of the confirm or the commit (the transaction is then still open: roll it
@@ -92,7 +97,7 @@ pub(crate) async fn confirm_batch(
     rows: &[Reserved],
     outcomes: &[Outcome],
     batch_id: &Uuid,
-) -> crate::Result<Option<Duration>> {
+) -> crate::Result<(Option<Duration>, Holds)> {
     let c = ConfirmRows::new(ctx, rows, outcomes);
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
@@ -105,17 +110,24 @@ pub(crate) async fn confirm_batch(
     ];
     let op = async {
         futures::try_join!(
-            conn.client.execute(&conn.confirm, &params),
+            conn.client.query(&conn.confirm, &params),
             conn.client.batch_execute("commit")
         )
     };
-    round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
-    Ok(c.next_due())
+    let (held, ()) = round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
+    let holds = held.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok((c.next_due(), holds))
 }
 
 /// Waits for the reports of held messages and records them, fenced by the hold: a row whose
-/// hold ended is left to be retried. Ends at the hold's end, or shortly after a stop's deadline.
-pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
+/// hold ended, or that another relay wrote since, is left as it is (to be retried). Ends at the
+/// hold's end, or shortly after a stop's deadline.
+pub(crate) async fn confirm_late(
+    ctx: Arc<Ctx>,
+    rows: Vec<Reserved>,
+    stragglers: Vec<Straggler>,
+    holds: Holds,
+) {
     let hold_end = Instant::now() + ctx.timing.hold;
     // Connected on the first report; dropped after a write that missed its deadline.
     let mut client: Option<Client> = None;
@@ -144,6 +156,10 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
         let Some((idx, report)) = next else { break };
         let row = &rows[idx];
         let outcome = Outcome::of_report(&ctx, row, report);
+        // Every held row of the batch has its hold; without it nothing can be fenced.
+        let Some(hold) = holds.get(&row.id) else {
+            continue;
+        };
         if client.as_ref().is_none_or(Client::is_closed) {
             let connect = ctx.pg.connect("late");
             match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
@@ -155,7 +171,7 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
             }
         }
         let Some(c) = client.as_ref() else { continue };
-        let write = record_late(&ctx, c, row, outcome.as_ref());
+        let write = record_late(&ctx, c, row, outcome.as_ref(), hold);
         match round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await {
             Ok(true) => {
                 if let Some(o) = &outcome {
@@ -173,31 +189,40 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
     }
 }
 
-/// Writes one late outcome while the row's hold lasts (`None`: purged unsent, the hold is
-/// released, no attempt counted); `Ok(true)` when an outcome was written.
+/// Writes one late outcome while the row's hold `hold` lasts and is still the row's (`None`:
+/// purged unsent, the hold is released, no attempt counted); `Ok(true)` when an outcome was
+/// written.
 async fn record_late(
     ctx: &Ctx,
     client: &Client,
     row: &Reserved,
     o: Option<&Outcome>,
+    hold: &SystemTime,
 ) -> Result<bool, tokio_postgres::Error> {
     let Some(o) = o else {
-        client.execute(&ctx.sql.late_release, &[&row.id]).await?;
+        client
+            .execute(&ctx.sql.late_release, &[&row.id, hold])
+            .await?;
         return Ok(false);
     };
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
-            client.execute(&ctx.sql.late_confirm, &[&row.id]).await
+            client
+                .execute(&ctx.sql.late_confirm, &[&row.id, hold])
+                .await
         }
         Outcome::Delivered { partition, offset } => {
             client
-                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset])
+                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset, hold])
                 .await
         }
         Outcome::Failed(f) => {
             let delay = due_after(ctx, row, o).map_or(0, millis);
             client
-                .execute(&ctx.sql.late_fail, &[&row.id, &f.error, &delay, &f.dead])
+                .execute(
+                    &ctx.sql.late_fail,
+                    &[&row.id, &f.error, &delay, &f.dead, hold],
+                )
                 .await
         }
         Outcome::NotSent | Outcome::Held => return Ok(false),

@@ -818,6 +818,139 @@ async fn large_events_are_delivered_in_batches_bounded_by_bytes() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// 9.8 Late reports of a relay that lost its hold
+// ----------------------------------------------------------------------------------------------
+
+/// One batch of the relay's own statements on `id`, in one transaction: reserve, then confirm
+/// with `outcome` (`ConfirmOutcome`: 1 = retry, 3 = hold) and `delay_ms`. Returns the holds the
+/// confirm wrote (the tokens the relay's late reports are fenced by).
+async fn batch_on(
+    client: &mut tokio_postgres::Client,
+    sql: &outbox::testing::RelaySql,
+    id: uuid::Uuid,
+    outcome: i16,
+    delay_ms: i64,
+) -> Vec<std::time::SystemTime> {
+    let tx = client.transaction().await.unwrap();
+    let reserved = tx
+        .query(&sql.reserve, &[&100i64, &(16i64 << 20)])
+        .await
+        .unwrap();
+    assert_eq!(reserved.len(), 1, "the row is reservable");
+    assert_eq!(reserved[0].get::<_, uuid::Uuid>(0), id);
+    let held = tx
+        .query(
+            &sql.confirm,
+            &[
+                &vec![id],
+                &vec![outcome],
+                &vec![0i32],
+                &vec![0i64],
+                &vec![Some("no report by the cutoff")],
+                &vec![delay_ms],
+                &uuid::Uuid::new_v4(),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    held.iter().map(|r| r.get(1)).collect()
+}
+
+type RowState = (String, i32, Option<String>, Option<std::time::SystemTime>);
+
+/// status, attempts, last_error, next_attempt_at of row `id`.
+async fn row_state(c: &tokio_postgres::Client, table: &str, id: uuid::Uuid) -> RowState {
+    let q =
+        format!("select status, attempts, last_error, next_attempt_at from {table} where id = $1");
+    let r = c.query_one(&q, &[&id]).await.unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Relay A sent an event and held it (no report by its cutoff); A then hung past its hold.
+/// Relay B reserved the row and its attempt failed (retry in a minute). A resumes and its late
+/// reports arrive — a permanent failure, then a delivery: neither may touch the row, which B's
+/// retry now governs. Before late reports were fenced by the hold they were written under (the
+/// exact `next_attempt_at` A's confirm wrote), they checked only `status = 'new' and
+/// next_attempt_at > now()`, which B's retry satisfies: A raised `attempts` and made the row a
+/// dead letter (with `max_attempts = 1`), or marked it delivered. B's own hold is still
+/// recorded by B's late report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
+    let (table, mut client) = migrated_table("stale_late").await;
+    let id = outbox::Writer::new(&table)
+        .unwrap()
+        .add_new_event(&client, &NewEvent::new("t", "agg", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let sql = outbox::testing::relay_sql(&table, false);
+    let a_hold = batch_on(&mut client, &sql, id, 3, 300).await;
+    assert_eq!(a_hold.len(), 1, "A's confirm returns its hold");
+    let a_hold = a_hold[0];
+    support::eventually(HANG, "A's hold ends", || async {
+        let ended: bool = client
+            .query_one(
+                &format!("select next_attempt_at <= now() from {table} where id = $1"),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if ended {
+            Ok(())
+        } else {
+            Err("held".into())
+        }
+    })
+    .await;
+    let b = batch_on(&mut client, &sql, id, 1, 60_000).await;
+    assert!(b.is_empty(), "a retry is no hold");
+    let after_b = row_state(&client, &table, id).await;
+    assert_eq!(after_b.1, 1, "B's failed attempt is counted");
+
+    // A's late reports, under A's hold.
+    let failed = client
+        .execute(
+            &sql.late_fail,
+            &[&id, &"A's stale report", &0i64, &true, &a_hold],
+        )
+        .await
+        .unwrap();
+    let delivered = client
+        .execute(&sql.late_confirm, &[&id, &0i32, &7i64, &a_hold])
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed, delivered),
+        (0, 0),
+        "A's stale reports wrote nothing"
+    );
+    assert_eq!(
+        row_state(&client, &table, id).await,
+        after_b,
+        "the row is as B left it"
+    );
+
+    // B's own hold, once due, and B's late report under it.
+    client
+        .execute(
+            &format!("update {table} set next_attempt_at = now() where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let b_hold = batch_on(&mut client, &sql, id, 3, 60_000).await;
+    assert_eq!(b_hold.len(), 1);
+    let n = client
+        .execute(&sql.late_confirm, &[&id, &0i32, &8i64, &b_hold[0]])
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the holder's own late report is recorded");
+    let (status, attempts, _, _) = row_state(&client, &table, id).await;
+    assert_eq!((status.as_str(), attempts), ("done", 1));
+}
+
+// ----------------------------------------------------------------------------------------------
 // 9.11 Order of one aggregate's events written by concurrent transactions
 // ----------------------------------------------------------------------------------------------
 
