@@ -741,6 +741,83 @@ async fn pgbouncer_session_pooling_works() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// Pid of the backend holding the table's wake lock (exclusive, granted), if any.
+async fn wake_lock_pid(client: &tokio_postgres::Client, table: &str) -> Option<i32> {
+    let (class, key) = outbox::wake_lock(table);
+    let (class, key) = (i64::from(class as u32), i64::from(key as u32));
+    client
+        .query_opt(
+            "select pid from pg_locks
+              where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
+                and objsubid = 2 and mode = 'ExclusiveLock' and granted",
+            &[&class, &key],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// The waker's session is terminated (`pg_terminate_backend`, as an operator or
+/// `idle_session_timeout` would end it) while the idle relay holds the wake lock: the relay
+/// notices, reconnects, takes the lock again, and an event written afterwards is delivered on
+/// its notification — with a fallback poll of an hour, nothing else could deliver it. Before the
+/// waker was supervised, a lost waker session was noticed only when the relay next became busy:
+/// writers stopped notifying and latency became the poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waker_session_lost_is_replaced_and_writers_notify_again() {
+    support::init_tracing();
+    // A database of its own: terminate_backends ends the waker sessions of the whole database.
+    let db = support::fresh_database().await;
+    let client = outbox::testing::connect(&db).await.unwrap();
+    let table = support::unique_name("waker_lost");
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = support::unique_name("waker_lost_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let outbox = Outbox::builder()
+        .postgres(db.clone())
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_secs(3600))
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    support::wait_armed(&outbox, &table, HANG).await;
+    let old = wake_lock_pid(&client, &table)
+        .await
+        .expect("the waker holds the lock");
+    let n = outbox::testing::faults::terminate_backends(&client, "outbox-relay-waker")
+        .await
+        .unwrap();
+    assert!(n >= 1, "the waker session was terminated");
+    let new = support::eventually(HANG, "a new waker session holds the wake lock", || async {
+        match wake_lock_pid(&client, &table).await {
+            Some(pid) if pid != old => Ok(pid),
+            other => Err(format!("holder: {other:?} (terminated: {old})")),
+        }
+    })
+    .await;
+    assert_ne!(new, old);
+    let id = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(id.to_string().as_str()),
+        "the event is delivered on its notification"
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.5 Large valid events
 // ----------------------------------------------------------------------------------------------
