@@ -321,7 +321,10 @@ impl OutboxBuilder {
     /// `batch_size` rows and while their running total stays within this budget, but always at
     /// least one row, so an event larger than the budget is still published (alone). It bounds
     /// the relay's memory (about `max_batch_bytes × max_batches_in_flight`, plus the producer's
-    /// buffers) and the time a reservation takes to fetch, whatever the events' sizes.
+    /// buffers) and the time a reservation takes to fetch, whatever the events' sizes. The
+    /// reservation, fetch included, must complete within
+    /// [`postgres_timeout`](Self::postgres_timeout): on a slow link to Postgres keep this budget
+    /// (and the largest event) well below `postgres_timeout` × the link's bandwidth.
     pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
         self.settings.max_batch_bytes = bytes;
         self

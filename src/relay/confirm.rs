@@ -115,7 +115,12 @@ pub(crate) async fn confirm_batch(
         )
     };
     let (held, ()) = round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
-    let holds = held.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // The values this very statement wrote (now() + the hold); a row that cannot be read is
+    // simply not recorded late (its hold expires and it is retried).
+    let holds = held
+        .iter()
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+        .collect();
     Ok((c.next_due(), holds))
 }
 
