@@ -134,8 +134,9 @@ pub(crate) async fn confirm_late(
     holds: Holds,
 ) {
     let hold_end = Instant::now() + ctx.timing.hold;
-    // Connected on the first report; dropped after a write that missed its deadline.
-    let mut client: Option<Client> = None;
+    // Connected now, so that a report arriving late in the hold is written at once; replaced
+    // after a write that missed its deadline, reconnected on the next report.
+    let mut client = late_connect(&ctx).await;
     let mut waiting: FuturesUnordered<_> = stragglers
         .into_iter()
         .map(|st| async move {
@@ -166,14 +167,7 @@ pub(crate) async fn confirm_late(
             continue;
         };
         if client.as_ref().is_none_or(Client::is_closed) {
-            let connect = ctx.pg.connect("late");
-            match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    ctx.report.late_unrecordable(&e);
-                    continue;
-                }
-            }
+            client = late_connect(&ctx).await;
         }
         let Some(c) = client.as_ref() else { continue };
         let write = record_late(&ctx, c, row, outcome.as_ref(), hold);
@@ -190,6 +184,18 @@ pub(crate) async fn confirm_late(
                     client = None;
                 }
             }
+        }
+    }
+}
+
+/// A connection for late reports, within the connect deadline; `None` (logged) when it failed.
+async fn late_connect(ctx: &Ctx) -> Option<Client> {
+    let connect = ctx.pg.connect("late");
+    match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            ctx.report.late_unrecordable(&e);
+            None
         }
     }
 }
