@@ -54,6 +54,9 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 
 /// Default `partitioner`: Kafka's own murmur2 hash of the key (Java producer, Kafka Streams,
 /// Debezium), so a key lands on the same partition whichever of them writes it.
+/// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
+pub(crate) const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+
 pub(crate) const DEFAULT_PARTITIONER: &str = "murmur2_random";
 
 /// `partitioner` values accepted: each maps a key to exactly one partition. `random` does not.
@@ -161,6 +164,10 @@ pub struct Settings {
     /// Events reserved per batch, 1..=50000.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = Settings::default().batch_size))]
     pub batch_size: usize,
+    /// Byte budget of one batch (payloads and headers as JSON text; a batch always takes at
+    /// least one event), 1024..=1073741824.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_BATCH_BYTES", default_value_t = Settings::default().max_batch_bytes))]
+    pub max_batch_bytes: usize,
     /// Messages handed to the producer and not yet acknowledged, over all batches, at most;
     /// 1..=1000000.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
@@ -240,6 +247,7 @@ impl Default for Settings {
             table: DEFAULT_TABLE.to_string(),
             channel: DEFAULT_CHANNEL.to_string(),
             batch_size: 1000,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_in_flight: 10_000,
             max_batches_in_flight: 2,
             poll_interval: Duration::from_secs(2),
@@ -424,6 +432,20 @@ impl OutboxBuilder {
         self
     }
 
+    /// Byte budget of one batch: the payloads and headers (as JSON text) of the rows one
+    /// reservation takes, 1 KiB..=1 GiB (default 16 MiB). A batch takes rows in `seq` order up to
+    /// `batch_size` rows and while their running total stays within this budget, but always at
+    /// least one row, so an event larger than the budget is still published (alone). It bounds
+    /// the relay's memory (about `max_batch_bytes × max_batches_in_flight`, plus the producer's
+    /// buffers) and the time a reservation takes to fetch, whatever the events' sizes. The
+    /// reservation, fetch included, must complete within
+    /// [`postgres_timeout`](Self::postgres_timeout): on a slow link to Postgres keep this budget
+    /// (and the largest event) well below `postgres_timeout` × the link's bandwidth.
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.settings.max_batch_bytes = bytes;
+        self
+    }
+
     /// Most messages handed to the producer and not yet acknowledged, over all batches,
     /// 1..=1,000,000 (default 10,000).
     pub fn max_in_flight(mut self, n: usize) -> Self {
@@ -538,10 +560,13 @@ impl OutboxBuilder {
         self
     }
 
-    /// Deadline of every Postgres call outside the relay's batch pipeline, 100 ms..=10 min
-    /// (default 10 s): [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`,
-    /// the schema check at `connect()`, each backlog-gauge update and each retention-cleanup
-    /// step, each including connecting when a new connection is needed. It is also the connect
+    /// Deadline of every Postgres call, 100 ms..=10 min (default 10 s):
+    /// [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`, the schema check
+    /// at `connect()`, each backlog-gauge update and each retention-cleanup step, each including
+    /// connecting when a new connection is needed; and each round trip of the relay's pipeline
+    /// (reservation, fence, confirm + commit, rollback, late confirm; the listener's and waker's
+    /// pings every 15 s while they wait). A stuck pipeline connection is dropped and replaced;
+    /// a stopping relay cuts them short 500 ms after its stop deadline. It is also the connect
     /// timeout of every connection unless the connection string sets `connect_timeout`
     /// (tokio-postgres bounds only the TCP connect with it; the crate bounds the whole startup).
     /// A call that misses it fails with [`Error::Timeout`](crate::Error::Timeout) and its
@@ -735,6 +760,7 @@ impl Settings {
         #[rustfmt::skip]
         let checks: &[(&str, u128, u128, u128, &str)] = &[
             ("batch_size", count(s.batch_size), 1, 50_000, ""),
+            ("max_batch_bytes", count(s.max_batch_bytes), 1 << 10, 1 << 30, " bytes"),
             ("max_in_flight", count(s.max_in_flight), 1, 1_000_000, ""),
             ("max_batches_in_flight", count(s.max_batches_in_flight), 1, 16, ""),
             ("poll_interval", ms(s.poll_interval), 10, 3_600_000, " ms"),

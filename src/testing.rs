@@ -1292,12 +1292,23 @@ pub async fn assert_published(
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelaySql {
-    /// Reservation; `$1` = batch size (`int8`). Run inside a transaction.
+    /// Reservation; `$1` = batch size (`int8`), `$2` = byte budget (`int8`, see
+    /// [`max_batch_bytes`](crate::OutboxBuilder::max_batch_bytes)). Run inside a transaction.
     pub reserve: String,
-    /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`, 0 = delivered),
-    /// `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5` errors (`text[]`), `$6` delays in
-    /// ms (`int8[]`), `$7` the batch id (`uuid`, its fence is deleted).
+    /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
+    /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
+    /// errors (`text[]`), `$6` delays in ms (`int8[]`), `$7` the batch id (`uuid`, its fence is
+    /// deleted). Returns the held rows: `id` (`uuid`) and the hold's end (`timestamptz`), the
+    /// token their late reports must present.
     pub confirm: String,
+    /// Late delivery of a held row: `$1` id (`uuid`), `$2` partition (`int4`), `$3` offset
+    /// (`int8`), `$4` the hold's end returned by the confirm (`timestamptz`); with
+    /// `delete_on_delivery` a delete with `$1` id and `$2` the hold's end. Writes nothing once
+    /// the hold ended or another relay wrote the row.
+    pub late_confirm: String,
+    /// Late failure of a held row: `$1` id, `$2` error (`text`), `$3` retry delay in ms
+    /// (`int8`), `$4` dead letter (`bool`), `$5` the hold's end; fenced as `late_confirm`.
+    pub late_fail: String,
     /// Batch fence; `$1` batch id (`uuid`), `$2` lifetime in ms (`int8`), `$3` aggregates
     /// (`text[]`). Runs on its own autocommit connection before the batch publishes.
     pub fence: String,
@@ -1312,6 +1323,8 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
     RelaySql {
         reserve: sql.reserve,
         confirm: sql.confirm,
+        late_confirm: sql.late_confirm,
+        late_fail: sql.late_fail,
         fence: sql.fence,
         session_setup: crate::relay::BATCH_SESSION_SETUP.to_string(),
     }

@@ -162,7 +162,9 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 relay_sql(&table, delete).session_setup
             ))
             .await?;
-        let reserve = client.prepare_typed(&reserve, &[Type::INT8]).await?;
+        let reserve = client
+            .prepare_typed(&reserve, &[Type::INT8, Type::INT8])
+            .await?;
         let confirm = client.prepare(&confirm).await?;
         let confirmed = confirmed.clone();
         let fence_client = fence_client.clone();
@@ -171,7 +173,9 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
             let mut batches: Vec<(f64, f64, f64, usize)> = Vec::new();
             let mut empty = 0usize;
             let limit = 1000i64;
-            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 1] = [&limit];
+            // The relay's default byte budget (max_batch_bytes).
+            let budget = 16i64 << 20;
+            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&limit, &budget];
             let deadline = Instant::now() + Duration::from_secs(600);
             loop {
                 let a = Instant::now();
@@ -298,7 +302,7 @@ pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Resul
                 "explain (analyze, buffers) {}",
                 relay_sql(table, false).reserve
             ),
-            &[&1000i64],
+            &[&1000i64, &(16i64 << 20)],
         )
         .await;
     c.batch_execute("rollback").await?;

@@ -32,15 +32,19 @@ impl BatchDone {
 }
 
 /// Publishes a reserved batch, confirms it and reports it. `reserved_at`: when the reservation
-/// was started; the batch stops sending `batch_timeout` after it.
+/// was started (for the batch's latency); `fetched_at`: when its rows had arrived — the batch
+/// stops sending `batch_timeout` after that, not after the reservation started, so that a
+/// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
+/// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
 pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
     reserved_at: Instant,
+    fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
-    let cutoff = reserved_at + ctx.timing.batch_timeout;
+    let cutoff = fetched_at + ctx.timing.batch_timeout;
     let chains = publish::chains(&rows);
     // Fence the batch's aggregates (committed on its own connection) before sending anything.
     let batch_id = Uuid::new_v4();
@@ -50,19 +54,21 @@ pub(crate) async fn run_batch(
         .collect();
     if let Err(e) = ctx.fences.insert(&batch_id, &aggregates).await {
         ctx.report.fence_failed(&e);
-        conn.rollback().await;
+        // A rollback that fails or misses its deadline leaves the session to end with the
+        // dropped connection (at the latest after the lease).
+        conn.rollback(&ctx.timing, &ctx.stop).await;
         return BatchDone::failed();
     }
     let published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
     let outcomes = published.outcomes;
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
-        Ok(next_due) => {
+        Ok((next_due, holds)) => {
             ctx.report
                 .batch_confirmed(&rows, &outcomes, reserved_at.elapsed());
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
                 ctx.late
-                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers));
+                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers, holds));
             }
             BatchDone {
                 conn: Some(conn),
@@ -75,7 +81,10 @@ pub(crate) async fn run_batch(
                 .filter(|o| matches!(o, Outcome::Delivered { .. }))
                 .count();
             ctx.report.confirm_failed(&e, delivered);
-            conn.rollback().await;
+            // Not after a timeout: the session may be stuck; dropping it ends the transaction.
+            if !e.is_timeout() {
+                conn.rollback(&ctx.timing, &ctx.stop).await;
+            }
             ctx.late.spawn(unfence_when_settled(
                 ctx.clone(),
                 batch_id,
@@ -98,6 +107,6 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
         return;
     }
     if let Err(e) = ctx.fences.remove(&batch_id).await {
-        tracing::debug!(error = %crate::error::PgErrorDisplay(&e), "outbox relay: fence not removed; it expires by itself");
+        tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
     }
 }

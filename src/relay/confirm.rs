@@ -3,8 +3,9 @@
 //! one while the hold lasts. Both judge reports with the same policy (`Outcome::of_report`) and
 //! report through the same sink.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -18,7 +19,7 @@ use crate::store::ConfirmOutcome;
 use super::publish::{report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::retry_delay;
-use super::timing::{millis, LATE_GRACE};
+use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
@@ -79,19 +80,24 @@ impl<'a> ConfirmRows<'a> {
     }
 }
 
+/// The holds a batch's confirm wrote: each held row's `next_attempt_at`, the token that fences
+/// its late report to this hold (another relay's later write changes or clears it).
+pub(crate) type Holds = HashMap<Uuid, SystemTime>;
+
 /// Confirms the batch and commits (pipelined: one round trip). Returns when the earliest retry
-/// or hold of the batch is due.
+/// or hold of the batch is due, and the holds it wrote.
 ///
 /// # Errors
-/// The Postgres error of the confirm or the commit; the transaction is then still open (roll it
-/// back).
+/// The Postgres error of the confirm or the commit (the transaction is then still open: roll it
+/// back), or [`Error::Timeout`](crate::Error::Timeout) when they missed the round trip deadline
+/// (drop the connection).
 pub(crate) async fn confirm_batch(
     ctx: &Ctx,
     conn: &BatchConn,
     rows: &[Reserved],
     outcomes: &[Outcome],
     batch_id: &Uuid,
-) -> Result<Option<Duration>, tokio_postgres::Error> {
+) -> crate::Result<(Option<Duration>, Holds)> {
     let c = ConfirmRows::new(ctx, rows, outcomes);
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
@@ -102,21 +108,35 @@ pub(crate) async fn confirm_batch(
         &c.delays_ms,
         batch_id,
     ];
-    futures::try_join!(
-        conn.client.execute(&conn.confirm, &params),
-        conn.client.batch_execute("commit")
-    )?;
-    Ok(c.next_due())
+    let op = async {
+        futures::try_join!(
+            conn.client.query(&conn.confirm, &params),
+            conn.client.batch_execute("commit")
+        )
+    };
+    let (held, ()) = round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
+    // The values this very statement wrote (now() + the hold); a row that cannot be read is
+    // simply not recorded late (its hold expires and it is retried).
+    let holds = held
+        .iter()
+        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+        .collect();
+    Ok((c.next_due(), holds))
 }
 
 /// Waits for the reports of held messages and records them, fenced by the hold: a row whose
-/// hold ended is left to be retried. Ends at the hold's end, or shortly after a stop's deadline.
-pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers: Vec<Straggler>) {
+/// hold ended, or that another relay wrote since, is left as it is (to be retried). Ends at the
+/// hold's end, or shortly after a stop's deadline.
+pub(crate) async fn confirm_late(
+    ctx: Arc<Ctx>,
+    rows: Vec<Reserved>,
+    stragglers: Vec<Straggler>,
+    holds: Holds,
+) {
     let hold_end = Instant::now() + ctx.timing.hold;
-    let client = match ctx.pg.connect("late").await {
-        Ok(c) => c,
-        Err(e) => return ctx.report.late_unrecordable(&e),
-    };
+    // Connected now, so that a report arriving late in the hold is written at once; replaced
+    // after a write that missed its deadline, reconnected on the next report.
+    let mut client = late_connect(&ctx).await;
     let mut waiting: FuturesUnordered<_> = stragglers
         .into_iter()
         .map(|st| async move {
@@ -141,38 +161,82 @@ pub(crate) async fn confirm_late(ctx: Arc<Ctx>, rows: Vec<Reserved>, stragglers:
         };
         let Some((idx, report)) = next else { break };
         let row = &rows[idx];
-        match Outcome::of_report(&ctx, row, report) {
-            // Never sent: release the hold, no attempt counted.
-            None => {
-                let _ = client.execute(&ctx.sql.late_release, &[&row.id]).await;
+        let outcome = Outcome::of_report(&ctx, row, report);
+        // Every held row of the batch has its hold; without it nothing can be fenced.
+        let Some(hold) = holds.get(&row.id) else {
+            continue;
+        };
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = late_connect(&ctx).await;
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let write = record_late(&ctx, c, row, outcome.as_ref(), hold);
+        match round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await {
+            Ok(true) => {
+                if let Some(o) = &outcome {
+                    ctx.report.settled_late(row, o);
+                }
             }
-            Some(outcome) => {
-                if record_late(&ctx, &client, row, &outcome).await {
-                    ctx.report.settled_late(row, &outcome);
+            Ok(false) => {}
+            Err(e) => {
+                ctx.report.late_unrecordable(&e);
+                if e.is_timeout() {
+                    client = None;
                 }
             }
         }
     }
 }
 
-/// Writes one late outcome while the row's hold lasts; `true` when it was written.
-async fn record_late(ctx: &Ctx, client: &Client, row: &Reserved, o: &Outcome) -> bool {
+/// A connection for late reports, within the connect deadline; `None` (logged) when it failed.
+async fn late_connect(ctx: &Ctx) -> Option<Client> {
+    let connect = ctx.pg.connect("late");
+    match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            ctx.report.late_unrecordable(&e);
+            None
+        }
+    }
+}
+
+/// Writes one late outcome while the row's hold `hold` lasts and is still the row's (`None`:
+/// purged unsent, the hold is released, no attempt counted); `Ok(true)` when an outcome was
+/// written.
+async fn record_late(
+    ctx: &Ctx,
+    client: &Client,
+    row: &Reserved,
+    o: Option<&Outcome>,
+    hold: &SystemTime,
+) -> Result<bool, tokio_postgres::Error> {
+    let Some(o) = o else {
+        client
+            .execute(&ctx.sql.late_release, &[&row.id, hold])
+            .await?;
+        return Ok(false);
+    };
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
-            client.execute(&ctx.sql.late_confirm, &[&row.id]).await
+            client
+                .execute(&ctx.sql.late_confirm, &[&row.id, hold])
+                .await
         }
         Outcome::Delivered { partition, offset } => {
             client
-                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset])
+                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset, hold])
                 .await
         }
         Outcome::Failed(f) => {
             let delay = due_after(ctx, row, o).map_or(0, millis);
             client
-                .execute(&ctx.sql.late_fail, &[&row.id, &f.error, &delay, &f.dead])
+                .execute(
+                    &ctx.sql.late_fail,
+                    &[&row.id, &f.error, &delay, &f.dead, hold],
+                )
                 .await
         }
-        Outcome::NotSent | Outcome::Held => return false,
+        Outcome::NotSent | Outcome::Held => return Ok(false),
     };
-    matches!(written, Ok(1))
+    Ok(written? == 1)
 }

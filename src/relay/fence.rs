@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::RelaySql;
 
-use super::timing::{millis, Timing};
+use super::timing::{millis, round_trip, Stop, Timing};
 
 /// The fence connection and its prepared statements.
 struct FenceConn {
@@ -28,51 +28,92 @@ pub(crate) struct Fences {
     pg: Pg,
     sql: Arc<RelaySql>,
     lifetime_ms: i64,
+    round_trip: std::time::Duration,
+    stop: Arc<Stop>,
     conn: Mutex<Option<Arc<FenceConn>>>,
 }
 
 impl Fences {
-    pub(crate) fn new(pg: Pg, sql: Arc<RelaySql>, timing: &Timing) -> Self {
+    pub(crate) fn new(pg: Pg, sql: Arc<RelaySql>, timing: &Timing, stop: Arc<Stop>) -> Self {
         Fences {
             pg,
             sql,
             lifetime_ms: millis(timing.fence),
+            round_trip: timing.round_trip,
+            stop,
             conn: Mutex::new(None),
         }
     }
 
-    /// Records the fence of batch `batch_id` over `aggregates` (autocommit).
-    pub(crate) async fn insert(
-        &self,
-        batch_id: &Uuid,
-        aggregates: &[&str],
-    ) -> Result<(), tokio_postgres::Error> {
+    /// Records the fence of batch `batch_id` over `aggregates` (autocommit), within the round
+    /// trip deadline.
+    ///
+    /// # Errors
+    /// The Postgres error, or [`Error::Timeout`](crate::Error::Timeout) (the connection is then
+    /// dropped and the next fence opens a new one).
+    pub(crate) async fn insert(&self, batch_id: &Uuid, aggregates: &[&str]) -> crate::Result<()> {
         let f = self.conn().await?;
-        f.client
-            .execute(&f.insert, &[batch_id, &self.lifetime_ms, &aggregates])
-            .await?;
-        Ok(())
+        let params: [&(dyn postgres_types::ToSql + Sync); 3] =
+            [batch_id, &self.lifetime_ms, &aggregates];
+        let op = f.client.execute(&f.insert, &params);
+        self.settle(
+            &f,
+            round_trip(&self.stop, "fence", self.round_trip, op).await,
+        )
+        .await
+        .map(drop)
     }
 
     /// Removes the fence of a batch that did not confirm, once nothing of it is in flight.
-    pub(crate) async fn remove(&self, batch_id: &Uuid) -> Result<(), tokio_postgres::Error> {
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert).
+    pub(crate) async fn remove(&self, batch_id: &Uuid) -> crate::Result<()> {
         let f = self.conn().await?;
-        f.client.execute(&f.delete, &[batch_id]).await?;
-        Ok(())
+        let params: [&(dyn postgres_types::ToSql + Sync); 1] = [batch_id];
+        let op = f.client.execute(&f.delete, &params);
+        self.settle(
+            &f,
+            round_trip(&self.stop, "unfence", self.round_trip, op).await,
+        )
+        .await
+        .map(drop)
     }
 
-    async fn conn(&self) -> Result<Arc<FenceConn>, tokio_postgres::Error> {
+    /// Forgets the connection `f` when its round trip timed out (it may be stuck).
+    async fn settle<T>(&self, f: &Arc<FenceConn>, r: crate::Result<T>) -> crate::Result<T> {
+        if r.as_ref().is_err_and(crate::Error::is_timeout) {
+            let mut guard = self.conn.lock().await;
+            if guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, f)) {
+                *guard = None;
+            }
+        }
+        r
+    }
+
+    async fn conn(&self) -> crate::Result<Arc<FenceConn>> {
         let mut guard = self.conn.lock().await;
         if let Some(f) = guard.as_ref().filter(|f| !f.client.is_closed()) {
             return Ok(f.clone());
         }
-        let client = self.pg.connect("fence").await?;
-        let insert = client
-            .prepare_typed(&self.sql.fence, &[Type::UUID, Type::INT8, Type::TEXT_ARRAY])
-            .await?;
-        let delete = client
-            .prepare_typed(&self.sql.unfence, &[Type::UUID])
-            .await?;
+        let client = round_trip(
+            &self.stop,
+            "connect",
+            self.pg.connect_deadline(),
+            self.pg.connect("fence"),
+        )
+        .await?;
+        let prepare = async {
+            let insert = client
+                .prepare_typed(&self.sql.fence, &[Type::UUID, Type::INT8, Type::TEXT_ARRAY])
+                .await?;
+            let delete = client
+                .prepare_typed(&self.sql.unfence, &[Type::UUID])
+                .await?;
+            Ok::<_, tokio_postgres::Error>((insert, delete))
+        };
+        let (insert, delete) =
+            round_trip(&self.stop, "fence session setup", self.round_trip, prepare).await?;
         let f = Arc::new(FenceConn {
             client,
             insert,

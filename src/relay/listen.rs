@@ -23,6 +23,61 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     super::retry::backoff(Duration::from_millis(50), Duration::from_secs(5))
 }
 
+/// How often the listener and the waker check, while they wait, that their session still
+/// answers (`select 1` within the Postgres timeout): a half-open connection (host gone, route
+/// blackholed) sends no error and would otherwise be waited on for good.
+pub(crate) const SESSION_PING: Duration = Duration::from_secs(15);
+
+/// A ticker of [`SESSION_PING`] whose first tick is one period away.
+fn ping_ticker() -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + SESSION_PING, SESSION_PING);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// `select 1` within `after`.
+async fn ping(client: &Client, after: Duration) -> crate::Result<()> {
+    crate::pg::bounded("session ping", after, async {
+        client
+            .batch_execute("select 1")
+            .await
+            .map_err(crate::Error::Postgres)
+    })
+    .await
+}
+
+/// How a wait on a relay session ended.
+enum Ended {
+    Stopped,
+    /// The connection ended (with its error, if any).
+    Closed(Option<tokio_postgres::Error>),
+    /// A ping failed or got no answer: the session is dropped.
+    Silent(crate::Error),
+}
+
+/// Waits on a session until `token` is cancelled, `until` completes (`Ended::Stopped` is
+/// then returned as well; the caller knows which), the connection ends or a ping fails.
+async fn watch_session(
+    client: &Client,
+    drive: &mut JoinHandle<Option<tokio_postgres::Error>>,
+    token: &CancellationToken,
+    after: Duration,
+    until: impl std::future::Future<Output = ()>,
+) -> Ended {
+    let mut pings = ping_ticker();
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return Ended::Stopped,
+            _ = &mut until => return Ended::Stopped,
+            r = &mut *drive => return Ended::Closed(r.ok().flatten()),
+            _ = pings.tick() => if let Err(e) = ping(client, after).await {
+                return Ended::Silent(e);
+            },
+        }
+    }
+}
+
 /// The LISTEN connection: run it with [`run`](Self::run) on a task; it reconnects with backoff
 /// until `token` is cancelled.
 pub(crate) struct Listener {
@@ -69,18 +124,28 @@ impl Listener {
             backoff = reconnect_backoff();
             // Coalesced like notifications: a full queue already means "poll".
             let _ = self.wake.try_send(Wake::Listening);
-            let ended = tokio::select! {
-                _ = self.token.cancelled() => None,
-                r = &mut drain => Some(r),
-            };
+            let ended = watch_session(
+                &client,
+                &mut drain,
+                &self.token,
+                self.pg.timeout,
+                futures::future::pending(),
+            )
+            .await;
             self.connected.store(false, Ordering::Relaxed);
             drop(client);
+            drain.abort();
             match ended {
-                None => return drain.abort(),
-                Some(Ok(Some(e))) => {
+                Ended::Stopped => return,
+                Ended::Closed(Some(e)) => {
                     tracing::warn!(error = %PgErrorDisplay(&e), "outbox listener connection lost; reconnecting")
                 }
-                Some(_) => tracing::warn!("outbox listener connection closed; reconnecting"),
+                Ended::Closed(None) => {
+                    tracing::warn!("outbox listener connection closed; reconnecting")
+                }
+                Ended::Silent(e) => {
+                    tracing::warn!(error = %e, "outbox listener session does not answer; dropping it and reconnecting")
+                }
             }
             if !self.sleep(backoff.next()).await {
                 return;
@@ -136,66 +201,148 @@ impl Listener {
 }
 
 /// Holds the table's wake lock while `armed` is `true` (the relay is idle), so that writers
-/// NOTIFY; sends [`Wake::Armed`] each time the lock is granted.
+/// NOTIFY; sends [`Wake::Armed`] each time the lock is granted (a catch-up poll). The session
+/// is supervised like the listener's: when it ends (terminated backend, `idle_session_timeout`,
+/// lost connection) or stops answering its pings while the lock is held, it is replaced, the
+/// lock taken again and a catch-up poll requested.
 pub(crate) fn spawn_waker(
     tracker: &TaskTracker,
     pg: Pg,
     table: String,
-    mut armed: watch::Receiver<bool>,
+    armed: watch::Receiver<bool>,
     wake: mpsc::Sender<Wake>,
     token: CancellationToken,
 ) {
-    tracker.spawn(async move {
-        let key = wake_lock_key(&table);
-        let mut client: Option<Client> = None;
+    let waker = Waker {
+        pg,
+        key: wake_lock_key(&table),
+        armed,
+        wake,
+        token,
+    };
+    tracker.spawn(waker.run());
+}
+
+/// The waker task's state (see [`spawn_waker`]).
+struct Waker {
+    pg: Pg,
+    key: i32,
+    armed: watch::Receiver<bool>,
+    wake: mpsc::Sender<Wake>,
+    token: CancellationToken,
+}
+
+type Session = (Client, JoinHandle<Option<tokio_postgres::Error>>);
+
+impl Waker {
+    async fn run(mut self) {
+        let mut session: Option<Session> = None;
         let mut backoff = reconnect_backoff();
         loop {
             // Wait until the relay wants to be woken.
             tokio::select! {
-                _ = token.cancelled() => return,
-                r = armed.wait_for(|a| *a) => if r.is_err() { return },
+                _ = self.token.cancelled() => return,
+                r = self.armed.wait_for(|a| *a) => if r.is_err() { return },
             }
-            let c = match client.take().filter(|c| !c.is_closed()) {
-                Some(c) => c,
-                None => match tokio::select! {
-                    _ = token.cancelled() => return,
-                    r = pg.connect_bounded("waker") => r,
-                } {
-                    Ok(c) => c,
-                    Err(e) => {
+            let (client, mut drive) = match session.take().filter(|(c, _)| !c.is_closed()) {
+                Some(s) => s,
+                None => match self.connect().await {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
                         let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                         tracing::warn!(error = %e, ?delay, "outbox waker: cannot connect; writers will not notify until it can");
-                        tokio::select! {
-                            _ = token.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => continue,
+                        if !self.sleep(delay).await {
+                            return;
                         }
+                        continue;
                     }
+                    None => return,
                 },
             };
             // Queue for the exclusive lock: from this moment writers' shared try-locks fail and
             // they notify; the grant comes once earlier writers have committed.
-            let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &key];
+            let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
             let granted = tokio::select! {
-                _ = token.cancelled() => return,
-                r = c.execute("select pg_advisory_lock($1, $2)", &params) => r,
+                _ = self.token.cancelled() => return,
+                r = client.execute("select pg_advisory_lock($1, $2)", &params) => r,
             };
             if let Err(e) = granted {
                 tracing::warn!(error = %PgErrorDisplay(&e), "outbox waker: lock failed; reconnecting");
+                drive.abort();
                 continue;
             }
             backoff = reconnect_backoff();
-            let _ = wake.try_send(Wake::Armed);
-            tokio::select! {
-                _ = token.cancelled() => return,
-                r = armed.wait_for(|a| !*a) => if r.is_err() { return },
+            let _ = self.wake.try_send(Wake::Armed);
+            let mut disarmed = self.armed.clone();
+            let until = async move {
+                let _ = disarmed.wait_for(|a| !*a).await;
+            };
+            let after = self.pg.timeout;
+            match watch_session(&client, &mut drive, &self.token, after, until).await {
+                Ended::Stopped if self.token.is_cancelled() => return,
+                Ended::Stopped => {}
+                lost => {
+                    self.lost(lost);
+                    drive.abort();
+                    continue;
+                }
             }
-            match c
-                .execute("select pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &key])
-                .await
-            {
-                Ok(_) => client = Some(c),
-                Err(e) => tracing::warn!(error = %PgErrorDisplay(&e), "outbox waker: unlock failed; reconnecting"),
+            if self.unlock(&client).await {
+                session = Some((client, drive));
+            } else {
+                drive.abort();
             }
         }
-    });
+    }
+
+    /// Connects within the connect deadline; `None` when the relay stops meanwhile.
+    async fn connect(&self) -> Option<crate::Result<Session>> {
+        let after = self.pg.connect_deadline();
+        tokio::select! {
+            _ = self.token.cancelled() => None,
+            r = tokio::time::timeout(after, self.pg.connect_driven("waker", None)) => Some(r
+                .map_err(|_| crate::Error::Timeout { what: "connect", after })
+                .and_then(|r| r.map_err(crate::Error::Postgres))),
+        }
+    }
+
+    fn lost(&self, ended: Ended) {
+        match ended {
+            Ended::Closed(Some(e)) => {
+                tracing::warn!(error = %PgErrorDisplay(&e), "outbox waker session lost; reconnecting, then a catch-up poll")
+            }
+            Ended::Silent(e) => {
+                tracing::warn!(error = %e, "outbox waker session does not answer; dropping it and reconnecting")
+            }
+            _ => tracing::warn!("outbox waker session closed; reconnecting, then a catch-up poll"),
+        }
+    }
+
+    /// Releases the lock within the Postgres timeout; `false` when the session must be dropped.
+    async fn unlock(&self, client: &Client) -> bool {
+        let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
+        let unlock = client.execute("select pg_advisory_unlock($1, $2)", &params);
+        tokio::select! {
+            _ = self.token.cancelled() => false,
+            r = tokio::time::timeout(self.pg.timeout, unlock) => match r {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %PgErrorDisplay(&e), "outbox waker: unlock failed; reconnecting");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(after = ?self.pg.timeout, "outbox waker: unlock got no answer; reconnecting");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Sleeps for `delay`; `false` when the relay stops meanwhile.
+    async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.token.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
 }

@@ -83,7 +83,17 @@ fn supervise<F, Fut>(
                 _ = token.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match tokio::spawn(job()).await {
+            // A stop ends a run in progress (its connection is dropped) rather than waiting
+            // for its Postgres deadline.
+            let mut run = tokio::spawn(job());
+            let done = tokio::select! {
+                _ = token.cancelled() => {
+                    run.abort();
+                    return;
+                }
+                r = &mut run => r,
+            };
+            match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(task = name, error = %e, "outbox relay: maintenance task failed; it runs again at its next period")

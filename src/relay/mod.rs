@@ -119,7 +119,12 @@ impl Relay {
             stop: self.stop.clone(),
             in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
             late: TaskTracker::new(),
-            fences: Fences::new(self.pg.clone(), self.sql.clone(), &timing),
+            fences: Fences::new(
+                self.pg.clone(),
+                self.sql.clone(),
+                &timing,
+                self.stop.clone(),
+            ),
             settings: self.settings.clone(),
         });
         report::register_metrics();
@@ -199,10 +204,19 @@ impl Pipeline {
     async fn reserve(&mut self) {
         let ctx = self.ctx.clone();
         let started = Instant::now();
-        let reserved = self
-            .reserver
-            .reserve(&ctx.pg, &ctx.sql, &ctx.timing, ctx.settings.batch_size)
-            .await;
+        // A stop cancels a reservation in progress (its connection is dropped, which ends the
+        // transaction); every round trip of it has a deadline.
+        let reserved = tokio::select! {
+            _ = ctx.stop.token().cancelled() => return,
+            r = self.reserver.reserve(
+                &ctx.pg,
+                &ctx.sql,
+                &ctx.timing,
+                &ctx.stop,
+                ctx.settings.batch_size,
+                ctx.settings.max_batch_bytes,
+            ) => r,
+        };
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
@@ -211,10 +225,10 @@ impl Pipeline {
                 // than after those batches.
                 self.armed.send_replace(true);
             }
-            Ok(Some((conn, rows))) => {
+            Ok(Some((conn, rows, cut_by_bytes))) => {
                 self.reserve_errors = fresh_backoff();
                 self.armed.send_replace(false);
-                if rows.len() >= ctx.settings.batch_size {
+                if cut_by_bytes || rows.len() >= ctx.settings.batch_size {
                     self.wakeups.again();
                 }
                 let span = tracing::debug_span!(
@@ -223,7 +237,7 @@ impl Pipeline {
                     first_seq = rows[0].seq,
                     last_seq = rows[rows.len() - 1].seq
                 );
-                let batch = run_batch(ctx.clone(), conn, rows, started);
+                let batch = run_batch(ctx.clone(), conn, rows, started, Instant::now());
                 self.batches
                     .spawn(tracing::Instrument::instrument(batch, span));
             }

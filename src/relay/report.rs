@@ -10,7 +10,6 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
 use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure};
-use crate::error::PgErrorDisplay;
 use crate::text::printable;
 
 use super::publish::Outcome;
@@ -60,15 +59,15 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn reserve_failed(&self, e: &tokio_postgres::Error, delay: Duration) {
+    pub(crate) fn reserve_failed(&self, e: &crate::Error, delay: Duration) {
         self.counters
             .reserve_failures
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(error = %PgErrorDisplay(e), ?delay, "outbox relay: reservation failed; retrying");
+        tracing::warn!(error = %e, ?delay, "outbox relay: reservation failed; retrying");
     }
 
-    pub(crate) fn fence_failed(&self, e: &tokio_postgres::Error) {
-        tracing::warn!(error = %PgErrorDisplay(e), "outbox relay: cannot fence the batch; releasing it");
+    pub(crate) fn fence_failed(&self, e: &crate::Error) {
+        tracing::warn!(error = %e, "outbox relay: cannot fence the batch; releasing it");
     }
 
     /// A message was handed to the producer (`+1`) or left the relay's hands (`-1`).
@@ -176,7 +175,7 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn confirm_failed(&self, e: &tokio_postgres::Error, delivered: usize) {
+    pub(crate) fn confirm_failed(&self, e: &crate::Error, delivered: usize) {
         let streak = self
             .counters
             .confirm_failures
@@ -185,7 +184,7 @@ impl Reporter {
         metrics::counter!("outbox_confirm_failures_total").increment(1);
         tracing::error!(
             confirm_failures_total = streak,
-            error = %PgErrorDisplay(e),
+            error = %e,
             delivered,
             "outbox relay: confirming the batch failed; its acknowledged events stay pending and will be published again (duplicates keep their event_id)"
         );
@@ -198,8 +197,8 @@ impl Reporter {
         );
     }
 
-    pub(crate) fn late_unrecordable(&self, e: &tokio_postgres::Error) {
-        tracing::warn!(error = %PgErrorDisplay(e), "outbox relay: cannot record late delivery reports; the held events will be published again");
+    pub(crate) fn late_unrecordable(&self, e: &crate::Error) {
+        tracing::warn!(error = %e, "outbox relay: cannot record late delivery reports; the held events will be published again");
     }
 
     pub(crate) fn batch_panicked(&self, e: &tokio::task::JoinError) {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::{RawJson, RelaySql};
 
-use super::timing::{millis, Timing};
+use super::timing::{millis, round_trip, Stop, Timing};
 
 /// Session settings of the relay's batch connections (besides the lease timeout).
 ///
@@ -53,7 +53,7 @@ impl Reserved {
             headers: r.get(6),
             attempts: r.get(7),
             age_at_reserve: r.get(8),
-            created_at: r.get(9),
+            created_at: r.get(10),
             invalid: None,
         };
         row.invalid = crate::event::validate_row(&row.topic, &row.aggregate_id, &row.event_type)
@@ -71,8 +71,29 @@ pub(crate) struct BatchConn {
 }
 
 impl BatchConn {
-    async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing) -> Result<Self, tokio_postgres::Error> {
-        let client = pg.connect("batch").await?;
+    /// Connects (bounded by the connect deadline) and prepares (one round trip each).
+    async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing, stop: &Stop) -> crate::Result<Self> {
+        let client =
+            round_trip(stop, "connect", pg.connect_deadline(), pg.connect("batch")).await?;
+        round_trip(
+            stop,
+            "batch session setup",
+            timing.round_trip,
+            Self::setup(&client, sql, timing),
+        )
+        .await
+        .map(|(reserve, confirm)| BatchConn {
+            client,
+            reserve,
+            confirm,
+        })
+    }
+
+    async fn setup(
+        client: &Client,
+        sql: &RelaySql,
+        timing: &Timing,
+    ) -> Result<(Statement, Statement), tokio_postgres::Error> {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -81,34 +102,49 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let reserve = client.prepare_typed(&sql.reserve, &[Type::INT8]).await?;
+        let reserve = client
+            .prepare_typed(&sql.reserve, &[Type::INT8, Type::INT8])
+            .await?;
         let confirm = client.prepare(&sql.confirm).await?;
-        Ok(BatchConn {
-            client,
-            reserve,
-            confirm,
-        })
+        Ok((reserve, confirm))
     }
 
-    /// Begins the batch transaction and locks up to `limit` rows. On an empty result the
-    /// transaction is ended.
-    async fn reserve(&self, limit: usize) -> Result<Vec<Reserved>, tokio_postgres::Error> {
+    /// Begins the batch transaction and locks up to `limit` rows within the byte budget
+    /// `max_bytes` (at least one row). On an empty result the transaction is ended. The flag:
+    /// rows were left out by the byte budget (reserve again at once).
+    async fn reserve(
+        &self,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Reserved>, bool), tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let params: [&(dyn postgres_types::ToSql + Sync); 1] = [&limit];
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&limit, &max_bytes];
         let (_, rows) = futures::try_join!(
             self.client.batch_execute("begin"),
             self.client.query(&self.reserve, &params)
         )?;
         if rows.is_empty() {
             self.client.batch_execute("rollback").await?;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
-        Ok(rows.iter().map(Reserved::from_row).collect())
+        let kept: i64 = rows[0].get(9);
+        let cut = usize::try_from(kept).map_or(true, |k| k > rows.len());
+        Ok((rows.iter().map(Reserved::from_row).collect(), cut))
     }
 
-    /// Ends the batch transaction without confirming (its rows are released).
-    pub(crate) async fn rollback(&self) {
-        let _ = self.client.batch_execute("rollback").await;
+    /// Ends the batch transaction without confirming (its rows are released); `false` when the
+    /// rollback failed or missed its deadline (drop the connection then: Postgres ends the
+    /// transaction with the session, at the latest after the lease).
+    pub(crate) async fn rollback(&self, timing: &Timing, stop: &Stop) -> bool {
+        round_trip(
+            stop,
+            "rollback",
+            timing.round_trip,
+            self.client.batch_execute("rollback"),
+        )
+        .await
+        .is_ok()
     }
 }
 
@@ -119,28 +155,33 @@ pub(crate) struct Reserver {
 }
 
 impl Reserver {
-    /// Reserves up to `limit` rows on an idle (or new) connection. `Ok(None)` when there was
-    /// nothing to reserve (the connection goes back to the pool).
+    /// Reserves up to `limit` rows within `max_bytes` (see [`BatchConn::reserve`]) on an idle
+    /// (or new) connection. `Ok(None)` when there was nothing to reserve (the connection goes
+    /// back to the pool).
     ///
     /// # Errors
-    /// The Postgres error of the connect or the reservation (that connection is dropped).
+    /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
+    /// when one missed its deadline (that connection is dropped).
     pub(crate) async fn reserve(
         &mut self,
         pg: &Pg,
         sql: &RelaySql,
         timing: &Timing,
+        stop: &Stop,
         limit: usize,
-    ) -> Result<Option<(BatchConn, Vec<Reserved>)>, tokio_postgres::Error> {
+        max_bytes: usize,
+    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>, bool)>> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
-            _ => BatchConn::open(pg, sql, timing).await?,
+            _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
-        let rows = conn.reserve(limit).await?;
+        let reserve = conn.reserve(limit, max_bytes);
+        let (rows, cut) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok(None);
         }
-        Ok(Some((conn, rows)))
+        Ok(Some((conn, rows, cut)))
     }
 
     /// Returns a connection whose batch committed.

@@ -1,5 +1,6 @@
 //! Every duration the relay derives from its settings, computed once, and the stop window.
 
+use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -48,6 +49,10 @@ pub(crate) struct Timing {
     pub(crate) poll_interval: Duration,
     /// Stop timeout when the token is cancelled without [`Outbox::stop`](crate::Outbox::stop).
     pub(crate) shutdown_timeout: Duration,
+    /// Deadline of one round trip of the pipeline (connect, reserve, fence, confirm + commit,
+    /// rollback, late confirm, the wake sessions' statements): the `postgres_timeout` setting.
+    /// A connection that misses it is dropped, never reused.
+    pub(crate) round_trip: Duration,
 }
 
 impl Timing {
@@ -59,7 +64,32 @@ impl Timing {
             fence: s.batch_timeout + s.publish_timeout + LEASE_MARGIN,
             poll_interval: s.poll_interval,
             shutdown_timeout: s.shutdown_timeout,
+            round_trip: s.postgres_timeout,
         }
+    }
+}
+
+/// Runs one round trip of the pipeline with its deadline: `after`, cut short [`LATE_GRACE`]
+/// after the stop's deadline once a stop is requested, so that a silent Postgres cannot hold a
+/// stopping relay. A miss is [`Error::Timeout`](crate::Error::Timeout) naming `what`; the caller
+/// drops the connection.
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) from `op`, or the timeout.
+pub(crate) async fn round_trip<T, E: Into<crate::Error>>(
+    stop: &Stop,
+    what: &'static str,
+    after: Duration,
+    op: impl Future<Output = Result<T, E>>,
+) -> crate::Result<T> {
+    let stop_cut = async {
+        let window = stop.requested().await;
+        tokio::time::sleep_until(window.deadline + LATE_GRACE).await;
+    };
+    tokio::select! {
+        r = op => r.map_err(Into::into),
+        _ = tokio::time::sleep(after) => Err(crate::Error::Timeout { what, after }),
+        _ = stop_cut => Err(crate::Error::Timeout { what, after }),
     }
 }
 

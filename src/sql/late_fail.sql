@@ -1,7 +1,9 @@
--- A held row whose late report is a failure, while the hold lasts.
--- $1 uuid id, $2 text error, $3 int8 retry delay in ms, $4 bool dead letter.
+-- A held row whose late report is a failure, while the hold lasts and fenced to it (see
+-- late_confirm.sql).
+-- $1 uuid id, $2 text error, $3 int8 retry delay in ms, $4 bool dead letter, $5 timestamptz the
+-- hold's end.
 update {{table}} set attempts = attempts + 1, last_error = $2,
        status = case when $4::bool then 'failed' else status end,
        next_attempt_at = case when $4::bool then null
                               else now() + $3::int8 * interval '1 millisecond' end
- where id = $1 and status = 'new' and next_attempt_at > now()
+ where id = $1 and status = 'new' and next_attempt_at = $5 and next_attempt_at > now()

@@ -3,7 +3,13 @@
 -- of that aggregate that this batch did not get (in backoff, held, dead, or locked by another
 -- relay): an aggregate's later event never overtakes an earlier one. The probe stops at the
 -- aggregate's last candidate: an open row after all of them excludes nothing.
--- $1 int8: batch size. Which rows block their aggregate depends on the dead-letter policy.
+-- Then stop at the byte budget: rows are kept in seq order while the running total of their
+-- payload and headers (JSON text) stays within $2, and the first row always (an event larger than
+-- the budget is published alone): a prefix in seq order keeps every aggregate's order. Rows past
+-- the budget stay locked until the batch commits, untouched.
+-- $1 int8: batch size; $2 int8: byte budget. Which rows block their aggregate depends on the
+-- dead-letter policy. The last column: how many rows were kept before the byte budget (more
+-- than returned: there is more to reserve at once).
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
@@ -27,14 +33,24 @@ with cand as materialized (
              order by e.seq
              limit 1
        ) g on true
+ ),
+ kept as (
+     select c.*,
+            sum(octet_length(c.payload::text) + coalesce(octet_length(c.headers::text), 0))
+                over (order by c.seq) as through_bytes,
+            row_number() over (order by c.seq) as n,
+            count(*) over () as kept
+       from cand c join gate g on g.aggregate_id = c.aggregate_id
+      where g.gap is null or c.seq < g.gap
  )
- select c.id, c.seq, c.aggregate_id, c.event_topic, c.event_type, c.payload, c.headers,
-        c.attempts, case when isfinite(c.created_at_tz)
-                         then greatest(0, extract(epoch from now() - c.created_at_tz))::float8
+ select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
+        k.attempts, case when isfinite(k.created_at_tz)
+                         then greatest(0, extract(epoch from now() - k.created_at_tz))::float8
                          end,
-        case when isfinite(c.created_at_tz)
-             then to_char(c.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+        k.kept,
+        case when isfinite(k.created_at_tz)
+             then to_char(k.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
              end
-   from cand c join gate g on g.aggregate_id = c.aggregate_id
-  where g.gap is null or c.seq < g.gap
-  order by c.seq
+   from kept k
+  where k.n = 1 or k.through_bytes <= $2
+  order by k.seq

@@ -1226,7 +1226,10 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
         .unwrap();
     let plan = client
         .query(
-            &format!("explain {}", sql.reserve.replace("$1", "1000")),
+            &format!(
+                "explain {}",
+                sql.reserve.replace("$1", "1000").replace("$2", "16777216")
+            ),
             &[],
         )
         .await

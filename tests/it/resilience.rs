@@ -381,7 +381,7 @@ async fn hostile_rows_do_not_break_find_status_or_reservation() {
     let sql = outbox::testing::relay_sql(&table, false);
     client.batch_execute("begin").await.unwrap();
     let rows = client
-        .query(&sql.reserve, &[&100i64])
+        .query(&sql.reserve, &[&100i64, &(16i64 << 20)])
         .await
         .expect("the reservation does not fail on infinite timestamps");
     client.batch_execute("rollback").await.unwrap();
@@ -735,6 +735,292 @@ async fn pgbouncer_session_pooling_works() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// Pid of the backend holding the table's wake lock (exclusive, granted), if any.
+async fn wake_lock_pid(client: &tokio_postgres::Client, table: &str) -> Option<i32> {
+    let (class, key) = outbox::wake_lock(table);
+    let (class, key) = (i64::from(class as u32), i64::from(key as u32));
+    client
+        .query_opt(
+            "select pid from pg_locks
+              where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
+                and objsubid = 2 and mode = 'ExclusiveLock' and granted",
+            &[&class, &key],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// The waker's session is terminated (`pg_terminate_backend`, as an operator or
+/// `idle_session_timeout` would end it) while the idle relay holds the wake lock: the relay
+/// notices, reconnects, takes the lock again, and an event written afterwards is delivered on
+/// its notification — with a fallback poll of an hour, nothing else could deliver it. Before the
+/// waker was supervised, a lost waker session was noticed only when the relay next became busy:
+/// writers stopped notifying and latency became the poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waker_session_lost_is_replaced_and_writers_notify_again() {
+    support::init_tracing();
+    // A database of its own: terminate_backends ends the waker sessions of the whole database.
+    let db = support::fresh_database().await;
+    let client = outbox::testing::connect(&db).await.unwrap();
+    let table = support::unique_name("waker_lost");
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = support::unique_name("waker_lost_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let outbox = Outbox::builder()
+        .postgres(db.clone())
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_secs(3600))
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    support::wait_armed(&outbox, &table, HANG).await;
+    let old = wake_lock_pid(&client, &table)
+        .await
+        .expect("the waker holds the lock");
+    let n = outbox::testing::faults::terminate_backends(&client, "outbox-relay-waker")
+        .await
+        .unwrap();
+    assert!(n >= 1, "the waker session was terminated");
+    let new = support::eventually(HANG, "a new waker session holds the wake lock", || async {
+        match wake_lock_pid(&client, &table).await {
+            Some(pid) if pid != old => Ok(pid),
+            other => Err(format!("holder: {other:?} (terminated: {old})")),
+        }
+    })
+    .await;
+    assert_ne!(new, old);
+    let id = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(id.to_string().as_str()),
+        "the event is delivered on its notification"
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.5 Large valid events
+// ----------------------------------------------------------------------------------------------
+
+/// 200 events of ~860 KB each (under Kafka's 1 MB default), default settings: they are all
+/// delivered, in order, and a small event of another aggregate written after them is delivered
+/// too. Before batches had a byte budget and the batch's cutoff started when its rows had
+/// arrived, the reservation fetched all 200 rows (~170 MB), which took longer than
+/// `batch_timeout`: every batch was past its cutoff before it could send, released its rows and
+/// was reserved again — nothing was ever sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_are_delivered_in_batches_bounded_by_bytes() {
+    support::init_tracing();
+    const N: usize = 200;
+    let (table, mut client) = migrated_table("large").await;
+    let topic = support::unique_name("large_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .connect()
+        .await
+        .unwrap();
+    let pad = "x".repeat(860_000);
+    let tx = client.transaction().await.unwrap();
+    for n in 0..N {
+        outbox
+            .add_new_event(
+                &tx,
+                NewEvent::new(&topic, "big", "T", json!({"n": n, "pad": pad})),
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let small = outbox
+        .add_new_event(
+            &client,
+            NewEvent::new(&topic, "small", "T", json!({"n": 0})),
+        )
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records = reader.read(N + 1, Duration::from_secs(180)).await;
+    let big: Vec<u64> = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("big"))
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(&r.payload_str()).unwrap();
+            v["n"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.header("event_id") == Some(small.to_string().as_str())),
+        "the small event of another aggregate is delivered ({} records read)",
+        records.len()
+    );
+    let mut deduped = big.clone();
+    deduped.dedup();
+    assert_eq!(
+        deduped,
+        (0..N as u64).collect::<Vec<_>>(),
+        "every large event, in order (contiguous replays aside)"
+    );
+    assert_eq!(outbox.stats().dead_lettered, 0);
+    support::stop_and_join(&outbox, relay).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.8 Late reports of a relay that lost its hold
+// ----------------------------------------------------------------------------------------------
+
+/// One batch of the relay's own statements on `id`, in one transaction: reserve, then confirm
+/// with `outcome` (`ConfirmOutcome`: 1 = retry, 3 = hold) and `delay_ms`. Returns the holds the
+/// confirm wrote (the tokens the relay's late reports are fenced by).
+async fn batch_on(
+    client: &mut tokio_postgres::Client,
+    sql: &outbox::testing::RelaySql,
+    id: uuid::Uuid,
+    outcome: i16,
+    delay_ms: i64,
+) -> Vec<std::time::SystemTime> {
+    let tx = client.transaction().await.unwrap();
+    let reserved = tx
+        .query(&sql.reserve, &[&100i64, &(16i64 << 20)])
+        .await
+        .unwrap();
+    assert_eq!(reserved.len(), 1, "the row is reservable");
+    assert_eq!(reserved[0].get::<_, uuid::Uuid>(0), id);
+    let held = tx
+        .query(
+            &sql.confirm,
+            &[
+                &vec![id],
+                &vec![outcome],
+                &vec![0i32],
+                &vec![0i64],
+                &vec![Some("no report by the cutoff")],
+                &vec![delay_ms],
+                &uuid::Uuid::new_v4(),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    held.iter().map(|r| r.get(1)).collect()
+}
+
+type RowState = (String, i32, Option<String>, Option<std::time::SystemTime>);
+
+/// status, attempts, last_error, next_attempt_at of row `id`.
+async fn row_state(c: &tokio_postgres::Client, table: &str, id: uuid::Uuid) -> RowState {
+    let q =
+        format!("select status, attempts, last_error, next_attempt_at from {table} where id = $1");
+    let r = c.query_one(&q, &[&id]).await.unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Relay A sent an event and held it (no report by its cutoff); A then hung past its hold.
+/// Relay B reserved the row and its attempt failed (retry in a minute). A resumes and its late
+/// reports arrive — a permanent failure, then a delivery: neither may touch the row, which B's
+/// retry now governs. Before late reports were fenced by the hold they were written under (the
+/// exact `next_attempt_at` A's confirm wrote), they checked only `status = 'new' and
+/// next_attempt_at > now()`, which B's retry satisfies: A raised `attempts` and made the row a
+/// dead letter (with `max_attempts = 1`), or marked it delivered. B's own hold is still
+/// recorded by B's late report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
+    let (table, mut client) = migrated_table("stale_late").await;
+    let id = outbox::Writer::new(&table)
+        .unwrap()
+        .add_new_event(&client, &NewEvent::new("t", "agg", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let sql = outbox::testing::relay_sql(&table, false);
+    let a_hold = batch_on(&mut client, &sql, id, 3, 300).await;
+    assert_eq!(a_hold.len(), 1, "A's confirm returns its hold");
+    let a_hold = a_hold[0];
+    support::eventually(HANG, "A's hold ends", || async {
+        let ended: bool = client
+            .query_one(
+                &format!("select next_attempt_at <= now() from {table} where id = $1"),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if ended {
+            Ok(())
+        } else {
+            Err("held".into())
+        }
+    })
+    .await;
+    let b = batch_on(&mut client, &sql, id, 1, 60_000).await;
+    assert!(b.is_empty(), "a retry is no hold");
+    let after_b = row_state(&client, &table, id).await;
+    assert_eq!(after_b.1, 1, "B's failed attempt is counted");
+
+    // A's late reports, under A's hold.
+    let failed = client
+        .execute(
+            &sql.late_fail,
+            &[&id, &"A's stale report", &0i64, &true, &a_hold],
+        )
+        .await
+        .unwrap();
+    let delivered = client
+        .execute(&sql.late_confirm, &[&id, &0i32, &7i64, &a_hold])
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed, delivered),
+        (0, 0),
+        "A's stale reports wrote nothing"
+    );
+    assert_eq!(
+        row_state(&client, &table, id).await,
+        after_b,
+        "the row is as B left it"
+    );
+
+    // B's own hold, once due, and B's late report under it.
+    client
+        .execute(
+            &format!("update {table} set next_attempt_at = now() where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let b_hold = batch_on(&mut client, &sql, id, 3, 60_000).await;
+    assert_eq!(b_hold.len(), 1);
+    let n = client
+        .execute(&sql.late_confirm, &[&id, &0i32, &8i64, &b_hold[0]])
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the holder's own late report is recorded");
+    let (status, attempts, _, _) = row_state(&client, &table, id).await;
+    assert_eq!((status.as_str(), attempts), ("done", 1));
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.11 Order of one aggregate's events written by concurrent transactions
 // ----------------------------------------------------------------------------------------------
@@ -793,10 +1079,8 @@ async fn concurrent_writers_of_one_aggregate_are_published_in_commit_order() {
 /// The relay runs through a proxy that starts blackholing Postgres (sockets kept open): `stop`
 /// returns within its timeout, and `health()` answers meanwhile.
 ///
-/// Fails today: the reservation on the blackholed batch connection has no deadline and the stop
-/// waits for it (`StopTimeout`). Needs the pipeline's round trips (reserve, fence, confirm, late
-/// confirm) bounded and cancellable, which belongs to the relay restructuring.
-#[ignore = "needs deadlines on the pipeline's round trips (relay restructuring, issue 9.2)"]
+/// Before the pipeline's round trips had deadlines, the reservation on the blackholed batch
+/// connection was waited on for good and the stop returned `StopTimeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
     support::init_tracing();
@@ -808,7 +1092,7 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
         .table(&table)
         .channel(&table)
         .poll_interval(Duration::from_millis(100))
-        .postgres_timeout(Duration::from_secs(1))
+        .postgres_timeout(Duration::from_secs(2))
         .connect()
         .await
         .unwrap();
@@ -825,6 +1109,83 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
         matches!(stopped, Ok(Ok(()))),
         "stop(2s) must complete against a silent Postgres: {stopped:?}"
     );
+    let _ = tokio::time::timeout(HANG, relay).await;
+}
+
+/// The relay runs through a proxy that blackholes Postgres (sockets kept open, what is sent is
+/// lost) and then heals: the relay notices (reservations fail with a timeout instead of waiting
+/// for good), drops the stuck connections, opens new ones, and delivers an event written after
+/// the path healed — it is not frozen for good. Before the pipeline's round trips had deadlines
+/// the reservation stuck on the blackholed connection was waited on forever and nothing was
+/// delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resumes_after_postgres_was_silent() {
+    support::init_tracing();
+    let (table, client) = migrated_table("silent_resume").await;
+    let topic = support::unique_name("silent_resume_topic");
+    support::create_topic(&topic, 1).await;
+    let brokers = support::kafka_brokers();
+    let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
+    let outbox = Outbox::builder()
+        .postgres(proxy.postgres_config(&support::postgres().await))
+        .kafka_brokers(&brokers)
+        .table(&table)
+        .channel(&table)
+        .poll_interval(Duration::from_millis(100))
+        .postgres_timeout(Duration::from_secs(3))
+        // A fence insert sent on a stuck connection may still reach Postgres once the path
+        // heals (as TCP retransmits would): the fence then keeps its aggregates waiting until it
+        // expires, batch_timeout + publish_timeout + 1 s later. Short, so that this is quick.
+        .publish_timeout(Duration::from_secs(2))
+        .batch_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let first = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(got[0].header("event_id"), Some(first.to_string().as_str()));
+
+    proxy.set_fault(Fault::Blackhole);
+    support::eventually(
+        HANG,
+        "a reservation fails against the silent Postgres",
+        || async {
+            let failures = outbox.stats().reserve_failures;
+            if failures > 0 {
+                Ok(())
+            } else {
+                Err(format!("reserve_failures = {failures}"))
+            }
+        },
+    )
+    .await;
+    let before = proxy.accepted_connections();
+    proxy.set_fault(Fault::None);
+    // Written directly (not through the proxy) after the path healed.
+    let second = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "b", "T", json!({"n": 2})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(second.to_string().as_str()),
+        "an event written after the path healed is delivered"
+    );
+    assert!(
+        proxy.accepted_connections() > before,
+        "the relay opened new connections"
+    );
+    assert!(outbox.stats().running);
+    let stopped = tokio::time::timeout(HANG, outbox.stop(Duration::from_secs(5))).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
     let _ = tokio::time::timeout(HANG, relay).await;
 }
 
