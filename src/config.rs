@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConfigErrors, Error, Result};
@@ -456,7 +455,7 @@ impl OutboxBuilder {
 
     /// Checks every setting; returns the Postgres config and the producer (created, so that
     /// librdkafka validates property names and values; it connects in the background).
-    pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, FutureProducer)> {
+    pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, crate::relay::Producers)> {
         let s = &self.settings;
         let mut problems = Vec::new();
         let pg = match &self.postgres {
@@ -630,7 +629,7 @@ impl OutboxBuilder {
         let created = if self.kafka_brokers.is_none() {
             kafka.create_native_config().map(|_| None)
         } else {
-            kafka.create::<FutureProducer>().map(Some)
+            crate::relay::Producers::new(kafka).map(Some)
         };
         let producer = match created {
             Ok(p) => p,

@@ -47,11 +47,14 @@ impl Outcome {
         match report {
             Ok((partition, offset)) => Some(Outcome::Delivered { partition, offset }),
             Err(e) if is_purged_unsent(&e) => None,
-            Err(e) => Some(Outcome::Failed(retry::judge(
-                &ctx.settings,
-                &e,
-                row.attempts,
-            ))),
+            Err(e) => {
+                let cause = ctx.producers.state().client_problem().map(|p| p.error);
+                let failure = retry::judge(&ctx.settings, &e, row.attempts, cause.as_deref());
+                if !failure.charged {
+                    ctx.producers.state().unavailable(e.to_string());
+                }
+                Some(Outcome::Failed(failure))
+            }
         }
     }
 }
@@ -165,6 +168,9 @@ async fn publish_chain(
             break;
         };
         let delivered = matches!(outcome, Outcome::Delivered { .. });
+        if delivered {
+            ctx.fatal.delivered();
+        }
         out.push((idx, outcome));
         if !delivered {
             break;
@@ -201,8 +207,9 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
         .key(row.aggregate_id.as_str())
         .payload(row.payload.0.as_slice())
         .headers(record_headers(row, event_id));
+    let (generation, producer) = ctx.producers.get();
     let mut future = loop {
-        match ctx.producer.send_result(record) {
+        match producer.send_result(record) {
             Ok(f) => break f,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
@@ -212,7 +219,10 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
                 record = r;
                 tokio::time::sleep(QUEUE_FULL_WAIT).await;
             }
-            Err((e, _)) => return Sent::Report(Err(e)),
+            Err((e, _)) => {
+                ctx.check_fatal(generation);
+                return Sent::Report(Err(e));
+            }
         }
     };
     ctx.report.in_flight(1);
@@ -225,7 +235,11 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     };
     ctx.report.in_flight(-1);
     drop(permit);
-    Sent::Report(report_result(report))
+    let report = report_result(report);
+    if report.is_err() {
+        ctx.check_fatal(generation);
+    }
+    Sent::Report(report)
 }
 
 /// How long a send waits before trying again when the producer's queue is full.
