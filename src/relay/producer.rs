@@ -123,7 +123,12 @@ impl ClientContext for RelayContext {
         match error.rdkafka_error_code() {
             Some(code) if is_cluster_problem(code) => {
                 tracing::error!(error = %text, "outbox relay: Kafka client error");
-                self.state.problem(text);
+                // "All broker connections are down" follows every other cause (a refused login,
+                // a failed TLS handshake): it must not hide it.
+                if code != RDKafkaErrorCode::AllBrokersDown || self.state.client_problem().is_none()
+                {
+                    self.state.problem(text);
+                }
             }
             _ => tracing::warn!(error = %text, "outbox relay: Kafka client error"),
         }
