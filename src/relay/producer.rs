@@ -146,6 +146,9 @@ pub(crate) struct Producers {
     config: ClientConfig,
     context: RelayContext,
     current: RwLock<Current>,
+    /// A second producer, created when first needed, that sends one message at a time (see
+    /// [`Producers::solo`]).
+    solo: tokio::sync::Mutex<Option<RelayProducer>>,
 }
 
 impl std::fmt::Debug for Producers {
@@ -172,7 +175,25 @@ impl Producers {
                 generation: 0,
                 producer,
             }),
+            solo: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The producer for sending a message alone, locked: while the guard lives nobody else sends
+    /// through it, so the message is the only one in its record batch (the main producer batches
+    /// the messages of one partition together, and the broker refuses a whole batch when it
+    /// exceeds the topic's `max.message.bytes`).
+    ///
+    /// # Errors
+    /// librdkafka's error when the producer cannot be created.
+    pub(crate) async fn solo(
+        &self,
+    ) -> KafkaResult<tokio::sync::MutexGuard<'_, Option<RelayProducer>>> {
+        let mut guard = self.solo.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.config.create_with_context(self.context.clone())?);
+        }
+        Ok(guard)
     }
 
     /// The shared state behind health and stats.

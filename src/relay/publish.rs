@@ -203,10 +203,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     };
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
-    let mut record = FutureRecord::to(&row.topic)
-        .key(row.aggregate_id.as_str())
-        .payload(row.payload.0.as_slice())
-        .headers(record_headers(row, event_id));
+    let mut record = record_of(row, event_id);
     let (generation, producer) = ctx.producers.get();
     let mut future = loop {
         match producer.send_result(record) {
@@ -239,7 +236,49 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     if report.is_err() {
         ctx.check_fatal(generation);
     }
+    if is_too_large(&report) {
+        return Sent::Report(send_alone(ctx, row, cutoff).await);
+    }
     Sent::Report(report)
+}
+
+/// The record of `row`.
+fn record_of<'a>(row: &'a Reserved, event_id: &'a str) -> FutureRecord<'a, str, [u8]> {
+    FutureRecord::to(&row.topic)
+        .key(row.aggregate_id.as_str())
+        .payload(row.payload.0.as_slice())
+        .headers(record_headers(row, event_id))
+}
+
+/// A delivery report of MESSAGE_TOO_LARGE from the broker: the record batch that carried the
+/// message exceeded the topic's `max.message.bytes`, which says nothing about this message
+/// when others shared the batch. (A message over the producer's own `message.max.bytes` is
+/// refused by `send_result`, not reported.)
+fn is_too_large(report: &Result<(i32, i64), KafkaError>) -> bool {
+    matches!(report, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge))
+}
+
+/// Sends `row` again as the only message of its record batch (on the solo producer, one message
+/// at a time): only a message that is too large by itself is refused again, and then it is a
+/// dead letter. When the solo producer is not free by `cutoff`, the event is retried later
+/// without counting an attempt.
+async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Result<(i32, i64), KafkaError> {
+    let busy = || KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let Ok(solo) = tokio::time::timeout_at(cutoff, ctx.producers.solo()).await else {
+        return Err(busy());
+    };
+    let solo = solo?;
+    let Some(producer) = solo.as_ref() else {
+        return Err(busy());
+    };
+    let mut id_buf = Uuid::encode_buffer();
+    let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
+    let future = match producer.send_result(record_of(row, event_id)) {
+        Ok(f) => f,
+        Err((e, _)) => return Err(e),
+    };
+    tracing::info!(event_id, topic = %printable(&row.topic), "outbox relay: the broker refused a record batch as too large; sending the event alone");
+    report_result(future.await)
 }
 
 /// How long a send waits before trying again when the producer's queue is full.
