@@ -24,7 +24,10 @@ use super::Ctx;
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
 fn due_after(ctx: &Ctx, row: &Reserved, outcome: &Outcome) -> Option<Duration> {
     match outcome {
-        Outcome::Failed(f) if !f.charged => Some(unavailable_delay(&ctx.settings)),
+        Outcome::Failed(f) if !f.charged => Some(unavailable_delay(
+            &ctx.settings,
+            ctx.producers.state().streak(),
+        )),
         Outcome::Failed(f) if !f.dead => Some(retry_delay(&ctx.settings, row.attempts + 1)),
         Outcome::Held => Some(ctx.timing.hold),
         _ => None,

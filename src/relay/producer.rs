@@ -41,6 +41,8 @@ pub(crate) struct KafkaState {
     pub(crate) rebuilds: AtomicU64,
     /// Failed attempts that charged no attempt (the cluster was unavailable).
     pub(crate) unavailable: AtomicU64,
+    /// Such failures since the last delivery (sets their retry delay).
+    streak: std::sync::atomic::AtomicU32,
 }
 
 /// Sets `slot` to `error`, keeping the time of a problem already there.
@@ -64,11 +66,18 @@ impl KafkaState {
     /// error of the message).
     pub(crate) fn unavailable(&self, error: String) {
         self.unavailable.fetch_add(1, Ordering::Relaxed);
+        self.streak.fetch_add(1, Ordering::Relaxed);
         record(&self.delivery, error);
+    }
+
+    /// Failures of the cluster since the last delivery.
+    pub(crate) fn streak(&self) -> u32 {
+        self.streak.load(Ordering::Relaxed)
     }
 
     /// A delivery was acknowledged: the cluster works.
     pub(crate) fn delivered(&self) {
+        self.streak.store(0, Ordering::Relaxed);
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.delivery.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }

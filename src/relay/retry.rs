@@ -165,12 +165,17 @@ pub(crate) fn retry_delay(settings: &Settings, attempts: i32) -> Duration {
 }
 
 /// How long an event waits after a failure that charged no attempt (the cluster was
-/// unavailable): the first retry's backoff, so that delivery resumes within about
-/// `retry_backoff_min` of the cluster's recovery (each try of an unreachable cluster lasts up to
-/// `publish_timeout` anyway).
-pub(crate) fn unavailable_delay(settings: &Settings) -> Duration {
-    retry_delay(settings, 1)
+/// unavailable), `streak` such failures since the last delivery (relay-wide): the retry backoff
+/// as if the event had failed `streak` times, at most [`MAX_UNAVAILABLE_DELAY`], so that a long
+/// outage is tried every few seconds (not in a tight loop that keeps re-sending the same events
+/// while others wait their turn) and delivery resumes within seconds of the recovery.
+pub(crate) fn unavailable_delay(settings: &Settings, streak: u32) -> Duration {
+    let level = i32::try_from(streak.clamp(1, 32)).unwrap_or(32);
+    retry_delay(settings, level).min(MAX_UNAVAILABLE_DELAY)
 }
+
+/// The longest wait of an event after a failure of the cluster.
+pub(crate) const MAX_UNAVAILABLE_DELAY: Duration = Duration::from_secs(10);
 
 /// The relay's pause after failures of its own: 100 ms doubling to 10 s, with jitter; a fresh
 /// iterator after a success.

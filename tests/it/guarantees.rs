@@ -675,11 +675,14 @@ fn retriable_errors(n: usize) -> Vec<RDKafkaRespErr> {
     vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; n]
 }
 
-/// Every Produce fails with a retriable error until X's event 1 times out in the producer: the
-/// relay records the failed attempt (attempts 1, `last_error`, `next_attempt_at` in the future,
-/// still pending), X's 2 and 3 wait behind it, and after the fault is gone X is consumed 1, 2, 3,
-/// event 1 not before its `next_attempt_at`. With `max_attempts(2)`, an event that keeps failing
-/// becomes a dead letter on its second failure, and its aggregate's next event stays pending.
+/// Every Produce fails with NOT_ENOUGH_REPLICAS (the cluster's fault) until X's event 1 times out
+/// in the producer: the relay records the failure without counting an attempt (attempts 0,
+/// `last_error`, `next_attempt_at` after the minimum backoff, still pending, never a dead letter
+/// even with `max_attempts(2)`), X's 2 and 3 wait behind it, and after the fault is gone X is
+/// consumed 1, 2, 3, event 1 not before its `next_attempt_at`. An error of the event that is not
+/// permanent (the broker's UNKNOWN_SERVER_ERROR) counts: with `max_attempts(2)` an event that
+/// keeps failing becomes a dead letter on its second failure, and its aggregate's next event
+/// stays pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     let kafka = MockKafka::start(1).expect("mock cluster");
@@ -715,10 +718,14 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
         !failure.is_dead_letter(),
         "a retriable failure is retried: {failure:?}"
     );
-    assert_eq!(failure.attempts(), 1);
+    assert_eq!(
+        failure.attempts(),
+        0,
+        "the cluster's fault counts no attempt"
+    );
     let x = find_aggregate(&outbox, "X").await;
     assert_eq!(x[0].status(), EventStatus::New, "{}", brief(&x));
-    assert_eq!(x[0].attempts(), 1, "{}", brief(&x));
+    assert_eq!(x[0].attempts(), 0, "{}", brief(&x));
     assert_eq!(x[0].last_error(), Some(failure.error()), "{}", brief(&x));
     let next_attempt = x[0]
         .next_attempt_at()
@@ -751,8 +758,8 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     let x = wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
     assert_eq!(
         x[0].attempts(),
-        1,
-        "the failed attempt stays counted: {}",
+        0,
+        "the cluster's failures counted no attempt: {}",
         brief(&x)
     );
     assert_eq!(
@@ -762,8 +769,11 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
         brief(&x)
     );
 
-    // 2. Failing again and again: a dead letter after max_attempts (2).
-    kafka.request_errors(RDKafkaApiKey::Produce, &retriable_errors(1000));
+    // 2. An error of the event, again and again: a dead letter after max_attempts (2).
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 1000],
+    );
     let w_ids = insert(&outbox, &mut client, &[ev(t, "W", 1), ev(t, "W", 2)]).await;
     let first = next_failure(&mut acks, Duration::from_secs(20)).await;
     assert_eq!(first.event_id(), w_ids[0], "{first:?}");
