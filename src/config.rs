@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConfigErrors, Error, Result};
@@ -597,7 +596,7 @@ impl OutboxBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] listing every problem found, not only the first.
-    pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, FutureProducer)> {
+    pub(crate) fn validate(&self) -> Result<(crate::pg::Pg, crate::relay::Producers)> {
         let s = &self.settings;
         let mut problems = Vec::new();
         let pg = self.check_endpoints(&mut problems);
@@ -698,7 +697,7 @@ impl OutboxBuilder {
         &self,
         kafka: &ClientConfig,
         problems: &mut Vec<String>,
-    ) -> Option<FutureProducer> {
+    ) -> Option<crate::relay::Producers> {
         // Without brokers the configuration is refused anyway (listed by `check_endpoints`): the
         // properties are then only set on a native configuration, which validates them too,
         // without creating a client, whose "No `bootstrap.servers` configured" warning would
@@ -706,7 +705,7 @@ impl OutboxBuilder {
         let created = if self.kafka_brokers.is_none() {
             kafka.create_native_config().map(|_| None)
         } else {
-            kafka.create::<FutureProducer>().map(Some)
+            crate::relay::Producers::new(kafka.clone()).map(Some)
         };
         created.unwrap_or_else(|e| {
             let mut text = e.to_string();

@@ -93,7 +93,9 @@ impl DeliveryFailure {
     pub fn kafka_code(&self) -> Option<rdkafka::error::RDKafkaErrorCode> {
         self.kafka_code
     }
-    /// Failed attempts so far, this one included.
+    /// Failed attempts so far, this one included — unless the cluster, not the event, failed
+    /// (unreachable brokers, a timeout, no leader, a refused login, a fatal producer): such a
+    /// failure counts no attempt, and the number is unchanged.
     pub fn attempts(&self) -> i32 {
         self.attempts
     }

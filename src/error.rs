@@ -91,6 +91,11 @@ pub enum Error {
     /// `stop` did not finish within the given time.
     #[error("the relay did not stop within {0:?}")]
     StopTimeout(std::time::Duration),
+    /// The relay stopped because its Kafka producer kept failing: librdkafka made the idempotent
+    /// producer fatal again and again (rebuilt each time) without any delivery in between. The
+    /// text names the last fatal error.
+    #[error("kafka producer: {0}")]
+    ProducerFailed(String),
 }
 
 /// A named problem of an outbox table's schema; [`Error::Schema`] carries its `Display`, which

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::producer::FutureProducer;
 use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, NewEvent};
 use crate::pg::Pg;
 use crate::relay::timing::{Stop, STOP_OVERRUN};
-use crate::relay::{Counters, Relay};
+use crate::relay::{Counters, Producers, Relay};
 use crate::store::{AdminSql, RelaySql, WriterSql};
 use crate::writer::Writer;
 
@@ -37,7 +36,7 @@ struct Inner {
     relay_sql: Arc<RelaySql>,
     writer_sql: Arc<WriterSql>,
     pg: Pg,
-    producer: FutureProducer,
+    producers: Arc<Producers>,
     admin: Admin,
     hub: Hub,
     stop: Arc<Stop>,
@@ -81,6 +80,12 @@ pub struct RelayStats {
     pub last_delivery: Option<DateTime<Utc>>,
     /// Whether the relay is running.
     pub running: bool,
+    /// Failed attempts caused by the cluster (unreachable, no leader, not enough replicas,
+    /// authentication, timeout), not by the event: retried without counting an attempt (also
+    /// counted in `retried`).
+    pub kafka_unavailable: u64,
+    /// Times the Kafka producer became fatal and was rebuilt.
+    pub producer_rebuilds: u64,
 }
 
 /// The relay's health, from [`Outbox::health`].
@@ -107,18 +112,35 @@ pub struct Health {
     /// being cleaned up and slows reservations); see [`OutboxStatus::oldest_transaction`].
     /// Informational: it does not make the relay unhealthy.
     pub oldest_transaction: Option<crate::OldestTransaction>,
+    /// What is wrong with Kafka since the last confirmed delivery, if anything: the Kafka
+    /// client's own report (e.g. "Local: Authentication failure: SASL authentication error: …",
+    /// "Local: All broker connections are down", a fatal producer error) or the last delivery
+    /// that failed because the cluster was unavailable. Cleared by the next delivery.
+    pub kafka_problem: Option<String>,
+    /// Since when `kafka_problem` has lasted; unhealthy once longer than `max_pending_age`.
+    pub kafka_problem_since: Option<DateTime<Utc>>,
+    /// Times the Kafka producer became fatal and was rebuilt since the relay started.
+    pub producer_rebuilds: u64,
 }
 
 impl Health {
     /// Healthy: running, listener connected (when used), no pending event older than
-    /// `max_pending_age`, and no row reserved by another relay (a Go relay still running against
-    /// the table, see [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do
-    /// not make the relay unhealthy (alert on them separately).
+    /// `max_pending_age`, no Kafka problem lasting longer than `max_pending_age`, and no row
+    /// reserved by another relay (a Go relay still running against the table, see
+    /// [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do not make the
+    /// relay unhealthy (alert on them separately).
     pub fn is_healthy(&self, max_pending_age: Duration) -> bool {
+        // A `since` in the future (the clock went back) counts as just begun.
+        let kafka_ok = self.kafka_problem_since.is_none_or(|since| {
+            (Utc::now() - since)
+                .to_std()
+                .map_or(true, |lasted| lasted <= max_pending_age)
+        });
         self.running
             && self.listener_connected != Some(false)
             && self.oldest_pending_age.is_none_or(|a| a <= max_pending_age)
             && self.legacy_reservations == 0
+            && kafka_ok
     }
 }
 
@@ -129,7 +151,7 @@ impl Outbox {
     }
 
     pub(crate) async fn connect(builder: OutboxBuilder) -> Result<Outbox> {
-        let (pg, producer) = builder.validate()?;
+        let (pg, producers) = builder.validate()?;
         let settings = Arc::new(builder.settings);
         // Before any session parameter is sent: refuse a pooler that breaks sessions.
         pg.check_session_semantics().await?;
@@ -170,7 +192,7 @@ impl Outbox {
                 relay_sql,
                 writer_sql,
                 pg,
-                producer,
+                producers: Arc::new(producers),
                 admin,
                 hub,
                 stop,
@@ -293,7 +315,7 @@ impl Outbox {
             settings: self.inner.settings.clone(),
             sql: self.inner.relay_sql.clone(),
             pg: self.inner.pg.clone(),
-            producer: self.inner.producer.clone(),
+            producers: self.inner.producers.clone(),
             hub: self.inner.hub.clone(),
             stop: self.inner.stop.clone(),
             counters: self.inner.counters.clone(),
@@ -333,7 +355,11 @@ impl Outbox {
     pub async fn health(&self) -> Result<Health> {
         let stats = self.stats();
         let status = self.status().await?;
+        let kafka = self.inner.producers.state().current();
         Ok(Health {
+            kafka_problem_since: kafka.as_ref().map(|p| p.since),
+            kafka_problem: kafka.map(|p| p.error),
+            producer_rebuilds: stats.producer_rebuilds,
             running: stats.running,
             listener_connected: (self.inner.settings.wake == crate::WakeMode::Notify)
                 .then_some(stats.listener_connected),
@@ -349,6 +375,7 @@ impl Outbox {
     /// The relay's counters.
     pub fn stats(&self) -> RelayStats {
         let c = &self.inner.counters;
+        let kafka = self.inner.producers.state();
         let last = c.last_delivery_ms.load(Ordering::Relaxed);
         RelayStats {
             delivered: c.delivered.load(Ordering::Relaxed),
@@ -364,6 +391,8 @@ impl Outbox {
                 .then(|| DateTime::<Utc>::from_timestamp_millis(last))
                 .flatten(),
             running: c.running.load(Ordering::Relaxed),
+            kafka_unavailable: kafka.unavailable.load(Ordering::Relaxed),
+            producer_rebuilds: kafka.rebuilds.load(Ordering::Relaxed),
         }
     }
 }

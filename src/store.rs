@@ -32,7 +32,7 @@ pub(crate) fn render(sql: &str, table: &str, channel: &str, vars: &[(&str, &str)
 }
 
 /// The outcome of one row in the confirm statement (its `$2::int2[]`). The SQL's literals are
-/// rendered from this enum (`{{delivered}}`, `{{retry}}`, `{{dead}}`, `{{hold}}`), so the two
+/// rendered from this enum (`{{delivered}}`, `{{retry}}`, `{{dead}}`, `{{hold}}`, `{{defer}}`), so the two
 /// cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i16)]
@@ -45,14 +45,17 @@ pub(crate) enum ConfirmOutcome {
     Dead = 2,
     /// Sent, no delivery report yet: no relay may send it again for `delay_ms`.
     Hold = 3,
+    /// Failed because the cluster was unavailable: retried after `delay_ms`, no attempt counted.
+    Defer = 4,
 }
 
 impl ConfirmOutcome {
-    pub(crate) const ALL: [ConfirmOutcome; 4] = [
+    pub(crate) const ALL: [ConfirmOutcome; 5] = [
         ConfirmOutcome::Delivered,
         ConfirmOutcome::Retry,
         ConfirmOutcome::Dead,
         ConfirmOutcome::Hold,
+        ConfirmOutcome::Defer,
     ];
 
     /// The value bound for it.
@@ -67,6 +70,7 @@ impl ConfirmOutcome {
             ConfirmOutcome::Retry => "retry",
             ConfirmOutcome::Dead => "dead",
             ConfirmOutcome::Hold => "hold",
+            ConfirmOutcome::Defer => "defer",
         }
     }
 
@@ -472,9 +476,10 @@ mod tests {
                 ConfirmOutcome::Dead.code()
             )));
             assert!(sql.confirm.contains(&format!(
-                "u.outcome in ({}, {})",
+                "u.outcome in ({}, {}, {})",
                 ConfirmOutcome::Retry.code(),
-                ConfirmOutcome::Hold.code()
+                ConfirmOutcome::Hold.code(),
+                ConfirmOutcome::Defer.code()
             )));
         }
     }

@@ -18,13 +18,17 @@ use crate::store::ConfirmOutcome;
 
 use super::publish::{report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
-use super::retry::retry_delay;
+use super::retry::{retry_delay, unavailable_delay};
 use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
 fn due_after(ctx: &Ctx, row: &Reserved, outcome: &Outcome) -> Option<Duration> {
     match outcome {
+        Outcome::Failed(f) if !f.charged => Some(unavailable_delay(
+            &ctx.settings,
+            ctx.producers.state().streak(),
+        )),
         Outcome::Failed(f) if !f.dead => Some(retry_delay(&ctx.settings, row.attempts + 1)),
         Outcome::Held => Some(ctx.timing.hold),
         _ => None,
@@ -54,6 +58,9 @@ impl<'a> ConfirmRows<'a> {
                 Outcome::Failed(f) if f.dead => {
                     (ConfirmOutcome::Dead, 0, 0, Some(f.error.as_str()))
                 }
+                Outcome::Failed(f) if !f.charged => {
+                    (ConfirmOutcome::Defer, 0, 0, Some(f.error.as_str()))
+                }
                 Outcome::Failed(f) => (ConfirmOutcome::Retry, 0, 0, Some(f.error.as_str())),
                 Outcome::Held => (ConfirmOutcome::Hold, 0, 0, None),
             };
@@ -73,7 +80,9 @@ impl<'a> ConfirmRows<'a> {
             .iter()
             .zip(&self.delays_ms)
             .filter(|(code, _)| {
-                **code == ConfirmOutcome::Retry.code() || **code == ConfirmOutcome::Hold.code()
+                **code == ConfirmOutcome::Retry.code()
+                    || **code == ConfirmOutcome::Hold.code()
+                    || **code == ConfirmOutcome::Defer.code()
             })
             .map(|(_, ms)| Duration::from_millis(u64::try_from(*ms).unwrap_or(0)))
             .min()
@@ -232,7 +241,7 @@ async fn record_late(
             client
                 .execute(
                     &ctx.sql.late_fail,
-                    &[&row.id, &f.error, &delay, &f.dead, hold],
+                    &[&row.id, &f.error, &delay, &f.dead, hold, &f.charged],
                 )
                 .await
         }

@@ -24,6 +24,7 @@ mod confirm;
 mod fence;
 mod listen;
 mod maintenance;
+mod producer;
 mod publish;
 mod report;
 mod reserve;
@@ -35,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
+use rdkafka::producer::{Producer, PurgeConfig};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -53,6 +54,7 @@ use self::reserve::Reserver;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
 use self::wake::Wakeups;
 
+pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 
@@ -62,7 +64,10 @@ pub(crate) struct Ctx {
     timing: Timing,
     sql: Arc<RelaySql>,
     pg: Pg,
-    producer: FutureProducer,
+    producers: Arc<Producers>,
+    /// Rebuilds of the producer since the last delivery, and the error that stops the relay
+    /// when they keep failing.
+    fatal: FatalProducer,
     report: Reporter,
     stop: Arc<Stop>,
     /// Permits for messages in flight, over all batches (`max_in_flight`).
@@ -77,7 +82,7 @@ pub(crate) struct Relay {
     pub(crate) settings: Arc<Settings>,
     pub(crate) sql: Arc<RelaySql>,
     pub(crate) pg: Pg,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producers: Arc<Producers>,
     pub(crate) hub: Hub,
     pub(crate) stop: Arc<Stop>,
     pub(crate) counters: Arc<Counters>,
@@ -114,8 +119,13 @@ impl Relay {
             timing,
             sql: self.sql.clone(),
             pg: self.pg.clone(),
-            producer: self.producer.clone(),
-            report: Reporter::new(self.counters.clone(), self.hub.sender()),
+            producers: self.producers.clone(),
+            fatal: FatalProducer::default(),
+            report: Reporter::new(
+                self.counters.clone(),
+                self.producers.state().clone(),
+                self.hub.sender(),
+            ),
             stop: self.stop.clone(),
             in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
             late: TaskTracker::new(),
@@ -145,6 +155,10 @@ impl Relay {
         pipeline.drain().await;
         shut_down(&ctx, background).await;
         self.hub.close();
+        if let Some(e) = ctx.fatal.gave_up() {
+            tracing::error!(error = %e, "outbox relay stopped: the Kafka producer keeps failing");
+            return Err(e);
+        }
         tracing::info!("outbox relay stopped");
         Ok(())
     }
@@ -300,19 +314,87 @@ fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
 async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     let deadline = ctx.stop.window().map_or_else(Instant::now, |w| w.deadline);
     ctx.late.close();
-    let producer = ctx.producer.clone();
+    let (_, producer) = ctx.producers.get();
     let left = deadline.saturating_duration_since(Instant::now());
     let flush = tokio::task::spawn_blocking(move || producer.flush(left));
     let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
     let _ = flush.await;
-    if ctx.producer.in_flight_count() > 0 {
-        ctx.producer
-            .purge(PurgeConfig::default().queue().inflight());
-        let producer = ctx.producer.clone();
+    let (_, producer) = ctx.producers.get();
+    if producer.in_flight_count() > 0 {
+        producer.purge(PurgeConfig::default().queue().inflight());
         let _ = tokio::task::spawn_blocking(move || producer.flush(PURGE_FLUSH)).await;
     }
     let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
     background.close();
     background.wait().await;
     ctx.report.running(false);
+}
+
+/// How many times in a row the producer may be rebuilt after a fatal error without a delivery in
+/// between before the relay gives up and stops with an error.
+pub(crate) const MAX_FATAL_REBUILDS: u32 = 5;
+
+/// The relay's handling of a fatal producer: rebuild it, and give up when rebuilding keeps
+/// failing.
+#[derive(Default)]
+pub(crate) struct FatalProducer {
+    /// Rebuilds since the last delivery.
+    streak: std::sync::atomic::AtomicU32,
+    /// Set when the relay gave up.
+    gave_up: std::sync::OnceLock<String>,
+}
+
+impl FatalProducer {
+    /// A delivery was acknowledged: the producer works.
+    pub(crate) fn delivered(&self) {
+        self.streak.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn gave_up(&self) -> Option<crate::Error> {
+        self.gave_up
+            .get()
+            .map(|reason| crate::Error::ProducerFailed(reason.clone()))
+    }
+}
+
+impl Ctx {
+    /// After a failed delivery on the producer of `generation`: when librdkafka made that
+    /// producer fatal, replaces it (the old one is dropped off the async threads, which purges
+    /// what it still holds: those reports come back as purged, their events are retried); after
+    /// [`MAX_FATAL_REBUILDS`] rebuilds without a delivery, stops the relay with an error.
+    pub(crate) fn check_fatal(&self, generation: u64) {
+        let Some((fatal_generation, reason)) = self.producers.fatal_error() else {
+            return;
+        };
+        if fatal_generation != generation {
+            return;
+        }
+        let streak = self
+            .fatal
+            .streak
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.producers
+            .state()
+            .problem(format!("the producer became fatal ({reason}); rebuilt"));
+        if streak > MAX_FATAL_REBUILDS {
+            let why = format!(
+                "the Kafka producer became fatal {streak} times in a row without a delivery; last: {reason}"
+            );
+            if self.fatal.gave_up.set(why).is_ok() {
+                self.stop.request(self.settings.shutdown_timeout);
+            }
+            return;
+        }
+        match self.producers.rebuild(generation) {
+            Ok(Some(old)) => {
+                self.report.producer_rebuilt(&reason, streak);
+                drop(tokio::task::spawn_blocking(move || drop(old)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, fatal = %reason, "outbox relay: the Kafka producer is fatal and cannot be rebuilt");
+            }
+        }
+    }
 }

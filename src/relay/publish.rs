@@ -48,11 +48,14 @@ impl Outcome {
         match report {
             Ok((partition, offset)) => Some(Outcome::Delivered { partition, offset }),
             Err(e) if is_purged_unsent(&e) => None,
-            Err(e) => Some(Outcome::Failed(retry::judge(
-                &ctx.settings,
-                &e,
-                row.attempts,
-            ))),
+            Err(e) => {
+                let cause = ctx.producers.state().client_problem().map(|p| p.error);
+                let failure = retry::judge(&ctx.settings, &e, row.attempts, cause.as_deref());
+                if !failure.charged {
+                    ctx.producers.state().unavailable(e.to_string());
+                }
+                Some(Outcome::Failed(failure))
+            }
         }
     }
 }
@@ -166,6 +169,9 @@ async fn publish_chain(
             break;
         };
         let delivered = matches!(outcome, Outcome::Delivered { .. });
+        if delivered {
+            ctx.fatal.delivered();
+        }
         out.push((idx, outcome));
         if !delivered {
             break;
@@ -198,13 +204,10 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     };
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
-    let (headers, span) = record_headers(row, event_id, ctx.settings.cloudevents_source.as_deref());
-    let mut record = FutureRecord::to(&row.topic)
-        .key(row.aggregate_id.as_str())
-        .payload(row.payload.0.as_slice())
-        .headers(headers);
+    let (mut record, span) = record_of(ctx, row, event_id);
+    let (generation, producer) = ctx.producers.get();
     let mut future = loop {
-        match ctx.producer.send_result(record) {
+        match producer.send_result(record) {
             Ok(f) => break f,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
@@ -219,6 +222,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
             }
             Err((e, _)) => {
                 span.end(Err(&e.to_string()));
+                ctx.check_fatal(generation);
                 return Sent::Report(Err(e));
             }
         }
@@ -235,11 +239,71 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     ctx.report.in_flight(-1);
     drop(permit);
     let report = report_result(report);
+    if report.is_err() {
+        ctx.check_fatal(generation);
+    }
     match &report {
         Ok(r) => span.end(Ok(*r)),
         Err(e) => span.end(Err(&e.to_string())),
     }
+    if is_too_large(&report) {
+        return Sent::Report(send_alone(ctx, row, cutoff).await);
+    }
     Sent::Report(report)
+}
+
+/// The record of `row`, and the span it is published in (see [`record_headers`]).
+fn record_of<'a>(
+    ctx: &Ctx,
+    row: &'a Reserved,
+    event_id: &'a str,
+) -> (FutureRecord<'a, str, [u8]>, PublishSpan) {
+    let (headers, span) = record_headers(row, event_id, ctx.settings.cloudevents_source.as_deref());
+    let record = FutureRecord::to(&row.topic)
+        .key(row.aggregate_id.as_str())
+        .payload(row.payload.0.as_slice())
+        .headers(headers);
+    (record, span)
+}
+
+/// A delivery report of MESSAGE_TOO_LARGE from the broker: the record batch that carried the
+/// message exceeded the topic's `max.message.bytes`, which says nothing about this message
+/// when others shared the batch. (A message over the producer's own `message.max.bytes` is
+/// refused by `send_result`, not reported.)
+fn is_too_large(report: &Result<(i32, i64), KafkaError>) -> bool {
+    matches!(report, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge))
+}
+
+/// Sends `row` again as the only message of its record batch (on the solo producer, one message
+/// at a time): only a message that is too large by itself is refused again, and then it is a
+/// dead letter. When the solo producer is not free by `cutoff`, the event is retried later
+/// without counting an attempt.
+async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Result<(i32, i64), KafkaError> {
+    let busy = || KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let Ok(solo) = tokio::time::timeout_at(cutoff, ctx.producers.solo()).await else {
+        return Err(busy());
+    };
+    let solo = solo?;
+    let Some(producer) = solo.as_ref() else {
+        return Err(busy());
+    };
+    let mut id_buf = Uuid::encode_buffer();
+    let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
+    let (record, span) = record_of(ctx, row, event_id);
+    let future = match producer.send_result(record) {
+        Ok(f) => f,
+        Err((e, _)) => {
+            span.end(Err(&e.to_string()));
+            return Err(e);
+        }
+    };
+    tracing::info!(event_id, topic = %printable(&row.topic), "outbox relay: the broker refused a record batch as too large; sending the event alone");
+    let report = report_result(future.await);
+    match &report {
+        Ok(r) => span.end(Ok(*r)),
+        Err(e) => span.end(Err(&e.to_string())),
+    }
+    report
 }
 
 /// How long a send waits before trying again when the producer's queue is full.

@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure};
 use crate::text::printable;
 
+use super::producer::KafkaState;
 use super::publish::Outcome;
 use super::reserve::Reserved;
 
@@ -35,15 +36,31 @@ pub(crate) struct Counters {
 /// Where every stage reports to.
 pub(crate) struct Reporter {
     counters: Arc<Counters>,
+    kafka: Arc<KafkaState>,
     acks: Option<broadcast::Sender<DeliveryEvent>>,
 }
 
 impl Reporter {
     pub(crate) fn new(
         counters: Arc<Counters>,
+        kafka: Arc<KafkaState>,
         acks: Option<broadcast::Sender<DeliveryEvent>>,
     ) -> Self {
-        Reporter { counters, acks }
+        Reporter {
+            counters,
+            kafka,
+            acks,
+        }
+    }
+
+    /// The producer became fatal and was replaced (`streak`: rebuilds since the last delivery).
+    pub(crate) fn producer_rebuilt(&self, fatal: &str, streak: u32) {
+        metrics::counter!("outbox_producer_rebuilds_total").increment(1);
+        tracing::error!(
+            fatal = %printable(fatal),
+            streak,
+            "outbox relay: the Kafka producer became fatal; rebuilt it (its unacknowledged events are retried, no attempt counted)"
+        );
     }
 
     pub(crate) fn running(&self, running: bool) {
@@ -137,6 +154,7 @@ impl Reporter {
         if n == 0 {
             return;
         }
+        self.kafka.delivered();
         self.counters.delivered.fetch_add(n, Ordering::Relaxed);
         self.counters
             .last_delivery_ms
@@ -145,8 +163,12 @@ impl Reporter {
     }
 
     fn failed(&self, row: &Reserved, f: &super::retry::Failure) {
-        let attempts = row.attempts + 1;
-        if f.dead {
+        let attempts = row.attempts + i32::from(f.charged);
+        if !f.charged {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outbox_kafka_unavailable_total").increment(1);
+            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)");
+        } else if f.dead {
             self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("outbox_dead_letters_total").increment(1);
             tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox event dead-lettered");
@@ -236,6 +258,14 @@ pub(crate) fn register_metrics() {
             "Batches whose confirmation in Postgres failed (their events are published again).",
         ),
         ("outbox_batches_total", "Batches reserved."),
+        (
+            "outbox_kafka_unavailable_total",
+            "Failed delivery attempts caused by the cluster (unreachable, no leader, not enough replicas, authentication, timeout), not by the event: retried without counting an attempt.",
+        ),
+        (
+            "outbox_producer_rebuilds_total",
+            "Times the Kafka producer became fatal and was rebuilt.",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);

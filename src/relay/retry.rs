@@ -31,6 +31,73 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Errors of the cluster or of the connection to it, not of the event: the event is retried
+/// (after `retry_backoff_min`) without counting an attempt and never becomes a dead letter for
+/// them, however long they last. librdkafka retries most of them itself until `publish_timeout`
+/// (`message.timeout.ms`) and then reports `MessageTimedOut`; an unreachable, leaderless,
+/// under-replicated or unauthenticated cluster therefore looks like a timeout, and an outage of
+/// any length must cost no attempt. `Fatal` and the idempotence errors that make the producer
+/// fatal are the producer's failure (it is rebuilt), not the event's.
+///
+/// A topic the cluster does not know (`UnknownTopicOrPartition`, `UnknownTopic`) is not in the
+/// list: it is the event's topic that is wrong, and it is charged like any failure of the event.
+pub(crate) fn is_cluster_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageTimedOut
+            | AllBrokersDown
+            | BrokerTransportFailure
+            | BrokerDestroy
+            | DestroyBroker
+            | Resolve
+            | SSL
+            | Authentication
+            | SaslAuthenticationFailed
+            | UnsupportedSASLMechanism
+            | IllegalSASLState
+            | OperationTimedOut
+            | TimedOutQueue
+            | QueueFull
+            | PurgeInflight
+            | Fatal
+            | Inconsistent
+            | OutOfOrderSequenceNumber
+            | UnknownProducerId
+            | InvalidProducerEpoch
+            | InvalidProducerIdMapping
+            | ProducerFenced
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | RequestTimedOut
+            | BrokerNotAvailable
+            | ReplicaNotAvailable
+            | NetworkException
+            | NotEnoughReplicas
+            | NotEnoughReplicasAfterAppend
+            | KafkaStorageError
+            | FencedLeaderEpoch
+            | UnknownLeaderEpoch
+            | PreferredLeaderNotAvailable
+            | EligibleLeadersNotAvailable
+            | ThrottlingQuotaExceeded
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | NotController
+            | RebootstrapRequired
+    )
+}
+
+/// Whether `e` says the cluster or the connection to it failed, not the event (see
+/// [`is_cluster_unavailable`]); a delivery future cancelled because its producer was dropped
+/// (rebuilt) counts too.
+pub(crate) fn is_not_the_events_fault(e: &KafkaError) -> bool {
+    match e.rdkafka_error_code() {
+        Some(code) => is_cluster_unavailable(code),
+        None => matches!(e, KafkaError::Canceled),
+    }
+}
+
 /// A failed delivery attempt judged by the policy.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Failure {
@@ -40,17 +107,40 @@ pub(crate) struct Failure {
     pub(crate) code: Option<RDKafkaErrorCode>,
     /// A permanent error, or the last allowed attempt: the event becomes a dead letter.
     pub(crate) dead: bool,
+    /// Whether the attempt counts (`attempts + 1`); `false` for a failure of the cluster or the
+    /// producer, not of the event (see [`is_cluster_unavailable`]).
+    pub(crate) charged: bool,
 }
 
-/// Judges attempt number `attempts_before + 1` of an event that failed with `e`.
-pub(crate) fn judge(settings: &Settings, e: &KafkaError, attempts_before: i32) -> Failure {
+/// Judges attempt number `attempts_before + 1` of an event that failed with `e`. `cause`: what
+/// the client last reported about the cluster (e.g. an authentication failure), appended to the
+/// error of a failure of the cluster, whose own text is often only "Message timed out".
+pub(crate) fn judge(
+    settings: &Settings,
+    e: &KafkaError,
+    attempts_before: i32,
+    cause: Option<&str>,
+) -> Failure {
     let code = e.rdkafka_error_code();
+    if is_not_the_events_fault(e) {
+        let error = match cause {
+            Some(cause) => format!("{e} (Kafka unavailable: {cause})"),
+            None => format!("{e} (Kafka unavailable)"),
+        };
+        return Failure {
+            error,
+            code,
+            dead: false,
+            charged: false,
+        };
+    }
     let permanent = code.is_some_and(is_permanent);
     let last = i64::from(attempts_before) + 1 >= i64::from(settings.max_attempts);
     Failure {
         error: e.to_string(),
         code,
         dead: permanent || last,
+        charged: true,
     }
 }
 
@@ -61,6 +151,7 @@ pub(crate) fn invalid_row(rule: &str) -> Failure {
         error: rule.to_string(),
         code: None,
         dead: true,
+        charged: true,
     }
 }
 
@@ -72,6 +163,19 @@ pub(crate) fn retry_delay(settings: &Settings, attempts: i32) -> Duration {
         .unwrap_or(settings.retry_backoff_max)
         .min(settings.retry_backoff_max)
 }
+
+/// How long an event waits after a failure that charged no attempt (the cluster was
+/// unavailable), `streak` such failures since the last delivery (relay-wide): the retry backoff
+/// as if the event had failed `streak` times, at most [`MAX_UNAVAILABLE_DELAY`], so that a long
+/// outage is tried every few seconds (not in a tight loop that keeps re-sending the same events
+/// while others wait their turn) and delivery resumes within seconds of the recovery.
+pub(crate) fn unavailable_delay(settings: &Settings, streak: u32) -> Duration {
+    let level = i32::try_from(streak.clamp(1, 32)).unwrap_or(32);
+    retry_delay(settings, level).min(MAX_UNAVAILABLE_DELAY)
+}
+
+/// The longest wait of an event after a failure of the cluster.
+pub(crate) const MAX_UNAVAILABLE_DELAY: Duration = Duration::from_secs(10);
 
 /// The relay's pause after failures of its own: 100 ms doubling to 10 s, with jitter; a fresh
 /// iterator after a success.

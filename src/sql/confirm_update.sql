@@ -10,7 +10,7 @@ update {{table}} e set
      kafka_offset = case when u.outcome = {{delivered}} then u.off else e.kafka_offset end,
      attempts = e.attempts + case when u.outcome in ({{retry}}, {{dead}}) then 1 else 0 end,
      last_error = case when u.outcome = {{delivered}} then null else coalesce(u.error, e.last_error) end,
-     next_attempt_at = case when u.outcome in ({{retry}}, {{hold}})
+     next_attempt_at = case when u.outcome in ({{retry}}, {{hold}}, {{defer}})
                             then now() + u.delay_ms * interval '1 millisecond' end,
      reserved_to = null
    from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])

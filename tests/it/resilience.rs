@@ -983,7 +983,7 @@ async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
     let failed = client
         .execute(
             &sql.late_fail,
-            &[&id, &"A's stale report", &0i64, &true, &a_hold],
+            &[&id, &"A's stale report", &0i64, &true, &a_hold, &true],
         )
         .await
         .unwrap();
@@ -1265,4 +1265,145 @@ async fn fatal_producer_errors_make_the_idempotent_producer_fatal() {
         fatal.is_some(),
         "the producer is fatal after OUT_OF_ORDER_SEQUENCE_NUMBER"
     );
+}
+
+// ----------------------------------------------------------------------------------------------
+// 9.1 Fatal producer errors
+// ----------------------------------------------------------------------------------------------
+
+/// A relay on the mock cluster with `max_attempts(1)` (so that a single charged failure would
+/// be a dead letter), and an event delivered through it first.
+async fn relay_on_mock(
+    mock: &outbox::testing::MockKafka,
+    prefix: &str,
+) -> (Outbox, String, String) {
+    let (table, _) = migrated_table(prefix).await;
+    let topic = support::unique_name(&format!("{prefix}_topic"));
+    mock.create_topic(&topic, 1).unwrap();
+    support::wait_for_topic(&mock.bootstrap_servers(), &topic, HANG)
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .kafka_brokers(mock.bootstrap_servers())
+        .table(table.clone())
+        .channel(table.clone())
+        .max_attempts(1)
+        .publish_timeout(Duration::from_secs(3))
+        .lease(Duration::from_secs(10))
+        .shutdown_timeout(Duration::from_secs(5))
+        .batch_timeout(Duration::from_millis(500))
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("connect");
+    (outbox, table, topic)
+}
+
+/// Writes `per_key` events for each of `keys` in one transaction; payload `{"n": i}`.
+async fn write_events(outbox: &Outbox, topic: &str, keys: &[&str], per_key: usize) {
+    let mut client = support::connect_pg().await;
+    let tx = client.transaction().await.unwrap();
+    let events: Vec<NewEvent> = (0..per_key)
+        .flat_map(|i| {
+            keys.iter()
+                .map(move |k| NewEvent::new(topic, *k, "t", json!({ "n": i })))
+        })
+        .collect();
+    outbox.add_new_events(&tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Issue 9.1: one OUT_OF_ORDER_SEQUENCE_NUMBER makes the idempotent producer fatal. The relay
+/// detects it, charges no attempt (with `max_attempts(1)` a charged failure would be a dead
+/// letter), rebuilds the producer and delivers every event — those in flight when it became
+/// fatal and those written after — in order per key (a replay only as a contiguous repeat),
+/// with 0 dead letters; stats, health and the rebuild counter say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_producer_is_rebuilt_and_nothing_is_dead_lettered() {
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    let (outbox, _table, topic) = relay_on_mock(&mock, "fatal_rebuild").await;
+    let handle = outbox.start().expect("start");
+    write_events(&outbox, &topic, &["warm"], 1).await;
+    support::eventually(HANG, "the warm-up event delivered", || async {
+        let s = outbox.stats();
+        if s.delivered == 1 {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+
+    outbox::testing::faults::fatal_producer_errors(&mock, 1);
+    write_events(&outbox, &topic, &["a", "b"], 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_events(&outbox, &topic, &["c"], 5).await;
+    let status = support::eventually(Duration::from_secs(60), "every event delivered", || async {
+        let s = outbox.status().await.map_err(|e| e.to_string())?;
+        if s.dead_letters > 0 {
+            panic!("dead letters after a fatal producer error: {s:?}");
+        }
+        if s.pending == 0 {
+            Ok(s)
+        } else {
+            Err(format!("{s:?} {:?}", outbox.stats()))
+        }
+    })
+    .await;
+    assert_eq!(status.dead_letters, 0);
+    let stats = outbox.stats();
+    assert!(
+        stats.producer_rebuilds >= 1,
+        "the producer was rebuilt: {stats:?}"
+    );
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    let health = outbox.health().await.expect("health");
+    assert!(health.producer_rebuilds >= 1, "{health:?}");
+    let mut reader = outbox::testing::TopicReader::connect(&mock.bootstrap_servers(), &topic, HANG)
+        .await
+        .unwrap();
+    let mut records = reader.read(16, HANG).await;
+    // A replay may add records: read on until the topic is quiet.
+    records.extend(reader.read_for(Duration::from_secs(1)).await);
+    records.sort_by_key(|r| r.offset);
+    for key in ["a", "b", "c"] {
+        let mut seen: Vec<i64> = Vec::new();
+        for r in records.iter().filter(|r| r.key_str() == key) {
+            let n = r.json()["n"].as_i64().unwrap();
+            // A replay restarts at an event already seen and repeats what followed it.
+            if let Some(pos) = seen.iter().position(|&m| m == n) {
+                seen.truncate(pos);
+            }
+            seen.push(n);
+        }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4], "key {key} in order: {records:?}");
+    }
+    support::stop_and_join(&outbox, handle).await;
+}
+
+/// A producer that becomes fatal again after every rebuild (every produce request answered with
+/// OUT_OF_ORDER_SEQUENCE_NUMBER): the relay gives up after a bounded number of rebuilds and
+/// `run` ends with `Error::ProducerFailed` naming the fatal error, instead of running on while
+/// delivering nothing; no event became a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    let (outbox, _table, topic) = relay_on_mock(&mock, "fatal_stop").await;
+    outbox::testing::faults::fatal_producer_errors(&mock, 1_000);
+    let handle = outbox.start().expect("start");
+    write_events(&outbox, &topic, &["a"], 3).await;
+    let ended = tokio::time::timeout(Duration::from_secs(90), handle)
+        .await
+        .expect("the relay stops by itself")
+        .expect("no panic");
+    match ended {
+        Err(Error::ProducerFailed(why)) => {
+            assert!(why.to_lowercase().contains("fatal"), "{why}");
+        }
+        other => panic!("expected Error::ProducerFailed, got {other:?}"),
+    }
+    let status = outbox.status().await.expect("status");
+    assert_eq!((status.dead_letters, status.pending), (0, 3), "{status:?}");
+    assert!(!outbox.stats().running);
 }

@@ -1,0 +1,247 @@
+//! The relay's Kafka producer, replaceable: librdkafka's client context that records what the
+//! client reports about the cluster (authentication failures, all brokers down, fatal errors,
+//! which never appear on a message, whose own error then reads only "Message timed out"), and
+//! the producer slot that is rebuilt when the idempotent producer becomes fatal (librdkafka's
+//! "Fatal producer errors": the instance cannot be used again and must be recreated).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chrono::{DateTime, Utc};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
+
+use crate::text::printable;
+
+/// The relay's producer type.
+pub(crate) type RelayProducer = FutureProducer<RelayContext>;
+
+/// A problem the Kafka client reported about the cluster (not about one message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientProblem {
+    /// librdkafka's error and the broker's or client's reason, e.g. "Local: Authentication
+    /// failure: SASL authentication error: … invalid credentials …".
+    pub(crate) error: String,
+    /// When it was first reported (since the last delivery).
+    pub(crate) since: DateTime<Utc>,
+}
+
+/// What the Kafka side of the relay reports to health and stats.
+#[derive(Debug, Default)]
+pub(crate) struct KafkaState {
+    /// The last problem the Kafka client reported (error callback, fatal producer) since the
+    /// last confirmed delivery.
+    client: Mutex<Option<ClientProblem>>,
+    /// The last delivery that failed because the cluster was unavailable, since the last
+    /// confirmed delivery.
+    delivery: Mutex<Option<ClientProblem>>,
+    /// Times the producer was rebuilt after a fatal error.
+    pub(crate) rebuilds: AtomicU64,
+    /// Failed attempts that charged no attempt (the cluster was unavailable).
+    pub(crate) unavailable: AtomicU64,
+    /// Such failures since the last delivery (sets their retry delay).
+    streak: std::sync::atomic::AtomicU32,
+}
+
+/// Sets `slot` to `error`, keeping the time of a problem already there.
+fn record(slot: &Mutex<Option<ClientProblem>>, error: String) {
+    let mut p = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let since = p.as_ref().map_or_else(Utc::now, |p| p.since);
+    *p = Some(ClientProblem { error, since });
+}
+
+fn read(slot: &Mutex<Option<ClientProblem>>) -> Option<ClientProblem> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+impl KafkaState {
+    /// Records a problem the Kafka client reported.
+    pub(crate) fn problem(&self, error: String) {
+        record(&self.client, error);
+    }
+
+    /// Records a delivery that failed because the cluster was unavailable (`error`: librdkafka's
+    /// error of the message).
+    pub(crate) fn unavailable(&self, error: String) {
+        self.unavailable.fetch_add(1, Ordering::Relaxed);
+        self.streak.fetch_add(1, Ordering::Relaxed);
+        record(&self.delivery, error);
+    }
+
+    /// Failures of the cluster since the last delivery.
+    pub(crate) fn streak(&self) -> u32 {
+        self.streak.load(Ordering::Relaxed)
+    }
+
+    /// A delivery was acknowledged: the cluster works.
+    pub(crate) fn delivered(&self) {
+        self.streak.store(0, Ordering::Relaxed);
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.delivery.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// What the client last reported, if anything since the last delivery: the cause of
+    /// deliveries that fail with only "Message timed out".
+    pub(crate) fn client_problem(&self) -> Option<ClientProblem> {
+        read(&self.client)
+    }
+
+    /// The current problem, if any: the client's report, else the last failed delivery's error;
+    /// `since` is the earlier of the two.
+    pub(crate) fn current(&self) -> Option<ClientProblem> {
+        match (read(&self.client), read(&self.delivery)) {
+            (Some(c), Some(d)) => Some(ClientProblem {
+                error: c.error,
+                since: c.since.min(d.since),
+            }),
+            (c, d) => c.or(d),
+        }
+    }
+}
+
+/// librdkafka's client context of the relay's producers: logs and records global errors.
+#[derive(Clone)]
+pub(crate) struct RelayContext {
+    state: Arc<KafkaState>,
+}
+
+/// Global errors that mean the cluster cannot be used (rather than one connection dropped,
+/// which librdkafka also reports and recovers from by itself).
+fn is_cluster_problem(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        AllBrokersDown
+            | Authentication
+            | SaslAuthenticationFailed
+            | UnsupportedSASLMechanism
+            | SSL
+            | Resolve
+            | Fatal
+            | ClusterAuthorizationFailed
+            | TopicAuthorizationFailed
+    )
+}
+
+impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka's reasons name brokers, mechanisms and states, never the credentials.
+        let text = printable(&format!("{error}: {reason}")).to_string();
+        match error.rdkafka_error_code() {
+            Some(code) if is_cluster_problem(code) => {
+                tracing::error!(error = %text, "outbox relay: Kafka client error");
+                // "All broker connections are down" follows every other cause (a refused login,
+                // a failed TLS handshake): it must not hide it.
+                if code != RDKafkaErrorCode::AllBrokersDown || self.state.client_problem().is_none()
+                {
+                    self.state.problem(text);
+                }
+            }
+            _ => tracing::warn!(error = %text, "outbox relay: Kafka client error"),
+        }
+    }
+}
+
+/// The current producer and its generation (incremented by each rebuild).
+struct Current {
+    generation: u64,
+    producer: RelayProducer,
+}
+
+/// The relay's producer, rebuilt from its configuration when it becomes fatal.
+pub(crate) struct Producers {
+    config: ClientConfig,
+    context: RelayContext,
+    current: RwLock<Current>,
+    /// A second producer, created when first needed, that sends one message at a time (see
+    /// [`Producers::solo`]).
+    solo: tokio::sync::Mutex<Option<RelayProducer>>,
+}
+
+impl std::fmt::Debug for Producers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration holds credentials: never shown.
+        f.debug_struct("Producers").finish_non_exhaustive()
+    }
+}
+
+impl Producers {
+    /// Creates the first producer from `config`.
+    ///
+    /// # Errors
+    /// librdkafka's error when the configuration is refused.
+    pub(crate) fn new(config: ClientConfig) -> KafkaResult<Producers> {
+        let context = RelayContext {
+            state: Arc::new(KafkaState::default()),
+        };
+        let producer = config.create_with_context(context.clone())?;
+        Ok(Producers {
+            config,
+            context,
+            current: RwLock::new(Current {
+                generation: 0,
+                producer,
+            }),
+            solo: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The producer for sending a message alone, locked: while the guard lives nobody else sends
+    /// through it, so the message is the only one in its record batch (the main producer batches
+    /// the messages of one partition together, and the broker refuses a whole batch when it
+    /// exceeds the topic's `max.message.bytes`).
+    ///
+    /// # Errors
+    /// librdkafka's error when the producer cannot be created.
+    pub(crate) async fn solo(
+        &self,
+    ) -> KafkaResult<tokio::sync::MutexGuard<'_, Option<RelayProducer>>> {
+        let mut guard = self.solo.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.config.create_with_context(self.context.clone())?);
+        }
+        Ok(guard)
+    }
+
+    /// The shared state behind health and stats.
+    pub(crate) fn state(&self) -> &Arc<KafkaState> {
+        &self.context.state
+    }
+
+    /// The current producer and its generation.
+    pub(crate) fn get(&self) -> (u64, RelayProducer) {
+        let c = self.current.read().unwrap_or_else(|e| e.into_inner());
+        (c.generation, c.producer.clone())
+    }
+
+    /// The current producer's fatal error, if librdkafka marked it fatal.
+    pub(crate) fn fatal_error(&self) -> Option<(u64, String)> {
+        let (generation, producer) = self.get();
+        producer.client().fatal_error().map(|(code, reason)| {
+            (
+                generation,
+                printable(&format!("{code}: {reason}")).to_string(),
+            )
+        })
+    }
+
+    /// Replaces the producer of `generation` with a new one (unless another caller already did);
+    /// returns the replaced producer (drop it off the async threads: dropping purges and flushes
+    /// for up to 500 ms), or `None` when nothing was replaced.
+    ///
+    /// # Errors
+    /// librdkafka's error when a new producer cannot be created; the old one stays.
+    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<Option<RelayProducer>> {
+        let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if c.generation != generation {
+            return Ok(None);
+        }
+        let fresh: RelayProducer = self.config.create_with_context(self.context.clone())?;
+        let old = std::mem::replace(&mut c.producer, fresh);
+        c.generation += 1;
+        self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(old))
+    }
+}
