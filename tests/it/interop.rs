@@ -127,11 +127,8 @@ async fn sqlx_transactions_join_the_outbox() {
         })
     ));
 
-    let outbox = Outbox::builder()
-        .database_url(&postgres_url().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .connect()
         .await
         .unwrap();
@@ -460,11 +457,8 @@ async fn trace_context_flows_from_the_writer_through_the_relay_to_the_record() {
     let _subscriber = tracing::subscriber::set_default(subscriber);
 
     let (table, topic) = setup("otel").await;
-    let outbox = Outbox::builder()
-        .database_url(&postgres_url().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .poll_interval(Duration::from_millis(200))
         .connect()
         .await
@@ -602,11 +596,8 @@ async fn cloudevents_records_decode_with_the_java_sdk() {
         return;
     };
     let (table, topic) = setup("ce").await;
-    let refused = Outbox::builder()
-        .database_url(&postgres_url().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let refused = support::builder_on(&table, &table)
+        .await
         .cloudevents_source("not a uri")
         .connect()
         .await;
@@ -619,11 +610,8 @@ async fn cloudevents_records_decode_with_the_java_sdk() {
     );
 
     let source = "urn:outbox:orders/v1?x=1";
-    let outbox = Outbox::builder()
-        .database_url(&postgres_url().await)
-        .kafka_brokers(kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = support::builder_on(&table, &table)
+        .await
         .poll_interval(Duration::from_millis(200))
         .cloudevents_source(source)
         .connect()
