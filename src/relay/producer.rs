@@ -70,6 +70,14 @@ impl KafkaState {
         record(&self.delivery, error);
     }
 
+    /// Records that delivery reports are overdue (`error` says how many): the cluster takes
+    /// the messages but does not acknowledge them, e.g. too few in-sync replicas for
+    /// `acks=all`, where librdkafka retries quietly until `message.timeout.ms`. Charges nothing
+    /// and changes no retry delay; the next delivery clears it.
+    pub(crate) fn overdue(&self, error: String) {
+        record(&self.delivery, error);
+    }
+
     /// Failures of the cluster since the last delivery.
     pub(crate) fn streak(&self) -> u32 {
         self.streak.load(Ordering::Relaxed)

@@ -754,6 +754,69 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// Kafka takes the messages but does not acknowledge them within `publish_timeout` (every
+/// response of the only broker delayed 6 s; on a real cluster: too few in-sync replicas for
+/// `acks=all`, where librdkafka retries quietly until `message.timeout.ms`). The relay holds
+/// the events, and health names the Kafka problem while it lasts, not only once librdkafka
+/// reports a failure; the delivery that follows clears it. Before, health stayed green with
+/// the reports overdue (seen in CI: 2 of 3 brokers down, health checked 8 s in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup("overdue", 1, Some(&kafka)).await;
+    let outbox = builder(&env)
+        .publish_timeout(Duration::from_secs(2))
+        .batch_timeout(Duration::from_secs(1))
+        .lease(Duration::from_secs(20))
+        .shutdown_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+    let warm = insert(&outbox, &mut client, &[ev(t, "W", 1)]).await;
+    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
+    assert_eq!(outbox.health().await.expect("health").kafka_problem, None);
+
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(6))
+        .expect("delay the broker");
+    let ids = insert(&outbox, &mut client, &[ev(t, "X", 1), ev(t, "Y", 1)]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let problem = loop {
+        let health = outbox.health().await.expect("health");
+        if let Some(p) = health.kafka_problem {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health names no Kafka problem {} s after the reports were due: {health:?}",
+            5
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(problem.contains("overdue"), "{problem}");
+    let found = find_aggregate(&outbox, "X").await;
+    assert_eq!(
+        found[0].status(),
+        EventStatus::New,
+        "{}",
+        support::brief(&found)
+    );
+
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
+    let health = outbox.health().await.expect("health");
+    assert_eq!(
+        health.kafka_problem, None,
+        "a delivery clears it: {health:?}"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // S5 — oversized payload
 // ----------------------------------------------------------------------------------------------
