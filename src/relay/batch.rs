@@ -31,8 +31,8 @@ impl BatchDone {
     }
 }
 
-/// Publishes a reserved batch, confirms it and reports it. `reserved_at`: when the reservation
-/// was started (for the batch's latency); `fetched_at`: when its rows had arrived — the batch
+/// Publishes a reserved batch, confirms it and reports it. `fetched_at`: when its rows had
+/// arrived (each row's age was read just before, see `reserve.sql`) — the batch
 /// stops sending `batch_timeout` after that, not after the reservation started, so that a
 /// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
 /// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
@@ -40,7 +40,6 @@ pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
-    reserved_at: Instant,
     fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
@@ -64,7 +63,7 @@ pub(crate) async fn run_batch(
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
         Ok((next_due, holds)) => {
             ctx.report
-                .batch_confirmed(&rows, &outcomes, reserved_at.elapsed());
+                .batch_confirmed(&rows, &outcomes, fetched_at.elapsed());
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
                 ctx.late

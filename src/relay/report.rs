@@ -94,7 +94,8 @@ impl Reporter {
     }
 
     /// A confirmed batch: every settled row, then the batch's delivery figures.
-    /// `acked_after`: time from the reservation to the confirmation.
+    /// `acked_after`: time from the rows' arrival (when their ages were read) to the
+    /// confirmation; a row's commit-to-ack time is its age then plus this.
     pub(crate) fn batch_confirmed(
         &self,
         rows: &[Reserved],

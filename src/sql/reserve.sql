@@ -9,7 +9,9 @@
 -- the budget stay locked until the batch commits, untouched.
 -- $1 int8: batch size; $2 int8: byte budget. Which rows block their aggregate depends on the
 -- dead-letter policy. The last column: how many rows were kept before the byte budget (more
--- than returned: there is more to reserve at once).
+-- than returned: there is more to reserve at once). A row's age is read as it is returned
+-- (`clock_timestamp()`): the relay adds the time from the rows' arrival to their confirmation,
+-- so nothing is counted twice (the transaction's start, `now()`, is earlier by the connect).
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
@@ -45,7 +47,7 @@ with cand as materialized (
  )
  select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
         k.attempts, case when isfinite(k.created_at_tz)
-                         then greatest(0, extract(epoch from now() - k.created_at_tz))::float8
+                         then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
                          end,
         k.kept,
         case when isfinite(k.created_at_tz)
