@@ -170,7 +170,7 @@ pub(crate) async fn confirm_late(
         };
         let Some((idx, report)) = next else { break };
         let row = &rows[idx];
-        let outcome = Outcome::of_report(&ctx, row, report);
+        let outcome = late_outcome(&ctx, row, report);
         // Every held row of the batch has its hold; without it nothing can be fenced.
         let Some(hold) = holds.get(&row.id) else {
             continue;
@@ -195,6 +195,24 @@ pub(crate) async fn confirm_late(
             }
         }
     }
+}
+
+/// The outcome of a late report. A broker's "too large" answer is about the record batch the
+/// message shared with others, and a late report cannot re-send the event alone as the batch
+/// does (`publish::send_alone`): it is recorded as a failure that charges no attempt, so that the
+/// next batch sends the event again and only an event too large by itself becomes a dead letter.
+fn late_outcome(
+    ctx: &Ctx,
+    row: &Reserved,
+    report: Result<(i32, i64), rdkafka::error::KafkaError>,
+) -> Option<Outcome> {
+    let refused = super::publish::is_batch_refused(&report);
+    let mut outcome = Outcome::of_report(ctx, row, report);
+    if let (true, Some(Outcome::Failed(f))) = (refused, outcome.as_mut()) {
+        f.dead = false;
+        f.charged = false;
+    }
+    outcome
 }
 
 /// A connection for late reports, within the connect deadline; `None` (logged) when it failed.

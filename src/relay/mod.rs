@@ -56,6 +56,7 @@ use self::wake::Wakeups;
 
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
+#[cfg(feature = "testing")]
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 
 /// Everything the relay's stages share.
@@ -217,7 +218,6 @@ impl Pipeline {
     /// Reserves a batch and starts it on a task of its own.
     async fn reserve(&mut self) {
         let ctx = self.ctx.clone();
-        let started = Instant::now();
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
         let reserved = tokio::select! {
@@ -251,7 +251,7 @@ impl Pipeline {
                     first_seq = rows[0].seq,
                     last_seq = rows[rows.len() - 1].seq
                 );
-                let batch = run_batch(ctx.clone(), conn, rows, started, Instant::now());
+                let batch = run_batch(ctx.clone(), conn, rows, Instant::now());
                 self.batches
                     .spawn(tracing::Instrument::instrument(batch, span));
             }

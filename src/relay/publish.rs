@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::text::printable;
 
+use super::producer::RelayProducer;
 use super::reserve::Reserved;
 use super::retry::{self, Failure};
 use super::Ctx;
@@ -198,17 +199,47 @@ pub(crate) fn is_purged_unsent(e: &KafkaError) -> bool {
 }
 
 async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
-    let permit = tokio::select! {
-        p = ctx.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Sent::Skipped },
-        _ = wait_until(ctx, cutoff) => return Sent::Skipped,
+    let Some(permit) = in_flight_permit(ctx, cutoff).await else {
+        return Sent::Skipped;
     };
+    let shared = || {
+        let (generation, producer) = ctx.producers.get();
+        (Some(generation), producer)
+    };
+    match deliver(ctx, row, cutoff, permit, shared).await {
+        Sent::Report(report) if is_batch_refused(&report) => send_alone(ctx, row, cutoff).await,
+        sent => sent,
+    }
+}
+
+/// An in-flight permit (`max_in_flight`), or `None` when the batch ends first.
+async fn in_flight_permit(ctx: &Ctx, cutoff: Instant) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        p = ctx.in_flight.clone().acquire_owned() => p.ok(),
+        _ = wait_until(ctx, cutoff) => None,
+    }
+}
+
+/// Hands `row` to the producer that `producer` gives — with its generation, checked for a fatal
+/// error after a failure; `None` for the solo producer — and waits for the delivery report until
+/// `cutoff` (or the stop's send window): then the message is held (`Sent::Cutoff`, with its
+/// permit). A full producer queue is waited out until then (`Sent::Skipped`: not sent).
+async fn deliver(
+    ctx: &Ctx,
+    row: &Reserved,
+    cutoff: Instant,
+    permit: OwnedSemaphorePermit,
+    producer: impl Fn() -> (Option<u64>, RelayProducer),
+) -> Sent {
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
     let (mut record, span) = record_of(ctx, row, event_id);
-    let (generation, producer) = ctx.producers.get();
-    let mut future = loop {
+    // The producer's clone lives only for the hand-over: after a rebuild, the replaced producer's
+    // last clone must not be dropped on the runtime's threads (its drop flushes, up to 500 ms).
+    let (generation, mut future) = loop {
+        let (generation, producer) = producer();
         match producer.send_result(record) {
-            Ok(f) => break f,
+            Ok(f) => break (generation, f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
                 if Instant::now() >= cutoff || ctx.stop.token().is_cancelled() {
@@ -218,11 +249,15 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
                     return Sent::Skipped;
                 }
                 record = r;
+                drop(producer);
                 tokio::time::sleep(QUEUE_FULL_WAIT).await;
             }
             Err((e, _)) => {
+                drop(producer);
                 span.end(Err(&e.to_string()));
-                ctx.check_fatal(generation);
+                if let Some(generation) = generation {
+                    ctx.check_fatal(generation);
+                }
                 return Sent::Report(Err(e));
             }
         }
@@ -239,15 +274,14 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     ctx.report.in_flight(-1);
     drop(permit);
     let report = report_result(report);
-    if report.is_err() {
-        ctx.check_fatal(generation);
-    }
-    match &report {
-        Ok(r) => span.end(Ok(*r)),
-        Err(e) => span.end(Err(&e.to_string())),
-    }
-    if is_too_large(&report) {
-        return Sent::Report(send_alone(ctx, row, cutoff).await);
+    match (&report, generation) {
+        (Ok(r), _) => span.end(Ok(*r)),
+        (Err(e), generation) => {
+            span.end(Err(&e.to_string()));
+            if let Some(generation) = generation {
+                ctx.check_fatal(generation);
+            }
+        }
     }
     Sent::Report(report)
 }
@@ -270,40 +304,58 @@ fn record_of<'a>(
 /// message exceeded the topic's `max.message.bytes`, which says nothing about this message
 /// when others shared the batch. (A message over the producer's own `message.max.bytes` is
 /// refused by `send_result`, not reported.)
-fn is_too_large(report: &Result<(i32, i64), KafkaError>) -> bool {
-    matches!(report, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge))
+/// RECORD_LIST_TOO_LARGE (`MessageBatchTooLarge`, a batch over the topic's `segment.bytes`) is the
+/// same kind of answer about the batch, and so is librdkafka's `InvalidDifferentRecord` (KIP-467:
+/// the broker refused the batch for another record's INVALID_RECORD; that record gets the error
+/// itself): re-sent alone, this message is judged on its own.
+pub(crate) fn is_batch_refused(report: &Result<(i32, i64), KafkaError>) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        report,
+        Err(e) if matches!(
+            e.rdkafka_error_code(),
+            Some(MessageSizeTooLarge | MessageBatchTooLarge | InvalidDifferentRecord)
+        )
+    )
 }
 
 /// Sends `row` again as the only message of its record batch (on the solo producer, one message
 /// at a time): only a message that is too large by itself is refused again, and then it is a
-/// dead letter. When the solo producer is not free by `cutoff`, the event is retried later
-/// without counting an attempt.
-async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Result<(i32, i64), KafkaError> {
-    let busy = || KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
-    let Ok(solo) = tokio::time::timeout_at(cutoff, ctx.producers.solo()).await else {
-        return Err(busy());
+/// dead letter. Bounded like any send by the batch's `cutoff` and the stop: when the solo
+/// producer or an in-flight permit is not free by then, the event is retried later without
+/// counting an attempt; a report later than that is held like any other. A solo producer that
+/// librdkafka made fatal is replaced on its next use.
+async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
+    let busy = || {
+        Sent::Report(Err(KafkaError::MessageProduction(
+            RDKafkaErrorCode::QueueFull,
+        )))
     };
-    let solo = solo?;
-    let Some(producer) = solo.as_ref() else {
-        return Err(busy());
+    let solo = tokio::select! {
+        solo = ctx.producers.solo() => solo,
+        _ = wait_until(ctx, cutoff) => return busy(),
     };
-    let mut id_buf = Uuid::encode_buffer();
-    let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
-    let (record, span) = record_of(ctx, row, event_id);
-    let future = match producer.send_result(record) {
-        Ok(f) => f,
-        Err((e, _)) => {
-            span.end(Err(&e.to_string()));
-            return Err(e);
+    let mut solo = match solo {
+        Ok(solo) => solo,
+        Err(e) => return Sent::Report(Err(e)),
+    };
+    let Some(producer) = solo.clone() else {
+        return busy();
+    };
+    let Some(permit) = in_flight_permit(ctx, cutoff).await else {
+        return busy();
+    };
+    tracing::info!(event_id = %row.id, topic = %printable(&row.topic), "outbox relay: the broker refused the record batch the event shared (too large, or another record invalid); sending the event alone");
+    let sent = deliver(ctx, row, cutoff, permit, || (None, producer.clone())).await;
+    let fatal = producer.client().fatal_error();
+    drop(producer);
+    if let Some((code, reason)) = fatal {
+        tracing::warn!(error = %printable(&format!("{code}: {reason}")), "outbox relay: the solo producer became fatal; replacing it");
+        if let Some(old) = solo.take() {
+            drop(tokio::task::spawn_blocking(move || drop(old)));
         }
-    };
-    tracing::info!(event_id, topic = %printable(&row.topic), "outbox relay: the broker refused a record batch as too large; sending the event alone");
-    let report = report_result(future.await);
-    match &report {
-        Ok(r) => span.end(Ok(*r)),
-        Err(e) => span.end(Err(&e.to_string())),
     }
-    report
+    sent
 }
 
 /// How long a send waits before trying again when the producer's queue is full.
