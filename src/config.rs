@@ -688,6 +688,7 @@ impl OutboxBuilder {
                 Err(problem) => problems.push(problem),
             }
         }
+        check_queue_capacity(&kafka, problems);
         kafka
     }
 
@@ -717,6 +718,29 @@ impl OutboxBuilder {
             problems.push(format!("kafka_property: {text}"));
             None
         })
+    }
+}
+
+/// librdkafka queues a message only when it fits in `queue.buffering.max.kbytes` (else
+/// `QueueFull`, even with the queue empty: `rd_kafka_curr_msgs_add`); an event larger than that
+/// but within `message.max.bytes` would wait for room forever and hold its aggregate back.
+fn check_queue_capacity(kafka: &ClientConfig, problems: &mut Vec<String>) {
+    // librdkafka's defaults; a value that is not a number is librdkafka's to refuse.
+    let number = |key: &str, default: u64| {
+        kafka
+            .get(key)
+            .map_or(Some(default), |v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(kbytes), Some(max_bytes)) = (
+        number("queue.buffering.max.kbytes", 1_048_576),
+        number("message.max.bytes", 1_000_000),
+    ) else {
+        return;
+    };
+    if kbytes.saturating_mul(1024) < max_bytes {
+        problems.push(format!(
+            "kafka_property: `queue.buffering.max.kbytes` ({kbytes} KiB) is below `message.max.bytes` ({max_bytes} bytes): an event between the two could never be queued; raise the first or lower the second"
+        ));
     }
 }
 

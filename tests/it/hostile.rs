@@ -288,6 +288,39 @@ async fn relay_owned_kafka_properties_are_refused_in_every_form() {
     assert!(msg.contains("does not map a key to one partition"), "{msg}");
 }
 
+/// A producer queue smaller than the largest message the producer accepts is refused at
+/// `connect()`: librdkafka answers `QueueFull` to a message larger than the queue even when the
+/// queue is empty, so an event between the two would be retried forever, its aggregate stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_queue_smaller_than_a_message_is_refused() {
+    let base = || {
+        Outbox::builder()
+            .kafka_brokers(support::kafka_brokers())
+            .kafka_property("queue.buffering.max.kbytes", "100")
+    };
+    let msg = match base().postgres(support::postgres().await).connect().await {
+        Err(Error::Config(e)) => e.to_string(),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a queue of 100 KiB with message.max.bytes 1,000,000 was accepted"),
+    };
+    assert!(
+        msg.contains(
+            "`queue.buffering.max.kbytes` (100 KiB) is below `message.max.bytes` (1000000 bytes)"
+        ),
+        "{msg}"
+    );
+    // Consistent values are accepted (on a table of its own, created by `migrate`).
+    let table = support::unique_name("small_queue");
+    support::builder_on(&table, &table)
+        .await
+        .migrate(true)
+        .kafka_property("queue.buffering.max.kbytes", "100")
+        .kafka_property("message.max.bytes", "100000")
+        .connect()
+        .await
+        .expect("a 100 KiB queue with 100,000-byte messages");
+}
+
 /// Kafka's `Utils.murmur2` (Java client), for the expected partition of a key.
 fn java_murmur2(data: &[u8]) -> i32 {
     let length = data.len() as u32;
