@@ -334,6 +334,9 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         .await?
         .map(|r| r.get(0));
     let channel_changed = previous_channel.as_deref().is_some_and(|c| c != channel);
+    if done.is_empty() {
+        refuse_running_go_relay(tx, table).await?;
+    }
     let mut applied = Vec::new();
     for m in MIGRATIONS {
         let applied_before = done.contains(&m.version);
@@ -369,6 +372,42 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         previous_channel,
         repaired,
     })
+}
+
+/// Refuses to adopt a Go package's table while its relay still holds reservations: left running
+/// after `migrate`, the Go relay (`status != 'done'`) would publish this crate's dead letters
+/// and ignore its order per aggregate. A table that does not exist yet has nothing to check.
+///
+/// # Errors
+/// [`Error::Schema`] naming the rows and the latest lease end; [`Error::Postgres`] when the
+/// query fails.
+async fn refuse_running_go_relay(tx: &Client, table: &str) -> Result<()> {
+    let exists: bool = tx
+        .query_one("select to_regclass($1) is not null", &[&table])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let row = tx
+        .query_one(
+            &render(
+                include_str!("sql/go_relay_reservations.sql"),
+                table,
+                "",
+                &[],
+            ),
+            &[],
+        )
+        .await?;
+    let (count, until): (i64, Option<String>) = (row.get(0), row.get(1));
+    if count == 0 {
+        return Ok(());
+    }
+    Err(Error::Schema(format!(
+        "table {table}: {count} row(s) are reserved by the Go package's relay (reserved_to in the future, the latest until {}): it is still running, or stopped less than a lease ago. Stop it and run migrate again once its leases have run out (see the README, Switching from the Go package); nothing was changed",
+        until.as_deref().unwrap_or("?")
+    )))
 }
 
 /// Recorded migrations whose objects were dropped since: re-runs their idempotent DDL. Returns

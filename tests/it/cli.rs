@@ -876,6 +876,46 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
     assert_eq!(code, Some(0), "stderr:\n{}", relay.log());
 }
 
+/// `migrate` refuses to adopt a Go table while the Go relay holds a live reservation (issue
+/// 14.1: left running, it would publish our dead letters and ignore our order), names the rows
+/// and changes nothing; once the lease has run out, the same command migrates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_while_the_go_relay_holds_reservations() {
+    let client = support::connect_pg().await;
+    let table = support::unique_name("cli_go_live");
+    let topic = support::unique_name("cli_go_live_topic");
+    let [oldest, _, _] = go_table(&client, &table, &topic).await;
+    // The Go relay's SetReservedToByIDs: its clock plus its lease.
+    let reserve = format!("update {table} set reserved_to = localtimestamp + $2::int * interval '1 minute' where id = $1");
+    client.execute(&reserve, &[&oldest, &1i32]).await.unwrap();
+
+    let refused = cli_on(&table, &["migrate"]).await;
+    assert_code(&refused, 5, "migrate with a live Go reservation");
+    assert!(
+        refused.stderr.contains(&table)
+            && refused
+                .stderr
+                .contains("1 row(s) are reserved by the Go package's relay")
+            && refused.stderr.contains("nothing was changed"),
+        "{}",
+        refused.stderr
+    );
+    let seq_columns: i64 = client
+        .query_one(
+            "select count(*) from information_schema.columns where table_name = $1 and column_name = 'seq'",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seq_columns, 0, "the refused migrate changed the table");
+
+    // The lease ran out (the Go relay stopped a lease ago).
+    client.execute(&reserve, &[&oldest, &-1i32]).await.unwrap();
+    let migrated = cli_on(&table, &["migrate"]).await;
+    assert_code(&migrated, 0, "migrate once the Go leases have run out");
+}
+
 /// A Go relay still running against the table after `migrate` (issue 14.1), simulated with its
 /// own statements (`FindNewAndNotReserved`, then `SetReservedToByIDs` with its process's clock
 /// plus its lease): `status` warns, `/health` turns 503 naming the reserved rows, and the relay
