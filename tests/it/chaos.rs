@@ -2,7 +2,7 @@
 //! and a real Apache Kafka cluster (the private 3-node [`support::fault_cluster`]: replication
 //! factor 3, `min.insync.replicas=2`), while the relays are killed and the infrastructure fails.
 //!
-//! * Writers (a few tasks) insert events for ~120 aggregates (skewed: a few hot ones get half of
+//! * Writers (three tasks, each paced at about 40 events/s) insert events for ~120 aggregates (skewed: a few hot ones get half of
 //!   the events, so batches hold long per-aggregate chains), 1–5 per transaction, each payload
 //!   carrying a per-aggregate counter. A counter value is recorded as committed only when
 //!   `COMMIT` returned OK. When `COMMIT` fails the outcome is unknown: the events are "maybe",
@@ -22,7 +22,11 @@
 //!   (`ListenerKill`); the batch sessions of one or two relays terminated, at once, while the
 //!   partition cannot take writes (two of the three nodes SIGKILLed: no in-sync quorum, then
 //!   restarted on their data), or just after they were started again (the batches are then still
-//!   publishing when their row locks go away) (`BatchKill`). The first rounds go through every kind in
+//!   publishing when their row locks go away) (`BatchKill`); the relays' Postgres connections
+//!   blackholed for 3.5–8 s, below and above their `postgres_timeout` of 5 s (they reach Postgres
+//!   through a [`FaultProxy`]: sockets stay open and silent, as with a moved failover address)
+//!   (`PgBlackhole`); the waker session terminated (`WakerKill`); two nodes SIGKILLed for two to
+//!   three times `publish_timeout` (`LongOutage`). The first rounds go through every kind in
 //!   turn, later ones are drawn at random.
 //! * Broker faults are real: `kill -9` of Kafka nodes and a restart on their data (a node takes
 //!   10–30 s to be back on this kind of machine, so the next rounds may run with one or two nodes
@@ -39,13 +43,15 @@
 //!     of a replay may leave a replay that is itself replayed); a new counter may only follow
 //!     the highest counter so far (a replay must catch up before anything new is published).
 //!
-//! It prints one line: `chaos: rounds=N events=E lost=L order_violations=V duplicates=D`, and
-//! fails on any loss, phantom or violation (and when a running relay does not exit 0 within 15 s
+//! It prints one line: `chaos: rounds=N events=E lost=L order_violations=V duplicates=D
+//! dead_letters=F rows_with_attempts=A`, and fails on any loss, phantom, violation or dead letter
+//! (the relays run with the default `max_attempts`, 10: none of these faults is an event's own, so
+//! none may cost an attempt; `A` counts rows that were charged one anyway) (and when a running relay does not exit 0 within 15 s
 //! of SIGTERM, or a relay panicked), printing the round log, the offending sequences, the
 //! rows of lost events and the relays' log tails (each relay's stderr goes to a file; on failure
 //! the directory is kept and named).
 //!
-//! `chaos_short` runs 8 rounds (CI: about 20–30 s). Long mode:
+//! `chaos_short` runs 9 rounds, one of each kind (CI: about 2–3 min). Long mode:
 //! `OUTBOX_CHAOS_ROUNDS=60 cargo test --all-features --test it chaos:: -- --nocapture`.
 //! `OUTBOX_CHAOS_SEED=n` replays a schedule (not its timing); `OUTBOX_CHAOS_VERBOSE=1` prints
 //! the round log as it goes; `OUTBOX_CHAOS_KEEP_LOGS=1` keeps the relay logs of a passing run;
@@ -56,7 +62,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox::{NewEvent, Writer};
@@ -66,12 +73,22 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use outbox::testing::faults::{Fault, FaultProxy};
+
 use crate::support::{self, AggCheck, ConsumedRecord, TestPostgres, TopicReader};
 
-const DEFAULT_ROUNDS: usize = 8;
+const DEFAULT_ROUNDS: usize = 9;
+/// `OUTBOX_PUBLISH_TIMEOUT` of [`RELAY_ENV`].
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
 const PARTITIONS: i32 = 4;
 const WRITERS: usize = 3;
 const SLOTS_PER_WRITER: usize = 40;
+/// Each writer's pace (at most; less while Postgres is slow). An aggregate's events are
+/// published one at a time (one round trip to the cluster each), so a hot aggregate's rate must
+/// stay well below 1 / round trip, or its backlog only grows: unpaced, three writers on a loaded
+/// 2-core machine wrote 144,703 events in 60 rounds, a quarter of them to three hot aggregates,
+/// and the drain could not finish.
+const WRITER_EVENTS_PER_S: u64 = 40;
 /// How long the final relay may take to publish what is left.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
 /// Relay settings (environment of `outbox-relay run`). The lease must exceed the publish timeout
@@ -80,10 +97,12 @@ const RELAY_ENV: &[(&str, &str)] = &[
     ("OUTBOX_BATCH_SIZE", "100"),
     ("OUTBOX_POLL_INTERVAL", "200ms"),
     ("OUTBOX_PUBLISH_TIMEOUT", "4s"),
+    ("OUTBOX_POSTGRES_TIMEOUT", "5s"),
     ("OUTBOX_LEASE", "15s"),
     ("OUTBOX_BATCH_TIMEOUT", "2s"),
     ("OUTBOX_SHUTDOWN_TIMEOUT", "5s"),
-    ("OUTBOX_MAX_ATTEMPTS", "1000"),
+    // The default: no fault of the suite is the events' own, so none may become a dead letter.
+    ("OUTBOX_MAX_ATTEMPTS", "10"),
     ("OUTBOX_PROGRESS_INTERVAL", "2s"),
     ("OUTBOX_LOG", "info,rdkafka=warn"),
     ("OUTBOX_LOG_FORMAT", "text"),
@@ -160,15 +179,24 @@ enum Kind {
     PgRestart,
     ListenerKill,
     BatchKill,
+    /// The relays' Postgres connections go silent (a blackholing proxy: half-open sockets).
+    PgBlackhole,
+    /// The waker session (writers' NOTIFY arming) is terminated.
+    WakerKill,
+    /// Two nodes down (no acks=all write possible) for two to three times `publish_timeout`.
+    LongOutage,
 }
 
-const ALL_KINDS: [Kind; 6] = [
+const ALL_KINDS: [Kind; 9] = [
     Kind::Kill,
     Kind::Multi,
     Kind::BrokerDown,
     Kind::PgRestart,
     Kind::ListenerKill,
     Kind::BatchKill,
+    Kind::PgBlackhole,
+    Kind::WakerKill,
+    Kind::LongOutage,
 ];
 
 /// The first rounds cover every kind; later ones are drawn at random. `only` (from
@@ -178,30 +206,40 @@ fn kind_of_round(n: usize, rng: &mut StdRng, only: &[Kind]) -> Kind {
     if !only.is_empty() {
         return only[(n - 1) % only.len()];
     }
-    const FIRST: [Kind; 7] = [
+    const FIRST: [Kind; 9] = [
         Kill,
         Multi,
         BrokerDown,
         PgRestart,
         ListenerKill,
         BatchKill,
-        Kill,
+        PgBlackhole,
+        WakerKill,
+        LongOutage,
     ];
     if n <= FIRST.len() {
         return FIRST[n - 1];
     }
-    match rng.random_range(0..20) {
-        0..=6 => Kill,
-        7..=10 => Multi,
-        11..=13 => BrokerDown,
-        14..=15 => PgRestart,
-        16..=17 => ListenerKill,
-        _ => BatchKill,
+    match rng.random_range(0..24) {
+        0..=5 => Kill,
+        6..=9 => Multi,
+        10..=12 => BrokerDown,
+        13..=14 => PgRestart,
+        15..=16 => ListenerKill,
+        17..=18 => BatchKill,
+        19..=20 => PgBlackhole,
+        21 => WakerKill,
+        _ => LongOutage,
     }
 }
 
 struct Chaos {
     pg: TestPostgres,
+    /// The relays reach Postgres through it (`PgBlackhole` rounds).
+    pg_proxy: FaultProxy,
+    /// Set: the writers pause (`WakerKill` rounds: a relay opens its waker session only once it
+    /// has caught up and waits).
+    quiet: Arc<AtomicBool>,
     kafka: &'static support::Cluster,
     topic: String,
     relays: Relays,
@@ -279,6 +317,8 @@ impl Chaos {
 
         let relays = &mut self.relays;
         let pg = &self.pg;
+        let proxy = &self.pg_proxy;
+        let quiet = &self.quiet;
         let kafka = self.kafka;
         let topic = self.topic.as_str();
         let partition = self.rng.random_range(0..PARTITIONS);
@@ -291,7 +331,7 @@ impl Chaos {
             },
             async {
                 tokio::time::sleep(fault_at).await;
-                apply_fault(kind, &params, pg, kafka, topic, partition).await
+                apply_fault(kind, &params, (pg, proxy, quiet), kafka, topic, partition).await
             }
         );
         self.note(format!(
@@ -337,13 +377,48 @@ async fn kill_two(kafka: &support::Cluster, topic: &str, partition: i32) -> [i32
 async fn apply_fault(
     kind: Kind,
     p: &FaultParams,
-    pg: &TestPostgres,
+    (pg, proxy, quiet): (&TestPostgres, &FaultProxy, &AtomicBool),
     kafka: &support::Cluster,
     topic: &str,
     partition: i32,
 ) -> String {
     match kind {
         Kind::Kill | Kind::Multi => "none".to_string(),
+        Kind::PgBlackhole => {
+            // 3.5–8 s: below and above the relays' postgres_timeout (5 s).
+            let silent = p.pause + Duration::from_secs(3);
+            proxy.set_fault(Fault::Blackhole);
+            tokio::time::sleep(silent).await;
+            proxy.set_fault(Fault::None);
+            format!(
+                "the relays' Postgres connections blackholed for {}ms ({} open)",
+                silent.as_millis(),
+                proxy.open_connections()
+            )
+        }
+        Kind::WakerKill => {
+            quiet.store(true, Ordering::Relaxed);
+            let killed =
+                terminate_when_present(pg, "outbox-relay-waker", Duration::from_secs(10)).await;
+            quiet.store(false, Ordering::Relaxed);
+            match killed {
+                Ok(n) => format!("writers paused; terminated {n} waker backend(s)"),
+                Err(e) => format!("terminating waker backends failed: {e}"),
+            }
+        }
+        Kind::LongOutage => {
+            let out = PUBLISH_TIMEOUT * 2 + p.pause / 2;
+            let killed = kill_two(kafka, topic, partition).await;
+            tokio::time::sleep(out).await;
+            for node in killed {
+                kafka.start(node).await;
+            }
+            format!(
+                "nodes {killed:?} SIGKILLed for {}ms (publish_timeout {}ms), started again",
+                out.as_millis(),
+                PUBLISH_TIMEOUT.as_millis()
+            )
+        }
         Kind::BrokerDown => {
             let node = kill_leader(kafka, topic, partition).await;
             tokio::time::sleep(p.pause).await;
@@ -370,10 +445,13 @@ async fn apply_fault(
                 t.elapsed().as_millis()
             )
         }
-        Kind::ListenerKill => match terminate_backends(pg, "outbox-relay-listener").await {
-            Ok(n) => format!("terminated {n} listener backend(s)"),
-            Err(e) => format!("terminating listener backends failed: {e}"),
-        },
+        Kind::ListenerKill => {
+            match terminate_when_present(pg, "outbox-relay-listener", Duration::from_secs(5)).await
+            {
+                Ok(n) => format!("terminated {n} listener backend(s)"),
+                Err(e) => format!("terminating listener backends failed: {e}"),
+            }
+        }
         Kind::BatchKill => {
             // Mode 0: at once. Mode 1: while the broker is unavailable (the batches wait for
             // delivery reports). Mode 2: just after the broker came back, while the batches
@@ -440,6 +518,23 @@ async fn terminate_backends(pg: &TestPostgres, application_name: &str) -> Result
     Ok(row.get(0))
 }
 
+/// [`terminate_backends`] once a session named `application_name` exists (a relay started in
+/// this round may not have opened it yet), waiting at most `within`.
+async fn terminate_when_present(
+    pg: &TestPostgres,
+    application_name: &str,
+    within: Duration,
+) -> Result<i64, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let n = terminate_backends(pg, application_name).await?;
+        if n > 0 || Instant::now() >= deadline {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn run_chaos(rounds: usize) {
     let Some((_faults, kafka)) = support::fault_cluster().await else {
         eprintln!("chaos: skipped: no real Kafka cluster (OUTBOX_TEST_KAFKA=mock, or no Java)");
@@ -493,8 +588,14 @@ async fn run_chaos(rounds: usize) {
         .await
         .unwrap_or_else(|e| panic!("creating topic {topic} on {brokers}: {e}"));
 
+    let pg_proxy = FaultProxy::start(([127, 0, 0, 1], pg.port()).into())
+        .await
+        .expect("starting the relays' Postgres proxy");
     let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), pg.url()),
+        (
+            "DATABASE_URL".into(),
+            format!("postgres://postgres@{}/postgres", pg_proxy.host_port()),
+        ),
         ("KAFKA_BROKERS".into(), brokers.clone()),
         ("OUTBOX_TABLE".into(), table.clone()),
         ("OUTBOX_CHANNEL".into(), channel.clone()),
@@ -516,6 +617,8 @@ async fn run_chaos(rounds: usize) {
     };
     let mut chaos = Chaos {
         pg,
+        pg_proxy,
+        quiet: Arc::new(AtomicBool::new(false)),
         kafka,
         topic: topic.clone(),
         relays,
@@ -537,6 +640,7 @@ async fn run_chaos(rounds: usize) {
 
     // Writers.
     let stop = CancellationToken::new();
+    let quiet = chaos.quiet.clone();
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             tokio::spawn(run_writer(
@@ -545,6 +649,7 @@ async fn run_chaos(rounds: usize) {
                 table.clone(),
                 topic.clone(),
                 stop.clone(),
+                quiet.clone(),
                 seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ))
         })
@@ -636,6 +741,15 @@ async fn run_chaos(rounds: usize) {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     chaos.note(format!("final: table rows by status {status_counts:?}"));
+    let dead_letters = status_counts.get("failed").copied().unwrap_or(0);
+    let charged: i64 = client
+        .query_one(
+            &format!("select count(*) from {table} where attempts > 0"),
+            &[],
+        )
+        .await
+        .expect("counting charged rows")
+        .get(0);
 
     // Resolve the unknown outcomes: a row that exists committed.
     let maybe_ids: Vec<Uuid> = wlog.maybe.iter().map(|(id, _, _)| *id).collect();
@@ -706,7 +820,7 @@ async fn run_chaos(rounds: usize) {
 
     let report = verify(&committed, &not_committed, &records);
     let figures = format!(
-        "chaos: rounds={rounds} events={} lost={} order_violations={} duplicates={}",
+        "chaos: rounds={rounds} events={} lost={} order_violations={} duplicates={} dead_letters={dead_letters} rows_with_attempts={charged}",
         committed.len(),
         report.lost.len(),
         report.violations.len(),
@@ -737,6 +851,7 @@ async fn run_chaos(rounds: usize) {
         .map(|r| format!("relay#{} ({})", r.id, r.log.display()))
         .collect();
     let ok = report.lost.is_empty()
+        && dead_letters == 0
         && report.violations.is_empty()
         && report.phantoms.is_empty()
         && rolled_back_present == 0
@@ -1067,6 +1182,7 @@ async fn run_writer(
     table: String,
     topic: String,
     stop: CancellationToken,
+    quiet: Arc<AtomicBool>,
     seed: u64,
 ) -> WriterLog {
     let writer = Writer::new(&table).expect("valid table name");
@@ -1081,6 +1197,10 @@ async fn run_writer(
         .collect();
     let mut client: Option<tokio_postgres::Client> = None;
     while !stop.is_cancelled() {
+        if quiet.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
         if !matches!(&client, Some(c) if !c.is_closed()) {
             client = None;
             match outbox::testing::connect(&pg).await {
@@ -1120,7 +1240,9 @@ async fn run_writer(
             })
             .collect();
         let in_one_statement = rng.random_bool(0.3);
-        let pause = Duration::from_millis(rng.random_range(2..=15));
+        // Paced at about WRITER_EVENTS_PER_S: a backlog the relays can drain between the faults.
+        let pause =
+            Duration::from_millis(n as u64 * 1000 / WRITER_EVENTS_PER_S + rng.random_range(0..=10));
         let tx = match c.transaction().await {
             Ok(tx) => tx,
             Err(_) => {
