@@ -15,7 +15,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use uuid::Uuid;
 
-use crate::env::Env;
+use crate::env::{records, Env};
 use crate::events::new_event;
 use crate::say;
 
@@ -123,16 +123,6 @@ async fn wait_streaming(env: &Env, connect: &mut Connect, table: &str) -> Result
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Records in `topic` (sum of the partitions' high watermarks).
-fn records(consumer: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
-    let mut sum = 0;
-    for p in 0..partitions {
-        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        sum += hi - lo;
-    }
-    Ok(sum)
 }
 
 async fn drop_slot(env: &Env, table: &str) {

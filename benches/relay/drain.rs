@@ -175,10 +175,7 @@ pub(crate) async fn drain_with(env: &Env, spec: &DrainSpec) -> Result<Drain> {
     drop(outbox);
     env.drop_table(&table).await;
     env.delete_topic(&topic).await;
-    let segment_rates = marks
-        .windows(2)
-        .map(|w| sample_every as f64 / w[1].duration_since(w[0]).as_secs_f64())
-        .collect();
+    let segment_rates = segment_rates(&marks, sample_every);
     let d = Drain {
         n,
         secs,
@@ -199,4 +196,12 @@ pub(crate) async fn drain_with(env: &Env, spec: &DrainSpec) -> Result<Drain> {
         d.cpu.render()
     );
     Ok(d)
+}
+
+/// Events per second between consecutive marks, each `every` events apart.
+pub(crate) fn segment_rates(marks: &[Instant], every: usize) -> Vec<f64> {
+    marks
+        .windows(2)
+        .map(|w| every as f64 / w[1].duration_since(w[0]).as_secs_f64())
+        .collect()
 }

@@ -20,6 +20,8 @@ use outbox::Outbox;
 use rdkafka::admin::AdminClient;
 use rdkafka::admin::AdminOptions;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::Consumer as _;
 use rdkafka::ClientConfig;
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,6 +34,8 @@ use tokio_postgres::NoTls;
 pub(crate) struct Env {
     pub(crate) opts: Opts,
     pub(crate) pg: tokio_postgres::Config,
+    /// The same database as a URL, for a child `outbox-relay` (`DATABASE_URL`; never printed).
+    pub(crate) pg_url: String,
     pub(crate) _server: Option<TestPostgres>,
     pub(crate) pg_desc: String,
     pub(crate) brokers: String,
@@ -204,11 +208,22 @@ impl Env {
     }
 }
 
+/// Records in `topic` (sum of the partitions' high watermarks); blocks for one ListOffsets
+/// round trip per partition.
+pub(crate) fn records(consumer: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
+    let mut sum = 0;
+    for p in 0..partitions {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        sum += hi - lo;
+    }
+    Ok(sum)
+}
+
 pub(crate) async fn setup(opts: Opts) -> Result<Env> {
-    let (server, pg, pg_kind) = match std::env::var("DATABASE_URL") {
+    let (server, pg, pg_url, pg_kind) = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             let cfg: tokio_postgres::Config = url.parse().context("DATABASE_URL")?;
-            (None, cfg, "DATABASE_URL")
+            (None, cfg, url, "DATABASE_URL")
         }
         _ => {
             say!("starting a throwaway Postgres (fsync on)");
@@ -227,8 +242,8 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
                 builder = builder.setting(k, v);
             }
             let server = builder.start().await?;
-            let cfg = server.config();
-            (Some(server), cfg, "TestPostgres")
+            let (cfg, url) = (server.config(), server.url());
+            (Some(server), cfg, url, "TestPostgres")
         }
     };
     let (brokers, tansu) = match std::env::var("KAFKA_BROKERS") {
@@ -253,6 +268,7 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
     let mut env = Env {
         opts,
         pg,
+        pg_url,
         _server: server,
         pg_desc: String::new(),
         brokers,

@@ -125,8 +125,15 @@ pub(crate) fn all_pids() -> Vec<(i32, PathBuf)> {
         .collect()
 }
 
+/// A `kB` field of this process's /proc status, e.g. `"VmRSS:"`; 0 when unreadable.
 pub(crate) fn status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    status_kb_of("self", field)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`pid` a number or `"self"`); 0 when unreadable (e.g.
+/// the process has exited).
+pub(crate) fn status_kb_of(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with(field))

@@ -1,6 +1,6 @@
 //! Relay benchmark: one invocation measures drain throughput against its ceilings, commit→ack
 //! latency, the wake path's cost to writers, the original Go algorithm as a baseline and RSS over
-//! a 1M-event drain, against real Postgres (fsync on) and the tansu broker on loopback.
+//! a 1M-event drain (in this process, and by the `outbox-relay` binary), against real Postgres (fsync on) and the tansu broker on loopback.
 //!
 //! ```text
 //! cargo bench --bench relay --features testing,cli                   # full mode (≈ 5 min when quiet)
@@ -11,7 +11,7 @@
 //!
 //! Flags (after `--`; `-- --help` lists them all, parsed by clap in `opts.rs`): `--short`,
 //! `--write`, `--only drain,delete,million,kafka,pg,burst,profile,latency,wake,baseline,keys,
-//! latency-max,snapshot,debezium` (a subset), `--snapshot-secs S`, `--million N`,
+//! latency-max,snapshot,debezium,million-bin` (a subset), `--snapshot-secs S`, `--million N`,
 //! `--no-recorder`, `--broker TEXT`, `--broker-pid PID`, `--explain` (print the reservation's
 //! EXPLAIN ANALYZE plans), `--wait-idle SECS` (on a shared machine, wait up to SECS before each
 //! phase for other load to stop), and relay overrides
@@ -24,7 +24,7 @@
 //! (print the CPU split per Postgres process).
 //!
 //! One module per scenario (`drain`, `keys`, `burst`, `snapshot`, `ceilings`, `profile`,
-//! `latency`, `wake`, `baseline`, `million`, `debezium`); the shared harness is `env` (servers, tables, topics), `events` (the records),
+//! `latency`, `wake`, `baseline`, `million` (also `million-bin`, the binary), `debezium`); the shared harness is `env` (servers, tables, topics), `events` (the records),
 //! `host` (load, RSS, CPU split), `report` (the table) and `opts` (flags).
 //!
 //! Progress goes to stderr, the result table to stdout. BENCHMARKS.md explains every row.
@@ -62,7 +62,7 @@ use crate::env::{setup, Env};
 use crate::host::loadavg;
 use crate::keys::key_spread;
 use crate::latency::{latency, latency_max};
-use crate::million::install_prometheus;
+use crate::million::{install_prometheus, million_bin};
 use crate::opts::{Opts, Phase};
 use crate::report::{header, table, write_benchmarks_md, Results};
 use crate::snapshot::held_snapshot;
@@ -164,6 +164,13 @@ async fn run(env: &Env, r: &mut Results) {
     if o.runs(Phase::Debezium) {
         say!("Debezium side by side: drain of {} events, then 1k/s", o.n);
         r.debezium = attempt!("debezium", debezium(env));
+    }
+    if o.runs(Phase::MillionBin) {
+        say!(
+            "drain: {} events by the outbox-relay binary (--metrics-addr, nobody scraping), its RSS every tenth",
+            o.million
+        );
+        r.million_bin = attempt!("million-bin", million_bin(env, o.million));
     }
     if o.runs(Phase::Million) {
         // Last: the global Prometheus recorder stays installed for the rest of the process.

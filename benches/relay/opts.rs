@@ -13,6 +13,10 @@ pub(crate) enum Phase {
     /// 1M-event drain with VmRSS sampled every 100k and the Prometheus recorder installed,
     /// nobody scraping (full mode only, or `--million N`); runs last.
     Million,
+    /// The same long drain (`--million N`) by the `outbox-relay` binary as a child process,
+    /// `run --metrics-addr` on a free port, nobody scraping: the child's VmRSS every tenth, one
+    /// scrape at the end, SIGTERM and its exit status.
+    MillionBin,
     /// Ceiling (a): a raw idempotent producer sending the same records.
     Kafka,
     /// Ceiling (b): the relay's own reserve/fence/confirm SQL without Kafka.
@@ -83,7 +87,8 @@ pub(crate) struct Cli {
     /// 60 s; 10 s in short mode).
     #[arg(long, value_name = "SECS")]
     snapshot_secs: Option<f64>,
-    /// Events of the RSS run (default 1,000,000; 0 in short mode, which skips it).
+    /// Events of the RSS runs, `million` and `million-bin` (default 1,000,000; 0 in short mode,
+    /// which skips them).
     #[arg(long, value_name = "N")]
     million: Option<usize>,
     /// Run the long drain without the Prometheus recorder (the comparison for its RSS).
@@ -199,7 +204,7 @@ impl Opts {
     }
 
     pub(crate) fn runs(&self, phase: Phase) -> bool {
-        if phase == Phase::Million && self.million == 0 {
+        if matches!(phase, Phase::Million | Phase::MillionBin) && self.million == 0 {
             return false;
         }
         self.only.as_ref().is_none_or(|o| o.contains(&phase))
