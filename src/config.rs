@@ -723,17 +723,17 @@ impl OutboxBuilder {
 
 /// librdkafka queues a message only when it fits in `queue.buffering.max.kbytes` (else
 /// `QueueFull`, even with the queue empty: `rd_kafka_curr_msgs_add`); an event larger than that
-/// but within `message.max.bytes` would wait for room forever and hold its aggregate back.
+/// but within `message.max.bytes` would wait for room forever and hold its aggregate back. The
+/// values are librdkafka's own reading of the configuration (its defaults, hex and octal forms);
+/// a configuration it refuses is reported by `create_producer`.
 fn check_queue_capacity(kafka: &ClientConfig, problems: &mut Vec<String>) {
-    // librdkafka's defaults; a value that is not a number is librdkafka's to refuse.
-    let number = |key: &str, default: u64| {
-        kafka
-            .get(key)
-            .map_or(Some(default), |v| v.trim().parse::<u64>().ok())
+    let Ok(native) = kafka.create_native_config() else {
+        return;
     };
+    let number = |key: &str| native.get(key).ok()?.trim().parse::<u64>().ok();
     let (Some(kbytes), Some(max_bytes)) = (
-        number("queue.buffering.max.kbytes", 1_048_576),
-        number("message.max.bytes", 1_000_000),
+        number("queue.buffering.max.kbytes"),
+        number("message.max.bytes"),
     ) else {
         return;
     };

@@ -143,6 +143,9 @@ pub(crate) async fn confirm_late(
     holds: Holds,
 ) {
     let hold_end = Instant::now() + ctx.timing.hold;
+    // Health names the overdue reports while they are (with too few in-sync replicas nothing
+    // fails: the reports just do not come).
+    let mut overdue = ctx.producers.state().overdue(stragglers.len());
     // Connected now, so that a report arriving late in the hold is written at once; replaced
     // after a write that missed its deadline, reconnected on the next report.
     let mut client = late_connect(&ctx).await;
@@ -169,6 +172,7 @@ pub(crate) async fn confirm_late(
             _ = &mut stopping => None,
         };
         let Some((idx, report)) = next else { break };
+        overdue.settled_one();
         let row = &rows[idx];
         let outcome = late_outcome(&ctx, row, report);
         // Every held row of the batch has its hold; without it nothing can be fenced.

@@ -37,6 +37,8 @@ pub(crate) struct KafkaState {
     /// The last delivery that failed because the cluster was unavailable, since the last
     /// confirmed delivery.
     delivery: Mutex<Option<ClientProblem>>,
+    /// Held messages whose delivery reports are overdue, and since when some have been.
+    overdue: Mutex<Option<(usize, DateTime<Utc>)>>,
     /// Times the producer was rebuilt after a fatal error.
     pub(crate) rebuilds: AtomicU64,
     /// Failed attempts that charged no attempt (the cluster was unavailable).
@@ -70,12 +72,36 @@ impl KafkaState {
         record(&self.delivery, error);
     }
 
-    /// Records that delivery reports are overdue (`error` says how many): the cluster takes
-    /// the messages but does not acknowledge them, e.g. too few in-sync replicas for
-    /// `acks=all`, where librdkafka retries quietly until `message.timeout.ms`. Charges nothing
-    /// and changes no retry delay; the next delivery clears it.
-    pub(crate) fn overdue(&self, error: String) {
-        record(&self.delivery, error);
+    /// Counts `n` held messages as overdue until the returned guard says they settled: the
+    /// cluster took them but did not acknowledge them by their batch's end, e.g. too few
+    /// in-sync replicas for `acks=all`, where librdkafka retries quietly until
+    /// `message.timeout.ms`. Health names it while any is overdue; charges nothing.
+    pub(crate) fn overdue(self: &Arc<Self>, n: usize) -> Overdue {
+        let mut o = self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, since) = o.unwrap_or((0, Utc::now()));
+        *o = Some((count + n, since));
+        Overdue {
+            state: self.clone(),
+            left: n,
+        }
+    }
+
+    fn overdue_settled(&self, n: usize) {
+        let mut o = self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        *o = match *o {
+            Some((count, since)) if count > n => Some((count - n, since)),
+            _ => None,
+        };
+    }
+
+    fn overdue_problem(&self) -> Option<ClientProblem> {
+        let o = *self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        o.map(|(count, since)| ClientProblem {
+            error: format!(
+                "{count} delivery report(s) overdue: Kafka has not acknowledged them by their batch's end (batch_timeout); the events are held until it does (at most publish_timeout + 1 s)"
+            ),
+            since,
+        })
     }
 
     /// Failures of the cluster since the last delivery.
@@ -99,13 +125,41 @@ impl KafkaState {
     /// The current problem, if any: the client's report, else the last failed delivery's error;
     /// `since` is the earlier of the two.
     pub(crate) fn current(&self) -> Option<ClientProblem> {
-        match (read(&self.client), read(&self.delivery)) {
-            (Some(c), Some(d)) => Some(ClientProblem {
-                error: c.error,
-                since: c.since.min(d.since),
-            }),
-            (c, d) => c.or(d),
+        // The first one's text (the most specific), since the earliest.
+        [
+            read(&self.client),
+            read(&self.delivery),
+            self.overdue_problem(),
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(|first, other| ClientProblem {
+            error: first.error,
+            since: first.since.min(other.since),
+        })
+    }
+}
+
+/// Held messages counted as overdue (see [`KafkaState::overdue`]); those not yet settled are
+/// settled when it is dropped.
+pub(crate) struct Overdue {
+    state: Arc<KafkaState>,
+    left: usize,
+}
+
+impl Overdue {
+    /// One of the held messages got its report (or its hold ended).
+    pub(crate) fn settled_one(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.state.overdue_settled(1);
         }
+    }
+}
+
+impl Drop for Overdue {
+    fn drop(&mut self) {
+        self.state.overdue_settled(self.left);
     }
 }
 
@@ -207,8 +261,18 @@ impl Producers {
         &self,
     ) -> KafkaResult<tokio::sync::MutexGuard<'_, Option<RelayProducer>>> {
         let mut guard = self.solo.lock().await;
+        if let Some((code, reason)) = guard.as_ref().and_then(|p| p.client().fatal_error()) {
+            tracing::warn!(error = %printable(&format!("{code}: {reason}")), "outbox relay: the solo producer became fatal; replacing it");
+            if let Some(old) = guard.take() {
+                drop(tokio::task::spawn_blocking(move || drop(old)));
+            }
+        }
         if guard.is_none() {
-            *guard = Some(self.config.create_with_context(self.context.clone())?);
+            // One message per record batch whatever else is queued: a message held past its
+            // batch's cutoff may still wait in this producer when the next one comes.
+            let mut config = self.config.clone();
+            config.set("batch.num.messages", "1");
+            *guard = Some(config.create_with_context(self.context.clone())?);
         }
         Ok(guard)
     }

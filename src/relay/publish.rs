@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -323,8 +323,9 @@ pub(crate) fn is_batch_refused(report: &Result<(i32, i64), KafkaError>) -> bool 
 /// at a time): only a message that is too large by itself is refused again, and then it is a
 /// dead letter. Bounded like any send by the batch's `cutoff` and the stop: when the solo
 /// producer or an in-flight permit is not free by then, the event is retried later without
-/// counting an attempt; a report later than that is held like any other. A solo producer that
-/// librdkafka made fatal is replaced on its next use.
+/// counting an attempt; a report later than that is held like any other. The solo producer puts
+/// one message in each record batch (`batch.num.messages=1`); one that librdkafka made fatal is
+/// replaced before its next use (`Producers::solo`).
 async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     let busy = || {
         Sent::Report(Err(KafkaError::MessageProduction(
@@ -335,7 +336,7 @@ async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
         solo = ctx.producers.solo() => solo,
         _ = wait_until(ctx, cutoff) => return busy(),
     };
-    let mut solo = match solo {
+    let solo = match solo {
         Ok(solo) => solo,
         Err(e) => return Sent::Report(Err(e)),
     };
@@ -346,16 +347,8 @@ async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
         return busy();
     };
     tracing::info!(event_id = %row.id, topic = %printable(&row.topic), "outbox relay: the broker refused the record batch the event shared (too large, or another record invalid); sending the event alone");
-    let sent = deliver(ctx, row, cutoff, permit, || (None, producer.clone())).await;
-    let fatal = producer.client().fatal_error();
-    drop(producer);
-    if let Some((code, reason)) = fatal {
-        tracing::warn!(error = %printable(&format!("{code}: {reason}")), "outbox relay: the solo producer became fatal; replacing it");
-        if let Some(old) = solo.take() {
-            drop(tokio::task::spawn_blocking(move || drop(old)));
-        }
-    }
-    sent
+    drop(solo);
+    deliver(ctx, row, cutoff, permit, || (None, producer.clone())).await
 }
 
 /// How long a send waits before trying again when the producer's queue is full.

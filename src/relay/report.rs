@@ -214,10 +214,6 @@ impl Reporter {
     }
 
     pub(crate) fn held(&self, held: usize) {
-        // Health names it: with too few in-sync replicas nothing fails, reports just stop.
-        self.kafka.overdue(format!(
-            "{held} delivery report(s) overdue: Kafka has not acknowledged them within publish_timeout; the events are held until it does"
-        ));
         tracing::warn!(
             held,
             "outbox relay: delivery reports late; holding those events until they arrive"

@@ -44,9 +44,9 @@
 //!     the highest counter so far (a replay must catch up before anything new is published).
 //!
 //! It prints one line: `chaos: rounds=N events=E lost=L order_violations=V duplicates=D
-//! dead_letters=F rows_with_attempts=A`, and fails on any loss, phantom, violation or dead letter
-//! (the relays run with the default `max_attempts`, 10: none of these faults is an event's own, so
-//! none may cost an attempt; `A` counts rows that were charged one anyway) (and when a running relay does not exit 0 within 15 s
+//! dead_letters=F rows_with_attempts=A`, and fails on any loss, phantom, violation, dead letter or
+//! charged attempt (none of these faults is an event's own, so none may cost an attempt; the
+//! relays run with the default `max_attempts`, 10) (and when a running relay does not exit 0 within 15 s
 //! of SIGTERM, or a relay panicked), printing the round log, the offending sequences, the
 //! rows of lost events and the relays' log tails (each relay's stderr goes to a file; on failure
 //! the directory is kept and named).
@@ -852,6 +852,7 @@ async fn run_chaos(rounds: usize) {
         .collect();
     let ok = report.lost.is_empty()
         && dead_letters == 0
+        && charged == 0
         && report.violations.is_empty()
         && report.phantoms.is_empty()
         && rolled_back_present == 0
