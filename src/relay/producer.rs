@@ -122,8 +122,8 @@ impl KafkaState {
         read(&self.client)
     }
 
-    /// The current problem, if any: the client's report, else the last failed delivery's error;
-    /// `since` is the earlier of the two.
+    /// The current problem, if any: the client's report, else the last failed delivery's error,
+    /// else the overdue reports; `since` is the earliest of those present.
     pub(crate) fn current(&self) -> Option<ClientProblem> {
         // The first one's text (the most specific), since the earliest.
         [
