@@ -761,7 +761,7 @@ pub fn check_delivery(
 }
 
 // ----------------------------------------------------------------------------------------------
-// An independent reader: the official Java consumer
+// Independent Java programs: the official Java consumer (readers) and producer (partitions)
 // ----------------------------------------------------------------------------------------------
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -771,34 +771,35 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     Some(
         (0..b.len() / 2)
-            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex from Verify.java"))
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex from a Java program"))
             .collect(),
     )
 }
 
 /// Runs `tests/it/java/<program>` as a single-file source program on the cluster's Kafka jars
-/// (then `extra_classpath`) with arguments `BROKERS TOPIC EXPECTED TIMEOUT_MS`; returns its
-/// stdout.
+/// (then `extra_classpath`) with arguments `BROKERS args…` and `input` on its standard input;
+/// returns its stdout.
 ///
 /// # Panics
 ///
 /// When `java` cannot run, outlives `timeout` by 60 s, or exits non-zero (its stderr is in the
 /// message).
-async fn run_java_reader(
+async fn run_java(
     cluster: &Cluster,
     program: &str,
     extra_classpath: Option<&str>,
-    topic: &str,
-    expected: usize,
+    args: &[String],
+    input: &[u8],
     timeout: Duration,
 ) -> String {
+    use tokio::io::AsyncWriteExt;
     let lib = cluster.read("lib");
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/it/java/{program}"));
     let classpath = match extra_classpath {
         Some(extra) => format!("{lib}/*:{extra}/*"),
         None => format!("{lib}/*"),
     };
-    let run = tokio::process::Command::new("java")
+    let mut child = tokio::process::Command::new("java")
         .arg("-Xmx256m")
         .arg("-XX:TieredStopAtLevel=1")
         .arg(format!(
@@ -809,12 +810,19 @@ async fn run_java_reader(
         .arg(classpath)
         .arg(&source)
         .arg(cluster.brokers())
-        .arg(topic)
-        .arg(expected.to_string())
-        .arg(timeout.as_millis().to_string())
-        .stdin(Stdio::null())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
+        .spawn()
+        .expect("running java");
+    let mut stdin = child.stdin.take().expect("java's stdin");
+    // A program that fails before reading all of it shows as its exit status and stderr.
+    let feed = async move {
+        let _ = stdin.write_all(input).await;
+    };
+    let run = async { tokio::join!(feed, child.wait_with_output()).1 };
     let out = tokio::time::timeout(timeout + Duration::from_secs(60), run)
         .await
         .unwrap_or_else(|_| panic!("{program} ends within its timeout + 60 s"))
@@ -825,6 +833,23 @@ async fn run_java_reader(
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// [`run_java`] for a reader: arguments `BROKERS TOPIC EXPECTED TIMEOUT_MS`, nothing on stdin.
+async fn run_java_reader(
+    cluster: &Cluster,
+    program: &str,
+    extra_classpath: Option<&str>,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> String {
+    let args = [
+        topic.to_string(),
+        expected.to_string(),
+        timeout.as_millis().to_string(),
+    ];
+    run_java(cluster, program, extra_classpath, &args, b"", timeout).await
 }
 
 /// Reads `topic` of `cluster` from the beginning with the official Java consumer
@@ -874,6 +899,57 @@ pub async fn java_read(
         .collect();
     records.sort_by_key(|r| (r.partition, r.offset));
     records
+}
+
+/// Sends one record per key to `topic` of `cluster` with the official Java producer
+/// (`tests/it/java/ProducePartitions.java`: `KafkaProducer` of the cluster's kafka-clients with
+/// its default partitioner, run as a single-file source program) and returns, for each key (its
+/// exact bytes), the partition of its acknowledged send, as its `RecordMetadata` says.
+///
+/// # Panics
+///
+/// When `java` cannot run, a send fails or is not acknowledged within `timeout`, or a key gets
+/// no answer (keys must be distinct).
+pub async fn java_producer_partitions(
+    cluster: &Cluster,
+    topic: &str,
+    keys: &[&[u8]],
+    timeout: Duration,
+) -> std::collections::HashMap<Vec<u8>, i32> {
+    let mut input = String::new();
+    for key in keys {
+        for b in *key {
+            input += &format!("{b:02x}");
+        }
+        input.push('\n');
+    }
+    let args = [topic.to_string(), timeout.as_millis().to_string()];
+    let stdout = run_java(
+        cluster,
+        "ProducePartitions.java",
+        None,
+        &args,
+        input.as_bytes(),
+        timeout,
+    )
+    .await;
+    let partitions: std::collections::HashMap<Vec<u8>, i32> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("P "))
+        .map(|l| {
+            let (key, partition) = l.split_once(' ').expect("P <key hex> <partition>");
+            let key = unhex(key).expect("a key");
+            (key, partition.parse().expect("a partition"))
+        })
+        .collect();
+    assert_eq!(
+        partitions.len(),
+        keys.len(),
+        "the Java producer reported a partition for {} of {} keys",
+        partitions.len(),
+        keys.len()
+    );
+    partitions
 }
 
 /// A record as the CloudEvents Java SDK's Kafka binding decoded it
