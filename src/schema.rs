@@ -374,20 +374,49 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
     })
 }
 
-/// Refuses to adopt a Go package's table while its relay still holds reservations: left running
-/// after `migrate`, the Go relay (`status != 'done'`) would publish this crate's dead letters
-/// and ignore its order per aggregate. A table that does not exist yet has nothing to check.
+/// The columns of the Go package's table (`migrations/0001_events.sql`): an existing table that
+/// `migrate` adopts must have them all.
+const GO_COLUMNS: [&str; 8] = [
+    "id",
+    "aggregate_id",
+    "event_topic",
+    "event_type",
+    "payload",
+    "status",
+    "created_at",
+    "reserved_to",
+];
+
+/// Refuses to adopt an existing table that is not the Go package's (a column of [`GO_COLUMNS`]
+/// missing: the migrations would fail on it half-way with a bare "column does not exist"), and
+/// a Go package's table while its relay still holds reservations: left running after `migrate`,
+/// the Go relay (`status != 'done'`) would publish this crate's dead letters and ignore its
+/// order per aggregate. A table that does not exist yet has nothing to check.
 ///
 /// # Errors
-/// [`Error::Schema`] naming the rows and the latest lease end; [`Error::Postgres`] when the
-/// query fails.
+/// [`Error::Schema`] naming the missing columns, or the reserved rows and the latest lease end;
+/// [`Error::Postgres`] when a query fails.
 async fn refuse_running_go_relay(tx: &Client, table: &str) -> Result<()> {
-    let exists: bool = tx
-        .query_one("select to_regclass($1) is not null", &[&table])
-        .await?
-        .get(0);
+    let row = tx
+        .query_one(
+            "select to_regclass($1) is not null, coalesce(array_agg(attname::text order by attnum) filter (where attnum > 0 and not attisdropped), '{}') from pg_attribute where attrelid = to_regclass($1)",
+            &[&table],
+        )
+        .await?;
+    let (exists, columns): (bool, Vec<String>) = (row.get(0), row.get(1));
     if !exists {
         return Ok(());
+    }
+    let missing: Vec<&str> = GO_COLUMNS
+        .into_iter()
+        .filter(|c| !columns.iter().any(|have| have == c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Schema(format!(
+            "table {table} exists but is not the Go package's events table: no column {} (it has {}). migrate creates a new table or upgrades the Go package's; choose another table name or rename this one; nothing was changed",
+            missing.join(", "),
+            columns.join(", ")
+        )));
     }
     let row = tx
         .query_one(

@@ -18,13 +18,14 @@ use crate::store::ConfirmOutcome;
 
 use super::publish::{report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
-use super::retry::{retry_delay, unavailable_delay};
+use super::retry::{self, retry_delay, unavailable_delay};
 use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
 fn due_after(ctx: &Ctx, row: &Reserved, outcome: &Outcome) -> Option<Duration> {
     match outcome {
+        Outcome::Failed(f) if f.shared_batch => Some(ctx.settings.retry_backoff_min),
         Outcome::Failed(f) if !f.charged => Some(unavailable_delay(
             &ctx.settings,
             ctx.producers.state().streak(),
@@ -155,9 +156,10 @@ pub(crate) async fn confirm_late(
             let Straggler {
                 idx,
                 future,
+                alone,
                 _permit,
             } = st;
-            (idx, report_result(future.await))
+            (idx, alone, report_result(future.await))
         })
         .collect();
     let stopping = async {
@@ -171,10 +173,12 @@ pub(crate) async fn confirm_late(
             _ = tokio::time::sleep_until(hold_end) => None,
             _ = &mut stopping => None,
         };
-        let Some((idx, report)) = next else { break };
+        let Some((idx, alone, report)) = next else {
+            break;
+        };
         overdue.settled_one();
         let row = &rows[idx];
-        let outcome = late_outcome(&ctx, row, report);
+        let outcome = late_outcome(&ctx, row, report, alone);
         // Every held row of the batch has its hold; without it nothing can be fenced.
         let Some(hold) = holds.get(&row.id) else {
             continue;
@@ -203,20 +207,26 @@ pub(crate) async fn confirm_late(
 
 /// The outcome of a late report. A broker's "too large" answer is about the record batch the
 /// message shared with others, and a late report cannot re-send the event alone as the batch
-/// does (`publish::send_alone`): it is recorded as a failure that charges no attempt, so that the
-/// next batch sends the event again and only an event too large by itself becomes a dead letter.
+/// does (`publish::send_alone`): unless the message already went alone (`alone`), it is recorded
+/// as a failure that charges no attempt ([`retry::refused_batch`]) and the event is marked to go
+/// alone on its next attempt, where only an event too large by itself is refused again and
+/// becomes a dead letter.
 fn late_outcome(
     ctx: &Ctx,
     row: &Reserved,
     report: Result<(i32, i64), rdkafka::error::KafkaError>,
+    alone: bool,
 ) -> Option<Outcome> {
-    let refused = super::publish::is_batch_refused(&report);
-    let mut outcome = Outcome::of_report(ctx, row, report);
-    if let (true, Some(Outcome::Failed(f))) = (refused, outcome.as_mut()) {
-        f.dead = false;
-        f.charged = false;
+    match report {
+        Err(e)
+            if !alone
+                && super::publish::is_batch_refused_error(&e)
+                && ctx.alone_next.mark(row.id) =>
+        {
+            Some(Outcome::Failed(retry::refused_batch(&e)))
+        }
+        report => Outcome::of_report(ctx, row, report),
     }
-    outcome
 }
 
 /// A connection for late reports, within the connect deadline; `None` (logged) when it failed.

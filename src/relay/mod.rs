@@ -76,6 +76,8 @@ pub(crate) struct Ctx {
     /// Late confirms and fence removals that outlive their batch.
     late: TaskTracker,
     fences: Fences,
+    /// Events to send alone on their next attempt (a late refusal of their record batch).
+    alone_next: publish::AloneNext,
 }
 
 /// A relay ready to run (see [`Outbox::run`](crate::Outbox::run)).
@@ -137,6 +139,7 @@ impl Relay {
                 self.stop.clone(),
             ),
             settings: self.settings.clone(),
+            alone_next: publish::AloneNext::default(),
         });
         report::register_metrics();
         ctx.report.running(true);

@@ -66,6 +66,8 @@ pub(crate) struct Straggler {
     /// Index of its row in the batch.
     pub(crate) idx: usize,
     pub(crate) future: DeliveryFuture,
+    /// Sent by the solo producer, alone in its record batch (see [`send_alone`]).
+    pub(crate) alone: bool,
     /// Its in-flight permit, released with the report.
     pub(crate) _permit: OwnedSemaphorePermit,
 }
@@ -123,7 +125,8 @@ pub(crate) async fn publish(
 
 enum Sent {
     Report(Result<(i32, i64), KafkaError>),
-    Cutoff(DeliveryFuture, OwnedSemaphorePermit),
+    /// No report by the cutoff; `bool`: sent alone (the solo producer).
+    Cutoff(DeliveryFuture, OwnedSemaphorePermit, bool),
     Skipped,
 }
 
@@ -151,7 +154,7 @@ async fn publish_chain(
         }
         let report = match send_one(ctx, row, cutoff).await {
             Sent::Skipped => break,
-            Sent::Cutoff(future, permit) => {
+            Sent::Cutoff(future, permit, alone) => {
                 out.push((idx, Outcome::Held));
                 let _permit = permit;
                 return (
@@ -159,6 +162,7 @@ async fn publish_chain(
                     Some(Straggler {
                         idx,
                         future,
+                        alone,
                         _permit,
                     }),
                 );
@@ -199,6 +203,9 @@ pub(crate) fn is_purged_unsent(e: &KafkaError) -> bool {
 }
 
 async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
+    if ctx.alone_next.take(row.id) {
+        return send_alone(ctx, row, cutoff).await;
+    }
     let Some(permit) = in_flight_permit(ctx, cutoff).await else {
         return Sent::Skipped;
     };
@@ -268,7 +275,7 @@ async fn deliver(
         _ = wait_until(ctx, cutoff) => {
             ctx.report.in_flight(-1);
             span.end(Err("held: no delivery report before the batch ended"));
-            return Sent::Cutoff(future, permit);
+            return Sent::Cutoff(future, permit, generation.is_none());
         }
     };
     ctx.report.in_flight(-1);
@@ -309,14 +316,51 @@ fn record_of<'a>(
 /// the broker refused the batch for another record's INVALID_RECORD; that record gets the error
 /// itself): re-sent alone, this message is judged on its own.
 pub(crate) fn is_batch_refused(report: &Result<(i32, i64), KafkaError>) -> bool {
+    matches!(report, Err(e) if is_batch_refused_error(e))
+}
+
+/// See [`is_batch_refused`].
+pub(crate) fn is_batch_refused_error(e: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
-        report,
-        Err(e) if matches!(
-            e.rdkafka_error_code(),
-            Some(MessageSizeTooLarge | MessageBatchTooLarge | InvalidDifferentRecord)
-        )
+        e.rdkafka_error_code(),
+        Some(MessageSizeTooLarge | MessageBatchTooLarge | InvalidDifferentRecord)
     )
+}
+
+/// Events whose record batch was refused in a report that came after their batch ended (see
+/// `confirm::late_outcome`): their next attempt skips the shared producer and goes alone
+/// ([`send_alone`]), or an event too large for the topic would be refused late with its batch,
+/// uncharged, forever. Relay-local (a restarted relay learns it again from one refusal), at most
+/// [`AloneNext::CAPACITY`] events: beyond that a late refusal is judged like any failure.
+#[derive(Default)]
+pub(crate) struct AloneNext(std::sync::Mutex<std::collections::HashSet<Uuid>>);
+
+impl AloneNext {
+    /// The most events remembered at once.
+    pub(crate) const CAPACITY: usize = 10_000;
+
+    /// Marks `id` to go alone next time; `false` when the set is full (nothing marked).
+    pub(crate) fn mark(&self, id: Uuid) -> bool {
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.len() >= Self::CAPACITY && !set.contains(&id) {
+            return false;
+        }
+        set.insert(id);
+        true
+    }
+
+    /// Whether `id` was marked, forgetting it.
+    fn take(&self, id: Uuid) -> bool {
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.remove(&id)
+    }
 }
 
 /// Sends `row` again as the only message of its record batch (on the solo producer, one message
@@ -327,7 +371,9 @@ pub(crate) fn is_batch_refused(report: &Result<(i32, i64), KafkaError>) -> bool 
 /// one message in each record batch (`batch.num.messages=1`); one that librdkafka made fatal is
 /// replaced before its next use (`Producers::solo`).
 async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
+    // Not sent now: retried without counting an attempt, and still alone next time.
     let busy = || {
+        ctx.alone_next.mark(row.id);
         Sent::Report(Err(KafkaError::MessageProduction(
             RDKafkaErrorCode::QueueFull,
         )))

@@ -165,7 +165,11 @@ impl Reporter {
 
     fn failed(&self, row: &Reserved, f: &super::retry::Failure) {
         let attempts = row.attempts + i32::from(f.charged);
-        if !f.charged {
+        if f.shared_batch {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outbox_delivery_failures_total").increment(1);
+            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)");
+        } else if !f.charged {
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("outbox_kafka_unavailable_total").increment(1);
             tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)");

@@ -108,8 +108,14 @@ pub(crate) struct Failure {
     /// A permanent error, or the last allowed attempt: the event becomes a dead letter.
     pub(crate) dead: bool,
     /// Whether the attempt counts (`attempts + 1`); `false` for a failure of the cluster or the
-    /// producer, not of the event (see [`is_cluster_unavailable`]).
+    /// producer, not of the event (see [`is_cluster_unavailable`]), and for a refused record
+    /// batch the event only shared ([`refused_batch`]).
     pub(crate) charged: bool,
+    /// The broker refused the record batch the event shared with others (too large, or another
+    /// record invalid), and the refusal came too late to send the event alone within its batch:
+    /// its next attempt goes alone (see `publish::AloneNext`). Neither the event's failure nor
+    /// the cluster's.
+    pub(crate) shared_batch: bool,
 }
 
 /// Judges attempt number `attempts_before + 1` of an event that failed with `e`. `cause`: what
@@ -132,6 +138,7 @@ pub(crate) fn judge(
             code,
             dead: false,
             charged: false,
+            shared_batch: false,
         };
     }
     let permanent = code.is_some_and(is_permanent);
@@ -141,6 +148,22 @@ pub(crate) fn judge(
         code,
         dead: permanent || last,
         charged: true,
+        shared_batch: false,
+    }
+}
+
+/// A late report that the record batch the event shared was refused (see
+/// [`Failure::shared_batch`]): no attempt counted, never a dead letter; the event is sent
+/// again, alone, after `retry_backoff_min`.
+pub(crate) fn refused_batch(e: &KafkaError) -> Failure {
+    Failure {
+        error: format!(
+            "{e} (refused with the record batch it shared; it will be sent again, alone)"
+        ),
+        code: e.rdkafka_error_code(),
+        dead: false,
+        charged: false,
+        shared_batch: true,
     }
 }
 
@@ -152,6 +175,7 @@ pub(crate) fn invalid_row(rule: &str) -> Failure {
         code: None,
         dead: true,
         charged: true,
+        shared_batch: false,
     }
 }
 

@@ -916,6 +916,39 @@ async fn migrate_refuses_while_the_go_relay_holds_reservations() {
     assert_code(&migrated, 0, "migrate once the Go leases have run out");
 }
 
+/// An existing table that is not the Go package's (columns missing) is refused by `migrate` with
+/// the missing columns named, before any change: not Postgres' bare "column does not exist"
+/// from a migration half-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_foreign_table_naming_its_missing_columns() {
+    let client = support::connect_pg().await;
+    let table = support::unique_name("cli_foreign");
+    client
+        .batch_execute(&format!(
+            "create table {table} (id uuid primary key, aggregate_id text, payload jsonb)"
+        ))
+        .await
+        .unwrap();
+    let out = cli_on(&table, &["migrate"]).await;
+    assert_code(&out, 5, "migrate of a foreign table");
+    assert!(
+        out.stderr.contains(&format!(
+            "table {table} exists but is not the Go package's events table: no column event_topic, event_type, status, created_at, reserved_to"
+        )) && out.stderr.contains("nothing was changed"),
+        "{}",
+        out.all()
+    );
+    let columns: i64 = client
+        .query_one(
+            "select count(*) from information_schema.columns where table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 3, "the refused migrate changed the table");
+}
+
 /// A Go relay still running against the table after `migrate` (issue 14.1), simulated with its
 /// own statements (`FindNewAndNotReserved`, then `SetReservedToByIDs` with its process's clock
 /// plus its lease): `status` warns, `/health` turns 503 naming the reserved rows, and the relay

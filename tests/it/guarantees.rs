@@ -820,6 +820,75 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A refused record batch reported after the batch ended (a slow broker: every report is late)
+/// is not the event's failure, but its next attempt goes alone: an event refused only with its
+/// batch is then delivered, with no attempt charged; one refused again when alone (too large by
+/// itself) becomes a dead letter after one attempt. Before the relay sent such an event alone,
+/// a late refusal was retried uncharged on the shared producer, and an event too large for the
+/// topic cycled forever on a slow cluster instead of becoming a dead letter. (The mock's
+/// injected MESSAGE_TOO_LARGE stands for a topic's `max.message.bytes`, which the mock does not
+/// enforce.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_refused_batch_sends_the_event_alone_next_time() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup("lateref", 1, Some(&kafka)).await;
+    let outbox = builder(&env)
+        .publish_timeout(Duration::from_secs(15))
+        .batch_timeout(Duration::from_millis(500))
+        .lease(Duration::from_secs(30))
+        .retry_backoff(Duration::from_millis(200), Duration::from_secs(1))
+        .shutdown_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    let mut acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+    let warm = insert(&outbox, &mut client, &[ev(t, "W", 1)]).await;
+    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .expect("delay the broker");
+    let too_large = RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+
+    // Refused once, with its batch: delivered alone, no attempt charged.
+    kafka.request_errors(RDKafkaApiKey::Produce, &[too_large]);
+    let a = insert(&outbox, &mut client, &[ev(t, "A", 1)]).await;
+    let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
+    assert_eq!(failure.event_id(), a[0], "{failure:?}");
+    assert!(!failure.is_dead_letter(), "{failure:?}");
+    assert_eq!(failure.attempts(), 0, "no attempt charged: {failure:?}");
+    assert!(
+        failure.error().contains("it will be sent again, alone"),
+        "{failure:?}"
+    );
+    let done = support::wait_status(&outbox, &a, EventStatus::Done, Duration::from_secs(40)).await;
+    assert_eq!(done[0].attempts(), 0, "{}", support::brief(&done));
+
+    // Refused with its batch, then alone: a dead letter after one attempt.
+    kafka.request_errors(RDKafkaApiKey::Produce, &[too_large, too_large]);
+    let b = insert(&outbox, &mut client, &[ev(t, "B", 1)]).await;
+    let first = next_failure(&mut acks, Duration::from_secs(30)).await;
+    assert_eq!(first.event_id(), b[0], "{first:?}");
+    assert!(!first.is_dead_letter(), "refused with its batch: {first:?}");
+    let second = next_failure(&mut acks, Duration::from_secs(40)).await;
+    assert_eq!(second.event_id(), b[0], "{second:?}");
+    assert!(
+        second.is_dead_letter(),
+        "refused alone, too large by itself: {second:?}"
+    );
+    assert_eq!(second.attempts(), 1, "{second:?}");
+    let dead =
+        support::wait_status(&outbox, &b, EventStatus::Failed, Duration::from_secs(10)).await;
+    assert_eq!(dead[0].attempts(), 1, "{}", support::brief(&dead));
+
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // S5 — oversized payload
 // ----------------------------------------------------------------------------------------------
