@@ -426,7 +426,18 @@ impl Pg {
             Ok::<bool, tokio_postgres::Error>(broken)
         };
         let broken = bounded("pooler check", self.timeout, async {
-            probe.await.map_err(Error::Postgres)
+            match probe.await {
+                // A statement prepared on one server connection and executed on another: the
+                // pooler moved the session between two round trips (PgBouncer 1.18 in
+                // transaction pooling, seen intermittently).
+                Err(e)
+                    if e.code()
+                        == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
+                {
+                    Ok(true)
+                }
+                r => r.map_err(Error::Postgres),
+            }
         })
         .await?;
         if broken {
