@@ -392,7 +392,7 @@ impl Ctx {
         match self.producers.rebuild(generation) {
             Ok(Some(old)) => {
                 self.report.producer_rebuilt(&reason, streak);
-                drop(tokio::task::spawn_blocking(move || drop(old)));
+                producer::retire(old);
             }
             Ok(None) => {}
             Err(e) => {

@@ -206,6 +206,12 @@ impl ClientContext for RelayContext {
     }
 }
 
+/// Drops a replaced producer on a blocking thread: dropping purges and flushes for up to 500 ms,
+/// which must not stall the runtime's async threads.
+pub(crate) fn retire(old: RelayProducer) {
+    drop(tokio::task::spawn_blocking(move || drop(old)));
+}
+
 /// The current producer and its generation (incremented by each rebuild).
 struct Current {
     generation: u64,
@@ -264,7 +270,7 @@ impl Producers {
         if let Some((code, reason)) = guard.as_ref().and_then(|p| p.client().fatal_error()) {
             tracing::warn!(error = %printable(&format!("{code}: {reason}")), "outbox relay: the solo producer became fatal; replacing it");
             if let Some(old) = guard.take() {
-                drop(tokio::task::spawn_blocking(move || drop(old)));
+                retire(old);
             }
         }
         if guard.is_none() {
@@ -300,8 +306,7 @@ impl Producers {
     }
 
     /// Replaces the producer of `generation` with a new one (unless another caller already did);
-    /// returns the replaced producer (drop it off the async threads: dropping purges and flushes
-    /// for up to 500 ms), or `None` when nothing was replaced.
+    /// returns the replaced producer (to [`retire`]), or `None` when nothing was replaced.
     ///
     /// # Errors
     /// librdkafka's error when a new producer cannot be created; the old one stays.
