@@ -125,6 +125,24 @@ async fn pg(env: &Env) -> tokio_postgres::Client {
     outbox::testing::connect(&env.pg).await.expect("connect pg")
 }
 
+/// An outbox connected on `b` and started, with its ack stream (subscribed before the start), a
+/// reader on `env`'s topic and a Postgres client.
+async fn run(
+    env: &Env,
+    b: OutboxBuilder,
+) -> (
+    Outbox,
+    DeliveryStream,
+    support::RelayTask,
+    TopicReader,
+    tokio_postgres::Client,
+) {
+    let outbox = b.connect().await.expect("connect");
+    let acks = outbox.subscribe();
+    let handle = outbox.start().expect("start");
+    (outbox, acks, handle, reader(env).await, pg(env).await)
+}
+
 async fn reader_of(brokers: &str, topic: &str) -> TopicReader {
     TopicReader::connect(brokers, topic, Duration::from_secs(30))
         .await
@@ -408,11 +426,7 @@ async fn s3_three_relays_deliver_every_event_once_in_order_per_aggregate() {
 async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("s4", 2, Some(&kafka)).await;
-    let outbox = fast(builder(&env)).connect().await.expect("connect");
-    let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut reader = reader(&env).await;
-    let mut client = pg(&env).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, fast(builder(&env))).await;
     let t = env.topic.as_str();
 
     // 1. A retriable failure of X's first publish.
@@ -544,15 +558,11 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
 async fn s4_dead_letter_policy_continue_publishes_later_events() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("s4c", 2, Some(&kafka)).await;
-    let outbox = fast(builder(&env))
-        .dead_letter_policy(DeadLetterPolicy::Continue)
-        .connect()
-        .await
-        .expect("connect");
-    let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut reader = reader(&env).await;
-    let mut client = pg(&env).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(
+        &env,
+        fast(builder(&env)).dead_letter_policy(DeadLetterPolicy::Continue),
+    )
+    .await;
     let t = env.topic.as_str();
 
     kafka.request_errors(
@@ -624,20 +634,17 @@ fn retriable_errors(n: usize) -> Vec<RDKafkaRespErr> {
 async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("retry", 1, Some(&kafka)).await;
-    let outbox = builder(&env)
-        .publish_timeout(Duration::from_secs(2))
-        .lease(Duration::from_secs(8))
-        .shutdown_timeout(Duration::from_secs(5))
-        .batch_timeout(Duration::from_secs(2))
-        .retry_backoff(Duration::from_secs(2), Duration::from_secs(4))
-        .max_attempts(2)
-        .connect()
-        .await
-        .expect("connect");
-    let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut reader = reader(&env).await;
-    let mut client = pg(&env).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(
+        &env,
+        builder(&env)
+            .publish_timeout(Duration::from_secs(2))
+            .lease(Duration::from_secs(8))
+            .shutdown_timeout(Duration::from_secs(5))
+            .batch_timeout(Duration::from_secs(2))
+            .retry_backoff(Duration::from_secs(2), Duration::from_secs(4))
+            .max_attempts(2),
+    )
+    .await;
     let t = env.topic.as_str();
 
     // 1. A transient failure.
@@ -845,11 +852,7 @@ async fn s5_oversized_event_is_dead_lettered_once_and_others_flow() {
 /// topic configs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_broker_size_limit_dead_letters_only_the_big_event() {
-    if support::kafka_is_mock() {
-        eprintln!("s5 broker limit: skipped: the mock cluster does not enforce max.message.bytes");
-        return;
-    }
-    s5_oversized(200_000, "100000", false).await;
+    s5_broker_limit(false).await;
 }
 
 /// As `s5_broker_size_limit_dead_letters_only_the_big_event`, with the big event and the 10
@@ -859,11 +862,17 @@ async fn s5_broker_size_limit_dead_letters_only_the_big_event() {
 /// a dead letter (after 1 attempt); the 10 others are delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_broker_size_limit_in_one_record_batch_dead_letters_only_the_big_event() {
+    s5_broker_limit(true).await;
+}
+
+/// `s5_oversized` with the broker's own limit (a 200 kB event, topic limit 100,000); skipped on
+/// the mock cluster, which does not enforce topic configs.
+async fn s5_broker_limit(together: bool) {
     if support::kafka_is_mock() {
         eprintln!("s5 broker limit: skipped: the mock cluster does not enforce max.message.bytes");
         return;
     }
-    s5_oversized(200_000, "100000", true).await;
+    s5_oversized(200_000, "100000", together).await;
 }
 
 /// `big` bytes of payload for the big event, `topic_limit` as the topic's `max.message.bytes`;
@@ -898,11 +907,7 @@ async fn s5_oversized(big: usize, topic_limit: &str, together: bool) {
         brokers,
         pg: pg_config,
     };
-    let outbox = builder(&env).connect().await.expect("connect");
-    let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut reader = reader(&env).await;
-    let mut client = pg(&env).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, builder(&env)).await;
     let t = env.topic.as_str();
 
     let big = NewEvent::new(t, "big", "blob.stored", json!({ "blob": "x".repeat(big) }));
@@ -1069,14 +1074,8 @@ async fn s6_invalid_topics_are_rejected_at_add_new_event() {
 async fn s6_missing_topic_is_retried_with_backoff_while_others_flow() {
     let env = setup("s6m", 1, None).await;
     let missing = support::unique_name("s6_missing_topic");
-    let outbox = without_auto_create(fast(builder(&env)))
-        .connect()
-        .await
-        .expect("connect");
-    let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut reader = reader(&env).await;
-    let mut client = pg(&env).await;
+    let (outbox, mut acks, handle, mut reader, mut client) =
+        run(&env, without_auto_create(fast(builder(&env)))).await;
     let t = env.topic.as_str();
 
     let m_ids = insert(

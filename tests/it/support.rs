@@ -1248,3 +1248,24 @@ pub async fn wait_status(
     )
     .await
 }
+
+// ----------------------------------------------------------------------------------------------
+// Starting a relay with a reader
+// ----------------------------------------------------------------------------------------------
+
+/// A started relay's task, as `Outbox::start` returns it.
+pub type RelayTask = tokio::task::JoinHandle<outbox::Result<()>>;
+
+/// Connects the outbox `b` describes, then a reader on `topic` of `brokers` (`within` to find
+/// the topic), then starts the relay: the reader is subscribed before anything is published.
+pub async fn start_with_reader(
+    b: outbox::OutboxBuilder,
+    brokers: &str,
+    topic: &str,
+    within: std::time::Duration,
+) -> (outbox::Outbox, TopicReader, RelayTask) {
+    let outbox = b.connect().await.unwrap();
+    let reader = TopicReader::connect(brokers, topic, within).await.unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, reader, relay)
+}
