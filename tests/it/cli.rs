@@ -15,8 +15,6 @@ use crate::support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
-use crate::support::GO_DDL;
-
 // ----------------------------------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------------------------------
@@ -319,13 +317,7 @@ pub(crate) async fn migrated_table(prefix: &str) -> (tokio_postgres::Client, Str
 /// Creates `table` with the Go DDL and three rows (two pending, one done) for `topic`, created
 /// out of order; returns their ids in created_at order: (oldest new, done, newest new).
 async fn go_table(client: &tokio_postgres::Client, table: &str, topic: &str) -> [Uuid; 3] {
-    client
-        .batch_execute(&GO_DDL.replace(
-            "create table if not exists events (",
-            &format!("create table if not exists {table} ("),
-        ))
-        .await
-        .unwrap();
+    support::create_go_table(client, table).await;
     let ids = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
     let insert = format!(
         "insert into {table} (id, aggregate_id, event_topic, event_type, payload, status, created_at)
@@ -583,14 +575,7 @@ async fn run_relays_go_rows_logs_progress_and_stops_on_sigterm() {
     );
 
     // Confirmed in the table.
-    let left: i64 = client
-        .query_one(
-            &format!("select count(*) from {table} where status <> 'done'"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = support::count_rows(&client, &table, "where status <> 'done'").await;
     assert_eq!(left, 0, "every row is done");
 
     relay.sigterm();
@@ -1022,14 +1007,7 @@ async fn a_go_relay_still_running_is_reported() {
     assert_eq!(h["legacy_reservations"], 3, "{h}");
     assert_eq!(h["healthy"], false, "{h}");
     // The Go relay's rows are left alone while it holds them.
-    let pending: i64 = client
-        .query_one(
-            &format!("select count(*) from {table} where status = 'new'"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let pending = support::count_rows(&client, &table, "where status = 'new'").await;
     assert_eq!(pending, 3);
 
     // The Go relay stopped and its lease ran out (simulated: moved into the past).

@@ -638,8 +638,6 @@ async fn transaction_open_before_relay_started_is_published_after_commit() {
 // 4. Upgrading the original Go package's table
 // ----------------------------------------------------------------------------------------------
 
-use crate::support::GO_DDL;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
     support::init_tracing();
@@ -649,13 +647,7 @@ async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
     let brokers = support::kafka_brokers();
     support::create_topic(&topic, 1).await;
     let mut client = support::connect_pg().await;
-    client
-        .batch_execute(&GO_DDL.replace(
-            "create table if not exists events (",
-            &format!("create table if not exists {table} ("),
-        ))
-        .await
-        .unwrap();
+    support::create_go_table(&client, &table).await;
     // Three rows, inserted out of created_at order: the oldest pending, a done one, and a pending
     // one with a stale reservation left by a Go relay.
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();

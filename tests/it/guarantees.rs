@@ -36,14 +36,7 @@ use crate::support::{self, ConsumedRecord, MockKafka, TopicReader};
 // Local helpers
 // ----------------------------------------------------------------------------------------------
 
-/// One test's private table, channel and topic, on Postgres `pg` and Kafka `brokers`.
-struct Env {
-    table: String,
-    channel: String,
-    topic: String,
-    brokers: String,
-    pg: tokio_postgres::Config,
-}
+type Env = support::TestEnv;
 
 /// Migrates a fresh table (own channel) on the shared test database and creates a topic with
 /// `partitions`, on the test Kafka or, when given, on `mock`.
@@ -58,46 +51,28 @@ async fn setup_in(
     pg: tokio_postgres::Config,
 ) -> Env {
     support::init_tracing();
-    let table = support::unique_name(&format!("{prefix}_t"));
-    let channel = support::unique_name(&format!("{prefix}_c"));
-    let topic = support::unique_name(&format!("{prefix}_topic"));
-    let client = outbox::testing::connect(&pg).await.expect("connect pg");
-    outbox::migrate_table(&client, &table, &channel)
+    let brokers = match mock {
+        Some(kafka) => kafka.bootstrap_servers(),
+        None => support::kafka_brokers(),
+    };
+    let env = Env::named(prefix, brokers, pg);
+    let (table, topic) = (&env.table, &env.topic);
+    let client = outbox::testing::connect(&env.pg).await.expect("connect pg");
+    outbox::migrate_table(&client, table, &env.channel)
         .await
         .unwrap_or_else(|e| panic!("migrating {table}: {e}"));
-    let brokers = match mock {
+    match mock {
         Some(kafka) => {
-            let brokers = kafka.bootstrap_servers();
             kafka
-                .create_topic(&topic, partitions)
+                .create_topic(topic, partitions)
                 .unwrap_or_else(|e| panic!("creating {topic} on the mock cluster: {e}"));
-            support::wait_for_topic(&brokers, &topic, Duration::from_secs(30))
+            support::wait_for_topic(&env.brokers, topic, Duration::from_secs(30))
                 .await
                 .unwrap_or_else(|e| panic!("topic {topic} did not appear: {e}"));
-            brokers
         }
-        None => {
-            support::create_topic(&topic, partitions).await;
-            support::kafka_brokers()
-        }
-    };
-    Env {
-        table,
-        channel,
-        topic,
-        brokers,
-        pg,
+        None => support::create_topic(topic, partitions).await,
     }
-}
-
-/// A builder for the test's table and channel.
-fn builder(env: &Env) -> OutboxBuilder {
-    Outbox::builder()
-        .postgres(env.pg.clone())
-        .kafka_brokers(env.brokers.clone())
-        .table(env.table.clone())
-        .channel(env.channel.clone())
-        .poll_interval(Duration::from_millis(200))
+    env
 }
 
 /// A builder for a test that produces to a topic that was never created. The test cluster has
@@ -177,6 +152,16 @@ fn ev(topic: &str, aggregate: &str, n: i64) -> NewEvent {
 }
 
 /// Inserts `events` in one transaction (one `add_new_events` call) and commits.
+/// `aggregate`'s events with counters `ns`, as [`ev`] makes them.
+fn counters(topic: &str, aggregate: &str, ns: std::ops::RangeInclusive<i64>) -> Vec<NewEvent> {
+    ns.map(|n| ev(topic, aggregate, n)).collect()
+}
+
+/// Makes the mock cluster answer the next Produce request with `err`.
+fn fail_next_produce(kafka: &MockKafka, err: RDKafkaRespErr) {
+    kafka.request_errors(RDKafkaApiKey::Produce, &[err]);
+}
+
 async fn insert(
     outbox: &Outbox,
     client: &mut tokio_postgres::Client,
@@ -297,7 +282,8 @@ async fn s3_three_relays_deliver_every_event_once_in_order_per_aggregate() {
     let mut relays = Vec::new();
     let mut handles = Vec::new();
     for _ in 0..3 {
-        let outbox = builder(&env)
+        let outbox = env
+            .builder()
             .batch_size(50)
             .max_batches_in_flight(2)
             .poll_interval(Duration::from_millis(100))
@@ -426,20 +412,15 @@ async fn s3_three_relays_deliver_every_event_once_in_order_per_aggregate() {
 async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("s4", 2, Some(&kafka)).await;
-    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, fast(builder(&env))).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, fast(env.builder())).await;
     let t = env.topic.as_str();
 
     // 1. A retriable failure of X's first publish.
-    kafka.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+    fail_next_produce(
+        &kafka,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
     );
-    let x_ids = insert(
-        &outbox,
-        &mut client,
-        &[ev(t, "X", 1), ev(t, "X", 2), ev(t, "X", 3)],
-    )
-    .await;
+    let x_ids = insert(&outbox, &mut client, &counters(t, "X", 1..=3)).await;
     let mut got = read_n(&mut reader, 3, Duration::from_secs(30)).await;
     got.extend(reader.read_for(Duration::from_millis(500)).await);
     let by_key = counters_by_key(&got);
@@ -448,16 +429,8 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     support::wait_status(&outbox, &x_ids, EventStatus::Done, Duration::from_secs(10)).await;
 
     // 2. A permanent failure of Y's event 1.
-    kafka.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-    );
-    let y_ids = insert(
-        &outbox,
-        &mut client,
-        &[ev(t, "Y", 1), ev(t, "Y", 2), ev(t, "Y", 3)],
-    )
-    .await;
+    fail_next_produce(&kafka, RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD);
+    let y_ids = insert(&outbox, &mut client, &counters(t, "Y", 1..=3)).await;
     let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
     assert_eq!(
         failure.event_id(),
@@ -506,12 +479,7 @@ async fn s4_failed_publish_keeps_order_and_dead_letter_blocks_its_aggregate() {
     );
 
     // Other aggregates keep flowing; Y's 2 and 3 do not go out.
-    insert(
-        &outbox,
-        &mut client,
-        &[ev(t, "Z", 1), ev(t, "Z", 2), ev(t, "Z", 3)],
-    )
-    .await;
+    insert(&outbox, &mut client, &counters(t, "Z", 1..=3)).await;
     let z = read_n(&mut reader, 3, Duration::from_secs(10)).await;
     assert_eq!(counters_by_key(&z).get("Z"), Some(&vec![1, 2, 3]), "{z:#?}");
     reader.assert_idle(Duration::from_secs(2)).await;
@@ -560,21 +528,13 @@ async fn s4_dead_letter_policy_continue_publishes_later_events() {
     let env = setup("s4c", 2, Some(&kafka)).await;
     let (outbox, mut acks, handle, mut reader, mut client) = run(
         &env,
-        fast(builder(&env)).dead_letter_policy(DeadLetterPolicy::Continue),
+        fast(env.builder()).dead_letter_policy(DeadLetterPolicy::Continue),
     )
     .await;
     let t = env.topic.as_str();
 
-    kafka.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-    );
-    let y_ids = insert(
-        &outbox,
-        &mut client,
-        &[ev(t, "Y", 1), ev(t, "Y", 2), ev(t, "Y", 3)],
-    )
-    .await;
+    fail_next_produce(&kafka, RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD);
+    let y_ids = insert(&outbox, &mut client, &counters(t, "Y", 1..=3)).await;
     let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
     assert_eq!(failure.event_id(), y_ids[0], "{failure:?}");
     assert!(failure.is_dead_letter(), "{failure:?}");
@@ -636,7 +596,7 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
     let env = setup("retry", 1, Some(&kafka)).await;
     let (outbox, mut acks, handle, mut reader, mut client) = run(
         &env,
-        builder(&env)
+        env.builder()
             .publish_timeout(Duration::from_secs(2))
             .lease(Duration::from_secs(8))
             .shutdown_timeout(Duration::from_secs(5))
@@ -649,12 +609,7 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
 
     // 1. A transient failure.
     kafka.request_errors(RDKafkaApiKey::Produce, &retriable_errors(1000));
-    let x_ids = insert(
-        &outbox,
-        &mut client,
-        &[ev(t, "X", 1), ev(t, "X", 2), ev(t, "X", 3)],
-    )
-    .await;
+    let x_ids = insert(&outbox, &mut client, &counters(t, "X", 1..=3)).await;
     let failure = next_failure(&mut acks, Duration::from_secs(20)).await;
     let failed_at = Utc::now();
     assert_eq!(failure.event_id(), x_ids[0], "{failure:?}");
@@ -771,7 +726,8 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
 async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("overdue", 1, Some(&kafka)).await;
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .publish_timeout(Duration::from_secs(5))
         .batch_timeout(Duration::from_secs(1))
         .lease(Duration::from_secs(20))
@@ -879,35 +835,25 @@ async fn s5_broker_limit(together: bool) {
 /// `together`: the big event and the small ones in one transaction (else two).
 async fn s5_oversized(big: usize, topic_limit: &str, together: bool) {
     support::init_tracing();
-    let pg_config = support::postgres().await;
-    let table = support::unique_name("s5_t");
-    let channel = support::unique_name("s5_c");
-    let topic = support::unique_name("s5_topic");
-    let brokers = support::kafka_brokers();
-    outbox::migrate_table(&support::connect_pg().await, &table, &channel)
+    let env = Env::named("s5", support::kafka_brokers(), support::postgres().await);
+    outbox::migrate_table(&support::connect_pg().await, &env.table, &env.channel)
         .await
         .expect("migrate");
+    let topic = &env.topic;
     if support::kafka_is_mock() {
         // The mock cluster has no CreateTopics; the limit is the producer's anyway.
-        support::create_topic(&topic, 1).await;
+        support::create_topic(topic, 1).await;
     } else {
         support::create_topic_with_config(
-            &brokers,
-            &topic,
+            &env.brokers,
+            topic,
             1,
             &[("max.message.bytes", topic_limit)],
         )
         .await
         .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
     }
-    let env = Env {
-        table,
-        channel,
-        topic,
-        brokers,
-        pg: pg_config,
-    };
-    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, builder(&env)).await;
+    let (outbox, mut acks, handle, mut reader, mut client) = run(&env, env.builder()).await;
     let t = env.topic.as_str();
 
     let big = NewEvent::new(t, "big", "blob.stored", json!({ "blob": "x".repeat(big) }));
@@ -1005,7 +951,7 @@ fn assert_invalid_topic(result: outbox::Result<impl std::fmt::Debug>, what: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s6_invalid_topics_are_rejected_at_add_new_event() {
     let env = setup("s6i", 1, None).await;
-    let outbox = builder(&env).connect().await.expect("connect");
+    let outbox = env.builder().connect().await.expect("connect");
     let mut client = pg(&env).await;
     let long = "a".repeat(250);
     let tx = client.transaction().await.unwrap();
@@ -1075,7 +1021,7 @@ async fn s6_missing_topic_is_retried_with_backoff_while_others_flow() {
     let env = setup("s6m", 1, None).await;
     let missing = support::unique_name("s6_missing_topic");
     let (outbox, mut acks, handle, mut reader, mut client) =
-        run(&env, without_auto_create(fast(builder(&env)))).await;
+        run(&env, without_auto_create(fast(env.builder()))).await;
     let t = env.topic.as_str();
 
     let m_ids = insert(
@@ -1162,7 +1108,7 @@ async fn s6_missing_topic_is_retried_with_backoff_while_others_flow() {
 async fn s6_missing_topic_error_names_unknown_topic() {
     let env = setup("s6e", 1, None).await;
     let missing = support::unique_name("s6_missing_topic");
-    let outbox = without_auto_create(fast(builder(&env)))
+    let outbox = without_auto_create(fast(env.builder()))
         .connect()
         .await
         .expect("connect");
@@ -1193,7 +1139,8 @@ async fn s6_missing_topic_error_names_unknown_topic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
     let env = setup("s10", 2, None).await;
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .poll_interval(Duration::from_secs(60))
         .connect()
         .await
@@ -1372,7 +1319,8 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
 
     let db = support::fresh_database().await;
     let env = setup_in("s11", 4, None, db).await;
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .retention(Duration::from_secs(1))
         .cleanup(Duration::from_millis(200), 500)
         .connect()
@@ -1528,11 +1476,7 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
         "{}",
         support::brief(&kept)
     );
-    let all: i64 = client
-        .query_one(&format!("select count(*) from {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let all = support::count_rows(&client, table, "").await;
     assert_eq!(all, 4, "only the kept rows remain");
 
     stop_and_join(&outbox, handle).await;
@@ -1556,7 +1500,8 @@ async fn s11_table_stays_flat_and_cleanup_keeps_pending_and_failed_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_shorter_than_publish_timeout_plus_margin_is_rejected() {
     let env = setup("lease", 1, None).await;
-    let err = builder(&env)
+    let err = env
+        .builder()
         .publish_timeout(Duration::from_secs(8))
         .lease(Duration::from_secs(10))
         .connect()
@@ -1573,7 +1518,7 @@ async fn lease_shorter_than_publish_timeout_plus_margin_is_rejected() {
     );
     assert!(problems[0].contains("publish_timeout"), "{problems:?}");
 
-    builder(&env)
+    env.builder()
         .publish_timeout(Duration::from_secs(8))
         .lease(Duration::from_secs(13))
         .connect()

@@ -84,11 +84,7 @@ async fn a_channel_read_from_the_database_never_runs_as_sql() {
         .unwrap()
         .get(0);
     assert_eq!(ran, 0, "the attacker's function ran {ran} time(s)");
-    let status: String = client
-        .query_one(&format!("select status from {table} where id = $1"), &[&id])
-        .await
-        .unwrap()
-        .get(0);
+    let status: String = support::row_value(&client, &table, "status", &id).await;
     assert_eq!(
         status, "failed",
         "nothing was requeued through a tampered table"
@@ -602,14 +598,7 @@ async fn only_a_real_nul_is_refused() {
             .add_new_event(&client, NewEvent::new("t", "a", "T", payload.clone()))
             .await
             .unwrap_or_else(|e| panic!("{payload} refused: {e}"));
-        let stored: Value = client
-            .query_one(
-                &format!("select payload from {table} where id = $1"),
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let stored: Value = support::row_value(&client, &table, "payload", &id).await;
         assert_eq!(&stored, payload);
     }
     for payload in [

@@ -685,11 +685,7 @@ async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
             .unwrap();
         tx.commit().await.unwrap();
     }
-    let n: i64 = client
-        .query_one(&format!("select count(*) from {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = support::count_rows(&client, &table, "").await;
     assert_eq!(n, 20);
 }
 
@@ -934,14 +930,8 @@ async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
     assert_eq!(a_hold.len(), 1, "A's confirm returns its hold");
     let a_hold = a_hold[0];
     support::eventually(HANG, "A's hold ends", || async {
-        let ended: bool = client
-            .query_one(
-                &format!("select next_attempt_at <= now() from {table} where id = $1"),
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let ended: bool =
+            support::row_value(&client, &table, "next_attempt_at <= now()", &id).await;
         if ended {
             Ok(())
         } else {
