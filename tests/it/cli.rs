@@ -737,8 +737,7 @@ async fn metrics_and_health_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ages_are_right_whatever_the_writers_time_zone() {
     let (client, table) = migrated_table("cli_zones").await;
-    let topic = support::unique_name("cli_zones_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("cli_zones_topic", 1).await;
     let brokers = support::kafka_brokers();
     let url = support::postgres_url().await;
     let zones = ["America/New_York", "Asia/Tokyo", "UTC"];
@@ -926,8 +925,7 @@ async fn migrate_refuses_while_the_go_relay_holds_reservations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_relay_still_running_is_reported() {
     let (client, table) = migrated_table("cli_gorelay").await;
-    let topic = support::unique_name("cli_gorelay_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("cli_gorelay_topic", 1).await;
     let brokers = support::kafka_brokers();
     let url = support::postgres_url().await;
     let go_insert = format!(

@@ -252,6 +252,18 @@ async fn next_failure(stream: &mut DeliveryStream, timeout: Duration) -> Deliver
 
 use crate::support::stop_and_join;
 
+/// A notification arrives within 5 s (a waiting relay gets one), then none for 1.5 s: `what`
+/// says what was notified once.
+async fn assert_one_notification(rx: &mut mpsc::UnboundedReceiver<String>, what: &str) {
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "a waiting relay gets a notification"
+    );
+    let more = notifications_within(rx, Duration::from_millis(1500)).await;
+    assert_eq!(more, 0, "{what}");
+}
+
 /// Notifications that arrive within `window`.
 async fn notifications_within(rx: &mut mpsc::UnboundedReceiver<String>, window: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + window;
@@ -996,19 +1008,14 @@ async fn s6_invalid_topics_are_rejected_at_add_new_event() {
         .await
         .expect("a valid event in the same transaction");
     tx.commit().await.expect("commit");
-    let rows: Vec<(String, i64)> = client
-        .query(
-            &format!(
-                "select event_topic, (payload->>'n')::int8 from {}",
-                env.table
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows: Vec<(String, i64)> = support::pairs(
+        &client,
+        &format!(
+            "select event_topic, (payload->>'n')::int8 from {}",
+            env.table
+        ),
+    )
+    .await;
     assert_eq!(rows, vec![(env.topic.clone(), 3)]);
 }
 
@@ -1163,16 +1170,11 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
         .map(|i| ev(t, &format!("a-{}", i % 50), i))
         .collect();
     insert(&outbox, &mut client, &batch).await;
-    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv()).await;
-    assert!(
-        matches!(first, Ok(Some(_))),
-        "a waiting relay gets a notification"
-    );
-    let more = notifications_within(&mut notes, Duration::from_millis(1500)).await;
-    assert_eq!(
-        more, 0,
-        "exactly one notification for one transaction of 1,000 events"
-    );
+    assert_one_notification(
+        &mut notes,
+        "exactly one notification for one transaction of 1,000 events",
+    )
+    .await;
     read_n(&mut reader, 1000, Duration::from_secs(30)).await;
 
     // (2) 1,000 add_new_event statements in one transaction.
@@ -1194,16 +1196,11 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
         "nothing before commit"
     );
     tx.commit().await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv()).await;
-    assert!(
-        matches!(first, Ok(Some(_))),
-        "a waiting relay gets a notification"
-    );
-    let more = notifications_within(&mut notes, Duration::from_millis(1500)).await;
-    assert_eq!(
-        more, 0,
-        "exactly one notification for 1,000 statements in one transaction"
-    );
+    assert_one_notification(
+        &mut notes,
+        "exactly one notification for 1,000 statements in one transaction",
+    )
+    .await;
     read_n(&mut reader, 1000, Duration::from_secs(30)).await;
 
     // (3) relay stopped: its wake lock is released and writers stop notifying.

@@ -142,12 +142,7 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
             .await
             .unwrap();
     }
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records =
         support::assert_nothing_more(&support::kafka_brokers(), &topic, 4, Duration::from_secs(1))
             .await;
@@ -174,16 +169,11 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
         "relay-owned headers once with the relay's values; valid custom headers kept"
     );
     support::stop_and_join(&outbox, relay).await;
-    let statuses: Vec<(String, i32)> = client
-        .query(
-            &format!("select status, attempts from {table} order by seq"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let statuses: Vec<(String, i32)> = support::pairs(
+        &client,
+        &format!("select status, attempts from {table} order by seq"),
+    )
+    .await;
     assert_eq!(statuses, vec![("done".to_string(), 0); 4]);
 }
 

@@ -169,8 +169,7 @@ async fn own_postgres_survives_restart_and_crash() {
 #[tokio::test]
 async fn kafka_roundtrip_with_headers() {
     let brokers = support::kafka_brokers();
-    let topic = support::unique_name("infra_roundtrip");
-    support::create_topic(&topic, 3).await;
+    let topic = support::fresh_topic("infra_roundtrip", 3).await;
     produce_three(&brokers, &topic).await;
 
     let records = support::consume_all(&brokers, &topic, 3, Duration::from_secs(30)).await;
@@ -181,8 +180,7 @@ async fn kafka_roundtrip_with_headers() {
 #[tokio::test]
 async fn topic_reader_reads_in_steps() {
     let brokers = support::kafka_brokers();
-    let topic = support::unique_name("infra_reader");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("infra_reader", 1).await;
     let mut reader = support::TopicReader::connect(&brokers, &topic, Duration::from_secs(10))
         .await
         .unwrap();

@@ -113,12 +113,7 @@ async fn sqlx_transactions_join_the_outbox() {
         })
     ));
 
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records = consume_all(&kafka_brokers(), &topic, 1, Duration::from_secs(20)).await;
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -210,12 +205,7 @@ async fn go_writer_rows_before_and_after_migrate_relayed_in_order() {
         (1..=outbox::SCHEMA_VERSION).collect::<Vec<_>>().as_slice()
     );
     let before = support::count_rows(&client, &table, "").await;
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let written = writer.await.unwrap();
     assert!(
         (before as usize) < TOTAL,
@@ -336,12 +326,7 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
         .unwrap()
         .get(0);
 
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records = consume_all(&kafka_brokers(), &topic, 1, Duration::from_secs(30)).await;
     assert_eq!(
         records[0].header("event_id"),

@@ -214,8 +214,7 @@ async fn database_defaults_cannot_end_relay_sessions() {
         .await
         .unwrap();
     let table = support::unique_name("sess");
-    let topic = support::unique_name("sess_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("sess_topic", 1).await;
     let outbox = on_table(db_config.clone(), &table)
         .migrate(true)
         .connect()
@@ -699,8 +698,7 @@ async fn pgbouncer_session_pooling_works() {
         return;
     };
     let (table, _client) = migrated_table("bouncer_sess").await;
-    let topic = support::unique_name("bouncer_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("bouncer_topic", 1).await;
     let outbox = on_table(bouncer.config(), &table)
         .connect()
         .await
@@ -748,8 +746,7 @@ async fn waker_session_lost_is_replaced_and_writers_notify_again() {
     outbox::migrate_table(&client, &table, &table)
         .await
         .unwrap();
-    let topic = support::unique_name("waker_lost_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("waker_lost_topic", 1).await;
     let brokers = support::kafka_brokers();
     let (outbox, mut reader, relay) = support::start_with_reader(
         on_table(db.clone(), &table).poll_interval(Duration::from_secs(3600)),
@@ -802,8 +799,7 @@ async fn large_events_are_delivered_in_batches_bounded_by_bytes() {
     support::init_tracing();
     const N: usize = 200;
     let (table, mut client) = migrated_table("large").await;
-    let topic = support::unique_name("large_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("large_topic", 1).await;
     let brokers = support::kafka_brokers();
     let outbox = on_table(support::postgres().await, &table)
         .connect()
@@ -997,8 +993,7 @@ async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_of_one_aggregate_are_published_in_commit_order() {
     let (table, _client) = migrated_table("concurrent").await;
-    let topic = support::unique_name("concurrent_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("concurrent_topic", 1).await;
     let brokers = support::kafka_brokers();
     let (outbox, mut reader, relay) = support::start_with_reader(
         on_table(support::postgres().await, &table).poll_interval(Duration::from_millis(50)),
@@ -1077,8 +1072,7 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
 async fn delivery_resumes_after_postgres_was_silent() {
     support::init_tracing();
     let (table, client) = migrated_table("silent_resume").await;
-    let topic = support::unique_name("silent_resume_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("silent_resume_topic", 1).await;
     let brokers = support::kafka_brokers();
     let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
     let (outbox, mut reader, relay) = support::start_with_reader(

@@ -1351,3 +1351,33 @@ pub async fn count_rows(client: &tokio_postgres::Client, table: &str, rest: &str
         .unwrap()
         .get(0)
 }
+
+/// A fresh, uniquely named topic made from `prefix`, created with `partitions`.
+pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
+    let topic = unique_name(prefix);
+    create_topic(&topic, partitions).await;
+    topic
+}
+
+/// A relay on `table` (also its channel) from [`builder_on`], connected and started.
+pub async fn start_on(table: &str) -> (outbox::Outbox, RelayTask) {
+    let outbox = builder_on(table, table).await.connect().await.unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, relay)
+}
+
+/// The first two columns of every row `sql` returns, collected (a `Vec` of pairs, a map…).
+pub async fn pairs<A, B, C>(client: &tokio_postgres::Client, sql: &str) -> C
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<(A, B)>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
