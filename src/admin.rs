@@ -41,9 +41,9 @@ impl std::fmt::Debug for Admin {
 /// filter matches every dead letter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequeueFilter {
-    ids: Vec<Uuid>,
-    aggregate_id: Option<String>,
-    topic: Option<String>,
+    /// The criteria, as for [`find`](crate::Outbox::find); only the ids, the aggregate and the
+    /// topic are ever set (the status and the page size are implied).
+    criteria: EventFilter,
 }
 
 impl RequeueFilter {
@@ -53,33 +53,26 @@ impl RequeueFilter {
     }
     /// Only these event ids.
     pub fn ids(mut self, ids: impl IntoIterator<Item = Uuid>) -> Self {
-        self.ids.extend(ids);
+        self.criteria = self.criteria.ids(ids);
         self
     }
     /// Only this aggregate's dead letters.
     pub fn aggregate_id(mut self, aggregate_id: impl Into<String>) -> Self {
-        self.aggregate_id = Some(aggregate_id.into());
+        self.criteria = self.criteria.aggregate_id(aggregate_id);
         self
     }
     /// Only dead letters for this topic.
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        self.topic = Some(topic.into());
+        self.criteria = self.criteria.topic(topic);
         self
     }
 
     /// The same selection as an [`EventFilter`] over dead letters (for a dry run).
     pub fn to_event_filter(&self) -> EventFilter {
-        let mut f = EventFilter::new()
+        self.criteria
+            .clone()
             .status(crate::EventStatus::Failed)
-            .ids(self.ids.iter().copied())
-            .limit(MAX_FIND_LIMIT);
-        if let Some(a) = &self.aggregate_id {
-            f = f.aggregate_id(a.clone());
-        }
-        if let Some(t) = &self.topic {
-            f = f.topic(t.clone());
-        }
-        f
+            .limit(MAX_FIND_LIMIT)
     }
 }
 
@@ -293,13 +286,11 @@ impl Admin {
     /// # Errors
     /// [`Error::Postgres`] when the update fails.
     pub async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
-        let ids: Option<&[Uuid]> = (!filter.ids.is_empty()).then_some(filter.ids.as_slice());
+        let c = &filter.criteria;
+        let ids: Option<&[Uuid]> = (!c.ids.is_empty()).then_some(c.ids.as_slice());
         self.call("requeue", async |client: &Client| {
             let n = client
-                .execute(
-                    &self.sql.requeue,
-                    &[&ids, &filter.aggregate_id, &filter.topic],
-                )
+                .execute(&self.sql.requeue, &[&ids, &c.aggregate_id, &c.topic])
                 .await?;
             if n > 0 {
                 client

@@ -403,7 +403,7 @@ impl Event {
 ///
 /// All set filters must match. Results are ordered by `seq` ascending and paged with a keyset
 /// cursor: pass the last returned event's [`seq`](Event::seq) to [`after_seq`](Self::after_seq).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {
     pub(crate) statuses: Vec<EventStatus>,
     pub(crate) aggregate_id: Option<String>,

@@ -15,8 +15,6 @@ use crate::support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
-use crate::support::GO_DDL;
-
 // ----------------------------------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------------------------------
@@ -119,6 +117,22 @@ pub(crate) fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|tok| tok.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// Runs the binary against `table` with `args`, which must be refused as invalid configuration
+/// (exit 3; `what` describes the case) with a message naming `setting`.
+async fn refused_naming(table: &str, args: &[&str], what: &str, setting: &str) -> Output {
+    let out = cli_on(table, args).await;
+    assert_code(&out, 3, what);
+    assert!(out.stderr.contains(setting), "{}", out.stderr);
+    out
+}
+
+/// A free local port's address, and the same as text for a command line.
+fn local_addr() -> (SocketAddr, String) {
+    let port = support::free_port().unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    (addr, addr.to_string())
+}
+
 /// A running `outbox-relay` process ([`support::ChildRelay`]) and what the CLI tests ask of its
 /// log.
 pub(crate) struct RelayProcess {
@@ -150,6 +164,26 @@ impl RelayProcess {
         ];
         args.extend_from_slice(extra);
         RelayProcess::spawn(&args, &[])
+    }
+
+    /// [`RelayProcess::run_on`] with `--metrics-addr` on a free local port; returns once it
+    /// logs that it serves `/metrics` (60 s at most), with that address.
+    pub(crate) async fn run_serving(
+        url: &str,
+        table: &str,
+        brokers: &str,
+        extra: &[&str],
+    ) -> (RelayProcess, SocketAddr) {
+        let (addr, addr_s) = local_addr();
+        let mut args = vec!["--metrics-addr", addr_s.as_str()];
+        args.extend_from_slice(extra);
+        let mut relay = RelayProcess::run_on(url, table, brokers, &args);
+        relay
+            .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
+                l.contains("serving /metrics")
+            })
+            .await;
+        (relay, addr)
     }
 
     /// The stderr so far, without colours.
@@ -283,13 +317,7 @@ pub(crate) async fn migrated_table(prefix: &str) -> (tokio_postgres::Client, Str
 /// Creates `table` with the Go DDL and three rows (two pending, one done) for `topic`, created
 /// out of order; returns their ids in created_at order: (oldest new, done, newest new).
 async fn go_table(client: &tokio_postgres::Client, table: &str, topic: &str) -> [Uuid; 3] {
-    client
-        .batch_execute(&GO_DDL.replace(
-            "create table if not exists events (",
-            &format!("create table if not exists {table} ("),
-        ))
-        .await
-        .unwrap();
+    support::create_go_table(client, table).await;
     let ids = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
     let insert = format!(
         "insert into {table} (id, aggregate_id, event_topic, event_type, payload, status, created_at)
@@ -547,14 +575,7 @@ async fn run_relays_go_rows_logs_progress_and_stops_on_sigterm() {
     );
 
     // Confirmed in the table.
-    let left: i64 = client
-        .query_one(
-            &format!("select count(*) from {table} where status <> 'done'"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = support::count_rows(&client, &table, "where status <> 'done'").await;
     assert_eq!(left, 0, "every row is done");
 
     relay.sigterm();
@@ -586,11 +607,7 @@ async fn metrics_and_health_endpoints() {
     let brokers = support::kafka_brokers();
     support::create_topic(&topic, 1).await;
     let url = support::postgres_url().await;
-    let port = support::free_port().unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let addr_s = addr.to_string();
-
-    let mut relay = RelayProcess::run_on(
+    let (mut relay, addr) = RelayProcess::run_serving(
         &url,
         &table,
         &brokers,
@@ -599,19 +616,13 @@ async fn metrics_and_health_endpoints() {
             "json",
             "-X",
             "allow.auto.create.topics=false",
-            "--metrics-addr",
-            &addr_s,
             "--health-max-pending-age",
             "1s",
             "--poll-interval",
             "200ms",
         ],
-    );
-    relay
-        .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
-            l.contains("serving /metrics")
-        })
-        .await;
+    )
+    .await;
 
     let writer = Writer::new(&table).unwrap();
     for i in 0..4 {
@@ -726,8 +737,7 @@ async fn metrics_and_health_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ages_are_right_whatever_the_writers_time_zone() {
     let (client, table) = migrated_table("cli_zones").await;
-    let topic = support::unique_name("cli_zones_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("cli_zones_topic", 1).await;
     let brokers = support::kafka_brokers();
     let url = support::postgres_url().await;
     let zones = ["America/New_York", "Asia/Tokyo", "UTC"];
@@ -795,27 +805,18 @@ async fn ages_are_right_whatever_the_writers_time_zone() {
         );
     }
 
-    let port = support::free_port().unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let addr_s = addr.to_string();
-    let mut relay = RelayProcess::run_on(
+    let (mut relay, addr) = RelayProcess::run_serving(
         &url,
         &table,
         &brokers,
         &[
             "-X",
             "allow.auto.create.topics=false",
-            "--metrics-addr",
-            &addr_s,
             "--health-max-pending-age",
             "1h",
         ],
-    );
-    relay
-        .wait_for_line("`serving /metrics`", Duration::from_secs(60), |l| {
-            l.contains("serving /metrics")
-        })
-        .await;
+    )
+    .await;
     let records = support::consume_all(&brokers, &topic, 6, Duration::from_secs(30)).await;
     assert_eq!(
         records.len(),
@@ -957,8 +958,7 @@ async fn migrate_refuses_a_foreign_table_naming_its_missing_columns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_relay_still_running_is_reported() {
     let (client, table) = migrated_table("cli_gorelay").await;
-    let topic = support::unique_name("cli_gorelay_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("cli_gorelay_topic", 1).await;
     let brokers = support::kafka_brokers();
     let url = support::postgres_url().await;
     let go_insert = format!(
@@ -1019,9 +1019,7 @@ async fn a_go_relay_still_running_is_reported() {
     let s: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(s["legacy_reservations"], 3, "{s}");
 
-    let port = support::free_port().unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let addr_s = addr.to_string();
+    let (addr, addr_s) = local_addr();
     let mut relay = RelayProcess::run_on(
         &url,
         &table,
@@ -1040,14 +1038,7 @@ async fn a_go_relay_still_running_is_reported() {
     assert_eq!(h["legacy_reservations"], 3, "{h}");
     assert_eq!(h["healthy"], false, "{h}");
     // The Go relay's rows are left alone while it holds them.
-    let pending: i64 = client
-        .query_one(
-            &format!("select count(*) from {table} where status = 'new'"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let pending = support::count_rows(&client, &table, "where status = 'new'").await;
     assert_eq!(pending, 3);
 
     // The Go relay stopped and its lease ran out (simulated: moved into the past).
@@ -1476,9 +1467,13 @@ async fn invalid_configuration_exits_3() {
     let (_client, table) = migrated_table("cli_cfg").await;
     let brokers = support::kafka_brokers();
 
-    let out = cli_on(&table, &["run"]).await;
-    assert_code(&out, 3, "run without KAFKA_BROKERS");
-    assert!(out.stderr.contains("kafka_brokers"), "{}", out.stderr);
+    let out = refused_naming(
+        &table,
+        &["run"],
+        "run without KAFKA_BROKERS",
+        "kafka_brokers",
+    )
+    .await;
     // Only the clear error: no librdkafka warning about the missing bootstrap.servers first.
     assert!(
         !out.stderr.contains("librdkafka") && !out.stderr.contains("CONFWARN"),
@@ -1486,7 +1481,7 @@ async fn invalid_configuration_exits_3() {
         out.stderr
     );
 
-    let out = cli_on(
+    refused_naming(
         &table,
         &[
             "run",
@@ -1495,12 +1490,12 @@ async fn invalid_configuration_exits_3() {
             "-X",
             "no.such.property=1",
         ],
+        "-X no.such.property=1",
+        "no.such.property",
     )
     .await;
-    assert_code(&out, 3, "-X no.such.property=1");
-    assert!(out.stderr.contains("no.such.property"), "{}", out.stderr);
 
-    let out = cli_on(
+    refused_naming(
         &table,
         &[
             "run",
@@ -1509,18 +1504,18 @@ async fn invalid_configuration_exits_3() {
             "-X",
             "bootstrap.servers=x:1",
         ],
+        "-X bootstrap.servers",
+        "bootstrap.servers",
     )
     .await;
-    assert_code(&out, 3, "-X bootstrap.servers");
-    assert!(out.stderr.contains("bootstrap.servers"), "{}", out.stderr);
 
-    let out = cli_on(
+    refused_naming(
         &table,
         &["run", "--kafka-brokers", &brokers, "--lease", "1s"],
+        "--lease 1s",
+        "lease",
     )
     .await;
-    assert_code(&out, 3, "--lease 1s");
-    assert!(out.stderr.contains("lease"), "{}", out.stderr);
 
     let out = cli(&["status"], &[]).await;
     assert_code(&out, 3, "no database URL");

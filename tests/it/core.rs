@@ -72,6 +72,26 @@ async fn reader(env: &Env) -> TopicReader {
 }
 
 /// Reads exactly `n` records within `timeout` or panics.
+/// Connects the outbox `b` describes, then a reader on `env`'s topic.
+async fn connect_with_reader(env: &Env, b: OutboxBuilder) -> (Outbox, TopicReader) {
+    let outbox = b.connect().await.unwrap();
+    (outbox, reader(env).await)
+}
+
+/// Reads the next record within `within` and asserts it is the one of event `id`; `what` says
+/// what is missing when nothing came.
+async fn read_event(
+    reader: &mut TopicReader,
+    within: Duration,
+    id: Uuid,
+    what: &str,
+) -> ConsumedRecord {
+    let mut got = reader.read(1, within).await;
+    assert_eq!(got.len(), 1, "{what}");
+    assert_eq!(event_id_of(&got[0]), id);
+    got.remove(0)
+}
+
 async fn read_n(reader: &mut TopicReader, n: usize, timeout: Duration) -> Vec<ConsumedRecord> {
     let got = reader.read(n, timeout).await;
     assert_eq!(
@@ -344,13 +364,11 @@ async fn end_to_end_publishes_records_marks_done_and_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_idle_relay_within_seconds() {
     let env = env("notify", 1).await;
-    let outbox = builder(&env)
-        .await
-        .poll_interval(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env).await.poll_interval(Duration::from_secs(60)),
+    )
+    .await;
     let (_listener, mut notes) = listen_on(&env.channel).await;
     let handle = outbox.start().unwrap();
     // Idle: the first (empty) poll ran and the relay armed the wake lock.
@@ -367,13 +385,13 @@ async fn notify_wakes_idle_relay_within_seconds() {
             .unwrap();
         let t0 = Instant::now();
         tx.commit().await.unwrap();
-        let got = reader.read(1, Duration::from_secs(5)).await;
-        assert_eq!(
-            got.len(),
-            1,
-            "{label} event not consumed within 5 s of commit (poll interval is 60 s)"
-        );
-        assert_eq!(event_id_of(&got[0]), id);
+        read_event(
+            &mut reader,
+            Duration::from_secs(5),
+            id,
+            &format!("{label} event not consumed within 5 s of commit (poll interval is 60 s)"),
+        )
+        .await;
         assert!(t0.elapsed() < Duration::from_secs(5));
         // The writer really NOTIFYed (the relay was waiting).
         let note = tokio::time::timeout(Duration::from_secs(2), notes.recv())
@@ -393,14 +411,14 @@ async fn notify_wakes_idle_relay_within_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_only_mode_delivers_without_notify() {
     let env = env("pollonly", 1).await;
-    let outbox = builder(&env)
-        .await
-        .wake_mode(WakeMode::PollOnly)
-        .poll_interval(Duration::from_millis(200))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env)
+            .await
+            .wake_mode(WakeMode::PollOnly)
+            .poll_interval(Duration::from_millis(200)),
+    )
+    .await;
     let (_listener, mut notes) = listen_on(&env.channel).await;
     let handle = outbox.start().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -413,14 +431,14 @@ async fn poll_only_mode_delivers_without_notify() {
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        let got = reader.read(1, Duration::from_secs(5)).await;
-        assert_eq!(
-            got.len(),
-            1,
-            "event {n} not consumed within 5 s (poll 200 ms)"
-        );
-        assert_eq!(event_id_of(&got[0]), id);
-        assert_eq!(got[0].json(), json!({ "n": n }));
+        let got = read_event(
+            &mut reader,
+            Duration::from_secs(5),
+            id,
+            &format!("event {n} not consumed within 5 s (poll 200 ms)"),
+        )
+        .await;
+        assert_eq!(got.json(), json!({ "n": n }));
     }
     // Writers never NOTIFY in PollOnly mode, and the relay does not LISTEN.
     let note = tokio::time::timeout(Duration::from_millis(500), notes.recv()).await;
@@ -448,13 +466,13 @@ async fn rollback_publishes_nothing() {
         ))
         .await
         .unwrap();
-    let outbox = builder(&env)
-        .await
-        .poll_interval(Duration::from_millis(100))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env)
+            .await
+            .poll_interval(Duration::from_millis(100)),
+    )
+    .await;
     let handle = outbox.start().unwrap();
 
     let tx = client.transaction().await.unwrap();
@@ -499,13 +517,13 @@ async fn rollback_publishes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_savepoint_event_is_not_published() {
     let env = env("savepoint", 1).await;
-    let outbox = builder(&env)
-        .await
-        .poll_interval(Duration::from_millis(100))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env)
+            .await
+            .poll_interval(Duration::from_millis(100)),
+    )
+    .await;
     let handle = outbox.start().unwrap();
 
     let mut client = support::connect_pg().await;
@@ -547,13 +565,11 @@ async fn rolled_back_savepoint_event_is_not_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_transaction_is_published_only_after_commit() {
     let env = env("longtx", 1).await;
-    let outbox = builder(&env)
-        .await
-        .poll_interval(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env).await.poll_interval(Duration::from_secs(60)),
+    )
+    .await;
     let handle = outbox.start().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
@@ -569,14 +585,14 @@ async fn open_transaction_is_published_only_after_commit() {
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(opened.elapsed())).await;
     let committed = Instant::now();
     tx.commit().await.unwrap();
-    let got = reader.read(1, Duration::from_secs(2)).await;
-    assert_eq!(
-        got.len(),
-        1,
-        "event of a 5 s transaction not published within 2 s of COMMIT"
-    );
+    read_event(
+        &mut reader,
+        Duration::from_secs(2),
+        id,
+        "event of a 5 s transaction not published within 2 s of COMMIT",
+    )
+    .await;
     assert!(committed.elapsed() < Duration::from_secs(2) + Duration::from_millis(200));
-    assert_eq!(event_id_of(&got[0]), id);
     stop_and_join(&outbox, handle).await;
 }
 
@@ -586,13 +602,11 @@ async fn open_transaction_is_published_only_after_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_open_before_relay_started_is_published_after_commit() {
     let env = env("longtx0", 1).await;
-    let outbox = builder(&env)
-        .await
-        .poll_interval(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = reader(&env).await;
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env).await.poll_interval(Duration::from_secs(60)),
+    )
+    .await;
 
     let mut client = support::connect_pg().await;
     let tx = client.transaction().await.unwrap();
@@ -610,21 +624,19 @@ async fn transaction_open_before_relay_started_is_published_after_commit() {
     );
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(opened.elapsed())).await;
     tx.commit().await.unwrap();
-    let got = reader.read(1, Duration::from_secs(2)).await;
-    assert_eq!(
-        got.len(),
-        1,
-        "event of a transaction open across the relay's start not published within 2 s of COMMIT"
-    );
-    assert_eq!(event_id_of(&got[0]), id);
+    read_event(
+        &mut reader,
+        Duration::from_secs(2),
+        id,
+        "event of a transaction open across the relay's start not published within 2 s of COMMIT",
+    )
+    .await;
     stop_and_join(&outbox, handle).await;
 }
 
 // ----------------------------------------------------------------------------------------------
 // 4. Upgrading the original Go package's table
 // ----------------------------------------------------------------------------------------------
-
-use crate::support::GO_DDL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
@@ -635,13 +647,7 @@ async fn go_ddl_table_is_upgraded_in_place_and_relayed() {
     let brokers = support::kafka_brokers();
     support::create_topic(&topic, 1).await;
     let mut client = support::connect_pg().await;
-    client
-        .batch_execute(&GO_DDL.replace(
-            "create table if not exists events (",
-            &format!("create table if not exists {table} ("),
-        ))
-        .await
-        .unwrap();
+    support::create_go_table(&client, &table).await;
     // Three rows, inserted out of created_at order: the oldest pending, a done one, and a pending
     // one with a stale reservation left by a Go relay.
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();

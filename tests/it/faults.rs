@@ -37,6 +37,49 @@ fn names(prefix: &str) -> Names {
     }
 }
 
+/// The start every test here shares: tracing on, the Kafka to use, fresh names, a Postgres
+/// client, the outbox table (and its channel) migrated and the topic created with `partitions`.
+async fn setup(prefix: &str, partitions: i32) -> (String, Names, tokio_postgres::Client) {
+    support::init_tracing();
+    let brokers = support::kafka_brokers();
+    let n = names(prefix);
+    let client = support::connect_pg().await;
+    outbox::migrate_table(&client, &n.table, &n.channel)
+        .await
+        .unwrap();
+    support::create_topic(&n.topic, partitions).await;
+    (brokers, n, client)
+}
+
+/// Writes `events` into `table` and returns their ids.
+async fn insert(
+    client: &tokio_postgres::Client,
+    table: &str,
+    events: &[NewEvent],
+) -> HashSet<Uuid> {
+    Writer::new(table)
+        .unwrap()
+        .add_new_events(client, events)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Relay A of the lease tests: an `outbox-relay` child on `n`'s table whose Kafka is a closed
+/// port, so it reserves batches but never publishes; `settings` are its further variables.
+async fn unreachable_relay(n: &Names, settings: &[(&str, String)]) -> ChildRelay {
+    let dead_port = support::free_port().unwrap();
+    let mut envs = vec![
+        ("DATABASE_URL", support::postgres_url().await),
+        ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
+        ("OUTBOX_TABLE", n.table.clone()),
+        ("OUTBOX_CHANNEL", n.channel.clone()),
+    ];
+    envs.extend(settings.iter().cloned());
+    ChildRelay::builder(&envs).spawn()
+}
+
 fn builder(n: &Names, pg: tokio_postgres::Config, brokers: &str) -> OutboxBuilder {
     Outbox::builder()
         .postgres(pg)
@@ -280,14 +323,7 @@ async fn wait_reserved(client: &tokio_postgres::Client, table: &str, timeout: Du
 /// published again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s1_confirm_failure_backs_off_then_republishes_once() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s1");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 1).await;
+    let (brokers, n, client) = setup("s1", 1).await;
     let t = &n.table;
     client
         .batch_execute(&format!(
@@ -301,15 +337,13 @@ async fn s1_confirm_failure_backs_off_then_republishes_once() {
         .await
         .unwrap();
 
-    let outbox = builder(&n, support::postgres().await, &brokers)
-        .poll_interval(Duration::from_millis(200))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        builder(&n, support::postgres().await, &brokers).poll_interval(Duration::from_millis(200)),
+        &brokers,
+        &n.topic,
+        Duration::from_secs(30),
+    )
+    .await;
     let id = outbox
         .add_new_event(
             &client,
@@ -407,38 +441,23 @@ async fn s1_confirm_failure_backs_off_then_republishes_once() {
 /// aggregate, within lease + poll interval + margin, and no row is left reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s2_sigkilled_relay_releases_its_reservations() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s2");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 3).await;
+    let (brokers, n, client) = setup("s2", 3).await;
     let events = round_robin(&n.topic, "s2-agg", 1000, 50);
-    let ids: HashSet<Uuid> = Writer::new(&n.table)
-        .unwrap()
-        .add_new_events(&client, &events)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let ids = insert(&client, &n.table, &events).await;
 
     let lease = Duration::from_secs(15);
     let poll = Duration::from_millis(500);
-    let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::builder(&[
-        ("DATABASE_URL", support::postgres_url().await),
-        ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
-        ("OUTBOX_TABLE", n.table.clone()),
-        ("OUTBOX_CHANNEL", n.channel.clone()),
-        ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
-        ("OUTBOX_PUBLISH_TIMEOUT", "5000ms".into()),
-        ("OUTBOX_BATCH_TIMEOUT", "5000ms".into()),
-        ("OUTBOX_BATCH_SIZE", "200".into()),
-        ("OUTBOX_POLL_INTERVAL", format!("{}ms", poll.as_millis())),
-    ])
-    .spawn();
+    let mut a = unreachable_relay(
+        &n,
+        &[
+            ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
+            ("OUTBOX_PUBLISH_TIMEOUT", "5000ms".into()),
+            ("OUTBOX_BATCH_TIMEOUT", "5000ms".into()),
+            ("OUTBOX_BATCH_SIZE", "200".into()),
+            ("OUTBOX_POLL_INTERVAL", format!("{}ms", poll.as_millis())),
+        ],
+    )
+    .await;
     let locked = wait_reserved(&client, &n.table, Duration::from_secs(60)).await;
     assert!(
         locked > 0,
@@ -537,16 +556,15 @@ async fn s8_listener_reconnects_and_catches_up() {
     let admin = support::connect_pg().await; // the `postgres` database
     let writer = outbox::testing::connect(&db_config).await.unwrap();
 
-    let outbox = builder(&n, db_config.clone(), &brokers)
-        .migrate(true)
-        .poll_interval(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        builder(&n, db_config.clone(), &brokers)
+            .migrate(true)
+            .poll_interval(Duration::from_secs(60)),
+        &brokers,
+        &n.topic,
+        Duration::from_secs(30),
+    )
+    .await;
 
     // Warm-up: the wake path works and the relay goes idle.
     outbox
@@ -649,23 +667,14 @@ async fn s8_listener_reconnects_and_catches_up() {
 /// all are delivered promptly (the wake path works under concurrency).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s9a_concurrent_single_row_transactions_all_wake_the_relay() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s9a");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 4).await;
-    let outbox = builder(&n, support::postgres().await, &brokers)
-        .poll_interval(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (brokers, n, client) = setup("s9a", 4).await;
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        builder(&n, support::postgres().await, &brokers).poll_interval(Duration::from_secs(60)),
+        &brokers,
+        &n.topic,
+        Duration::from_secs(30),
+    )
+    .await;
     // Let the relay's first (empty) poll pass, so every later event needs a wake-up.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -749,21 +758,20 @@ async fn s9b_listener_drained_while_kafka_is_down() {
         .expect("starting s9b's own Postgres server");
     let db_config: tokio_postgres::Config = server.url().parse().unwrap();
     let db = db_config.get_dbname().unwrap().to_string();
-    let outbox = builder(&n, db_config.clone(), &brokers)
-        .migrate(true)
-        .publish_timeout(Duration::from_secs(5))
-        .lease(Duration::from_secs(15))
-        .batch_timeout(Duration::from_secs(2))
-        .poll_interval(Duration::from_secs(1))
-        .retry_backoff(Duration::from_millis(200), Duration::from_secs(2))
-        .max_attempts(1000)
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        builder(&n, db_config.clone(), &brokers)
+            .migrate(true)
+            .publish_timeout(Duration::from_secs(5))
+            .lease(Duration::from_secs(15))
+            .batch_timeout(Duration::from_secs(2))
+            .poll_interval(Duration::from_secs(1))
+            .retry_backoff(Duration::from_millis(200), Duration::from_secs(2))
+            .max_attempts(1000),
+        &brokers,
+        &n.topic,
+        Duration::from_secs(30),
+    )
+    .await;
     let client = outbox::testing::connect(&db_config).await.unwrap();
     outbox
         .add_new_event(
@@ -1107,33 +1115,19 @@ async fn s12a_broker_down_every_delivery_fails_then_all_go_out() {
 /// per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12b_tiny_producer_queue_is_backpressure() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s12b");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 3).await;
+    let (brokers, n, client) = setup("s12b", 3).await;
     let events = round_robin(&n.topic, "s12b", 500, 20);
-    let ids: HashSet<Uuid> = Writer::new(&n.table)
-        .unwrap()
-        .add_new_events(&client, &events)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    let outbox = builder(&n, support::postgres().await, &brokers)
-        .kafka_property("queue.buffering.max.messages", "10")
-        .batch_size(500)
-        .poll_interval(Duration::from_millis(200))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let ids = insert(&client, &n.table, &events).await;
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        builder(&n, support::postgres().await, &brokers)
+            .kafka_property("queue.buffering.max.messages", "10")
+            .batch_size(500)
+            .poll_interval(Duration::from_millis(200)),
+        &brokers,
+        &n.topic,
+        Duration::from_secs(30),
+    )
+    .await;
     let records = reader.read(500, Duration::from_secs(60)).await;
     assert_eq!(
         records.len(),
@@ -1221,24 +1215,11 @@ async fn check_after_stop(
 /// consumed) or still new, and a new Outbox on the table delivers the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12c_stop_with_lingering_messages() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s12c");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 4).await;
+    let (brokers, n, client) = setup("s12c", 4).await;
     let events: Vec<NewEvent> = (0..100)
         .map(|i| NewEvent::new(&n.topic, format!("s12c-{i}"), "T", json!({"n": 0})))
         .collect();
-    let ids: HashSet<Uuid> = Writer::new(&n.table)
-        .unwrap()
-        .add_new_events(&client, &events)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let ids = insert(&client, &n.table, &events).await;
     let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
         .await
         .unwrap();
@@ -1324,14 +1305,7 @@ async fn s12c_stop_with_lingering_messages() {
 /// Rows are done (and consumed) or new; a new relay delivers the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12c_sigterm_with_lingering_messages_child_process() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("s12cc");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 4).await;
+    let (brokers, n, client) = setup("s12cc", 4).await;
     let mut reader = TopicReader::connect(&brokers, &n.topic, Duration::from_secs(30))
         .await
         .unwrap();
@@ -1367,13 +1341,7 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
     let events: Vec<NewEvent> = (0..100)
         .map(|i| NewEvent::new(&n.topic, format!("s12cc-{i}"), "T", json!({"n": 0})))
         .collect();
-    let ids: HashSet<Uuid> = Writer::new(&n.table)
-        .unwrap()
-        .add_new_events(&client, &events)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let ids = insert(&client, &n.table, &events).await;
     let locked = wait_reserved(&client, &n.table, Duration::from_secs(15)).await;
     assert!(locked > 0, "child never reserved\n{}", child.diagnostics());
     // The batch is handed to the producer, where it lingers.
@@ -1433,37 +1401,22 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
 /// gone): it cannot mark, count attempts on, or otherwise touch rows it no longer owns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_relay_loses_its_lease_and_cannot_confirm() {
-    support::init_tracing();
-    let brokers = support::kafka_brokers();
-    let n = names("hung");
-    let client = support::connect_pg().await;
-    outbox::migrate_table(&client, &n.table, &n.channel)
-        .await
-        .unwrap();
-    support::create_topic(&n.topic, 3).await;
+    let (brokers, n, client) = setup("hung", 3).await;
     let events = round_robin(&n.topic, "hung-agg", 300, 30);
-    let ids: HashSet<Uuid> = Writer::new(&n.table)
-        .unwrap()
-        .add_new_events(&client, &events)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let ids = insert(&client, &n.table, &events).await;
     // lease = publish_timeout + batch_timeout + 2 s.
     let lease = Duration::from_secs(4);
-    let dead_port = support::free_port().unwrap();
-    let mut a = ChildRelay::builder(&[
-        ("DATABASE_URL", support::postgres_url().await),
-        ("KAFKA_BROKERS", format!("127.0.0.1:{dead_port}")),
-        ("OUTBOX_TABLE", n.table.clone()),
-        ("OUTBOX_CHANNEL", n.channel.clone()),
-        ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
-        ("OUTBOX_PUBLISH_TIMEOUT", "1000ms".into()),
-        ("OUTBOX_BATCH_TIMEOUT", "1000ms".into()),
-        ("OUTBOX_BATCH_SIZE", "300".into()),
-        ("OUTBOX_POLL_INTERVAL", "200ms".into()),
-    ])
-    .spawn();
+    let mut a = unreachable_relay(
+        &n,
+        &[
+            ("OUTBOX_LEASE", format!("{}ms", lease.as_millis())),
+            ("OUTBOX_PUBLISH_TIMEOUT", "1000ms".into()),
+            ("OUTBOX_BATCH_TIMEOUT", "1000ms".into()),
+            ("OUTBOX_BATCH_SIZE", "300".into()),
+            ("OUTBOX_POLL_INTERVAL", "200ms".into()),
+        ],
+    )
+    .await;
     let locked = wait_reserved(&client, &n.table, Duration::from_secs(60)).await;
     assert!(locked > 0, "relay A never reserved\n{}", a.diagnostics());
     let pid = a.child.id().to_string();

@@ -84,11 +84,7 @@ async fn a_channel_read_from_the_database_never_runs_as_sql() {
         .unwrap()
         .get(0);
     assert_eq!(ran, 0, "the attacker's function ran {ran} time(s)");
-    let status: String = client
-        .query_one(&format!("select status from {table} where id = $1"), &[&id])
-        .await
-        .unwrap()
-        .get(0);
+    let status: String = support::row_value(&client, &table, "status", &id).await;
     assert_eq!(
         status, "failed",
         "nothing was requeued through a tampered table"
@@ -146,12 +142,7 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
             .await
             .unwrap();
     }
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records =
         support::assert_nothing_more(&support::kafka_brokers(), &topic, 4, Duration::from_secs(1))
             .await;
@@ -178,16 +169,11 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
         "relay-owned headers once with the relay's values; valid custom headers kept"
     );
     support::stop_and_join(&outbox, relay).await;
-    let statuses: Vec<(String, i32)> = client
-        .query(
-            &format!("select status, attempts from {table} order by seq"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let statuses: Vec<(String, i32)> = support::pairs(
+        &client,
+        &format!("select status, attempts from {table} order by seq"),
+    )
+    .await;
     assert_eq!(statuses, vec![("done".to_string(), 0); 4]);
 }
 
@@ -574,14 +560,7 @@ async fn only_a_real_nul_is_refused() {
             .add_new_event(&client, NewEvent::new("t", "a", "T", payload.clone()))
             .await
             .unwrap_or_else(|e| panic!("{payload} refused: {e}"));
-        let stored: Value = client
-            .query_one(
-                &format!("select payload from {table} where id = $1"),
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let stored: Value = support::row_value(&client, &table, "payload", &id).await;
         assert_eq!(&stored, payload);
     }
     for payload in [

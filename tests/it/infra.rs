@@ -98,11 +98,7 @@ async fn fresh_database_is_empty_and_usable() {
         ))
         .await
         .unwrap();
-    let n: i64 = client
-        .query_one(&format!("select count(*) from {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = support::count_rows(&client, &table, "").await;
     assert_eq!(n, 1);
 }
 
@@ -140,11 +136,7 @@ async fn own_postgres_survives_restart_and_crash() {
         "old session ended"
     );
     let client = pg.connect().await.unwrap();
-    let n: i64 = client
-        .query_one("select count(*) from t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = rows_in_t(&client).await;
     assert_eq!(n, 2);
     client
         .batch_execute("insert into t values (3)")
@@ -156,11 +148,7 @@ async fn own_postgres_survives_restart_and_crash() {
     assert!(pg.connect().await.is_err(), "server is down");
     pg.start_again().await.unwrap();
     let client = pg.connect().await.unwrap();
-    let n: i64 = client
-        .query_one("select count(*) from t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = rows_in_t(&client).await;
     assert_eq!(n, 3, "committed rows survive a crash");
 
     let url = pg.create_database("other").await.unwrap();
@@ -181,8 +169,7 @@ async fn own_postgres_survives_restart_and_crash() {
 #[tokio::test]
 async fn kafka_roundtrip_with_headers() {
     let brokers = support::kafka_brokers();
-    let topic = support::unique_name("infra_roundtrip");
-    support::create_topic(&topic, 3).await;
+    let topic = support::fresh_topic("infra_roundtrip", 3).await;
     produce_three(&brokers, &topic).await;
 
     let records = support::consume_all(&brokers, &topic, 3, Duration::from_secs(30)).await;
@@ -193,8 +180,7 @@ async fn kafka_roundtrip_with_headers() {
 #[tokio::test]
 async fn topic_reader_reads_in_steps() {
     let brokers = support::kafka_brokers();
-    let topic = support::unique_name("infra_reader");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("infra_reader", 1).await;
     let mut reader = support::TopicReader::connect(&brokers, &topic, Duration::from_secs(10))
         .await
         .unwrap();
@@ -254,4 +240,13 @@ fn unique_names_are_valid_identifiers() {
             "{name}"
         );
     }
+}
+
+/// `select count(*) from t`.
+async fn rows_in_t(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0)
 }

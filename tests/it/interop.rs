@@ -9,7 +9,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::{
-    self, connect_pg, consume_all, create_topic, kafka_brokers, postgres_url, unique_name, GO_DDL,
+    self, connect_pg, consume_all, create_topic, kafka_brokers, postgres_url, unique_name,
 };
 
 async fn setup(prefix: &str) -> (String, String) {
@@ -35,32 +35,18 @@ async fn deadpool_transactions_join_the_outbox() {
         .build()
         .unwrap();
     let writer = Writer::new(&table).unwrap();
+    let ev = |event_type, n| NewEvent::new(&topic, "agg-1", event_type, json!({ "n": n }));
 
     let mut client = pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
-    let rolled_back = writer
-        .add_new_event(
-            &*tx,
-            NewEvent::new(&topic, "agg-1", "Gone", json!({"n": 0})),
-        )
-        .await
-        .unwrap();
+    let rolled_back = writer.add_new_event(&*tx, ev("Gone", 0)).await.unwrap();
     tx.rollback().await.unwrap();
     let tx = client.transaction().await.unwrap();
-    let kept = writer
-        .add_new_event(
-            &*tx,
-            NewEvent::new(&topic, "agg-1", "Kept", json!({"n": 1})),
-        )
-        .await
-        .unwrap();
+    let kept = writer.add_new_event(&*tx, ev("Kept", 1)).await.unwrap();
     tx.commit().await.unwrap();
     // A bare pooled client (autocommit) works too.
     let direct = writer
-        .add_new_event(
-            &**client,
-            NewEvent::new(&topic, "agg-1", "Direct", json!({"n": 2})),
-        )
+        .add_new_event(&**client, ev("Direct", 2))
         .await
         .unwrap();
 
@@ -127,12 +113,7 @@ async fn sqlx_transactions_join_the_outbox() {
         })
     ));
 
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records = consume_all(&kafka_brokers(), &topic, 1, Duration::from_secs(20)).await;
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -167,13 +148,7 @@ async fn go_writer_rows_before_and_after_migrate_relayed_in_order() {
     let topic = unique_name("gowriter-topic").replace('_', "-");
     create_topic(&topic, 3).await;
     let client = connect_pg().await;
-    client
-        .batch_execute(&GO_DDL.replace(
-            "create table if not exists events (",
-            &format!("create table if not exists {table} ("),
-        ))
-        .await
-        .unwrap();
+    support::create_go_table(&client, &table).await;
 
     const TOTAL: usize = 90;
     const AGGREGATES: usize = 4;
@@ -229,17 +204,8 @@ async fn go_writer_rows_before_and_after_migrate_relayed_in_order() {
         report.applied(),
         (1..=outbox::SCHEMA_VERSION).collect::<Vec<_>>().as_slice()
     );
-    let before: i64 = client
-        .query_one(&format!("select count(*) from {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let before = support::count_rows(&client, &table, "").await;
+    let (outbox, relay) = support::start_on(&table).await;
     let written = writer.await.unwrap();
     assert!(
         (before as usize) < TOTAL,
@@ -360,12 +326,7 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
         .unwrap()
         .get(0);
 
-    let outbox = support::builder_on(&table, &table)
-        .await
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on(&table).await;
     let records = consume_all(&kafka_brokers(), &topic, 1, Duration::from_secs(30)).await;
     assert_eq!(
         records[0].header("event_id"),
@@ -412,14 +373,7 @@ async fn rows_breaking_add_new_event_rules_are_dead_letters_at_once() {
     }
     // Nothing of the bad rows reached Kafka; the held row is still pending.
     support::assert_nothing_more(&kafka_brokers(), &topic, 1, Duration::from_secs(2)).await;
-    let held_status: String = client
-        .query_one(
-            &format!("select status from {table} where id = $1"),
-            &[&held],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let held_status: String = support::row_value(&client, &table, "status", &held).await;
     assert_eq!(
         held_status, "new",
         "the aggregate's later event waits behind its dead letter"

@@ -21,43 +21,19 @@ use crate::support::{self, Cluster, ConsumedRecord};
 /// What a test wrote: event id → (aggregate, per-aggregate counter).
 type Expected = Arc<Mutex<HashMap<Uuid, (String, u64)>>>;
 
-struct Env {
-    table: String,
-    channel: String,
-    topic: String,
-    brokers: String,
-    pg: tokio_postgres::Config,
-}
+type Env = support::TestEnv;
 
 async fn setup(prefix: &str, cluster: &Cluster, partitions: i32) -> Env {
     support::init_tracing();
-    let pg = support::postgres().await;
-    let table = support::unique_name(&format!("{prefix}_t"));
-    let channel = support::unique_name(&format!("{prefix}_c"));
-    let topic = support::unique_name(prefix);
-    outbox::migrate_table(&support::connect_pg().await, &table, &channel)
+    let env = Env::named(prefix, cluster.brokers(), support::postgres().await);
+    let (table, topic, brokers) = (&env.table, &env.topic, &env.brokers);
+    outbox::migrate_table(&support::connect_pg().await, table, &env.channel)
         .await
         .unwrap_or_else(|e| panic!("migrating {table}: {e}"));
-    let brokers = cluster.brokers();
-    outbox::testing::create_topic(&brokers, &topic, partitions)
+    outbox::testing::create_topic(brokers, topic, partitions)
         .await
         .unwrap_or_else(|e| panic!("creating {topic} on {brokers}: {e}"));
-    Env {
-        table,
-        channel,
-        topic,
-        brokers,
-        pg,
-    }
-}
-
-fn builder(env: &Env) -> OutboxBuilder {
-    Outbox::builder()
-        .postgres(env.pg.clone())
-        .kafka_brokers(env.brokers.clone())
-        .table(env.table.clone())
-        .channel(env.channel.clone())
-        .poll_interval(Duration::from_millis(200))
+    env
 }
 
 /// Inserts `per_aggregate` events for each of `aggregates` aggregates (`{prefix}-{i}`), in
@@ -103,13 +79,7 @@ fn spawn_writer(
     expected: Expected,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let env = Env {
-        table: env.table.clone(),
-        channel: env.channel.clone(),
-        topic: env.topic.clone(),
-        brokers: env.brokers.clone(),
-        pg: env.pg.clone(),
-    };
+    let env = env.clone();
     tokio::spawn(async move {
         while !stop.is_cancelled() {
             write(&outbox, &env, &expected, "w", 20, 1).await;
@@ -208,7 +178,7 @@ async fn leader_killed_mid_drain_then_restarted() {
     let (_faults, cluster) = fault_cluster_or_skip!("leader_killed_mid_drain_then_restarted");
     let env = setup("leaderkill", cluster, 3).await;
     let expected: Expected = Arc::default();
-    let outbox = builder(&env).connect().await.expect("connect");
+    let outbox = env.builder().connect().await.expect("connect");
     write(&outbox, &env, &expected, "b", 30, 200).await; // 6,000 events of backlog
     let stop = CancellationToken::new();
     let writer = spawn_writer(outbox.clone(), &env, expected.clone(), stop.clone());
@@ -258,8 +228,8 @@ async fn rolling_restart_with_writers_and_two_relays() {
     let (_faults, cluster) = fault_cluster_or_skip!("rolling_restart_with_writers_and_two_relays");
     let env = setup("rolling", cluster, 3).await;
     let expected: Expected = Arc::default();
-    let a = builder(&env).connect().await.expect("connect relay a");
-    let b = builder(&env).connect().await.expect("connect relay b");
+    let a = env.builder().connect().await.expect("connect relay a");
+    let b = env.builder().connect().await.expect("connect relay b");
     let stop = CancellationToken::new();
     let writer = spawn_writer(a.clone(), &env, expected.clone(), stop.clone());
     let ha = a.start().expect("start a");
@@ -291,7 +261,8 @@ async fn outage(name: &str, down: &[i32], publish_timeout: Duration, hold: Durat
     };
     let env = setup(name, cluster, 1).await;
     let expected: Expected = Arc::default();
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .publish_timeout(publish_timeout)
         .lease(publish_timeout + Duration::from_secs(10))
         .shutdown_timeout(Duration::from_secs(5))
@@ -424,7 +395,7 @@ async fn some_cluster() -> Option<(
 /// A builder on the SASL_SSL listener as the cluster's SCRAM-SHA-512 user, with `password`.
 fn sasl_builder(env: &Env, cluster: &Cluster, password: &str) -> OutboxBuilder {
     let (user, _) = cluster.sasl_credentials();
-    builder(env)
+    env.builder()
         .kafka_brokers(cluster.sasl_brokers())
         .kafka_property("security.protocol", "SASL_SSL")
         .kafka_property("sasl.mechanisms", "SCRAM-SHA-512")
@@ -657,7 +628,8 @@ async fn partition_count_increase_moves_keys_once() {
     };
     let env = setup("grow", cluster, 2).await;
     let expected: Expected = Arc::default();
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .kafka_property("topic.metadata.refresh.interval.ms", "1000")
         .connect()
         .await

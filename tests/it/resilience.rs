@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use outbox::testing::faults::{Fault, FaultProxy};
-use outbox::{Admin, Error, EventFilter, NewEvent, Outbox, RequeueFilter};
+use outbox::{Admin, Error, EventFilter, NewEvent, Outbox, OutboxBuilder, RequeueFilter};
 use serde_json::json;
 
 use crate::support;
@@ -37,6 +37,15 @@ async fn migrated_table(prefix: &str) -> (String, tokio_postgres::Client) {
         .await
         .expect("migrate");
     (table, client)
+}
+
+/// A builder on Postgres `pg` and the test's Kafka for `table`, which is also the channel.
+fn on_table(pg: tokio_postgres::Config, table: &str) -> OutboxBuilder {
+    Outbox::builder()
+        .postgres(pg)
+        .kafka_brokers(support::kafka_brokers())
+        .table(table)
+        .channel(table)
 }
 
 fn url_of(addr: SocketAddr, extra: &str) -> String {
@@ -144,11 +153,7 @@ async fn health_and_admin_bounded_when_postgres_goes_silent() {
     let (table, _client) = migrated_table("silent_admin").await;
     let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
     let config = proxy.postgres_config(&support::postgres().await);
-    let outbox = Outbox::builder()
-        .postgres(config)
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = on_table(config, &table)
         .postgres_timeout(Duration::from_millis(800))
         .connect()
         .await
@@ -209,13 +214,8 @@ async fn database_defaults_cannot_end_relay_sessions() {
         .await
         .unwrap();
     let table = support::unique_name("sess");
-    let topic = support::unique_name("sess_topic");
-    support::create_topic(&topic, 1).await;
-    let outbox = Outbox::builder()
-        .postgres(db_config.clone())
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let topic = support::fresh_topic("sess_topic", 1).await;
+    let outbox = on_table(db_config.clone(), &table)
         .migrate(true)
         .connect()
         .await
@@ -527,11 +527,7 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
 async fn status_and_health_name_the_oldest_transaction() {
     let db_config = support::fresh_database().await;
     let table = support::unique_name("longtx");
-    let outbox = Outbox::builder()
-        .postgres(db_config.clone())
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = on_table(db_config.clone(), &table)
         .migrate(true)
         .connect()
         .await
@@ -662,18 +658,10 @@ async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
         return;
     };
     let (table, client) = migrated_table("bouncer_tx").await;
-    let e = tokio::time::timeout(
-        HANG,
-        Outbox::builder()
-            .postgres(bouncer.config())
-            .kafka_brokers(support::kafka_brokers())
-            .table(&table)
-            .channel(&table)
-            .connect(),
-    )
-    .await
-    .expect("connect() answers")
-    .expect_err("connect() must refuse transaction pooling");
+    let e = tokio::time::timeout(HANG, on_table(bouncer.config(), &table).connect())
+        .await
+        .expect("connect() answers")
+        .expect_err("connect() must refuse transaction pooling");
     let text = e.to_string();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
     assert!(
@@ -696,11 +684,7 @@ async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
             .unwrap();
         tx.commit().await.unwrap();
     }
-    let n: i64 = client
-        .query_one(&format!("select count(*) from {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = support::count_rows(&client, &table, "").await;
     assert_eq!(n, 20);
 }
 
@@ -714,13 +698,8 @@ async fn pgbouncer_session_pooling_works() {
         return;
     };
     let (table, _client) = migrated_table("bouncer_sess").await;
-    let topic = support::unique_name("bouncer_topic");
-    support::create_topic(&topic, 1).await;
-    let outbox = Outbox::builder()
-        .postgres(bouncer.config())
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let topic = support::fresh_topic("bouncer_topic", 1).await;
+    let outbox = on_table(bouncer.config(), &table)
         .connect()
         .await
         .expect("session pooling is accepted");
@@ -767,22 +746,15 @@ async fn waker_session_lost_is_replaced_and_writers_notify_again() {
     outbox::migrate_table(&client, &table, &table)
         .await
         .unwrap();
-    let topic = support::unique_name("waker_lost_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("waker_lost_topic", 1).await;
     let brokers = support::kafka_brokers();
-    let outbox = Outbox::builder()
-        .postgres(db.clone())
-        .kafka_brokers(&brokers)
-        .table(&table)
-        .channel(&table)
-        .poll_interval(Duration::from_secs(3600))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        on_table(db.clone(), &table).poll_interval(Duration::from_secs(3600)),
+        &brokers,
+        &topic,
+        HANG,
+    )
+    .await;
     support::wait_armed(&outbox, &table, HANG).await;
     let old = wake_lock_pid(&client, &table)
         .await
@@ -827,14 +799,9 @@ async fn large_events_are_delivered_in_batches_bounded_by_bytes() {
     support::init_tracing();
     const N: usize = 200;
     let (table, mut client) = migrated_table("large").await;
-    let topic = support::unique_name("large_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("large_topic", 1).await;
     let brokers = support::kafka_brokers();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(&brokers)
-        .table(&table)
-        .channel(&table)
+    let outbox = on_table(support::postgres().await, &table)
         .connect()
         .await
         .unwrap();
@@ -959,14 +926,8 @@ async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
     assert_eq!(a_hold.len(), 1, "A's confirm returns its hold");
     let a_hold = a_hold[0];
     support::eventually(HANG, "A's hold ends", || async {
-        let ended: bool = client
-            .query_one(
-                &format!("select next_attempt_at <= now() from {table} where id = $1"),
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let ended: bool =
+            support::row_value(&client, &table, "next_attempt_at <= now()", &id).await;
         if ended {
             Ok(())
         } else {
@@ -1032,22 +993,15 @@ async fn a_stale_late_report_cannot_change_a_row_another_relay_took() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_of_one_aggregate_are_published_in_commit_order() {
     let (table, _client) = migrated_table("concurrent").await;
-    let topic = support::unique_name("concurrent_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("concurrent_topic", 1).await;
     let brokers = support::kafka_brokers();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .kafka_brokers(&brokers)
-        .table(&table)
-        .channel(&table)
-        .poll_interval(Duration::from_millis(50))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        on_table(support::postgres().await, &table).poll_interval(Duration::from_millis(50)),
+        &brokers,
+        &topic,
+        HANG,
+    )
+    .await;
     let mut c1 = support::connect_pg().await;
     let mut c2 = support::connect_pg().await;
     let t1 = c1.transaction().await.unwrap();
@@ -1086,11 +1040,7 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
     support::init_tracing();
     let (table, _client) = migrated_table("silent_stop").await;
     let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
-    let outbox = Outbox::builder()
-        .postgres(proxy.postgres_config(&support::postgres().await))
-        .kafka_brokers(support::kafka_brokers())
-        .table(&table)
-        .channel(&table)
+    let outbox = on_table(proxy.postgres_config(&support::postgres().await), &table)
         .poll_interval(Duration::from_millis(100))
         .postgres_timeout(Duration::from_secs(2))
         .connect()
@@ -1122,29 +1072,23 @@ async fn stop_completes_within_its_timeout_when_postgres_goes_silent() {
 async fn delivery_resumes_after_postgres_was_silent() {
     support::init_tracing();
     let (table, client) = migrated_table("silent_resume").await;
-    let topic = support::unique_name("silent_resume_topic");
-    support::create_topic(&topic, 1).await;
+    let topic = support::fresh_topic("silent_resume_topic", 1).await;
     let brokers = support::kafka_brokers();
     let proxy = FaultProxy::start(postgres_addr().await).await.unwrap();
-    let outbox = Outbox::builder()
-        .postgres(proxy.postgres_config(&support::postgres().await))
-        .kafka_brokers(&brokers)
-        .table(&table)
-        .channel(&table)
-        .poll_interval(Duration::from_millis(100))
-        .postgres_timeout(Duration::from_secs(3))
-        // A fence insert sent on a stuck connection may still reach Postgres once the path
-        // heals (as TCP retransmits would): the fence then keeps its aggregates waiting until it
-        // expires, batch_timeout + publish_timeout + 1 s later. Short, so that this is quick.
-        .publish_timeout(Duration::from_secs(2))
-        .batch_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = support::TopicReader::connect(&brokers, &topic, HANG)
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        on_table(proxy.postgres_config(&support::postgres().await), &table)
+            .poll_interval(Duration::from_millis(100))
+            .postgres_timeout(Duration::from_secs(3))
+            // A fence insert sent on a stuck connection may still reach Postgres once the path
+            // heals (as TCP retransmits would): the fence then keeps its aggregates waiting until it
+            // expires, batch_timeout + publish_timeout + 1 s later. Short, so that this is quick.
+            .publish_timeout(Duration::from_secs(2))
+            .batch_timeout(Duration::from_millis(500)),
+        &brokers,
+        &topic,
+        HANG,
+    )
+    .await;
     let first = outbox
         .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
         .await

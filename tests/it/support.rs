@@ -1324,3 +1324,136 @@ pub async fn wait_status(
     )
     .await
 }
+
+// ----------------------------------------------------------------------------------------------
+// Starting a relay with a reader
+// ----------------------------------------------------------------------------------------------
+
+/// A started relay's task, as `Outbox::start` returns it.
+pub type RelayTask = tokio::task::JoinHandle<outbox::Result<()>>;
+
+/// Connects the outbox `b` describes, then a reader on `topic` of `brokers` (`within` to find
+/// the topic), then starts the relay: the reader is subscribed before anything is published.
+pub async fn start_with_reader(
+    b: outbox::OutboxBuilder,
+    brokers: &str,
+    topic: &str,
+    within: std::time::Duration,
+) -> (outbox::Outbox, TopicReader, RelayTask) {
+    let outbox = b.connect().await.unwrap();
+    let reader = TopicReader::connect(brokers, topic, within).await.unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, reader, relay)
+}
+
+// ----------------------------------------------------------------------------------------------
+// One test's names, Postgres and Kafka
+// ----------------------------------------------------------------------------------------------
+
+/// One test's private table, channel and topic, on Postgres `pg` and Kafka `brokers`.
+#[derive(Clone)]
+pub struct TestEnv {
+    pub table: String,
+    pub channel: String,
+    pub topic: String,
+    pub brokers: String,
+    pub pg: tokio_postgres::Config,
+}
+
+impl TestEnv {
+    /// Fresh unique names made from `prefix` (`{prefix}_t`, `{prefix}_c`, `{prefix}_topic`);
+    /// nothing is created.
+    pub fn named(prefix: &str, brokers: String, pg: tokio_postgres::Config) -> TestEnv {
+        TestEnv {
+            table: unique_name(&format!("{prefix}_t")),
+            channel: unique_name(&format!("{prefix}_c")),
+            topic: unique_name(&format!("{prefix}_topic")),
+            brokers,
+            pg,
+        }
+    }
+
+    /// A builder for the table and channel, polling every 200 ms.
+    pub fn builder(&self) -> outbox::OutboxBuilder {
+        outbox::Outbox::builder()
+            .postgres(self.pg.clone())
+            .kafka_brokers(self.brokers.clone())
+            .table(self.table.clone())
+            .channel(self.channel.clone())
+            .poll_interval(std::time::Duration::from_millis(200))
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tables and rows
+// ----------------------------------------------------------------------------------------------
+
+/// Creates `table` with the original Go package's DDL ([`GO_DDL`]).
+pub async fn create_go_table(client: &tokio_postgres::Client, table: &str) {
+    client
+        .batch_execute(&GO_DDL.replace(
+            "create table if not exists events (",
+            &format!("create table if not exists {table} ("),
+        ))
+        .await
+        .unwrap();
+}
+
+/// `column` (an SQL expression) of the row of `table` with this `id`.
+pub async fn row_value<T>(
+    client: &tokio_postgres::Client,
+    table: &str,
+    column: &str,
+    id: &uuid::Uuid,
+) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query_one(
+            &format!("select {column} from {table} where id = $1"),
+            &[id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `select count(*) from <table> <rest>`: `rest` is empty or a `where` clause.
+pub async fn count_rows(client: &tokio_postgres::Client, table: &str, rest: &str) -> i64 {
+    client
+        .query_one(&format!("select count(*) from {table} {rest}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A fresh, uniquely named topic made from `prefix`, created with `partitions`.
+pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
+    let topic = unique_name(prefix);
+    create_topic(&topic, partitions).await;
+    topic
+}
+
+/// A relay on `table` (also its channel) from [`builder_on`], connected and started.
+pub async fn start_on(table: &str) -> (outbox::Outbox, RelayTask) {
+    let outbox = builder_on(table, table).await.connect().await.unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, relay)
+}
+
+/// The first two columns of every row `sql` returns, collected (a `Vec` of pairs, a map…).
+pub async fn pairs<A, B, C>(client: &tokio_postgres::Client, sql: &str) -> C
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<(A, B)>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
