@@ -807,7 +807,8 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
 async fn late_refused_batch_sends_the_event_alone_next_time() {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup("lateref", 1, Some(&kafka)).await;
-    let outbox = builder(&env)
+    let outbox = env
+        .builder()
         .publish_timeout(Duration::from_secs(15))
         .batch_timeout(Duration::from_millis(500))
         .lease(Duration::from_secs(30))
