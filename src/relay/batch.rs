@@ -66,8 +66,13 @@ pub(crate) async fn run_batch(
                 .batch_confirmed(&rows, &outcomes, fetched_at.elapsed());
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
-                ctx.late
-                    .spawn(confirm_late(ctx.clone(), rows, published.stragglers, holds));
+                ctx.late.spawn(confirm_late(
+                    ctx.clone(),
+                    rows,
+                    published.stragglers,
+                    holds,
+                    fetched_at,
+                ));
             }
             BatchDone {
                 conn: Some(conn),

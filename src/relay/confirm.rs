@@ -136,12 +136,14 @@ pub(crate) async fn confirm_batch(
 
 /// Waits for the reports of held messages and records them, fenced by the hold: a row whose
 /// hold ended, or that another relay wrote since, is left as it is (to be retried). Ends at the
-/// hold's end, or shortly after a stop's deadline.
+/// hold's end, or shortly after a stop's deadline. `fetched_at`: when the batch's rows arrived
+/// (their commit-to-ack time is their age then plus the time since).
 pub(crate) async fn confirm_late(
     ctx: Arc<Ctx>,
     rows: Vec<Reserved>,
     stragglers: Vec<Straggler>,
     holds: Holds,
+    fetched_at: Instant,
 ) {
     let hold_end = Instant::now() + ctx.timing.hold;
     // Health names the overdue reports while they are (with too few in-sync replicas nothing
@@ -191,7 +193,7 @@ pub(crate) async fn confirm_late(
         match round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await {
             Ok(true) => {
                 if let Some(o) = &outcome {
-                    ctx.report.settled_late(row, o);
+                    ctx.report.settled_late(row, o, fetched_at.elapsed());
                 }
             }
             Ok(false) => {}

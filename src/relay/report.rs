@@ -116,10 +116,16 @@ impl Reporter {
         self.count_delivered(delivered, now);
     }
 
-    /// One row's outcome recorded from a late delivery report.
-    pub(crate) fn settled_late(&self, row: &Reserved, outcome: &Outcome) {
+    /// One row's outcome recorded from a late delivery report; `acked_after` as for
+    /// [`batch_confirmed`](Self::batch_confirmed) (late deliveries are the slow ones: without
+    /// their samples the histogram's tail would hide every outage).
+    pub(crate) fn settled_late(&self, row: &Reserved, outcome: &Outcome, acked_after: Duration) {
         let now = Utc::now();
         if self.announce(row, outcome, now) {
+            if let Some(age) = row.age_at_reserve {
+                metrics::histogram!("outbox_commit_to_ack_seconds")
+                    .record(age + acked_after.as_secs_f64());
+            }
             self.count_delivered(1, now);
         }
     }

@@ -597,6 +597,62 @@ async fn run_relays_go_rows_logs_progress_and_stops_on_sigterm() {
 // ----------------------------------------------------------------------------------------------
 
 /// `--metrics-addr`: /metrics reports the delivered count and the commit-to-ack latency,
+/// Deliveries whose reports come after their batch ended (a slow broker: 1 s round trip, batch
+/// cutoff 100 ms) are recorded late, and each is a sample of `outbox_commit_to_ack_seconds`
+/// like any other delivery: before, late deliveries were counted in
+/// `outbox_events_delivered_total` but missing from the histogram, whose tail then hid exactly
+/// the slow events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_deliveries_are_commit_to_ack_samples() {
+    let (client, table) = migrated_table("cli_late_ack").await;
+    let topic = support::unique_name("cli_late_ack_topic");
+    let kafka = support::MockKafka::start(1).expect("mock cluster");
+    let brokers = kafka.bootstrap_servers();
+    kafka.create_topic(&topic, 1).expect("topic on the mock");
+    support::wait_for_topic(&brokers, &topic, Duration::from_secs(30))
+        .await
+        .expect("topic");
+    let url = support::postgres_url().await;
+    let (mut relay, addr) = RelayProcess::run_serving(
+        &url,
+        &table,
+        &brokers,
+        &["--batch-timeout", "100ms", "--poll-interval", "200ms"],
+    )
+    .await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .expect("delay the broker");
+    let writer = Writer::new(&table).unwrap();
+    for i in 0..3 {
+        writer
+            .add_new_event(
+                &client,
+                NewEvent::new(&topic, format!("late-{i}"), "Late", json!({"i": i})),
+            )
+            .await
+            .unwrap();
+    }
+    let text = metrics_until(addr, "outbox_events_delivered_total reaching 3", |text| {
+        metric(text, "outbox_events_delivered_total") == Some(3.0)
+    })
+    .await;
+    assert!(
+        relay
+            .log()
+            .contains("delivery reports late; holding those events"),
+        "the reports came after the batch ended (held):\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        metric(&text, "outbox_commit_to_ack_seconds_count"),
+        Some(3.0),
+        "one latency sample per delivered event, late ones too:\n{text}"
+    );
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(20)).await;
+}
+
 /// /health is 200 with healthy/listener_connected true, other paths 404; an event stuck on a
 /// missing topic older than `--health-max-pending-age` turns /health into 503 healthy:false.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
