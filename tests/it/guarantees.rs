@@ -736,22 +736,13 @@ async fn retries_record_attempts_backoff_and_dead_letter_after_max_attempts() {
 /// the reports overdue (seen in CI: 2 of 3 brokers down, health checked 8 s in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
-    let kafka = MockKafka::start(1).expect("mock cluster");
-    let env = setup("overdue", 1, Some(&kafka)).await;
-    let outbox = env
-        .builder()
-        .publish_timeout(Duration::from_secs(5))
-        .batch_timeout(Duration::from_secs(1))
-        .lease(Duration::from_secs(20))
-        .shutdown_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect");
-    let handle = outbox.start().expect("start");
-    let mut client = pg(&env).await;
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("overdue", |b| {
+        b.publish_timeout(Duration::from_secs(5))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
     let t = env.topic.as_str();
-    let warm = insert(&outbox, &mut client, &[ev(t, "W", 1)]).await;
-    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
     assert_eq!(outbox.health().await.expect("health").kafka_problem, None);
 
     kafka
@@ -795,6 +786,33 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A relay on a one-broker mock cluster (one partition), configured by `configure` with a 5 s
+/// shutdown timeout, started, and warmed up: one event delivered (so the broker can be slowed
+/// down with every connection made). Returns the cluster, the environment, the relay, its task
+/// and a Postgres client.
+async fn warm_relay_on_mock(
+    prefix: &str,
+    configure: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
+) -> (
+    MockKafka,
+    Env,
+    Outbox,
+    tokio::task::JoinHandle<Result<(), Error>>,
+    tokio_postgres::Client,
+) {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let env = setup(prefix, 1, Some(&kafka)).await;
+    let outbox = configure(env.builder().shutdown_timeout(Duration::from_secs(5)))
+        .connect()
+        .await
+        .expect("connect");
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let warm = insert(&outbox, &mut client, &[ev(&env.topic, "W", 1)]).await;
+    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
+    (kafka, env, outbox, handle, client)
+}
+
 /// A refused record batch reported after the batch ended (a slow broker: every report is late)
 /// is not the event's failure, but its next attempt goes alone: an event refused only with its
 /// batch is then delivered, with no attempt charged; one refused again when alone (too large by
@@ -805,24 +823,15 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
 /// enforce.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_refused_batch_sends_the_event_alone_next_time() {
-    let kafka = MockKafka::start(1).expect("mock cluster");
-    let env = setup("lateref", 1, Some(&kafka)).await;
-    let outbox = env
-        .builder()
-        .publish_timeout(Duration::from_secs(15))
-        .batch_timeout(Duration::from_millis(500))
-        .lease(Duration::from_secs(30))
-        .retry_backoff(Duration::from_millis(200), Duration::from_secs(1))
-        .shutdown_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect");
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("lateref", |b| {
+        b.publish_timeout(Duration::from_secs(15))
+            .batch_timeout(Duration::from_millis(500))
+            .lease(Duration::from_secs(30))
+            .retry_backoff(Duration::from_millis(200), Duration::from_secs(1))
+    })
+    .await;
     let mut acks = outbox.subscribe();
-    let handle = outbox.start().expect("start");
-    let mut client = pg(&env).await;
     let t = env.topic.as_str();
-    let warm = insert(&outbox, &mut client, &[ev(t, "W", 1)]).await;
-    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
     kafka
         .broker_round_trip_time(1, Duration::from_secs(1))
         .expect("delay the broker");
