@@ -63,11 +63,14 @@ pub(crate) async fn sample_batches(
             let state: Option<String> = r.get(1);
             let wait: String = r.get(2);
             let query: String = r.get(3);
+            // The statements in src/sql/ open with `--` comment lines: classify by the SQL after
+            // them (the texts are still compared whole).
+            let head = sql_head(&query);
             let state = state.unwrap_or_default();
             if app == "outbox-relay-fence" {
                 if state == "active" {
                     fence_active += 1;
-                    if query.starts_with("insert") {
+                    if head.starts_with("insert") {
                         check(&mut fence_ok, "fence", &query, &sql.fence);
                     }
                 }
@@ -77,18 +80,18 @@ pub(crate) async fn sample_batches(
                 "idle in transaction" => "publish (tx open: fence + relay + Kafka)",
                 "idle" => "idle (between batches)",
                 "active" => {
-                    if query.starts_with("with cand") {
+                    if head.starts_with("with cand") {
                         check(&mut reserve_ok, "reserve", &query, &sql.reserve);
                         "reserve SQL"
-                    } else if query.starts_with("update")
-                        || query.starts_with("with delivered")
-                        || query.starts_with("with unfenced")
+                    } else if head.starts_with("update")
+                        || head.starts_with("with delivered")
+                        || head.starts_with("with unfenced")
                     {
                         check(&mut confirm_ok, "confirm", &query, &sql.confirm);
                         "confirm SQL"
-                    } else if query == "commit" {
+                    } else if head == "commit" {
                         "commit"
-                    } else if query == "begin" {
+                    } else if head == "begin" {
                         "begin"
                     } else {
                         "other SQL"
@@ -171,6 +174,15 @@ pub(crate) async fn verify_sql(env: &Env, delete: bool) -> Result<Profile> {
         profile.fence_text_ok
     );
     Ok(profile)
+}
+
+/// `query` without its leading blank and `--` comment lines.
+fn sql_head(query: &str) -> &str {
+    let mut rest = query.trim_start();
+    while rest.starts_with("--") {
+        rest = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+    }
+    rest
 }
 
 pub(crate) fn sql_check(p: &Profile) -> String {
