@@ -11,7 +11,7 @@
 //! | `ce_source`      | [`OutboxBuilder::cloudevents_source`](crate::OutboxBuilder::cloudevents_source) |
 //! | `ce_type`        | the event type                                             |
 //! | `ce_subject`     | the aggregate id (also the record key)                     |
-//! | `ce_time`        | `created_at_tz`, RFC 3339 in UTC with microseconds (omitted for an infinite value) |
+//! | `ce_time`        | `created_at_tz`, RFC 3339 in UTC with microseconds (omitted when infinite or outside the years 0001–9999) |
 //! | `content-type`   | `application/json` (the payload is a `jsonb` value)         |
 //!
 //! The relay's own `event_id` and `event_type` headers are kept beside them. In this mode the
