@@ -723,6 +723,67 @@ async fn cloudevents_records_decode_with_the_java_sdk() {
     relay.await.unwrap().unwrap();
 }
 
+/// A `traceparent` the caller set in another ASCII case (`TraceParent`) is the caller's: the
+/// writer adds no second trace context beside it (the relay reads trace headers case
+/// insensitively, so the writer's `traceparent` would override the caller's).
+#[cfg(feature = "opentelemetry")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_set_in_any_case_is_the_callers() {
+    use opentelemetry::trace::{TraceContextExt as _, Tracer as _, TracerProvider as _};
+
+    let (table, topic) = setup("tpcase").await;
+    let client = connect_pg().await;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let span = provider.tracer("order-service").start("place order");
+    let _current = opentelemetry::Context::current_with_span(span).attach();
+    let theirs = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let writer = Writer::new(&table).unwrap();
+    let mut stored = Vec::new();
+    for name in ["TraceParent", "traceparent"] {
+        let id = writer
+            .add_new_event(
+                &client,
+                NewEvent::new(&topic, "agg", "ev", json!({})).header(name, theirs),
+            )
+            .await
+            .unwrap();
+        let headers: serde_json::Value = client
+            .query_one(
+                &format!("select headers from {table} where id = $1"),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        stored.push(headers);
+    }
+    // Without a header of its own, the event gets the current span's context.
+    let id = writer
+        .add_new_event(&client, NewEvent::new(&topic, "agg", "ev", json!({})))
+        .await
+        .unwrap();
+    let ambient: serde_json::Value = client
+        .query_one(
+            &format!("select headers from {table} where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored,
+        vec![
+            json!({"TraceParent": theirs}),
+            json!({"traceparent": theirs})
+        ],
+        "the caller's trace context only"
+    );
+    assert!(
+        ambient["traceparent"].as_str().is_some_and(|t| t != theirs),
+        "{ambient}"
+    );
+}
+
 /// `ce_time` is RFC 3339 (a four-digit year, 0001–9999) or absent: a row written by SQL with a
 /// `created_at_tz` outside that range (year 20000, a BC date, infinity) is published without
 /// `ce_time` (an optional attribute) instead of with a time that a CloudEvents SDK refuses
