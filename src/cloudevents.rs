@@ -11,7 +11,7 @@
 //! | `ce_source`      | [`OutboxBuilder::cloudevents_source`](crate::OutboxBuilder::cloudevents_source) |
 //! | `ce_type`        | the event type                                             |
 //! | `ce_subject`     | the aggregate id (also the record key)                     |
-//! | `ce_time`        | `created_at_tz`, RFC 3339 in UTC with microseconds (omitted for an infinite value) |
+//! | `ce_time`        | `created_at_tz`, RFC 3339 in UTC with microseconds (omitted when infinite or outside the years 0001–9999) |
 //! | `content-type`   | `application/json` (the payload is a `jsonb` value)         |
 //!
 //! The relay's own `event_id` and `event_type` headers are kept beside them. In this mode the
@@ -38,7 +38,9 @@ pub(crate) fn is_reserved(name: &str) -> bool {
 
 /// Checks a `ce_source` value: a non-empty URI-reference (RFC 3986) of at most
 /// [`MAX_SOURCE_LEN`] bytes; only its shape is checked (no whitespace, controls or non-ASCII
-/// characters, which a URI-reference cannot hold unescaped).
+/// characters, which a URI-reference cannot hold unescaped), and no password in its user
+/// information (`scheme://user:password@host`): `ce_source` is published in every record, so a
+/// credential there would reach every consumer of the topic. The value is never echoed.
 ///
 /// # Errors
 ///
@@ -58,7 +60,35 @@ pub(crate) fn check_source(source: &str) -> Result<(), String> {
             "holds {c:?}, which a URI-reference cannot hold unescaped (percent-encode it)"
         ));
     }
+    if has_password(source) {
+        return Err(
+            "holds a password in its user information (`scheme://user:password@…`), which every record would publish; remove it".into(),
+        );
+    }
     Ok(())
+}
+
+/// `true` when `uri` has an authority (`//…` at the start or after the scheme) whose user
+/// information (before the last `@` ahead of the path) holds a `:`, the deprecated
+/// `user:password` form (RFC 3986 §3.2.1).
+fn has_password(uri: &str) -> bool {
+    // The authority follows `//` at the start of a relative reference or right after the scheme.
+    let after_scheme = uri
+        .split_once(':')
+        .filter(|(scheme, _)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+        .map_or(uri, |(_, rest)| rest);
+    let Some(rest) = after_scheme.strip_prefix("//") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 #[cfg(test)]
@@ -82,5 +112,17 @@ mod tests {
         assert!(check_source("caf\u{e9}").is_err());
         assert!(check_source(&"a".repeat(MAX_SOURCE_LEN + 1)).is_err());
         assert!(check_source(&"a".repeat(MAX_SOURCE_LEN)).is_ok());
+        assert!(check_source("https://user@example.com/orders").is_ok());
+        assert!(check_source("https://example.com/a:b@c").is_ok());
+        assert!(check_source("//[::1]:8080/orders").is_ok());
+        assert!(check_source("urn:acme:a//b:c@d").is_ok());
+        for secret in [
+            "https://user:hunter2@example.com/orders",
+            "kafka://svc:hunter2@broker:9092",
+            "//:hunter2@example.com",
+        ] {
+            let err = check_source(secret).expect_err(secret);
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 }

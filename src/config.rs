@@ -418,8 +418,9 @@ impl OutboxBuilder {
     /// reserved header names (a row's custom header of that name is dropped and counted).
     ///
     /// `source` must be a non-empty URI-reference of at most 1,024 bytes with no whitespace,
-    /// controls or non-ASCII characters (e.g. `/orders`, `urn:acme:orders`,
-    /// `https://acme.example/orders`); `connect()` rejects anything else.
+    /// controls or non-ASCII characters and no password in its user information
+    /// (`https://user:password@…`, which every record would publish), e.g. `/orders`,
+    /// `urn:acme:orders`, `https://acme.example/orders`; `connect()` rejects anything else.
     pub fn cloudevents_source(mut self, source: impl Into<String>) -> Self {
         self.settings.cloudevents_source = Some(source.into());
         self

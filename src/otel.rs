@@ -71,11 +71,14 @@ mod enabled {
     const TRACER: &str = "outbox";
 
     /// The current span context as W3C headers, for an event whose `headers` do not set
-    /// `traceparent` already; `None` when there is no sampled-or-not valid current span.
+    /// `traceparent` already (in any ASCII case); `None` when there is no sampled-or-not valid
+    /// current span.
     pub(crate) fn writer_headers(
         headers: &BTreeMap<String, String>,
     ) -> Option<HashMap<String, String>> {
-        if headers.contains_key(TRACEPARENT) {
+        // Any case: the relay reads trace headers ASCII case insensitively, so a caller's
+        // `TraceParent` is theirs, and a second `traceparent` beside it would override it.
+        if headers.keys().any(|k| k.eq_ignore_ascii_case(TRACEPARENT)) {
             return None;
         }
         let cx = current_context();

@@ -161,7 +161,7 @@ impl Writer {
 }
 
 /// The event's headers as JSON text, with the caller's trace context (`traceparent`,
-/// `tracestate`) added under feature `opentelemetry` unless the event sets `traceparent`.
+/// `tracestate`) added under feature `opentelemetry` unless the event sets `traceparent` (any case).
 fn headers_json(event: &NewEvent) -> Option<String> {
     if let Some(trace) = crate::otel::writer_headers(&event.headers) {
         let mut headers = event.headers.clone();

@@ -34,7 +34,8 @@ pub(crate) struct Reserved {
     pub(crate) attempts: i32,
     /// Seconds since `created_at_tz` when reserved (None for an infinite `created_at_tz`).
     pub(crate) age_at_reserve: Option<f64>,
-    /// `created_at_tz` as RFC 3339 in UTC with microseconds (None when infinite).
+    /// `created_at_tz` as RFC 3339 in UTC with microseconds (None when infinite or outside the
+    /// years 0001–9999, which RFC 3339 cannot write: the record then has no `ce_time`).
     pub(crate) created_at: Option<String>,
     /// The rule of `add_new_event` this row breaks (a row written by another writer): it is
     /// dead-lettered without being sent.

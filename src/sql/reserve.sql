@@ -12,6 +12,9 @@
 -- than returned: there is more to reserve at once). A row's age is read as it is returned
 -- (`clock_timestamp()`): the relay adds the time from the rows' arrival to their confirmation,
 -- so nothing is counted twice (the transaction's start, `now()`, is earlier by the connect).
+-- The last column, `ce_time`, is RFC 3339 only for years 0001-9999 in UTC (null otherwise:
+-- `to_char` writes year 20000 with five digits, which RFC 3339 parsers refuse, and a BC year
+-- without its era).
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
@@ -50,7 +53,8 @@ with cand as materialized (
                          then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
                          end,
         k.kept,
-        case when isfinite(k.created_at_tz)
+        case when k.created_at_tz >= timestamptz '0001-01-01 00:00:00+00'
+                  and k.created_at_tz < timestamptz '10000-01-01 00:00:00+00'
              then to_char(k.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
              end
    from kept k

@@ -677,6 +677,170 @@ async fn cloudevents_records_decode_with_the_java_sdk() {
     relay.await.unwrap().unwrap();
 }
 
+/// A `traceparent` the caller set in another ASCII case (`TraceParent`) is the caller's: the
+/// writer adds no second trace context beside it (the relay reads trace headers case
+/// insensitively, so the writer's `traceparent` would override the caller's).
+#[cfg(feature = "opentelemetry")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_set_in_any_case_is_the_callers() {
+    use opentelemetry::trace::{TraceContextExt as _, Tracer as _, TracerProvider as _};
+
+    let (table, topic) = setup("tpcase").await;
+    let client = connect_pg().await;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let span = provider.tracer("order-service").start("place order");
+    let _current = opentelemetry::Context::current_with_span(span).attach();
+    let theirs = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let writer = Writer::new(&table).unwrap();
+    let mut stored = Vec::new();
+    for name in ["TraceParent", "traceparent"] {
+        let id = writer
+            .add_new_event(
+                &client,
+                NewEvent::new(&topic, "agg", "ev", json!({})).header(name, theirs),
+            )
+            .await
+            .unwrap();
+        let headers: serde_json::Value = client
+            .query_one(
+                &format!("select headers from {table} where id = $1"),
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        stored.push(headers);
+    }
+    // Without a header of its own, the event gets the current span's context.
+    let id = writer
+        .add_new_event(&client, NewEvent::new(&topic, "agg", "ev", json!({})))
+        .await
+        .unwrap();
+    let ambient: serde_json::Value = client
+        .query_one(
+            &format!("select headers from {table} where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored,
+        vec![
+            json!({"TraceParent": theirs}),
+            json!({"traceparent": theirs})
+        ],
+        "the caller's trace context only"
+    );
+    assert!(
+        ambient["traceparent"].as_str().is_some_and(|t| t != theirs),
+        "{ambient}"
+    );
+}
+
+/// `ce_time` is RFC 3339 (a four-digit year, 0001–9999) or absent: a row written by SQL with a
+/// `created_at_tz` outside that range (year 20000, a BC date, infinity) is published without
+/// `ce_time` (an optional attribute) instead of with a time that a CloudEvents SDK refuses
+/// (`20000-…`: the consumer fails on the record) or misreads (`0044-…` for 44 BC). Every event is
+/// published; the others keep their exact `ce_time`. On the real cluster the Java SDK's
+/// `CloudEventDeserializer` decodes every record too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_time_outside_rfc3339_years_is_omitted() {
+    let (table, topic) = setup("cetime").await;
+    let client = connect_pg().await;
+    let times = [
+        Some("20000-01-01 00:00:00+00"),
+        Some("0044-03-15 00:00:00+00 BC"),
+        Some("infinity"),
+        Some("0001-01-01 00:00:00+00"),
+        Some("9999-12-31 23:59:59.999999+00"),
+        None,
+    ];
+    for (i, time) in times.iter().enumerate() {
+        client
+            .execute(
+                &format!(
+                    "insert into {table} (aggregate_id, event_topic, event_type, payload, created_at_tz)
+                     values ($1, $2, 'ev', '{{}}', coalesce($3::text::timestamptz, now()))"
+                ),
+                &[&format!("agg-{i}"), &topic, &time.map(str::to_string)],
+            )
+            .await
+            .unwrap();
+    }
+    let outbox = support::builder_on(&table, &table)
+        .await
+        .cloudevents_source("/orders")
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let records = support::assert_nothing_more(
+        &kafka_brokers(),
+        &topic,
+        times.len(),
+        Duration::from_secs(1),
+    )
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+    let mut published = Vec::new();
+    for record in &records {
+        let ce_time: Vec<&str> = record
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "ce_time")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if let [time] = ce_time[..] {
+            let parsed = chrono::DateTime::parse_from_rfc3339(time)
+                .unwrap_or_else(|e| panic!("ce_time {time:?} is not RFC 3339: {e}"));
+            // Read as UTC text: chrono holds no year beyond 262143, nor infinity.
+            let created: String = client
+                .query_one(
+                    &format!(
+                        "select to_char(created_at_tz at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US BC')
+                           from {table} where aggregate_id = $1"
+                    ),
+                    &[&record.key_str()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let created =
+                chrono::NaiveDateTime::parse_from_str(&created, "%Y-%m-%d %H:%M:%S%.f AD")
+                    .unwrap_or_else(|e| {
+                        panic!("{created}: {e}: ce_time {time} for a time out of its range")
+                    })
+                    .and_utc();
+            assert_eq!(parsed, created, "ce_time is created_at_tz: {record:?}");
+        } else {
+            assert!(ce_time.is_empty(), "at most one ce_time: {record:?}");
+        }
+        published.push((record.key_str().to_string(), ce_time.len()));
+    }
+    published.sort();
+    assert_eq!(
+        published,
+        vec![
+            ("agg-0".to_string(), 0),
+            ("agg-1".to_string(), 0),
+            ("agg-2".to_string(), 0),
+            ("agg-3".to_string(), 1),
+            ("agg-4".to_string(), 1),
+            ("agg-5".to_string(), 1),
+        ],
+        "ce_time only for years 0001-9999; every event published"
+    );
+    // The Java SDK's deserializer fails on the whole record for a `ce_time` of year 20000 (the
+    // consumer cannot get past it); every record decodes now.
+    if let Some(cluster) = support::shared_cluster() {
+        let java =
+            support::java_read_cloudevents(cluster, &topic, times.len(), Duration::from_secs(60))
+                .await;
+        assert_eq!(java.len(), times.len(), "{java:#?}");
+    }
+}
+
 #[test]
 fn readme_rust_blocks_have_no_hidden_lines() {
     let readme = include_str!("../../README.md");
