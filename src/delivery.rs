@@ -94,8 +94,10 @@ impl DeliveryFailure {
         self.kafka_code
     }
     /// Failed attempts so far, this one included — unless the cluster, not the event, failed
-    /// (unreachable brokers, a timeout, no leader, a refused login, a fatal producer): such a
-    /// failure counts no attempt, and the number is unchanged.
+    /// (unreachable brokers, a timeout, no leader, a refused login, a fatal producer), or the
+    /// broker refused the record batch the event only shared, in a report that came after its
+    /// batch ended (the event is then sent alone): such a failure counts no attempt, and the
+    /// number is unchanged.
     pub fn attempts(&self) -> i32 {
         self.attempts
     }

@@ -427,12 +427,15 @@ impl Pg {
         };
         let broken = bounded("pooler check", self.timeout, async {
             match probe.await {
-                // A statement prepared on one server connection and executed on another: the
-                // pooler moved the session between two round trips (PgBouncer 1.18 in
-                // transaction pooling, seen intermittently).
+                // A statement prepared on one server connection and executed on another (26000),
+                // or a statement name another client session already used on this server
+                // connection (42P05): the pooler moved the session between two round trips
+                // (PgBouncer 1.18 in transaction pooling, seen intermittently).
                 Err(e)
-                    if e.code()
-                        == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME) =>
+                    if e.code().is_some_and(|c| {
+                        c == &tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME
+                            || c == &tokio_postgres::error::SqlState::DUPLICATE_PSTATEMENT
+                    }) =>
                 {
                     Ok(true)
                 }

@@ -220,11 +220,8 @@ fn late_outcome(
     alone: bool,
 ) -> Option<Outcome> {
     match report {
-        Err(e)
-            if !alone
-                && super::publish::is_batch_refused_error(&e)
-                && ctx.alone_next.mark(row.id) =>
-        {
+        Err(e) if !alone && super::publish::is_batch_refused_error(&e) => {
+            ctx.alone_next.mark(row.id);
             Some(Outcome::Failed(retry::refused_batch(&e)))
         }
         report => Outcome::of_report(ctx, row, report),

@@ -310,22 +310,28 @@ fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
     delay
 }
 
-/// After the batches: flushes what the producer still holds while the held messages' late
+/// After the batches: flushes what the producers still hold while the held messages' late
 /// reports come in, then purges, so that nothing is sent after the relay returned (a message
 /// purged before it was sent is released at once; one purged in flight stays held, it may have
 /// reached Kafka). Then ends the wake sources and the maintenance tasks.
 async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     let deadline = ctx.stop.window().map_or_else(Instant::now, |w| w.deadline);
     ctx.late.close();
-    let (_, producer) = ctx.producers.get();
     let left = deadline.saturating_duration_since(Instant::now());
-    let flush = tokio::task::spawn_blocking(move || producer.flush(left));
+    let flushes: Vec<_> = (ctx.producers.all().await.into_iter())
+        .map(|producer| tokio::task::spawn_blocking(move || producer.flush(left)))
+        .collect();
     let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
-    let _ = flush.await;
-    let (_, producer) = ctx.producers.get();
-    if producer.in_flight_count() > 0 {
-        producer.purge(PurgeConfig::default().queue().inflight());
-        let _ = tokio::task::spawn_blocking(move || producer.flush(PURGE_FLUSH)).await;
+    for flush in flushes {
+        let _ = flush.await;
+    }
+    // The solo producer too: a message held in it would otherwise be retried by librdkafka
+    // after the relay returned, while its row is pending (a duplicate later).
+    for producer in ctx.producers.all().await {
+        if producer.in_flight_count() > 0 {
+            producer.purge(PurgeConfig::default().queue().inflight());
+            let _ = tokio::task::spawn_blocking(move || producer.flush(PURGE_FLUSH)).await;
+        }
     }
     let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
     background.close();

@@ -256,10 +256,12 @@ impl Producers {
         })
     }
 
-    /// The producer for sending a message alone, locked: while the guard lives nobody else sends
-    /// through it, so the message is the only one in its record batch (the main producer batches
-    /// the messages of one partition together, and the broker refuses a whole batch when it
-    /// exceeds the topic's `max.message.bytes`).
+    /// The producer for sending a message alone (created when first needed, replaced when
+    /// librdkafka made it fatal), behind a lock held while it is checked or created. It puts one
+    /// message in each record batch (`batch.num.messages=1`), so a message sent through it is
+    /// the only one in its record batch whoever else sends (the main producer batches the
+    /// messages of one partition together, and the broker refuses a whole batch when it exceeds
+    /// the topic's `max.message.bytes`).
     ///
     /// # Errors
     /// librdkafka's error when the producer cannot be created.
@@ -281,6 +283,14 @@ impl Producers {
             *guard = Some(config.create_with_context(self.context.clone())?);
         }
         Ok(guard)
+    }
+
+    /// Every producer in use: the current one and, once created, the solo producer (for the
+    /// flush and purge at stop).
+    pub(crate) async fn all(&self) -> Vec<RelayProducer> {
+        let mut all = vec![self.get().1];
+        all.extend(self.solo.lock().await.clone());
+        all
     }
 
     /// The shared state behind health and stats.

@@ -331,35 +331,42 @@ pub(crate) fn is_batch_refused_error(e: &KafkaError) -> bool {
 /// Events whose record batch was refused in a report that came after their batch ended (see
 /// `confirm::late_outcome`): their next attempt skips the shared producer and goes alone
 /// ([`send_alone`]), or an event too large for the topic would be refused late with its batch,
-/// uncharged, forever. Relay-local (a restarted relay learns it again from one refusal), at most
-/// [`AloneNext::CAPACITY`] events: beyond that a late refusal is judged like any failure.
+/// uncharged, forever. Relay-local (a restarted relay learns it again from one refusal). A mark
+/// is dropped when this relay sends the event alone, and forgotten after [`AloneNext::EXPIRY`]
+/// (another relay took the event, or it was deleted); at most [`AloneNext::CAPACITY`] marks:
+/// beyond that a late refusal is still retried uncharged, only not marked.
 #[derive(Default)]
-pub(crate) struct AloneNext(std::sync::Mutex<std::collections::HashSet<Uuid>>);
+pub(crate) struct AloneNext(std::sync::Mutex<HashMap<Uuid, Instant>>);
 
 impl AloneNext {
     /// The most events remembered at once.
     pub(crate) const CAPACITY: usize = 10_000;
+    /// How long a mark lasts.
+    pub(crate) const EXPIRY: Duration = Duration::from_secs(600);
 
-    /// Marks `id` to go alone next time; `false` when the set is full (nothing marked).
-    pub(crate) fn mark(&self, id: Uuid) -> bool {
+    /// Marks `id` to go alone next time (not when the set is full of live marks).
+    pub(crate) fn mark(&self, id: Uuid) {
         let mut set = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if set.len() >= Self::CAPACITY && !set.contains(&id) {
-            return false;
+        let now = Instant::now();
+        if set.len() >= Self::CAPACITY {
+            set.retain(|_, at| now.duration_since(*at) < Self::EXPIRY);
         }
-        set.insert(id);
-        true
+        if set.len() < Self::CAPACITY || set.contains_key(&id) {
+            set.insert(id, now);
+        }
     }
 
-    /// Whether `id` was marked, forgetting it.
+    /// Whether `id` has a live mark, forgetting it.
     fn take(&self, id: Uuid) -> bool {
         let mut set = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         set.remove(&id)
+            .is_some_and(|at| at.elapsed() < Self::EXPIRY)
     }
 }
 
@@ -371,12 +378,11 @@ impl AloneNext {
 /// one message in each record batch (`batch.num.messages=1`); one that librdkafka made fatal is
 /// replaced before its next use (`Producers::solo`).
 async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
-    // Not sent now: retried without counting an attempt, and still alone next time.
+    // Not sent by the cutoff (the solo producer or an in-flight permit was not free): released
+    // as it was, like any message the batch had no time for, and still alone next time.
     let busy = || {
         ctx.alone_next.mark(row.id);
-        Sent::Report(Err(KafkaError::MessageProduction(
-            RDKafkaErrorCode::QueueFull,
-        )))
+        Sent::Skipped
     };
     let solo = tokio::select! {
         solo = ctx.producers.solo() => solo,
@@ -494,5 +500,27 @@ pub(crate) fn report_result(
         Ok(Ok(d)) => Ok((d.partition, d.offset)),
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alone_next_marks_until_full_and_forgets_what_it_sent() {
+        let marks = AloneNext::default();
+        let ids: Vec<Uuid> = (0..AloneNext::CAPACITY).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            marks.mark(*id);
+        }
+        let late = Uuid::new_v4();
+        marks.mark(late);
+        assert!(!marks.take(late), "no room for a new mark while all are live");
+        marks.mark(ids[0]);
+        assert!(marks.take(ids[0]), "a marked event goes alone");
+        assert!(!marks.take(ids[0]), "once");
+        marks.mark(late);
+        assert!(marks.take(late), "a taken mark makes room");
     }
 }
