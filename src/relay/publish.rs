@@ -516,7 +516,10 @@ mod tests {
         }
         let late = Uuid::new_v4();
         marks.mark(late);
-        assert!(!marks.take(late), "no room for a new mark while all are live");
+        assert!(
+            !marks.take(late),
+            "no room for a new mark while all are live"
+        );
         marks.mark(ids[0]);
         assert!(marks.take(ids[0]), "a marked event goes alone");
         assert!(!marks.take(ids[0]), "once");
