@@ -701,29 +701,14 @@ async fn a_traceparent_set_in_any_case_is_the_callers() {
             )
             .await
             .unwrap();
-        let headers: serde_json::Value = client
-            .query_one(
-                &format!("select headers from {table} where id = $1"),
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        stored.push(headers);
+        stored.push(support::row_value::<serde_json::Value>(&client, &table, "headers", &id).await);
     }
     // Without a header of its own, the event gets the current span's context.
     let id = writer
         .add_new_event(&client, NewEvent::new(&topic, "agg", "ev", json!({})))
         .await
         .unwrap();
-    let ambient: serde_json::Value = client
-        .query_one(
-            &format!("select headers from {table} where id = $1"),
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ambient: serde_json::Value = support::row_value(&client, &table, "headers", &id).await;
     assert_eq!(
         stored,
         vec![
