@@ -40,6 +40,14 @@ pub(crate) struct Reporter {
     acks: Option<broadcast::Sender<DeliveryEvent>>,
 }
 
+/// One sample of `outbox_commit_to_ack_seconds` for a delivered `row`: its age when it was read
+/// plus `acked_after`, the time from then to the recorded delivery.
+fn record_commit_to_ack(row: &Reserved, acked_after: Duration) {
+    if let Some(age) = row.age_at_reserve {
+        metrics::histogram!("outbox_commit_to_ack_seconds").record(age + acked_after.as_secs_f64());
+    }
+}
+
 impl Reporter {
     pub(crate) fn new(
         counters: Arc<Counters>,
@@ -103,14 +111,11 @@ impl Reporter {
         acked_after: Duration,
     ) {
         let now = Utc::now();
-        let latency = metrics::histogram!("outbox_commit_to_ack_seconds");
         let mut delivered = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
             if self.announce(row, outcome, now) {
                 delivered += 1;
-                if let Some(age) = row.age_at_reserve {
-                    latency.record(age + acked_after.as_secs_f64());
-                }
+                record_commit_to_ack(row, acked_after);
             }
         }
         self.count_delivered(delivered, now);
@@ -122,10 +127,7 @@ impl Reporter {
     pub(crate) fn settled_late(&self, row: &Reserved, outcome: &Outcome, acked_after: Duration) {
         let now = Utc::now();
         if self.announce(row, outcome, now) {
-            if let Some(age) = row.age_at_reserve {
-                metrics::histogram!("outbox_commit_to_ack_seconds")
-                    .record(age + acked_after.as_secs_f64());
-            }
+            record_commit_to_ack(row, acked_after);
             self.count_delivered(1, now);
         }
     }
