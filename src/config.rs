@@ -171,6 +171,10 @@ pub struct Settings {
     /// 1..=1000000.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
     pub max_in_flight: usize,
+    /// One aggregate's messages handed to the producer and not yet acknowledged, at most,
+    /// 1..=1000 (1: one at a time, a round trip per event).
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE", default_value_t = Settings::default().max_in_flight_per_aggregate))]
+    pub max_in_flight_per_aggregate: usize,
     /// Batches being published at once, 1..=16; each holds one Postgres connection.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_BATCHES_IN_FLIGHT", default_value_t = Settings::default().max_batches_in_flight))]
     pub max_batches_in_flight: usize,
@@ -248,6 +252,7 @@ impl Default for Settings {
             batch_size: 1000,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_in_flight: 10_000,
+            max_in_flight_per_aggregate: 64,
             max_batches_in_flight: 2,
             poll_interval: Duration::from_secs(2),
             lease: Duration::from_secs(60),
@@ -450,6 +455,20 @@ impl OutboxBuilder {
     /// 1..=1,000,000 (default 10,000).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.settings.max_in_flight = n;
+        self
+    }
+
+    /// Most messages of one aggregate handed to the producer and not yet acknowledged,
+    /// 1..=1,000 (default 64). Above 1, an aggregate's consecutive events for the same topic
+    /// are sent back to back (pipelined) on a producer of their own that keeps them in order:
+    /// idempotent, with `enable.gapless.guarantee` (a permanent error fails every later message
+    /// instead of letting one of them be written after the failed one; librdkafka's
+    /// INTRODUCTION.md, "Idempotent Producer") and no librdkafka timeout of its own (a message
+    /// that times out in librdkafka's queue may leave a gap; the relay purges that producer
+    /// instead, see `publish_timeout`). With 1, each event is sent only after the previous one of
+    /// its aggregate was acknowledged: a round trip per event.
+    pub fn max_in_flight_per_aggregate(mut self, n: usize) -> Self {
+        self.settings.max_in_flight_per_aggregate = n;
         self
     }
 
@@ -786,6 +805,7 @@ impl Settings {
             ("batch_size", count(s.batch_size), 1, 50_000, ""),
             ("max_batch_bytes", count(s.max_batch_bytes), 1 << 10, 1 << 30, " bytes"),
             ("max_in_flight", count(s.max_in_flight), 1, 1_000_000, ""),
+            ("max_in_flight_per_aggregate", count(s.max_in_flight_per_aggregate), 1, 1_000, ""),
             ("max_batches_in_flight", count(s.max_batches_in_flight), 1, 16, ""),
             ("poll_interval", ms(s.poll_interval), 10, 3_600_000, " ms"),
             ("lease", ms(s.lease), 1_000, 86_400_000, " ms"),

@@ -3,11 +3,11 @@
 //! one while the hold lasts. Both judge reports with the same policy (`Outcome::of_report`) and
 //! report through the same sink.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::stream::FuturesUnordered;
+use futures::stream::{BoxStream, SelectAll};
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::config::OnDelivery;
 use crate::store::ConfirmOutcome;
 
-use super::publish::{report_result, Outcome, Straggler};
+use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::{self, retry_delay, unavailable_delay};
 use super::timing::{millis, round_trip, LATE_GRACE};
@@ -146,24 +146,26 @@ pub(crate) async fn confirm_late(
     fetched_at: Instant,
 ) {
     let hold_end = Instant::now() + ctx.timing.hold;
+    // Messages of the pipelining producer, which never times them out (see `Producers::pipe`),
+    // are purged when librdkafka would have timed out the main producer's (`publish_timeout`
+    // after they were sent, at the latest), before the rows' holds end (a second later): no
+    // other relay can take the events while a message of theirs may still be sent.
+    let purge_at = Instant::now() + ctx.settings.publish_timeout;
     // Health names the overdue reports while they are (with too few in-sync replicas nothing
     // fails: the reports just do not come).
     let mut overdue = ctx.producers.state().overdue(stragglers.len());
     // Connected now, so that a report arriving late in the hold is written at once; replaced
     // after a write that missed its deadline, reconnected on the next report.
     let mut client = late_connect(&ctx).await;
-    let mut waiting: FuturesUnordered<_> = stragglers
-        .into_iter()
-        .map(|st| async move {
-            let Straggler {
-                idx,
-                future,
-                alone,
-                _permit,
-            } = st;
-            (idx, alone, report_result(future.await))
-        })
-        .collect();
+    // Reports still to come from each pipelining producer (see `publish::pipeline`).
+    let mut pipes: HashMap<u64, usize> = HashMap::new();
+    for g in stragglers.iter().filter_map(|st| st.pipe) {
+        *pipes.entry(g).or_default() += 1;
+    }
+    let mut purged = false;
+    // Runs (see `in_order`) in which a message was not delivered.
+    let mut failed_runs = HashSet::new();
+    let mut waiting = in_order(stragglers);
     let stopping = async {
         let window = ctx.stop.requested().await;
         tokio::time::sleep_until(window.deadline + LATE_GRACE).await;
@@ -172,15 +174,45 @@ pub(crate) async fn confirm_late(
     loop {
         let next = tokio::select! {
             n = waiting.next() => n,
+            _ = tokio::time::sleep_until(purge_at), if !purged && pipes.values().any(|&n| n > 0) => {
+                // The purged messages' reports come at once.
+                for (&g, _) in pipes.iter().filter(|(_, &n)| n > 0) {
+                    ctx.producers.purge_pipe(g);
+                }
+                purged = true;
+                continue;
+            }
             _ = tokio::time::sleep_until(hold_end) => None,
             _ = &mut stopping => None,
         };
-        let Some((idx, alone, report)) = next else {
+        let Some(late) = next else {
             break;
         };
+        if let Some(g) = late.pipe {
+            if let Some(n) = pipes.get_mut(&g) {
+                *n -= 1;
+            }
+            if late.report.is_err() {
+                ctx.check_pipe_fatal(g);
+            }
+        }
         overdue.settled_one();
-        let row = &rows[idx];
-        let outcome = late_outcome(&ctx, row, report, alone);
+        let row = &rows[late.idx];
+        let outcome = if failed_runs.contains(&late.run) {
+            // After an earlier message of its run failed: released as it was, no attempt.
+            match late.report {
+                Ok((partition, offset)) => {
+                    Some(publish::order_anomaly(&ctx, row, partition, offset))
+                }
+                Err(_) => None,
+            }
+        } else {
+            let outcome = late_outcome(&ctx, row, late.report, late.alone, late.pipe.is_some());
+            if !matches!(outcome, Some(Outcome::Delivered { .. })) {
+                failed_runs.insert(late.run);
+            }
+            outcome
+        };
         // Every held row of the batch has its hold; without it nothing can be fenced.
         let Some(hold) = holds.get(&row.id) else {
             continue;
@@ -207,19 +239,77 @@ pub(crate) async fn confirm_late(
     }
 }
 
+/// A held message's report.
+struct LateReport {
+    /// Index of its row in the batch.
+    idx: usize,
+    /// Sent alone (see `publish::send_alone`).
+    alone: bool,
+    /// Sent by the pipelining producer of this generation.
+    pipe: Option<u64>,
+    /// Its run: the messages of one pipelined run share one (see `Straggler::follows`).
+    run: usize,
+    report: Result<(i32, i64), rdkafka::error::KafkaError>,
+}
+
+/// The held messages' reports as they come, those of one pipelined run in the run's order (a
+/// later one is judged knowing whether an earlier one failed).
+fn in_order(stragglers: Vec<Straggler>) -> SelectAll<BoxStream<'static, LateReport>> {
+    let mut runs: Vec<Vec<Straggler>> = Vec::new();
+    for st in stragglers {
+        match runs.last_mut() {
+            Some(run) if st.follows => run.push(st),
+            _ => runs.push(vec![st]),
+        }
+    }
+    futures::stream::select_all(runs.into_iter().enumerate().map(|(run, sts)| {
+        futures::stream::iter(sts)
+            .then(move |st| async move {
+                let Straggler {
+                    idx,
+                    future,
+                    alone,
+                    pipe,
+                    _permit,
+                    ..
+                } = st;
+                LateReport {
+                    idx,
+                    alone,
+                    pipe,
+                    run,
+                    report: report_result(future.await),
+                }
+            })
+            .boxed()
+    }))
+}
+
 /// The outcome of a late report. A broker's "too large" answer is about the record batch the
 /// message shared with others, and a late report cannot re-send the event alone as the batch
 /// does (`publish::send_alone`): unless the message already went alone (`alone`), it is recorded
 /// as a failure that charges no attempt ([`retry::refused_batch`]) and the event is marked to go
 /// alone on its next attempt, where only an event too large by itself is refused again and
-/// becomes a dead letter.
+/// becomes a dead letter. A pipelined message purged while the relay runs timed out.
 fn late_outcome(
     ctx: &Ctx,
     row: &Reserved,
     report: Result<(i32, i64), rdkafka::error::KafkaError>,
     alone: bool,
+    pipelined: bool,
 ) -> Option<Outcome> {
     match report {
+        // The pipelining producer was purged because a report was overdue (not at stop): the
+        // message timed out, as librdkafka's own timeout would have said on the main producer.
+        Err(e) if pipelined && is_purged(&e) && !ctx.stop.token().is_cancelled() => {
+            Outcome::of_report(
+                ctx,
+                row,
+                Err(rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                )),
+            )
+        }
         Err(e) if !alone && super::publish::is_batch_refused_error(&e) => {
             ctx.alone_next.mark(row.id);
             Some(Outcome::Failed(retry::refused_batch(&e)))
@@ -279,4 +369,10 @@ async fn record_late(
         Outcome::NotSent | Outcome::Held => return Ok(false),
     };
     Ok(written? == 1)
+}
+
+/// A message purged from a producer (queued or in flight).
+fn is_purged(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{PurgeInflight, PurgeQueue};
+    matches!(e.rdkafka_error_code(), Some(PurgeQueue | PurgeInflight))
 }

@@ -378,6 +378,39 @@ impl Ctx {
         if fatal_generation != generation {
             return;
         }
+        let Some(streak) = self.fatal_streak(&reason) else {
+            return;
+        };
+        match self.producers.rebuild(generation) {
+            Ok(Some(old)) => {
+                self.report.producer_rebuilt(&reason, streak);
+                producer::retire(old);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, fatal = %reason, "outbox relay: the Kafka producer is fatal and cannot be rebuilt");
+            }
+        }
+    }
+
+    /// [`Ctx::check_fatal`] for the pipelining producer of `generation` (see
+    /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is replaced on its next use,
+    /// counted and limited like the main producer's rebuilds.
+    pub(crate) fn check_pipe_fatal(&self, generation: u64) {
+        let Some(reason) = self.producers.pipe_fatal_error(generation) else {
+            return;
+        };
+        let Some(streak) = self.fatal_streak(&reason) else {
+            return;
+        };
+        if self.producers.replace_pipe(generation) {
+            self.report.producer_rebuilt(&reason, streak);
+        }
+    }
+
+    /// Counts a fatal producer: its rebuilds in a row without a delivery, or `None` after
+    /// [`MAX_FATAL_REBUILDS`] of them, when the relay gives up and stops with an error.
+    fn fatal_streak(&self, reason: &str) -> Option<u32> {
         let streak = self
             .fatal
             .streak
@@ -393,17 +426,8 @@ impl Ctx {
             if self.fatal.gave_up.set(why).is_ok() {
                 self.stop.request(self.settings.shutdown_timeout);
             }
-            return;
+            return None;
         }
-        match self.producers.rebuild(generation) {
-            Ok(Some(old)) => {
-                self.report.producer_rebuilt(&reason, streak);
-                producer::retire(old);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, fatal = %reason, "outbox relay: the Kafka producer is fatal and cannot be rebuilt");
-            }
-        }
+        Some(streak)
     }
 }

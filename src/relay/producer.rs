@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
 
 use crate::text::printable;
 
@@ -188,6 +188,27 @@ fn is_cluster_problem(code: RDKafkaErrorCode) -> bool {
 }
 
 impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel::*;
+        // The pipelining producer sets `enable.gapless.guarantee` on purpose (see
+        // `Producers::pipe`); librdkafka warns that it is experimental at each creation.
+        if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee is experimental") {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}");
+            return;
+        }
+        // Otherwise as rdkafka's default: librdkafka's syslog level as the log level.
+        match level {
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+            Notice | Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka's reasons name brokers, mechanisms and states, never the credentials.
         let text = printable(&format!("{error}: {reason}")).to_string();
@@ -212,6 +233,11 @@ pub(crate) fn retire(old: RelayProducer) {
     drop(tokio::task::spawn_blocking(move || drop(old)));
 }
 
+/// The pipelining producer's `message.timeout.ms` is this many times the main producer's (plus a
+/// minute): far beyond the longest the relay waits for a report (a batch's `batch_timeout`, then
+/// the hold, `publish_timeout` + 1 s), after which it purges that producer itself.
+pub(crate) const PIPE_MESSAGE_TIMEOUT_FACTOR: u64 = 3;
+
 /// The current producer and its generation (incremented by each rebuild).
 struct Current {
     generation: u64,
@@ -226,6 +252,10 @@ pub(crate) struct Producers {
     /// A second producer, created when first needed, that sends one message at a time (see
     /// [`Producers::solo`]).
     solo: tokio::sync::Mutex<Option<RelayProducer>>,
+    /// A third producer, created when first needed, for an aggregate's events sent back to back
+    /// (see [`Producers::pipe`]), with its generation.
+    pipe: Mutex<Option<(u64, RelayProducer)>>,
+    pipe_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Producers {
@@ -253,7 +283,94 @@ impl Producers {
                 producer,
             }),
             solo: tokio::sync::Mutex::new(None),
+            pipe: Mutex::new(None),
+            pipe_generation: AtomicU64::new(0),
         })
+    }
+
+    /// The producer for an aggregate's events sent back to back (pipelined), and its
+    /// generation; created when first needed, and again after [`Producers::replace_pipe`] (when
+    /// librdkafka made it fatal: `Ctx::check_pipe_fatal`) and [`Producers::purge_pipe`]. Besides the main producer's properties it has
+    /// `enable.gapless.guarantee=true` — a permanent error of one record batch makes the producer
+    /// fatal and fails every later message, where the plain idempotent producer would bump its
+    /// epoch and write the later messages after the failed one, out of order — and a
+    /// `message.timeout.ms` of [`PIPE_MESSAGE_TIMEOUT_FACTOR`] × the main producer's plus a
+    /// minute, so that librdkafka never times out one of its messages while the relay still waits
+    /// (a message that times out in librdkafka's queue leaves a gap in the sequence that
+    /// `enable.gapless.guarantee` does not cover: the next one may be written without it; both
+    /// from librdkafka's INTRODUCTION.md, "Idempotent Producer"). The relay purges it instead when
+    /// a held message's report is overdue.
+    ///
+    /// # Errors
+    /// librdkafka's error when the producer cannot be created.
+    pub(crate) fn pipe(&self) -> KafkaResult<(u64, RelayProducer)> {
+        let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = slot.as_ref() {
+            return Ok(current.clone());
+        }
+        let mut config = self.config.clone();
+        let timeout_ms: u64 = config
+            .get("message.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30_000);
+        config.set("enable.gapless.guarantee", "true").set(
+            "message.timeout.ms",
+            (timeout_ms * PIPE_MESSAGE_TIMEOUT_FACTOR + 60_000)
+                .min(i32::MAX as u64)
+                .to_string(),
+        );
+        let producer: RelayProducer = config.create_with_context(self.context.clone())?;
+        let generation = self.pipe_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *slot = Some((generation, producer.clone()));
+        Ok((generation, producer))
+    }
+
+    /// The fatal error of the pipelining producer of `generation`, if librdkafka made it fatal.
+    pub(crate) fn pipe_fatal_error(&self, generation: u64) -> Option<String> {
+        let slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, producer) = slot.as_ref()?;
+        if *g != generation {
+            return None;
+        }
+        let (code, reason) = producer.client().fatal_error()?;
+        Some(printable(&format!("{code}: {reason}")).to_string())
+    }
+
+    /// Retires the pipelining producer of `generation` (unless it was already replaced), counted
+    /// as a rebuild; the next [`Producers::pipe`] creates a fresh one. Whether it was replaced.
+    pub(crate) fn replace_pipe(&self, generation: u64) -> bool {
+        let old = {
+            let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some((g, _)) if *g == generation => slot.take().map(|(_, p)| p),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return false };
+        retire(old);
+        self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Purges every message of the pipelining producer of `generation` (queued: reported
+    /// `PurgeQueue`, never sent; in flight: `PurgeInflight`, possibly written) and retires it;
+    /// the next [`Producers::pipe`] creates a fresh one (a new producer id: the purged messages'
+    /// sequence numbers are gone). Does nothing when that producer was already replaced.
+    pub(crate) fn purge_pipe(&self, generation: u64) {
+        let old = {
+            let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some((g, _)) if *g == generation => slot.take().map(|(_, p)| p),
+                _ => None,
+            }
+        };
+        if let Some(old) = old {
+            tracing::warn!("outbox relay: purging the pipelining producer: a held message's delivery report is overdue");
+            drop(tokio::task::spawn_blocking(move || {
+                old.purge(PurgeConfig::default().queue().inflight());
+                drop(old);
+            }));
+        }
     }
 
     /// The producer for sending a message alone (created when first needed, replaced when
@@ -285,11 +402,12 @@ impl Producers {
         Ok(guard)
     }
 
-    /// Every producer in use: the current one and, once created, the solo producer (for the
-    /// flush and purge at stop).
+    /// Every producer in use: the current one and, once created, the solo and pipelining
+    /// producers (for the flush and purge at stop).
     pub(crate) async fn all(&self) -> Vec<RelayProducer> {
         let mut all = vec![self.get().1];
         all.extend(self.solo.lock().await.clone());
+        all.extend((self.pipe.lock().unwrap_or_else(|e| e.into_inner()).clone()).map(|(_, p)| p));
         all
     }
 

@@ -3,7 +3,7 @@
 //! aggregate was acknowledged, so a failure can never let a later event of the aggregate reach
 //! Kafka first. Messages in flight over all batches are bounded by `max_in_flight` permits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -68,6 +68,12 @@ pub(crate) struct Straggler {
     pub(crate) future: DeliveryFuture,
     /// Sent by the solo producer, alone in its record batch (see [`send_alone`]).
     pub(crate) alone: bool,
+    /// Sent back to back with others of its aggregate by the pipelining producer of this
+    /// generation (see [`pipeline`]): purged when its report is overdue.
+    pub(crate) pipe: Option<u64>,
+    /// Sent in the same pipelined run right after the straggler before it in the list: its
+    /// report is judged after that one's (a message after a failed one is released).
+    pub(crate) follows: bool,
     /// Its in-flight permit, released with the report.
     pub(crate) _permit: OwnedSemaphorePermit,
 }
@@ -130,59 +136,295 @@ enum Sent {
     Skipped,
 }
 
-/// Publishes one aggregate's events of the batch in order, one at a time.
+/// What one step of a chain leaves to do.
+enum Step {
+    /// Delivered: the chain goes on.
+    Next,
+    /// Not delivered (failed, released, or the batch ended): the chain stops here.
+    Stop,
+    /// Sent and not reported by the cutoff: held, the chain stops here.
+    Held(Vec<Straggler>),
+}
+
+/// Publishes one aggregate's events of the batch in order: a run of consecutive events for the
+/// same topic back to back on the pipelining producer (see [`pipeline`]), any other event only
+/// after the previous one was acknowledged (see [`publish_one`]). Stops at the first event that
+/// was not delivered: a later event of the aggregate must never reach Kafka before it.
 async fn publish_chain(
     ctx: &Ctx,
     session: &Client,
     rows: &[Reserved],
     chain: &[usize],
     cutoff: Instant,
-) -> (Vec<(usize, Outcome)>, Option<Straggler>) {
+) -> (Vec<(usize, Outcome)>, Vec<Straggler>) {
     let mut out = Vec::with_capacity(chain.len());
-    for &idx in chain {
+    let mut at = 0;
+    while at < chain.len() {
         // A lost batch session means lost row locks: send nothing more (the fence keeps other
         // relays off these aggregates until what was sent has settled).
-        if ctx.stop.token().is_cancelled() || Instant::now() >= cutoff || session.is_closed() {
+        if !may_send(ctx, session, cutoff) {
             break;
         }
-        let row = &rows[idx];
-        if let Some(rule) = &row.invalid {
-            // A row that breaks a writer rule is a dead letter, never sent; its aggregate's
-            // later events wait behind it like behind any dead letter.
-            out.push((idx, Outcome::Failed(retry::invalid_row(rule))));
-            break;
-        }
-        let report = match send_one(ctx, row, cutoff).await {
-            Sent::Skipped => break,
-            Sent::Cutoff(future, permit, alone) => {
-                out.push((idx, Outcome::Held));
-                let _permit = permit;
-                return (
-                    out,
-                    Some(Straggler {
-                        idx,
-                        future,
-                        alone,
-                        _permit,
-                    }),
-                );
-            }
-            Sent::Report(report) => report,
+        let run = pipelined_run(ctx, rows, &chain[at..]);
+        let step = if run > 1 {
+            pipeline(ctx, session, rows, &chain[at..at + run], cutoff, &mut out).await
+        } else {
+            publish_one(ctx, rows, chain[at], cutoff, &mut out).await
         };
-        // Purged from the producer's queue at stop: never sent, so simply released.
-        let Some(outcome) = Outcome::of_report(ctx, row, report) else {
-            break;
-        };
-        let delivered = matches!(outcome, Outcome::Delivered { .. });
-        if delivered {
-            ctx.fatal.delivered();
-        }
-        out.push((idx, outcome));
-        if !delivered {
-            break;
+        match step {
+            Step::Next => at += run.max(1),
+            Step::Stop => break,
+            Step::Held(stragglers) => return (out, stragglers),
         }
     }
-    (out, None)
+    (out, Vec::new())
+}
+
+/// Whether a chain may hand another message to the producer: not stopping, before the cutoff,
+/// and the batch session (holding the row locks) still there.
+fn may_send(ctx: &Ctx, session: &Client, cutoff: Instant) -> bool {
+    !(ctx.stop.token().is_cancelled() || Instant::now() >= cutoff || session.is_closed())
+}
+
+/// How many of `chain`'s first events may go back to back: consecutive valid events for the
+/// same topic as the first (same topic and key: same partition, where Kafka keeps their order),
+/// none of them marked to go alone; 1 or 0 when the first goes by itself (or
+/// `max_in_flight_per_aggregate` is 1).
+fn pipelined_run(ctx: &Ctx, rows: &[Reserved], chain: &[usize]) -> usize {
+    if ctx.settings.max_in_flight_per_aggregate <= 1 {
+        return 1;
+    }
+    let topic = &rows[chain[0]].topic;
+    chain
+        .iter()
+        .take_while(|&&i| {
+            let r = &rows[i];
+            r.invalid.is_none() && &r.topic == topic && !ctx.alone_next.contains(r.id)
+        })
+        .count()
+}
+
+/// Publishes one event and waits for its report (or the cutoff).
+async fn publish_one(
+    ctx: &Ctx,
+    rows: &[Reserved],
+    idx: usize,
+    cutoff: Instant,
+    out: &mut Vec<(usize, Outcome)>,
+) -> Step {
+    let row = &rows[idx];
+    if let Some(rule) = &row.invalid {
+        // A row that breaks a writer rule is a dead letter, never sent; its aggregate's
+        // later events wait behind it like behind any dead letter.
+        out.push((idx, Outcome::Failed(retry::invalid_row(rule))));
+        return Step::Stop;
+    }
+    let report = match send_one(ctx, row, cutoff).await {
+        Sent::Skipped => return Step::Stop,
+        Sent::Cutoff(future, permit, alone) => {
+            out.push((idx, Outcome::Held));
+            return Step::Held(vec![Straggler {
+                idx,
+                future,
+                alone,
+                pipe: None,
+                follows: false,
+                _permit: permit,
+            }]);
+        }
+        Sent::Report(report) => report,
+    };
+    // Purged from the producer's queue at stop: never sent, so simply released.
+    let Some(outcome) = Outcome::of_report(ctx, row, report) else {
+        return Step::Stop;
+    };
+    let delivered = matches!(outcome, Outcome::Delivered { .. });
+    if delivered {
+        ctx.fatal.delivered();
+    }
+    out.push((idx, outcome));
+    if delivered {
+        Step::Next
+    } else {
+        Step::Stop
+    }
+}
+
+/// A message of a [`pipeline`] awaiting its report.
+struct InFlight {
+    /// Its position in the run.
+    pos: usize,
+    idx: usize,
+    future: DeliveryFuture,
+    span: PublishSpan,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Sends `run` — one aggregate's consecutive events for one topic — back to back on the
+/// pipelining producer ([`Producers::pipe`](super::producer::Producers::pipe)), at most
+/// `max_in_flight_per_aggregate` unacknowledged at once, and reads their reports in order.
+///
+/// Why the order holds: the messages share a partition and a producer id, so the broker takes
+/// them only in sequence (a message whose predecessor is missing is refused as out of order),
+/// librdkafka retries a failed request together with all later ones, that producer's
+/// `enable.gapless.guarantee` turns a permanent error into failing every later message, and it
+/// never times a message out while the relay waits (the relay purges it instead, a suffix of
+/// never-sent messages and in-flight ones possibly written). So the acknowledged messages are
+/// a prefix of the run. After the first failure nothing more is sent; the later messages' reports
+/// release them as they were (their failure is their predecessor's), except one acknowledged
+/// anyway, which is recorded as delivered (it is in Kafka) and logged as an order anomaly.
+/// At the cutoff the messages still in flight are held, each with its report to come.
+async fn pipeline(
+    ctx: &Ctx,
+    session: &Client,
+    rows: &[Reserved],
+    run: &[usize],
+    cutoff: Instant,
+    out: &mut Vec<(usize, Outcome)>,
+) -> Step {
+    let pipe = ctx.producers.pipe().and_then(|(generation, producer)| {
+        if producer.client().fatal_error().is_none() {
+            return Ok((generation, producer));
+        }
+        ctx.check_pipe_fatal(generation);
+        ctx.producers.pipe()
+    });
+    let (generation, producer) = match pipe {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(o) = Outcome::of_report(ctx, &rows[run[0]], Err(e)) {
+                out.push((run[0], o));
+            }
+            return Step::Stop;
+        }
+    };
+    let depth = ctx.settings.max_in_flight_per_aggregate;
+    let mut window: VecDeque<InFlight> = VecDeque::with_capacity(depth.min(run.len()));
+    let mut next = 0;
+    // Position of the first event not delivered.
+    let mut failed_at: Option<usize> = None;
+    loop {
+        while failed_at.is_none()
+            && next < run.len()
+            && window.len() < depth
+            && may_send(ctx, session, cutoff)
+        {
+            // Waits for a permit only with nothing of its own in flight (no chain can then hold
+            // permits while waiting for more).
+            let permit = if window.is_empty() {
+                in_flight_permit(ctx, cutoff).await
+            } else {
+                ctx.in_flight.clone().try_acquire_owned().ok()
+            };
+            let Some(permit) = permit else { break };
+            let idx = run[next];
+            match hand_over(ctx, &rows[idx], cutoff, || (None, producer.clone())).await {
+                Ok((_, future, span)) => {
+                    ctx.report.in_flight(1);
+                    window.push_back(InFlight {
+                        pos: next,
+                        idx,
+                        future,
+                        span,
+                        permit,
+                    });
+                    next += 1;
+                }
+                Err(Sent::Report(report)) => {
+                    ctx.check_pipe_fatal(generation);
+                    settle(ctx, rows, idx, next, report, &mut failed_at, out);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(mut front) = window.pop_front() else {
+            break;
+        };
+        let report = tokio::select! {
+            r = &mut front.future => report_result(r),
+            _ = wait_until(ctx, cutoff) => {
+                let held = std::iter::once(front).chain(window).enumerate().map(|(i, f)| {
+                    ctx.report.in_flight(-1);
+                    f.span.end(Err("held: no delivery report before the batch ended"));
+                    out.push((f.idx, Outcome::Held));
+                    Straggler {
+                        idx: f.idx,
+                        future: f.future,
+                        alone: false,
+                        pipe: Some(generation),
+                        follows: i > 0,
+                        _permit: f.permit,
+                    }
+                });
+                return Step::Held(held.collect());
+            }
+        };
+        ctx.report.in_flight(-1);
+        let InFlight { pos, idx, span, .. } = front;
+        match &report {
+            Ok(r) => span.end(Ok(*r)),
+            Err(e) => {
+                span.end(Err(&e.to_string()));
+                ctx.check_pipe_fatal(generation);
+            }
+        }
+        settle(ctx, rows, idx, pos, report, &mut failed_at, out);
+    }
+    if failed_at.is_none() && next == run.len() {
+        Step::Next
+    } else {
+        Step::Stop
+    }
+}
+
+/// An event acknowledged although an earlier one of its pipelined run failed, which the
+/// pipelining producer's guarantees rule out (see [`pipeline`]): it is in Kafka, so it is
+/// recorded as delivered (sending it again would add a copy, not restore the order); logged as
+/// an error and counted in `outbox_order_anomalies_total`.
+pub(crate) fn order_anomaly(ctx: &Ctx, row: &Reserved, partition: i32, offset: i64) -> Outcome {
+    tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), partition, offset, "outbox relay: order anomaly: an event was acknowledged after an earlier event of its aggregate failed; the earlier one will follow it");
+    metrics::counter!("outbox_order_anomalies_total").increment(1);
+    ctx.fatal.delivered();
+    Outcome::Delivered { partition, offset }
+}
+
+/// Records the report of the pipelined event at `pos` of its run (see [`pipeline`]).
+fn settle(
+    ctx: &Ctx,
+    rows: &[Reserved],
+    idx: usize,
+    pos: usize,
+    report: Result<(i32, i64), KafkaError>,
+    failed_at: &mut Option<usize>,
+    out: &mut Vec<(usize, Outcome)>,
+) {
+    let row = &rows[idx];
+    if failed_at.is_some_and(|f| pos > f) {
+        // Failed because a predecessor did: released as it was, without an attempt.
+        if let Ok((partition, offset)) = report {
+            out.push((idx, order_anomaly(ctx, row, partition, offset)));
+        }
+        return;
+    }
+    let outcome = match report {
+        // A refusal of the record batch the event shared: alone next time (see `AloneNext`).
+        Err(e) if is_batch_refused_error(&e) => {
+            ctx.alone_next.mark(row.id);
+            Some(Outcome::Failed(retry::refused_batch(&e)))
+        }
+        report => Outcome::of_report(ctx, row, report),
+    };
+    match outcome {
+        Some(o @ Outcome::Delivered { .. }) => {
+            ctx.fatal.delivered();
+            out.push((idx, o));
+        }
+        Some(o) => {
+            *failed_at = Some(failed_at.map_or(pos, |f| f.min(pos)));
+            out.push((idx, o));
+        }
+        None => *failed_at = Some(failed_at.map_or(pos, |f| f.min(pos))),
+    }
 }
 
 /// Completes at `cutoff`, or — once the relay is stopping — halfway to the stop deadline.
@@ -227,33 +469,32 @@ async fn in_flight_permit(ctx: &Ctx, cutoff: Instant) -> Option<OwnedSemaphorePe
     }
 }
 
-/// Hands `row` to the producer that `producer` gives — with its generation, checked for a fatal
-/// error after a failure; `None` for the solo producer — and waits for the delivery report until
-/// `cutoff` (or the stop's send window): then the message is held (`Sent::Cutoff`, with its
-/// permit). A full producer queue is waited out until then (`Sent::Skipped`: not sent).
-async fn deliver(
+/// Hands `row` to the producer that `producer` gives (see [`deliver`]): its generation, the
+/// delivery future and the record's span; or, when it was not taken, what became of it — a
+/// local refusal (`Sent::Report`, the main producer checked for a fatal error) or a producer
+/// queue that stayed full until the cutoff (`Sent::Skipped`).
+async fn hand_over(
     ctx: &Ctx,
     row: &Reserved,
     cutoff: Instant,
-    permit: OwnedSemaphorePermit,
     producer: impl Fn() -> (Option<u64>, RelayProducer),
-) -> Sent {
+) -> Result<(Option<u64>, DeliveryFuture, PublishSpan), Sent> {
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
     let (mut record, span) = record_of(ctx, row, event_id);
     // The producer's clone lives only for the hand-over: after a rebuild, the replaced producer's
     // last clone must not be dropped on the runtime's threads (its drop flushes, up to 500 ms).
-    let (generation, mut future) = loop {
+    loop {
         let (generation, producer) = producer();
         match producer.send_result(record) {
-            Ok(f) => break (generation, f),
+            Ok(f) => return Ok((generation, f, span)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
                 if Instant::now() >= cutoff || ctx.stop.token().is_cancelled() {
                     span.end(Err(
                         "not sent: the batch ended while the producer queue was full",
                     ));
-                    return Sent::Skipped;
+                    return Err(Sent::Skipped);
                 }
                 record = r;
                 drop(producer);
@@ -265,9 +506,26 @@ async fn deliver(
                 if let Some(generation) = generation {
                     ctx.check_fatal(generation);
                 }
-                return Sent::Report(Err(e));
+                return Err(Sent::Report(Err(e)));
             }
         }
+    }
+}
+
+/// Hands `row` to the producer that `producer` gives — with its generation, checked for a fatal
+/// error after a failure; `None` for the solo producer — and waits for the delivery report until
+/// `cutoff` (or the stop's send window): then the message is held (`Sent::Cutoff`, with its
+/// permit). A full producer queue is waited out until then (`Sent::Skipped`: not sent).
+async fn deliver(
+    ctx: &Ctx,
+    row: &Reserved,
+    cutoff: Instant,
+    permit: OwnedSemaphorePermit,
+    producer: impl Fn() -> (Option<u64>, RelayProducer),
+) -> Sent {
+    let (generation, mut future, span) = match hand_over(ctx, row, cutoff, producer).await {
+        Ok(sent) => sent,
+        Err(sent) => return sent,
     };
     ctx.report.in_flight(1);
     let report = tokio::select! {
@@ -357,6 +615,15 @@ impl AloneNext {
         if set.len() < Self::CAPACITY || set.contains_key(&id) {
             set.insert(id, now);
         }
+    }
+
+    /// Whether `id` has a live mark (keeping it).
+    fn contains(&self, id: Uuid) -> bool {
+        let set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.get(&id).is_some_and(|at| at.elapsed() < Self::EXPIRY)
     }
 
     /// Whether `id` has a live mark, forgetting it.

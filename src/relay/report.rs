@@ -279,6 +279,10 @@ pub(crate) fn register_metrics() {
             "outbox_producer_rebuilds_total",
             "Times the Kafka producer became fatal and was rebuilt.",
         ),
+        (
+            "outbox_order_anomalies_total",
+            "Events acknowledged although an earlier event of their pipelined run failed (ruled out by the pipelining producer's settings; any is a bug to report).",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);

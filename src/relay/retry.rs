@@ -37,7 +37,8 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// (`message.timeout.ms`) and then reports `MessageTimedOut`; an unreachable, leaderless,
 /// under-replicated or unauthenticated cluster therefore looks like a timeout, and an outage of
 /// any length must cost no attempt. `Fatal` and the idempotence errors that make the producer
-/// fatal are the producer's failure (it is rebuilt), not the event's.
+/// fatal are the producer's failure (it is rebuilt), not the event's; so is `GaplessGuarantee`
+/// (the pipelining producer failing the messages after another one's permanent error).
 ///
 /// A topic the cluster does not know (`UnknownTopicOrPartition`, `UnknownTopic`) is not in the
 /// list: it is the event's topic that is wrong, and it is charged like any failure of the event.
@@ -61,6 +62,7 @@ pub(crate) fn is_cluster_unavailable(code: RDKafkaErrorCode) -> bool {
             | QueueFull
             | PurgeInflight
             | Fatal
+            | GaplessGuarantee
             | Inconsistent
             | OutOfOrderSequenceNumber
             | UnknownProducerId

