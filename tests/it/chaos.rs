@@ -26,8 +26,12 @@
 //!   blackholed for 3.5–8 s, below and above their `postgres_timeout` of 5 s (they reach Postgres
 //!   through a [`FaultProxy`]: sockets stay open and silent, as with a moved failover address)
 //!   (`PgBlackhole`); the waker session terminated (`WakerKill`); two nodes SIGKILLed for two to
-//!   three times `publish_timeout` (`LongOutage`). The first rounds go through every kind in
-//!   turn, later ones are drawn at random.
+//!   three times `publish_timeout` (`LongOutage`); a burst of 300–2,000 events for one to three
+//!   fresh aggregates of one partition committed in one to three transactions, and the leader of
+//!   that partition SIGKILLed 0–300 ms after the commit, while the relays drain the burst's long
+//!   per-aggregate chains, and started again 0.5–5 s later; the round then waits (at most 20 s
+//!   from the commit) for the burst to be published (`HotBurst`). The first rounds go through
+//!   every kind in turn, later ones are drawn at random.
 //! * Broker faults are real: `kill -9` of Kafka nodes and a restart on their data (a node takes
 //!   10–30 s to be back on this kind of machine, so the next rounds may run with one or two nodes
 //!   still recovering). Before the final phase every node is running again.
@@ -51,7 +55,7 @@
 //! rows of lost events and the relays' log tails (each relay's stderr goes to a file; on failure
 //! the directory is kept and named).
 //!
-//! `chaos_short` runs 9 rounds, one of each kind (CI: about 2–3 min). Long mode:
+//! `chaos_short` runs 10 rounds, one of each kind (CI: about 3–4 min). Long mode:
 //! `OUTBOX_CHAOS_ROUNDS=60 cargo test --all-features --test it chaos:: -- --nocapture`.
 //! `OUTBOX_CHAOS_SEED=n` replays a schedule (not its timing); `OUTBOX_CHAOS_VERBOSE=1` prints
 //! the round log as it goes; `OUTBOX_CHAOS_KEEP_LOGS=1` keeps the relay logs of a passing run;
@@ -77,7 +81,7 @@ use outbox::testing::faults::{Fault, FaultProxy};
 
 use crate::support::{self, AggCheck, ConsumedRecord, TestPostgres, TopicReader};
 
-const DEFAULT_ROUNDS: usize = 9;
+const DEFAULT_ROUNDS: usize = 10;
 /// `OUTBOX_PUBLISH_TIMEOUT` of [`RELAY_ENV`].
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
 const PARTITIONS: i32 = 4;
@@ -91,6 +95,17 @@ const SLOTS_PER_WRITER: usize = 40;
 const WRITER_EVENTS_PER_S: u64 = 40;
 /// How long the final relay may take to publish what is left.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
+/// `HotBurst`: events in a burst. The relay publishes an aggregate's events one round trip each,
+/// and the round's leader kill and node restart slow that down further: on a loaded 2-core
+/// machine it published 30–100 burst events/s during the round (a burst above ~600 events is
+/// then not all published within [`BURST_DRAIN_WAIT`] and the rest drains during the next rounds;
+/// with a healthy cluster the final relay published 770 left over in 4 s).
+const BURST_EVENTS: std::ops::RangeInclusive<usize> = 300..=2000;
+/// `HotBurst`: events per INSERT statement of a burst (one transaction holds several).
+const BURST_STATEMENT: usize = 500;
+/// `HotBurst`: how long the round waits, from the burst's (last) COMMIT, for the burst to be
+/// published, so that its backlog does not pile up into the next rounds and the final drain.
+const BURST_DRAIN_WAIT: Duration = Duration::from_secs(20);
 /// Relay settings (environment of `outbox-relay run`). The lease must exceed the publish timeout
 /// by more than 5 s, or a batch has no time to send anything.
 const RELAY_ENV: &[(&str, &str)] = &[
@@ -185,9 +200,12 @@ enum Kind {
     WakerKill,
     /// Two nodes down (no acks=all write possible) for two to three times `publish_timeout`.
     LongOutage,
+    /// A burst of hundreds to thousands of events for one to three aggregates of one partition,
+    /// that partition's leader SIGKILLed while the relays drain it.
+    HotBurst,
 }
 
-const ALL_KINDS: [Kind; 9] = [
+const ALL_KINDS: [Kind; 10] = [
     Kind::Kill,
     Kind::Multi,
     Kind::BrokerDown,
@@ -197,6 +215,7 @@ const ALL_KINDS: [Kind; 9] = [
     Kind::PgBlackhole,
     Kind::WakerKill,
     Kind::LongOutage,
+    Kind::HotBurst,
 ];
 
 /// The first rounds cover every kind; later ones are drawn at random. `only` (from
@@ -206,7 +225,7 @@ fn kind_of_round(n: usize, rng: &mut StdRng, only: &[Kind]) -> Kind {
     if !only.is_empty() {
         return only[(n - 1) % only.len()];
     }
-    const FIRST: [Kind; 9] = [
+    const FIRST: [Kind; 10] = [
         Kill,
         Multi,
         BrokerDown,
@@ -216,11 +235,12 @@ fn kind_of_round(n: usize, rng: &mut StdRng, only: &[Kind]) -> Kind {
         PgBlackhole,
         WakerKill,
         LongOutage,
+        HotBurst,
     ];
     if n <= FIRST.len() {
         return FIRST[n - 1];
     }
-    match rng.random_range(0..24) {
+    match rng.random_range(0..26) {
         0..=5 => Kill,
         6..=9 => Multi,
         10..=12 => BrokerDown,
@@ -229,6 +249,7 @@ fn kind_of_round(n: usize, rng: &mut StdRng, only: &[Kind]) -> Kind {
         17..=18 => BatchKill,
         19..=20 => PgBlackhole,
         21 => WakerKill,
+        22..=23 => HotBurst,
         _ => LongOutage,
     }
 }
@@ -241,6 +262,7 @@ struct Chaos {
     /// has caught up and waits).
     quiet: Arc<AtomicBool>,
     kafka: &'static support::Cluster,
+    table: String,
     topic: String,
     relays: Relays,
     rng: StdRng,
@@ -254,6 +276,12 @@ struct Chaos {
     self_exits: Vec<String>,
     /// The last round that restarted Postgres.
     last_pg_restart: usize,
+    /// Events of the `HotBurst` rounds, recorded as a writer's (merged with the writers' logs
+    /// for the verifier).
+    burst_log: WriterLog,
+    /// Each burst aggregate and the partition computed for it (checked against where its
+    /// records were read: the round must have killed the leader of the right partition).
+    burst_partitions: BTreeMap<String, i32>,
 }
 
 impl Chaos {
@@ -322,6 +350,15 @@ impl Chaos {
         let kafka = self.kafka;
         let topic = self.topic.as_str();
         let partition = self.rng.random_range(0..PARTITIONS);
+        let burst = (kind == Kind::HotBurst).then(|| {
+            let plan = BurstPlan::draw(&mut self.rng, n, partition, params.pause);
+            for a in &plan.aggregates {
+                self.burst_partitions.insert(a.clone(), partition);
+            }
+            plan
+        });
+        let table = self.table.as_str();
+        let burst_log = &mut self.burst_log;
         let (killed, fault) = tokio::join!(
             async {
                 tokio::time::sleep_until(kill_at.into()).await;
@@ -331,7 +368,13 @@ impl Chaos {
             },
             async {
                 tokio::time::sleep(fault_at).await;
-                apply_fault(kind, &params, (pg, proxy, quiet), kafka, topic, partition).await
+                match &burst {
+                    Some(plan) => hot_burst(plan, pg, table, kafka, topic, burst_log).await,
+                    None => {
+                        apply_fault(kind, &params, (pg, proxy, quiet), kafka, topic, partition)
+                            .await
+                    }
+                }
             }
         );
         self.note(format!(
@@ -384,6 +427,7 @@ async fn apply_fault(
 ) -> String {
     match kind {
         Kind::Kill | Kind::Multi => "none".to_string(),
+        Kind::HotBurst => unreachable!("HotBurst rounds run hot_burst"),
         Kind::PgBlackhole => {
             // 3.5–8 s: below and above the relays' postgres_timeout (5 s).
             let silent = p.pause + Duration::from_secs(3);
@@ -535,6 +579,352 @@ async fn terminate_when_present(
     }
 }
 
+// ----------------------------------------------------------------------------------------------
+// HotBurst rounds
+// ----------------------------------------------------------------------------------------------
+
+/// Kafka's `murmur2` of a key (`org.apache.kafka.common.utils.Utils.murmur2`; librdkafka's
+/// `murmur2`/`murmur2_random` partitioners, the relay's default, compute the same).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        for (i, b) in rest.iter().enumerate() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The partition the relay's producer (and Java's default partitioner) puts `key` on.
+fn partition_of_key(key: &str, partitions: i32) -> i32 {
+    ((murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// The hash against the test vectors of Kafka's `UtilsTest.testMurmur2`.
+#[test]
+fn chaos_murmur2_is_kafkas() {
+    for (key, java) in [
+        (&b"21"[..], -973_932_308i32),
+        (b"foobar", -790_332_482),
+        (b"a-little-bit-long-string", -985_981_536),
+        (b"a-little-bit-longer-string", -1_486_304_829),
+        (
+            b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        (b"abc", 479_470_107),
+    ] {
+        assert_eq!(
+            murmur2(key) as i32,
+            java,
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
+
+/// What a `HotBurst` round writes and when it kills.
+struct BurstPlan {
+    partition: i32,
+    /// Fresh aggregates, all on `partition` (counters start at 0).
+    aggregates: Vec<String>,
+    /// The aggregate (index into `aggregates`) of each event, in insertion order.
+    events: Vec<usize>,
+    /// Sizes of the burst's transactions, committed one after the other.
+    txns: Vec<usize>,
+    /// From the (last) COMMIT to the SIGKILL of the partition's leader.
+    kill_delay: Duration,
+    /// How long the node stays down.
+    pause: Duration,
+}
+
+impl BurstPlan {
+    fn draw(rng: &mut StdRng, round: usize, partition: i32, pause: Duration) -> BurstPlan {
+        let count = rng.random_range(1..=3usize);
+        // Fresh names (no writer's aggregate is called so) that hash to `partition`.
+        let aggregates: Vec<String> = (0..)
+            .map(|k| format!("hot{round:03}-{k}"))
+            .filter(|a| partition_of_key(a, PARTITIONS) == partition)
+            .take(count)
+            .collect();
+        let total = rng.random_range(BURST_EVENTS);
+        // Interleaved; the first aggregate is the hottest.
+        let events: Vec<usize> = (0..total)
+            .map(|_| {
+                if count == 1 || rng.random_bool(0.6) {
+                    0
+                } else {
+                    rng.random_range(1..count)
+                }
+            })
+            .collect();
+        let n_txns = match rng.random_range(0..10) {
+            0..=5 => 1,
+            6..=8 => 2,
+            _ => 3,
+        };
+        let mut cuts = std::collections::BTreeSet::new();
+        while cuts.len() < n_txns - 1 {
+            cuts.insert(rng.random_range(1..total));
+        }
+        cuts.insert(total);
+        let mut txns = Vec::with_capacity(n_txns);
+        let mut from = 0;
+        for cut in cuts {
+            txns.push(cut - from);
+            from = cut;
+        }
+        BurstPlan {
+            partition,
+            aggregates,
+            events,
+            txns,
+            kill_delay: Duration::from_millis(rng.random_range(0..=300)),
+            pause,
+        }
+    }
+}
+
+/// A connection for the burst, retried for up to 5 s (Postgres may still be starting after a
+/// previous round).
+async fn burst_client(pg: &TestPostgres) -> Option<tokio_postgres::Client> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match outbox::testing::connect(&pg.config()).await {
+            Ok(c) => return Some(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The burst's events still `new` (not yet published); `None` when Postgres does not answer.
+async fn burst_pending(
+    client: &mut Option<tokio_postgres::Client>,
+    pg: &TestPostgres,
+    table: &str,
+    aggregates: &[String],
+) -> Option<i64> {
+    if !matches!(client, Some(c) if !c.is_closed()) {
+        *client = outbox::testing::connect(&pg.config()).await.ok();
+    }
+    let c = client.as_ref()?;
+    c.query_one(
+        &format!("select count(*) from {table} where aggregate_id = any($1) and status = 'new'"),
+        &[&aggregates],
+    )
+    .await
+    .ok()
+    .map(|r| r.get(0))
+}
+
+/// The `HotBurst` fault: writes the burst (recorded in `log` as the writers record theirs),
+/// SIGKILLs the partition's leader `kill_delay` after the COMMIT, starts it again after `pause`,
+/// and waits (up to [`BURST_DRAIN_WAIT`] from the COMMIT) until the burst is published.
+async fn hot_burst(
+    plan: &BurstPlan,
+    pg: &TestPostgres,
+    table: &str,
+    kafka: &support::Cluster,
+    topic: &str,
+    log: &mut WriterLog,
+) -> String {
+    let writer = Writer::new(table).expect("valid table name");
+    // The leader is looked up first, so that the kill follows the COMMIT by `kill_delay` and not
+    // by a metadata request.
+    let leader = kafka.leader(topic, plan.partition).await;
+    let mut client = burst_client(pg).await;
+    let mut counters = vec![0u64; plan.aggregates.len()];
+    let (mut committed, mut maybe, mut failed, mut txns) = (0usize, 0usize, 0u64, 0usize);
+    let mut commit_ms = 0;
+    let mut last_commit = None;
+    let mut from = 0;
+    'txns: for &size in &plan.txns {
+        let planned: Vec<(usize, u64)> = {
+            let mut next = counters.clone();
+            plan.events[from..from + size]
+                .iter()
+                .map(|&a| {
+                    next[a] += 1;
+                    (a, next[a] - 1)
+                })
+                .collect()
+        };
+        from += size;
+        let events: Vec<NewEvent> = planned
+            .iter()
+            .map(|&(a, counter)| {
+                let agg = plan.aggregates[a].as_str();
+                NewEvent::new(
+                    topic,
+                    agg,
+                    "counted",
+                    json!({ "w": "burst", "agg": agg, "n": counter }),
+                )
+            })
+            .collect();
+        // Like the writers: a transaction that fails before COMMIT is retried with the same
+        // counters (new event ids, never to be published); a failed COMMIT makes its events
+        // "maybe" and ends the burst, so they are their aggregates' last.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if attempts > 3 {
+                break 'txns;
+            }
+            if !matches!(&client, Some(c) if !c.is_closed()) {
+                client = burst_client(pg).await;
+            }
+            let Some(c) = client.as_mut() else {
+                break 'txns;
+            };
+            let t = Instant::now();
+            let tx = match c.transaction().await {
+                Ok(tx) => tx,
+                Err(_) => {
+                    failed += 1;
+                    log.failed += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let mut ids = Vec::with_capacity(events.len());
+            let mut inserted = true;
+            for part in events.chunks(BURST_STATEMENT) {
+                match writer.add_new_events(&tx, part).await {
+                    Ok(v) => ids.extend(v),
+                    Err(_) => {
+                        inserted = false;
+                        break;
+                    }
+                }
+            }
+            if !inserted {
+                let _ = tx.rollback().await;
+                log.rolled_back.extend(ids);
+                failed += 1;
+                log.failed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let outcome = tx.commit().await;
+            last_commit = Some(Instant::now());
+            commit_ms += t.elapsed().as_millis();
+            match outcome {
+                Ok(()) => {
+                    for (id, &(a, counter)) in ids.iter().zip(&planned) {
+                        log.committed
+                            .push((*id, plan.aggregates[a].clone(), counter));
+                        counters[a] = counter + 1;
+                    }
+                    committed += ids.len();
+                    txns += 1;
+                    log.txns += 1;
+                    break;
+                }
+                Err(_) => {
+                    for (id, &(a, counter)) in ids.iter().zip(&planned) {
+                        log.maybe.push((*id, plan.aggregates[a].clone(), counter));
+                    }
+                    maybe += ids.len();
+                    log.unknown += 1;
+                    break 'txns;
+                }
+            }
+        }
+    }
+    let commit_at = last_commit.unwrap_or_else(Instant::now);
+    tokio::time::sleep_until((commit_at + plan.kill_delay).into()).await;
+    let node = match leader {
+        Some(node) => node,
+        None => kafka.leader(topic, plan.partition).await.unwrap_or(1),
+    };
+    // SIGKILL straight from here: `kafka-cluster kill` (run next, to wait until the node is gone)
+    // takes a second or two on a loaded machine before its signal.
+    let pid =
+        std::fs::read_to_string(kafka.dir().join(format!("node{node}/pid"))).unwrap_or_default();
+    let direct = match pid.trim() {
+        "" => false,
+        pid => Command::new("kill")
+            .args(["-KILL", pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    };
+    if !direct {
+        kafka.kill(node).await;
+    }
+    let killed_after = commit_at.elapsed();
+    let left_at_kill = burst_pending(&mut client, pg, table, &plan.aggregates).await;
+    if direct {
+        kafka.kill(node).await;
+    }
+    tokio::time::sleep(plan.pause).await;
+    kafka.start(node).await;
+    let mut left = None;
+    let drained = loop {
+        left = burst_pending(&mut client, pg, table, &plan.aggregates)
+            .await
+            .or(left);
+        if left == Some(0) {
+            break Some(commit_at.elapsed());
+        }
+        if commit_at.elapsed() >= BURST_DRAIN_WAIT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sizes: Vec<String> = plan
+        .aggregates
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let n = plan.events.iter().filter(|&&e| e == i).count();
+            format!("{a}: {n}")
+        })
+        .collect();
+    format!(
+        "burst of {} events ({}) on partition {}, {committed} committed in {txns} of {} transactions ({maybe} maybe, {failed} failed attempts; {commit_ms}ms); node {node} (leader of partition {}{}) SIGKILLed{} {}ms after the commit (planned {}ms), {} of the burst not yet confirmed then; started again after {}ms; {}",
+        plan.events.len(),
+        sizes.join(", "),
+        plan.partition,
+        plan.txns.len(),
+        plan.partition,
+        if leader.is_some() { "" } else { ": none known, guessed" },
+        if direct { "" } else { " (by kafka-cluster)" },
+        killed_after.as_millis(),
+        plan.kill_delay.as_millis(),
+        left_at_kill.map_or("?".to_string(), |n| n.to_string()),
+        plan.pause.as_millis(),
+        match drained {
+            Some(d) => format!("burst published {:.1}s after the commit", d.as_secs_f64()),
+            None => format!(
+                "burst NOT all published {}s after the commit ({} left; the next rounds and the final drain go on)",
+                BURST_DRAIN_WAIT.as_secs(),
+                left.map_or("?".to_string(), |n| n.to_string())
+            ),
+        }
+    )
+}
+
 async fn run_chaos(rounds: usize) {
     let Some((_faults, kafka)) = support::fault_cluster().await else {
         eprintln!("chaos: skipped: no real Kafka cluster (OUTBOX_TEST_KAFKA=mock, or no Java)");
@@ -620,6 +1010,7 @@ async fn run_chaos(rounds: usize) {
         pg_proxy,
         quiet: Arc::new(AtomicBool::new(false)),
         kafka,
+        table: table.clone(),
         topic: topic.clone(),
         relays,
         rng: StdRng::seed_from_u64(seed),
@@ -629,6 +1020,8 @@ async fn run_chaos(rounds: usize) {
         windows: Vec::new(),
         self_exits: Vec::new(),
         last_pg_restart: 0,
+        burst_log: WriterLog::default(),
+        burst_partitions: BTreeMap::new(),
     };
     chaos.note(format!(
         "seed={seed} rounds={rounds} table={table} topic={topic} brokers={} started_at={} logs={}",
@@ -683,6 +1076,21 @@ async fn run_chaos(rounds: usize) {
         wlog.unknown,
         wlog.maybe.len()
     ));
+    let bursts = &chaos.burst_log;
+    let burst_line = format!(
+        "hot bursts: {} committed events for {} aggregates in {} transactions, {} failed attempts, {} unknown outcomes ({} maybe events)",
+        bursts.committed.len(),
+        chaos.burst_partitions.len(),
+        bursts.txns,
+        bursts.failed,
+        bursts.unknown,
+        bursts.maybe.len()
+    );
+    let bursts = std::mem::take(&mut chaos.burst_log);
+    wlog.committed.extend(bursts.committed);
+    wlog.maybe.extend(bursts.maybe);
+    wlog.rolled_back.extend(bursts.rolled_back);
+    chaos.note(burst_line);
     chaos.kafka.heal().await;
     chaos
         .pg
@@ -819,6 +1227,16 @@ async fn run_chaos(rounds: usize) {
     support::assert_same_as_java(&records, &java);
 
     let report = verify(&committed, &not_committed, &records);
+    // A burst aggregate read from another partition than computed: its round killed the leader
+    // of the wrong partition.
+    let mut misplaced: BTreeMap<String, (i32, i32)> = BTreeMap::new();
+    for r in &records {
+        if let Some(&p) = chaos.burst_partitions.get(r.key_str()) {
+            if r.partition != p {
+                misplaced.insert(r.key_str().to_string(), (p, r.partition));
+            }
+        }
+    }
     let figures = format!(
         "chaos: rounds={rounds} events={} lost={} order_violations={} duplicates={} dead_letters={dead_letters} rows_with_attempts={charged}",
         committed.len(),
@@ -857,7 +1275,8 @@ async fn run_chaos(rounds: usize) {
         && report.phantoms.is_empty()
         && rolled_back_present == 0
         && chaos.relays.bad_stops.is_empty()
-        && panicked.is_empty();
+        && panicked.is_empty()
+        && misplaced.is_empty();
     if !chaos.self_exits.is_empty() {
         eprintln!(
             "chaos: warning: {} relay(s) exited by themselves (not while Postgres restarted):\n  {}",
@@ -879,7 +1298,7 @@ async fn run_chaos(rounds: usize) {
     let kept = logs.keep();
     let mut msg = String::new();
     msg.push_str(&format!(
-        "{figures}\nseed={seed}; phantoms={}; never-committed rows present={rolled_back_present}; drained={drained}\nrelays not stopping cleanly on SIGTERM: {:?}\nrelays that panicked: {panicked:?}\n\nround log:\n{}\n",
+        "{figures}\nseed={seed}; phantoms={}; never-committed rows present={rolled_back_present}; drained={drained}\nburst aggregates read from another partition than computed (computed, read): {misplaced:?}\nrelays not stopping cleanly on SIGTERM: {:?}\nrelays that panicked: {panicked:?}\n\nround log:\n{}\n",
         report.phantoms.len(),
         chaos.relays.bad_stops,
         chaos.log.join("\n")
