@@ -201,6 +201,9 @@ impl Env {
         if let Some(n) = self.opts.batches_in_flight {
             b = b.max_batches_in_flight(n);
         }
+        if let Some(n) = self.opts.per_aggregate {
+            b = b.max_in_flight_per_aggregate(n);
+        }
         for (k, v) in &self.opts.kafka_properties {
             b = b.kafka_property(k, v);
         }

@@ -1,5 +1,6 @@
 //! Drains whose keys are skewed: 1, 10, 1,000 and 10,000 aggregates and a Zipf(1.1) mix, each
-//! as a ratio to the uniform drain of the same run (an aggregate's events go one at a time).
+//! as a ratio to the uniform drain of the same run (an aggregate's consecutive events go back
+//! to back, at most `max_in_flight_per_aggregate` unacknowledged).
 
 use anyhow::Result;
 use outbox::OnDelivery;
@@ -25,9 +26,9 @@ pub(crate) struct KeySpread {
     pub(crate) runs: Vec<KeyDrain>,
 }
 
-/// Runs the skewed drains. One aggregate drains at one event per produce round trip, so its
-/// backlog is 1/40 of `--n` (5,000 in full mode) and ten aggregates' 1/8; the others drain
-/// the full backlog.
+/// Runs the skewed drains. The one-aggregate backlog is 1/4 of `--n` (50,000 in full mode)
+/// and ten aggregates' 1/2; with `--per-aggregate 1` (one event per produce round trip) 1/40 and
+/// 1/8. The others drain the full backlog.
 pub(crate) async fn key_spread(env: &Env, uniform: Option<&Drain>) -> Result<KeySpread> {
     let n = env.opts.n;
     let uniform = match uniform {
@@ -41,9 +42,13 @@ pub(crate) async fn key_spread(env: &Env, uniform: Option<&Drain>) -> Result<Key
             .await?
         }
     };
+    let (one, ten) = match env.opts.per_aggregate {
+        Some(1) => (n / 40, n / 8),
+        _ => (n / 4, n / 2),
+    };
     let plan = [
-        (Keys::Uniform(1), (n / 40).max(100), Some(0.5), "keys1"),
-        (Keys::Uniform(10), (n / 8).max(100), Some(0.8), "keys10"),
+        (Keys::Uniform(1), one.max(100), Some(0.5), "keys1"),
+        (Keys::Uniform(10), ten.max(100), Some(0.8), "keys10"),
         (Keys::Uniform(1_000), n, None, "keys1000"),
         (Keys::Uniform(10_000), n, None, "keys10000"),
         (

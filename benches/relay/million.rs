@@ -99,6 +99,9 @@ impl ChildRelay {
         if let Some(n) = env.opts.batches_in_flight {
             cmd.args(["--max-batches-in-flight", &n.to_string()]);
         }
+        if let Some(n) = env.opts.per_aggregate {
+            cmd.args(["--max-in-flight-per-aggregate", &n.to_string()]);
+        }
         for (k, v) in &env.opts.kafka_properties {
             cmd.arg("-X").arg(format!("{k}={v}"));
         }

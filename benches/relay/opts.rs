@@ -76,6 +76,10 @@ pub(crate) struct Cli {
     /// Relay override: `max_batches_in_flight` (recorded in the table's Settings row).
     #[arg(long)]
     pub(crate) batches_in_flight: Option<usize>,
+    /// Relay override: `max_in_flight_per_aggregate` (1: an aggregate's events one at a time, as
+    /// before pipelining; recorded in the table's Settings row).
+    #[arg(long)]
+    pub(crate) per_aggregate: Option<usize>,
     /// Extra librdkafka property for the relay, e.g. `linger.ms=0` (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_kv)]
     pub(crate) kafka_property: Vec<(String, String)>,
@@ -146,6 +150,7 @@ pub(crate) struct Opts {
     /// Relay overrides (`--batch-size`, `--batches-in-flight`); defaults otherwise.
     pub(crate) batch_size: Option<usize>,
     pub(crate) batches_in_flight: Option<usize>,
+    pub(crate) per_aggregate: Option<usize>,
     /// `--kafka-property k=v` (repeatable): extra librdkafka properties for the relay.
     pub(crate) kafka_properties: Vec<(String, String)>,
     /// `--pg-setting name=value` (repeatable): server settings of the throwaway Postgres.
@@ -182,6 +187,7 @@ impl Opts {
             wait_idle: cli.wait_idle,
             batch_size: cli.batch_size,
             batches_in_flight: cli.batches_in_flight,
+            per_aggregate: cli.per_aggregate,
             kafka_properties: cli.kafka_property,
             pg_settings: cli.pg_setting,
         };

@@ -552,7 +552,7 @@ pub(crate) fn header(
         (
             "Settings".to_string(),
             format!(
-                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
+                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, max_in_flight_per_aggregate 64, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
                 if opts.short { "short" } else { "full" },
                 code_version(),
                 env.pg_desc,
@@ -561,13 +561,15 @@ pub(crate) fn header(
                 match (
                     opts.batch_size,
                     opts.batches_in_flight,
+                    opts.per_aggregate,
                     opts.kafka_properties.is_empty() && opts.pg_settings.is_empty(),
                 ) {
-                    (None, None, true) => String::new(),
-                    (b, f, _) => format!(
-                        " **except batch_size={} max_batches_in_flight={} kafka properties {:?} Postgres settings {:?}** (flags)",
+                    (None, None, None, true) => String::new(),
+                    (b, f, a, _) => format!(
+                        " **except batch_size={} max_batches_in_flight={} max_in_flight_per_aggregate={} kafka properties {:?} Postgres settings {:?}** (flags)",
                         b.map_or("default".into(), |v| v.to_string()),
                         f.map_or("default".into(), |v| v.to_string()),
+                        a.map_or("default".into(), |v| v.to_string()),
                         opts.kafka_properties,
                         opts.pg_settings
                     ),
