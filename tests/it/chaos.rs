@@ -87,11 +87,11 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
 const PARTITIONS: i32 = 4;
 const WRITERS: usize = 3;
 const SLOTS_PER_WRITER: usize = 40;
-/// Each writer's pace (at most; less while Postgres is slow). An aggregate's events are
-/// published one at a time (one round trip to the cluster each), so a hot aggregate's rate must
-/// stay well below 1 / round trip, or its backlog only grows: unpaced, three writers on a loaded
-/// 2-core machine wrote 144,703 events in 60 rounds, a quarter of them to three hot aggregates,
-/// and the drain could not finish.
+/// Each writer's pace (at most; less while Postgres is slow). Chosen when an aggregate's events
+/// were published one at a time (one round trip to the cluster each; unpaced, three writers on a
+/// loaded 2-core machine wrote 144,703 events in 60 rounds, a quarter of them to three hot
+/// aggregates, and the drain could not finish); kept so that the rounds' fault timing and the
+/// final drain stay comparable since pipelining (the `HotBurst` rounds load hot aggregates).
 const WRITER_EVENTS_PER_S: u64 = 40;
 /// How long the final relay may take to publish what is left.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
