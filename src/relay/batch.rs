@@ -58,7 +58,8 @@ pub(crate) async fn run_batch(
         conn.rollback(&ctx.timing, &ctx.stop).await;
         return BatchDone::failed();
     }
-    let published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
+    let mut published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
+    watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
         Ok((next_due, holds)) => {
@@ -99,11 +100,55 @@ pub(crate) async fn run_batch(
     }
 }
 
+/// Messages of the pipelining producer still unreported `publish_timeout` after the batch's
+/// cutoff — when librdkafka would have timed out the main producer's at the latest, and at least
+/// a second before their holds and the batch's fence end — are purged with that producer (see
+/// `Producers::purge_pipe`), which never times out a message itself (`Producers::pipe`): no other
+/// relay may take their events while a message of theirs can still be written. Watched from
+/// before the confirm, whatever becomes of it; each straggler keeps the watch alive until its
+/// report comes.
+fn watch_pipes(ctx: &Arc<Ctx>, stragglers: &mut [Straggler], cutoff: Instant) {
+    let mut generations: Vec<u64> = stragglers.iter().filter_map(|s| s.pipe).collect();
+    if generations.is_empty() {
+        return;
+    }
+    generations.sort_unstable();
+    generations.dedup();
+    let alive = Arc::new(());
+    for s in stragglers.iter_mut().filter(|s| s.pipe.is_some()) {
+        s.watch = Some(alive.clone());
+    }
+    let alive = Arc::downgrade(&alive);
+    let at = cutoff + ctx.settings.publish_timeout;
+    let task_ctx = ctx.clone();
+    ctx.late.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            // At stop, `shut_down` flushes and then purges every producer.
+            _ = task_ctx.stop.token().cancelled() => return,
+        }
+        if alive.strong_count() > 0 {
+            for g in generations {
+                task_ctx.producers.purge_pipe(g);
+            }
+        }
+    });
+}
+
 /// Nothing of an unconfirmed batch is in flight any more once its held messages have settled:
 /// then its fence can go, so that the events are retried without waiting for it to expire.
 async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Straggler>) {
     let settle_by = Instant::now() + ctx.timing.hold;
-    let pending: FuturesUnordered<_> = stragglers.into_iter().map(|s| s.future).collect();
+    // Each keeps its watch (see `watch_pipes`) until its report comes.
+    let pending: FuturesUnordered<_> = stragglers
+        .into_iter()
+        .map(|s| async move {
+            let Straggler { future, watch, .. } = s;
+            let report = future.await;
+            drop(watch);
+            report
+        })
+        .collect();
     if tokio::time::timeout_at(settle_by, pending.count())
         .await
         .is_err()

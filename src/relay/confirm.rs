@@ -146,23 +146,12 @@ pub(crate) async fn confirm_late(
     fetched_at: Instant,
 ) {
     let hold_end = Instant::now() + ctx.timing.hold;
-    // Messages of the pipelining producer, which never times them out (see `Producers::pipe`),
-    // are purged when librdkafka would have timed out the main producer's (`publish_timeout`
-    // after they were sent, at the latest), before the rows' holds end (a second later): no
-    // other relay can take the events while a message of theirs may still be sent.
-    let purge_at = Instant::now() + ctx.settings.publish_timeout;
     // Health names the overdue reports while they are (with too few in-sync replicas nothing
     // fails: the reports just do not come).
     let mut overdue = ctx.producers.state().overdue(stragglers.len());
     // Connected now, so that a report arriving late in the hold is written at once; replaced
     // after a write that missed its deadline, reconnected on the next report.
     let mut client = late_connect(&ctx).await;
-    // Reports still to come from each pipelining producer (see `publish::pipeline`).
-    let mut pipes: HashMap<u64, usize> = HashMap::new();
-    for g in stragglers.iter().filter_map(|st| st.pipe) {
-        *pipes.entry(g).or_default() += 1;
-    }
-    let mut purged = false;
     // Runs (see `in_order`) in which a message was not delivered.
     let mut failed_runs = HashSet::new();
     let mut waiting = in_order(stragglers);
@@ -174,27 +163,17 @@ pub(crate) async fn confirm_late(
     loop {
         let next = tokio::select! {
             n = waiting.next() => n,
-            _ = tokio::time::sleep_until(purge_at), if !purged && pipes.values().any(|&n| n > 0) => {
-                // The purged messages' reports come at once.
-                for (&g, _) in pipes.iter().filter(|(_, &n)| n > 0) {
-                    ctx.producers.purge_pipe(g);
-                }
-                purged = true;
-                continue;
-            }
             _ = tokio::time::sleep_until(hold_end) => None,
             _ = &mut stopping => None,
         };
         let Some(late) = next else {
             break;
         };
-        if let Some(g) = late.pipe {
-            if let Some(n) = pipes.get_mut(&g) {
-                *n -= 1;
-            }
-            if late.report.is_err() {
-                ctx.check_pipe_fatal(g);
-            }
+        if let (Some(g), Err(_)) = (late.pipe, &late.report) {
+            ctx.check_pipe_fatal(g);
+        }
+        if late.after_failure {
+            failed_runs.insert(late.run);
         }
         overdue.settled_one();
         let row = &rows[late.idx];
@@ -249,6 +228,8 @@ struct LateReport {
     pipe: Option<u64>,
     /// Its run: the messages of one pipelined run share one (see `Straggler::follows`).
     run: usize,
+    /// Its run had failed before the batch ended (see `Straggler::after_failure`).
+    after_failure: bool,
     report: Result<(i32, i64), rdkafka::error::KafkaError>,
 }
 
@@ -270,15 +251,20 @@ fn in_order(stragglers: Vec<Straggler>) -> SelectAll<BoxStream<'static, LateRepo
                     future,
                     alone,
                     pipe,
+                    after_failure,
+                    watch,
                     _permit,
                     ..
                 } = st;
+                let report = report_result(future.await);
+                drop(watch);
                 LateReport {
                     idx,
                     alone,
                     pipe,
                     run,
-                    report: report_result(future.await),
+                    after_failure,
+                    report,
                 }
             })
             .boxed()

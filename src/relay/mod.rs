@@ -396,10 +396,21 @@ impl Ctx {
     /// [`Ctx::check_fatal`] for the pipelining producer of `generation` (see
     /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is replaced on its next use,
     /// counted and limited like the main producer's rebuilds.
+    ///
+    /// `GaplessGuarantee` is the producer doing its job (a permanent error of one record batch
+    /// failed every later message; the event that caused it is judged on its own): it is replaced
+    /// without counting towards [`MAX_FATAL_REBUILDS`], or a writer of oversized events could
+    /// stop the relay.
     pub(crate) fn check_pipe_fatal(&self, generation: u64) {
-        let Some(reason) = self.producers.pipe_fatal_error(generation) else {
+        let Some((code, reason)) = self.producers.pipe_fatal_error(generation) else {
             return;
         };
+        if code == rdkafka::types::RDKafkaErrorCode::GaplessGuarantee {
+            if self.producers.replace_pipe(generation) {
+                tracing::warn!(fatal = %reason, "outbox relay: a record batch of the pipelining producer failed permanently; replaced it (the messages after it are retried, no attempt counted)");
+            }
+            return;
+        }
         let Some(streak) = self.fatal_streak(&reason) else {
             return;
         };

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
 use crate::text::printable;
 
@@ -234,8 +234,8 @@ pub(crate) fn retire(old: RelayProducer) {
 }
 
 /// The pipelining producer's `message.timeout.ms` is this many times the main producer's (plus a
-/// minute): far beyond the longest the relay waits for a report (a batch's `batch_timeout`, then
-/// the hold, `publish_timeout` + 1 s), after which it purges that producer itself.
+/// minute): far beyond the point where the relay purges that producer itself (`publish_timeout`
+/// after the batch's cutoff).
 pub(crate) const PIPE_MESSAGE_TIMEOUT_FACTOR: u64 = 3;
 
 /// The current producer and its generation (incremented by each rebuild).
@@ -288,52 +288,80 @@ impl Producers {
         })
     }
 
-    /// The producer for an aggregate's events sent back to back (pipelined), and its
-    /// generation; created when first needed, and again after [`Producers::replace_pipe`] (when
-    /// librdkafka made it fatal: `Ctx::check_pipe_fatal`) and [`Producers::purge_pipe`]. Besides the main producer's properties it has
+    /// The generation of the producer for an aggregate's events sent back to back (pipelined),
+    /// created when first needed, and again after [`Producers::replace_pipe`] (when librdkafka
+    /// made it fatal: `Ctx::check_pipe_fatal`) and [`Producers::purge_pipe`]. Messages go to it
+    /// only through [`Producers::send_pipe`]. Besides the main producer's properties it has
     /// `enable.gapless.guarantee=true` — a permanent error of one record batch makes the producer
     /// fatal and fails every later message, where the plain idempotent producer would bump its
-    /// epoch and write the later messages after the failed one, out of order — and a
-    /// `message.timeout.ms` of [`PIPE_MESSAGE_TIMEOUT_FACTOR`] × the main producer's plus a
-    /// minute, so that librdkafka never times out one of its messages while the relay still waits
-    /// (a message that times out in librdkafka's queue leaves a gap in the sequence that
-    /// `enable.gapless.guarantee` does not cover: the next one may be written without it; both
-    /// from librdkafka's INTRODUCTION.md, "Idempotent Producer"). The relay purges it instead when
-    /// a held message's report is overdue.
+    /// epoch and write the later messages after the failed one, out of order — unlimited
+    /// retries (a temporary error that ran out of retries would leave the same gap, and gapless
+    /// does not cover it) and a `message.timeout.ms` of [`PIPE_MESSAGE_TIMEOUT_FACTOR`] × the
+    /// main producer's plus a minute, so that librdkafka never times out one of its messages
+    /// while the relay still waits (a message that times out in librdkafka's queue leaves a gap
+    /// that `enable.gapless.guarantee` does not cover either: the next one may be written without
+    /// it; librdkafka's INTRODUCTION.md, "Idempotent Producer"). The relay purges it instead
+    /// when a held message's report is overdue (`batch::purge_when_overdue`).
     ///
     /// # Errors
     /// librdkafka's error when the producer cannot be created.
-    pub(crate) fn pipe(&self) -> KafkaResult<(u64, RelayProducer)> {
+    pub(crate) fn pipe(&self) -> KafkaResult<u64> {
         let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = slot.as_ref() {
-            return Ok(current.clone());
+        if let Some((generation, _)) = slot.as_ref() {
+            return Ok(*generation);
         }
         let mut config = self.config.clone();
         let timeout_ms: u64 = config
             .get("message.timeout.ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(30_000);
-        config.set("enable.gapless.guarantee", "true").set(
-            "message.timeout.ms",
-            (timeout_ms * PIPE_MESSAGE_TIMEOUT_FACTOR + 60_000)
-                .min(i32::MAX as u64)
-                .to_string(),
-        );
+        config
+            .set("enable.gapless.guarantee", "true")
+            .set("message.send.max.retries", i32::MAX.to_string())
+            .set(
+                "message.timeout.ms",
+                (timeout_ms * PIPE_MESSAGE_TIMEOUT_FACTOR + 60_000)
+                    .min(i32::MAX as u64)
+                    .to_string(),
+            );
         let producer: RelayProducer = config.create_with_context(self.context.clone())?;
         let generation = self.pipe_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *slot = Some((generation, producer.clone()));
-        Ok((generation, producer))
+        *slot = Some((generation, producer));
+        Ok(generation)
     }
 
-    /// The fatal error of the pipelining producer of `generation`, if librdkafka made it fatal.
-    pub(crate) fn pipe_fatal_error(&self, generation: u64) -> Option<String> {
+    /// Hands `record` to the pipelining producer of `generation`, under the lock that
+    /// [`Producers::purge_pipe`] and [`Producers::replace_pipe`] take before they purge or retire
+    /// it: once that producer is purged, nothing more is queued on it (a message queued after a
+    /// purge would be sent with a sequence number past the purged ones, and librdkafka would
+    /// bump the epoch and write it without them). When that producer was replaced the record is
+    /// refused as `PurgeQueue` (not sent). (The same shape as rdkafka's `send_result`.)
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn send_pipe<'a>(
+        &self,
+        generation: u64,
+        record: FutureRecord<'a, str, [u8]>,
+    ) -> Result<DeliveryFuture, (KafkaError, FutureRecord<'a, str, [u8]>)> {
+        let slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((g, producer)) if *g == generation => producer.send_result(record),
+            _ => Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue),
+                record,
+            )),
+        }
+    }
+
+    /// The fatal error of the pipelining producer of `generation`, if librdkafka made it fatal:
+    /// its code and text.
+    pub(crate) fn pipe_fatal_error(&self, generation: u64) -> Option<(RDKafkaErrorCode, String)> {
         let slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
         let (g, producer) = slot.as_ref()?;
         if *g != generation {
             return None;
         }
         let (code, reason) = producer.client().fatal_error()?;
-        Some(printable(&format!("{code}: {reason}")).to_string())
+        Some((code, printable(&format!("{code}: {reason}")).to_string()))
     }
 
     /// Retires the pipelining producer of `generation` (unless it was already replaced), counted

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -74,6 +74,12 @@ pub(crate) struct Straggler {
     /// Sent in the same pipelined run right after the straggler before it in the list: its
     /// report is judged after that one's (a message after a failed one is released).
     pub(crate) follows: bool,
+    /// Its run had a failure before the batch ended: its report, and those of the messages that
+    /// follow it, release the events (as in the batch).
+    pub(crate) after_failure: bool,
+    /// Alive while the report is awaited; its batch's purge of the pipelining producer
+    /// (`batch::purge_when_overdue`) watches it.
+    pub(crate) watch: Option<std::sync::Arc<()>>,
     /// Its in-flight permit, released with the report.
     pub(crate) _permit: OwnedSemaphorePermit,
 }
@@ -166,18 +172,48 @@ async fn publish_chain(
             break;
         }
         let run = pipelined_run(ctx, rows, &chain[at..]);
-        let step = if run > 1 {
-            pipeline(ctx, session, rows, &chain[at..at + run], cutoff, &mut out).await
-        } else {
-            publish_one(ctx, rows, chain[at], cutoff, &mut out).await
+        let pipe = if run > 1 { pipe_generation(ctx) } else { None };
+        let step = match pipe {
+            Some(g) => {
+                pipeline(
+                    ctx,
+                    session,
+                    rows,
+                    &chain[at..at + run],
+                    g,
+                    cutoff,
+                    &mut out,
+                )
+                .await
+            }
+            None => publish_one(ctx, rows, chain[at], cutoff, &mut out).await,
         };
+        let run = if pipe.is_some() { run } else { 1 };
         match step {
-            Step::Next => at += run.max(1),
+            Step::Next => at += run,
             Step::Stop => break,
             Step::Held(stragglers) => return (out, stragglers),
         }
     }
     (out, Vec::new())
+}
+
+/// The pipelining producer's generation (replaced first when librdkafka made it fatal), or
+/// `None` when it cannot be created: then the run goes one event at a time (the failure is not
+/// the event's).
+fn pipe_generation(ctx: &Ctx) -> Option<u64> {
+    let generation = ctx.producers.pipe().ok()?;
+    if ctx.producers.pipe_fatal_error(generation).is_none() {
+        return Some(generation);
+    }
+    ctx.check_pipe_fatal(generation);
+    match ctx.producers.pipe() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox relay: the pipelining producer cannot be created; sending one event at a time");
+            None
+        }
+    }
 }
 
 /// Whether a chain may hand another message to the producer: not stopping, before the cutoff,
@@ -229,6 +265,8 @@ async fn publish_one(
                 alone,
                 pipe: None,
                 follows: false,
+                after_failure: false,
+                watch: None,
                 _permit: permit,
             }]);
         }
@@ -279,25 +317,10 @@ async fn pipeline(
     session: &Client,
     rows: &[Reserved],
     run: &[usize],
+    generation: u64,
     cutoff: Instant,
     out: &mut Vec<(usize, Outcome)>,
 ) -> Step {
-    let pipe = ctx.producers.pipe().and_then(|(generation, producer)| {
-        if producer.client().fatal_error().is_none() {
-            return Ok((generation, producer));
-        }
-        ctx.check_pipe_fatal(generation);
-        ctx.producers.pipe()
-    });
-    let (generation, producer) = match pipe {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(o) = Outcome::of_report(ctx, &rows[run[0]], Err(e)) {
-                out.push((run[0], o));
-            }
-            return Step::Stop;
-        }
-    };
     let depth = ctx.settings.max_in_flight_per_aggregate;
     let mut window: VecDeque<InFlight> = VecDeque::with_capacity(depth.min(run.len()));
     let mut next = 0;
@@ -318,7 +341,7 @@ async fn pipeline(
             };
             let Some(permit) = permit else { break };
             let idx = run[next];
-            match hand_over(ctx, &rows[idx], cutoff, || (None, producer.clone())).await {
+            match hand_over(ctx, &rows[idx], cutoff, &Via::Pipe(generation)).await {
                 Ok((_, future, span)) => {
                     ctx.report.in_flight(1);
                     window.push_back(InFlight {
@@ -331,8 +354,11 @@ async fn pipeline(
                     next += 1;
                 }
                 Err(Sent::Report(report)) => {
+                    // Refused before it was sent (by librdkafka: too large for
+                    // `message.max.bytes`, unknown topic, a replaced producer): about this event
+                    // alone, never its record batch.
                     ctx.check_pipe_fatal(generation);
-                    settle(ctx, rows, idx, next, report, &mut failed_at, out);
+                    settle(ctx, rows, idx, next, report, true, &mut failed_at, out);
                 }
                 Err(_) => break,
             }
@@ -353,6 +379,8 @@ async fn pipeline(
                         alone: false,
                         pipe: Some(generation),
                         follows: i > 0,
+                        after_failure: failed_at.is_some(),
+                        watch: None,
                         _permit: f.permit,
                     }
                 });
@@ -368,7 +396,7 @@ async fn pipeline(
                 ctx.check_pipe_fatal(generation);
             }
         }
-        settle(ctx, rows, idx, pos, report, &mut failed_at, out);
+        settle(ctx, rows, idx, pos, report, false, &mut failed_at, out);
     }
     if failed_at.is_none() && next == run.len() {
         Step::Next
@@ -389,12 +417,14 @@ pub(crate) fn order_anomaly(ctx: &Ctx, row: &Reserved, partition: i32, offset: i
 }
 
 /// Records the report of the pipelined event at `pos` of its run (see [`pipeline`]).
+#[allow(clippy::too_many_arguments)]
 fn settle(
     ctx: &Ctx,
     rows: &[Reserved],
     idx: usize,
     pos: usize,
     report: Result<(i32, i64), KafkaError>,
+    local: bool,
     failed_at: &mut Option<usize>,
     out: &mut Vec<(usize, Outcome)>,
 ) {
@@ -408,7 +438,7 @@ fn settle(
     }
     let outcome = match report {
         // A refusal of the record batch the event shared: alone next time (see `AloneNext`).
-        Err(e) if is_batch_refused_error(&e) => {
+        Err(e) if !local && is_batch_refused_error(&e) => {
             ctx.alone_next.mark(row.id);
             Some(Outcome::Failed(retry::refused_batch(&e)))
         }
@@ -451,11 +481,7 @@ async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     let Some(permit) = in_flight_permit(ctx, cutoff).await else {
         return Sent::Skipped;
     };
-    let shared = || {
-        let (generation, producer) = ctx.producers.get();
-        (Some(generation), producer)
-    };
-    match deliver(ctx, row, cutoff, permit, shared).await {
+    match deliver(ctx, row, cutoff, permit, Via::Main).await {
         Sent::Report(report) if is_batch_refused(&report) => send_alone(ctx, row, cutoff).await,
         sent => sent,
     }
@@ -469,7 +495,17 @@ async fn in_flight_permit(ctx: &Ctx, cutoff: Instant) -> Option<OwnedSemaphorePe
     }
 }
 
-/// Hands `row` to the producer that `producer` gives (see [`deliver`]): its generation, the
+/// Which producer a message goes to.
+enum Via {
+    /// The main producer (the current one: replaced when fatal).
+    Main,
+    /// The solo producer (see [`send_alone`]).
+    Solo(RelayProducer),
+    /// The pipelining producer of this generation (see [`pipeline`]).
+    Pipe(u64),
+}
+
+/// Hands `row` to the producer `via` names (see [`deliver`]): the main producer's generation, the
 /// delivery future and the record's span; or, when it was not taken, what became of it — a
 /// local refusal (`Sent::Report`, the main producer checked for a fatal error) or a producer
 /// queue that stayed full until the cutoff (`Sent::Skipped`).
@@ -477,7 +513,7 @@ async fn hand_over(
     ctx: &Ctx,
     row: &Reserved,
     cutoff: Instant,
-    producer: impl Fn() -> (Option<u64>, RelayProducer),
+    via: &Via,
 ) -> Result<(Option<u64>, DeliveryFuture, PublishSpan), Sent> {
     let mut id_buf = Uuid::encode_buffer();
     let event_id: &str = row.id.hyphenated().encode_lower(&mut id_buf);
@@ -485,8 +521,15 @@ async fn hand_over(
     // The producer's clone lives only for the hand-over: after a rebuild, the replaced producer's
     // last clone must not be dropped on the runtime's threads (its drop flushes, up to 500 ms).
     loop {
-        let (generation, producer) = producer();
-        match producer.send_result(record) {
+        let (generation, sent) = match via {
+            Via::Main => {
+                let (generation, producer) = ctx.producers.get();
+                (Some(generation), producer.send_result(record))
+            }
+            Via::Solo(producer) => (None, producer.send_result(record)),
+            Via::Pipe(generation) => (None, ctx.producers.send_pipe(*generation, record)),
+        };
+        match sent {
             Ok(f) => return Ok((generation, f, span)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // Backpressure: the producer queue is full; wait for it to drain.
@@ -497,11 +540,9 @@ async fn hand_over(
                     return Err(Sent::Skipped);
                 }
                 record = r;
-                drop(producer);
                 tokio::time::sleep(QUEUE_FULL_WAIT).await;
             }
             Err((e, _)) => {
-                drop(producer);
                 span.end(Err(&e.to_string()));
                 if let Some(generation) = generation {
                     ctx.check_fatal(generation);
@@ -512,8 +553,8 @@ async fn hand_over(
     }
 }
 
-/// Hands `row` to the producer that `producer` gives — with its generation, checked for a fatal
-/// error after a failure; `None` for the solo producer — and waits for the delivery report until
+/// Hands `row` to the producer `via` names — the main one checked for a fatal error after a
+/// failure — and waits for the delivery report until
 /// `cutoff` (or the stop's send window): then the message is held (`Sent::Cutoff`, with its
 /// permit). A full producer queue is waited out until then (`Sent::Skipped`: not sent).
 async fn deliver(
@@ -521,9 +562,9 @@ async fn deliver(
     row: &Reserved,
     cutoff: Instant,
     permit: OwnedSemaphorePermit,
-    producer: impl Fn() -> (Option<u64>, RelayProducer),
+    via: Via,
 ) -> Sent {
-    let (generation, mut future, span) = match hand_over(ctx, row, cutoff, producer).await {
+    let (generation, mut future, span) = match hand_over(ctx, row, cutoff, &via).await {
         Ok(sent) => sent,
         Err(sent) => return sent,
     };
@@ -533,7 +574,7 @@ async fn deliver(
         _ = wait_until(ctx, cutoff) => {
             ctx.report.in_flight(-1);
             span.end(Err("held: no delivery report before the batch ended"));
-            return Sent::Cutoff(future, permit, generation.is_none());
+            return Sent::Cutoff(future, permit, matches!(via, Via::Solo(_)));
         }
     };
     ctx.report.in_flight(-1);
@@ -667,7 +708,7 @@ async fn send_alone(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
     };
     tracing::info!(event_id = %row.id, topic = %printable(&row.topic), "outbox relay: the broker refused the record batch the event shared (too large, or another record invalid); sending the event alone");
     drop(solo);
-    deliver(ctx, row, cutoff, permit, || (None, producer.clone())).await
+    deliver(ctx, row, cutoff, permit, Via::Solo(producer)).await
 }
 
 /// How long a send waits before trying again when the producer's queue is full.
