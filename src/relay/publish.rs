@@ -332,17 +332,9 @@ async fn pipeline(
             && window.len() < depth
             && may_send(ctx, session, cutoff)
         {
-            // Waits for a permit only with nothing of its own in flight (no chain can then hold
-            // permits while waiting for more).
-            let permit = if window.is_empty() {
-                in_flight_permit(ctx, cutoff).await
-            } else {
-                ctx.in_flight.clone().try_acquire_owned().ok()
-            };
-            let Some(permit) = permit else { break };
             let idx = run[next];
-            match hand_over(ctx, &rows[idx], cutoff, &Via::Pipe(generation)).await {
-                Ok((_, future, span)) => {
+            match send_next(ctx, &rows[idx], generation, cutoff, window.is_empty()).await {
+                Ok(Some((future, span, permit))) => {
                     ctx.report.in_flight(1);
                     window.push_back(InFlight {
                         pos: next,
@@ -353,14 +345,11 @@ async fn pipeline(
                     });
                     next += 1;
                 }
-                Err(Sent::Report(report)) => {
-                    // Refused before it was sent (by librdkafka: too large for
-                    // `message.max.bytes`, unknown topic, a replaced producer): about this event
-                    // alone, never its record batch.
-                    ctx.check_pipe_fatal(generation);
-                    settle(ctx, rows, idx, next, report, true, &mut failed_at, out);
-                }
-                Err(_) => break,
+                Ok(None) => break,
+                // Refused before it was sent (by librdkafka: too large for `message.max.bytes`,
+                // unknown topic, a replaced producer): about this event alone, never its record
+                // batch.
+                Err(report) => settle(ctx, rows, idx, next, report, true, &mut failed_at, out),
             }
         }
         let Some(mut front) = window.pop_front() else {
@@ -369,22 +358,8 @@ async fn pipeline(
         let report = tokio::select! {
             r = &mut front.future => report_result(r),
             _ = wait_until(ctx, cutoff) => {
-                let held = std::iter::once(front).chain(window).enumerate().map(|(i, f)| {
-                    ctx.report.in_flight(-1);
-                    f.span.end(Err("held: no delivery report before the batch ended"));
-                    out.push((f.idx, Outcome::Held));
-                    Straggler {
-                        idx: f.idx,
-                        future: f.future,
-                        alone: false,
-                        pipe: Some(generation),
-                        follows: i > 0,
-                        after_failure: failed_at.is_some(),
-                        watch: None,
-                        _permit: f.permit,
-                    }
-                });
-                return Step::Held(held.collect());
+                window.push_front(front);
+                return Step::Held(hold(ctx, window, generation, failed_at.is_some(), out));
             }
         };
         ctx.report.in_flight(-1);
@@ -403,6 +378,66 @@ async fn pipeline(
     } else {
         Step::Stop
     }
+}
+
+/// Hands the next event of a [`pipeline`] to the pipelining producer of `generation`, with an
+/// in-flight permit: waited for only when nothing of the run is in flight (`first`), so that no
+/// chain holds permits while waiting for more. `Ok(None)`: not sent (no permit, or the producer
+/// queue stayed full until the cutoff); `Err`: refused before it was sent.
+async fn send_next(
+    ctx: &Ctx,
+    row: &Reserved,
+    generation: u64,
+    cutoff: Instant,
+    first: bool,
+) -> Result<
+    Option<(DeliveryFuture, PublishSpan, OwnedSemaphorePermit)>,
+    Result<(i32, i64), KafkaError>,
+> {
+    let permit = if first {
+        in_flight_permit(ctx, cutoff).await
+    } else {
+        ctx.in_flight.clone().try_acquire_owned().ok()
+    };
+    let Some(permit) = permit else {
+        return Ok(None);
+    };
+    match hand_over(ctx, row, cutoff, &Via::Pipe(generation)).await {
+        Ok((_, future, span)) => Ok(Some((future, span, permit))),
+        Err(Sent::Report(report)) => {
+            ctx.check_pipe_fatal(generation);
+            Err(report)
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The messages of a [`pipeline`] still in flight at the cutoff, as held stragglers (see
+/// [`Straggler::follows`] and [`Straggler::after_failure`]).
+fn hold(
+    ctx: &Ctx,
+    window: VecDeque<InFlight>,
+    generation: u64,
+    after_failure: bool,
+    out: &mut Vec<(usize, Outcome)>,
+) -> Vec<Straggler> {
+    let held = window.into_iter().enumerate().map(|(i, f)| {
+        ctx.report.in_flight(-1);
+        f.span
+            .end(Err("held: no delivery report before the batch ended"));
+        out.push((f.idx, Outcome::Held));
+        Straggler {
+            idx: f.idx,
+            future: f.future,
+            alone: false,
+            pipe: Some(generation),
+            follows: i > 0,
+            after_failure,
+            watch: None,
+            _permit: f.permit,
+        }
+    });
+    held.collect()
 }
 
 /// An event acknowledged although an earlier one of its pipelined run failed, which the
