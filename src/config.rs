@@ -171,8 +171,8 @@ pub struct Settings {
     /// 1..=1000000.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
     pub max_in_flight: usize,
-    /// One aggregate's messages handed to the producer and not yet acknowledged, at most,
-    /// 1..=1000 (1: one at a time, a round trip per event).
+    /// Consecutive events of one aggregate for one topic sent without waiting for their
+    /// acknowledgements, at most, 1..=1000 (1: one at a time, a round trip per event).
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE", default_value_t = Settings::default().max_in_flight_per_aggregate))]
     pub max_in_flight_per_aggregate: usize,
     /// Batches being published at once, 1..=16; each holds one Postgres connection.

@@ -407,6 +407,7 @@ impl Ctx {
         };
         if code == rdkafka::types::RDKafkaErrorCode::GaplessGuarantee {
             if self.producers.replace_pipe(generation) {
+                metrics::counter!("outbox_producer_rebuilds_total").increment(1);
                 tracing::warn!(fatal = %reason, "outbox relay: a record batch of the pipelining producer failed permanently; replaced it (the messages after it are retried, no attempt counted)");
             }
             return;
