@@ -359,7 +359,7 @@ async fn pipeline(
             r = &mut front.future => report_result(r),
             _ = wait_until(ctx, cutoff) => {
                 window.push_front(front);
-                return Step::Held(hold(ctx, window, generation, failed_at.is_some(), out));
+                return Step::Held(hold(ctx, window, generation, failed_at, out));
             }
         };
         ctx.report.in_flight(-1);
@@ -418,7 +418,7 @@ fn hold(
     ctx: &Ctx,
     window: VecDeque<InFlight>,
     generation: u64,
-    after_failure: bool,
+    failed_at: Option<usize>,
     out: &mut Vec<(usize, Outcome)>,
 ) -> Vec<Straggler> {
     let held = window.into_iter().enumerate().map(|(i, f)| {
@@ -432,7 +432,9 @@ fn hold(
             alone: false,
             pipe: Some(generation),
             follows: i > 0,
-            after_failure,
+            // Only a message after the failed one (a local refusal fails the message after
+            // every one in flight: those before it are judged on their own reports).
+            after_failure: failed_at.is_some_and(|p| f.pos > p),
             watch: None,
             _permit: f.permit,
         }
