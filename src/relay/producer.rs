@@ -238,6 +238,12 @@ pub(crate) fn retire(old: RelayProducer) {
 /// after the batch's cutoff).
 pub(crate) const PIPE_MESSAGE_TIMEOUT_FACTOR: u64 = 3;
 
+/// How long runs go one event at a time (on the main producer, warm) after the pipelining
+/// producer was purged: a fresh pipelining producer first needs metadata and a producer id, and
+/// on a slow broker, or while the cluster cannot hand out producer ids, it would be purged again
+/// before its first message was acknowledged — a livelock that one event at a time does not have.
+pub(crate) const PIPE_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The current producer and its generation (incremented by each rebuild).
 struct Current {
     generation: u64,
@@ -256,6 +262,8 @@ pub(crate) struct Producers {
     /// (see [`Producers::pipe`]), with its generation.
     pipe: Mutex<Option<(u64, RelayProducer)>>,
     pipe_generation: AtomicU64,
+    /// Until when runs go one event at a time after a purge (see [`Producers::purge_pipe`]).
+    pipe_paused_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Producers {
@@ -285,6 +293,7 @@ impl Producers {
             solo: tokio::sync::Mutex::new(None),
             pipe: Mutex::new(None),
             pipe_generation: AtomicU64::new(0),
+            pipe_paused_until: Mutex::new(None),
         })
     }
 
@@ -380,10 +389,20 @@ impl Producers {
         true
     }
 
+    /// Whether pipelining is paused after a purge (see [`PIPE_PAUSE`]).
+    pub(crate) fn pipe_paused(&self) -> bool {
+        let until = *self
+            .pipe_paused_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
     /// Purges every message of the pipelining producer of `generation` (queued: reported
     /// `PurgeQueue`, never sent; in flight: `PurgeInflight`, possibly written) and retires it;
     /// the next [`Producers::pipe`] creates a fresh one (a new producer id: the purged messages'
-    /// sequence numbers are gone). Does nothing when that producer was already replaced.
+    /// sequence numbers are gone), after [`PIPE_PAUSE`]. Does nothing when that producer was
+    /// already replaced.
     pub(crate) fn purge_pipe(&self, generation: u64) {
         let old = {
             let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
@@ -393,7 +412,14 @@ impl Producers {
             }
         };
         if let Some(old) = old {
-            tracing::warn!("outbox relay: purging the pipelining producer: a held message's delivery report is overdue");
+            *self
+                .pipe_paused_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now() + PIPE_PAUSE);
+            tracing::warn!(
+                pause_s = PIPE_PAUSE.as_secs(),
+                "outbox relay: purging the pipelining producer: a held message's delivery report is overdue; sending each aggregate's events one at a time for a while"
+            );
             drop(tokio::task::spawn_blocking(move || {
                 old.purge(PurgeConfig::default().queue().inflight());
                 drop(old);

@@ -199,9 +199,13 @@ async fn publish_chain(
 }
 
 /// The pipelining producer's generation (replaced first when librdkafka made it fatal), or
-/// `None` when it cannot be created: then the run goes one event at a time (the failure is not
-/// the event's).
+/// `None` — the run then goes one event at a time — while pipelining is paused after a purge
+/// (`producer::PIPE_PAUSE`) or when that producer cannot be created (the failure is not the
+/// event's).
 fn pipe_generation(ctx: &Ctx) -> Option<u64> {
+    if ctx.producers.pipe_paused() {
+        return None;
+    }
     let generation = ctx.producers.pipe().ok()?;
     if ctx.producers.pipe_fatal_error(generation).is_none() {
         return Some(generation);
