@@ -394,7 +394,8 @@ impl Ctx {
     }
 
     /// [`Ctx::check_fatal`] for the pipelining producer of `generation` (see
-    /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is replaced on its next use,
+    /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is retired at once (a fresh one
+    /// is created on next use),
     /// counted and limited like the main producer's rebuilds.
     ///
     /// `GaplessGuarantee` is the producer doing its job (a permanent error of one record batch

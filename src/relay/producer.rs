@@ -310,7 +310,7 @@ impl Producers {
     /// while the relay still waits (a message that times out in librdkafka's queue leaves a gap
     /// that `enable.gapless.guarantee` does not cover either: the next one may be written without
     /// it; librdkafka's INTRODUCTION.md, "Idempotent Producer"). The relay purges it instead
-    /// when a held message's report is overdue (`batch::purge_when_overdue`).
+    /// when a held message's report is overdue (`batch::watch_pipes`).
     ///
     /// # Errors
     /// librdkafka's error when the producer cannot be created.
@@ -376,17 +376,22 @@ impl Producers {
     /// Retires the pipelining producer of `generation` (unless it was already replaced), counted
     /// as a rebuild; the next [`Producers::pipe`] creates a fresh one. Whether it was replaced.
     pub(crate) fn replace_pipe(&self, generation: u64) -> bool {
-        let old = {
-            let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
-            match slot.as_ref() {
-                Some((g, _)) if *g == generation => slot.take().map(|(_, p)| p),
-                _ => None,
-            }
+        let Some(old) = self.take_pipe(generation) else {
+            return false;
         };
-        let Some(old) = old else { return false };
         retire(old);
         self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Takes the pipelining producer of `generation` out of its slot (under the lock
+    /// [`Producers::send_pipe`] sends under), unless it was already replaced.
+    fn take_pipe(&self, generation: u64) -> Option<RelayProducer> {
+        let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((g, _)) if *g == generation => slot.take().map(|(_, p)| p),
+            _ => None,
+        }
     }
 
     /// Whether pipelining is paused after a purge (see [`PIPE_PAUSE`]).
@@ -404,14 +409,7 @@ impl Producers {
     /// sequence numbers are gone), after [`PIPE_PAUSE`]. Does nothing when that producer was
     /// already replaced.
     pub(crate) fn purge_pipe(&self, generation: u64) {
-        let old = {
-            let mut slot = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
-            match slot.as_ref() {
-                Some((g, _)) if *g == generation => slot.take().map(|(_, p)| p),
-                _ => None,
-            }
-        };
-        if let Some(old) = old {
+        if let Some(old) = self.take_pipe(generation) {
             *self
                 .pipe_paused_until
                 .lock()
