@@ -394,9 +394,8 @@ impl Ctx {
     }
 
     /// [`Ctx::check_fatal`] for the pipelining producer of `generation` (see
-    /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is retired at once (a fresh one
-    /// is created on next use),
-    /// counted and limited like the main producer's rebuilds.
+    /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is retired at once (a fresh
+    /// one is created on next use), counted and limited like the main producer's rebuilds.
     ///
     /// `GaplessGuarantee` is the producer doing its job (a permanent error of one record batch
     /// failed every later message; the event that caused it is judged on its own): it is replaced
