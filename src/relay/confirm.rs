@@ -18,7 +18,7 @@ use crate::store::ConfirmOutcome;
 
 use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
-use super::retry::{self, retry_delay, unavailable_delay};
+use super::retry::{retry_delay, unavailable_delay};
 use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
@@ -274,9 +274,9 @@ fn in_order(stragglers: Vec<Straggler>) -> SelectAll<BoxStream<'static, LateRepo
 /// The outcome of a late report. A broker's "too large" answer is about the record batch the
 /// message shared with others, and a late report cannot re-send the event alone as the batch
 /// does (`publish::send_alone`): unless the message already went alone (`alone`), it is recorded
-/// as a failure that charges no attempt ([`retry::refused_batch`]) and the event is marked to go
-/// alone on its next attempt, where only an event too large by itself is refused again and
-/// becomes a dead letter. A pipelined message purged while the relay runs timed out.
+/// as a failure that charges no attempt ([`refused_batch`](super::retry::refused_batch)) and the
+/// event is marked to go alone on its next attempt, where only an event too large by itself is
+/// refused again and becomes a dead letter (see `publish::outcome_marking_alone`). A pipelined message purged while the relay runs timed out.
 fn late_outcome(
     ctx: &Ctx,
     row: &Reserved,
@@ -287,7 +287,7 @@ fn late_outcome(
     match report {
         // The pipelining producer was purged because a report was overdue (not at stop): the
         // message timed out, as librdkafka's own timeout would have said on the main producer.
-        Err(e) if pipelined && is_purged(&e) && !ctx.stop.token().is_cancelled() => {
+        Err(e) if pipelined && publish::is_purged(&e) && !ctx.stop.token().is_cancelled() => {
             Outcome::of_report(
                 ctx,
                 row,
@@ -296,11 +296,7 @@ fn late_outcome(
                 )),
             )
         }
-        Err(e) if !alone && super::publish::is_batch_refused_error(&e) => {
-            ctx.alone_next.mark(row.id);
-            Some(Outcome::Failed(retry::refused_batch(&e)))
-        }
-        report => Outcome::of_report(ctx, row, report),
+        report => publish::outcome_marking_alone(ctx, row, report, !alone),
     }
 }
 
@@ -355,10 +351,4 @@ async fn record_late(
         Outcome::NotSent | Outcome::Held => return Ok(false),
     };
     Ok(written? == 1)
-}
-
-/// A message purged from a producer (queued or in flight).
-fn is_purged(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode::{PurgeInflight, PurgeQueue};
-    matches!(e.rdkafka_error_code(), Some(PurgeQueue | PurgeInflight))
 }

@@ -231,7 +231,8 @@ fn may_send(ctx: &Ctx, session: &Client, cutoff: Instant) -> bool {
 /// none of them marked to go alone; 1 or 0 when the first goes by itself (or
 /// `max_in_flight_per_aggregate` is 1).
 fn pipelined_run(ctx: &Ctx, rows: &[Reserved], chain: &[usize]) -> usize {
-    if ctx.settings.max_in_flight_per_aggregate <= 1 {
+    // A single event (most chains of a uniform backlog) goes by itself: no mark to look up.
+    if ctx.settings.max_in_flight_per_aggregate <= 1 || chain.len() == 1 {
         return 1;
     }
     let topic = &rows[chain[0]].topic;
@@ -477,14 +478,7 @@ fn settle(
         }
         return;
     }
-    let outcome = match report {
-        // A refusal of the record batch the event shared: alone next time (see `AloneNext`).
-        Err(e) if !local && is_batch_refused_error(&e) => {
-            ctx.alone_next.mark(row.id);
-            Some(Outcome::Failed(retry::refused_batch(&e)))
-        }
-        report => Outcome::of_report(ctx, row, report),
-    };
+    let outcome = outcome_marking_alone(ctx, row, report, !local);
     match outcome {
         Some(o @ Outcome::Delivered { .. }) => {
             ctx.fatal.delivered();
@@ -508,6 +502,33 @@ async fn wait_until(ctx: &Ctx, cutoff: Instant) {
         _ = tokio::time::sleep_until(cutoff) => {}
         _ = stopping => {}
     }
+}
+
+/// The outcome of a report whose event cannot be sent alone at once (a pipelined or a late
+/// report): a refusal of the record batch it `shared` with others is recorded as
+/// [`retry::refused_batch`] (no attempt) and the event goes alone next time (see [`AloneNext`]);
+/// any other report is judged by [`Outcome::of_report`].
+pub(crate) fn outcome_marking_alone(
+    ctx: &Ctx,
+    row: &Reserved,
+    report: Result<(i32, i64), KafkaError>,
+    shared: bool,
+) -> Option<Outcome> {
+    match report {
+        Err(e) if shared && is_batch_refused_error(&e) => {
+            ctx.alone_next.mark(row.id);
+            Some(Outcome::Failed(retry::refused_batch(&e)))
+        }
+        report => Outcome::of_report(ctx, row, report),
+    }
+}
+
+/// A message purged from a producer (queued or in flight).
+pub(crate) fn is_purged(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+    )
 }
 
 /// A message purged from the producer's queue before it was sent.
