@@ -240,8 +240,12 @@ async fn database_defaults_cannot_end_relay_sessions() {
     let observer = outbox::testing::connect(&observer_cfg).await.unwrap();
     let first = pids(observer).await;
     assert_eq!(first.len(), 2, "listener and waker sessions: {first:?}");
-    // A control session with the database's defaults is ended by idle_session_timeout …
-    let control = outbox::testing::connect(&db_config).await.unwrap();
+    // A control session with the database's idle_session_timeout is ended by it … (its own
+    // statement_timeout is lifted: 1 ms can cancel even `select pg_backend_pid()` on a loaded
+    // machine, which is not what this test is about.)
+    let mut control_cfg = db_config.clone();
+    control_cfg.options("-c statement_timeout=0");
+    let control = outbox::testing::connect(&control_cfg).await.unwrap();
     let control_pid: i32 = control
         .query_one("select pg_backend_pid()", &[])
         .await
