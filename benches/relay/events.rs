@@ -168,7 +168,7 @@ pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
     c.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .set("compression.type", "none")
         .set("message.timeout.ms", "30000")
         .set("log_level", "3");

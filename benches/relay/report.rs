@@ -552,7 +552,7 @@ pub(crate) fn header(
         (
             "Settings".to_string(),
             format!(
-                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, max_in_flight_per_aggregate 64, linger.ms 1, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
+                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, max_in_flight_per_aggregate 1,000, linger.ms 5, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
                 if opts.short { "short" } else { "full" },
                 code_version(),
                 env.pg_desc,
