@@ -52,10 +52,10 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// The producers' `linger.ms` unless a `kafka_property` sets it: librdkafka's own default (and
-/// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 4–5 × the CPU
-/// in librdkafka's threads (and more in the brokers) on small produce requests and ran 30–50 %
+/// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the CPU
+/// in librdkafka's threads (and more in the brokers) on small produce requests and ran 25–45 %
 /// slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs about 5 ms
-/// of commit → ack p50 (BENCHMARKS.md, "linger.ms").
+/// of commit → ack p50 (BENCHMARKS.md, "linger.ms and the per-aggregate window").
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
 /// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
@@ -179,7 +179,8 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
     pub max_in_flight: usize,
     /// Consecutive events of one aggregate for one topic sent without waiting for their
-    /// acknowledgements, at most, 1..=1000 (1: one at a time, a round trip per event).
+    /// acknowledgements, at most, 1..=10000 and at most max_in_flight (1: one at a time, a round
+    /// trip per event).
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE", default_value_t = Settings::default().max_in_flight_per_aggregate))]
     pub max_in_flight_per_aggregate: usize,
     /// Batches being published at once, 1..=16; each holds one Postgres connection.
@@ -386,7 +387,10 @@ impl OutboxBuilder {
     }
 
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
-    /// `security.protocol`), applied after the relay's defaults. Properties the relay owns
+    /// `security.protocol`), applied after the relay's defaults. The relay's `linger.ms` is 5 ms
+    /// (librdkafka's own default): set `linger.ms` (or its alias `queue.buffering.max.ms`) to
+    /// 0 or 1 for about 5 ms less commit → ack latency at low rates, at the cost of more CPU
+    /// and produce requests under a backlog (BENCHMARKS.md, "linger.ms"). Properties the relay owns
     /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`,
     /// `delivery.report.only.error`, `queuing.strategy`, …) are refused at `connect()` with the
     /// setting to use instead, under every alias (`request.required.acks`,
@@ -855,6 +859,12 @@ impl Settings {
                 s.lease, s.publish_timeout, s.batch_timeout, LEASE_MARGIN
             ));
         }
+        if s.max_in_flight_per_aggregate > s.max_in_flight {
+            problems.push(format!(
+                "max_in_flight_per_aggregate: {} is more than max_in_flight ({}), the relay's limit over all aggregates",
+                s.max_in_flight_per_aggregate, s.max_in_flight
+            ));
+        }
         problems
     }
 }
@@ -929,8 +939,7 @@ mod producer_config_tests {
         );
         assert_eq!(alias.get("linger.ms"), None);
         assert_eq!(alias.get("queue.buffering.max.ms"), Some("50"));
-        let own = kafka_config_of(crate::Outbox::builder().kafka_property("Linger.MS", "0"));
-        assert_eq!(own.get("linger.ms"), None);
-        assert_eq!(own.get("Linger.MS"), Some("0"));
+        let own = kafka_config_of(crate::Outbox::builder().kafka_property("linger.ms", "0"));
+        assert_eq!(own.get("linger.ms"), Some("0"));
     }
 }

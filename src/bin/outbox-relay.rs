@@ -78,7 +78,7 @@ struct RunArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
-    /// librdkafka property `key=value` (repeatable), e.g. `-X linger.ms=5`.
+    /// librdkafka property `key=value` (repeatable), e.g. `-X linger.ms=1`.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     kafka_property: Vec<String>,
     /// The relay's settings, declared once in `outbox::Settings` (flags and `OUTBOX_*`).

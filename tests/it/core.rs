@@ -899,6 +899,8 @@ async fn config_errors_list_every_problem() {
     let err = Outbox::builder()
         .batch_size(0)
         .lease(Duration::from_secs(10)) // publish_timeout is 30 s
+        .max_in_flight(100)
+        .max_in_flight_per_aggregate(101)
         .table("Bad-Name; drop")
         .channel("")
         .kafka_property("enable.idempotence", "false")
@@ -909,8 +911,14 @@ async fn config_errors_list_every_problem() {
     let text = err.to_string();
     let problems = config_problems(err);
     let has = |pred: &dyn Fn(&str) -> bool| problems.iter().any(|p| pred(p));
-    let checks: [(&str, bool); 8] = [
+    let checks: [(&str, bool); 9] = [
         ("batch_size", has(&|p| p.starts_with("batch_size"))),
+        (
+            "max_in_flight_per_aggregate",
+            has(&|p| {
+                p.starts_with("max_in_flight_per_aggregate") && p.contains("max_in_flight (100)")
+            }),
+        ),
         ("lease", has(&|p| p.starts_with("lease"))),
         (
             "table",
