@@ -208,7 +208,7 @@ async fn database_defaults_cannot_end_relay_sessions() {
     let admin = support::connect_pg().await;
     admin
         .batch_execute(&format!(
-            "alter database {db} set idle_session_timeout = '300ms';
+            "alter database {db} set idle_session_timeout = '2s';
              alter database {db} set statement_timeout = '1ms'"
         ))
         .await
@@ -240,9 +240,21 @@ async fn database_defaults_cannot_end_relay_sessions() {
     let observer = outbox::testing::connect(&observer_cfg).await.unwrap();
     let first = pids(observer).await;
     assert_eq!(first.len(), 2, "listener and waker sessions: {first:?}");
-    // A control session with the database's idle_session_timeout is ended by it … (its own
-    // statement_timeout is lifted: 1 ms can cancel even `select pg_backend_pid()` on a loaded
-    // machine, which is not what this test is about.)
+    // A session with the database's defaults has the 1 ms statement_timeout …
+    let defaults = outbox::testing::connect(&db_config).await.unwrap();
+    let cancelled = defaults
+        .batch_execute("select pg_sleep(0.05)")
+        .await
+        .expect_err("the database's statement_timeout of 1 ms cancels a 50 ms statement");
+    assert_eq!(
+        cancelled.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{cancelled}"
+    );
+    drop(defaults);
+    // … and a control session with the database's idle_session_timeout is ended by it … (its
+    // own statement_timeout is lifted: 1 ms can cancel even `select pg_backend_pid()` on a
+    // loaded machine, which is not what this test is about.)
     let mut control_cfg = db_config.clone();
     control_cfg.options("-c statement_timeout=0");
     let control = outbox::testing::connect(&control_cfg).await.unwrap();
