@@ -125,6 +125,7 @@ const RELAY_ENV: &[(&str, &str)] = &[
 /// Settings of the parent environment that would change what the relays do.
 const RELAY_ENV_REMOVED: &[&str] = &[
     "OUTBOX_MAX_IN_FLIGHT",
+    "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE",
     "OUTBOX_MAX_BATCHES_IN_FLIGHT",
     "OUTBOX_WAKE_MODE",
     "OUTBOX_DEAD_LETTER_POLICY",
