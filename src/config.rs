@@ -470,8 +470,9 @@ impl OutboxBuilder {
     }
 
     /// Most messages of one aggregate handed to the producer and not yet acknowledged,
-    /// 1..=10,000 (default 1,000: a whole run of a default batch). Above 1, an aggregate's consecutive events for the same topic
-    /// are sent back to back (pipelined) on a producer of their own that keeps them in order:
+    /// 1..=10,000 and at most `max_in_flight` (default 1,000: a whole run of a default batch).
+    /// Above 1, an aggregate's consecutive events for the same topic are sent back to back
+    /// (pipelined) on a producer of their own that keeps them in order:
     /// idempotent, with `enable.gapless.guarantee` (a permanent error fails every later message
     /// instead of letting one of them be written after the failed one; librdkafka's
     /// INTRODUCTION.md, "Idempotent Producer") and no librdkafka timeout of its own (a message
