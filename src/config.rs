@@ -27,7 +27,7 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ),
     (
         "enable.gapless.guarantee",
-        "the relay handles gaps itself (a failed event holds its aggregate back); a fatal producer error would stop it",
+        "set by the relay on its pipelining producer only (see max_in_flight_per_aggregate); on the main producer a gap fails the aggregate's event and holds it back, which the relay handles itself",
     ),
     ("acks", "the relay always uses acks=all (required by idempotence)"),
     ("request.required.acks", "the relay always uses acks=all"),
@@ -54,7 +54,7 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 /// The producers' `linger.ms` unless a `kafka_property` sets it: librdkafka's own default (and
 /// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the CPU
 /// in librdkafka's threads (and more in the brokers) on small produce requests and ran 25–45 %
-/// slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs about 5 ms
+/// slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs 5–12 ms
 /// of commit → ack p50 (BENCHMARKS.md, "linger.ms and the per-aggregate window").
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
@@ -235,8 +235,8 @@ pub struct Settings {
     /// no subscribers).
     #[cfg_attr(feature = "cli", arg(skip = Settings::default().ack_buffer))]
     pub ack_buffer: usize,
-    /// Deadline of every Postgres call outside the batch pipeline (and of connecting),
-    /// 100ms..=10min.
+    /// Deadline of every Postgres call, each round trip of the batch pipeline included, and of
+    /// connecting, 100ms..=10min.
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().postgres_timeout)))]
     pub postgres_timeout: Duration,
     /// Publish every record in the CloudEvents format (Kafka protocol binding, binary mode)
@@ -389,7 +389,7 @@ impl OutboxBuilder {
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. The relay's `linger.ms` is 5 ms
     /// (librdkafka's own default): set `linger.ms` (or its alias `queue.buffering.max.ms`) to
-    /// 0 or 1 for about 5 ms less commit → ack latency at low rates, at the cost of more CPU
+    /// 0 or 1 for 5–12 ms less commit → ack p50 at low rates, at the cost of more CPU
     /// and produce requests under a backlog (BENCHMARKS.md, "linger.ms"). Properties the relay owns
     /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`,
     /// `delivery.report.only.error`, `queuing.strategy`, …) are refused at `connect()` with the
@@ -475,7 +475,7 @@ impl OutboxBuilder {
     /// (pipelined) on a producer of their own that keeps them in order:
     /// idempotent, with `enable.gapless.guarantee` (a permanent error fails every later message
     /// instead of letting one of them be written after the failed one; librdkafka's
-    /// INTRODUCTION.md, "Idempotent Producer") and no librdkafka timeout of its own (a message
+    /// INTRODUCTION.md, "Idempotent Producer") and a librdkafka timeout far past the relay's own (a message
     /// that times out in librdkafka's queue may leave a gap; the relay purges that producer
     /// instead, see `publish_timeout`). With 1, each event is sent only after the previous one of
     /// its aggregate was acknowledged: a round trip per event.

@@ -5,8 +5,8 @@
 //!
 //! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
 //! flags, 3 invalid configuration, 4 Postgres unreachable, the login refused, or not answering
-//! within its timeout (`connect_timeout` in the URL, default 10 s), 5 outbox table missing or
-//! not migrated, 1 anything else. An unreachable Kafka does not stop
+//! within its timeout (`connect_timeout` in the URL, default 10 s), or a Kafka client error
+//! outside the relay's deliveries, 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
 //! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
 
 use std::process::ExitCode;
@@ -170,7 +170,7 @@ impl From<Error> for Failure {
 }
 
 /// The exit code of an error, from its predicates: 3 invalid input, 4 Postgres unreachable (or
-/// the login refused), 5 schema problem, 1 anything else.
+/// the login refused) or a Kafka client error, 5 schema problem, 1 anything else.
 fn exit_code(e: &Error) -> u8 {
     if e.is_invalid_input() {
         3
