@@ -52,10 +52,10 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// The producers' `linger.ms` unless a `kafka_property` sets it: librdkafka's own default (and
-/// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the CPU
-/// in librdkafka's threads (and more in the brokers) on small produce requests and ran 25–45 %
-/// slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs 5–12 ms
-/// of commit → ack p50 (BENCHMARKS.md, "linger.ms and the per-aggregate window").
+/// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the
+/// CPU in librdkafka's threads (and more in the brokers) on small produce requests and ran
+/// 25–45 % slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs
+/// 5–12 ms of commit → ack p50 (BENCHMARKS.md, "linger.ms and the per-aggregate window").
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
 /// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
@@ -389,11 +389,11 @@ impl OutboxBuilder {
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. The relay's `linger.ms` is 5 ms
     /// (librdkafka's own default): set `linger.ms` (or its alias `queue.buffering.max.ms`) to
-    /// 0 or 1 for 5–12 ms less commit → ack p50 at low rates, at the cost of more CPU
-    /// and produce requests under a backlog (BENCHMARKS.md, "linger.ms"). Properties the relay owns
-    /// (`enable.idempotence`, `acks`, `message.timeout.ms`, `bootstrap.servers`,
-    /// `delivery.report.only.error`, `queuing.strategy`, …) are refused at `connect()` with the
-    /// setting to use instead, under every alias (`request.required.acks`,
+    /// 0 or 1 for 5–12 ms less commit → ack p50 at low rates, at the cost of more CPU and
+    /// produce requests under a backlog (BENCHMARKS.md, "linger.ms and the per-aggregate
+    /// window"). Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
+    /// `bootstrap.servers`, `delivery.report.only.error`, `queuing.strategy`, …) are refused at
+    /// `connect()` with the setting to use instead, under every alias (`request.required.acks`,
     /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only
     /// partitioners that map a key to one partition (default `murmur2_random`, the Java
     /// producer's; `random` is refused). The values of properties whose name suggests a secret
@@ -475,10 +475,10 @@ impl OutboxBuilder {
     /// (pipelined) on a producer of their own that keeps them in order:
     /// idempotent, with `enable.gapless.guarantee` (a permanent error fails every later message
     /// instead of letting one of them be written after the failed one; librdkafka's
-    /// INTRODUCTION.md, "Idempotent Producer") and a librdkafka timeout far past the relay's own (a message
-    /// that times out in librdkafka's queue may leave a gap; the relay purges that producer
-    /// instead, see `publish_timeout`). With 1, each event is sent only after the previous one of
-    /// its aggregate was acknowledged: a round trip per event.
+    /// INTRODUCTION.md, "Idempotent Producer") and a librdkafka timeout far past the relay's
+    /// own (a message that times out in librdkafka's queue may leave a gap; the relay purges
+    /// that producer first, see `publish_timeout`). With 1, each event is sent only after the
+    /// previous one of its aggregate was acknowledged: a round trip per event.
     pub fn max_in_flight_per_aggregate(mut self, n: usize) -> Self {
         self.settings.max_in_flight_per_aggregate = n;
         self

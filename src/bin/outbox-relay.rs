@@ -6,8 +6,9 @@
 //! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
 //! flags, 3 invalid configuration, 4 Postgres unreachable, the login refused, or not answering
 //! within its timeout (`connect_timeout` in the URL, default 10 s), or a Kafka client error
-//! outside the relay's deliveries, 5 outbox table missing or not migrated, 1 anything else. An unreachable Kafka does not stop
-//! `run`: the relay keeps the events pending, retries, and reports it in its logs and `/health`.
+//! outside the relay's deliveries, 5 outbox table missing or not migrated, 1 anything else. An
+//! unreachable Kafka does not stop `run`: the relay keeps the events pending, retries, and
+//! reports it in its logs and `/health`.
 
 use std::process::ExitCode;
 use std::time::Duration;
