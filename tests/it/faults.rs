@@ -732,6 +732,9 @@ async fn s9a_concurrent_single_row_transactions_all_wake_the_relay() {
 /// Then the broker comes back and every event is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s9b_listener_drained_while_kafka_is_down() {
+    if support::run_isolated("faults::s9b_listener_drained_while_kafka_is_down") {
+        return;
+    }
     support::init_tracing();
     const TOTAL: usize = 50_000;
     const CHUNK: usize = 500;
@@ -1101,12 +1104,21 @@ async fn s12a_broker_down(lease: Duration) {
 /// 5 s margin), as in the scenario brief.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12a_broker_down_every_delivery_fails_then_all_go_out_min_lease() {
+    if support::run_isolated(
+        "faults::s12a_broker_down_every_delivery_fails_then_all_go_out_min_lease",
+    ) {
+        return;
+    }
     s12a_broker_down(Duration::from_secs(6)).await;
 }
 
-/// S12a with a lease of 8 s (the same scenario with 2 s of room for sending).
+/// S12a with a lease of 8 s (the same scenario with 2 s of room for sending). The tests that set
+/// a mock broker down run in a child process of their own (`support::run_isolated`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s12a_broker_down_every_delivery_fails_then_all_go_out() {
+    if support::run_isolated("faults::s12a_broker_down_every_delivery_fails_then_all_go_out") {
+        return;
+    }
     s12a_broker_down(Duration::from_secs(8)).await;
 }
 

@@ -1457,3 +1457,49 @@ where
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// Set in the child process of [`run_isolated`].
+const ISOLATED_CHILD: &str = "OUTBOX_TEST_ISOLATED_CHILD";
+
+/// What librdkafka's mock cluster asserts (`rd_assert`, rdkafka_mock.c) when a broker set down
+/// cannot re-create its listener on the port it had: the whole process aborts.
+const MOCK_LISTENER_ABORT: &str = "Failed to-create mock broker listener";
+
+/// Runs the test `name` (its full path, e.g. `faults::s12a_…`) alone in a child process of this
+/// test binary, for tests that set a mock broker down: librdkafka's mock cluster closes the
+/// broker's listener and binds its port again at once, and when that bind fails (a socket of
+/// the busy machine took the port meanwhile) it aborts the process — every test of the run with
+/// it. In a child, such an abort fails only that test, and is retried (twice); any other
+/// failure is this test's, with the child's output. Returns `true` in the parent once the child
+/// passed (the caller then returns), `false` in the child (the caller runs the test's body).
+pub fn run_isolated(name: &str) -> bool {
+    if std::env::var_os(ISOLATED_CHILD).is_some() {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for attempt in 1..=3 {
+        let out = Command::new(&exe)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ISOLATED_CHILD, "1")
+            .output()
+            .expect("running the test in a child process");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // "1 passed": the filter found the test (0 tests run would also exit 0).
+        if out.status.success() && stdout.contains("test result: ok. 1 passed") {
+            return true;
+        }
+        if attempt < 3 && stderr.contains(MOCK_LISTENER_ABORT) {
+            eprintln!(
+                "{name}: librdkafka's mock cluster aborted (a broker's listener could not be \
+                 re-created); running the test again"
+            );
+            continue;
+        }
+        panic!(
+            "{name} failed in its child process ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+            out.status
+        );
+    }
+    unreachable!("the last attempt returns or panics")
+}
