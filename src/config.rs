@@ -682,7 +682,7 @@ impl OutboxBuilder {
     /// The producer's configuration: the relay's own properties, then the user's, each checked
     /// against [`OWNED_PROPERTIES`] and [`KEYED_PARTITIONERS`] (a refused one is a problem and is
     /// not set).
-    fn kafka_config(&self, problems: &mut Vec<String>) -> ClientConfig {
+    pub(crate) fn kafka_config(&self, problems: &mut Vec<String>) -> ClientConfig {
         let s = &self.settings;
         let mut kafka = ClientConfig::new();
         kafka

@@ -1316,6 +1316,16 @@ pub struct RelaySql {
     pub session_setup: String,
 }
 
+/// The relay's producer configuration with its default settings and `brokers` as
+/// `bootstrap.servers` (what `connect()` gives the main producer): for benchmarks and tools that
+/// must produce exactly as the relay does, without a copy of its properties.
+pub fn relay_producer_config(brokers: &str) -> ClientConfig {
+    let mut problems = Vec::new();
+    crate::Outbox::builder()
+        .kafka_brokers(brokers)
+        .kafka_config(&mut problems)
+}
+
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
 /// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
 pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {

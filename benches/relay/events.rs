@@ -163,15 +163,9 @@ pub(crate) async fn load_backlog_keys(
 }
 
 pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
-    // Exactly the relay's producer settings (src/config.rs, `validate`).
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "none")
-        .set("message.timeout.ms", "30000")
-        .set("log_level", "3");
+    // Exactly the relay's producer settings, from the relay itself.
+    let mut c = outbox::testing::relay_producer_config(brokers);
+    c.set("log_level", "3");
     c
 }
 

@@ -552,7 +552,7 @@ pub(crate) fn header(
         (
             "Settings".to_string(),
             format!(
-                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} (batch 1,000, 2 batches in flight, max_in_flight 10,000, max_in_flight_per_aggregate 1,000, linger.ms 5, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
+                "{} mode; code: {}; {}; Kafka: {}, {} partitions per topic; relay defaults{} ({}, idempotent, acks=all, Notify); backlog {} events of {} bytes of JSON over {} aggregates, loaded then ANALYZE + CHECKPOINT",
                 if opts.short { "short" } else { "full" },
                 code_version(),
                 env.pg_desc,
@@ -574,6 +574,7 @@ pub(crate) fn header(
                         opts.pg_settings
                     ),
                 },
+                relay_defaults(),
                 num(opts.n as f64),
                 payload_jsonb_text(12_345).len(),
                 num(opts.aggregates as f64),
@@ -685,4 +686,21 @@ fn million_bin_rows(row: &mut impl FnMut(&str, String, &str, String), m: &BinDra
         "= N; exit status 0",
         verdict(ok),
     );
+}
+
+/// The relay's defaults the Settings row names, read from the relay (`Settings::default()` and
+/// its producer configuration), not restated.
+fn relay_defaults() -> String {
+    let d = outbox::Settings::default();
+    let linger = outbox::testing::relay_producer_config("")
+        .get("linger.ms")
+        .unwrap_or("librdkafka's default")
+        .to_string();
+    format!(
+        "batch {}, {} batches in flight, max_in_flight {}, max_in_flight_per_aggregate {}, linger.ms {linger}",
+        num(d.batch_size as f64),
+        d.max_batches_in_flight,
+        num(d.max_in_flight as f64),
+        num(d.max_in_flight_per_aggregate as f64),
+    )
 }
