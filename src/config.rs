@@ -167,7 +167,8 @@ pub struct Settings {
     /// `--channel` / `OUTBOX_CHANNEL`.
     #[cfg_attr(feature = "cli", arg(skip = DEFAULT_CHANNEL.to_string()))]
     pub channel: String,
-    /// Events reserved per batch, 1..=50000.
+    /// Events reserved per batch, 1..=50000 (a gated backlog's batch: up to this ×
+    /// max_batches_in_flight).
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = Settings::default().batch_size))]
     pub batch_size: usize,
     /// Byte budget of one batch (payloads and headers as JSON text; a batch always takes at
@@ -443,6 +444,9 @@ impl OutboxBuilder {
     }
 
     /// Events reserved per batch, 1..=50,000 (default 1,000).
+    ///
+    /// A batch of a gated backlog may take up to `batch_size` × `max_batches_in_flight` (see
+    /// [`max_batches_in_flight`](Self::max_batches_in_flight)).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.settings.batch_size = n;
         self
@@ -486,6 +490,16 @@ impl OutboxBuilder {
 
     /// Batches being published at once, 1..=16 (default 2); each holds one Postgres connection.
     /// With 2, the next batch is reserved while the previous one is in flight.
+    ///
+    /// A backlog of few aggregates cannot fill a second slot: an aggregate's later events wait
+    /// behind its events in flight (the per-aggregate gate of the reservation, and the fences).
+    /// When a reservation finds nothing while a full batch is in flight, the relay reserves no
+    /// more until that batch is done, and the next batch may take `batch_size` ×
+    /// `max_batches_in_flight` events within `max_batch_bytes` × `max_batches_in_flight` (the
+    /// memory the slots would hold): a batch's fixed costs (the reservation's scan, the fence's
+    /// and the confirm's commits, the wait for the last acknowledgement) are paid once per that
+    /// many events. While that batch is in flight a free slot tries again, and once a second
+    /// batch can run the relay goes back to `batch_size`.
     pub fn max_batches_in_flight(mut self, n: usize) -> Self {
         self.settings.max_batches_in_flight = n;
         self

@@ -101,6 +101,14 @@ struct Pipeline {
     reserver: Reserver,
     /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
     reserve_errors: Backoff,
+    /// The last reservation took all it was allowed (rows or bytes): more is likely pending.
+    last_full: bool,
+    /// A reservation found nothing while a full batch was in flight: the backlog's next events
+    /// belong to aggregates in flight (the per-aggregate gate and the fences keep a second batch
+    /// off them, e.g. a backlog of a few hot aggregates). Until the next reservation no free slot
+    /// is filled while a batch is in flight (each such attempt is a wasted scan), and the next
+    /// reservation takes the share of every slot (see [`Pipeline::reserve`]).
+    gated: bool,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
     /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
@@ -152,6 +160,8 @@ impl Relay {
             batches: JoinSet::new(),
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
+            last_full: false,
+            gated: false,
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
@@ -203,15 +213,18 @@ impl Relay {
 }
 
 impl Pipeline {
-    /// Takes wake-ups while a batch slot is free, until the stop is requested.
+    /// Takes wake-ups while a batch slot is free (and, when the backlog is gated, only once no
+    /// batch is in flight), until the stop is requested.
     async fn run(&mut self) {
         let max_batches = self.ctx.settings.max_batches_in_flight;
         loop {
+            let free =
+                self.batches.len() < max_batches && !(self.gated && !self.batches.is_empty());
             tokio::select! {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
                 Some(done) = self.batches.join_next() => self.batch_done(done),
-                Some(_) = self.wakeups.next(), if self.batches.len() < max_batches => {
+                Some(_) = self.wakeups.next(), if free => {
                     self.reserve().await;
                 }
             }
@@ -219,8 +232,24 @@ impl Pipeline {
     }
 
     /// Reserves a batch and starts it on a task of its own.
+    ///
+    /// After a gated reservation (see [`Pipeline::gated`]) the next one, made with no batch in
+    /// flight, may take `batch_size` × `max_batches_in_flight` rows within `max_batch_bytes` ×
+    /// `max_batches_in_flight`: the slots the gate would leave idle give their share to the one
+    /// batch that can run, so a backlog of few aggregates pays the fixed costs of a batch (the
+    /// reservation's scan, the fence's commit, the last acknowledgement's wait, the confirm's
+    /// commit) once per that many rows. Memory stays within what the slots would hold. Such a
+    /// batch re-checks the gate: while it is in flight one free slot tries again.
     async fn reserve(&mut self) {
         let ctx = self.ctx.clone();
+        let share = if self.gated {
+            ctx.settings.max_batches_in_flight
+        } else {
+            1
+        };
+        self.gated = false;
+        let limit = ctx.settings.batch_size.saturating_mul(share);
+        let max_bytes = ctx.settings.max_batch_bytes.saturating_mul(share);
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
         let reserved = tokio::select! {
@@ -230,13 +259,16 @@ impl Pipeline {
                 &ctx.sql,
                 &ctx.timing,
                 &ctx.stop,
-                ctx.settings.batch_size,
-                ctx.settings.max_batch_bytes,
+                limit,
+                max_bytes,
             ) => r,
         };
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
+                // Nothing although the batch in flight was full: the gate holds the backlog.
+                self.gated = self.last_full && !self.batches.is_empty();
+                self.last_full = false;
                 // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
                 // in flight, so that a new event is reserved in the free slot at once rather
                 // than after those batches.
@@ -245,7 +277,8 @@ impl Pipeline {
             Ok(Some((conn, rows, cut_by_bytes))) => {
                 self.reserve_errors = fresh_backoff();
                 self.armed.send_replace(false);
-                if cut_by_bytes || rows.len() >= ctx.settings.batch_size {
+                self.last_full = cut_by_bytes || rows.len() >= limit;
+                if self.last_full {
                     self.wakeups.again();
                 }
                 let span = tracing::debug_span!(

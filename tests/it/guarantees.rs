@@ -917,6 +917,54 @@ async fn a_hot_aggregates_events_are_sent_back_to_back() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A backlog of ten aggregates, interleaved, on a broker 100 ms away, with `batch_size` 50 and two
+/// batch slots: a second batch can take none of it while the first is in flight (every later
+/// event is behind one of the first batch's, the per-aggregate gate holds it), so the slots give
+/// their share to one batch of up to 100 events. 600 events then take at most 8 batches (50, then
+/// 100 at a time: 7), where 50 at a time take 12; every aggregate in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_backlog_takes_the_idle_slots_share() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("gated", |b| {
+        b.batch_size(50)
+            .max_batches_in_flight(2)
+            .publish_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(100))
+        .expect("delay the broker");
+    let before = outbox.stats().batches;
+    let events: Vec<NewEvent> = (1..=60)
+        .flat_map(|n| (0..10).map(move |a| (a, n)))
+        .map(|(a, n)| ev(&env.topic, &format!("G{a}"), n))
+        .collect();
+    let ids = insert(&outbox, &mut client, &events).await;
+    let done =
+        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    let batches = outbox.stats().batches - before;
+    assert!(
+        batches <= 8,
+        "600 events of ten aggregates took {batches} batches of at most 50 (merged: 100): {}",
+        support::brief(&done)
+    );
+    // The warm-up event and the 600.
+    let got = read_n(&mut reader, 601, Duration::from_secs(20)).await;
+    let by_key = counters_by_key(&got);
+    for a in 0..10 {
+        assert_eq!(
+            by_key.get(&format!("G{a}")),
+            Some(&(1..=60).collect::<Vec<i64>>()),
+            "aggregate G{a}"
+        );
+    }
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
 /// A pipelined run of 200 events of one aggregate, five per record batch
 /// (`batch.num.messages=5`, so several produce requests are in flight at once), whose second
 /// produce request the broker refuses permanently (MESSAGE_TOO_LARGE: the record batch, not the
