@@ -218,8 +218,7 @@ impl Pipeline {
     async fn run(&mut self) {
         let max_batches = self.ctx.settings.max_batches_in_flight;
         loop {
-            let free =
-                self.batches.len() < max_batches && !(self.gated && !self.batches.is_empty());
+            let free = self.batches.len() < max_batches && (!self.gated || self.batches.is_empty());
             tokio::select! {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
