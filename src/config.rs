@@ -241,8 +241,8 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().postgres_timeout)))]
     pub postgres_timeout: Duration,
     /// Publish every record in the CloudEvents format (Kafka protocol binding, binary mode)
-    /// with this `ce_source`, a URI-reference of at most 1024 bytes; unset: plain records. See
-    /// [`OutboxBuilder::cloudevents_source`].
+    /// with this `ce_source`, a URI-reference of at most 1024 bytes; unset: plain records (see
+    /// the builder's `cloudevents_source`).
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE"))]
     pub cloudevents_source: Option<String>,
 }
