@@ -955,6 +955,23 @@ fn client_config(brokers: &str) -> ClientConfig {
 /// Errors with the last metadata error (`UnknownTopicOrPartition` when it never appeared) when
 /// `timeout` passes.
 pub async fn wait_for_topic(brokers: &str, topic: &str, timeout: Duration) -> KafkaResult<i32> {
+    wait_for_partitions(brokers, topic, 1, timeout).await
+}
+
+/// Waits until `topic` exists with at least `partitions` partitions, all led by a broker; returns
+/// its partition count. After CreatePartitions a broker that has not yet applied the change
+/// still answers metadata requests with the old count, so a reader of a grown topic waits for
+/// the count it expects.
+///
+/// Errors with the last metadata error (`UnknownTopicOrPartition` when it never appeared, `Fail`
+/// when it never had enough partitions) when `timeout` passes.
+pub async fn wait_for_partitions(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> KafkaResult<i32> {
+    let min = usize::try_from(partitions.max(1)).unwrap_or(1);
     let config = client_config(brokers);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -970,7 +987,7 @@ pub async fn wait_for_topic(brokers: &str, topic: &str, timeout: Duration) -> Ka
                 Ok(md) => {
                     if let Some(t) = md.topics().iter().find(|t| t.name() == topic) {
                         let ok = t.error().is_none()
-                            && !t.partitions().is_empty()
+                            && t.partitions().len() >= min
                             && t.partitions()
                                 .iter()
                                 .all(|p| p.leader() >= 0 && p.error().is_none());
@@ -979,6 +996,8 @@ pub async fn wait_for_topic(brokers: &str, topic: &str, timeout: Duration) -> Ka
                         }
                         if let Some(e) = t.error() {
                             last_err = KafkaError::MetadataFetch(e.into());
+                        } else if t.partitions().len() < min {
+                            last_err = KafkaError::MetadataFetch(RDKafkaErrorCode::Fail);
                         }
                     }
                 }
@@ -1073,7 +1092,18 @@ impl TopicReader {
     /// Waits up to `wait` for `topic` to exist (see [`wait_for_topic`]) and assigns all its
     /// partitions from the beginning. Partitions added later are not read.
     pub async fn connect(brokers: &str, topic: &str, wait: Duration) -> KafkaResult<TopicReader> {
-        let partitions = wait_for_topic(brokers, topic, wait).await?;
+        Self::connect_at_least(brokers, topic, 1, wait).await
+    }
+
+    /// As [`connect`](Self::connect), once the topic has at least `partitions` partitions (see
+    /// [`wait_for_partitions`]): for a topic that was just grown.
+    pub async fn connect_at_least(
+        brokers: &str,
+        topic: &str,
+        partitions: i32,
+        wait: Duration,
+    ) -> KafkaResult<TopicReader> {
+        let partitions = wait_for_partitions(brokers, topic, partitions, wait).await?;
         let mut config = client_config(brokers);
         let id = READER_ID.fetch_add(1, Ordering::Relaxed);
         config

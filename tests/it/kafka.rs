@@ -616,8 +616,8 @@ async fn acl_denied_topic_is_dead_lettered_others_flow() {
 
 /// A topic goes from 2 to 6 partitions while the relay runs. What the README states: once the
 /// relay's producer sees the new count (its metadata refresh), a key may hash to another
-/// partition; its later events go there. Checked: every event arrives once, each key's events
-/// are in order within each partition, and a key changes partition at most once, with all its
+/// partition; its later events go there. Checked: every event arrives (at least once: a replay
+/// after a retry is counted, not failed), each key's events are in order within each partition, and a key changes partition at most once, with all its
 /// events before the change in the old partition and all after it in the new one — so a consumer
 /// reading partitions independently can see a moved key's new events before its old ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,6 +643,10 @@ async fn partition_count_increase_moves_keys_once() {
             .set("bootstrap.servers", &env.brokers)
             .create()
             .expect("admin client");
+    // The read-back below waits for 6 partitions; with 2 that wait must not pass.
+    let early =
+        support::wait_for_partitions(&env.brokers, &env.topic, 6, Duration::from_secs(1)).await;
+    assert!(early.is_err(), "6 partitions before growing: {early:?}");
     let grow = rdkafka::admin::NewPartitions::new(&env.topic, 6);
     let opts = rdkafka::admin::AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     for r in admin
@@ -684,23 +688,46 @@ async fn partition_count_increase_moves_keys_once() {
     support::stop_and_join(&outbox, handle).await;
 
     let expected = expected.lock().unwrap().clone();
-    let records = support::consume_all(
+    // A broker that has not applied the growth yet still reports 2 partitions: read all 6.
+    let mut reader = support::TopicReader::connect_at_least(
         &env.brokers,
         &env.topic,
-        expected.len(),
-        Duration::from_secs(60),
+        6,
+        Duration::from_secs(30),
     )
-    .await;
-    // Per key: (counter, partition) in counter order, and the check of each partition alone.
+    .await
+    .unwrap_or_else(|e| panic!("reading {} with 6 partitions: {e}", env.topic));
+    let mut records = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !expected.keys().all(|id| ids.contains(id)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} events read back within 60 s",
+            ids.len(),
+            expected.len()
+        );
+        for r in reader.read_for(Duration::from_millis(500)).await {
+            let id = Uuid::parse_str(r.header("event_id").expect("event_id")).expect("uuid");
+            assert!(expected.contains_key(&id), "an unexpected event {id}");
+            ids.insert(id);
+            records.push(r);
+        }
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    // Per key: (counter, partition) of each event's first record, and the check of each
+    // partition alone. Delivery is at least once: a replay (a record again after a retry) is
+    // counted, not an error, as long as each partition's first records keep counter order.
     let mut by_key: HashMap<String, Vec<(u64, i32)>> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut first = std::collections::HashSet::new();
     for r in &records {
         let id = Uuid::parse_str(r.header("event_id").expect("event_id")).expect("uuid");
-        let (key, counter) = expected.get(&id).expect("an expected event").clone();
-        assert!(seen.insert(id), "event {id} twice");
-        by_key.entry(key).or_default().push((counter, r.partition));
+        if first.insert(id) {
+            let (key, counter) = expected[&id].clone();
+            by_key.entry(key).or_default().push((counter, r.partition));
+        }
     }
-    assert_eq!(seen.len(), expected.len(), "every event arrived");
+    let replays = records.len() - first.len();
     let mut moved = 0;
     for (key, mut events) in by_key {
         // Within a partition, records come in offset order: counters must increase.
@@ -718,6 +745,9 @@ async fn partition_count_increase_moves_keys_once() {
         );
         moved += switches;
     }
-    eprintln!("partition increase 2 -> 6: {moved} of 20 keys moved once; order held per partition");
+    eprintln!(
+        "partition increase 2 -> 6: {moved} of 20 keys moved once; order held per partition; \
+         {replays} replayed records"
+    );
     assert!(moved > 0, "no key moved to a new partition");
 }

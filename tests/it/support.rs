@@ -26,8 +26,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use outbox::testing::{
-    assert_nothing_more, consume_all, create_topic_with_config, free_port, wait_for_topic,
-    ConsumedRecord, MockKafka, TestPostgres, TopicReader,
+    assert_nothing_more, consume_all, create_topic_with_config, free_port, wait_for_partitions,
+    wait_for_topic, ConsumedRecord, MockKafka, TestPostgres, TopicReader,
 };
 
 // ----------------------------------------------------------------------------------------------
