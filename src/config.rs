@@ -445,7 +445,8 @@ impl OutboxBuilder {
 
     /// Events reserved per batch, 1..=50,000 (default 1,000).
     ///
-    /// A batch of a gated backlog may take up to `batch_size` × `max_batches_in_flight` (see
+    /// A batch of a gated backlog may take up to `batch_size` × `max_batches_in_flight` events,
+    /// within the same [`max_batch_bytes`](Self::max_batch_bytes) (see
     /// [`max_batches_in_flight`](Self::max_batches_in_flight)).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.settings.batch_size = n;
@@ -474,7 +475,9 @@ impl OutboxBuilder {
     }
 
     /// Most messages of one aggregate handed to the producer and not yet acknowledged,
-    /// 1..=10,000 and at most `max_in_flight` (default 1,000: a whole run of a default batch).
+    /// 1..=10,000 and at most `max_in_flight` (default 1,000: a whole default batch; a gated
+    /// backlog's batch of one aggregate, up to `batch_size` × `max_batches_in_flight` events, is
+    /// sent as a sliding window of this many).
     /// Above 1, an aggregate's consecutive events for the same topic are sent back to back
     /// (pipelined) on a producer of their own that keeps them in order:
     /// idempotent, with `enable.gapless.guarantee` (a permanent error fails every later message
@@ -494,12 +497,14 @@ impl OutboxBuilder {
     /// A backlog of few aggregates cannot fill a second slot: an aggregate's later events wait
     /// behind its events in flight (the per-aggregate gate of the reservation, and the fences).
     /// When a reservation finds nothing while a full batch is in flight, the relay reserves no
-    /// more until that batch is done, and the next batch may take `batch_size` ×
-    /// `max_batches_in_flight` events within `max_batch_bytes` × `max_batches_in_flight` (the
-    /// memory the slots would hold): a batch's fixed costs (the reservation's scan, the fence's
-    /// and the confirm's commits, the wait for the last acknowledgement) are paid once per that
-    /// many events. While that batch is in flight a free slot tries again, and once a second
-    /// batch can run the relay goes back to `batch_size`.
+    /// more until that batch is done (a new event of another aggregate waits that long too), and
+    /// the next batch may take `batch_size` × `max_batches_in_flight` events, within one
+    /// `max_batch_bytes` (so memory stays within `max_batch_bytes` × `max_batches_in_flight` and
+    /// the fetch within `postgres_timeout` as for any batch): a batch's fixed costs (the
+    /// reservation's scan, the fence's and the confirm's commits, the wait for the last
+    /// acknowledgement) are paid once per that many events. While that batch is in flight the
+    /// free slots try again, and once a second batch can run the relay goes back to
+    /// `batch_size`.
     pub fn max_batches_in_flight(mut self, n: usize) -> Self {
         self.settings.max_batches_in_flight = n;
         self

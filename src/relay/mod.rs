@@ -233,12 +233,14 @@ impl Pipeline {
     /// Reserves a batch and starts it on a task of its own.
     ///
     /// After a gated reservation (see [`Pipeline::gated`]) the next one, made with no batch in
-    /// flight, may take `batch_size` × `max_batches_in_flight` rows within `max_batch_bytes` ×
-    /// `max_batches_in_flight`: the slots the gate would leave idle give their share to the one
-    /// batch that can run, so a backlog of few aggregates pays the fixed costs of a batch (the
-    /// reservation's scan, the fence's commit, the last acknowledgement's wait, the confirm's
-    /// commit) once per that many rows. Memory stays within what the slots would hold. Such a
-    /// batch re-checks the gate: while it is in flight one free slot tries again.
+    /// flight, may take `batch_size` × `max_batches_in_flight` rows: the slots the gate would
+    /// leave idle give their share of rows to the one batch that can run, so a backlog of few
+    /// aggregates pays the fixed costs of a batch (the reservation's scan, the fence's commit,
+    /// the last acknowledgement's wait, the confirm's commit) once per that many rows. Its byte
+    /// budget stays one batch's `max_batch_bytes`, so that the fetch still fits the round trip's
+    /// deadline as documented, and the relay's memory stays within `max_batch_bytes` ×
+    /// `max_batches_in_flight` although such a batch re-checks the gate: while it is in flight
+    /// the free slots try again with normal batches.
     async fn reserve(&mut self) {
         let ctx = self.ctx.clone();
         let share = if self.gated {
@@ -248,7 +250,7 @@ impl Pipeline {
         };
         self.gated = false;
         let limit = ctx.settings.batch_size.saturating_mul(share);
-        let max_bytes = ctx.settings.max_batch_bytes.saturating_mul(share);
+        let max_bytes = ctx.settings.max_batch_bytes;
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
         let reserved = tokio::select! {
@@ -270,7 +272,9 @@ impl Pipeline {
                 self.last_full = false;
                 // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
                 // in flight, so that a new event is reserved in the free slot at once rather
-                // than after those batches.
+                // than after those batches — unless the backlog is gated: then nothing is
+                // reserved before the batch in flight is done (a new event of another aggregate
+                // waits that long, at most `batch_timeout` and its confirm).
                 self.armed.send_replace(true);
             }
             Ok(Some((conn, rows, cut_by_bytes))) => {

@@ -924,11 +924,61 @@ async fn a_hot_aggregates_events_are_sent_back_to_back() {
 /// 100 at a time: 7), where 50 at a time take 12; every aggregate in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_backlog_takes_the_idle_slots_share() {
-    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("gated", |b| {
-        b.batch_size(50)
+    let (batches, _) = gated_backlog("gated", None).await;
+    assert!(
+        batches <= 8,
+        "600 events of ten aggregates took {batches} batches of at most 50 (merged: 100)"
+    );
+}
+
+/// The same backlog with a byte budget (`max_batch_bytes` 1 KiB) that holds fewer than 50 of its
+/// events: the merged batch takes the slots' share of rows, not of bytes, so that its fetch
+/// still fits the reservation's deadline and memory stays within `max_batch_bytes` ×
+/// `max_batches_in_flight` while the free slot re-checks. So no batch holds more events than fit
+/// in 1 KiB: at least 600 / that many batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_backlogs_batch_keeps_one_byte_budget() {
+    let (batches, env) = gated_backlog("gatedbytes", Some(1024)).await;
+    let pg = support::connect_pg().await;
+    let smallest: i32 = pg
+        .query_one(
+            &format!(
+                "select min(octet_length(payload::text) + coalesce(octet_length(headers::text), 0)) \
+                 from {} where aggregate_id like 'G%'",
+                env.table
+            ),
+            &[],
+        )
+        .await
+        .expect("row sizes")
+        .get(0);
+    let fit = 1024 / usize::try_from(smallest).expect("a size");
+    assert!(
+        fit < 50,
+        "1 KiB must hold fewer than 50 events, holds {fit}"
+    );
+    assert!(
+        batches as usize >= 600usize.div_ceil(fit),
+        "600 events of ten aggregates took {batches} batches; with at most {fit} in 1 KiB \
+         that needs {} (a merged batch took more than one byte budget)",
+        600usize.div_ceil(fit)
+    );
+}
+
+/// Runs 600 events of ten interleaved aggregates through a relay with `batch_size` 50, two slots
+/// and `max_batch_bytes` (default when `None`) on a mock broker 100 ms away; checks every
+/// aggregate arrived in order; returns the batches it took, and the environment.
+async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, Env) {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock(prefix, |b| {
+        let b = b
+            .batch_size(50)
             .max_batches_in_flight(2)
             .publish_timeout(Duration::from_secs(10))
-            .lease(Duration::from_secs(20))
+            .lease(Duration::from_secs(20));
+        match max_batch_bytes {
+            Some(n) => b.max_batch_bytes(n),
+            None => b,
+        }
     })
     .await;
     let mut reader = reader(&env).await;
@@ -941,14 +991,8 @@ async fn a_gated_backlog_takes_the_idle_slots_share() {
         .map(|(a, n)| ev(&env.topic, &format!("G{a}"), n))
         .collect();
     let ids = insert(&outbox, &mut client, &events).await;
-    let done =
-        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
     let batches = outbox.stats().batches - before;
-    assert!(
-        batches <= 8,
-        "600 events of ten aggregates took {batches} batches of at most 50 (merged: 100): {}",
-        support::brief(&done)
-    );
     // The warm-up event and the 600.
     let got = read_n(&mut reader, 601, Duration::from_secs(20)).await;
     let by_key = counters_by_key(&got);
@@ -963,6 +1007,7 @@ async fn a_gated_backlog_takes_the_idle_slots_share() {
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("undelay the broker");
     stop_and_join(&outbox, handle).await;
+    (batches, env)
 }
 
 /// A pipelined run of 200 events of one aggregate, five per record batch
