@@ -116,13 +116,13 @@ async fn wait_all_done(env: &Env, within: Duration) {
     .await;
 }
 
-/// Reads the whole topic (with rdkafka) until every expected event arrived, then checks it.
-async fn read_back_and_check(env: &Env, expected: &Expected, what: &str) -> Vec<ConsumedRecord> {
-    let expected = expected.lock().unwrap().clone();
-    let mut reader =
-        support::TopicReader::connect(&env.brokers, &env.topic, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("reading {}: {e}", env.topic));
+/// Reads with `reader` until every event of `expected` arrived (by its `event_id` header; within
+/// 60 s, or fails naming how many did), and returns every record read, replays included.
+async fn read_every_event(
+    reader: &mut support::TopicReader,
+    expected: &HashMap<Uuid, (String, u64)>,
+    what: &str,
+) -> Vec<ConsumedRecord> {
     let mut records = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -140,6 +140,17 @@ async fn read_back_and_check(env: &Env, expected: &Expected, what: &str) -> Vec<
             records.push(r);
         }
     }
+    records
+}
+
+/// Reads the whole topic (with rdkafka) until every expected event arrived, then checks it.
+async fn read_back_and_check(env: &Env, expected: &Expected, what: &str) -> Vec<ConsumedRecord> {
+    let expected = expected.lock().unwrap().clone();
+    let mut reader =
+        support::TopicReader::connect(&env.brokers, &env.topic, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("reading {}: {e}", env.topic));
+    let mut records = read_every_event(&mut reader, &expected, what).await;
     // Anything still in flight (a late duplicate) must follow the rules too.
     records.extend(reader.read_for(Duration::from_millis(500)).await);
     records.sort_by_key(|r| (r.partition, r.offset));
@@ -697,23 +708,7 @@ async fn partition_count_increase_moves_keys_once() {
     )
     .await
     .unwrap_or_else(|e| panic!("reading {} with 6 partitions: {e}", env.topic));
-    let mut records = Vec::new();
-    let mut ids = std::collections::HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !expected.keys().all(|id| ids.contains(id)) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} events read back within 60 s",
-            ids.len(),
-            expected.len()
-        );
-        for r in reader.read_for(Duration::from_millis(500)).await {
-            let id = Uuid::parse_str(r.header("event_id").expect("event_id")).expect("uuid");
-            assert!(expected.contains_key(&id), "an unexpected event {id}");
-            ids.insert(id);
-            records.push(r);
-        }
-    }
+    let mut records = read_every_event(&mut reader, &expected, "partition increase").await;
     records.sort_by_key(|r| (r.partition, r.offset));
     // Per key: (counter, partition) of each event's first record, and the check of each
     // partition alone. Delivery is at least once: a replay (a record again after a retry) is
@@ -723,7 +718,7 @@ async fn partition_count_increase_moves_keys_once() {
     for r in &records {
         let id = Uuid::parse_str(r.header("event_id").expect("event_id")).expect("uuid");
         if first.insert(id) {
-            let (key, counter) = expected[&id].clone();
+            let (key, counter) = expected.get(&id).expect("an expected event").clone();
             by_key.entry(key).or_default().push((counter, r.partition));
         }
     }
