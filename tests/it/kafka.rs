@@ -628,9 +628,10 @@ async fn acl_denied_topic_is_dead_lettered_others_flow() {
 /// A topic goes from 2 to 6 partitions while the relay runs. What the README states: once the
 /// relay's producer sees the new count (its metadata refresh), a key may hash to another
 /// partition; its later events go there. Checked: every event arrives (at least once: a replay
-/// after a retry is counted, not failed), each key's events are in order within each partition, and a key changes partition at most once, with all its
-/// events before the change in the old partition and all after it in the new one — so a consumer
-/// reading partitions independently can see a moved key's new events before its old ones.
+/// after a retry is counted, not failed), each key's events are in order within each partition,
+/// and a key changes partition at most once, with all its events before the change in the old
+/// partition and all after it in the new one — so a consumer reading partitions independently
+/// can see a moved key's new events before its old ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_count_increase_moves_keys_once() {
     let Some((_guard, cluster)) = some_cluster().await else {
