@@ -1356,6 +1356,19 @@ pub fn relay_producer_config(brokers: &str) -> ClientConfig {
         .kafka_config(&mut problems)
 }
 
+/// The longest the relay's reservations scan from where the last one left off before one scans
+/// from the first pending row again (`reserve.sql`'s `$3`: the scan's start, the lowest `int8`
+/// for a full scan): for benchmarks that reserve as the relay does.
+pub const FULL_SCAN_EVERY: std::time::Duration = crate::relay::FULL_SCAN_EVERY;
+
+/// Where the relay's next reservation may start its scan (`reserve.sql`'s `$3`) after a
+/// reservation that returned `rows`: `None` when the next one scans from the first pending row
+/// (this one reached the end of the pending rows, or returned nothing). Not counting the full
+/// scan the relay makes at least every [`FULL_SCAN_EVERY`].
+pub fn next_scan_start(rows: &[tokio_postgres::Row]) -> Option<i64> {
+    crate::relay::Scan::of(rows).next_from
+}
+
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
 /// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
 pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {

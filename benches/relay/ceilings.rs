@@ -14,7 +14,9 @@ use anyhow::bail;
 use anyhow::Result;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use outbox::testing::next_scan_start;
 use outbox::testing::relay_sql;
+use outbox::testing::FULL_SCAN_EVERY;
 use postgres_types::Type;
 use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
@@ -150,6 +152,9 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     // The relay's fence connection: autocommit, shared by its batches.
     let fence_client = Arc::new(env.connect("bench-pg-ceiling-fence").await?);
     let fence = Arc::new(relay_sql(&table, false).fence);
+    // Where the next reservation's scan starts, as the relay keeps it: where the last full one
+    // left off, and a full scan at least every `FULL_SCAN_EVERY` (see `Pipeline::scan_from`).
+    let scan = Arc::new(std::sync::Mutex::new((None::<i64>, Instant::now())));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..2 {
@@ -163,27 +168,40 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
             ))
             .await?;
         let reserve = client
-            .prepare_typed(&reserve, &[Type::INT8, Type::INT8])
+            .prepare_typed(&reserve, &[Type::INT8, Type::INT8, Type::INT8])
             .await?;
         let confirm = client.prepare(&confirm).await?;
         let confirmed = confirmed.clone();
         let fence_client = fence_client.clone();
         let fence = fence.clone();
+        let scan = scan.clone();
         tasks.push(tokio::spawn(async move {
             let mut batches: Vec<(f64, f64, f64, usize)> = Vec::new();
             let mut empty = 0usize;
             let limit = 1000i64;
             // The relay's default byte budget (max_batch_bytes).
             let budget = 16i64 << 20;
-            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 2] = [&limit, &budget];
             let deadline = Instant::now() + Duration::from_secs(600);
             loop {
+                let from = {
+                    let mut s = scan.lock().expect("scan state");
+                    match s.0.take() {
+                        Some(from) if s.1.elapsed() < FULL_SCAN_EVERY => from,
+                        _ => {
+                            s.1 = Instant::now();
+                            i64::MIN
+                        }
+                    }
+                };
+                let reserve_params: [&(dyn postgres_types::ToSql + Sync); 3] =
+                    [&limit, &budget, &from];
                 let a = Instant::now();
                 let (_, rows) = futures::try_join!(
                     client.batch_execute("begin"),
                     client.query(&reserve, &reserve_params)
                 )?;
                 let b = Instant::now();
+                scan.lock().expect("scan state").0 = next_scan_start(&rows);
                 if rows.is_empty() {
                     client.batch_execute("rollback").await?;
                     if confirmed.load(Ordering::Relaxed) as usize >= n {
@@ -302,7 +320,7 @@ pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Resul
                 "explain (analyze, buffers) {}",
                 relay_sql(table, false).reserve
             ),
-            &[&1000i64, &(16i64 << 20)],
+            &[&1000i64, &(16i64 << 20), &i64::MIN],
         )
         .await;
     c.batch_execute("rollback").await?;

@@ -50,14 +50,14 @@ use crate::store::RelaySql;
 use self::batch::{run_batch, BatchDone};
 use self::fence::Fences;
 use self::report::Reporter;
-use self::reserve::Reserver;
+use self::reserve::{Ask, Reserver};
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
-use self::wake::Wakeups;
+use self::wake::{Wake, Wakeups};
 
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
 #[cfg(feature = "testing")]
-pub(crate) use self::reserve::BATCH_SESSION_SETUP;
+pub(crate) use self::reserve::{Scan, BATCH_SESSION_SETUP};
 
 /// Everything the relay's stages share.
 pub(crate) struct Ctx {
@@ -109,6 +109,10 @@ struct Pipeline {
     /// is filled while a batch is in flight (each such attempt is a wasted scan), and the next
     /// reservation takes the share of every slot (see [`Pipeline::reserve`]).
     gated: bool,
+    /// Where the next reservation's scan may start (see [`Pipeline::scan_from`]).
+    next_from: Option<i64>,
+    /// When the last reservation scanned from the first pending row.
+    last_full_scan: Instant,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
     /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
@@ -162,6 +166,8 @@ impl Relay {
             reserve_errors: fresh_backoff(),
             last_full: false,
             gated: false,
+            next_from: None,
+            last_full_scan: Instant::now(),
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
@@ -223,8 +229,8 @@ impl Pipeline {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
                 Some(done) = self.batches.join_next() => self.batch_done(done),
-                Some(_) = self.wakeups.next(), if free => {
-                    self.reserve().await;
+                Some(wake) = self.wakeups.next(), if free => {
+                    self.reserve(wake).await;
                 }
             }
         }
@@ -241,8 +247,9 @@ impl Pipeline {
     /// deadline as documented, and the relay's memory stays within `max_batch_bytes` ×
     /// `max_batches_in_flight` although such a batch re-checks the gate: while it is in flight
     /// the free slots try again with normal batches.
-    async fn reserve(&mut self) {
+    async fn reserve(&mut self, wake: Wake) {
         let ctx = self.ctx.clone();
+        let from = self.scan_from(wake);
         let share = if self.gated {
             ctx.settings.max_batches_in_flight
         } else {
@@ -260,11 +267,16 @@ impl Pipeline {
                 &ctx.sql,
                 &ctx.timing,
                 &ctx.stop,
-                limit,
-                max_bytes,
+                Ask { limit, max_bytes, from },
             ) => r,
         };
         match reserved {
+            Ok(None) if from != i64::MIN => {
+                // Nothing from where the last scan left off: scan from the first pending row
+                // before deciding that there is nothing (or that the backlog is gated).
+                self.reserve_errors = fresh_backoff();
+                self.wakeups.again();
+            }
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
                 // Nothing although the batch in flight was full: the gate holds the backlog.
@@ -277,10 +289,11 @@ impl Pipeline {
                 // waits that long, at most `batch_timeout` and its confirm).
                 self.armed.send_replace(true);
             }
-            Ok(Some((conn, rows, cut_by_bytes))) => {
+            Ok(Some((conn, rows, scan))) => {
                 self.reserve_errors = fresh_backoff();
                 self.armed.send_replace(false);
-                self.last_full = cut_by_bytes || rows.len() >= limit;
+                self.next_from = scan.next_from;
+                self.last_full = scan.cut_by_bytes || rows.len() >= limit;
                 if self.last_full {
                     self.wakeups.again();
                 }
@@ -301,6 +314,36 @@ impl Pipeline {
         }
     }
 
+    /// Where this reservation's scan for candidates starts (`seq`; `i64::MIN`: the first pending
+    /// row).
+    ///
+    /// In a backlog the scan starts where the last one left off (its lowest row left out, or
+    /// above its highest: see [`reserve::Scan::next_from`]) rather than at the first pending
+    /// row: the index entries of rows delivered since the start cannot be pruned while any
+    /// transaction's snapshot is older than their delivery (a long report query, a replica's
+    /// `hot_standby_feedback`, a `pg_dump`), and a scan from the start reads past every one of
+    /// them (BENCHMARKS.md, "held snapshot": the drain's rate halved over its tenths). Rows can
+    /// turn pending below the start: a writer's transaction that took its `seq` early and commits
+    /// late, a retry or hold that comes due, a batch that rolled back, a requeued dead letter, a
+    /// row another relay released. So the scan starts at the first pending row on every wake-up
+    /// other than "the last batch was full" (a notification, the fallback tick, a due retry, a
+    /// resume), after a batch that did not confirm, and at least every [`FULL_SCAN_EVERY`]: such
+    /// a row waits that long at most. Order never depends on it: the gate's probe is not bounded
+    /// by the start, so a pending row below it holds back its aggregate's later rows.
+    fn scan_from(&mut self, wake: Wake) -> i64 {
+        match self.next_from.take() {
+            Some(from)
+                if wake == Wake::Again && self.last_full_scan.elapsed() < FULL_SCAN_EVERY =>
+            {
+                from
+            }
+            _ => {
+                self.last_full_scan = Instant::now();
+                i64::MIN
+            }
+        }
+    }
+
     /// Takes a finished batch's connection back and schedules its due retries.
     fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
         match done {
@@ -317,9 +360,15 @@ impl Pipeline {
                 self.batch_errors = fresh_backoff();
             }
             Ok(BatchDone { conn: None, .. }) => {
+                // The batch rolled back: its rows are pending again, below where the scan
+                // would start.
+                self.next_from = None;
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
-            Err(e) => self.ctx.report.batch_panicked(&e),
+            Err(e) => {
+                self.next_from = None;
+                self.ctx.report.batch_panicked(&e);
+            }
         }
         self.wakeups.again();
     }
@@ -378,6 +427,11 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
 /// How many times in a row the producer may be rebuilt after a fatal error without a delivery in
 /// between before the relay gives up and stops with an error.
 pub(crate) const MAX_FATAL_REBUILDS: u32 = 5;
+
+/// The longest a reservation scans from where the last one left off before it scans from the
+/// first pending row again (see [`Pipeline::scan_from`]): how long a row that turned pending
+/// below that start can wait in a backlog.
+pub(crate) const FULL_SCAN_EVERY: Duration = Duration::from_millis(500);
 
 /// The relay's handling of a fatal producer: rebuild it, and give up when rebuilding keeps
 /// failing.

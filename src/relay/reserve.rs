@@ -104,34 +104,30 @@ impl BatchConn {
             ))
             .await?;
         let reserve = client
-            .prepare_typed(&sql.reserve, &[Type::INT8, Type::INT8])
+            .prepare_typed(&sql.reserve, &[Type::INT8, Type::INT8, Type::INT8])
             .await?;
         let confirm = client.prepare(&sql.confirm).await?;
         Ok((reserve, confirm))
     }
 
-    /// Begins the batch transaction and locks up to `limit` rows within the byte budget
-    /// `max_bytes` (at least one row). On an empty result the transaction is ended. The flag:
-    /// rows were left out by the byte budget (reserve again at once).
-    async fn reserve(
-        &self,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<(Vec<Reserved>, bool), tokio_postgres::Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
-        let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&limit, &max_bytes];
+    /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
+    /// transaction is ended. Returns the rows and what the scan found.
+    async fn reserve(&self, ask: Ask) -> Result<(Vec<Reserved>, Scan), tokio_postgres::Error> {
+        let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
+        let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
+        let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&limit, &max_bytes, &ask.from];
         let (_, rows) = futures::try_join!(
             self.client.batch_execute("begin"),
             self.client.query(&self.reserve, &params)
         )?;
         if rows.is_empty() {
             self.client.batch_execute("rollback").await?;
-            return Ok((Vec::new(), false));
+            return Ok((Vec::new(), Scan::default()));
         }
-        let kept: i64 = rows[0].get(9);
-        let cut = usize::try_from(kept).map_or(true, |k| k > rows.len());
-        Ok((rows.iter().map(Reserved::from_row).collect(), cut))
+        Ok((
+            rows.iter().map(Reserved::from_row).collect(),
+            Scan::of(&rows),
+        ))
     }
 
     /// Ends the batch transaction without confirming (its rows are released); `false` when the
@@ -149,6 +145,62 @@ impl BatchConn {
     }
 }
 
+/// What a reservation asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ask {
+    /// Rows at most.
+    pub(crate) limit: usize,
+    /// The byte budget of the rows' payloads and headers (JSON text); the first row is taken
+    /// whatever its size.
+    pub(crate) max_bytes: usize,
+    /// The lowest `seq` the scan for candidates looks at (`i64::MIN`: every pending row).
+    pub(crate) from: i64,
+}
+
+/// What a reservation's scan found, besides its rows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scan {
+    /// Rows were left out by the byte budget (reserve again at once).
+    pub(crate) cut_by_bytes: bool,
+    /// Where the next scan may start, when this one found as many candidates as it could take
+    /// (a backlog: more may be pending above them): every row below it that this scan saw was
+    /// returned (see `reserve.sql`). `None` when the scan reached the end of the pending rows.
+    pub(crate) next_from: Option<i64>,
+}
+
+impl Scan {
+    /// What the scan of a reservation that returned `rows` found (columns 9 and 11–13 of
+    /// `reserve.sql`, the same in every row).
+    pub(crate) fn of(rows: &[tokio_postgres::Row]) -> Scan {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Scan::default();
+        };
+        let kept: i64 = first.get(9);
+        let found_limit: bool = first.get(11);
+        let held_back: Option<i64> = first.get(12);
+        let max_seq: i64 = first.get(13);
+        let cut_by_bytes = usize::try_from(kept).map_or(true, |k| k > rows.len());
+        Scan {
+            cut_by_bytes,
+            next_from: found_limit
+                .then(|| next_from(held_back, cut_by_bytes, last.get(1), max_seq)),
+        }
+    }
+}
+
+/// Where the next scan may start after a scan that found as many candidates as it could take:
+/// at the lowest row it saw but did not return — the lowest the gate held back (`held_back`), or
+/// the row after the last one returned (`last`) when the byte budget left rows out (they all
+/// follow it) — or else above the highest it saw (`max_seq`).
+fn next_from(held_back: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) -> i64 {
+    let cut = cut_by_bytes.then(|| last.saturating_add(1));
+    match (held_back, cut) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => max_seq.saturating_add(1),
+    }
+}
+
 /// Reserves batches over a pool of idle batch connections.
 #[derive(Default)]
 pub(crate) struct Reserver {
@@ -156,9 +208,9 @@ pub(crate) struct Reserver {
 }
 
 impl Reserver {
-    /// Reserves up to `limit` rows within `max_bytes` (see [`BatchConn::reserve`]) on an idle
-    /// (or new) connection. `Ok(None)` when there was nothing to reserve (the connection goes
-    /// back to the pool).
+    /// Reserves the rows `ask` describes (see [`BatchConn::reserve`]) on an idle (or new)
+    /// connection. `Ok(None)` when there was
+    /// nothing to reserve (the connection goes back to the pool).
     ///
     /// # Errors
     /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
@@ -169,24 +221,42 @@ impl Reserver {
         sql: &RelaySql,
         timing: &Timing,
         stop: &Stop,
-        limit: usize,
-        max_bytes: usize,
-    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>, bool)>> {
+        ask: Ask,
+    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>, Scan)>> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
             _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
-        let reserve = conn.reserve(limit, max_bytes);
-        let (rows, cut) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
+        let reserve = conn.reserve(ask);
+        let (rows, scan) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok(None);
         }
-        Ok(Some((conn, rows, cut)))
+        Ok(Some((conn, rows, scan)))
     }
 
     /// Returns a connection whose batch committed.
     pub(crate) fn put_back(&mut self, conn: BatchConn) {
         self.idle.push(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_from;
+
+    #[test]
+    fn the_next_scan_starts_at_the_lowest_row_left_out() {
+        // Every candidate returned: above the highest.
+        assert_eq!(next_from(None, false, 40, 40), 41);
+        // Held back by the gate below the last returned row.
+        assert_eq!(next_from(Some(17), false, 40, 40), 17);
+        // Left out by the byte budget: the row after the last returned.
+        assert_eq!(next_from(None, true, 25, 40), 26);
+        assert_eq!(next_from(Some(30), true, 25, 40), 26);
+        assert_eq!(next_from(Some(12), true, 25, 40), 12);
+        // A hostile `seq` at the top of int8 does not overflow.
+        assert_eq!(next_from(None, false, i64::MAX, i64::MAX), i64::MAX);
     }
 }

@@ -7,18 +7,25 @@
 -- payload and headers (JSON text) stays within $2, and the first row always (an event larger than
 -- the budget is published alone): a prefix in seq order keeps every aggregate's order. Rows past
 -- the budget stay locked until the batch commits, untouched.
--- $1 int8: batch size; $2 int8: byte budget. Which rows block their aggregate depends on the
--- dead-letter policy. The last column: how many rows were kept before the byte budget (more
--- than returned: there is more to reserve at once). A row's age is read as it is returned
--- (`clock_timestamp()`): the relay adds the time from the rows' arrival to their confirmation,
--- so nothing is counted twice (the transaction's start, `now()`, is earlier by the connect).
--- The last column, `ce_time`, is RFC 3339 only for years 0001-9999 in UTC (null otherwise:
+-- $1 int8: batch size; $2 int8: byte budget; $3 int8: the scan's start (no row below this `seq`
+-- is a candidate; the lowest int8 for a full scan). The start bounds only the scan for
+-- candidates, never the gate's probe: an open row below it still holds back its aggregate's later
+-- rows, so a scan that starts too high delays rows but never reorders them. Which rows block
+-- their aggregate depends on the dead-letter policy. Column 9: how many rows were kept before
+-- the byte budget (more than returned: there is more to reserve at once). A row's age is read
+-- as it is returned (`clock_timestamp()`): the relay adds the time from the rows' arrival to
+-- their confirmation, so nothing is counted twice (the transaction's start, `now()`, is earlier
+-- by the connect). Column 10, `ce_time`, is RFC 3339 only for years 0001-9999 in UTC (null otherwise:
 -- `to_char` writes year 20000 with five digits, which RFC 3339 parsers refuse, and a BC year
--- without its era).
+-- without its era). Columns 11-13 describe the scan, for where the next one may start: whether it
+-- found `$1` candidates (more may be pending above them), the lowest `seq` the gate held back
+-- (the next scan must see it again; null when none) and the highest `seq` it found. Rows the
+-- byte budget left out all follow the last row returned.
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
       where status = 'new'
+        and seq >= $3
         and (reserved_to is null or reserved_to < localtimestamp)
         and (next_attempt_at is null or next_attempt_at <= now())
         and aggregate_id not in (select unnest(aggregates) from {{table}}_fence
@@ -39,15 +46,20 @@ with cand as materialized (
              limit 1
        ) g on true
  ),
- kept as (
-     select c.*,
-            sum(octet_length(c.payload::text) + coalesce(octet_length(c.headers::text), 0))
-                over (order by c.seq) as through_bytes,
-            row_number() over (order by c.seq) as n,
-            count(*) over () as kept
+ judged as materialized (
+     select c.*, g.gap is null or c.seq < g.gap as open_before
        from cand c join gate g on g.aggregate_id = c.aggregate_id
-      where g.gap is null or c.seq < g.gap
+ ),
+ kept as (
+     select j.*,
+            sum(octet_length(j.payload::text) + coalesce(octet_length(j.headers::text), 0))
+                over (order by j.seq) as through_bytes,
+            row_number() over (order by j.seq) as n,
+            count(*) over () as kept
+       from judged j
+      where j.open_before
  )
+ -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan).
  select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
         k.attempts, case when isfinite(k.created_at_tz)
                          then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
@@ -56,7 +68,10 @@ with cand as materialized (
         case when k.created_at_tz >= timestamptz '0001-01-01 00:00:00+00'
                   and k.created_at_tz < timestamptz '10000-01-01 00:00:00+00'
              then to_char(k.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-             end
+             end,
+        (select count(*) from cand) = $1,
+        (select min(j.seq) from judged j where not j.open_before),
+        (select max(c.seq) from cand c)
    from kept k
   where k.n = 1 or k.through_bytes <= $2
   order by k.seq

@@ -1010,6 +1010,206 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
     (batches, env)
 }
 
+/// In a backlog each reservation scans from where the last one left off, not from the first
+/// pending row (a scan from the start reads past every delivered row an old snapshot still
+/// holds). A row that turns pending below that start — here a writer's transaction that took its
+/// `seq` before the backlog's rows and commits once the relay is past it, with no NOTIFY (the
+/// relay was busy, so the writer's trigger did not notify) — must be found by the full scan the
+/// relay makes at least every 500 ms, not when the backlog ends: when it is delivered, most of
+/// the backlog is still pending. Consumed: every event, each aggregate in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("latescan", |b| {
+        b.batch_size(20)
+            .max_batches_in_flight(2)
+            // No fallback tick during the test: only the relay's own full scans find the row.
+            .poll_interval(Duration::from_secs(120))
+            .publish_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(30))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    // 40 events per round trip of 50 ms at most: the backlog below lasts seconds. Over 200
+    // aggregates every reservation finds rows (the relay never waits, so it never asks writers
+    // to NOTIFY).
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("delay the broker");
+    let backlog = |rounds: std::ops::RangeInclusive<i64>| -> Vec<NewEvent> {
+        rounds
+            .flat_map(|n| (0..200).map(move |a| (a, n)))
+            .map(|(a, n)| ev(&env.topic, &format!("B{a}"), n))
+            .collect()
+    };
+    let first = insert(&outbox, &mut client, &backlog(1..=3)).await;
+    support::eventually(Duration::from_secs(30), "the relay is busy", || async {
+        let done = support::find_ids(&outbox, &first).await;
+        let n = done
+            .iter()
+            .filter(|e| e.status() == EventStatus::Done)
+            .count();
+        if n >= 40 {
+            Ok(())
+        } else {
+            Err(format!("{n} done"))
+        }
+    })
+    .await;
+    support::eventually(
+        Duration::from_secs(30),
+        "the relay is not waiting",
+        || async {
+            match support::wake_lock_holders(&client, &env.table).await {
+                (0, _) => Ok(()),
+                held => Err(format!("wake lock (exclusive, any): {held:?}")),
+            }
+        },
+    )
+    .await;
+    let mut late_client = pg(&env).await;
+    let late_tx = late_client.transaction().await.expect("begin");
+    let late = outbox
+        .add_new_events(&late_tx, &[ev(&env.topic, "L", 1)])
+        .await
+        .expect("add the late event");
+    let second = insert(&outbox, &mut client, &backlog(4..=13)).await;
+    let pending_of_second = || async {
+        let rows = client
+            .query_one(
+                &format!(
+                    "select count(*) filter (where status = 'new') from {} where id = any($1)",
+                    env.table
+                ),
+                &[&second],
+            )
+            .await
+            .expect("count pending");
+        rows.get::<_, i64>(0)
+    };
+    // The relay's scans now start above the late row's `seq`.
+    support::eventually(
+        Duration::from_secs(30),
+        "the relay is past the late row",
+        || async {
+            let pending = pending_of_second().await;
+            if pending <= 1_900 {
+                Ok(())
+            } else {
+                Err(format!("{pending} of 2,000 pending"))
+            }
+        },
+    )
+    .await;
+    late_tx.commit().await.expect("commit the late event");
+    support::wait_status(&outbox, &late, EventStatus::Done, Duration::from_secs(60)).await;
+    let pending = pending_of_second().await;
+    assert!(
+        pending >= 500,
+        "the late event was delivered with only {pending} of the backlog's 2,000 events pending: \
+         the relay did not scan below where its scans started until the backlog was nearly done"
+    );
+    support::wait_status(&outbox, &second, EventStatus::Done, Duration::from_secs(60)).await;
+    // The warm-up event, the backlog's 2,600 and the late one.
+    let got = read_n(&mut reader, 2_602, Duration::from_secs(30)).await;
+    let by_key = counters_by_key(&got);
+    for a in 0..200 {
+        assert_eq!(
+            by_key.get(&format!("B{a}")),
+            Some(&(1..=13).collect::<Vec<i64>>()),
+            "aggregate B{a}"
+        );
+    }
+    assert_eq!(by_key.get("L"), Some(&vec![1]), "the late event");
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
+/// A dead letter blocks its aggregate's later events also when the relay's scans start above it
+/// (in a backlog each reservation scans from where the last one left off): the gate's probe is
+/// not bounded by the scan's start. Here aggregate X's first event breaks a rule of
+/// `add_new_event` (written by another writer: an empty event type), so it is dead-lettered
+/// unsent; X's next ten events are spread through a backlog of 2,000 that the relay reserves
+/// with such scans. None of X's may be published, and all stay pending behind the dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("deadscan", |b| {
+        b.batch_size(20)
+            .max_batches_in_flight(2)
+            .poll_interval(Duration::from_secs(120))
+            .publish_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(30))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    client
+        .execute(
+            &format!(
+                "insert into {} (aggregate_id, event_topic, event_type, payload) \
+                 values ('X', $1, '', '{{\"aggregate\": \"X\", \"n\": 1}}')",
+                env.table
+            ),
+            &[&env.topic],
+        )
+        .await
+        .expect("insert the invalid event");
+    let dead = outbox
+        .find(&EventFilter::new().aggregate_id("X"))
+        .await
+        .expect("find X");
+    let dead: Vec<Uuid> = dead.iter().map(Event::id).collect();
+    support::wait_status(&outbox, &dead, EventStatus::Failed, Duration::from_secs(30)).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("delay the broker");
+    let events: Vec<NewEvent> = (1..=10)
+        .flat_map(|n| {
+            (0..200)
+                .map(move |a| (format!("B{a}"), n))
+                .chain(std::iter::once(("X".to_string(), n + 1)))
+        })
+        .map(|(a, n)| ev(&env.topic, &a, n))
+        .collect();
+    let ids = insert(&outbox, &mut client, &events).await;
+    let (x, backlog): (Vec<(Uuid, &NewEvent)>, Vec<(Uuid, &NewEvent)>) = ids
+        .iter()
+        .copied()
+        .zip(&events)
+        .partition(|(_, e)| e.aggregate_id() == "X");
+    let backlog: Vec<Uuid> = backlog.into_iter().map(|(id, _)| id).collect();
+    let x: Vec<Uuid> = x.into_iter().map(|(id, _)| id).collect();
+    support::wait_status(
+        &outbox,
+        &backlog,
+        EventStatus::Done,
+        Duration::from_secs(60),
+    )
+    .await;
+    let blocked = support::find_ids(&outbox, &x).await;
+    assert!(
+        blocked.iter().all(|e| e.status() == EventStatus::New),
+        "X's events behind its dead letter: {}",
+        support::brief(&blocked)
+    );
+    // The warm-up event and the backlog's 2,000, then nothing more.
+    let mut got = read_n(&mut reader, 2_001, Duration::from_secs(30)).await;
+    got.extend(reader.read_for(Duration::from_secs(1)).await);
+    let by_key = counters_by_key(&got);
+    assert_eq!(by_key.get("X"), None, "X published behind its dead letter");
+    for a in 0..200 {
+        assert_eq!(
+            by_key.get(&format!("B{a}")),
+            Some(&(1..=10).collect::<Vec<i64>>()),
+            "aggregate B{a}"
+        );
+    }
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
 /// A pipelined run of 200 events of one aggregate, five per record batch
 /// (`batch.num.messages=5`, so several produce requests are in flight at once), whose second
 /// produce request the broker refuses permanently (MESSAGE_TOO_LARGE: the record batch, not the
@@ -1644,7 +1844,10 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
         .query(
             &format!(
                 "explain {}",
-                sql.reserve.replace("$1", "1000").replace("$2", "16777216")
+                sql.reserve
+                    .replace("$1", "1000")
+                    .replace("$2", "16777216")
+                    .replace("$3", "(-9223372036854775807 - 1)")
             ),
             &[],
         )
