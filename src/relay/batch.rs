@@ -20,6 +20,10 @@ pub(crate) struct BatchDone {
     pub(crate) conn: Option<BatchConn>,
     /// When the earliest retry (or held event) of the batch becomes due.
     pub(crate) next_due: Option<Duration>,
+    /// The lowest `seq` of the rows its commit released pending and due: rows it did not send,
+    /// and (at its last row's `seq` or above) the rows its reservation locked past the byte
+    /// budget. The next reservation's scan must not start above it.
+    pub(crate) released_from: Option<i64>,
 }
 
 impl BatchDone {
@@ -27,6 +31,7 @@ impl BatchDone {
         BatchDone {
             conn: None,
             next_due: None,
+            released_from: None,
         }
     }
 }
@@ -40,6 +45,7 @@ pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
+    cut_by_bytes: bool,
     fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
@@ -65,6 +71,15 @@ pub(crate) async fn run_batch(
         Ok((next_due, holds)) => {
             ctx.report
                 .batch_confirmed(&rows, &outcomes, fetched_at.elapsed());
+            let unsent = rows
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Outcome::NotSent))
+                .map(|(r, _)| r.seq);
+            let past_budget = cut_by_bytes
+                .then(|| rows.iter().map(|r| r.seq).max())
+                .flatten();
+            let released_from = unsent.chain(past_budget).min();
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
                 ctx.late.spawn(confirm_late(
@@ -78,6 +93,7 @@ pub(crate) async fn run_batch(
             BatchDone {
                 conn: Some(conn),
                 next_due,
+                released_from,
             }
         }
         Err(e) => {

@@ -271,16 +271,18 @@ impl Pipeline {
             ) => r,
         };
         match reserved {
-            Ok(None) if from != i64::MIN => {
-                // Nothing from where the last scan left off: scan from the first pending row
-                // before deciding that there is nothing (or that the backlog is gated).
-                self.reserve_errors = fresh_backoff();
-                self.wakeups.again();
-            }
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
                 // Nothing although the batch in flight was full: the gate holds the backlog.
-                self.gated = self.last_full && !self.batches.is_empty();
+                let gated = self.last_full && !self.batches.is_empty();
+                if from != i64::MIN && !gated {
+                    // Nothing from where the last scan left off: scan from the first pending
+                    // row before deciding that there is nothing. (When gated, the next
+                    // reservation, after the batch in flight, scans from the first row anyway.)
+                    self.wakeups.again();
+                    return;
+                }
+                self.gated = gated;
                 self.last_full = false;
                 // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
                 // in flight, so that a new event is reserved in the free slot at once rather
@@ -303,7 +305,7 @@ impl Pipeline {
                     first_seq = rows[0].seq,
                     last_seq = rows[rows.len() - 1].seq
                 );
-                let batch = run_batch(ctx.clone(), conn, rows, Instant::now());
+                let batch = run_batch(ctx.clone(), conn, rows, scan.cut_by_bytes, Instant::now());
                 self.batches
                     .spawn(tracing::Instrument::instrument(batch, span));
             }
@@ -317,19 +319,22 @@ impl Pipeline {
     /// Where this reservation's scan for candidates starts (`seq`; `i64::MIN`: the first pending
     /// row).
     ///
-    /// In a backlog the scan starts where the last one left off (its lowest row left out, or
-    /// above its highest: see [`reserve::Scan::next_from`]) rather than at the first pending
-    /// row: the index entries of rows delivered since the start cannot be pruned while any
-    /// transaction's snapshot is older than their delivery (a long report query, a replica's
-    /// `hot_standby_feedback`, a `pg_dump`), and a scan from the start reads past every one of
-    /// them (BENCHMARKS.md, "held snapshot": the drain's rate halved over its tenths). Rows can
-    /// turn pending below the start: a writer's transaction that took its `seq` early and commits
-    /// late, a retry or hold that comes due, a batch that rolled back, a requeued dead letter, a
-    /// row another relay released. So the scan starts at the first pending row on every wake-up
-    /// other than "the last batch was full" (a notification, the fallback tick, a due retry, a
-    /// resume), after a batch that did not confirm, and at least every [`FULL_SCAN_EVERY`]: such
-    /// a row waits that long at most. Order never depends on it: the gate's probe is not bounded
-    /// by the start, so a pending row below it holds back its aggregate's later rows.
+    /// In a backlog the scan starts where the last one left off (see
+    /// [`reserve::Scan::next_from`]) rather than at the first pending row: the index entries of
+    /// rows delivered since the start cannot be pruned while any transaction's snapshot is older
+    /// than their delivery (a long report query, a replica's `hot_standby_feedback`, a
+    /// `pg_dump`), and a scan from the start reads past every one of them (BENCHMARKS.md, "held
+    /// snapshot": the drain's rate halved over its tenths). Rows can turn pending below the
+    /// start: a writer's transaction that took its `seq` early and commits late, a retry or hold
+    /// that comes due, a batch that rolled back, a requeued dead letter, a row another relay
+    /// released. Rows a confirmed batch released (unsent, or past its byte budget) lower the
+    /// start (see [`Pipeline::batch_done`]). For the others the scan starts at the first pending
+    /// row whenever the relay wakes for anything but more work in hand (a notification, the
+    /// fallback tick, a due retry or hold of this relay, a resume after an error), after a batch
+    /// that did not confirm, when a scan from the start found nothing, and at least every
+    /// [`FULL_SCAN_EVERY`]: in a backlog such a row waits about that long (for the next full
+    /// scan that reaches it). Order never depends on it: the gate's probe is not bounded by the
+    /// start, so a pending row below it holds back its aggregate's later rows.
     fn scan_from(&mut self, wake: Wake) -> i64 {
         match self.next_from.take() {
             Some(from)
@@ -350,9 +355,15 @@ impl Pipeline {
             Ok(BatchDone {
                 conn: Some(conn),
                 next_due,
+                released_from,
             }) => {
                 if let Some(d) = next_due {
                     self.wakeups.due_at(Instant::now() + d);
+                }
+                // Rows the batch released pending (unsent, or past its byte budget) may lie
+                // below where the next scan would start.
+                if let (Some(from), Some(released)) = (self.next_from, released_from) {
+                    self.next_from = Some(from.min(released));
                 }
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but

@@ -164,7 +164,8 @@ pub(crate) struct Scan {
     pub(crate) cut_by_bytes: bool,
     /// Where the next scan may start, when this one found as many candidates as it could take
     /// (a backlog: more may be pending above them): every row below it that this scan saw was
-    /// returned (see `reserve.sql`). `None` when the scan reached the end of the pending rows.
+    /// returned, or is held back behind a row that is not due (see `reserve.sql`). `None` when
+    /// the scan reached the end of the pending rows.
     pub(crate) next_from: Option<i64>,
 }
 
@@ -189,15 +190,17 @@ impl Scan {
 }
 
 /// Where the next scan may start after a scan that found as many candidates as it could take:
-/// at the lowest row it saw but did not return — the lowest the gate held back (`held_back`), or
-/// the row after the last one returned (`last`) when the byte budget left rows out (they all
-/// follow it) — or else above the highest it saw (`max_seq`).
+/// at the lowest row it saw but did not return that may soon be available — the lowest the gate
+/// held back behind a due row (`held_back`), or the last row returned (`last`) when the byte
+/// budget left rows out (they follow it or share its `seq`) — or else at the highest it saw
+/// (`max_seq`). The start is inclusive: a row at it is seen again (locked by this batch, it is
+/// skipped), which keeps rows sharing a `seq` (it is not unique) from being passed over.
 fn next_from(held_back: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) -> i64 {
-    let cut = cut_by_bytes.then(|| last.saturating_add(1));
+    let cut = cut_by_bytes.then_some(last);
     match (held_back, cut) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => max_seq.saturating_add(1),
+        (None, None) => max_seq,
     }
 }
 
@@ -209,8 +212,8 @@ pub(crate) struct Reserver {
 
 impl Reserver {
     /// Reserves the rows `ask` describes (see [`BatchConn::reserve`]) on an idle (or new)
-    /// connection. `Ok(None)` when there was
-    /// nothing to reserve (the connection goes back to the pool).
+    /// connection. `Ok(None)` when there was nothing to reserve (the connection goes back to the
+    /// pool).
     ///
     /// # Errors
     /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
@@ -248,15 +251,19 @@ mod tests {
 
     #[test]
     fn the_next_scan_starts_at_the_lowest_row_left_out() {
-        // Every candidate returned: above the highest.
-        assert_eq!(next_from(None, false, 40, 40), 41);
+        // Every candidate returned: at the highest (seen again, skipped as locked).
+        assert_eq!(next_from(None, false, 40, 40), 40);
         // Held back by the gate below the last returned row.
         assert_eq!(next_from(Some(17), false, 40, 40), 17);
-        // Left out by the byte budget: the row after the last returned.
-        assert_eq!(next_from(None, true, 25, 40), 26);
-        assert_eq!(next_from(Some(30), true, 25, 40), 26);
+        // Left out by the byte budget: at the last returned (rows sharing its `seq` included).
+        assert_eq!(next_from(None, true, 25, 40), 25);
+        assert_eq!(next_from(Some(30), true, 25, 40), 25);
         assert_eq!(next_from(Some(12), true, 25, 40), 12);
-        // A hostile `seq` at the top of int8 does not overflow.
+        // Hostile `seq` values at the ends of int8.
         assert_eq!(next_from(None, false, i64::MAX, i64::MAX), i64::MAX);
+        assert_eq!(
+            next_from(Some(i64::MIN), true, i64::MAX, i64::MAX),
+            i64::MIN
+        );
     }
 }

@@ -11,16 +11,19 @@
 -- is a candidate; the lowest int8 for a full scan). The start bounds only the scan for
 -- candidates, never the gate's probe: an open row below it still holds back its aggregate's later
 -- rows, so a scan that starts too high delays rows but never reorders them. Which rows block
--- their aggregate depends on the dead-letter policy. Column 9: how many rows were kept before
--- the byte budget (more than returned: there is more to reserve at once). A row's age is read
--- as it is returned (`clock_timestamp()`): the relay adds the time from the rows' arrival to
--- their confirmation, so nothing is counted twice (the transaction's start, `now()`, is earlier
--- by the connect). Column 10, `ce_time`, is RFC 3339 only for years 0001-9999 in UTC (null otherwise:
--- `to_char` writes year 20000 with five digits, which RFC 3339 parsers refuse, and a BC year
--- without its era). Columns 11-13 describe the scan, for where the next one may start: whether it
--- found `$1` candidates (more may be pending above them), the lowest `seq` the gate held back
--- (the next scan must see it again; null when none) and the highest `seq` it found. Rows the
--- byte budget left out all follow the last row returned.
+-- their aggregate depends on the dead-letter policy. Columns are numbered from 0. Column 9: how
+-- many rows were kept before the byte budget (more than returned: there is more to reserve at
+-- once). A row's age is read as it is returned (`clock_timestamp()`): the relay adds the time
+-- from the rows' arrival to their confirmation, so nothing is counted twice (the transaction's
+-- start, `now()`, is earlier by the connect). Column 10, `ce_time`, is RFC 3339 only for years
+-- 0001-9999 in UTC (null otherwise: `to_char` writes year 20000 with five digits, which RFC 3339
+-- parsers refuse, and a BC year without its era). Columns 11-13 describe the scan, for where the
+-- next one may start: whether it found `$1` candidates (more may be pending above them); the
+-- lowest `seq` the gate held back behind a row that is pending and due (most likely in another
+-- batch in flight: the next scan must see it again), null when none — a row held back behind a
+-- dead letter, a retry's backoff or a hold waits for a full scan instead, so that it does not
+-- keep every scan starting below it; and the highest `seq` it found. Rows the byte budget left
+-- out follow the last row returned (or share its `seq`: `seq` is not unique).
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
@@ -34,11 +37,14 @@ with cand as materialized (
       limit $1
         for update skip locked
  ),
- gate as (
-     select a.aggregate_id, g.seq as gap
+ gate as materialized (
+     select a.aggregate_id, g.seq as gap, g.due as gap_due
        from (select aggregate_id, max(seq) as max_seq from cand group by aggregate_id) a
        left join lateral (
-            select e.seq from {{table}} e
+            select e.seq,
+                   e.status = 'new' and (e.next_attempt_at is null or e.next_attempt_at <= now())
+                       as due
+              from {{table}} e
              where e.aggregate_id = a.aggregate_id and {{open}}
                and e.seq < a.max_seq
                and e.id not in (select id from cand)
@@ -47,7 +53,7 @@ with cand as materialized (
        ) g on true
  ),
  judged as materialized (
-     select c.*, g.gap is null or c.seq < g.gap as open_before
+     select c.*, g.gap is null or c.seq < g.gap as open_before, g.gap_due
        from cand c join gate g on g.aggregate_id = c.aggregate_id
  ),
  kept as (
@@ -59,7 +65,8 @@ with cand as materialized (
        from judged j
       where j.open_before
  )
- -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan).
+ -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan; `cand`, `gate`
+ -- and `judged` are materialized, so each is computed once too).
  select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
         k.attempts, case when isfinite(k.created_at_tz)
                          then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
@@ -70,7 +77,7 @@ with cand as materialized (
              then to_char(k.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
              end,
         (select count(*) from cand) = $1,
-        (select min(j.seq) from judged j where not j.open_before),
+        (select min(j.seq) from judged j where not j.open_before and j.gap_due),
         (select max(c.seq) from cand c)
    from kept k
   where k.n = 1 or k.through_bytes <= $2

@@ -1172,13 +1172,14 @@ async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
         .map(|(a, n)| ev(&env.topic, &a, n))
         .collect();
     let ids = insert(&outbox, &mut client, &events).await;
-    let (x, backlog): (Vec<(Uuid, &NewEvent)>, Vec<(Uuid, &NewEvent)>) = ids
-        .iter()
-        .copied()
-        .zip(&events)
-        .partition(|(_, e)| e.aggregate_id() == "X");
-    let backlog: Vec<Uuid> = backlog.into_iter().map(|(id, _)| id).collect();
-    let x: Vec<Uuid> = x.into_iter().map(|(id, _)| id).collect();
+    let of = |x: bool| -> Vec<Uuid> {
+        ids.iter()
+            .zip(&events)
+            .filter(|(_, e)| (e.aggregate_id() == "X") == x)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let (x, backlog) = (of(true), of(false));
     support::wait_status(
         &outbox,
         &backlog,
