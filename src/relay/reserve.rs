@@ -164,8 +164,8 @@ pub(crate) struct Scan {
     pub(crate) cut_by_bytes: bool,
     /// Where the next scan may start, when this one found as many candidates as it could take
     /// (a backlog: more may be pending above them): every row below it that this scan saw was
-    /// returned, or is held back behind a row that is not due (see `reserve.sql`). `None` when
-    /// the scan reached the end of the pending rows.
+    /// returned, or is held back behind a row that is not due (a dead letter, a backoff, a hold:
+    /// see `reserve.sql`). `None` when the scan reached the end of the pending rows.
     pub(crate) next_from: Option<i64>,
 }
 
@@ -178,26 +178,25 @@ impl Scan {
         };
         let kept: i64 = first.get(9);
         let found_limit: bool = first.get(11);
-        let held_back: Option<i64> = first.get(12);
+        let blocker: Option<i64> = first.get(12);
         let max_seq: i64 = first.get(13);
         let cut_by_bytes = usize::try_from(kept).map_or(true, |k| k > rows.len());
         Scan {
             cut_by_bytes,
-            next_from: found_limit
-                .then(|| next_from(held_back, cut_by_bytes, last.get(1), max_seq)),
+            next_from: found_limit.then(|| next_from(blocker, cut_by_bytes, last.get(1), max_seq)),
         }
     }
 }
 
 /// Where the next scan may start after a scan that found as many candidates as it could take:
-/// at the lowest row it saw but did not return that may soon be available — the lowest the gate
-/// held back behind a due row (`held_back`), or the last row returned (`last`) when the byte
-/// budget left rows out (they follow it or share its `seq`) — or else at the highest it saw
-/// (`max_seq`). The start is inclusive: a row at it is seen again (locked by this batch, it is
+/// at or below the lowest row it saw but did not return that may soon be available — the lowest
+/// due row behind which the gate held rows back (`blocker`: below the rows it holds back), or
+/// the last row returned (`last`) when the byte budget left rows out (they follow it or share
+/// its `seq`) — or else at the highest it saw (`max_seq`). The start is inclusive: a row at it is seen again (locked by this batch, it is
 /// skipped), which keeps rows sharing a `seq` (it is not unique) from being passed over.
-fn next_from(held_back: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) -> i64 {
+fn next_from(blocker: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) -> i64 {
     let cut = cut_by_bytes.then_some(last);
-    match (held_back, cut) {
+    match (blocker, cut) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
         (None, None) => max_seq,
@@ -253,7 +252,7 @@ mod tests {
     fn the_next_scan_starts_at_the_lowest_row_left_out() {
         // Every candidate returned: at the highest (seen again, skipped as locked).
         assert_eq!(next_from(None, false, 40, 40), 40);
-        // Held back by the gate below the last returned row.
+        // Rows held back behind a due row (in flight) at 17.
         assert_eq!(next_from(Some(17), false, 40, 40), 17);
         // Left out by the byte budget: at the last returned (rows sharing its `seq` included).
         assert_eq!(next_from(None, true, 25, 40), 25);

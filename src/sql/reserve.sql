@@ -19,11 +19,12 @@
 -- 0001-9999 in UTC (null otherwise: `to_char` writes year 20000 with five digits, which RFC 3339
 -- parsers refuse, and a BC year without its era). Columns 11-13 describe the scan, for where the
 -- next one may start: whether it found `$1` candidates (more may be pending above them); the
--- lowest `seq` the gate held back behind a row that is pending and due (most likely in another
--- batch in flight: the next scan must see it again), null when none — a row held back behind a
--- dead letter, a retry's backoff or a hold waits for a full scan instead, so that it does not
--- keep every scan starting below it; and the highest `seq` it found. Rows the byte budget left
--- out follow the last row returned (or share its `seq`: `seq` is not unique).
+-- lowest `seq` at which the gate held back rows behind a row that is pending and due (most
+-- likely in another batch in flight: the rows it holds back must be seen again; the blocking
+-- row itself, below them, is a cheap bound), null when none — rows held back behind a dead
+-- letter, a retry's backoff or a hold wait for a full scan instead, so that they do not keep
+-- every scan starting below them; and the highest `seq` it found. Rows the byte budget left out
+-- follow the last row returned (or share its `seq`: `seq` is not unique).
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}}
@@ -52,21 +53,17 @@ with cand as materialized (
              limit 1
        ) g on true
  ),
- judged as materialized (
-     select c.*, g.gap is null or c.seq < g.gap as open_before, g.gap_due
-       from cand c join gate g on g.aggregate_id = c.aggregate_id
- ),
  kept as (
-     select j.*,
-            sum(octet_length(j.payload::text) + coalesce(octet_length(j.headers::text), 0))
-                over (order by j.seq) as through_bytes,
-            row_number() over (order by j.seq) as n,
+     select c.*,
+            sum(octet_length(c.payload::text) + coalesce(octet_length(c.headers::text), 0))
+                over (order by c.seq) as through_bytes,
+            row_number() over (order by c.seq) as n,
             count(*) over () as kept
-       from judged j
-      where j.open_before
+       from cand c join gate g on g.aggregate_id = c.aggregate_id
+      where g.gap is null or c.seq < g.gap
  )
- -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan; `cand`, `gate`
- -- and `judged` are materialized, so each is computed once too).
+ -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan; `cand` and
+ -- `gate` are materialized, so each is computed once too).
  select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
         k.attempts, case when isfinite(k.created_at_tz)
                          then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
@@ -77,7 +74,7 @@ with cand as materialized (
              then to_char(k.created_at_tz at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
              end,
         (select count(*) from cand) = $1,
-        (select min(j.seq) from judged j where not j.open_before and j.gap_due),
+        (select min(g.gap) from gate g where g.gap_due),
         (select max(c.seq) from cand c)
    from kept k
   where k.n = 1 or k.through_bytes <= $2
