@@ -1010,6 +1010,57 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
     (batches, env)
 }
 
+/// A warm relay on the mock cluster for the scan-start tests: batches of 20, two in flight, no
+/// fallback tick during the test (only the relay's own full scans look below a scan's start),
+/// and a reader of the topic. The broker answers after 50 ms: at most 40 events per round trip,
+/// so a backlog of thousands lasts seconds.
+async fn scan_start_relay(
+    prefix: &str,
+) -> (
+    MockKafka,
+    Env,
+    Outbox,
+    tokio::task::JoinHandle<Result<(), Error>>,
+    tokio_postgres::Client,
+    TopicReader,
+) {
+    let (kafka, env, outbox, handle, client) = warm_relay_on_mock(prefix, |b| {
+        b.batch_size(20)
+            .max_batches_in_flight(2)
+            .poll_interval(Duration::from_secs(120))
+            .publish_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(30))
+    })
+    .await;
+    let reader = reader(&env).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("delay the broker");
+    (kafka, env, outbox, handle, client, reader)
+}
+
+/// Aggregates `B0`..`B199` each read with counters `1..=rounds`, in order; then the broker is
+/// undelayed and the relay stopped.
+async fn check_backlog_and_stop(
+    by_key: &BTreeMap<String, Vec<i64>>,
+    rounds: i64,
+    kafka: &MockKafka,
+    outbox: &Outbox,
+    handle: tokio::task::JoinHandle<Result<(), Error>>,
+) {
+    for a in 0..200 {
+        assert_eq!(
+            by_key.get(&format!("B{a}")),
+            Some(&(1..=rounds).collect::<Vec<i64>>()),
+            "aggregate B{a}"
+        );
+    }
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(outbox, handle).await;
+}
+
 /// In a backlog each reservation scans from where the last one left off, not from the first
 /// pending row (a scan from the start reads past every delivered row an old snapshot still
 /// holds). A row that turns pending below that start — here a writer's transaction that took its
@@ -1019,22 +1070,9 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
 /// the backlog is still pending. Consumed: every event, each aggregate in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
-    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("latescan", |b| {
-        b.batch_size(20)
-            .max_batches_in_flight(2)
-            // No fallback tick during the test: only the relay's own full scans find the row.
-            .poll_interval(Duration::from_secs(120))
-            .publish_timeout(Duration::from_secs(10))
-            .lease(Duration::from_secs(30))
-    })
-    .await;
-    let mut reader = reader(&env).await;
-    // 40 events per round trip of 50 ms at most: the backlog below lasts seconds. Over 200
-    // aggregates every reservation finds rows (the relay never waits, so it never asks writers
-    // to NOTIFY).
-    kafka
-        .broker_round_trip_time(1, Duration::from_millis(50))
-        .expect("delay the broker");
+    let (kafka, env, outbox, handle, mut client, mut reader) = scan_start_relay("latescan").await;
+    // Over 200 aggregates every reservation finds rows (the relay never waits, so it never asks
+    // writers to NOTIFY).
     let backlog = |rounds: std::ops::RangeInclusive<i64>| -> Vec<NewEvent> {
         rounds
             .flat_map(|n| (0..200).map(move |a| (a, n)))
@@ -1112,18 +1150,8 @@ async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
     // The warm-up event, the backlog's 2,600 and the late one.
     let got = read_n(&mut reader, 2_602, Duration::from_secs(30)).await;
     let by_key = counters_by_key(&got);
-    for a in 0..200 {
-        assert_eq!(
-            by_key.get(&format!("B{a}")),
-            Some(&(1..=13).collect::<Vec<i64>>()),
-            "aggregate B{a}"
-        );
-    }
     assert_eq!(by_key.get("L"), Some(&vec![1]), "the late event");
-    kafka
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("undelay the broker");
-    stop_and_join(&outbox, handle).await;
+    check_backlog_and_stop(&by_key, 13, &kafka, &outbox, handle).await;
 }
 
 /// A dead letter blocks its aggregate's later events also when the relay's scans start above it
@@ -1134,15 +1162,7 @@ async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
 /// with such scans. None of X's may be published, and all stay pending behind the dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
-    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("deadscan", |b| {
-        b.batch_size(20)
-            .max_batches_in_flight(2)
-            .poll_interval(Duration::from_secs(120))
-            .publish_timeout(Duration::from_secs(10))
-            .lease(Duration::from_secs(30))
-    })
-    .await;
-    let mut reader = reader(&env).await;
+    let (kafka, env, outbox, handle, mut client, mut reader) = scan_start_relay("deadscan").await;
     client
         .execute(
             &format!(
@@ -1160,9 +1180,6 @@ async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
         .expect("find X");
     let dead: Vec<Uuid> = dead.iter().map(Event::id).collect();
     support::wait_status(&outbox, &dead, EventStatus::Failed, Duration::from_secs(30)).await;
-    kafka
-        .broker_round_trip_time(1, Duration::from_millis(50))
-        .expect("delay the broker");
     let events: Vec<NewEvent> = (1..=10)
         .flat_map(|n| {
             (0..200)
@@ -1198,17 +1215,7 @@ async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
     got.extend(reader.read_for(Duration::from_secs(1)).await);
     let by_key = counters_by_key(&got);
     assert_eq!(by_key.get("X"), None, "X published behind its dead letter");
-    for a in 0..200 {
-        assert_eq!(
-            by_key.get(&format!("B{a}")),
-            Some(&(1..=10).collect::<Vec<i64>>()),
-            "aggregate B{a}"
-        );
-    }
-    kafka
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("undelay the broker");
-    stop_and_join(&outbox, handle).await;
+    check_backlog_and_stop(&by_key, 10, &kafka, &outbox, handle).await;
 }
 
 /// A pipelined run of 200 events of one aggregate, five per record batch
