@@ -76,9 +76,8 @@ pub(crate) async fn run_batch(
                 .zip(&outcomes)
                 .filter(|(_, o)| matches!(o, Outcome::NotSent))
                 .map(|(r, _)| r.seq);
-            let past_budget = cut_by_bytes
-                .then(|| rows.iter().map(|r| r.seq).max())
-                .flatten();
+            // Rows come in `seq` order: those past the budget follow the last (or share its seq).
+            let past_budget = rows.last().filter(|_| cut_by_bytes).map(|r| r.seq);
             let released_from = unsent.chain(past_budget).min();
             if !published.stragglers.is_empty() {
                 ctx.report.held(published.stragglers.len());
