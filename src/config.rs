@@ -54,8 +54,9 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 /// The producers' `linger.ms` unless a `kafka_property` sets it: librdkafka's own default (and
 /// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the
 /// CPU in librdkafka's threads (and more in the brokers) on small produce requests and ran
-/// 25–45 % slower on a 3-node cluster sharing the relay's 2 cores; at 1k events/s, 5 ms costs
-/// 5–12 ms of commit → ack p50 (BENCHMARKS.md, "linger.ms and the per-aggregate window").
+/// 25–45 % slower on a 3-node cluster sharing the relay's 2 cores (BENCHMARKS.md, "linger.ms
+/// and the per-aggregate window"). Batches that caught up do not linger (the prompt producer:
+/// `Producers::get`).
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
 /// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
@@ -389,10 +390,12 @@ impl OutboxBuilder {
 
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. The relay's `linger.ms` is 5 ms
-    /// (librdkafka's own default): set `linger.ms` (or its alias `queue.buffering.max.ms`) to
-    /// 0 or 1 for 5–12 ms less commit → ack p50 at low rates, at the cost of more CPU and
-    /// produce requests under a backlog (BENCHMARKS.md, "linger.ms and the per-aggregate
-    /// window"). Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
+    /// (librdkafka's own default); set `linger.ms` (or its alias `queue.buffering.max.ms`) to
+    /// change it. It applies to a backlog's batches (a reservation that found `batch_size` rows
+    /// or its byte budget), where lingering fills produce requests (BENCHMARKS.md, "linger.ms
+    /// and the per-aggregate window"); a batch that caught up is sent by a second producer of
+    /// the same properties with `linger.ms` 0, since nothing more of this relay's would join
+    /// its requests (BENCHMARKS.md, "The prompt producer"). Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
     /// `bootstrap.servers`, `delivery.report.only.error`, `queuing.strategy`, …) are refused at
     /// `connect()` with the setting to use instead, under every alias (`request.required.acks`,
     /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only
@@ -771,7 +774,7 @@ impl OutboxBuilder {
         let created = if self.kafka_brokers.is_none() {
             kafka.create_native_config().map(|_| None)
         } else {
-            crate::relay::Producers::new(kafka.clone()).map(Some)
+            crate::relay::Producers::new(kafka.clone(), prompt_config(kafka)).map(Some)
         };
         created.unwrap_or_else(|e| {
             let mut text = e.to_string();
@@ -784,6 +787,38 @@ impl OutboxBuilder {
             None
         })
     }
+}
+
+/// The prompt producer's configuration (see `Producers::get`): `kafka` with `linger.ms` 0 in
+/// place of whatever set it (the user's property under either name, or the relay's default);
+/// `None` when librdkafka's reading of `kafka` does not linger anyway.
+fn prompt_config(kafka: &ClientConfig) -> Option<ClientConfig> {
+    let linger: f64 = kafka
+        .create_native_config()
+        .ok()?
+        .get("linger.ms")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if linger <= 0.0 {
+        return None;
+    }
+    let mut prompt = kafka.clone();
+    let lingers: Vec<String> = (prompt.config_map().keys())
+        .filter(|k| {
+            matches!(
+                canonical_property(k).as_str(),
+                "linger.ms" | "queue.buffering.max.ms"
+            )
+        })
+        .cloned()
+        .collect();
+    for key in lingers {
+        prompt.remove(&key);
+    }
+    prompt.set("linger.ms", "0");
+    Some(prompt)
 }
 
 /// librdkafka queues a message only when it fits in `queue.buffering.max.kbytes` (else
@@ -961,5 +996,34 @@ mod producer_config_tests {
         assert_eq!(alias.get("queue.buffering.max.ms"), Some("50"));
         let own = kafka_config_of(crate::Outbox::builder().kafka_property("linger.ms", "0"));
         assert_eq!(own.get("linger.ms"), Some("0"));
+    }
+
+    /// The prompt producer is the main one without linger, whichever name set it; none when the
+    /// main producer does not linger.
+    #[test]
+    fn the_prompt_producer_does_not_linger() {
+        let native_linger = |c: &ClientConfig| -> f64 {
+            let native = c.create_native_config().unwrap();
+            native.get("linger.ms").unwrap().trim().parse().unwrap()
+        };
+        for builder in [
+            crate::Outbox::builder(),
+            crate::Outbox::builder().kafka_property("queue.buffering.max.ms", "50"),
+            crate::Outbox::builder().kafka_property("linger.ms", "20"),
+        ] {
+            let main = kafka_config_of(builder);
+            assert!(native_linger(&main) > 0.0);
+            let prompt = prompt_config(&main).expect("the main producer lingers");
+            assert_eq!(native_linger(&prompt), 0.0);
+            assert_eq!(prompt.get("queue.buffering.max.ms"), None);
+            let mut rest = prompt.config_map().clone();
+            rest.remove("linger.ms");
+            let mut main_rest = main.config_map().clone();
+            main_rest.remove("linger.ms");
+            main_rest.remove("queue.buffering.max.ms");
+            assert_eq!(rest, main_rest, "only the linger differs");
+        }
+        let own = kafka_config_of(crate::Outbox::builder().kafka_property("linger.ms", "0"));
+        assert!(prompt_config(&own).is_none());
     }
 }

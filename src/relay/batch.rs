@@ -41,11 +41,15 @@ impl BatchDone {
 /// stops sending `batch_timeout` after that, not after the reservation started, so that a
 /// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
 /// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
+/// `caught_up`: the reservation found fewer rows than its limit, within its byte budget (the
+/// batch's single sends then go to the prompt producer: see
+/// [`Producers::get`](super::producer::Producers::get)).
 pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
     cut_by_bytes: bool,
+    caught_up: bool,
     fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
@@ -64,7 +68,8 @@ pub(crate) async fn run_batch(
         conn.rollback(&ctx.timing, &ctx.stop).await;
         return BatchDone::failed();
     }
-    let mut published = publish::publish(&ctx, &conn.client, &rows, &chains, cutoff).await;
+    let mut published =
+        publish::publish(&ctx, &conn.client, &rows, &chains, cutoff, caught_up).await;
     watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {

@@ -305,7 +305,14 @@ impl Pipeline {
                     first_seq = rows[0].seq,
                     last_seq = rows[rows.len() - 1].seq
                 );
-                let batch = run_batch(ctx.clone(), conn, rows, scan.cut_by_bytes, Instant::now());
+                let batch = run_batch(
+                    ctx.clone(),
+                    conn,
+                    rows,
+                    scan.cut_by_bytes,
+                    !self.last_full,
+                    Instant::now(),
+                );
                 self.batches
                     .spawn(tracing::Instrument::instrument(batch, span));
             }

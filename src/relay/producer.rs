@@ -248,11 +248,18 @@ pub(crate) const PIPE_PAUSE: std::time::Duration = std::time::Duration::from_sec
 struct Current {
     generation: u64,
     producer: RelayProducer,
+    /// This generation's prompt producer (see [`Producers::get`]), created when first needed.
+    prompt: Option<RelayProducer>,
 }
 
 /// The relay's producer, rebuilt from its configuration when it becomes fatal.
 pub(crate) struct Producers {
     config: ClientConfig,
+    /// The prompt producer's configuration: the main one's with `linger.ms` 0; `None` when the
+    /// main producer does not linger anyway.
+    prompt_config: Option<ClientConfig>,
+    /// Set when the prompt producer could not be created: the main producer sends everything.
+    prompt_refused: std::sync::atomic::AtomicBool,
     context: RelayContext,
     current: RwLock<Current>,
     /// A second producer, created when first needed, that sends one message at a time (see
@@ -274,21 +281,28 @@ impl std::fmt::Debug for Producers {
 }
 
 impl Producers {
-    /// Creates the first producer from `config`.
+    /// Creates the first producer from `config`; `prompt_config` is the prompt producer's (see
+    /// [`Producers::get`]), `None` when `config` does not linger.
     ///
     /// # Errors
     /// librdkafka's error when the configuration is refused.
-    pub(crate) fn new(config: ClientConfig) -> KafkaResult<Producers> {
+    pub(crate) fn new(
+        config: ClientConfig,
+        prompt_config: Option<ClientConfig>,
+    ) -> KafkaResult<Producers> {
         let context = RelayContext {
             state: Arc::new(KafkaState::default()),
         };
         let producer = config.create_with_context(context.clone())?;
         Ok(Producers {
             config,
+            prompt_config,
+            prompt_refused: std::sync::atomic::AtomicBool::new(false),
             context,
             current: RwLock::new(Current {
                 generation: 0,
                 producer,
+                prompt: None,
             }),
             solo: tokio::sync::Mutex::new(None),
             pipe: Mutex::new(None),
@@ -454,10 +468,15 @@ impl Producers {
         Ok(guard)
     }
 
-    /// Every producer in use: the current one and, once created, the solo and pipelining
-    /// producers (for the flush and purge at stop).
+    /// Every producer in use: the current one and, once created, the prompt, solo and
+    /// pipelining producers (for the flush and purge at stop).
     pub(crate) async fn all(&self) -> Vec<RelayProducer> {
-        let mut all = vec![self.get().1];
+        let mut all = {
+            let c = self.current.read().unwrap_or_else(|e| e.into_inner());
+            let mut all = vec![c.producer.clone()];
+            all.extend(c.prompt.clone());
+            all
+        };
         all.extend(self.solo.lock().await.clone());
         all.extend((self.pipe.lock().unwrap_or_else(|e| e.into_inner()).clone()).map(|(_, p)| p));
         all
@@ -468,25 +487,61 @@ impl Producers {
         &self.context.state
     }
 
-    /// The current producer and its generation.
-    pub(crate) fn get(&self) -> (u64, RelayProducer) {
-        let c = self.current.read().unwrap_or_else(|e| e.into_inner());
-        (c.generation, c.producer.clone())
+    /// The current generation and its producer for a batch: with `prompt`, the prompt producer
+    /// (`linger.ms` 0, created when first needed), else the main one (the configured
+    /// `linger.ms`). A batch whose reservation found fewer rows than its limit has caught up:
+    /// this relay holds no more rows for its messages to wait for in librdkafka's queue, so
+    /// lingering would only delay them (at 1k events/s, 5 ms of linger cost about 10 ms of
+    /// commit → ack p50: BENCHMARKS.md, "The prompt producer"), while a backlog's full batches
+    /// keep the linger that fills produce requests. The two never hold the same aggregate's
+    /// messages at once: an aggregate's next event is sent only after the previous one's report
+    /// (or on the pipelining producer), and a later batch only after the fence is gone. When the
+    /// prompt producer cannot be created, the main producer sends everything (logged once).
+    pub(crate) fn get(&self, prompt: bool) -> (u64, RelayProducer) {
+        let wants_prompt =
+            prompt && self.prompt_config.is_some() && !self.prompt_refused.load(Ordering::Relaxed);
+        {
+            let c = self.current.read().unwrap_or_else(|e| e.into_inner());
+            match &c.prompt {
+                Some(p) if wants_prompt => return (c.generation, p.clone()),
+                _ if !wants_prompt => return (c.generation, c.producer.clone()),
+                _ => {}
+            }
+        }
+        let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if c.prompt.is_none() {
+            let config = self.prompt_config.as_ref().expect("checked above");
+            match config.create_with_context(self.context.clone()) {
+                Ok(p) => c.prompt = Some(p),
+                Err(e) => {
+                    self.prompt_refused.store(true, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch");
+                    return (c.generation, c.producer.clone());
+                }
+            }
+        }
+        let p = c.prompt.clone().expect("created above");
+        (c.generation, p)
     }
 
-    /// The current producer's fatal error, if librdkafka marked it fatal.
+    /// The current generation's fatal error, if librdkafka marked its main or prompt producer
+    /// fatal.
     pub(crate) fn fatal_error(&self) -> Option<(u64, String)> {
-        let (generation, producer) = self.get();
-        producer.client().fatal_error().map(|(code, reason)| {
+        let c = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let fatal = (c.producer.client().fatal_error())
+            .or_else(|| c.prompt.as_ref()?.client().fatal_error());
+        fatal.map(|(code, reason)| {
             (
-                generation,
+                c.generation,
                 printable(&format!("{code}: {reason}")).to_string(),
             )
         })
     }
 
     /// Replaces the producer of `generation` with a new one (unless another caller already did);
-    /// returns the replaced producer (to [`retire`]), or `None` when nothing was replaced.
+    /// returns the replaced producer (to [`retire`]), or `None` when nothing was replaced. That
+    /// generation's prompt producer is retired too (the next generation creates its own when
+    /// first needed).
     ///
     /// # Errors
     /// librdkafka's error when a new producer cannot be created; the old one stays.
@@ -497,6 +552,9 @@ impl Producers {
         }
         let fresh: RelayProducer = self.config.create_with_context(self.context.clone())?;
         let old = std::mem::replace(&mut c.producer, fresh);
+        if let Some(prompt) = c.prompt.take() {
+            retire(prompt);
+        }
         c.generation += 1;
         self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
         Ok(Some(old))

@@ -109,19 +109,22 @@ pub(crate) fn chains(rows: &[Reserved]) -> Vec<Vec<usize>> {
 }
 
 /// Publishes every chain until each is done, failed, or reached `cutoff`. Stops sending when
-/// `session` (the batch transaction holding the row locks) is lost.
+/// `session` (the batch transaction holding the row locks) is lost. `prompt`: the batch caught
+/// up, and its single sends go to the prompt producer (see
+/// [`Producers::get`](super::producer::Producers::get)).
 pub(crate) async fn publish(
     ctx: &Ctx,
     session: &Client,
     rows: &[Reserved],
     chains: &[Vec<usize>],
     cutoff: Instant,
+    prompt: bool,
 ) -> Published {
     let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
     let mut stragglers = Vec::new();
     let mut running: FuturesUnordered<_> = chains
         .iter()
-        .map(|c| publish_chain(ctx, session, rows, c, cutoff))
+        .map(|c| publish_chain(ctx, session, rows, c, cutoff, prompt))
         .collect();
     while let Some((results, straggler)) = running.next().await {
         for (idx, o) in results {
@@ -162,6 +165,7 @@ async fn publish_chain(
     rows: &[Reserved],
     chain: &[usize],
     cutoff: Instant,
+    prompt: bool,
 ) -> (Vec<(usize, Outcome)>, Vec<Straggler>) {
     let mut out = Vec::with_capacity(chain.len());
     let mut at = 0;
@@ -186,7 +190,7 @@ async fn publish_chain(
                 )
                 .await
             }
-            None => publish_one(ctx, rows, chain[at], cutoff, &mut out).await,
+            None => publish_one(ctx, rows, chain[at], cutoff, prompt, &mut out).await,
         };
         let run = if pipe.is_some() { run } else { 1 };
         match step {
@@ -251,6 +255,7 @@ async fn publish_one(
     rows: &[Reserved],
     idx: usize,
     cutoff: Instant,
+    prompt: bool,
     out: &mut Vec<(usize, Outcome)>,
 ) -> Step {
     let row = &rows[idx];
@@ -260,7 +265,7 @@ async fn publish_one(
         out.push((idx, Outcome::Failed(retry::invalid_row(rule))));
         return Step::Stop;
     }
-    let report = match send_one(ctx, row, cutoff).await {
+    let report = match send_one(ctx, row, cutoff, prompt).await {
         Sent::Skipped => return Step::Stop,
         Sent::Cutoff(future, permit, alone) => {
             out.push((idx, Outcome::Held));
@@ -536,14 +541,14 @@ pub(crate) fn is_purged_unsent(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue)
 }
 
-async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant) -> Sent {
+async fn send_one(ctx: &Ctx, row: &Reserved, cutoff: Instant, prompt: bool) -> Sent {
     if ctx.alone_next.take(row.id) {
         return send_alone(ctx, row, cutoff).await;
     }
     let Some(permit) = in_flight_permit(ctx, cutoff).await else {
         return Sent::Skipped;
     };
-    match deliver(ctx, row, cutoff, permit, Via::Main).await {
+    match deliver(ctx, row, cutoff, permit, Via::Main { prompt }).await {
         Sent::Report(report) if is_batch_refused(&report) => send_alone(ctx, row, cutoff).await,
         sent => sent,
     }
@@ -559,8 +564,9 @@ async fn in_flight_permit(ctx: &Ctx, cutoff: Instant) -> Option<OwnedSemaphorePe
 
 /// Which producer a message goes to.
 enum Via {
-    /// The main producer (the current one: replaced when fatal).
-    Main,
+    /// The current generation's main producer, or with `prompt` its prompt producer (see
+    /// [`Producers::get`](super::producer::Producers::get)).
+    Main { prompt: bool },
     /// The solo producer (see [`send_alone`]).
     Solo(RelayProducer),
     /// The pipelining producer of this generation (see [`pipeline`]).
@@ -584,8 +590,8 @@ async fn hand_over(
     // last clone must not be dropped on the runtime's threads (its drop flushes, up to 500 ms).
     loop {
         let (generation, sent) = match via {
-            Via::Main => {
-                let (generation, producer) = ctx.producers.get();
+            Via::Main { prompt } => {
+                let (generation, producer) = ctx.producers.get(*prompt);
                 (Some(generation), producer.send_result(record))
             }
             Via::Solo(producer) => (None, producer.send_result(record)),

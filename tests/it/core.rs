@@ -408,6 +408,71 @@ async fn notify_wakes_idle_relay_within_seconds() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A batch that caught up (its reservation found fewer rows than `batch_size`) is sent at once,
+/// whatever `linger.ms` says: this relay holds nothing more for its messages to wait for (the
+/// prompt producer). A backlog's full batch keeps the configured linger, which fills produce
+/// requests. With `linger.ms` 8 s: an event committed to an idle relay is consumed within 4 s;
+/// then a full batch (10 events committed at once, `batch_size` 10) is not consumed within
+/// 2 s, and arrives afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_batch_does_not_wait_out_the_linger() {
+    let env = env("prompt", 2).await;
+    let linger = Duration::from_secs(8);
+    let (outbox, mut reader) = connect_with_reader(
+        &env,
+        builder(&env)
+            .await
+            .kafka_property("linger.ms", linger.as_millis().to_string())
+            .batch_size(10)
+            .poll_interval(Duration::from_secs(60)),
+    )
+    .await;
+    let handle = outbox.start().unwrap();
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
+
+    let mut client = support::connect_pg().await;
+    let tx = client.transaction().await.unwrap();
+    let id = outbox
+        .add_new_event(&tx, ev(&env.topic, "alone", "Prompt", json!({})))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    read_event(
+        &mut reader,
+        linger / 2,
+        id,
+        "a caught-up batch of one event waited out linger.ms",
+    )
+    .await;
+    support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
+    support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
+
+    let tx = client.transaction().await.unwrap();
+    let mut backlog = Vec::new();
+    for i in 0..10 {
+        let e = ev(
+            &env.topic,
+            &format!("full-{i}"),
+            "Lingered",
+            json!({ "i": i }),
+        );
+        backlog.push(outbox.add_new_event(&tx, e).await.unwrap());
+    }
+    let committed = Instant::now();
+    tx.commit().await.unwrap();
+    reader.assert_idle(linger / 4).await;
+    let got = read_n(&mut reader, 10, linger * 3).await;
+    let mut got: Vec<Uuid> = got.iter().map(event_id_of).collect();
+    got.sort();
+    backlog.sort();
+    assert_eq!(got, backlog);
+    eprintln!(
+        "prompt: the full batch arrived {:?} after its commit (linger.ms {linger:?})",
+        committed.elapsed()
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_only_mode_delivers_without_notify() {
     let env = env("pollonly", 1).await;
