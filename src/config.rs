@@ -391,11 +391,12 @@ impl OutboxBuilder {
     /// Any librdkafka producer property (e.g. `linger.ms`, `compression.type`,
     /// `security.protocol`), applied after the relay's defaults. The relay's `linger.ms` is 5 ms
     /// (librdkafka's own default); set `linger.ms` (or its alias `queue.buffering.max.ms`) to
-    /// change it. It applies to a backlog's batches (a reservation that found `batch_size` rows
-    /// or its byte budget), where lingering fills produce requests (BENCHMARKS.md, "linger.ms
-    /// and the per-aggregate window"); a batch that caught up is sent by a second producer of
-    /// the same properties with `linger.ms` 0, since nothing more of this relay's would join
-    /// its requests (BENCHMARKS.md, "The prompt producer"). Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
+    /// change it. It applies to a backlog's batches (a reservation whose scan found
+    /// `batch_size` candidates, or reached its byte budget) and to an aggregate's events sent
+    /// back to back, where lingering fills produce requests (BENCHMARKS.md, "linger.ms and the
+    /// per-aggregate window"); the other events of a batch that caught up are sent by a second
+    /// producer of the same properties with `linger.ms` 0, since no more pending rows could join
+    /// their requests (BENCHMARKS.md, "The prompt producer"). Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
     /// `bootstrap.servers`, `delivery.report.only.error`, `queuing.strategy`, …) are refused at
     /// `connect()` with the setting to use instead, under every alias (`request.required.acks`,
     /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only

@@ -310,7 +310,7 @@ impl Pipeline {
                     conn,
                     rows,
                     scan.cut_by_bytes,
-                    !self.last_full,
+                    scan.caught_up(),
                     Instant::now(),
                 );
                 self.batches
@@ -490,11 +490,8 @@ impl Ctx {
             return;
         };
         match self.producers.rebuild(generation) {
-            Ok(Some(old)) => {
-                self.report.producer_rebuilt(&reason, streak);
-                producer::retire(old);
-            }
-            Ok(None) => {}
+            Ok(true) => self.report.producer_rebuilt(&reason, streak),
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, fatal = %reason, "outbox relay: the Kafka producer is fatal and cannot be rebuilt");
             }

@@ -487,41 +487,55 @@ impl Producers {
         &self.context.state
     }
 
-    /// The current generation and its producer for a batch: with `prompt`, the prompt producer
-    /// (`linger.ms` 0, created when first needed), else the main one (the configured
-    /// `linger.ms`). A batch whose reservation found fewer rows than its limit has caught up:
-    /// this relay holds no more rows for its messages to wait for in librdkafka's queue, so
-    /// lingering would only delay them (at 1k events/s, 5 ms of linger cost about 10 ms of
-    /// commit → ack p50: BENCHMARKS.md, "The prompt producer"), while a backlog's full batches
-    /// keep the linger that fills produce requests. The two never hold the same aggregate's
-    /// messages at once: an aggregate's next event is sent only after the previous one's report
-    /// (or on the pipelining producer), and a later batch only after the fence is gone. When the
-    /// prompt producer cannot be created, the main producer sends everything (logged once).
+    /// The current generation and a producer for a batch's single sends: with `prompt`, the
+    /// prompt producer (`linger.ms` 0, created when first needed), else the main one (the
+    /// configured `linger.ms`). A batch whose reservation's scan found fewer candidates than its
+    /// limit has caught up (`reserve::Scan::caught_up`): no more rows were pending for its
+    /// messages to wait for in librdkafka's queue, so lingering would only delay them (at 1k
+    /// events/s, the 5 ms linger cost 8–10 ms of commit → ack p50: BENCHMARKS.md, "The prompt
+    /// producer"), while a backlog's batches keep the linger that fills produce requests. (An
+    /// aggregate's run of events sent back to back goes to the pipelining producer, which keeps
+    /// the configured linger either way.) The two never hold the same aggregate's messages at
+    /// once: an aggregate's next event is sent only after the previous one's report (or on the
+    /// pipelining producer), and a later batch only after the fence is gone. A fatal one is
+    /// replaced alone ([`Producers::rebuild`]). When the prompt producer cannot be created, the
+    /// main producer sends everything (logged once).
     pub(crate) fn get(&self, prompt: bool) -> (u64, RelayProducer) {
         let wants_prompt =
             prompt && self.prompt_config.is_some() && !self.prompt_refused.load(Ordering::Relaxed);
-        {
+        let generation = {
             let c = self.current.read().unwrap_or_else(|e| e.into_inner());
             match &c.prompt {
                 Some(p) if wants_prompt => return (c.generation, p.clone()),
                 _ if !wants_prompt => return (c.generation, c.producer.clone()),
-                _ => {}
+                _ => c.generation,
             }
-        }
+        };
+        // Created outside the lock (librdkafka starts its threads, loads certificates), so that
+        // sends to the main producer do not wait for it; installed unless a rebuild or another
+        // caller came first.
+        let config = self.prompt_config.as_ref().expect("checked above");
+        let created: KafkaResult<RelayProducer> = config.create_with_context(self.context.clone());
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if c.prompt.is_none() {
-            let config = self.prompt_config.as_ref().expect("checked above");
-            match config.create_with_context(self.context.clone()) {
-                Ok(p) => c.prompt = Some(p),
-                Err(e) => {
-                    self.prompt_refused.store(true, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch");
-                    return (c.generation, c.producer.clone());
+        match created {
+            Ok(p) if c.generation == generation && c.prompt.is_none() => {
+                c.prompt = Some(p.clone());
+                (c.generation, p)
+            }
+            Ok(p) => {
+                retire(p);
+                let current = c.prompt.clone().unwrap_or_else(|| c.producer.clone());
+                (c.generation, current)
+            }
+            Err(e) => {
+                if !self.prompt_refused.swap(true, Ordering::Relaxed) {
+                    // The code only: librdkafka's text may echo a property's value.
+                    let code = e.rdkafka_error_code();
+                    tracing::warn!(error = ?code, "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch");
                 }
+                (c.generation, c.producer.clone())
             }
         }
-        let p = c.prompt.clone().expect("created above");
-        (c.generation, p)
     }
 
     /// The current generation's fatal error, if librdkafka marked its main or prompt producer
@@ -538,25 +552,29 @@ impl Producers {
         })
     }
 
-    /// Replaces the producer of `generation` with a new one (unless another caller already did);
-    /// returns the replaced producer (to [`retire`]), or `None` when nothing was replaced. That
-    /// generation's prompt producer is retired too (the next generation creates its own when
-    /// first needed).
+    /// Replaces whichever producer of `generation` librdkafka made fatal — the main one with a new
+    /// one, the prompt one by none (the next caught-up batch creates it afresh) — unless another
+    /// caller already did, and [`retire`]s it: the other one, healthy, keeps its messages in
+    /// flight (retiring it would purge them, and re-send what may already be written). Whether
+    /// anything was replaced.
     ///
     /// # Errors
-    /// librdkafka's error when a new producer cannot be created; the old one stays.
-    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<Option<RelayProducer>> {
+    /// librdkafka's error when a new main producer cannot be created; the old one stays.
+    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<bool> {
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
         if c.generation != generation {
-            return Ok(None);
+            return Ok(false);
         }
-        let fresh: RelayProducer = self.config.create_with_context(self.context.clone())?;
-        let old = std::mem::replace(&mut c.producer, fresh);
-        if let Some(prompt) = c.prompt.take() {
-            retire(prompt);
+        let prompt_fatal = (c.prompt.as_ref()).is_some_and(|p| p.client().fatal_error().is_some());
+        if c.producer.client().fatal_error().is_some() || !prompt_fatal {
+            let fresh: RelayProducer = self.config.create_with_context(self.context.clone())?;
+            retire(std::mem::replace(&mut c.producer, fresh));
+        }
+        if prompt_fatal {
+            retire(c.prompt.take().expect("checked above"));
         }
         c.generation += 1;
         self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(old))
+        Ok(true)
     }
 }

@@ -170,6 +170,13 @@ pub(crate) struct Scan {
 }
 
 impl Scan {
+    /// Whether the reservation caught up: its scan found fewer candidates than it could take,
+    /// within its byte budget, so no more rows were pending when it ran. (Its rows may still be
+    /// fewer than its limit in a backlog: the gate holds back the rows of aggregates in flight.)
+    pub(crate) fn caught_up(&self) -> bool {
+        !self.cut_by_bytes && self.next_from.is_none()
+    }
+
     /// What the scan of a reservation that returned `rows` found (columns 9 and 11–13 of
     /// `reserve.sql`, the same in every row).
     pub(crate) fn of(rows: &[tokio_postgres::Row]) -> Scan {
