@@ -626,12 +626,16 @@ async fn acl_denied_topic_is_dead_lettered_others_flow() {
 // ----------------------------------------------------------------------------------------------
 
 /// A topic goes from 2 to 6 partitions while the relay runs. What the README states: once the
-/// relay's producer sees the new count (its metadata refresh), a key may hash to another
+/// relay's producers see the new count (their metadata refreshes), a key may hash to another
 /// partition; its later events go there. Checked: every event arrives (at least once: a replay
 /// after a retry is counted, not failed), each key's events are in order within each partition,
-/// and a key changes partition at most once, with all its events before the change in the old
-/// partition and all after it in the new one — so a consumer reading partitions independently
-/// can see a moved key's new events before its old ones.
+/// and — once every producer has refreshed — a key has changed partition at most once, with all
+/// its events before the change in the old partition and all after it in the new one — so a
+/// consumer reading partitions independently can see a moved key's new events before its old
+/// ones. Within the refresh window the main producer (single events) and the pipelining one
+/// (runs) may disagree, and a key may alternate: seen in about one run in five when the runs
+/// followed at once (README, "Adding partitions to a live topic"); the test waits the window
+/// out before the runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_count_increase_moves_keys_once() {
     let Some((_guard, cluster)) = some_cluster().await else {
@@ -695,6 +699,8 @@ async fn partition_count_increase_moves_keys_once() {
         },
     )
     .await;
+    // Three refresh intervals: every producer has seen the new count (see above).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     write(&outbox, &env, &expected, "k", 20, 5).await;
     wait_all_done(&env, Duration::from_secs(60)).await;
     support::stop_and_join(&outbox, handle).await;
