@@ -207,7 +207,7 @@ impl Env {
         for (k, v) in &self.opts.kafka_properties {
             b = b.kafka_property(k, v);
         }
-        b
+        b.prompt_producer(self.opts.prompt_producer)
     }
 }
 

@@ -80,6 +80,9 @@ pub(crate) struct Cli {
     /// before pipelining; recorded in the table's Settings row).
     #[arg(long)]
     pub(crate) per_aggregate: Option<usize>,
+    /// Relay override: `prompt_producer(true)` (recorded in the table's Settings row).
+    #[arg(long)]
+    pub(crate) prompt_producer: bool,
     /// Extra librdkafka property for the relay, e.g. `linger.ms=0` (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_kv)]
     pub(crate) kafka_property: Vec<(String, String)>,
@@ -151,6 +154,8 @@ pub(crate) struct Opts {
     pub(crate) batch_size: Option<usize>,
     pub(crate) batches_in_flight: Option<usize>,
     pub(crate) per_aggregate: Option<usize>,
+    /// `--prompt-producer`: the relay's `prompt_producer(true)`.
+    pub(crate) prompt_producer: bool,
     /// `--kafka-property k=v` (repeatable): extra librdkafka properties for the relay.
     pub(crate) kafka_properties: Vec<(String, String)>,
     /// `--pg-setting name=value` (repeatable): server settings of the throwaway Postgres.
@@ -188,6 +193,7 @@ impl Opts {
             batch_size: cli.batch_size,
             batches_in_flight: cli.batches_in_flight,
             per_aggregate: cli.per_aggregate,
+            prompt_producer: cli.prompt_producer,
             kafka_properties: cli.kafka_property,
             pg_settings: cli.pg_setting,
         };

@@ -562,14 +562,17 @@ pub(crate) fn header(
                     opts.batch_size,
                     opts.batches_in_flight,
                     opts.per_aggregate,
-                    opts.kafka_properties.is_empty() && opts.pg_settings.is_empty(),
+                    opts.kafka_properties.is_empty()
+                        && opts.pg_settings.is_empty()
+                        && !opts.prompt_producer,
                 ) {
                     (None, None, None, true) => String::new(),
                     (b, f, a, _) => format!(
-                        " **except batch_size={} max_batches_in_flight={} max_in_flight_per_aggregate={} kafka properties {:?} Postgres settings {:?}** (flags)",
+                        " **except batch_size={} max_batches_in_flight={} max_in_flight_per_aggregate={} prompt_producer={} kafka properties {:?} Postgres settings {:?}** (flags)",
                         b.map_or("default".into(), |v| v.to_string()),
                         f.map_or("default".into(), |v| v.to_string()),
                         a.map_or("default".into(), |v| v.to_string()),
+                        opts.prompt_producer,
                         opts.kafka_properties,
                         opts.pg_settings
                     ),

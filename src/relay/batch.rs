@@ -41,8 +41,8 @@ impl BatchDone {
 /// stops sending `batch_timeout` after that, not after the reservation started, so that a
 /// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
 /// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
-/// `caught_up`: the reservation found fewer rows than its limit, within its byte budget (the
-/// batch's single sends then go to the prompt producer: see
+/// `caught_up`: the reservation's scan found fewer candidates than its limit, within its byte
+/// budget (`Scan::caught_up`; the batch's single sends then go to the prompt producer: see
 /// [`Producers::get`](super::producer::Producers::get)).
 pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,

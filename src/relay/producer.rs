@@ -492,8 +492,8 @@ impl Producers {
     /// configured `linger.ms`). A batch whose reservation's scan found fewer candidates than its
     /// limit has caught up (`reserve::Scan::caught_up`): no more rows were pending for its
     /// messages to wait for in librdkafka's queue, so lingering would only delay them (at 1k
-    /// events/s, the 5 ms linger cost 8–10 ms of commit → ack p50: BENCHMARKS.md, "The prompt
-    /// producer"), while a backlog's batches keep the linger that fills produce requests. (An
+    /// events/s against one broker, the 5 ms linger cost 8–10 ms of commit → ack p50:
+    /// BENCHMARKS.md, "The prompt producer"), while a backlog's batches keep the linger that fills produce requests. (An
     /// aggregate's run of events sent back to back goes to the pipelining producer, which keeps
     /// the configured linger either way.) The two never hold the same aggregate's messages at
     /// once: an aggregate's next event is sent only after the previous one's report (or on the
@@ -529,9 +529,14 @@ impl Producers {
             }
             Err(e) => {
                 if !self.prompt_refused.swap(true, Ordering::Relaxed) {
-                    // The code only: librdkafka's text may echo a property's value.
-                    let code = e.rdkafka_error_code();
-                    tracing::warn!(error = ?code, "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch");
+                    // librdkafka's text may echo a property's value: secrets are redacted.
+                    let mut text = e.to_string();
+                    for (k, v) in config.config_map() {
+                        if crate::config::is_secret_property(k) && !v.is_empty() {
+                            text = text.replace(v.as_str(), "<redacted>");
+                        }
+                    }
+                    tracing::warn!(error = %printable(&text), "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch from now on");
                 }
                 (c.generation, c.producer.clone())
             }

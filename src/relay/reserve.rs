@@ -171,8 +171,10 @@ pub(crate) struct Scan {
 
 impl Scan {
     /// Whether the reservation caught up: its scan found fewer candidates than it could take,
-    /// within its byte budget, so no more rows were pending when it ran. (Its rows may still be
-    /// fewer than its limit in a backlog: the gate holds back the rows of aggregates in flight.)
+    /// within its byte budget, so no more rows were available to it (pending, due, not locked
+    /// by another batch, not of a fenced aggregate, at or above its start). Its rows may be
+    /// fewer than its limit without that: the gate holds back the rows of aggregates whose
+    /// earlier events are unfinished.
     pub(crate) fn caught_up(&self) -> bool {
         !self.cut_by_bytes && self.next_from.is_none()
     }

@@ -131,6 +131,7 @@ const RELAY_ENV_REMOVED: &[&str] = &[
     "OUTBOX_DEAD_LETTER_POLICY",
     "OUTBOX_ON_DELIVERY",
     "OUTBOX_RETENTION",
+    "OUTBOX_PROMPT_PRODUCER",
 ];
 const RELAY_ARGS: &[&str] = &[
     "run",

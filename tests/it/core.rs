@@ -408,9 +408,9 @@ async fn notify_wakes_idle_relay_within_seconds() {
     stop_and_join(&outbox, handle).await;
 }
 
-/// A batch that caught up (its reservation's scan found fewer candidates than `batch_size`) is
-/// sent at once, whatever `linger.ms` says: this relay holds nothing more for its messages to
-/// wait for (the prompt producer). A backlog's batches keep the configured linger, which fills
+/// With `prompt_producer` on, a batch that caught up (its reservation's scan found fewer
+/// candidates than `batch_size`) is sent at once, whatever `linger.ms` says: this relay holds
+/// nothing more for its messages to wait for. A backlog's batches keep the configured linger, which fills
 /// produce requests — also one whose rows the order gate thinned (its scan found its limit,
 /// half of them held back behind their aggregates' earlier events, which are not due). With
 /// `linger.ms` 8 s: an event committed to an idle relay is consumed within 4 s; then of such a
@@ -425,6 +425,7 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
         builder(&env)
             .await
             .kafka_property("linger.ms", linger.as_millis().to_string())
+            .prompt_producer(true)
             .batch_size(10)
             // Batches wait out the linger rather than hold their messages past their cutoff.
             .batch_timeout(linger + Duration::from_secs(4))

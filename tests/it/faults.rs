@@ -1221,8 +1221,7 @@ async fn check_after_stop(
     pending
 }
 
-/// S12c: `linger.ms=5000`, 100 messages in flight (one full batch, `batch_size` 100: a batch
-/// that caught up would be sent at once), then `stop(1 s)`. The relay ends within
+/// S12c: `linger.ms=5000`, 100 messages in flight, then `stop(1 s)`. The relay ends within
 /// batch_timeout + the stop timeout, `in_flight` is 0, nothing more reaches Kafka afterwards
 /// (queued messages were purged, not sent behind the relay's back), every row is done (and
 /// consumed) or still new, and a new Outbox on the table delivers the rest.
@@ -1239,7 +1238,6 @@ async fn s12c_stop_with_lingering_messages() {
     let batch_timeout = Duration::from_secs(2);
     let outbox = builder(&n, support::postgres().await, &brokers)
         .kafka_property("linger.ms", "5000")
-        .batch_size(100)
         // librdkafka requires message.timeout.ms > linger.ms.
         .publish_timeout(Duration::from_secs(10))
         .batch_timeout(batch_timeout)
@@ -1314,8 +1312,7 @@ async fn s12c_stop_with_lingering_messages() {
 }
 
 /// S12c in a child process, to read librdkafka's own log: the relay (linger.ms=5000) gets SIGTERM
-/// with 100 messages in flight (one full batch, as in S12c), stops within its 1 s stop timeout +
-/// batch timeout, and the
+/// with 100 messages in flight, stops within its 1 s stop timeout + batch timeout, and the
 /// producer is destroyed without librdkafka's "terminating with N messages in queue" warning.
 /// Rows are done (and consumed) or new; a new relay delivers the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1333,7 +1330,6 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
         ("OUTBOX_BATCH_TIMEOUT", "2000ms".into()),
         ("OUTBOX_POLL_INTERVAL", "200ms".into()),
         ("OUTBOX_SHUTDOWN_TIMEOUT", "1000ms".into()),
-        ("OUTBOX_BATCH_SIZE", "100".into()),
     ])
     .args(&["-X", "linger.ms=5000"])
     .spawn();
