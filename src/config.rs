@@ -246,9 +246,10 @@ pub struct Settings {
     /// the builder's `cloudevents_source`).
     #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE"))]
     pub cloudevents_source: Option<String>,
-    /// Send the single events of a batch that caught up with `linger.ms` 0, by a prompt
-    /// producer (see the builder's `prompt_producer`). Off by default.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_PROMPT_PRODUCER"))]
+    /// Send the single events of a batch that caught up (nothing more pending) by a prompt
+    /// producer with `linger.ms` 0 (see the builder's `prompt_producer`). Off by default;
+    /// `--prompt-producer` or `=true`/`=false`, `OUTBOX_PROMPT_PRODUCER=true|false|1|0|yes|no|on|off`.
+    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_PROMPT_PRODUCER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = clap::builder::BoolishValueParser::new()))]
     pub prompt_producer: bool,
 }
 
@@ -454,18 +455,24 @@ impl OutboxBuilder {
     }
 
     /// Sends the single events of a batch that caught up — its reservation's scan found fewer
-    /// rows than it could take, so no more of this relay's could join their produce requests —
-    /// by a second producer of the same properties with `linger.ms` 0, the *prompt producer*,
-    /// instead of letting them wait out the linger (default: off; no effect with `linger.ms` 0).
-    /// A backlog's batches keep the configured `linger.ms`. At 1k events/s against one broker
-    /// it cut commit → ack p50 from 13.6–15.1 ms to 4.4–6.0 ms; against three (`acks=all`,
-    /// brokers sharing the relay's two cores) p50 18–23 → 12–17 ms, but p99 42–62 → 70–130 ms
-    /// and about 0.3 of a core more CPU (BENCHMARKS.md, "The prompt producer").
+    /// candidates than it could take, so no more of this relay's could join their produce
+    /// requests — by a second producer of the same properties with `linger.ms` 0, the *prompt
+    /// producer* (created when the relay starts), instead of letting them wait out the linger
+    /// (default: off; no effect with `linger.ms` 0). Still lingering: a backlog's batches, an
+    /// aggregate's consecutive events for one topic in one batch (sent back to back by the
+    /// pipelining producer), a batch whose scan found exactly its limit (so always with
+    /// `batch_size` 1), and events sent alone. At 1k single-event transactions per second
+    /// against one broker it cut commit → ack p50 from 13.6–15.1 ms to 4.4–6.0 ms; against
+    /// three (`acks=all`, brokers sharing the relay's two cores) p50 18–23 → 12–17 ms, but p99
+    /// 42–62 → 70–130 ms and about 0.3 of a core more CPU (BENCHMARKS.md, "The prompt
+    /// producer").
     ///
-    /// **Why it is off by default:** each producer refreshes its topic metadata on its own, so
-    /// when partitions are added to a live topic, an aggregate's events may alternate between
-    /// its old and new partition until both producers have seen the new count (about one
-    /// `topic.metadata.refresh.interval.ms`, 5 min by default), instead of moving once.
+    /// **Why it is off by default:** that p99 and CPU, and partition increases: each of the
+    /// relay's producers refreshes its topic metadata on its own, so when partitions are added
+    /// to a live topic an aggregate's events may alternate between its old and new partition
+    /// until all of them have seen the new count (about one `topic.metadata.refresh.interval.ms`,
+    /// 5 min by default). The main and pipelining producers already can; one more producer makes
+    /// it likelier (README, "Adding partitions to a live topic").
     pub fn prompt_producer(mut self, on: bool) -> Self {
         self.settings.prompt_producer = on;
         self

@@ -488,7 +488,7 @@ impl Producers {
     }
 
     /// The current generation and a producer for a batch's single sends: with `prompt`, the
-    /// prompt producer (`linger.ms` 0, created when first needed), else the main one (the
+    /// prompt producer (`linger.ms` 0, created when the relay starts), else the main one (the
     /// configured `linger.ms`). A batch whose reservation's scan found fewer candidates than its
     /// limit has caught up (`reserve::Scan::caught_up`): no more rows were pending for its
     /// messages to wait for in librdkafka's queue, so lingering would only delay them (at 1k
@@ -543,6 +543,15 @@ impl Producers {
         }
     }
 
+    /// Creates the prompt producer, if it is configured and not created yet (a blocking call:
+    /// librdkafka starts its threads), so that it has connected and holds a producer id before
+    /// the first batch that caught up.
+    pub(crate) fn warm_prompt(&self) {
+        if self.prompt_config.is_some() {
+            let _warm = self.get(true);
+        }
+    }
+
     /// The current generation's fatal error, if librdkafka marked its main or prompt producer
     /// fatal.
     pub(crate) fn fatal_error(&self) -> Option<(u64, String)> {
@@ -557,9 +566,9 @@ impl Producers {
         })
     }
 
-    /// Replaces whichever producer of `generation` librdkafka made fatal — the main one with a new
-    /// one, the prompt one by none (the next caught-up batch creates it afresh) — unless another
-    /// caller already did, and [`retire`]s it: the other one, healthy, keeps its messages in
+    /// Replaces whichever producer of `generation` librdkafka made fatal with a new one (a prompt
+    /// producer that cannot be created is left to the next batch that caught up) — unless
+    /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its messages in
     /// flight (retiring it would purge them, and re-send what may already be written). Whether
     /// anything was replaced.
     ///
@@ -577,6 +586,8 @@ impl Producers {
         }
         if prompt_fatal {
             retire(c.prompt.take().expect("checked above"));
+            let config = self.prompt_config.as_ref().expect("it existed");
+            c.prompt = config.create_with_context(self.context.clone()).ok();
         }
         c.generation += 1;
         self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);

@@ -1265,6 +1265,15 @@ async fn relay_on_mock(
     mock: &outbox::testing::MockKafka,
     prefix: &str,
 ) -> (Outbox, String, String) {
+    relay_on_mock_with(mock, prefix, |b| b).await
+}
+
+/// [`relay_on_mock`] with `more` applied to the builder.
+async fn relay_on_mock_with(
+    mock: &outbox::testing::MockKafka,
+    prefix: &str,
+    more: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
+) -> (Outbox, String, String) {
     let (table, _) = migrated_table(prefix).await;
     let topic = support::unique_name(&format!("{prefix}_topic"));
     mock.create_topic(&topic, 1).unwrap();
@@ -1281,10 +1290,8 @@ async fn relay_on_mock(
         .lease(Duration::from_secs(10))
         .shutdown_timeout(Duration::from_secs(5))
         .batch_timeout(Duration::from_millis(500))
-        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
-        .connect()
-        .await
-        .expect("connect");
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1));
+    let outbox = more(outbox).connect().await.expect("connect");
     (outbox, table, topic)
 }
 
@@ -1368,6 +1375,67 @@ async fn fatal_producer_is_rebuilt_and_nothing_is_dead_lettered() {
         assert_eq!(seen, vec![0, 1, 2, 3, 4], "key {key} in order: {records:?}");
     }
     support::stop_and_join(&outbox, handle).await;
+}
+
+/// With `prompt_producer` on, whichever producer librdkafka makes fatal is replaced, and the
+/// other keeps working: events one at a time (`max_in_flight_per_aggregate(1)`), first in
+/// batches that caught up (the prompt producer becomes fatal), then with `batch_size(2)` in a
+/// batch that found its limit (the main producer becomes fatal). Every event is delivered, in
+/// order per key, with 0 dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_prompt_or_main_producer_is_replaced() {
+    for (case, batch_size, keys) in [
+        ("prompt", 1000, &["a", "b", "c"][..]),
+        ("main", 2, &["a", "b", "c", "d", "e", "f"][..]),
+    ] {
+        let mock = outbox::testing::MockKafka::start(1).unwrap();
+        let (outbox, _table, topic) = relay_on_mock_with(&mock, &format!("fatal_{case}"), |b| {
+            b.prompt_producer(true)
+                .max_in_flight_per_aggregate(1)
+                .batch_size(batch_size)
+        })
+        .await;
+        let handle = outbox.start().expect("start");
+        write_events(&outbox, &topic, &["warm"], 1).await;
+        support::eventually(HANG, "the warm-up event delivered", || async {
+            let s = outbox.stats();
+            (s.delivered == 1).then_some(()).ok_or(format!("{s:?}"))
+        })
+        .await;
+        outbox::testing::faults::fatal_producer_errors(&mock, 1);
+        let per_key: usize = if case == "prompt" { 3 } else { 1 };
+        write_events(&outbox, &topic, keys, per_key).await;
+        support::eventually(Duration::from_secs(60), "every event delivered", || async {
+            let s = outbox.status().await.map_err(|e| e.to_string())?;
+            assert_eq!(s.dead_letters, 0, "{case}: dead letters: {s:?}");
+            (s.pending == 0)
+                .then_some(())
+                .ok_or(format!("{s:?} {:?}", outbox.stats()))
+        })
+        .await;
+        let stats = outbox.stats();
+        assert!(stats.producer_rebuilds >= 1, "{case}: {stats:?}");
+        let mut reader =
+            outbox::testing::TopicReader::connect(&mock.bootstrap_servers(), &topic, HANG)
+                .await
+                .unwrap();
+        let mut records = reader.read_for(Duration::from_secs(2)).await;
+        records.sort_by_key(|r| r.offset);
+        for key in keys {
+            let mut seen: Vec<i64> = Vec::new();
+            for r in records.iter().filter(|r| r.key_str() == *key) {
+                let n = r.json()["n"].as_i64().unwrap();
+                // A replay restarts at an event already seen and repeats what followed it.
+                if let Some(pos) = seen.iter().position(|&m| m == n) {
+                    seen.truncate(pos);
+                }
+                seen.push(n);
+            }
+            let want: Vec<i64> = (0..per_key as i64).collect();
+            assert_eq!(seen, want, "{case}: key {key} in order: {records:?}");
+        }
+        support::stop_and_join(&outbox, handle).await;
+    }
 }
 
 /// A producer that becomes fatal again after every rebuild (every produce request answered with
