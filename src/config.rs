@@ -55,8 +55,8 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 /// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the
 /// CPU in librdkafka's threads (and more in the brokers) on small produce requests and ran
 /// 25–45 % slower on a 3-node cluster sharing the relay's 2 cores (BENCHMARKS.md, "linger.ms
-/// and the per-aggregate window"). Batches that caught up do not linger (the prompt producer:
-/// `Producers::get`).
+/// and the per-aggregate window"). With `prompt_producer` on, batches that caught up do not
+/// linger (`Producers::get`).
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
 /// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
@@ -403,8 +403,9 @@ impl OutboxBuilder {
     /// lingering fills produce requests (BENCHMARKS.md, "linger.ms and the per-aggregate
     /// window"). With [`prompt_producer`](Self::prompt_producer) on, the other events of a
     /// batch that caught up go to a producer of the same properties with `linger.ms` 0,
-    /// whatever this sets. Properties the relay owns (`enable.idempotence`, `acks`, `message.timeout.ms`,
-    /// `bootstrap.servers`, `delivery.report.only.error`, `queuing.strategy`, …) are refused at
+    /// whatever this sets. Properties the relay owns (`enable.idempotence`, `acks`,
+    /// `message.timeout.ms`, `bootstrap.servers`, `delivery.report.only.error`,
+    /// `queuing.strategy`, …) are refused at
     /// `connect()` with the setting to use instead, under every alias (`request.required.acks`,
     /// `delivery.timeout.ms`) and in the `topic.` form (`topic.acks`). `partitioner` accepts only
     /// partitioners that map a key to one partition (default `murmur2_random`, the Java

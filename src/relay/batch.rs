@@ -42,7 +42,8 @@ impl BatchDone {
 /// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
 /// Postgres' `idle_in_transaction_session_timeout`, also starts counting only then).
 /// `caught_up`: the reservation's scan found fewer candidates than its limit, within its byte
-/// budget (`Scan::caught_up`; the batch's single sends then go to the prompt producer: see
+/// budget (`Scan::caught_up`; with `prompt_producer` on, the batch's single sends then go to the
+/// prompt producer: see
 /// [`Producers::get`](super::producer::Producers::get)).
 pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,

@@ -158,8 +158,8 @@ impl Relay {
         let background = TaskTracker::new();
         let (notifications, armed) = self.spawn_wake_sources(&background, &ctx);
         maintenance::spawn(&background, &ctx);
-        // The prompt producer connects and gets its producer id now, not on the first
-        // caught-up batch (a fresh idempotent producer's first send waited ~0.5 s).
+        // The prompt producer starts, connects and asks for its producer id now, off the first
+        // caught-up batch's path.
         let producers = ctx.producers.clone();
         drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
         let mut pipeline = Pipeline {

@@ -248,7 +248,8 @@ pub(crate) const PIPE_PAUSE: std::time::Duration = std::time::Duration::from_sec
 struct Current {
     generation: u64,
     producer: RelayProducer,
-    /// This generation's prompt producer (see [`Producers::get`]), created when first needed.
+    /// This generation's prompt producer (see [`Producers::get`]), created when the relay starts
+    /// ([`Producers::warm_prompt`]) or else when first needed.
     prompt: Option<RelayProducer>,
 }
 
@@ -490,12 +491,12 @@ impl Producers {
     /// The current generation and a producer for a batch's single sends: with `prompt`, the
     /// prompt producer (`linger.ms` 0, created when the relay starts), else the main one (the
     /// configured `linger.ms`). A batch whose reservation's scan found fewer candidates than its
-    /// limit has caught up (`reserve::Scan::caught_up`): no more rows were pending for its
+    /// limit has caught up (`reserve::Scan::caught_up`): no more rows were available for its
     /// messages to wait for in librdkafka's queue, so lingering would only delay them (at 1k
     /// events/s against one broker, the 5 ms linger cost 8–10 ms of commit → ack p50:
-    /// BENCHMARKS.md, "The prompt producer"), while a backlog's batches keep the linger that fills produce requests. (An
-    /// aggregate's run of events sent back to back goes to the pipelining producer, which keeps
-    /// the configured linger either way.) The two never hold the same aggregate's messages at
+    /// BENCHMARKS.md, "The prompt producer"), while a backlog's batches keep the linger that
+    /// fills produce requests. (An aggregate's run of events sent back to back goes to the
+    /// pipelining producer, which keeps the configured linger either way.) The two never hold the same aggregate's messages at
     /// once: an aggregate's next event is sent only after the previous one's report (or on the
     /// pipelining producer), and a later batch only after the fence is gone. A fatal one is
     /// replaced alone ([`Producers::rebuild`]). When the prompt producer cannot be created, the
@@ -568,9 +569,9 @@ impl Producers {
 
     /// Replaces whichever producer of `generation` librdkafka made fatal with a new one (a prompt
     /// producer that cannot be created is left to the next batch that caught up) — unless
-    /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its messages in
-    /// flight (retiring it would purge them, and re-send what may already be written). Whether
-    /// anything was replaced.
+    /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its
+    /// messages in flight (retiring it would purge them, and re-send what may already be
+    /// written). Whether anything was replaced.
     ///
     /// # Errors
     /// librdkafka's error when a new main producer cannot be created; the old one stays.

@@ -441,6 +441,7 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
         .add_new_event(&tx, ev(&env.topic, "alone", "Prompt", json!({})))
         .await
         .unwrap();
+    let committed = Instant::now();
     tx.commit().await.unwrap();
     read_event(
         &mut reader,
@@ -449,6 +450,10 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
         "a caught-up batch of one event waited out linger.ms",
     )
     .await;
+    eprintln!(
+        "prompt: the first caught-up event was consumed {:?} after its commit",
+        committed.elapsed()
+    );
     support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
     support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
 
