@@ -160,8 +160,10 @@ impl Relay {
         maintenance::spawn(&background, &ctx);
         // The prompt producer starts, connects and asks for its producer id now, off the first
         // caught-up batch's path.
-        let producers = ctx.producers.clone();
-        drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
+        if ctx.settings.prompt_producer {
+            let producers = ctx.producers.clone();
+            drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
+        }
         let mut pipeline = Pipeline {
             wakeups: Wakeups::new(notifications, timing.poll_interval),
             armed,

@@ -786,6 +786,16 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// What [`warm_relay_on_mock`] returns: the cluster, the environment, the relay, its task and a
+/// Postgres client.
+type WarmRelay = (
+    MockKafka,
+    Env,
+    Outbox,
+    tokio::task::JoinHandle<Result<(), Error>>,
+    tokio_postgres::Client,
+);
+
 /// A relay on a one-broker mock cluster (one partition), configured by `configure` with a 5 s
 /// shutdown timeout, started, and warmed up: one event delivered (so the broker can be slowed
 /// down with every connection made). Returns the cluster, the environment, the relay, its task
@@ -793,13 +803,7 @@ async fn overdue_delivery_reports_are_a_kafka_problem_in_health() {
 async fn warm_relay_on_mock(
     prefix: &str,
     configure: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
-) -> (
-    MockKafka,
-    Env,
-    Outbox,
-    tokio::task::JoinHandle<Result<(), Error>>,
-    tokio_postgres::Client,
-) {
+) -> WarmRelay {
     let kafka = MockKafka::start(1).expect("mock cluster");
     let env = setup(prefix, 1, Some(&kafka)).await;
     let outbox = configure(env.builder().shutdown_timeout(Duration::from_secs(5)))
@@ -1014,16 +1018,7 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
 /// fallback tick during the test (only the relay's own full scans look below a scan's start),
 /// and a reader of the topic. The broker answers after 50 ms: at most 40 events per round trip,
 /// so a backlog of thousands lasts seconds.
-async fn scan_start_relay(
-    prefix: &str,
-) -> (
-    MockKafka,
-    Env,
-    Outbox,
-    tokio::task::JoinHandle<Result<(), Error>>,
-    tokio_postgres::Client,
-    TopicReader,
-) {
+async fn scan_start_relay(prefix: &str) -> (WarmRelay, TopicReader) {
     let (kafka, env, outbox, handle, client) = warm_relay_on_mock(prefix, |b| {
         b.batch_size(20)
             .max_batches_in_flight(2)
@@ -1036,7 +1031,7 @@ async fn scan_start_relay(
     kafka
         .broker_round_trip_time(1, Duration::from_millis(50))
         .expect("delay the broker");
-    (kafka, env, outbox, handle, client, reader)
+    ((kafka, env, outbox, handle, client), reader)
 }
 
 /// Aggregates `B0`..`B199` each read with counters `1..=rounds`, in order; then the broker is
@@ -1070,7 +1065,7 @@ async fn check_backlog_and_stop(
 /// the backlog is still pending. Consumed: every event, each aggregate in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
-    let (kafka, env, outbox, handle, mut client, mut reader) = scan_start_relay("latescan").await;
+    let ((kafka, env, outbox, handle, mut client), mut reader) = scan_start_relay("latescan").await;
     // Over 200 aggregates every reservation finds rows (the relay never waits, so it never asks
     // writers to NOTIFY).
     let backlog = |rounds: std::ops::RangeInclusive<i64>| -> Vec<NewEvent> {
@@ -1162,7 +1157,7 @@ async fn a_late_commit_below_the_scan_start_goes_out_during_the_backlog() {
 /// with such scans. None of X's may be published, and all stay pending behind the dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_below_the_scan_start_still_blocks_its_aggregate() {
-    let (kafka, env, outbox, handle, mut client, mut reader) = scan_start_relay("deadscan").await;
+    let ((kafka, env, outbox, handle, mut client), mut reader) = scan_start_relay("deadscan").await;
     client
         .execute(
             &format!(
