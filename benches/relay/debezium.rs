@@ -2,21 +2,17 @@
 //! and its outbox event router SMT (benches/debezium/run), on the same Postgres and broker:
 //! the drain of the same backlog, and commit → record in Kafka at 1k/s.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use futures::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use uuid::Uuid;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::ClientConfig;
 
 use crate::env::{records, Env};
 use crate::events::new_event;
+use crate::latency::{percentiles, read_back};
 use crate::say;
 
 /// Debezium's figures of one run.
@@ -240,38 +236,7 @@ pub(crate) async fn debezium(env: &Env) -> Result<Debezium> {
 async fn latency(env: &Env, table: &str, topic: &str, d: &mut Debezium) -> Result<()> {
     let rate = 1_000.0;
     let writers = 4usize;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.brokers)
-        .set("group.id", format!("bench-dbz-lat-{}", env.run_id))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .set("log_level", "3")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..env.opts.partitions {
-        tpl.add_partition_offset(topic, p, Offset::End)?;
-    }
-    consumer.assign(&tpl)?;
-    let seen: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
-    let reader = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            let mut stream = consumer.stream();
-            while let Some(Ok(m)) = stream.next().await {
-                let now = Instant::now();
-                let id = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|x| x.key == "id")
-                        .and_then(|x| x.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|s| Uuid::parse_str(s.trim_matches('"')).ok())
-                });
-                if let Some(id) = id {
-                    seen.lock().unwrap().insert(id, now);
-                }
-            }
-        })
-    };
+    let (seen, reader) = read_back(env, topic, "id")?;
     // Let the consumer's assignment settle at the end offsets.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let warm = env.opts.lat_warmup;
@@ -330,13 +295,9 @@ async fn latency(env: &Env, table: &str, topic: &str, d: &mut Debezium) -> Resul
             "no Debezium record of the latency run was read back ({missing} missing)"
         ));
     }
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
     let measured = commits.iter().filter(|c| c.2).count();
-    d.p50 = pct(0.5);
-    d.p99 = pct(0.99);
-    d.max = *lat.last().unwrap_or(&f64::NAN);
     d.measured = lat.len();
+    (d.p50, d.p99, d.max) = percentiles(&mut lat);
     d.missing = missing;
     d.achieved = measured as f64 / secs;
     say!(

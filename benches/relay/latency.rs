@@ -10,6 +10,10 @@ use crate::wake::insert_storm;
 use anyhow::Result;
 use futures::StreamExt;
 use outbox::DeliveryEvent;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -41,6 +45,83 @@ pub(crate) struct Latency {
     pub(crate) secs: f64,
     /// p99 of each second of the window (ms).
     pub(crate) per_sec_p99: Vec<f64>,
+    /// Commit → record read back from Kafka (the measure Debezium's row uses).
+    pub(crate) read: ReadBack,
+}
+
+/// Commit → record read back by a consumer assigned to the topic's end offsets
+/// (`fetch.wait.max.ms` 5, as for Debezium's latency): what a downstream consumer sees,
+/// without the relay's confirm commit that precedes its ack.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReadBack {
+    pub(crate) n: usize,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+    /// Measured events never read back.
+    pub(crate) missing: usize,
+}
+
+/// When each event id was first read back.
+pub(crate) type Seen = Arc<Mutex<HashMap<Uuid, Instant>>>;
+
+/// Reads `topic` from its end offsets and records when each record's id header (`header`:
+/// `event_id` for ours, `id` for Debezium's outbox event router) first arrives.
+pub(crate) fn read_back(
+    env: &Env,
+    topic: &str,
+    header: &'static str,
+) -> Result<(Seen, tokio::task::JoinHandle<()>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("bench-read-{}-{topic}", env.run_id))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("log_level", "3")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..env.opts.partitions {
+        tpl.add_partition_offset(topic, p, Offset::End)?;
+    }
+    consumer.assign(&tpl)?;
+    let seen: Seen = Arc::default();
+    let task = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut stream = consumer.stream();
+            while let Some(Ok(m)) = stream.next().await {
+                let now = Instant::now();
+                let id = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == header)
+                        .and_then(|x| x.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|s| Uuid::parse_str(s.trim_matches('"')).ok())
+                });
+                if let Some(id) = id {
+                    seen.lock().unwrap().entry(id).or_insert(now);
+                }
+            }
+        })
+    };
+    Ok((seen, task))
+}
+
+/// p50/p99/max (ms) of `lat`, sorted in place; NaN when empty.
+pub(crate) fn percentiles(lat: &mut [f64]) -> (f64, f64, f64) {
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i]
+    };
+    (
+        pct(0.50),
+        pct(0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+    )
 }
 
 pub(crate) async fn latency(env: &Env, rate: f64, writers: usize) -> Result<Latency> {
@@ -63,6 +144,7 @@ pub(crate) async fn latency_with(
     let table = env.fresh_table(phase).await?;
     let topic = env.create_topic(phase).await?;
     let outbox = env.outbox(&table).connect().await?;
+    let (read, reader) = read_back(env, &topic, "event_id")?;
     let mut acks_stream = outbox.subscribe();
     let handle = outbox.start()?;
     let t_wait = Instant::now();
@@ -173,9 +255,12 @@ pub(crate) async fn latency_with(
     let _ = stats0;
     let writers_done = Instant::now();
     let total = commits.len();
-    while acks.lock().unwrap().len() < total && writers_done.elapsed() < Duration::from_secs(30) {
+    while (acks.lock().unwrap().len() < total || read.lock().unwrap().len() < total)
+        && writers_done.elapsed() < Duration::from_secs(30)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    reader.abort();
     outbox.stop(Duration::from_secs(10)).await?;
     let _ = handle.await;
     let _ = sub.await;
@@ -228,13 +313,29 @@ pub(crate) async fn latency_with(
         "  latency @{rate}/s: p50 per second of the window (ms): {}",
         drift.join(" ")
     );
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return f64::NAN;
+    let (p50, p99, max) = percentiles(&mut lat);
+    let read = {
+        let seen = read.lock().unwrap();
+        let mut lat = Vec::new();
+        let mut missing = 0;
+        for (id, committed, measured) in &commits {
+            match (measured, seen.get(id)) {
+                (false, _) => {}
+                (true, Some(at)) => {
+                    lat.push(at.saturating_duration_since(*committed).as_secs_f64() * 1e3)
+                }
+                (true, None) => missing += 1,
+            }
         }
-        let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
-        lat[i]
+        let n = lat.len();
+        let (p50, p99, max) = percentiles(&mut lat);
+        ReadBack {
+            n,
+            p50,
+            p99,
+            max,
+            missing,
+        }
     };
     // Writers that cannot keep up fall behind their schedule: the achieved rate is the measured
     // events over the time their commits actually took.
@@ -254,9 +355,9 @@ pub(crate) async fn latency_with(
         writers,
         achieved: measured as f64 / took,
         n: lat.len(),
-        p50: pct(0.50),
-        p99: pct(0.99),
-        max: lat.last().copied().unwrap_or(f64::NAN),
+        p50,
+        p99,
+        max,
         missing,
         lagged: lagged.load(Ordering::Relaxed),
         ack_before_commit_returned: early,
@@ -270,13 +371,15 @@ pub(crate) async fn latency_with(
         },
         secs,
         per_sec_p99,
+        read,
     };
     drop(outbox);
     env.drop_table(&table).await;
     env.delete_topic(&topic).await;
     say!(
-        "  latency @{rate}/s ({writers} writers): achieved {:.0}/s, n={}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, missing {}, lagged {}, acks before commit returned {}; {:.1} events per batch; {:.0} % of commits NOTIFYed; CPU {}",
+        "  latency @{rate}/s ({writers} writers): achieved {:.0}/s, n={}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, missing {}, lagged {}, acks before commit returned {}; read back from Kafka: p50 {:.2} ms, p99 {:.2} ms, {} missing; {:.1} events per batch; {:.0} % of commits NOTIFYed; CPU {}",
         l.achieved, l.n, l.p50, l.p99, l.max, l.missing, l.lagged, l.ack_before_commit_returned,
+        l.read.p50, l.read.p99, l.read.missing,
         l.delivered as f64 / l.batches.max(1) as f64,
         100.0 * l.notifications as f64 / (l.achieved * l.secs).max(1.0),
         l.cpu.render()

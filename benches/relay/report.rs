@@ -401,8 +401,15 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
         if let Some(l) = &r.lat1k {
             let ratio = l.p99 / z.p99;
             row(
-                "Our commit → ack p99 at 1k/s / Debezium's",
+                "Our commit → ack p99 at 1k/s / Debezium's commit → record read",
                 format!("**{ratio:.2}** ({:.2} ms / {:.2} ms)", l.p99, z.p99),
+                "≤ 0.2",
+                verdict(ratio <= 0.2),
+            );
+            let ratio = l.read.p99 / z.p99;
+            row(
+                "Like for like: our commit → record read p99 at 1k/s / Debezium's",
+                format!("**{ratio:.2}** ({:.2} ms / {:.2} ms)", l.read.p99, z.p99),
                 "≤ 0.2",
                 verdict(ratio <= 0.2),
             );
@@ -609,10 +616,15 @@ pub(crate) fn header(
 /// The result cell of a latency row.
 fn latency_cell(l: &Latency) -> String {
     format!(
-        "p50 **{:.2} ms**, p99 **{:.2} ms**, max {:.1} ms; achieved {} events/s from {} writers (single-event autocommit INSERTs, paced), {} events measured, {} unacked, {} lagged; {:.1} events per relay batch; CPU {}",
+        "p50 **{:.2} ms**, p99 **{:.2} ms**, max {:.1} ms; read back from Kafka (commit → record read, as Debezium's row): p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} of {} not read; achieved {} events/s from {} writers (single-event autocommit INSERTs, paced), {} events measured, {} unacked, {} lagged; {:.1} events per relay batch; CPU {}",
         l.p50,
         l.p99,
         l.max,
+        l.read.p50,
+        l.read.p99,
+        l.read.max,
+        l.read.missing,
+        num((l.read.n + l.read.missing) as f64),
         num(l.achieved),
         l.writers,
         num(l.n as f64),
