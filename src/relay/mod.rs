@@ -486,7 +486,7 @@ impl Ctx {
     /// what it still holds: those reports come back as purged, their events are retried); after
     /// [`MAX_FATAL_REBUILDS`] rebuilds without a delivery, stops the relay with an error.
     pub(crate) fn check_fatal(&self, generation: u64) {
-        let Some((fatal_generation, reason)) = self.producers.fatal_error() else {
+        let Some((fatal_generation, _, reason)) = self.producers.fatal_error() else {
             return;
         };
         if fatal_generation != generation {
@@ -496,10 +496,10 @@ impl Ctx {
             return;
         };
         match self.producers.rebuild(generation) {
-            Ok(true) => self.report.producer_rebuilt(&reason, streak),
-            Ok(false) => {}
+            Ok(Some(which)) => self.report.producer_rebuilt(which, &reason, streak),
+            Ok(None) => {}
             Err(e) => {
-                tracing::error!(error = %e, fatal = %reason, "outbox relay: the Kafka producer is fatal and cannot be rebuilt");
+                tracing::error!(error = %e, fatal = %reason, "outbox relay: the main Kafka producer is fatal and cannot be rebuilt");
             }
         }
     }
@@ -518,7 +518,8 @@ impl Ctx {
         };
         if code == rdkafka::types::RDKafkaErrorCode::GaplessGuarantee {
             if self.producers.replace_pipe(generation) {
-                metrics::counter!("outbox_producer_rebuilds_total").increment(1);
+                metrics::counter!("outbox_producer_rebuilds_total", "producer" => "pipelining")
+                    .increment(1);
                 tracing::warn!(fatal = %reason, "outbox relay: a record batch of the pipelining producer failed permanently; replaced it (the messages after it are retried, no attempt counted)");
             }
             return;
@@ -527,7 +528,7 @@ impl Ctx {
             return;
         };
         if self.producers.replace_pipe(generation) {
-            self.report.producer_rebuilt(&reason, streak);
+            self.report.producer_rebuilt("pipelining", &reason, streak);
         }
     }
 

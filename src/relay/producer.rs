@@ -554,14 +554,16 @@ impl Producers {
     }
 
     /// The current generation's fatal error, if librdkafka marked its main or prompt producer
-    /// fatal.
-    pub(crate) fn fatal_error(&self) -> Option<(u64, String)> {
+    /// fatal: the generation, which producer (`"main"` or `"prompt"`) and librdkafka's code and
+    /// text.
+    pub(crate) fn fatal_error(&self) -> Option<(u64, &'static str, String)> {
         let c = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let fatal = (c.producer.client().fatal_error())
-            .or_else(|| c.prompt.as_ref()?.client().fatal_error());
-        fatal.map(|(code, reason)| {
+        let fatal = (c.producer.client().fatal_error().map(|f| ("main", f)))
+            .or_else(|| Some(("prompt", c.prompt.as_ref()?.client().fatal_error()?)));
+        fatal.map(|(which, (code, reason))| {
             (
                 c.generation,
+                which,
                 printable(&format!("{code}: {reason}")).to_string(),
             )
         })
@@ -571,17 +573,19 @@ impl Producers {
     /// producer that cannot be created is left to the next batch that caught up) — unless
     /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its
     /// messages in flight (retiring it would purge them, and re-send what may already be
-    /// written). Whether anything was replaced.
+    /// written). Which were replaced (`"main"`, `"prompt"` or `"main and prompt"`), `None` when
+    /// another caller already did.
     ///
     /// # Errors
     /// librdkafka's error when a new main producer cannot be created; the old one stays.
-    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<bool> {
+    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<Option<&'static str>> {
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
         if c.generation != generation {
-            return Ok(false);
+            return Ok(None);
         }
         let prompt_fatal = (c.prompt.as_ref()).is_some_and(|p| p.client().fatal_error().is_some());
-        if c.producer.client().fatal_error().is_some() || !prompt_fatal {
+        let main = c.producer.client().fatal_error().is_some() || !prompt_fatal;
+        if main {
             let fresh: RelayProducer = self.config.create_with_context(self.context.clone())?;
             retire(std::mem::replace(&mut c.producer, fresh));
         }
@@ -592,6 +596,10 @@ impl Producers {
         }
         c.generation += 1;
         self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        Ok(Some(match (main, prompt_fatal) {
+            (true, true) => "main and prompt",
+            (false, true) => "prompt",
+            _ => "main",
+        }))
     }
 }

@@ -62,12 +62,17 @@ impl Reporter {
     }
 
     /// The producer became fatal and was replaced (`streak`: rebuilds since the last delivery).
-    pub(crate) fn producer_rebuilt(&self, fatal: &str, streak: u32) {
-        metrics::counter!("outbox_producer_rebuilds_total").increment(1);
+    /// `which`: the producer(s) replaced (`main`, `prompt`, `main and prompt`, `pipelining`).
+    pub(crate) fn producer_rebuilt(&self, which: &'static str, fatal: &str, streak: u32) {
+        for producer in which.split(" and ") {
+            metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer)
+                .increment(1);
+        }
         tracing::error!(
+            producer = which,
             fatal = %printable(fatal),
             streak,
-            "outbox relay: the Kafka producer became fatal; rebuilt it (its unacknowledged events are retried, no attempt counted)"
+            "outbox relay: a Kafka producer became fatal; rebuilt it (its unacknowledged events are retried, no attempt counted)"
         );
     }
 
@@ -276,10 +281,6 @@ pub(crate) fn register_metrics() {
             "Failed delivery attempts caused by the cluster (unreachable, no leader, not enough replicas, authentication, timeout), not by the event: retried without counting an attempt.",
         ),
         (
-            "outbox_producer_rebuilds_total",
-            "Times the Kafka producer became fatal and was rebuilt.",
-        ),
-        (
             "outbox_order_anomalies_total",
             "Events acknowledged although an earlier event of their pipelined run failed (ruled out by the pipelining producer's settings; any is a bug to report).",
         ),
@@ -287,6 +288,14 @@ pub(crate) fn register_metrics() {
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);
         metrics::counter!(name).increment(0);
+    }
+    describe_counter!(
+        "outbox_producer_rebuilds_total",
+        Unit::Count,
+        "Times a Kafka producer became fatal and was replaced, by producer: main, prompt (linger.ms 0, for batches that caught up), pipelining (an aggregate's events back to back)."
+    );
+    for producer in ["main", "prompt", "pipelining"] {
+        metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer).increment(0);
     }
     describe_gauge!(
         "outbox_backlog_events",

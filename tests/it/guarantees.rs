@@ -1269,25 +1269,6 @@ async fn a_refused_record_batch_in_a_pipelined_run_lets_no_later_event_ahead() {
     stop_and_join(&outbox, handle).await;
 }
 
-/// The process-wide Prometheus recorder (installed on first use), for reading counters.
-fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
-    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .expect("install the Prometheus recorder")
-    })
-}
-
-/// The sum of a counter's series in this process.
-fn counter_value(name: &str) -> f64 {
-    (prometheus().render().lines())
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A pipelined run whose 11th event librdkafka refuses before sending it (over
 /// `message.max.bytes`) while the first ten are in flight on a slow broker and held at the
 /// cutoff: the ten arrive in order, the 11th is a dead letter after one attempt, and no order
@@ -1295,7 +1276,7 @@ fn counter_value(name: &str) -> f64 {
 /// failure, and each on-time delivery was counted and logged as an anomaly).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_refusal_in_a_pipelined_run_is_no_order_anomaly() {
-    let before = counter_value("outbox_order_anomalies_total");
+    let before = support::counter_value("outbox_order_anomalies_total");
     let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("localref", |b| {
         b.publish_timeout(Duration::from_secs(10))
             .batch_timeout(Duration::from_millis(500))
@@ -1340,7 +1321,7 @@ async fn a_local_refusal_in_a_pipelined_run_is_no_order_anomaly() {
         Some(&(1..=10).collect::<Vec<i64>>())
     );
     assert_eq!(
-        counter_value("outbox_order_anomalies_total") - before,
+        support::counter_value("outbox_order_anomalies_total") - before,
         0.0,
         "L 1-10 were written in order before the refused 11th: no anomaly"
     );

@@ -1381,7 +1381,8 @@ async fn fatal_producer_is_rebuilt_and_nothing_is_dead_lettered() {
 /// other keeps working: events one at a time (`max_in_flight_per_aggregate(1)`), first in
 /// batches that caught up (the prompt producer becomes fatal), then with `batch_size(2)` in a
 /// batch that found its limit (the main producer becomes fatal). Every event is delivered, in
-/// order per key, with 0 dead letters.
+/// order per key, with 0 dead letters; `outbox_producer_rebuilds_total{producer}` names the one
+/// replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_prompt_or_main_producer_is_replaced() {
     for (case, batch_size, keys) in [
@@ -1402,6 +1403,8 @@ async fn a_fatal_prompt_or_main_producer_is_replaced() {
             (s.delivered == 1).then_some(()).ok_or(format!("{s:?}"))
         })
         .await;
+        let series = format!("outbox_producer_rebuilds_total{{producer=\"{case}\"}}");
+        let before = support::counter_value(&series);
         outbox::testing::faults::fatal_producer_errors(&mock, 1);
         let per_key: usize = if case == "prompt" { 3 } else { 1 };
         write_events(&outbox, &topic, keys, per_key).await;
@@ -1415,6 +1418,11 @@ async fn a_fatal_prompt_or_main_producer_is_replaced() {
         .await;
         let stats = outbox.stats();
         assert!(stats.producer_rebuilds >= 1, "{case}: {stats:?}");
+        assert!(
+            support::counter_value(&series) - before >= 1.0,
+            "{case}: {series} not counted: {}",
+            support::prometheus().render()
+        );
         let mut reader =
             outbox::testing::TopicReader::connect(&mock.bootstrap_servers(), &topic, HANG)
                 .await

@@ -1503,3 +1503,23 @@ pub fn run_isolated(name: &str) -> bool {
     }
     unreachable!("the last attempt returns or panics")
 }
+
+/// The process-wide Prometheus recorder (installed on first use), for reading counters.
+pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the Prometheus recorder")
+    })
+}
+
+/// The sum of a counter's series in this process whose line starts with `prefix` (a name, or a
+/// name with its labels: `outbox_producer_rebuilds_total{producer="main"}`).
+pub fn counter_value(prefix: &str) -> f64 {
+    (prometheus().render().lines())
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
