@@ -1344,6 +1344,9 @@ pub struct RelaySql {
     pub fence: String,
     /// Session settings of the batch connections (besides `idle_in_transaction_session_timeout`).
     pub session_setup: String,
+    /// Sent in the batch transaction just before `confirm`, in the same round trip (the confirm's
+    /// plan settings).
+    pub confirm_setup: String,
 }
 
 /// The relay's producer configuration with its default settings and `brokers` as
@@ -1380,5 +1383,6 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
         late_fail: sql.late_fail,
         fence: sql.fence,
         session_setup: crate::relay::BATCH_SESSION_SETUP.to_string(),
+        confirm_setup: crate::relay::CONFIRM_SETUP.to_string(),
     }
 }

@@ -146,6 +146,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     load_backlog(env, &table, &env.topic(phase), n).await?;
     let reserve = relay_sql(&table, false).reserve;
     let confirm = relay_sql(&table, delete).confirm;
+    let confirm_setup = Arc::new(relay_sql(&table, delete).confirm_setup);
     let mut explain = Vec::new();
     explain.push(explain_reserve(env, &table, "fresh backlog").await?);
     let confirmed = Arc::new(AtomicU64::new(0));
@@ -172,6 +173,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
             .await?;
         let confirm = client.prepare(&confirm).await?;
         let confirmed = confirmed.clone();
+        let confirm_setup = confirm_setup.clone();
         let fence_client = fence_client.clone();
         let fence = fence.clone();
         let scan = scan.clone();
@@ -249,6 +251,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 let params: [&(dyn postgres_types::ToSql + Sync); 7] =
                     [&ids, &codes, &parts, &offs, &errs, &delays, &batch_id];
                 futures::try_join!(
+                    client.batch_execute(&confirm_setup),
                     client.execute(&confirm, &params),
                     client.batch_execute("commit")
                 )?;

@@ -54,9 +54,10 @@ use self::reserve::{Ask, Reserver};
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
 use self::wake::{Wake, Wakeups};
 
+#[cfg(feature = "testing")]
+pub(crate) use self::confirm::CONFIRM_SETUP;
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
-#[cfg(feature = "testing")]
 pub(crate) use self::reserve::{Scan, BATCH_SESSION_SETUP};
 
 /// Everything the relay's stages share.

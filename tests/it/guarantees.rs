@@ -1845,6 +1845,101 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
     plan
 }
 
+/// The relay's confirm reads the table by primary key however many delivered rows it keeps: on
+/// 30,000 `done` rows and a 500-row batch, the planner on its own prefers a sequential scan of
+/// every row into a hash join (a confirm's cost then grows with the table, up to hundreds of
+/// thousands of rows for a 1,000-row batch); the relay's `confirm_setup`, sent before the confirm
+/// in its transaction, keeps it on the primary key. The plan of a custom plan with the batch's
+/// values, as the relay's sessions plan it (`plan_cache_mode = force_custom_plan`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confirm_reads_by_primary_key_however_many_rows_are_kept() {
+    let client = support::connect_pg().await;
+    let table = support::unique_name("confirmplan");
+    outbox::migrate_table(&client, &table, "outbox")
+        .await
+        .unwrap_or_else(|e| panic!("migrating {table}: {e}"));
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload, status, published_at)
+               select 'a' || (g % 1000), 't', 'x', '{{}}', 'done', now()
+                 from generate_series(1, 30000) g;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+               select 'a' || g, 't', 'x', '{{}}' from generate_series(1, 500) g;
+             analyze {table}"
+        ))
+        .await
+        .unwrap();
+    let ids: Vec<String> = client
+        .query(
+            &format!("select id::text from {table} where status = 'new'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let n = ids.len();
+    assert_eq!(n, 500);
+    let sql = outbox::testing::relay_sql(&table, false);
+    let plan = |setup: String| {
+        let (client, sql, ids) = (&client, &sql, &ids);
+        async move {
+            // Everything in a transaction that rolls back: the session and the rows stay as they
+            // were.
+            client
+                .batch_execute(&format!(
+                    "begin; {}; {setup}; prepare confirm_plan as {}",
+                    sql.session_setup, sql.confirm
+                ))
+                .await
+                .unwrap();
+            let array = |v: String| {
+                format!(
+                    "'{{{}}}'",
+                    std::iter::repeat_n(v, n).collect::<Vec<_>>().join(",")
+                )
+            };
+            let plan = client
+                .query(
+                    &format!(
+                        "explain execute confirm_plan('{{{}}}', {}, {}, {}, {}, {}, '{}')",
+                        ids.join(","),
+                        array("1".into()),
+                        array("0".into()),
+                        array("7".into()),
+                        array("NULL".into()),
+                        array("0".into()),
+                        uuid::Uuid::new_v4()
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n");
+            client
+                .batch_execute("deallocate confirm_plan; rollback")
+                .await
+                .unwrap();
+            plan
+        }
+    };
+    let own = plan("select 1".into()).await;
+    assert!(
+        own.contains(&format!("Seq Scan on {table} ")),
+        "the premise: on its own the planner scans the whole table:\n{own}"
+    );
+    let relay = plan(sql.confirm_setup.clone()).await;
+    assert!(
+        relay.contains(&format!("Index Scan using {table}_pkey"))
+            && !relay.contains(&format!("Seq Scan on {table} ")),
+        "the relay's confirm reads by primary key:\n{relay}"
+    );
+}
+
 async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(
