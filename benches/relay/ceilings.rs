@@ -128,6 +128,8 @@ pub(crate) struct PgCeiling {
     pub(crate) secs: f64,
     pub(crate) rate: f64,
     pub(crate) batches: usize,
+    /// Rows asked per reservation: the relay's `batch_size` (its default, or `--batch-size`).
+    pub(crate) batch_size: usize,
     pub(crate) reserve_ms: f64,
     pub(crate) fence_ms: f64,
     pub(crate) confirm_ms: f64,
@@ -149,6 +151,10 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     let confirm_setup = Arc::new(relay_sql(&table, delete).confirm_setup);
     let mut explain = Vec::new();
     explain.push(explain_reserve(env, &table, "fresh backlog").await?);
+    let batch_size = env
+        .opts
+        .batch_size
+        .unwrap_or(outbox::Settings::default().batch_size);
     let confirmed = Arc::new(AtomicU64::new(0));
     // The relay's fence connection: autocommit, shared by its batches.
     let fence_client = Arc::new(env.connect("bench-pg-ceiling-fence").await?);
@@ -180,7 +186,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
         tasks.push(tokio::spawn(async move {
             let mut batches: Vec<(f64, f64, f64, usize)> = Vec::new();
             let mut empty = 0usize;
-            let limit = 1000i64;
+            let limit = batch_size as i64;
             // The relay's default byte budget (max_batch_bytes).
             let budget = 16i64 << 20;
             let deadline = Instant::now() + Duration::from_secs(600);
@@ -288,6 +294,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
         secs,
         rate: n as f64 / secs,
         batches: all.len(),
+        batch_size,
         reserve_ms: avg(&all, |b| b.0),
         fence_ms: avg(&all, |b| b.1),
         confirm_ms: avg(&all, |b| b.2),

@@ -138,10 +138,11 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
             row(
                 name,
                 format!(
-                    "{} rows/s ({} rows in {:.2} s); per 1,000-row batch: reserve {:.1} ms (first 10 batches {:.1}, last 10 {:.1}), fence {:.1} ms, confirm + commit {:.1} ms. `relay_sql()` checked against the running relay: {}. EXPLAIN ANALYZE of the reservation: {}",
+                    "{} rows/s ({} rows in {:.2} s); per {}-row batch (the relay's batch_size): reserve {:.1} ms (first 10 batches {:.1}, last 10 {:.1}), fence {:.1} ms, confirm + commit {:.1} ms. `relay_sql()` checked against the running relay: {}. EXPLAIN ANALYZE of the reservation: {}",
                     num(p.rate),
                     num(p.n as f64),
                     p.secs,
+                    num(p.batch_size as f64),
                     p.reserve_ms,
                     p.first_reserve_ms,
                     p.last_reserve_ms,

@@ -1824,25 +1824,28 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
         .batch_execute(&format!("begin; {}", sql.session_setup))
         .await
         .unwrap();
-    let plan = client
-        .query(
-            &format!(
-                "explain {}",
-                sql.reserve
-                    .replace("$1", "1000")
-                    .replace("$2", "16777216")
-                    .replace("$3", "(-9223372036854775807 - 1)")
-            ),
-            &[],
-        )
+    let plan = explain(
+        client,
+        &sql.reserve
+            .replace("$1", "1000")
+            .replace("$2", "16777216")
+            .replace("$3", "(-9223372036854775807 - 1)"),
+    )
+    .await;
+    client.batch_execute("rollback").await.unwrap();
+    plan
+}
+
+/// The lines of `explain <statement>`, joined.
+async fn explain(client: &tokio_postgres::Client, statement: &str) -> String {
+    client
+        .query(&format!("explain {statement}"), &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
-        .join("\n");
-    client.batch_execute("rollback").await.unwrap();
-    plan
+        .join("\n")
 }
 
 /// The relay's confirm reads the table by primary key however many delivered rows it keeps: on
@@ -1900,26 +1903,20 @@ async fn the_confirm_reads_by_primary_key_however_many_rows_are_kept() {
                     std::iter::repeat_n(v, n).collect::<Vec<_>>().join(",")
                 )
             };
-            let plan = client
-                .query(
-                    &format!(
-                        "explain execute confirm_plan('{{{}}}', {}, {}, {}, {}, {}, '{}')",
-                        ids.join(","),
-                        array("1".into()),
-                        array("0".into()),
-                        array("7".into()),
-                        array("NULL".into()),
-                        array("0".into()),
-                        uuid::Uuid::new_v4()
-                    ),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n");
+            let plan = explain(
+                client,
+                &format!(
+                    "execute confirm_plan('{{{}}}', {}, {}, {}, {}, {}, '{}')",
+                    ids.join(","),
+                    array("1".into()),
+                    array("0".into()),
+                    array("7".into()),
+                    array("NULL".into()),
+                    array("0".into()),
+                    uuid::Uuid::new_v4()
+                ),
+            )
+            .await;
             client
                 .batch_execute("deallocate confirm_plan; rollback")
                 .await
