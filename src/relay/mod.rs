@@ -58,6 +58,7 @@ use self::wake::{Wake, Wakeups};
 pub(crate) use self::confirm::CONFIRM_SETUP;
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
+#[cfg(feature = "testing")]
 pub(crate) use self::reserve::{Scan, BATCH_SESSION_SETUP};
 
 /// Everything the relay's stages share.
