@@ -483,8 +483,8 @@ impl OutboxBuilder {
     ///
     /// Each batch pays fixed costs (the reservation's scan, the fence's commit, the wait for its
     /// last acknowledgement, the confirm's commit) and feeds librdkafka in bursts: against three
-    /// `acks=all` brokers on a 2-core machine, 2,000-row batches drained 25–30 % faster than
-    /// 1,000-row ones (fuller produce requests: the brokers' CPU per event fell from 14–16 µs to
+    /// `acks=all` brokers on a 2-core machine, 2,000-row batches drained 14–27 % faster than
+    /// 1,000-row ones in interleaved runs (fuller produce requests: the brokers' CPU per event fell from 14–16 µs to
     /// 9–10 µs), and 5,000 fell back (BENCHMARKS.md, "Batch size"). Smaller batches confirm
     /// sooner in a backlog; at low rates batches are small whatever the setting.
     ///
@@ -518,7 +518,7 @@ impl OutboxBuilder {
     }
 
     /// Most messages of one aggregate handed to the producer and not yet acknowledged,
-    /// 1..=10,000 and at most `max_in_flight` (default 1,000: a whole default batch; a gated
+    /// 1..=10,000 and at most `max_in_flight` (default 1,000: half a default batch; a gated
     /// backlog's batch of one aggregate, up to `batch_size` × `max_batches_in_flight` events, is
     /// sent as a sliding window of this many).
     /// Above 1, an aggregate's consecutive events for the same topic are sent back to back
