@@ -172,6 +172,22 @@ impl Outbox {
             crate::schema::check(&admin, &settings.table, &settings.channel),
         )
         .await?;
+        // Plans on a table Postgres never analyzed are quadratic in the batch (see the function).
+        let analyzed = crate::pg::bounded(
+            "analyze",
+            pg.timeout,
+            crate::schema::analyze_if_never_analyzed(&admin, &settings.table),
+        )
+        .await;
+        match analyzed {
+            Ok(true) => {
+                tracing::info!(table = %settings.table, "outbox: the table had never been analyzed (the planner would take a batch's candidates for one row); analyzed it")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(table = %settings.table, error = %e, "outbox: the table has never been analyzed and ANALYZE failed; reservations may be slow until autovacuum analyzes it (or run ANALYZE as its owner)")
+            }
+        }
         let relay_sql = Arc::new(RelaySql::new(
             &settings.table,
             settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,

@@ -570,6 +570,30 @@ fn describe_missing(missing: &[Missing]) -> String {
         .join(", ")
 }
 
+/// Runs `ANALYZE` on `table` when Postgres has never analyzed it (`pg_class.reltuples` < 0,
+/// Postgres ≥ 14: a table created, restored or upgraded since, before autovacuum's first
+/// analyze): the planner then takes the reservation's candidates and gate for one row each and
+/// joins them with a nested loop, quadratic in the batch (EXPLAIN ANALYZE on 20k fresh rows:
+/// 122 ms for 1,000 rows, 443 ms for 2,000, 1,737 ms for 4,000, against 7, 14 and 26 ms after
+/// any `ANALYZE`, even of the empty table). Whether it analyzed.
+///
+/// # Errors
+/// The Postgres error (e.g. the role does not own the table); the caller only logs it.
+pub(crate) async fn analyze_if_never_analyzed(client: &Client, table: &str) -> Result<bool> {
+    let never: Option<bool> = client
+        .query_opt(
+            "select c.reltuples < 0 from pg_class c where c.oid = to_regclass($1::text)",
+            &[&table],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if never != Some(true) {
+        return Ok(false);
+    }
+    client.batch_execute(&format!("analyze {table}")).await?;
+    Ok(true)
+}
+
 /// Checks, for a relay, that `table` is migrated to [`SCHEMA_VERSION`] and notifies on
 /// `channel`, that its columns and objects are what the relay relies on, and that the connected
 /// role has the relay's privileges. Every problem found is reported at once.

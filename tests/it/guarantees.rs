@@ -1937,6 +1937,46 @@ async fn the_confirm_reads_by_primary_key_however_many_rows_are_kept() {
     );
 }
 
+/// `connect()` analyzes a table Postgres never analyzed (a fresh or restored table before
+/// autovacuum's first analyze), whose reservation plans are quadratic in the batch: after it,
+/// `pg_class.reltuples` is set and the reservation's `kept` join is no nested loop over the
+/// candidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_analyzes_a_table_postgres_never_analyzed() {
+    let mock = MockKafka::start(1).unwrap();
+    let db = support::fresh_database().await;
+    let env = setup_in("neveranalyzed", 1, Some(&mock), db).await;
+    let client = pg(&env).await;
+    let table = env.table.as_str();
+    // No autovacuum on it during the test: only connect() may analyze it.
+    client
+        .batch_execute(&format!(
+            "alter table {table} set (autovacuum_enabled = false);
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+               select 'a' || g, 't', 'x', '{{}}' from generate_series(1, 5000) g"
+        ))
+        .await
+        .unwrap();
+    let reltuples = || async {
+        client
+            .query_one(
+                "select reltuples::float8 from pg_class where oid = to_regclass($1::text)",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get::<_, f64>(0)
+    };
+    assert!(reltuples().await < 0.0, "the premise: never analyzed");
+    let outbox = env.builder().connect().await.expect("connect");
+    assert!(
+        reltuples().await >= 1000.0,
+        "connect() analyzed the table: reltuples {}",
+        reltuples().await
+    );
+    drop(outbox);
+}
+
 async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(
