@@ -257,7 +257,13 @@ impl Reporter {
 /// have a series to evaluate before the first event (a counter otherwise appears only when it
 /// first increases).
 pub(crate) fn register_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    register_counters();
+    describe_gauges();
+}
+
+/// The counters, each at zero; the rebuilds once per producer label.
+fn register_counters() {
+    use metrics::{describe_counter, Unit};
     let counters = [
         (
             "outbox_events_delivered_total",
@@ -297,41 +303,51 @@ pub(crate) fn register_metrics() {
     for producer in ["main", "prompt", "pipelining"] {
         metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer).increment(0);
     }
-    describe_gauge!(
-        "outbox_backlog_events",
-        Unit::Count,
-        "Pending events (every 10 s)."
-    );
-    describe_gauge!(
-        "outbox_retrying_events",
-        Unit::Count,
-        "Pending events waiting for a retry."
-    );
-    describe_gauge!(
-        "outbox_dead_letter_events",
-        Unit::Count,
-        "Dead letters in the table."
-    );
-    describe_gauge!(
-        "outbox_oldest_pending_age_seconds",
-        Unit::Seconds,
-        "Age of the oldest pending event."
-    );
-    describe_gauge!(
-        "outbox_legacy_reservations",
-        Unit::Count,
-        "Rows with a live reservation of another relay (the original Go relay still running)."
-    );
-    describe_gauge!(
-        "outbox_in_flight_messages",
-        Unit::Count,
-        "Messages sent, not yet acknowledged."
-    );
-    describe_gauge!(
-        "outbox_oldest_transaction_age_seconds",
-        Unit::Seconds,
-        "Age of the transaction holding the oldest snapshot in the database."
-    );
+}
+
+/// The gauges and the histogram (they have no value before the relay sets one).
+fn describe_gauges() {
+    use metrics::{describe_gauge, describe_histogram, Unit};
+    let gauges = [
+        (
+            "outbox_backlog_events",
+            Unit::Count,
+            "Pending events (every 10 s).",
+        ),
+        (
+            "outbox_retrying_events",
+            Unit::Count,
+            "Pending events waiting for a retry.",
+        ),
+        (
+            "outbox_dead_letter_events",
+            Unit::Count,
+            "Dead letters in the table.",
+        ),
+        (
+            "outbox_oldest_pending_age_seconds",
+            Unit::Seconds,
+            "Age of the oldest pending event.",
+        ),
+        (
+            "outbox_legacy_reservations",
+            Unit::Count,
+            "Rows with a live reservation of another relay (the original Go relay still running).",
+        ),
+        (
+            "outbox_in_flight_messages",
+            Unit::Count,
+            "Messages sent, not yet acknowledged.",
+        ),
+        (
+            "outbox_oldest_transaction_age_seconds",
+            Unit::Seconds,
+            "Age of the transaction holding the oldest snapshot in the database.",
+        ),
+    ];
+    for (name, unit, help) in gauges {
+        describe_gauge!(name, unit, help);
+    }
     describe_histogram!(
         "outbox_commit_to_ack_seconds",
         Unit::Seconds,
