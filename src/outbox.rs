@@ -84,7 +84,8 @@ pub struct RelayStats {
     /// authentication, timeout), not by the event: retried without counting an attempt (also
     /// counted in `retried`).
     pub kafka_unavailable: u64,
-    /// Times the Kafka producer became fatal and was rebuilt.
+    /// Kafka producers that became fatal and were replaced (main, prompt or pipelining; two
+    /// replaced at once count two): `outbox_producer_rebuilds_total` summed over its labels.
     pub producer_rebuilds: u64,
 }
 
@@ -119,7 +120,8 @@ pub struct Health {
     pub kafka_problem: Option<String>,
     /// Since when `kafka_problem` has lasted; unhealthy once longer than `max_pending_age`.
     pub kafka_problem_since: Option<DateTime<Utc>>,
-    /// Times the Kafka producer became fatal and was rebuilt since the relay started.
+    /// Kafka producers that became fatal and were replaced since the relay started (as
+    /// [`RelayStats::producer_rebuilds`]).
     pub producer_rebuilds: u64,
 }
 

@@ -520,7 +520,7 @@ impl Ctx {
         };
         if code == rdkafka::types::RDKafkaErrorCode::GaplessGuarantee {
             if self.producers.replace_pipe(generation) {
-                metrics::counter!("outbox_producer_rebuilds_total", "producer" => "pipelining")
+                metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer::PIPELINING)
                     .increment(1);
                 tracing::warn!(fatal = %reason, "outbox relay: a record batch of the pipelining producer failed permanently; replaced it (the messages after it are retried, no attempt counted)");
             }
@@ -530,7 +530,8 @@ impl Ctx {
             return;
         };
         if self.producers.replace_pipe(generation) {
-            self.report.producer_rebuilt("pipelining", &reason, streak);
+            self.report
+                .producer_rebuilt(&[producer::PIPELINING], &reason, streak);
         }
     }
 

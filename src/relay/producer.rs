@@ -15,6 +15,16 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, 
 
 use crate::text::printable;
 
+/// The `producer` label of `outbox_producer_rebuilds_total` (and the rebuild log) for the main
+/// producer.
+pub(crate) const MAIN: &str = "main";
+/// The label for the prompt producer (`linger.ms` 0, for batches that caught up).
+pub(crate) const PROMPT: &str = "prompt";
+/// The label for the pipelining producer (an aggregate's events back to back).
+pub(crate) const PIPELINING: &str = "pipelining";
+/// Every label, each registered at 0.
+pub(crate) const LABELS: [&str; 3] = [MAIN, PROMPT, PIPELINING];
+
 /// The relay's producer type.
 pub(crate) type RelayProducer = FutureProducer<RelayContext>;
 
@@ -554,12 +564,12 @@ impl Producers {
     }
 
     /// The current generation's fatal error, if librdkafka marked its main or prompt producer
-    /// fatal: the generation, which producer (`"main"` or `"prompt"`) and librdkafka's code and
+    /// fatal: the generation, which producer ([`MAIN`] or [`PROMPT`]) and librdkafka's code and
     /// text.
     pub(crate) fn fatal_error(&self) -> Option<(u64, &'static str, String)> {
         let c = self.current.read().unwrap_or_else(|e| e.into_inner());
-        let fatal = (c.producer.client().fatal_error().map(|f| ("main", f)))
-            .or_else(|| Some(("prompt", c.prompt.as_ref()?.client().fatal_error()?)));
+        let fatal = (c.producer.client().fatal_error().map(|f| (MAIN, f)))
+            .or_else(|| Some((PROMPT, c.prompt.as_ref()?.client().fatal_error()?)));
         fatal.map(|(which, (code, reason))| {
             (
                 c.generation,
@@ -573,12 +583,12 @@ impl Producers {
     /// producer that cannot be created is left to the next batch that caught up) — unless
     /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its
     /// messages in flight (retiring it would purge them, and re-send what may already be
-    /// written). Which were replaced (`"main"`, `"prompt"` or `"main and prompt"`), `None` when
-    /// another caller already did.
+    /// written). Which were replaced (labels [`MAIN`], [`PROMPT`]), `None` when another caller
+    /// already did. Each producer replaced counts one rebuild (as in `outbox_producer_rebuilds_total`).
     ///
     /// # Errors
     /// librdkafka's error when a new main producer cannot be created; the old one stays.
-    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<Option<&'static str>> {
+    pub(crate) fn rebuild(&self, generation: u64) -> KafkaResult<Option<&'static [&'static str]>> {
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
         if c.generation != generation {
             return Ok(None);
@@ -595,11 +605,16 @@ impl Producers {
             c.prompt = config.create_with_context(self.context.clone()).ok();
         }
         c.generation += 1;
-        self.context.state.rebuilds.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(match (main, prompt_fatal) {
-            (true, true) => "main and prompt",
-            (false, true) => "prompt",
-            _ => "main",
-        }))
+        let replaced: &'static [&'static str] = match (main, prompt_fatal) {
+            (true, true) => &[MAIN, PROMPT],
+            (false, true) => &[PROMPT],
+            _ => &[MAIN],
+        };
+        let count = u64::try_from(replaced.len()).unwrap_or(u64::MAX);
+        self.context
+            .state
+            .rebuilds
+            .fetch_add(count, Ordering::Relaxed);
+        Ok(Some(replaced))
     }
 }

@@ -62,14 +62,14 @@ impl Reporter {
     }
 
     /// The producer became fatal and was replaced (`streak`: rebuilds since the last delivery).
-    /// `which`: the producer(s) replaced (`main`, `prompt`, `main and prompt`, `pipelining`).
-    pub(crate) fn producer_rebuilt(&self, which: &'static str, fatal: &str, streak: u32) {
-        for producer in which.split(" and ") {
+    /// `which`: the producers replaced (labels from [`super::producer::LABELS`]).
+    pub(crate) fn producer_rebuilt(&self, which: &[&'static str], fatal: &str, streak: u32) {
+        for &producer in which {
             metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer)
                 .increment(1);
         }
         tracing::error!(
-            producer = which,
+            producer = %which.join(" and "),
             fatal = %printable(fatal),
             streak,
             "outbox relay: a Kafka producer became fatal; rebuilt it (its unacknowledged events are retried, no attempt counted)"
@@ -300,7 +300,7 @@ fn register_counters() {
         Unit::Count,
         "Times a Kafka producer became fatal and was replaced, by producer: main, prompt (linger.ms 0, for batches that caught up), pipelining (an aggregate's events back to back)."
     );
-    for producer in ["main", "prompt", "pipelining"] {
+    for producer in super::producer::LABELS {
         metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer).increment(0);
     }
 }
