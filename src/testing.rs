@@ -682,6 +682,20 @@ pub async fn connect(
     Ok(client)
 }
 
+/// Connects with `config` (no TLS) as the relay connects its sessions of `role` (`"batch"`,
+/// `"fence"`, `"listener"`, `"waker"`, `"cleanup"`, `"admin"`, …): with the session parameters
+/// the relay sends as startup options (or `SET`s where a server refuses them), so that a test
+/// can read what such a session really runs with.
+///
+/// # Errors
+/// The Postgres error of the connect.
+pub async fn connect_as_relay(
+    config: &tokio_postgres::Config,
+    role: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    crate::pg::Pg::plain(config.clone()).connect(role).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mock Kafka
 // ---------------------------------------------------------------------------------------------

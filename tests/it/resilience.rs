@@ -308,6 +308,90 @@ async fn database_defaults_cannot_end_relay_sessions() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A setting of the session `c` (`SHOW name`).
+async fn show(c: &tokio_postgres::Client, name: &str) -> String {
+    c.query_one(&format!("show {name}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A database whose defaults are `serializable` and JIT for every statement (`jit_above_cost =
+/// 0`) changes neither for the relay: each of its sessions runs read committed (the isolation
+/// its SQL is written for; a serializable relay would also take predicate locks that can fail
+/// writers' transactions) with JIT off (a custom plan would be compiled on every execution:
+/// ~1 s for the reservation). Read on sessions connected exactly as the relay connects each
+/// role; and a relay on that database delivers every event, in order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() {
+    support::init_tracing();
+    let db_config = support::fresh_database().await;
+    let db = db_config.get_dbname().unwrap().to_string();
+    let admin = support::connect_pg().await;
+    admin
+        .batch_execute(&format!(
+            "alter database {db} set default_transaction_isolation = 'serializable';
+             alter database {db} set jit = on;
+             alter database {db} set jit_above_cost = 0"
+        ))
+        .await
+        .unwrap();
+    // The premise: a session with the database's defaults has them.
+    let plain = outbox::testing::connect(&db_config).await.unwrap();
+    assert_eq!(
+        show(&plain, "default_transaction_isolation").await,
+        "serializable"
+    );
+    assert_eq!(show(&plain, "jit_above_cost").await, "0");
+    for role in [
+        "batch", "fence", "late", "listener", "waker", "metrics", "cleanup", "admin",
+    ] {
+        let session = outbox::testing::connect_as_relay(&db_config, role)
+            .await
+            .unwrap_or_else(|e| panic!("{role}: {e}"));
+        assert_eq!(
+            show(&session, "default_transaction_isolation").await,
+            "read committed",
+            "{role}"
+        );
+        assert_eq!(show(&session, "jit").await, "off", "{role}");
+    }
+    let table = support::unique_name("iso");
+    let topic = support::fresh_topic("iso_topic", 2).await;
+    let outbox = on_table(db_config.clone(), &table)
+        .migrate(true)
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    // The writer keeps the database's defaults (serializable).
+    let writer = outbox::testing::connect(&db_config).await.unwrap();
+    for n in 0..60 {
+        let aggregate = format!("a{}", n % 3);
+        outbox
+            .add_new_event(
+                &writer,
+                NewEvent::new(&topic, &aggregate, "T", json!({"n": n})),
+            )
+            .await
+            .unwrap();
+    }
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 60, HANG).await;
+    assert_eq!(records.len(), 60);
+    for aggregate in ["a0", "a1", "a2"] {
+        let ns: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key_str() == aggregate)
+            .map(|r| r.json()["n"].as_i64().unwrap())
+            .collect();
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, sorted, "{aggregate}: order");
+        assert_eq!(ns.len(), 20, "{aggregate}");
+    }
+    support::stop_and_join(&outbox, relay).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.4 Hostile rows (admin side)
 // ----------------------------------------------------------------------------------------------
