@@ -146,7 +146,14 @@ fn options_refused(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Connects with `with_options`; when the server refuses the options, with `plain` and `SET`s.
+/// A placeholder setting sent with the session parameters as a startup option and read back
+/// once connected: a pooler that accepts `options` but drops them (PgBouncer with `options` in
+/// `ignore_startup_parameters`; Odyssey) leaves it unset, and the parameters are then `SET`.
+const OPTIONS_APPLIED: (&str, &str) = ("outbox.session_options", "applied");
+
+/// Connects with `with_options` (the parameters and [`OPTIONS_APPLIED`] as startup options);
+/// when the server refuses them, with `plain` and `SET`s; when it accepted but did not apply
+/// them, `SET`s on that session.
 async fn connect_with<M>(
     with_options: Config,
     plain: Config,
@@ -161,7 +168,29 @@ where
     <M::TlsConnect as TlsConnect<Socket>>::Future: Send,
 {
     match with_options.connect(tls.clone()).await {
-        Ok((client, conn)) => Ok((client, tokio::spawn(drive(conn, on_notification)))),
+        Ok((client, conn)) => {
+            let task = tokio::spawn(drive(conn, on_notification));
+            let probe = format!(
+                "select current_setting('{}', true) is not distinct from '{}'",
+                OPTIONS_APPLIED.0, OPTIONS_APPLIED.1
+            );
+            let applied = client
+                .simple_query(&probe)
+                .await?
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v == "t"),
+                    _ => None,
+                })
+                .unwrap_or(false);
+            if !applied {
+                tracing::info!(
+                    "postgres accepted the session parameters as startup options but did not apply them (a pooler that drops `options`?); setting them with SET"
+                );
+                set_each(&client, params).await?;
+            }
+            Ok((client, task))
+        }
         Err(e) if options_refused(&e) => {
             tracing::info!(
                 error = %crate::error::PgErrorDisplay(&e),
@@ -169,24 +198,31 @@ where
             );
             let (client, conn) = plain.connect(tls).await?;
             let task = tokio::spawn(drive(conn, on_notification));
-            for (k, v) in params {
-                match client.batch_execute(&format!("set {k} = '{v}'")).await {
-                    Ok(()) => {}
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) =>
-                    {
-                        tracing::debug!(
-                            parameter = k,
-                            "postgres does not know this parameter; skipped"
-                        )
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            set_each(&client, params).await?;
             Ok((client, task))
         }
         Err(e) => Err(e),
     }
+}
+
+/// `SET`s each parameter on the session; one the server does not know is skipped.
+async fn set_each(
+    client: &Client,
+    params: &[(&'static str, String)],
+) -> Result<(), tokio_postgres::Error> {
+    for (k, v) in params {
+        match client.batch_execute(&format!("set {k} = '{v}'")).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
+                tracing::debug!(
+                    parameter = k,
+                    "postgres does not know this parameter; skipped"
+                )
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The startup `options` of a relay session: the connection string's own `options` (if any),
@@ -198,8 +234,18 @@ fn startup_options(theirs: Option<&str>, params: &[(&'static str, String)]) -> S
         .map(|(k, v)| format!("-c {k}={}", v.replace('\\', "\\\\").replace(' ', "\\ ")))
         .collect::<Vec<_>>()
         .join(" ");
-    match theirs {
-        Some(o) if !o.trim().is_empty() => format!("{o} {ours}"),
+    match theirs.map(str::trim_end) {
+        // A lone backslash at the end escapes nothing on its own (the server drops it), but
+        // would escape the space before ours: drop it.
+        Some(o) if !o.trim().is_empty() => {
+            let trailing = o.len() - o.trim_end_matches('\\').len();
+            let o = if trailing % 2 == 1 {
+                &o[..o.len() - 1]
+            } else {
+                o
+            };
+            format!("{o} {ours}")
+        }
         _ => ours,
     }
 }
@@ -304,8 +350,10 @@ impl Pg {
         let mut plain = self.config.clone();
         plain.application_name(format!("outbox-relay-{role}"));
         let params = self.session_params(role);
+        let mut flagged = params.clone();
+        flagged.push((OPTIONS_APPLIED.0, OPTIONS_APPLIED.1.to_string()));
         let mut with_options = plain.clone();
-        with_options.options(startup_options(plain.get_options(), &params));
+        with_options.options(startup_options(plain.get_options(), &flagged));
         match &self.tls {
             Tls::None => {
                 connect_with(
@@ -493,6 +541,15 @@ mod tests {
         assert_eq!(
             startup_options(Some("-c search_path=app"), &params),
             format!("-c search_path=app {expected}")
+        );
+        // A lone trailing backslash would escape the joining space; an escaped one is kept.
+        assert_eq!(
+            startup_options(Some(r"-c search_path=app\"), &params),
+            format!("-c search_path=app {expected}")
+        );
+        assert_eq!(
+            startup_options(Some(r"-c search_path=app\\"), &params),
+            format!(r"-c search_path=app\\ {expected}")
         );
     }
 }

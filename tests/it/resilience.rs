@@ -684,6 +684,12 @@ impl Bouncer {
 /// Starts Debian's `pgbouncer` with `pool_mode`, or `None` (with a clear message) when the
 /// binary is not installed.
 async fn start_pgbouncer(pool_mode: &str) -> Option<Bouncer> {
+    start_pgbouncer_ignoring(pool_mode, "extra_float_digits").await
+}
+
+/// [`start_pgbouncer`] with its `ignore_startup_parameters` (with `options` in it, PgBouncer
+/// accepts a client's startup `options` and drops them).
+async fn start_pgbouncer_ignoring(pool_mode: &str, ignore: &str) -> Option<Bouncer> {
     let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
         .map(std::path::PathBuf::from)
@@ -699,7 +705,7 @@ async fn start_pgbouncer(pool_mode: &str) -> Option<Bouncer> {
         format!(
             "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = {pool_mode}\n\
-             max_client_conn = 100\ndefault_pool_size = 30\nignore_startup_parameters = extra_float_digits\n",
+             max_client_conn = 100\ndefault_pool_size = 30\nignore_startup_parameters = {ignore}\n",
             upstream.ip(),
             upstream.port(),
             users.display()
@@ -812,6 +818,71 @@ async fn pgbouncer_session_pooling_works() {
         .unwrap();
     let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
     assert_eq!(records.len(), 1);
+    support::stop_and_join(&outbox, relay).await;
+}
+
+/// Behind PgBouncer with `options` in `ignore_startup_parameters` (accepted and dropped, no
+/// error) on a database whose defaults are `serializable` and `jit_above_cost = 0`, the relay's
+/// sessions still run read committed with JIT off and their own timeouts (the relay reads back
+/// a marker option and `SET`s its parameters when it is missing); the relay delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
+    support::init_tracing();
+    let Some(bouncer) = start_pgbouncer_ignoring("session", "extra_float_digits, options").await
+    else {
+        eprintln!("SKIPPED pgbouncer_dropping_startup_options_cannot_change_relay_sessions: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let direct = database_with_defaults(&[
+        "default_transaction_isolation = 'serializable'",
+        "jit_above_cost = 0",
+        "jit = on",
+    ])
+    .await;
+    let mut cfg = bouncer.config();
+    cfg.dbname(direct.get_dbname().unwrap());
+    // The premise: this PgBouncer drops startup options without an error.
+    let mut dropped = cfg.clone();
+    dropped.options("-c jit=off");
+    let plain = outbox::testing::connect(&dropped).await.unwrap();
+    assert_eq!(
+        show(&plain, "jit").await,
+        "on",
+        "the option reached Postgres"
+    );
+    for role in ["batch", "fence", "waker", "admin"] {
+        let session = outbox::testing::connect_as_relay(&cfg, role)
+            .await
+            .unwrap_or_else(|e| panic!("{role}: {e}"));
+        assert_eq!(
+            show(&session, "default_transaction_isolation").await,
+            "read committed",
+            "{role}"
+        );
+        assert_eq!(show(&session, "jit").await, "off", "{role}");
+        assert_eq!(show(&session, "idle_session_timeout").await, "0", "{role}");
+    }
+    let table = support::unique_name("bouncer_drop");
+    let topic = support::fresh_topic("bouncer_drop_topic", 1).await;
+    let outbox = on_table(cfg.clone(), &table)
+        .migrate(true)
+        .connect()
+        .await
+        .expect("session pooling is accepted");
+    let relay = outbox.start().unwrap();
+    let w = outbox::testing::connect(&cfg).await.unwrap();
+    for n in 0..20 {
+        outbox
+            .add_new_event(&w, NewEvent::new(&topic, "a", "T", json!({"n": n})))
+            .await
+            .unwrap();
+    }
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 20, HANG).await;
+    let ns: Vec<i64> = records
+        .iter()
+        .map(|r| r.json()["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..20).collect::<Vec<i64>>());
     support::stop_and_join(&outbox, relay).await;
 }
 
