@@ -123,26 +123,37 @@ pub struct Health {
     /// Kafka producers that became fatal and were replaced since the relay started (as
     /// [`RelayStats::producer_rebuilds`]).
     pub producer_rebuilds: u64,
+    /// The relay pipeline's last Postgres error (a reservation, fence or confirm that failed:
+    /// e.g. "permission denied for table events", "cannot execute SELECT FOR UPDATE in a
+    /// read-only transaction", a timeout), with the server's message. Cleared by the next
+    /// confirmed batch or a reservation that found nothing pending.
+    pub postgres_problem: Option<String>,
+    /// Since when `postgres_problem` has lasted; unhealthy once longer than `max_pending_age`.
+    pub postgres_problem_since: Option<DateTime<Utc>>,
 }
 
 impl Health {
     /// Healthy: running, listener connected (when used), no pending event older than
-    /// `max_pending_age`, no Kafka problem lasting longer than `max_pending_age`, and no row
+    /// `max_pending_age`, no Kafka or Postgres problem lasting longer than `max_pending_age`,
+    /// and no row
     /// reserved by another relay (a Go relay still running against the table, see
     /// [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do not make the
     /// relay unhealthy (alert on them separately).
     pub fn is_healthy(&self, max_pending_age: Duration) -> bool {
         // A `since` in the future (the clock went back) counts as just begun.
-        let kafka_ok = self.kafka_problem_since.is_none_or(|since| {
-            (Utc::now() - since)
-                .to_std()
-                .map_or(true, |lasted| lasted <= max_pending_age)
-        });
+        let short = |since: &Option<DateTime<Utc>>| {
+            since.is_none_or(|since| {
+                (Utc::now() - since)
+                    .to_std()
+                    .map_or(true, |lasted| lasted <= max_pending_age)
+            })
+        };
         self.running
             && self.listener_connected != Some(false)
             && self.oldest_pending_age.is_none_or(|a| a <= max_pending_age)
             && self.legacy_reservations == 0
-            && kafka_ok
+            && short(&self.kafka_problem_since)
+            && short(&self.postgres_problem_since)
     }
 }
 
@@ -374,7 +385,10 @@ impl Outbox {
         let stats = self.stats();
         let status = self.status().await?;
         let kafka = self.inner.producers.state().current();
+        let postgres = self.inner.counters.postgres_problem();
         Ok(Health {
+            postgres_problem_since: postgres.as_ref().map(|p| p.1),
+            postgres_problem: postgres.map(|p| p.0),
             kafka_problem_since: kafka.as_ref().map(|p| p.since),
             kafka_problem: kafka.map(|p| p.error),
             producer_rebuilds: stats.producer_rebuilds,

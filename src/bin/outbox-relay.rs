@@ -690,6 +690,8 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "kafka_problem": h.kafka_problem,
                         "kafka_problem_since": h.kafka_problem_since,
                         "producer_rebuilds": h.producer_rebuilds,
+                        "postgres_problem": h.postgres_problem,
+                        "postgres_problem_since": h.postgres_problem_since,
                     });
                     (if healthy { 200 } else { 503 }, body)
                 }

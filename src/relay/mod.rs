@@ -281,6 +281,7 @@ impl Pipeline {
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
+                ctx.report.postgres_ok();
                 // Nothing although the batch in flight was full: the gate holds the backlog.
                 let gated = self.last_full && !self.batches.is_empty();
                 if from != i64::MIN && !gated {

@@ -3,7 +3,7 @@
 //! `metrics` counters and gauges, and the log lines.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,19 @@ pub(crate) struct Counters {
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
+    /// The pipeline's last Postgres failure (reservation, fence or confirm) and since when they
+    /// have lasted; cleared by a confirmed batch or a reservation that found nothing.
+    pub(crate) postgres_problem: Mutex<Option<(String, DateTime<Utc>)>>,
+}
+
+impl Counters {
+    /// The pipeline's Postgres problem, if any: the last error's text and since when.
+    pub(crate) fn postgres_problem(&self) -> Option<(String, DateTime<Utc>)> {
+        self.postgres_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Where every stage reports to.
@@ -93,11 +106,31 @@ impl Reporter {
         self.counters
             .reserve_failures
             .fetch_add(1, Ordering::Relaxed);
+        self.postgres_failed(e);
         tracing::warn!(error = %e, ?delay, "outbox relay: reservation failed; retrying");
     }
 
     pub(crate) fn fence_failed(&self, e: &crate::Error) {
+        self.postgres_failed(e);
         tracing::warn!(error = %e, "outbox relay: cannot fence the batch; releasing it");
+    }
+
+    /// Records `e` as the pipeline's Postgres problem (keeping since when they have lasted).
+    fn postgres_failed(&self, e: &crate::Error) {
+        let mut p = (self.counters.postgres_problem)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let since = p.as_ref().map_or_else(Utc::now, |(_, since)| *since);
+        *p = Some((printable(&e.to_string()).to_string(), since));
+    }
+
+    /// The pipeline's Postgres round trips work again: a batch was confirmed, or a reservation
+    /// found nothing to reserve.
+    pub(crate) fn postgres_ok(&self) {
+        let mut p = (self.counters.postgres_problem)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *p = None;
     }
 
     /// A message was handed to the producer (`+1`) or left the relay's hands (`-1`).
@@ -115,6 +148,7 @@ impl Reporter {
         outcomes: &[Outcome],
         acked_after: Duration,
     ) {
+        self.postgres_ok();
         let now = Utc::now();
         let mut delivered = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
@@ -222,6 +256,7 @@ impl Reporter {
             .fetch_add(1, Ordering::Relaxed)
             + 1;
         metrics::counter!("outbox_confirm_failures_total").increment(1);
+        self.postgres_failed(e);
         tracing::error!(
             confirm_failures_total = streak,
             error = %e,

@@ -393,6 +393,73 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() 
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// When the pipeline's Postgres round trips keep failing — here its sessions are read-only
+/// (`ALTER DATABASE … SET default_transaction_read_only = on`, as for maintenance) — health
+/// names the server's error and turns unhealthy once it lasted longer than `max_pending_age`,
+/// even with nothing pending; once the database is writable again the relay's new sessions
+/// reserve, the problem clears and an event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
+    support::init_tracing();
+    let db_config = support::fresh_database().await;
+    let db = db_config.get_dbname().unwrap().to_string();
+    let table = support::unique_name("pgprob");
+    let topic = support::fresh_topic("pgprob_topic", 1).await;
+    let outbox = on_table(db_config.clone(), &table)
+        .migrate(true)
+        .connect()
+        .await
+        .unwrap();
+    let admin = support::connect_pg().await;
+    admin
+        .batch_execute(&format!(
+            "alter database {db} set default_transaction_read_only = on"
+        ))
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let lasting = Duration::from_millis(300);
+    let health = support::eventually(HANG, "a lasting Postgres problem in health", || async {
+        let h = outbox.health().await.map_err(|e| e.to_string())?;
+        match &h.postgres_problem_since {
+            Some(since) if (chrono::Utc::now() - *since).to_std().unwrap_or_default() > lasting => {
+                Ok(h)
+            }
+            _ => Err(format!("{h:?}")),
+        }
+    })
+    .await;
+    let problem = health.postgres_problem.clone().unwrap();
+    assert!(problem.contains("read-only transaction"), "{problem}");
+    assert_eq!(health.backlog, 0, "{health:?}");
+    assert!(!health.is_healthy(lasting), "{health:?}");
+    assert!(health.is_healthy(Duration::from_secs(3600)), "{health:?}");
+    admin
+        .batch_execute(&format!(
+            "alter database {db} reset default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    support::eventually(HANG, "the problem cleared", || async {
+        let h = outbox.health().await.map_err(|e| e.to_string())?;
+        if h.postgres_problem.is_none() && h.postgres_problem_since.is_none() {
+            Ok(())
+        } else {
+            Err(format!("{h:?}"))
+        }
+    })
+    .await;
+    let w = outbox::testing::connect(&db_config).await.unwrap();
+    outbox
+        .add_new_event(&w, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
+    assert_eq!(records.len(), 1);
+    assert!(outbox.health().await.unwrap().is_healthy(lasting));
+    support::stop_and_join(&outbox, relay).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.4 Hostile rows (admin side)
 // ----------------------------------------------------------------------------------------------
