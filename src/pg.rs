@@ -296,8 +296,9 @@ impl Pg {
             // The relay's SQL is written for read committed (each statement sees what committed
             // before it: the gate, the fences, the holds). A `serializable` default would also
             // take predicate locks on the outbox table that can fail writers' transactions
-            // (SQLSTATE 40001), and `repeatable read` fails reservations that meet a row
-            // confirmed since their snapshot.
+            // (SQLSTATE 40001, its own reservations and confirms too), and under `repeatable
+            // read` a confirm does not see the fence committed after its reservation's
+            // snapshot, leaves it, and the batch's aggregates wait for it to expire.
             ("default_transaction_isolation", "read committed".into()),
             // No JIT: a plan whose estimated cost crosses `jit_above_cost` (100,000 by default;
             // a scan disabled by `enable_*` but still chosen adds 10^10) is compiled on every
