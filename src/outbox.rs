@@ -125,8 +125,11 @@ pub struct Health {
     pub producer_rebuilds: u64,
     /// The relay pipeline's last Postgres error (a reservation, fence or confirm that failed:
     /// e.g. "permission denied for table events", "cannot execute SELECT FOR UPDATE in a
-    /// read-only transaction", a timeout), with the server's message. Cleared by the next
-    /// confirmed batch or a reservation that found nothing pending.
+    /// read-only transaction", a timeout): the server's severity, SQLSTATE and message (not its
+    /// detail, which can quote a row; the log line has it), at most 512 bytes. Cleared by the
+    /// next confirmed batch, or by a reservation that found nothing pending unless a fence or
+    /// confirm failed within twice the fence's lifetime (`batch_timeout` + `publish_timeout` +
+    /// 1 s).
     pub postgres_problem: Option<String>,
     /// Since when `postgres_problem` has lasted; unhealthy once longer than `max_pending_age`.
     pub postgres_problem_since: Option<DateTime<Utc>>,
@@ -387,8 +390,8 @@ impl Outbox {
         let kafka = self.inner.producers.state().current();
         let postgres = self.inner.counters.postgres_problem();
         Ok(Health {
-            postgres_problem_since: postgres.as_ref().map(|p| p.1),
-            postgres_problem: postgres.map(|p| p.0),
+            postgres_problem_since: postgres.as_ref().map(|p| p.since),
+            postgres_problem: postgres.map(|p| p.error),
             kafka_problem_since: kafka.as_ref().map(|p| p.since),
             kafka_problem: kafka.map(|p| p.error),
             producer_rebuilds: stats.producer_rebuilds,

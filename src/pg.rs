@@ -146,19 +146,26 @@ fn options_refused(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// A placeholder setting sent with the session parameters as a startup option and read back
-/// once connected: a pooler that accepts `options` but drops them (PgBouncer with `options` in
-/// `ignore_startup_parameters`; Odyssey) leaves it unset, and the parameters are then `SET`.
-const OPTIONS_APPLIED: (&str, &str) = ("outbox.session_options", "applied");
+/// A placeholder setting sent with the session parameters as a startup option, with a value
+/// fresh for each connect, and read back once connected: a pooler that accepts `options` but
+/// drops them (PgBouncer with `options` in `ignore_startup_parameters`; Odyssey) leaves it unset
+/// (or at a role's or database's default, which cannot match), and the parameters are then
+/// `SET`.
+const OPTIONS_MARKER: &str = "outbox.session_options";
 
-/// Connects with `with_options` (the parameters and [`OPTIONS_APPLIED`] as startup options);
-/// when the server refuses them, with `plain` and `SET`s; when it accepted but did not apply
-/// them, `SET`s on that session.
+/// Logged once per process at info (then at debug): a pooler dropped the startup options.
+static DROPPED_OPTIONS_LOGGED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Connects with `with_options` (the parameters and [`OPTIONS_MARKER`] = `marker` as startup
+/// options); when the server refuses them, with `plain` and `SET`s; when it accepted but did not
+/// apply them, `SET`s on that session.
 async fn connect_with<M>(
     with_options: Config,
     plain: Config,
     tls: M,
     params: &[(&'static str, String)],
+    marker: &str,
     on_notification: Option<Box<dyn Fn() + Send>>,
 ) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error>
 where
@@ -171,8 +178,7 @@ where
         Ok((client, conn)) => {
             let task = tokio::spawn(drive(conn, on_notification));
             let probe = format!(
-                "select current_setting('{}', true) is not distinct from '{}'",
-                OPTIONS_APPLIED.0, OPTIONS_APPLIED.1
+                "select current_setting('{OPTIONS_MARKER}', true) is not distinct from '{marker}'"
             );
             let applied = client
                 .simple_query(&probe)
@@ -184,9 +190,12 @@ where
                 })
                 .unwrap_or(false);
             if !applied {
-                tracing::info!(
-                    "postgres accepted the session parameters as startup options but did not apply them (a pooler that drops `options`?); setting them with SET"
-                );
+                const TEXT: &str = "postgres accepted the session parameters as startup options but did not apply them (a pooler that drops `options`?); setting them with SET";
+                if DROPPED_OPTIONS_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!("{TEXT}");
+                } else {
+                    tracing::info!("{TEXT} (logged once)");
+                }
                 set_each(&client, params).await?;
             }
             Ok((client, task))
@@ -351,8 +360,9 @@ impl Pg {
         let mut plain = self.config.clone();
         plain.application_name(format!("outbox-relay-{role}"));
         let params = self.session_params(role);
+        let marker = uuid::Uuid::new_v4().simple().to_string();
         let mut flagged = params.clone();
-        flagged.push((OPTIONS_APPLIED.0, OPTIONS_APPLIED.1.to_string()));
+        flagged.push((OPTIONS_MARKER, marker.clone()));
         let mut with_options = plain.clone();
         with_options.options(startup_options(plain.get_options(), &flagged));
         match &self.tls {
@@ -362,13 +372,22 @@ impl Pg {
                     plain,
                     tokio_postgres::NoTls,
                     &params,
+                    &marker,
                     on_notification,
                 )
                 .await
             }
             #[cfg(feature = "postgres-rustls")]
             Tls::Rustls(tls) => {
-                connect_with(with_options, plain, tls.clone(), &params, on_notification).await
+                connect_with(
+                    with_options,
+                    plain,
+                    tls.clone(),
+                    &params,
+                    &marker,
+                    on_notification,
+                )
+                .await
             }
         }
     }

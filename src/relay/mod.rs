@@ -281,7 +281,9 @@ impl Pipeline {
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
-                ctx.report.postgres_ok();
+                // Twice the fence's lifetime: a failed batch's aggregates are retried after it.
+                ctx.report
+                    .reservation_empty(ctx.timing.fence.saturating_mul(2));
                 // Nothing although the batch in flight was full: the gate holds the backlog.
                 let gated = self.last_full && !self.batches.is_empty();
                 if from != i64::MIN && !gated {

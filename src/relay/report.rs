@@ -31,19 +31,61 @@ pub(crate) struct Counters {
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
-    /// The pipeline's last Postgres failure (reservation, fence or confirm) and since when they
-    /// have lasted; cleared by a confirmed batch or a reservation that found nothing.
-    pub(crate) postgres_problem: Mutex<Option<(String, DateTime<Utc>)>>,
+    /// The pipeline's Postgres problem, if any (see [`PostgresProblem`]).
+    pub(crate) postgres_problem: Mutex<Option<PostgresProblem>>,
 }
 
+/// The pipeline's failing Postgres round trips (reservation, fence, confirm) since the last
+/// success: cleared by a confirmed batch, or by a reservation that found nothing unless a batch
+/// failed recently (a batch that cannot be confirmed leaves its aggregates fenced, so the
+/// reservations in between find nothing: they do not show that batches work).
+#[derive(Debug, Clone)]
+pub(crate) struct PostgresProblem {
+    /// The last failure: the server's severity, SQLSTATE and message (no detail: it can quote
+    /// a row), at most [`PROBLEM_TEXT_MAX`] bytes.
+    pub(crate) error: String,
+    /// The first failure since the last success.
+    pub(crate) since: DateTime<Utc>,
+    /// When a fence or confirm last failed.
+    batch_failed_at: Option<std::time::Instant>,
+}
+
+/// Longest [`PostgresProblem::error`], in bytes.
+const PROBLEM_TEXT_MAX: usize = 512;
+
 impl Counters {
-    /// The pipeline's Postgres problem, if any: the last error's text and since when.
-    pub(crate) fn postgres_problem(&self) -> Option<(String, DateTime<Utc>)> {
+    /// The pipeline's Postgres problem, if any.
+    pub(crate) fn postgres_problem(&self) -> Option<PostgresProblem> {
         self.postgres_problem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
+
+/// `e` as health shows it: for a server error its severity, SQLSTATE and message — not its
+/// detail, which can quote a row's values (`Failing row contains (…)`) on an endpoint that
+/// usually has no authentication — printable, at most [`PROBLEM_TEXT_MAX`] bytes.
+fn problem_text(e: &crate::Error) -> String {
+    let text = match e.as_db_error() {
+        Some(db) => format!(
+            "postgres: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        ),
+        None => e.to_string(),
+    };
+    let mut text = printable(&text).to_string();
+    if text.len() > PROBLEM_TEXT_MAX {
+        let mut end = PROBLEM_TEXT_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Where every stage reports to.
@@ -106,31 +148,53 @@ impl Reporter {
         self.counters
             .reserve_failures
             .fetch_add(1, Ordering::Relaxed);
-        self.postgres_failed(e);
+        self.postgres_failed(e, false);
         tracing::warn!(error = %e, ?delay, "outbox relay: reservation failed; retrying");
     }
 
     pub(crate) fn fence_failed(&self, e: &crate::Error) {
-        self.postgres_failed(e);
+        self.postgres_failed(e, true);
         tracing::warn!(error = %e, "outbox relay: cannot fence the batch; releasing it");
     }
 
-    /// Records `e` as the pipeline's Postgres problem (keeping since when they have lasted).
-    fn postgres_failed(&self, e: &crate::Error) {
+    /// Records `e` as the pipeline's Postgres problem (keeping since when they have lasted);
+    /// `batch`: a fence or confirm failed (else a reservation).
+    fn postgres_failed(&self, e: &crate::Error, batch: bool) {
         let mut p = (self.counters.postgres_problem)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let since = p.as_ref().map_or_else(Utc::now, |(_, since)| *since);
-        *p = Some((printable(&e.to_string()).to_string(), since));
+        let last = p.take();
+        *p = Some(PostgresProblem {
+            error: problem_text(e),
+            since: last.as_ref().map_or_else(Utc::now, |l| l.since),
+            batch_failed_at: if batch {
+                Some(std::time::Instant::now())
+            } else {
+                last.and_then(|l| l.batch_failed_at)
+            },
+        });
     }
 
-    /// The pipeline's Postgres round trips work again: a batch was confirmed, or a reservation
-    /// found nothing to reserve.
-    pub(crate) fn postgres_ok(&self) {
+    /// A batch was confirmed: the pipeline's Postgres round trips work.
+    fn batch_succeeded(&self) {
+        *(self.counters.postgres_problem)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A reservation found nothing to reserve: the problem is over unless a fence or confirm
+    /// failed within `quiet` (the fence's lifetime: until then the failed batch's aggregates
+    /// are not reserved, so an empty reservation shows nothing about batches).
+    pub(crate) fn reservation_empty(&self, quiet: Duration) {
         let mut p = (self.counters.postgres_problem)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        *p = None;
+        if p.as_ref()
+            .and_then(|p| p.batch_failed_at)
+            .is_none_or(|at| at.elapsed() > quiet)
+        {
+            *p = None;
+        }
     }
 
     /// A message was handed to the producer (`+1`) or left the relay's hands (`-1`).
@@ -148,7 +212,7 @@ impl Reporter {
         outcomes: &[Outcome],
         acked_after: Duration,
     ) {
-        self.postgres_ok();
+        self.batch_succeeded();
         let now = Utc::now();
         let mut delivered = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
@@ -256,7 +320,7 @@ impl Reporter {
             .fetch_add(1, Ordering::Relaxed)
             + 1;
         metrics::counter!("outbox_confirm_failures_total").increment(1);
-        self.postgres_failed(e);
+        self.postgres_failed(e, true);
         tracing::error!(
             confirm_failures_total = streak,
             error = %e,

@@ -460,6 +460,74 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A confirm that keeps failing (a trigger refuses the update to `done`) is a lasting Postgres
+/// problem: health keeps naming it, with the same `since`, through the reservations in between
+/// (an empty one does not clear it while batches fail); it shows the server's message, not its
+/// detail (which can quote a row); once the trigger is gone the event is delivered and the
+/// problem clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_keeps_naming_a_confirm_that_keeps_failing() {
+    support::init_tracing();
+    let (table, client) = migrated_table("confprob").await;
+    let topic = support::fresh_topic("confprob_topic", 1).await;
+    client
+        .batch_execute(&format!(
+            "create function {table}_block() returns trigger language plpgsql as $$
+             begin raise exception 'confirm blocked by a test' using detail = 'row secret-detail'; end $$;
+             create trigger {table}_block before update on {table} for each row
+               when (new.status = 'done') execute function {table}_block();"
+        ))
+        .await
+        .unwrap();
+    let outbox = on_table(support::postgres().await, &table)
+        .poll_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let first = support::eventually(HANG, "the failing confirm in health", || async {
+        let h = outbox.health().await.map_err(|e| e.to_string())?;
+        match (&h.postgres_problem, h.postgres_problem_since) {
+            (Some(p), Some(since)) => Ok((p.clone(), since)),
+            _ => Err(format!("{h:?}")),
+        }
+    })
+    .await;
+    assert!(first.0.contains("confirm blocked by a test"), "{}", first.0);
+    assert!(!first.0.contains("secret-detail"), "{}", first.0);
+    let confirms = outbox.stats().confirm_failures;
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let h = outbox.health().await.unwrap();
+        assert_eq!(h.postgres_problem_since, Some(first.1), "{h:?}");
+        assert!(h.postgres_problem.is_some(), "{h:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        outbox.stats().confirm_failures > confirms,
+        "the confirm kept failing meanwhile: {:?}",
+        outbox.stats()
+    );
+    client
+        .batch_execute(&format!("drop trigger {table}_block on {table}"))
+        .await
+        .unwrap();
+    support::eventually(HANG, "the problem cleared", || async {
+        let h = outbox.health().await.map_err(|e| e.to_string())?;
+        if h.postgres_problem.is_none() && outbox.stats().delivered >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{h:?}"))
+        }
+    })
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.4 Hostile rows (admin side)
 // ----------------------------------------------------------------------------------------------
@@ -891,7 +959,8 @@ async fn pgbouncer_session_pooling_works() {
 /// Behind PgBouncer with `options` in `ignore_startup_parameters` (accepted and dropped, no
 /// error) on a database whose defaults are `serializable` and `jit_above_cost = 0`, the relay's
 /// sessions still run read committed with JIT off and their own timeouts (the relay reads back
-/// a marker option and `SET`s its parameters when it is missing); the relay delivers.
+/// a marker option, fresh for each connect, and `SET`s its parameters when it is missing — a
+/// database default for the marker does not fool it); the relay delivers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
     support::init_tracing();
@@ -904,6 +973,8 @@ async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
         "default_transaction_isolation = 'serializable'",
         "jit_above_cost = 0",
         "jit = on",
+        // A default for the relay's marker cannot pass for the startup options applied.
+        "outbox.session_options = 'applied'",
     ])
     .await;
     let mut cfg = bouncer.config();
