@@ -322,6 +322,25 @@ async fn show(c: &tokio_postgres::Client, name: &str) -> String {
         .get(0)
 }
 
+/// Every role of relay session, connected with `cfg` as the relay connects it, runs read
+/// committed, without JIT, and is never ended for idling.
+async fn assert_relay_sessions_keep_their_settings(cfg: &tokio_postgres::Config) {
+    for role in [
+        "batch", "fence", "late", "listener", "waker", "metrics", "cleanup", "admin",
+    ] {
+        let session = outbox::testing::connect_as_relay(cfg, role)
+            .await
+            .unwrap_or_else(|e| panic!("{role}: {e}"));
+        assert_eq!(
+            show(&session, "default_transaction_isolation").await,
+            "read committed",
+            "{role}"
+        );
+        assert_eq!(show(&session, "jit").await, "off", "{role}");
+        assert_eq!(show(&session, "idle_session_timeout").await, "0", "{role}");
+    }
+}
+
 /// A database whose defaults are `serializable` and JIT for every statement (`jit_above_cost =
 /// 0`) changes neither for the relay: each of its sessions runs read committed (the isolation
 /// its SQL is written for; a serializable relay would also take predicate locks that can fail
@@ -344,19 +363,7 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() 
         "serializable"
     );
     assert_eq!(show(&plain, "jit_above_cost").await, "0");
-    for role in [
-        "batch", "fence", "late", "listener", "waker", "metrics", "cleanup", "admin",
-    ] {
-        let session = outbox::testing::connect_as_relay(&db_config, role)
-            .await
-            .unwrap_or_else(|e| panic!("{role}: {e}"));
-        assert_eq!(
-            show(&session, "default_transaction_isolation").await,
-            "read committed",
-            "{role}"
-        );
-        assert_eq!(show(&session, "jit").await, "off", "{role}");
-    }
+    assert_relay_sessions_keep_their_settings(&db_config).await;
     let table = support::unique_name("iso");
     let topic = support::fresh_topic("iso_topic", 2).await;
     let outbox = on_table(db_config.clone(), &table)
@@ -988,18 +995,7 @@ async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
         "on",
         "the option reached Postgres"
     );
-    for role in ["batch", "fence", "waker", "admin"] {
-        let session = outbox::testing::connect_as_relay(&cfg, role)
-            .await
-            .unwrap_or_else(|e| panic!("{role}: {e}"));
-        assert_eq!(
-            show(&session, "default_transaction_isolation").await,
-            "read committed",
-            "{role}"
-        );
-        assert_eq!(show(&session, "jit").await, "off", "{role}");
-        assert_eq!(show(&session, "idle_session_timeout").await, "0", "{role}");
-    }
+    assert_relay_sessions_keep_their_settings(&cfg).await;
     let table = support::unique_name("bouncer_drop");
     let topic = support::fresh_topic("bouncer_drop_topic", 1).await;
     let outbox = on_table(cfg.clone(), &table)
