@@ -138,8 +138,7 @@ pub struct Health {
 impl Health {
     /// Healthy: running, listener connected (when used), no pending event older than
     /// `max_pending_age`, no Kafka or Postgres problem lasting longer than `max_pending_age`,
-    /// and no row
-    /// reserved by another relay (a Go relay still running against the table, see
+    /// and no row reserved by another relay (a Go relay still running against the table, see
     /// [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do not make the
     /// relay unhealthy (alert on them separately).
     pub fn is_healthy(&self, max_pending_age: Duration) -> bool {

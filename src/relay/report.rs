@@ -183,8 +183,9 @@ impl Reporter {
     }
 
     /// A reservation found nothing to reserve: the problem is over unless a fence or confirm
-    /// failed within `quiet` (the fence's lifetime: until then the failed batch's aggregates
-    /// are not reserved, so an empty reservation shows nothing about batches).
+    /// failed within `quiet` (the caller gives twice the fence's lifetime: while a failed
+    /// batch's fence lasts its aggregates are not reserved, so an empty reservation shows
+    /// nothing about batches).
     pub(crate) fn reservation_empty(&self, quiet: Duration) {
         let mut p = (self.counters.postgres_problem)
             .lock()
