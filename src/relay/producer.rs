@@ -584,7 +584,8 @@ impl Producers {
     /// another caller already did — and [`retire`]s it: the other one, healthy, keeps its
     /// messages in flight (retiring it would purge them, and re-send what may already be
     /// written). Which were replaced (labels [`MAIN`], [`PROMPT`]), `None` when another caller
-    /// already did. Each producer replaced counts one rebuild (as in `outbox_producer_rebuilds_total`).
+    /// already did. Each producer replaced counts one rebuild (as in
+    /// `outbox_producer_rebuilds_total`).
     ///
     /// # Errors
     /// librdkafka's error when a new main producer cannot be created; the old one stays.

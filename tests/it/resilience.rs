@@ -345,8 +345,9 @@ async fn assert_relay_sessions_keep_their_settings(cfg: &tokio_postgres::Config)
 /// 0`) changes neither for the relay: each of its sessions runs read committed (the isolation
 /// its SQL is written for; a serializable relay would also take predicate locks that can fail
 /// writers' transactions) with JIT off (a custom plan would be compiled on every execution:
-/// 0.97 s measured for a reservation that runs in 0.2 ms). Read on sessions connected exactly as the relay connects each
-/// role; and a relay on that database delivers every event, in order per aggregate.
+/// 0.97 s measured for a reservation that runs in 0.2 ms). Read on sessions connected exactly
+/// as the relay connects each role; and a relay on that database delivers every event, in
+/// order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() {
     support::init_tracing();
