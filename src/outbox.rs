@@ -140,22 +140,55 @@ impl Health {
     /// `max_pending_age`, no Kafka or Postgres problem lasting longer than `max_pending_age`,
     /// and no row reserved by another relay (a Go relay still running against the table, see
     /// [`legacy_reservations`](Self::legacy_reservations)). Dead letters alone do not make the
-    /// relay unhealthy (alert on them separately).
+    /// relay unhealthy (alert on them separately). Which of these fail: [`Health::reasons`].
     pub fn is_healthy(&self, max_pending_age: Duration) -> bool {
+        self.reasons(max_pending_age).is_empty()
+    }
+
+    /// Why the relay is unhealthy with `max_pending_age` (empty when healthy): one short
+    /// sentence per failed condition of [`is_healthy`](Self::is_healthy), in its order, e.g.
+    /// `"the oldest pending event is 312 s old (limit 300 s)"`, `"a Postgres problem has lasted
+    /// 75 s (limit 60 s)"`; the problems' texts are in their own fields.
+    pub fn reasons(&self, max_pending_age: Duration) -> Vec<String> {
+        let limit = max_pending_age.as_secs_f64();
         // A `since` in the future (the clock went back) counts as just begun.
-        let short = |since: &Option<DateTime<Utc>>| {
-            since.is_none_or(|since| {
-                (Utc::now() - since)
-                    .to_std()
-                    .map_or(true, |lasted| lasted <= max_pending_age)
-            })
+        let lasted = |since: &Option<DateTime<Utc>>| {
+            since
+                .and_then(|since| (Utc::now() - since).to_std().ok())
+                .filter(|lasted| *lasted > max_pending_age)
         };
-        self.running
-            && self.listener_connected != Some(false)
-            && self.oldest_pending_age.is_none_or(|a| a <= max_pending_age)
-            && self.legacy_reservations == 0
-            && short(&self.kafka_problem_since)
-            && short(&self.postgres_problem_since)
+        let mut reasons = Vec::new();
+        if !self.running {
+            reasons.push("the relay is not running".to_string());
+        }
+        if self.listener_connected == Some(false) {
+            reasons.push("the LISTEN connection is down".to_string());
+        }
+        if let Some(age) = self.oldest_pending_age.filter(|a| *a > max_pending_age) {
+            reasons.push(format!(
+                "the oldest pending event is {:.0} s old (limit {limit:.0} s)",
+                age.as_secs_f64()
+            ));
+        }
+        if self.legacy_reservations > 0 {
+            reasons.push(format!(
+                "{} rows are reserved by another relay (a Go relay still running?)",
+                self.legacy_reservations
+            ));
+        }
+        if let Some(l) = lasted(&self.kafka_problem_since) {
+            reasons.push(format!(
+                "a Kafka problem has lasted {:.0} s (limit {limit:.0} s)",
+                l.as_secs_f64()
+            ));
+        }
+        if let Some(l) = lasted(&self.postgres_problem_since) {
+            reasons.push(format!(
+                "a Postgres problem has lasted {:.0} s (limit {limit:.0} s)",
+                l.as_secs_f64()
+            ));
+        }
+        reasons
     }
 }
 

@@ -676,9 +676,11 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
             .await
             {
                 Ok(Ok(h)) => {
-                    let healthy = h.is_healthy(state.max_pending_age);
+                    let reasons = h.reasons(state.max_pending_age);
+                    let healthy = reasons.is_empty();
                     let body = serde_json::json!({
                         "healthy": healthy,
+                        "reasons": reasons,
                         "running": h.running,
                         "listener_connected": h.listener_connected,
                         "last_delivery": h.last_delivery,

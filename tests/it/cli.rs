@@ -712,6 +712,7 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(code, 200, "/health while healthy: {body}");
     let h: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(h["healthy"], true, "{h}");
+    assert_eq!(h["reasons"], json!([]), "{h}");
     assert_eq!(h["listener_connected"], true, "{h}");
     assert_eq!(h["running"], true, "{h}");
     assert_eq!(h["backlog"], 0, "{h}");
@@ -731,6 +732,13 @@ async fn metrics_and_health_endpoints() {
     let h: Value = serde_json::from_str(&get_until(addr, "/health", 503).await).unwrap();
     assert_eq!(h["healthy"], false, "{h}");
     assert_eq!(h["backlog"], 1, "{h}");
+    let reasons = h["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons.iter().any(|r| r
+            .as_str()
+            .is_some_and(|r| r.starts_with("the oldest pending event is"))),
+        "the reason named: {h}"
+    );
     assert!(
         h["oldest_pending_age_s"].as_f64().unwrap() > 1.0,
         "the stuck event is older than 1 s: {h}"
@@ -1093,6 +1101,12 @@ async fn a_go_relay_still_running_is_reported() {
     assert_eq!(code, 503, "a Go relay beside ours is unhealthy: {h}");
     assert_eq!(h["legacy_reservations"], 3, "{h}");
     assert_eq!(h["healthy"], false, "{h}");
+    assert!(
+        h["reasons"]
+            .to_string()
+            .contains("reserved by another relay"),
+        "{h}"
+    );
     // The Go relay's rows are left alone while it holds them.
     let pending = support::count_rows(&client, &table, "where status = 'new'").await;
     assert_eq!(pending, 3);

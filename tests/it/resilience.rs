@@ -441,6 +441,12 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
     assert!(problem.contains("read-only transaction"), "{problem}");
     assert_eq!(health.backlog, 0, "{health:?}");
     assert!(!health.is_healthy(lasting), "{health:?}");
+    let reasons = health.reasons(lasting);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("a Postgres problem has lasted"),
+        "{reasons:?}"
+    );
     assert!(health.is_healthy(Duration::from_secs(3600)), "{health:?}");
     admin
         .batch_execute(&format!(
