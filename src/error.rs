@@ -288,13 +288,7 @@ impl fmt::Display for PgErrorDisplay<'_> {
         let Some(db) = self.0.as_db_error() else {
             return f.write_str(&describe_causes(self.0));
         };
-        write!(
-            f,
-            "{} {}: {}",
-            db.severity(),
-            db.code().code(),
-            db.message()
-        )?;
+        write!(f, "{}", PgBrief(db))?;
         if let Some(detail) = db.detail() {
             write!(f, "; detail: {detail}")?;
         }
@@ -302,6 +296,23 @@ impl fmt::Display for PgErrorDisplay<'_> {
             write!(f, "; hint: {hint}")?;
         }
         Ok(())
+    }
+}
+
+/// A server error's severity, SQLSTATE and message, without its detail and hint (which can
+/// quote a row's values).
+pub(crate) struct PgBrief<'a>(pub(crate) &'a DbError);
+
+impl fmt::Display for PgBrief<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let db = self.0;
+        write!(
+            f,
+            "{} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        )
     }
 }
 

@@ -28,7 +28,9 @@ pub(crate) const LABELS: [&str; 3] = [MAIN, PROMPT, PIPELINING];
 /// The relay's producer type.
 pub(crate) type RelayProducer = FutureProducer<RelayContext>;
 
-/// A problem the Kafka client reported about the cluster (not about one message).
+/// A problem the Kafka client reported about the cluster (not about one message), or one of the
+/// pipeline's Postgres round trips (`report::PostgresState`): the last error and since when
+/// such errors have lasted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientProblem {
     /// librdkafka's error and the broker's or client's reason, e.g. "Local: Authentication
@@ -59,9 +61,15 @@ pub(crate) struct KafkaState {
 
 /// Sets `slot` to `error`, keeping the time of a problem already there.
 fn record(slot: &Mutex<Option<ClientProblem>>, error: String) {
-    let mut p = slot.lock().unwrap_or_else(|e| e.into_inner());
-    let since = p.as_ref().map_or_else(Utc::now, |p| p.since);
-    *p = Some(ClientProblem { error, since });
+    ClientProblem::note(&mut slot.lock().unwrap_or_else(|e| e.into_inner()), error);
+}
+
+impl ClientProblem {
+    /// Makes `error` the problem in `slot`, keeping since when the problems have lasted.
+    pub(crate) fn note(slot: &mut Option<ClientProblem>, error: String) {
+        let since = slot.as_ref().map_or_else(Utc::now, |p| p.since);
+        *slot = Some(ClientProblem { error, since });
+    }
 }
 
 fn read(slot: &Mutex<Option<ClientProblem>>) -> Option<ClientProblem> {

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use crate::delivery::{DeliveryAck, DeliveryEvent, DeliveryFailure};
 use crate::text::printable;
 
-use super::producer::KafkaState;
+use super::producer::{ClientProblem, KafkaState};
 use super::publish::Outcome;
 use super::reserve::Reserved;
 
@@ -31,35 +31,33 @@ pub(crate) struct Counters {
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
-    /// The pipeline's Postgres problem, if any (see [`PostgresProblem`]).
-    pub(crate) postgres_problem: Mutex<Option<PostgresProblem>>,
+    /// The pipeline's Postgres problem, if any (see [`PostgresState`]).
+    pub(crate) postgres: Mutex<PostgresState>,
 }
 
 /// The pipeline's failing Postgres round trips (reservation, fence, confirm) since the last
 /// success: cleared by a confirmed batch, or by a reservation that found nothing unless a batch
 /// failed recently (a batch that cannot be confirmed leaves its aggregates fenced, so the
 /// reservations in between find nothing: they do not show that batches work).
-#[derive(Debug, Clone)]
-pub(crate) struct PostgresProblem {
-    /// The last failure: the server's severity, SQLSTATE and message (no detail: it can quote
-    /// a row), at most [`PROBLEM_TEXT_MAX`] bytes.
-    pub(crate) error: String,
-    /// The first failure since the last success.
-    pub(crate) since: DateTime<Utc>,
+#[derive(Debug, Default)]
+pub(crate) struct PostgresState {
+    /// The last failure (see [`problem_text`]) and since when failures have lasted.
+    problem: Option<ClientProblem>,
     /// When a fence or confirm last failed.
     batch_failed_at: Option<std::time::Instant>,
 }
 
-/// Longest [`PostgresProblem::error`], in bytes.
+/// Longest problem text, in bytes.
 const PROBLEM_TEXT_MAX: usize = 512;
 
 impl Counters {
     /// The pipeline's Postgres problem, if any.
-    pub(crate) fn postgres_problem(&self) -> Option<PostgresProblem> {
-        self.postgres_problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub(crate) fn postgres_problem(&self) -> Option<ClientProblem> {
+        self.postgres_state().problem.clone()
+    }
+
+    fn postgres_state(&self) -> std::sync::MutexGuard<'_, PostgresState> {
+        self.postgres.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -68,12 +66,7 @@ impl Counters {
 /// usually has no authentication — printable, at most [`PROBLEM_TEXT_MAX`] bytes.
 fn problem_text(e: &crate::Error) -> String {
     let text = match e.as_db_error() {
-        Some(db) => format!(
-            "postgres: {} {}: {}",
-            db.severity(),
-            db.code().code(),
-            db.message()
-        ),
+        Some(db) => format!("postgres: {}", crate::error::PgBrief(db)),
         None => e.to_string(),
     };
     let mut text = printable(&text).to_string();
@@ -160,26 +153,16 @@ impl Reporter {
     /// Records `e` as the pipeline's Postgres problem (keeping since when they have lasted);
     /// `batch`: a fence or confirm failed (else a reservation).
     fn postgres_failed(&self, e: &crate::Error, batch: bool) {
-        let mut p = (self.counters.postgres_problem)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let last = p.take();
-        *p = Some(PostgresProblem {
-            error: problem_text(e),
-            since: last.as_ref().map_or_else(Utc::now, |l| l.since),
-            batch_failed_at: if batch {
-                Some(std::time::Instant::now())
-            } else {
-                last.and_then(|l| l.batch_failed_at)
-            },
-        });
+        let mut state = self.counters.postgres_state();
+        ClientProblem::note(&mut state.problem, problem_text(e));
+        if batch {
+            state.batch_failed_at = Some(std::time::Instant::now());
+        }
     }
 
     /// A batch was confirmed: the pipeline's Postgres round trips work.
     fn batch_succeeded(&self) {
-        *(self.counters.postgres_problem)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.counters.postgres_state() = PostgresState::default();
     }
 
     /// A reservation found nothing to reserve: the problem is over unless a fence or confirm
@@ -187,14 +170,9 @@ impl Reporter {
     /// batch's fence lasts its aggregates are not reserved, so an empty reservation shows
     /// nothing about batches).
     pub(crate) fn reservation_empty(&self, quiet: Duration) {
-        let mut p = (self.counters.postgres_problem)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if p.as_ref()
-            .and_then(|p| p.batch_failed_at)
-            .is_none_or(|at| at.elapsed() > quiet)
-        {
-            *p = None;
+        let mut state = self.counters.postgres_state();
+        if state.batch_failed_at.is_none_or(|at| at.elapsed() > quiet) {
+            *state = PostgresState::default();
         }
     }
 
