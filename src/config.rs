@@ -725,7 +725,17 @@ impl OutboxBuilder {
                 problems.push(format!("database_url: {e}"));
                 None
             }
-            Some(Ok(c)) => Some(c.clone()),
+            Some(Ok(c)) => {
+                if c.get_target_session_attrs()
+                    == tokio_postgres::config::TargetSessionAttrs::ReadOnly
+                {
+                    problems.push(
+                        "database_url: target_session_attrs=read-only: the relay writes (reservations, fences, confirms); leave it out or use read-write"
+                            .to_string(),
+                    );
+                }
+                Some(c.clone())
+            }
         };
         if matches!(
             self.kafka_brokers.as_deref().map(str::trim),
@@ -1015,6 +1025,27 @@ mod tests {
 #[cfg(test)]
 mod producer_config_tests {
     use super::*;
+
+    /// A connection string asking for read-only sessions is refused, with every other problem.
+    #[test]
+    fn read_only_sessions_are_refused() {
+        let mut problems = Vec::new();
+        let builder = crate::Outbox::builder()
+            .database_url("postgres://u@db1,db2/app?target_session_attrs=read-only");
+        assert!(builder.check_endpoints(&mut problems).is_some());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("target_session_attrs=read-only"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("kafka_brokers"), "{problems:?}");
+        let mut problems = Vec::new();
+        let fine = crate::Outbox::builder()
+            .database_url("postgres://u@db1,db2/app?target_session_attrs=read-write")
+            .kafka_brokers("kafka:9092");
+        fine.check_endpoints(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
 
     fn kafka_config_of(builder: OutboxBuilder) -> ClientConfig {
         let mut problems = Vec::new();

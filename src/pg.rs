@@ -4,14 +4,16 @@
 //! Every connection the crate opens gets, unless the connection string sets them:
 //! `connect_timeout` = the Postgres timeout, TCP keepalives after [`KEEPALIVE_IDLE`] of silence
 //! every [`KEEPALIVE_INTERVAL`] ([`KEEPALIVE_RETRIES`] probes), and `tcp_user_timeout` =
-//! [`TCP_USER_TIMEOUT`]. tokio-postgres' `connect_timeout` bounds only the TCP connect, so the
-//! whole connect (TLS, startup, authentication) is bounded here as well.
+//! [`TCP_USER_TIMEOUT`]; with more than one host, `target_session_attrs = read-write` (unless the
+//! connection string sets it). tokio-postgres' `connect_timeout` bounds only the TCP connect, so
+//! the whole connect (TLS, startup, authentication) is bounded here as well.
 
 use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::task::JoinHandle;
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, Socket};
 
@@ -119,6 +121,14 @@ pub(crate) fn apply_defaults(config: &mut Config, timeout: Duration) -> Duration
     }
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    // Several hosts (a primary and its standbys, for failover): a session on a standby can do
+    // nothing the relay needs (its reservations fail with 25006), so the hosts are tried in
+    // turn until one accepts writes (`SHOW transaction_read_only` after the startup, libpq's
+    // `target_session_attrs=read-write`), rather than taking the first that answers.
+    if config.get_hosts().len() > 1 && config.get_target_session_attrs() == TargetSessionAttrs::Any
+    {
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     *config.get_connect_timeout().unwrap_or(&timeout)
 }
@@ -570,6 +580,30 @@ mod tests {
         assert_eq!(
             startup_options(Some(r"-c search_path=app\\"), &params),
             format!(r"-c search_path=app\\ {expected}")
+        );
+    }
+
+    /// Several hosts: sessions go to the one that accepts writes, unless the connection string
+    /// says otherwise; one host: unchanged.
+    #[test]
+    fn several_hosts_target_a_writable_session() {
+        let attrs = |url: &str| {
+            let mut config: Config = url.parse().unwrap();
+            apply_defaults(&mut config, Duration::from_secs(5));
+            config.get_target_session_attrs()
+        };
+        assert_eq!(
+            attrs("postgres://u@db1:5432,db2:5432/app"),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            attrs("host=db1,db2 user=u dbname=app"),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(attrs("postgres://u@db1/app"), TargetSessionAttrs::Any);
+        assert_eq!(
+            attrs("host=db1,db2 user=u target_session_attrs=read-write"),
+            TargetSessionAttrs::ReadWrite
         );
     }
 }

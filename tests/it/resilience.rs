@@ -474,6 +474,87 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A connection string naming several hosts (a primary and its standbys, for failover) sends
+/// every relay session to the host that accepts writes, not to the first that answers: here
+/// the first host has the outbox's schema but read-only sessions (`default_transaction_read_only
+/// = on`, as a hot standby's are); the relay connects, reserves and confirms on the second,
+/// delivers every event in order, and health names no problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_hosts_relay_on_the_one_that_accepts_writes() {
+    support::init_tracing();
+    let standby = outbox::testing::TestPostgres::start().await.unwrap();
+    let primary = outbox::testing::TestPostgres::start().await.unwrap();
+    let table = support::unique_name("hosts");
+    let topic = support::fresh_topic("hosts_topic", 2).await;
+    for server in [&standby, &primary] {
+        let schema = on_table(server.config(), &table)
+            .migrate(true)
+            .connect()
+            .await
+            .unwrap();
+        drop(schema);
+    }
+    let admin = standby.connect().await.unwrap();
+    admin
+        .batch_execute("alter system set default_transaction_read_only = on")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("select pg_reload_conf()")
+        .await
+        .unwrap();
+    support::eventually(
+        HANG,
+        "the first host's new sessions are read-only",
+        || async {
+            let c = standby.connect().await.map_err(|e| e.to_string())?;
+            match show(&c, "transaction_read_only").await.as_str() {
+                "on" => Ok(()),
+                other => Err(other.to_string()),
+            }
+        },
+    )
+    .await;
+    let mut hosts = tokio_postgres::Config::new();
+    hosts
+        .host("127.0.0.1")
+        .port(standby.port())
+        .host("127.0.0.1")
+        .port(primary.port())
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    let outbox = on_table(hosts, &table).connect().await.unwrap();
+    let relay = outbox.start().unwrap();
+    let writer = primary.connect().await.unwrap();
+    for n in 0..40 {
+        let aggregate = format!("a{}", n % 2);
+        outbox
+            .add_new_event(
+                &writer,
+                NewEvent::new(&topic, &aggregate, "T", json!({"n": n})),
+            )
+            .await
+            .unwrap();
+    }
+    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 40, HANG).await;
+    assert_eq!(records.len(), 40, "{:?}", outbox.health().await);
+    for aggregate in ["a0", "a1"] {
+        let ns: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key_str() == aggregate)
+            .map(|r| r.json()["n"].as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = (0..40)
+            .filter(|n| format!("a{}", n % 2) == aggregate)
+            .collect();
+        assert_eq!(ns, expected, "{aggregate}: every event, in order");
+    }
+    let health = outbox.health().await.unwrap();
+    assert_eq!(health.postgres_problem, None, "{health:?}");
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// A confirm that keeps failing (a trigger refuses the update to `done`) is a lasting Postgres
 /// problem: health keeps naming it, with the same `since`, through the reservations in between
 /// (an empty one does not clear it while batches fail); it shows the server's message, not its
