@@ -210,6 +210,10 @@ where
             }
             Ok((client, task))
         }
+        Err(e) if options_refused(&e) && has_own_options(&plain) => {
+            own_options_refused(&e);
+            Err(e)
+        }
         Err(e) if options_refused(&e) => {
             tracing::info!(
                 error = %crate::error::PgErrorDisplay(&e),
@@ -222,6 +226,20 @@ where
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether the connection string sets its own startup `options`.
+fn has_own_options(config: &Config) -> bool {
+    config.get_options().is_some_and(|o| !o.trim().is_empty())
+}
+
+/// The server refused startup options and the connection string has its own, which a connect
+/// without ours would send (and have refused) again.
+fn own_options_refused(e: &tokio_postgres::Error) {
+    tracing::warn!(
+        error = %crate::error::PgErrorDisplay(e),
+        "postgres (or a pooler in front of it, e.g. PgBouncer) refuses startup `options`, and the connection string sets its own: remove `options` from the connection string (ALTER ROLE … SET can carry those settings)"
+    );
 }
 
 /// `SET`s each parameter on the session; one the server does not know is skipped.
@@ -453,6 +471,10 @@ impl Pg {
             _ => ours,
         });
         match self.connect_once(with_options).await {
+            Err(e) if options_refused(&e) && has_own_options(&plain) => {
+                own_options_refused(&e);
+                Err(e)
+            }
             Err(e) if options_refused(&e) => self.connect_once(plain).await,
             r => r,
         }

@@ -1049,6 +1049,12 @@ async fn pgbouncer_session_pooling_works() {
     let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
     assert_eq!(records.len(), 1);
     support::stop_and_join(&outbox, relay).await;
+    // A connection string with its own `options` cannot pass this PgBouncer: refused at
+    // connect() with PgBouncer's message naming them.
+    let mut own = bouncer.config();
+    own.options("-c search_path=public");
+    let refused = on_table(own, &table).connect().await.unwrap_err();
+    assert!(refused.to_string().contains("options"), "{refused}");
 }
 
 /// Behind PgBouncer with `options` in `ignore_startup_parameters` (accepted and dropped, no
