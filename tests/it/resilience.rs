@@ -322,6 +322,46 @@ async fn show(c: &tokio_postgres::Client, name: &str) -> String {
         .get(0)
 }
 
+/// Writes `events` events to `topic` (event `n` to aggregate `a{n % aggregates}`, payload
+/// `{"n": n}`) through `writer`, each in its own transaction, and asserts that Kafka has every
+/// one, in order per aggregate.
+async fn deliver_round_robin(
+    outbox: &Outbox,
+    writer: &tokio_postgres::Client,
+    topic: &str,
+    events: i64,
+    aggregates: i64,
+) {
+    for n in 0..events {
+        let aggregate = format!("a{}", n % aggregates);
+        outbox
+            .add_new_event(
+                writer,
+                NewEvent::new(topic, &aggregate, "T", json!({"n": n})),
+            )
+            .await
+            .unwrap();
+    }
+    let records =
+        outbox::testing::consume_all(&support::kafka_brokers(), topic, events as usize, HANG).await;
+    assert_eq!(
+        records.len(),
+        events as usize,
+        "{:?}",
+        outbox.health().await
+    );
+    for a in 0..aggregates {
+        let aggregate = format!("a{a}");
+        let ns: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key_str() == aggregate)
+            .map(|r| r.json()["n"].as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = (0..events).filter(|n| n % aggregates == a).collect();
+        assert_eq!(ns, expected, "{aggregate}: every event, in order");
+    }
+}
+
 /// Every role of relay session, connected with `cfg` as the relay connects it, runs read
 /// committed, without JIT, and is never ended for idling.
 async fn assert_relay_sessions_keep_their_settings(cfg: &tokio_postgres::Config) {
@@ -375,29 +415,7 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() 
     let relay = outbox.start().unwrap();
     // The writer keeps the database's defaults (serializable).
     let writer = outbox::testing::connect(&db_config).await.unwrap();
-    for n in 0..60 {
-        let aggregate = format!("a{}", n % 3);
-        outbox
-            .add_new_event(
-                &writer,
-                NewEvent::new(&topic, &aggregate, "T", json!({"n": n})),
-            )
-            .await
-            .unwrap();
-    }
-    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 60, HANG).await;
-    assert_eq!(records.len(), 60);
-    for aggregate in ["a0", "a1", "a2"] {
-        let ns: Vec<i64> = records
-            .iter()
-            .filter(|r| r.key_str() == aggregate)
-            .map(|r| r.json()["n"].as_i64().unwrap())
-            .collect();
-        let mut sorted = ns.clone();
-        sorted.sort_unstable();
-        assert_eq!(ns, sorted, "{aggregate}: order");
-        assert_eq!(ns.len(), 20, "{aggregate}");
-    }
+    deliver_round_robin(&outbox, &writer, &topic, 60, 3).await;
     support::stop_and_join(&outbox, relay).await;
 }
 
@@ -527,29 +545,7 @@ async fn several_hosts_relay_on_the_one_that_accepts_writes() {
     let outbox = on_table(hosts, &table).connect().await.unwrap();
     let relay = outbox.start().unwrap();
     let writer = primary.connect().await.unwrap();
-    for n in 0..40 {
-        let aggregate = format!("a{}", n % 2);
-        outbox
-            .add_new_event(
-                &writer,
-                NewEvent::new(&topic, &aggregate, "T", json!({"n": n})),
-            )
-            .await
-            .unwrap();
-    }
-    let records = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 40, HANG).await;
-    assert_eq!(records.len(), 40, "{:?}", outbox.health().await);
-    for aggregate in ["a0", "a1"] {
-        let ns: Vec<i64> = records
-            .iter()
-            .filter(|r| r.key_str() == aggregate)
-            .map(|r| r.json()["n"].as_i64().unwrap())
-            .collect();
-        let expected: Vec<i64> = (0..40)
-            .filter(|n| format!("a{}", n % 2) == aggregate)
-            .collect();
-        assert_eq!(ns, expected, "{aggregate}: every event, in order");
-    }
+    deliver_round_robin(&outbox, &writer, &topic, 40, 2).await;
     let health = outbox.health().await.unwrap();
     assert_eq!(health.postgres_problem, None, "{health:?}");
     support::stop_and_join(&outbox, relay).await;
