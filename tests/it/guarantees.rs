@@ -1977,6 +1977,67 @@ async fn connect_analyzes_a_table_postgres_never_analyzed() {
     drop(outbox);
 }
 
+/// A running relay analyzes its table once the table has grown well past the size its
+/// statistics describe (here: analyzed empty at connect, then 20,000 events committed at once,
+/// autovacuum off on it), so that its reservations are not planned for the empty table until
+/// autovacuum's next pass; every event is then delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_analyzes_a_table_that_outgrew_its_statistics() {
+    let db = support::fresh_database().await;
+    let env = setup_in("outgrew", 2, None, db).await;
+    let client = pg(&env).await;
+    let table = env.table.as_str();
+    client
+        .batch_execute(&format!(
+            "alter table {table} set (autovacuum_enabled = false)"
+        ))
+        .await
+        .unwrap();
+    let outbox = env.builder().connect().await.expect("connect");
+    let relpages = || async {
+        client
+            .query_one(
+                "select relpages::int8 from pg_class where oid = to_regclass($1::text)",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(
+        relpages().await,
+        0,
+        "the premise: analyzed empty at connect"
+    );
+    let handle = outbox.start().unwrap();
+    let events = 20_000;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+               select 'a' || (g % 100), '{}', 'x', jsonb_build_object('n', g)
+                 from generate_series(1, {events}) g",
+            env.topic
+        ))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the relay analyzed the grown table",
+        || async {
+            match relpages().await {
+                p if p >= 128 => Ok(()),
+                p => Err(format!("relpages {p}")),
+            }
+        },
+    )
+    .await;
+    let records =
+        outbox::testing::consume_all(&env.brokers, &env.topic, events, Duration::from_secs(30))
+            .await;
+    assert_eq!(records.len(), events);
+    support::stop_and_join(&outbox, handle).await;
+}
+
 async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(
