@@ -345,7 +345,7 @@ impl Pg {
         ];
         match role {
             // Bounded by the caller's deadline; the server gives up at the same time.
-            "admin" | "metrics" | "cleanup" => {
+            "admin" | "metrics" | "cleanup" | "statistics" => {
                 p.push(("statement_timeout", self.timeout.as_millis().to_string()));
             }
             // The waker waits for its advisory lock as long as writers hold it.

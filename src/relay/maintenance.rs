@@ -45,7 +45,14 @@ pub(crate) fn spawn(tracker: &TaskTracker, ctx: &Arc<Ctx>) {
         move || {
             let c = c.clone();
             let session = session.clone();
-            async move { refresh_statistics(&c, &session).await }
+            async move {
+                // An optimization: while Postgres is away the pipeline's own errors say so,
+                // and a warning every 2 s would only repeat them.
+                if let Err(e) = refresh_statistics(&c, &session).await {
+                    tracing::debug!(error = %e, "outbox relay: table statistics not checked");
+                }
+                Ok(())
+            }
         },
     );
     let c = ctx.clone();
