@@ -655,7 +655,7 @@ impl OutboxBuilder {
 
     /// Deadline of every Postgres call, 100 ms..=10 min (default 10 s):
     /// [`Outbox::health`](crate::Outbox::health), `status`, `find`, `requeue`, the schema check
-    /// at `connect()`, each backlog-gauge update and each retention-cleanup step, each including
+    /// at `connect()`, each backlog-gauge update, retention-cleanup step and table-statistics check, each including
     /// connecting when a new connection is needed; and each round trip of the relay's pipeline
     /// (reservation, fence, confirm + commit, rollback, late confirm; the listener's and waker's
     /// pings every 15 s while they wait). A stuck pipeline connection is dropped and replaced;
