@@ -126,8 +126,7 @@ pub(crate) fn apply_defaults(config: &mut Config, timeout: Duration) -> Duration
     // nothing the relay needs (its reservations fail with 25006), so the hosts are tried in
     // turn until one accepts writes (`SHOW transaction_read_only` after the startup, libpq's
     // `target_session_attrs=read-write`), rather than taking the first that answers.
-    if config.get_hosts().len() > 1 && config.get_target_session_attrs() == TargetSessionAttrs::Any
-    {
+    if host_count(config) > 1 && config.get_target_session_attrs() == TargetSessionAttrs::Any {
         config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     *config.get_connect_timeout().unwrap_or(&timeout)
@@ -167,6 +166,160 @@ const OPTIONS_MARKER: &str = "outbox.session_options";
 static DROPPED_OPTIONS_LOGGED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// How many servers `config` names: its hosts, or its `hostaddr`s when only those are given.
+fn host_count(config: &Config) -> usize {
+    config
+        .get_hosts()
+        .len()
+        .max(config.get_hostaddrs().len())
+        .max(1)
+}
+
+/// `config` with only its `i`-th server (host, `hostaddr` and port, as tokio-postgres pairs
+/// them), every other setting copied.
+fn single_host(config: &Config, i: usize) -> Config {
+    let mut one = Config::new();
+    if let Some(user) = config.get_user() {
+        one.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        one.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        one.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        one.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        one.application_name(name);
+    }
+    one.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation());
+    match config.get_hosts().get(i) {
+        Some(tokio_postgres::config::Host::Tcp(h)) => {
+            one.host(h);
+        }
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => {
+            one.host_path(path);
+        }
+        None => {}
+    }
+    if let Some(addr) = config.get_hostaddrs().get(i) {
+        one.hostaddr(*addr);
+    }
+    match config.get_ports() {
+        [port] => {
+            one.port(*port);
+        }
+        ports => {
+            if let Some(port) = ports.get(i) {
+                one.port(*port);
+            }
+        }
+    }
+    if let Some(t) = config.get_connect_timeout() {
+        one.connect_timeout(*t);
+    }
+    if let Some(t) = config.get_tcp_user_timeout() {
+        one.tcp_user_timeout(*t);
+    }
+    one.keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle());
+    if let Some(t) = config.get_keepalives_interval() {
+        one.keepalives_interval(t);
+    }
+    if let Some(n) = config.get_keepalives_retries() {
+        one.keepalives_retries(n);
+    }
+    one.target_session_attrs(config.get_target_session_attrs())
+        .channel_binding(config.get_channel_binding())
+        .load_balance_hosts(config.get_load_balance_hosts());
+    one
+}
+
+/// Connects with `config`. With several servers each gets the whole connect — TCP, TLS,
+/// startup, authentication, the read-write check — within the connect timeout before the next
+/// is tried, in the order given (from a random one with `load_balance_hosts=random`).
+/// tokio-postgres' own loop bounds only each TCP connect, so a server that accepts connections
+/// and never answers (a frozen primary, a half-dead proxy) held the connect until the caller's
+/// deadline and the servers after it were never tried (libpq and pgx give each host its own
+/// deadline: jackc/pgconn#125). The last server has no deadline of its own here: the caller's
+/// (the connect timeout × the number of servers) bounds it.
+async fn connect_config<M>(
+    config: &Config,
+    tls: M,
+) -> Result<(Client, Connection<Socket, M::Stream>), tokio_postgres::Error>
+where
+    M: MakeTlsConnect<Socket> + Clone,
+{
+    let n = host_count(config);
+    let (hosts, addrs, ports) = (
+        config.get_hosts().len(),
+        config.get_hostaddrs().len(),
+        config.get_ports().len(),
+    );
+    // One server, or lists that do not pair up (tokio-postgres names the mismatch).
+    if n == 1 || (hosts > 0 && addrs > 0 && hosts != addrs) || (ports > 1 && ports != n) {
+        return config.connect(tls).await;
+    }
+    let per_host = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let start = match config.get_load_balance_hosts() {
+        tokio_postgres::config::LoadBalanceHosts::Random => {
+            (uuid::Uuid::new_v4().as_u128() % n as u128) as usize
+        }
+        _ => 0,
+    };
+    let mut failed = Vec::new();
+    for k in 0..n {
+        let i = (start + k) % n;
+        let one = single_host(config, i);
+        let attempt = one.connect(tls.clone());
+        let outcome = if k + 1 == n {
+            Some(attempt.await)
+        } else {
+            tokio::time::timeout(per_host, attempt).await.ok()
+        };
+        let why = match outcome {
+            Some(Ok(connected)) => {
+                if !failed.is_empty() {
+                    tracing::debug!(failed = %failed.join("; "), "postgres: connected after other servers failed");
+                }
+                return Ok(connected);
+            }
+            Some(Err(e)) if k + 1 == n => {
+                if !failed.is_empty() {
+                    tracing::warn!(failed = %failed.join("; "), last = %crate::error::PgErrorDisplay(&e), "postgres: no server of the connection string could be used");
+                }
+                return Err(e);
+            }
+            Some(Err(e)) => crate::error::PgErrorDisplay(&e).to_string(),
+            None => format!("no answer within {per_host:?}"),
+        };
+        failed.push(format!("server {} ({}): {why}", i + 1, server_name(&one)));
+    }
+    unreachable!("the last server returns")
+}
+
+/// `host:port` (or the socket directory) of a single-server configuration, for logs.
+fn server_name(config: &Config) -> String {
+    let host = match (config.get_hosts().first(), config.get_hostaddrs().first()) {
+        (_, Some(addr)) => addr.to_string(),
+        (Some(tokio_postgres::config::Host::Tcp(h)), None) => h.clone(),
+        #[cfg(unix)]
+        (Some(tokio_postgres::config::Host::Unix(p)), None) => p.display().to_string(),
+        (None, None) => "localhost".to_string(),
+    };
+    format!(
+        "{host}:{}",
+        config.get_ports().first().copied().unwrap_or(5432)
+    )
+}
+
 /// Connects with `with_options` (the parameters and [`OPTIONS_MARKER`] = `marker` as startup
 /// options); when the server refuses them, with `plain` and `SET`s; when it accepted but did not
 /// apply them, `SET`s on that session.
@@ -184,7 +337,7 @@ where
     M::TlsConnect: Send,
     <M::TlsConnect as TlsConnect<Socket>>::Future: Send,
 {
-    match with_options.connect(tls.clone()).await {
+    match connect_config(&with_options, tls.clone()).await {
         Ok((client, conn)) => {
             let task = tokio::spawn(drive(conn, on_notification));
             let probe = format!(
@@ -210,7 +363,7 @@ where
             }
             Ok((client, task))
         }
-        Err(e) if options_refused(&e) && has_own_options(&plain) => {
+        Err(e) if options_parameter_refused(&e) && has_own_options(&plain) => {
             own_options_refused(&e);
             Err(e)
         }
@@ -219,13 +372,23 @@ where
                 error = %crate::error::PgErrorDisplay(&e),
                 "postgres refused the session parameters as startup options; setting them with SET"
             );
-            let (client, conn) = plain.connect(tls).await?;
+            let (client, conn) = connect_config(&plain, tls).await?;
             let task = tokio::spawn(drive(conn, on_notification));
             set_each(&client, params).await?;
             Ok((client, task))
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether a pooler refused the `options` startup parameter itself (PgBouncer: "unsupported
+/// startup parameter", 08P01) — not a server that does not know one of the parameters in it
+/// (42704), which takes the connection string's own options once ours are left out.
+fn options_parameter_refused(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
+            && db.message().contains("startup parameter")
+    })
 }
 
 /// Whether the connection string sets its own startup `options`.
@@ -319,7 +482,7 @@ impl Pg {
             .get_connect_timeout()
             .copied()
             .unwrap_or(self.timeout);
-        per_host * (self.config.get_hosts().len().max(1) as u32)
+        per_host * (host_count(&self.config) as u32)
     }
 
     /// Session parameters a relay session of `role` depends on, so that a role's or
@@ -471,7 +634,7 @@ impl Pg {
             _ => ours,
         });
         match self.connect_once(with_options).await {
-            Err(e) if options_refused(&e) && has_own_options(&plain) => {
+            Err(e) if options_parameter_refused(&e) && has_own_options(&plain) => {
                 own_options_refused(&e);
                 Err(e)
             }
@@ -484,13 +647,13 @@ impl Pg {
     async fn connect_once(&self, cfg: Config) -> Result<Client, tokio_postgres::Error> {
         let client = match &self.tls {
             Tls::None => {
-                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                let (client, conn) = connect_config(&cfg, tokio_postgres::NoTls).await?;
                 tokio::spawn(drive(conn, None));
                 client
             }
             #[cfg(feature = "postgres-rustls")]
             Tls::Rustls(tls) => {
-                let (client, conn) = cfg.connect(tls.clone()).await?;
+                let (client, conn) = connect_config(&cfg, tls.clone()).await?;
                 tokio::spawn(drive(conn, None));
                 client
             }
@@ -605,6 +768,43 @@ mod tests {
         );
     }
 
+    /// One server of several keeps every other setting: the same as that server's own
+    /// connection string.
+    #[test]
+    fn single_host_keeps_every_setting() {
+        let query = "options=-c%20x%3D1&application_name=a&sslmode=require&sslnegotiation=direct\
+            &connect_timeout=3&tcp_user_timeout=4000&keepalives=1&keepalives_idle=7\
+            &keepalives_interval=2&keepalives_retries=5&target_session_attrs=read-write\
+            &channel_binding=require&load_balance_hosts=random";
+        let both: Config = format!("postgres://u:secret@db1:5433,db2:5434/app?{query}")
+            .parse()
+            .unwrap();
+        let second: Config = format!("postgres://u:secret@db2:5434/app?{query}")
+            .parse()
+            .unwrap();
+        let one = single_host(&both, 1);
+        assert_eq!(format!("{one:?}"), format!("{second:?}"));
+        assert_eq!(one.get_password(), Some(&b"secret"[..]));
+        assert_eq!(one.get_ssl_negotiation(), second.get_ssl_negotiation());
+        // One port for every host; `hostaddr` pairs with the host of the same place.
+        let shared: Config = "host=db1,db2 hostaddr=10.0.0.1,10.0.0.2 port=6432 user=u"
+            .parse()
+            .unwrap();
+        let one = single_host(&shared, 1);
+        assert_eq!(one.get_ports(), &[6432]);
+        assert_eq!(
+            one.get_hostaddrs(),
+            &["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(server_name(&one), "10.0.0.2:6432");
+        assert_eq!(host_count(&shared), 2);
+        let addrs_only: Config = "hostaddr=10.0.0.1,10.0.0.2 port=1,2 user=u"
+            .parse()
+            .unwrap();
+        assert_eq!(host_count(&addrs_only), 2);
+        assert_eq!(single_host(&addrs_only, 0).get_ports(), &[1]);
+    }
+
     /// Several hosts: sessions go to the one that accepts writes, unless the connection string
     /// says otherwise; one host: unchanged.
     #[test]
@@ -623,6 +823,10 @@ mod tests {
             TargetSessionAttrs::ReadWrite
         );
         assert_eq!(attrs("postgres://u@db1/app"), TargetSessionAttrs::Any);
+        assert_eq!(
+            attrs("hostaddr=10.0.0.1,10.0.0.2 user=u"),
+            TargetSessionAttrs::ReadWrite
+        );
         assert_eq!(
             attrs("host=db1,db2 user=u target_session_attrs=read-write"),
             TargetSessionAttrs::ReadWrite

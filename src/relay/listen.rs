@@ -94,10 +94,10 @@ pub(crate) struct Listener {
 /// The result of one attempt to connect and LISTEN.
 enum Attempt {
     Listening(Client, JoinHandle<Option<tokio_postgres::Error>>),
-    /// Failed; `back_off`: wait before the next attempt.
-    Failed {
-        back_off: bool,
-    },
+    /// Failed (connect or LISTEN); the next attempt waits for the backoff — a LISTEN that
+    /// fails fails again at once (on a standby: 25006), and reconnecting without a pause forked
+    /// a new server backend every few milliseconds.
+    Failed,
     Stopped,
 }
 
@@ -108,9 +108,8 @@ impl Listener {
         loop {
             let (client, mut drain) = match self.attempt().await {
                 Attempt::Listening(client, drain) => (client, drain),
-                Attempt::Failed { back_off: false } => continue,
-                Attempt::Failed { back_off: true } if self.sleep(backoff.next()).await => continue,
-                Attempt::Failed { .. } | Attempt::Stopped => return,
+                Attempt::Failed if self.sleep(backoff.next()).await => continue,
+                Attempt::Failed | Attempt::Stopped => return,
             };
             self.connected.store(true, Ordering::Relaxed);
             if !first {
@@ -172,7 +171,7 @@ impl Listener {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox listener: cannot connect; retrying");
-                return Attempt::Failed { back_off: true };
+                return Attempt::Failed;
             }
         };
         let listen_sql = format!("listen {}", self.channel);
@@ -185,7 +184,7 @@ impl Listener {
             Err(e) => {
                 tracing::warn!(error = %PgErrorDisplay(&e), "outbox listener: LISTEN failed; reconnecting");
                 drain.abort();
-                Attempt::Failed { back_off: false }
+                Attempt::Failed
             }
         }
     }

@@ -492,6 +492,50 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A server of the connection string that accepts connections and never answers (a frozen
+/// primary, a half-dead proxy) costs each connect one connect timeout, then the next server is
+/// tried: the relay connects and delivers through the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_never_answers_does_not_hide_the_next_one() {
+    support::init_tracing();
+    let db_config = support::fresh_database().await;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    // Accepts and keeps every connection, and never writes a byte.
+    let keeper = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut hosts = tokio_postgres::Config::new();
+    hosts.host("127.0.0.1").port(hung_port);
+    match &db_config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => hosts.host(h),
+        tokio_postgres::config::Host::Unix(p) => hosts.host_path(p),
+    };
+    hosts
+        .port(db_config.get_ports().first().copied().unwrap_or(5432))
+        .user(db_config.get_user().unwrap())
+        .dbname(db_config.get_dbname().unwrap())
+        .connect_timeout(Duration::from_secs(1));
+    if let Some(password) = db_config.get_password() {
+        hosts.password(password);
+    }
+    let table = support::unique_name("hung");
+    let topic = support::fresh_topic("hung_topic", 1).await;
+    let outbox = on_table(hosts, &table)
+        .migrate(true)
+        .connect()
+        .await
+        .expect("connect() reaches the second server");
+    let relay = outbox.start().unwrap();
+    let writer = outbox::testing::connect(&db_config).await.unwrap();
+    deliver_round_robin(&outbox, &writer, &topic, 10, 2).await;
+    support::stop_and_join(&outbox, relay).await;
+    keeper.abort();
+}
+
 /// A connection string naming several hosts (a primary and its standbys, for failover) sends
 /// every relay session to the host that accepts writes, not to the first that answers: here
 /// the first host has the outbox's schema but read-only sessions (`default_transaction_read_only
