@@ -706,7 +706,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                     serde_json::json!({
                         "healthy": false,
                         "error": format!(
-                            "the health check did not finish within {:?}: Postgres is slow or a lock blocks the outbox table",
+                            "the health check did not finish within {:?}: Postgres is slow or does not answer (a connect that hangs), or a lock blocks the outbox table",
                             http_limits::HEALTH_TIMEOUT
                         ),
                     }),
