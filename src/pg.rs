@@ -178,24 +178,7 @@ fn host_count(config: &Config) -> usize {
 /// `config` with only its `i`-th server (host, `hostaddr` and port, as tokio-postgres pairs
 /// them), every other setting copied.
 fn single_host(config: &Config, i: usize) -> Config {
-    let mut one = Config::new();
-    if let Some(user) = config.get_user() {
-        one.user(user);
-    }
-    if let Some(password) = config.get_password() {
-        one.password(password);
-    }
-    if let Some(dbname) = config.get_dbname() {
-        one.dbname(dbname);
-    }
-    if let Some(options) = config.get_options() {
-        one.options(options);
-    }
-    if let Some(name) = config.get_application_name() {
-        one.application_name(name);
-    }
-    one.ssl_mode(config.get_ssl_mode())
-        .ssl_negotiation(config.get_ssl_negotiation());
+    let mut one = without_servers(config);
     match config.get_hosts().get(i) {
         Some(tokio_postgres::config::Host::Tcp(h)) => {
             one.host(h);
@@ -219,6 +202,29 @@ fn single_host(config: &Config, i: usize) -> Config {
             }
         }
     }
+    one
+}
+
+/// `config` without servers (no host, `hostaddr` or port), every other setting copied.
+pub(crate) fn without_servers(config: &Config) -> Config {
+    let mut one = Config::new();
+    if let Some(user) = config.get_user() {
+        one.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        one.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        one.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        one.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        one.application_name(name);
+    }
+    one.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation());
     if let Some(t) = config.get_connect_timeout() {
         one.connect_timeout(*t);
     }

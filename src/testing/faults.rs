@@ -142,30 +142,11 @@ impl FaultProxy {
     }
 
     /// `base` (a Postgres configuration) pointed at the proxy: host `127.0.0.1` and the proxy's
-    /// port; user, password, database, options, application name, SSL mode and connect timeout
+    /// port; every other setting (user, password, database, options, SSL mode, timeouts, …)
     /// kept.
     pub fn postgres_config(&self, base: &tokio_postgres::Config) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
+        let mut c = crate::pg::without_servers(base);
         c.host("127.0.0.1").port(self.addr.port());
-        c.ssl_mode(base.get_ssl_mode());
-        if let Some(u) = base.get_user() {
-            c.user(u);
-        }
-        if let Some(p) = base.get_password() {
-            c.password(p);
-        }
-        if let Some(d) = base.get_dbname() {
-            c.dbname(d);
-        }
-        if let Some(o) = base.get_options() {
-            c.options(o);
-        }
-        if let Some(a) = base.get_application_name() {
-            c.application_name(a);
-        }
-        if let Some(t) = base.get_connect_timeout() {
-            c.connect_timeout(*t);
-        }
         c
     }
 
