@@ -9,6 +9,8 @@
 //! the whole connect (TLS, startup, authentication) is bounded here as well.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -62,6 +64,9 @@ pub(crate) struct Pg {
     pub(crate) timeout: Duration,
     /// The relay's lease (`idle_in_transaction_session_timeout` of batch sessions), if any.
     pub(crate) lease: Option<Duration>,
+    /// With several servers: the one the last connect used, tried first by the next (see
+    /// [`connect_config`]). Shared by the clones.
+    pub(crate) preferred: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Pg {
@@ -247,7 +252,10 @@ pub(crate) fn without_servers(config: &Config) -> Config {
 
 /// Connects with `config`. With several servers each gets the whole connect — TCP, TLS,
 /// startup, authentication, the read-write check — within the connect timeout before the next
-/// is tried, in the order given (from a random one with `load_balance_hosts=random`).
+/// is tried, in the order given starting from the server the last connect used (`preferred`;
+/// from a random one with `load_balance_hosts=random`): a frozen server costs one connect
+/// timeout once, not every connect — the health check and the gauges connect each time, within
+/// the Postgres timeout, which is also the per-server connect timeout.
 /// tokio-postgres' own loop bounds only each TCP connect, so a server that accepts connections
 /// and never answers (a frozen primary, a half-dead proxy) held the connect until the caller's
 /// deadline and the servers after it were never tried (libpq and pgx give each host its own
@@ -256,6 +264,7 @@ pub(crate) fn without_servers(config: &Config) -> Config {
 async fn connect_config<M>(
     config: &Config,
     tls: M,
+    preferred: &AtomicUsize,
 ) -> Result<(Client, Connection<Socket, M::Stream>), tokio_postgres::Error>
 where
     M: MakeTlsConnect<Socket> + Clone,
@@ -278,7 +287,7 @@ where
         tokio_postgres::config::LoadBalanceHosts::Random => {
             (uuid::Uuid::new_v4().as_u128() % n as u128) as usize
         }
-        _ => 0,
+        _ => preferred.load(Ordering::Relaxed) % n,
     };
     let mut failed = Vec::new();
     for k in 0..n {
@@ -292,6 +301,7 @@ where
         };
         let why = match outcome {
             Some(Ok(connected)) => {
+                preferred.store(i, Ordering::Relaxed);
                 if !failed.is_empty() {
                     tracing::debug!(failed = %failed.join("; "), "postgres: connected after other servers failed");
                 }
@@ -299,7 +309,14 @@ where
             }
             Some(Err(e)) if k + 1 == n => {
                 if !failed.is_empty() {
-                    tracing::warn!(failed = %failed.join("; "), last = %crate::error::PgErrorDisplay(&e), "postgres: no server of the connection string could be used");
+                    let last = crate::error::PgErrorDisplay(&e);
+                    let failed = failed.join("; ");
+                    const TEXT: &str = "postgres: no server of the connection string could be used (each caller also logs the last error; this line at most once a minute)";
+                    if once_a_minute(&ALL_SERVERS_FAILED_LOGGED) {
+                        tracing::warn!(%failed, %last, "{TEXT}");
+                    } else {
+                        tracing::debug!(%failed, %last, "{TEXT}");
+                    }
                 }
                 return Err(e);
             }
@@ -309,6 +326,21 @@ where
         failed.push(format!("server {} ({}): {why}", i + 1, server_name(&one)));
     }
     unreachable!("the last server returns")
+}
+
+/// When (seconds since the Unix epoch) every server of a connection string last failed at warn.
+static ALL_SERVERS_FAILED_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a minute passed since `last` (then set to now).
+fn once_a_minute(last: &AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now >= before + 60
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// `host:port` (or the socket directory) of a single-server configuration, for logs.
@@ -336,6 +368,7 @@ async fn connect_with<M>(
     params: &[(&'static str, String)],
     marker: &str,
     on_notification: Option<Box<dyn Fn() + Send>>,
+    preferred: &AtomicUsize,
 ) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error>
 where
     M: MakeTlsConnect<Socket> + Clone + Send,
@@ -343,7 +376,7 @@ where
     M::TlsConnect: Send,
     <M::TlsConnect as TlsConnect<Socket>>::Future: Send,
 {
-    match connect_config(&with_options, tls.clone()).await {
+    match connect_config(&with_options, tls.clone(), preferred).await {
         Ok((client, conn)) => {
             let task = tokio::spawn(drive(conn, on_notification));
             let probe = format!(
@@ -378,7 +411,7 @@ where
                 error = %crate::error::PgErrorDisplay(&e),
                 "postgres refused the session parameters as startup options; setting them with SET"
             );
-            let (client, conn) = connect_config(&plain, tls).await?;
+            let (client, conn) = connect_config(&plain, tls, preferred).await?;
             let task = tokio::spawn(drive(conn, on_notification));
             set_each(&client, params).await?;
             Ok((client, task))
@@ -467,6 +500,7 @@ impl Pg {
             tls,
             timeout,
             lease: None,
+            preferred: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -571,6 +605,7 @@ impl Pg {
                     &params,
                     &marker,
                     on_notification,
+                    &self.preferred,
                 )
                 .await
             }
@@ -583,6 +618,7 @@ impl Pg {
                     &params,
                     &marker,
                     on_notification,
+                    &self.preferred,
                 )
                 .await
             }
@@ -653,13 +689,14 @@ impl Pg {
     async fn connect_once(&self, cfg: Config) -> Result<Client, tokio_postgres::Error> {
         let client = match &self.tls {
             Tls::None => {
-                let (client, conn) = connect_config(&cfg, tokio_postgres::NoTls).await?;
+                let (client, conn) =
+                    connect_config(&cfg, tokio_postgres::NoTls, &self.preferred).await?;
                 tokio::spawn(drive(conn, None));
                 client
             }
             #[cfg(feature = "postgres-rustls")]
             Tls::Rustls(tls) => {
-                let (client, conn) = connect_config(&cfg, tls.clone()).await?;
+                let (client, conn) = connect_config(&cfg, tls.clone(), &self.preferred).await?;
                 tokio::spawn(drive(conn, None));
                 client
             }

@@ -28,6 +28,28 @@ const STATISTICS_INTERVAL: Duration = Duration::from_secs(2);
 /// doubling since Postgres last measured it before the relay analyzes it.
 const STATISTICS_GROWTH_PAGES: i64 = 128;
 
+/// Deadline of the relay's `ANALYZE` (also its `statement_timeout`): a sample of a large table
+/// can take longer than a Postgres round trip.
+const ANALYZE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The first pause after an `ANALYZE` that failed or was skipped; it doubles up to
+/// [`ANALYZE_MAX_PAUSE`] while they keep failing.
+const ANALYZE_FIRST_PAUSE: Duration = Duration::from_secs(30);
+
+/// See [`ANALYZE_FIRST_PAUSE`].
+const ANALYZE_MAX_PAUSE: Duration = Duration::from_secs(600);
+
+/// The statistics check's state, kept between its runs.
+#[derive(Default)]
+struct Statistics {
+    /// Its session (dropped after a failed or late round trip).
+    client: Option<tokio_postgres::Client>,
+    /// No `ANALYZE` before this (after one that failed or was skipped).
+    pause_until: Option<tokio::time::Instant>,
+    /// The current pause (zero: no failure since the last `ANALYZE` that worked).
+    pause: Duration,
+}
+
 /// Logged once per process: the table grew, and the relay's role cannot analyze it.
 static CANNOT_ANALYZE_LOGGED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -36,7 +58,7 @@ static CANNOT_ANALYZE_LOGGED: std::sync::atomic::AtomicBool =
 pub(crate) fn spawn(tracker: &TaskTracker, ctx: &Arc<Ctx>) {
     let token = ctx.stop.token().clone();
     let c = ctx.clone();
-    let session = Arc::new(tokio::sync::Mutex::new(None));
+    let session = Arc::new(tokio::sync::Mutex::new(Statistics::default()));
     supervise(
         tracker,
         &token,
@@ -183,59 +205,107 @@ async fn update_gauges(ctx: &Ctx) -> crate::Result<()> {
 /// table's growth; `SKIP_LOCKED` leaves the table to an analyze or vacuum already running. A
 /// role that does not own the table cannot analyze it: logged once, at info.
 ///
-/// One session, kept between runs (dropped after a failed or late round trip); each round trip
-/// is bounded by the Postgres timeout.
+/// One session, kept between runs (dropped after a failed or late round trip); the check is
+/// bounded by the Postgres timeout, the `ANALYZE` by [`ANALYZE_DEADLINE`]. An `ANALYZE` that
+/// fails, misses its deadline or is skipped (`SKIP_LOCKED`: another `ANALYZE`, a `VACUUM` or
+/// `CREATE INDEX CONCURRENTLY` holds the table; Postgres then only warns, and `relpages` stays)
+/// is tried again after a pause that doubles from [`ANALYZE_FIRST_PAUSE`] to
+/// [`ANALYZE_MAX_PAUSE`]; the first of a streak is a warning with the reason.
 async fn refresh_statistics(
     ctx: &Ctx,
-    session: &tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    state: &tokio::sync::Mutex<Statistics>,
 ) -> crate::Result<()> {
-    let mut session = session.lock().await;
-    let client = match session.take().filter(|c| !c.is_closed()) {
+    let mut state = state.lock().await;
+    if state
+        .pause_until
+        .is_some_and(|t| tokio::time::Instant::now() < t)
+    {
+        return Ok(());
+    }
+    let client = match state.client.take().filter(|c| !c.is_closed()) {
         Some(c) => c,
         None => ctx.pg.connect_bounded("statistics").await?,
     };
     let table = ctx.settings.table.as_str();
-    let sizes = bounded("statistics", ctx.pg.timeout, async {
-        Ok(client
-            .query_opt(
-                "select c.relpages::bigint, \
-                        (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint, \
-                        pg_has_role(c.relowner, 'USAGE') \
-                   from pg_class c where c.oid = to_regclass($1::text)",
-                &[&table],
-            )
-            .await?)
+    let Some((measured, pages, owner)) = bounded("statistics", ctx.pg.timeout, async {
+        table_pages(&client, table).await
     })
-    .await?;
-    let Some(row) = sizes else {
-        *session = Some(client);
+    .await?
+    else {
+        state.client = Some(client);
         return Ok(());
     };
-    let (measured, pages, owner): (i64, i64, bool) = (row.get(0), row.get(1), row.get(2));
     if pages < measured.saturating_mul(2) || pages < measured + STATISTICS_GROWTH_PAGES {
-        *session = Some(client);
+        state.client = Some(client);
         return Ok(());
     }
     if !owner {
         if !CANNOT_ANALYZE_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!(table, measured_pages = measured, pages, "outbox relay: the table grew well past the size its statistics describe, and the relay's role does not own it, so cannot ANALYZE it; reservations may be slow until autovacuum analyzes it (logged once)");
         }
-        *session = Some(client);
+        state.client = Some(client);
         return Ok(());
     }
-    let analyze = format!("analyze (skip_locked) {table}");
-    bounded("analyze", ctx.pg.timeout, async {
-        Ok(client.batch_execute(&analyze).await?)
-    })
-    .await?;
-    tracing::info!(
-        table,
-        measured_pages = measured,
-        pages,
-        "outbox relay: the table grew well past the size its statistics describe; analyzed it"
+    let analyze = format!(
+        "begin; set local statement_timeout = {}; analyze (skip_locked) {table}; commit",
+        ANALYZE_DEADLINE.as_millis()
     );
-    *session = Some(client);
+    let analyzed = bounded("analyze", ANALYZE_DEADLINE + ctx.pg.timeout, async {
+        client.batch_execute(&analyze).await?;
+        // Skipped (the table was locked) when Postgres' measure did not move.
+        Ok(table_pages(&client, table)
+            .await?
+            .is_some_and(|(after, _, _)| after != measured))
+    })
+    .await;
+    let why = match analyzed {
+        Ok(true) => {
+            tracing::info!(
+                table,
+                measured_pages = measured,
+                pages,
+                "outbox relay: the table grew well past the size its statistics describe; analyzed it"
+            );
+            state.client = Some(client);
+            state.pause = Duration::ZERO;
+            state.pause_until = None;
+            return Ok(());
+        }
+        Ok(false) => {
+            state.client = Some(client);
+            "skipped: another ANALYZE, a VACUUM or CREATE INDEX CONCURRENTLY holds the table"
+                .to_string()
+        }
+        Err(e) => e.to_string(),
+    };
+    let first = state.pause.is_zero();
+    state.pause = (state.pause * 2).clamp(ANALYZE_FIRST_PAUSE, ANALYZE_MAX_PAUSE);
+    state.pause_until = Some(tokio::time::Instant::now() + state.pause);
+    let pause = state.pause;
+    if first {
+        tracing::warn!(table, measured_pages = measured, pages, reason = %why, ?pause, "outbox relay: the table grew well past the size its statistics describe, and analyzing it did not work; trying again after a pause (further failures at debug)");
+    } else {
+        tracing::debug!(table, reason = %why, ?pause, "outbox relay: ANALYZE of the grown table did not work again");
+    }
     Ok(())
+}
+
+/// The table's pages as Postgres last measured them (`pg_class.relpages`), its pages now, and
+/// whether the session's role owns it (may `ANALYZE` it); `None` when there is no such table.
+async fn table_pages(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> crate::Result<Option<(i64, i64, bool)>> {
+    Ok(client
+        .query_opt(
+            "select c.relpages::bigint, \
+                    (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint, \
+                    pg_has_role(c.relowner, 'USAGE') \
+               from pg_class c where c.oid = to_regclass($1::text)",
+            &[&table],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
 /// Deletes the fences of batches that never confirmed (their session was lost) once they ended.

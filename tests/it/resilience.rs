@@ -493,8 +493,9 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
 }
 
 /// A server of the connection string that accepts connections and never answers (a frozen
-/// primary, a half-dead proxy) costs each connect one connect timeout, then the next server is
-/// tried: the relay connects and delivers through the second.
+/// primary, a half-dead proxy) costs a connect one connect timeout, then the next server is
+/// tried: the relay connects and delivers through the second, and later connects (here of
+/// `health()` after its session was ended) start with the server that answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     support::init_tracing();
@@ -502,9 +503,12 @@ async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hung_port = hung.local_addr().unwrap().port();
     // Accepts and keeps every connection, and never writes a byte.
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
     let keeper = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = hung.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(socket);
         }
     });
@@ -532,6 +536,28 @@ async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     let relay = outbox.start().unwrap();
     let writer = outbox::testing::connect(&db_config).await.unwrap();
     deliver_round_robin(&outbox, &writer, &topic, 10, 2).await;
+    let tried = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(tried >= 1, "the premise: the first server was tried");
+    // Ending the admin session makes the next health() connect again.
+    for _ in 0..3 {
+        writer
+            .execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity
+                  where application_name = 'outbox-relay-admin'",
+                &[],
+            )
+            .await
+            .unwrap();
+        support::eventually(HANG, "health through the second server", || async {
+            outbox.health().await.map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        tried,
+        "later connects start with the server that answered"
+    );
     support::stop_and_join(&outbox, relay).await;
     keeper.abort();
 }
