@@ -276,6 +276,11 @@ pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Resul
     match migrate_in_tx(client, table, channel).await {
         Ok(report) => {
             client.batch_execute("commit").await?;
+            // The migrating role owns the table: analyze a new one now, so that a relay role
+            // that is not its owner (the README's roles) finds it analyzed.
+            if let Err(e) = analyze_if_never_analyzed(client, table).await {
+                tracing::warn!(table, error = %e, "outbox migrate: the new table could not be analyzed; a relay's reservations may be slow until autovacuum analyzes it");
+            }
             Ok(report)
         }
         Err(e) => {
@@ -578,17 +583,25 @@ fn describe_missing(missing: &[Missing]) -> String {
 /// any `ANALYZE`, even of the empty table). Whether it analyzed.
 ///
 /// # Errors
-/// The Postgres error (e.g. the role does not own the table); the caller only logs it.
+/// [`Error::Schema`] when the role does not own the table (Postgres then skips it with a
+/// warning only); the Postgres error of the `ANALYZE`. The caller only logs it.
 pub(crate) async fn analyze_if_never_analyzed(client: &Client, table: &str) -> Result<bool> {
-    let never: Option<bool> = client
+    let state: Option<(bool, bool)> = client
         .query_opt(
-            "select c.reltuples < 0 from pg_class c where c.oid = to_regclass($1::text)",
+            "select c.reltuples < 0, pg_has_role(c.relowner, 'USAGE') \
+               from pg_class c where c.oid = to_regclass($1::text)",
             &[&table],
         )
         .await?
-        .map(|r| r.get(0));
-    if never != Some(true) {
-        return Ok(false);
+        .map(|r| (r.get(0), r.get(1)));
+    match state {
+        Some((true, true)) => {}
+        Some((true, false)) => {
+            return Err(Error::Schema(format!(
+                "the connected role does not own `{table}`, and Postgres analyzes a table only for its owner (run `analyze {table}` as the owner, or migrate again with this version)"
+            )))
+        }
+        _ => return Ok(false),
     }
     client.batch_execute(&format!("analyze {table}")).await?;
     Ok(true)

@@ -699,18 +699,18 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                 }
                 Ok(Err(e)) => (
                     503,
-                    serde_json::json!({"healthy": false, "error": e.to_string()}),
+                    serde_json::json!({"healthy": false, "error": e.to_string(), "reasons": [e.to_string()]}),
                 ),
-                Err(_) => (
-                    503,
-                    serde_json::json!({
-                        "healthy": false,
-                        "error": format!(
-                            "the health check did not finish within {:?}: Postgres is slow or does not answer (a connect that hangs), or a lock blocks the outbox table",
-                            http_limits::HEALTH_TIMEOUT
-                        ),
-                    }),
-                ),
+                Err(_) => {
+                    let error = format!(
+                        "the health check did not finish within {:?}: Postgres is slow or does not answer (a connect that hangs), or a lock blocks the outbox table",
+                        http_limits::HEALTH_TIMEOUT
+                    );
+                    (
+                        503,
+                        serde_json::json!({"healthy": false, "reasons": [&error], "error": error}),
+                    )
+                }
             };
             response(code, "application/json", text::json_line(&body))
         }

@@ -712,6 +712,19 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
         .await
         .unwrap();
     outbox::migrate(&migrator).await.unwrap();
+    // The migrator owns the new table and analyzed it: the relay role could not.
+    let reltuples: f64 = admin
+        .query_one(
+            "select reltuples::float8 from pg_class where oid = 'events'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reltuples >= 0.0,
+        "migrate analyzed the new table: {reltuples}"
+    );
     admin.batch_execute(grants).await.unwrap();
 
     let relay_cfg = as_role("relay");
