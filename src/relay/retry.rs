@@ -145,8 +145,14 @@ pub(crate) fn judge(
     }
     let permanent = code.is_some_and(is_permanent);
     let last = i64::from(attempts_before) + 1 >= i64::from(settings.max_attempts);
+    let error = match code {
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
+            format!("{e} (the topic does not exist and the cluster does not create it on demand: create the topic; the event is retried with backoff until `max_attempts`)")
+        }
+        _ => e.to_string(),
+    };
     Failure {
-        error: e.to_string(),
+        error,
         code,
         dead: permanent || last,
         charged: true,

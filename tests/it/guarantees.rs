@@ -1692,8 +1692,8 @@ async fn s6_missing_topic_error_names_unknown_topic() {
     let error = m[0].last_error().unwrap_or_default().to_lowercase();
     stop_and_join(&outbox, handle).await;
     assert!(
-        error.contains("unknown topic"),
-        "last_error of an event for a missing topic should say the topic is unknown, got {error:?}"
+        error.contains("unknown topic") && error.contains("create the topic"),
+        "last_error of an event for a missing topic should say the topic is unknown and what to do, got {error:?}"
     );
 }
 
