@@ -2040,6 +2040,54 @@ async fn the_relay_analyzes_a_table_that_outgrew_its_statistics() {
     support::stop_and_join(&outbox, handle).await;
 }
 
+/// While the grown table is locked against `ANALYZE` (a `VACUUM`, another `ANALYZE`, `CREATE
+/// INDEX CONCURRENTLY` — here a transaction holding `SHARE UPDATE EXCLUSIVE`), the relay's
+/// skipped `ANALYZE` (Postgres only warns) is not repeated every 2 s: it pauses (30 s first).
+/// Counted in the server's log, on a server of the test's own; events keep flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_analyze_of_a_locked_table_is_not_repeated_every_check() {
+    let server = outbox::testing::TestPostgres::start().await.unwrap();
+    let env = setup_in("locked", 1, None, server.config()).await;
+    let client = pg(&env).await;
+    let table = env.table.as_str();
+    client
+        .batch_execute(&format!(
+            "alter table {table} set (autovacuum_enabled = false);
+             insert into {table} (aggregate_id, event_topic, event_type, payload, status)
+               select 'a' || g, '{}', 'x', jsonb_build_object('n', g), 'done'
+                 from generate_series(1, 20000) g",
+            env.topic
+        ))
+        .await
+        .unwrap();
+    let locker = pg(&env).await;
+    locker
+        .batch_execute(&format!(
+            "begin; lock table {table} in share update exclusive mode"
+        ))
+        .await
+        .unwrap();
+    let outbox = env.builder().connect().await.expect("connect");
+    let handle = outbox.start().unwrap();
+    // Three checks' worth while the lock is held; an event still goes out.
+    let mut c = pg(&env).await;
+    let ids = insert(&outbox, &mut c, &[ev(&env.topic, "b", 1)]).await;
+    let records =
+        outbox::testing::consume_all(&env.brokers, &env.topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        records[0].header("event_id"),
+        Some(ids[0].to_string().as_str())
+    );
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let skipped = server.log().matches("skipping analyze of").count();
+    locker.batch_execute("rollback").await.unwrap();
+    stop_and_join(&outbox, handle).await;
+    assert!(
+        (1..=2).contains(&skipped),
+        "the relay tried, was skipped, and paused: {skipped} skipped ANALYZEs in the server's log"
+    );
+}
+
 async fn table_size(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(
