@@ -58,6 +58,8 @@ pub struct TestPostgresBuilder {
     settings: BTreeMap<String, String>,
     bindir: Option<PathBuf>,
     base_dir: Option<PathBuf>,
+    /// The port of the primary this server is a streaming standby of.
+    standby_of: Option<u16>,
 }
 
 impl Default for TestPostgresBuilder {
@@ -68,6 +70,7 @@ impl Default for TestPostgresBuilder {
             settings: BTreeMap::new(),
             bindir: None,
             base_dir: None,
+            standby_of: None,
         }
     }
 }
@@ -109,6 +112,15 @@ impl TestPostgresBuilder {
         self
     }
 
+    /// Makes the server a hot standby of `primary` (asynchronous streaming replication): its
+    /// data directory is a `pg_basebackup -R` of the primary instead of a fresh `initdb`, so it
+    /// has the primary's databases, tables and settings, replays what the primary commits, and
+    /// refuses writes (SQLSTATE 25006) until [`TestPostgres::promote`].
+    pub fn standby_of(mut self, primary: &TestPostgres) -> Self {
+        self.standby_of = Some(primary.port());
+        self
+    }
+
     /// Creates and starts the server (see [`TestPostgres::start`]).
     pub async fn start(self) -> io::Result<TestPostgres> {
         blocking(move || self.start_blocking()).await
@@ -131,7 +143,10 @@ impl TestPostgresBuilder {
             watchdog: Mutex::new(None),
             _tempdir: tempdir,
         };
-        inner.init_cluster()?;
+        match self.standby_of {
+            Some(primary) => inner.clone_cluster(primary)?,
+            None => inner.init_cluster()?,
+        }
         // The watchdog stops the server and removes the directory when this process exits
         // without dropping the TestPostgres (a `static`, a panic=abort, a SIGKILL, Ctrl-C).
         inner.spawn_watchdog()?;
@@ -220,6 +235,29 @@ impl Inner {
             .open(self.data_dir.join("postgresql.conf"))?;
         writeln!(conf, "\ninclude 'outbox_test.conf'")?;
         Ok(())
+    }
+}
+
+impl Inner {
+    /// The data directory as a `pg_basebackup -R` (streaming WAL, standby configuration
+    /// written) of the server on `primary_port`; its `outbox_test.conf` is rewritten for this
+    /// server afterwards.
+    fn clone_cluster(&self, primary_port: u16) -> io::Result<()> {
+        let mut backup = self.pg_command("pg_basebackup");
+        backup.arg("-D").arg(&self.data_dir).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary_port.to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-R",
+            "-c",
+            "fast",
+        ]);
+        run_checked(&mut backup, "pg_basebackup of the primary").map(|_| ())
     }
 }
 
@@ -331,6 +369,20 @@ impl TestPostgres {
     /// Whether the server is running (as far as this handle knows).
     pub fn is_running(&self) -> bool {
         *self.inner.running.lock().unwrap()
+    }
+
+    /// Promotes a standby (see [`TestPostgresBuilder::standby_of`]) to a primary that accepts
+    /// writes (`pg_ctl promote`, waiting until it does).
+    pub async fn promote(&self) -> io::Result<()> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut cmd = inner.pg_command("pg_ctl");
+            cmd.arg("-D")
+                .arg(&inner.data_dir)
+                .args(["-w", "-t", "60", "-s", "promote"]);
+            run_checked(&mut cmd, "pg_ctl promote").map(|_| ())
+        })
+        .await
     }
 
     /// Stops the server cleanly (`pg_ctl stop -m fast`: open sessions are terminated, their

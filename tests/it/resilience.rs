@@ -562,6 +562,160 @@ async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     keeper.abort();
 }
 
+/// A relay pointed at a hot standby (a demoted primary behind an address that did not move)
+/// cannot LISTEN there (25006, "cannot execute LISTEN during recovery"): its listener retries
+/// with backoff rather than at once, which forked a new server backend every few
+/// milliseconds. Counted in the standby's log over 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
+    support::init_tracing();
+    let primary = outbox::testing::TestPostgres::start().await.unwrap();
+    let table = support::unique_name("standby");
+    drop(
+        on_table(primary.config(), &table)
+            .migrate(true)
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let standby = outbox::testing::TestPostgres::builder()
+        .standby_of(&primary)
+        .start()
+        .await
+        .unwrap();
+    let outbox = on_table(standby.config(), &table)
+        .connect()
+        .await
+        .expect("the schema check reads the standby");
+    let relay = outbox.start().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused = standby
+        .log()
+        .matches("cannot execute LISTEN during recovery")
+        .count();
+    assert!(!outbox.stats().listener_connected);
+    support::stop_and_join(&outbox, relay).await;
+    assert!(
+        (1..=15).contains(&refused),
+        "LISTEN refused {refused} times in 3 s"
+    );
+}
+
+/// Failover on real streaming replication: the connection string lists the standby first and
+/// the primary second; the relay delivers through the primary, which then crashes once the
+/// standby has replayed every confirm; the standby is promoted and the relay follows it:
+/// every event — 20 before, 20 written on the promoted server after — in Kafka once, in order
+/// per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_follows_a_promoted_standby() {
+    support::init_tracing();
+    let primary = outbox::testing::TestPostgres::start().await.unwrap();
+    let table = support::unique_name("failover");
+    let topic = support::fresh_topic("failover_topic", 2).await;
+    drop(
+        on_table(primary.config(), &table)
+            .migrate(true)
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let standby = outbox::testing::TestPostgres::builder()
+        .standby_of(&primary)
+        .start()
+        .await
+        .unwrap();
+    let mut hosts = tokio_postgres::Config::new();
+    hosts
+        .host("127.0.0.1")
+        .port(standby.port())
+        .host("127.0.0.1")
+        .port(primary.port())
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let outbox = on_table(hosts, &table).connect().await.unwrap();
+    let relay = outbox.start().unwrap();
+    let write = |client: tokio_postgres::Client, from: i64, to: i64| {
+        let outbox = outbox.clone();
+        let topic = topic.clone();
+        async move {
+            for n in from..to {
+                let aggregate = format!("a{}", n % 2);
+                outbox
+                    .add_new_event(
+                        &client,
+                        NewEvent::new(&topic, &aggregate, "T", json!({"n": n})),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let on_primary = primary.connect().await.unwrap();
+    write(primary.connect().await.unwrap(), 0, 20).await;
+    // Every confirm committed on the primary and replayed on the standby.
+    support::eventually(HANG, "nothing pending on the primary", || async {
+        let n: i64 = on_primary
+            .query_one(
+                &format!("select count(*) from {table} where status <> 'done'"),
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} pending"))
+        }
+    })
+    .await;
+    let lsn: String = on_primary
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let on_standby = standby.connect().await.unwrap();
+    support::eventually(HANG, "the standby replayed the confirms", || async {
+        let caught_up: bool = on_standby
+            .query_one(
+                "select pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if caught_up {
+            Ok(())
+        } else {
+            Err("behind".to_string())
+        }
+    })
+    .await;
+    primary.crash().await.unwrap();
+    standby.promote().await.unwrap();
+    write(standby.connect().await.unwrap(), 20, 40).await;
+    let records = outbox::testing::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        40,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(records.len(), 40, "{:?}", outbox.health().await);
+    for a in 0..2 {
+        let aggregate = format!("a{a}");
+        let ns: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key_str() == aggregate)
+            .map(|r| r.json()["n"].as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = (0..40).filter(|n| n % 2 == a).collect();
+        assert_eq!(ns, expected, "{aggregate}: every event once, in order");
+    }
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// A connection string naming several hosts (a primary and its standbys, for failover) sends
 /// every relay session to the host that accepts writes, not to the first that answers: here
 /// the first host has the outbox's schema but read-only sessions (`default_transaction_read_only
