@@ -562,17 +562,33 @@ async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     keeper.abort();
 }
 
-/// A relay pointed at a hot standby (a demoted primary behind an address that did not move)
-/// cannot LISTEN there (25006, "cannot execute LISTEN during recovery"): its listener retries
-/// with backoff rather than at once, which forked a new server backend every few
-/// milliseconds. Counted in the standby's log over 3 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
-    support::init_tracing();
+/// A connection string naming `first`, then `second` (user and database `postgres`), with
+/// `connect_timeout`.
+fn both_servers(
+    first: &outbox::testing::TestPostgres,
+    second: &outbox::testing::TestPostgres,
+    connect_timeout: Duration,
+) -> tokio_postgres::Config {
+    let mut hosts = tokio_postgres::Config::new();
+    hosts
+        .host("127.0.0.1")
+        .port(first.port())
+        .host("127.0.0.1")
+        .port(second.port())
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(connect_timeout);
+    hosts
+}
+
+/// A throwaway primary with the outbox table `table` migrated, and a hot standby of it
+/// (streaming replication) that has the table too.
+async fn primary_and_standby(
+    table: &str,
+) -> (outbox::testing::TestPostgres, outbox::testing::TestPostgres) {
     let primary = outbox::testing::TestPostgres::start().await.unwrap();
-    let table = support::unique_name("standby");
     drop(
-        on_table(primary.config(), &table)
+        on_table(primary.config(), table)
             .migrate(true)
             .connect()
             .await
@@ -583,6 +599,18 @@ async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
         .start()
         .await
         .unwrap();
+    (primary, standby)
+}
+
+/// A relay pointed at a hot standby (a demoted primary behind an address that did not move)
+/// cannot LISTEN there (25006, "cannot execute LISTEN during recovery"): its listener retries
+/// with backoff rather than at once, which forked a new server backend every few
+/// milliseconds. Counted in the standby's log over 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
+    support::init_tracing();
+    let table = support::unique_name("standby");
+    let (_primary, standby) = primary_and_standby(&table).await;
     let outbox = on_table(standby.config(), &table)
         .connect()
         .await
@@ -609,30 +637,10 @@ async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_follows_a_promoted_standby() {
     support::init_tracing();
-    let primary = outbox::testing::TestPostgres::start().await.unwrap();
     let table = support::unique_name("failover");
     let topic = support::fresh_topic("failover_topic", 2).await;
-    drop(
-        on_table(primary.config(), &table)
-            .migrate(true)
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let standby = outbox::testing::TestPostgres::builder()
-        .standby_of(&primary)
-        .start()
-        .await
-        .unwrap();
-    let mut hosts = tokio_postgres::Config::new();
-    hosts
-        .host("127.0.0.1")
-        .port(standby.port())
-        .host("127.0.0.1")
-        .port(primary.port())
-        .user("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(2));
+    let (primary, standby) = primary_and_standby(&table).await;
+    let hosts = both_servers(&standby, &primary, Duration::from_secs(2));
     let outbox = on_table(hosts, &table).connect().await.unwrap();
     let relay = outbox.start().unwrap();
     let write = |client: tokio_postgres::Client, from: i64, to: i64| {
@@ -757,15 +765,7 @@ async fn several_hosts_relay_on_the_one_that_accepts_writes() {
         },
     )
     .await;
-    let mut hosts = tokio_postgres::Config::new();
-    hosts
-        .host("127.0.0.1")
-        .port(standby.port())
-        .host("127.0.0.1")
-        .port(primary.port())
-        .user("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(10));
+    let hosts = both_servers(&standby, &primary, Duration::from_secs(10));
     let outbox = on_table(hosts, &table).connect().await.unwrap();
     let relay = outbox.start().unwrap();
     let writer = primary.connect().await.unwrap();
