@@ -153,11 +153,8 @@ pub(crate) async fn bounded<T>(
 /// "unsupported startup parameter", 08P01; Postgres: "unrecognized configuration parameter",
 /// 42704).
 fn options_refused(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    e.as_db_error().is_some_and(|db| {
-        (db.code() == &SqlState::PROTOCOL_VIOLATION && db.message().contains("startup parameter"))
-            || db.code() == &SqlState::UNDEFINED_OBJECT
-    })
+    options_parameter_refused(e)
+        || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT)
 }
 
 /// A placeholder setting sent with the session parameters as a startup option, with a value
@@ -669,12 +666,9 @@ impl Pg {
     async fn connect_probe(&self) -> Result<Client, tokio_postgres::Error> {
         let mut plain = self.config.clone();
         plain.application_name("outbox-relay-probe");
-        let ours = format!("-c statement_timeout={}", self.timeout.as_millis());
+        let ours = [("statement_timeout", self.timeout.as_millis().to_string())];
         let mut with_options = plain.clone();
-        with_options.options(&match plain.get_options() {
-            Some(o) if !o.trim().is_empty() => format!("{o} {ours}"),
-            _ => ours,
-        });
+        with_options.options(startup_options(plain.get_options(), &ours));
         match self.connect_once(with_options).await {
             Err(e) if options_parameter_refused(&e) && has_own_options(&plain) => {
                 own_options_refused(&e);

@@ -48,6 +48,25 @@ fn on_table(pg: tokio_postgres::Config, table: &str) -> OutboxBuilder {
         .channel(table)
 }
 
+/// An outbox over `pg` on a fresh table named after `name` (migrated by `connect()`, which
+/// must succeed: `what` says why it should), and a fresh topic `<name>_topic` of `partitions`:
+/// (outbox, table, topic).
+async fn fresh_outbox(
+    pg: tokio_postgres::Config,
+    name: &str,
+    partitions: i32,
+    what: &str,
+) -> (Outbox, String, String) {
+    let table = support::unique_name(name);
+    let topic = support::fresh_topic(&format!("{name}_topic"), partitions).await;
+    let outbox = on_table(pg, &table)
+        .migrate(true)
+        .connect()
+        .await
+        .expect(what);
+    (outbox, table, topic)
+}
+
 fn url_of(addr: SocketAddr, extra: &str) -> String {
     format!(
         "postgres://postgres@{}:{}/postgres?{extra}",
@@ -219,13 +238,13 @@ async fn database_defaults_cannot_end_relay_sessions() {
     support::init_tracing();
     let db_config =
         database_with_defaults(&["idle_session_timeout = '2s'", "statement_timeout = '1ms'"]).await;
-    let table = support::unique_name("sess");
-    let topic = support::fresh_topic("sess_topic", 1).await;
-    let outbox = on_table(db_config.clone(), &table)
-        .migrate(true)
-        .connect()
-        .await
-        .expect("connect (and migrate) despite the database's statement_timeout of 1 ms");
+    let (outbox, table, topic) = fresh_outbox(
+        db_config.clone(),
+        "sess",
+        1,
+        "connect (and migrate) despite the database's statement_timeout of 1 ms",
+    )
+    .await;
     let relay = outbox.start().unwrap();
     support::wait_armed(&outbox, &table, Duration::from_secs(20)).await;
     let pids = |c: tokio_postgres::Client| async move {
@@ -405,13 +424,7 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() 
     );
     assert_eq!(show(&plain, "jit_above_cost").await, "0");
     assert_relay_sessions_keep_their_settings(&db_config).await;
-    let table = support::unique_name("iso");
-    let topic = support::fresh_topic("iso_topic", 2).await;
-    let outbox = on_table(db_config.clone(), &table)
-        .migrate(true)
-        .connect()
-        .await
-        .unwrap();
+    let (outbox, _table, topic) = fresh_outbox(db_config.clone(), "iso", 2, "connect").await;
     let relay = outbox.start().unwrap();
     // The writer keeps the database's defaults (serializable).
     let writer = outbox::testing::connect(&db_config).await.unwrap();
@@ -429,13 +442,7 @@ async fn health_names_a_lasting_postgres_problem_of_the_pipeline() {
     support::init_tracing();
     let db_config = support::fresh_database().await;
     let db = db_config.get_dbname().unwrap().to_string();
-    let table = support::unique_name("pgprob");
-    let topic = support::fresh_topic("pgprob_topic", 1).await;
-    let outbox = on_table(db_config.clone(), &table)
-        .migrate(true)
-        .connect()
-        .await
-        .unwrap();
+    let (outbox, _table, topic) = fresh_outbox(db_config.clone(), "pgprob", 1, "connect").await;
     let admin = support::connect_pg().await;
     admin
         .batch_execute(&format!(
@@ -526,13 +533,8 @@ async fn a_host_that_never_answers_does_not_hide_the_next_one() {
     if let Some(password) = db_config.get_password() {
         hosts.password(password);
     }
-    let table = support::unique_name("hung");
-    let topic = support::fresh_topic("hung_topic", 1).await;
-    let outbox = on_table(hosts, &table)
-        .migrate(true)
-        .connect()
-        .await
-        .expect("connect() reaches the second server");
+    let (outbox, _table, topic) =
+        fresh_outbox(hosts, "hung", 1, "connect() reaches the second server").await;
     let relay = outbox.start().unwrap();
     let writer = outbox::testing::connect(&db_config).await.unwrap();
     deliver_round_robin(&outbox, &writer, &topic, 10, 2).await;
@@ -1310,13 +1312,13 @@ async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
         "the option reached Postgres"
     );
     assert_relay_sessions_keep_their_settings(&cfg).await;
-    let table = support::unique_name("bouncer_drop");
-    let topic = support::fresh_topic("bouncer_drop_topic", 1).await;
-    let outbox = on_table(cfg.clone(), &table)
-        .migrate(true)
-        .connect()
-        .await
-        .expect("session pooling is accepted");
+    let (outbox, _table, topic) = fresh_outbox(
+        cfg.clone(),
+        "bouncer_drop",
+        1,
+        "session pooling is accepted",
+    )
+    .await;
     let relay = outbox.start().unwrap();
     let w = outbox::testing::connect(&cfg).await.unwrap();
     for n in 0..20 {
