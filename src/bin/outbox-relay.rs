@@ -496,11 +496,13 @@ async fn log_progress(outbox: Outbox, every: Duration, token: CancellationToken)
             _ = tick.tick() => {}
         }
         let stats = outbox.stats();
-        let rate = (stats.delivered - last) as f64 / every.as_secs_f64();
+        // Events per second, whole: a number in the JSON log format, not a string.
+        let rate =
+            (stats.delivered.saturating_sub(last) as f64 / every.as_secs_f64()).round() as u64;
         last = stats.delivered;
         match outbox.status().await {
             Ok(s) => tracing::info!(
-                delivered_per_s = format!("{rate:.0}"),
+                delivered_per_s = rate,
                 delivered = stats.delivered,
                 backlog = s.pending,
                 oldest_pending_age_s = s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0),

@@ -676,6 +676,8 @@ async fn metrics_and_health_endpoints() {
             "1s",
             "--poll-interval",
             "200ms",
+            "--progress-interval",
+            "300ms",
         ],
     )
     .await;
@@ -769,18 +771,37 @@ async fn metrics_and_health_endpoints() {
         "graceful stop with a stuck event; stderr:\n{log}"
     );
     // --log-format json: every stderr line is a JSON object with a message.
-    let messages: Vec<String> = log
+    let lines: Vec<Value> = log
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {l}"));
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {l}"))
+        })
+        .collect();
+    let messages: Vec<String> = lines
+        .iter()
+        .map(|v| {
             v["fields"]["message"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string()
         })
         .collect();
+    // The progress line's figures are JSON numbers, for log pipelines that aggregate them.
+    let progress: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["fields"]["message"] == "progress")
+        .collect();
+    assert!(!progress.is_empty(), "progress lines: {messages:?}");
+    for p in progress {
+        for field in ["delivered_per_s", "delivered", "backlog", "dead_letters"] {
+            assert!(
+                p["fields"][field].is_u64(),
+                "{field} is a number in the progress line: {p}"
+            );
+        }
+    }
     assert!(
         messages.iter().any(|m| m == "serving /metrics and /health"),
         "{messages:?}"
