@@ -1,6 +1,6 @@
 //! The confirm stage: a batch's outcomes written in one statement together with the commit (one
 //! round trip), and — for messages held at the batch's cutoff — their late reports written one by
-//! one while the hold lasts. Both judge reports with the same policy (`Outcome::of_report`) and
+//! one while the hold lasts, on one session shared by every held batch ([`LateConn`]). Both judge reports with the same policy (`Outcome::of_report`) and
 //! report through the same sink.
 
 use std::collections::{HashMap, HashSet};
@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::stream::{BoxStream, SelectAll};
 use futures::StreamExt;
 use tokio::time::Instant;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::config::OnDelivery;
@@ -19,6 +19,7 @@ use crate::store::ConfirmOutcome;
 use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::{retry_delay, unavailable_delay};
+use super::shared::Session;
 use super::timing::{millis, round_trip, LATE_GRACE};
 use super::Ctx;
 
@@ -160,9 +161,12 @@ pub(crate) async fn confirm_late(
     // Health names the overdue reports while they are (with too few in-sync replicas nothing
     // fails: the reports just do not come).
     let mut overdue = ctx.producers.state().overdue(stragglers.len());
-    // Connected now, so that a report arriving late in the hold is written at once; replaced
-    // after a write that missed its deadline, reconnected on the next report.
-    let mut client = late_connect(&ctx).await;
+    // Connected now (unless it is already), so that a report arriving late in the hold is
+    // written at once; replaced after a write that missed its deadline, reconnected on the next
+    // report.
+    if let Err(e) = late_conn(&ctx).await {
+        ctx.report.late_unrecordable(&e);
+    }
     // Runs (see `in_order`) in which a message was not delivered.
     let mut failed_runs = HashSet::new();
     let mut waiting = in_order(stragglers);
@@ -207,24 +211,23 @@ pub(crate) async fn confirm_late(
         let Some(hold) = holds.get(&row.id) else {
             continue;
         };
-        if client.as_ref().is_none_or(Client::is_closed) {
-            client = late_connect(&ctx).await;
-        }
-        let Some(c) = client.as_ref() else { continue };
-        let write = record_late(&ctx, c, row, outcome.as_ref(), hold);
-        match round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await {
+        let c = match late_conn(&ctx).await {
+            Ok(c) => c,
+            Err(e) => {
+                ctx.report.late_unrecordable(&e);
+                continue;
+            }
+        };
+        let write = record_late(&ctx, &c, row, outcome.as_ref(), hold);
+        let written = round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await;
+        match ctx.late_conn.settle(&c, written).await {
             Ok(true) => {
                 if let Some(o) = &outcome {
                     ctx.report.settled_late(row, o, fetched_at.elapsed());
                 }
             }
             Ok(false) => {}
-            Err(e) => {
-                ctx.report.late_unrecordable(&e);
-                if e.is_timeout() {
-                    client = None;
-                }
-            }
+            Err(e) => ctx.report.late_unrecordable(&e),
         }
     }
 }
@@ -311,16 +314,53 @@ fn late_outcome(
     }
 }
 
-/// A connection for late reports, within the connect deadline; `None` (logged) when it failed.
-async fn late_connect(ctx: &Ctx) -> Option<Client> {
-    let connect = ctx.pg.connect("late");
-    match round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            ctx.report.late_unrecordable(&e);
-            None
-        }
+/// The session late reports are written on, with its statements: one for every held batch of
+/// the relay, however many there are (a connection per held batch, kept for its hold, took a new
+/// Postgres connection every `batch_timeout` per batch slot while the brokers stalled — hundreds
+/// with a short `batch_timeout` — until the database refused the services' own connections).
+pub(crate) struct LateConn {
+    client: Client,
+    release: Statement,
+    confirm: Statement,
+    fail: Statement,
+}
+
+impl Session for LateConn {
+    fn client(&self) -> &Client {
+        &self.client
     }
+}
+
+/// The late reports' session: the open one, or a new one within the connect deadline and the
+/// round trip deadline of its preparation.
+async fn late_conn(ctx: &Ctx) -> crate::Result<Arc<LateConn>> {
+    ctx.late_conn
+        .get(|| async {
+            let connect = ctx.pg.connect("late");
+            let client =
+                round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await?;
+            let prepare = async {
+                futures::try_join!(
+                    client.prepare(&ctx.sql.late_release),
+                    client.prepare(&ctx.sql.late_confirm),
+                    client.prepare(&ctx.sql.late_fail)
+                )
+            };
+            let (release, confirm, fail) = round_trip(
+                &ctx.stop,
+                "late session setup",
+                ctx.timing.round_trip,
+                prepare,
+            )
+            .await?;
+            Ok(LateConn {
+                client,
+                release,
+                confirm,
+                fail,
+            })
+        })
+        .await
 }
 
 /// Writes one late outcome while the row's hold `hold` lasts and is still the row's (`None`:
@@ -328,33 +368,30 @@ async fn late_connect(ctx: &Ctx) -> Option<Client> {
 /// written.
 async fn record_late(
     ctx: &Ctx,
-    client: &Client,
+    c: &LateConn,
     row: &Reserved,
     o: Option<&Outcome>,
     hold: &SystemTime,
 ) -> Result<bool, tokio_postgres::Error> {
+    let client = &c.client;
     let Some(o) = o else {
-        client
-            .execute(&ctx.sql.late_release, &[&row.id, hold])
-            .await?;
+        client.execute(&c.release, &[&row.id, hold]).await?;
         return Ok(false);
     };
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
-            client
-                .execute(&ctx.sql.late_confirm, &[&row.id, hold])
-                .await
+            client.execute(&c.confirm, &[&row.id, hold]).await
         }
         Outcome::Delivered { partition, offset } => {
             client
-                .execute(&ctx.sql.late_confirm, &[&row.id, partition, offset, hold])
+                .execute(&c.confirm, &[&row.id, partition, offset, hold])
                 .await
         }
         Outcome::Failed(f) => {
             let delay = due_after(ctx, row, o).map_or(0, millis);
             client
                 .execute(
-                    &ctx.sql.late_fail,
+                    &c.fail,
                     &[&row.id, &f.error, &delay, &f.dead, hold, &f.charged],
                 )
                 .await

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 
 use postgres_types::Type;
-use tokio::sync::Mutex;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pg::Pg;
 use crate::store::RelaySql;
 
+use super::shared::{Session, Shared};
 use super::timing::{millis, round_trip, Stop, Timing};
 
 /// The fence connection and its prepared statements.
@@ -23,6 +23,12 @@ struct FenceConn {
     delete: Statement,
 }
 
+impl Session for FenceConn {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
 /// The relay's fence connection, (re)connected on demand and shared by the batches.
 pub(crate) struct Fences {
     pg: Pg,
@@ -30,7 +36,7 @@ pub(crate) struct Fences {
     lifetime_ms: i64,
     round_trip: std::time::Duration,
     stop: Arc<Stop>,
-    conn: Mutex<Option<Arc<FenceConn>>>,
+    conn: Shared<FenceConn>,
 }
 
 impl Fences {
@@ -41,7 +47,7 @@ impl Fences {
             lifetime_ms: millis(timing.fence),
             round_trip: timing.round_trip,
             stop,
-            conn: Mutex::new(None),
+            conn: Shared::new(),
         }
     }
 
@@ -56,12 +62,13 @@ impl Fences {
         let params: [&(dyn postgres_types::ToSql + Sync); 3] =
             [batch_id, &self.lifetime_ms, &aggregates];
         let op = f.client.execute(&f.insert, &params);
-        self.settle(
-            &f,
-            round_trip(&self.stop, "fence", self.round_trip, op).await,
-        )
-        .await
-        .map(drop)
+        self.conn
+            .settle(
+                &f,
+                round_trip(&self.stop, "fence", self.round_trip, op).await,
+            )
+            .await
+            .map(drop)
     }
 
     /// Removes the fence of a batch that did not confirm, once nothing of it is in flight.
@@ -72,30 +79,20 @@ impl Fences {
         let f = self.conn().await?;
         let params: [&(dyn postgres_types::ToSql + Sync); 1] = [batch_id];
         let op = f.client.execute(&f.delete, &params);
-        self.settle(
-            &f,
-            round_trip(&self.stop, "unfence", self.round_trip, op).await,
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Forgets the connection `f` when its round trip timed out (it may be stuck).
-    async fn settle<T>(&self, f: &Arc<FenceConn>, r: crate::Result<T>) -> crate::Result<T> {
-        if r.as_ref().is_err_and(crate::Error::is_timeout) {
-            let mut guard = self.conn.lock().await;
-            if guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, f)) {
-                *guard = None;
-            }
-        }
-        r
+        self.conn
+            .settle(
+                &f,
+                round_trip(&self.stop, "unfence", self.round_trip, op).await,
+            )
+            .await
+            .map(drop)
     }
 
     async fn conn(&self) -> crate::Result<Arc<FenceConn>> {
-        let mut guard = self.conn.lock().await;
-        if let Some(f) = guard.as_ref().filter(|f| !f.client.is_closed()) {
-            return Ok(f.clone());
-        }
+        self.conn.get(|| self.open()).await
+    }
+
+    async fn open(&self) -> crate::Result<FenceConn> {
         let client = round_trip(
             &self.stop,
             "connect",
@@ -114,12 +111,10 @@ impl Fences {
         };
         let (insert, delete) =
             round_trip(&self.stop, "fence session setup", self.round_trip, prepare).await?;
-        let f = Arc::new(FenceConn {
+        Ok(FenceConn {
             client,
             insert,
             delete,
-        });
-        *guard = Some(f.clone());
-        Ok(f)
+        })
     }
 }

@@ -13,6 +13,7 @@
 //! - [`retry`]: the retry policy (permanent errors, backoff, dead letters).
 //! - [`maintenance`]: retention cleanup, backlog gauges, fence expiry — supervised tasks beside
 //!   the pipeline.
+//! - [`shared`]: the sessions shared by tasks of one kind (the fences, the late reports).
 //! - [`timing`]: every duration derived once from the settings, and the stop window.
 //!
 //! This module drives the pipeline: it takes wake-ups while fewer than `max_batches_in_flight`
@@ -29,6 +30,7 @@ mod publish;
 mod report;
 mod reserve;
 mod retry;
+mod shared;
 pub(crate) mod timing;
 mod wake;
 
@@ -48,9 +50,11 @@ use crate::pg::Pg;
 use crate::store::RelaySql;
 
 use self::batch::{run_batch, BatchDone};
+use self::confirm::LateConn;
 use self::fence::Fences;
 use self::report::Reporter;
 use self::reserve::{Ask, Reserver};
+use self::shared::Shared;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
 use self::wake::{Wake, Wakeups};
 
@@ -77,6 +81,8 @@ pub(crate) struct Ctx {
     in_flight: Arc<Semaphore>,
     /// Late confirms and fence removals that outlive their batch.
     late: TaskTracker,
+    /// The session the late reports are written on, shared by every held batch.
+    late_conn: Shared<LateConn>,
     fences: Fences,
     /// Events to send alone on their next attempt (a late refusal of their record batch).
     alone_next: publish::AloneNext,
@@ -146,6 +152,7 @@ impl Relay {
             stop: self.stop.clone(),
             in_flight: Arc::new(Semaphore::new(self.settings.max_in_flight)),
             late: TaskTracker::new(),
+            late_conn: Shared::new(),
             fences: Fences::new(
                 self.pg.clone(),
                 self.sql.clone(),

@@ -878,6 +878,70 @@ async fn late_refused_batch_sends_the_event_alone_next_time() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A broker that stalls (every report 8 s late) while events keep coming: each batch ends at
+/// its `batch_timeout` (200 ms) with its messages held, so dozens of batches wait for their late
+/// reports at once. They all write them on one shared Postgres session: the relay's connections
+/// stay a handful (counted in `pg_stat_activity` on a server of the test's own), where it used to
+/// open one per held batch and keep it for the hold — about one every 100 ms here, hundreds
+/// during a long stall, until the database refused the services' own connections
+/// (`max_connections`). When the reports come, every event is recorded as delivered at its
+/// first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_batches_share_one_session_for_their_late_reports() {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    let server = outbox::testing::TestPostgres::start().await.unwrap();
+    let env = setup_in("stall", 1, Some(&kafka), server.config()).await;
+    let outbox = env
+        .builder()
+        .publish_timeout(Duration::from_secs(20))
+        .batch_timeout(Duration::from_millis(200))
+        .lease(Duration::from_secs(60))
+        .shutdown_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    let handle = outbox.start().expect("start");
+    let mut client = pg(&env).await;
+    let t = env.topic.as_str();
+    let warm = insert(&outbox, &mut client, &[ev(t, "warm", 1)]).await;
+    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
+    let relay_sessions = "select count(*) filter (where application_name like 'outbox-relay%'),
+                                 count(*) filter (where application_name = 'outbox-relay-late')
+                            from pg_stat_activity";
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(8))
+        .expect("delay the broker");
+    let mut ids = Vec::new();
+    let (mut most, mut most_late) = (0i64, 0i64);
+    for i in 0..60 {
+        ids.extend(insert(&outbox, &mut client, &[ev(t, &format!("s-{i}"), i)]).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let row = client.query_one(relay_sessions, &[]).await.unwrap();
+        most = most.max(row.get(0));
+        most_late = most_late.max(row.get(1));
+    }
+    let held = outbox.stats();
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    assert!(
+        most_late <= 1,
+        "late reports on one session, not one per held batch: {most_late} late sessions at once ({most} relay sessions; {held:?})"
+    );
+    assert!(
+        most <= 10,
+        "the relay's sessions stay a handful during the stall: {most} ({held:?})"
+    );
+    let done =
+        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    assert!(
+        done.iter().all(|e| e.attempts() == 0),
+        "each recorded at its first attempt: {}",
+        support::brief(&done)
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Per-aggregate pipelining (mock cluster)
 // ----------------------------------------------------------------------------------------------
