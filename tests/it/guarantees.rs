@@ -796,6 +796,17 @@ type WarmRelay = (
     tokio_postgres::Client,
 );
 
+/// Waits (up to 60 s) until every event of `ids` is delivered, and asserts none was charged an
+/// attempt (`what` says why none should be).
+async fn wait_done_uncharged(outbox: &Outbox, ids: &[Uuid], what: &str) {
+    let done = support::wait_status(outbox, ids, EventStatus::Done, Duration::from_secs(60)).await;
+    assert!(
+        done.iter().all(|e| e.attempts() == 0),
+        "{what}: {}",
+        support::brief(&done)
+    );
+}
+
 /// A relay on a one-broker mock cluster (one partition), configured by `configure` with a 5 s
 /// shutdown timeout, started, and warmed up: one event delivered (so the broker can be slowed
 /// down with every connection made). Returns the cluster, the environment, the relay, its task
@@ -932,13 +943,7 @@ async fn held_batches_share_one_session_for_their_late_reports() {
         most <= 10,
         "the relay's sessions stay a handful during the stall: {most} ({held:?})"
     );
-    let done =
-        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
-    assert!(
-        done.iter().all(|e| e.attempts() == 0),
-        "each recorded at its first attempt: {}",
-        support::brief(&done)
-    );
+    wait_done_uncharged(&outbox, &ids, "each recorded at its first attempt").await;
     stop_and_join(&outbox, handle).await;
 }
 
@@ -1316,13 +1321,7 @@ async fn a_refused_record_batch_in_a_pipelined_run_lets_no_later_event_ahead() {
         failure.error().contains("it will be sent again, alone") && failure.attempts() == 0,
         "the refused record batch's first event: {failure:?}"
     );
-    let done =
-        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
-    assert!(
-        done.iter().all(|e| e.attempts() == 0),
-        "no attempt charged: {}",
-        support::brief(&done)
-    );
+    wait_done_uncharged(&outbox, &ids, "no attempt charged").await;
     let mut got = reader.read(N as usize, Duration::from_secs(20)).await;
     got.extend(reader.read_for(Duration::from_secs(1)).await);
     let seen = counters_by_key(&got).remove("P").unwrap_or_default();
@@ -1409,13 +1408,7 @@ async fn a_slow_broker_does_not_starve_a_pipelined_aggregate() {
         .broker_round_trip_time(1, Duration::from_millis(1500))
         .expect("delay the broker");
     let ids = insert(&outbox, &mut client, &counters(&env.topic, "S", 1..=10)).await;
-    let done =
-        support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
-    assert!(
-        done.iter().all(|e| e.attempts() == 0),
-        "{}",
-        support::brief(&done)
-    );
+    wait_done_uncharged(&outbox, &ids, "the ten delivered, none charged").await;
     kafka
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("undelay the broker");
