@@ -815,8 +815,17 @@ async fn warm_relay_on_mock(
     prefix: &str,
     configure: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
 ) -> WarmRelay {
+    warm_relay_on_mock_in(prefix, support::postgres().await, configure).await
+}
+
+/// As [`warm_relay_on_mock`], on the Postgres server `server` describes.
+async fn warm_relay_on_mock_in(
+    prefix: &str,
+    server: tokio_postgres::Config,
+    configure: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
+) -> WarmRelay {
     let kafka = MockKafka::start(1).expect("mock cluster");
-    let env = setup(prefix, 1, Some(&kafka)).await;
+    let env = setup_in(prefix, 1, Some(&kafka), server).await;
     let outbox = configure(env.builder().shutdown_timeout(Duration::from_secs(5)))
         .connect()
         .await
@@ -899,23 +908,15 @@ async fn late_refused_batch_sends_the_event_alone_next_time() {
 /// first attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_batches_share_one_session_for_their_late_reports() {
-    let kafka = MockKafka::start(1).expect("mock cluster");
     let server = outbox::testing::TestPostgres::start().await.unwrap();
-    let env = setup_in("stall", 1, Some(&kafka), server.config()).await;
-    let outbox = env
-        .builder()
-        .publish_timeout(Duration::from_secs(20))
-        .batch_timeout(Duration::from_millis(200))
-        .lease(Duration::from_secs(60))
-        .shutdown_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect");
-    let handle = outbox.start().expect("start");
-    let mut client = pg(&env).await;
+    let (kafka, env, outbox, handle, mut client) =
+        warm_relay_on_mock_in("stall", server.config(), |b| {
+            b.publish_timeout(Duration::from_secs(20))
+                .batch_timeout(Duration::from_millis(200))
+                .lease(Duration::from_secs(60))
+        })
+        .await;
     let t = env.topic.as_str();
-    let warm = insert(&outbox, &mut client, &[ev(t, "warm", 1)]).await;
-    support::wait_status(&outbox, &warm, EventStatus::Done, Duration::from_secs(20)).await;
     let relay_sessions = "select count(*) filter (where application_name like 'outbox-relay%'),
                                  count(*) filter (where application_name = 'outbox-relay-late')
                             from pg_stat_activity";
