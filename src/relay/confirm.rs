@@ -169,6 +169,11 @@ pub(crate) async fn confirm_late(
     }
     // Runs (see `in_order`) in which a message was not delivered.
     let mut failed_runs = HashSet::new();
+    // Runs in which a delivered message could not be recorded (the write failed, or its hold
+    // was gone): it will be sent again, so the later messages of its run are not recorded either
+    // (their holds end and they are sent again after it, a contiguous replay) — recorded as
+    // delivered, they would be done before an earlier event of their aggregate.
+    let mut unrecorded_runs = HashSet::new();
     let mut waiting = in_order(stragglers);
     let stopping = async {
         let window = ctx.stop.requested().await;
@@ -191,6 +196,9 @@ pub(crate) async fn confirm_late(
             failed_runs.insert(late.run);
         }
         overdue.settled_one();
+        if unrecorded_runs.contains(&late.run) {
+            continue;
+        }
         let row = &rows[late.idx];
         let outcome = if failed_runs.contains(&late.run) {
             // After an earlier message of its run failed: released as it was, no attempt.
@@ -207,27 +215,43 @@ pub(crate) async fn confirm_late(
             }
             outcome
         };
-        // Every held row of the batch has its hold; without it nothing can be fenced.
-        let Some(hold) = holds.get(&row.id) else {
-            continue;
-        };
-        let c = match late_conn(&ctx).await {
-            Ok(c) => c,
-            Err(e) => {
-                ctx.report.late_unrecordable(&e);
-                continue;
+        let written = write_late(&ctx, row, outcome.as_ref(), holds.get(&row.id)).await;
+        match &outcome {
+            Some(o) if written => ctx.report.settled_late(row, o, fetched_at.elapsed()),
+            Some(Outcome::Delivered { .. }) => {
+                unrecorded_runs.insert(late.run);
             }
-        };
-        let write = record_late(&ctx, &c, row, outcome.as_ref(), hold);
-        let written = round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await;
-        match ctx.late_conn.settle(&c, written).await {
-            Ok(true) => {
-                if let Some(o) = &outcome {
-                    ctx.report.settled_late(row, o, fetched_at.elapsed());
-                }
-            }
-            Ok(false) => {}
-            Err(e) => ctx.report.late_unrecordable(&e),
+            _ => {}
+        }
+    }
+}
+
+/// Writes a held row's late outcome (see [`record_late`]) on the late reports' session;
+/// whether an outcome was written (a failed write is reported here). `hold`: the row's hold
+/// (every held row of a batch has one; without it nothing can be fenced, so nothing is written).
+async fn write_late(
+    ctx: &Ctx,
+    row: &Reserved,
+    outcome: Option<&Outcome>,
+    hold: Option<&SystemTime>,
+) -> bool {
+    let Some(hold) = hold else {
+        return false;
+    };
+    let c = match late_conn(ctx).await {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.report.late_unrecordable(&e);
+            return false;
+        }
+    };
+    let write = record_late(ctx, &c, row, outcome, hold);
+    let written = round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await;
+    match ctx.late_conn.settle(&c, written).await {
+        Ok(written) => written,
+        Err(e) => {
+            ctx.report.late_unrecordable(&e);
+            false
         }
     }
 }

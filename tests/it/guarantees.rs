@@ -948,6 +948,70 @@ async fn held_batches_share_one_session_for_their_late_reports() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A run of one aggregate's events held for their late reports (`linger.ms` 1.5 s against a
+/// 10 ms `batch_timeout`) whose first late write fails (a trigger refuses it once, standing for a
+/// dropped connection or a missed deadline on that one statement): the later events of the run
+/// are not recorded as delivered either — done before X:1, they would let X:1's replay come
+/// after them, and X:6 after that (found by a breaker helper: Kafka saw 1 2 3 4 5 1 6). Their
+/// holds end and the run is sent again, a contiguous replay: no later event is ever done while
+/// X:1 is not, and Kafka's order of X keeps its duplicates contiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_late_write_records_none_of_the_later_events_of_its_run() {
+    let env = setup("latew", 1, None).await;
+    let (outbox, _acks, handle, mut reader, mut client) = run(
+        &env,
+        env.builder()
+            .kafka_property("linger.ms", "1500")
+            .batch_timeout(Duration::from_millis(10))
+            .publish_timeout(Duration::from_secs(3))
+            .lease(Duration::from_secs(10)),
+    )
+    .await;
+    let table = env.table.as_str();
+    let tx = client.transaction().await.expect("begin");
+    let ids = outbox
+        .add_new_events(&tx, &counters(&env.topic, "X", 1..=5))
+        .await
+        .expect("add");
+    tx.batch_execute(&format!(
+        "create sequence {table}_once;
+         create function {table}_fail_once() returns trigger language plpgsql as $$
+         begin
+           if new.id = '{x1}' and new.status = 'done' and nextval('{table}_once') = 1 then
+             raise exception 'the late write of X:1 fails once';
+           end if;
+           return new;
+         end $$;
+         create trigger {table}_fail_once before update on {table}
+           for each row execute function {table}_fail_once();",
+        x1 = ids[0]
+    ))
+    .await
+    .expect("the trigger");
+    tx.commit().await.expect("commit");
+    let statuses = format!("select status::text from {table} where id = any($1) order by seq");
+    support::eventually(Duration::from_secs(30), "X:1 to X:5 done", || async {
+        let rows = client.query(&statuses, &[&ids]).await.expect("statuses");
+        let st: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(
+            st[0] == "done" || st[1..].iter().all(|s| s == "new"),
+            "a later event of X is done while X:1 is not: {st:?}"
+        );
+        if st.iter().all(|s| s == "done") {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    insert(&outbox, &mut client, &[ev(&env.topic, "X", 6)]).await;
+    let mut got = read_n(&mut reader, 7, Duration::from_secs(20)).await;
+    got.extend(reader.read_for(Duration::from_secs(2)).await);
+    let seen = counters_by_key(&got).remove("X").unwrap_or_default();
+    assert_order_with_contiguous_replays("X", &seen, &[1, 2, 3, 4, 5, 6]);
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Per-aggregate pipelining (mock cluster)
 // ----------------------------------------------------------------------------------------------
