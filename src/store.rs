@@ -183,7 +183,11 @@ impl AdminSql {
 /// What the relay runs.
 #[derive(Debug)]
 pub(crate) struct RelaySql {
+    /// The reservation of a scan from where the last one left off.
     pub(crate) reserve: String,
+    /// The reservation of a scan from the first pending row (`$3` the lowest int8): it skips
+    /// the rows of aggregates whose first open row is not due (see `reserve.sql`).
+    pub(crate) reserve_full: String,
     pub(crate) confirm: String,
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
@@ -221,13 +225,31 @@ impl RelaySql {
             )
         };
         let r = |sql: &str| render(sql, table, "", &[]);
-        RelaySql {
-            reserve: render(
+        // `reserve.sql`'s condition for scans from the first pending row: the candidate's
+        // aggregate does not start with an open row that is not due.
+        let skip_blocked = render(
+            "and coalesce((select e.status = 'new'
+                             and (e.next_attempt_at is null or e.next_attempt_at <= now())
+                             and (e.reserved_to is null or e.reserved_to < localtimestamp)
+                        from {{table}} e
+                       where e.aggregate_id = c.aggregate_id and {{open}}
+                       order by e.seq
+                       limit 1), true)",
+            table,
+            "",
+            &[("open", open)],
+        );
+        let reserve = |skip_blocked: &str| {
+            render(
                 include_str!("sql/reserve.sql"),
                 table,
                 "",
-                &[("open", open)],
-            ),
+                &[("open", open), ("skip_blocked", skip_blocked)],
+            )
+        };
+        RelaySql {
+            reserve: reserve(""),
+            reserve_full: reserve(&skip_blocked),
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             late_confirm: r(late_confirm),
             late_fail: r(include_str!("sql/late_fail.sql")),
@@ -491,6 +513,7 @@ mod tests {
         let writer = WriterSql::new("t");
         for sql in [
             &relay.reserve,
+            &relay.reserve_full,
             &relay.late_confirm,
             &relay.late_fail,
             &relay.late_release,

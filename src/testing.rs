@@ -1388,9 +1388,13 @@ pub async fn assert_published(
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RelaySql {
-    /// Reservation; `$1` = batch size (`int8`), `$2` = byte budget (`int8`, see
-    /// [`max_batch_bytes`](crate::OutboxBuilder::max_batch_bytes)). Run inside a transaction.
+    /// Reservation of a scan from where the last one left off; `$1` = batch size (`int8`), `$2`
+    /// = byte budget (`int8`, see [`max_batch_bytes`](crate::OutboxBuilder::max_batch_bytes)),
+    /// `$3` = the scan's start (`int8`, see [`next_scan_start`]). Run inside a transaction.
     pub reserve: String,
+    /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
+    /// relay runs it: the same, skipping the rows of aggregates whose first open row is not due.
+    pub reserve_full: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
     /// errors (`text[]`), `$6` delays in ms (`int8[]`), `$7` the batch id (`uuid`, its fence is
@@ -1444,6 +1448,7 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
     let sql = crate::store::RelaySql::new(table, true, delete_on_delivery);
     RelaySql {
         reserve: sql.reserve,
+        reserve_full: sql.reserve_full,
         confirm: sql.confirm,
         late_confirm: sql.late_confirm,
         late_fail: sql.late_fail,

@@ -146,7 +146,10 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     let check = verify_sql(env, delete).await?;
     let table = env.fresh_table(phase).await?;
     load_backlog(env, &table, &env.topic(phase), n).await?;
-    let reserve = relay_sql(&table, false).reserve;
+    let (reserve, reserve_full) = {
+        let sql = relay_sql(&table, false);
+        (sql.reserve, sql.reserve_full)
+    };
     let confirm = relay_sql(&table, delete).confirm;
     let confirm_setup = Arc::new(relay_sql(&table, delete).confirm_setup);
     let mut explain = Vec::new();
@@ -174,9 +177,10 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 relay_sql(&table, delete).session_setup
             ))
             .await?;
-        let reserve = client
-            .prepare_typed(&reserve, &[Type::INT8, Type::INT8, Type::INT8])
-            .await?;
+        let types = [Type::INT8, Type::INT8, Type::INT8];
+        let reserve = client.prepare_typed(&reserve, &types).await?;
+        // A scan from the first pending row runs the relay's other reservation.
+        let reserve_full = client.prepare_typed(&reserve_full, &types).await?;
         let confirm = client.prepare(&confirm).await?;
         let confirmed = confirmed.clone();
         let confirm_setup = confirm_setup.clone();
@@ -204,9 +208,14 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 let reserve_params: [&(dyn postgres_types::ToSql + Sync); 3] =
                     [&limit, &budget, &from];
                 let a = Instant::now();
+                let statement = if from == i64::MIN {
+                    &reserve_full
+                } else {
+                    &reserve
+                };
                 let (_, rows) = futures::try_join!(
                     client.batch_execute("begin"),
-                    client.query(&reserve, &reserve_params)
+                    client.query(statement, &reserve_params)
                 )?;
                 let b = Instant::now();
                 scan.lock().expect("scan state").0 = next_scan_start(&rows);
@@ -319,8 +328,8 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     Ok(p)
 }
 
-/// EXPLAIN ANALYZE of the reservation (in a transaction that is rolled back); returns a
-/// one-line summary and prints the plan with `--explain`.
+/// EXPLAIN ANALYZE of the reservation of a scan from the first pending row (in a transaction
+/// that is rolled back); returns a one-line summary and prints the plan with `--explain`.
 pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Result<String> {
     let c = env.connect("bench-explain").await?;
     c.batch_execute("begin").await?;
@@ -328,7 +337,7 @@ pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Resul
         .query(
             &format!(
                 "explain (analyze, buffers) {}",
-                relay_sql(table, false).reserve
+                relay_sql(table, false).reserve_full
             ),
             &[&1000i64, &(16i64 << 20), &i64::MIN],
         )

@@ -81,7 +81,13 @@ pub(crate) async fn sample_batches(
                 "idle" => "idle (between batches)",
                 "active" => {
                     if head.starts_with("with cand") {
-                        check(&mut reserve_ok, "reserve", &query, &sql.reserve);
+                        // A scan from the first pending row runs the other reservation.
+                        let ours = if query == sql.reserve_full {
+                            &sql.reserve_full
+                        } else {
+                            &sql.reserve
+                        };
+                        check(&mut reserve_ok, "reserve", &query, ours);
                         "reserve SQL"
                     } else if head.starts_with("update")
                         || head.starts_with("with delivered")

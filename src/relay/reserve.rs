@@ -67,7 +67,10 @@ impl Reserved {
 /// A batch connection with the statements of its transaction.
 pub(crate) struct BatchConn {
     pub(crate) client: Client,
+    /// The reservation of a scan from where the last one left off.
     reserve: Statement,
+    /// The reservation of a scan from the first pending row (see `RelaySql::reserve_full`).
+    reserve_full: Statement,
     pub(crate) confirm: Statement,
 }
 
@@ -83,9 +86,10 @@ impl BatchConn {
             Self::setup(&client, sql, timing),
         )
         .await
-        .map(|(reserve, confirm)| BatchConn {
+        .map(|(reserve, reserve_full, confirm)| BatchConn {
             client,
             reserve,
+            reserve_full,
             confirm,
         })
     }
@@ -94,7 +98,7 @@ impl BatchConn {
         client: &Client,
         sql: &RelaySql,
         timing: &Timing,
-    ) -> Result<(Statement, Statement), tokio_postgres::Error> {
+    ) -> Result<(Statement, Statement, Statement), tokio_postgres::Error> {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -103,11 +107,13 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let reserve = client
-            .prepare_typed(&sql.reserve, &[Type::INT8, Type::INT8, Type::INT8])
-            .await?;
-        let confirm = client.prepare(&sql.confirm).await?;
-        Ok((reserve, confirm))
+        let types = [Type::INT8, Type::INT8, Type::INT8];
+        let (reserve, reserve_full, confirm) = futures::try_join!(
+            client.prepare_typed(&sql.reserve, &types),
+            client.prepare_typed(&sql.reserve_full, &types),
+            client.prepare(&sql.confirm)
+        )?;
+        Ok((reserve, reserve_full, confirm))
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
@@ -116,9 +122,14 @@ impl BatchConn {
         let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
         let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&limit, &max_bytes, &ask.from];
+        let statement = if ask.from == i64::MIN {
+            &self.reserve_full
+        } else {
+            &self.reserve
+        };
         let (_, rows) = futures::try_join!(
             self.client.batch_execute("begin"),
-            self.client.query(&self.reserve, &params)
+            self.client.query(statement, &params)
         )?;
         if rows.is_empty() {
             self.client.batch_execute("rollback").await?;

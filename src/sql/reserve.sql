@@ -25,15 +25,24 @@
 -- letter, a retry's backoff or a hold wait for a full scan instead, so that they do not keep
 -- every scan starting below them; and the highest `seq` it found. Rows the byte budget left out
 -- follow the last row returned (or share its `seq`: `seq` is not unique).
+-- In a scan from the first pending row (`RelaySql::reserve_full`), a candidate's aggregate must not
+-- start with an open row that is not due (a dead letter under BlockAggregate, a retry's backoff,
+-- a hold, a Go relay's reservation): the gate would hold the candidate back anyway, and
+-- `batch_size` such rows at the lowest `seq`s (an aggregate's events pile up behind its dead
+-- letter until it is requeued) filled every scan, so that no row after them was ever reserved —
+-- every other aggregate stalled. One probe of the aggregate index per row (its first open row;
+-- a row held back by a later gap is still the gate's), paid only by the scans from the first
+-- pending row: a scan from where the last one left off starts past them.
 with cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
-       from {{table}}
+       from {{table}} c
       where status = 'new'
         and seq >= $3
         and (reserved_to is null or reserved_to < localtimestamp)
         and (next_attempt_at is null or next_attempt_at <= now())
         and aggregate_id not in (select unnest(aggregates) from {{table}}_fence
                                   where until > now())
+        {{skip_blocked}}
       order by seq
       limit $1
         for update skip locked

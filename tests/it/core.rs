@@ -412,7 +412,7 @@ async fn notify_wakes_idle_relay_within_seconds() {
 /// candidates than `batch_size`) is sent at once, whatever `linger.ms` says: this relay holds
 /// nothing more for its messages to wait for. A backlog's batches keep the configured linger, which fills
 /// produce requests — also one whose rows the order gate thinned (its scan found its limit,
-/// half of them held back behind their aggregates' earlier events, which are not due). With
+/// half of them held back behind an earlier event of their aggregate that is not due). With
 /// `linger.ms` 8 s: an event committed to an idle relay is consumed within 4 s; then of such a
 /// backlog (`batch_size` 10) nothing is consumed within 2 s, and the events not held back
 /// arrive afterwards.
@@ -457,33 +457,28 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
     support::wait_armed(&outbox, &env.table, Duration::from_secs(10)).await;
 
-    // Five aggregates' first events, not due for an hour (as after a failed attempt), then their
-    // second events, each followed by another aggregate's only event: the scan finds 10
-    // candidates, and the gate keeps the 5 of the other aggregates.
+    // Five aggregates of three events each: the first due, the second not due for an hour (as
+    // after a failed attempt; the first committed late), the third behind it. The scan finds 10
+    // candidates (the firsts and the thirds: an aggregate whose first open event is due is not
+    // skipped), and the gate keeps the 5 firsts.
     let tx = client.transaction().await.unwrap();
-    let mut held = Vec::new();
+    let mut not_due = Vec::new();
     let mut free = Vec::new();
     for i in 0..5 {
-        let e = ev(&env.topic, &format!("two-{i}"), "NotDue", json!({ "i": i }));
-        held.push(outbox.add_new_event(&tx, e).await.unwrap());
-    }
-    for i in 0..5 {
-        let e = ev(&env.topic, &format!("two-{i}"), "Behind", json!({ "i": i }));
-        held.push(outbox.add_new_event(&tx, e).await.unwrap());
-        let e = ev(
-            &env.topic,
-            &format!("one-{i}"),
-            "Lingered",
-            json!({ "i": i }),
-        );
-        free.push(outbox.add_new_event(&tx, e).await.unwrap());
+        let aggregate = format!("three-{i}");
+        for (name, to) in [("Lingered", &mut free), ("NotDue", &mut not_due)] {
+            let e = ev(&env.topic, &aggregate, name, json!({ "i": i }));
+            to.push(outbox.add_new_event(&tx, e).await.unwrap());
+        }
+        let e = ev(&env.topic, &aggregate, "Behind", json!({ "i": i }));
+        outbox.add_new_event(&tx, e).await.unwrap();
     }
     tx.execute(
         &format!(
             "update {} set next_attempt_at = now() + interval '1 hour' where id = any($1)",
             env.table
         ),
-        &[&held[..5].to_vec()],
+        &[&not_due],
     )
     .await
     .unwrap();

@@ -586,6 +586,65 @@ async fn s4_dead_letter_policy_continue_publishes_later_events() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// Aggregates whose first open event is not due hold back their later events — and more of
+/// those than a batch at the lowest `seq`s must not hold back anything else (found by a breaker
+/// helper: every scan took the `batch_size` first due rows, the gate kept none of them, the
+/// reservation came back empty and no row after them was ever reserved — with 1,000 dead
+/// letters and their 2,000 later events under the defaults, nothing was delivered again until
+/// someone requeued them, `health()` green). Batch size 10; D's first event is a dead letter,
+/// B's in a retry's backoff for an hour, G's reserved by a Go relay for an hour, each with ten
+/// later events; then five events of other aggregates, committed in the same transaction after
+/// them: the five are delivered, the thirty stay pending, in order behind their first events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_behind_blocked_aggregates_do_not_hold_back_the_others() {
+    let env = setup("hol", 1, None).await;
+    let (outbox, _acks, handle, mut reader, mut client) =
+        run(&env, env.builder().batch_size(10)).await;
+    let (t, table) = (env.topic.as_str(), env.table.as_str());
+    let blocked = [
+        (
+            "D",
+            "status = 'failed', attempts = 1, last_error = 'refused'",
+        ),
+        (
+            "B",
+            "attempts = 1, next_attempt_at = now() + interval '1 hour'",
+        ),
+        ("G", "reserved_to = localtimestamp + interval '1 hour'"),
+    ];
+    let tx = client.transaction().await.expect("begin");
+    for (aggregate, block) in blocked {
+        let ids = outbox
+            .add_new_events(&tx, &counters(t, aggregate, 0..=10))
+            .await
+            .expect("add");
+        tx.execute(
+            &format!("update {table} set {block} where id = $1"),
+            &[&ids[0]],
+        )
+        .await
+        .expect("block the aggregate's first event");
+    }
+    let free: Vec<NewEvent> = (0..5).map(|i| ev(t, &format!("free-{i}"), i)).collect();
+    let free_ids = outbox.add_new_events(&tx, &free).await.expect("add");
+    tx.commit().await.expect("commit");
+
+    let mut got = read_n(&mut reader, 5, Duration::from_secs(15)).await;
+    got.extend(reader.read_for(Duration::from_millis(500)).await);
+    let ids: HashSet<Uuid> = got.iter().map(event_id_of).collect();
+    assert_eq!(
+        ids,
+        free_ids.iter().copied().collect::<HashSet<_>>(),
+        "only the five free events: {got:#?}"
+    );
+    let pending = support::count_rows(&client, table, "where status = 'new'").await;
+    assert_eq!(
+        pending, 32,
+        "B's and G's events and D's later ten stay pending"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Retries and backoff (mock cluster)
 // ----------------------------------------------------------------------------------------------
