@@ -95,11 +95,29 @@ fn canonical_property(key: &str) -> String {
 pub(crate) fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     [
-        "pass", "pwd", "secret", "token", "key", "cred", "oauth", "jaas", "private", "auth",
-        "cert", "pem",
+        "pas", "pwd", "psw", "secret", "token", "key", "cred", "oauth", "jaas", "private", "auth",
+        "cert", "pem", "sasl",
     ]
     .iter()
     .any(|s| k.contains(s))
+}
+
+/// librdkafka's refusal of a configuration, `text`, with the values of `properties` it may echo
+/// redacted: those of every property that may hold a secret (see [`is_secret_property`]), and
+/// that of a property librdkafka does not know (misspelt beyond any pattern, `sals.pword`, it
+/// may still be a secret), which its error names.
+pub(crate) fn redact_config_error<'a>(
+    text: &str,
+    properties: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> String {
+    let mut text = text.to_string();
+    for (k, v) in properties {
+        let unknown = text.contains(&format!("No such configuration property: \"{k}\""));
+        if !v.is_empty() && (is_secret_property(k) || unknown) {
+            text = text.replace(v.as_str(), "<redacted>");
+        }
+    }
+    text
 }
 
 /// How the relay learns about new events.
@@ -830,12 +848,10 @@ impl OutboxBuilder {
             crate::relay::Producers::new(kafka.clone(), prompt).map(Some)
         };
         created.unwrap_or_else(|e| {
-            let mut text = e.to_string();
-            for (k, v) in &self.kafka_properties {
-                if is_secret_property(k) && !v.is_empty() {
-                    text = text.replace(v.as_str(), "<redacted>");
-                }
-            }
+            let text = redact_config_error(
+                &e.to_string(),
+                self.kafka_properties.iter().map(|(k, v)| (k, v)),
+            );
             problems.push(format!("kafka_property: {text}"));
             None
         })

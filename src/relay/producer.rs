@@ -549,12 +549,8 @@ impl Producers {
             Err(e) => {
                 if !self.prompt_refused.swap(true, Ordering::Relaxed) {
                     // librdkafka's text may echo a property's value: secrets are redacted.
-                    let mut text = e.to_string();
-                    for (k, v) in config.config_map() {
-                        if crate::config::is_secret_property(k) && !v.is_empty() {
-                            text = text.replace(v.as_str(), "<redacted>");
-                        }
-                    }
+                    let text =
+                        crate::config::redact_config_error(&e.to_string(), config.config_map());
                     tracing::warn!(error = %printable(&text), "outbox relay: cannot create the prompt producer (linger.ms 0); the main producer sends every batch from now on");
                 }
                 (c.generation, c.producer.clone())

@@ -401,6 +401,10 @@ async fn malformed_kafka_properties_never_print_the_secret() {
         vec!["-X".into(), format!("sasl.password {SECRET}")],
         vec!["-X".into(), "sasl.password".into(), SECRET.into()],
         vec!["-X".into(), format!("sasl.passwrd={SECRET}")],
+        // Misspelt beyond any pattern (found by a new user: `sasl.pasword` printed its value):
+        // librdkafka does not know the property, so its value is not shown.
+        vec!["-X".into(), format!("sasl.pasword={SECRET}")],
+        vec!["-X".into(), format!("sals.pword={SECRET}")],
         vec![format!("-Xsasl.password:{SECRET}")],
         vec!["-X".into(), format!("ssl.key.password={SECRET}")],
         vec![
@@ -441,6 +445,7 @@ fn builder_debug_shows_no_secret() {
         .kafka_property("sasl.oauthbearer.client.secret", SECRET)
         .kafka_property("sasl.oauthbearer.config", format!("clientSecret={SECRET}"))
         .kafka_property("SASL.PASSWRD", SECRET)
+        .kafka_property("sasl.pasword", SECRET)
         .kafka_property("linger.ms", "7");
     let debug = format!("{b:?}");
     assert!(!debug.contains(SECRET), "{debug}");
