@@ -496,16 +496,19 @@ async fn log_progress(outbox: Outbox, every: Duration, token: CancellationToken)
             _ = tick.tick() => {}
         }
         let stats = outbox.stats();
-        // Events per second, whole: a number in the JSON log format, not a string.
-        let rate =
-            (stats.delivered.saturating_sub(last) as f64 / every.as_secs_f64()).round() as u64;
+        // Events per second to a tenth (a few events in a long interval are not 0), and the age
+        // to the millisecond: numbers in the JSON log format, without float noise.
+        let rate = stats.delivered.saturating_sub(last) as f64 / every.as_secs_f64();
+        let rate = (rate * 10.0).round() / 10.0;
         last = stats.delivered;
         match outbox.status().await {
             Ok(s) => tracing::info!(
                 delivered_per_s = rate,
                 delivered = stats.delivered,
                 backlog = s.pending,
-                oldest_pending_age_s = s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                oldest_pending_age_s = s
+                    .oldest_pending_age
+                    .map_or(0.0, |d| d.as_millis() as f64 / 1000.0),
                 dead_letters = s.dead_letters,
                 listener_connected = stats.listener_connected,
                 "progress"

@@ -795,9 +795,15 @@ async fn metrics_and_health_endpoints() {
         .collect();
     assert!(!progress.is_empty(), "progress lines: {messages:?}");
     for p in progress {
-        for field in ["delivered_per_s", "delivered", "backlog", "dead_letters"] {
+        for field in ["delivered", "backlog", "dead_letters"] {
             assert!(
                 p["fields"][field].is_u64(),
+                "{field} is a whole number in the progress line: {p}"
+            );
+        }
+        for field in ["delivered_per_s", "oldest_pending_age_s"] {
+            assert!(
+                p["fields"][field].is_f64(),
                 "{field} is a number in the progress line: {p}"
             );
         }
