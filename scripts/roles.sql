@@ -1,8 +1,11 @@
 -- Least-privilege roles for the outbox: a migrator that owns the schema objects, a relay that can
 -- run but not migrate, and the writers (your services). For table `events` in schema `public`;
--- replace the names to suit. Run as a superuser or the database owner, e.g.
---   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 -f scripts/roles.sql
--- then set passwords (`\password app_outbox_relay`). The test suite runs this file as it is.
+-- replace the names to suit. Run as a superuser or the database owner, in two parts around
+-- `outbox-relay migrate` (see the README's Security section):
+--   sed '/^-- after migrate/q' scripts/roles.sql | psql "$ADMIN_URL" -v ON_ERROR_STOP=1
+--   (set passwords: \password app_outbox_migrator, …; then migrate as app_outbox_migrator)
+--   sed -n '/^-- after migrate/,$p' scripts/roles.sql | psql "$ADMIN_URL" -v ON_ERROR_STOP=1
+-- The test suite runs this file as it is, in the same two parts.
 
 -- 1. Roles. The migrator runs `outbox-relay migrate` (DDL: it owns the table, its fence table,
 --    trigger and function, outbox_migrations and outbox_tables).

@@ -703,8 +703,8 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
     let prefix = support::unique_name("r");
     let script = SCRIPT.replace("app_outbox_", &format!("{prefix}_"));
     let (roles, grants) = script
-        .split_once("-- after migrate")
-        .expect("the script marks the grants that follow `migrate`");
+        .split_once("\n-- after migrate\n")
+        .expect("the script marks the grants that follow `migrate` (a line of its own)");
     let admin_cfg = support::fresh_database().await;
     let admin = outbox::testing::connect(&admin_cfg).await.unwrap();
     admin.batch_execute(roles).await.unwrap();
