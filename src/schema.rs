@@ -264,6 +264,11 @@ impl MigrationReport {
 ///
 /// Index creation on a large existing table blocks writes to it while it runs.
 ///
+/// A table already up to date (registered with this channel and the latest version, nothing
+/// missing) is left alone without writing anything, so that a role without
+/// `create` on the schema — the relay's, with `outbox-relay run --migrate` — passes when there is
+/// nothing to do.
+///
 /// `client` must not be inside a transaction: the migration runs its own.
 ///
 /// # Errors
@@ -272,6 +277,14 @@ impl MigrationReport {
 pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     validate_identifier("table", table)?;
     validate_identifier("channel", channel)?;
+    // Read-only; any doubt (a query the role may not run) takes the full path.
+    if up_to_date(client, table, channel).await.unwrap_or(false) {
+        return Ok(MigrationReport {
+            applied: Vec::new(),
+            previous_channel: None,
+            repaired: Vec::new(),
+        });
+    }
     client.batch_execute("begin").await?;
     match migrate_in_tx(client, table, channel).await {
         Ok(report) => {
@@ -289,6 +302,27 @@ pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Resul
             Err(e)
         }
     }
+}
+
+/// Whether `table` is registered with `channel` and [`SCHEMA_VERSION`] (which `migrate`
+/// registers in the transaction that applied every migration) and misses none of its objects
+/// (see [`missing_objects`]). Reads only what the relay role may read (`outbox_tables`, the
+/// catalogs).
+async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<bool> {
+    let bookkeeping = client
+        .query_one("select to_regclass('outbox_tables') is not null", &[])
+        .await?;
+    if !bookkeeping.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    let registered = client
+        .query_opt(include_str!("sql/table_channel.sql"), &[&table])
+        .await?
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
+    if registered != Some((channel.to_string(), SCHEMA_VERSION)) {
+        return Ok(false);
+    }
+    Ok(missing_objects(client, table).await?.is_empty())
 }
 
 /// [`migrate_table`] for the default table `events` and channel `outbox`.
