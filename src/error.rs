@@ -265,9 +265,11 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     }
     // tokio-postgres' error kinds are private; its messages for the connection kinds are
     // stable: "error connecting to server", "timeout waiting for server", "error performing TLS
-    // handshake", "error communicating with the server", "authentication error".
+    // handshake", "error communicating with the server", "authentication error"; and "invalid
+    // configuration" caused by "password missing" when the server asks for a password the
+    // connection string does not have (a refused login; `Display` leaves the cause out).
     let text = e.to_string();
-    [
+    let connection = [
         "connect",
         "timeout",
         "TLS",
@@ -275,7 +277,9 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
         "authentication",
     ]
     .iter()
-    .any(|k| text.contains(k))
+    .any(|k| text.contains(k));
+    connection
+        || (text == "invalid configuration" && describe_causes(e).contains("password missing"))
 }
 
 /// Displays a `tokio_postgres::Error` with what the server said — severity, SQLSTATE, message,

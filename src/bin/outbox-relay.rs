@@ -162,7 +162,12 @@ impl From<Error> for Failure {
         let code = exit_code(&e);
         // A refused or failed connection says so; a timeout names its call itself.
         let message = if matches!(e, Error::Postgres(_)) && e.is_connection() {
-            format!("cannot connect to Postgres: {e}")
+            let hint = if e.to_string().contains("password missing") {
+                " (the server asks for a password: put it in the URL, postgres://role:password@host/db; PGPASSWORD and ~/.pgpass are not read)"
+            } else {
+                ""
+            };
+            format!("cannot connect to Postgres: {e}{hint}")
         } else {
             e.to_string()
         };

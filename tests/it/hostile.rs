@@ -433,6 +433,42 @@ async fn malformed_kafka_properties_never_print_the_secret() {
     }
 }
 
+/// A server that asks for a password the connection string does not have: the binary says
+/// where the password goes (found by the new user, who expected `PGPASSWORD` to be read) and
+/// exits 4, a refused login, not 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_password_is_a_refused_login_that_says_where_the_password_goes() {
+    let server = outbox::testing::TestPostgres::start().await.unwrap();
+    let admin = server.connect().await.unwrap();
+    admin
+        .batch_execute(&format!("create role pw_relay login password '{SECRET}'"))
+        .await
+        .unwrap();
+    std::fs::write(
+        server.dir().join("data").join("pg_hba.conf"),
+        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    admin
+        .batch_execute("select pg_reload_conf()")
+        .await
+        .unwrap();
+    let url = format!("postgres://pw_relay@127.0.0.1:{}/postgres", server.port());
+    let out = cli(
+        &["--database-url", &url, "status"],
+        &[("PGPASSWORD", SECRET)],
+    )
+    .await;
+    assert_eq!(out.code, Some(4), "{}", out.all());
+    assert!(
+        out.stderr.contains("password missing")
+            && out.stderr.contains("postgres://role:password@host/db"),
+        "says where the password goes: {}",
+        out.stderr
+    );
+    assert!(!out.all().contains(SECRET), "{}", out.all());
+}
+
 /// `OutboxBuilder`'s `Debug` shows the settings but no secret: not the Postgres password, not
 /// any Kafka property that may hold one, whatever its spelling.
 #[test]
