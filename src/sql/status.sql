@@ -1,9 +1,12 @@
--- The backlog per topic: pending, retrying, dead letters, oldest pending age in seconds.
+-- The backlog per topic: pending, retrying, dead letters, oldest pending age in seconds (null
+-- when nothing is pending: `greatest` skips a null, so it is applied to the age only).
 select event_topic,
        count(*) filter (where status = 'new'),
        count(*) filter (where status = 'new' and next_attempt_at > now()),
        count(*) filter (where status = 'failed'),
-       greatest(0, extract(epoch from now() - min(created_at_tz)
-                                filter (where status = 'new' and isfinite(created_at_tz))))::float8
+       (select greatest(0, a)
+          from (select extract(epoch from now() - min(created_at_tz)
+                                     filter (where status = 'new' and isfinite(created_at_tz)))) s (a)
+         where a is not null)::float8
   from {{table}} where status <> 'done'
  group by event_topic order by event_topic

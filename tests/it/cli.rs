@@ -1208,6 +1208,7 @@ async fn status_reports_backlog_as_json_and_table() {
     // Sorted: the per-topic list is ordered by topic name.
     let t1 = format!("{}_a", support::unique_name("cli_st"));
     let t2 = format!("{t1}_b");
+    let t3 = format!("{t1}_c");
     let writer = Writer::new(&table).unwrap();
     let mut ids = Vec::new();
     for (topic, agg) in [
@@ -1219,6 +1220,7 @@ async fn status_reports_backlog_as_json_and_table() {
         (&t2, "b2"),
         (&t2, "b3"),
         (&t2, "b4"),
+        (&t3, "c1"),
     ] {
         ids.push(
             writer
@@ -1244,8 +1246,8 @@ async fn status_reports_backlog_as_json_and_table() {
         ids[1],
     )
     .await;
-    // t2: b1 pending, b2 and b3 dead, b4 delivered.
-    for id in [ids[3], ids[5], ids[6]] {
+    // t2: b1 pending, b2 and b3 dead, b4 delivered; t3: c1 dead, nothing pending (no age).
+    for id in [ids[3], ids[5], ids[6], ids[8]] {
         exec(
             format!("update {table} set status = 'failed', attempts = 10, last_error = 'boom' where id = $1"),
             id,
@@ -1265,7 +1267,7 @@ async fn status_reports_backlog_as_json_and_table() {
     assert_eq!(s["table"], table.as_str(), "{s}");
     assert_eq!(s["pending"], 4, "{s}");
     assert_eq!(s["retrying"], 1, "{s}");
-    assert_eq!(s["dead_letters"], 3, "{s}");
+    assert_eq!(s["dead_letters"], 4, "{s}");
     assert_eq!(s["open_batches"], 0, "{s}");
     let age = s["oldest_pending_age_s"].as_f64().unwrap();
     assert!(
@@ -1273,8 +1275,8 @@ async fn status_reports_backlog_as_json_and_table() {
         "oldest is an hour old: {s}"
     );
     let topics = s["topics"].as_array().unwrap();
-    assert_eq!(topics.len(), 2, "{s}");
-    let (j1, j2) = (&topics[0], &topics[1]);
+    assert_eq!(topics.len(), 3, "{s}");
+    let (j1, j2, j3) = (&topics[0], &topics[1], &topics[2]);
     assert_eq!(j1["topic"], t1.as_str(), "{s}");
     assert_eq!(
         (&j1["pending"], &j1["retrying"], &j1["dead_letters"]),
@@ -1292,6 +1294,12 @@ async fn status_reports_backlog_as_json_and_table() {
         "{s}"
     );
     assert!(j2["oldest_pending_age_s"].as_f64().unwrap() < 600.0, "{s}");
+    assert_eq!(j3["topic"], t3.as_str(), "{s}");
+    assert_eq!(j3["dead_letters"], 1, "{s}");
+    assert!(
+        j3["oldest_pending_age_s"].is_null(),
+        "nothing pending, no age (found by the new user: 0.0): {s}"
+    );
 
     let out = cli_on_url(&url, &table, &["status"]).await;
     assert_code(&out, 0, "status");
@@ -1308,7 +1316,8 @@ async fn status_reports_backlog_as_json_and_table() {
     assert_eq!(cols(&t1)[1..4], ["3", "1", "1"], "\n{}", out.stdout);
     assert_eq!(cols(&t2)[1..4], ["1", "0", "2"], "\n{}", out.stdout);
     let total = cols("TOTAL");
-    assert_eq!(total[1..4], ["4", "1", "3"], "\n{}", out.stdout);
+    assert_eq!(cols(&t3)[1..], ["0", "0", "1", "-"], "\n{}", out.stdout);
+    assert_eq!(total[1..4], ["4", "1", "4"], "\n{}", out.stdout);
     assert!(
         total[4].ends_with('s') && total[4].starts_with("3"),
         "oldest pending age about 3600s: {total:?}"
