@@ -382,9 +382,11 @@ impl OutboxBuilder {
     /// Postgres connection string (`postgres://user:pass@host:port/db` or `host=… user=…`).
     /// Required (or [`postgres`](Self::postgres)). The password never appears in errors or logs.
     pub fn database_url(mut self, url: &str) -> Self {
+        // With the cause (which option is wrong, never its value): tokio-postgres' `Display`
+        // leaves it out.
         self.postgres = Some(
             url.parse()
-                .map_err(|e: tokio_postgres::Error| e.to_string()),
+                .map_err(|e: tokio_postgres::Error| crate::error::PgErrorDisplay(&e).to_string()),
         );
         self
     }

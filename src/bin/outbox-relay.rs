@@ -293,8 +293,14 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
         .database_url
         .as_deref()
         .ok_or_else(|| fail(3, "no database: set --database-url or DATABASE_URL"))?;
-    url.parse()
-        .map_err(|e: tokio_postgres::Error| fail(3, format!("invalid --database-url: {e}")))
+    // Through `outbox::Error` for the cause (which option is wrong), which tokio-postgres'
+    // `Display` leaves out; it names options, never their values.
+    url.parse().map_err(|e: tokio_postgres::Error| {
+        fail(
+            3,
+            format!("invalid --database-url: {}", outbox::Error::Postgres(e)),
+        )
+    })
 }
 
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {

@@ -469,6 +469,35 @@ async fn a_missing_password_is_a_refused_login_that_says_where_the_password_goes
     assert!(!out.all().contains(SECRET), "{}", out.all());
 }
 
+/// A connection string that does not parse: the error names the option that is wrong (found
+/// by the new user: only "invalid connection string"), never a value, and the exit code is 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_connection_string_names_the_option_not_the_secret() {
+    for (url, option) in [
+        (
+            format!("postgres://relay:{SECRET}@db:notaport/app"),
+            "`port`",
+        ),
+        (
+            format!("postgres://relay:{SECRET}@db/app?sslmode={SECRET}"),
+            "`sslmode`",
+        ),
+        (
+            format!("host=db password={SECRET} bogus={SECRET}"),
+            "`bogus`",
+        ),
+    ] {
+        let out = cli(&["--database-url", &url, "status"], &[]).await;
+        assert_eq!(out.code, Some(3), "{}", out.all());
+        assert!(
+            out.stderr.contains(option),
+            "names {option}: {}",
+            out.stderr
+        );
+        assert!(!out.all().contains(SECRET), "{}", out.all());
+    }
+}
+
 /// `OutboxBuilder`'s `Debug` shows the settings but no secret: not the Postgres password, not
 /// any Kafka property that may hold one, whatever its spelling.
 #[test]
