@@ -279,10 +279,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let log_format = cli.log_format;
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("outbox-relay: {}", text::printable(&f.message));
+            let message = text::printable(&f.message);
+            match log_format {
+                LogFormat::Text => eprintln!("outbox-relay: {message}"),
+                // A log collector reading JSON lines gets the failure as one of them too.
+                LogFormat::Json => {
+                    tracing::error!(exit_code = f.code, error = %message, "outbox-relay failed");
+                }
+            }
             ExitCode::from(f.code)
         }
     }

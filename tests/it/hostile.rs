@@ -467,6 +467,27 @@ async fn a_missing_password_is_a_refused_login_that_says_where_the_password_goes
         out.stderr
     );
     assert!(!out.all().contains(SECRET), "{}", out.all());
+    // With JSON logs the failure is a JSON line too (the new user's collector got plain text).
+    let out = cli(
+        &["--log-format", "json", "--database-url", &url, "status"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(4), "{}", out.all());
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["level"] == "ERROR"
+            && v["fields"]["exit_code"] == 4
+            && v["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("password missing"))),
+        "{lines:?}"
+    );
 }
 
 /// A connection string that does not parse: the error names the option that is wrong (found
