@@ -145,7 +145,8 @@ impl Admin {
     ///
     /// # Errors
     /// [`Error::InvalidIdentifier`] for a bad table name; [`Error::Postgres`] when Postgres is
-    /// unreachable; [`Error::Schema`] when the table is not migrated.
+    /// unreachable; [`Error::Schema`] when the table is not migrated, or the role cannot read
+    /// `outbox_tables` (the message names the grant).
     pub async fn connect(pg: tokio_postgres::Config, table: &str) -> Result<Admin> {
         Self::connect_pg(Pg::plain(pg), table).await
     }

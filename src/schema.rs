@@ -696,6 +696,12 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
         Ok(row) => row,
         // outbox_tables missing: a table made by the original DDL, never migrated.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            return Err(Error::Schema(format!(
+                "this role cannot read `outbox_tables` ({}): the relay and operators (`status`, `find`, `requeue`) need `grant select on outbox_tables to <role>` (and `select, update` on `{table}`); see scripts/roles.sql",
+                crate::error::PgErrorDisplay(&e)
+            )));
+        }
         Err(e) => return Err(e.into()),
     };
     let Some(row) = row else {

@@ -836,6 +836,15 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
 
     let topic = topic_name("roles");
     support::create_topic(&topic, 1).await;
+    // The writer is no operator: `status` (Admin) says which grant it lacks (found by the new
+    // user: a bare `permission denied for table outbox_tables`).
+    match Admin::connect(as_role("writer"), "events").await {
+        Err(Error::Schema(msg)) => assert!(msg.contains("grant select on outbox_tables"), "{msg}"),
+        other => panic!(
+            "expected a schema error naming the grant, got {:?}",
+            other.err()
+        ),
+    }
     let writer = outbox::testing::connect(&as_role("writer")).await.unwrap();
     let id = outbox::add_new_event(&writer, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
         .await
