@@ -121,6 +121,12 @@ struct Pipeline {
     next_from: Option<i64>,
     /// When the last reservation scanned from the first pending row.
     last_full_scan: Instant,
+    /// How long that scan took (see [`Pipeline::scan_from`]).
+    full_scan_took: Duration,
+    /// The lowest candidate the last full scan found: every pending row below it was skipped
+    /// (see [`reserve::Scan::lowest`]). `None` after anything that may have released rows below
+    /// it (a batch that did not confirm).
+    floor: Option<i64>,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
     /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
@@ -183,6 +189,8 @@ impl Relay {
             gated: false,
             next_from: None,
             last_full_scan: Instant::now(),
+            full_scan_took: Duration::ZERO,
+            floor: None,
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
@@ -264,7 +272,8 @@ impl Pipeline {
     /// the free slots try again with normal batches.
     async fn reserve(&mut self, wake: Wake) {
         let ctx = self.ctx.clone();
-        let from = self.scan_from(wake);
+        let (from, skip_blocked) = self.scan_from(wake);
+        let started = Instant::now();
         let share = if self.gated {
             ctx.settings.max_batches_in_flight
         } else {
@@ -282,9 +291,20 @@ impl Pipeline {
                 &ctx.sql,
                 &ctx.timing,
                 &ctx.stop,
-                Ask { limit, max_bytes, from },
+                Ask { limit, max_bytes, from, skip_blocked },
             ) => r,
         };
+        let full_scan = from == i64::MIN;
+        if full_scan {
+            self.full_scan_took = started.elapsed();
+        }
+        if full_scan || skip_blocked {
+            // A scan from the floor raises it: it skipped every pending row below its lowest.
+            // (One that found nothing skipped every row: the floor stays valid.)
+            if let Ok(Some((_, _, scan))) = &reserved {
+                self.floor = scan.lowest.or(self.floor);
+            }
+        }
         match reserved {
             Ok(None) => {
                 self.reserve_errors = fresh_backoff();
@@ -293,7 +313,8 @@ impl Pipeline {
                     .reservation_empty(ctx.timing.fence.saturating_mul(2));
                 // Nothing although the batch in flight was full: the gate holds the backlog.
                 let gated = self.last_full && !self.batches.is_empty();
-                if from != i64::MIN && !gated {
+                // (A scan from the floor that found nothing: nothing until the next full scan.)
+                if !full_scan && !skip_blocked && !gated {
                     // Nothing from where the last scan left off: scan from the first pending
                     // row before deciding that there is nothing. (When gated, the next
                     // reservation, after the batch in flight, scans from the first row anyway.)
@@ -360,16 +381,31 @@ impl Pipeline {
     /// [`FULL_SCAN_EVERY`]: in a backlog such a row waits about that long (for the next full
     /// scan that reaches it). Order never depends on it: the gate's probe is not bounded by the
     /// start, so a pending row below it holds back its aggregate's later rows.
-    fn scan_from(&mut self, wake: Wake) -> i64 {
-        match self.next_from.take() {
-            Some(from)
-                if wake == Wake::Again && self.last_full_scan.elapsed() < FULL_SCAN_EVERY =>
-            {
-                from
+    ///
+    /// A full scan skips the rows behind aggregates whose first open row is not due (see
+    /// `reserve.sql`), but it still reads them: hundreds of thousands behind a hot aggregate's
+    /// dead letter made every full scan take about a second (found by a breaker helper; with
+    /// more than `postgres_timeout`, every reservation failed). Once a full scan takes
+    /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
+    /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest
+    /// candidate the last full scan found; every pending row below it was skipped), skipping
+    /// blocked aggregates too. A row that turns pending below the floor then waits up to ten
+    /// full scans' time; a due retry or hold, a resume after an error and a batch that did not
+    /// confirm still scan from the first pending row.
+    ///
+    /// Returns the start and whether the scan skips blocked aggregates.
+    fn scan_from(&mut self, wake: Wake) -> (i64, bool) {
+        let slow = self.full_scan_took >= SLOW_FULL_SCAN;
+        let every = FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10));
+        let recent = self.last_full_scan.elapsed() < every;
+        match (self.next_from.take(), self.floor) {
+            (Some(from), _) if wake == Wake::Again && recent => (from, false),
+            (_, Some(floor)) if slow && recent && !matches!(wake, Wake::Due | Wake::Resumed) => {
+                (floor, true)
             }
             _ => {
                 self.last_full_scan = Instant::now();
-                i64::MIN
+                (i64::MIN, true)
             }
         }
     }
@@ -390,6 +426,9 @@ impl Pipeline {
                 if let (Some(from), Some(released)) = (self.next_from, released_from) {
                     self.next_from = Some(from.min(released));
                 }
+                if let (Some(floor), Some(released)) = (self.floor, released_from) {
+                    self.floor = Some(floor.min(released));
+                }
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but
                 // cannot be confirmed must not re-send in a tight loop.
@@ -399,10 +438,12 @@ impl Pipeline {
                 // The batch rolled back: its rows are pending again, below where the scan
                 // would start.
                 self.next_from = None;
+                self.floor = None;
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
             Err(e) => {
                 self.next_from = None;
+                self.floor = None;
                 self.ctx.report.batch_panicked(&e);
             }
         }
@@ -468,6 +509,10 @@ pub(crate) const MAX_FATAL_REBUILDS: u32 = 5;
 /// first pending row again (see [`Pipeline::scan_from`]): how long a row that turned pending
 /// below that start can wait in a backlog.
 pub(crate) const FULL_SCAN_EVERY: Duration = Duration::from_millis(500);
+
+/// A full scan this slow (rows behind blocked aggregates to read past) spaces out the next ones
+/// (see [`Pipeline::scan_from`]).
+const SLOW_FULL_SCAN: Duration = Duration::from_millis(200);
 
 /// The relay's handling of a fatal producer: rebuild it, and give up when rebuilding keeps
 /// failing.

@@ -122,7 +122,7 @@ impl BatchConn {
         let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
         let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&limit, &max_bytes, &ask.from];
-        let statement = if ask.from == i64::MIN {
+        let statement = if ask.skip_blocked {
             &self.reserve_full
         } else {
             &self.reserve
@@ -166,6 +166,10 @@ pub(crate) struct Ask {
     pub(crate) max_bytes: usize,
     /// The lowest `seq` the scan for candidates looks at (`i64::MIN`: every pending row).
     pub(crate) from: i64,
+    /// Skip the rows of aggregates whose first open row is not due (`RelaySql::reserve_full`:
+    /// scans from the first pending row, or from the floor below which the last one found
+    /// nothing, see `Pipeline::scan_from`).
+    pub(crate) skip_blocked: bool,
 }
 
 /// What a reservation's scan found, besides its rows.
@@ -178,6 +182,9 @@ pub(crate) struct Scan {
     /// returned, or is held back behind a row that is not due (a dead letter, a backoff, a hold:
     /// see `reserve.sql`). `None` when the scan reached the end of the pending rows.
     pub(crate) next_from: Option<i64>,
+    /// The lowest `seq` among its candidates: below it, every pending row it looked at was
+    /// skipped (locked by another batch, fenced, not due, or behind a blocked aggregate).
+    pub(crate) lowest: Option<i64>,
 }
 
 impl Scan {
@@ -190,7 +197,7 @@ impl Scan {
         !self.cut_by_bytes && self.next_from.is_none()
     }
 
-    /// What the scan of a reservation that returned `rows` found (columns 9 and 11–13 of
+    /// What the scan of a reservation that returned `rows` found (columns 9 and 11–14 of
     /// `reserve.sql`, the same in every row).
     pub(crate) fn of(rows: &[tokio_postgres::Row]) -> Scan {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
@@ -204,6 +211,7 @@ impl Scan {
         Scan {
             cut_by_bytes,
             next_from: found_limit.then(|| next_from(blocker, cut_by_bytes, last.get(1), max_seq)),
+            lowest: first.get(14),
         }
     }
 }

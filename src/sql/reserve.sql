@@ -23,7 +23,8 @@
 -- likely in another batch in flight: the rows it holds back must be seen again; the blocking
 -- row itself, below them, is a cheap bound), null when none — rows held back behind a dead
 -- letter, a retry's backoff or a hold wait for a full scan instead, so that they do not keep
--- every scan starting below them; and the highest `seq` it found. Rows the byte budget left out
+-- every scan starting below them; the highest `seq` it found; and (column 14) the lowest (below it
+-- every pending row was skipped: locked, fenced, not due or behind a blocked aggregate). Rows the byte budget left out
 -- follow the last row returned (or share its `seq`: `seq` is not unique).
 -- In a scan from the first pending row (`RelaySql::reserve_full`), a candidate's aggregate must not
 -- start with an open row that is not due (a dead letter under BlockAggregate, a retry's backoff,
@@ -84,7 +85,8 @@ with cand as materialized (
              end,
         (select count(*) from cand) = $1,
         (select min(g.gap) from gate g where g.gap_due),
-        (select max(c.seq) from cand c)
+        (select max(c.seq) from cand c),
+        (select min(c.seq) from cand c)
    from kept k
   where k.n = 1 or k.through_bytes <= $2
   order by k.seq
