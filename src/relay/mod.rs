@@ -53,7 +53,7 @@ use self::batch::{run_batch, BatchDone};
 use self::confirm::LateConn;
 use self::fence::Fences;
 use self::report::Reporter;
-use self::reserve::{Ask, Reserver};
+use self::reserve::{Ask, BatchConn, Reserved, Reserver};
 use self::shared::Shared;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
 use self::wake::{Wake, Wakeups};
@@ -62,8 +62,9 @@ use self::wake::{Wake, Wakeups};
 pub(crate) use self::confirm::CONFIRM_SETUP;
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
+pub(crate) use self::reserve::Scan;
 #[cfg(feature = "testing")]
-pub(crate) use self::reserve::{Scan, BATCH_SESSION_SETUP};
+pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 
 /// Everything the relay's stages share.
 pub(crate) struct Ctx {
@@ -294,72 +295,90 @@ impl Pipeline {
                 Ask { limit, max_bytes, from, skip_blocked },
             ) => r,
         };
-        let full_scan = from == i64::MIN;
-        if full_scan {
-            self.full_scan_took = started.elapsed();
-        }
-        if full_scan || skip_blocked {
-            // A scan from the floor raises it: it skipped every pending row below its lowest.
-            // (One that found nothing skipped every row: the floor stays valid.)
-            if let Ok(Some((_, _, scan))) = &reserved {
-                self.floor = scan.lowest.or(self.floor);
-            }
+        if skip_blocked {
+            self.record_scan(from == i64::MIN, started.elapsed(), &reserved);
         }
         match reserved {
-            Ok(None) => {
-                self.reserve_errors = fresh_backoff();
-                // Twice the fence's lifetime: a failed batch's aggregates are retried after it.
-                ctx.report
-                    .reservation_empty(ctx.timing.fence.saturating_mul(2));
-                // Nothing although the batch in flight was full: the gate holds the backlog.
-                let gated = self.last_full && !self.batches.is_empty();
-                // (A scan from the floor that found nothing: nothing until the next full scan.)
-                if !full_scan && !skip_blocked && !gated {
-                    // Nothing from where the last scan left off: scan from the first pending
-                    // row before deciding that there is nothing. (When gated, the next
-                    // reservation, after the batch in flight, scans from the first row anyway.)
-                    self.wakeups.again();
-                    return;
-                }
-                self.gated = gated;
-                self.last_full = false;
-                // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
-                // in flight, so that a new event is reserved in the free slot at once rather
-                // than after those batches — unless the backlog is gated: then nothing is
-                // reserved before the batch in flight is done (a new event of another aggregate
-                // waits that long, at most `batch_timeout` and its confirm).
-                self.armed.send_replace(true);
-            }
-            Ok(Some((conn, rows, scan))) => {
-                self.reserve_errors = fresh_backoff();
-                self.armed.send_replace(false);
-                self.next_from = scan.next_from;
-                self.last_full = scan.cut_by_bytes || rows.len() >= limit;
-                if self.last_full {
-                    self.wakeups.again();
-                }
-                let span = tracing::debug_span!(
-                    "outbox_batch",
-                    events = rows.len(),
-                    first_seq = rows[0].seq,
-                    last_seq = rows[rows.len() - 1].seq
-                );
-                let batch = run_batch(
-                    ctx.clone(),
-                    conn,
-                    rows,
-                    scan.cut_by_bytes,
-                    scan.caught_up(),
-                    Instant::now(),
-                );
-                self.batches
-                    .spawn(tracing::Instrument::instrument(batch, span));
-            }
+            // (A scan that skipped blocked aggregates and found nothing is final.)
+            Ok(None) => self.reserved_nothing(skip_blocked),
+            Ok(Some((conn, rows, scan))) => self.start_batch(conn, rows, scan, limit),
             Err(e) => {
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
             }
         }
+    }
+
+    /// What a scan that skipped blocked aggregates (one from the first pending row, `full`, or
+    /// from the floor) tells the next ones: how long a full scan takes, and a higher floor — it
+    /// skipped every pending row below its lowest candidate (one that found nothing skipped
+    /// every row: the floor stays valid).
+    fn record_scan(
+        &mut self,
+        full: bool,
+        took: Duration,
+        reserved: &crate::Result<Option<(BatchConn, Vec<Reserved>, Scan)>>,
+    ) {
+        if full {
+            self.full_scan_took = took;
+        }
+        if let Ok(Some((_, _, scan))) = reserved {
+            self.floor = scan.lowest.or(self.floor);
+        }
+    }
+
+    /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
+    /// pending row, or from the floor until the next full scan).
+    fn reserved_nothing(&mut self, final_scan: bool) {
+        self.reserve_errors = fresh_backoff();
+        // Twice the fence's lifetime: a failed batch's aggregates are retried after it.
+        self.ctx
+            .report
+            .reservation_empty(self.ctx.timing.fence.saturating_mul(2));
+        // Nothing although the batch in flight was full: the gate holds the backlog.
+        let gated = self.last_full && !self.batches.is_empty();
+        if !final_scan && !gated {
+            // Nothing from where the last scan left off: scan from the first pending
+            // row before deciding that there is nothing. (When gated, the next
+            // reservation, after the batch in flight, scans from the first row anyway.)
+            self.wakeups.again();
+            return;
+        }
+        self.gated = gated;
+        self.last_full = false;
+        // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
+        // in flight, so that a new event is reserved in the free slot at once rather
+        // than after those batches — unless the backlog is gated: then nothing is
+        // reserved before the batch in flight is done (a new event of another aggregate
+        // waits that long, at most `batch_timeout` and its confirm).
+        self.armed.send_replace(true);
+    }
+
+    /// Starts the batch a reservation of at most `limit` rows returned, on a task of its own.
+    fn start_batch(&mut self, conn: BatchConn, rows: Vec<Reserved>, scan: Scan, limit: usize) {
+        self.reserve_errors = fresh_backoff();
+        self.armed.send_replace(false);
+        self.next_from = scan.next_from;
+        self.last_full = scan.cut_by_bytes || rows.len() >= limit;
+        if self.last_full {
+            self.wakeups.again();
+        }
+        let span = tracing::debug_span!(
+            "outbox_batch",
+            events = rows.len(),
+            first_seq = rows[0].seq,
+            last_seq = rows[rows.len() - 1].seq
+        );
+        let batch = run_batch(
+            self.ctx.clone(),
+            conn,
+            rows,
+            scan.cut_by_bytes,
+            scan.caught_up(),
+            Instant::now(),
+        );
+        self.batches
+            .spawn(tracing::Instrument::instrument(batch, span));
     }
 
     /// Where this reservation's scan for candidates starts (`seq`; `i64::MIN`: the first pending

@@ -9,7 +9,7 @@ use outbox::testing::faults::{Fault, FaultProxy};
 use outbox::{Admin, Error, EventFilter, NewEvent, Outbox, OutboxBuilder, RequeueFilter};
 use serde_json::json;
 
-use crate::support;
+use crate::support::{self, ConsumedRecord};
 
 /// Upper bound for calls that must fail fast: far above every deadline used here, far below
 /// "hangs forever". Not a performance assertion.
@@ -369,6 +369,13 @@ async fn deliver_round_robin(
         "{:?}",
         outbox.health().await
     );
+    assert_round_robin_in_order(&records, aggregates, events);
+}
+
+/// Asserts that `records` hold each of `events` events dealt round robin over `aggregates`
+/// aggregates (`a0`, `a1`, …; the payload's `n` is the event's number) once, in order per
+/// aggregate.
+fn assert_round_robin_in_order(records: &[ConsumedRecord], aggregates: i64, events: i64) {
     for a in 0..aggregates {
         let aggregate = format!("a{a}");
         let ns: Vec<i64> = records
@@ -377,7 +384,7 @@ async fn deliver_round_robin(
             .map(|r| r.json()["n"].as_i64().unwrap())
             .collect();
         let expected: Vec<i64> = (0..events).filter(|n| n % aggregates == a).collect();
-        assert_eq!(ns, expected, "{aggregate}: every event, in order");
+        assert_eq!(ns, expected, "{aggregate}: every event once, in order");
     }
 }
 
@@ -713,16 +720,7 @@ async fn the_relay_follows_a_promoted_standby() {
     )
     .await;
     assert_eq!(records.len(), 40, "{:?}", outbox.health().await);
-    for a in 0..2 {
-        let aggregate = format!("a{a}");
-        let ns: Vec<i64> = records
-            .iter()
-            .filter(|r| r.key_str() == aggregate)
-            .map(|r| r.json()["n"].as_i64().unwrap())
-            .collect();
-        let expected: Vec<i64> = (0..40).filter(|n| n % 2 == a).collect();
-        assert_eq!(ns, expected, "{aggregate}: every event once, in order");
-    }
+    assert_round_robin_in_order(&records, 2, 40);
     support::stop_and_join(&outbox, relay).await;
 }
 
