@@ -1393,7 +1393,8 @@ pub struct RelaySql {
     /// `$3` = the scan's start (`int8`, see [`next_scan_start`]). Run inside a transaction.
     pub reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
-    /// relay runs it: the same, skipping the rows of aggregates whose first open row is not due.
+    /// relay runs it: the same, skipping the rows of aggregates whose first open row is not
+    /// due, and reading at most a window of pending rows (10,000, or `$1` when larger).
     pub reserve_full: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
@@ -1440,6 +1441,13 @@ pub const FULL_SCAN_EVERY: std::time::Duration = crate::relay::FULL_SCAN_EVERY;
 /// scan the relay makes at least every [`FULL_SCAN_EVERY`].
 pub fn next_scan_start(rows: &[tokio_postgres::Row]) -> Option<i64> {
     crate::relay::Scan::of(rows).next_from
+}
+
+/// The rows a reservation ([`RelaySql::reserve`], [`RelaySql::reserve_full`]) reserved: none
+/// when it returned its row of nulls (it always returns at least one row, so that an empty
+/// scan still says where it ended; see [`next_scan_start`]).
+pub fn reserved_rows(rows: &[tokio_postgres::Row]) -> &[tokio_postgres::Row] {
+    crate::relay::reserved_rows(rows)
 }
 
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with

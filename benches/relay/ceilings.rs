@@ -14,9 +14,9 @@ use anyhow::bail;
 use anyhow::Result;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use outbox::testing::next_scan_start;
 use outbox::testing::relay_sql;
 use outbox::testing::FULL_SCAN_EVERY;
+use outbox::testing::{next_scan_start, reserved_rows};
 use postgres_types::Type;
 use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
@@ -213,12 +213,13 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 } else {
                     &reserve
                 };
-                let (_, rows) = futures::try_join!(
+                let (_, all) = futures::try_join!(
                     client.batch_execute("begin"),
                     client.query(statement, &reserve_params)
                 )?;
                 let b = Instant::now();
-                scan.lock().expect("scan state").0 = next_scan_start(&rows);
+                scan.lock().expect("scan state").0 = next_scan_start(&all);
+                let rows = reserved_rows(&all);
                 if rows.is_empty() {
                     client.batch_execute("rollback").await?;
                     if confirmed.load(Ordering::Relaxed) as usize >= n {
@@ -235,7 +236,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 let mut offs = Vec::with_capacity(rows.len());
                 let mut aggregates: Vec<String> = Vec::new();
                 let mut seen = std::collections::HashSet::new();
-                for r in &rows {
+                for r in rows {
                     // Decode every column, as the relay does.
                     let id: Uuid = r.get(0);
                     let seq: i64 = r.get(1);

@@ -62,9 +62,9 @@ use self::wake::{Wake, Wakeups};
 pub(crate) use self::confirm::CONFIRM_SETUP;
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
-pub(crate) use self::reserve::Scan;
 #[cfg(feature = "testing")]
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
+pub(crate) use self::reserve::{returned as reserved_rows, Scan};
 
 /// Everything the relay's stages share.
 pub(crate) struct Ctx {
@@ -120,9 +120,17 @@ struct Pipeline {
     gated: bool,
     /// Where the next reservation's scan may start (see [`Pipeline::scan_from`]).
     next_from: Option<i64>,
+    /// `next_from` continues a scan that skips blocked aggregates after its window (see
+    /// [`reserve::Scan::windowed`]): the next scan skips them too, however long ago the full
+    /// scan started.
+    next_windowed: bool,
     /// When the last reservation scanned from the first pending row.
     last_full_scan: Instant,
-    /// How long that scan took (see [`Pipeline::scan_from`]).
+    /// When the scan from the first pending row whose windows the reservations are still
+    /// going through started (`None`: none is).
+    sweep_started: Option<Instant>,
+    /// How long the last full scan took, from its first window to the first that found a
+    /// candidate, or to the last pending row (see [`Pipeline::scan_from`]).
     full_scan_took: Duration,
     /// The lowest candidate the last full scan found: every pending row below it was skipped
     /// (see [`reserve::Scan::lowest`]). `None` after anything that may have released rows below
@@ -189,7 +197,9 @@ impl Relay {
             last_full: false,
             gated: false,
             next_from: None,
+            next_windowed: false,
             last_full_scan: Instant::now(),
+            sweep_started: None,
             full_scan_took: Duration::ZERO,
             floor: None,
             batch_errors: fresh_backoff(),
@@ -296,12 +306,17 @@ impl Pipeline {
             ) => r,
         };
         if skip_blocked {
-            self.record_scan(from == i64::MIN, started.elapsed(), &reserved);
+            self.record_scan(
+                from == i64::MIN,
+                started,
+                reserved.as_ref().ok().map(|r| &r.1),
+            );
         }
         match reserved {
-            // (A scan that skipped blocked aggregates and found nothing is final.)
-            Ok(None) => self.reserved_nothing(skip_blocked),
-            Ok(Some((conn, rows, scan))) => self.start_batch(conn, rows, scan, limit),
+            // (A scan that skipped blocked aggregates and found nothing is final, unless its
+            // window ended before the pending rows did.)
+            Ok((None, scan)) => self.reserved_nothing(skip_blocked, scan),
+            Ok((Some((conn, rows)), scan)) => self.start_batch(conn, rows, scan, limit),
             Err(e) => {
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
@@ -309,28 +324,39 @@ impl Pipeline {
         }
     }
 
-    /// What a scan that skipped blocked aggregates (one from the first pending row, `full`, or
-    /// from the floor) tells the next ones: how long a full scan takes, and a higher floor — it
-    /// skipped every pending row below its lowest candidate (one that found nothing skipped
-    /// every row: the floor stays valid).
-    fn record_scan(
-        &mut self,
-        full: bool,
-        took: Duration,
-        reserved: &crate::Result<Option<(BatchConn, Vec<Reserved>, Scan)>>,
-    ) {
+    /// What a scan that skipped blocked aggregates (one from the first pending row, `full`, from
+    /// the floor, or continuing one of these after its window) tells the next ones: how long a
+    /// full scan takes (from its first window to the first that found a candidate, or to the
+    /// last pending row), and a higher floor — it skipped every pending row below its lowest
+    /// candidate (one that found nothing skipped every row: the floor stays valid). `scan`: what
+    /// it found (`None`: it failed).
+    fn record_scan(&mut self, full: bool, started: Instant, scan: Option<&Scan>) {
         if full {
-            self.full_scan_took = took;
+            self.sweep_started = Some(started);
         }
-        if let Ok(Some((_, _, scan))) = reserved {
-            self.floor = scan.lowest.or(self.floor);
+        let Some(scan) = scan else {
+            self.sweep_started = None;
+            return;
+        };
+        if scan.lowest.is_some() || !scan.windowed {
+            if let Some(sweep) = self.sweep_started.take() {
+                self.full_scan_took = sweep.elapsed();
+            }
         }
+        self.floor = scan.lowest.or(self.floor);
     }
 
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
     /// pending row, or from the floor until the next full scan).
-    fn reserved_nothing(&mut self, final_scan: bool) {
+    fn reserved_nothing(&mut self, final_scan: bool, scan: Scan) {
         self.reserve_errors = fresh_backoff();
+        if scan.windowed {
+            // Its window ended before the pending rows did: go on after it.
+            self.next_from = scan.next_from;
+            self.next_windowed = true;
+            self.wakeups.again();
+            return;
+        }
         // Twice the fence's lifetime: a failed batch's aggregates are retried after it.
         self.ctx
             .report
@@ -359,7 +385,8 @@ impl Pipeline {
         self.reserve_errors = fresh_backoff();
         self.armed.send_replace(false);
         self.next_from = scan.next_from;
-        self.last_full = scan.cut_by_bytes || rows.len() >= limit;
+        self.next_windowed = scan.windowed;
+        self.last_full = scan.cut_by_bytes || scan.windowed || rows.len() >= limit;
         if self.last_full {
             self.wakeups.again();
         }
@@ -403,8 +430,11 @@ impl Pipeline {
     ///
     /// A full scan skips the rows behind aggregates whose first open row is not due (see
     /// `reserve.sql`), but it still reads them: hundreds of thousands behind a hot aggregate's
-    /// dead letter made every full scan take about a second (found by a breaker helper; with
-    /// more than `postgres_timeout`, every reservation failed). Once a full scan takes
+    /// dead letter made every full scan take about a second (found by a breaker helper). It
+    /// reads them a window at a time (see [`reserve::Scan::windowed`]: the next reservation
+    /// continues after the window, however long the whole scan takes — read at once, more than
+    /// `postgres_timeout` of them failed every reservation), and its duration counts from its
+    /// first window to the first that found a candidate. Once a full scan takes
     /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
     /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest
     /// candidate the last full scan found; every pending row below it was skipped), skipping
@@ -417,8 +447,9 @@ impl Pipeline {
         let slow = self.full_scan_took >= SLOW_FULL_SCAN;
         let every = FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10));
         let recent = self.last_full_scan.elapsed() < every;
+        let windowed = std::mem::take(&mut self.next_windowed);
         match (self.next_from.take(), self.floor) {
-            (Some(from), _) if wake == Wake::Again && recent => (from, false),
+            (Some(from), _) if wake == Wake::Again && (recent || windowed) => (from, windowed),
             (_, Some(floor)) if slow && recent && !matches!(wake, Wake::Due | Wake::Resumed) => {
                 (floor, true)
             }

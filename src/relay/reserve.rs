@@ -64,6 +64,15 @@ impl Reserved {
     }
 }
 
+/// The rows a reservation returned: `reserve.sql` stands for none with one row of nulls but
+/// for the scan's columns (see [`Scan::of`]), so that an empty scan still says where it ended.
+pub(crate) fn returned(rows: &[tokio_postgres::Row]) -> &[tokio_postgres::Row] {
+    match rows.first() {
+        Some(r) if r.get::<_, Option<Uuid>>(0).is_none() => &[],
+        _ => rows,
+    }
+}
+
 /// A batch connection with the statements of its transaction.
 pub(crate) struct BatchConn {
     pub(crate) client: Client,
@@ -117,7 +126,8 @@ impl BatchConn {
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
-    /// transaction is ended. Returns the rows and what the scan found.
+    /// transaction is ended. Returns the rows (none: `reserve.sql` then returns one row of
+    /// nulls but for the scan's columns) and what the scan found.
     async fn reserve(&self, ask: Ask) -> Result<(Vec<Reserved>, Scan), tokio_postgres::Error> {
         let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
@@ -131,14 +141,12 @@ impl BatchConn {
             self.client.batch_execute("begin"),
             self.client.query(statement, &params)
         )?;
-        if rows.is_empty() {
+        let scan = Scan::of(&rows);
+        if returned(&rows).is_empty() {
             self.client.batch_execute("rollback").await?;
-            return Ok((Vec::new(), Scan::default()));
+            return Ok((Vec::new(), scan));
         }
-        Ok((
-            rows.iter().map(Reserved::from_row).collect(),
-            Scan::of(&rows),
-        ))
+        Ok((rows.iter().map(Reserved::from_row).collect(), scan))
     }
 
     /// Ends the batch transaction without confirming (its rows are released); `false` when the
@@ -166,9 +174,10 @@ pub(crate) struct Ask {
     pub(crate) max_bytes: usize,
     /// The lowest `seq` the scan for candidates looks at (`i64::MIN`: every pending row).
     pub(crate) from: i64,
-    /// Skip the rows of aggregates whose first open row is not due (`RelaySql::reserve_full`:
-    /// scans from the first pending row, or from the floor below which the last one found
-    /// nothing, see `Pipeline::scan_from`).
+    /// Skip the rows of aggregates whose first open row is not due, reading at most a window
+    /// of pending rows (`RelaySql::reserve_full`: scans from the first pending row, from the
+    /// floor below which the last one found nothing, or continuing such a scan after its
+    /// window, see `Pipeline::scan_from`).
     pub(crate) skip_blocked: bool,
 }
 
@@ -185,6 +194,12 @@ pub(crate) struct Scan {
     /// The lowest `seq` among its candidates: below it, every pending row it looked at was
     /// skipped (locked by another batch, fenced, not due, or behind a blocked aggregate).
     pub(crate) lowest: Option<i64>,
+    /// A scan that skipped blocked aggregates stopped at the end of its window (see
+    /// `store::SCAN_WINDOW`) with fewer candidates than it could take: more pending rows follow,
+    /// and the next scan continues from `next_from` (after the window, or at its last `seq`
+    /// when it found candidates), skipping blocked aggregates too. Rows the gate held back in
+    /// the window wait for the next scan from the first pending row or the floor.
+    pub(crate) windowed: bool,
 }
 
 impl Scan {
@@ -197,21 +212,43 @@ impl Scan {
         !self.cut_by_bytes && self.next_from.is_none()
     }
 
-    /// What the scan of a reservation that returned `rows` found (columns 9 and 11–14 of
-    /// `reserve.sql`, the same in every row).
+    /// What the scan of a reservation that returned `rows` found (columns 9 and 11–15 of
+    /// `reserve.sql`, the same in every row; column 9 is null in the row of nulls that stands
+    /// for no rows).
     pub(crate) fn of(rows: &[tokio_postgres::Row]) -> Scan {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             return Scan::default();
         };
-        let kept: i64 = first.get(9);
+        let kept: Option<i64> = first.get(9);
         let found_limit: bool = first.get(11);
         let blocker: Option<i64> = first.get(12);
-        let max_seq: i64 = first.get(13);
-        let cut_by_bytes = usize::try_from(kept).map_or(true, |k| k > rows.len());
+        let max_seq: Option<i64> = first.get(13);
+        let lowest: Option<i64> = first.get(14);
+        let window_end: Option<i64> = first.get(15);
+        let cut_by_bytes =
+            kept.is_some_and(|k| usize::try_from(k).map_or(true, |k| k > rows.len()));
+        let last_seq = last.get::<_, Option<i64>>(1);
+        let (next_from, windowed) = match (found_limit, max_seq, window_end) {
+            (true, Some(max_seq), _) => (
+                Some(next_from(
+                    blocker,
+                    cut_by_bytes,
+                    last_seq.unwrap_or(max_seq),
+                    max_seq,
+                )),
+                false,
+            ),
+            // Every row up to the window's end was skipped: the next scan starts after it
+            // (`seq` may repeat, but the window read every row at its end).
+            (_, _, Some(end)) if lowest.is_none() => (end.checked_add(1), true),
+            (_, _, Some(end)) => (Some(end), true),
+            _ => (None, false),
+        };
         Scan {
             cut_by_bytes,
-            next_from: found_limit.then(|| next_from(blocker, cut_by_bytes, last.get(1), max_seq)),
-            lowest: first.get(14),
+            next_from,
+            lowest,
+            windowed: windowed && next_from.is_some(),
         }
     }
 }
@@ -239,8 +276,8 @@ pub(crate) struct Reserver {
 
 impl Reserver {
     /// Reserves the rows `ask` describes (see [`BatchConn::reserve`]) on an idle (or new)
-    /// connection. `Ok(None)` when there was nothing to reserve (the connection goes back to the
-    /// pool).
+    /// connection; with what the scan found. No batch when there was nothing to reserve (the
+    /// connection goes back to the pool).
     ///
     /// # Errors
     /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
@@ -252,7 +289,7 @@ impl Reserver {
         timing: &Timing,
         stop: &Stop,
         ask: Ask,
-    ) -> crate::Result<Option<(BatchConn, Vec<Reserved>, Scan)>> {
+    ) -> crate::Result<(Option<(BatchConn, Vec<Reserved>)>, Scan)> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
             _ => BatchConn::open(pg, sql, timing, stop).await?,
@@ -261,9 +298,9 @@ impl Reserver {
         let (rows, scan) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
         if rows.is_empty() {
             self.idle.push(conn);
-            return Ok(None);
+            return Ok((None, scan));
         }
-        Ok(Some((conn, rows, scan)))
+        Ok((Some((conn, rows)), scan))
     }
 
     /// Returns a connection whose batch committed.

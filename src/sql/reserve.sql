@@ -34,7 +34,16 @@
 -- every other aggregate stalled. One probe of the aggregate index per row (its first open row;
 -- a row held back by a later gap is still the gate's), paid only by the scans from the first
 -- pending row: a scan from where the last one left off starts past them.
-with cand as materialized (
+-- Such a scan reads a window (`win`: the first max($1, 10,000) pending rows from $3, see
+-- `store::SCAN_WINDOW`) and no further: a pile of rows behind a hot aggregate's dead letter has
+-- no bound, and a scan that read it all outlasted its deadline. Column 15: the window's last
+-- `seq` when the window was full (more pending rows follow it), null otherwise (and always in
+-- the other scans, whose `win` is a row of nulls). When no row is kept, the statement returns
+-- one row of nulls but for columns 11-15, so that an empty scan still says where it ended.
+with win as materialized (
+     {{window}}
+ ),
+ cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}} c
       where status = 'new'
@@ -86,7 +95,8 @@ with cand as materialized (
         (select count(*) from cand) = $1,
         (select min(g.gap) from gate g where g.gap_due),
         (select max(c.seq) from cand c),
-        (select min(c.seq) from cand c)
-   from kept k
-  where k.n = 1 or k.through_bytes <= $2
+        (select min(c.seq) from cand c),
+        (select case when w.full then w.last end from win w)
+   from (select) one
+   left join kept k on k.n = 1 or k.through_bytes <= $2
   order by k.seq
