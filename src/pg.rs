@@ -652,6 +652,35 @@ impl Pg {
             }),
         }
     }
+
+    /// Asks the server to cancel the statement `client`'s session is running (Postgres' cancel
+    /// request, on a connection of its own), without waiting for the answer: for a round trip
+    /// that missed its deadline, whose session the relay drops. Dropping alone does not end the
+    /// statement: the server notices a closed client only when it next writes to it, so a
+    /// statement waiting for a lock held elsewhere (or running long) would go on, holding its
+    /// locks and its connection slot, until the blocker ends. Bounded by the connect deadline;
+    /// a failure is logged at debug (the session ends with the statement anyway).
+    pub(crate) fn cancel(&self, client: &Client, what: &'static str) {
+        let token = client.cancel_token();
+        let tls = self.tls.clone();
+        let deadline = self.connect_deadline();
+        tokio::spawn(async move {
+            let cancel = async {
+                match tls {
+                    Tls::None => token.cancel_query(tokio_postgres::NoTls).await,
+                    #[cfg(feature = "postgres-rustls")]
+                    Tls::Rustls(tls) => token.cancel_query(tls).await,
+                }
+            };
+            match tokio::time::timeout(deadline, cancel).await {
+                Ok(Ok(())) => tracing::debug!(what, "outbox relay: cancel request sent"),
+                Ok(Err(e)) => {
+                    tracing::debug!(what, error = %e, "outbox relay: cancel request failed")
+                }
+                Err(_) => tracing::debug!(what, "outbox relay: cancel request timed out"),
+            }
+        });
+    }
 }
 
 /// The pooler self-test's verdict when session semantics are broken, naming the fix.

@@ -66,7 +66,7 @@ pub(crate) async fn run_batch(
         ctx.report.fence_failed(&e);
         // A rollback that fails or misses its deadline leaves the session to end with the
         // dropped connection (at the latest after the lease).
-        conn.rollback(&ctx.timing, &ctx.stop).await;
+        conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await;
         return BatchDone::failed();
     }
     let mut published =
@@ -107,9 +107,10 @@ pub(crate) async fn run_batch(
                 .filter(|o| matches!(o, Outcome::Delivered { .. }))
                 .count();
             ctx.report.confirm_failed(&e, delivered);
-            // Not after a timeout: the session may be stuck; dropping it ends the transaction.
+            // Not after a timeout: the session may be stuck; dropping it (the timeout sent the
+            // server a cancel request for the statement) ends the transaction.
             if !e.is_timeout() {
-                conn.rollback(&ctx.timing, &ctx.stop).await;
+                conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await;
             }
             ctx.late.spawn(unfence_when_settled(
                 ctx.clone(),

@@ -20,7 +20,7 @@ use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::{retry_delay, unavailable_delay};
 use super::shared::Session;
-use super::timing::{millis, round_trip, LATE_GRACE};
+use super::timing::{millis, round_trip, round_trip_on, LATE_GRACE};
 use super::Ctx;
 
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
@@ -136,7 +136,15 @@ pub(crate) async fn confirm_batch(
             conn.client.batch_execute("commit")
         )
     };
-    let ((), held, ()) = round_trip(&ctx.stop, "confirm", ctx.timing.round_trip, op).await?;
+    let ((), held, ()) = round_trip_on(
+        &ctx.pg,
+        &conn.client,
+        &ctx.stop,
+        "confirm",
+        ctx.timing.round_trip,
+        op,
+    )
+    .await?;
     // The values this very statement wrote (now() + the hold); a row that cannot be read is
     // simply not recorded late (its hold expires and it is retried).
     let holds = held
@@ -246,7 +254,15 @@ async fn write_late(
         }
     };
     let write = record_late(ctx, &c, row, outcome, hold);
-    let written = round_trip(&ctx.stop, "late confirm", ctx.timing.round_trip, write).await;
+    let written = round_trip_on(
+        &ctx.pg,
+        c.client(),
+        &ctx.stop,
+        "late confirm",
+        ctx.timing.round_trip,
+        write,
+    )
+    .await;
     match ctx.late_conn.settle(&c, written).await {
         Ok(written) => written,
         Err(e) => {

@@ -14,7 +14,7 @@ use crate::pg::Pg;
 use crate::store::RelaySql;
 
 use super::shared::{Session, Shared};
-use super::timing::{millis, round_trip, Stop, Timing};
+use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 
 /// The fence connection and its prepared statements.
 struct FenceConn {
@@ -65,7 +65,15 @@ impl Fences {
         self.conn
             .settle(
                 &f,
-                round_trip(&self.stop, "fence", self.round_trip, op).await,
+                round_trip_on(
+                    &self.pg,
+                    &f.client,
+                    &self.stop,
+                    "fence",
+                    self.round_trip,
+                    op,
+                )
+                .await,
             )
             .await
             .map(drop)
@@ -82,7 +90,15 @@ impl Fences {
         self.conn
             .settle(
                 &f,
-                round_trip(&self.stop, "unfence", self.round_trip, op).await,
+                round_trip_on(
+                    &self.pg,
+                    &f.client,
+                    &self.stop,
+                    "unfence",
+                    self.round_trip,
+                    op,
+                )
+                .await,
             )
             .await
             .map(drop)

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::{RawJson, RelaySql};
 
-use super::timing::{millis, round_trip, Stop, Timing};
+use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 
 /// Session settings of the relay's batch connections (besides the lease timeout).
 ///
@@ -151,9 +151,12 @@ impl BatchConn {
 
     /// Ends the batch transaction without confirming (its rows are released); `false` when the
     /// rollback failed or missed its deadline (drop the connection then: Postgres ends the
-    /// transaction with the session, at the latest after the lease).
-    pub(crate) async fn rollback(&self, timing: &Timing, stop: &Stop) -> bool {
-        round_trip(
+    /// transaction with the session; a missed deadline sent a cancel request for the statement,
+    /// see [`Pg::cancel`]).
+    pub(crate) async fn rollback(&self, pg: &Pg, timing: &Timing, stop: &Stop) -> bool {
+        round_trip_on(
+            pg,
+            &self.client,
             stop,
             "rollback",
             timing.round_trip,
@@ -295,7 +298,15 @@ impl Reserver {
             _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
         let reserve = conn.reserve(ask);
-        let (rows, scan) = round_trip(stop, "reserve", timing.round_trip, reserve).await?;
+        let (rows, scan) = round_trip_on(
+            pg,
+            &conn.client,
+            stop,
+            "reserve",
+            timing.round_trip,
+            reserve,
+        )
+        .await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok((None, scan));

@@ -1,6 +1,6 @@
 //! A session shared by the relay's tasks of one kind (the batch fences, the late reports):
 //! opened on demand, kept open, and replaced after a round trip on it missed its deadline (it may
-//! be stuck). tokio-postgres pipelines the tasks' statements on it, so that however many tasks
+//! be stuck; the round trip's statement is cancelled on the server, see `Pg::cancel`). tokio-postgres pipelines the tasks' statements on it, so that however many tasks
 //! there are, they take one Postgres connection.
 
 use std::future::Future;

@@ -5,9 +5,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::pg::Pg;
 
 /// Safety margin added to the lease check, to holds of unreported messages and to batch fences:
 /// it covers the round trip that records the hold or fence and clock skew between the relay and
@@ -91,6 +93,27 @@ pub(crate) async fn round_trip<T, E: Into<crate::Error>>(
         _ = tokio::time::sleep(after) => Err(crate::Error::Timeout { what, after }),
         _ = stop_cut => Err(crate::Error::Timeout { what, after }),
     }
+}
+
+/// [`round_trip`] on `client`'s session: when it misses its deadline (or is cut by a stop), the
+/// server is asked to cancel the statement (see [`Pg::cancel`]), since the caller then drops
+/// the session.
+///
+/// # Errors
+/// As [`round_trip`].
+pub(crate) async fn round_trip_on<T, E: Into<crate::Error>>(
+    pg: &Pg,
+    client: &Client,
+    stop: &Stop,
+    what: &'static str,
+    after: Duration,
+    op: impl Future<Output = Result<T, E>>,
+) -> crate::Result<T> {
+    let r = round_trip(stop, what, after, op).await;
+    if r.as_ref().is_err_and(crate::Error::is_timeout) {
+        pg.cancel(client, what);
+    }
+    r
 }
 
 /// A duration as whole milliseconds for a SQL `int8` parameter.

@@ -843,6 +843,102 @@ async fn health_keeps_naming_a_confirm_that_keeps_failing() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// The pid of a relay batch session sleeping in `pg_sleep` (a stalled confirm), if any.
+async fn sleeping_batch_session(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "select pid from pg_stat_activity
+              where application_name = 'outbox-relay-batch' and wait_event = 'PgSleep'
+              limit 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// A statement that misses its deadline is cancelled on the server, not only abandoned: the
+/// relay drops such a session, but Postgres notices a closed client only when it next writes to
+/// it, so the statement went on — here a confirm held by a trigger's `pg_sleep(30)` kept
+/// running (and its transaction kept the batch's row locks) for the 30 s. With
+/// `postgres_timeout` 1 s: the first stalled confirm's backend stops sleeping within 5 s of its
+/// missed deadline (checked without the cancel: still asleep), and once the trigger is gone
+/// the event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_deadline_is_cancelled_on_the_server() {
+    support::init_tracing();
+    let (table, client) = migrated_table("cancel").await;
+    let topic = support::fresh_topic("cancel_topic", 1).await;
+    client
+        .batch_execute(&format!(
+            "create function {table}_stall() returns trigger language plpgsql as $$
+             begin perform pg_sleep(30); return new; end $$;
+             create trigger {table}_stall before update on {table} for each row
+               when (new.status = 'done') execute function {table}_stall();"
+        ))
+        .await
+        .unwrap();
+    let outbox = on_table(support::postgres().await, &table)
+        .postgres_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let id = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let pid = support::eventually(HANG, "a confirm asleep in the trigger", || async {
+        sleeping_batch_session(&client)
+            .await
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    support::eventually(HANG, "the confirm's missed deadline", || async {
+        match outbox.stats().confirm_failures {
+            0 => Err("no confirm failure yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    support::eventually(
+        Duration::from_secs(5),
+        "the stalled confirm cancelled",
+        || async {
+            let still: Option<String> = client
+                .query_opt(
+                    "select coalesce(wait_event, state) from pg_stat_activity
+                  where pid = $1 and wait_event = 'PgSleep'",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+            match still {
+                Some(w) => Err(format!("backend {pid} still in {w}")),
+                None => Ok(()),
+            }
+        },
+    )
+    .await;
+    client
+        .batch_execute(&format!("drop trigger {table}_stall on {table}"))
+        .await
+        .unwrap();
+    support::eventually(HANG, "the event delivered", || async {
+        let row = client
+            .query_one(&format!("select status from {table} where id = $1"), &[&id])
+            .await
+            .unwrap();
+        match row.get::<_, String>(0).as_str() {
+            "done" => Ok(()),
+            s => Err(format!("status {s}")),
+        }
+    })
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.4 Hostile rows (admin side)
 // ----------------------------------------------------------------------------------------------
