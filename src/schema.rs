@@ -507,6 +507,9 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
                     .map(|m| m.sql),
             );
         }
+        if any(&["constraint"]) {
+            ddl.push(REPAIR_STATUS_CHECK);
+        }
         if any(&["table"]) {
             ddl.extend(
                 MIGRATIONS
@@ -534,6 +537,9 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
 
 /// The indexes of migration 2, each created only if missing.
 const REPAIR_INDEXES: &str = include_str!("../migrations/repair_indexes.sql");
+
+/// Migration 2's check constraint on `status`, re-added when missing.
+const REPAIR_STATUS_CHECK: &str = include_str!("../migrations/repair_status_check.sql");
 
 /// The migration that creates the fence table (`{table}_fence`).
 const FENCE_VERSION: i32 = 4;
@@ -580,22 +586,25 @@ pub(crate) async fn missing_objects<C: GenericClient>(
             });
         }
     }
-    // The trigger (only meaningful when the table exists).
+    // The trigger (a disabled one counts as missing: writers never wake the relay) and the
+    // status check, only meaningful when the table exists.
     if !missing.iter().any(|m| m.name == table) {
         let trigger = format!("{table}_outbox_wake");
-        let exists: bool = client
+        let check = format!("{table}_status_check");
+        let present = client
             .query_one(
                 "select exists(select 1 from pg_trigger
-                                where tgrelid = to_regclass($1) and tgname = $2)",
-                &[&table, &trigger],
+                                where tgrelid = to_regclass($1) and tgname = $2
+                                  and tgenabled <> 'D'),
+                        exists(select 1 from pg_constraint
+                                where conrelid = to_regclass($1) and conname = $3)",
+                &[&table, &trigger, &check],
             )
-            .await?
-            .get(0);
-        if !exists {
-            missing.push(Missing {
-                kind: "trigger",
-                name: trigger,
-            });
+            .await?;
+        for (i, kind, name) in [(0, "trigger", trigger), (1, "constraint", check)] {
+            if !present.get::<_, bool>(i) {
+                missing.push(Missing { kind, name });
+            }
         }
     }
     Ok(missing)

@@ -197,10 +197,11 @@ async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> R
         }
     }
     // The other objects the migrations create (indexes, the trigger's function); the table,
-    // the fence table and the trigger are named above, with what their absence means.
+    // the fence table, the trigger and the status check are named above, with what their absence
+    // means.
     let fence = format!("{table}_fence");
     for m in crate::schema::missing_objects(client, table).await? {
-        if m.name != table && m.name != fence && m.kind != "trigger" {
+        if m.name != table && m.name != fence && !matches!(m.kind, "trigger" | "constraint") {
             problems.push(format!(
                 "{} `{}` is missing (dropped?): run `outbox-relay migrate` (or `outbox::migrate_table`), which re-creates it",
                 m.kind, m.name

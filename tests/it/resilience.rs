@@ -1145,6 +1145,59 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
         .unwrap();
     assert!(again.repaired().is_empty() && again.applied().is_empty());
 
+    // A disabled wake trigger and a dropped status check: connect() names both, migrate
+    // re-enables the one and re-adds the other.
+    client
+        .batch_execute(&format!(
+            "alter table {table} disable trigger {table}_outbox_wake;
+             alter table {table} drop constraint {table}_status_check"
+        ))
+        .await
+        .unwrap();
+    let e = support::builder_on(&table, &table)
+        .await
+        .connect()
+        .await
+        .expect_err("connect() refuses a disabled trigger and a missing check");
+    for name in [
+        format!("`{table}_outbox_wake` is missing or disabled"),
+        format!("`{table}_status_check` is missing"),
+    ] {
+        assert!(e.to_string().contains(&name), "{name} named in: {e}");
+    }
+    let report = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .expect("migrate repairs");
+    let mut repaired = report.repaired().to_vec();
+    repaired.sort();
+    assert_eq!(
+        repaired,
+        [
+            format!("{table}_outbox_wake (trigger)"),
+            format!("{table}_status_check (constraint)"),
+        ]
+    );
+    let bad = client
+        .execute(
+            &format!(
+                "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
+                 values ('a', 't', 'x', '{{}}', 'bogus')"
+            ),
+            &[],
+        )
+        .await
+        .expect_err("the check is back");
+    assert_eq!(
+        bad.as_db_error().and_then(|d| d.constraint()),
+        Some(format!("{table}_status_check").as_str()),
+        "{bad:?}"
+    );
+    support::builder_on(&table, &table)
+        .await
+        .connect()
+        .await
+        .expect("connect after the repair: the trigger is enabled again");
+
     // The outbox table itself.
     client
         .batch_execute(&format!("drop table {table}"))
