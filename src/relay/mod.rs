@@ -30,6 +30,7 @@ mod publish;
 mod report;
 mod reserve;
 mod retry;
+mod scan;
 mod shared;
 pub(crate) mod timing;
 mod wake;
@@ -54,6 +55,7 @@ use self::confirm::LateConn;
 use self::fence::Fences;
 use self::report::Reporter;
 use self::reserve::{Ask, BatchConn, Reserved, Reserver};
+use self::scan::ScanStart;
 use self::shared::Shared;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
 use self::wake::{Wake, Wakeups};
@@ -65,6 +67,7 @@ pub(crate) use self::report::Counters;
 #[cfg(feature = "testing")]
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 pub(crate) use self::reserve::{returned as reserved_rows, Scan};
+pub(crate) use self::scan::FULL_SCAN_EVERY;
 
 /// Everything the relay's stages share.
 pub(crate) struct Ctx {
@@ -118,24 +121,8 @@ struct Pipeline {
     /// is filled while a batch is in flight (each such attempt is a wasted scan), and the next
     /// reservation takes the share of every slot (see [`Pipeline::reserve`]).
     gated: bool,
-    /// Where the next reservation's scan may start (see [`Pipeline::scan_from`]).
-    next_from: Option<i64>,
-    /// `next_from` continues a scan that skips blocked aggregates after its window (see
-    /// [`reserve::Scan::windowed`]): the next scan skips them too, however long ago the full
-    /// scan started.
-    next_windowed: bool,
-    /// When the last reservation scanned from the first pending row.
-    last_full_scan: Instant,
-    /// When the scan from the first pending row whose windows the reservations are still
-    /// going through started (`None`: none is).
-    sweep_started: Option<Instant>,
-    /// How long the last full scan took, from its first window to the first that found a
-    /// candidate, or to the last pending row (see [`Pipeline::scan_from`]).
-    full_scan_took: Duration,
-    /// The lowest candidate the last full scan found: every pending row below it was skipped
-    /// (see [`reserve::Scan::lowest`]). `None` after anything that may have released rows below
-    /// it (a batch that did not confirm).
-    floor: Option<i64>,
+    /// Where the next reservation's scan starts (see [`ScanStart::next`]).
+    scan: ScanStart,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
     /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
@@ -196,12 +183,7 @@ impl Relay {
             reserve_errors: fresh_backoff(),
             last_full: false,
             gated: false,
-            next_from: None,
-            next_windowed: false,
-            last_full_scan: Instant::now(),
-            sweep_started: None,
-            full_scan_took: Duration::ZERO,
-            floor: None,
+            scan: ScanStart::new(),
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
@@ -283,7 +265,7 @@ impl Pipeline {
     /// the free slots try again with normal batches.
     async fn reserve(&mut self, wake: Wake) {
         let ctx = self.ctx.clone();
-        let (from, skip_blocked) = self.scan_from(wake);
+        let start = self.scan.next(wake);
         let started = Instant::now();
         let share = if self.gated {
             ctx.settings.max_batches_in_flight
@@ -302,20 +284,15 @@ impl Pipeline {
                 &ctx.sql,
                 &ctx.timing,
                 &ctx.stop,
-                Ask { limit, max_bytes, from, skip_blocked },
+                Ask { limit, max_bytes, from: start.from, skip_blocked: start.skip_blocked },
             ) => r,
         };
-        if skip_blocked {
-            self.record_scan(
-                from == i64::MIN,
-                started,
-                reserved.as_ref().ok().map(|r| &r.1),
-            );
-        }
+        self.scan
+            .scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
         match reserved {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
-            Ok((None, scan)) => self.reserved_nothing(skip_blocked, scan),
+            Ok((None, scan)) => self.reserved_nothing(start.skip_blocked, scan),
             Ok((Some((conn, rows)), scan)) => self.start_batch(conn, rows, scan, limit),
             Err(e) => {
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
@@ -324,36 +301,13 @@ impl Pipeline {
         }
     }
 
-    /// What a scan that skipped blocked aggregates (one from the first pending row, `full`, from
-    /// the floor, or continuing one of these after its window) tells the next ones: how long a
-    /// full scan takes (from its first window to the first that found a candidate, or to the
-    /// last pending row), and a higher floor — it skipped every pending row below its lowest
-    /// candidate (one that found nothing skipped every row: the floor stays valid). `scan`: what
-    /// it found (`None`: it failed).
-    fn record_scan(&mut self, full: bool, started: Instant, scan: Option<&Scan>) {
-        if full {
-            self.sweep_started = Some(started);
-        }
-        let Some(scan) = scan else {
-            self.sweep_started = None;
-            return;
-        };
-        if scan.lowest.is_some() || !scan.windowed {
-            if let Some(sweep) = self.sweep_started.take() {
-                self.full_scan_took = sweep.elapsed();
-            }
-        }
-        self.floor = scan.lowest.or(self.floor);
-    }
-
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
     /// pending row, or from the floor until the next full scan).
     fn reserved_nothing(&mut self, final_scan: bool, scan: Scan) {
         self.reserve_errors = fresh_backoff();
         if scan.windowed {
             // Its window ended before the pending rows did: go on after it.
-            self.next_from = scan.next_from;
-            self.next_windowed = true;
+            self.scan.left_off(&scan);
             self.wakeups.again();
             return;
         }
@@ -384,8 +338,7 @@ impl Pipeline {
     fn start_batch(&mut self, conn: BatchConn, rows: Vec<Reserved>, scan: Scan, limit: usize) {
         self.reserve_errors = fresh_backoff();
         self.armed.send_replace(false);
-        self.next_from = scan.next_from;
-        self.next_windowed = scan.windowed;
+        self.scan.left_off(&scan);
         self.last_full = scan.cut_by_bytes || scan.windowed || rows.len() >= limit;
         if self.last_full {
             self.wakeups.again();
@@ -408,58 +361,6 @@ impl Pipeline {
             .spawn(tracing::Instrument::instrument(batch, span));
     }
 
-    /// Where this reservation's scan for candidates starts (`seq`; `i64::MIN`: the first pending
-    /// row).
-    ///
-    /// In a backlog the scan starts where the last one left off (see
-    /// [`reserve::Scan::next_from`]) rather than at the first pending row: the index entries of
-    /// rows delivered since the start cannot be pruned while any transaction's snapshot is older
-    /// than their delivery (a long report query, a replica's `hot_standby_feedback`, a
-    /// `pg_dump`), and a scan from the start reads past every one of them (BENCHMARKS.md, "held
-    /// snapshot": the drain's rate halved over its tenths). Rows can turn pending below the
-    /// start: a writer's transaction that took its `seq` early and commits late, a retry or hold
-    /// that comes due, a batch that rolled back, a requeued dead letter, a row another relay
-    /// released. Rows a confirmed batch released (unsent, or past its byte budget) lower the
-    /// start (see [`Pipeline::batch_done`]). For the others the scan starts at the first pending
-    /// row whenever the relay wakes for anything but more work in hand (a notification, the
-    /// fallback tick, a due retry or hold of this relay, a resume after an error), after a batch
-    /// that did not confirm, when a scan from the start found nothing, and at least every
-    /// [`FULL_SCAN_EVERY`]: in a backlog such a row waits about that long (for the next full
-    /// scan that reaches it). Order never depends on it: the gate's probe is not bounded by the
-    /// start, so a pending row below it holds back its aggregate's later rows.
-    ///
-    /// A full scan skips the rows behind aggregates whose first open row is not due (see
-    /// `reserve.sql`), but it still reads them: hundreds of thousands behind a hot aggregate's
-    /// dead letter made every full scan take about a second (found by a breaker helper). It
-    /// reads them a window at a time (see [`reserve::Scan::windowed`]: the next reservation
-    /// continues after the window, however long the whole scan takes — read at once, more than
-    /// `postgres_timeout` of them failed every reservation), and its duration counts from its
-    /// first window to the first that found a candidate. Once a full scan takes
-    /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
-    /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest
-    /// candidate the last full scan found; every pending row below it was skipped), skipping
-    /// blocked aggregates too. A row that turns pending below the floor then waits up to ten
-    /// full scans' time; a due retry or hold, a resume after an error and a batch that did not
-    /// confirm still scan from the first pending row.
-    ///
-    /// Returns the start and whether the scan skips blocked aggregates.
-    fn scan_from(&mut self, wake: Wake) -> (i64, bool) {
-        let slow = self.full_scan_took >= SLOW_FULL_SCAN;
-        let every = FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10));
-        let recent = self.last_full_scan.elapsed() < every;
-        let windowed = std::mem::take(&mut self.next_windowed);
-        match (self.next_from.take(), self.floor) {
-            (Some(from), _) if wake == Wake::Again && (recent || windowed) => (from, windowed),
-            (_, Some(floor)) if slow && recent && !matches!(wake, Wake::Due | Wake::Resumed) => {
-                (floor, true)
-            }
-            _ => {
-                self.last_full_scan = Instant::now();
-                (i64::MIN, true)
-            }
-        }
-    }
-
     /// Takes a finished batch's connection back and schedules its due retries.
     fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
         match done {
@@ -471,14 +372,7 @@ impl Pipeline {
                 if let Some(d) = next_due {
                     self.wakeups.due_at(Instant::now() + d);
                 }
-                // Rows the batch released pending (unsent, or past its byte budget) may lie
-                // below where the next scan would start.
-                if let (Some(from), Some(released)) = (self.next_from, released_from) {
-                    self.next_from = Some(from.min(released));
-                }
-                if let (Some(floor), Some(released)) = (self.floor, released_from) {
-                    self.floor = Some(floor.min(released));
-                }
+                self.scan.released(released_from);
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but
                 // cannot be confirmed must not re-send in a tight loop.
@@ -487,13 +381,11 @@ impl Pipeline {
             Ok(BatchDone { conn: None, .. }) => {
                 // The batch rolled back: its rows are pending again, below where the scan
                 // would start.
-                self.next_from = None;
-                self.floor = None;
+                self.scan.reset();
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
             Err(e) => {
-                self.next_from = None;
-                self.floor = None;
+                self.scan.reset();
                 self.ctx.report.batch_panicked(&e);
             }
         }
@@ -554,15 +446,6 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
 /// How many times in a row the producer may be rebuilt after a fatal error without a delivery in
 /// between before the relay gives up and stops with an error.
 pub(crate) const MAX_FATAL_REBUILDS: u32 = 5;
-
-/// The longest a reservation scans from where the last one left off before it scans from the
-/// first pending row again (see [`Pipeline::scan_from`]): how long a row that turned pending
-/// below that start can wait in a backlog.
-pub(crate) const FULL_SCAN_EVERY: Duration = Duration::from_millis(500);
-
-/// A full scan this slow (rows behind blocked aggregates to read past) spaces out the next ones
-/// (see [`Pipeline::scan_from`]).
-const SLOW_FULL_SCAN: Duration = Duration::from_millis(200);
 
 /// The relay's handling of a fatal producer: rebuild it, and give up when rebuilding keeps
 /// failing.

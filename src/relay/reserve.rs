@@ -180,7 +180,7 @@ pub(crate) struct Ask {
     /// Skip the rows of aggregates whose first open row is not due, reading at most a window
     /// of pending rows (`RelaySql::reserve_full`: scans from the first pending row, from the
     /// floor below which the last one found nothing, or continuing such a scan after its
-    /// window, see `Pipeline::scan_from`).
+    /// window, see `ScanStart::next`).
     pub(crate) skip_blocked: bool,
 }
 

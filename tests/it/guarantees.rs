@@ -769,6 +769,14 @@ async fn a_pile_of_blocked_events_longer_than_a_deadline_does_not_stop_delivery(
     let got = read_n(&mut reader, 10, Duration::from_secs(60)).await;
     let ids: HashSet<Uuid> = got.iter().map(event_id_of).collect();
     assert_eq!(ids, expected, "the ten events after the pile: {got:#?}");
+    let expected: Vec<Uuid> = expected.into_iter().collect();
+    support::wait_status(
+        &outbox,
+        &expected,
+        EventStatus::Done,
+        Duration::from_secs(60),
+    )
+    .await;
     let pending = support::count_rows(&client, table, "where status = 'new'").await;
     assert_eq!(pending, 200_000, "D's events stay behind its dead letter");
     stop_and_join(&outbox, handle).await;

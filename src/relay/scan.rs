@@ -1,0 +1,256 @@
+//! Where each reservation's scan for candidates starts: where the last one left off, at the
+//! first pending row (a full scan), or at the floor below which the last full scan skipped every
+//! row; and whether it skips the rows of blocked aggregates (see `reserve.sql`).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::reserve::Scan;
+use super::wake::Wake;
+
+/// The longest a reservation scans from where the last one left off before it scans from the
+/// first pending row again (see [`ScanStart::next`]): how long a row that turned pending below
+/// that start can wait in a backlog.
+pub(crate) const FULL_SCAN_EVERY: Duration = Duration::from_millis(500);
+
+/// A full scan this slow (rows behind blocked aggregates to read past) spaces out the next ones
+/// (see [`ScanStart::next`]).
+const SLOW_FULL_SCAN: Duration = Duration::from_millis(200);
+
+/// A reservation's scan start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Start {
+    /// The lowest `seq` it looks at (`i64::MIN`: the first pending row).
+    pub(crate) from: i64,
+    /// It skips the rows of aggregates whose first open row is not due, a window at a time
+    /// (`RelaySql::reserve_full`).
+    pub(crate) skip_blocked: bool,
+}
+
+/// What the pipeline knows about where the next scan may start.
+pub(crate) struct ScanStart {
+    /// Where the last scan left off (see [`Scan::next_from`]).
+    next_from: Option<i64>,
+    /// `next_from` continues a scan that skips blocked aggregates after its window (see
+    /// [`Scan::windowed`]): the next scan skips them too, however long ago the full scan
+    /// started.
+    next_windowed: bool,
+    /// When the last reservation scanned from the first pending row.
+    last_full_scan: Instant,
+    /// When the scan from the first pending row whose windows the reservations are still going
+    /// through started (`None`: none is).
+    sweep_started: Option<Instant>,
+    /// How long the last full scan took, from its first window to the first that found a
+    /// candidate, or to the last pending row.
+    full_scan_took: Duration,
+    /// The lowest candidate the last full scan found: every pending row below it was skipped
+    /// (see [`Scan::lowest`]). `None` after anything that may have released rows below it (a
+    /// batch that did not confirm).
+    floor: Option<i64>,
+}
+
+impl ScanStart {
+    pub(crate) fn new() -> Self {
+        ScanStart {
+            next_from: None,
+            next_windowed: false,
+            last_full_scan: Instant::now(),
+            sweep_started: None,
+            full_scan_took: Duration::ZERO,
+            floor: None,
+        }
+    }
+
+    /// Where this reservation's scan for candidates starts (`seq`; `i64::MIN`: the first pending
+    /// row).
+    ///
+    /// In a backlog the scan starts where the last one left off (see
+    /// [`Scan::next_from`]) rather than at the first pending row: the index entries of
+    /// rows delivered since the start cannot be pruned while any transaction's snapshot is older
+    /// than their delivery (a long report query, a replica's `hot_standby_feedback`, a
+    /// `pg_dump`), and a scan from the start reads past every one of them (BENCHMARKS.md, "held
+    /// snapshot": the drain's rate halved over its tenths). Rows can turn pending below the
+    /// start: a writer's transaction that took its `seq` early and commits late, a retry or hold
+    /// that comes due, a batch that rolled back, a requeued dead letter, a row another relay
+    /// released. Rows a confirmed batch released (unsent, or past its byte budget) lower the
+    /// start (see [`ScanStart::released`]). For the others the scan starts at the first pending
+    /// row whenever the relay wakes for anything but more work in hand (a notification, the
+    /// fallback tick, a due retry or hold of this relay, a resume after an error), after a batch
+    /// that did not confirm, when a scan from the start found nothing, and at least every
+    /// [`FULL_SCAN_EVERY`]: in a backlog such a row waits about that long (for the next full
+    /// scan that reaches it). Order never depends on it: the gate's probe is not bounded by the
+    /// start, so a pending row below it holds back its aggregate's later rows.
+    ///
+    /// A full scan skips the rows behind aggregates whose first open row is not due (see
+    /// `reserve.sql`), but it still reads them: hundreds of thousands behind a hot aggregate's
+    /// dead letter made every full scan take about a second (found by a breaker helper). It
+    /// reads them a window at a time (see [`Scan::windowed`]: the next reservation
+    /// continues after the window, however long the whole scan takes — read at once, more than
+    /// `postgres_timeout` of them failed every reservation), and its duration counts from its
+    /// first window to the first that found a candidate. Once a full scan takes
+    /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
+    /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest
+    /// candidate the last full scan found; every pending row below it was skipped), skipping
+    /// blocked aggregates too. A row that turns pending below the floor then waits up to ten
+    /// full scans' time; a due retry or hold, a resume after an error and a batch that did not
+    /// confirm still scan from the first pending row.
+    ///
+    pub(crate) fn next(&mut self, wake: Wake) -> Start {
+        let slow = self.full_scan_took >= SLOW_FULL_SCAN;
+        let every = FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10));
+        let recent = self.last_full_scan.elapsed() < every;
+        let windowed = std::mem::take(&mut self.next_windowed);
+        let (from, skip_blocked) = match (self.next_from.take(), self.floor) {
+            (Some(from), _) if wake == Wake::Again && (recent || windowed) => (from, windowed),
+            (_, Some(floor)) if slow && recent && !matches!(wake, Wake::Due | Wake::Resumed) => {
+                (floor, true)
+            }
+            _ => {
+                self.last_full_scan = Instant::now();
+                (i64::MIN, true)
+            }
+        };
+        Start { from, skip_blocked }
+    }
+
+    /// What a scan that started at `start` at `started` found (`None`: it failed). One that
+    /// skipped blocked aggregates (a full scan, one from the floor, or one continuing these
+    /// after its window) tells the next ones how long a full scan takes (from its first window
+    /// to the first that found a candidate, or to the last pending row), and a higher floor: it
+    /// skipped every pending row below its lowest candidate (one that found nothing skipped
+    /// every row: the floor stays valid).
+    pub(crate) fn scanned(&mut self, start: Start, started: Instant, scan: Option<&Scan>) {
+        if !start.skip_blocked {
+            return;
+        }
+        if start.from == i64::MIN {
+            self.sweep_started = Some(started);
+        }
+        let Some(scan) = scan else {
+            self.sweep_started = None;
+            return;
+        };
+        if scan.lowest.is_some() || !scan.windowed {
+            if let Some(sweep) = self.sweep_started.take() {
+                self.full_scan_took = sweep.elapsed();
+            }
+        }
+        self.floor = scan.lowest.or(self.floor);
+    }
+
+    /// The next scan may start where `scan` left off (a reservation that started a batch, or
+    /// an empty one whose window ended before the pending rows did).
+    pub(crate) fn left_off(&mut self, scan: &Scan) {
+        self.next_from = scan.next_from;
+        self.next_windowed = scan.windowed;
+    }
+
+    /// A batch confirmed; it released the rows from `released` pending (unsent, or past its
+    /// byte budget): they may lie below where the next scan would start, or below the floor.
+    pub(crate) fn released(&mut self, released: Option<i64>) {
+        if let Some(released) = released {
+            self.next_from = self.next_from.map(|from| from.min(released));
+            self.floor = self.floor.map(|floor| floor.min(released));
+        }
+    }
+
+    /// A batch did not confirm: its rows are pending again, below any start.
+    pub(crate) fn reset(&mut self) {
+        self.next_from = None;
+        self.floor = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: Start = Start {
+        from: i64::MIN,
+        skip_blocked: true,
+    };
+
+    fn found(next_from: Option<i64>, lowest: Option<i64>, windowed: bool) -> Scan {
+        Scan {
+            cut_by_bytes: false,
+            next_from,
+            lowest,
+            windowed,
+        }
+    }
+
+    #[test]
+    fn a_backlog_continues_where_the_last_scan_left_off_until_the_next_full_scan() {
+        let mut s = ScanStart::new();
+        assert_eq!(s.next(Wake::Again), FULL, "nothing known: a full scan");
+        s.scanned(FULL, Instant::now(), Some(&found(Some(40), Some(1), false)));
+        s.left_off(&found(Some(40), Some(1), false));
+        let on = Start {
+            from: 40,
+            skip_blocked: false,
+        };
+        assert_eq!(s.next(Wake::Again), on);
+        s.left_off(&found(Some(80), Some(41), false));
+        assert_eq!(
+            s.next(Wake::Notified),
+            FULL,
+            "a notification scans from the start"
+        );
+        s.left_off(&found(Some(80), Some(41), false));
+        s.last_full_scan = Instant::now() - FULL_SCAN_EVERY;
+        assert_eq!(s.next(Wake::Again), FULL, "at least every FULL_SCAN_EVERY");
+    }
+
+    #[test]
+    fn a_scan_past_its_window_goes_on_skipping_blocked_rows_however_long_it_takes() {
+        let mut s = ScanStart::new();
+        assert_eq!(s.next(Wake::Again), FULL);
+        let window = found(Some(10_001), None, true);
+        s.scanned(FULL, Instant::now(), Some(&window));
+        s.left_off(&window);
+        s.last_full_scan = Instant::now() - Duration::from_secs(60);
+        let on = Start {
+            from: 10_001,
+            skip_blocked: true,
+        };
+        assert_eq!(s.next(Wake::Again), on);
+        assert_eq!(s.floor, None, "nothing found yet: no floor");
+        assert!(s.sweep_started.is_some(), "the full scan goes on");
+    }
+
+    #[test]
+    fn a_slow_full_scan_sends_wake_ups_to_its_floor_and_a_failed_batch_forgets_it() {
+        let mut s = ScanStart::new();
+        assert_eq!(s.next(Wake::Again), FULL);
+        let started = Instant::now() - SLOW_FULL_SCAN;
+        let window = found(Some(10_001), None, true);
+        s.scanned(FULL, started, Some(&window));
+        s.left_off(&window);
+        let on = s.next(Wake::Again);
+        s.scanned(on, Instant::now(), Some(&found(None, Some(10_500), false)));
+        assert!(
+            s.full_scan_took >= SLOW_FULL_SCAN,
+            "timed from its first window"
+        );
+        let floor = Start {
+            from: 10_500,
+            skip_blocked: true,
+        };
+        assert_eq!(s.next(Wake::Notified), floor);
+        assert_eq!(s.next(Wake::Tick), floor);
+        assert_eq!(
+            s.next(Wake::Due),
+            FULL,
+            "a due retry may lie below the floor"
+        );
+        s.released(Some(7));
+        assert_eq!(
+            s.next(Wake::Notified).from,
+            7,
+            "released rows lower the floor"
+        );
+        s.reset();
+        assert_eq!(s.next(Wake::Notified), FULL, "a failed batch: no floor");
+    }
+}
