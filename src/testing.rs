@@ -1437,8 +1437,9 @@ pub const FULL_SCAN_EVERY: std::time::Duration = crate::relay::FULL_SCAN_EVERY;
 
 /// Where the relay's next reservation may start its scan (`reserve.sql`'s `$3`) after a
 /// reservation that returned `rows`: `None` when the next one scans from the first pending row
-/// (this one reached the end of the pending rows, or returned nothing). Not counting the full
-/// scan the relay makes at least every [`FULL_SCAN_EVERY`].
+/// (this one reached the end of the pending rows, or found fewer candidates than it could take
+/// and its window, if any, did not end before the pending rows). Not counting the full scan
+/// the relay makes at least every [`FULL_SCAN_EVERY`].
 pub fn next_scan_start(rows: &[tokio_postgres::Row]) -> Option<i64> {
     crate::relay::Scan::of(rows).next_from
 }

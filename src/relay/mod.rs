@@ -339,8 +339,10 @@ impl Pipeline {
         self.reserve_errors = fresh_backoff();
         self.armed.send_replace(false);
         self.scan.left_off(&scan);
-        self.last_full = scan.cut_by_bytes || scan.windowed || rows.len() >= limit;
-        if self.last_full {
+        self.last_full = scan.cut_by_bytes || rows.len() >= limit;
+        // More pending rows follow: this batch was full, or its scan stopped at its window
+        // (not full then: a later empty scan is no sign of a gated backlog).
+        if self.last_full || scan.windowed {
             self.wakeups.again();
         }
         let span = tracing::debug_span!(
