@@ -664,19 +664,7 @@ async fn full_scans_are_spaced_out_when_blocked_rows_make_them_slow() {
     let env = setup_in("floor", 1, None, server.config()).await;
     let mut client = pg(&env).await;
     let (t, table) = (env.topic.as_str(), env.table.as_str());
-    client
-        .batch_execute(&format!(
-            "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
-               values ('D', '{t}', 'x', '{{}}', 'failed');
-             insert into {table} (aggregate_id, event_topic, event_type, payload)
-               select 'D', '{t}', 'x', jsonb_build_object('n', g) from generate_series(1, 200000) g"
-        ))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("vacuum analyze {table}"))
-        .await
-        .unwrap();
+    pile_behind_a_dead_letter(&client, table, t, 200_000).await;
     let (outbox, _acks, handle, _reader, _c) = run(&env, env.builder()).await;
     let first = insert(&outbox, &mut client, &[ev(t, "first", 1)]).await;
     support::wait_status(&outbox, &first, EventStatus::Done, Duration::from_secs(60)).await;
@@ -712,19 +700,7 @@ async fn a_pile_of_blocked_events_longer_than_a_deadline_does_not_stop_delivery(
     let env = setup("pile", 1, None).await;
     let mut client = pg(&env).await;
     let (t, table) = (env.topic.as_str(), env.table.as_str());
-    client
-        .batch_execute(&format!(
-            "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
-               values ('D', '{t}', 'x', '{{}}', 'failed');
-             insert into {table} (aggregate_id, event_topic, event_type, payload)
-               select 'D', '{t}', 'x', jsonb_build_object('n', g) from generate_series(1, 200000) g"
-        ))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("vacuum analyze {table}"))
-        .await
-        .unwrap();
+    pile_behind_a_dead_letter(&client, table, t, 200_000).await;
     let whole = {
         let sql = outbox::testing::relay_sql(table, false);
         let tx = client.transaction().await.unwrap();
@@ -780,6 +756,28 @@ async fn a_pile_of_blocked_events_longer_than_a_deadline_does_not_stop_delivery(
     let pending = support::count_rows(&client, table, "where status = 'new'").await;
     assert_eq!(pending, 200_000, "D's events stay behind its dead letter");
     stop_and_join(&outbox, handle).await;
+}
+
+/// Aggregate D's dead letter and `n` later events of D on `topic` (then `vacuum analyze`).
+async fn pile_behind_a_dead_letter(
+    client: &tokio_postgres::Client,
+    table: &str,
+    topic: &str,
+    n: i64,
+) {
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
+               values ('D', '{topic}', 'x', '{{}}', 'failed');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+               select 'D', '{topic}', 'x', jsonb_build_object('n', g) from generate_series(1, {n}) g"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("vacuum analyze {table}"))
+        .await
+        .unwrap();
 }
 
 /// The reservations in a server log of statements over `log_min_duration_statement` (the line
