@@ -180,8 +180,9 @@ impl AdminSql {
     }
 }
 
-/// The pending rows a scan that skips blocked aggregates reads at most, from its start (or the
-/// batch's row limit when larger): its window (see `reserve.sql`). Such a scan probes each row's
+/// How many consecutive `seq`s a scan that skips blocked aggregates reads at most, from the first
+/// pending row at or above its start (or the batch's row limit when larger): its window (see
+/// `reserve.sql`), at most this many rows while `seq`s are unique. Such a scan probes each row's
 /// aggregate (~7.5 µs a row on the benchmark machine), and a pile of rows behind a hot
 /// aggregate's dead letter has no bound: unbounded, a scan over more of them than it can read
 /// within `postgres_timeout` (about 1.3 million at the default 10 s) failed and was tried again
@@ -196,7 +197,7 @@ pub(crate) struct RelaySql {
     pub(crate) reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest int8), from the
     /// floor, or continuing such a scan past its window: it skips the rows of aggregates whose
-    /// first open row is not due, and reads at most [`SCAN_WINDOW`] pending rows (see
+    /// first open row is not due, and reads a window of at most [`SCAN_WINDOW`] `seq`s (see
     /// `reserve.sql`).
     pub(crate) reserve_full: String,
     pub(crate) confirm: String,
@@ -239,7 +240,7 @@ impl RelaySql {
         // `reserve.sql`'s condition for scans from the first pending row: the candidate's
         // aggregate does not start with an open row that is not due.
         let skip_blocked = render(
-            "and seq <= (select last from win)
+            "and seq between (select first from win) and (select last from win)
              and coalesce((select e.status = 'new'
                              and (e.next_attempt_at is null or e.next_attempt_at <= now())
                              and (e.reserved_to is null or e.reserved_to < localtimestamp)
@@ -251,15 +252,27 @@ impl RelaySql {
             "",
             &[("open", open)],
         );
-        // `reserve.sql`'s window: in scans that skip blocked aggregates, the pending rows from
-        // the start that the scan may read (see `SCAN_WINDOW`); none in the others.
+        // `reserve.sql`'s window: in scans that skip blocked aggregates, the `seq`s from the
+        // first pending row at or above the start that the scan may read (see `SCAN_WINDOW`),
+        // and whether a pending row follows them; none in the others. (The window's end is
+        // computed in numeric: no `seq` a row can hold overflows it. `offset 0` keeps each
+        // subquery from being inlined, so that the search for the first row runs once.)
         let window = render(
             &format!(
-                "select max(seq) as last, count(*) >= greatest($1::int8, {SCAN_WINDOW}) as full
-                   from (select seq from {{{{table}}}}
-                          where status = 'new' and seq >= $3::int8
+                "select w.first, w.last,
+                        (select seq from {{{{table}}}}
+                          where status = 'new' and seq > w.last
                           order by seq
-                          limit greatest($1::int8, {SCAN_WINDOW})) w"
+                          limit 1) is not null as full
+                   from (select f.first,
+                                least(f.first::numeric + greatest($1::int8, {SCAN_WINDOW}) - 1,
+                                      9223372036854775807)::int8 as last
+                           from (select (select seq from {{{{table}}}}
+                                          where status = 'new' and seq >= $3::int8
+                                          order by seq
+                                          limit 1) as first
+                                 offset 0) f
+                         offset 0) w"
             ),
             table,
             "",
@@ -278,7 +291,10 @@ impl RelaySql {
             )
         };
         RelaySql {
-            reserve: reserve("select null::int8 as last, false as full", ""),
+            reserve: reserve(
+                "select null::int8 as first, null::int8 as last, false as full",
+                "",
+            ),
             reserve_full: reserve(&window, &skip_blocked),
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             late_confirm: r(late_confirm),

@@ -1394,7 +1394,8 @@ pub struct RelaySql {
     pub reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
     /// relay runs it: the same, skipping the rows of aggregates whose first open row is not
-    /// due, and reading at most a window of pending rows (10,000, or `$1` when larger).
+    /// due, and reading at most a window of `seq`s from the first pending row at or above `$3`
+    /// (10,000 of them, or `$1` when larger).
     pub reserve_full: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`

@@ -758,6 +758,65 @@ async fn a_pile_of_blocked_events_longer_than_a_deadline_does_not_stop_delivery(
     stop_and_join(&outbox, handle).await;
 }
 
+/// `seq` is a `bigserial` the caller may set: rows at the lowest and highest `int8`, and a dead
+/// letter with a later event just below the highest, are scanned like any other (the window's
+/// end and where the next scan starts are computed without overflow): with one row per batch,
+/// the three free events arrive in `seq` order and D's later event stays pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_at_the_extreme_seqs_are_scanned_like_any_other() {
+    let env = setup("extreme", 1, None).await;
+    let mut client = pg(&env).await;
+    let (t, table) = (env.topic.as_str(), env.table.as_str());
+    let outbox = env
+        .builder()
+        .batch_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    let ids = insert(
+        &outbox,
+        &mut client,
+        &[
+            ev(t, "low", 1),
+            ev(t, "mid", 2),
+            ev(t, "high", 3),
+            ev(t, "D", 1),
+            ev(t, "D", 2),
+        ],
+    )
+    .await;
+    let max = i64::MAX;
+    for (id, seq, extra) in [
+        (ids[0], i64::MIN, ""),
+        (ids[2], max, ""),
+        (ids[3], max - 2, ", status = 'failed', attempts = 1"),
+        (ids[4], max - 1, ""),
+    ] {
+        client
+            .execute(
+                &format!("update {table} set seq = $2{extra} where id = $1"),
+                &[&id, &seq],
+            )
+            .await
+            .unwrap();
+    }
+    let handle = outbox.start().expect("start");
+    let mut reader = reader(&env).await;
+    let got = read_n(&mut reader, 3, Duration::from_secs(30)).await;
+    let got: Vec<Uuid> = got.iter().map(event_id_of).collect();
+    assert_eq!(got, ids[..3], "low, mid, high in seq order");
+    support::wait_status(
+        &outbox,
+        &ids[..3],
+        EventStatus::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    let pending = support::count_rows(&client, table, "where status = 'new'").await;
+    assert_eq!(pending, 1, "D's later event stays behind its dead letter");
+    stop_and_join(&outbox, handle).await;
+}
+
 /// Aggregate D's dead letter and `n` later events of D on `topic` (then `vacuum analyze`).
 async fn pile_behind_a_dead_letter(
     client: &tokio_postgres::Client,
