@@ -455,9 +455,27 @@ pub(crate) const MAX_FATAL_REBUILDS: u32 = 5;
 pub(crate) struct FatalProducer {
     /// Rebuilds since the last delivery.
     streak: std::sync::atomic::AtomicU32,
+    /// When the last rebuild was made (see [`rebuild_pause`]).
+    last_rebuild: std::sync::Mutex<Option<Instant>>,
     /// Set when the relay gave up.
     gave_up: std::sync::OnceLock<String>,
 }
+
+/// How long after the `streak`-th rebuild without a delivery the next one waits: 1 s, doubling,
+/// at most [`MAX_REBUILD_PAUSE`]; none after a delivery. A cause that lasts seconds (found by a
+/// breaker helper: a broker refusing `InitProducerId` with `CLUSTER_AUTHORIZATION_FAILED` for
+/// 3–4 s after an ACL change, as redpanda#8186 and KAFKA-13668 describe) made every new producer
+/// fatal at once, and five back-to-back rebuilds stopped the relay within 4 s; now giving up
+/// takes 1 + 2 + 4 + 8 + 16 = 31 s of a cause that outlasts every rebuild.
+fn rebuild_pause(streak: u32) -> Duration {
+    match streak {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 1).min(16)).min(MAX_REBUILD_PAUSE),
+    }
+}
+
+/// The longest pause between two rebuilds of a fatal producer.
+const MAX_REBUILD_PAUSE: Duration = Duration::from_secs(30);
 
 impl FatalProducer {
     /// A delivery was acknowledged: the producer works.
@@ -475,8 +493,9 @@ impl FatalProducer {
 impl Ctx {
     /// After a failed delivery on the producer of `generation`: when librdkafka made that
     /// producer fatal, replaces it (the old one is dropped off the async threads, which purges
-    /// what it still holds: those reports come back as purged, their events are retried); after
-    /// [`MAX_FATAL_REBUILDS`] rebuilds without a delivery, stops the relay with an error.
+    /// what it still holds: those reports come back as purged, their events are retried), at
+    /// the earliest [`rebuild_pause`] after the last rebuild; after [`MAX_FATAL_REBUILDS`]
+    /// rebuilds without a delivery, stops the relay with an error.
     pub(crate) fn check_fatal(&self, generation: u64) {
         let Some((fatal_generation, _, reason)) = self.producers.fatal_error() else {
             return;
@@ -525,14 +544,26 @@ impl Ctx {
         }
     }
 
-    /// Counts a fatal producer: its rebuilds in a row without a delivery, or `None` after
-    /// [`MAX_FATAL_REBUILDS`] of them, when the relay gives up and stops with an error.
+    /// Counts a fatal producer: its rebuilds in a row without a delivery; `None` (no rebuild)
+    /// within [`rebuild_pause`] of the last rebuild, and after [`MAX_FATAL_REBUILDS`] of them,
+    /// when the relay gives up and stops with an error.
     fn fatal_streak(&self, reason: &str) -> Option<u32> {
+        let mut last = (self.fatal.last_rebuild.lock()).unwrap_or_else(|e| e.into_inner());
+        let streak = self.fatal.streak.load(std::sync::atomic::Ordering::Relaxed);
+        if last.is_some_and(|at| at.elapsed() < rebuild_pause(streak)) {
+            // Too soon after the last rebuild: the producer stays fatal (its sends fail at once,
+            // no attempt counted) until a later failure finds the pause over.
+            self.producers.state().problem(format!(
+                "the producer became fatal ({reason}); rebuilding it after a pause"
+            ));
+            return None;
+        }
         let streak = self
             .fatal
             .streak
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        *last = Some(Instant::now());
         self.producers
             .state()
             .problem(format!("the producer became fatal ({reason}); rebuilt"));

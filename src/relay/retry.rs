@@ -10,6 +10,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::config::Settings;
 
 /// Errors that no retry can fix: the event is dead-lettered at once.
+///
+/// Authorization is not among them: a refusal can be transient (ACLs propagating after a
+/// change: librdkafka#2544, redpanda#8186), and after one `TOPIC_AUTHORIZATION_FAILED` answer
+/// librdkafka fails every message to that topic for about a second, so that one bad answer
+/// dead-lettered every aggregate sending then (found by a breaker helper: 22 dead letters from
+/// one refused produce request). A refused topic is charged like any failure of the event (it
+/// becomes a dead letter after `max_attempts`); a refused cluster-wide permission is the
+/// cluster's (see [`is_cluster_unavailable`]).
 pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -20,8 +28,6 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
             | BadMessage
             | InvalidTopic
             | MessageBatchTooLarge
-            | TopicAuthorizationFailed
-            | ClusterAuthorizationFailed
             | InvalidRecord
             | PolicyViolation
             | UnsupportedForMessageFormat
@@ -40,8 +46,10 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// fatal are the producer's failure (it is rebuilt), not the event's; so is `GaplessGuarantee`
 /// (the pipelining producer failing the messages after another one's permanent error).
 ///
-/// A topic the cluster does not know (`UnknownTopicOrPartition`, `UnknownTopic`) is not in the
-/// list: it is the event's topic that is wrong, and it is charged like any failure of the event.
+/// A topic the cluster does not know (`UnknownTopicOrPartition`, `UnknownTopic`) or refuses the
+/// relay (`TopicAuthorizationFailed`) is not in the list: it is the event's topic that is wrong,
+/// and it is charged like any failure of the event. A cluster-wide refusal
+/// (`ClusterAuthorizationFailed`, e.g. no IdempotentWrite) is in it: no event is at fault.
 pub(crate) fn is_cluster_unavailable(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -87,6 +95,7 @@ pub(crate) fn is_cluster_unavailable(code: RDKafkaErrorCode) -> bool {
             | NotCoordinator
             | NotController
             | RebootstrapRequired
+            | ClusterAuthorizationFailed
     )
 }
 

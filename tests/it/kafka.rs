@@ -514,8 +514,9 @@ async fn sasl_ssl_scram_delivers_and_a_wrong_password_is_a_clear_error() {
 }
 
 /// ACLs (StandardAuthorizer): the relay's principal is denied Write on one topic; that topic's
-/// events become dead letters whose error names authorization, while another topic's events
-/// flow.
+/// events are charged an attempt per refusal (a refusal can be transient) and become dead letters
+/// after `max_attempts` (2 here), their error naming authorization, while another topic's
+/// events flow.
 #[cfg(feature = "kafka-ssl")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_denied_topic_is_dead_lettered_others_flow() {
@@ -546,6 +547,8 @@ async fn acl_denied_topic_is_dead_lettered_others_flow() {
         .await;
     let outbox = sasl_builder(&env, cluster, &password)
         .publish_timeout(Duration::from_secs(10))
+        .max_attempts(2)
+        .retry_backoff(Duration::from_millis(100), Duration::from_millis(500))
         .connect()
         .await
         .expect("connect");
@@ -591,6 +594,7 @@ async fn acl_denied_topic_is_dead_lettered_others_flow() {
             error.contains("authoriz"),
             "the error names authorization: {error}"
         );
+        assert_eq!(e.attempts(), 2, "charged per refusal: {e:?}");
     }
     // The other topic flowed: every event delivered.
     support::eventually(

@@ -2062,6 +2062,24 @@ async fn write_events(outbox: &Outbox, topic: &str, keys: &[&str], per_key: usiz
     tx.commit().await.unwrap();
 }
 
+/// Each of `keys` has its events `n` = 0..`per_key` (as [`write_events`] writes them) in offset
+/// order in `records` (sorted by offset), each at least once; a replay restarts at an event
+/// already seen and repeats what followed it.
+fn assert_each_key_in_order(records: &[ConsumedRecord], keys: &[&str], per_key: usize, case: &str) {
+    for key in keys {
+        let mut seen: Vec<i64> = Vec::new();
+        for r in records.iter().filter(|r| r.key_str() == *key) {
+            let n = r.json()["n"].as_i64().unwrap();
+            if let Some(pos) = seen.iter().position(|&m| m == n) {
+                seen.truncate(pos);
+            }
+            seen.push(n);
+        }
+        let want: Vec<i64> = (0..per_key as i64).collect();
+        assert_eq!(seen, want, "{case}: key {key} in order: {records:?}");
+    }
+}
+
 /// Issue 9.1: one OUT_OF_ORDER_SEQUENCE_NUMBER makes the idempotent producer fatal. The relay
 /// detects it, charges no attempt (with `max_attempts(1)` a charged failure would be a dead
 /// letter), rebuilds the producer and delivers every event — those in flight when it became
@@ -2182,21 +2200,99 @@ async fn a_fatal_prompt_or_main_producer_is_replaced() {
                 .unwrap();
         let mut records = reader.read_for(Duration::from_secs(2)).await;
         records.sort_by_key(|r| r.offset);
-        for key in keys {
-            let mut seen: Vec<i64> = Vec::new();
-            for r in records.iter().filter(|r| r.key_str() == *key) {
-                let n = r.json()["n"].as_i64().unwrap();
-                // A replay restarts at an event already seen and repeats what followed it.
-                if let Some(pos) = seen.iter().position(|&m| m == n) {
-                    seen.truncate(pos);
-                }
-                seen.push(n);
-            }
-            let want: Vec<i64> = (0..per_key as i64).collect();
-            assert_eq!(seen, want, "{case}: key {key} in order: {records:?}");
-        }
+        assert_each_key_in_order(&records, keys, per_key, case);
         support::stop_and_join(&outbox, handle).await;
     }
+}
+
+/// One produce request answered with TOPIC_AUTHORIZATION_FAILED (an ACL change propagating:
+/// librdkafka#2544): librdkafka then fails every message to that topic for about a second.
+/// Found by a breaker helper: authorization was a permanent error, and all 20 aggregates
+/// sending then became dead letters (22 dead letters, health green). Now a refused topic is
+/// charged like any failure of the event: every event is delivered, in order per aggregate,
+/// none a dead letter, and some were retried (checked before: dead letters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_refused_for_a_moment_costs_an_attempt_not_a_dead_letter() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    let (outbox, _table, topic) =
+        relay_on_mock_with(&mock, "topicauth", |b| b.max_attempts(10)).await;
+    let handle = outbox.start().expect("start");
+    write_events(&outbox, &topic, &["warm"], 1).await;
+    support::eventually(HANG, "the warm-up event delivered", || async {
+        let s = outbox.stats();
+        (s.delivered == 1).then_some(()).ok_or(format!("{s:?}"))
+    })
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let keys: Vec<String> = (0..20).map(|k| format!("k{k}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    write_events(&outbox, &topic, &keys, 3).await;
+    support::eventually(Duration::from_secs(60), "every event delivered", || async {
+        let s = outbox.status().await.map_err(|e| e.to_string())?;
+        if s.dead_letters > 0 {
+            let dead = outbox
+                .find(&outbox::EventFilter::new().status(outbox::EventStatus::Failed))
+                .await
+                .unwrap();
+            panic!("{} dead letters: {:?}", dead.len(), dead[0].last_error());
+        }
+        (s.pending == 0).then_some(()).ok_or(format!("{s:?}"))
+    })
+    .await;
+    assert!(outbox.stats().retried >= 1, "{:?}", outbox.stats());
+    let mut reader = outbox::testing::TopicReader::connect(&mock.bootstrap_servers(), &topic, HANG)
+        .await
+        .unwrap();
+    let mut records = reader.read_for(Duration::from_secs(2)).await;
+    records.sort_by_key(|r| r.offset);
+    assert_each_key_in_order(&records, &keys, 3, "topic refused");
+    support::stop_and_join(&outbox, handle).await;
+}
+
+/// The cluster refuses the producer its id for a few seconds (`InitProducerId` answered with
+/// CLUSTER_AUTHORIZATION_FAILED, as right after an ACL change: redpanda#8186, KAFKA-13668):
+/// every new producer is fatal at once. Found by a breaker helper: five back-to-back rebuilds
+/// and the relay stopped for good within 4 s. Rebuilds are spaced out (1, 2, 4 … s): with the
+/// refusals lifted after 8 s, the relay is still running and delivers every event, none a dead
+/// letter (checked without the pause: five rebuilds and the relay had stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_refused_its_id_for_seconds_is_rebuilt_until_it_gets_one() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED; 1_000],
+    );
+    let (outbox, _table, topic) = relay_on_mock_with(&mock, "pidauth", |b| {
+        b.poll_interval(Duration::from_millis(200))
+    })
+    .await;
+    let handle = outbox.start().expect("start");
+    let keys: Vec<String> = (0..10).map(|k| format!("k{k}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    write_events(&outbox, &topic, &keys, 2).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    mock.clear_request_errors(RDKafkaApiKey::InitProducerId);
+    support::eventually(Duration::from_secs(60), "every event delivered", || async {
+        let s = outbox.status().await.map_err(|e| e.to_string())?;
+        let stats = outbox.stats();
+        assert!(stats.running, "the relay stopped: {stats:?}");
+        assert_eq!(s.dead_letters, 0, "{s:?}");
+        (s.pending == 0)
+            .then_some(())
+            .ok_or(format!("{s:?} {stats:?}"))
+    })
+    .await;
+    assert!(
+        outbox.stats().producer_rebuilds >= 2,
+        "{:?}",
+        outbox.stats()
+    );
+    support::stop_and_join(&outbox, handle).await;
 }
 
 /// A producer that becomes fatal again after every rebuild (every produce request answered with
