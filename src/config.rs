@@ -623,7 +623,7 @@ impl OutboxBuilder {
     }
 
     /// Failed delivery attempts after which an event becomes a dead letter, 1..=1,000
-    /// (default 10). Permanent errors (message too large, invalid topic, authorization, policy)
+    /// (default 10). Permanent errors (message too large, invalid topic or record, policy)
     /// dead-letter at once.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.settings.max_attempts = n;
