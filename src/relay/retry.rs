@@ -17,7 +17,10 @@ use crate::config::Settings;
 /// dead-lettered every aggregate sending then (found by a breaker helper: 22 dead letters from
 /// one refused produce request). A refused topic is charged like any failure of the event (it
 /// becomes a dead letter after `max_attempts`); a refused cluster-wide permission is the
-/// cluster's (see [`is_cluster_unavailable`]).
+/// cluster's (see [`is_cluster_unavailable`]). Nor is `InvalidTimestamp`: the record's timestamp
+/// is the relay's clock at sending, so a refusal means that clock is off by more than the topic
+/// allows (`message.timestamp.after.max.ms`, one hour by default since Kafka 3.6), not that the
+/// event is wrong; it is charged, with that said in `last_error`.
 pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -32,7 +35,6 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
             | PolicyViolation
             | UnsupportedForMessageFormat
             | InvalidRequiredAcks
-            | InvalidTimestamp
             | InvalidArgument
     )
 }
@@ -158,6 +160,13 @@ pub(crate) fn judge(
         Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
             format!("{e} (the topic does not exist and the cluster does not create it on demand: create the topic; the event is retried with backoff until `max_attempts`)")
         }
+        Some(RDKafkaErrorCode::InvalidTimestamp) => {
+            format!("{e} (the record's timestamp is the relay host's clock at sending: check that clock against the brokers' and the topic's message.timestamp.before.max.ms / after.max.ms; the event is retried with backoff until `max_attempts`)")
+        }
+        // Brokers since Kafka 3.6 refuse a timestamp out of the topic's range with this code too.
+        Some(RDKafkaErrorCode::InvalidRecord) => {
+            format!("{e} (the broker's validation refused the record: e.g. its timestamp, the relay host's clock at sending, outside the topic's message.timestamp.before.max.ms / after.max.ms, or a broker-side policy)")
+        }
         _ => e.to_string(),
     };
     Failure {
@@ -236,3 +245,41 @@ pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Dura
 
 /// The pause when the backoff iterator is exhausted (it never is; a bound for the type).
 pub(crate) const MAX_ERROR_PAUSE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    use super::judge;
+    use crate::config::Settings;
+
+    /// `(dead, charged)` of a first failure with `code` (`max_attempts` 10) and its error text.
+    fn first_failure(code: RDKafkaErrorCode) -> ((bool, bool), String) {
+        let f = judge(
+            &Settings::default(),
+            &KafkaError::MessageProduction(code),
+            0,
+            None,
+        );
+        ((f.dead, f.charged), f.error)
+    }
+
+    #[test]
+    fn refusals_that_can_pass_cost_an_attempt_or_nothing_never_a_dead_letter_at_once() {
+        use RDKafkaErrorCode::*;
+        assert_eq!(first_failure(TopicAuthorizationFailed).0, (false, true));
+        assert_eq!(first_failure(ClusterAuthorizationFailed).0, (false, false));
+        let (judged, error) = first_failure(InvalidTimestamp);
+        assert_eq!(judged, (false, true));
+        assert!(error.contains("clock"), "{error}");
+    }
+
+    #[test]
+    fn errors_of_the_record_are_dead_letters_at_once_and_say_what_to_check() {
+        use RDKafkaErrorCode::*;
+        assert_eq!(first_failure(MessageSizeTooLarge).0, (true, true));
+        let (judged, error) = first_failure(InvalidRecord);
+        assert_eq!(judged, (true, true));
+        assert!(error.contains("after.max.ms"), "{error}");
+    }
+}
