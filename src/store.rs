@@ -237,65 +237,10 @@ impl RelaySql {
             )
         };
         let r = |sql: &str| render(sql, table, "", &[]);
-        // `reserve.sql`'s condition for scans from the first pending row: the candidate's
-        // aggregate does not start with an open row that is not due.
-        let skip_blocked = render(
-            "and seq between (select first from win) and (select last from win)
-             and coalesce((select e.status = 'new'
-                             and (e.next_attempt_at is null or e.next_attempt_at <= now())
-                             and (e.reserved_to is null or e.reserved_to < localtimestamp)
-                        from {{table}} e
-                       where e.aggregate_id = c.aggregate_id and {{open}}
-                       order by e.seq
-                       limit 1), true)",
-            table,
-            "",
-            &[("open", open)],
-        );
-        // `reserve.sql`'s window: in scans that skip blocked aggregates, the `seq`s from the
-        // first pending row at or above the start that the scan may read (see `SCAN_WINDOW`),
-        // and whether a pending row follows them; none in the others. (The window's end is
-        // computed in numeric: no `seq` a row can hold overflows it. `offset 0` keeps each
-        // subquery from being inlined, so that the search for the first row runs once.)
-        let window = render(
-            &format!(
-                "select w.first, w.last,
-                        (select seq from {{{{table}}}}
-                          where status = 'new' and seq > w.last
-                          order by seq
-                          limit 1) is not null as full
-                   from (select f.first,
-                                least(f.first::numeric + greatest($1::int8, {SCAN_WINDOW}) - 1,
-                                      9223372036854775807)::int8 as last
-                           from (select (select seq from {{{{table}}}}
-                                          where status = 'new' and seq >= $3::int8
-                                          order by seq
-                                          limit 1) as first
-                                 offset 0) f
-                         offset 0) w"
-            ),
-            table,
-            "",
-            &[],
-        );
-        let reserve = |window: &str, skip_blocked: &str| {
-            render(
-                include_str!("sql/reserve.sql"),
-                table,
-                "",
-                &[
-                    ("open", open),
-                    ("window", window),
-                    ("skip_blocked", skip_blocked),
-                ],
-            )
-        };
+        let (reserve, reserve_full) = reserve_statements(table, open);
         RelaySql {
-            reserve: reserve(
-                "select null::int8 as first, null::int8 as last, false as full",
-                "",
-            ),
-            reserve_full: reserve(&window, &skip_blocked),
+            reserve,
+            reserve_full,
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             late_confirm: r(late_confirm),
             late_fail: r(include_str!("sql/late_fail.sql")),
@@ -309,6 +254,43 @@ impl RelaySql {
             oldest_transaction: r(include_str!("sql/oldest_transaction.sql")),
         }
     }
+}
+
+/// `reserve.sql` for `table` whose open rows are `open`: the scan from where the last one left
+/// off (no window, no skipping), and the scan that skips blocked aggregates within its window
+/// (`reserve_window.sql`, `reserve_skip_blocked.sql`).
+fn reserve_statements(table: &str, open: &str) -> (String, String) {
+    let reserve = |window: &str, skip_blocked: &str| {
+        render(
+            include_str!("sql/reserve.sql"),
+            table,
+            "",
+            &[
+                ("open", open),
+                ("window", window),
+                ("skip_blocked", skip_blocked),
+            ],
+        )
+    };
+    let window = render(
+        include_str!("sql/reserve_window.sql"),
+        table,
+        "",
+        &[("scan_window", &SCAN_WINDOW.to_string())],
+    );
+    let skip_blocked = render(
+        include_str!("sql/reserve_skip_blocked.sql"),
+        table,
+        "",
+        &[("open", open)],
+    );
+    (
+        reserve(
+            "select null::int8 as first, null::int8 as last, false as full",
+            "",
+        ),
+        reserve(&window, &skip_blocked),
+    )
 }
 
 /// Maps a `find` row. Values a row can hold but this crate cannot represent (timestamps of
