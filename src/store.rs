@@ -187,7 +187,8 @@ impl AdminSql {
 /// aggregate's dead letter has no bound: unbounded, a scan over more of them than it can read
 /// within `postgres_timeout` (about 1.3 million at the default 10 s) failed and was tried again
 /// from the same start — no row after the pile was delivered again until it was requeued.
-/// Bounded, a scan reads ~0.1 s of such rows and the next one continues after its window.
+/// Bounded, a scan reads ~0.1 s of such rows and the next one continues after its window; the
+/// relay bounds its scans so after one failed (see `relay::scan::ScanStart::next`).
 pub(crate) const SCAN_WINDOW: usize = 10_000;
 
 /// What the relay runs.
@@ -195,11 +196,14 @@ pub(crate) const SCAN_WINDOW: usize = 10_000;
 pub(crate) struct RelaySql {
     /// The reservation of a scan from where the last one left off.
     pub(crate) reserve: String,
-    /// The reservation of a scan from the first pending row (`$3` the lowest int8), from the
-    /// floor, or continuing such a scan past its window: it skips the rows of aggregates whose
-    /// first open row is not due, and reads a window of at most [`SCAN_WINDOW`] `seq`s (see
+    /// The reservation of a scan from the first pending row (`$3` the lowest int8) or from the
+    /// floor: it skips the rows of aggregates whose first open row is not due (see
     /// `reserve.sql`).
     pub(crate) reserve_full: String,
+    /// [`reserve_full`](Self::reserve_full) reading a window of at most [`SCAN_WINDOW`] `seq`s
+    /// (see `reserve_window.sql`), or continuing such a scan after its window: after a scan that
+    /// skips blocked aggregates failed (it may have outlasted `postgres_timeout`).
+    pub(crate) reserve_windowed: String,
     pub(crate) confirm: String,
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
@@ -237,10 +241,11 @@ impl RelaySql {
             )
         };
         let r = |sql: &str| render(sql, table, "", &[]);
-        let (reserve, reserve_full) = reserve_statements(table, open);
+        let [reserve, reserve_full, reserve_windowed] = reserve_statements(table, open);
         RelaySql {
             reserve,
             reserve_full,
+            reserve_windowed,
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             late_confirm: r(late_confirm),
             late_fail: r(include_str!("sql/late_fail.sql")),
@@ -257,10 +262,21 @@ impl RelaySql {
 }
 
 /// `reserve.sql` for `table` whose open rows are `open`: the scan from where the last one left
-/// off (no window, no skipping), and the scan that skips blocked aggregates within its window
-/// (`reserve_window.sql`, `reserve_skip_blocked.sql`).
-fn reserve_statements(table: &str, open: &str) -> (String, String) {
-    let reserve = |window: &str, skip_blocked: &str| {
+/// off (no window, no skipping), the scan that skips blocked aggregates
+/// (`reserve_skip_blocked.sql`), and that one within its window (`reserve_window.sql`).
+fn reserve_statements(table: &str, open: &str) -> [String; 3] {
+    let no_window = "select null::int8 as first, null::int8 as last, false as full";
+    let reserve = |window: &str, in_window: &str, skip: bool| {
+        let skip_blocked = if skip {
+            render(
+                include_str!("sql/reserve_skip_blocked.sql"),
+                table,
+                "",
+                &[("open", open), ("in_window", in_window)],
+            )
+        } else {
+            String::new()
+        };
         render(
             include_str!("sql/reserve.sql"),
             table,
@@ -268,7 +284,7 @@ fn reserve_statements(table: &str, open: &str) -> (String, String) {
             &[
                 ("open", open),
                 ("window", window),
-                ("skip_blocked", skip_blocked),
+                ("skip_blocked", &skip_blocked),
             ],
         )
     };
@@ -278,19 +294,15 @@ fn reserve_statements(table: &str, open: &str) -> (String, String) {
         "",
         &[("scan_window", &SCAN_WINDOW.to_string())],
     );
-    let skip_blocked = render(
-        include_str!("sql/reserve_skip_blocked.sql"),
-        table,
-        "",
-        &[("open", open)],
-    );
-    (
+    [
+        reserve(no_window, "", false),
+        reserve(no_window, "", true),
         reserve(
-            "select null::int8 as first, null::int8 as last, false as full",
-            "",
+            &window,
+            "and seq between (select first from win) and (select last from win)",
+            true,
         ),
-        reserve(&window, &skip_blocked),
-    )
+    ]
 }
 
 /// Maps a `find` row. Values a row can hold but this crate cannot represent (timestamps of
@@ -542,6 +554,7 @@ mod tests {
         for sql in [
             &relay.reserve,
             &relay.reserve_full,
+            &relay.reserve_windowed,
             &relay.late_confirm,
             &relay.late_fail,
             &relay.late_release,

@@ -1394,9 +1394,12 @@ pub struct RelaySql {
     pub reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
     /// relay runs it: the same, skipping the rows of aggregates whose first open row is not
-    /// due, and reading at most a window of `seq`s from the first pending row at or above `$3`
-    /// (10,000 of them, or `$1` when larger).
+    /// due.
     pub reserve_full: String,
+    /// [`reserve_full`](Self::reserve_full) reading at most a window of `seq`s from the first
+    /// pending row at or above `$3` (10,000 of them, or `$1` when larger), as the relay runs it
+    /// after such a scan failed (see [`next_scan_start`] for where the next one continues).
+    pub reserve_windowed: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
     /// errors (`text[]`), `$6` delays in ms (`int8[]`), `$7` the batch id (`uuid`, its fence is
@@ -1459,6 +1462,7 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
     RelaySql {
         reserve: sql.reserve,
         reserve_full: sql.reserve_full,
+        reserve_windowed: sql.reserve_windowed,
         confirm: sql.confirm,
         late_confirm: sql.late_confirm,
         late_fail: sql.late_fail,

@@ -284,7 +284,13 @@ impl Pipeline {
                 &ctx.sql,
                 &ctx.timing,
                 &ctx.stop,
-                Ask { limit, max_bytes, from: start.from, skip_blocked: start.skip_blocked },
+                Ask {
+                    limit,
+                    max_bytes,
+                    from: start.from,
+                    skip_blocked: start.skip_blocked,
+                    windowed: start.windowed,
+                },
             ) => r,
         };
         self.scan

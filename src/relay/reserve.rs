@@ -80,6 +80,8 @@ pub(crate) struct BatchConn {
     reserve: Statement,
     /// The reservation of a scan from the first pending row (see `RelaySql::reserve_full`).
     reserve_full: Statement,
+    /// The same within a window (see `RelaySql::reserve_windowed`).
+    reserve_windowed: Statement,
     pub(crate) confirm: Statement,
 }
 
@@ -95,19 +97,22 @@ impl BatchConn {
             Self::setup(&client, sql, timing),
         )
         .await
-        .map(|(reserve, reserve_full, confirm)| BatchConn {
-            client,
-            reserve,
-            reserve_full,
-            confirm,
-        })
+        .map(
+            |(reserve, reserve_full, reserve_windowed, confirm)| BatchConn {
+                client,
+                reserve,
+                reserve_full,
+                reserve_windowed,
+                confirm,
+            },
+        )
     }
 
     async fn setup(
         client: &Client,
         sql: &RelaySql,
         timing: &Timing,
-    ) -> Result<(Statement, Statement, Statement), tokio_postgres::Error> {
+    ) -> Result<(Statement, Statement, Statement, Statement), tokio_postgres::Error> {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -117,12 +122,13 @@ impl BatchConn {
             ))
             .await?;
         let types = [Type::INT8, Type::INT8, Type::INT8];
-        let (reserve, reserve_full, confirm) = futures::try_join!(
+        let (reserve, reserve_full, reserve_windowed, confirm) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),
+            client.prepare_typed(&sql.reserve_windowed, &types),
             client.prepare(&sql.confirm)
         )?;
-        Ok((reserve, reserve_full, confirm))
+        Ok((reserve, reserve_full, reserve_windowed, confirm))
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
@@ -132,10 +138,10 @@ impl BatchConn {
         let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
         let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&limit, &max_bytes, &ask.from];
-        let statement = if ask.skip_blocked {
-            &self.reserve_full
-        } else {
-            &self.reserve
+        let statement = match (ask.skip_blocked, ask.windowed) {
+            (true, true) => &self.reserve_windowed,
+            (true, false) => &self.reserve_full,
+            (false, _) => &self.reserve,
         };
         let (_, rows) = futures::try_join!(
             self.client.batch_execute("begin"),
@@ -177,11 +183,12 @@ pub(crate) struct Ask {
     pub(crate) max_bytes: usize,
     /// The lowest `seq` the scan for candidates looks at (`i64::MIN`: every pending row).
     pub(crate) from: i64,
-    /// Skip the rows of aggregates whose first open row is not due, reading at most a window
-    /// of pending rows (`RelaySql::reserve_full`: scans from the first pending row, from the
-    /// floor below which the last one found nothing, or continuing such a scan after its
-    /// window, see `ScanStart::next`).
+    /// Skip the rows of aggregates whose first open row is not due (`RelaySql::reserve_full`:
+    /// scans from the first pending row, or from the floor below which the last one found
+    /// nothing, see `ScanStart::next`).
     pub(crate) skip_blocked: bool,
+    /// With `skip_blocked`: read at most a window of `seq`s (`RelaySql::reserve_windowed`).
+    pub(crate) windowed: bool,
 }
 
 /// What a reservation's scan found, besides its rows.

@@ -23,9 +23,11 @@ const SLOW_FULL_SCAN: Duration = Duration::from_millis(200);
 pub(crate) struct Start {
     /// The lowest `seq` it looks at (`i64::MIN`: the first pending row).
     pub(crate) from: i64,
-    /// It skips the rows of aggregates whose first open row is not due, a window at a time
+    /// It skips the rows of aggregates whose first open row is not due
     /// (`RelaySql::reserve_full`).
     pub(crate) skip_blocked: bool,
+    /// It does so a window at a time (`RelaySql::reserve_windowed`).
+    pub(crate) windowed: bool,
 }
 
 /// What the pipeline knows about where the next scan may start.
@@ -48,6 +50,9 @@ pub(crate) struct ScanStart {
     /// (see [`Scan::lowest`]). `None` after anything that may have released rows below it (a
     /// batch that did not confirm).
     floor: Option<i64>,
+    /// Scans that skip blocked aggregates read a window at a time: since one of them failed,
+    /// until a full scan takes less than [`SLOW_FULL_SCAN`].
+    bounded: bool,
 }
 
 impl ScanStart {
@@ -59,6 +64,7 @@ impl ScanStart {
             sweep_started: None,
             full_scan_took: Duration::ZERO,
             floor: None,
+            bounded: false,
         }
     }
 
@@ -84,11 +90,14 @@ impl ScanStart {
     ///
     /// A full scan skips the rows behind aggregates whose first open row is not due (see
     /// `reserve.sql`), but it still reads them: hundreds of thousands behind a hot aggregate's
-    /// dead letter made every full scan take about a second (found by a breaker helper). It
-    /// reads them a window at a time (see [`Scan::windowed`]: the next reservation
-    /// continues after the window, however long the whole scan takes — read at once, more than
-    /// `postgres_timeout` of them failed every reservation), and its duration counts from its
-    /// first window to the first that found a candidate. Once a full scan takes
+    /// dead letter made every full scan take about a second (found by a breaker helper), and
+    /// more than it could read within `postgres_timeout` failed every reservation. After such a
+    /// scan failed, they are read a window at a time (see [`Scan::windowed`]: the next
+    /// reservation continues after the window, however long the whole scan takes) until a full
+    /// scan takes less than [`SLOW_FULL_SCAN`]: not always, since a window of `seq`s holds few
+    /// pending rows where most were delivered, and under a held snapshot that cost the drain a
+    /// tenth (BENCHMARKS.md). A full scan's duration counts from its first window to the first
+    /// that found a candidate. Once a full scan takes
     /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
     /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest
     /// candidate the last full scan found; every pending row below it was skipped), skipping
@@ -101,17 +110,23 @@ impl ScanStart {
         let every = FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10));
         let recent = self.last_full_scan.elapsed() < every;
         let windowed = std::mem::take(&mut self.next_windowed);
-        let (from, skip_blocked) = match (self.next_from.take(), self.floor) {
-            (Some(from), _) if wake == Wake::Again && (recent || windowed) => (from, windowed),
+        let (from, skip_blocked, windowed) = match (self.next_from.take(), self.floor) {
+            (Some(from), _) if wake == Wake::Again && (recent || windowed) => {
+                (from, windowed, windowed)
+            }
             (_, Some(floor)) if slow && recent && !matches!(wake, Wake::Due | Wake::Resumed) => {
-                (floor, true)
+                (floor, true, self.bounded)
             }
             _ => {
                 self.last_full_scan = Instant::now();
-                (i64::MIN, true)
+                (i64::MIN, true, self.bounded)
             }
         };
-        Start { from, skip_blocked }
+        Start {
+            from,
+            skip_blocked,
+            windowed,
+        }
     }
 
     /// What a scan that started at `start` at `started` found (`None`: it failed). One that
@@ -128,12 +143,15 @@ impl ScanStart {
             self.sweep_started = Some(started);
         }
         let Some(scan) = scan else {
+            // It may have outlasted its deadline: read a window at a time from now on.
             self.sweep_started = None;
+            self.bounded = true;
             return;
         };
         if scan.lowest.is_some() || !scan.windowed {
             if let Some(sweep) = self.sweep_started.take() {
                 self.full_scan_took = sweep.elapsed();
+                self.bounded &= self.full_scan_took >= SLOW_FULL_SCAN;
             }
         }
         self.floor = scan.lowest.or(self.floor);
@@ -169,6 +187,7 @@ mod tests {
     const FULL: Start = Start {
         from: i64::MIN,
         skip_blocked: true,
+        windowed: false,
     };
 
     fn found(next_from: Option<i64>, lowest: Option<i64>, windowed: bool) -> Scan {
@@ -189,6 +208,7 @@ mod tests {
         let on = Start {
             from: 40,
             skip_blocked: false,
+            windowed: false,
         };
         assert_eq!(s.next(Wake::Again), on);
         s.left_off(&found(Some(80), Some(41), false));
@@ -213,6 +233,7 @@ mod tests {
         let on = Start {
             from: 10_001,
             skip_blocked: true,
+            windowed: true,
         };
         assert_eq!(s.next(Wake::Again), on);
         assert_eq!(s.floor, None, "nothing found yet: no floor");
@@ -236,6 +257,7 @@ mod tests {
         let floor = Start {
             from: 10_500,
             skip_blocked: true,
+            windowed: false,
         };
         assert_eq!(s.next(Wake::Notified), floor);
         assert_eq!(s.next(Wake::Tick), floor);
@@ -252,5 +274,26 @@ mod tests {
         );
         s.reset();
         assert_eq!(s.next(Wake::Notified), FULL, "a failed batch: no floor");
+    }
+
+    #[test]
+    fn after_a_failed_scan_full_scans_read_windows_until_one_is_quick() {
+        let mut s = ScanStart::new();
+        assert_eq!(s.next(Wake::Again), FULL);
+        s.scanned(FULL, Instant::now(), None);
+        let windowed = Start {
+            windowed: true,
+            ..FULL
+        };
+        assert_eq!(
+            s.next(Wake::Resumed),
+            windowed,
+            "it may have outlasted its deadline"
+        );
+        let slow = Instant::now() - SLOW_FULL_SCAN;
+        s.scanned(windowed, slow, Some(&found(None, Some(5), false)));
+        assert_eq!(s.next(Wake::Due), windowed, "still slow: still windows");
+        s.scanned(windowed, Instant::now(), Some(&found(None, Some(5), false)));
+        assert_eq!(s.next(Wake::Due), FULL, "quick again: no window");
     }
 }

@@ -34,9 +34,10 @@
 -- every other aggregate stalled. One probe of the aggregate index per row (its first open row;
 -- a row held back by a later gap is still the gate's), paid only by the scans from the first
 -- pending row: a scan from where the last one left off starts past them.
--- Such a scan reads a window (`win`: max($1, 10,000) consecutive `seq`s from the first pending
--- row at or above $3, see `store::SCAN_WINDOW`) and no further: a pile of rows behind a hot
--- aggregate's dead letter has no bound, and a scan that read it all outlasted its deadline. The
+-- Such a scan may read a window (`RelaySql::reserve_windowed`, after one failed; `win`:
+-- max($1, 10,000) consecutive `seq`s from the first pending row at or above $3, see
+-- `store::SCAN_WINDOW`) and no further: a pile of rows behind a hot aggregate's dead letter has
+-- no bound, and a scan that read it all outlasted its deadline. The
 -- window starts at a pending row, so that its scan does not read again the index entries below
 -- it that the search for that row read (delivered rows a held snapshot keeps in the index).
 -- Column 15: the window's last `seq` when a pending row follows the window, null otherwise

@@ -1,6 +1,7 @@
--- `reserve.sql`'s condition on candidates in scans that skip blocked aggregates: within the
--- window, and the candidate's aggregate does not start with an open row that is not due.
-and seq between (select first from win) and (select last from win)
+-- `reserve.sql`'s condition on candidates in scans that skip blocked aggregates: the
+-- candidate's aggregate does not start with an open row that is not due (in a windowed scan,
+-- also: within the window).
+{{in_window}}
 and coalesce((select e.status = 'new'
                      and (e.next_attempt_at is null or e.next_attempt_at <= now())
                      and (e.reserved_to is null or e.reserved_to < localtimestamp)
