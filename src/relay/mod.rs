@@ -66,7 +66,10 @@ pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
 #[cfg(feature = "testing")]
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
-pub(crate) use self::reserve::{returned as reserved_rows, Scan};
+#[cfg(feature = "testing")]
+pub(crate) use self::reserve::returned as reserved_rows;
+pub(crate) use self::reserve::Scan;
+#[cfg(feature = "testing")]
 pub(crate) use self::scan::FULL_SCAN_EVERY;
 
 /// Everything the relay's stages share.
