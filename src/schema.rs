@@ -489,7 +489,7 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
     if missing.is_empty() {
         return Ok(Vec::new());
     }
-    tracing::warn!(table, missing = ?missing, "outbox objects missing; repairing");
+    tracing::warn!(table, missing = %describe_missing(&missing), "outbox objects missing or disabled; repairing");
     let any = |kinds: &[&str]| missing.iter().any(|m| kinds.contains(&m.kind));
     let table_gone = missing.iter().any(|m| m.kind == "table" && m.name == table);
     let mut ddl: Vec<&str> = Vec::new();
@@ -499,7 +499,7 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
         if any(&["index"]) {
             ddl.push(REPAIR_INDEXES);
         }
-        if any(&["trigger", "function"]) {
+        if any(&["trigger", "disabled trigger", "function"]) {
             ddl.extend(
                 MIGRATIONS
                     .iter()
@@ -520,7 +520,16 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
         }
     }
     for sql in ddl {
-        tx.batch_execute(&render(sql, table, channel, &[])).await?;
+        let done = tx.batch_execute(&render(sql, table, channel, &[])).await;
+        if sql == REPAIR_STATUS_CHECK
+            && done.as_ref().err().and_then(|e| e.code())
+                == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+        {
+            return Err(Error::Schema(format!(
+                "table `{table}`: cannot re-add `{table}_status_check`: some rows hold a status other than new, done or failed (`select status, count(*) from {table} group by status`); fix or delete them, then run migrate again"
+            )));
+        }
+        done?;
     }
     let still = missing_objects(tx, table).await?;
     if !still.is_empty() {
@@ -593,18 +602,29 @@ pub(crate) async fn missing_objects<C: GenericClient>(
         let check = format!("{table}_status_check");
         let present = client
             .query_one(
-                "select exists(select 1 from pg_trigger
-                                where tgrelid = to_regclass($1) and tgname = $2
-                                  and tgenabled <> 'D'),
+                "select (select tgenabled <> 'D' from pg_trigger
+                          where tgrelid = to_regclass($1) and tgname = $2),
                         exists(select 1 from pg_constraint
                                 where conrelid = to_regclass($1) and conname = $3)",
                 &[&table, &trigger, &check],
             )
             .await?;
-        for (i, kind, name) in [(0, "trigger", trigger), (1, "constraint", check)] {
-            if !present.get::<_, bool>(i) {
-                missing.push(Missing { kind, name });
-            }
+        match present.get::<_, Option<bool>>(0) {
+            Some(true) => {}
+            Some(false) => missing.push(Missing {
+                kind: "disabled trigger",
+                name: trigger,
+            }),
+            None => missing.push(Missing {
+                kind: "trigger",
+                name: trigger,
+            }),
+        }
+        if !present.get::<_, bool>(1) {
+            missing.push(Missing {
+                kind: "constraint",
+                name: check,
+            });
         }
     }
     Ok(missing)
@@ -674,6 +694,9 @@ pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &s
         Err(Error::Postgres(_)) if !problems.is_empty() => {}
         Err(e) => return Err(e),
     }
+    // Two checks can find the same problem (e.g. a privilege the role lacks): name it once.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
     match problems.len() {
         0 => Ok(()),
         1 => Err(Error::Schema(problems.remove(0))),

@@ -134,7 +134,7 @@ async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<
     for c in COLUMNS {
         let Some(row) = rows.iter().find(|r| r.get::<_, String>(0) == c.name) else {
             problems.push(format!(
-                "column `{table}.{}` is missing: run `outbox-relay migrate` (or `outbox::migrate_table`)",
+                "column `{table}.{}` is missing: run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)",
                 c.name
             ));
             continue;
@@ -192,7 +192,7 @@ async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> R
     for (present, what) in missing {
         if !present {
             problems.push(format!(
-                "{what}: run `outbox-relay migrate` (or `outbox::migrate_table`)"
+                "{what}: run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)"
             ));
         }
     }
@@ -201,9 +201,12 @@ async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> R
     // means.
     let fence = format!("{table}_fence");
     for m in crate::schema::missing_objects(client, table).await? {
-        if m.name != table && m.name != fence && !matches!(m.kind, "trigger" | "constraint") {
+        if m.name != table
+            && m.name != fence
+            && !matches!(m.kind, "trigger" | "disabled trigger" | "constraint")
+        {
             problems.push(format!(
-                "{} `{}` is missing (dropped?): run `outbox-relay migrate` (or `outbox::migrate_table`), which re-creates it",
+                "{} `{}` is missing (dropped?): run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql), which re-creates it",
                 m.kind, m.name
             ));
         }

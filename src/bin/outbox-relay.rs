@@ -283,11 +283,15 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let message = text::printable(&f.message);
             match log_format {
-                LogFormat::Text => eprintln!("outbox-relay: {message}"),
+                // A list of problems (one per line) stays a list; each line is escaped on its
+                // own, so no control character reaches the terminal.
+                LogFormat::Text => {
+                    eprintln!("outbox-relay: {}", text::printable_lines(&f.message));
+                }
                 // A log collector reading JSON lines gets the failure as one of them too.
                 LogFormat::Json => {
+                    let message = text::printable(&f.message);
                     tracing::error!(exit_code = f.code, error = %message, "outbox-relay failed");
                 }
             }
@@ -348,7 +352,7 @@ async fn migrate(cli: &Cli) -> Result<(), Failure> {
     }
     if !report.repaired().is_empty() {
         println!(
-            "table {table}: re-created missing objects: {}",
+            "table {table}: repaired (re-created or re-enabled): {}",
             report.repaired().join(", ")
         );
     }

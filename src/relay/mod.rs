@@ -65,10 +65,10 @@ pub(crate) use self::confirm::CONFIRM_SETUP;
 pub(crate) use self::producer::Producers;
 pub(crate) use self::report::Counters;
 #[cfg(feature = "testing")]
-pub(crate) use self::reserve::BATCH_SESSION_SETUP;
-#[cfg(feature = "testing")]
 pub(crate) use self::reserve::returned as reserved_rows;
 pub(crate) use self::reserve::Scan;
+#[cfg(feature = "testing")]
+pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 #[cfg(feature = "testing")]
 pub(crate) use self::scan::FULL_SCAN_EVERY;
 

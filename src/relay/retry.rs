@@ -156,12 +156,21 @@ pub(crate) fn judge(
     }
     let permanent = code.is_some_and(is_permanent);
     let last = i64::from(attempts_before) + 1 >= i64::from(settings.max_attempts);
+    // What happens next, for the hints below: a dead letter waits for `requeue`.
+    let then = if permanent || last {
+        "then requeue the event"
+    } else {
+        "the event is retried with backoff until `max_attempts`"
+    };
     let error = match code {
         Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
-            format!("{e} (the topic does not exist and the cluster does not create it on demand: create the topic; the event is retried with backoff until `max_attempts`)")
+            format!("{e} (the topic does not exist and the cluster does not create it on demand: create the topic; {then})")
+        }
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+            format!("{e} (the relay's Kafka principal may not write to this topic: grant it Write on the topic (an ACL), or wait for a new grant to reach every broker; {then})")
         }
         Some(RDKafkaErrorCode::InvalidTimestamp) => {
-            format!("{e} (the record's timestamp is the relay host's clock at sending: check that clock against the brokers' and the topic's message.timestamp.before.max.ms / after.max.ms; the event is retried with backoff until `max_attempts`)")
+            format!("{e} (the record's timestamp is the relay host's clock at sending: check that clock against the brokers' and the topic's message.timestamp.before.max.ms / after.max.ms; {then})")
         }
         // Brokers since Kafka 3.6 refuse a timestamp out of the topic's range with this code too.
         Some(RDKafkaErrorCode::InvalidRecord) => {
@@ -267,7 +276,9 @@ mod tests {
     #[test]
     fn refusals_that_can_pass_cost_an_attempt_or_nothing_never_a_dead_letter_at_once() {
         use RDKafkaErrorCode::*;
-        assert_eq!(first_failure(TopicAuthorizationFailed).0, (false, true));
+        let (judged, error) = first_failure(TopicAuthorizationFailed);
+        assert_eq!(judged, (false, true));
+        assert!(error.contains("grant it Write") && error.contains("retried"), "{error}");
         assert_eq!(first_failure(ClusterAuthorizationFailed).0, (false, false));
         let (judged, error) = first_failure(InvalidTimestamp);
         assert_eq!(judged, (false, true));
@@ -281,5 +292,18 @@ mod tests {
         let (judged, error) = first_failure(InvalidRecord);
         assert_eq!(judged, (true, true));
         assert!(error.contains("after.max.ms"), "{error}");
+    }
+
+    #[test]
+    fn the_last_attempt_s_hint_says_to_requeue_not_that_it_is_retried() {
+        let settings = Settings::default();
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
+        let last = judge(&settings, &e, settings.max_attempts as i32 - 1, None);
+        assert!(last.dead, "{last:?}");
+        assert!(
+            last.error.contains("requeue") && !last.error.contains("retried"),
+            "{}",
+            last.error
+        );
     }
 }

@@ -1165,6 +1165,23 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
     ] {
         assert!(e.to_string().contains(&name), "{name} named in: {e}");
     }
+    // A row with a status the relay does not know keeps the check out, and migrate says why.
+    let bogus = format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
+         values ('a', 't', 'x', '{{}}', 'bogus')"
+    );
+    client.batch_execute(&bogus).await.unwrap();
+    let e = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .expect_err("the check cannot be re-added");
+    assert!(
+        matches!(e, Error::Schema(_)) && e.to_string().contains("fix or delete them"),
+        "{e}"
+    );
+    client
+        .batch_execute(&format!("delete from {table} where status = 'bogus'"))
+        .await
+        .unwrap();
     let report = Admin::migrate(support::postgres().await, &table, &table)
         .await
         .expect("migrate repairs");
@@ -1173,18 +1190,12 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
     assert_eq!(
         repaired,
         [
-            format!("{table}_outbox_wake (trigger)"),
+            format!("{table}_outbox_wake (disabled trigger)"),
             format!("{table}_status_check (constraint)"),
         ]
     );
     let bad = client
-        .execute(
-            &format!(
-                "insert into {table} (aggregate_id, event_topic, event_type, payload, status)
-                 values ('a', 't', 'x', '{{}}', 'bogus')"
-            ),
-            &[],
-        )
+        .execute(&bogus, &[])
         .await
         .expect_err("the check is back");
     assert_eq!(
