@@ -188,68 +188,68 @@ pub struct Settings {
     pub channel: String,
     /// Events reserved per batch, 1..=50000 (a gated backlog's batch: up to this ×
     /// max_batches_in_flight).
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = Settings::default().batch_size))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_BATCH_SIZE", default_value_t = Settings::default().batch_size))]
     pub batch_size: usize,
     /// Byte budget of one batch (payloads and headers as JSON text; a batch always takes at
     /// least one event), 1024..=1073741824.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_BATCH_BYTES", default_value_t = Settings::default().max_batch_bytes))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_MAX_BATCH_BYTES", default_value_t = Settings::default().max_batch_bytes))]
     pub max_batch_bytes: usize,
     /// Messages handed to the producer and not yet acknowledged, over all batches, at most;
     /// 1..=1000000.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = Settings::default().max_in_flight))]
     pub max_in_flight: usize,
     /// Consecutive events of one aggregate for one topic sent without waiting for their
     /// acknowledgements, at most, 1..=10000 and at most max_in_flight (1: one at a time, a round
     /// trip per event).
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE", default_value_t = Settings::default().max_in_flight_per_aggregate))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_MAX_IN_FLIGHT_PER_AGGREGATE", default_value_t = Settings::default().max_in_flight_per_aggregate))]
     pub max_in_flight_per_aggregate: usize,
     /// Batches being published at once, 1..=16; each holds one Postgres connection.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_BATCHES_IN_FLIGHT", default_value_t = Settings::default().max_batches_in_flight))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_MAX_BATCHES_IN_FLIGHT", default_value_t = Settings::default().max_batches_in_flight))]
     pub max_batches_in_flight: usize,
     /// Fallback poll period, 10ms..=1h (with NOTIFY only a safety net; polling only: the
     /// latency).
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().poll_interval)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().poll_interval)))]
     pub poll_interval: Duration,
     /// How long a relay may hold a reserved batch, 1s..=24h; at least publish_timeout +
     /// batch_timeout + 1s.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration, default_value = shown(Settings::default().lease)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration, default_value = shown(Settings::default().lease)))]
     pub lease: Duration,
     /// Producer delivery timeout (librdkafka `message.timeout.ms`), 1s..=10min.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().publish_timeout)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().publish_timeout)))]
     pub publish_timeout: Duration,
     /// How long a batch waits for its delivery reports before confirming what was acknowledged,
     /// 10ms..=publish_timeout.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_BATCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().batch_timeout)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_BATCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().batch_timeout)))]
     pub batch_timeout: Duration,
     /// How long a graceful stop may take, 0..=10min.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().shutdown_timeout)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().shutdown_timeout)))]
     pub shutdown_timeout: Duration,
     /// How the relay learns about new events.
-    #[cfg_attr(feature = "cli", arg(long = "wake-mode", env = "OUTBOX_WAKE_MODE", value_enum, default_value_t = Settings::default().wake))]
+    #[cfg_attr(feature = "cli", arg(long = "wake-mode", hide_env_values = true, env = "OUTBOX_WAKE_MODE", value_enum, default_value_t = Settings::default().wake))]
     pub wake: WakeMode,
     /// Failed delivery attempts after which an event becomes a dead letter, 1..=1000.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = Settings::default().max_attempts))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = Settings::default().max_attempts))]
     pub max_attempts: u32,
     /// Shortest wait before retrying a failed event (doubling, with jitter), 1ms..=24h.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETRY_BACKOFF_MIN", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_min)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_RETRY_BACKOFF_MIN", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_min)))]
     pub retry_backoff_min: Duration,
     /// Longest wait before retrying a failed event, retry_backoff_min..=24h.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETRY_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_max)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_RETRY_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retry_backoff_max)))]
     pub retry_backoff_max: Duration,
     /// What a dead letter does to its aggregate.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", value_enum, default_value_t = Settings::default().dead_letter_policy))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_DEAD_LETTER_POLICY", value_enum, default_value_t = Settings::default().dead_letter_policy))]
     pub dead_letter_policy: DeadLetterPolicy,
     /// What happens to delivered rows.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_ON_DELIVERY", value_enum, default_value_t = Settings::default().on_delivery))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_ON_DELIVERY", value_enum, default_value_t = Settings::default().on_delivery))]
     pub on_delivery: OnDelivery,
     /// How long delivered rows are kept before the relay deletes them, at least 1s.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retention)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration, default_value = shown(Settings::default().retention)))]
     pub retention: Duration,
     /// Period of the retention cleanup, 100ms..=24h.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLEANUP_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().cleanup_interval)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_CLEANUP_INTERVAL", value_parser = humantime::parse_duration, default_value = shown(Settings::default().cleanup_interval)))]
     pub cleanup_interval: Duration,
     /// Rows deleted per retention-cleanup step, 1..=1000000.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLEANUP_BATCH", default_value_t = Settings::default().cleanup_batch))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_CLEANUP_BATCH", default_value_t = Settings::default().cleanup_batch))]
     pub cleanup_batch: usize,
     /// Capacity of each `subscribe` stream, in events, 1..=1000000 (not a flag: the binary has
     /// no subscribers).
@@ -257,17 +257,20 @@ pub struct Settings {
     pub ack_buffer: usize,
     /// Deadline of every Postgres call, each round trip of the batch pipeline included, and of
     /// connecting, 100ms..=10min.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().postgres_timeout)))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = shown(Settings::default().postgres_timeout)))]
     pub postgres_timeout: Duration,
     /// Publish every record in the CloudEvents format (Kafka protocol binding, binary mode)
     /// with this `ce_source`, a URI-reference of at most 1024 bytes; unset: plain records (see
     /// the builder's `cloudevents_source`).
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, hide_env_values = true, env = "OUTBOX_CLOUDEVENTS_SOURCE")
+    )]
     pub cloudevents_source: Option<String>,
     /// Send the single events of a batch that caught up (nothing more pending) by a prompt
     /// producer with `linger.ms` 0 (see the builder's `prompt_producer`). Off by default;
     /// `--prompt-producer` or `=true`/`=false`, `OUTBOX_PROMPT_PRODUCER=true|false|1|0|yes|no|on|off`.
-    #[cfg_attr(feature = "cli", arg(long, env = "OUTBOX_PROMPT_PRODUCER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = clap::builder::BoolishValueParser::new()))]
+    #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_PROMPT_PRODUCER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = clap::builder::BoolishValueParser::new()))]
     pub prompt_producer: bool,
 }
 

@@ -32,14 +32,15 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// Outbox table.
-    #[arg(long, env = "OUTBOX_TABLE", default_value = outbox::DEFAULT_TABLE, global = true)]
+    #[arg(long, hide_env_values = true, env = "OUTBOX_TABLE", default_value = outbox::DEFAULT_TABLE, global = true)]
     table: String,
     /// NOTIFY channel.
-    #[arg(long, env = "OUTBOX_CHANNEL", default_value = outbox::DEFAULT_CHANNEL, global = true)]
+    #[arg(long, hide_env_values = true, env = "OUTBOX_CHANNEL", default_value = outbox::DEFAULT_CHANNEL, global = true)]
     channel: String,
     /// Log format.
     #[arg(
         long,
+        hide_env_values = true,
         env = "OUTBOX_LOG_FORMAT",
         value_enum,
         default_value = "text",
@@ -77,7 +78,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS")]
+    #[arg(long, hide_env_values = true, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// librdkafka property `key=value` (repeatable), e.g. `-X linger.ms=1`.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
@@ -86,17 +87,17 @@ struct RunArgs {
     #[command(flatten)]
     settings: Settings,
     /// Period of the progress log line (0s: off).
-    #[arg(long, env = "OUTBOX_PROGRESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, hide_env_values = true, env = "OUTBOX_PROGRESS_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
     progress_interval: Duration,
     /// Run migrations before starting.
     #[arg(long)]
     migrate: bool,
     /// Serve Prometheus metrics at `/metrics` and health at `/health` on this address
     /// (e.g. `127.0.0.1:9464`).
-    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    #[arg(long, hide_env_values = true, env = "OUTBOX_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// `/health` answers 503 when the oldest pending event is older than this.
-    #[arg(long, env = "OUTBOX_HEALTH_MAX_PENDING_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, hide_env_values = true, env = "OUTBOX_HEALTH_MAX_PENDING_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
     health_max_pending_age: Duration,
 }
 

@@ -278,7 +278,10 @@ mod tests {
         use RDKafkaErrorCode::*;
         let (judged, error) = first_failure(TopicAuthorizationFailed);
         assert_eq!(judged, (false, true));
-        assert!(error.contains("grant it Write") && error.contains("retried"), "{error}");
+        assert!(
+            error.contains("grant it Write") && error.contains("retried"),
+            "{error}"
+        );
         assert_eq!(first_failure(ClusterAuthorizationFailed).0, (false, false));
         let (judged, error) = first_failure(InvalidTimestamp);
         assert_eq!(judged, (false, true));
