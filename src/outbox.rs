@@ -165,8 +165,15 @@ impl Health {
             reasons.push("the LISTEN connection is down".to_string());
         }
         if let Some(age) = self.oldest_pending_age.filter(|a| *a > max_pending_age) {
+            // The usual cause at 3 a.m. is not a stuck relay: say so when it may be.
+            let dead = match self.dead_letters {
+                0 => String::new(),
+                n => format!(
+                    "; {n} dead letter(s): under the block-aggregate policy their aggregates' later events wait for `requeue`"
+                ),
+            };
             reasons.push(format!(
-                "the oldest pending event is {:.0} s old (limit {limit:.0} s)",
+                "the oldest pending event is {:.0} s old (limit {limit:.0} s){dead}",
                 age.as_secs_f64()
             ));
         }
@@ -461,5 +468,50 @@ impl Outbox {
             kafka_unavailable: kafka.unavailable.load(Ordering::Relaxed),
             producer_rebuilds: kafka.rebuilds.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Health;
+
+    fn health(oldest: u64, dead_letters: i64) -> Health {
+        Health {
+            running: true,
+            listener_connected: Some(true),
+            last_delivery: None,
+            backlog: 3,
+            oldest_pending_age: Some(Duration::from_secs(oldest)),
+            dead_letters,
+            legacy_reservations: 0,
+            oldest_transaction: None,
+            kafka_problem: None,
+            kafka_problem_since: None,
+            producer_rebuilds: 0,
+            postgres_problem: None,
+            postgres_problem_since: None,
+        }
+    }
+
+    #[test]
+    fn an_old_pending_event_names_the_dead_letters_that_may_hold_it_back() {
+        let limit = Duration::from_secs(10);
+        assert!(
+            health(5, 2).reasons(limit).is_empty(),
+            "dead letters alone are healthy"
+        );
+        assert_eq!(
+            health(16, 0).reasons(limit),
+            ["the oldest pending event is 16 s old (limit 10 s)"]
+        );
+        let reasons = health(16, 2).reasons(limit);
+        assert!(
+            reasons.len() == 1
+                && reasons[0].contains("2 dead letter(s)")
+                && reasons[0].contains("requeue"),
+            "{reasons:?}"
+        );
     }
 }
