@@ -602,7 +602,7 @@ pub(crate) async fn missing_objects<C: GenericClient>(
         let check = format!("{table}_status_check");
         let present = client
             .query_one(
-                "select (select tgenabled <> 'D' from pg_trigger
+                "select (select tgenabled in ('O', 'A') from pg_trigger
                           where tgrelid = to_regclass($1) and tgname = $2),
                         exists(select 1 from pg_constraint
                                 where conrelid = to_regclass($1) and conname = $3)",

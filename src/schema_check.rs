@@ -167,7 +167,7 @@ async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> R
         .query_one(
             "select to_regclass($1) is not null,
                     exists (select 1 from pg_trigger
-                             where tgrelid = to_regclass($2) and tgname = $3 and tgenabled <> 'D'),
+                             where tgrelid = to_regclass($2) and tgname = $3 and tgenabled in ('O', 'A')),
                     exists (select 1 from pg_constraint
                              where conrelid = to_regclass($2) and conname = $4)",
             &[

@@ -180,9 +180,9 @@ impl AdminSql {
     }
 }
 
-/// How many consecutive `seq`s a scan that skips blocked aggregates reads at most, from the first
-/// pending row at or above its start (or the batch's row limit when larger): its window (see
-/// `reserve.sql`), at most this many rows while `seq`s are unique. Such a scan probes each row's
+/// How many pending rows a windowed scan that skips blocked aggregates reads at most, from its
+/// start (or the batch's row limit when larger): its window (see `reserve_window.sql`; rows that
+/// share the window's last `seq` are all in it). Such a scan probes each row's
 /// aggregate (~7.5 µs a row on the benchmark machine), and a pile of rows behind a hot
 /// aggregate's dead letter has no bound: unbounded, a scan over more of them than it can read
 /// within `postgres_timeout` (about 1.3 million at the default 10 s) failed and was tried again
@@ -200,8 +200,8 @@ pub(crate) struct RelaySql {
     /// floor: it skips the rows of aggregates whose first open row is not due (see
     /// `reserve.sql`).
     pub(crate) reserve_full: String,
-    /// [`reserve_full`](Self::reserve_full) reading a window of at most [`SCAN_WINDOW`] `seq`s
-    /// (see `reserve_window.sql`), or continuing such a scan after its window: after a scan that
+    /// [`reserve_full`](Self::reserve_full) reading a window of at most [`SCAN_WINDOW`] pending
+    /// rows (see `reserve_window.sql`), or continuing such a scan after its window: after a scan that
     /// skips blocked aggregates failed (it may have outlasted `postgres_timeout`).
     pub(crate) reserve_windowed: String,
     pub(crate) confirm: String,

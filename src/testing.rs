@@ -1396,8 +1396,8 @@ pub struct RelaySql {
     /// relay runs it: the same, skipping the rows of aggregates whose first open row is not
     /// due.
     pub reserve_full: String,
-    /// [`reserve_full`](Self::reserve_full) reading at most a window of `seq`s from the first
-    /// pending row at or above `$3` (10,000 of them, or `$1` when larger), as the relay runs it
+    /// [`reserve_full`](Self::reserve_full) reading at most a window of pending rows from `$3`
+    /// (10,000 of them, or `$1` when larger), as the relay runs it
     /// after such a scan failed (see [`next_scan_start`] for where the next one continues).
     pub reserve_windowed: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,

@@ -187,7 +187,7 @@ pub(crate) struct Ask {
     /// scans from the first pending row, or from the floor below which the last one found
     /// nothing, see `ScanStart::next`).
     pub(crate) skip_blocked: bool,
-    /// With `skip_blocked`: read at most a window of `seq`s (`RelaySql::reserve_windowed`).
+    /// With `skip_blocked`: read at most a window of pending rows (`RelaySql::reserve_windowed`).
     pub(crate) windowed: bool,
 }
 

@@ -20,7 +20,8 @@ use crate::config::Settings;
 /// cluster's (see [`is_cluster_unavailable`]). Nor is `InvalidTimestamp`: the record's timestamp
 /// is the relay's clock at sending, so a refusal means that clock is off by more than the topic
 /// allows (`message.timestamp.after.max.ms`, one hour by default since Kafka 3.6), not that the
-/// event is wrong; it is charged, with that said in `last_error`.
+/// event is wrong: no attempt is counted (a breaker helper saw every aggregate dead-lettered
+/// when it was charged), with the clock named in `last_error`.
 pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
@@ -98,6 +99,7 @@ pub(crate) fn is_cluster_unavailable(code: RDKafkaErrorCode) -> bool {
             | NotController
             | RebootstrapRequired
             | ClusterAuthorizationFailed
+            | InvalidTimestamp
     )
 }
 
@@ -143,6 +145,7 @@ pub(crate) fn judge(
     let code = e.rdkafka_error_code();
     if is_not_the_events_fault(e) {
         let error = match cause {
+            _ if code == Some(RDKafkaErrorCode::InvalidTimestamp) => format!("{e} (the record's timestamp is the relay host's clock at sending: check that clock against the brokers' and the topic's message.timestamp.before.max.ms / after.max.ms; retried with backoff, no attempt counted)"),
             Some(cause) => format!("{e} (Kafka unavailable: {cause})"),
             None => format!("{e} (Kafka unavailable)"),
         };
@@ -168,9 +171,6 @@ pub(crate) fn judge(
         }
         Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
             format!("{e} (the relay's Kafka principal may not write to this topic: grant it Write on the topic (an ACL), or wait for a new grant to reach every broker; {then})")
-        }
-        Some(RDKafkaErrorCode::InvalidTimestamp) => {
-            format!("{e} (the record's timestamp is the relay host's clock at sending: check that clock against the brokers' and the topic's message.timestamp.before.max.ms / after.max.ms; {then})")
         }
         // Brokers since Kafka 3.6 refuse a timestamp out of the topic's range with this code too.
         Some(RDKafkaErrorCode::InvalidRecord) => {
@@ -284,7 +284,7 @@ mod tests {
         );
         assert_eq!(first_failure(ClusterAuthorizationFailed).0, (false, false));
         let (judged, error) = first_failure(InvalidTimestamp);
-        assert_eq!(judged, (false, true));
+        assert_eq!(judged, (false, false));
         assert!(error.contains("clock"), "{error}");
     }
 

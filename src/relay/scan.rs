@@ -94,9 +94,10 @@ impl ScanStart {
     /// more than it could read within `postgres_timeout` failed every reservation. After such a
     /// scan failed, they are read a window at a time (see [`Scan::windowed`]: the next
     /// reservation continues after the window, however long the whole scan takes) until a full
-    /// scan takes less than [`SLOW_FULL_SCAN`]: not always, since a window of `seq`s holds few
-    /// pending rows where most were delivered, and under a held snapshot that cost the drain a
-    /// tenth (BENCHMARKS.md). A full scan's duration counts from its first window to the first
+    /// scan takes less than [`SLOW_FULL_SCAN`]: not always, since counting a window's rows reads
+    /// their index entries twice, and a window of `seq`s (tried first) holds few pending rows
+    /// where most were delivered — under a held snapshot either cost the drain (BENCHMARKS.md).
+    /// A full scan's duration counts from its first window to the first
     /// that found a candidate. Once a full scan takes
     /// [`SLOW_FULL_SCAN`] or longer, full scans come at most every ten times their duration: in
     /// between, a wake-up that is not "more work in hand" scans from the floor (the lowest

@@ -34,13 +34,12 @@
 -- every other aggregate stalled. One probe of the aggregate index per row (its first open row;
 -- a row held back by a later gap is still the gate's), paid only by the scans from the first
 -- pending row: a scan from where the last one left off starts past them.
--- Such a scan may read a window (`RelaySql::reserve_windowed`, after one failed; `win`:
--- max($1, 10,000) consecutive `seq`s from the first pending row at or above $3, see
--- `store::SCAN_WINDOW`) and no further: a pile of rows behind a hot aggregate's dead letter has
--- no bound, and a scan that read it all outlasted its deadline. The
--- window starts at a pending row, so that its scan does not read again the index entries below
--- it that the search for that row read (delivered rows a held snapshot keeps in the index).
--- Column 15: the window's last `seq` when a pending row follows the window, null otherwise
+-- Such a scan may read a window (`RelaySql::reserve_windowed`, after one failed; `win`: the
+-- first max($1, 10,000) pending rows at or above $3, see `reserve_window.sql`) and no further: a
+-- pile of rows behind a hot aggregate's dead letter has no bound, and a scan that read it all
+-- outlasted its deadline. The candidates' scan starts at the window's first row, so that it
+-- does not read again the index entries below it (delivered rows a held snapshot keeps).
+-- Column 15: the window's last `seq` when the window is full (more may follow), null otherwise
 -- (and always in the other scans, whose `win` is a row of nulls). When no row is kept, the statement returns
 -- one row of nulls but for columns 11-15, so that an empty scan still says where it ended.
 with win as materialized (
