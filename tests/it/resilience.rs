@@ -1208,6 +1208,25 @@ async fn migrate_repairs_dropped_objects_and_connect_names_them() {
         .connect()
         .await
         .expect("connect after the repair: the trigger is enabled again");
+    // Enabled for replicas only, it never fires on a primary: the same as disabled.
+    client
+        .batch_execute(&format!(
+            "alter table {table} enable replica trigger {table}_outbox_wake"
+        ))
+        .await
+        .unwrap();
+    support::builder_on(&table, &table)
+        .await
+        .connect()
+        .await
+        .expect_err("connect() refuses a replica-only trigger");
+    let report = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.repaired(),
+        [format!("{table}_outbox_wake (disabled trigger)")]
+    );
 
     // The outbox table itself.
     client
