@@ -160,57 +160,33 @@ async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<
     Ok(problems)
 }
 
-/// The objects of the migrations that are missing, each with what its absence means.
+/// The objects of the migrations that are missing (see [`crate::schema::missing_objects`], the
+/// one list `migrate` repairs too), each with what its absence means.
 async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let objects = client
-        .query_one(
-            "select to_regclass($1) is not null,
-                    exists (select 1 from pg_trigger
-                             where tgrelid = to_regclass($2) and tgname = $3 and tgenabled in ('O', 'A')),
-                    exists (select 1 from pg_constraint
-                             where conrelid = to_regclass($2) and conname = $4)",
-            &[
-                &format!("{table}_fence"),
-                &table,
-                &format!("{table}_outbox_wake"),
-                &format!("{table}_status_check"),
-            ],
-        )
-        .await?;
-    let missing = [
-        (objects.get::<_, bool>(0), format!("table `{table}_fence` (batch fences) is missing")),
-        (
-            objects.get::<_, bool>(1),
-            format!("trigger `{table}_outbox_wake` is missing or disabled: writers never wake the relay"),
-        ),
-        (
-            objects.get::<_, bool>(2),
-            format!("check constraint `{table}_status_check` is missing: a row can hold a status the relay does not know"),
-        ),
-    ];
-    for (present, what) in missing {
-        if !present {
-            problems.push(format!(
-                "{what}: run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)"
-            ));
-        }
-    }
-    // The other objects the migrations create (indexes, the trigger's function); the table,
-    // the fence table, the trigger and the status check are named above, with what their absence
-    // means.
+    let migrate = "run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)";
     let fence = format!("{table}_fence");
-    for m in crate::schema::missing_objects(client, table).await? {
-        if m.name != table
-            && m.name != fence
-            && !matches!(m.kind, "trigger" | "disabled trigger" | "constraint")
-        {
-            problems.push(format!(
-                "{} `{}` is missing (dropped?): run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql), which re-creates it",
-                m.kind, m.name
-            ));
-        }
-    }
+    let problems = crate::schema::missing_objects(client, table)
+        .await?
+        .into_iter()
+        .filter(|m| m.name != table)
+        .map(|m| match m.kind {
+            "table" if m.name == fence => {
+                format!("table `{fence}` (batch fences) is missing: {migrate}")
+            }
+            "trigger" | "disabled trigger" => format!(
+                "trigger `{}` is missing or disabled: writers never wake the relay: {migrate}",
+                m.name
+            ),
+            "constraint" => format!(
+                "check constraint `{}` is missing: a row can hold a status the relay does not know: {migrate}",
+                m.name
+            ),
+            kind => format!(
+                "{kind} `{}` is missing (dropped?): {migrate}, which re-creates it",
+                m.name
+            ),
+        })
+        .collect();
     Ok(problems)
 }
 
