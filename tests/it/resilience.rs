@@ -1944,12 +1944,20 @@ async fn delivery_resumes_after_postgres_was_silent() {
         .add_new_event(&client, NewEvent::new(&topic, "b", "T", json!({"n": 2})))
         .await
         .unwrap();
-    let got = reader.read(1, HANG).await;
-    assert_eq!(
-        got.first().and_then(|r| r.header("event_id")),
-        Some(second.to_string().as_str()),
-        "an event written after the path healed is delivered"
-    );
+    // The first event may come again before it: if its delivery report was held when the path
+    // went silent, its late record could not be written and it is published again (a replay,
+    // which the guarantees allow; seen once in CI).
+    let (first, second) = (first.to_string(), second.to_string());
+    let mut replays = 0;
+    loop {
+        let got = reader.read(1, HANG).await;
+        let id = got.first().and_then(|r| r.header("event_id"));
+        match id {
+            Some(id) if id == second => break,
+            Some(id) if id == first && replays < 3 => replays += 1,
+            other => panic!("an event written after the path healed is delivered: got {other:?}"),
+        }
+    }
     assert!(
         proxy.accepted_connections() > before,
         "the relay opened new connections"
