@@ -359,14 +359,14 @@ fn late_outcome(
 /// Postgres connection every `batch_timeout` per batch slot while the brokers stalled — hundreds
 /// with a short `batch_timeout` — until the database refused the services' own connections).
 pub(crate) struct LateConn {
-    client: Client,
+    client: Arc<Client>,
     release: Statement,
     confirm: Statement,
     fail: Statement,
 }
 
 impl Session for LateConn {
-    fn client(&self) -> &Client {
+    fn client(&self) -> &Arc<Client> {
         &self.client
     }
 }
@@ -394,7 +394,7 @@ async fn late_conn(ctx: &Ctx) -> crate::Result<Arc<LateConn>> {
             )
             .await?;
             Ok(LateConn {
-                client,
+                client: Arc::new(client),
                 release,
                 confirm,
                 fail,

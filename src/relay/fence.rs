@@ -18,13 +18,13 @@ use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 
 /// The fence connection and its prepared statements.
 struct FenceConn {
-    client: Client,
+    client: Arc<Client>,
     insert: Statement,
     delete: Statement,
 }
 
 impl Session for FenceConn {
-    fn client(&self) -> &Client {
+    fn client(&self) -> &Arc<Client> {
         &self.client
     }
 }
@@ -128,7 +128,7 @@ impl Fences {
         let (insert, delete) =
             round_trip(&self.stop, "fence session setup", self.round_trip, prepare).await?;
         Ok(FenceConn {
-            client,
+            client: Arc::new(client),
             insert,
             delete,
         })

@@ -3,6 +3,8 @@
 //! until the confirm stage commits, and Postgres ends a session that idles in it longer than the
 //! lease.
 
+use std::sync::Arc;
+
 use postgres_types::Type;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
@@ -75,7 +77,7 @@ pub(crate) fn returned(rows: &[tokio_postgres::Row]) -> &[tokio_postgres::Row] {
 
 /// A batch connection with the statements of its transaction.
 pub(crate) struct BatchConn {
-    pub(crate) client: Client,
+    pub(crate) client: Arc<Client>,
     /// The reservation of a scan from where the last one left off.
     reserve: Statement,
     /// The reservation of a scan from the first pending row (see `RelaySql::reserve_full`).
@@ -99,7 +101,7 @@ impl BatchConn {
         .await
         .map(
             |(reserve, reserve_full, reserve_windowed, confirm)| BatchConn {
-                client,
+                client: Arc::new(client),
                 reserve,
                 reserve_full,
                 reserve_windowed,

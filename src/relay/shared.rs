@@ -9,9 +9,10 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-/// A connection with what was prepared on it.
+/// A connection with what was prepared on it. The client is shared so that a cancel request
+/// can keep the session open until the cancelled statement ended (see `Pg::cancel`).
 pub(crate) trait Session {
-    fn client(&self) -> &Client;
+    fn client(&self) -> &Arc<Client>;
 }
 
 /// The shared session of one kind of task.

@@ -1,7 +1,7 @@
 //! Every duration the relay derives from its settings, computed once, and the stop window.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -103,7 +103,7 @@ pub(crate) async fn round_trip<T, E: Into<crate::Error>>(
 /// As [`round_trip`].
 pub(crate) async fn round_trip_on<T, E: Into<crate::Error>>(
     pg: &Pg,
-    client: &Client,
+    client: &Arc<Client>,
     stop: &Stop,
     what: &'static str,
     after: Duration,

@@ -844,13 +844,14 @@ async fn health_keeps_naming_a_confirm_that_keeps_failing() {
 }
 
 /// The pid of a relay batch session sleeping in `pg_sleep` (a stalled confirm), if any.
-async fn sleeping_batch_session(client: &tokio_postgres::Client) -> Option<i32> {
+async fn sleeping_batch_session(client: &tokio_postgres::Client, table: &str) -> Option<i32> {
     client
         .query_opt(
             "select pid from pg_stat_activity
               where application_name = 'outbox-relay-batch' and wait_event = 'PgSleep'
+                and strpos(query, $1) > 0
               limit 1",
-            &[],
+            &[&table],
         )
         .await
         .unwrap()
@@ -867,7 +868,33 @@ async fn sleeping_batch_session(client: &tokio_postgres::Client) -> Option<i32> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_its_deadline_is_cancelled_on_the_server() {
     support::init_tracing();
-    let (table, client) = migrated_table("cancel").await;
+    stalled_confirm_is_cancelled(support::postgres().await, "cancel").await;
+}
+
+/// The same through PgBouncer 1.18 (session pooling; here behind a TCP proxy, so that the cancel
+/// request's bytes and the end of its stream arrive together, as across a network). PgBouncer
+/// before 1.21 drops a cancel request whose client half-closed before it was forwarded
+/// (`client unexpected eof`), which tokio-postgres' `cancel_query` does right after writing; the
+/// relay sends it as libpq does, waiting for PgBouncer to close (checked: with `cancel_query`
+/// the backend slept on, PgBouncer logging `client unexpected eof` for the request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_deadline_is_cancelled_through_pgbouncer() {
+    support::init_tracing();
+    let Some(bouncer) = start_pgbouncer("session").await else {
+        eprintln!("SKIPPED a_statement_past_its_deadline_is_cancelled_through_pgbouncer: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let proxy = FaultProxy::start(([127, 0, 0, 1], bouncer.port).into())
+        .await
+        .unwrap();
+    stalled_confirm_is_cancelled(proxy.postgres_config(&bouncer.config()), "cancel_bouncer").await;
+}
+
+/// A relay on `pg` (Postgres itself or a pooler) whose confirm stalls in a trigger's
+/// `pg_sleep(30)`: the backend stops sleeping within 5 s of the missed deadline, and the event is
+/// delivered once the trigger is gone.
+async fn stalled_confirm_is_cancelled(pg: tokio_postgres::Config, name: &str) {
+    let (table, client) = migrated_table(name).await;
     let topic = support::fresh_topic("cancel_topic", 1).await;
     client
         .batch_execute(&format!(
@@ -878,7 +905,7 @@ async fn a_statement_past_its_deadline_is_cancelled_on_the_server() {
         ))
         .await
         .unwrap();
-    let outbox = on_table(support::postgres().await, &table)
+    let outbox = on_table(pg, &table)
         .postgres_timeout(Duration::from_secs(1))
         .connect()
         .await
@@ -889,7 +916,7 @@ async fn a_statement_past_its_deadline_is_cancelled_on_the_server() {
         .await
         .unwrap();
     let pid = support::eventually(HANG, "a confirm asleep in the trigger", || async {
-        sleeping_batch_session(&client)
+        sleeping_batch_session(&client, &table)
             .await
             .ok_or_else(|| "none yet".to_string())
     })

@@ -21,6 +21,8 @@ use tokio_postgres::{AsyncMessage, Client, Config, Connection, Socket};
 
 use crate::error::Error;
 
+mod cancel;
+
 /// How Postgres connections are encrypted.
 #[derive(Clone)]
 pub(crate) enum Tls {
@@ -654,30 +656,45 @@ impl Pg {
     }
 
     /// Asks the server to cancel the statement `client`'s session is running (Postgres' cancel
-    /// request, on a connection of its own), without waiting for the answer: for a round trip
-    /// that missed its deadline, whose session the relay drops. Dropping alone does not end the
-    /// statement: the server notices a closed client only when it next writes to it, so a
-    /// statement waiting for a lock held elsewhere (or running long) would go on, holding its
-    /// locks and its connection slot, until the blocker ends. Bounded by the connect deadline;
-    /// a failure is logged at debug (the session ends with the statement anyway).
-    pub(crate) fn cancel(&self, client: &Client, what: &'static str) {
+    /// request, on a connection of its own, sent as libpq sends it: see [`cancel`]), on a task,
+    /// for a round trip that missed its deadline, whose session the relay drops. Dropping alone
+    /// does not end the statement: the server notices a closed client only when it next writes
+    /// to it, so a statement waiting for a lock held elsewhere (or running long) would go on,
+    /// holding its locks and its connection slot, until the blocker ends.
+    ///
+    /// The task keeps the session open until the statement ended, which an empty query sent
+    /// after the cancel request proves: it is answered once the statement before it ended. A
+    /// statement still running after that wait (a pooler or server that ignored the request) is
+    /// logged at warn; then the session closes — with a Terminate after a statement that ended,
+    /// not mid-statement. The request and the wait are each bounded by the connect deadline; a
+    /// request that could not be sent is logged at debug (the session closes anyway).
+    pub(crate) fn cancel(&self, client: &Arc<Client>, what: &'static str) {
+        let session = Arc::clone(client);
         let token = client.cancel_token();
-        let tls = self.tls.clone();
+        let pg = self.clone();
         let deadline = self.connect_deadline();
         tokio::spawn(async move {
-            let cancel = async {
-                match tls {
-                    Tls::None => token.cancel_query(tokio_postgres::NoTls).await,
-                    #[cfg(feature = "postgres-rustls")]
-                    Tls::Rustls(tls) => token.cancel_query(tls).await,
-                }
-            };
+            let preferred = pg.preferred.load(Ordering::Relaxed);
+            let cancel = cancel::send(&pg.config, preferred, pg.tls.clone(), token);
             match tokio::time::timeout(deadline, cancel).await {
-                Ok(Ok(())) => tracing::debug!(what, "outbox relay: cancel request sent"),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::debug!(what, error = %e, "outbox relay: cancel request failed")
+                    tracing::debug!(what, error = %e, "outbox relay: cancel request failed");
+                    return;
                 }
-                Err(_) => tracing::debug!(what, "outbox relay: cancel request timed out"),
+                Err(_) => {
+                    tracing::debug!(what, "outbox relay: cancel request timed out");
+                    return;
+                }
+            }
+            match tokio::time::timeout(deadline, session.batch_execute("")).await {
+                Ok(_) => tracing::debug!(what, "outbox relay: cancelled statement ended"),
+                Err(_) => tracing::warn!(
+                    what,
+                    waited_ms = deadline.as_millis() as u64,
+                    "outbox relay: a cancelled statement was still running when its session was \
+                     closed (Postgres ends it when it next writes to the session)"
+                ),
             }
         });
     }
