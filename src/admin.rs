@@ -189,7 +189,8 @@ impl Admin {
     ///
     /// Connecting is bounded by the connection string's `connect_timeout` (default 10 s); the
     /// migration itself by [`MIGRATE_TIMEOUT_FACTOR`] times that (5 min by default), since
-    /// index builds on a large table and waiting for its lock take real time.
+    /// index builds on a large table take real time (waiting for the table's lock is bounded on
+    /// its own, see [`migrate_table`](crate::migrate_table)).
     ///
     /// # Errors
     /// As [`migrate_table`](crate::migrate_table); [`Error::Timeout`] (`connect` or `migrate`)

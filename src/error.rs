@@ -84,6 +84,11 @@ pub enum Error {
         /// The deadline that passed.
         after: std::time::Duration,
     },
+    /// `migrate` could not lock the outbox table: other sessions held locks on it through every
+    /// attempt (see [`migrate_table`](crate::migrate_table)). The text names them (pid,
+    /// `application_name`, state, transaction age). Nothing was changed.
+    #[error("outbox migrate: {0}")]
+    MigrationLocked(String),
     /// The relay was already started (it is running, or ran and stopped); build a new `Outbox`
     /// to run it again.
     #[error("the relay already ran or is running; build a new Outbox to run it again")]

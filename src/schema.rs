@@ -17,6 +17,16 @@ pub(crate) const LOCK_CLASS: i32 = 0x6f62_7831; // "obx1"
 /// Key of the advisory lock that serializes migrations of all tables.
 const MIGRATION_LOCK_KEY: i32 = 0;
 
+/// How long one migration attempt waits for a lock (`lock_timeout`). DDL such as re-adding a
+/// check constraint takes an `ACCESS EXCLUSIVE` lock, and while it waits for one every other
+/// statement on the table — the application's writers included — queues behind it: a
+/// transaction left open on the table would stop all writes for as long as migrate waited.
+const MIGRATION_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Attempts before `migrate` gives up on a locked table ([`Error::MigrationLocked`]).
+const MIGRATION_LOCK_ATTEMPTS: u32 = 5;
+/// Pause between two attempts, during which queued statements run.
+const MIGRATION_LOCK_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct Migration {
     version: i32,
     name: &'static str,
@@ -271,8 +281,14 @@ impl MigrationReport {
 ///
 /// `client` must not be inside a transaction: the migration runs its own.
 ///
+/// Each attempt waits at most 2 s for a lock (`lock_timeout`): while DDL waits for a lock on
+/// the table, the application's writes to it queue behind it. A table other sessions keep
+/// locked is tried 5 times, 1 s apart (about 14 s), each refusal logged at warn with the
+/// sessions holding locks on it.
+///
 /// # Errors
-/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Postgres`] when a
+/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::MigrationLocked`]
+/// naming the sessions that held the table through every attempt; [`Error::Postgres`] when a
 /// statement fails (nothing is applied then: the transaction rolls back).
 pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     validate_identifier("table", table)?;
@@ -285,6 +301,58 @@ pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Resul
             repaired: Vec::new(),
         });
     }
+    let mut attempt = 1;
+    loop {
+        match migrate_once(client, table, channel).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                let holders = lock_holders(client, table)
+                    .await
+                    .unwrap_or_else(|e| format!("(they could not be listed: {e})"));
+                if attempt == MIGRATION_LOCK_ATTEMPTS {
+                    return Err(Error::MigrationLocked(format!(
+                        "could not lock table {table} in {attempt} attempts of {:?} each; \
+                         sessions holding locks on it: {holders}. End their transactions (or \
+                         stop the relays) and run migrate again; nothing was changed",
+                        MIGRATION_LOCK_TIMEOUT
+                    )));
+                }
+                tracing::warn!(
+                    table,
+                    attempt,
+                    holders,
+                    "outbox migrate: another session holds a lock on the table; trying again"
+                );
+                tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The sessions holding a lock on `table`, for [`Error::MigrationLocked`]: pid,
+/// `application_name`, state and transaction age, oldest transaction first (at most 10).
+async fn lock_holders(client: &Client, table: &str) -> Result<String> {
+    let rows = client
+        .query(include_str!("sql/lock_holders.sql"), &[&table])
+        .await?;
+    if rows.is_empty() {
+        return Ok("none any more".into());
+    }
+    let each = rows.iter().map(|r| {
+        format!(
+            "pid {} ({:?}, {}, transaction open {:.0} s)",
+            r.get::<_, i32>(0),
+            crate::text::printable(&r.get::<_, String>(1)),
+            r.get::<_, String>(2),
+            r.get::<_, f64>(3)
+        )
+    });
+    Ok(each.collect::<Vec<_>>().join(", "))
+}
+
+/// One attempt of [`migrate_table`]'s transaction.
+async fn migrate_once(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     client.batch_execute("begin").await?;
     match migrate_in_tx(client, table, channel).await {
         Ok(report) => {
@@ -360,6 +428,12 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         "select pg_advisory_xact_lock($1, $2)",
         &[&LOCK_CLASS, &MIGRATION_LOCK_KEY],
     )
+    .await?;
+    // After the advisory lock: another migrate holding that one is waited for.
+    tx.batch_execute(&format!(
+        "set local lock_timeout = {}",
+        MIGRATION_LOCK_TIMEOUT.as_millis()
+    ))
     .await?;
     tx.batch_execute(BOOKKEEPING).await?;
     let done: Vec<i32> = tx

@@ -1117,6 +1117,66 @@ async fn exists(client: &tokio_postgres::Client, name: &str) -> bool {
         .get(0)
 }
 
+/// A transaction left open on the outbox table (here a writer's uncommitted insert) does not
+/// make `migrate` stop every write: its DDL (re-adding a dropped check) waits at most its
+/// `lock_timeout` per attempt, a write queued behind it goes through, and after its attempts
+/// it fails naming the session that holds the table; once that transaction ended, migrate
+/// repairs. Without the `lock_timeout`, migrate and the queued write waited for as long as the
+/// transaction stayed open (checked: the 60 s bound below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_does_not_queue_writers_behind_a_transaction_left_open() {
+    let (table, client) = migrated_table("lockwait").await;
+    client
+        .batch_execute(&format!(
+            "alter table {table} drop constraint {table}_status_check"
+        ))
+        .await
+        .unwrap();
+    let mut stuck_cfg = support::postgres().await;
+    stuck_cfg.application_name("stuck-writer");
+    let stuck = outbox::testing::connect(&stuck_cfg).await.unwrap();
+    let insert = format!(
+        "insert into {table} (aggregate_id, event_topic, event_type, payload)
+         values ('a', 't', 'x', '{{}}')"
+    );
+    stuck
+        .batch_execute(&format!("begin; {insert}"))
+        .await
+        .unwrap();
+    let migrate = tokio::spawn({
+        let table = table.clone();
+        async move { Admin::migrate(support::postgres().await, &table, &table).await }
+    });
+    // A write arriving while migrate waits for its lock gets through before migrate gives up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writer = support::connect_pg().await;
+    tokio::time::timeout(Duration::from_secs(60), writer.batch_execute(&insert))
+        .await
+        .expect("a write is not queued behind migrate for good")
+        .unwrap();
+    assert!(!migrate.is_finished(), "migrate was still trying");
+    let e = tokio::time::timeout(Duration::from_secs(60), migrate)
+        .await
+        .expect("migrate gives up on a table held by a transaction left open")
+        .unwrap()
+        .expect_err("the table stayed locked");
+    assert!(matches!(e, Error::MigrationLocked(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"stuck-writer\""),
+        "the holder named: {text}"
+    );
+    assert!(text.contains("idle in transaction"), "its state: {text}");
+    stuck.batch_execute("commit").await.unwrap();
+    let report = Admin::migrate(support::postgres().await, &table, &table)
+        .await
+        .expect("migrate repairs once the transaction ended");
+    assert_eq!(
+        report.repaired(),
+        [format!("{table}_status_check (constraint)")]
+    );
+}
+
 /// With the fence table, an index and the wake trigger dropped, `connect()` names what is
 /// missing, and `migrate` re-creates exactly those; with the outbox table dropped, `migrate`
 /// creates it again (it used to print "up to date").
