@@ -267,15 +267,23 @@ impl RelaySql {
 fn reserve_statements(table: &str, open: &str) -> [String; 3] {
     let no_window = "select null::int8 as first, null::int8 as last, false as full";
     let reserve = |window: &str, in_window: &str, skip: bool| {
-        let skip_blocked = if skip {
-            render(
-                include_str!("sql/reserve_skip_blocked.sql"),
-                table,
-                "",
-                &[("open", open), ("in_window", in_window)],
+        let (first_open, skip_blocked) = if skip {
+            (
+                render(
+                    include_str!("sql/reserve_first_open.sql"),
+                    table,
+                    "",
+                    &[("open", open)],
+                ),
+                render(
+                    include_str!("sql/reserve_skip_blocked.sql"),
+                    table,
+                    "",
+                    &[("in_window", in_window)],
+                ),
             )
         } else {
-            String::new()
+            (String::new(), String::new())
         };
         render(
             include_str!("sql/reserve.sql"),
@@ -284,6 +292,7 @@ fn reserve_statements(table: &str, open: &str) -> [String; 3] {
             &[
                 ("open", open),
                 ("window", window),
+                ("first_open", &first_open),
                 ("skip_blocked", &skip_blocked),
             ],
         )

@@ -48,6 +48,7 @@ with win as materialized (
  cand as materialized (
      select id, seq, aggregate_id, event_topic, event_type, payload, headers, attempts, created_at_tz
        from {{table}} c
+       {{first_open}}
       where status = 'new'
         and seq >= $3
         and (reserved_to is null or reserved_to < localtimestamp)
@@ -57,7 +58,7 @@ with win as materialized (
         {{skip_blocked}}
       order by seq
       limit $1
-        for update skip locked
+        for update of c skip locked
  ),
  gate as materialized (
      select a.aggregate_id, g.seq as gap, g.due as gap_due
