@@ -484,7 +484,7 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
                 if env.opts.no_recorder {
                     "no metrics recorder, `--no-recorder`"
                 } else {
-                    "Prometheus recorder installed as the binary does, nobody scraping"
+                    "Prometheus recorder installed as the binary does but without its upkeep task, nobody scraping"
                 }
             ),
             cell,
