@@ -675,10 +675,6 @@ async fn full_scans_are_spaced_out_when_blocked_rows_make_them_slow() {
         ))
         .await
         .unwrap();
-    client
-        .batch_execute(&format!("vacuum analyze {table}"))
-        .await
-        .unwrap();
     let whole = empty_full_scan_took(&mut client, table).await;
     eprintln!("a full scan through the pile: {whole:?}");
     assert!(
@@ -749,10 +745,6 @@ async fn a_pile_of_blocked_events_longer_than_a_deadline_does_not_stop_delivery(
             "update {table} set seq = seq * 20000 where aggregate_id = 'D';
              select setval(pg_get_serial_sequence('{table}', 'seq'), (select max(seq) from {table}))"
         ))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("vacuum analyze {table}"))
         .await
         .unwrap();
     let whole = empty_full_scan_took(&mut client, table).await;
@@ -897,8 +889,13 @@ async fn pile_behind_a_dead_letter(
 }
 
 /// How long the relay's full scan (batch size 2,000, from the first pending row) takes on
-/// `table`, where every pending row is behind a blocked aggregate (it reserves nothing).
+/// `table`, vacuumed and analyzed first, where every pending row is behind a blocked aggregate
+/// (it reserves nothing).
 async fn empty_full_scan_took(client: &mut tokio_postgres::Client, table: &str) -> Duration {
+    client
+        .batch_execute(&format!("vacuum analyze {table}"))
+        .await
+        .unwrap();
     let sql = outbox::testing::relay_sql(table, false);
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(&sql.session_setup).await.unwrap();
