@@ -80,13 +80,13 @@ pub(crate) async fn sample_batches(
                 "idle in transaction" => "publish (tx open: fence + relay + Kafka)",
                 "idle" => "idle (between batches)",
                 "active" => {
-                    if head.starts_with("with cand") {
-                        // A scan from the first pending row runs the other reservation.
-                        let ours = if query == sql.reserve_full {
-                            &sql.reserve_full
-                        } else {
-                            &sql.reserve
-                        };
+                    if head.starts_with("with win") {
+                        // A scan from the first pending row runs another reservation, and one
+                        // after a failed scan a third.
+                        let ours = [&sql.reserve_full, &sql.reserve_windowed]
+                            .into_iter()
+                            .find(|s| **s == query)
+                            .unwrap_or(&sql.reserve);
                         check(&mut reserve_ok, "reserve", &query, ours);
                         "reserve SQL"
                     } else if head.starts_with("update")
