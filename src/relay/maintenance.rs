@@ -28,6 +28,9 @@ const STATISTICS_INTERVAL: Duration = Duration::from_secs(2);
 /// doubling since Postgres last measured it before the relay analyzes it.
 const STATISTICS_GROWTH_PAGES: i64 = 128;
 
+/// Or its committed rows by at least this many, besides doubling.
+const STATISTICS_GROWTH_ROWS: i64 = 10_000;
+
 /// Deadline of the relay's `ANALYZE` (also its `statement_timeout`): a sample of a large table
 /// can take longer than a Postgres round trip.
 const ANALYZE_DEADLINE: Duration = Duration::from_secs(60);
@@ -196,7 +199,13 @@ async fn update_gauges(ctx: &Ctx) -> crate::Result<()> {
 
 /// Analyzes the table when it has at least doubled (and grown by
 /// [`STATISTICS_GROWTH_PAGES`]) since Postgres last measured it (`pg_class.relpages`, set by
-/// `ANALYZE` and `VACUUM`): a table that fills from empty, or a burst many times its usual size,
+/// `ANALYZE` and `VACUUM`), or its committed rows have (by [`STATISTICS_GROWTH_ROWS`]; the
+/// statistics system's live rows against `pg_class.reltuples`). The second catches a burst
+/// committed in one transaction: the pages grow while it runs, and an `ANALYZE` then counts
+/// none of its rows (Postgres does not count another transaction's uncommitted inserts), so
+/// the table was planned as thousands of empty pages — and the pages did not double again after
+/// the commit (measured: a 200k-event burst drained at 16k events/s instead of 40k; BENCHMARKS.md).
+/// A table that fills from empty, or a burst many times its usual size,
 /// is otherwise planned with statistics of the small table until autovacuum's next pass (up to
 /// `autovacuum_naptime`, a minute by default, after its thresholds are crossed). Measured
 /// (BENCHMARKS.md, "Statistics of a table that fills from empty"): with 32 writers starting on a
@@ -227,15 +236,16 @@ async fn refresh_statistics(
         None => ctx.pg.connect_bounded("statistics").await?,
     };
     let table = ctx.settings.table.as_str();
-    let Some((measured, pages, owner)) = bounded("statistics", ctx.pg.timeout, async {
-        table_pages(&client, table).await
+    let Some(size) = bounded("statistics", ctx.pg.timeout, async {
+        table_size(&client, table).await
     })
     .await?
     else {
         state.client = Some(client);
         return Ok(());
     };
-    if pages < measured.saturating_mul(2) || pages < measured + STATISTICS_GROWTH_PAGES {
+    let (measured, pages, owner) = (size.measured_pages, size.pages, size.owner);
+    if !size.outgrew_statistics() {
         state.client = Some(client);
         return Ok(());
     }
@@ -252,10 +262,10 @@ async fn refresh_statistics(
     );
     let analyzed = bounded("analyze", ANALYZE_DEADLINE + ctx.pg.timeout, async {
         client.batch_execute(&analyze).await?;
-        // Skipped (the table was locked) when Postgres' measure did not move.
-        Ok(table_pages(&client, table)
+        // Skipped (the table was locked) when no analyze was counted.
+        Ok(table_size(&client, table)
             .await?
-            .is_some_and(|(after, _, _)| after != measured))
+            .is_some_and(|after| after.analyzes > size.analyzes))
     })
     .await;
     let why = match analyzed {
@@ -264,6 +274,8 @@ async fn refresh_statistics(
                 table,
                 measured_pages = measured,
                 pages,
+                measured_rows = size.measured_rows,
+                rows = size.rows,
                 "outbox relay: the table grew well past the size its statistics describe; analyzed it"
             );
             state.client = Some(client);
@@ -290,22 +302,52 @@ async fn refresh_statistics(
     Ok(())
 }
 
-/// The table's pages as Postgres last measured them (`pg_class.relpages`), its pages now, and
-/// whether the session's role owns it (may `ANALYZE` it); `None` when there is no such table.
-async fn table_pages(
+/// The table's size as its statistics describe it and as it is now.
+#[derive(Debug, Clone, Copy)]
+struct TableSize {
+    /// Pages as Postgres last measured them (`pg_class.relpages`).
+    measured_pages: i64,
+    /// Pages now.
+    pages: i64,
+    /// Rows as Postgres last measured them (`pg_class.reltuples`; 0 when never measured).
+    measured_rows: i64,
+    /// Committed live rows now, as the statistics system counts them (`n_live_tup`; reported
+    /// by the writing sessions within about a second of their commits, 0 with `track_counts`
+    /// off).
+    rows: i64,
+    /// `ANALYZE`s of the table so far, manual and automatic.
+    analyzes: i64,
+    /// Whether the session's role owns the table (may `ANALYZE` it).
+    owner: bool,
+}
+
+impl TableSize {
+    /// Doubled, and grown by [`STATISTICS_GROWTH_PAGES`] or [`STATISTICS_GROWTH_ROWS`], in pages
+    /// or in committed rows since Postgres last measured it.
+    fn outgrew_statistics(&self) -> bool {
+        let outgrew =
+            |then: i64, now: i64, by: i64| now >= then.saturating_mul(2) && now >= then + by;
+        outgrew(self.measured_pages, self.pages, STATISTICS_GROWTH_PAGES)
+            || outgrew(self.measured_rows, self.rows, STATISTICS_GROWTH_ROWS)
+    }
+}
+
+/// The table's [`TableSize`]; `None` when there is no such table.
+async fn table_size(
     client: &tokio_postgres::Client,
     table: &str,
-) -> crate::Result<Option<(i64, i64, bool)>> {
+) -> crate::Result<Option<TableSize>> {
     Ok(client
-        .query_opt(
-            "select c.relpages::bigint, \
-                    (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint, \
-                    pg_has_role(c.relowner, 'USAGE') \
-               from pg_class c where c.oid = to_regclass($1::text)",
-            &[&table],
-        )
+        .query_opt(include_str!("../sql/table_size.sql"), &[&table])
         .await?
-        .map(|r| (r.get(0), r.get(1), r.get(2))))
+        .map(|r| TableSize {
+            measured_pages: r.get(0),
+            pages: r.get(1),
+            measured_rows: r.get(2),
+            rows: r.get(3),
+            analyzes: r.get(4),
+            owner: r.get(5),
+        }))
 }
 
 /// Deletes the fences of batches that never confirmed (their session was lost) once they ended.
