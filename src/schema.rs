@@ -340,12 +340,17 @@ async fn lock_holders(client: &Client, table: &str) -> Result<String> {
         return Ok("none any more".into());
     }
     let each = rows.iter().map(|r| {
+        let state = r
+            .get::<_, Option<String>>(2)
+            .unwrap_or_else(|| "state unknown to this role".into());
+        let age = match r.get::<_, Option<f64>>(3) {
+            Some(s) => format!("transaction open {s:.0} s"),
+            None => "transaction age unknown to this role".into(),
+        };
         format!(
-            "pid {} ({:?}, {}, transaction open {:.0} s)",
+            "pid {} (\"{}\", {state}, {age})",
             r.get::<_, i32>(0),
             crate::text::printable(&r.get::<_, String>(1)),
-            r.get::<_, String>(2),
-            r.get::<_, f64>(3)
         )
     });
     Ok(each.collect::<Vec<_>>().join(", "))

@@ -111,20 +111,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AwaitClose<S> {
     }
 }
 
-/// Sends `token`'s cancel request to the server of `config` that the last connect used
-/// (`preferred`, an index into its servers; a session on another server ignores a key it does
-/// not know), over `tls`, and returns once the server closed the connection. Unbounded: the
-/// caller puts a deadline on it.
+/// Sends `token`'s cancel request to `config`'s server `server` (an index into its servers: the
+/// session's, see `Pg::server_of_last_connect`), over `tls`, and returns once the server closed
+/// the connection. A host name is resolved again, and the first of its addresses that accepts
+/// gets the request — as at connect time, unless that address changed since (a server that does
+/// not know the key ignores it). Unbounded: the caller puts a deadline on it.
 ///
 /// # Errors
 /// Connecting, the TLS handshake, or writing the request failed.
 pub(super) fn send(
     config: &Config,
-    preferred: usize,
+    server: usize,
     tls: Tls,
     token: CancelToken,
 ) -> futures::future::BoxFuture<'static, Result<(), Box<dyn std::error::Error + Send + Sync>>> {
-    let one = super::single_host(config, preferred % super::host_count(config));
+    let one = super::single_host(config, server % super::host_count(config));
     Box::pin(send_to(one, tls, token))
 }
 

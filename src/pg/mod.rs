@@ -655,6 +655,13 @@ impl Pg {
         }
     }
 
+    /// Which of the connection string's servers the last connect used (an index into them, see
+    /// [`connect_config`]): read right after a connect, the server of the session it opened
+    /// (unless another connect to another server finished in between).
+    pub(crate) fn server_of_last_connect(&self) -> usize {
+        self.preferred.load(Ordering::Relaxed)
+    }
+
     /// Asks the server to cancel the statement `client`'s session is running (Postgres' cancel
     /// request, on a connection of its own, sent as libpq sends it: see [`cancel`]), on a task,
     /// for a round trip that missed its deadline, whose session the relay drops. Dropping alone
@@ -668,14 +675,13 @@ impl Pg {
     /// logged at warn; then the session closes — with a Terminate after a statement that ended,
     /// not mid-statement. The request and the wait are each bounded by the connect deadline; a
     /// request that could not be sent is logged at debug (the session closes anyway).
-    pub(crate) fn cancel(&self, client: &Arc<Client>, what: &'static str) {
+    pub(crate) fn cancel(&self, client: &Arc<Client>, server: usize, what: &'static str) {
         let session = Arc::clone(client);
         let token = client.cancel_token();
         let pg = self.clone();
         let deadline = self.connect_deadline();
         tokio::spawn(async move {
-            let preferred = pg.preferred.load(Ordering::Relaxed);
-            let cancel = cancel::send(&pg.config, preferred, pg.tls.clone(), token);
+            let cancel = cancel::send(&pg.config, server, pg.tls.clone(), token);
             match tokio::time::timeout(deadline, cancel).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

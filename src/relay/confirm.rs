@@ -4,6 +4,7 @@
 //! report through the same sink.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,7 +20,7 @@ use crate::store::ConfirmOutcome;
 use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::retry::{retry_delay, unavailable_delay};
-use super::shared::Session;
+use super::shared::{Session, SharedSession};
 use super::timing::{millis, round_trip, round_trip_on, LATE_GRACE};
 use super::Ctx;
 
@@ -138,7 +139,7 @@ pub(crate) async fn confirm_batch(
     };
     let ((), held, ()) = round_trip_on(
         &ctx.pg,
-        &conn.client,
+        conn,
         &ctx.stop,
         "confirm",
         ctx.timing.round_trip,
@@ -254,16 +255,18 @@ async fn write_late(
         }
     };
     let write = record_late(ctx, &c, row, outcome, hold);
-    let written = round_trip_on(
-        &ctx.pg,
-        c.client(),
-        &ctx.stop,
-        "late confirm",
-        ctx.timing.round_trip,
-        write,
-    )
-    .await;
-    match ctx.late_conn.settle(&c, written).await {
+    let written = ctx
+        .late_conn
+        .round_trip(
+            &ctx.pg,
+            &c,
+            &ctx.stop,
+            "late confirm",
+            ctx.timing.round_trip,
+            write,
+        )
+        .await;
+    match written {
         Ok(written) => written,
         Err(e) => {
             ctx.report.late_unrecordable(&e);
@@ -363,11 +366,22 @@ pub(crate) struct LateConn {
     release: Statement,
     confirm: Statement,
     fail: Statement,
+    server: usize,
+    live: AtomicUsize,
 }
 
 impl Session for LateConn {
     fn client(&self) -> &Arc<Client> {
         &self.client
+    }
+    fn server(&self) -> usize {
+        self.server
+    }
+}
+
+impl SharedSession for LateConn {
+    fn live(&self) -> &AtomicUsize {
+        &self.live
     }
 }
 
@@ -379,6 +393,7 @@ async fn late_conn(ctx: &Ctx) -> crate::Result<Arc<LateConn>> {
             let connect = ctx.pg.connect("late");
             let client =
                 round_trip(&ctx.stop, "connect", ctx.pg.connect_deadline(), connect).await?;
+            let server = ctx.pg.server_of_last_connect();
             let prepare = async {
                 futures::try_join!(
                     client.prepare(&ctx.sql.late_release),
@@ -398,6 +413,8 @@ async fn late_conn(ctx: &Ctx) -> crate::Result<Arc<LateConn>> {
                 release,
                 confirm,
                 fail,
+                server,
+                live: AtomicUsize::new(0),
             })
         })
         .await

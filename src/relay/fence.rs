@@ -4,6 +4,7 @@
 //! confirm statement deletes the fence; a batch that could not confirm removes it once its held
 //! messages settled; the rest expire (see `maintenance`).
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use postgres_types::Type;
@@ -13,19 +14,30 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::RelaySql;
 
-use super::shared::{Session, Shared};
-use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
+use super::shared::{Session, Shared, SharedSession};
+use super::timing::{millis, round_trip, Stop, Timing};
 
 /// The fence connection and its prepared statements.
 struct FenceConn {
     client: Arc<Client>,
     insert: Statement,
     delete: Statement,
+    server: usize,
+    live: AtomicUsize,
 }
 
 impl Session for FenceConn {
     fn client(&self) -> &Arc<Client> {
         &self.client
+    }
+    fn server(&self) -> usize {
+        self.server
+    }
+}
+
+impl SharedSession for FenceConn {
+    fn live(&self) -> &AtomicUsize {
+        &self.live
     }
 }
 
@@ -63,18 +75,7 @@ impl Fences {
             [batch_id, &self.lifetime_ms, &aggregates];
         let op = f.client.execute(&f.insert, &params);
         self.conn
-            .settle(
-                &f,
-                round_trip_on(
-                    &self.pg,
-                    &f.client,
-                    &self.stop,
-                    "fence",
-                    self.round_trip,
-                    op,
-                )
-                .await,
-            )
+            .round_trip(&self.pg, &f, &self.stop, "fence", self.round_trip, op)
             .await
             .map(drop)
     }
@@ -88,18 +89,7 @@ impl Fences {
         let params: [&(dyn postgres_types::ToSql + Sync); 1] = [batch_id];
         let op = f.client.execute(&f.delete, &params);
         self.conn
-            .settle(
-                &f,
-                round_trip_on(
-                    &self.pg,
-                    &f.client,
-                    &self.stop,
-                    "unfence",
-                    self.round_trip,
-                    op,
-                )
-                .await,
-            )
+            .round_trip(&self.pg, &f, &self.stop, "unfence", self.round_trip, op)
             .await
             .map(drop)
     }
@@ -116,6 +106,7 @@ impl Fences {
             self.pg.connect("fence"),
         )
         .await?;
+        let server = self.pg.server_of_last_connect();
         let prepare = async {
             let insert = client
                 .prepare_typed(&self.sql.fence, &[Type::UUID, Type::INT8, Type::TEXT_ARRAY])
@@ -131,6 +122,8 @@ impl Fences {
             client: Arc::new(client),
             insert,
             delete,
+            server,
+            live: AtomicUsize::new(0),
         })
     }
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::pg::Pg;
 use crate::store::{RawJson, RelaySql};
 
+use super::shared::Session;
 use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 
 /// Session settings of the relay's batch connections (besides the lease timeout).
@@ -85,6 +86,17 @@ pub(crate) struct BatchConn {
     /// The same within a window (see `RelaySql::reserve_windowed`).
     reserve_windowed: Statement,
     pub(crate) confirm: Statement,
+    /// The connection string's server it is on.
+    server: usize,
+}
+
+impl Session for BatchConn {
+    fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+    fn server(&self) -> usize {
+        self.server
+    }
 }
 
 impl BatchConn {
@@ -92,6 +104,7 @@ impl BatchConn {
     async fn open(pg: &Pg, sql: &RelaySql, timing: &Timing, stop: &Stop) -> crate::Result<Self> {
         let client =
             round_trip(stop, "connect", pg.connect_deadline(), pg.connect("batch")).await?;
+        let server = pg.server_of_last_connect();
         round_trip(
             stop,
             "batch session setup",
@@ -106,6 +119,7 @@ impl BatchConn {
                 reserve_full,
                 reserve_windowed,
                 confirm,
+                server,
             },
         )
     }
@@ -164,7 +178,7 @@ impl BatchConn {
     pub(crate) async fn rollback(&self, pg: &Pg, timing: &Timing, stop: &Stop) -> bool {
         round_trip_on(
             pg,
-            &self.client,
+            self,
             stop,
             "rollback",
             timing.round_trip,
@@ -307,15 +321,8 @@ impl Reserver {
             _ => BatchConn::open(pg, sql, timing, stop).await?,
         };
         let reserve = conn.reserve(ask);
-        let (rows, scan) = round_trip_on(
-            pg,
-            &conn.client,
-            stop,
-            "reserve",
-            timing.round_trip,
-            reserve,
-        )
-        .await?;
+        let (rows, scan) =
+            round_trip_on(pg, &conn, stop, "reserve", timing.round_trip, reserve).await?;
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok((None, scan));

@@ -1,15 +1,16 @@
 //! Every duration the relay derives from its settings, computed once, and the stop window.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::pg::Pg;
+
+use super::shared::Session;
 
 /// Safety margin added to the lease check, to holds of unreported messages and to batch fences:
 /// it covers the round trip that records the hold or fence and clock skew between the relay and
@@ -95,15 +96,15 @@ pub(crate) async fn round_trip<T, E: Into<crate::Error>>(
     }
 }
 
-/// [`round_trip`] on `client`'s session: when it misses its deadline (or is cut by a stop), the
-/// server is asked to cancel the statement (see [`Pg::cancel`]), since the caller then drops
-/// the session.
+/// [`round_trip`] on a batch session (one task's: shared sessions use `Shared::round_trip`):
+/// when it misses its deadline (or is cut by a stop), the server is asked to cancel the
+/// statement (see [`Pg::cancel`]), since the caller then drops the session.
 ///
 /// # Errors
 /// As [`round_trip`].
 pub(crate) async fn round_trip_on<T, E: Into<crate::Error>>(
     pg: &Pg,
-    client: &Arc<Client>,
+    session: &impl Session,
     stop: &Stop,
     what: &'static str,
     after: Duration,
@@ -111,7 +112,7 @@ pub(crate) async fn round_trip_on<T, E: Into<crate::Error>>(
 ) -> crate::Result<T> {
     let r = round_trip(stop, what, after, op).await;
     if r.as_ref().is_err_and(crate::Error::is_timeout) {
-        pg.cancel(client, what);
+        pg.cancel(session.client(), session.server(), what);
     }
     r
 }

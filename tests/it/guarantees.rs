@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
+use outbox::testing::faults::{Fault, FaultProxy};
 use outbox::{
     DeadLetterPolicy, DeliveryEvent, DeliveryFailure, DeliveryStream, Error, Event, EventFilter,
     EventStatus, NewEvent, Outbox, OutboxBuilder, RequeueFilter,
@@ -886,6 +887,75 @@ async fn pile_behind_a_dead_letter(
         .batch_execute(&format!("vacuum analyze {table}"))
         .await
         .unwrap();
+}
+
+/// The fence session is shared by the batches in flight, their statements pipelined on it. A
+/// fence that missed its deadline but ended on the server just after it: a cancel request sent
+/// for it then arrived while the next batch's fence ran, and failed that one (found by a breaker
+/// helper). Here, through a proxy adding 100 ms each way with `postgres_timeout` 2 s, A's fence
+/// takes 1.85 s on the server (its round trip 2.05 s) and B's, sent while it runs, 0.5 s after
+/// it (well within B's deadline). The relay cancels a shared session's statement only once no
+/// round trip is in flight on it: no statement is cancelled on the server (checked: with a
+/// cancel for every missed deadline, B's fence was, `canceling statement due to user
+/// request`), A's fence is removed at once although its round trip failed, and both events are
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_fence_deadline_cancels_no_other_batch_s_fence() {
+    let server = outbox::testing::TestPostgres::builder()
+        .start()
+        .await
+        .unwrap();
+    let env = setup_in("fencecancel", 1, None, server.config()).await;
+    let mut client = pg(&env).await;
+    let (t, table) = (env.topic.as_str(), env.table.as_str());
+    client
+        .batch_execute(&format!(
+            "create sequence {table}_fences_seen;
+             create function {table}_slow_fence() returns trigger language plpgsql as $$
+             begin
+               if nextval('{table}_fences_seen') = 1 then perform pg_sleep(1.85);
+               else perform pg_sleep(0.5); end if;
+               return new;
+             end $$;
+             create trigger {table}_slow_fence before insert on {table}_fence for each row
+               execute function {table}_slow_fence();"
+        ))
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port()).into())
+        .await
+        .unwrap();
+    let mut through = env.pg.clone();
+    through.connect_timeout(Duration::from_secs(10));
+    let outbox = env
+        .builder()
+        .postgres(proxy.postgres_config(&through))
+        .postgres_timeout(Duration::from_secs(2))
+        .batch_size(1)
+        .connect()
+        .await
+        .expect("connect");
+    proxy.set_fault(Fault::Latency(Duration::from_millis(100)));
+    let handle = outbox.start().expect("start");
+    let a = insert(&outbox, &mut client, &[ev(t, "A", 1)]).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let b = insert(&outbox, &mut client, &[ev(t, "B", 1)]).await;
+    let ids: Vec<Uuid> = a.into_iter().chain(b).collect();
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    let log = server.log();
+    let cancelled: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("canceling statement due to user request"))
+        .collect();
+    assert!(cancelled.is_empty(), "statements cancelled: {cancelled:#?}");
+    let fences: i64 = client
+        .query_one(&format!("select count(*) from {table}_fence"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fences, 0, "A's fence, committed past its deadline, is gone");
+    proxy.set_fault(Fault::None);
+    stop_and_join(&outbox, handle).await;
 }
 
 /// How long the relay's full scan (batch size 2,000, from the first pending row) takes on

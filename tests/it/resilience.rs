@@ -890,6 +890,103 @@ async fn a_statement_past_its_deadline_is_cancelled_through_pgbouncer() {
     stalled_confirm_is_cancelled(proxy.postgres_config(&bouncer.config()), "cancel_bouncer").await;
 }
 
+/// With two servers in the connection string (two PgBouncers in front of one Postgres here), the
+/// cancel goes to the server of the timed-out session, not to the one the last connect used
+/// (found by a breaker helper: while the confirm slept on PgBouncer 1, PgBouncer 1 refused new
+/// clients and the relay's next sessions went to PgBouncer 2, which got the cancel and logged
+/// `failed cancel request`; the backend slept on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_goes_to_the_server_of_its_session() {
+    support::init_tracing();
+    let (Some(b1), Some(b2)) = (
+        start_pgbouncer("session").await,
+        start_pgbouncer("session").await,
+    ) else {
+        eprintln!("SKIPPED a_cancel_goes_to_the_server_of_its_session: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let mut both = tokio_postgres::Config::new();
+    both.host("127.0.0.1")
+        .port(b1.port)
+        .host("127.0.0.1")
+        .port(b2.port)
+        .user("postgres")
+        .dbname("postgres");
+    let (table, client) = migrated_table("cancel_hosts").await;
+    let topic = support::fresh_topic("cancel_hosts_topic", 1).await;
+    client
+        .batch_execute(&format!(
+            "create function {table}_stall() returns trigger language plpgsql as $$
+             begin perform pg_sleep(30); return new; end $$;
+             create trigger {table}_stall before update on {table} for each row
+               when (new.status = 'done') execute function {table}_stall();"
+        ))
+        .await
+        .unwrap();
+    let outbox = on_table(both, &table)
+        .postgres_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let pid = support::eventually(HANG, "a confirm asleep in the trigger", || async {
+        sleeping_batch_session(&client, &table)
+            .await
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    // PgBouncer 1 refuses new clients; the relay's other sessions end, so that its next
+    // connects (and the server it last connected to) are PgBouncer 2.
+    let mut admin_cfg = b1.config();
+    admin_cfg.dbname("pgbouncer");
+    let admin = outbox::testing::connect(&admin_cfg).await.unwrap();
+    admin.simple_query("DISABLE postgres").await.unwrap();
+    client
+        .execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity
+              where application_name like 'outbox%' and application_name <> 'outbox-relay-batch'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let _ = outbox.status().await;
+    support::eventually(HANG, "the confirm's missed deadline", || async {
+        match outbox.stats().confirm_failures {
+            0 => Err("no confirm failure yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    support::eventually(
+        Duration::from_secs(5),
+        "the stalled confirm cancelled",
+        || async {
+            match client
+                .query_opt(
+                    "select 1 from pg_stat_activity where pid = $1 and wait_event = 'PgSleep'",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+            {
+                Some(_) => Err(format!("backend {pid} still asleep")),
+                None => Ok(()),
+            }
+        },
+    )
+    .await;
+    admin.simple_query("ENABLE postgres").await.unwrap();
+    client
+        .batch_execute(&format!("drop trigger {table}_stall on {table}"))
+        .await
+        .unwrap();
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// A relay on `pg` (Postgres itself or a pooler) whose confirm stalls in a trigger's
 /// `pg_sleep(30)`: the backend stops sleeping within 5 s of the missed deadline, and the event is
 /// delivered once the trigger is gone.
@@ -1421,7 +1518,8 @@ async fn start_pgbouncer_ignoring(pool_mode: &str, ignore: &str) -> Option<Bounc
         format!(
             "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = {pool_mode}\n\
-             max_client_conn = 100\ndefault_pool_size = 30\nignore_startup_parameters = {ignore}\n",
+             max_client_conn = 100\ndefault_pool_size = 30\nadmin_users = postgres\n\
+             ignore_startup_parameters = {ignore}\n",
             upstream.ip(),
             upstream.port(),
             users.display()
