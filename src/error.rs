@@ -77,7 +77,7 @@ pub enum Error {
     /// answering (a half-open connection, a hung server, a blackholed route). `what` names the
     /// call (`connect`, `status`, `find`, `requeue`, `migrate`, `health`, …); `after` is the
     /// deadline that passed. The connection is dropped and the next call opens a new one.
-    #[error("postgres: {what}: no answer within {after:?} (timeout; the server or the network path to it is not answering)")]
+    #[error("postgres: {what}: no answer within {after:?} (timeout: the statement ran that long — waiting for a lock, a slow trigger — or the server or the network path to it is not answering)")]
     Timeout {
         /// The call that timed out.
         what: &'static str,

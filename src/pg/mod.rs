@@ -406,10 +406,14 @@ where
             Err(e)
         }
         Err(e) if options_refused(&e) => {
-            tracing::info!(
-                error = %crate::error::PgErrorDisplay(&e),
-                "postgres refused the session parameters as startup options; setting them with SET"
-            );
+            // Every connect through such a pooler: said once per process, then at debug.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let text = "the server (a pooler such as PgBouncer) does not take session parameters as startup options; the relay sets them with SET after connecting (expected, nothing to fix)";
+            if SAID.swap(true, Ordering::Relaxed) {
+                tracing::debug!(refusal = %crate::error::PgErrorDisplay(&e), "{text}");
+            } else {
+                tracing::info!(refusal = %crate::error::PgErrorDisplay(&e), "{text} (logged once)");
+            }
             let (client, conn) = connect_config(&plain, tls, preferred).await?;
             let task = tokio::spawn(drive(conn, on_notification));
             set_each(&client, params).await?;
