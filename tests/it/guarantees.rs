@@ -2509,22 +2509,30 @@ async fn connect_analyzes_a_table_postgres_never_analyzed() {
     drop(outbox);
 }
 
+/// A migrated table in a database of its own (its statistics are the test's alone), with
+/// autovacuum off on it, and a client.
+async fn without_autovacuum(prefix: &str) -> (Env, tokio_postgres::Client) {
+    let db = support::fresh_database().await;
+    let env = setup_in(prefix, 2, None, db).await;
+    let client = pg(&env).await;
+    client
+        .batch_execute(&format!(
+            "alter table {} set (autovacuum_enabled = false)",
+            env.table
+        ))
+        .await
+        .unwrap();
+    (env, client)
+}
+
 /// A running relay analyzes its table once the table has grown well past the size its
 /// statistics describe (here: analyzed empty at connect, then 20,000 events committed at once,
 /// autovacuum off on it), so that its reservations are not planned for the empty table until
 /// autovacuum's next pass; every event is then delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_analyzes_a_table_that_outgrew_its_statistics() {
-    let db = support::fresh_database().await;
-    let env = setup_in("outgrew", 2, None, db).await;
-    let client = pg(&env).await;
+    let (env, client) = without_autovacuum("outgrew").await;
     let table = env.table.as_str();
-    client
-        .batch_execute(&format!(
-            "alter table {table} set (autovacuum_enabled = false)"
-        ))
-        .await
-        .unwrap();
     let outbox = env.builder().connect().await.expect("connect");
     let relpages = || async {
         client
@@ -2581,16 +2589,8 @@ async fn the_relay_analyzes_a_table_that_outgrew_its_statistics() {
 /// pages meanwhile (the pages' rule would analyze it once delivered rows doubled them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_committed_in_one_transaction_is_analyzed_after_its_commit() {
-    let db = support::fresh_database().await;
-    let env = setup_in("burststats", 2, None, db).await;
-    let client = pg(&env).await;
+    let (env, client) = without_autovacuum("burststats").await;
     let table = env.table.as_str();
-    client
-        .batch_execute(&format!(
-            "alter table {table} set (autovacuum_enabled = false)"
-        ))
-        .await
-        .unwrap();
     let outbox = env.builder().connect().await.expect("connect");
     let handle = outbox.start().unwrap();
     // Pages measured, rows measured, pages now.

@@ -912,40 +912,14 @@ async fn a_cancel_goes_to_the_server_of_its_session() {
         .port(b2.port)
         .user("postgres")
         .dbname("postgres");
-    let (table, client) = migrated_table("cancel_hosts").await;
-    let topic = support::fresh_topic("cancel_hosts_topic", 1).await;
-    client
-        .batch_execute(&format!(
-            "create function {table}_stall() returns trigger language plpgsql as $$
-             begin perform pg_sleep(30); return new; end $$;
-             create trigger {table}_stall before update on {table} for each row
-               when (new.status = 'done') execute function {table}_stall();"
-        ))
-        .await
-        .unwrap();
-    let outbox = on_table(both, &table)
-        .postgres_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
-    outbox
-        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
-        .await
-        .unwrap();
-    let pid = support::eventually(HANG, "a confirm asleep in the trigger", || async {
-        sleeping_batch_session(&client, &table)
-            .await
-            .ok_or_else(|| "none yet".to_string())
-    })
-    .await;
+    let s = stalled_confirm(both, "cancel_hosts", Duration::from_secs(5)).await;
     // PgBouncer 1 refuses new clients; the relay's other sessions end, so that its next
     // connects (and the server it last connected to) are PgBouncer 2.
     let mut admin_cfg = b1.config();
     admin_cfg.dbname("pgbouncer");
     let admin = outbox::testing::connect(&admin_cfg).await.unwrap();
     admin.simple_query("DISABLE postgres").await.unwrap();
-    client
+    s.client
         .execute(
             "select pg_terminate_backend(pid) from pg_stat_activity
               where application_name like 'outbox%' and application_name <> 'outbox-relay-batch'",
@@ -953,44 +927,64 @@ async fn a_cancel_goes_to_the_server_of_its_session() {
         )
         .await
         .unwrap();
-    let _ = outbox.status().await;
-    support::eventually(HANG, "the confirm's missed deadline", || async {
-        match outbox.stats().confirm_failures {
-            0 => Err("no confirm failure yet".to_string()),
-            _ => Ok(()),
-        }
-    })
-    .await;
-    support::eventually(
-        Duration::from_secs(5),
-        "the stalled confirm cancelled",
-        || async {
-            match client
-                .query_opt(
-                    "select 1 from pg_stat_activity where pid = $1 and wait_event = 'PgSleep'",
-                    &[&pid],
-                )
-                .await
-                .unwrap()
-            {
-                Some(_) => Err(format!("backend {pid} still asleep")),
-                None => Ok(()),
-            }
-        },
-    )
-    .await;
+    let _ = s.outbox.status().await;
+    confirm_failed_and_cancelled(&s).await;
     admin.simple_query("ENABLE postgres").await.unwrap();
-    client
-        .batch_execute(&format!("drop trigger {table}_stall on {table}"))
+    s.client
+        .batch_execute(&format!("drop trigger {0}_stall on {0}", s.table))
         .await
         .unwrap();
-    support::stop_and_join(&outbox, relay).await;
+    support::stop_and_join(&s.outbox, s.relay).await;
 }
 
 /// A relay on `pg` (Postgres itself or a pooler) whose confirm stalls in a trigger's
 /// `pg_sleep(30)`: the backend stops sleeping within 5 s of the missed deadline, and the event is
 /// delivered once the trigger is gone.
 async fn stalled_confirm_is_cancelled(pg: tokio_postgres::Config, name: &str) {
+    let s = stalled_confirm(pg, name, Duration::from_secs(1)).await;
+    confirm_failed_and_cancelled(&s).await;
+    s.client
+        .batch_execute(&format!("drop trigger {0}_stall on {0}", s.table))
+        .await
+        .unwrap();
+    support::eventually(HANG, "the event delivered", || async {
+        let row = s
+            .client
+            .query_one(
+                &format!("select status from {} where id = $1", s.table),
+                &[&s.id],
+            )
+            .await
+            .unwrap();
+        match row.get::<_, String>(0).as_str() {
+            "done" => Ok(()),
+            st => Err(format!("status {st}")),
+        }
+    })
+    .await;
+    support::stop_and_join(&s.outbox, s.relay).await;
+}
+
+/// A relay whose confirm sleeps in a trigger's `pg_sleep(30)` (see [`stalled_confirm`]).
+struct StalledConfirm {
+    table: String,
+    client: tokio_postgres::Client,
+    outbox: Outbox,
+    relay: support::RelayTask,
+    /// The event whose confirm sleeps.
+    id: uuid::Uuid,
+    /// The sleeping batch session's backend.
+    pid: i32,
+}
+
+/// A migrated table `name…` whose rows' update to `done` sleeps 30 s in a trigger, a relay on
+/// `pg` with `postgres_timeout` `timeout` running on it, and one event, whose confirm is asleep
+/// when this returns.
+async fn stalled_confirm(
+    pg: tokio_postgres::Config,
+    name: &str,
+    timeout: Duration,
+) -> StalledConfirm {
     let (table, client) = migrated_table(name).await;
     let topic = support::fresh_topic("cancel_topic", 1).await;
     client
@@ -1003,7 +997,7 @@ async fn stalled_confirm_is_cancelled(pg: tokio_postgres::Config, name: &str) {
         .await
         .unwrap();
     let outbox = on_table(pg, &table)
-        .postgres_timeout(Duration::from_secs(1))
+        .postgres_timeout(timeout)
         .connect()
         .await
         .unwrap();
@@ -1018,8 +1012,20 @@ async fn stalled_confirm_is_cancelled(pg: tokio_postgres::Config, name: &str) {
             .ok_or_else(|| "none yet".to_string())
     })
     .await;
+    StalledConfirm {
+        table,
+        client,
+        outbox,
+        relay,
+        id,
+        pid,
+    }
+}
+
+/// The stalled confirm missed its deadline, and its backend stops sleeping within 5 s.
+async fn confirm_failed_and_cancelled(s: &StalledConfirm) {
     support::eventually(HANG, "the confirm's missed deadline", || async {
-        match outbox.stats().confirm_failures {
+        match s.outbox.stats().confirm_failures {
             0 => Err("no confirm failure yet".to_string()),
             _ => Ok(()),
         }
@@ -1029,38 +1035,21 @@ async fn stalled_confirm_is_cancelled(pg: tokio_postgres::Config, name: &str) {
         Duration::from_secs(5),
         "the stalled confirm cancelled",
         || async {
-            let still: Option<String> = client
+            match s
+                .client
                 .query_opt(
-                    "select coalesce(wait_event, state) from pg_stat_activity
-                  where pid = $1 and wait_event = 'PgSleep'",
-                    &[&pid],
+                    "select 1 from pg_stat_activity where pid = $1 and wait_event = 'PgSleep'",
+                    &[&s.pid],
                 )
                 .await
                 .unwrap()
-                .map(|r| r.get(0));
-            match still {
-                Some(w) => Err(format!("backend {pid} still in {w}")),
+            {
+                Some(_) => Err(format!("backend {} still asleep", s.pid)),
                 None => Ok(()),
             }
         },
     )
     .await;
-    client
-        .batch_execute(&format!("drop trigger {table}_stall on {table}"))
-        .await
-        .unwrap();
-    support::eventually(HANG, "the event delivered", || async {
-        let row = client
-            .query_one(&format!("select status from {table} where id = $1"), &[&id])
-            .await
-            .unwrap();
-        match row.get::<_, String>(0).as_str() {
-            "done" => Ok(()),
-            s => Err(format!("status {s}")),
-        }
-    })
-    .await;
-    support::stop_and_join(&outbox, relay).await;
 }
 
 // ----------------------------------------------------------------------------------------------
