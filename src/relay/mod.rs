@@ -335,6 +335,11 @@ impl Pipeline {
         }
         self.gated = gated;
         self.last_full = false;
+        // A scan from the floor found nothing: a row below it that turns pending without a
+        // wake-up of its own must not wait for the fallback poll.
+        if let Some(at) = self.scan.full_scan_owed() {
+            self.wakeups.due_at(at);
+        }
         // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
         // in flight, so that a new event is reserved in the free slot at once rather
         // than after those batches — unless the backlog is gated: then nothing is

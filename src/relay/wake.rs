@@ -23,7 +23,8 @@ pub(crate) enum Wake {
     Armed,
     /// The fallback poll period passed.
     Tick,
-    /// A retry or a hold of an earlier batch is due.
+    /// A retry or a hold of an earlier batch is due, or a scan from the first pending row
+    /// ([`ScanStart::full_scan_owed`](super::scan::ScanStart::full_scan_owed)).
     Due,
     /// The last batch was full (or the relay just started): there may be more.
     Again,
