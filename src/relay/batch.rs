@@ -18,8 +18,8 @@ pub(crate) struct BatchDone {
     /// The connection for reuse; `None` when the batch could not be fenced or confirmed (the
     /// pipeline then pauses, so that a persistent fault is not a tight loop of re-sends).
     pub(crate) conn: Option<BatchConn>,
-    /// When the earliest retry (or held event) of the batch becomes due.
-    pub(crate) next_due: Option<Duration>,
+    /// When the batch's retries (and held events) become due, from its confirm.
+    pub(crate) due_in: Vec<Duration>,
     /// The lowest `seq` of the rows its commit released pending and due: rows it did not send,
     /// and (at its last row's `seq` or above) the rows its reservation locked past the byte
     /// budget. The next reservation's scan must not start above it.
@@ -30,7 +30,7 @@ impl BatchDone {
     fn failed() -> Self {
         BatchDone {
             conn: None,
-            next_due: None,
+            due_in: Vec::new(),
             released_from: None,
         }
     }
@@ -74,6 +74,7 @@ pub(crate) async fn run_batch(
         // A rollback that fails or misses its deadline leaves the session to end with the
         // dropped connection (at the latest after the lease).
         conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await;
+        free_by_the_lease(&ctx);
         return BatchDone::failed();
     }
     let mut published =
@@ -81,7 +82,7 @@ pub(crate) async fn run_batch(
     watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
     match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
-        Ok((next_due, holds)) => {
+        Ok((due_in, holds)) => {
             ctx.report
                 .batch_confirmed(&rows, &outcomes, fetched_at.elapsed());
             let unsent = rows
@@ -104,7 +105,7 @@ pub(crate) async fn run_batch(
             }
             BatchDone {
                 conn: Some(conn),
-                next_due,
+                due_in,
                 released_from,
             }
         }
@@ -124,6 +125,9 @@ pub(crate) async fn run_batch(
                 batch_id,
                 published.stragglers,
             ));
+            free_by_the_lease(&ctx);
+            // Its fence, if it cannot be removed, frees the aggregates when it expires.
+            ctx.due.at(Instant::now() + ctx.timing.fence);
             BatchDone::failed()
         }
     }
@@ -184,7 +188,22 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
     {
         return;
     }
-    if let Err(e) = ctx.fences.remove(&batch_id).await {
-        tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
+    match ctx.fences.remove(&batch_id).await {
+        // Its aggregates are free: nothing else wakes the relay for them.
+        Ok(()) => ctx.due.at(Instant::now()),
+        Err(e) => {
+            tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
+        }
     }
+}
+
+/// A batch that did not confirm: its rows are pending again once its transaction has ended —
+/// at once after a rollback, but after a missed deadline only when the server ends the dropped
+/// session, at the latest `lease` after its last statement (Postgres'
+/// `idle_in_transaction_session_timeout`). The pipeline's scan after its pause may find them
+/// still locked, and nothing else would wake it for them but the fallback poll.
+fn free_by_the_lease(ctx: &Ctx) {
+    let now = Instant::now();
+    ctx.due.at(now + ctx.timing.round_trip);
+    ctx.due.at(now + ctx.timing.lease);
 }

@@ -77,9 +77,12 @@ impl<'a> ConfirmRows<'a> {
         c
     }
 
-    /// When the earliest retry or hold written by this confirm is due.
-    fn next_due(&self) -> Option<Duration> {
-        self.codes
+    /// When the retries and holds written by this confirm are due (each distinct delay once,
+    /// shortest first): the relay wakes for every one — only the earliest, and a longer retry
+    /// of the same batch waited for the fallback poll (found by a review helper).
+    fn due_in(&self) -> Vec<Duration> {
+        let mut due: Vec<Duration> = self
+            .codes
             .iter()
             .zip(&self.delays_ms)
             .filter(|(code, _)| {
@@ -88,7 +91,10 @@ impl<'a> ConfirmRows<'a> {
                     || **code == ConfirmOutcome::Defer.code()
             })
             .map(|(_, ms)| Duration::from_millis(u64::try_from(*ms).unwrap_or(0)))
-            .min()
+            .collect();
+        due.sort_unstable();
+        due.dedup();
+        due
     }
 }
 
@@ -105,8 +111,8 @@ pub(crate) type Holds = HashMap<Uuid, SystemTime>;
 /// near-empty table got much worse with sequential scans off.)
 pub(crate) const CONFIRM_SETUP: &str = "set local enable_seqscan = off";
 
-/// Confirms the batch and commits (pipelined: one round trip). Returns when the earliest retry
-/// or hold of the batch is due, and the holds it wrote.
+/// Confirms the batch and commits (pipelined: one round trip). Returns when its retries and
+/// holds are due (see `ConfirmRows::due_in`), and the holds it wrote.
 ///
 /// # Errors
 /// The Postgres error of the confirm or the commit (the transaction is then still open: roll it
@@ -118,7 +124,7 @@ pub(crate) async fn confirm_batch(
     rows: &[Reserved],
     outcomes: &[Outcome],
     batch_id: &Uuid,
-) -> crate::Result<(Option<Duration>, Holds)> {
+) -> crate::Result<(Vec<Duration>, Holds)> {
     let c = ConfirmRows::new(ctx, rows, outcomes);
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
@@ -152,7 +158,7 @@ pub(crate) async fn confirm_batch(
         .iter()
         .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
         .collect();
-    Ok((c.next_due(), holds))
+    Ok((c.due_in(), holds))
 }
 
 /// Waits for the reports of held messages and records them, fenced by the hold: a row whose
@@ -433,8 +439,11 @@ async fn record_late(
     let client = &c.client;
     let Some(o) = o else {
         client.execute(&c.release, &[&row.id, hold]).await?;
+        // Due again at once, and nothing else wakes the relay for it before the hold's end.
+        ctx.due.at(Instant::now());
         return Ok(false);
     };
+    let retry_after = due_after(ctx, row, o);
     let written = match o {
         Outcome::Delivered { .. } if ctx.settings.on_delivery == OnDelivery::Delete => {
             client.execute(&c.confirm, &[&row.id, hold]).await
@@ -445,7 +454,7 @@ async fn record_late(
                 .await
         }
         Outcome::Failed(f) => {
-            let delay = due_after(ctx, row, o).map_or(0, millis);
+            let delay = retry_after.map_or(0, millis);
             client
                 .execute(
                     &c.fail,
@@ -455,5 +464,15 @@ async fn record_late(
         }
         Outcome::NotSent | Outcome::Held => return Ok(false),
     };
-    Ok(written? == 1)
+    let written = written? == 1;
+    if written {
+        // Settled: its aggregate's later events, which waited behind it, are free now (and a
+        // retry is due after its delay); the relay's only wake-up for them was the hold's end.
+        let now = Instant::now();
+        ctx.due.at(now);
+        if let Some(after) = retry_after {
+            ctx.due.at(now + after);
+        }
+    }
+    Ok(written)
 }

@@ -58,7 +58,7 @@ use self::reserve::{Ask, BatchConn, Reserved, Reserver};
 use self::scan::ScanStart;
 use self::shared::Shared;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
-use self::wake::{Wake, Wakeups};
+use self::wake::{DueSender, Wake, Wakeups};
 
 #[cfg(feature = "testing")]
 pub(crate) use self::confirm::CONFIRM_SETUP;
@@ -93,6 +93,8 @@ pub(crate) struct Ctx {
     fences: Fences,
     /// Events to send alone on their next attempt (a late refusal of their record batch).
     alone_next: publish::AloneNext,
+    /// Wake-ups for rows that turn due or free through a task beside the pipeline.
+    due: DueSender,
 }
 
 /// A relay ready to run (see [`Outbox::run`](crate::Outbox::run)).
@@ -143,7 +145,9 @@ impl Relay {
     /// Runs until the stop is requested, then stops gracefully.
     pub(crate) async fn run(self) -> crate::Result<()> {
         let timing = Timing::new(&self.settings);
+        let (due, due_requests) = DueSender::new();
         let ctx = Arc::new(Ctx {
+            due,
             timing,
             sql: self.sql.clone(),
             pg: self.pg.clone(),
@@ -179,7 +183,7 @@ impl Relay {
             drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
         }
         let mut pipeline = Pipeline {
-            wakeups: Wakeups::new(notifications, timing.poll_interval),
+            wakeups: Wakeups::new(notifications, timing.poll_interval).with_requests(due_requests),
             armed,
             batches: JoinSet::new(),
             reserver: Reserver::default(),
@@ -382,11 +386,12 @@ impl Pipeline {
         match done {
             Ok(BatchDone {
                 conn: Some(conn),
-                next_due,
+                due_in,
                 released_from,
             }) => {
-                if let Some(d) = next_due {
-                    self.wakeups.due_at(Instant::now() + d);
+                let now = Instant::now();
+                for d in due_in {
+                    self.wakeups.due_at(now + d);
                 }
                 self.scan.released(released_from);
                 self.reserver.put_back(conn);

@@ -2,6 +2,7 @@
 //! and waker's catch-up signals) ⊕ the fallback ticker ⊕ the earliest due retry or hold ⊕ "the
 //! last batch was full". After a failure the stream pauses and then yields [`Wake::Resumed`].
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -32,13 +33,45 @@ pub(crate) enum Wake {
     Resumed,
 }
 
+/// Due times are rounded up to this (see [`Wakeups::due_at`]).
+const DUE_GRAIN: Duration = Duration::from_millis(10);
+
 /// The wake-ups of one relay. Never ends.
 pub(crate) struct Wakeups {
     notifications: Option<mpsc::Receiver<Wake>>,
+    /// Due times asked for by tasks beside the pipeline (see [`DueSender`]).
+    requests: Option<mpsc::UnboundedReceiver<Instant>>,
     ticker: Interval,
+    /// The earliest due time.
     due: Option<Pin<Box<Sleep>>>,
+    /// Every later one: each is a row (or a full scan) that no other wake-up may come for, so
+    /// none is dropped (one slot kept only the earliest, and a retry due after it waited for
+    /// the fallback poll: found by a review helper). Rounded up to [`DUE_GRAIN`] from `base`,
+    /// so that the rows a burst of late reports frees make one wake-up, after all of them.
+    later: BTreeSet<Instant>,
+    base: Instant,
     paused: Option<Pin<Box<Sleep>>>,
     again: bool,
+}
+
+/// Asks the pipeline for a [`Wake::Due`] at a time: for rows that turn due or free through a
+/// task beside it (a late report's retry or release, a fence removed after its batch failed).
+#[derive(Clone)]
+pub(crate) struct DueSender(mpsc::UnboundedSender<Instant>);
+
+/// What [`Wakeups`] receives from a [`DueSender`].
+pub(crate) struct DueRequests(mpsc::UnboundedReceiver<Instant>);
+
+impl DueSender {
+    pub(crate) fn new() -> (DueSender, DueRequests) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (DueSender(tx), DueRequests(rx))
+    }
+
+    pub(crate) fn at(&self, at: Instant) {
+        // Closed only once the pipeline has ended.
+        let _ = self.0.send(at);
+    }
 }
 
 impl Wakeups {
@@ -52,11 +85,20 @@ impl Wakeups {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Wakeups {
             notifications,
+            requests: None,
             ticker,
             due: None,
+            later: BTreeSet::new(),
+            base: Instant::now(),
             paused: None,
             again: true,
         }
+    }
+
+    /// Also yields the due times sent by `due` (see [`DueSender::new`]).
+    pub(crate) fn with_requests(mut self, due: DueRequests) -> Self {
+        self.requests = Some(due.0);
+        self
     }
 
     /// Yield at once (the last batch was full).
@@ -64,13 +106,40 @@ impl Wakeups {
         self.again = true;
     }
 
-    /// Yield [`Wake::Due`] at `at`, or earlier when an earlier time is already set.
+    /// Yield [`Wake::Due`] at `at`, rounded up to [`DUE_GRAIN`] (and at every other time asked
+    /// for: one wake-up for all those that have passed when it is yielded).
     pub(crate) fn due_at(&mut self, at: Instant) {
+        let at = self.rounded(at);
         match &mut self.due {
-            Some(sleep) if sleep.deadline() <= at => {}
-            Some(sleep) => sleep.as_mut().reset(at),
+            Some(sleep) if sleep.deadline() == at => {}
+            Some(sleep) if sleep.deadline() < at => {
+                self.later.insert(at);
+            }
+            Some(sleep) => {
+                self.later.insert(sleep.deadline());
+                sleep.as_mut().reset(at);
+            }
             None => self.due = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+    }
+
+    /// `at` rounded up to the next multiple of [`DUE_GRAIN`] after `base`.
+    fn rounded(&self, at: Instant) -> Instant {
+        let grain = DUE_GRAIN.as_nanos();
+        let since = at.saturating_duration_since(self.base).as_nanos();
+        let up = since.div_ceil(grain) * grain;
+        self.base + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
+    }
+
+    /// The due time has come: the next one is the earliest still ahead.
+    fn next_due(&mut self) {
+        let now = Instant::now();
+        self.later = self.later.split_off(&now);
+        self.later.remove(&now);
+        self.due = self
+            .later
+            .pop_first()
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
     }
 
     /// Yield nothing for `delay`, then [`Wake::Resumed`] (other wake-ups wait meanwhile).
@@ -102,9 +171,16 @@ impl Stream for Wakeups {
                 Poll::Pending => {}
             }
         }
+        while let Some(rx) = this.requests.as_mut() {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(at)) => this.due_at(at),
+                Poll::Ready(None) => this.requests = None,
+                Poll::Pending => break,
+            }
+        }
         if let Some(due) = this.due.as_mut() {
             if due.as_mut().poll(cx).is_ready() {
-                this.due = None;
+                this.next_due();
                 return Poll::Ready(Some(Wake::Due));
             }
         }
@@ -120,17 +196,32 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn merges_every_source() {
         let (tx, rx) = mpsc::channel(4);
         let mut w = Wakeups::new(Some(rx), Duration::from_secs(3600));
         assert_eq!(w.next().await, Some(Wake::Again));
         tx.try_send(Wake::Notified).unwrap();
         assert_eq!(w.next().await, Some(Wake::Notified));
-        // The earlier due time wins.
+        // The earlier due time first, the later one kept.
+        let later = Instant::now() + Duration::from_millis(60);
+        w.due_at(later);
         w.due_at(Instant::now() + Duration::from_millis(10));
-        w.due_at(Instant::now() + Duration::from_secs(3600));
         assert_eq!(w.next().await, Some(Wake::Due));
+        assert!(Instant::now() < later);
+        assert_eq!(w.next().await, Some(Wake::Due));
+        assert!(Instant::now() >= later, "the later due time is not dropped");
+        // Asked for from beside the pipeline; those passed by then make one wake-up.
+        let (due, requests) = DueSender::new();
+        let mut w = w.with_requests(requests);
+        let now = Instant::now();
+        due.at(now);
+        due.at(now);
+        due.at(now + Duration::from_millis(20));
+        assert_eq!(w.next().await, Some(Wake::Due));
+        assert_eq!(w.next().await, Some(Wake::Due));
+        assert!(Instant::now() >= now + Duration::from_millis(20));
+        assert!(w.due.is_none() && w.later.is_empty(), "nothing else due");
         // A pause holds back what is already waiting, then yields it.
         w.pause(Duration::from_millis(10));
         w.again();

@@ -1257,6 +1257,157 @@ type WarmRelay = (
     tokio_postgres::Client,
 );
 
+/// The broker's UNKNOWN error, counted as an attempt (see
+/// `retries_record_attempts_backoff_and_dead_letter_after_max_attempts`), for every Produce until
+/// cleared.
+fn fail_every_produce(kafka: &MockKafka) {
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 1000],
+    );
+}
+
+/// Waits until the event `id` has failed at least `attempts` times (recorded, still pending).
+async fn wait_attempts(outbox: &Outbox, id: Uuid, attempts: i32) {
+    support::eventually(
+        Duration::from_secs(30),
+        "the failure is recorded",
+        || async {
+            let e = support::find_ids(outbox, &[id]).await;
+            match e.first() {
+                Some(e) if e.attempts() >= attempts => Ok(()),
+                _ => Err(support::brief(&e)),
+            }
+        },
+    )
+    .await;
+}
+
+/// Two events of one batch fail, X at its first attempt (retried after the 1 s minimum
+/// backoff), Y at its fourth (after 8 s): the relay wakes for each. It kept only the earliest
+/// due time of a batch, and of the relay (one slot, which the owed full scan of
+/// `a_late_commit_below_the_floor_is_delivered_while_the_relay_waits` also fills), so Y waited
+/// for the fallback poll (300 s here). Found by a review helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_retry_of_a_batch_wakes_the_relay_when_due() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("dues", |b| {
+        b.poll_interval(Duration::from_secs(300))
+            .retry_backoff(Duration::from_secs(1), Duration::from_secs(60))
+            .max_attempts(10)
+    })
+    .await;
+    let t = env.topic.as_str();
+    fail_every_produce(&kafka);
+    let tx = client.transaction().await.expect("begin");
+    let x = outbox
+        .add_new_events(&tx, &[ev(t, "X", 1)])
+        .await
+        .expect("add X")[0];
+    let y: Uuid = tx
+        .query_one(
+            &format!(
+                "insert into {} (aggregate_id, event_topic, event_type, payload, attempts)
+                 values ('Y', $1, 'counter.incremented', '{{}}', 3) returning id",
+                env.table
+            ),
+            &[&t],
+        )
+        .await
+        .expect("add Y, failed three times before")
+        .get(0);
+    tx.commit().await.expect("commit");
+    wait_attempts(&outbox, x, 1).await;
+    wait_attempts(&outbox, y, 4).await;
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    let failed = Instant::now();
+    support::wait_status(&outbox, &[x, y], EventStatus::Done, Duration::from_secs(30)).await;
+    eprintln!("X and Y done {:?} after their failure", failed.elapsed());
+    stop_and_join(&outbox, handle).await;
+}
+
+/// A held message (its report later than the batch's cutoff) whose late report is a failure is
+/// retried after its backoff (10 s), after the hold's end (6 s): the relay's only wake-up for
+/// it was the hold's end, whose scan found it not yet due, so it waited for the fallback poll
+/// (300 s here). Found by a review helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_failure_wakes_the_relay_when_its_retry_is_due() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("latefail", |b| {
+        b.poll_interval(Duration::from_secs(300))
+            .batch_timeout(Duration::from_millis(200))
+            .publish_timeout(Duration::from_secs(5))
+            .retry_backoff(Duration::from_secs(10), Duration::from_secs(60))
+            .max_attempts(10)
+    })
+    .await;
+    let t = env.topic.as_str();
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .expect("delay the broker");
+    fail_every_produce(&kafka);
+    let id = insert(&outbox, &mut client, &[ev(t, "X", 1)]).await[0];
+    wait_attempts(&outbox, id, 1).await;
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    let failed = Instant::now();
+    support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(30)).await;
+    eprintln!("X done {:?} after its late failure", failed.elapsed());
+    stop_and_join(&outbox, handle).await;
+}
+
+/// A batch whose confirm fails keeps its fence until its unreported messages have settled;
+/// the relay's scan after its pause finds the aggregate fenced and waits. Once the fence is
+/// removed the event is sent again at once, not at the fallback poll (300 s here; found by a
+/// review helper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_s_events_go_out_once_its_fence_is_removed() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("unfence", |b| {
+        b.poll_interval(Duration::from_secs(300))
+            .batch_timeout(Duration::from_millis(200))
+            .publish_timeout(Duration::from_secs(5))
+    })
+    .await;
+    let t = env.topic.as_str();
+    let table = env.table.as_str();
+    client
+        .batch_execute(&format!(
+            "create function {table}_refuse() returns trigger language plpgsql as
+               $$ begin raise exception 'confirm refused by the test'; end $$;
+             create trigger {table}_refuse before update on {table}
+               for each row execute function {table}_refuse()"
+        ))
+        .await
+        .expect("a trigger refusing every update");
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(1))
+        .expect("delay the broker");
+    let id = insert(&outbox, &mut client, &[ev(t, "X", 1)]).await[0];
+    support::eventually(Duration::from_secs(30), "a confirm failed", || async {
+        match outbox.stats().confirm_failures {
+            0 => Err("none yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    client
+        .batch_execute(&format!("drop trigger {table}_refuse on {table}"))
+        .await
+        .expect("drop the trigger");
+    // The broker stays slow: the first send's report, and with it the fence's removal, comes
+    // after the relay's scan that follows its pause.
+    let allowed = Instant::now();
+    support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(30)).await;
+    eprintln!(
+        "X done {:?} after the confirm was allowed",
+        allowed.elapsed()
+    );
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
 /// Waits (up to 60 s) until every event of `ids` is delivered, and asserts none was charged an
 /// attempt (`what` says why none should be).
 async fn wait_done_uncharged(outbox: &Outbox, ids: &[Uuid], what: &str) {
