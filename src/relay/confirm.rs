@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
-use crate::config::OnDelivery;
+use crate::config::{DeadLetterPolicy, OnDelivery};
 use crate::store::ConfirmOutcome;
 
 use super::publish::{self, report_result, Outcome, Straggler};
@@ -466,10 +466,20 @@ async fn record_late(
     };
     let written = written? == 1;
     if written {
-        // Settled: its aggregate's later events, which waited behind it, are free now (and a
-        // retry is due after its delay); the relay's only wake-up for them was the hold's end.
+        // The relay's only wake-up for this row, and for its aggregate's later events waiting
+        // behind it, was the hold's end: they are free now if it was delivered (or became a
+        // dead letter its aggregate does not wait for), and it is due again after its delay.
         let now = Instant::now();
-        ctx.due.at(now);
+        let frees = match o {
+            Outcome::Delivered { .. } => true,
+            Outcome::Failed(f) => {
+                f.dead && ctx.settings.dead_letter_policy == DeadLetterPolicy::Continue
+            }
+            Outcome::NotSent | Outcome::Held => false,
+        };
+        if frees {
+            ctx.due.at(now);
+        }
         if let Some(after) = retry_after {
             ctx.due.at(now + after);
         }

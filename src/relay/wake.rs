@@ -33,8 +33,11 @@ pub(crate) enum Wake {
     Resumed,
 }
 
-/// Due times are rounded up to this (see [`Wakeups::due_at`]).
+/// Due times are rounded up to this at least (see [`Wakeups::due_at`])…
 const DUE_GRAIN: Duration = Duration::from_millis(10);
+
+/// …and to this at most.
+const MAX_DUE_GRAIN: Duration = Duration::from_millis(10_240);
 
 /// The wake-ups of one relay. Never ends.
 pub(crate) struct Wakeups {
@@ -46,8 +49,9 @@ pub(crate) struct Wakeups {
     due: Option<Pin<Box<Sleep>>>,
     /// Every later one: each is a row (or a full scan) that no other wake-up may come for, so
     /// none is dropped (one slot kept only the earliest, and a retry due after it waited for
-    /// the fallback poll: found by a review helper). Rounded up to [`DUE_GRAIN`] from `base`,
-    /// so that the rows a burst of late reports frees make one wake-up, after all of them.
+    /// the fallback poll: found by a review helper). Rounded up (see [`Wakeups::rounded`]), so
+    /// that the rows a burst of late reports frees make one wake-up, after all of them, and
+    /// the jittered retries of a failed batch a few.
     later: BTreeSet<Instant>,
     base: Instant,
     paused: Option<Pin<Box<Sleep>>>,
@@ -106,8 +110,8 @@ impl Wakeups {
         self.again = true;
     }
 
-    /// Yield [`Wake::Due`] at `at`, rounded up to [`DUE_GRAIN`] (and at every other time asked
-    /// for: one wake-up for all those that have passed when it is yielded).
+    /// Yield [`Wake::Due`] at `at`, rounded up (see [`Wakeups::rounded`]), and at every other
+    /// time asked for: one wake-up for all those that have passed when it is yielded.
     pub(crate) fn due_at(&mut self, at: Instant) {
         let at = self.rounded(at);
         match &mut self.due {
@@ -123,9 +127,19 @@ impl Wakeups {
         }
     }
 
-    /// `at` rounded up to the next multiple of [`DUE_GRAIN`] after `base`.
+    /// `at` rounded up to a multiple (after `base`) of a grain of about an eighth of the time
+    /// until then, a power of two times [`DUE_GRAIN`] up to [`MAX_DUE_GRAIN`]: the retries of
+    /// a failed batch are jittered (up to twice the backoff, see `retry::retry_delay`), so a
+    /// fixed grain left one wake-up — each a scan from the first pending row — per 10 ms of
+    /// their spread (found by a review helper: 50 for a batch's first retries, 100 for its
+    /// second…). A retry is thus late by at most about an eighth of its delay.
     fn rounded(&self, at: Instant) -> Instant {
-        let grain = DUE_GRAIN.as_nanos();
+        let ahead = at.saturating_duration_since(Instant::now());
+        let mut grain = DUE_GRAIN;
+        while grain.saturating_mul(8) < ahead && grain < MAX_DUE_GRAIN {
+            grain = grain.saturating_mul(2);
+        }
+        let grain = grain.as_nanos();
         let since = at.saturating_duration_since(self.base).as_nanos();
         let up = since.div_ceil(grain) * grain;
         self.base + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
@@ -222,6 +236,23 @@ mod tests {
         assert_eq!(w.next().await, Some(Wake::Due));
         assert!(Instant::now() >= now + Duration::from_millis(20));
         assert!(w.due.is_none() && w.later.is_empty(), "nothing else due");
+        // Jittered retries over a second make a few wake-ups, none early.
+        let now = Instant::now();
+        let asked: Vec<Instant> = (0..100)
+            .map(|i| now + Duration::from_millis(1_000 + 10 * i))
+            .collect();
+        for at in &asked {
+            w.due_at(*at);
+        }
+        let mut woken = Vec::new();
+        while Instant::now() < asked[99] {
+            assert_eq!(w.next().await, Some(Wake::Due));
+            woken.push(Instant::now());
+        }
+        assert!(woken.len() <= 8, "{} wake-ups for 100 retries", woken.len());
+        for at in &asked {
+            assert!(woken.iter().any(|w| w >= at), "a wake-up at or after each");
+        }
         // A pause holds back what is already waiting, then yields it.
         w.pause(Duration::from_millis(10));
         w.again();
