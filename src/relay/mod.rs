@@ -273,6 +273,9 @@ impl Pipeline {
     async fn reserve(&mut self, wake: Wake) {
         let ctx = self.ctx.clone();
         let start = self.scan.next(wake);
+        if start.from == i64::MIN {
+            self.wakeups.full_scan_done();
+        }
         let started = Instant::now();
         let share = if self.gated {
             ctx.settings.max_batches_in_flight
@@ -342,7 +345,7 @@ impl Pipeline {
         // A scan from the floor found nothing: a row below it that turns pending without a
         // wake-up of its own must not wait for the fallback poll.
         if let Some(at) = self.scan.full_scan_owed() {
-            self.wakeups.due_at(at);
+            self.wakeups.full_scan_at(at);
         }
         // Nothing to reserve: ask writers to NOTIFY, even while other batches are still
         // in flight, so that a new event is reserved in the free slot at once rather

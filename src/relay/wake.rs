@@ -54,6 +54,8 @@ pub(crate) struct Wakeups {
     /// the jittered retries of a failed batch a few.
     later: BTreeSet<Instant>,
     base: Instant,
+    /// A scan from the first pending row owed (see [`Wakeups::full_scan_at`]).
+    owed: Option<Pin<Box<Sleep>>>,
     paused: Option<Pin<Box<Sleep>>>,
     again: bool,
 }
@@ -94,6 +96,7 @@ impl Wakeups {
             due: None,
             later: BTreeSet::new(),
             base: Instant::now(),
+            owed: None,
             paused: None,
             again: true,
         }
@@ -125,6 +128,23 @@ impl Wakeups {
             }
             None => self.due = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+    }
+
+    /// Yield [`Wake::Due`] at `at` unless a scan from the first pending row starts before
+    /// (see [`Wakeups::full_scan_done`]): the full scan that scans from the floor owe
+    /// (`ScanStart::full_scan_owed`). Kept apart from the due times, or a full scan made
+    /// meanwhile for another reason was followed by a second one (found by CI: four full scans
+    /// through a slow pile where three were allowed).
+    pub(crate) fn full_scan_at(&mut self, at: Instant) {
+        match &mut self.owed {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.owed = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// A scan from the first pending row starts: it is the one owed.
+    pub(crate) fn full_scan_done(&mut self) {
+        self.owed = None;
     }
 
     /// `at` rounded up to a multiple (after `base`) of a grain of about an eighth of the time
@@ -198,6 +218,12 @@ impl Stream for Wakeups {
                 return Poll::Ready(Some(Wake::Due));
             }
         }
+        if let Some(owed) = this.owed.as_mut() {
+            if owed.as_mut().poll(cx).is_ready() {
+                this.owed = None;
+                return Poll::Ready(Some(Wake::Due));
+            }
+        }
         match this.ticker.poll_tick(cx) {
             Poll::Ready(_) => Poll::Ready(Some(Wake::Tick)),
             Poll::Pending => Poll::Pending,
@@ -236,6 +262,19 @@ mod tests {
         assert_eq!(w.next().await, Some(Wake::Due));
         assert!(Instant::now() >= now + Duration::from_millis(20));
         assert!(w.due.is_none() && w.later.is_empty(), "nothing else due");
+        // An owed full scan comes unless one started before.
+        w.full_scan_at(Instant::now() + Duration::from_millis(10));
+        assert_eq!(w.next().await, Some(Wake::Due));
+        w.full_scan_at(Instant::now() + Duration::from_millis(10));
+        w.full_scan_done();
+        w.again();
+        assert_eq!(w.next().await, Some(Wake::Again));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), w.next())
+                .await
+                .is_err(),
+            "no Due: the owed scan was made"
+        );
         // Jittered retries over a second make a few wake-ups, none early.
         let now = Instant::now();
         let asked: Vec<Instant> = (0..100)
