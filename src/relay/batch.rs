@@ -73,8 +73,9 @@ pub(crate) async fn run_batch(
         }
         // A rollback that fails or misses its deadline leaves the session to end with the
         // dropped connection (at the latest after the lease).
-        conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await;
-        free_by_the_lease(&ctx);
+        if !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
+            free_by_the_lease(&ctx);
+        }
         return BatchDone::failed();
     }
     let mut published =
@@ -117,17 +118,14 @@ pub(crate) async fn run_batch(
             ctx.report.confirm_failed(&e, delivered);
             // Not after a timeout: the session may be stuck; dropping it (the timeout sent the
             // server a cancel request for the statement) ends the transaction.
-            if !e.is_timeout() {
-                conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await;
+            if e.is_timeout() || !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
+                free_by_the_lease(&ctx);
             }
             ctx.late.spawn(unfence_when_settled(
                 ctx.clone(),
                 batch_id,
                 published.stragglers,
             ));
-            free_by_the_lease(&ctx);
-            // Its fence, if it cannot be removed, frees the aggregates when it expires.
-            ctx.due.at(Instant::now() + ctx.timing.fence);
             BatchDone::failed()
         }
     }
@@ -170,7 +168,10 @@ fn watch_pipes(ctx: &Arc<Ctx>, stragglers: &mut [Straggler], cutoff: Instant) {
 
 /// Nothing of an unconfirmed batch is in flight any more once its held messages have settled:
 /// then its fence can go, so that the events are retried without waiting for it to expire.
+/// Either way the relay wakes when the aggregates are free: at the removal, or once the fence
+/// has expired (it was committed before now, for `fence` at most).
 async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Straggler>) {
+    let expired = Instant::now() + ctx.timing.fence;
     let settle_by = Instant::now() + ctx.timing.hold;
     // Each keeps its watch (see `watch_pipes`) until its report comes.
     let pending: FuturesUnordered<_> = stragglers
@@ -186,6 +187,7 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
         .await
         .is_err()
     {
+        ctx.due.at(expired);
         return;
     }
     match ctx.fences.remove(&batch_id).await {
@@ -193,15 +195,16 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
         Ok(()) => ctx.due.at(Instant::now()),
         Err(e) => {
             tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
+            ctx.due.at(expired);
         }
     }
 }
 
-/// A batch that did not confirm: its rows are pending again once its transaction has ended —
-/// at once after a rollback, but after a missed deadline only when the server ends the dropped
-/// session, at the latest `lease` after its last statement (Postgres'
-/// `idle_in_transaction_session_timeout`). The pipeline's scan after its pause may find them
-/// still locked, and nothing else would wake it for them but the fallback poll.
+/// A batch that did not confirm and could not be rolled back (a missed deadline, a failed
+/// rollback): its rows are pending again only when the server ends the dropped session, at the
+/// latest `lease` after its last statement (Postgres' `idle_in_transaction_session_timeout`).
+/// The pipeline's scan after its pause may find them still locked, and nothing else would wake
+/// it for them but the fallback poll. (After a rollback they are free at once, for that scan.)
 fn free_by_the_lease(ctx: &Ctx) {
     let now = Instant::now();
     ctx.due.at(now + ctx.timing.round_trip);
