@@ -70,6 +70,10 @@ pub(crate) async fn run_batch(
         if e.is_timeout() {
             ctx.late
                 .spawn(unfence_when_settled(ctx.clone(), batch_id, Vec::new()));
+        } else {
+            // Another error may still follow a commit (a connection lost before the reply):
+            // the relay wakes when such a fence would have expired (a breaker helper's reading).
+            ctx.due.at(Instant::now() + ctx.timing.fence);
         }
         // A rollback that fails or misses its deadline leaves the session to end with the
         // dropped connection (at the latest after the lease).
