@@ -63,24 +63,7 @@ pub(crate) async fn run_batch(
         .map(|c| rows[c[0]].aggregate_id.as_str())
         .collect();
     if let Err(e) = ctx.fences.insert(&batch_id, &aggregates).await {
-        ctx.report.fence_failed(&e);
-        // A fence that missed its deadline may still have committed: removed at once, so that
-        // it does not hold its aggregates back until it expires (found by a breaker helper:
-        // 33 s with the defaults). Nothing of the batch was sent.
-        if e.is_timeout() {
-            ctx.late
-                .spawn(unfence_when_settled(ctx.clone(), batch_id, Vec::new()));
-        } else {
-            // Another error may still follow a commit (a connection lost before the reply):
-            // the relay wakes when such a fence would have expired (a breaker helper's reading).
-            ctx.due.at(Instant::now() + ctx.timing.fence);
-        }
-        // A rollback that fails or misses its deadline leaves the session to end with the
-        // dropped connection (at the latest after the lease).
-        if !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
-            free_by_the_lease(&ctx);
-        }
-        return BatchDone::failed();
+        return not_fenced(&ctx, conn, batch_id, &e).await;
     }
     let mut published =
         publish::publish(&ctx, &conn.client, &rows, &chains, cutoff, caught_up).await;
@@ -133,6 +116,34 @@ pub(crate) async fn run_batch(
             BatchDone::failed()
         }
     }
+}
+
+/// The batch's fence could not be inserted: nothing of it was sent; its transaction is rolled
+/// back.
+async fn not_fenced(
+    ctx: &Arc<Ctx>,
+    conn: BatchConn,
+    batch_id: Uuid,
+    e: &crate::Error,
+) -> BatchDone {
+    ctx.report.fence_failed(e);
+    // A fence that missed its deadline may still have committed: removed at once, so that
+    // it does not hold its aggregates back until it expires (found by a breaker helper:
+    // 33 s with the defaults).
+    if e.is_timeout() {
+        ctx.late
+            .spawn(unfence_when_settled(ctx.clone(), batch_id, Vec::new()));
+    } else {
+        // Another error may still follow a commit (a connection lost before the reply):
+        // the relay wakes when such a fence would have expired (a breaker helper's reading).
+        ctx.due.at(Instant::now() + ctx.timing.fence);
+    }
+    // A rollback that fails or misses its deadline leaves the session to end with the
+    // dropped connection (at the latest after the lease).
+    if !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
+        free_by_the_lease(ctx);
+    }
+    BatchDone::failed()
 }
 
 /// Messages of the pipelining producer still unreported `publish_timeout` after the batch's
