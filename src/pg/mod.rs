@@ -81,11 +81,14 @@ impl std::fmt::Debug for Pg {
     }
 }
 
+/// Called with the payload of every NOTIFY a session receives.
+pub(crate) type OnNotification = Box<dyn Fn(&str) + Send>;
+
 /// Drives a connection, calling `on_notification` for every NOTIFY (the bare connection future
 /// would drop them); returns the error that ended it, if any.
 async fn drive<S, T>(
     mut connection: Connection<S, T>,
-    on_notification: Option<Box<dyn Fn() + Send>>,
+    on_notification: Option<OnNotification>,
 ) -> Option<tokio_postgres::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -94,9 +97,9 @@ where
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     while let Some(m) = messages.next().await {
         match m {
-            Ok(AsyncMessage::Notification(_)) => {
+            Ok(AsyncMessage::Notification(n)) => {
                 if let Some(f) = &on_notification {
-                    f();
+                    f(n.payload());
                 }
             }
             Ok(AsyncMessage::Notice(n)) => {
@@ -366,7 +369,7 @@ async fn connect_with<M>(
     tls: M,
     params: &[(&'static str, String)],
     marker: &str,
-    on_notification: Option<Box<dyn Fn() + Send>>,
+    on_notification: Option<OnNotification>,
     preferred: &AtomicUsize,
 ) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error>
 where
@@ -551,7 +554,7 @@ impl Pg {
         ];
         match role {
             // Bounded by the caller's deadline; the server gives up at the same time.
-            "admin" | "metrics" | "cleanup" | "statistics" => {
+            "admin" | "metrics" | "cleanup" | "statistics" | "stop" => {
                 p.push(("statement_timeout", self.timeout.as_millis().to_string()));
             }
             // The waker waits for its advisory lock as long as writers hold it.
@@ -589,7 +592,7 @@ impl Pg {
     pub(crate) async fn connect_driven(
         &self,
         role: &str,
-        on_notification: Option<Box<dyn Fn() + Send>>,
+        on_notification: Option<OnNotification>,
     ) -> Result<(Client, JoinHandle<Option<tokio_postgres::Error>>), tokio_postgres::Error> {
         let mut plain = self.config.clone();
         plain.application_name(format!("outbox-relay-{role}"));

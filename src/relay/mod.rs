@@ -57,7 +57,7 @@ use self::report::Reporter;
 use self::reserve::{Ask, BatchConn, Reserved, Reserver};
 use self::scan::ScanStart;
 use self::shared::Shared;
-use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH};
+use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH, STOP_OVERRUN};
 use self::wake::{DueSender, Wake, Wakeups};
 
 #[cfg(feature = "testing")]
@@ -195,8 +195,9 @@ impl Relay {
             ctx: ctx.clone(),
         };
         pipeline.run().await;
-        pipeline.drain().await;
+        let mut wakeups = pipeline.drain().await;
         shut_down(&ctx, background).await;
+        hand_off(&ctx, &mut wakeups).await;
         self.hub.close();
         if let Some(e) = ctx.fatal.gave_up() {
             tracing::error!(error = %e, "outbox relay stopped: the Kafka producer keeps failing");
@@ -224,6 +225,7 @@ impl Relay {
             pg: self.pg.clone(),
             channel: self.settings.channel.clone(),
             wake: tx.clone(),
+            due: ctx.due.clone(),
             token: token.clone(),
             reconnects,
             connected,
@@ -418,16 +420,25 @@ impl Pipeline {
 
     /// Stops reserving and lets every batch finish: batches stop sending, wait for their
     /// in-flight reports (bounded by `batch_timeout`, or half of the stop window), confirm and
-    /// commit (releasing unsent rows).
-    async fn drain(self) {
+    /// commit (releasing unsent rows). Returns the wake stage, which holds the due times
+    /// (the batches' among them) for [`hand_off`].
+    async fn drain(self) -> Wakeups {
         self.armed.send_replace(false);
         let mut batches = self.batches;
+        let mut wakeups = self.wakeups;
         tracing::info!(in_flight_batches = batches.len(), "outbox relay stopping");
         while let Some(done) = batches.join_next().await {
-            if let Err(e) = done {
-                self.ctx.report.batch_panicked(&e);
+            match done {
+                Ok(done) => {
+                    let now = Instant::now();
+                    for d in done.due_in {
+                        wakeups.due_at(now + d);
+                    }
+                }
+                Err(e) => self.ctx.report.batch_panicked(&e),
             }
         }
+        wakeups
     }
 }
 
@@ -466,6 +477,51 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     background.wait().await;
     ctx.report.running(false);
 }
+
+/// Last, a stopping relay NOTIFYs the other relays on the table, with the due times of the rows it
+/// last wrote (see [`wake::handoff_payload`]): the rows it released or freed are taken at once,
+/// its retries and holds when due, not at their fallback poll (found by a breaker helper: with
+/// two relays and a 300 s `poll_interval`, a message purged in flight at stop, retried 0.6 s
+/// later, was still pending after 30 s). Best effort, within the stop's overrun (see
+/// [`Outbox::stop`](crate::Outbox::stop)) and `postgres_timeout`; a relay that crashes hands
+/// nothing over (its rows wait for the fences' expiry and the others' poll).
+async fn hand_off(ctx: &Ctx, wakeups: &mut Wakeups) {
+    let due = wakeups.still_due();
+    let deadline = ctx.stop.window().map_or_else(Instant::now, |w| w.deadline) + STOP_OVERRUN;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(HANDOFF_MARGIN)
+        .min(ctx.pg.timeout);
+    if left.is_zero() {
+        tracing::debug!("outbox relay: no time left in the stop window to notify the other relays");
+        return;
+    }
+    let payload = wake::handoff_payload(&due);
+    let notified = crate::pg::bounded("stop handoff", left, async {
+        let client = ctx
+            .pg
+            .connect("stop")
+            .await
+            .map_err(crate::Error::Postgres)?;
+        client
+            .execute(
+                "select pg_notify($1, $2)",
+                &[&ctx.settings.channel, &payload],
+            )
+            .await
+            .map_err(crate::Error::Postgres)
+    })
+    .await;
+    match notified {
+        Ok(_) => tracing::debug!(due = due.len(), "outbox relay: notified the other relays"),
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox relay: could not notify the other relays at stop; they find its last rows at their next poll")
+        }
+    }
+}
+
+/// What the handoff leaves of the stop's overrun: `Outbox::stop` must not give up first.
+const HANDOFF_MARGIN: Duration = Duration::from_millis(100);
 
 /// How many times in a row the producer may be rebuilt after a fatal error without a delivery in
 /// between before the relay gives up and stops with an error.

@@ -60,6 +60,42 @@ pub(crate) struct Wakeups {
     again: bool,
 }
 
+/// The most due times one handoff carries (and one received is read for); later ones are left
+/// to the other relays' fallback poll.
+pub(crate) const MAX_HANDOFF: usize = 64;
+
+/// The longest delay a received handoff is read for (a retry's backoff is at most an hour).
+const MAX_HANDOFF_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The prefix of a handoff's NOTIFY payload (the wake trigger's payload is empty).
+const HANDOFF_PREFIX: &str = "due_ms=";
+
+/// The NOTIFY payload by which a stopping relay tells the others when the rows it last wrote
+/// turn due: `due_ms=` and the delays in milliseconds, comma-separated (empty: only "now").
+/// Without it a stopping relay's last retries and holds woke only itself, and another relay
+/// found them at its fallback poll (found by a breaker helper).
+pub(crate) fn handoff_payload(due: &[Duration]) -> String {
+    let ms: Vec<String> = (due.iter().take(MAX_HANDOFF))
+        .map(|d| d.as_millis().max(1).to_string())
+        .collect();
+    format!("{HANDOFF_PREFIX}{}", ms.join(","))
+}
+
+/// The delays of a NOTIFY payload written by [`handoff_payload`]; nothing for any other
+/// payload (the wake trigger's empty one, or one sent by hand). Parts that are not a number of
+/// milliseconds up to a day are skipped; at most [`MAX_HANDOFF`] are read.
+pub(crate) fn handoff_delays(payload: &str) -> Vec<Duration> {
+    let Some(list) = payload.strip_prefix(HANDOFF_PREFIX) else {
+        return Vec::new();
+    };
+    (list.split(','))
+        .filter_map(|ms| ms.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_HANDOFF_DELAY)
+        .take(MAX_HANDOFF)
+        .collect()
+}
+
 /// Asks the pipeline for a [`Wake::Due`] at a time: for rows that turn due or free through a
 /// task beside it (a late report's retry or release, a fence removed after its batch failed).
 #[derive(Clone)]
@@ -176,6 +212,33 @@ impl Wakeups {
             .map(|at| Box::pin(tokio::time::sleep_until(at)));
     }
 
+    /// The due times still ahead (those kept and those asked for but not yet taken), as
+    /// delays from now, earliest first, at most [`MAX_HANDOFF`]: what a stopping relay hands to
+    /// the others (see [`handoff_payload`]). The owed full scan is this relay's own and is left
+    /// out.
+    pub(crate) fn still_due(&mut self) -> Vec<Duration> {
+        let mut asked = Vec::new();
+        if let Some(rx) = self.requests.as_mut() {
+            while let Ok(at) = rx.try_recv() {
+                asked.push(at);
+            }
+        }
+        for at in asked {
+            let at = self.rounded(at);
+            self.later.insert(at);
+        }
+        let now = Instant::now();
+        let mut due: Vec<Duration> = (self.due.iter().map(|s| s.deadline()))
+            .chain(self.later.iter().copied())
+            .filter(|at| *at > now)
+            .map(|at| at - now)
+            .collect();
+        due.sort_unstable();
+        due.dedup();
+        due.truncate(MAX_HANDOFF);
+        due
+    }
+
     /// Yield nothing for `delay`, then [`Wake::Resumed`] (other wake-ups wait meanwhile).
     pub(crate) fn pause(&mut self, delay: Duration) {
         self.paused = Some(Box::pin(tokio::time::sleep(delay)));
@@ -235,6 +298,20 @@ impl Stream for Wakeups {
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    #[test]
+    fn reads_only_handoff_payloads() {
+        assert!(handoff_delays("").is_empty());
+        assert!(handoff_delays("hello").is_empty());
+        assert_eq!(
+            handoff_delays("due_ms=5,x,-3,,20, 30,99999999999"),
+            [5, 20, 30].map(Duration::from_millis)
+        );
+        let many = format!("due_ms={}", vec!["1"; 1000].join(","));
+        assert_eq!(handoff_delays(&many).len(), MAX_HANDOFF);
+        assert_eq!(handoff_payload(&[Duration::from_micros(10)]), "due_ms=1");
+        assert_eq!(handoff_payload(&[]), "due_ms=");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn merges_every_source() {
@@ -299,6 +376,23 @@ mod tests {
         assert_eq!(w.next().await, Some(Wake::Resumed));
         assert_eq!(w.next().await, Some(Wake::Again));
         assert_eq!(w.next().await, Some(Wake::Armed));
+        // What a stopping relay hands over: the due times ahead, taken or not, as delays.
+        let now = Instant::now();
+        w.due_at(now + Duration::from_millis(300));
+        due.at(now + Duration::from_millis(100));
+        due.at(now + Duration::from_millis(5_000));
+        let handed = w.still_due();
+        assert_eq!(handed.len(), 3, "{handed:?}");
+        assert!(handed[0] >= Duration::from_millis(100) && handed[0] < Duration::from_millis(120));
+        assert!(
+            handed[2] >= Duration::from_millis(5_000) && handed[2] < Duration::from_millis(5_700)
+        );
+        let payload = handoff_payload(&handed);
+        assert_eq!(handoff_delays(&payload).len(), 3, "{payload}");
+        assert_eq!(
+            handoff_delays(&payload)[0].as_millis(),
+            handed[0].as_millis()
+        );
         drop(tx);
         let mut ticking = Wakeups::new(None, Duration::from_millis(10));
         assert_eq!(ticking.next().await, Some(Wake::Again));

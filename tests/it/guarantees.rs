@@ -1359,6 +1359,86 @@ async fn a_late_failure_wakes_the_relay_when_its_retry_is_due() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// Two relays on one table, both with a 300 s fallback poll: relay A has X and Y in flight (the
+/// broker answers after 3 s) when it is stopped within 1 s; their messages are purged and their
+/// rows held by A's last writes. Relay B, idle since its start (it found them locked), delivers
+/// them once they are due — before, nothing woke it and they waited for its poll (found by a
+/// breaker helper: still pending after 30 s). A hands its last rows over by a NOTIFY with their
+/// due times (without the times: still pending after 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_wakes_the_other_when_its_held_rows_are_due() {
+    handed_over_at_stop("handoff", Duration::from_secs(3), |b| b).await;
+}
+
+/// As above, with X and Y still queued in A's producer (`linger.ms` 5 s) when it stops: purged
+/// unsent, their rows are released at once, and B takes them at once (A's NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_wakes_the_other_for_the_rows_it_released() {
+    handed_over_at_stop("handoffq", Duration::ZERO, |b| {
+        b.kafka_property("linger.ms", "5000")
+            .publish_timeout(Duration::from_secs(10))
+    })
+    .await;
+}
+
+/// Relay A (configured by `a`) has X and Y in flight, the broker answering after
+/// `round_trip`, when relay B starts and finds them locked; A stops within 1 s; B must deliver
+/// them within 20 s although both poll every 300 s.
+async fn handed_over_at_stop(
+    prefix: &str,
+    round_trip: Duration,
+    a: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
+) {
+    let relay = |b: OutboxBuilder| {
+        b.poll_interval(Duration::from_secs(300))
+            .batch_timeout(Duration::from_millis(500))
+            .publish_timeout(Duration::from_secs(5))
+    };
+    let (kafka, env, a, a_run, mut client) = warm_relay_on_mock(prefix, |b| a(relay(b))).await;
+    let t = env.topic.as_str();
+    kafka
+        .broker_round_trip_time(1, round_trip)
+        .expect("delay the broker");
+    let ids = insert(&a, &mut client, &[ev(t, "X", 1), ev(t, "Y", 1)]).await;
+    support::eventually(Duration::from_secs(10), "X and Y in flight", || async {
+        match a.stats().in_flight {
+            2 => Ok(()),
+            n => Err(format!("{n} in flight")),
+        }
+    })
+    .await;
+    let b = relay(env.builder()).connect().await.expect("connect B");
+    let b_run = b.start().expect("start B");
+    support::eventually(Duration::from_secs(10), "B listens", || async {
+        match b.stats().listener_connected {
+            true => Ok(()),
+            false => Err("not yet".to_string()),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.stop(Duration::from_secs(1)).await.expect("A stops");
+    let a_ran = a_run.await.expect("join A");
+    assert!(a_ran.is_ok(), "A: {a_ran:?}");
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    let stopped = Instant::now();
+    let pending = support::find_ids(&b, &ids).await;
+    assert!(
+        pending.iter().all(|e| e.status() == EventStatus::New),
+        "X and Y are left to B: {}",
+        support::brief(&pending)
+    );
+    // Held at most until their messages' fate is known (`publish_timeout` 5 s and a margin).
+    support::wait_status(&b, &ids, EventStatus::Done, Duration::from_secs(20)).await;
+    eprintln!(
+        "{prefix}: X and Y done {:?} after A stopped",
+        stopped.elapsed()
+    );
+    stop_and_join(&b, b_run).await;
+}
+
 /// A batch whose confirm fails keeps its fence until its unreported messages have settled
 /// (the broker answers after 2 s); the relay's scan after its pause finds the aggregate fenced
 /// and waits. Once the fence is removed the event is sent again at once, not at the fallback
