@@ -362,6 +362,9 @@ async fn migrate_once(client: &Client, table: &str, channel: &str) -> Result<Mig
     match migrate_in_tx(client, table, channel).await {
         Ok(report) => {
             client.batch_execute("commit").await?;
+            if !report.repaired.is_empty() {
+                tracing::warn!(table, repaired = %report.repaired.join(", "), "outbox migrate: objects were missing or disabled; re-created them");
+            }
             // The migrating role owns the table: analyze a new one now, so that a relay role
             // that is not its owner (the README's roles) finds it analyzed.
             if let Err(e) = analyze_if_never_analyzed(client, table).await {
@@ -568,7 +571,9 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
     if missing.is_empty() {
         return Ok(Vec::new());
     }
-    tracing::warn!(table, missing = %describe_missing(&missing), "outbox objects missing or disabled; repairing");
+    // Warned about once committed (see `migrate_once`): an attempt that waits for a lock
+    // rolls back and comes here again.
+    tracing::debug!(table, missing = %describe_missing(&missing), "outbox objects missing or disabled; repairing");
     let any = |kinds: &[&str]| missing.iter().any(|m| kinds.contains(&m.kind));
     let table_gone = missing.iter().any(|m| m.kind == "table" && m.name == table);
     let mut ddl: Vec<&str> = Vec::new();

@@ -82,7 +82,13 @@ pub(crate) async fn run_batch(
             let past_budget = rows.last().filter(|_| cut_by_bytes).map(|r| r.seq);
             let released_from = unsent.chain(past_budget).min();
             if !published.stragglers.is_empty() {
-                ctx.report.held(published.stragglers.len());
+                let mut topics: Vec<&str> = (published.stragglers.iter())
+                    .map(|s| rows[s.idx].topic.as_str())
+                    .collect();
+                topics.sort_unstable();
+                topics.dedup();
+                topics.truncate(10);
+                ctx.report.held(published.stragglers.len(), &topics);
                 ctx.late.spawn(confirm_late(
                     ctx.clone(),
                     rows,

@@ -308,10 +308,17 @@ impl Reporter {
         );
     }
 
-    pub(crate) fn held(&self, held: usize) {
+    /// `topics`: the topics of the held events, each once. Named in the warning, with the
+    /// Kafka problem known now: a topic the cluster does not have (yet) first shows as late
+    /// reports, since the producer keeps such messages queued while it waits for the topic's
+    /// metadata (`topic.metadata.propagation.max.ms`), and a new user saw only "late".
+    pub(crate) fn held(&self, held: usize, topics: &[&str]) {
+        let kafka_problem = self.kafka.current().map(|p| p.error);
         tracing::warn!(
             held,
-            "outbox relay: delivery reports late; holding those events until they arrive"
+            topics = ?topics,
+            kafka_problem,
+            "outbox relay: delivery reports late; holding those events until they arrive (a topic missing from the cluster, an unreachable partition leader, or a slow broker)"
         );
     }
 
