@@ -55,8 +55,8 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 /// Apache Kafka's since 4.0, KIP-1030). With 1 ms, a 200k-event backlog drain spent 5–7 × the
 /// CPU in librdkafka's threads (and more in the brokers) on small produce requests and ran
 /// 25–45 % slower on a 3-node cluster sharing the relay's 2 cores (BENCHMARKS.md, "linger.ms
-/// and the per-aggregate window"). With `prompt_producer` on, batches that caught up do not
-/// linger (`Producers::get`).
+/// and the per-aggregate window"). Batches that caught up do not wait it out: they kick the
+/// producers once their messages are handed over (`Producers::kick`).
 pub(crate) const DEFAULT_LINGER_MS: &str = "5";
 
 /// Default byte budget of one batch (`max_batch_bytes`): 16 MiB.
@@ -481,15 +481,14 @@ impl OutboxBuilder {
     /// Sends the single events of a batch that caught up — its reservation's scan found fewer
     /// candidates than it could take, so no more of this relay's could join their produce
     /// requests — by a second producer of the same properties with `linger.ms` 0, the *prompt
-    /// producer* (created when the relay starts), instead of letting them wait out the linger
-    /// (default: off; no effect with `linger.ms` 0). Still lingering: a backlog's batches, an
-    /// aggregate's consecutive events for one topic in one batch (sent back to back by the
-    /// pipelining producer), a batch whose scan found exactly its limit (so always with
-    /// `batch_size` 1), and events sent alone. At 1k single-event transactions per second
-    /// against one broker it cut commit → ack p50 from 13.6–15.1 ms to 4.4–6.0 ms; against
-    /// three (`acks=all`, brokers sharing the relay's two cores) p50 18–23 → 12–17 ms, but p99
-    /// 42–62 → 70–130 ms and about 0.3 of a core more CPU (BENCHMARKS.md, "The prompt
-    /// producer").
+    /// producer* (created when the relay starts) (default: off; no effect with `linger.ms` 0).
+    /// At 1k single-event transactions per second against one broker it cut commit → ack p50
+    /// from 13.6–15.1 ms to 4.4–6.0 ms; against three (`acks=all`, brokers sharing the relay's
+    /// two cores) p50 18–23 → 12–17 ms, but p99 42–62 → 70–130 ms and about 0.3 of a core more
+    /// CPU (BENCHMARKS.md, "The prompt producer"). Since then every batch that caught up kicks
+    /// the producers once it has handed its messages over, so that they do not wait out the
+    /// linger either way (p50 4.5–4.9 ms with this off: BENCHMARKS.md, "The kick"); the prompt
+    /// producer only saves the kick's wake-up of librdkafka's broker threads.
     ///
     /// **Why it is off by default:** that p99 and CPU, and partition increases: each of the
     /// relay's producers refreshes its topic metadata on its own, so when partitions are added

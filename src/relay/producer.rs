@@ -4,7 +4,7 @@
 //! the producer slot that is rebuilt when the idempotent producer becomes fatal (librdkafka's
 //! "Fatal producer errors": the instance cannot be used again and must be recreated).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -245,6 +245,36 @@ impl ClientContext for RelayContext {
     }
 }
 
+/// The longest a kick keeps a producer "flushing" (see [`Producers::kick`]).
+const MAX_KICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a kick keeps a producer "flushing" at most: its `linger.ms` (the longest its
+/// messages would wait anyway), up to [`MAX_KICK`]; `None` when it does not linger. Shorter was
+/// not enough: a producer still without a producer id or the topic's metadata (a fresh
+/// pipelining producer) sends nothing until it has them, and a kick over by then left its
+/// first messages to the linger.
+fn kick_duration(config: &ClientConfig) -> Option<std::time::Duration> {
+    let linger = (config.get("linger.ms"))
+        .or_else(|| config.get("queue.buffering.max.ms"))
+        .and_then(|ms| ms.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms > 0.0)?;
+    Some(std::time::Duration::from_secs_f64(linger / 1000.0).min(MAX_KICK))
+}
+
+/// Raises librdkafka's "flushing" state of `producer` for at most `within` (until its queue and
+/// in-flight requests are empty), which makes its broker threads send what `linger.ms` would
+/// hold back. Blocks: call it on a blocking thread.
+#[allow(unsafe_code)]
+fn send_now(producer: &RelayProducer, within: std::time::Duration) {
+    let ms = i32::try_from(within.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `native_ptr` is the producer's live `rd_kafka_t`, which `producer` keeps alive for
+    // the call; `rd_kafka_flush` may be called from any thread (librdkafka's API is thread-safe).
+    // With rdkafka's event-based delivery reports it only waits for the message count to reach
+    // zero (`rd_kafka_curr_msgs_wait_zero`) and serves no queue, so no callback runs here.
+    // Its result (timed out, or not) says nothing the relay needs: reports come as usual.
+    let _ = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms) };
+}
+
 /// Drops a replaced producer on a blocking thread: dropping purges and flushes for up to 500 ms,
 /// which must not stall the runtime's async threads.
 pub(crate) fn retire(old: RelayProducer) {
@@ -290,6 +320,11 @@ pub(crate) struct Producers {
     pipe_generation: AtomicU64,
     /// Until when runs go one event at a time after a purge (see [`Producers::purge_pipe`]).
     pipe_paused_until: Mutex<Option<std::time::Instant>>,
+    /// How long a kick holds each producer (see [`kick_duration`]); `None`: no kicks.
+    kick_for: Option<std::time::Duration>,
+    /// A kick runs (on a blocking thread), and one was asked for since it started.
+    kicking: AtomicBool,
+    kick_again: AtomicBool,
 }
 
 impl std::fmt::Debug for Producers {
@@ -313,6 +348,7 @@ impl Producers {
             state: Arc::new(KafkaState::default()),
         };
         let producer = config.create_with_context(context.clone())?;
+        let kick_for = kick_duration(&config);
         Ok(Producers {
             config,
             prompt_config,
@@ -327,6 +363,9 @@ impl Producers {
             pipe: Mutex::new(None),
             pipe_generation: AtomicU64::new(0),
             pipe_paused_until: Mutex::new(None),
+            kick_for,
+            kicking: AtomicBool::new(false),
+            kick_again: AtomicBool::new(false),
         })
     }
 
@@ -497,6 +536,58 @@ impl Producers {
             all
         };
         all.extend(self.solo.lock().await.clone());
+        all.extend((self.pipe.lock().unwrap_or_else(|e| e.into_inner()).clone()).map(|(_, p)| p));
+        all
+    }
+
+    /// Tells the lingering producers to send what they hold now: called when a batch that
+    /// caught up (its scan found fewer rows than it could take) has handed over everything it
+    /// can for now and waits for reports (`publish::publish`). Nothing more will join those
+    /// messages' produce requests, so waiting out `linger.ms` would only delay them: at 1k
+    /// events/s against one broker the 5 ms linger was two thirds of the commit → ack p50
+    /// (15 → 3.5–5.8 ms; BENCHMARKS.md, "The kick"). A backlog's batches keep the linger, which
+    /// fills their requests.
+    ///
+    /// How: librdkafka treats `linger.ms` as elapsed while the application is in
+    /// `rd_kafka_flush()` ("flushing"; `rdkafka_broker.c`, `rd_kafka_toppar_producer_serve`),
+    /// and wakes the broker threads when the call starts. So a blocking thread calls it on each
+    /// lingering producer with a timeout of at most the linger ([`kick_duration`]) — it returns
+    /// early once that producer's messages are all acknowledged. (rdkafka's own `flush` calls it with timeout 0 in a loop,
+    /// which can end before a broker thread looks.) Kicks asked for while one runs make one
+    /// more, after it.
+    pub(crate) fn kick(self: &Arc<Self>) {
+        let Some(within) = self.kick_for else {
+            return;
+        };
+        self.kick_again.store(true, Ordering::SeqCst);
+        if self.kicking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::clone(self);
+        drop(tokio::task::spawn_blocking(move || loop {
+            me.kick_again.store(false, Ordering::SeqCst);
+            // All at once: each call holds its producer until its messages are acknowledged.
+            let producers = me.lingering();
+            std::thread::scope(|s| {
+                for producer in &producers[1..] {
+                    s.spawn(move || send_now(producer, within));
+                }
+                send_now(&producers[0], within);
+            });
+            me.kicking.store(false, Ordering::SeqCst);
+            // A kick asked for after the producers were flagged, and not taken by a new task.
+            if !me.kick_again.load(Ordering::SeqCst) || me.kicking.swap(true, Ordering::SeqCst) {
+                break;
+            }
+        }));
+    }
+
+    /// The producers with a `linger.ms` (all but the prompt one).
+    fn lingering(&self) -> Vec<RelayProducer> {
+        let mut all = vec![(self.current.read().unwrap_or_else(|e| e.into_inner()))
+            .producer
+            .clone()];
+        all.extend(self.solo.try_lock().ok().and_then(|s| s.clone()));
         all.extend((self.pipe.lock().unwrap_or_else(|e| e.into_inner()).clone()).map(|(_, p)| p));
         all
     }

@@ -408,14 +408,16 @@ async fn notify_wakes_idle_relay_within_seconds() {
     stop_and_join(&outbox, handle).await;
 }
 
-/// With `prompt_producer` on, a batch that caught up (its reservation's scan found fewer
-/// candidates than `batch_size`) is sent at once, whatever `linger.ms` says: this relay holds
-/// nothing more for its messages to wait for. A backlog's batches keep the configured linger, which fills
-/// produce requests — also one whose rows the order gate thinned (its scan found its limit,
-/// half of them held back behind an earlier event of their aggregate that is not due). With
-/// `linger.ms` 8 s: an event committed to an idle relay is consumed within 4 s; then of such a
-/// backlog (`batch_size` 10) nothing is consumed within 2 s, and the events not held back
-/// arrive afterwards.
+/// A batch that caught up does not wait out `linger.ms` once it has handed over what it can:
+/// the relay kicks the producers then (`Producers::kick`). With `linger.ms` 8 s and the default
+/// settings (no prompt producer): an event committed to an idle relay is consumed within 4 s,
+/// and so is an aggregate's run of six events sent back to back by the pipelining producer (a
+/// fresh one, still without a producer id when kicked). Before the kick a caught-up batch
+/// waited out the linger unless `prompt_producer` was on. A backlog's batches keep the linger,
+/// which fills produce requests — also one whose rows the order gate thinned (its scan found
+/// its limit, `batch_size` 10, half of them held back behind an earlier event of their
+/// aggregate that is not due): nothing of it is consumed within 2 s, and the events not held
+/// back arrive afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     let env = env("prompt", 2).await;
@@ -425,7 +427,6 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
         builder(&env)
             .await
             .kafka_property("linger.ms", linger.as_millis().to_string())
-            .prompt_producer(true)
             .batch_size(10)
             // Batches wait out the linger rather than hold their messages past their cutoff.
             .batch_timeout(linger + Duration::from_secs(4))
@@ -451,7 +452,7 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     )
     .await;
     eprintln!(
-        "prompt: the first caught-up event was consumed {:?} after its commit",
+        "kick: the first caught-up event was consumed {:?} after its commit",
         committed.elapsed()
     );
     support::wait_status(&outbox, &[id], EventStatus::Done, Duration::from_secs(10)).await;
@@ -487,7 +488,7 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     reader.assert_idle(linger / 4).await;
     let got = read_n(&mut reader, free.len(), linger * 3).await;
     eprintln!(
-        "prompt: the backlog's free events arrived within {:?} of its commit (linger.ms {linger:?})",
+        "kick: the backlog's free events arrived within {:?} of its commit (linger.ms {linger:?})",
         committed.elapsed()
     );
     let mut got: Vec<Uuid> = got.iter().map(event_id_of).collect();
@@ -495,6 +496,23 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     free.sort();
     assert_eq!(got, free, "the events not held back, and only they");
     reader.assert_idle(Duration::from_millis(500)).await;
+
+    // One aggregate's six events: one batch, one run back to back on the pipelining producer.
+    let tx = client.transaction().await.unwrap();
+    let mut run = Vec::new();
+    for n in 0..6 {
+        let e = ev(&env.topic, "run", "Piped", json!({ "n": n }));
+        run.push(outbox.add_new_event(&tx, e).await.unwrap());
+    }
+    let committed = Instant::now();
+    tx.commit().await.unwrap();
+    let got = read_n(&mut reader, run.len(), linger / 2).await;
+    eprintln!(
+        "kick: the run arrived within {:?} of its commit",
+        committed.elapsed()
+    );
+    let got: Vec<Uuid> = got.iter().map(event_id_of).collect();
+    assert_eq!(got, run, "the run, in order");
     stop_and_join(&outbox, handle).await;
 }
 
