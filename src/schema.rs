@@ -759,6 +759,7 @@ pub(crate) async fn analyze_if_never_analyzed(client: &Client, table: &str) -> R
 /// role has the relay's privileges. Every problem found is reported at once.
 pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &str) -> Result<()> {
     let mut problems = crate::schema_check::missing_relay_privileges(client, table).await?;
+    problems.extend(crate::schema_check::row_security_problems(client, table).await?);
     match check_migrated(client, table).await {
         Ok(registered_channel) => {
             if registered_channel != channel {

@@ -204,6 +204,39 @@ pub(crate) fn relay_privileges(table: &str) -> Vec<(String, &'static str)> {
     ]
 }
 
+/// The outbox tables (`table` and its fence table) on which row-level security applies to the
+/// connected role, each with the fix. The relay's sessions run with `row_security = off`, so a
+/// policy would make its statements fail ("query would be affected by row-level security
+/// policy"); without that setting the relay silently saw only the rows a policy let it see —
+/// none, for an insert-only policy for writers — and health stayed green while nothing was
+/// delivered (found by a breaker helper, after TeamWarp/effect-mq#9).
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
+pub(crate) async fn row_security_problems<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<String>> {
+    let fence = format!("{table}_fence");
+    let rows = client
+        .query(
+            "select t, current_user::text
+               from unnest($1::text[]) as t
+              where to_regclass(t) is not null and row_security_active(to_regclass(t))",
+            &[&vec![table.to_string(), fence]],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (t, role): (String, String) = (r.get(0), r.get(1));
+            format!(
+                "row-level security is enabled on `{t}` and applies to role `{role}`: the relay must see every row (a policy would hide rows from it, and nothing would be delivered); `alter role {role} bypassrls` (as a superuser), or `alter table {t} disable row level security` — writers' policies are not needed for the outbox"
+            )
+        })
+        .collect())
+}
+
 /// The relay privileges the connected role lacks, each with the `GRANT` that fixes it. Tables
 /// that do not exist are skipped (the schema check reports them).
 ///

@@ -6,7 +6,13 @@
 -- Then stop at the byte budget: rows are kept in seq order while the running total of their
 -- payload and headers (JSON text) stays within $2, and the first row always (an event larger than
 -- the budget is published alone): a prefix in seq order keeps every aggregate's order. Rows past
--- the budget stay locked until the batch commits, untouched.
+-- the budget stay locked until the batch commits, untouched. The JSON text is measured only for
+-- the rows whose stored size (`pg_column_size`: read from the value's header or TOAST pointer,
+-- never decompressed) fits the budget first: measuring every candidate detoasted and printed up
+-- to `batch_size` payloads per reservation, and a backlog of 0.9 MB events (2,000 × 0.9 MB =
+-- 1.9 GB of JSON per reservation) timed out every reservation and delivered nothing (found by a
+-- breaker helper). A compressed value is smaller stored than as text, so the second cut reads
+-- at most about its compression ratio × the budget.
 -- $1 int8: batch size; $2 int8: byte budget; $3 int8: the scan's start (no row below this `seq`
 -- is a candidate; the lowest int8 for a full scan). The start bounds only the scan for
 -- candidates, never the gate's probe: an open row below it still holds back its aggregate's later
@@ -77,12 +83,19 @@ with win as materialized (
  ),
  kept as (
      select c.*,
-            sum(octet_length(c.payload::text) + coalesce(octet_length(c.headers::text), 0))
-                over (order by c.seq) as through_bytes,
+            sum(pg_column_size(c.payload) + coalesce(pg_column_size(c.headers), 0))
+                over (order by c.seq) as stored_through,
             row_number() over (order by c.seq) as n,
             count(*) over () as kept
        from cand c join gate g on g.aggregate_id = c.aggregate_id
       where g.gap is null or c.seq < g.gap
+ ),
+ sized as (
+     select k.*,
+            sum(octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0))
+                over (order by k.seq) as through_bytes
+       from kept k
+      where k.n = 1 or k.stored_through <= $2
  )
  -- Columns 11-13 are uncorrelated subqueries (computed once, whatever the plan; `cand` and
  -- `gate` are materialized, so each is computed once too).
@@ -101,5 +114,5 @@ with win as materialized (
         (select min(c.seq) from cand c),
         (select case when w.full then w.last end from win w)
    from (select) one
-   left join kept k on k.n = 1 or k.through_bytes <= $2
+   left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq
