@@ -32,7 +32,7 @@ pub(crate) enum Phase {
     /// The original Go algorithm.
     Baseline,
     /// Drains with keys over 1, 10, 1,000 and 10,000 aggregates and a Zipf(1.1) mix, each as a
-    /// ratio to the uniform drain.
+    /// ratio to a uniform drain made just before them.
     Keys,
     /// Commit → ack at the highest rate this machine's writers reach with the relay running.
     LatencyMax,

@@ -287,12 +287,17 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
                     row(
                         &name,
                         format!(
-                            "**{:.2} ×** ({} events/s, {} events in {:.2} s; uniform {} events/s)",
+                            "**{:.2} ×** ({} events/s, {} events in {:.2} s; uniform {} events/s, drained just before the skewed drains{})",
                             ratio,
                             num(d.rate),
                             num(d.n as f64),
                             d.secs,
-                            num(k.uniform.rate)
+                            num(k.uniform.rate),
+                            k.drain_phase.map_or(String::new(), |early| format!(
+                                "; {:.2} × the drain phase's {} events/s",
+                                d.rate / early,
+                                num(early)
+                            ))
                         ),
                         &target,
                         run.target.map_or(String::new(), |t| verdict(ratio >= t)),

@@ -216,14 +216,34 @@ fn parse_cli() -> Result<Cli, ExitCode> {
                 e.exit();
             }
             let mut text = e.render().to_string();
-            const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
+            // A value refused by a flag with a fixed set of values (`--wake-mode pollonly`) is
+            // shown when it looks like one of those names misspelt (the new-user helper saw
+            // `invalid value '<redacted>' for '--wake-mode <WAKE>'`): lowercase letters and
+            // `-`, as the first bare word below.
+            let looks_like_a_name =
+                |v: &str| v.len() <= 20 && v.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+            let misspelt_choice = match (
+                e.get(clap::error::ContextKind::ValidValue),
+                e.get(clap::error::ContextKind::InvalidValue),
+            ) {
+                (Some(_), Some(clap::error::ContextValue::String(v))) => {
+                    looks_like_a_name(v).then(|| v.clone())
+                }
+                _ => None,
+            };
+            // Words no one uses as a secret: shown where they stand alone
+            // (`--prompt-producer yes`, which wants `=yes`).
+            const WORDS: &[&str] = &[
+                "migrate", "run", "status", "find", "requeue", "help", "true", "false", "yes",
+                "no", "on", "off",
+            ];
             // The first bare word stands where a subcommand goes: shown when it looks like one
             // (`frobnicate`), so that a mistyped subcommand is still named.
             let first_bare = args
                 .iter()
                 .skip(1)
                 .find(|a| !a.starts_with('-'))
-                .filter(|a| a.len() <= 20 && a.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
+                .filter(|a| looks_like_a_name(a));
             for a in args.iter().skip(1) {
                 if Some(a) == first_bare {
                     continue;
@@ -240,7 +260,7 @@ fn parse_cli() -> Result<Cli, ExitCode> {
                 } else {
                     a.as_str()
                 };
-                if value.is_empty() {
+                if value.is_empty() || misspelt_choice.as_deref() == Some(value) {
                     continue;
                 }
                 text = text.replace(&format!("'{value}'"), "'<redacted>'");

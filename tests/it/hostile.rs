@@ -433,6 +433,33 @@ async fn malformed_kafka_properties_never_print_the_secret() {
     }
 }
 
+/// A misspelt choice of a flag with fixed values is named in the error (`--wake-mode pollonly`:
+/// the new-user helper saw `invalid value '<redacted>'`), and so is a boolean word standing
+/// alone (`--prompt-producer yes`, which wants `=yes`); a value that does not look like a name
+/// stays hidden (it could be a secret given to the wrong flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_name_harmless_values_and_hide_the_rest() {
+    let url = "postgres://relay@127.0.0.1:1/db";
+    let out = cli(
+        &["--database-url", url, "run", "--wake-mode", "pollonly"],
+        &[],
+    )
+    .await;
+    assert_code(&out, 2, "a misspelt wake mode");
+    assert!(out.stderr.contains("'pollonly'"), "{}", out.stderr);
+    let out = cli(
+        &["--database-url", url, "run", "--prompt-producer", "yes"],
+        &[],
+    )
+    .await;
+    assert_code(&out, 2, "a detached boolean");
+    assert!(out.stderr.contains("'yes'"), "{}", out.stderr);
+    let out = cli(&["--database-url", url, "run", "--wake-mode", SECRET], &[]).await;
+    assert_code(&out, 2, "a secret given to the wrong flag");
+    assert!(!out.all().contains(SECRET), "{}", out.all());
+    assert!(out.stderr.contains("--wake-mode"), "{}", out.stderr);
+}
+
 /// A server that asks for a password the connection string does not have: the binary says
 /// where the password goes (found by the new user, who expected `PGPASSWORD` to be read) and
 /// exits 4, a refused login, not 1.
