@@ -847,6 +847,25 @@ impl Roles {
     }
 }
 
+/// Connects `builder` (`who` says whose relay it is), starts it and asserts that the one event
+/// `id` of `topic` is consumed within 30 s.
+async fn connect_and_deliver(
+    builder: outbox::OutboxBuilder,
+    topic: &str,
+    id: Uuid,
+    who: &str,
+) -> (Outbox, tokio::task::JoinHandle<outbox::Result<()>>) {
+    let outbox = builder
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{who} connects: {e}"));
+    let relay = outbox.start().unwrap();
+    let records =
+        support::consume_all(&support::kafka_brokers(), topic, 1, Duration::from_secs(30)).await;
+    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    (outbox, relay)
+}
+
 /// Row-level security on the outbox table, with an insert-only policy for writers (a hardening
 /// applied to every table of a schema), hid every row from the relay's role: nothing was
 /// delivered, `status` counted 0 pending and health stayed green (found by a breaker helper,
@@ -892,19 +911,8 @@ async fn row_level_security_that_would_hide_rows_from_the_relay_is_refused() {
         .batch_execute(&format!("alter role {p}_relay bypassrls"))
         .await
         .unwrap();
-    let outbox = builder()
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("a relay role that bypasses RLS connects: {e}"));
-    let relay = outbox.start().unwrap();
-    let records = support::consume_all(
-        &support::kafka_brokers(),
-        &topic,
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    let (outbox, relay) =
+        connect_and_deliver(builder(), &topic, id, "a relay role that bypasses RLS").await;
     // The policy applies to the role again: a session opened now (`health` counts the backlog
     // on one) fails, and says why, rather than count nothing (`row_security = off`). (The
     // relay's open sessions keep their cached plans, made while the role bypassed RLS.)
@@ -985,21 +993,10 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
     let id = outbox::add_new_event(&writer, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
         .await
         .unwrap();
-    let outbox = Outbox::builder()
+    let builder = Outbox::builder()
         .postgres(relay_cfg.clone())
-        .kafka_brokers(support::kafka_brokers())
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("the relay role connects: {e}"));
-    let relay = outbox.start().unwrap();
-    let records = support::consume_all(
-        &support::kafka_brokers(),
-        &topic,
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+        .kafka_brokers(support::kafka_brokers());
+    let (outbox, relay) = connect_and_deliver(builder, &topic, id, "the relay role").await;
     support::stop_and_join(&outbox, relay).await;
 
     admin
