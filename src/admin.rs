@@ -172,6 +172,17 @@ impl Admin {
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
         let client = pg.connect_bounded("admin").await?;
+        // Row-level security that applies to this role makes every query fail (its sessions run
+        // with `row_security = off`): say so, with the fix, rather than the bare refusal.
+        let rls = bounded(
+            "schema check",
+            pg.timeout,
+            crate::schema_check::row_security_problems(&client, table),
+        )
+        .await?;
+        if !rls.is_empty() {
+            return Err(Error::Schema(rls.join("; ")));
+        }
         let channel = bounded(
             "schema check",
             pg.timeout,

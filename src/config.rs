@@ -521,7 +521,10 @@ impl OutboxBuilder {
     /// Byte budget of one batch: the payloads and headers (as JSON text) of the rows one
     /// reservation takes, 1 KiB..=1 GiB (default 16 MiB). A batch takes rows in `seq` order up to
     /// `batch_size` rows and while their running total stays within this budget, but always at
-    /// least one row, so an event larger than the budget is still published (alone). It bounds
+    /// least one row, so an event larger than the budget is still published (alone). The total is
+    /// checked on the values as stored (`pg_column_size`, read without decompressing) and then
+    /// as JSON text, so that a reservation never prints more than the rows it may keep (a
+    /// `jsonb` that is larger stored than printed fills a batch with less text). It bounds
     /// the relay's memory (about `max_batch_bytes × max_batches_in_flight`, plus the producer's
     /// buffers) and the time a reservation takes to fetch, whatever the events' sizes. The
     /// reservation, fetch included, must complete within

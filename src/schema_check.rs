@@ -204,8 +204,8 @@ pub(crate) fn relay_privileges(table: &str) -> Vec<(String, &'static str)> {
     ]
 }
 
-/// The outbox tables (`table` and its fence table) on which row-level security applies to the
-/// connected role, each with the fix. The relay's sessions run with `row_security = off`, so a
+/// The outbox tables (`table`, its fence table, `outbox_tables`) on which row-level security
+/// applies to the connected role, each with the fix. The relay's sessions run with `row_security = off`, so a
 /// policy would make its statements fail ("query would be affected by row-level security
 /// policy"); without that setting the relay silently saw only the rows a policy let it see —
 /// none, for an insert-only policy for writers — and health stayed green while nothing was
@@ -218,12 +218,13 @@ pub(crate) async fn row_security_problems<C: GenericClient>(
     table: &str,
 ) -> Result<Vec<String>> {
     let fence = format!("{table}_fence");
+    let tables = vec![table.to_string(), fence, "outbox_tables".to_string()];
     let rows = client
         .query(
             "select t, current_user::text
                from unnest($1::text[]) as t
               where to_regclass(t) is not null and row_security_active(to_regclass(t))",
-            &[&vec![table.to_string(), fence]],
+            &[&tables],
         )
         .await?;
     Ok(rows
@@ -231,7 +232,7 @@ pub(crate) async fn row_security_problems<C: GenericClient>(
         .map(|r| {
             let (t, role): (String, String) = (r.get(0), r.get(1));
             format!(
-                "row-level security is enabled on `{t}` and applies to role `{role}`: the relay must see every row (a policy would hide rows from it, and nothing would be delivered); `alter role {role} bypassrls` (as a superuser), or `alter table {t} disable row level security` — writers' policies are not needed for the outbox"
+                "row-level security is enabled on `{t}` and applies to role `{role}`: the relay must see every row (a policy would hide rows from it, and nothing would be delivered); `alter role {role} bypassrls` (as a superuser), or `alter table {t} disable row level security` — writers' policies are not needed for the outbox. (Triggers on the outbox table run with the relay's `row_security = off` too: a table they write must not have a policy that applies to this role.)"
             )
         })
         .collect())

@@ -16,7 +16,7 @@ use crate::error::PgErrorDisplay;
 use crate::pg::Pg;
 use crate::schema::{wake_lock_key, LOCK_CLASS};
 
-use super::wake::{handoff_delays, DueSender, Wake};
+use super::wake::{handoff_delays, HandoffSender, Wake};
 
 /// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
@@ -84,8 +84,10 @@ pub(crate) struct Listener {
     pub(crate) pg: Pg,
     pub(crate) channel: String,
     pub(crate) wake: mpsc::Sender<Wake>,
-    /// Due times handed over by a stopping relay (see [`handoff_delays`]).
-    pub(crate) due: DueSender,
+    /// The outbox table, whose handoffs are read (see [`handoff_delays`]).
+    pub(crate) table: String,
+    /// Due times handed over by a stopping relay.
+    pub(crate) handoffs: HandoffSender,
     pub(crate) token: CancellationToken,
     /// Counts re-established connections (`stats().listener_reconnects`).
     pub(crate) reconnects: Arc<AtomicU64>,
@@ -157,12 +159,13 @@ impl Listener {
     /// Connects and LISTENs; notifications go to the wake stream as they arrive.
     async fn attempt(&self) -> Attempt {
         let forward = self.wake.clone();
-        let due = self.due.clone();
+        let handoffs = self.handoffs.clone();
+        let table = self.table.clone();
         let on_notify: crate::pg::OnNotification = Box::new(move |payload| {
             // A stopping relay's handoff: the rows it last wrote turn due then.
             let now = tokio::time::Instant::now();
-            for delay in handoff_delays(payload) {
-                due.at(now + delay);
+            for delay in handoff_delays(payload, &table) {
+                handoffs.at(now + delay);
             }
             // Coalesce: a full queue already means "poll".
             let _ = forward.try_send(Wake::Notified);

@@ -58,7 +58,7 @@ use self::reserve::{Ask, BatchConn, Reserved, Reserver};
 use self::scan::ScanStart;
 use self::shared::Shared;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH, STOP_OVERRUN};
-use self::wake::{DueSender, Wake, Wakeups};
+use self::wake::{DueSender, HandoffSender, Wake, Wakeups};
 
 #[cfg(feature = "testing")]
 pub(crate) use self::confirm::CONFIRM_SETUP;
@@ -174,7 +174,8 @@ impl Relay {
         report::register_metrics();
         ctx.report.running(true);
         let background = TaskTracker::new();
-        let (notifications, armed) = self.spawn_wake_sources(&background, &ctx);
+        let (handoffs, handed) = HandoffSender::new();
+        let (notifications, armed) = self.spawn_wake_sources(&background, &ctx, handoffs);
         maintenance::spawn(&background, &ctx);
         // The prompt producer starts, connects and asks for its producer id now, off the first
         // caught-up batch's path.
@@ -183,7 +184,9 @@ impl Relay {
             drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
         }
         let mut pipeline = Pipeline {
-            wakeups: Wakeups::new(notifications, timing.poll_interval).with_requests(due_requests),
+            wakeups: Wakeups::new(notifications, timing.poll_interval)
+                .with_requests(due_requests)
+                .with_handoffs(handed),
             armed,
             batches: JoinSet::new(),
             reserver: Reserver::default(),
@@ -213,6 +216,7 @@ impl Relay {
         &self,
         background: &TaskTracker,
         ctx: &Ctx,
+        handoffs: HandoffSender,
     ) -> (Option<mpsc::Receiver<wake::Wake>>, watch::Sender<bool>) {
         let (armed, arm_rx) = watch::channel(false);
         if self.settings.wake != WakeMode::Notify {
@@ -225,7 +229,8 @@ impl Relay {
             pg: self.pg.clone(),
             channel: self.settings.channel.clone(),
             wake: tx.clone(),
-            due: ctx.due.clone(),
+            table: self.settings.table.clone(),
+            handoffs,
             token: token.clone(),
             reconnects,
             connected,
@@ -496,7 +501,7 @@ async fn hand_off(ctx: &Ctx, wakeups: &mut Wakeups) {
         tracing::debug!("outbox relay: no time left in the stop window to notify the other relays");
         return;
     }
-    let payload = wake::handoff_payload(&due);
+    let payload = wake::handoff_payload(&ctx.settings.table, &due);
     let notified = crate::pg::bounded("stop handoff", left, async {
         let client = ctx
             .pg

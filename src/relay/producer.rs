@@ -245,6 +245,17 @@ impl ClientContext for RelayContext {
     }
 }
 
+/// Clears a kick's "running" flag when dropped, on a panic too (see [`Producers::kick`]).
+struct Kicking<'a>(&'a AtomicBool);
+
+impl Drop for Kicking<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The longest a kick keeps a producer "flushing" (see [`Producers::kick`]).
 const MAX_KICK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -258,7 +269,12 @@ fn kick_duration(config: &ClientConfig) -> Option<std::time::Duration> {
         .or_else(|| config.get("queue.buffering.max.ms"))
         .and_then(|ms| ms.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms > 0.0)?;
-    Some(std::time::Duration::from_secs_f64(linger / 1000.0).min(MAX_KICK))
+    // At least 1 ms: `rd_kafka_flush` takes whole milliseconds, and 0 returns before a broker
+    // thread looks.
+    Some(
+        std::time::Duration::from_secs_f64(linger / 1000.0)
+            .clamp(std::time::Duration::from_millis(1), MAX_KICK),
+    )
 }
 
 /// Raises librdkafka's "flushing" state of `producer` for at most `within` (until its queue and
@@ -564,26 +580,48 @@ impl Producers {
             return;
         }
         let me = Arc::clone(self);
-        drop(tokio::task::spawn_blocking(move || loop {
-            me.kick_again.store(false, Ordering::SeqCst);
-            // All at once: each call holds its producer until its messages are acknowledged.
-            let producers = me.lingering();
-            std::thread::scope(|s| {
-                for producer in &producers[1..] {
-                    s.spawn(move || send_now(producer, within));
+        drop(tokio::task::spawn_blocking(move || {
+            // Whatever happens here (a panic), the next kick may start a task.
+            let _done = Kicking(&me.kicking);
+            loop {
+                me.kick_again.store(false, Ordering::SeqCst);
+                // All at once: each call holds its producer until its messages are acknowledged.
+                let producers = me.lingering();
+                std::thread::scope(|s| {
+                    let (first, others) = match producers.split_first() {
+                        Some(split) => split,
+                        None => return,
+                    };
+                    for producer in others {
+                        // A thread that cannot be started: that producer is kicked after.
+                        let spawned = std::thread::Builder::new()
+                            .name("outbox-kick".into())
+                            .spawn_scoped(s, move || send_now(producer, within));
+                        if spawned.is_err() {
+                            send_now(producer, within);
+                        }
+                    }
+                    send_now(first, within);
+                });
+                me.kicking.store(false, Ordering::SeqCst);
+                // A kick asked for after the producers were flagged, and not taken by a new task.
+                if !me.kick_again.load(Ordering::SeqCst) || me.kicking.swap(true, Ordering::SeqCst)
+                {
+                    break;
                 }
-                send_now(&producers[0], within);
-            });
-            me.kicking.store(false, Ordering::SeqCst);
-            // A kick asked for after the producers were flagged, and not taken by a new task.
-            if !me.kick_again.load(Ordering::SeqCst) || me.kicking.swap(true, Ordering::SeqCst) {
-                break;
             }
         }));
     }
 
-    /// The producers with a `linger.ms` (all but the prompt one).
+    /// The producers with a `linger.ms` (all but the prompt one) that hold messages.
     fn lingering(&self) -> Vec<RelayProducer> {
+        let mut all = self.all_lingering();
+        all.retain(|p| p.in_flight_count() > 0);
+        all
+    }
+
+    /// The producers with a `linger.ms` (all but the prompt one).
+    fn all_lingering(&self) -> Vec<RelayProducer> {
         let mut all = vec![(self.current.read().unwrap_or_else(|e| e.into_inner()))
             .producer
             .clone()];

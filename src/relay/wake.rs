@@ -44,6 +44,8 @@ pub(crate) struct Wakeups {
     notifications: Option<mpsc::Receiver<Wake>>,
     /// Due times asked for by tasks beside the pipeline (see [`DueSender`]).
     requests: Option<mpsc::UnboundedReceiver<Instant>>,
+    /// Due times handed over by other relays (see [`HandoffSender`]).
+    handoffs: Option<mpsc::Receiver<Instant>>,
     ticker: Interval,
     /// The earliest due time.
     due: Option<Pin<Box<Sleep>>>,
@@ -62,38 +64,69 @@ pub(crate) struct Wakeups {
 
 /// The most due times one handoff carries (and one received is read for); later ones are left
 /// to the other relays' fallback poll.
-pub(crate) const MAX_HANDOFF: usize = 64;
+pub(crate) const MAX_HANDOFF: usize = 16;
 
-/// The longest delay a received handoff is read for (a retry's backoff is at most an hour).
-const MAX_HANDOFF_DELAY: Duration = Duration::from_secs(24 * 3600);
+/// The longest delay a received handoff is read for; a later one is left to the fallback poll.
+const MAX_HANDOFF_DELAY: Duration = Duration::from_secs(3600);
 
-/// The prefix of a handoff's NOTIFY payload (the wake trigger's payload is empty).
-const HANDOFF_PREFIX: &str = "due_ms=";
+/// How many handed-over due times wait to be taken by the wake stage; more are dropped (the
+/// fallback poll covers them): anyone who can connect may NOTIFY the channel.
+const HANDOFF_QUEUE: usize = 64;
 
-/// The NOTIFY payload by which a stopping relay tells the others when the rows it last wrote
-/// turn due: `due_ms=` and the delays in milliseconds, comma-separated (empty: only "now").
-/// Without it a stopping relay's last retries and holds woke only itself, and another relay
-/// found them at its fallback poll (found by a breaker helper).
-pub(crate) fn handoff_payload(due: &[Duration]) -> String {
+/// The start of a handoff's NOTIFY payload (the wake trigger's payload is empty).
+const HANDOFF_PREFIX: &str = "outbox-handoff table=";
+
+/// The NOTIFY payload by which a stopping relay on `table` tells the others when the rows it
+/// last wrote turn due: `outbox-handoff table=<table> due_ms=<delays, comma-separated>` (empty:
+/// only "now"), delays rounded up to whole milliseconds. Without it a stopping relay's last
+/// retries and holds woke only itself, and another relay found them at its fallback poll (found
+/// by a breaker helper). The table is named because tables migrated with the default channel
+/// share it.
+pub(crate) fn handoff_payload(table: &str, due: &[Duration]) -> String {
     let ms: Vec<String> = (due.iter().take(MAX_HANDOFF))
-        .map(|d| d.as_millis().max(1).to_string())
+        .map(|d| d.as_nanos().div_ceil(1_000_000).max(1).to_string())
         .collect();
-    format!("{HANDOFF_PREFIX}{}", ms.join(","))
+    format!("{HANDOFF_PREFIX}{table} due_ms={}", ms.join(","))
 }
 
-/// The delays of a NOTIFY payload written by [`handoff_payload`]; nothing for any other
-/// payload (the wake trigger's empty one, or one sent by hand). Parts that are not a number of
-/// milliseconds up to a day are skipped; at most [`MAX_HANDOFF`] are read.
-pub(crate) fn handoff_delays(payload: &str) -> Vec<Duration> {
-    let Some(list) = payload.strip_prefix(HANDOFF_PREFIX) else {
+/// The delays of a NOTIFY payload written by [`handoff_payload`] for `table`; nothing for any
+/// other payload (the wake trigger's empty one, another table's handoff, one sent by hand).
+/// Parts that are not a number of milliseconds up to an hour are skipped; at most
+/// [`MAX_HANDOFF`] are read.
+pub(crate) fn handoff_delays(payload: &str, table: &str) -> Vec<Duration> {
+    let Some((to, list)) =
+        (payload.strip_prefix(HANDOFF_PREFIX)).and_then(|rest| rest.split_once(" due_ms="))
+    else {
         return Vec::new();
     };
+    if to != table {
+        return Vec::new();
+    }
     (list.split(','))
         .filter_map(|ms| ms.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
         .filter(|d| *d <= MAX_HANDOFF_DELAY)
         .take(MAX_HANDOFF)
         .collect()
+}
+
+/// Hands due times received from other relays to the wake stage, through a bounded queue
+/// ([`HANDOFF_QUEUE`]; a time that does not fit is dropped).
+#[derive(Clone)]
+pub(crate) struct HandoffSender(mpsc::Sender<Instant>);
+
+/// What [`Wakeups`] receives from a [`HandoffSender`].
+pub(crate) struct Handoffs(mpsc::Receiver<Instant>);
+
+impl HandoffSender {
+    pub(crate) fn new() -> (HandoffSender, Handoffs) {
+        let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+        (HandoffSender(tx), Handoffs(rx))
+    }
+
+    pub(crate) fn at(&self, at: Instant) {
+        let _ = self.0.try_send(at);
+    }
 }
 
 /// Asks the pipeline for a [`Wake::Due`] at a time: for rows that turn due or free through a
@@ -128,6 +161,7 @@ impl Wakeups {
         Wakeups {
             notifications,
             requests: None,
+            handoffs: None,
             ticker,
             due: None,
             later: BTreeSet::new(),
@@ -141,6 +175,12 @@ impl Wakeups {
     /// Also yields the due times sent by `due` (see [`DueSender::new`]).
     pub(crate) fn with_requests(mut self, due: DueRequests) -> Self {
         self.requests = Some(due.0);
+        self
+    }
+
+    /// Also yields the due times other relays hand over (see [`HandoffSender::new`]).
+    pub(crate) fn with_handoffs(mut self, handoffs: Handoffs) -> Self {
+        self.handoffs = Some(handoffs.0);
         self
     }
 
@@ -275,6 +315,13 @@ impl Stream for Wakeups {
                 Poll::Pending => break,
             }
         }
+        while let Some(rx) = this.handoffs.as_mut() {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(at)) => this.due_at(at),
+                Poll::Ready(None) => this.handoffs = None,
+                Poll::Pending => break,
+            }
+        }
         if let Some(due) = this.due.as_mut() {
             if due.as_mut().poll(cx).is_ready() {
                 this.next_due();
@@ -301,16 +348,29 @@ mod tests {
 
     #[test]
     fn reads_only_handoff_payloads() {
-        assert!(handoff_delays("").is_empty());
-        assert!(handoff_delays("hello").is_empty());
+        let t = "events";
+        assert!(handoff_delays("", t).is_empty());
+        assert!(handoff_delays("hello", t).is_empty());
         assert_eq!(
-            handoff_delays("due_ms=5,x,-3,,20, 30,99999999999"),
+            handoff_delays(
+                "outbox-handoff table=events due_ms=5,x,-3,,20, 30,99999999999",
+                t
+            ),
             [5, 20, 30].map(Duration::from_millis)
         );
-        let many = format!("due_ms={}", vec!["1"; 1000].join(","));
-        assert_eq!(handoff_delays(&many).len(), MAX_HANDOFF);
-        assert_eq!(handoff_payload(&[Duration::from_micros(10)]), "due_ms=1");
-        assert_eq!(handoff_payload(&[]), "due_ms=");
+        let many = format!(
+            "outbox-handoff table=events due_ms={}",
+            vec!["1"; 1000].join(",")
+        );
+        assert_eq!(handoff_delays(&many, t).len(), MAX_HANDOFF);
+        assert_eq!(
+            handoff_payload(t, &[Duration::from_micros(1_500)]),
+            "outbox-handoff table=events due_ms=2"
+        );
+        assert_eq!(
+            handoff_payload(t, &[]),
+            "outbox-handoff table=events due_ms="
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -387,11 +447,13 @@ mod tests {
         assert!(
             handed[2] >= Duration::from_millis(5_000) && handed[2] < Duration::from_millis(5_700)
         );
-        let payload = handoff_payload(&handed);
-        assert_eq!(handoff_delays(&payload).len(), 3, "{payload}");
-        assert_eq!(
-            handoff_delays(&payload)[0].as_millis(),
-            handed[0].as_millis()
+        let payload = handoff_payload("events", &handed);
+        let read = handoff_delays(&payload, "events");
+        assert_eq!(read.len(), 3, "{payload}");
+        assert!(read[0] >= handed[0], "never earlier: {read:?} {handed:?}");
+        assert!(
+            handoff_delays(&payload, "other").is_empty(),
+            "another table's"
         );
         drop(tx);
         let mut ticking = Wakeups::new(None, Duration::from_millis(10));

@@ -12,7 +12,9 @@
 -- to `batch_size` payloads per reservation, and a backlog of 0.9 MB events (2,000 × 0.9 MB =
 -- 1.9 GB of JSON per reservation) timed out every reservation and delivered nothing (found by a
 -- breaker helper). A compressed value is smaller stored than as text, so the second cut reads
--- at most about its compression ratio × the budget.
+-- at most about its compression ratio × the budget; an uncompressed `jsonb` can be larger
+-- stored than as text (many small numbers), and then the first cut keeps less than the budget
+-- of text: the rows returned are the prefix within the budget by both measures.
 -- $1 int8: batch size; $2 int8: byte budget; $3 int8: the scan's start (no row below this `seq`
 -- is a candidate; the lowest int8 for a full scan). The start bounds only the scan for
 -- candidates, never the gate's probe: an open row below it still holds back its aggregate's later

@@ -1238,6 +1238,8 @@ async fn s12c_stop_with_lingering_messages() {
     let batch_timeout = Duration::from_secs(2);
     let outbox = builder(&n, support::postgres().await, &brokers)
         .kafka_property("linger.ms", "5000")
+        // Two full batches: they keep the linger (a batch that caught up kicks the producer).
+        .batch_size(50)
         // librdkafka requires message.timeout.ms > linger.ms.
         .publish_timeout(Duration::from_secs(10))
         .batch_timeout(batch_timeout)
@@ -1330,6 +1332,8 @@ async fn s12c_sigterm_with_lingering_messages_child_process() {
         ("OUTBOX_BATCH_TIMEOUT", "2000ms".into()),
         ("OUTBOX_POLL_INTERVAL", "200ms".into()),
         ("OUTBOX_SHUTDOWN_TIMEOUT", "1000ms".into()),
+        // Two full batches: they keep the linger (a batch that caught up kicks the producer).
+        ("OUTBOX_BATCH_SIZE", "50".into()),
     ])
     .args(&["-X", "linger.ms=5000"])
     .spawn();

@@ -1367,26 +1367,24 @@ async fn a_late_failure_wakes_the_relay_when_its_retry_is_due() {
 /// due times (without the times: still pending after 20 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_relay_wakes_the_other_when_its_held_rows_are_due() {
-    handed_over_at_stop("handoff", Duration::from_secs(3), |b| b).await;
+    handed_over_at_stop("handoff", Some(Duration::from_secs(3)), |b| b).await;
 }
 
-/// As above, with X and Y still queued in A's producer (`linger.ms` 5 s) when it stops: purged
-/// unsent, their rows are released at once, and B takes them at once (A's NOTIFY).
+/// As above, with X and Y still queued in A's producer (the broker is down) when it stops:
+/// purged unsent, their rows are released at once, and B takes them once the broker is back
+/// (A's NOTIFY; nothing else wakes B).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_relay_wakes_the_other_for_the_rows_it_released() {
-    handed_over_at_stop("handoffq", Duration::ZERO, |b| {
-        b.kafka_property("linger.ms", "5000")
-            .publish_timeout(Duration::from_secs(10))
-    })
-    .await;
+    handed_over_at_stop("handoffq", None, |b| b).await;
 }
 
-/// Relay A (configured by `a`) has X and Y in flight, the broker answering after
-/// `round_trip`, when relay B starts and finds them locked; A stops within 1 s; B must deliver
-/// them within 20 s although both poll every 300 s.
+/// Relay A (configured by `a`) has X and Y in flight — the broker answering after
+/// `round_trip`, or down when `None` — when relay B starts and finds them locked; A stops
+/// within 1 s, then the broker answers at once again; B must deliver them within 20 s although
+/// both poll every 300 s.
 async fn handed_over_at_stop(
     prefix: &str,
-    round_trip: Duration,
+    round_trip: Option<Duration>,
     a: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
 ) {
     let relay = |b: OutboxBuilder| {
@@ -1396,9 +1394,11 @@ async fn handed_over_at_stop(
     };
     let (kafka, env, a, a_run, mut client) = warm_relay_on_mock(prefix, |b| a(relay(b))).await;
     let t = env.topic.as_str();
-    kafka
-        .broker_round_trip_time(1, round_trip)
-        .expect("delay the broker");
+    match round_trip {
+        Some(delay) => kafka.broker_round_trip_time(1, delay),
+        None => kafka.broker_down(1),
+    }
+    .expect("slow the broker down");
     let ids = insert(&a, &mut client, &[ev(t, "X", 1), ev(t, "Y", 1)]).await;
     support::eventually(Duration::from_secs(10), "X and Y in flight", || async {
         match a.stats().in_flight {
@@ -1420,9 +1420,11 @@ async fn handed_over_at_stop(
     a.stop(Duration::from_secs(1)).await.expect("A stops");
     let a_ran = a_run.await.expect("join A");
     assert!(a_ran.is_ok(), "A: {a_ran:?}");
-    kafka
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("undelay the broker");
+    match round_trip {
+        Some(_) => kafka.broker_round_trip_time(1, Duration::ZERO),
+        None => kafka.broker_up(1),
+    }
+    .expect("bring the broker back");
     let stopped = Instant::now();
     let pending = support::find_ids(&b, &ids).await;
     assert!(
@@ -1659,6 +1661,8 @@ async fn a_failed_late_write_records_none_of_the_later_events_of_its_run() {
         &env,
         env.builder()
             .kafka_property("linger.ms", "1500")
+            // A full batch of the five: it keeps the linger (one that caught up kicks).
+            .batch_size(5)
             .batch_timeout(Duration::from_millis(10))
             .publish_timeout(Duration::from_secs(3))
             .lease(Duration::from_secs(10)),
@@ -2585,8 +2589,14 @@ async fn s10_one_notify_per_transaction_and_none_without_a_waiting_relay() {
     .await;
     read_n(&mut reader, 1000, Duration::from_secs(30)).await;
 
-    // (3) relay stopped: its wake lock is released and writers stop notifying.
+    // (3) relay stopped: its wake lock is released and writers stop notifying. (Its stop sent
+    // one notification of its own: the handoff to other relays on the table.)
     stop_and_join(&outbox, handle).await;
+    assert_eq!(
+        notifications_within(&mut notes, Duration::from_millis(500)).await,
+        1,
+        "the stopping relay's handoff"
+    );
     support::eventually(
         Duration::from_secs(10),
         "the wake lock is released after stop",
