@@ -363,7 +363,20 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
 /// `migrate`: applies the migrations and says what changed.
 async fn migrate(cli: &Cli) -> Result<(), Failure> {
     let cfg = pg_config(cli)?;
-    let report = Admin::migrate(cfg, &cli.table, &cli.channel).await?;
+    let report = match Admin::migrate(cfg, &cli.table, &cli.channel).await {
+        Ok(report) => report,
+        // A role that may not create or alter the outbox objects (the relay's, or the
+        // writers'): say which role migrates (found by the new-user helper, who saw only
+        // "permission denied for schema public").
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            let mut failure = Failure::from(e);
+            failure.message.push_str(
+                " (migrate needs a role that may create the outbox objects in the schema and                  owns them once created — the migrator of scripts/roles.sql, see the README's                  Security section; the relay and writer roles cannot migrate)",
+            );
+            return Err(failure);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let table = &cli.table;
     if let Some(previous) = report.previous_channel() {
         println!(

@@ -974,9 +974,32 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
         report.applied().is_empty() && report.repaired().is_empty(),
         "{report:?}"
     );
-    // ... but it cannot migrate anything.
+    // ... but it cannot migrate anything, and the binary says which role does (found by the
+    // new-user helper: a bare "permission denied for schema public").
     let denied = outbox::migrate_table(&relay_client, &format!("{prefix}_more"), "outbox").await;
     assert!(denied.is_err(), "the relay role cannot migrate");
+    let host = match &relay_cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("a TCP host, not {other:?}"),
+    };
+    let relay_url = format!(
+        "postgres://{prefix}_relay@{host}:{}/{}",
+        relay_cfg.get_ports()[0],
+        relay_cfg.get_dbname().expect("a database name")
+    );
+    let more = format!("{prefix}_more");
+    let out = cli(
+        &["--database-url", &relay_url, "--table", &more, "migrate"],
+        &[],
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stderr.contains("permission denied")
+            && out.stderr.contains("the migrator of scripts/roles.sql"),
+        "{}",
+        out.stderr
+    );
 
     let topic = topic_name("roles");
     support::create_topic(&topic, 1).await;
