@@ -267,8 +267,9 @@ pub struct Settings {
         arg(long, hide_env_values = true, env = "OUTBOX_CLOUDEVENTS_SOURCE")
     )]
     pub cloudevents_source: Option<String>,
-    /// Send the single events of a batch that caught up (nothing more pending) by a prompt
-    /// producer with `linger.ms` 0 (see the builder's `prompt_producer`). Off by default;
+    /// Send the single events of a batch that caught up (its scan found fewer rows than it could
+    /// take) by a prompt producer with `linger.ms` 0 (see the builder's `prompt_producer`; such a
+    /// batch kicks its producers anyway, this saves about half a millisecond more). Off by default;
     /// `--prompt-producer` or `=true`/`=false`, `OUTBOX_PROMPT_PRODUCER=true|false|1|0|yes|no|on|off`.
     #[cfg_attr(feature = "cli", arg(long, hide_env_values = true, env = "OUTBOX_PROMPT_PRODUCER", num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = clap::builder::BoolishValueParser::new()))]
     pub prompt_producer: bool,

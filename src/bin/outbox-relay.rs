@@ -233,10 +233,8 @@ fn parse_cli() -> Result<Cli, ExitCode> {
             };
             // Words no one uses as a secret: shown where they stand alone
             // (`--prompt-producer yes`, which wants `=yes`).
-            const WORDS: &[&str] = &[
-                "migrate", "run", "status", "find", "requeue", "help", "true", "false", "yes",
-                "no", "on", "off",
-            ];
+            const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
+            const BOOLS: &[&str] = &["true", "false", "yes", "no", "on", "off", "1", "0"];
             // The first bare word stands where a subcommand goes: shown when it looks like one
             // (`frobnicate`), so that a mistyped subcommand is still named.
             let first_bare = args
@@ -255,7 +253,7 @@ fn parse_cli() -> Result<Cli, ExitCode> {
                         (None, Some(v)) => v,
                         (None, None) => continue,
                     }
-                } else if WORDS.contains(&a.as_str()) {
+                } else if WORDS.contains(&a.as_str()) || BOOLS.contains(&a.as_str()) {
                     continue;
                 } else {
                     a.as_str()
@@ -267,6 +265,16 @@ fn parse_cli() -> Result<Cli, ExitCode> {
                 if value.len() >= 4 {
                     text = text.replace(value, "<redacted>");
                 }
+            }
+            // `--prompt-producer yes`: that flag takes its value after `=` only.
+            let detached = args
+                .windows(2)
+                .find(|w| w[0] == "--prompt-producer" && BOOLS.contains(&w[1].as_str()));
+            if let Some(w) = detached {
+                text.push_str(&format!(
+                    "\n  tip: write --prompt-producer={} (this flag takes its value after `=`)\n",
+                    w[1]
+                ));
             }
             eprint!("{}", text::printable_lines(&text));
             Err(ExitCode::from(2))
@@ -370,9 +378,11 @@ async fn migrate(cli: &Cli) -> Result<(), Failure> {
         // "permission denied for schema public").
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             let mut failure = Failure::from(e);
-            failure.message.push_str(
-                " (migrate needs a role that may create the outbox objects in the schema and                  owns them once created — the migrator of scripts/roles.sql, see the README's                  Security section; the relay and writer roles cannot migrate)",
-            );
+            failure.message.push_str(concat!(
+                " (migrate needs a role that may create the outbox objects in the schema ",
+                "and owns them once created — the migrator of scripts/roles.sql, see the ",
+                "README's Security section; the relay and writer roles cannot migrate)"
+            ));
             return Err(failure);
         }
         Err(e) => return Err(e.into()),

@@ -453,7 +453,11 @@ async fn usage_errors_name_harmless_values_and_hide_the_rest() {
     )
     .await;
     assert_code(&out, 2, "a detached boolean");
-    assert!(out.stderr.contains("'yes'"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'yes'") && out.stderr.contains("--prompt-producer=yes"),
+        "{}",
+        out.stderr
+    );
     let out = cli(&["--database-url", url, "run", "--wake-mode", SECRET], &[]).await;
     assert_code(&out, 2, "a secret given to the wrong flag");
     assert!(!out.all().contains(SECRET), "{}", out.all());
