@@ -215,71 +215,78 @@ fn parse_cli() -> Result<Cli, ExitCode> {
             ) {
                 e.exit();
             }
-            let mut text = e.render().to_string();
-            // A value refused by a flag with a fixed set of values (`--wake-mode pollonly`) is
-            // shown when it looks like one of those names misspelt (the new-user helper saw
-            // `invalid value '<redacted>' for '--wake-mode <WAKE>'`): lowercase letters and
-            // `-`, as the first bare word below.
-            let looks_like_a_name =
-                |v: &str| v.len() <= 20 && v.chars().all(|c| c.is_ascii_lowercase() || c == '-');
-            let misspelt_choice = match (
-                e.get(clap::error::ContextKind::ValidValue),
-                e.get(clap::error::ContextKind::InvalidValue),
-            ) {
-                (Some(_), Some(clap::error::ContextValue::String(v))) => {
-                    looks_like_a_name(v).then(|| v.clone())
-                }
-                _ => None,
-            };
-            // Words no one uses as a secret: shown where they stand alone
-            // (`--prompt-producer yes`, which wants `=yes`).
-            const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
-            const BOOLS: &[&str] = &["true", "false", "yes", "no", "on", "off", "1", "0"];
-            // The first bare word stands where a subcommand goes: shown when it looks like one
-            // (`frobnicate`), so that a mistyped subcommand is still named.
-            let first_bare = args
-                .iter()
-                .skip(1)
-                .find(|a| !a.starts_with('-'))
-                .filter(|a| looks_like_a_name(a));
-            for a in args.iter().skip(1) {
-                if Some(a) == first_bare {
-                    continue;
-                }
-                // The value part: all of a bare argument, after `=` or `-X` in a flag.
-                let value = if let Some(flag) = a.strip_prefix('-') {
-                    match (flag.split_once('='), flag.strip_prefix('X')) {
-                        (Some((_, v)), _) => v,
-                        (None, Some(v)) => v,
-                        (None, None) => continue,
-                    }
-                } else if WORDS.contains(&a.as_str()) || BOOLS.contains(&a.as_str()) {
-                    continue;
-                } else {
-                    a.as_str()
-                };
-                if value.is_empty() || misspelt_choice.as_deref() == Some(value) {
-                    continue;
-                }
-                text = text.replace(&format!("'{value}'"), "'<redacted>'");
-                if value.len() >= 4 {
-                    text = text.replace(value, "<redacted>");
-                }
-            }
-            // `--prompt-producer yes`: that flag takes its value after `=` only.
-            let detached = args
-                .windows(2)
-                .find(|w| w[0] == "--prompt-producer" && BOOLS.contains(&w[1].as_str()));
-            if let Some(w) = detached {
-                text.push_str(&format!(
-                    "\n  tip: write --prompt-producer={} (this flag takes its value after `=`)\n",
-                    w[1]
-                ));
-            }
+            let text = redacted_usage_error(&e, &args);
             eprint!("{}", text::printable_lines(&text));
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// clap's rendering of usage error `e` with every value of `args` (the command line) redacted,
+/// but for subcommand-like words, booleans and a misspelt choice of a flag with fixed values.
+fn redacted_usage_error(e: &clap::Error, args: &[String]) -> String {
+    let mut text = e.render().to_string();
+    // A value refused by a flag with a fixed set of values (`--wake-mode pollonly`) is
+    // shown when it looks like one of those names misspelt (the new-user helper saw
+    // `invalid value '<redacted>' for '--wake-mode <WAKE>'`): lowercase letters and
+    // `-`, as the first bare word below.
+    let looks_like_a_name =
+        |v: &str| v.len() <= 20 && v.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+    let misspelt_choice = match (
+        e.get(clap::error::ContextKind::ValidValue),
+        e.get(clap::error::ContextKind::InvalidValue),
+    ) {
+        (Some(_), Some(clap::error::ContextValue::String(v))) => {
+            looks_like_a_name(v).then(|| v.clone())
+        }
+        _ => None,
+    };
+    // Words no one uses as a secret: shown where they stand alone
+    // (`--prompt-producer yes`, which wants `=yes`).
+    const WORDS: &[&str] = &["migrate", "run", "status", "find", "requeue", "help"];
+    const BOOLS: &[&str] = &["true", "false", "yes", "no", "on", "off", "1", "0"];
+    // The first bare word stands where a subcommand goes: shown when it looks like one
+    // (`frobnicate`), so that a mistyped subcommand is still named.
+    let first_bare = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| looks_like_a_name(a));
+    for a in args.iter().skip(1) {
+        if Some(a) == first_bare {
+            continue;
+        }
+        // The value part: all of a bare argument, after `=` or `-X` in a flag.
+        let value = if let Some(flag) = a.strip_prefix('-') {
+            match (flag.split_once('='), flag.strip_prefix('X')) {
+                (Some((_, v)), _) => v,
+                (None, Some(v)) => v,
+                (None, None) => continue,
+            }
+        } else if WORDS.contains(&a.as_str()) || BOOLS.contains(&a.as_str()) {
+            continue;
+        } else {
+            a.as_str()
+        };
+        if value.is_empty() || misspelt_choice.as_deref() == Some(value) {
+            continue;
+        }
+        text = text.replace(&format!("'{value}'"), "'<redacted>'");
+        if value.len() >= 4 {
+            text = text.replace(value, "<redacted>");
+        }
+    }
+    // `--prompt-producer yes`: that flag takes its value after `=` only.
+    let detached = args
+        .windows(2)
+        .find(|w| w[0] == "--prompt-producer" && BOOLS.contains(&w[1].as_str()));
+    if let Some(w) = detached {
+        text.push_str(&format!(
+            "\n  tip: write --prompt-producer={} (this flag takes its value after `=`)\n",
+            w[1]
+        ));
+    }
+    text
 }
 
 fn main() -> ExitCode {

@@ -436,6 +436,16 @@ mod tests {
         assert_eq!(w.next().await, Some(Wake::Resumed));
         assert_eq!(w.next().await, Some(Wake::Again));
         assert_eq!(w.next().await, Some(Wake::Armed));
+        drop(tx);
+        let mut ticking = Wakeups::new(None, Duration::from_millis(10));
+        assert_eq!(ticking.next().await, Some(Wake::Again));
+        assert_eq!(ticking.next().await, Some(Wake::Tick));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hands_over_the_due_times_ahead() {
+        let (due, requests) = DueSender::new();
+        let mut w = Wakeups::new(None, Duration::from_secs(3600)).with_requests(requests);
         // What a stopping relay hands over: the due times ahead, taken or not, as delays.
         let now = Instant::now();
         w.due_at(now + Duration::from_millis(300));
@@ -455,9 +465,5 @@ mod tests {
             handoff_delays(&payload, "other").is_empty(),
             "another table's"
         );
-        drop(tx);
-        let mut ticking = Wakeups::new(None, Duration::from_millis(10));
-        assert_eq!(ticking.next().await, Some(Wake::Again));
-        assert_eq!(ticking.next().await, Some(Wake::Tick));
     }
 }
