@@ -210,8 +210,11 @@ pub(crate) async fn confirm_late(
         if late.after_failure {
             failed_runs.insert(late.run);
         }
-        overdue.settled_one();
+        // A report that is an error settles its overdue count without an acknowledgement,
+        // unless its outcome records a failure itself (or the relay is stopping).
+        let unacknowledged = late.report.is_err() && !ctx.stop.token().is_cancelled();
         if unrecorded_runs.contains(&late.run) {
+            overdue.settled_one(unacknowledged);
             continue;
         }
         let row = &rows[late.idx];
@@ -230,6 +233,7 @@ pub(crate) async fn confirm_late(
             }
             outcome
         };
+        overdue.settled_one(unacknowledged && !matches!(outcome, Some(Outcome::Failed(_))));
         let written = write_late(&ctx, row, outcome.as_ref(), holds.get(&row.id)).await;
         match &outcome {
             Some(o) if written => ctx.report.settled_late(row, o, fetched_at.elapsed()),
@@ -239,6 +243,7 @@ pub(crate) async fn confirm_late(
             _ => {}
         }
     }
+    overdue.hold_ended(ctx.stop.token().is_cancelled());
 }
 
 /// Writes a held row's late outcome (see [`record_late`]) on the late reports' session;

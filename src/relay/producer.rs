@@ -104,12 +104,30 @@ impl KafkaState {
         }
     }
 
-    fn overdue_settled(&self, n: usize) {
+    /// `n` overdue messages settled; `unacknowledged`: without an acknowledgement (purged,
+    /// cancelled, or their hold ended with the report still missing) and with nothing else
+    /// recorded about them. Such an end is not a delivery: the overdue problem then stays, as a
+    /// delivery problem, until a delivery clears it — dropped with the count, health was clear
+    /// between a held batch's end and the next batch's overdue reports while nothing was
+    /// delivered (CI, a two-of-three-replicas outage).
+    fn overdue_settled(&self, n: usize, unacknowledged: bool) {
         let mut o = self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        let since = o.map(|(_, since)| since);
         *o = match *o {
             Some((count, since)) if count > n => Some((count - n, since)),
             _ => None,
         };
+        drop(o);
+        if let (true, true, Some(since)) = (unacknowledged, n > 0, since) {
+            let mut slot = self.delivery.lock().unwrap_or_else(|e| e.into_inner());
+            let since = slot.as_ref().map_or(since, |p| p.since.min(since));
+            *slot = Some(ClientProblem {
+                error: format!(
+                    "{n} held message(s) ended without an acknowledgement from Kafka (purged, or their hold of publish_timeout + 1 s ended); the events are sent again"
+                ),
+                since,
+            });
+        }
     }
 
     fn overdue_problem(&self) -> Option<ClientProblem> {
@@ -166,18 +184,27 @@ pub(crate) struct Overdue {
 }
 
 impl Overdue {
-    /// One of the held messages got its report (or its hold ended).
-    pub(crate) fn settled_one(&mut self) {
+    /// One of the held messages got its report; `unacknowledged`: it ended without an
+    /// acknowledgement and nothing else was recorded about it (see
+    /// [`KafkaState::overdue_settled`]).
+    pub(crate) fn settled_one(&mut self, unacknowledged: bool) {
         if self.left > 0 {
             self.left -= 1;
-            self.state.overdue_settled(1);
+            self.state.overdue_settled(1, unacknowledged);
         }
+    }
+
+    /// The hold ended: the reports still missing are unacknowledged, unless the relay is
+    /// stopping (`stopping`: its purges are no sign of a problem).
+    pub(crate) fn hold_ended(mut self, stopping: bool) {
+        let left = std::mem::take(&mut self.left);
+        self.state.overdue_settled(left, !stopping);
     }
 }
 
 impl Drop for Overdue {
     fn drop(&mut self) {
-        self.state.overdue_settled(self.left);
+        self.state.overdue_settled(self.left, false);
     }
 }
 
@@ -750,5 +777,53 @@ impl Producers {
             .rebuilds
             .fetch_add(count, Ordering::Relaxed);
         Ok(Some(replaced))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overdue_reports_ending_unacknowledged_stay_a_problem_until_a_delivery() {
+        let state = Arc::new(KafkaState::default());
+        let mut held = state.overdue(2);
+        let since = state
+            .current()
+            .expect("overdue reports are a problem")
+            .since;
+        // One is acknowledged late: the other is still overdue.
+        held.settled_one(false);
+        assert!(state.current().is_some());
+        // The hold ends with the other's report missing: not a delivery, the problem stays,
+        // since the same time.
+        held.hold_ended(false);
+        let p = state.current().expect("a hold that ended unacknowledged");
+        assert_eq!(p.since, since);
+        assert!(
+            p.error.contains("without an acknowledgement"),
+            "{}",
+            p.error
+        );
+        // Only a delivery clears it.
+        state.delivered();
+        assert!(state.current().is_none());
+
+        // Purged and settled one by one, without a report recording anything: the same.
+        let mut held = state.overdue(1);
+        held.settled_one(true);
+        drop(held);
+        assert!(state.current().is_some());
+        state.delivered();
+
+        // Every report came (or the relay is stopping): nothing left behind.
+        let mut held = state.overdue(1);
+        held.settled_one(false);
+        held.hold_ended(false);
+        assert!(state.current().is_none());
+        state.overdue(3).hold_ended(true);
+        assert!(state.current().is_none());
+        drop(state.overdue(3));
+        assert!(state.current().is_none());
     }
 }

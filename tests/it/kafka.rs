@@ -292,13 +292,18 @@ async fn outage(name: &str, down: &[i32], publish_timeout: Duration, hold: Durat
     }
     write(&outbox, &env, &expected, "o", 4, 10).await;
     let deadline = tokio::time::Instant::now() + hold;
-    // Health names the outage while it lasts; polled with the rows (between a held batch's
-    // purge and the next batch's overdue reports it can be clear for a moment: CI saw it clear
-    // at the last instant once).
+    // Health names the outage while it lasts: once it has named it (the first batch's reports
+    // are overdue), at every poll until the nodes are back — also between a held batch's purge
+    // and the next batch's overdue reports (CI once saw it clear there).
+    let started = tokio::time::Instant::now();
     let mut problem_seen = None;
+    let mut cleared = Vec::new();
     while tokio::time::Instant::now() < deadline {
-        if problem_seen.is_none() {
-            problem_seen = (outbox.health().await.ok()).and_then(|h| h.kafka_problem);
+        let problem = (outbox.health().await.ok()).and_then(|h| h.kafka_problem);
+        match (&problem_seen, problem) {
+            (None, p) => problem_seen = p,
+            (Some(_), None) => cleared.push(started.elapsed()),
+            (Some(_), Some(_)) => {}
         }
         let s = statuses(&env).await;
         if s.get("done").copied().unwrap_or(0) != 1 {
@@ -344,6 +349,10 @@ async fn outage(name: &str, down: &[i32], publish_timeout: Duration, hold: Durat
     assert!(
         problem_seen.is_some(),
         "{name}: health names the Kafka problem during the outage: {health:?}"
+    );
+    assert!(
+        cleared.is_empty(),
+        "{name}: health's Kafka problem was clear during the outage at {cleared:?} after it began"
     );
     for &n in down {
         cluster.start(n).await;
