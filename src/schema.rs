@@ -242,8 +242,9 @@ pub struct MigrationReport {
 
 impl MigrationReport {
     /// Objects of recorded migrations that were missing (dropped by hand) and were created
-    /// again by this call, e.g. `events_fence (table)`, `events_pending_idx (index)`; empty
-    /// when everything was there.
+    /// again by this call, e.g. `events_fence (table)`, `events_pending_idx (index)`, and the
+    /// identity sequence of `seq` when it was behind the pending rows and was moved past them
+    /// (e.g. `public.events_seq_seq (sequence: …)`); empty when everything was in order.
     pub fn repaired(&self) -> &[String] {
         &self.repaired
     }
@@ -363,7 +364,7 @@ async fn migrate_once(client: &Client, table: &str, channel: &str) -> Result<Mig
         Ok(report) => {
             client.batch_execute("commit").await?;
             if !report.repaired.is_empty() {
-                tracing::warn!(table, repaired = %report.repaired.join(", "), "outbox migrate: objects were missing or disabled; re-created them");
+                tracing::warn!(table, repaired = %report.repaired.join(", "), "outbox migrate: objects were missing or disabled, or the seq sequence was behind the rows; repaired them");
             }
             // The migrating role owns the table: analyze a new one now, so that a relay role
             // that is not its owner (the README's roles) finds it analyzed.
@@ -398,7 +399,12 @@ async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<bool>
     if registered != Some((channel.to_string(), SCHEMA_VERSION)) {
         return Ok(false);
     }
-    Ok(missing_objects(client, table).await?.is_empty())
+    // A sequence check that fails (what keeps the role from reading the table is named
+    // elsewhere) sends nobody down the path that writes.
+    Ok(missing_objects(client, table).await?.is_empty()
+        && crate::schema_check::sequence_behind(client, table)
+            .await
+            .map_or(true, |behind| behind.is_none()))
 }
 
 /// [`migrate_table`] for the default table `events` and channel `outbox`.
@@ -486,7 +492,8 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         &[&table, &channel, &SCHEMA_VERSION],
     )
     .await?;
-    let repaired = repair_missing(tx, table, channel).await?;
+    let mut repaired = repair_missing(tx, table, channel).await?;
+    repaired.extend(repair_sequence(tx, table).await?);
     let previous_channel = previous_channel.filter(|c| c != channel);
     Ok(MigrationReport {
         applied,
@@ -626,6 +633,28 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
         .iter()
         .map(|m| format!("{} ({})", m.name, m.kind))
         .collect())
+}
+
+/// Moves the identity sequence of `seq` past every row when it would hand out a value at or
+/// below a pending row's (see [`sequence_behind`](crate::schema_check::sequence_behind)):
+/// returns what it did, for [`MigrationReport::repaired`].
+///
+/// # Errors
+/// [`Error::Postgres`] when a statement fails.
+async fn repair_sequence(tx: &Client, table: &str) -> Result<Option<String>> {
+    let Some((name, next, _)) = crate::schema_check::sequence_behind(tx, table).await? else {
+        return Ok(None);
+    };
+    let max: i64 = tx
+        .query_one(
+            &format!("select setval($1::text::regclass, (select max(seq) from {table}))"),
+            &[&name],
+        )
+        .await?
+        .get(0);
+    Ok(Some(format!(
+        "{name} (sequence: would have handed out {next}, below the rows; moved to {max})"
+    )))
 }
 
 /// The indexes of migration 2, each created only if missing.

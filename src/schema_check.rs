@@ -117,6 +117,9 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
 ) -> Result<Vec<String>> {
     let mut problems = column_deviations(client, table).await?;
     problems.extend(missing_object_problems(client, table).await?);
+    if problems.is_empty() {
+        problems.extend(sequence_problems(client, table).await);
+    }
     Ok(problems)
 }
 
@@ -236,6 +239,65 @@ pub(crate) async fn row_security_problems<C: GenericClient>(
             )
         })
         .collect())
+}
+
+/// The identity sequence of `table.seq` when it would hand out a value at or below a pending
+/// row's `seq`: its name, the next value and the highest pending `seq`. `None` when it is
+/// ahead, when nothing is pending, or when the connected role may not read the sequence (the
+/// relay's role usually may not: `migrate`, run by the owner, always can).
+///
+/// A sequence restarted below the rows — a logical-replication upgrade or a dump restored
+/// without its sequences, an `alter ... restart` — numbers new events before older pending
+/// ones: the relay publishes by `seq`, so an aggregate's new events would go out before its
+/// older ones (a breaker helper saw Kafka receive 4 5 1 2 3).
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) when the catalog or the sequence cannot be read.
+pub(crate) async fn sequence_behind<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Option<(String, i64, i64)>> {
+    let row = client
+        .query_one(
+            &format!(
+                "select s::text, has_sequence_privilege(s, 'SELECT'),
+                        (select max(seq) from {table} where status = 'new')
+                   from (select pg_get_serial_sequence($1, 'seq')::regclass as s) q"
+            ),
+            &[&table],
+        )
+        .await?;
+    let (name, readable, pending): (Option<String>, Option<bool>, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2));
+    let (Some(name), Some(true), Some(pending)) = (name, readable, pending) else {
+        return Ok(None);
+    };
+    // `name` is `pg_get_serial_sequence`'s, quoted as needed.
+    let row = client
+        .query_one(
+            &format!(
+                "select case when q.is_called then q.last_value + p.increment_by
+                             else q.last_value end
+                   from {name} q, pg_sequences p
+                  where format('%I.%I', p.schemaname, p.sequencename)::regclass = $1::text::regclass"
+            ),
+            &[&name],
+        )
+        .await?;
+    let next: i64 = row.get(0);
+    Ok((next <= pending).then_some((name, next, pending)))
+}
+
+/// [`sequence_behind`] as a problem for `connect()` and `status`, with the fix. A query that
+/// fails finds nothing: it reads the table, and what keeps the role from reading it (a
+/// privilege, row-level security) is a problem the other checks name with its fix.
+async fn sequence_problems<C: GenericClient>(client: &C, table: &str) -> Vec<String> {
+    let behind = sequence_behind(client, table).await.ok().flatten();
+    behind.into_iter().map(|(name, next, pending)| {
+        format!(
+            "the identity sequence `{name}` of `{table}.seq` would hand out {next}, not above the pending row at seq {pending}: new events would be published before older pending ones of their aggregate (a sequence restarted below the rows, e.g. by a logical-replication upgrade or a restore that does not carry sequences); run `outbox-relay migrate` (it moves the sequence past the rows) or `select setval('{name}', (select max(seq) from {table}))`"
+        )
+    }).collect()
 }
 
 /// The relay privileges the connected role lacks, each with the `GRANT` that fixes it. Tables

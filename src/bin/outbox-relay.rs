@@ -403,7 +403,7 @@ async fn migrate(cli: &Cli) -> Result<(), Failure> {
     }
     if !report.repaired().is_empty() {
         println!(
-            "table {table}: repaired (re-created or re-enabled): {}",
+            "table {table}: repaired (re-created, re-enabled, or a sequence moved past the rows): {}",
             report.repaired().join(", ")
         );
     }

@@ -1268,3 +1268,65 @@ async fn a_backlog_of_large_events_drains_within_the_reservation_deadline() {
     .await;
     support::stop_and_join(&outbox, relay).await;
 }
+
+/// The identity sequence of `seq` restarted below the pending rows (a logical-replication
+/// upgrade or a restore that does not carry sequences, simulated with `alter ... restart`):
+/// new events would be numbered before older pending ones and published first (a breaker
+/// helper saw Kafka receive 4 5 1 2 3). `connect()` refuses, naming the sequence and the fix,
+/// when its role may read the sequence; `migrate` moves it past the rows (and says so); then
+/// the aggregate's events arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_sequence_restarted_below_the_rows_is_refused_and_migrate_repairs_it() {
+    let cfg = support::fresh_database().await;
+    let admin = outbox::testing::connect(&cfg).await.unwrap();
+    outbox::migrate(&admin).await.unwrap();
+    let topic = topic_name("seqrestart");
+    support::create_topic(&topic, 1).await;
+    let event = |n: i64| NewEvent::new(&topic, "a", "T", json!({ "n": n }));
+    for n in 1..=3 {
+        outbox::add_new_event(&admin, event(n)).await.unwrap();
+    }
+    admin
+        .batch_execute("alter table events alter column seq restart with 1")
+        .await
+        .unwrap();
+    let builder = || {
+        Outbox::builder()
+            .postgres(cfg.clone())
+            .kafka_brokers(support::kafka_brokers())
+    };
+    match builder().connect().await {
+        Err(Error::Schema(msg)) => assert!(
+            msg.contains("events_seq_seq") && msg.contains("outbox-relay migrate"),
+            "{msg}"
+        ),
+        other => panic!("expected a schema error naming the sequence, got {other:?}"),
+    }
+    let report = outbox::migrate(&admin).await.unwrap();
+    assert!(
+        report
+            .repaired()
+            .iter()
+            .any(|r| r.contains("events_seq_seq")),
+        "{report:?}"
+    );
+    assert!(outbox::migrate(&admin).await.unwrap().repaired().is_empty());
+    for n in 4..=5 {
+        outbox::add_new_event(&admin, event(n)).await.unwrap();
+    }
+    let outbox = builder().connect().await.expect("connect after migrate");
+    let relay = outbox.start().unwrap();
+    let records = support::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        5,
+        Duration::from_secs(30),
+    )
+    .await;
+    let ns: Vec<i64> = records
+        .iter()
+        .map(|r| r.json()["n"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(ns, vec![1, 2, 3, 4, 5], "the aggregate's events in order");
+    support::stop_and_join(&outbox, relay).await;
+}
