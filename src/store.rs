@@ -205,6 +205,8 @@ pub(crate) struct RelaySql {
     /// skips blocked aggregates failed (it may have outlasted `postgres_timeout`).
     pub(crate) reserve_windowed: String,
     pub(crate) confirm: String,
+    /// Rows acknowledged while the batch still publishes, written in its transaction.
+    pub(crate) confirm_early: String,
     pub(crate) late_confirm: String,
     pub(crate) late_fail: String,
     pub(crate) late_release: String,
@@ -229,14 +231,16 @@ impl RelaySql {
             "e.status <> 'done' and e.status = 'new'"
         };
         let update = render_with_outcomes(include_str!("sql/confirm_update.sql"), table, &[]);
-        let (confirm, late_confirm) = if delete_on_delivery {
+        let (confirm, confirm_early, late_confirm) = if delete_on_delivery {
             (
                 include_str!("sql/confirm_delete.sql"),
+                include_str!("sql/confirm_early_delete.sql"),
                 include_str!("sql/late_confirm_delete.sql"),
             )
         } else {
             (
                 include_str!("sql/confirm.sql"),
+                include_str!("sql/confirm_early.sql"),
                 include_str!("sql/late_confirm.sql"),
             )
         };
@@ -247,6 +251,7 @@ impl RelaySql {
             reserve_full,
             reserve_windowed,
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
+            confirm_early: r(confirm_early),
             late_confirm: r(late_confirm),
             late_fail: r(include_str!("sql/late_fail.sql")),
             late_release: r(include_str!("sql/late_release.sql")),

@@ -65,11 +65,24 @@ pub(crate) async fn run_batch(
     if let Err(e) = ctx.fences.insert(&batch_id, &aggregates).await {
         return not_fenced(&ctx, conn, batch_id, &e).await;
     }
-    let mut published =
-        publish::publish(&ctx, &conn.client, &rows, &chains, cutoff, caught_up).await;
+    let mut published = publish::publish(&ctx, &conn, &rows, &chains, cutoff, caught_up).await;
     watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
-    match confirm_batch(&ctx, &conn, &rows, &outcomes, &batch_id).await {
+    let confirmed = match published.early_error.take() {
+        Some(e) => Err(e),
+        None => {
+            confirm_batch(
+                &ctx,
+                &conn,
+                &rows,
+                &outcomes,
+                &published.written_early,
+                &batch_id,
+            )
+            .await
+        }
+    };
+    match confirmed {
         Ok((due_in, holds)) => {
             ctx.report
                 .batch_confirmed(&rows, &outcomes, fetched_at.elapsed());

@@ -1,5 +1,6 @@
 //! The confirm stage: a batch's outcomes written in one statement together with the commit (one
-//! round trip), and — for messages held at the batch's cutoff — their late reports written one by
+//! round trip) — in a batch of few aggregates, the rows Kafka acknowledged are written in the
+//! batch transaction while it still publishes ([`confirm_early`]) —, and — for messages held at the batch's cutoff — their late reports written one by
 //! one while the hold lasts, on one session shared by every held batch ([`LateConn`]). Both judge reports with the same policy (`Outcome::of_report`) and
 //! report through the same sink.
 
@@ -50,9 +51,13 @@ struct ConfirmRows<'a> {
 }
 
 impl<'a> ConfirmRows<'a> {
-    fn new(ctx: &Ctx, rows: &[Reserved], outcomes: &'a [Outcome]) -> Self {
+    /// The rows of `outcomes` but those `written_early` (see [`confirm_early`]; empty: none).
+    fn new(ctx: &Ctx, rows: &[Reserved], outcomes: &'a [Outcome], written_early: &[bool]) -> Self {
         let mut c = ConfirmRows::default();
-        for (row, o) in rows.iter().zip(outcomes) {
+        for (i, (row, o)) in rows.iter().zip(outcomes).enumerate() {
+            if written_early.get(i).copied().unwrap_or(false) {
+                continue;
+            }
             let (code, partition, offset, error) = match o {
                 Outcome::NotSent => continue,
                 Outcome::Delivered { partition, offset } => {
@@ -111,6 +116,57 @@ pub(crate) type Holds = HashMap<Uuid, SystemTime>;
 /// near-empty table got much worse with sequential scans off.)
 pub(crate) const CONFIRM_SETUP: &str = "set local enable_seqscan = off";
 
+/// How many acknowledged rows a batch collects before it writes them while it still publishes
+/// (see [`confirm_early`]): fewer would add statements (each a round trip on the batch session)
+/// for little; a batch that ends with fewer leaves them all to the batch confirm.
+pub(crate) const EARLY_CONFIRM_ROWS: usize = 256;
+
+/// Only a batch of at most this many aggregates writes early: its chains are long (their
+/// reports come in waves of `max_in_flight_per_aggregate`), and a backlog of few aggregates
+/// leaves the other batch slot idle (its rows wait behind this batch's), so Postgres has the
+/// time. In a batch of many aggregates the other batch's reservation needs that time: writing
+/// early there cost the uniform drain about 10 % (three interleaved runs each, 42.5k against
+/// 48.7k events/s; BENCHMARKS.md, "Writing acknowledged rows early").
+pub(crate) const EARLY_CONFIRM_MAX_CHAINS: usize = 16;
+
+/// Writes rows Kafka acknowledged — `acked`: (row index, partition, offset) — in the batch
+/// transaction while the batch still publishes, as the batch confirm would write them: the
+/// session otherwise idles while the batch publishes, and the confirm's per-row work then
+/// overlaps the publishing instead of following it. Committed (and announced) with the batch
+/// confirm: if the batch cannot confirm, they are rolled back with it and published again.
+/// Returns the indexes written.
+///
+/// # Errors
+/// As [`confirm_batch`]; the transaction is then aborted (or the session to be dropped), and the
+/// batch cannot confirm.
+pub(crate) async fn confirm_early(
+    ctx: &Ctx,
+    conn: &BatchConn,
+    rows: &[Reserved],
+    acked: Vec<(usize, i32, i64)>,
+) -> crate::Result<Vec<usize>> {
+    let ids: Vec<Uuid> = acked.iter().map(|(i, _, _)| rows[*i].id).collect();
+    let partitions: Vec<i32> = acked.iter().map(|(_, p, _)| *p).collect();
+    let offsets: Vec<i64> = acked.iter().map(|(_, _, o)| *o).collect();
+    let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&ids, &partitions, &offsets];
+    let op = async {
+        futures::try_join!(
+            conn.client.batch_execute(CONFIRM_SETUP),
+            conn.client.execute(&conn.confirm_early, &params),
+        )
+    };
+    round_trip_on(
+        &ctx.pg,
+        conn,
+        &ctx.stop,
+        "confirm",
+        ctx.timing.round_trip,
+        op,
+    )
+    .await?;
+    Ok(acked.into_iter().map(|(i, _, _)| i).collect())
+}
+
 /// Confirms the batch and commits (pipelined: one round trip). Returns when its retries and
 /// holds are due (see `ConfirmRows::due_in`), and the holds it wrote.
 ///
@@ -123,9 +179,10 @@ pub(crate) async fn confirm_batch(
     conn: &BatchConn,
     rows: &[Reserved],
     outcomes: &[Outcome],
+    written_early: &[bool],
     batch_id: &Uuid,
 ) -> crate::Result<(Vec<Duration>, Holds)> {
-    let c = ConfirmRows::new(ctx, rows, outcomes);
+    let c = ConfirmRows::new(ctx, rows, outcomes, written_early);
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
         &c.codes,

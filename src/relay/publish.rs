@@ -3,12 +3,13 @@
 //! aggregate was acknowledged, so a failure can never let a later event of the aggregate reach
 //! Kafka first. Messages in flight over all batches are bounded by `max_in_flight` permits.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
@@ -20,8 +21,9 @@ use uuid::Uuid;
 
 use crate::text::printable;
 
+use super::confirm::{confirm_early, EARLY_CONFIRM_MAX_CHAINS, EARLY_CONFIRM_ROWS};
 use super::producer::RelayProducer;
-use super::reserve::Reserved;
+use super::reserve::{BatchConn, Reserved};
 use super::retry::{self, Failure};
 use super::Ctx;
 use crate::otel::PublishSpan;
@@ -91,6 +93,12 @@ pub(crate) struct Published {
     pub(crate) outcomes: Vec<Outcome>,
     /// The held messages, still awaiting their reports.
     pub(crate) stragglers: Vec<Straggler>,
+    /// One per reserved row: delivered and already written in the batch transaction (see
+    /// [`confirm_early`]); the batch confirm leaves those out.
+    pub(crate) written_early: Vec<bool>,
+    /// Writing delivered rows early failed: the batch cannot confirm (its transaction is
+    /// aborted, or its session is to be dropped after a timeout).
+    pub(crate) early_error: Option<crate::Error>,
 }
 
 /// The rows' indexes grouped by aggregate, each chain in `seq` order (the batch's order).
@@ -112,6 +120,77 @@ pub(crate) fn chains(rows: &[Reserved]) -> Vec<Vec<usize>> {
 tokio::task_local! {
     /// Messages the chains of the batch being published handed to a producer so far.
     static HANDED_OVER: Cell<u64>;
+    /// Rows of the batch being published that Kafka acknowledged and that are not yet written
+    /// early: (row index, partition, offset). A delivered outcome is final when it is decided
+    /// (a chain reads its reports in order; a later failure never revokes an earlier delivery).
+    static ACKED: RefCell<Vec<(usize, i32, i64)>>;
+}
+
+/// Records `outcome` of row `idx` in the chain's `out`, and a delivery for early writing.
+fn decided(out: &mut Vec<(usize, Outcome)>, idx: usize, outcome: Outcome) {
+    if let Outcome::Delivered { partition, offset } = outcome {
+        // Outside a batch's publish (never, today) nothing is written early: the batch confirm
+        // writes it.
+        let _ = ACKED.try_with(|a| a.borrow_mut().push((idx, partition, offset)));
+    }
+    out.push((idx, outcome));
+}
+
+/// The batch's delivered rows written early (see [`confirm_early`]): at most one statement in
+/// flight on the batch session; a failure ends early writing for the batch.
+struct EarlyWrites<'a> {
+    /// Whether the batch writes early at all (see [`EARLY_CONFIRM_MAX_CHAINS`]).
+    enabled: bool,
+    in_flight: Option<BoxFuture<'a, crate::Result<Vec<usize>>>>,
+    written: Vec<bool>,
+    error: Option<crate::Error>,
+}
+
+impl<'a> EarlyWrites<'a> {
+    /// Polls the statement in flight, then starts the next one when enough deliveries wait.
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        ctx: &'a Ctx,
+        conn: &'a BatchConn,
+        rows: &'a [Reserved],
+    ) {
+        loop {
+            if let Some(f) = &mut self.in_flight {
+                match f.poll_unpin(cx) {
+                    std::task::Poll::Pending => return,
+                    std::task::Poll::Ready(r) => {
+                        self.in_flight = None;
+                        match r {
+                            Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
+                            Err(e) => self.error = Some(e),
+                        }
+                    }
+                }
+            }
+            if !self.enabled || self.error.is_some() {
+                return;
+            }
+            let acked = ACKED.with(|a| {
+                let mut a = a.borrow_mut();
+                (a.len() >= EARLY_CONFIRM_ROWS).then(|| std::mem::take(&mut *a))
+            });
+            let Some(acked) = acked else {
+                return;
+            };
+            self.in_flight = Some(confirm_early(ctx, conn, rows, acked).boxed());
+        }
+    }
+
+    /// Waits for the statement in flight, if any.
+    async fn finish(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            match f.await {
+                Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
+                Err(e) => self.error = Some(e),
+            }
+        }
+    }
 }
 
 /// Publishes every chain until each is done, failed, or reached `cutoff`. Stops sending when
@@ -121,14 +200,21 @@ tokio::task_local! {
 /// [`Producers::get`](super::producer::Producers::get)).
 pub(crate) async fn publish(
     ctx: &Ctx,
-    session: &Client,
+    conn: &BatchConn,
     rows: &[Reserved],
     chains: &[Vec<usize>],
     cutoff: Instant,
     prompt: bool,
 ) -> Published {
+    let session: &Client = &conn.client;
     let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
     let mut stragglers = Vec::new();
+    let mut early = EarlyWrites {
+        enabled: chains.len() <= EARLY_CONFIRM_MAX_CHAINS,
+        in_flight: None,
+        written: vec![false; rows.len()],
+        error: None,
+    };
     let mut running: FuturesUnordered<_> = chains
         .iter()
         .map(|c| publish_chain(ctx, session, rows, c, cutoff, prompt))
@@ -142,37 +228,44 @@ pub(crate) async fn publish(
     // FuturesUnordered also returns `Pending` when chains yielded (tokio's cooperative budget
     // ends a long pass every 128 sends or so).
     let (mut seen, mut kicked) = (0, 0);
-    HANDED_OVER
-        .scope(Cell::new(0), async {
-            loop {
-                let polled = futures::future::poll_fn(|cx| {
-                    let polled = running.poll_next_unpin(cx);
-                    if polled.is_pending() && prompt {
-                        let handed = HANDED_OVER.with(Cell::get);
-                        if handed != seen {
-                            seen = handed;
-                            cx.waker().wake_by_ref();
-                        } else if handed != kicked {
-                            kicked = handed;
-                            ctx.producers.kick();
-                        }
+    let tally = async {
+        loop {
+            let polled = futures::future::poll_fn(|cx| {
+                let polled = running.poll_next_unpin(cx);
+                // After the chains: what they decided in this pass counts towards the next
+                // early write.
+                early.poll(cx, ctx, conn, rows);
+                if polled.is_pending() && prompt {
+                    let handed = HANDED_OVER.with(Cell::get);
+                    if handed != seen {
+                        seen = handed;
+                        cx.waker().wake_by_ref();
+                    } else if handed != kicked {
+                        kicked = handed;
+                        ctx.producers.kick();
                     }
-                    polled
-                })
-                .await;
-                let Some((results, straggler)) = polled else {
-                    break;
-                };
-                for (idx, o) in results {
-                    outcomes[idx] = o;
                 }
-                stragglers.extend(straggler);
+                polled
+            })
+            .await;
+            let Some((results, straggler)) = polled else {
+                break;
+            };
+            for (idx, o) in results {
+                outcomes[idx] = o;
             }
-        })
+            stragglers.extend(straggler);
+        }
+    };
+    HANDED_OVER
+        .scope(Cell::new(0), ACKED.scope(RefCell::new(Vec::new()), tally))
         .await;
+    early.finish().await;
     Published {
         outcomes,
         stragglers,
+        written_early: early.written,
+        early_error: early.error,
     }
 }
 
@@ -328,7 +421,7 @@ async fn publish_one(
     if delivered {
         ctx.fatal.delivered();
     }
-    out.push((idx, outcome));
+    decided(out, idx, outcome);
     if delivered {
         Step::Next
     } else {
@@ -517,7 +610,7 @@ fn settle(
     if failed_at.is_some_and(|f| pos > f) {
         // Failed because a predecessor did: released as it was, without an attempt.
         if let Ok((partition, offset)) = report {
-            out.push((idx, order_anomaly(ctx, row, partition, offset)));
+            decided(out, idx, order_anomaly(ctx, row, partition, offset));
         }
         return;
     }
@@ -525,7 +618,7 @@ fn settle(
     match outcome {
         Some(o @ Outcome::Delivered { .. }) => {
             ctx.fatal.delivered();
-            out.push((idx, o));
+            decided(out, idx, o);
         }
         Some(o) => {
             *failed_at = Some(failed_at.map_or(pos, |f| f.min(pos)));

@@ -86,6 +86,8 @@ pub(crate) struct BatchConn {
     /// The same within a window (see `RelaySql::reserve_windowed`).
     reserve_windowed: Statement,
     pub(crate) confirm: Statement,
+    /// Rows acknowledged while the batch still publishes (see `confirm::confirm_early`).
+    pub(crate) confirm_early: Statement,
     /// The connection string's server it is on.
     server: usize,
 }
@@ -113,12 +115,13 @@ impl BatchConn {
         )
         .await
         .map(
-            |(reserve, reserve_full, reserve_windowed, confirm)| BatchConn {
+            |(reserve, reserve_full, reserve_windowed, confirm, confirm_early)| BatchConn {
                 client: Arc::new(client),
                 reserve,
                 reserve_full,
                 reserve_windowed,
                 confirm,
+                confirm_early,
                 server,
             },
         )
@@ -128,7 +131,8 @@ impl BatchConn {
         client: &Client,
         sql: &RelaySql,
         timing: &Timing,
-    ) -> Result<(Statement, Statement, Statement, Statement), tokio_postgres::Error> {
+    ) -> Result<(Statement, Statement, Statement, Statement, Statement), tokio_postgres::Error>
+    {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -138,13 +142,20 @@ impl BatchConn {
             ))
             .await?;
         let types = [Type::INT8, Type::INT8, Type::INT8];
-        let (reserve, reserve_full, reserve_windowed, confirm) = futures::try_join!(
+        let (reserve, reserve_full, reserve_windowed, confirm, confirm_early) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),
             client.prepare_typed(&sql.reserve_windowed, &types),
-            client.prepare(&sql.confirm)
+            client.prepare(&sql.confirm),
+            client.prepare(&sql.confirm_early)
         )?;
-        Ok((reserve, reserve_full, reserve_windowed, confirm))
+        Ok((
+            reserve,
+            reserve_full,
+            reserve_windowed,
+            confirm,
+            confirm_early,
+        ))
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the

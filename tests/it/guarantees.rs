@@ -24,7 +24,7 @@ use futures::StreamExt;
 use outbox::testing::faults::{Fault, FaultProxy};
 use outbox::{
     DeadLetterPolicy, DeliveryEvent, DeliveryFailure, DeliveryStream, Error, Event, EventFilter,
-    EventStatus, NewEvent, Outbox, OutboxBuilder, RequeueFilter,
+    EventStatus, NewEvent, OnDelivery, Outbox, OutboxBuilder, RequeueFilter,
 };
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde_json::json;
@@ -2179,6 +2179,146 @@ async fn a_slow_broker_does_not_starve_a_pipelined_aggregate() {
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("undelay the broker");
     stop_and_join(&outbox, handle).await;
+}
+
+/// A batch writes the rows Kafka acknowledged while it still publishes (in its transaction,
+/// `EARLY_CONFIRM_ROWS` at a time), and commits them with its confirm: when that confirm fails,
+/// the rows written early are rolled back with it — none is `done` — and the batch is published
+/// again. A trigger refuses to mark the batch's last event done (so the failing statement is the
+/// batch confirm, after the early writes); a statement-level trigger counts the statements that
+/// mark rows done (in a sequence, which a rollback does not undo): more than one per attempt
+/// shows that rows were written early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_early_roll_back_with_a_batch_that_cannot_confirm() {
+    rows_written_early(false).await;
+}
+
+/// As `rows_written_early_roll_back_with_a_batch_that_cannot_confirm`, with
+/// `OnDelivery::Delete`: the rows deleted early come back with the rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_deleted_early_roll_back_with_a_batch_that_cannot_confirm() {
+    rows_written_early(true).await;
+}
+
+/// The early-writing test; `delete`: with `OnDelivery::Delete` (else `MarkDone`).
+async fn rows_written_early(delete: bool) {
+    let env = setup(if delete { "early_del" } else { "early" }, 1, None).await;
+    let t = &env.table;
+    let admin = pg(&env).await;
+    // The delivery's write: an update to `done`, or a delete.
+    let (event, row, table, marks) = if delete {
+        ("delete", "old", "old table", "true")
+    } else {
+        ("update", "new", "new table", "status = 'done'")
+    };
+    admin
+        .batch_execute(&format!(
+            "create table {t}_refuse (refuse bool not null);
+             insert into {t}_refuse values (true);
+             create sequence {t}_done_statements;
+             create function {t}_refuse_last() returns trigger language plpgsql as $$
+             begin
+               if ({row}.status = 'done' or tg_op = 'DELETE') and ({row}.payload->>'n')::int = 1000
+                  and (select refuse from {t}_refuse) then
+                 raise exception 'refused by the test';
+               end if;
+               return {row};
+             end $$;
+             create trigger {t}_refuse_last before {event} on {t}
+               for each row execute function {t}_refuse_last();
+             create function {t}_count_done() returns trigger language plpgsql as $$
+             begin
+               if exists (select 1 from marked where {marks}) then
+                 perform nextval('{t}_done_statements');
+               end if;
+               return null;
+             end $$;
+             create trigger {t}_count_done after {event} on {t}
+               referencing {table} as marked
+               for each statement execute function {t}_count_done();"
+        ))
+        .await
+        .expect("triggers");
+    // 1,000 events of 10 aggregates in one transaction: one batch, chains of 100; the 1,000th
+    // (aggregate 9's last) is refused.
+    let events: Vec<NewEvent> = (1..=1000)
+        .map(|n| ev(&env.topic, &format!("E{}", (n - 1) / 100), n))
+        .collect();
+    let on_delivery = if delete {
+        OnDelivery::Delete
+    } else {
+        OnDelivery::MarkDone
+    };
+    let outbox = env
+        .builder()
+        .batch_size(2000)
+        .on_delivery(on_delivery)
+        .retry_backoff(Duration::from_millis(200), Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pg(&env).await;
+    insert(&outbox, &mut client, &events).await;
+    let handle = outbox.start().expect("start");
+    support::eventually(Duration::from_secs(60), "two failed confirms", || async {
+        let s = outbox.stats();
+        (s.confirm_failures >= 2)
+            .then_some(())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
+    let count = |sql: String| {
+        let admin = &admin;
+        async move { admin.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    let pending = count(format!("select count(*) from {t} where status = 'new'")).await;
+    let statements = count(format!(
+        "select case when is_called then last_value else 0 end from {t}_done_statements"
+    ))
+    .await;
+    assert_eq!(
+        pending, 1000,
+        "rows written early were committed without their batch"
+    );
+    assert!(statements > 0, "no rows were written early");
+    admin
+        .batch_execute(&format!("update {t}_refuse set refuse = false"))
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(60), "the batch confirms", || async {
+        let n = count(format!("select count(*) from {t} where status = 'new'")).await;
+        (n == 0).then_some(()).ok_or(format!("{n} pending"))
+    })
+    .await;
+    stop_and_join(&outbox, handle).await;
+    let mut r = reader(&env).await;
+    let records = r.read(usize::MAX, Duration::from_secs(5)).await;
+    let by_key = counters_by_key(&records);
+    assert_eq!(by_key.len(), 10, "every aggregate in Kafka");
+    for (key, seen) in &by_key {
+        // Each attempt published the aggregate's events from its first: replays, each in order;
+        // a counter never seen before is always the next one.
+        let first: i64 = key[1..].parse::<i64>().unwrap() * 100 + 1;
+        let mut highest = first - 1;
+        for (i, &c) in seen.iter().enumerate() {
+            if c > highest {
+                assert_eq!(
+                    c,
+                    highest + 1,
+                    "{key}: {c} before {} at {i}: {seen:?}",
+                    highest + 1
+                );
+                highest = c;
+            } else if i > 0 && c != first {
+                assert_eq!(
+                    c,
+                    seen[i - 1] + 1,
+                    "{key}: a replay out of order at {i}: {seen:?}"
+                );
+            }
+        }
+        assert_eq!(highest, first + 99, "{key}: every event: {seen:?}");
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
