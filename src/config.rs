@@ -860,7 +860,13 @@ impl OutboxBuilder {
                 &e.to_string(),
                 self.kafka_properties.iter().map(|(k, v)| (k, v)),
             );
-            problems.push(format!("kafka_property: {text}"));
+            // librdkafka built without OpenSSL names it, not what to do about it.
+            let hint = if cfg!(feature = "kafka-ssl") || !text.to_ascii_lowercase().contains("openssl") {
+                ""
+            } else {
+                " (this build has no TLS: build the crate, or outbox-relay, with the `kafka-ssl` feature — `cargo install --locked --path . --features cli,kafka-ssl` for outbox-relay — which links librdkafka with OpenSSL)"
+            };
+            problems.push(format!("kafka_property: {text}{hint}"));
             None
         })
     }

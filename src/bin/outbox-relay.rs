@@ -168,7 +168,10 @@ impl From<Error> for Failure {
             } else {
                 ""
             };
-            format!("cannot connect to Postgres: {e}{hint}")
+            match PG_TARGET.get() {
+                Some(target) => format!("cannot connect to Postgres ({target}): {e}{hint}"),
+                None => format!("cannot connect to Postgres: {e}{hint}"),
+            }
         } else {
             e.to_string()
         };
@@ -343,12 +346,43 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
         .ok_or_else(|| fail(3, "no database: set --database-url or DATABASE_URL"))?;
     // Through `outbox::Error` for the cause (which option is wrong), which tokio-postgres'
     // `Display` leaves out; it names options, never their values.
-    url.parse().map_err(|e: tokio_postgres::Error| {
+    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
         fail(
             3,
             format!("invalid --database-url: {}", outbox::Error::Postgres(e)),
         )
-    })
+    })?;
+    let _ = PG_TARGET.set(pg_target(&config));
+    Ok(config)
+}
+
+/// Where the command connects to Postgres (see [`pg_target`]), for a connection error's text.
+static PG_TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The servers, database and role of `config` — `db1:5432, db2:5432, database app, user relay`
+/// — never the password: what a connection error should name (tokio-postgres' own text says
+/// only "Connection refused").
+fn pg_target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = (config.get_hosts().iter().enumerate())
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                #[cfg(unix)]
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(", ")
+    };
+    let user = config.get_user().unwrap_or("(the OS user)");
+    let database = config.get_dbname().unwrap_or(user);
+    text::printable(&format!("{hosts}, database {database}, user {user}")).into_owned()
 }
 
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {

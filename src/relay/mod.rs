@@ -462,7 +462,17 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     let deadline = ctx.stop.window().map_or_else(Instant::now, |w| w.deadline);
     ctx.late.close();
     let left = deadline.saturating_duration_since(Instant::now());
-    let flushes: Vec<_> = (ctx.producers.all().await.into_iter())
+    let producers = ctx.producers.all().await;
+    let unacknowledged: i32 = producers.iter().map(|p| p.in_flight_count()).sum();
+    if unacknowledged > 0 {
+        // With Kafka down this wait is the whole `shutdown_timeout`: say what it waits for.
+        tracing::info!(
+            messages = unacknowledged,
+            wait_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+            "outbox relay: stopping: waiting for Kafka to acknowledge the messages sent (at most the rest of shutdown_timeout); those still unacknowledged then are purged and their events published again later"
+        );
+    }
+    let flushes: Vec<_> = (producers.into_iter())
         .map(|producer| tokio::task::spawn_blocking(move || producer.flush(left)))
         .collect();
     let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;

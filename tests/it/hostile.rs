@@ -497,6 +497,15 @@ async fn a_missing_password_is_a_refused_login_that_says_where_the_password_goes
         "says where the password goes: {}",
         out.stderr
     );
+    // And where it tried (found by a new user: only "Connection refused" for a wrong port).
+    assert!(
+        out.stderr.contains(&format!(
+            "(127.0.0.1:{}, database postgres, user pw_relay)",
+            server.port()
+        )),
+        "names the server, database and role: {}",
+        out.stderr
+    );
     assert!(!out.all().contains(SECRET), "{}", out.all());
     // With JSON logs the failure is a JSON line too (the new user's collector got plain text).
     let out = cli(
