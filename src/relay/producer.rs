@@ -57,6 +57,8 @@ pub(crate) struct KafkaState {
     pub(crate) unavailable: AtomicU64,
     /// Such failures since the last delivery (sets their retry delay).
     streak: std::sync::atomic::AtomicU32,
+    /// The client error last logged, and when (see [`KafkaState::already_logged`]).
+    last_logged: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// Sets `slot` to `error`, keeping the time of a problem already there.
@@ -138,6 +140,20 @@ impl KafkaState {
             ),
             since,
         })
+    }
+
+    /// Whether the client error `text` was logged within the last second (and notes it as
+    /// logged now if not).
+    fn already_logged(&self, text: &str) -> bool {
+        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let repeated = last.as_ref().is_some_and(|(t, at)| {
+            t == text && now.duration_since(*at) < std::time::Duration::from_secs(1)
+        });
+        if !repeated {
+            *last = Some((text.to_string(), now));
+        }
+        repeated
     }
 
     /// Failures of the cluster since the last delivery.
@@ -241,6 +257,13 @@ impl ClientContext for RelayContext {
             tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}");
             return;
         }
+        // A broker connection's failure is also raised as an error with the same text, which
+        // `error` logs (classified, once): logged here too, every failure showed up twice
+        // (found by a new user).
+        if fac == "FAIL" {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}");
+            return;
+        }
         // Otherwise as rdkafka's default: librdkafka's syslog level as the log level.
         match level {
             Emerg | Alert | Critical | Error => {
@@ -257,9 +280,14 @@ impl ClientContext for RelayContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka's reasons name brokers, mechanisms and states, never the credentials.
         let text = printable(&format!("{error}: {reason}")).to_string();
+        // Every producer of the relay (main, pipelining, …) reports the same broker's failure:
+        // logged once a second at most.
+        let repeated = self.state.already_logged(&text);
         match error.rdkafka_error_code() {
             Some(code) if is_cluster_problem(code) => {
-                tracing::error!(error = %text, "outbox relay: Kafka client error");
+                if !repeated {
+                    tracing::error!(error = %text, "outbox relay: Kafka client error");
+                }
                 // "All broker connections are down" follows every other cause (a refused login,
                 // a failed TLS handshake): it must not hide it.
                 if code != RDKafkaErrorCode::AllBrokersDown || self.state.client_problem().is_none()
@@ -267,6 +295,7 @@ impl ClientContext for RelayContext {
                     self.state.problem(text);
                 }
             }
+            _ if repeated => {}
             _ => tracing::warn!(error = %text, "outbox relay: Kafka client error"),
         }
     }
@@ -825,5 +854,23 @@ mod tests {
         assert!(state.current().is_none());
         drop(state.overdue(3));
         assert!(state.current().is_none());
+    }
+
+    #[test]
+    fn a_client_error_reported_by_every_producer_is_logged_once_a_second() {
+        let state = KafkaState::default();
+        assert!(!state.already_logged("broker 1 down"));
+        assert!(
+            state.already_logged("broker 1 down"),
+            "the second producer's report"
+        );
+        assert!(
+            !state.already_logged("broker 2 down"),
+            "another error is logged"
+        );
+        assert!(
+            !state.already_logged("broker 1 down"),
+            "after another, the first again"
+        );
     }
 }
