@@ -1,8 +1,9 @@
 //! The confirm stage: a batch's outcomes written in one statement together with the commit (one
-//! round trip) — in a batch of few aggregates, the rows Kafka acknowledged are written in the
-//! batch transaction while it still publishes ([`confirm_early`]) —, and — for messages held at the batch's cutoff — their late reports written one by
-//! one while the hold lasts, on one session shared by every held batch ([`LateConn`]). Both judge reports with the same policy (`Outcome::of_report`) and
-//! report through the same sink.
+//! round trip; in a batch of few aggregates, the rows Kafka acknowledged are written in the
+//! batch transaction while it still publishes: [`confirm_early`]), and — for messages held at
+//! the batch's cutoff — their late reports written one by one while the hold lasts, on one
+//! session shared by every held batch ([`LateConn`]). Both judge reports with the same policy
+//! (`Outcome::of_report`) and report through the same sink.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicUsize;

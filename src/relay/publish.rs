@@ -161,10 +161,7 @@ impl<'a> EarlyWrites<'a> {
                     std::task::Poll::Pending => return,
                     std::task::Poll::Ready(r) => {
                         self.in_flight = None;
-                        match r {
-                            Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
-                            Err(e) => self.error = Some(e),
-                        }
+                        self.done(r);
                     }
                 }
             }
@@ -185,10 +182,16 @@ impl<'a> EarlyWrites<'a> {
     /// Waits for the statement in flight, if any.
     async fn finish(&mut self) {
         if let Some(f) = self.in_flight.take() {
-            match f.await {
-                Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
-                Err(e) => self.error = Some(e),
-            }
+            let r = f.await;
+            self.done(r);
+        }
+    }
+
+    /// Records what a statement wrote, or its failure.
+    fn done(&mut self, r: crate::Result<Vec<usize>>) {
+        match r {
+            Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
+            Err(e) => self.error = Some(e),
         }
     }
 }
