@@ -156,6 +156,17 @@ pub(crate) async fn confirm_early(
             conn.client.execute(&conn.confirm_early, &params),
         )
     };
+    confirm_round_trip(ctx, conn, op).await?;
+    Ok(acked.into_iter().map(|(i, _, _)| i).collect())
+}
+
+/// A confirm's statements on the batch session, within the round trip deadline (see
+/// [`round_trip_on`]).
+async fn confirm_round_trip<T, E: Into<crate::Error>>(
+    ctx: &Ctx,
+    conn: &BatchConn,
+    op: impl std::future::Future<Output = Result<T, E>>,
+) -> crate::Result<T> {
     round_trip_on(
         &ctx.pg,
         conn,
@@ -164,8 +175,7 @@ pub(crate) async fn confirm_early(
         ctx.timing.round_trip,
         op,
     )
-    .await?;
-    Ok(acked.into_iter().map(|(i, _, _)| i).collect())
+    .await
 }
 
 /// Confirms the batch and commits (pipelined: one round trip). Returns when its retries and
@@ -201,15 +211,7 @@ pub(crate) async fn confirm_batch(
             conn.client.batch_execute("commit")
         )
     };
-    let ((), held, ()) = round_trip_on(
-        &ctx.pg,
-        conn,
-        &ctx.stop,
-        "confirm",
-        ctx.timing.round_trip,
-        op,
-    )
-    .await?;
+    let ((), held, ()) = confirm_round_trip(ctx, conn, op).await?;
     // The values this very statement wrote (now() + the hold); a row that cannot be read is
     // simply not recorded late (its hold expires and it is retried).
     let holds = held
