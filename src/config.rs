@@ -856,8 +856,16 @@ impl OutboxBuilder {
             crate::relay::Producers::new(kafka.clone(), prompt).map(Some)
         };
         created.unwrap_or_else(|e| {
+            // librdkafka's description names the property and the value already; rdkafka's
+            // `Display` appends both again ("… at build time security.protocol SASL_SSL").
+            let text = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) if !desc.is_empty() => {
+                    format!("Client config error: {desc}")
+                }
+                e => e.to_string(),
+            };
             let text = redact_config_error(
-                &e.to_string(),
+                &text,
                 self.kafka_properties.iter().map(|(k, v)| (k, v)),
             );
             // librdkafka built without OpenSSL names it, not what to do about it.

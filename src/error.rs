@@ -137,16 +137,28 @@ pub(crate) enum SchemaError {
     },
 }
 
+/// The CLI command that migrates `table`: `outbox-relay migrate`, with `--table` unless it is
+/// the default table (a hint naming the plain command migrated `events` instead).
+pub(crate) fn migrate_command(table: &str) -> String {
+    if table == crate::config::DEFAULT_TABLE {
+        "outbox-relay migrate".to_string()
+    } else {
+        format!("outbox-relay --table {table} migrate")
+    }
+}
+
 impl fmt::Display for SchemaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SchemaError::Missing { table } => write!(
                 f,
-                "table `{table}` does not exist: run `outbox::migrate` (or `outbox-relay migrate`) first"
+                "table `{table}` does not exist: run `outbox::migrate_table` (or `{}`) first",
+                migrate_command(table)
             ),
             SchemaError::NotMigrated { table } => write!(
                 f,
-                "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate` (or `outbox-relay migrate`) first; it upgrades the table in place"
+                "table `{table}` is not migrated (it may have been created by the original Go package): run `outbox::migrate_table` (or `{}`) first; it upgrades the table in place",
+                migrate_command(table)
             ),
             SchemaError::Outdated {
                 table,

@@ -137,8 +137,9 @@ async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<
     for c in COLUMNS {
         let Some(row) = rows.iter().find(|r| r.get::<_, String>(0) == c.name) else {
             problems.push(format!(
-                "column `{table}.{}` is missing: run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)",
-                c.name
+                "column `{table}.{}` is missing: run `{}` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)",
+                c.name,
+                crate::error::migrate_command(table)
             ));
             continue;
         };
@@ -166,7 +167,10 @@ async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<
 /// The objects of the migrations that are missing (see [`crate::schema::missing_objects`], the
 /// one list `migrate` repairs too), each with what its absence means.
 async fn missing_object_problems<C: GenericClient>(client: &C, table: &str) -> Result<Vec<String>> {
-    let migrate = "run `outbox-relay migrate` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)";
+    let migrate = format!(
+        "run `{}` (or `outbox::migrate_table`) as a role that may change the table (the migrator of scripts/roles.sql)",
+        crate::error::migrate_command(table)
+    );
     let fence = format!("{table}_fence");
     let problems = crate::schema::missing_objects(client, table)
         .await?
@@ -241,15 +245,18 @@ pub(crate) async fn row_security_problems<C: GenericClient>(
         .collect())
 }
 
-/// The identity sequence of `table.seq` when it would hand out a value at or below a pending
-/// row's `seq`: its name, the next value and the highest pending `seq`. `None` when it is
-/// ahead, when nothing is pending, or when the connected role may not read the sequence (the
-/// relay's role usually may not: `migrate`, run by the owner, always can).
+/// The identity sequence of `table.seq` when it would hand out a value at or below a row's
+/// `seq` — the highest pending row's, or the last delivered row's (by `published_at`; both read
+/// from an index: one entry each) —: its name, the next value and that `seq`. `None` when it
+/// is ahead, when there is no such row, or when the connected role may not read the sequence
+/// (the relay's role usually may not: `migrate`, run by the owner, always can).
 ///
 /// A sequence restarted below the rows — a logical-replication upgrade or a dump restored
 /// without its sequences, an `alter ... restart` — numbers new events before older pending
 /// ones: the relay publishes by `seq`, so an aggregate's new events would go out before its
-/// older ones (a breaker helper saw Kafka receive 4 5 1 2 3).
+/// older ones (a breaker helper saw Kafka receive 4 5 1 2 3); below delivered rows only, new
+/// events get `seq`s that are not their insertion order and fall behind where the relay's scans
+/// start (found by a new user: with nothing pending, `migrate` left such a sequence alone).
 ///
 /// # Errors
 /// [`Error::Postgres`](crate::Error::Postgres) when the catalog or the sequence cannot be read.
@@ -261,7 +268,10 @@ pub(crate) async fn sequence_behind<C: GenericClient>(
         .query_one(
             &format!(
                 "select s::text, has_sequence_privilege(s, 'SELECT'),
-                        (select max(seq) from {table} where status = 'new')
+                        greatest((select max(seq) from {table} where status = 'new'),
+                                 (select seq from {table}
+                                   where status = 'done' and published_at is not null
+                                   order by published_at desc limit 1))
                    from (select pg_get_serial_sequence($1, 'seq')::regclass as s) q"
             ),
             &[&table],
@@ -293,9 +303,10 @@ pub(crate) async fn sequence_behind<C: GenericClient>(
 /// privilege, row-level security) is a problem the other checks name with its fix.
 async fn sequence_problems<C: GenericClient>(client: &C, table: &str) -> Vec<String> {
     let behind = sequence_behind(client, table).await.ok().flatten();
-    behind.into_iter().map(|(name, next, pending)| {
+    behind.into_iter().map(|(name, next, highest)| {
         format!(
-            "the identity sequence `{name}` of `{table}.seq` would hand out {next}, not above the pending row at seq {pending}: new events would be published before older pending ones of their aggregate (a sequence restarted below the rows, e.g. by a logical-replication upgrade or a restore that does not carry sequences); run `outbox-relay migrate` (it moves the sequence past the rows) or `select setval('{name}', (select max(seq) from {table}))`"
+            "the identity sequence `{name}` of `{table}.seq` would hand out {next}, not above the row at seq {highest}: new events would be numbered before older ones and published before the older pending ones of their aggregate (a sequence restarted below the rows, e.g. by a logical-replication upgrade or a restore that does not carry sequences); run `{}` (it moves the sequence past the rows) or `select setval('{name}', (select max(seq) from {table}))`",
+            crate::error::migrate_command(table)
         )
     }).collect()
 }

@@ -6,7 +6,8 @@
 //! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
 //! flags, 3 invalid configuration, 4 Postgres unreachable, the login refused, or not answering
 //! within its timeout (`connect_timeout` in the URL, default 10 s), or a Kafka client error
-//! outside the relay's deliveries, 5 outbox table missing or not migrated, 1 anything else. An
+//! outside the relay's deliveries, 5 outbox table missing, not migrated or with a schema problem
+//! (`status` prints them, then exits 5), 1 anything else. An
 //! unreachable Kafka does not stop `run`: the relay keeps the events pending, retries, and
 //! reports it in its logs and `/health`.
 
@@ -397,7 +398,15 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Status { json } => {
             let status = admin(&cli).await?.status().await?;
             print_status(&cli.table, &status, *json);
-            Ok(())
+            // Printed, and in the exit code as `run` would refuse (a monitoring script reads
+            // the code; found by a new user).
+            match status.schema_problems.len() {
+                0 => Ok(()),
+                n => Err(fail(
+                    5,
+                    format!("{n} schema problem(s) with table {} (above)", cli.table),
+                )),
+            }
         }
         Command::Find(args) => {
             for e in admin(&cli).await?.find(&event_filter(args)).await? {

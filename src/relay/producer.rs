@@ -4,6 +4,7 @@
 //! the producer slot that is rebuilt when the idempotent producer becomes fatal (librdkafka's
 //! "Fatal producer errors": the instance cannot be used again and must be recreated).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -57,9 +58,14 @@ pub(crate) struct KafkaState {
     pub(crate) unavailable: AtomicU64,
     /// Such failures since the last delivery (sets their retry delay).
     streak: std::sync::atomic::AtomicU32,
-    /// The client error last logged, and when (see [`KafkaState::already_logged`]).
-    last_logged: Mutex<Option<(String, std::time::Instant)>>,
+    /// Per kind of client error: when it was last logged, and how many were left out since
+    /// (see [`KafkaState::log_client_error`]).
+    logged: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
+
+/// How often a kind of Kafka client error is logged at most (see
+/// [`KafkaState::log_client_error`]).
+const CLIENT_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sets `slot` to `error`, keeping the time of a problem already there.
 fn record(slot: &Mutex<Option<ClientProblem>>, error: String) {
@@ -142,18 +148,31 @@ impl KafkaState {
         })
     }
 
-    /// Whether the client error `text` was logged within the last second (and notes it as
-    /// logged now if not).
-    fn already_logged(&self, text: &str) -> bool {
-        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let repeated = last.as_ref().is_some_and(|(t, at)| {
-            t == text && now.duration_since(*at) < std::time::Duration::from_secs(1)
-        });
-        if !repeated {
-            *last = Some((text.to_string(), now));
+    /// Whether a client error of kind `key` (its code) is to be logged at `now`, and how many
+    /// of its kind were left out since it last was: the first of a kind is, then one every
+    /// [`CLIENT_ERROR_LOG_EVERY`]. Every producer of the relay reports each broker's failure, and
+    /// librdkafka reports it again at every reconnect attempt: with Kafka down the log got about
+    /// 8 lines a second (found by a new user). Health names the problem throughout.
+    fn log_client_error(&self, key: &str, now: std::time::Instant) -> Option<u64> {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        match logged.get_mut(key) {
+            Some((at, left_out)) if now.duration_since(*at) < CLIENT_ERROR_LOG_EVERY => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                // Kinds without a code are keyed by their text: bounded all the same.
+                if logged.len() >= 64 {
+                    logged.clear();
+                }
+                logged.insert(key.to_string(), (now, 0));
+                Some(0)
+            }
         }
-        repeated
     }
 
     /// Failures of the cluster since the last delivery.
@@ -280,13 +299,13 @@ impl ClientContext for RelayContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka's reasons name brokers, mechanisms and states, never the credentials.
         let text = printable(&format!("{error}: {reason}")).to_string();
-        // Every producer of the relay (main, pipelining, …) reports the same broker's failure:
-        // logged once a second at most.
-        let repeated = self.state.already_logged(&text);
-        match error.rdkafka_error_code() {
+        let code = error.rdkafka_error_code();
+        let kind = code.map_or_else(|| text.clone(), |c| format!("{c:?}"));
+        let log = (self.state).log_client_error(&kind, std::time::Instant::now());
+        match code {
             Some(code) if is_cluster_problem(code) => {
-                if !repeated {
-                    tracing::error!(error = %text, "outbox relay: Kafka client error");
+                if let Some(repeats_not_logged) = log {
+                    tracing::error!(error = %text, repeats_not_logged, "outbox relay: Kafka client error (each kind logged every 30 s at most)");
                 }
                 // "All broker connections are down" follows every other cause (a refused login,
                 // a failed TLS handshake): it must not hide it.
@@ -295,8 +314,11 @@ impl ClientContext for RelayContext {
                     self.state.problem(text);
                 }
             }
-            _ if repeated => {}
-            _ => tracing::warn!(error = %text, "outbox relay: Kafka client error"),
+            _ => {
+                if let Some(repeats_not_logged) = log {
+                    tracing::warn!(error = %text, repeats_not_logged, "outbox relay: Kafka client error (each kind logged every 30 s at most)");
+                }
+            }
         }
     }
 }
@@ -857,20 +879,26 @@ mod tests {
     }
 
     #[test]
-    fn a_client_error_reported_by_every_producer_is_logged_once_a_second() {
+    fn a_kind_of_client_error_is_logged_every_30_s_with_how_many_were_left_out() {
         let state = KafkaState::default();
-        assert!(!state.already_logged("broker 1 down"));
-        assert!(
-            state.already_logged("broker 1 down"),
-            "the second producer's report"
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        assert_eq!(state.log_client_error("AllBrokersDown", at(0)), Some(0));
+        assert_eq!(
+            state.log_client_error("AllBrokersDown", at(0)),
+            None,
+            "the other producer's"
         );
-        assert!(
-            !state.already_logged("broker 2 down"),
-            "another error is logged"
+        assert_eq!(
+            state.log_client_error("BrokerTransportFailure", at(1)),
+            Some(0),
+            "another kind"
         );
-        assert!(
-            !state.already_logged("broker 1 down"),
-            "after another, the first again"
-        );
+        for s in 1..30 {
+            assert_eq!(state.log_client_error("AllBrokersDown", at(s)), None);
+        }
+        assert_eq!(state.log_client_error("AllBrokersDown", at(30)), Some(30));
+        assert_eq!(state.log_client_error("AllBrokersDown", at(31)), None);
+        assert_eq!(state.log_client_error("AllBrokersDown", at(61)), Some(1));
     }
 }

@@ -803,8 +803,9 @@ async fn schema_deviations_are_all_reported_at_connect_and_in_status() {
     ] {
         assert!(msg.contains(&expected), "names {expected:?}:\n{msg}");
     }
+    // Printed, and exit code 5 (as `run` would refuse), so that a monitoring script sees it.
     let out = cli_on(&table, &["status"]).await;
-    assert_code(&out, 0, "status");
+    assert_code(&out, 5, "status");
     assert_eq!(
         out.stdout.matches("SCHEMA PROBLEM:").count(),
         4,
@@ -812,6 +813,7 @@ async fn schema_deviations_are_all_reported_at_connect_and_in_status() {
         out.stdout
     );
     let out = cli_on(&table, &["status", "--json"]).await;
+    assert_code(&out, 5, "status --json");
     let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(
         v["schema_problems"].as_array().map(Vec::len),
@@ -1338,4 +1340,34 @@ async fn a_seq_sequence_restarted_below_the_rows_is_refused_and_migrate_repairs_
         .collect();
     assert_eq!(ns, vec![1, 2, 3, 4, 5], "the aggregate's events in order");
     support::stop_and_join(&outbox, relay).await;
+    // Restarted again with nothing pending (every row delivered): new events would be numbered
+    // below the delivered ones (found by a new user: `migrate` said "up to date").
+    admin
+        .batch_execute("alter table events alter column seq restart with 1")
+        .await
+        .unwrap();
+    let report = outbox::migrate(&admin).await.unwrap();
+    assert!(
+        report
+            .repaired()
+            .iter()
+            .any(|r| r.contains("events_seq_seq")),
+        "{report:?}"
+    );
+    let id = outbox::add_new_event(&admin, event(6)).await.unwrap();
+    let seqs: (i64, i64) = {
+        let r = admin
+            .query_one(
+                "select (select seq from events where id = $1),
+                        (select max(seq) from events where id <> $1)",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        seqs.0 > seqs.1,
+        "the new event numbered after the others: {seqs:?}"
+    );
 }
