@@ -353,7 +353,15 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
             format!("invalid --database-url: {}", outbox::Error::Postgres(e)),
         )
     })?;
-    let _ = PG_TARGET.set(pg_target(&config));
+    // A second `@` is most likely an unescaped one in the password, whose rest the URL parser
+    // then takes for the host (and the path): nothing of the URL is shown.
+    let target = if url.matches('@').count() > 1 {
+        "not shown: the URL has more than one @ — percent-encode an @ in the password as %40"
+            .to_string()
+    } else {
+        pg_target(&config)
+    };
+    let _ = PG_TARGET.set(target);
     Ok(config)
 }
 
@@ -362,28 +370,60 @@ static PG_TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The servers, database and role of `config` — `db1:5432, db2:5432, database app, user relay`
 /// — never the password: what a connection error should name (tokio-postgres' own text says
-/// only "Connection refused").
+/// only "Connection refused"). A host or database name that cannot be one (an `@`, `/`, …) is
+/// not shown: an unescaped `@` in the password makes the URL parser take the password's rest
+/// for the host (found by a breaker helper: `postgres://app:p@ss@db/app` printed `ss@db`).
 fn pg_target(config: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
     let ports = config.get_ports();
-    let hosts: Vec<String> = (config.get_hosts().iter().enumerate())
-        .map(|(i, h)| {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            match h {
-                Host::Tcp(name) => format!("{name}:{port}"),
-                #[cfg(unix)]
-                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
-            }
+    let port_of = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let mut hosts: Vec<String> = (config.get_hosts().iter().enumerate())
+        .map(|(i, h)| match h {
+            Host::Tcp(name) => shown_host(name, port_of(i)),
+            #[cfg(unix)]
+            Host::Unix(dir) => format!("{}/.s.PGSQL.{}", dir.display(), port_of(i)),
         })
         .collect();
-    let hosts = if hosts.is_empty() {
-        "localhost:5432".to_string()
-    } else {
-        hosts.join(", ")
-    };
+    if hosts.is_empty() {
+        hosts = (config.get_hostaddrs().iter().enumerate())
+            .map(|(i, ip)| shown_host(&ip.to_string(), port_of(i)))
+            .collect();
+    }
+    if hosts.is_empty() {
+        hosts.push(format!("localhost:{}", port_of(0)));
+    }
     let user = config.get_user().unwrap_or("(the OS user)");
-    let database = config.get_dbname().unwrap_or(user);
-    text::printable(&format!("{hosts}, database {database}, user {user}")).into_owned()
+    let database = match config.get_dbname().unwrap_or(user) {
+        d if plain_name(d) => d,
+        _ => "(not shown: not a plain name)",
+    };
+    let user = if plain_name(user) {
+        user
+    } else {
+        "(not shown: not a plain name)"
+    };
+    format!("{}, database {database}, user {user}", hosts.join(", "))
+}
+
+/// `name:port`, `[v6]:port`, or a placeholder for a host name that cannot be one (see
+/// [`pg_target`]).
+fn shown_host(name: &str, port: u16) -> String {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Ok(ip) => format!("{ip}:{port}"),
+        Err(_) if plain_name(name) => format!("{name}:{port}"),
+        Err(_) => format!(
+            "(a host name that is not one, not shown: an unescaped @ or : in the password? percent-encode it, %40 or %3A):{port}"
+        ),
+    }
+}
+
+/// Letters, digits, `.`, `-`, `_` and `$` only: a host, database or role name that may be shown.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '$'))
 }
 
 async fn admin(cli: &Cli) -> Result<Admin, Failure> {

@@ -1371,3 +1371,36 @@ async fn a_seq_sequence_restarted_below_the_rows_is_refused_and_migrate_repairs_
         "the new event numbered after the others: {seqs:?}"
     );
 }
+
+/// A connection error names the server, database and role — but never a piece of the password:
+/// an unescaped `@` in it makes the URL parser take the password's rest for the host (found by
+/// a breaker helper: `cannot connect to Postgres (ssw0rd-SECRET@127.0.0.1:1, …)`). IPv6 hosts
+/// are shown in brackets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_error_names_the_server_but_no_piece_of_the_password() {
+    for url in [
+        format!("postgres://app:p@{SECRET}@127.0.0.1:1/appdb"),
+        format!("postgres://app:p@{SECRET}/more@127.0.0.1:1/appdb"),
+    ] {
+        let out = cli(&["--database-url", &url, "status"], &[]).await;
+        assert_eq!(out.code, Some(4), "{}", out.all());
+        assert!(
+            out.stderr
+                .contains("percent-encode an @ in the password as %40"),
+            "{}",
+            out.stderr
+        );
+        assert!(!out.all().contains(SECRET), "{}", out.all());
+    }
+    let out = cli(
+        &["--database-url", "postgres://app:x@[::1]:1/appdb", "status"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(4), "{}", out.all());
+    assert!(
+        out.stderr.contains("([::1]:1, database appdb, user app)"),
+        "{}",
+        out.stderr
+    );
+}
