@@ -115,8 +115,11 @@ pub struct Health {
     pub oldest_transaction: Option<crate::OldestTransaction>,
     /// What is wrong with Kafka since the last confirmed delivery, if anything: the Kafka
     /// client's own report (e.g. "Local: Authentication failure: SASL authentication error: …",
-    /// "Local: All broker connections are down", a fatal producer error) or the last delivery
-    /// that failed because the cluster was unavailable. Cleared by the next delivery.
+    /// "Local: All broker connections are down", a fatal producer error), the last delivery
+    /// that failed because the cluster was unavailable, or held messages whose reports are
+    /// overdue or never came. Cleared by the next delivery; a failed delivery also once nothing
+    /// is pending in the table (another relay delivered everything) and this relay holds
+    /// nothing overdue.
     pub kafka_problem: Option<String>,
     /// Since when `kafka_problem` has lasted; unhealthy once longer than `max_pending_age`.
     pub kafka_problem_since: Option<DateTime<Utc>>,
@@ -426,6 +429,9 @@ impl Outbox {
     pub async fn health(&self) -> Result<Health> {
         let stats = self.stats();
         let status = self.status().await?;
+        if status.pending == 0 {
+            self.inner.producers.state().nothing_pending();
+        }
         let kafka = self.inner.producers.state().current();
         let postgres = self.inner.counters.postgres_problem();
         Ok(Health {

@@ -180,6 +180,24 @@ impl KafkaState {
         self.streak.load(Ordering::Relaxed)
     }
 
+    /// Nothing is pending in the table (read by `health()`): every event was delivered — by
+    /// this relay or another — so this relay's past delivery failures no longer describe the
+    /// cluster, unless it still holds messages whose reports are overdue. Cleared, the failure
+    /// slot stops an idle relay from reporting an outage that ended while another relay
+    /// delivered (found by a breaker helper: two relays, the one with nothing left to send
+    /// stayed unhealthy for good). The client's own errors (a refused login, every broker
+    /// down) stay until a delivery.
+    pub(crate) fn nothing_pending(&self) {
+        if self
+            .overdue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            *self.delivery.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
     /// A delivery was acknowledged: the cluster works.
     pub(crate) fn delivered(&self) {
         self.streak.store(0, Ordering::Relaxed);

@@ -2321,6 +2321,55 @@ async fn rows_written_early(delete: bool) {
     }
 }
 
+/// Two relays on one table, B behind a broker slower than its `publish_timeout` (its messages
+/// are never acknowledged in time: health names the problem), A behind a healthy one: A
+/// delivers everything. Once nothing is pending, B's past delivery failures describe nothing
+/// left to deliver, and its health clears. Before, B kept its Kafka problem until a delivery of
+/// its own, which never came with nothing to send: unhealthy for good once the problem outlived
+/// `max_pending_age` (found by a breaker helper, 2 runs of 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_clears_its_kafka_problem_once_another_delivered_everything() {
+    let kafka_a = MockKafka::start(1).expect("mock cluster A");
+    let kafka_b = MockKafka::start(1).expect("mock cluster B");
+    let env = setup("idleclear", 1, Some(&kafka_a)).await;
+    kafka_b.create_topic(&env.topic, 1).expect("topic on B");
+    support::wait_for_topic(
+        &kafka_b.bootstrap_servers(),
+        &env.topic,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("topic on B");
+    kafka_b
+        .broker_round_trip_time(1, Duration::from_secs(4))
+        .expect("slow broker B");
+    let b = fast(env.builder().kafka_brokers(kafka_b.bootstrap_servers()))
+        .connect()
+        .await
+        .expect("connect B");
+    let b_task = b.start().expect("start B");
+    let mut client = pg(&env).await;
+    let ids = insert(&b, &mut client, &counters(&env.topic, "I", 1..=5)).await;
+    support::eventually(Duration::from_secs(30), "B names the problem", || async {
+        let h = b.health().await.map_err(|e| e.to_string())?;
+        h.kafka_problem.as_ref().map(drop).ok_or(format!("{h:?}"))
+    })
+    .await;
+    let a = fast(env.builder()).connect().await.expect("connect A");
+    let a_task = a.start().expect("start A");
+    wait_done_uncharged(&a, &ids, "A delivers them").await;
+    support::eventually(Duration::from_secs(20), "B's health clears", || async {
+        let h = b.health().await.map_err(|e| e.to_string())?;
+        match h.kafka_problem {
+            None => Ok(()),
+            Some(p) => Err(p),
+        }
+    })
+    .await;
+    stop_and_join(&a, a_task).await;
+    stop_and_join(&b, b_task).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // S5 — oversized payload
 // ----------------------------------------------------------------------------------------------
