@@ -124,6 +124,10 @@ tokio::task_local! {
     /// early: (row index, partition, offset). A delivered outcome is final when it is decided
     /// (a chain reads its reports in order; a later failure never revokes an earlier delivery).
     static ACKED: RefCell<Vec<(usize, i32, i64)>>;
+    /// An early write of the batch being published failed: it cannot confirm, its chains send
+    /// nothing more (found by a breaker helper: they went on to the cutoff, and all of it was
+    /// published again).
+    static CANNOT_CONFIRM: Cell<bool>;
 }
 
 /// Records `outcome` of row `idx` in the chain's `out`, and a delivery for early writing.
@@ -191,7 +195,10 @@ impl<'a> EarlyWrites<'a> {
     fn done(&mut self, r: crate::Result<Vec<usize>>) {
         match r {
             Ok(written) => written.into_iter().for_each(|i| self.written[i] = true),
-            Err(e) => self.error = Some(e),
+            Err(e) => {
+                let _ = CANNOT_CONFIRM.try_with(|c| c.set(true));
+                self.error = Some(e);
+            }
         }
     }
 }
@@ -261,7 +268,13 @@ pub(crate) async fn publish(
         }
     };
     HANDED_OVER
-        .scope(Cell::new(0), ACKED.scope(RefCell::new(Vec::new()), tally))
+        .scope(
+            Cell::new(0),
+            ACKED.scope(
+                RefCell::new(Vec::new()),
+                CANNOT_CONFIRM.scope(Cell::new(false), tally),
+            ),
+        )
         .await;
     early.finish().await;
     Published {
@@ -359,9 +372,13 @@ fn pipe_generation(ctx: &Ctx) -> Option<u64> {
 }
 
 /// Whether a chain may hand another message to the producer: not stopping, before the cutoff,
-/// and the batch session (holding the row locks) still there.
+/// the batch session (holding the row locks) still there, and the batch still able to confirm
+/// (an early write did not fail: everything sent after that would only be sent again).
 fn may_send(ctx: &Ctx, session: &Client, cutoff: Instant) -> bool {
-    !(ctx.stop.token().is_cancelled() || Instant::now() >= cutoff || session.is_closed())
+    !(ctx.stop.token().is_cancelled()
+        || Instant::now() >= cutoff
+        || session.is_closed()
+        || CANNOT_CONFIRM.try_with(Cell::get).unwrap_or(false))
 }
 
 /// How many of `chain`'s first events may go back to back: consecutive valid events for the

@@ -2321,6 +2321,65 @@ async fn rows_written_early(delete: bool) {
     }
 }
 
+/// Once an early write fails, the batch cannot confirm: its chains send nothing more (every
+/// message sent after that would only be published again). One aggregate × 5,000 events behind
+/// a broker 300 ms away, 500 unacknowledged at most: the batch's first early write fails (a
+/// trigger refuses it, once); the attempt stops after about two windows instead of sending all
+/// 5,000 until its cutoff (found by a breaker helper). Then everything arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_early_write_failed_sends_nothing_more() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("earlyfail", |b| {
+        b.publish_timeout(Duration::from_secs(20))
+            .batch_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(40))
+            .batch_size(5000)
+            .max_in_flight_per_aggregate(500)
+    })
+    .await;
+    let t = &env.table;
+    client
+        .batch_execute(&format!(
+            "create sequence {t}_once;
+             create function {t}_refuse_once() returns trigger language plpgsql as $$
+             begin
+               if new.status = 'done' and new.aggregate_id = 'F' and nextval('{t}_once') = 1 then
+                 raise exception 'refused once by the test';
+               end if;
+               return new;
+             end $$;
+             create trigger {t}_refuse_once before update on {t}
+               for each row execute function {t}_refuse_once();"
+        ))
+        .await
+        .expect("trigger");
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .expect("delay the broker");
+    let ids = insert(&outbox, &mut client, &counters(&env.topic, "F", 1..=5000)).await;
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(120)).await;
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+    let mut r = reader(&env).await;
+    let records = r.read(usize::MAX, Duration::from_secs(5)).await;
+    let seen = counters_by_key(&records).remove("F").unwrap_or_default();
+    // The failed attempt's records, then the whole run again.
+    let first_attempt = seen.len() - 5000;
+    assert!(
+        seen.len() >= 5000 && first_attempt < 2500,
+        "{first_attempt} records sent by the attempt whose early write failed (of 5,000)"
+    );
+    assert_eq!(
+        &seen[first_attempt..],
+        &(1..=5000).collect::<Vec<i64>>()[..]
+    );
+    assert_eq!(
+        &seen[..first_attempt],
+        &(1..=first_attempt as i64).collect::<Vec<i64>>()[..]
+    );
+}
+
 /// Two relays on one table, B behind a broker slower than its `publish_timeout` (its messages
 /// are never acknowledged in time: health names the problem), A behind a healthy one: A
 /// delivers everything. Once nothing is pending, B's past delivery failures describe nothing
