@@ -1313,14 +1313,7 @@ async fn a_seq_sequence_restarted_below_the_rows_is_refused_and_migrate_repairs_
         ),
         other => panic!("expected a schema error naming the sequence, got {other:?}"),
     }
-    let report = outbox::migrate(&admin).await.unwrap();
-    assert!(
-        report
-            .repaired()
-            .iter()
-            .any(|r| r.contains("events_seq_seq")),
-        "{report:?}"
-    );
+    assert_migrate_repairs_the_sequence(&admin).await;
     assert!(outbox::migrate(&admin).await.unwrap().repaired().is_empty());
     for n in 4..=5 {
         outbox::add_new_event(&admin, event(n)).await.unwrap();
@@ -1342,18 +1335,7 @@ async fn a_seq_sequence_restarted_below_the_rows_is_refused_and_migrate_repairs_
     support::stop_and_join(&outbox, relay).await;
     // Restarted again with nothing pending (every row delivered): new events would be numbered
     // below the delivered ones (found by a new user: `migrate` said "up to date").
-    admin
-        .batch_execute("alter table events alter column seq restart with 1")
-        .await
-        .unwrap();
-    let report = outbox::migrate(&admin).await.unwrap();
-    assert!(
-        report
-            .repaired()
-            .iter()
-            .any(|r| r.contains("events_seq_seq")),
-        "{report:?}"
-    );
+    restart_seq_and_migrate(&admin).await;
     let id = outbox::add_new_event(&admin, event(6)).await.unwrap();
     let seqs: (i64, i64) = {
         let r = admin
@@ -1402,5 +1384,27 @@ async fn a_connection_error_names_the_server_but_no_piece_of_the_password() {
         out.stderr.contains("([::1]:1, database appdb, user app)"),
         "{}",
         out.stderr
+    );
+}
+
+/// Restarts the identity sequence of `events.seq` at 1 (as a logical-replication upgrade leaves
+/// it), then asserts that `migrate` repairs it.
+async fn restart_seq_and_migrate(admin: &tokio_postgres::Client) {
+    admin
+        .batch_execute("alter table events alter column seq restart with 1")
+        .await
+        .unwrap();
+    assert_migrate_repairs_the_sequence(admin).await;
+}
+
+/// Asserts that `migrate` lists the identity sequence of `events.seq` among what it repaired.
+async fn assert_migrate_repairs_the_sequence(admin: &tokio_postgres::Client) {
+    let report = outbox::migrate(admin).await.unwrap();
+    assert!(
+        report
+            .repaired()
+            .iter()
+            .any(|r| r.contains("events_seq_seq")),
+        "{report:?}"
     );
 }
