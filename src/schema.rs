@@ -243,7 +243,7 @@ pub struct MigrationReport {
 impl MigrationReport {
     /// Objects of recorded migrations that were missing (dropped by hand) and were created
     /// again by this call, e.g. `events_fence (table)`, `events_pending_idx (index)`, and the
-    /// identity sequence of `seq` when it was behind the pending rows and was moved past them
+    /// identity sequence of `seq` when it was behind the rows and was moved past them
     /// (e.g. `public.events_seq_seq (sequence: …)`); empty when everything was in order.
     pub fn repaired(&self) -> &[String] {
         &self.repaired
@@ -636,8 +636,9 @@ async fn repair_missing(tx: &Client, table: &str, channel: &str) -> Result<Vec<S
 }
 
 /// Moves the identity sequence of `seq` past every row when it would hand out a value at or
-/// below a pending row's (see [`sequence_behind`](crate::schema_check::sequence_behind)):
-/// returns what it did, for [`MigrationReport::repaired`].
+/// below an existing row's (see [`sequence_behind`](crate::schema_check::sequence_behind)):
+/// returns what it did, for [`MigrationReport::repaired`]. Only then is the whole table read
+/// for its highest `seq` (no index covers every row).
 ///
 /// # Errors
 /// [`Error::Postgres`] when a statement fails.

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::confirm::{confirm_batch, confirm_late};
+use super::confirm::{confirm_batch, confirm_late, Holds};
 use super::publish::{self, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
 use super::Ctx;
@@ -94,47 +94,67 @@ pub(crate) async fn run_batch(
             // Rows come in `seq` order: those past the budget follow the last (or share its seq).
             let past_budget = rows.last().filter(|_| cut_by_bytes).map(|r| r.seq);
             let released_from = unsent.chain(past_budget).min();
-            if !published.stragglers.is_empty() {
-                let mut topics: Vec<&str> = (published.stragglers.iter())
-                    .map(|s| rows[s.idx].topic.as_str())
-                    .collect();
-                topics.sort_unstable();
-                topics.dedup();
-                topics.truncate(10);
-                ctx.report.held(published.stragglers.len(), &topics);
-                ctx.late.spawn(confirm_late(
-                    ctx.clone(),
-                    rows,
-                    published.stragglers,
-                    holds,
-                    fetched_at,
-                ));
-            }
+            hold_stragglers(&ctx, rows, published.stragglers, holds, fetched_at);
             BatchDone {
                 conn: Some(conn),
                 due_in,
                 released_from,
             }
         }
-        Err(e) => {
-            let delivered = outcomes
-                .iter()
-                .filter(|o| matches!(o, Outcome::Delivered { .. }))
-                .count();
-            ctx.report.confirm_failed(&e, delivered);
-            // Not after a timeout: the session may be stuck; dropping it (the timeout sent the
-            // server a cancel request for the statement) ends the transaction.
-            if e.is_timeout() || !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
-                free_by_the_lease(&ctx);
-            }
-            ctx.late.spawn(unfence_when_settled(
-                ctx.clone(),
-                batch_id,
-                published.stragglers,
-            ));
-            BatchDone::failed()
-        }
+        Err(e) => not_confirmed(&ctx, conn, batch_id, &outcomes, published.stragglers, &e).await,
     }
+}
+
+/// The batch confirmed with messages still held: reported, and their late reports awaited.
+fn hold_stragglers(
+    ctx: &Arc<Ctx>,
+    rows: Vec<Reserved>,
+    stragglers: Vec<Straggler>,
+    holds: Holds,
+    fetched_at: Instant,
+) {
+    if stragglers.is_empty() {
+        return;
+    }
+    let mut topics: Vec<&str> = (stragglers.iter())
+        .map(|s| rows[s.idx].topic.as_str())
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    topics.truncate(10);
+    ctx.report.held(stragglers.len(), &topics);
+    ctx.late.spawn(confirm_late(
+        ctx.clone(),
+        rows,
+        stragglers,
+        holds,
+        fetched_at,
+    ));
+}
+
+/// The batch could not confirm (an early write or the confirm failed): its transaction is
+/// rolled back (or its session dropped), and its fence removed once its held messages settled.
+async fn not_confirmed(
+    ctx: &Arc<Ctx>,
+    conn: BatchConn,
+    batch_id: Uuid,
+    outcomes: &[Outcome],
+    stragglers: Vec<Straggler>,
+    e: &crate::Error,
+) -> BatchDone {
+    let delivered = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Delivered { .. }))
+        .count();
+    ctx.report.confirm_failed(e, delivered);
+    // Not after a timeout: the session may be stuck; dropping it (the timeout sent the server a
+    // cancel request for the statement) ends the transaction.
+    if e.is_timeout() || !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
+        free_by_the_lease(ctx);
+    }
+    ctx.late
+        .spawn(unfence_when_settled(ctx.clone(), batch_id, stragglers));
+    BatchDone::failed()
 }
 
 /// The batch's fence could not be inserted: nothing of it was sent; its transaction is rolled

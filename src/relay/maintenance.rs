@@ -290,16 +290,26 @@ async fn refresh_statistics(
         }
         Err(e) => e.to_string(),
     };
-    let first = state.pause.is_zero();
-    state.pause = (state.pause * 2).clamp(ANALYZE_FIRST_PAUSE, ANALYZE_MAX_PAUSE);
-    state.pause_until = Some(tokio::time::Instant::now() + state.pause);
-    let pause = state.pause;
-    if first {
-        tracing::warn!(table, measured_pages = measured, pages, reason = %why, ?pause, "outbox relay: the table grew well past the size its statistics describe, and analyzing it did not work; trying again after a pause (further failures at debug)");
-    } else {
-        tracing::debug!(table, reason = %why, ?pause, "outbox relay: ANALYZE of the grown table did not work again");
-    }
+    state.analyze_failed(table, &size, &why);
     Ok(())
+}
+
+impl Statistics {
+    /// An `ANALYZE` of the grown table (`size`) failed or was skipped (`why`): the next waits a
+    /// pause that doubles from [`ANALYZE_FIRST_PAUSE`] to [`ANALYZE_MAX_PAUSE`]; the first of a
+    /// streak is a warning.
+    fn analyze_failed(&mut self, table: &str, size: &TableSize, why: &str) {
+        let first = self.pause.is_zero();
+        self.pause = (self.pause * 2).clamp(ANALYZE_FIRST_PAUSE, ANALYZE_MAX_PAUSE);
+        self.pause_until = Some(tokio::time::Instant::now() + self.pause);
+        let pause = self.pause;
+        let (measured, pages) = (size.measured_pages, size.pages);
+        if first {
+            tracing::warn!(table, measured_pages = measured, pages, reason = %why, ?pause, "outbox relay: the table grew well past the size its statistics describe, and analyzing it did not work; trying again after a pause (further failures at debug)");
+        } else {
+            tracing::debug!(table, reason = %why, ?pause, "outbox relay: ANALYZE of the grown table did not work again");
+        }
+    }
 }
 
 /// The table's size as its statistics describe it and as it is now.

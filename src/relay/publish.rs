@@ -133,8 +133,7 @@ tokio::task_local! {
 /// Records `outcome` of row `idx` in the chain's `out`, and a delivery for early writing.
 fn decided(out: &mut Vec<(usize, Outcome)>, idx: usize, outcome: Outcome) {
     if let Outcome::Delivered { partition, offset } = outcome {
-        // Outside a batch's publish (never, today) nothing is written early: the batch confirm
-        // writes it.
+        // Outside a batch that writes early nothing is collected: the batch confirm writes it.
         let _ = ACKED.try_with(|a| a.borrow_mut().push((idx, partition, offset)));
     }
     out.push((idx, outcome));
@@ -219,8 +218,9 @@ pub(crate) async fn publish(
     let session: &Client = &conn.client;
     let mut outcomes: Vec<Outcome> = rows.iter().map(|_| Outcome::NotSent).collect();
     let mut stragglers = Vec::new();
+    let writes_early = chains.len() <= EARLY_CONFIRM_MAX_CHAINS;
     let mut early = EarlyWrites {
-        enabled: chains.len() <= EARLY_CONFIRM_MAX_CHAINS,
+        enabled: writes_early,
         in_flight: None,
         written: vec![false; rows.len()],
         error: None,
@@ -267,14 +267,17 @@ pub(crate) async fn publish(
             stragglers.extend(straggler);
         }
     };
+    // Deliveries are collected for early writes only in a batch that makes them: the others
+    // (a uniform drain's) do not pay a push per message.
+    let tally = CANNOT_CONFIRM.scope(Cell::new(false), tally);
     HANDED_OVER
-        .scope(
-            Cell::new(0),
-            ACKED.scope(
-                RefCell::new(Vec::new()),
-                CANNOT_CONFIRM.scope(Cell::new(false), tally),
-            ),
-        )
+        .scope(Cell::new(0), async {
+            if writes_early {
+                ACKED.scope(RefCell::new(Vec::new()), tally).await;
+            } else {
+                tally.await;
+            }
+        })
         .await;
     early.finish().await;
     Published {
