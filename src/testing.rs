@@ -1390,7 +1390,10 @@ pub async fn assert_published(
 pub struct RelaySql {
     /// Reservation of a scan from where the last one left off; `$1` = batch size (`int8`), `$2`
     /// = byte budget (`int8`, see [`max_batch_bytes`](crate::OutboxBuilder::max_batch_bytes)),
-    /// `$3` = the scan's start (`int8`, see [`next_scan_start`]). Run inside a transaction.
+    /// `$3` = the scan's start (`int8`, see [`next_scan_start`]), `$4` = the group of each of 64
+    /// aggregate buckets (`int2[]`) and `$5` = the group taken (`int2`; `-1`, with any `$4`:
+    /// every row; the relay splits a gated backlog of few aggregates between its batch slots).
+    /// Run inside a transaction.
     pub reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
     /// relay runs it: the same, skipping the rows of aggregates whose first open row is not

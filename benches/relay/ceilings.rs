@@ -177,7 +177,13 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 relay_sql(&table, delete).session_setup
             ))
             .await?;
-        let types = [Type::INT8, Type::INT8, Type::INT8];
+        let types = [
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::INT2_ARRAY,
+            Type::INT2,
+        ];
         let reserve = client.prepare_typed(&reserve, &types).await?;
         // A scan from the first pending row runs the relay's other reservation.
         let reserve_full = client.prepare_typed(&reserve_full, &types).await?;
@@ -205,8 +211,10 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                         }
                     }
                 };
-                let reserve_params: [&(dyn postgres_types::ToSql + Sync); 3] =
-                    [&limit, &budget, &from];
+                // Every row: no group of a split backlog (see `RelaySql::reserve`).
+                let (buckets, group): (&[i16], i16) = (&[], -1);
+                let reserve_params: [&(dyn postgres_types::ToSql + Sync); 5] =
+                    [&limit, &budget, &from, &buckets, &group];
                 let a = Instant::now();
                 let statement = if from == i64::MIN {
                     &reserve_full
@@ -340,7 +348,13 @@ pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Resul
                 "explain (analyze, buffers) {}",
                 relay_sql(table, false).reserve_full
             ),
-            &[&1000i64, &(16i64 << 20), &i64::MIN],
+            &[
+                &1000i64,
+                &(16i64 << 20),
+                &i64::MIN,
+                &Vec::<i16>::new(),
+                &-1i16,
+            ],
         )
         .await;
     c.batch_execute("rollback").await?;

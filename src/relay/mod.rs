@@ -32,6 +32,7 @@ mod reserve;
 mod retry;
 mod scan;
 mod shared;
+mod split;
 pub(crate) mod timing;
 mod wake;
 
@@ -57,6 +58,7 @@ use self::report::Reporter;
 use self::reserve::{Ask, BatchConn, Reserved, Reserver};
 use self::scan::ScanStart;
 use self::shared::Shared;
+use self::split::Split;
 use self::timing::{Stop, Timing, LATE_GRACE, PURGE_FLUSH, STOP_OVERRUN};
 use self::wake::{DueSender, HandoffSender, Wake, Wakeups};
 
@@ -114,7 +116,8 @@ struct Pipeline {
     wakeups: Wakeups,
     /// `true` while the relay is idle and wants writers to NOTIFY (see [`listen`]).
     armed: watch::Sender<bool>,
-    batches: JoinSet<BatchDone>,
+    /// The batches in flight, each with its group when the backlog is split (see [`split`]).
+    batches: JoinSet<(Option<usize>, BatchDone)>,
     reserver: Reserver,
     /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
     reserve_errors: Backoff,
@@ -128,6 +131,11 @@ struct Pipeline {
     gated: bool,
     /// Where the next reservation's scan starts (see [`ScanStart::next`]).
     scan: ScanStart,
+    /// A gated backlog split between the batch slots (see [`split`]): each slot reserves the
+    /// rows of one group of aggregates.
+    split: Option<Split>,
+    /// The rows per aggregate bucket of the last batch started (what a split balances).
+    last_weights: split::Weights,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
     /// confirmed batch (a reservation that finds nothing, e.g. because the failed batch's fence
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
@@ -194,6 +202,8 @@ impl Relay {
             last_full: false,
             gated: false,
             scan: ScanStart::new(),
+            split: None,
+            last_weights: [0; split::BUCKETS],
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
         };
@@ -250,11 +260,14 @@ impl Relay {
 
 impl Pipeline {
     /// Takes wake-ups while a batch slot is free (and, when the backlog is gated, only once no
-    /// batch is in flight), until the stop is requested.
+    /// batch is in flight; when it is split, only while a group has no batch), until the stop is
+    /// requested.
     async fn run(&mut self) {
         let max_batches = self.ctx.settings.max_batches_in_flight;
         loop {
-            let free = self.batches.len() < max_batches && (!self.gated || self.batches.is_empty());
+            let free = self.batches.len() < max_batches
+                && (!self.gated || self.batches.is_empty())
+                && self.split.as_ref().is_none_or(|s| s.free_group().is_some());
             tokio::select! {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
@@ -268,10 +281,12 @@ impl Pipeline {
 
     /// Reserves a batch and starts it on a task of its own.
     ///
-    /// After a gated reservation (see [`Pipeline::gated`]) the next one, made with no batch in
-    /// flight, may take `batch_size` × `max_batches_in_flight` rows: the slots the gate would
-    /// leave idle give their share of rows to the one batch that can run, so a backlog of few
-    /// aggregates pays the fixed costs of a batch (the reservation's scan, the fence's commit,
+    /// After a gated reservation (see [`Pipeline::gated`]) the backlog is split between the
+    /// slots when its aggregates fall in more than one bucket (see [`split`]): each reservation
+    /// then takes one group's rows. Otherwise (one aggregate) the next reservation, made with no
+    /// batch in flight, may take `batch_size` × `max_batches_in_flight` rows: the slots the gate
+    /// would leave idle give their share of rows to the one batch that can run, so a backlog of
+    /// one aggregate pays the fixed costs of a batch (the reservation's scan, the fence's commit,
     /// the last acknowledgement's wait, the confirm's commit) once per that many rows. Its byte
     /// budget stays one batch's `max_batch_bytes`, so that the fetch still fits the round trip's
     /// deadline as documented, and the relay's memory stays within `max_batch_bytes` ×
@@ -279,45 +294,53 @@ impl Pipeline {
     /// the free slots try again with normal batches.
     async fn reserve(&mut self, wake: Wake) {
         let ctx = self.ctx.clone();
-        let start = self.scan.next(wake);
-        if start.from == i64::MIN {
-            self.wakeups.full_scan_done();
-        }
+        let group = self.split.as_ref().and_then(Split::free_group);
+        let start = match (self.split.as_mut(), group) {
+            (Some(split), Some(g)) => split.scan(g).next(wake),
+            (Some(_), None) => return,
+            (None, _) => {
+                let start = self.scan.next(wake);
+                if start.from == i64::MIN {
+                    self.wakeups.full_scan_done();
+                }
+                start
+            }
+        };
         let started = Instant::now();
-        let share = if self.gated {
+        let share = if self.gated && self.split.is_none() {
             ctx.settings.max_batches_in_flight
         } else {
             1
         };
         self.gated = false;
         let limit = ctx.settings.batch_size.saturating_mul(share);
-        let max_bytes = ctx.settings.max_batch_bytes;
+        let ask = Ask {
+            limit,
+            max_bytes: ctx.settings.max_batch_bytes,
+            from: start.from,
+            skip_blocked: start.skip_blocked,
+            windowed: start.windowed,
+            group: (self.split.as_ref()).zip(group).map(|(s, g)| s.filter(g)),
+        };
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
         let reserved = tokio::select! {
             _ = ctx.stop.token().cancelled() => return,
-            r = self.reserver.reserve(
-                &ctx.pg,
-                &ctx.sql,
-                &ctx.timing,
-                &ctx.stop,
-                Ask {
-                    limit,
-                    max_bytes,
-                    from: start.from,
-                    skip_blocked: start.skip_blocked,
-                    windowed: start.windowed,
-                },
-            ) => r,
+            r = self.reserver.reserve(&ctx.pg, &ctx.sql, &ctx.timing, &ctx.stop, ask) => r,
         };
-        self.scan
-            .scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
-        match reserved {
+        let scan = match (self.split.as_mut(), group) {
+            (Some(split), Some(g)) => split.scan(g),
+            _ => &mut self.scan,
+        };
+        scan.scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
+        match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
-            Ok((None, scan)) => self.reserved_nothing(start.skip_blocked, scan),
-            Ok((Some((conn, rows)), scan)) => self.start_batch(conn, rows, scan, limit),
-            Err(e) => {
+            (Ok((None, scan)), None) => self.reserved_nothing(start.skip_blocked, scan),
+            (Ok((None, scan)), Some(g)) => self.group_empty(g, scan),
+            (Ok((Some((conn, rows)), scan)), _) => self.start_batch(conn, rows, scan, limit, group),
+            (Err(e), _) => {
+                self.end_split();
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
             }
@@ -347,6 +370,9 @@ impl Pipeline {
             self.wakeups.again();
             return;
         }
+        if gated {
+            self.split_gated();
+        }
         self.gated = gated;
         self.last_full = false;
         // A scan from the floor found nothing: a row below it that turns pending without a
@@ -362,15 +388,76 @@ impl Pipeline {
         self.armed.send_replace(true);
     }
 
-    /// Starts the batch a reservation of at most `limit` rows returned, on a task of its own.
-    fn start_batch(&mut self, conn: BatchConn, rows: Vec<Reserved>, scan: Scan, limit: usize) {
+    /// The backlog is gated: split it between the slots by the buckets of the last batch
+    /// started (the one in flight; see [`split`]), if they are more than one.
+    fn split_gated(&mut self) {
+        self.split = Split::of(&self.last_weights, self.ctx.settings.max_batches_in_flight);
+        if let Some(split) = &self.split {
+            tracing::debug!(
+                groups = split.groups(),
+                "outbox relay: a gated backlog split between the batch slots"
+            );
+        }
+    }
+
+    /// A split backlog's reservation of `group` found nothing: the split ends (see [`split`]).
+    fn group_empty(&mut self, group: usize, scan: Scan) {
+        self.reserve_errors = fresh_backoff();
+        if scan.windowed {
+            if let Some(split) = self.split.as_mut() {
+                split.scan(group).left_off(&scan);
+            }
+            self.wakeups.again();
+            return;
+        }
+        self.end_split();
+        if self.last_full && !self.batches.is_empty() {
+            // The other groups' batches are full: split what they hold once they are done.
+            self.split_gated();
+            self.gated = true;
+            self.last_full = false;
+        } else {
+            self.wakeups.again();
+        }
+    }
+
+    /// Ends a split: the next reservation scans every row, from the first pending one.
+    fn end_split(&mut self) {
+        if self.split.take().is_some() {
+            self.scan.reset();
+            tracing::debug!("outbox relay: the backlog's split between the batch slots ended");
+        }
+    }
+
+    /// Starts the batch a reservation of at most `limit` rows (of `group` of a split backlog)
+    /// returned, on a task of its own.
+    fn start_batch(
+        &mut self,
+        conn: BatchConn,
+        rows: Vec<Reserved>,
+        scan: Scan,
+        limit: usize,
+        group: Option<usize>,
+    ) {
         self.reserve_errors = fresh_backoff();
         self.armed.send_replace(false);
-        self.scan.left_off(&scan);
         self.last_full = scan.cut_by_bytes || rows.len() >= limit;
+        self.last_weights = split::weights(&rows);
+        let more_groups = match (self.split.as_mut(), group) {
+            (Some(split), Some(g)) => {
+                split.scan(g).left_off(&scan);
+                split.set_busy(g, true);
+                split.free_group().is_some()
+            }
+            _ => {
+                self.scan.left_off(&scan);
+                false
+            }
+        };
         // More pending rows follow: this batch was full, or its scan stopped at its window
-        // (not full then: a later empty scan is no sign of a gated backlog).
-        if self.last_full || scan.windowed {
+        // (not full then: a later empty scan is no sign of a gated backlog), or another group
+        // of a split backlog has no batch.
+        if self.last_full || scan.windowed || more_groups {
             self.wakeups.again();
         }
         let span = tracing::debug_span!(
@@ -379,50 +466,62 @@ impl Pipeline {
             first_seq = rows[0].seq,
             last_seq = rows[rows.len() - 1].seq
         );
+        // A split group's batch that caught up says nothing of the other groups' backlog: it
+        // does not kick the producers (see `publish::publish`).
+        let caught_up = scan.caught_up() && group.is_none();
         let batch = run_batch(
             self.ctx.clone(),
             conn,
             rows,
             scan.cut_by_bytes,
-            scan.caught_up(),
+            caught_up,
             Instant::now(),
         );
+        let batch = async move { (group, batch.await) };
         self.batches
             .spawn(tracing::Instrument::instrument(batch, span));
     }
 
     /// Takes a finished batch's connection back and schedules its due retries.
-    fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
+    fn batch_done(&mut self, done: Result<(Option<usize>, BatchDone), tokio::task::JoinError>) {
         match done {
-            Ok(BatchDone {
-                conn: Some(conn),
-                due_in,
-                released_from,
-            }) => {
+            Ok((
+                group,
+                BatchDone {
+                    conn: Some(conn),
+                    due_in,
+                    released_from,
+                },
+            )) => {
                 let now = Instant::now();
                 for d in due_in {
                     self.wakeups.due_at(now + d);
                 }
                 self.scan.released(released_from);
+                if let (Some(split), Some(g)) = (self.split.as_mut(), group) {
+                    split.set_busy(g, false);
+                    split.scan(g).released(released_from);
+                }
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but
                 // cannot be confirmed must not re-send in a tight loop.
                 self.batch_errors = fresh_backoff();
             }
-            Ok(BatchDone { conn: None, .. }) => {
+            Ok((_, BatchDone { conn: None, .. })) => {
                 // The batch rolled back: its rows are pending again, below where the scan
                 // would start.
+                self.end_split();
                 self.scan.reset();
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
             Err(e) => {
+                self.end_split();
                 self.scan.reset();
                 self.ctx.report.batch_panicked(&e);
             }
         }
         self.wakeups.again();
     }
-
     /// Stops reserving and lets every batch finish: batches stop sending, wait for their
     /// in-flight reports (bounded by `batch_timeout`, or half of the stop window), confirm and
     /// commit (releasing unsent rows). Returns the wake stage, which holds the due times
@@ -434,7 +533,7 @@ impl Pipeline {
         tracing::info!(in_flight_batches = batches.len(), "outbox relay stopping");
         while let Some(done) = batches.join_next().await {
             match done {
-                Ok(done) => {
+                Ok((_, done)) => {
                     let now = Instant::now();
                     for d in done.due_in {
                         wakeups.due_at(now + d);

@@ -43,6 +43,8 @@ pub(crate) struct Reserved {
     /// The rule of `add_new_event` this row breaks (a row written by another writer): it is
     /// dead-lettered without being sent.
     pub(crate) invalid: Option<String>,
+    /// The bucket of its aggregate (`hashtext(aggregate_id) & 63`, see [`super::split`]).
+    pub(crate) bucket: u8,
 }
 
 impl Reserved {
@@ -59,6 +61,9 @@ impl Reserved {
             age_at_reserve: r.get(8),
             created_at: r.get(10),
             invalid: None,
+            bucket: (r.get::<_, Option<i32>>(16))
+                .and_then(|b| u8::try_from(b & 63).ok())
+                .unwrap_or(0),
         };
         row.invalid = crate::event::validate_row(&row.topic, &row.aggregate_id, &row.event_type)
             .err()
@@ -141,7 +146,13 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let types = [Type::INT8, Type::INT8, Type::INT8];
+        let types = [
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::INT2_ARRAY,
+            Type::INT2,
+        ];
         let (reserve, reserve_full, reserve_windowed, confirm, confirm_early) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),
@@ -164,7 +175,12 @@ impl BatchConn {
     async fn reserve(&self, ask: Ask) -> Result<(Vec<Reserved>, Scan), tokio_postgres::Error> {
         let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
-        let params: [&(dyn postgres_types::ToSql + Sync); 3] = [&limit, &max_bytes, &ask.from];
+        let (buckets, group): (&[i16], i16) = match &ask.group {
+            Some((buckets, group)) => (buckets, *group),
+            None => (&[], -1),
+        };
+        let params: [&(dyn postgres_types::ToSql + Sync); 5] =
+            [&limit, &max_bytes, &ask.from, &buckets, &group];
         let statement = match (ask.skip_blocked, ask.windowed) {
             (true, true) => &self.reserve_windowed,
             (true, false) => &self.reserve_full,
@@ -201,7 +217,7 @@ impl BatchConn {
 }
 
 /// What a reservation asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ask {
     /// Rows at most.
     pub(crate) limit: usize,
@@ -216,6 +232,9 @@ pub(crate) struct Ask {
     pub(crate) skip_blocked: bool,
     /// With `skip_blocked`: read at most a window of pending rows (`RelaySql::reserve_windowed`).
     pub(crate) windowed: bool,
+    /// Only the rows of this group of aggregates: the group of each bucket, and the group (see
+    /// [`super::split`]); `None`: every row.
+    pub(crate) group: Option<(Arc<[i16]>, i16)>,
 }
 
 /// What a reservation's scan found, besides its rows.

@@ -50,6 +50,12 @@
 -- Column 15: the window's last `seq` when the window is full (more may follow), null otherwise
 -- (and always in the other scans, whose `win` is a row of nulls). When no row is kept, the statement returns
 -- one row of nulls but for columns 11-15, so that an empty scan still says where it ended.
+-- A scan may take the rows of one group of aggregates only (`relay::split`: a gated backlog of
+-- few aggregates split between the batch slots): $4 int2[] the group of each of 64 buckets of
+-- `hashtext(aggregate_id) & 63` (a bucket past its end: group 0), $5 int2 the group (-1: every
+-- row; a custom plan folds the condition away). The filter applies before the rows are locked,
+-- and an aggregate is wholly in one group, so the gate is unchanged: it only narrows which
+-- aggregates a batch takes. Column 16: the row's bucket.
 with win as materialized (
      {{window}}
  ),
@@ -63,6 +69,8 @@ with win as materialized (
         and (next_attempt_at is null or next_attempt_at <= now())
         and aggregate_id not in (select unnest(aggregates) from {{table}}_fence
                                   where until > now())
+        and ($5::int2 < 0
+             or coalesce(($4::int2[])[1 + (hashtext(c.aggregate_id) & 63)], 0) = $5::int2)
         {{skip_blocked}}
       order by seq
       limit $1
@@ -114,7 +122,8 @@ with win as materialized (
         (select min(g.gap) from gate g where g.gap_due),
         (select max(c.seq) from cand c),
         (select min(c.seq) from cand c),
-        (select case when w.full then w.last end from win w)
+        (select case when w.full then w.last end from win w),
+        hashtext(k.aggregate_id) & 63
    from (select) one
    left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq

@@ -16,7 +16,8 @@
 //! * The mock cluster creates topics only from Metadata requests that allow auto-creation, never
 //!   from Produce; an injected Produce error applies to every partition of the next request.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -906,7 +907,16 @@ async fn rows_at_the_extreme_seqs_are_scanned_like_any_other() {
     for start in [i64::MIN, max - 2, max] {
         let tx = client.transaction().await.unwrap();
         let rows = tx
-            .query(&sql.reserve_windowed, &[&2_000i64, &(16i64 << 20), &start])
+            .query(
+                &sql.reserve_windowed,
+                &[
+                    &2_000i64,
+                    &(16i64 << 20),
+                    &start,
+                    &Vec::<i16>::new(),
+                    &-1i16,
+                ],
+            )
             .await
             .unwrap_or_else(|e| panic!("windowed scan from {start}: {e:?}"));
         assert!(
@@ -1026,7 +1036,16 @@ async fn empty_full_scan_took(client: &mut tokio_postgres::Client, table: &str) 
     tx.batch_execute(&sql.session_setup).await.unwrap();
     let started = Instant::now();
     let rows = tx
-        .query(&sql.reserve_full, &[&2_000i64, &(16i64 << 20), &i64::MIN])
+        .query(
+            &sql.reserve_full,
+            &[
+                &2_000i64,
+                &(16i64 << 20),
+                &i64::MIN,
+                &Vec::<i16>::new(),
+                &-1i16,
+            ],
+        )
         .await
         .unwrap();
     let took = started.elapsed();
@@ -1756,17 +1775,18 @@ async fn a_hot_aggregates_events_are_sent_back_to_back() {
     stop_and_join(&outbox, handle).await;
 }
 
-/// A backlog of ten aggregates, interleaved, on a broker 100 ms away, with `batch_size` 50 and two
-/// batch slots: a second batch can take none of it while the first is in flight (every later
-/// event is behind one of the first batch's, the per-aggregate gate holds it), so the slots give
-/// their share to one batch of up to 100 events. 600 events then take at most 8 batches (50, then
-/// 100 at a time: 7), where 50 at a time take 12; every aggregate in order.
+/// One aggregate's backlog on a broker 100 ms away, with `batch_size` 50 and two batch slots: a
+/// second batch can take none of it while the first is in flight (every later event is behind
+/// one of the first batch's, the per-aggregate gate holds it), and one aggregate cannot be split
+/// between the slots, so the slots give their share to one batch of up to 100 events. 600 events
+/// then take at most 8 batches (50, then 100 at a time: 7), where 50 at a time take 12; in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gated_backlog_takes_the_idle_slots_share() {
-    let (batches, _) = gated_backlog("gated", None).await;
+async fn a_gated_backlog_of_one_aggregate_takes_the_idle_slots_share() {
+    let (gated, _) = gated_backlog("gated", 1, None).await;
     assert!(
-        batches <= 8,
-        "600 events of ten aggregates took {batches} batches of at most 50 (merged: 100)"
+        gated.batches <= 8,
+        "600 events of one aggregate took {} batches of at most 50 (merged: 100)",
+        gated.batches
     );
 }
 
@@ -1777,7 +1797,7 @@ async fn a_gated_backlog_takes_the_idle_slots_share() {
 /// in 1 KiB: at least 600 / that many batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_backlogs_batch_keeps_one_byte_budget() {
-    let (batches, env) = gated_backlog("gatedbytes", Some(1024)).await;
+    let (gated, env) = gated_backlog("gatedbytes", 1, Some(1024)).await;
     let pg = support::connect_pg().await;
     let smallest: i32 = pg
         .query_one(
@@ -1797,17 +1817,58 @@ async fn a_gated_backlogs_batch_keeps_one_byte_budget() {
         "1 KiB must hold fewer than 50 events, holds {fit}"
     );
     assert!(
-        batches as usize >= 600usize.div_ceil(fit),
-        "600 events of ten aggregates took {batches} batches; with at most {fit} in 1 KiB \
+        gated.batches as usize >= 600usize.div_ceil(fit),
+        "600 events of one aggregate took {} batches; with at most {fit} in 1 KiB \
          that needs {} (a merged batch took more than one byte budget)",
+        gated.batches,
         600usize.div_ceil(fit)
     );
 }
 
-/// Runs 600 events of ten interleaved aggregates through a relay with `batch_size` 50, two slots
-/// and `max_batch_bytes` (default when `None`) on a mock broker 100 ms away; checks every
-/// aggregate arrived in order; returns the batches it took, and the environment.
-async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, Env) {
+/// A backlog of ten aggregates, interleaved, on the same broker and settings: the first batch
+/// holds all ten, and the gate would keep the second slot idle until it is done. The relay splits
+/// the aggregates between the two slots instead (see `relay::split`), so two batches are in
+/// flight at once — seen as two live fences, the aggregates each batch holds, sampled every 5 ms
+/// — and never share an aggregate; every aggregate arrives in order. Without the split the
+/// fences are never two at once (one batch of up to 100 at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_backlog_of_ten_aggregates_is_split_between_the_batch_slots() {
+    let (gated, _) = gated_backlog("gatedsplit", 10, None).await;
+    assert!(
+        gated.overlapping.is_empty(),
+        "two batches in flight held the same aggregates: {:?}",
+        gated.overlapping
+    );
+    assert!(
+        gated.samples_with_two >= 5,
+        "two batches were in flight at once in {} of {} samples (the second slot idled behind \
+         the gate)",
+        gated.samples_with_two,
+        gated.samples
+    );
+}
+
+/// What [`gated_backlog`] saw.
+#[derive(Default)]
+struct Gated {
+    /// Batches the relay made for the 600 events.
+    batches: u64,
+    /// Samples of the fence table, and those with two live fences (two batches in flight).
+    samples: usize,
+    samples_with_two: usize,
+    /// Aggregates seen in two live fences at once.
+    overlapping: BTreeSet<String>,
+}
+
+/// Runs 600 events of `aggregates` interleaved aggregates (`G0`…) through a relay with
+/// `batch_size` 50, two slots and `max_batch_bytes` (default when `None`) on a mock broker 100 ms
+/// away, sampling its fences (the aggregates of each batch in flight) every 5 ms; checks every
+/// aggregate arrived in order; returns what it saw, and the environment.
+async fn gated_backlog(
+    prefix: &str,
+    aggregates: usize,
+    max_batch_bytes: Option<usize>,
+) -> (Gated, Env) {
     let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock(prefix, |b| {
         let b = b
             .batch_size(50)
@@ -1825,20 +1886,25 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
         .broker_round_trip_time(1, Duration::from_millis(100))
         .expect("delay the broker");
     let before = outbox.stats().batches;
-    let events: Vec<NewEvent> = (1..=60)
-        .flat_map(|n| (0..10).map(move |a| (a, n)))
+    let per = i64::try_from(600 / aggregates).expect("a count");
+    let events: Vec<NewEvent> = (1..=per)
+        .flat_map(|n| (0..aggregates).map(move |a| (a, n)))
         .map(|(a, n)| ev(&env.topic, &format!("G{a}"), n))
         .collect();
+    let seen = Arc::new(Mutex::new(Gated::default()));
+    let sampler = tokio::spawn(sample_fences(format!("{}_fence", env.table), seen.clone()));
     let ids = insert(&outbox, &mut client, &events).await;
     support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(60)).await;
+    sampler.abort();
+    let _ = sampler.await;
     let batches = outbox.stats().batches - before;
     // The warm-up event and the 600.
     let got = read_n(&mut reader, 601, Duration::from_secs(20)).await;
     let by_key = counters_by_key(&got);
-    for a in 0..10 {
+    for a in 0..aggregates {
         assert_eq!(
             by_key.get(&format!("G{a}")),
-            Some(&(1..=60).collect::<Vec<i64>>()),
+            Some(&(1..=per).collect::<Vec<i64>>()),
             "aggregate G{a}"
         );
     }
@@ -1846,9 +1912,36 @@ async fn gated_backlog(prefix: &str, max_batch_bytes: Option<usize>) -> (u64, En
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("undelay the broker");
     stop_and_join(&outbox, handle).await;
-    (batches, env)
+    let mut gated = std::mem::take(&mut *seen.lock().expect("samples"));
+    gated.batches = batches;
+    (gated, env)
 }
 
+/// Reads the live fences of `fence_table` every 5 ms into `seen`, until aborted.
+async fn sample_fences(fence_table: String, seen: Arc<Mutex<Gated>>) {
+    let pg = support::connect_pg().await;
+    let query = format!("select aggregates from {fence_table} where until > now()");
+    loop {
+        let fences: Vec<Vec<String>> = (pg.query(&query, &[]).await.expect("fences"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        {
+            let mut seen = seen.lock().expect("samples");
+            seen.samples += 1;
+            if fences.len() >= 2 {
+                seen.samples_with_two += 1;
+            }
+            let mut held = HashSet::new();
+            for aggregate in fences.iter().flatten() {
+                if !held.insert(aggregate) {
+                    seen.overlapping.insert(aggregate.clone());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 /// A warm relay on the mock cluster for the scan-start tests: batches of 20, two in flight, no
 /// fallback tick during the test (only the relay's own full scans look below a scan's start),
 /// and a reader of the topic. The broker answers after 50 ms: at most 40 events per round trip,
@@ -2906,7 +2999,9 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
         &sql.reserve
             .replace("$1", "1000")
             .replace("$2", "16777216")
-            .replace("$3", "(-9223372036854775807 - 1)"),
+            .replace("$3", "(-9223372036854775807 - 1)")
+            .replace("$4", "'{}'")
+            .replace("$5", "(-1)"),
     )
     .await;
     client.batch_execute("rollback").await.unwrap();

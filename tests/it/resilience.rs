@@ -1141,7 +1141,16 @@ async fn hostile_rows_do_not_break_find_status_or_reservation() {
     let sql = outbox::testing::relay_sql(&table, false);
     client.batch_execute("begin").await.unwrap();
     let rows = client
-        .query(&sql.reserve, &[&100i64, &(16i64 << 20), &i64::MIN])
+        .query(
+            &sql.reserve,
+            &[
+                &100i64,
+                &(16i64 << 20),
+                &i64::MIN,
+                &Vec::<i16>::new(),
+                &-1i16,
+            ],
+        )
         .await
         .expect("the reservation does not fail on infinite timestamps");
     client.batch_execute("rollback").await.unwrap();
@@ -1872,7 +1881,16 @@ async fn batch_on(
 ) -> Vec<std::time::SystemTime> {
     let tx = client.transaction().await.unwrap();
     let reserved = tx
-        .query(&sql.reserve, &[&100i64, &(16i64 << 20), &i64::MIN])
+        .query(
+            &sql.reserve,
+            &[
+                &100i64,
+                &(16i64 << 20),
+                &i64::MIN,
+                &Vec::<i16>::new(),
+                &-1i16,
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(reserved.len(), 1, "the row is reservable");
