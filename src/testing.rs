@@ -1458,6 +1458,31 @@ pub fn reserved_rows(rows: &[tokio_postgres::Row]) -> &[tokio_postgres::Row] {
     crate::relay::reserved_rows(rows)
 }
 
+/// The reservations' parameter types, in order (see [`RelaySql::reserve`]), as the relay
+/// prepares them.
+pub const RESERVE_PARAM_TYPES: [postgres_types::Type; 5] = crate::relay::RESERVE_PARAM_TYPES;
+
+/// Runs the reservation `statement` (one of [`RelaySql`]'s) as the relay does without a split:
+/// at most `limit` rows within a byte budget of 16 MiB, its scan starting at `seq` `from` (the
+/// lowest `int8` for the first pending row), every aggregate. Run it inside a transaction: the
+/// rows stay locked until it ends.
+///
+/// # Errors
+/// The server's error.
+pub async fn reserve_every_aggregate(
+    client: &impl tokio_postgres::GenericClient,
+    statement: &str,
+    limit: i64,
+    from: i64,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    client
+        .query(
+            statement,
+            &[&limit, &(16i64 << 20), &from, &Vec::<i16>::new(), &-1i16],
+        )
+        .await
+}
+
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
 /// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
 pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {

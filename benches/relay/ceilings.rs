@@ -17,7 +17,6 @@ use futures::StreamExt;
 use outbox::testing::relay_sql;
 use outbox::testing::FULL_SCAN_EVERY;
 use outbox::testing::{next_scan_start, reserved_rows};
-use postgres_types::Type;
 use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Header;
@@ -177,13 +176,7 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
                 relay_sql(&table, delete).session_setup
             ))
             .await?;
-        let types = [
-            Type::INT8,
-            Type::INT8,
-            Type::INT8,
-            Type::INT2_ARRAY,
-            Type::INT2,
-        ];
+        let types = outbox::testing::RESERVE_PARAM_TYPES;
         let reserve = client.prepare_typed(&reserve, &types).await?;
         // A scan from the first pending row runs the relay's other reservation.
         let reserve_full = client.prepare_typed(&reserve_full, &types).await?;
@@ -342,21 +335,11 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
 pub(crate) async fn explain_reserve(env: &Env, table: &str, when: &str) -> Result<String> {
     let c = env.connect("bench-explain").await?;
     c.batch_execute("begin").await?;
-    let rows = c
-        .query(
-            &format!(
-                "explain (analyze, buffers) {}",
-                relay_sql(table, false).reserve_full
-            ),
-            &[
-                &1000i64,
-                &(16i64 << 20),
-                &i64::MIN,
-                &Vec::<i16>::new(),
-                &-1i16,
-            ],
-        )
-        .await;
+    let explain = format!(
+        "explain (analyze, buffers) {}",
+        relay_sql(table, false).reserve_full
+    );
+    let rows = outbox::testing::reserve_every_aggregate(&c, &explain, 1000, i64::MIN).await;
     c.batch_execute("rollback").await?;
     let lines: Vec<String> = rows?.iter().map(|r| r.get::<_, String>(0)).collect();
     if env.opts.explain {

@@ -72,6 +72,8 @@ pub(crate) use self::reserve::Scan;
 #[cfg(feature = "testing")]
 pub(crate) use self::reserve::BATCH_SESSION_SETUP;
 #[cfg(feature = "testing")]
+pub(crate) use self::reserve::RESERVE_PARAM_TYPES;
+#[cfg(feature = "testing")]
 pub(crate) use self::scan::FULL_SCAN_EVERY;
 
 /// Everything the relay's stages share.

@@ -15,6 +15,16 @@ use crate::store::{RawJson, RelaySql};
 use super::shared::Session;
 use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 
+/// The reservations' parameter types (`reserve.sql`'s `$1`–`$5`: batch size, byte budget, the
+/// scan's start, the group of each aggregate bucket, the group taken), as they are prepared.
+pub(crate) const RESERVE_PARAM_TYPES: [Type; 5] = [
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT2_ARRAY,
+    Type::INT2,
+];
+
 /// Session settings of the relay's batch connections (besides the lease timeout).
 ///
 /// Custom plans: a generic plan made while the table was nearly empty is several times slower
@@ -146,13 +156,7 @@ impl BatchConn {
                 millis(timing.lease)
             ))
             .await?;
-        let types = [
-            Type::INT8,
-            Type::INT8,
-            Type::INT8,
-            Type::INT2_ARRAY,
-            Type::INT2,
-        ];
+        let types = RESERVE_PARAM_TYPES;
         let (reserve, reserve_full, reserve_windowed, confirm, confirm_early) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),

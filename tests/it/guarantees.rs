@@ -906,19 +906,10 @@ async fn rows_at_the_extreme_seqs_are_scanned_like_any_other() {
     let sql = outbox::testing::relay_sql(table, false);
     for start in [i64::MIN, max - 2, max] {
         let tx = client.transaction().await.unwrap();
-        let rows = tx
-            .query(
-                &sql.reserve_windowed,
-                &[
-                    &2_000i64,
-                    &(16i64 << 20),
-                    &start,
-                    &Vec::<i16>::new(),
-                    &-1i16,
-                ],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("windowed scan from {start}: {e:?}"));
+        let rows =
+            outbox::testing::reserve_every_aggregate(&tx, &sql.reserve_windowed, 2_000, start)
+                .await
+                .unwrap_or_else(|e| panic!("windowed scan from {start}: {e:?}"));
         assert!(
             outbox::testing::reserved_rows(&rows).is_empty(),
             "from {start}"
@@ -1035,17 +1026,7 @@ async fn empty_full_scan_took(client: &mut tokio_postgres::Client, table: &str) 
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(&sql.session_setup).await.unwrap();
     let started = Instant::now();
-    let rows = tx
-        .query(
-            &sql.reserve_full,
-            &[
-                &2_000i64,
-                &(16i64 << 20),
-                &i64::MIN,
-                &Vec::<i16>::new(),
-                &-1i16,
-            ],
-        )
+    let rows = outbox::testing::reserve_every_aggregate(&tx, &sql.reserve_full, 2_000, i64::MIN)
         .await
         .unwrap();
     let took = started.elapsed();

@@ -1140,17 +1140,7 @@ async fn hostile_rows_do_not_break_find_status_or_reservation() {
     // The reservation's age computation does not fail on infinite created_at.
     let sql = outbox::testing::relay_sql(&table, false);
     client.batch_execute("begin").await.unwrap();
-    let rows = client
-        .query(
-            &sql.reserve,
-            &[
-                &100i64,
-                &(16i64 << 20),
-                &i64::MIN,
-                &Vec::<i16>::new(),
-                &-1i16,
-            ],
-        )
+    let rows = outbox::testing::reserve_every_aggregate(&client, &sql.reserve, 100i64, i64::MIN)
         .await
         .expect("the reservation does not fail on infinite timestamps");
     client.batch_execute("rollback").await.unwrap();
@@ -1880,17 +1870,7 @@ async fn batch_on(
     delay_ms: i64,
 ) -> Vec<std::time::SystemTime> {
     let tx = client.transaction().await.unwrap();
-    let reserved = tx
-        .query(
-            &sql.reserve,
-            &[
-                &100i64,
-                &(16i64 << 20),
-                &i64::MIN,
-                &Vec::<i16>::new(),
-                &-1i16,
-            ],
-        )
+    let reserved = outbox::testing::reserve_every_aggregate(&tx, &sql.reserve, 100i64, i64::MIN)
         .await
         .unwrap();
     assert_eq!(reserved.len(), 1, "the row is reservable");
