@@ -145,144 +145,28 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     let check = verify_sql(env, delete).await?;
     let table = env.fresh_table(phase).await?;
     load_backlog(env, &table, &env.topic(phase), n).await?;
-    let (reserve, reserve_full) = {
-        let sql = relay_sql(&table, false);
-        (sql.reserve, sql.reserve_full)
-    };
-    let confirm = relay_sql(&table, delete).confirm;
-    let confirm_setup = Arc::new(relay_sql(&table, delete).confirm_setup);
     let mut explain = Vec::new();
     explain.push(explain_reserve(env, &table, "fresh backlog").await?);
     let batch_size = env
         .opts
         .batch_size
         .unwrap_or(outbox::Settings::default().batch_size);
-    let confirmed = Arc::new(AtomicU64::new(0));
-    // The relay's fence connection: autocommit, shared by its batches.
-    let fence_client = Arc::new(env.connect("bench-pg-ceiling-fence").await?);
-    let fence = Arc::new(relay_sql(&table, false).fence);
-    // Where the next reservation's scan starts, as the relay keeps it: where the last full one
-    // left off, and a full scan at least every `FULL_SCAN_EVERY` (see `Pipeline::scan_from`).
-    let scan = Arc::new(std::sync::Mutex::new((None::<i64>, Instant::now())));
+    let shared = Arc::new(CeilingShared {
+        confirm_setup: relay_sql(&table, delete).confirm_setup,
+        // The relay's fence connection: autocommit, shared by its batches.
+        fence_client: env.connect("bench-pg-ceiling-fence").await?,
+        fence: relay_sql(&table, false).fence,
+        scan: std::sync::Mutex::new((None, Instant::now())),
+        confirmed: AtomicU64::new(0),
+        batch_size,
+        n,
+    });
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..2 {
         // max_batches_in_flight = 2: two sessions, each reserve → fence → confirm + commit.
-        let client = env.connect("bench-pg-ceiling").await?;
-        // The same session settings as the relay's batch connections.
-        client
-            .batch_execute(&format!(
-                "set idle_in_transaction_session_timeout = 60000; {}",
-                relay_sql(&table, delete).session_setup
-            ))
-            .await?;
-        let types = outbox::testing::RESERVE_PARAM_TYPES;
-        let reserve = client.prepare_typed(&reserve, &types).await?;
-        // A scan from the first pending row runs the relay's other reservation.
-        let reserve_full = client.prepare_typed(&reserve_full, &types).await?;
-        let confirm = client.prepare(&confirm).await?;
-        let confirmed = confirmed.clone();
-        let confirm_setup = confirm_setup.clone();
-        let fence_client = fence_client.clone();
-        let fence = fence.clone();
-        let scan = scan.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut batches: Vec<(f64, f64, f64, usize)> = Vec::new();
-            let mut empty = 0usize;
-            let limit = batch_size as i64;
-            // The relay's default byte budget (max_batch_bytes).
-            let budget = 16i64 << 20;
-            let deadline = Instant::now() + Duration::from_secs(600);
-            loop {
-                let from = {
-                    let mut s = scan.lock().expect("scan state");
-                    match s.0.take() {
-                        Some(from) if s.1.elapsed() < FULL_SCAN_EVERY => from,
-                        _ => {
-                            s.1 = Instant::now();
-                            i64::MIN
-                        }
-                    }
-                };
-                // Every row: no group of a split backlog (see `RelaySql::reserve`).
-                let (buckets, group): (&[i16], i16) = (&[], -1);
-                let reserve_params: [&(dyn postgres_types::ToSql + Sync); 5] =
-                    [&limit, &budget, &from, &buckets, &group];
-                let a = Instant::now();
-                let statement = if from == i64::MIN {
-                    &reserve_full
-                } else {
-                    &reserve
-                };
-                let (_, all) = futures::try_join!(
-                    client.batch_execute("begin"),
-                    client.query(statement, &reserve_params)
-                )?;
-                let b = Instant::now();
-                scan.lock().expect("scan state").0 = next_scan_start(&all);
-                let rows = reserved_rows(&all);
-                if rows.is_empty() {
-                    client.batch_execute("rollback").await?;
-                    if confirmed.load(Ordering::Relaxed) as usize >= n {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        bail!("pg ceiling: stuck");
-                    }
-                    empty += 1;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-                let mut ids = Vec::with_capacity(rows.len());
-                let mut offs = Vec::with_capacity(rows.len());
-                let mut aggregates: Vec<String> = Vec::new();
-                let mut seen = std::collections::HashSet::new();
-                for r in rows {
-                    // Decode every column, as the relay does.
-                    let id: Uuid = r.get(0);
-                    let seq: i64 = r.get(1);
-                    let agg: String = r.get(2);
-                    let _: (String, String) = (r.get(3), r.get(4));
-                    let _: (Raw, Option<Raw>, i32, Option<f64>) =
-                        (r.get(5), r.get(6), r.get(7), r.get(8));
-                    ids.push(id);
-                    offs.push(seq);
-                    if seen.insert(agg.clone()) {
-                        aggregates.push(agg);
-                    }
-                }
-                // The fence, committed on its own connection before publishing (the relay
-                // passes the SQL text, so tokio-postgres prepares it each time, as here).
-                let batch_id = Uuid::new_v4();
-                let fence_ms = 37_000i64; // batch_timeout + publish_timeout + 5 s
-                let aggs: Vec<&str> = aggregates.iter().map(String::as_str).collect();
-                fence_client
-                    .execute(fence.as_str(), &[&batch_id, &fence_ms, &aggs])
-                    .await?;
-                let b2 = Instant::now();
-                let len = ids.len();
-                let codes = vec![0i16; len];
-                let parts = vec![0i32; len];
-                let errs: Vec<Option<&str>> = vec![None; len];
-                let delays = vec![0i64; len];
-                let params: [&(dyn postgres_types::ToSql + Sync); 7] =
-                    [&ids, &codes, &parts, &offs, &errs, &delays, &batch_id];
-                futures::try_join!(
-                    client.batch_execute(&confirm_setup),
-                    client.execute(&confirm, &params),
-                    client.batch_execute("commit")
-                )?;
-                let c = Instant::now();
-                confirmed.fetch_add(len as u64, Ordering::Relaxed);
-                batches.push((
-                    b.duration_since(a).as_secs_f64() * 1e3,
-                    b2.duration_since(b).as_secs_f64() * 1e3,
-                    c.duration_since(b2).as_secs_f64() * 1e3,
-                    len,
-                ));
-            }
-            Ok::<_, anyhow::Error>((batches, empty))
-        }));
+        let session = CeilingSession::connect(env, &table, delete, shared.clone()).await?;
+        tasks.push(tokio::spawn(session.run()));
     }
     let mut all = Vec::new();
     let mut empty_polls = 0;
@@ -297,8 +181,9 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
     load_backlog(env, &table, &env.topic(phase), 1_000).await?;
     explain.push(explain_reserve(env, &table, "1,000 new rows after the drain").await?);
     env.drop_table(&table).await;
-    type B = (f64, f64, f64, usize);
-    let avg = |v: &[B], f: fn(&B) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
+    let avg = |v: &[BatchTimes], f: fn(&BatchTimes) -> f64| {
+        v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+    };
     let k = 10.min(all.len());
     let p = PgCeiling {
         n,
@@ -328,6 +213,189 @@ pub(crate) async fn pg_ceiling(env: &Env, n: usize, delete: bool) -> Result<PgCe
         p.empty_polls
     );
     Ok(p)
+}
+
+/// One batch of the Postgres ceiling: reserve, fence and confirm + commit (ms), and its rows.
+type BatchTimes = (f64, f64, f64, usize);
+
+/// What the Postgres ceiling's two batch sessions share, as the relay's batches do.
+struct CeilingShared {
+    confirm_setup: String,
+    fence_client: tokio_postgres::Client,
+    fence: String,
+    /// Where the next reservation's scan starts, as the relay keeps it: where the last one left
+    /// off, and a full scan at least every `FULL_SCAN_EVERY` (see `ScanStart::next`).
+    scan: std::sync::Mutex<(Option<i64>, Instant)>,
+    /// Rows confirmed by both sessions.
+    confirmed: AtomicU64,
+    batch_size: usize,
+    /// The backlog's rows: the sessions stop once they are all confirmed.
+    n: usize,
+}
+
+/// One batch session of the Postgres ceiling (the relay's `max_batches_in_flight` is 2).
+struct CeilingSession {
+    client: tokio_postgres::Client,
+    reserve: tokio_postgres::Statement,
+    /// A scan from the first pending row runs the relay's other reservation.
+    reserve_full: tokio_postgres::Statement,
+    confirm: tokio_postgres::Statement,
+    shared: Arc<CeilingShared>,
+}
+
+impl CeilingSession {
+    /// A session with the relay's batch session settings and its statements prepared.
+    async fn connect(
+        env: &Env,
+        table: &str,
+        delete: bool,
+        shared: Arc<CeilingShared>,
+    ) -> Result<CeilingSession> {
+        let client = env.connect("bench-pg-ceiling").await?;
+        let sql = relay_sql(table, delete);
+        client
+            .batch_execute(&format!(
+                "set idle_in_transaction_session_timeout = 60000; {}",
+                sql.session_setup
+            ))
+            .await?;
+        // The reservations are the same for both confirm modes (`relay_sql(table, false)`).
+        let types = outbox::testing::RESERVE_PARAM_TYPES;
+        let reserve = client.prepare_typed(&sql.reserve, &types).await?;
+        let reserve_full = client.prepare_typed(&sql.reserve_full, &types).await?;
+        let confirm = client.prepare(&sql.confirm).await?;
+        Ok(CeilingSession {
+            client,
+            reserve,
+            reserve_full,
+            confirm,
+            shared,
+        })
+    }
+
+    /// Reserves, fences and confirms batches until every row is confirmed: the times of each
+    /// batch, and how many reservations found nothing.
+    async fn run(self) -> Result<(Vec<BatchTimes>, usize)> {
+        let mut batches = Vec::new();
+        let mut empty = 0usize;
+        let limit = self.shared.batch_size as i64;
+        // The relay's default byte budget (max_batch_bytes).
+        let budget = 16i64 << 20;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let from = self.scan_from();
+            // Every row: no group of a split backlog (see `RelaySql::reserve`).
+            let (buckets, group): (&[i16], i16) = (&[], -1);
+            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 5] =
+                [&limit, &budget, &from, &buckets, &group];
+            let a = Instant::now();
+            let statement = if from == i64::MIN {
+                &self.reserve_full
+            } else {
+                &self.reserve
+            };
+            let (_, all) = futures::try_join!(
+                self.client.batch_execute("begin"),
+                self.client.query(statement, &reserve_params)
+            )?;
+            let b = Instant::now();
+            self.shared.scan.lock().expect("scan state").0 = next_scan_start(&all);
+            let rows = reserved_rows(&all);
+            if rows.is_empty() {
+                self.client.batch_execute("rollback").await?;
+                if self.shared.confirmed.load(Ordering::Relaxed) as usize >= self.shared.n {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("pg ceiling: stuck");
+                }
+                empty += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            let (ids, seqs, aggregates) = decode(rows);
+            let batch_id = self.fence(&aggregates).await?;
+            let b2 = Instant::now();
+            self.confirm(&ids, &seqs, batch_id).await?;
+            let c = Instant::now();
+            self.shared
+                .confirmed
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            batches.push((
+                b.duration_since(a).as_secs_f64() * 1e3,
+                b2.duration_since(b).as_secs_f64() * 1e3,
+                c.duration_since(b2).as_secs_f64() * 1e3,
+                ids.len(),
+            ));
+        }
+        Ok((batches, empty))
+    }
+
+    /// The next reservation's scan start: where the last one left off, or the first pending
+    /// row (the lowest `int8`) at least every `FULL_SCAN_EVERY`.
+    fn scan_from(&self) -> i64 {
+        let mut s = self.shared.scan.lock().expect("scan state");
+        match s.0.take() {
+            Some(from) if s.1.elapsed() < FULL_SCAN_EVERY => from,
+            _ => {
+                s.1 = Instant::now();
+                i64::MIN
+            }
+        }
+    }
+
+    /// The batch's fence, committed on its own connection before publishing (the relay passes
+    /// the SQL text, so tokio-postgres prepares it each time, as here); its batch id.
+    async fn fence(&self, aggregates: &[String]) -> Result<Uuid> {
+        let batch_id = Uuid::new_v4();
+        let fence_ms = 37_000i64; // batch_timeout + publish_timeout + 5 s
+        let aggs: Vec<&str> = aggregates.iter().map(String::as_str).collect();
+        self.shared
+            .fence_client
+            .execute(self.shared.fence.as_str(), &[&batch_id, &fence_ms, &aggs])
+            .await?;
+        Ok(batch_id)
+    }
+
+    /// Confirms every row delivered (partition 0, offset = its `seq`) and commits, in one round
+    /// trip with the confirm's plan settings, as the relay does.
+    async fn confirm(&self, ids: &[Uuid], seqs: &[i64], batch_id: Uuid) -> Result<()> {
+        let len = ids.len();
+        let codes = vec![0i16; len];
+        let parts = vec![0i32; len];
+        let errs: Vec<Option<&str>> = vec![None; len];
+        let delays = vec![0i64; len];
+        let params: [&(dyn postgres_types::ToSql + Sync); 7] =
+            [&ids, &codes, &parts, &seqs, &errs, &delays, &batch_id];
+        futures::try_join!(
+            self.client.batch_execute(&self.shared.confirm_setup),
+            self.client.execute(&self.confirm, &params),
+            self.client.batch_execute("commit")
+        )?;
+        Ok(())
+    }
+}
+
+/// Every column of the reserved rows decoded, as the relay does: their ids, `seq`s and
+/// aggregates (each once, in first-seen order).
+fn decode(rows: &[tokio_postgres::Row]) -> (Vec<Uuid>, Vec<i64>, Vec<String>) {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut aggregates: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in rows {
+        let id: Uuid = r.get(0);
+        let seq: i64 = r.get(1);
+        let agg: String = r.get(2);
+        let _: (String, String) = (r.get(3), r.get(4));
+        let _: (Raw, Option<Raw>, i32, Option<f64>) = (r.get(5), r.get(6), r.get(7), r.get(8));
+        ids.push(id);
+        seqs.push(seq);
+        if seen.insert(agg.clone()) {
+            aggregates.push(agg);
+        }
+    }
+    (ids, seqs, aggregates)
 }
 
 /// EXPLAIN ANALYZE of the reservation of a scan from the first pending row (in a transaction
