@@ -340,6 +340,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// What a database URL that tokio-postgres could not parse most likely got wrong in its form:
+/// a scheme other than `postgres://` or `postgresql://` (the two tokio-postgres reads), or
+/// neither a URL nor `key=value` pairs (its parser then only says "unexpected EOF"). Shows
+/// nothing of the URL but a scheme of at most 20 letters, digits, `+`, `-` or `.`.
+fn url_form_hint(url: &str) -> Option<String> {
+    match url.split_once("://") {
+        Some(("postgres" | "postgresql", _)) => None,
+        Some((scheme, _)) => {
+            let plain = !scheme.is_empty()
+                && scheme.len() <= 20
+                && (scheme.chars()).all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            let shown = if plain {
+                format!(", not {scheme}://")
+            } else {
+                String::new()
+            };
+            Some(format!(
+                "a URL starts with postgres:// or postgresql://{shown}"
+            ))
+        }
+        None if !url.contains('=') => Some(
+            "expected postgres://USER:PASSWORD@HOST:PORT/DATABASE or key=value pairs".to_string(),
+        ),
+        None => None,
+    }
+}
+
 fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
     let url = cli
         .database_url
@@ -348,9 +375,13 @@ fn pg_config(cli: &Cli) -> Result<tokio_postgres::Config, Failure> {
     // Through `outbox::Error` for the cause (which option is wrong), which tokio-postgres'
     // `Display` leaves out; it names options, never their values.
     let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        let hint = url_form_hint(url).map_or(String::new(), |h| format!(" ({h})"));
         fail(
             3,
-            format!("invalid --database-url: {}", outbox::Error::Postgres(e)),
+            format!(
+                "invalid --database-url: {}{hint}",
+                outbox::Error::Postgres(e)
+            ),
         )
     })?;
     // A second `@` is most likely an unescaped one in the password, whose rest the URL parser
@@ -373,7 +404,7 @@ static PG_TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// only "Connection refused"). A host or database name that cannot be one (an `@`, `/`, …) is
 /// not shown: an unescaped `@` in the password makes the URL parser take the password's rest
 /// for the host (found by a breaker helper: `postgres://app:p@ss@db/app` printed `ss@db`).
-fn pg_target(config: &tokio_postgres::Config) -> String {
+fn pg_target<'a>(config: &'a tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
     let ports = config.get_ports();
     let port_of = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
@@ -392,15 +423,19 @@ fn pg_target(config: &tokio_postgres::Config) -> String {
     if hosts.is_empty() {
         hosts.push(format!("localhost:{}", port_of(0)));
     }
-    let user = config.get_user().unwrap_or("(the OS user)");
-    let database = match config.get_dbname().unwrap_or(user) {
-        d if plain_name(d) => d,
-        _ => "(not shown: not a plain name)",
+    let shown = |name: &'a str| {
+        if plain_name(name) {
+            name
+        } else {
+            "(not shown: not a plain name)"
+        }
     };
-    let user = if plain_name(user) {
-        user
-    } else {
-        "(not shown: not a plain name)"
+    // Without a user tokio-postgres logs in as the OS user; the server's database defaults to
+    // the user's name.
+    let (user, database) = match (config.get_user(), config.get_dbname()) {
+        (None, None) => ("(the OS user)", "(the OS user's name)"),
+        (None, Some(d)) => ("(the OS user)", shown(d)),
+        (Some(u), d) => (shown(u), shown(d.unwrap_or(u))),
     };
     format!("{}, database {database}, user {user}", hosts.join(", "))
 }

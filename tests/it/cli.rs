@@ -1647,6 +1647,28 @@ async fn invalid_configuration_exits_3() {
         out.all()
     );
 
+    // A mistyped scheme, or no scheme: the error says what form is expected, and nothing of
+    // the URL but the scheme.
+    for (bad, says) in [
+        (
+            "postgress://u:s3cret@127.0.0.1/x",
+            "postgresql://, not postgress://",
+        ),
+        (
+            "u:s3cret@127.0.0.1/x",
+            "postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+        ),
+    ] {
+        let out = cli(&["--database-url", bad, "status"], &[]).await;
+        assert_code(&out, 3, bad);
+        assert!(out.stderr.contains(says), "{bad}: {}", out.stderr);
+        assert!(
+            !out.all().contains("s3cret"),
+            "password leaked:\n{}",
+            out.all()
+        );
+    }
+
     let url = support::postgres_url().await;
     let out = cli(
         &[
@@ -1698,6 +1720,16 @@ async fn unreachable_postgres_exits_4_without_the_password() {
             out.all()
         );
     }
+    // Key=value form without a user: the error names the target as the connect uses it (the OS
+    // user, and a database of its name), not a placeholder for a hidden value.
+    let out = cli(&["--database-url", "host=127.0.0.1 port=1", "status"], &[]).await;
+    assert_code(&out, 4, "key=value URL without a user");
+    assert!(
+        out.stderr
+            .contains("127.0.0.1:1, database (the OS user's name), user (the OS user)"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// A table that does not exist: exit 5, naming the table and `migrate`.
