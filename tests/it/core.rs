@@ -411,7 +411,7 @@ async fn notify_wakes_idle_relay_within_seconds() {
 /// A batch that caught up does not wait out `linger.ms` once it has handed over what it can:
 /// the relay kicks the producers then (`Producers::kick`). With `linger.ms` 8 s and the default
 /// settings (no prompt producer): an event committed to an idle relay is consumed within 4 s,
-/// and so is an aggregate's run of six events sent back to back by the pipelining producer (a
+/// and so is an aggregate's run of four events sent back to back by the pipelining producer (a
 /// fresh one, still without a producer id when kicked). Before the kick a caught-up batch
 /// waited out the linger unless `prompt_producer` was on. A backlog's batches keep the linger,
 /// which fills produce requests — also one whose rows the order gate thinned (its scan found
@@ -497,10 +497,14 @@ async fn a_caught_up_batch_does_not_wait_out_the_linger() {
     assert_eq!(got, free, "the events not held back, and only they");
     reader.assert_idle(Duration::from_millis(500)).await;
 
-    // One aggregate's six events: one batch, one run back to back on the pipelining producer.
+    // One aggregate's four events: one batch, one run back to back on the pipelining producer.
+    // Four, not more: the five "Behind" events above are still pending, and a scan from where
+    // the last one left off (not a full scan, which skips aggregates whose first open event is
+    // not due) counts them among its candidates; 5 + 6 reached the limit of 10, so such a scan
+    // was not caught up and its batch kept the linger (CI saw it once: 0 of 6 within 4 s).
     let tx = client.transaction().await.unwrap();
     let mut run = Vec::new();
-    for n in 0..6 {
+    for n in 0..4 {
         let e = ev(&env.topic, "run", "Piped", json!({ "n": n }));
         run.push(outbox.add_new_event(&tx, e).await.unwrap());
     }
