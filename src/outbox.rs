@@ -87,6 +87,10 @@ pub struct RelayStats {
     /// Kafka producers that became fatal and were replaced (main, prompt or pipelining; two
     /// replaced at once count two): `outbox_producer_rebuilds_total` summed over its labels.
     pub producer_rebuilds: u64,
+    /// Times the pipelining producer was purged because a held message's delivery report was
+    /// overdue (`outbox_pipelining_purges_total`); after each, every aggregate's events go one
+    /// at a time for 5–60 s (see the README's failure policy).
+    pub pipelining_purges: u64,
 }
 
 /// The relay's health, from [`Outbox::health`].
@@ -473,6 +477,7 @@ impl Outbox {
             running: c.running.load(Ordering::Relaxed),
             kafka_unavailable: kafka.unavailable.load(Ordering::Relaxed),
             producer_rebuilds: kafka.rebuilds.load(Ordering::Relaxed),
+            pipelining_purges: kafka.pipe_purges.load(Ordering::Relaxed),
         }
     }
 }

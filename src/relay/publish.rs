@@ -354,7 +354,7 @@ async fn publish_chain(
 
 /// The pipelining producer's generation (replaced first when librdkafka made it fatal), or
 /// `None` — the run then goes one event at a time — while pipelining is paused after a purge
-/// (`producer::PIPE_PAUSE`) or when that producer cannot be created (the failure is not the
+/// (`producer::PIPE_PAUSE`, `producer::pipe_pause`) or when that producer cannot be created (the failure is not the
 /// event's).
 fn pipe_generation(ctx: &Ctx) -> Option<u64> {
     if ctx.producers.pipe_paused() {
@@ -529,7 +529,10 @@ async fn pipeline(
         ctx.report.in_flight(-1);
         let InFlight { pos, idx, span, .. } = front;
         match &report {
-            Ok(r) => span.end(Ok(*r)),
+            Ok(r) => {
+                ctx.producers.pipe_delivered(generation);
+                span.end(Ok(*r));
+            }
             Err(e) => {
                 span.end(Err(&e.to_string()));
                 ctx.check_pipe_fatal(generation);

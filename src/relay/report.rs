@@ -375,6 +375,10 @@ fn register_counters() {
             "outbox_order_anomalies_total",
             "Events acknowledged although an earlier event of their pipelined run failed (ruled out by the pipelining producer's settings; any is a bug to report).",
         ),
+        (
+            "outbox_pipelining_purges_total",
+            "Times the pipelining producer was purged because a held message's delivery report was overdue; each is followed by a pause of pipelining (5 s, doubling while purges follow each other with no pipelined delivery between them, at most 60 s) during which every aggregate's events go one at a time.",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);

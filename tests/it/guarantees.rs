@@ -2255,6 +2255,60 @@ async fn a_slow_broker_does_not_starve_a_pipelined_aggregate() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// After a purge of the pipelining producer (a broker 1.5 s away: its first message's report is
+/// overdue), once the broker answers again, pipelining resumes after the first pause (5 s), not
+/// after a fixed minute: a hundred events of one aggregate on a broker 100 ms away are delivered
+/// back to back (well under a second) rather than one per round trip (10 s or more). Found by a
+/// breaker helper: 42–48 s to drain 5,000 events after 7.5 s of broker errors, most of it the
+/// fixed 60 s pause (fails with it: the hundred take over 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_resumes_seconds_after_a_purge_once_the_broker_answers() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("pipeback", |b| {
+        b.publish_timeout(Duration::from_secs(2))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .expect("delay the broker");
+    let slow = insert(&outbox, &mut client, &counters(&env.topic, "S", 1..=5)).await;
+    support::eventually(Duration::from_secs(30), "a purge", || async {
+        match outbox.stats().pipelining_purges {
+            0 => Err("no purge".to_owned()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let purged_at = tokio::time::Instant::now();
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    wait_done_uncharged(&outbox, &slow, "the five delivered after the purge").await;
+    // Past the first pause, on a broker 100 ms away.
+    tokio::time::sleep_until(purged_at + Duration::from_secs(6)).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(100))
+        .expect("delay the broker");
+    let hot = insert(&outbox, &mut client, &counters(&env.topic, "H", 1..=100)).await;
+    let sent = tokio::time::Instant::now();
+    support::wait_status(&outbox, &hot, EventStatus::Done, Duration::from_secs(30)).await;
+    let took = sent.elapsed();
+    assert_eq!(
+        outbox.stats().pipelining_purges,
+        1,
+        "one purge, none after it"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "100 events of one aggregate took {took:?} on a broker 100 ms away, 6 s after a purge: still one at a time (pipelining paused)"
+    );
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
+
 /// A batch writes the rows Kafka acknowledged while it still publishes (in its transaction,
 /// `EARLY_CONFIRM_ROWS` at a time), and commits them with its confirm: when that confirm fails,
 /// the rows written early are rolled back with it — none is `done` — and the batch is published
