@@ -164,6 +164,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    // What the relay knows about a failure, while it still runs (e.g. no broker reachable).
+    let problem = if seen.intersection(&committed).count() < committed.len() {
+        match outbox.health().await {
+            Ok(h) => h.kafka_problem.or(h.postgres_problem),
+            Err(e) => Some(e.to_string()),
+        }
+    } else {
+        None
+    };
     outbox.stop(Duration::from_secs(10)).await?;
     relay.await??;
 
@@ -178,8 +187,16 @@ async fn main() -> anyhow::Result<()> {
         elapsed
     );
     if missing > 0 || leaked {
+        let why = match (&problem, std::env::var("KAFKA_BROKERS")) {
+            (Some(p), Ok(b)) => format!(
+                "; the relay reports: {p} (KAFKA_BROKERS={b}: is a broker reachable there?)"
+            ),
+            (Some(p), Err(_)) => format!("; the relay reports: {p}"),
+            (None, Ok(b)) => format!(" (KAFKA_BROKERS={b}: is a broker reachable there?)"),
+            (None, Err(_)) => String::new(),
+        };
         anyhow::bail!(
-            "quickstart failed: {missing} events missing, rolled-back published: {leaked}"
+            "quickstart failed: {missing} events missing within 30 s, rolled-back published: {leaked}{why}"
         );
     }
     Ok(())
