@@ -8,10 +8,19 @@
 -- The test suite runs this file as it is, in the same two parts.
 
 -- 1. Roles. The migrator runs `outbox-relay migrate` (DDL: it owns the table, its fence table,
---    trigger and function, outbox_migrations and outbox_tables).
-create role app_outbox_migrator login;
-create role app_outbox_relay login;
-create role app_outbox_writer login;
+--    trigger and function, outbox_migrations and outbox_tables). Roles belong to the whole
+--    server: a role that exists already (this file run for a second database) is kept as it is.
+do $roles$
+declare
+  r text;
+begin
+  foreach r in array array['app_outbox_migrator', 'app_outbox_relay', 'app_outbox_writer'] loop
+    if not exists (select from pg_roles where rolname = r) then
+      execute format('create role %I login', r);
+    end if;
+  end loop;
+end
+$roles$;
 grant usage, create on schema public to app_outbox_migrator;
 grant usage on schema public to app_outbox_relay, app_outbox_writer;
 

@@ -843,6 +843,11 @@ impl Roles {
         let admin_cfg = support::fresh_database().await;
         let admin = outbox::testing::connect(&admin_cfg).await.unwrap();
         admin.batch_execute(roles).await.unwrap();
+        // Re-runnable: roles are the server's, and a second database needs the script again.
+        admin
+            .batch_execute(roles)
+            .await
+            .expect("scripts/roles.sql's roles run a second time");
         let mut migrator = admin_cfg.clone();
         migrator.user(format!("{prefix}_migrator"));
         let migrator = outbox::testing::connect(&migrator).await.unwrap();
