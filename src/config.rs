@@ -843,11 +843,14 @@ impl OutboxBuilder {
         kafka: &ClientConfig,
         problems: &mut Vec<String>,
     ) -> Option<crate::relay::Producers> {
-        // Without brokers the configuration is refused anyway (listed by `check_endpoints`): the
-        // properties are then only set on a native configuration, which validates them too,
-        // without creating a client, whose "No `bootstrap.servers` configured" warning would
-        // precede the clear error.
-        let created = if self.kafka_brokers.is_none() {
+        // Without brokers, or with another problem already found, the configuration is refused
+        // anyway: the properties are then only set on a native configuration, which validates
+        // each of them too, without creating a client — whose "No `bootstrap.servers`
+        // configured" warning, or its first errors resolving or reaching the brokers (logged at
+        // once, found by the new-user helper with a mistyped broker host), would precede the
+        // clear error. (librdkafka checks properties against each other only when it creates
+        // the client: such a problem is listed once the others are fixed.)
+        let created = if self.kafka_brokers.is_none() || !problems.is_empty() {
             kafka.create_native_config().map(|_| None)
         } else {
             let prompt = (self.settings.prompt_producer)

@@ -1623,6 +1623,27 @@ async fn invalid_configuration_exits_3() {
     )
     .await;
 
+    // A broker host that does not resolve beside a setting out of range: only the clear error,
+    // not the Kafka client's resolve errors before it (no client is created).
+    let out = refused_naming(
+        &table,
+        &[
+            "run",
+            "--kafka-brokers",
+            "no-such-broker.invalid:9092",
+            "--batch-size",
+            "0",
+        ],
+        "--batch-size 0 with an unresolvable broker",
+        "batch_size",
+    )
+    .await;
+    assert!(
+        !out.stderr.contains("Kafka client error") && !out.stderr.contains("resolve"),
+        "{}",
+        out.stderr
+    );
+
     let out = cli(&["status"], &[]).await;
     assert_code(&out, 3, "no database URL");
     assert!(
