@@ -236,12 +236,23 @@ fn redacted_usage_error(e: &clap::Error, args: &[String]) -> String {
     // `-`, as the first bare word below.
     let looks_like_a_name =
         |v: &str| v.len() <= 20 && v.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+    // A refused number or duration (`--lease 5x`, `--batch-size 99999999999999999999`) is shown
+    // when it starts with a digit and holds only digits, letters and dots: a mistyped unit or
+    // an overflow, not a secret (the new-user helper saw `invalid value '<redacted>'` for them).
+    let looks_like_a_number = |v: &str| {
+        v.len() <= 24
+            && v.starts_with(|c: char| c.is_ascii_digit())
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+    };
     let misspelt_choice = match (
         e.get(clap::error::ContextKind::ValidValue),
         e.get(clap::error::ContextKind::InvalidValue),
     ) {
         (Some(_), Some(clap::error::ContextValue::String(v))) => {
             looks_like_a_name(v).then(|| v.clone())
+        }
+        (None, Some(clap::error::ContextValue::String(v))) => {
+            looks_like_a_number(v).then(|| v.clone())
         }
         _ => None,
     };

@@ -435,8 +435,9 @@ async fn malformed_kafka_properties_never_print_the_secret() {
 
 /// A misspelt choice of a flag with fixed values is named in the error (`--wake-mode pollonly`:
 /// the new-user helper saw `invalid value '<redacted>'`), and so is a boolean word standing
-/// alone (`--prompt-producer yes`, which wants `=yes`); a value that does not look like a name
-/// stays hidden (it could be a secret given to the wrong flag).
+/// alone (`--prompt-producer yes`, which wants `=yes`), and a refused number or duration that
+/// starts with a digit (`--lease 5x`); a value that looks like neither stays hidden (it could be
+/// a secret given to the wrong flag).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_name_harmless_values_and_hide_the_rest() {
     let url = "postgres://relay@127.0.0.1:1/db";
@@ -462,6 +463,16 @@ async fn usage_errors_name_harmless_values_and_hide_the_rest() {
     assert_code(&out, 2, "a secret given to the wrong flag");
     assert!(!out.all().contains(SECRET), "{}", out.all());
     assert!(out.stderr.contains("--wake-mode"), "{}", out.stderr);
+    // A mistyped unit or an overflowing number is shown (it starts with a digit); a word given
+    // to a number's flag is not.
+    for (flag, value) in [("--lease", "5x"), ("--batch-size", "99999999999999999999")] {
+        let out = cli(&["--database-url", url, "run", flag, value], &[]).await;
+        assert_code(&out, 2, value);
+        assert!(out.stderr.contains(&format!("'{value}'")), "{}", out.stderr);
+    }
+    let out = cli(&["--database-url", url, "run", "--batch-size", SECRET], &[]).await;
+    assert_code(&out, 2, "a secret given to a number's flag");
+    assert!(!out.all().contains(SECRET), "{}", out.all());
 }
 
 /// A server that asks for a password the connection string does not have: the binary says
