@@ -237,12 +237,15 @@ fn redacted_usage_error(e: &clap::Error, args: &[String]) -> String {
     let looks_like_a_name =
         |v: &str| v.len() <= 20 && v.chars().all(|c| c.is_ascii_lowercase() || c == '-');
     // A refused number or duration (`--lease 5x`, `--batch-size 99999999999999999999`) is shown
-    // when it starts with a digit and holds only digits, letters and dots: a mistyped unit or
-    // an overflow, not a secret (the new-user helper saw `invalid value '<redacted>'` for them).
+    // when it is digits and dots followed by at most a short unit of letters: a mistyped unit
+    // or an overflow, not a secret (the new-user helper saw `invalid value '<redacted>'` for
+    // them); a value mixing letters and digits otherwise stays hidden.
     let looks_like_a_number = |v: &str| {
+        let unit = v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
         v.len() <= 24
             && v.starts_with(|c: char| c.is_ascii_digit())
-            && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+            && unit.len() <= 6
+            && unit.chars().all(|c| c.is_ascii_alphabetic())
     };
     let misspelt_choice = match (
         e.get(clap::error::ContextKind::ValidValue),

@@ -435,8 +435,8 @@ async fn malformed_kafka_properties_never_print_the_secret() {
 
 /// A misspelt choice of a flag with fixed values is named in the error (`--wake-mode pollonly`:
 /// the new-user helper saw `invalid value '<redacted>'`), and so is a boolean word standing
-/// alone (`--prompt-producer yes`, which wants `=yes`), and a refused number or duration that
-/// starts with a digit (`--lease 5x`); a value that looks like neither stays hidden (it could be
+/// alone (`--prompt-producer yes`, which wants `=yes`), and a refused number or duration (digits,
+/// then at most a short unit: `--lease 5x`); a value that looks like neither stays hidden (it could be
 /// a secret given to the wrong flag).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_name_harmless_values_and_hide_the_rest() {
@@ -470,9 +470,11 @@ async fn usage_errors_name_harmless_values_and_hide_the_rest() {
         assert_code(&out, 2, value);
         assert!(out.stderr.contains(&format!("'{value}'")), "{}", out.stderr);
     }
-    let out = cli(&["--database-url", url, "run", "--batch-size", SECRET], &[]).await;
-    assert_code(&out, 2, "a secret given to a number's flag");
-    assert!(!out.all().contains(SECRET), "{}", out.all());
+    for secret in [SECRET, "8f3a9c2e7b", "1234abcdefgh"] {
+        let out = cli(&["--database-url", url, "run", "--batch-size", secret], &[]).await;
+        assert_code(&out, 2, "a secret given to a number's flag");
+        assert!(!out.all().contains(secret), "{}", out.all());
+    }
 }
 
 /// A server that asks for a password the connection string does not have: the binary says
