@@ -264,8 +264,13 @@ pub(crate) async fn confirm_late(
         let Some(late) = next else {
             break;
         };
-        if let (Some(g), Err(_)) = (late.pipe, &late.report) {
-            ctx.check_pipe_fatal(g);
+        match (late.pipe, &late.report) {
+            (Some(g), Err(_)) => ctx.check_pipe_fatal(g),
+            // Late, but acknowledged: that pipelining producer works (a broker whose round trip
+            // outlasts `batch_timeout` acknowledges every pipelined message late; found by a
+            // breaker helper: the pauses kept doubling there).
+            (Some(g), Ok(_)) => ctx.producers.pipe_delivered(g),
+            (None, _) => {}
         }
         if late.after_failure {
             failed_runs.insert(late.run);
