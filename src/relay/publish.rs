@@ -354,8 +354,8 @@ async fn publish_chain(
 
 /// The pipelining producer's generation (replaced first when librdkafka made it fatal), or
 /// `None` — the run then goes one event at a time — while pipelining is paused after a purge
-/// (`producer::PIPE_PAUSE`, `producer::pipe_pause`) or when that producer cannot be created (the failure is not the
-/// event's).
+/// (`producer::PIPE_PAUSE`, `producer::pipe_pause`) or when that producer cannot be created
+/// (the failure is not the event's).
 fn pipe_generation(ctx: &Ctx) -> Option<u64> {
     if ctx.producers.pipe_paused() {
         return None;
