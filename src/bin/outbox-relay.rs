@@ -94,8 +94,8 @@ struct RunArgs {
     #[arg(long)]
     migrate: bool,
     /// Serve Prometheus metrics at `/metrics` and health at `/health` on this address
-    /// (e.g. `127.0.0.1:9464`).
-    #[arg(long, hide_env_values = true, env = "OUTBOX_METRICS_ADDR")]
+    /// (`IP:port` or `host:port`, e.g. `127.0.0.1:9464` or `localhost:9464`).
+    #[arg(long, hide_env_values = true, env = "OUTBOX_METRICS_ADDR", value_parser = listen_addr)]
     metrics_addr: Option<std::net::SocketAddr>,
     /// `/health` answers 503 when the oldest pending event is older than this.
     #[arg(long, hide_env_values = true, env = "OUTBOX_HEALTH_MAX_PENDING_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
@@ -198,6 +198,22 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
+    }
+}
+
+/// An address to listen on: `IP:port`, or `host:port` resolved once (its first address; the
+/// new-user helper tried `localhost:9464` and got only "invalid socket address syntax").
+fn listen_addr(value: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected IP:port or host:port, e.g. 127.0.0.1:9464 or localhost:9464";
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("the host resolves to no address; {expected}")),
+        Err(e) => Err(format!("{e}; {expected}")),
     }
 }
 

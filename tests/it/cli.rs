@@ -1110,12 +1110,19 @@ async fn a_go_relay_still_running_is_reported() {
     let s: Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(s["legacy_reservations"], 3, "{s}");
 
-    let (addr, addr_s) = local_addr();
+    // A host name is accepted (found by the new-user helper: `localhost:9464` was refused);
+    // `localhost` may resolve to ::1 first, so the test reads it back the same way.
+    let (addr, _) = local_addr();
+    let host_port = format!("localhost:{}", addr.port());
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+        .unwrap()
+        .next()
+        .unwrap();
     let mut relay = RelayProcess::run_on(
         &url,
         &table,
         &brokers,
-        &["--metrics-addr", &addr_s, "--poll-interval", "200ms"],
+        &["--metrics-addr", &host_port, "--poll-interval", "200ms"],
     );
     let line = relay
         .wait_for_line("the Go relay error", Duration::from_secs(60), |l| {

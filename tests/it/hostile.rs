@@ -470,6 +470,20 @@ async fn usage_errors_name_harmless_values_and_hide_the_rest() {
         assert_code(&out, 2, value);
         assert!(out.stderr.contains(&format!("'{value}'")), "{}", out.stderr);
     }
+    // An address without a port, or a host that does not resolve: the form expected.
+    for value in ["localhost9464", "no-such-host.invalid:9464"] {
+        let out = cli(
+            &["--database-url", url, "run", "--metrics-addr", value],
+            &[],
+        )
+        .await;
+        assert_code(&out, 2, value);
+        assert!(
+            out.stderr.contains("expected IP:port or host:port"),
+            "{}",
+            out.stderr
+        );
+    }
     for secret in [SECRET, "8f3a9c2e7b", "1234abcdefgh"] {
         let out = cli(&["--database-url", url, "run", "--batch-size", secret], &[]).await;
         assert_code(&out, 2, "a secret given to a number's flag");
