@@ -859,27 +859,48 @@ impl OutboxBuilder {
             crate::relay::Producers::new(kafka.clone(), prompt).map(Some)
         };
         created.unwrap_or_else(|e| {
-            // librdkafka's description names the property and the value already; rdkafka's
-            // `Display` appends both again ("… at build time security.protocol SASL_SSL").
-            let text = match &e {
-                rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) if !desc.is_empty() => {
-                    format!("Client config error: {desc}")
-                }
-                e => e.to_string(),
-            };
-            let text = redact_config_error(
-                &text,
-                self.kafka_properties.iter().map(|(k, v)| (k, v)),
-            );
-            // librdkafka built without OpenSSL names it, not what to do about it.
-            let hint = if cfg!(feature = "kafka-ssl") || !text.to_ascii_lowercase().contains("openssl") {
-                ""
+            // librdkafka stops at the first property it refuses: each of the user's properties
+            // is tried alone too, so that every one it refuses is listed (found by the new-user
+            // helper: of two misspelt properties only the first was named). A problem only
+            // their combination has is listed as librdkafka reports it.
+            let alone: Vec<String> = (self.kafka_properties.iter())
+                .filter_map(|(k, v)| {
+                    let (key, value) = user_property(k, v).ok()?;
+                    let mut one = ClientConfig::new();
+                    one.set(key, value);
+                    one.create_native_config().err()
+                })
+                .map(|e| self.kafka_config_problem(&e))
+                .collect();
+            if alone.is_empty() {
+                problems.push(self.kafka_config_problem(&e));
             } else {
-                " (this build has no TLS: build the crate, or outbox-relay, with the `kafka-ssl` feature — `cargo install --locked --path . --features cli,kafka-ssl` for outbox-relay — which links librdkafka with OpenSSL)"
-            };
-            problems.push(format!("kafka_property: {text}{hint}"));
+                problems.extend(alone);
+            }
             None
         })
+    }
+
+    /// A problem for librdkafka's refusal `e` of the Kafka configuration, with the user's
+    /// property values redacted (librdkafka echoes the offending value).
+    fn kafka_config_problem(&self, e: &rdkafka::error::KafkaError) -> String {
+        // librdkafka's description names the property and the value already; rdkafka's
+        // `Display` appends both again ("… at build time security.protocol SASL_SSL").
+        let text = match e {
+            rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) if !desc.is_empty() => {
+                format!("Client config error: {desc}")
+            }
+            e => e.to_string(),
+        };
+        let text = redact_config_error(&text, self.kafka_properties.iter().map(|(k, v)| (k, v)));
+        // librdkafka built without OpenSSL names it, not what to do about it.
+        let hint = if cfg!(feature = "kafka-ssl") || !text.to_ascii_lowercase().contains("openssl")
+        {
+            ""
+        } else {
+            " (this build has no TLS: build the crate, or outbox-relay, with the `kafka-ssl` feature — `cargo install --locked --path . --features cli,kafka-ssl` for outbox-relay — which links librdkafka with OpenSSL)"
+        };
+        format!("kafka_property: {text}{hint}")
     }
 }
 

@@ -1017,13 +1017,14 @@ async fn config_errors_list_every_problem() {
         .channel("")
         .kafka_property("enable.idempotence", "false")
         .kafka_property("no.such.property", "1")
+        .kafka_property("another.unknown.property", "2")
         .connect()
         .await
         .expect_err("invalid configuration");
     let text = err.to_string();
     let problems = config_problems(err);
     let has = |pred: &dyn Fn(&str) -> bool| problems.iter().any(|p| pred(p));
-    let checks: [(&str, bool); 9] = [
+    let checks: [(&str, bool); 10] = [
         ("batch_size", has(&|p| p.starts_with("batch_size"))),
         (
             "max_in_flight_per_aggregate",
@@ -1042,6 +1043,11 @@ async fn config_errors_list_every_problem() {
             has(&|p| p.contains("enable.idempotence")),
         ),
         ("no.such.property", has(&|p| p.contains("no.such.property"))),
+        // librdkafka stops at the first property it refuses: the second is named too.
+        (
+            "another.unknown.property",
+            has(&|p| p.contains("another.unknown.property")),
+        ),
         ("kafka_brokers", has(&|p| p.starts_with("kafka_brokers"))),
         (
             "database",
