@@ -264,13 +264,11 @@ pub(crate) async fn confirm_late(
         let Some(late) = next else {
             break;
         };
-        match (late.pipe, &late.report) {
-            (Some(g), Err(_)) => ctx.check_pipe_fatal(g),
-            // Late, but acknowledged: that pipelining producer works (a broker whose round trip
-            // outlasts `batch_timeout` acknowledges every pipelined message late; found by a
-            // breaker helper: the pauses kept doubling there).
-            (Some(g), Ok(_)) => ctx.producers.pipe_delivered(g),
-            (None, _) => {}
+        // Late acknowledgements count too: a broker whose round trip outlasts `batch_timeout`
+        // acknowledges every pipelined message late (found by a breaker helper: the pauses of
+        // pipelining kept doubling there).
+        if let Some(g) = late.pipe {
+            ctx.pipe_reported(g, late.report.is_ok());
         }
         if late.after_failure {
             failed_runs.insert(late.run);
@@ -283,32 +281,42 @@ pub(crate) async fn confirm_late(
             continue;
         }
         let row = &rows[late.idx];
-        let outcome = if failed_runs.contains(&late.run) {
-            // After an earlier message of its run failed: released as it was, no attempt.
-            match late.report {
-                Ok((partition, offset)) => {
-                    Some(publish::order_anomaly(&ctx, row, partition, offset))
-                }
-                Err(_) => None,
-            }
-        } else {
-            let outcome = late_outcome(&ctx, row, late.report, late.alone, late.pipe.is_some());
-            if !matches!(outcome, Some(Outcome::Delivered { .. })) {
-                failed_runs.insert(late.run);
-            }
-            outcome
-        };
+        let run = late.run;
+        let outcome = run_outcome(&ctx, row, late, &mut failed_runs);
         overdue.settled_one(unacknowledged && !matches!(outcome, Some(Outcome::Failed(_))));
         let written = write_late(&ctx, row, outcome.as_ref(), holds.get(&row.id)).await;
         match &outcome {
             Some(o) if written => ctx.report.settled_late(row, o, fetched_at.elapsed()),
             Some(Outcome::Delivered { .. }) => {
-                unrecorded_runs.insert(late.run);
+                unrecorded_runs.insert(run);
             }
             _ => {}
         }
     }
     overdue.hold_ended(ctx.stop.token().is_cancelled());
+}
+
+/// The outcome of a held message's late `report` for its `row`, within its run: after an
+/// earlier message of the run failed (in `failed_runs`) it is released as it was, no attempt
+/// (an acknowledgement then is an order anomaly); otherwise judged on its own, and a run whose
+/// message was not delivered joins `failed_runs`.
+fn run_outcome(
+    ctx: &Ctx,
+    row: &Reserved,
+    late: LateReport,
+    failed_runs: &mut HashSet<usize>,
+) -> Option<Outcome> {
+    if failed_runs.contains(&late.run) {
+        return match late.report {
+            Ok((partition, offset)) => Some(publish::order_anomaly(ctx, row, partition, offset)),
+            Err(_) => None,
+        };
+    }
+    let outcome = late_outcome(ctx, row, late.report, late.alone, late.pipe.is_some());
+    if !matches!(outcome, Some(Outcome::Delivered { .. })) {
+        failed_runs.insert(late.run);
+    }
+    outcome
 }
 
 /// Writes a held row's late outcome (see [`record_late`]) on the late reports' session;

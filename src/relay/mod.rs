@@ -709,6 +709,17 @@ impl Ctx {
         }
     }
 
+    /// A report of a message of the pipelining producer of `generation`, in its batch or late:
+    /// an acknowledgement says that producer works (see `Producers::pipe_delivered`), a failure
+    /// may have made it fatal (see [`Ctx::check_pipe_fatal`]).
+    pub(crate) fn pipe_reported(&self, generation: u64, acknowledged: bool) {
+        if acknowledged {
+            self.producers.pipe_delivered(generation);
+        } else {
+            self.check_pipe_fatal(generation);
+        }
+    }
+
     /// [`Ctx::check_fatal`] for the pipelining producer of `generation` (see
     /// [`Producers::pipe`](producer::Producers::pipe)): a fatal one is retired at once (a fresh
     /// one is created on next use), counted and limited like the main producer's rebuilds.

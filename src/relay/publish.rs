@@ -529,15 +529,10 @@ async fn pipeline(
         ctx.report.in_flight(-1);
         let InFlight { pos, idx, span, .. } = front;
         match &report {
-            Ok(r) => {
-                ctx.producers.pipe_delivered(generation);
-                span.end(Ok(*r));
-            }
-            Err(e) => {
-                span.end(Err(&e.to_string()));
-                ctx.check_pipe_fatal(generation);
-            }
+            Ok(r) => span.end(Ok(*r)),
+            Err(e) => span.end(Err(&e.to_string())),
         }
+        ctx.pipe_reported(generation, report.is_ok());
         settle(ctx, rows, idx, pos, report, false, &mut failed_at, out);
     }
     if failed_at.is_none() && next == run.len() {
