@@ -664,7 +664,7 @@ pub(crate) struct FatalProducer {
 fn rebuild_pause(streak: u32) -> Duration {
     match streak {
         0 => Duration::ZERO,
-        n => Duration::from_secs(1u64 << (n - 1).min(16)).min(MAX_REBUILD_PAUSE),
+        n => timing::doubling(Duration::from_secs(1), n, MAX_REBUILD_PAUSE),
     }
 }
 

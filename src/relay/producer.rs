@@ -418,10 +418,7 @@ pub(crate) const PIPE_PAUSE_MAX: std::time::Duration = std::time::Duration::from
 /// The pause of pipelining after the `purges`-th purge in a row without a pipelined delivery in
 /// between (1 for the first): [`PIPE_PAUSE`], doubling, at most [`PIPE_PAUSE_MAX`].
 pub(crate) fn pipe_pause(purges: u32) -> std::time::Duration {
-    let doublings = purges.saturating_sub(1).min(16);
-    PIPE_PAUSE
-        .saturating_mul(1 << doublings)
-        .min(PIPE_PAUSE_MAX)
+    super::timing::doubling(PIPE_PAUSE, purges, PIPE_PAUSE_MAX)
 }
 
 /// The pauses of pipelining after purges (see [`PIPE_PAUSE`]).

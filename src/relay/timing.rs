@@ -117,6 +117,13 @@ pub(crate) async fn round_trip_on<T, E: Into<crate::Error>>(
     r
 }
 
+/// The `n`-th pause of a streak (1 for the first): `first`, doubling, at most `max`.
+pub(crate) fn doubling(first: Duration, n: u32, max: Duration) -> Duration {
+    first
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(max)
+}
+
 /// A duration as whole milliseconds for a SQL `int8` parameter.
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
