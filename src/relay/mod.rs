@@ -118,8 +118,9 @@ struct Pipeline {
     wakeups: Wakeups,
     /// `true` while the relay is idle and wants writers to NOTIFY (see [`listen`]).
     armed: watch::Sender<bool>,
-    /// The batches in flight, each with its group when the backlog is split (see [`split`]).
-    batches: JoinSet<(Option<usize>, BatchDone)>,
+    /// The batches in flight, each with its group when the backlog is split (see [`split`]),
+    /// and that split's epoch.
+    batches: JoinSet<(Option<(usize, u64)>, BatchDone)>,
     reserver: Reserver,
     /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
     reserve_errors: Backoff,
@@ -136,6 +137,10 @@ struct Pipeline {
     /// A gated backlog split between the batch slots (see [`split`]): each slot reserves the
     /// rows of one group of aggregates.
     split: Option<Split>,
+    /// Counts the splits made and ended. A batch of an earlier split belongs to none of the
+    /// current split's groups: a split made again (the other groups' batches still in flight)
+    /// may have fewer groups, and its group of the same number is other aggregates.
+    split_epoch: u64,
     /// The rows per aggregate bucket of the last batch started (what a split balances).
     last_weights: split::Weights,
     /// Pauses after batches that could not be fenced or confirmed; a fresh backoff only after a
@@ -205,6 +210,7 @@ impl Relay {
             gated: false,
             scan: ScanStart::new(),
             split: None,
+            split_epoch: 0,
             last_weights: [0; split::BUCKETS],
             batch_errors: fresh_backoff(),
             ctx: ctx.clone(),
@@ -394,6 +400,7 @@ impl Pipeline {
     /// started (the one in flight; see [`split`]), if they are more than one.
     fn split_gated(&mut self) {
         self.split = Split::of(&self.last_weights, self.ctx.settings.max_batches_in_flight);
+        self.split_epoch += 1;
         if let Some(split) = &self.split {
             tracing::debug!(
                 groups = split.groups(),
@@ -426,6 +433,7 @@ impl Pipeline {
     /// Ends a split: the next reservation scans every row, from the first pending one.
     fn end_split(&mut self) {
         if self.split.take().is_some() {
+            self.split_epoch += 1;
             self.scan.reset();
             tracing::debug!("outbox relay: the backlog's split between the batch slots ended");
         }
@@ -479,13 +487,17 @@ impl Pipeline {
             caught_up,
             Instant::now(),
         );
+        let group = group.map(|g| (g, self.split_epoch));
         let batch = async move { (group, batch.await) };
         self.batches
             .spawn(tracing::Instrument::instrument(batch, span));
     }
 
     /// Takes a finished batch's connection back and schedules its due retries.
-    fn batch_done(&mut self, done: Result<(Option<usize>, BatchDone), tokio::task::JoinError>) {
+    fn batch_done(
+        &mut self,
+        done: Result<(Option<(usize, u64)>, BatchDone), tokio::task::JoinError>,
+    ) {
         match done {
             Ok((
                 group,
@@ -500,9 +512,15 @@ impl Pipeline {
                     self.wakeups.due_at(now + d);
                 }
                 self.scan.released(released_from);
-                if let (Some(split), Some(g)) = (self.split.as_mut(), group) {
-                    split.set_busy(g, false);
-                    split.scan(g).released(released_from);
+                // A batch of an earlier split is in none of this split's groups (it may have
+                // fewer): the rows it released may lie below any group's scan.
+                match (self.split.as_mut(), group) {
+                    (Some(split), Some((g, epoch))) if epoch == self.split_epoch => {
+                        split.set_busy(g, false);
+                        split.scan(g).released(released_from);
+                    }
+                    (Some(split), _) => split.released(released_from),
+                    (None, _) => {}
                 }
                 self.reserver.put_back(conn);
                 // Only a confirmed batch ends an error streak: a batch that publishes but

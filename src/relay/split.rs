@@ -104,6 +104,14 @@ impl Split {
         &mut self.scans[group]
     }
 
+    /// A batch of no group of this split (of an earlier one, or of every row) released the
+    /// rows from `released` pending: they may lie below any group's scan start.
+    pub(crate) fn released(&mut self, released: Option<i64>) {
+        for scan in &mut self.scans {
+            scan.released(released);
+        }
+    }
+
     /// A batch of `group` started (`true`) or is done (`false`). A group this split does not
     /// have (a batch of an earlier split) is ignored.
     pub(crate) fn set_busy(&mut self, group: usize, busy: bool) {

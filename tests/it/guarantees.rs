@@ -3627,3 +3627,59 @@ async fn lease_shorter_than_publish_timeout_plus_margin_is_rejected() {
         .await
         .expect("lease 13 s with publish_timeout 8 s is valid");
 }
+
+/// A gated backlog split three ways, whose groups drain at different times: three slots, and
+/// aggregates of very different sizes (a few events to hundreds), so that a group runs dry while
+/// the others' batches are in flight and the backlog is split again, into fewer groups, from the
+/// last batch. A batch of the earlier split that finishes then belongs to none of the new split's
+/// groups: it must neither stop the relay (its group indexed the new split's scans, out of range
+/// with fewer groups) nor mark a new group free. Every event arrives, in order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_backlog_split_again_into_fewer_groups_keeps_running() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("resplit", |b| {
+        b.batch_size(40)
+            .max_batches_in_flight(3)
+            .publish_timeout(Duration::from_secs(10))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("delay the broker");
+    let sizes: [i64; 8] = [300, 5, 200, 3, 120, 60, 8, 150];
+    let total: i64 = sizes.iter().sum();
+    let mut events = Vec::new();
+    for n in 1..=300 {
+        for (a, &size) in sizes.iter().enumerate() {
+            if n <= size {
+                events.push(ev(&env.topic, &format!("R{a}"), n));
+            }
+        }
+    }
+    let ids = insert(&outbox, &mut client, &events).await;
+    // (About 3 s on the mock broker.)
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
+    assert!(
+        !handle.is_finished(),
+        "the relay stopped while draining the backlog"
+    );
+    let got = read_n(
+        &mut reader,
+        usize::try_from(total).expect("a count") + 1,
+        Duration::from_secs(20),
+    )
+    .await;
+    let by_key = counters_by_key(&got);
+    for (a, &size) in sizes.iter().enumerate() {
+        assert_eq!(
+            by_key.get(&format!("R{a}")),
+            Some(&(1..=size).collect::<Vec<i64>>()),
+            "aggregate R{a}"
+        );
+    }
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    stop_and_join(&outbox, handle).await;
+}
