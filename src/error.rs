@@ -101,6 +101,13 @@ pub enum Error {
     /// text names the last fatal error.
     #[error("kafka producer: {0}")]
     ProducerFailed(String),
+    /// The relay stopped because its pipeline panicked (a bug in the relay: please report it
+    /// with the log's `outbox relay: the relay panicked` line). The text is the panic's
+    /// message. The relay no longer runs ([`Health::running`](crate::Health) is `false`); start
+    /// the process again: rows the relay held are released by Postgres with its sessions and
+    /// delivered by the next relay.
+    #[error("the relay panicked and stopped: {0}")]
+    Panicked(String),
 }
 
 /// A named problem of an outbox table's schema; [`Error::Schema`] carries its `Display`, which

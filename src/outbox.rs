@@ -1,5 +1,6 @@
 //! The `Outbox` handle: lifecycle, enqueue, find, subscribe.
 
+use futures::FutureExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -398,7 +399,28 @@ impl Outbox {
             stop: self.inner.stop.clone(),
             counters: self.inner.counters.clone(),
         };
-        self.inner.tracker.track_future(relay.run()).await
+        let run = std::panic::AssertUnwindSafe(relay.run()).catch_unwind();
+        match self.inner.tracker.track_future(run).await {
+            Ok(result) => result,
+            Err(panic) => {
+                // Health must not stay green over a relay that no longer runs, and its tasks
+                // beside the pipeline (the waker holding the wake lock, so that writers keep
+                // notifying; maintenance) stop with it: the token is the relay's own (a child
+                // of the caller's).
+                self.inner.counters.running.store(false, Ordering::Relaxed);
+                self.inner.stop.token().cancel();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_string());
+                tracing::error!(
+                    panic = %message,
+                    "outbox relay: the relay panicked and stopped; restart the process (a bug: please report it with this line)"
+                );
+                Err(Error::Panicked(message))
+            }
+        }
     }
 
     /// Stops the relay gracefully (see [`run`](Self::run)) within `timeout`: in-flight sends

@@ -498,6 +498,10 @@ impl Pipeline {
         &mut self,
         done: Result<(Option<(usize, u64)>, BatchDone), tokio::task::JoinError>,
     ) {
+        #[cfg(feature = "testing")]
+        if crate::testing::faults::take_relay_panic(&self.ctx.settings.table) {
+            panic!("injected by outbox::testing::faults::panic_the_relay_of");
+        }
         match done {
             Ok((
                 group,

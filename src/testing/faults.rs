@@ -379,3 +379,32 @@ pub fn fatal_producer_errors(mock: &MockKafka, count: usize) {
     let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; count.max(1)];
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
 }
+
+/// Tables whose relay panics at its next finished batch (see [`panic_the_relay_of`]).
+static PANIC_TABLES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes the relay of `table` panic in its pipeline when its next batch is done, once: what a
+/// bug in the relay does. The relay must then stop with [`Error::Panicked`](crate::Error) and
+/// report itself not running. Only relays of `table` (tests run side by side) are affected.
+///
+/// # Panics
+/// When the lock of the list of tables was poisoned by a panic while held (never by this
+/// module).
+pub fn panic_the_relay_of(table: &str) {
+    PANIC_TABLES
+        .lock()
+        .expect("the list of tables")
+        .push(table.to_string());
+}
+
+/// Whether the relay of `table` is to panic now (once per [`panic_the_relay_of`]).
+pub(crate) fn take_relay_panic(table: &str) -> bool {
+    let mut tables = PANIC_TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    match tables.iter().position(|t| t == table) {
+        Some(i) => {
+            tables.swap_remove(i);
+            true
+        }
+        None => false,
+    }
+}

@@ -2530,3 +2530,90 @@ async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
     assert_eq!((status.dead_letters, status.pending), (0, 3), "{status:?}");
     assert!(!outbox.stats().running);
 }
+
+/// A bug that panics the relay's pipeline (injected with
+/// `outbox::testing::faults::panic_the_relay_of`, once, when its first batch is done): the relay
+/// task ends with `Error::Panicked` naming the panic, and health says the relay is not running —
+/// before, the panic ended the task but `running` stayed `true`, so health stayed green over a
+/// relay that delivered nothing more, while its listener and maintenance sessions lived on. The
+/// event of that batch was delivered and confirmed; a new
+/// relay on the same table delivers the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() {
+    support::init_tracing();
+    // A database of its own: the relay's sessions in it are counted.
+    let pg = support::fresh_database().await;
+    let client = outbox::testing::connect(&pg).await.unwrap();
+    let table = support::unique_name("panicked");
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = support::fresh_topic("panicked_topic", 1).await;
+    let brokers = support::kafka_brokers();
+    let (outbox, mut reader, relay) =
+        support::start_with_reader(on_table(pg.clone(), &table), &brokers, &topic, HANG).await;
+    outbox::testing::faults::panic_the_relay_of(&table);
+    let first = outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("the relay task ends after its panic")
+        .expect("the relay task itself did not panic");
+    match ended {
+        Err(Error::Panicked(message)) => assert!(
+            message.contains("panic_the_relay_of"),
+            "the error names the panic: {message}"
+        ),
+        other => panic!("the relay ended with {other:?}, not Error::Panicked"),
+    }
+    assert!(!outbox.stats().running, "stats say the relay still runs");
+    let health = outbox.health().await.expect("health");
+    assert!(!health.running, "health says the relay still runs");
+    let reasons = health.reasons(Duration::from_secs(60)).join("; ");
+    assert!(
+        reasons.contains("not running"),
+        "health's problems name it: {reasons:?}"
+    );
+    // Its tasks beside the pipeline stopped too (the listener, the waker, maintenance): no
+    // relay session is left in the database but the handle's own (admin: health, status).
+    support::eventually(HANG, "the relay's sessions end", || async {
+        let sessions: Vec<String> = client
+            .query(
+                "select application_name from pg_stat_activity
+                  where datname = current_database() and application_name like 'outbox-relay%'
+                    and application_name <> 'outbox-relay-admin'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if sessions.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("relay sessions left: {sessions:?}"))
+        }
+    })
+    .await;
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(first.to_string().as_str())
+    );
+    // A new relay (a restarted process) delivers the next event.
+    let again = on_table(pg.clone(), &table).connect().await.unwrap();
+    let relay = again.start().unwrap();
+    let second = again
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 2})))
+        .await
+        .unwrap();
+    let got = reader.read(1, HANG).await;
+    assert_eq!(
+        got.first().and_then(|r| r.header("event_id")),
+        Some(second.to_string().as_str())
+    );
+    support::stop_and_join(&again, relay).await;
+}
