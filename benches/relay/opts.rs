@@ -32,7 +32,7 @@ pub(crate) enum Phase {
     /// The original Go algorithm.
     Baseline,
     /// Drains with keys over 1, 10, 1,000 and 10,000 aggregates and a Zipf(1.1) mix, each as a
-    /// ratio to a uniform drain made just before them.
+    /// ratio to a uniform drain made just before them, in `--key-rounds` rounds (median ratio).
     Keys,
     /// Commit → ack at the highest rate this machine's writers reach with the relay running.
     LatencyMax,
@@ -94,6 +94,11 @@ pub(crate) struct Cli {
     /// 60 s; 10 s in short mode).
     #[arg(long, value_name = "SECS")]
     snapshot_secs: Option<f64>,
+    /// Rounds of the `keys` phase (default 3; 1 in short mode): each drains the uniform
+    /// reference, then every skewed backlog, and a ratio's verdict is its median over the
+    /// rounds (one pair of drains swings ±15 % on a shared 2-core machine).
+    #[arg(long, value_name = "N")]
+    key_rounds: Option<usize>,
     /// Events of the RSS runs, `million` and `million-bin` (default 1,000,000; 0 in short mode,
     /// which skips them).
     #[arg(long, value_name = "N")]
@@ -142,6 +147,8 @@ pub(crate) struct Opts {
     pub(crate) lat_warmup: f64,
     pub(crate) wake_secs: f64,
     pub(crate) wake_rounds: usize,
+    /// Rounds of the skewed drains, each with its own uniform reference (`--key-rounds`).
+    pub(crate) key_rounds: usize,
     pub(crate) baseline_secs: f64,
     pub(crate) million: usize,
     pub(crate) snapshot_secs: f64,
@@ -183,6 +190,7 @@ impl Opts {
             lat_warmup: 1.0,
             wake_secs: 5.0,
             wake_rounds: 3,
+            key_rounds: 3,
             baseline_secs: 30.0,
             million: 1_000_000,
             snapshot_secs: 60.0,
@@ -202,6 +210,7 @@ impl Opts {
             o.lat_secs = 3.0;
             o.wake_secs = 2.0;
             o.wake_rounds = 1;
+            o.key_rounds = 1;
             o.baseline_secs = 10.0;
             o.million = 0;
             o.snapshot_secs = 10.0;
@@ -211,6 +220,9 @@ impl Opts {
         }
         if let Some(s) = cli.snapshot_secs {
             o.snapshot_secs = s;
+        }
+        if let Some(r) = cli.key_rounds {
+            o.key_rounds = r.max(1);
         }
         o
     }

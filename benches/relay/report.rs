@@ -281,18 +281,22 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
                 run.keys
             );
             let target = run.target.map_or(String::new(), |t| format!("≥ {t} ×"));
-            match &run.drain {
-                Ok(d) => {
-                    let ratio = d.rate / k.uniform.rate;
+            match (run.median(), run.last()) {
+                (Some(median), Some(d)) => {
+                    let ratios: Vec<String> =
+                        run.ratios.iter().map(|r| format!("{r:.2}")).collect();
+                    let uniform: Vec<String> = k.uniform.iter().map(|u| num(u.rate)).collect();
                     row(
                         &name,
                         format!(
-                            "**{:.2} ×** ({} events/s, {} events in {:.2} s; uniform {} events/s, drained just before the skewed drains{})",
-                            ratio,
+                            "**{:.2} ×** (median of {} rounds, each to the uniform drain at its start: {} ×; uniform {} events/s; last round {} events/s, {} events in {:.2} s{})",
+                            median,
+                            run.ratios.len(),
+                            ratios.join(", "),
+                            uniform.join(", "),
                             num(d.rate),
                             num(d.n as f64),
                             d.secs,
-                            num(k.uniform.rate),
                             k.drain_phase.map_or(String::new(), |early| format!(
                                 "; {:.2} × the drain phase's {} events/s",
                                 d.rate / early,
@@ -300,10 +304,15 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
                             ))
                         ),
                         &target,
-                        run.target.map_or(String::new(), |t| verdict(ratio >= t)),
+                        run.target.map_or(String::new(), |t| verdict(median >= t)),
                     );
                 }
-                Err(e) => row(&name, format!("ERROR: {e}"), &target, verdict(false)),
+                _ => row(
+                    &name,
+                    format!("ERROR: {}", run.error().unwrap_or("no round ran")),
+                    &target,
+                    verdict(false),
+                ),
             }
         }
     }
