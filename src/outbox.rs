@@ -409,6 +409,7 @@ impl Outbox {
                 // of the caller's).
                 self.inner.counters.running.store(false, Ordering::Relaxed);
                 self.inner.stop.token().cancel();
+                metrics::counter!("outbox_relay_panics_total").increment(1);
                 let message = panic
                     .downcast_ref::<&str>()
                     .map(|s| (*s).to_string())

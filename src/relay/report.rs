@@ -368,6 +368,10 @@ fn register_counters() {
         ),
         ("outbox_batches_total", "Batches reserved."),
         (
+            "outbox_relay_panics_total",
+            "Times the relay panicked and stopped (a bug to report; the relay does not run again in this process).",
+        ),
+        (
             "outbox_kafka_unavailable_total",
             "Failed delivery attempts caused by the cluster (unreachable, no leader, not enough replicas, authentication, timeout), not by the event: retried without counting an attempt.",
         ),

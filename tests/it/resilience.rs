@@ -2533,11 +2533,11 @@ async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
 
 /// A bug that panics the relay's pipeline (injected with
 /// `outbox::testing::faults::panic_the_relay_of`, once, when its first batch is done): the relay
-/// task ends with `Error::Panicked` naming the panic, and health says the relay is not running —
-/// before, the panic ended the task but `running` stayed `true`, so health stayed green over a
-/// relay that delivered nothing more, while its listener and maintenance sessions lived on. The
-/// event of that batch was delivered and confirmed; a new
-/// relay on the same table delivers the next one.
+/// task ends with `Error::Panicked` naming the panic, `outbox_relay_panics_total` counts it,
+/// health says the relay is not running, and its listener, waker and maintenance sessions end.
+/// Before, the panic ended the task but `running` stayed `true` — health green over a relay that
+/// delivered nothing more — and those sessions lived on. The event of that batch was delivered
+/// and confirmed; a new relay on the same table (a restarted process) delivers the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() {
     support::init_tracing();
@@ -2552,6 +2552,7 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
     let brokers = support::kafka_brokers();
     let (outbox, mut reader, relay) =
         support::start_with_reader(on_table(pg.clone(), &table), &brokers, &topic, HANG).await;
+    let panics = support::counter_value("outbox_relay_panics_total");
     outbox::testing::faults::panic_the_relay_of(&table);
     let first = outbox
         .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
@@ -2569,6 +2570,10 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         other => panic!("the relay ended with {other:?}, not Error::Panicked"),
     }
     assert!(!outbox.stats().running, "stats say the relay still runs");
+    assert!(
+        support::counter_value("outbox_relay_panics_total") >= panics + 1.0,
+        "outbox_relay_panics_total did not count the panic"
+    );
     let health = outbox.health().await.expect("health");
     assert!(!health.running, "health says the relay still runs");
     let reasons = health.reasons(Duration::from_secs(60)).join("; ");
