@@ -410,6 +410,15 @@ impl Outbox {
                 self.inner.counters.running.store(false, Ordering::Relaxed);
                 self.inner.stop.token().cancel();
                 metrics::counter!("outbox_relay_panics_total").increment(1);
+                // Its batches were aborted with the pipeline (they alone count messages in
+                // flight, and none is left to count their reports): what the producers still
+                // hold is purged, so that no retry of it lands after another relay published the
+                // rows again; nothing is in flight for this relay any more; the delivery streams
+                // end.
+                crate::relay::purge_producers(&self.inner.producers).await;
+                self.inner.counters.in_flight.store(0, Ordering::Relaxed);
+                metrics::gauge!("outbox_in_flight_messages").set(0.0);
+                self.inner.hub.close();
                 let message = panic
                     .downcast_ref::<&str>()
                     .map(|s| (*s).to_string())

@@ -602,18 +602,24 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     for flush in flushes {
         let _ = flush.await;
     }
-    // The solo producer too: a message held in it would otherwise be retried by librdkafka
-    // after the relay returned, while its row is pending (a duplicate later).
-    for producer in ctx.producers.all().await {
+    purge_producers(&ctx.producers).await;
+    let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
+    background.close();
+    background.wait().await;
+    ctx.report.running(false);
+}
+
+/// Purges what every producer still holds, queued or in flight, and waits up to
+/// [`PURGE_FLUSH`] for the purged reports: a message held in a producer would otherwise be
+/// retried by librdkafka after the relay returned, while its row is pending (a duplicate later,
+/// after another relay published the row again).
+pub(crate) async fn purge_producers(producers: &Producers) {
+    for producer in producers.all().await {
         if producer.in_flight_count() > 0 {
             producer.purge(PurgeConfig::default().queue().inflight());
             let _ = tokio::task::spawn_blocking(move || producer.flush(PURGE_FLUSH)).await;
         }
     }
-    let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
-    background.close();
-    background.wait().await;
-    ctx.report.running(false);
 }
 
 /// Last, a stopping relay NOTIFYs the other relays on the table, with the due times of the rows it

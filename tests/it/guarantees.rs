@@ -3683,3 +3683,79 @@ async fn a_split_backlog_split_again_into_fewer_groups_keeps_running() {
         .expect("undelay the broker");
     stop_and_join(&outbox, handle).await;
 }
+
+/// A panic of the relay (a bug; injected with `panic_the_relay_of`) while batches hold messages
+/// in flight on a broker 300 ms away, three slots: the relay stops with `Error::Panicked`, counts
+/// nothing in flight any more (its batches went with the pipeline: what the producers held is
+/// purged, so no retry of it lands after the next relay published the rows again), and ends the
+/// stream subscribed before the panic. A new relay on the same table, with the old handle and its
+/// producers still alive, delivers every event: nothing lost, order kept per aggregate,
+/// duplicates only as contiguous replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_panics_with_messages_in_flight_loses_nothing() {
+    let configure = |b: OutboxBuilder| {
+        b.batch_size(20)
+            .max_batches_in_flight(3)
+            .publish_timeout(Duration::from_secs(5))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+    };
+    let (kafka, env, outbox, handle, mut client) =
+        warm_relay_on_mock("panicinflight", configure).await;
+    let mut reader = reader(&env).await;
+    let mut acks = outbox.subscribe();
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .expect("delay the broker");
+    let sizes: [i64; 8] = [200, 3, 150, 40, 100, 7, 80, 1];
+    let mut events = Vec::new();
+    for n in 1..=200 {
+        for (a, &size) in sizes.iter().enumerate() {
+            if n <= size {
+                events.push(ev(&env.topic, &format!("P{a}"), n));
+            }
+        }
+    }
+    let ids = insert(&outbox, &mut client, &events).await;
+    support::eventually(Duration::from_secs(30), "some events delivered", || async {
+        match outbox.stats() {
+            s if s.delivered > 60 && s.in_flight > 0 => Ok(()),
+            s => Err(format!(
+                "delivered {}, in flight {}",
+                s.delivered, s.in_flight
+            )),
+        }
+    })
+    .await;
+    outbox::testing::faults::panic_the_relay_of(&env.table);
+    let ended = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("the relay ends after its panic")
+        .expect("the relay task itself did not panic");
+    assert!(matches!(ended, Err(Error::Panicked(_))), "{ended:?}");
+    assert_eq!(
+        outbox.stats().in_flight,
+        0,
+        "messages still counted in flight after the panic"
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while acks.next().await.is_some() {}
+    })
+    .await
+    .expect("the stream subscribed before the panic ends");
+    let again = configure(env.builder()).connect().await.expect("connect");
+    let relay = again.start().expect("start");
+    support::wait_status(&again, &ids, EventStatus::Done, Duration::from_secs(90)).await;
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    // Everything there is: the warm-up event, the events, and any replays.
+    let got = reader.read(usize::MAX, Duration::from_secs(5)).await;
+    let by_key = counters_by_key(&got);
+    for (a, &size) in sizes.iter().enumerate() {
+        let aggregate = format!("P{a}");
+        let seen = by_key.get(&aggregate).cloned().unwrap_or_default();
+        assert_order_with_contiguous_replays(&aggregate, &seen, &(1..=size).collect::<Vec<_>>());
+    }
+    stop_and_join(&again, relay).await;
+}

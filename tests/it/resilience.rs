@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use outbox::testing::faults::{Fault, FaultProxy};
 use outbox::{Admin, Error, EventFilter, NewEvent, Outbox, OutboxBuilder, RequeueFilter};
 use serde_json::json;
@@ -2534,7 +2535,8 @@ async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
 /// A bug that panics the relay's pipeline (injected with
 /// `outbox::testing::faults::panic_the_relay_of`, once, when its first batch is done): the relay
 /// task ends with `Error::Panicked` naming the panic, `outbox_relay_panics_total` counts it,
-/// health says the relay is not running, and its listener, waker and maintenance sessions end.
+/// health says the relay is not running, its delivery streams end, and its listener, waker and
+/// maintenance sessions end.
 /// Before, the panic ended the task but `running` stayed `true` — health green over a relay that
 /// delivered nothing more — and those sessions lived on. The event of that batch was delivered
 /// and confirmed; a new relay on the same table (a restarted process) delivers the next one.
@@ -2552,6 +2554,7 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
     let brokers = support::kafka_brokers();
     let (outbox, mut reader, relay) =
         support::start_with_reader(on_table(pg.clone(), &table), &brokers, &topic, HANG).await;
+    let mut acks = outbox.subscribe();
     let panics = support::counter_value("outbox_relay_panics_total");
     outbox::testing::faults::panic_the_relay_of(&table);
     let first = outbox
@@ -2570,6 +2573,21 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         other => panic!("the relay ended with {other:?}, not Error::Panicked"),
     }
     assert!(!outbox.stats().running, "stats say the relay still runs");
+    assert_eq!(
+        outbox.stats().in_flight,
+        0,
+        "messages still counted in flight"
+    );
+    // The delivery streams end, as after a stop: the one subscribed before the panic after its
+    // acks, one subscribed now at once.
+    tokio::time::timeout(HANG, async { while acks.next().await.is_some() {} })
+        .await
+        .expect("the stream subscribed before the panic ends");
+    let late = tokio::time::timeout(Duration::from_secs(2), outbox.subscribe().next()).await;
+    assert!(
+        matches!(late, Ok(None)),
+        "a stream subscribed after the panic ends at once: {late:?}"
+    );
     assert!(
         support::counter_value("outbox_relay_panics_total") >= panics + 1.0,
         "outbox_relay_panics_total did not count the panic"
