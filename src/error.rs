@@ -101,11 +101,13 @@ pub enum Error {
     /// text names the last fatal error.
     #[error("kafka producer: {0}")]
     ProducerFailed(String),
-    /// The relay stopped because its pipeline panicked (a bug in the relay: please report it
-    /// with the log's `outbox relay: the relay panicked` line). The text is the panic's
-    /// message. The relay no longer runs ([`Health::running`](crate::Health) is `false`); start
-    /// the process again: rows the relay held are released by Postgres with its sessions and
-    /// delivered by the next relay.
+    /// The relay stopped because it panicked — its pipeline or one of its batches (a bug in
+    /// the relay: please report it with the log's `outbox relay: the relay panicked` line). The
+    /// text is the panic's message. The relay no longer runs
+    /// ([`Health::running`](crate::Health) is `false`) and cannot be started again on this
+    /// `Outbox`: restart the process, or connect a new `Outbox`. Rows the relay held are released
+    /// by Postgres with its sessions and delivered by the next relay once their fences expire
+    /// (those already published, again).
     #[error("the relay panicked and stopped: {0}")]
     Panicked(String),
 }

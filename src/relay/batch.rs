@@ -68,6 +68,10 @@ pub(crate) async fn run_batch(
     let mut published = publish::publish(&ctx, &conn, &rows, &chains, cutoff, caught_up).await;
     watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
+    #[cfg(feature = "testing")]
+    if crate::testing::faults::take_relay_panic(&ctx.settings.table) {
+        panic!("injected by outbox::testing::faults::panic_the_relay_of");
+    }
     let confirmed = match published.early_error.take() {
         Some(e) => Err(e),
         None => {

@@ -498,10 +498,6 @@ impl Pipeline {
         &mut self,
         done: Result<(Option<(usize, u64)>, BatchDone), tokio::task::JoinError>,
     ) {
-        #[cfg(feature = "testing")]
-        if crate::testing::faults::take_relay_panic(&self.ctx.settings.table) {
-            panic!("injected by outbox::testing::faults::panic_the_relay_of");
-        }
         match done {
             Ok((
                 group,
@@ -538,6 +534,14 @@ impl Pipeline {
                 self.scan.reset();
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
+            // A batch that panicked is a bug in the relay, as a panic of the pipeline is: the
+            // relay stops with it (see `Outbox::run`), rather than running on with its health
+            // green while the batch's rows, released with its connection, make the next batch
+            // panic again once their fence expires — and hold every other row of that batch.
+            Err(e) if e.is_panic() => {
+                self.ctx.report.batch_panicked(&e);
+                std::panic::resume_unwind(e.into_panic());
+            }
             Err(e) => {
                 self.end_split();
                 self.scan.reset();
@@ -555,6 +559,7 @@ impl Pipeline {
         let mut batches = self.batches;
         let mut wakeups = self.wakeups;
         tracing::info!(in_flight_batches = batches.len(), "outbox relay stopping");
+        let mut panicked = None;
         while let Some(done) = batches.join_next().await {
             match done {
                 Ok((_, done)) => {
@@ -563,8 +568,17 @@ impl Pipeline {
                         wakeups.due_at(now + d);
                     }
                 }
-                Err(e) => self.ctx.report.batch_panicked(&e),
+                Err(e) => {
+                    self.ctx.report.batch_panicked(&e);
+                    if e.is_panic() && panicked.is_none() {
+                        panicked = Some(e.into_panic());
+                    }
+                }
             }
+        }
+        // The other batches finished; a panic stops the relay as it does while running.
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
         }
         wakeups
     }

@@ -380,12 +380,14 @@ pub fn fatal_producer_errors(mock: &MockKafka, count: usize) {
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
 }
 
-/// Tables whose relay panics at its next finished batch (see [`panic_the_relay_of`]).
+/// Tables whose relay panics in its next batch (see [`panic_the_relay_of`]).
 static PANIC_TABLES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Makes the relay of `table` panic in its pipeline when its next batch is done, once: what a
-/// bug in the relay does. The relay must then stop with [`Error::Panicked`](crate::Error) and
-/// report itself not running. Only relays of `table` (tests run side by side) are affected.
+/// Makes the relay of `table` panic in its next batch to finish publishing, once, after its
+/// messages were sent and before the batch is confirmed: what a bug in the relay does. The relay
+/// must then stop with [`Error::Panicked`](crate::Error) and report itself not running; the
+/// batch's events, published but not confirmed, are published again by the next relay once
+/// their fence expires. Only relays of `table` (tests run side by side) are affected.
 pub fn panic_the_relay_of(table: &str) {
     PANIC_TABLES
         .lock()

@@ -2532,14 +2532,16 @@ async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
     assert!(!outbox.stats().running);
 }
 
-/// A bug that panics the relay's pipeline (injected with
-/// `outbox::testing::faults::panic_the_relay_of`, once, when its first batch is done): the relay
-/// task ends with `Error::Panicked` naming the panic, `outbox_relay_panics_total` counts it,
-/// health says the relay is not running, its delivery streams end, and its listener, waker and
-/// maintenance sessions end.
-/// Before, the panic ended the task but `running` stayed `true` — health green over a relay that
-/// delivered nothing more — and those sessions lived on. The event of that batch was delivered
-/// and confirmed; a new relay on the same table (a restarted process) delivers the next one.
+/// A bug that panics the relay (injected with `outbox::testing::faults::panic_the_relay_of`:
+/// its first batch panics after publishing, before confirming): the relay task ends with
+/// `Error::Panicked` naming the panic, `outbox_relay_panics_total` counts it, health says the
+/// relay is not running, its delivery streams end, and its listener, waker and maintenance
+/// sessions end. Before, a panic of the pipeline ended the task but `running` stayed `true` —
+/// health green over a relay that delivered nothing more — and those sessions lived on; a panic
+/// of a batch was only logged, and the relay ran on while the batch's rows, released with its
+/// session, made the next batch panic each time their fence expired. The event of that batch
+/// reached Kafka unconfirmed: a new relay on the same table (a restarted process) publishes it
+/// again once its fence expires, then the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() {
     support::init_tracing();
@@ -2552,8 +2554,13 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         .unwrap();
     let topic = support::fresh_topic("panicked_topic", 1).await;
     let brokers = support::kafka_brokers();
-    let (outbox, mut reader, relay) =
-        support::start_with_reader(on_table(pg.clone(), &table), &brokers, &topic, HANG).await;
+    let (outbox, mut reader, relay) = support::start_with_reader(
+        short_fence(on_table(pg.clone(), &table)),
+        &brokers,
+        &topic,
+        HANG,
+    )
+    .await;
     let mut acks = outbox.subscribe();
     let panics = support::counter_value("outbox_relay_panics_total");
     outbox::testing::faults::panic_the_relay_of(&table);
@@ -2626,17 +2633,34 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         got.first().and_then(|r| r.header("event_id")),
         Some(first.to_string().as_str())
     );
-    // A new relay (a restarted process) delivers the next event.
-    let again = on_table(pg.clone(), &table).connect().await.unwrap();
+    // A new relay (a restarted process) publishes the unconfirmed event again once its fence
+    // expires, then the next one.
+    let again = short_fence(on_table(pg.clone(), &table))
+        .connect()
+        .await
+        .unwrap();
     let relay = again.start().unwrap();
     let second = again
         .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 2})))
         .await
         .unwrap();
-    let got = reader.read(1, HANG).await;
+    let got = reader.read(2, HANG).await;
+    let ids: Vec<Option<&str>> = got.iter().map(|r| r.header("event_id")).collect();
     assert_eq!(
-        got.first().and_then(|r| r.header("event_id")),
-        Some(second.to_string().as_str())
+        ids,
+        [
+            Some(first.to_string().as_str()),
+            Some(second.to_string().as_str())
+        ],
+        "the unconfirmed event again, then the next"
     );
     support::stop_and_join(&again, relay).await;
+}
+
+/// `b` with a fence of a few seconds (batch 1 s + publish 2 s + the margin) and a fast fallback
+/// poll: rows a panicked relay fenced are free again soon.
+fn short_fence(b: OutboxBuilder) -> OutboxBuilder {
+    b.batch_timeout(Duration::from_secs(1))
+        .publish_timeout(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(500))
 }
