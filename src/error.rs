@@ -105,9 +105,11 @@ pub enum Error {
     /// the relay: please report it with the log's `outbox relay: the relay panicked` line). The
     /// text is the panic's message. The relay no longer runs
     /// ([`Health::running`](crate::Health) is `false`) and cannot be started again on this
-    /// `Outbox`: restart the process, or connect a new `Outbox`. Rows the relay held are released
-    /// by Postgres with its sessions and delivered by the next relay once their fences expire
-    /// (those already published, again).
+    /// `Outbox`: restart the process, or connect a new `Outbox`. The rows of the batches it was
+    /// running are released by Postgres with their sessions and delivered by the next relay
+    /// once their fences expire (those already published, again); reports of messages held
+    /// from earlier batches that come in after this error are still written by tasks that end
+    /// shortly after it, as are the delivery streams and the relay's other sessions.
     #[error("the relay panicked and stopped: {0}")]
     Panicked(String),
 }

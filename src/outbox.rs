@@ -22,6 +22,21 @@ use crate::relay::{Counters, Producers, Relay};
 use crate::store::{AdminSql, RelaySql, WriterSql};
 use crate::writer::Writer;
 
+/// The message of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(s) => *s,
+        Err(panic) => panic.downcast_ref::<&str>().map_or_else(
+            || "a panic without a message".to_string(),
+            |s| (*s).to_string(),
+        ),
+    }
+}
+
+/// How long, at most, a panicked relay's producers get to have what they hold acknowledged
+/// before it is purged (or `shutdown_timeout`, if shorter).
+const PANIC_FLUSH: Duration = Duration::from_secs(5);
+
 /// The outbox: enqueue events, run the relay, watch deliveries. Cheap to clone (an `Arc`).
 ///
 /// Build it with [`Outbox::builder`]. The relay runs with [`run`](Self::run) or
@@ -359,7 +374,9 @@ impl Outbox {
     /// confirmed, unsent reservations are released, and the delivery streams end.
     ///
     /// # Errors
-    /// [`Error::AlreadyStarted`] when the relay already ran or is running.
+    /// [`Error::AlreadyStarted`] when the relay already ran or is running;
+    /// [`Error::ProducerFailed`] when the Kafka producer kept failing (see its docs);
+    /// [`Error::Panicked`] when the relay panicked (a bug).
     ///
     /// # Cancel safety
     /// Dropping this future abandons the relay mid-batch: reserved rows are released when their
@@ -399,38 +416,44 @@ impl Outbox {
             stop: self.inner.stop.clone(),
             counters: self.inner.counters.clone(),
         };
-        let run = std::panic::AssertUnwindSafe(relay.run()).catch_unwind();
-        match self.inner.tracker.track_future(run).await {
-            Ok(result) => result,
-            Err(panic) => {
-                // Health must not stay green over a relay that no longer runs, and its tasks
-                // beside the pipeline (the waker holding the wake lock, so that writers keep
-                // notifying; maintenance) stop with it: the token is the relay's own (a child
-                // of the caller's).
-                self.inner.counters.running.store(false, Ordering::Relaxed);
-                self.inner.stop.token().cancel();
-                metrics::counter!("outbox_relay_panics_total").increment(1);
-                // Its batches were aborted with the pipeline (they alone count messages in
-                // flight, and none is left to count their reports): what the producers still
-                // hold is purged, so that no retry of it lands after another relay published the
-                // rows again; nothing is in flight for this relay any more; the delivery streams
-                // end.
-                crate::relay::purge_producers(&self.inner.producers).await;
-                self.inner.counters.in_flight.store(0, Ordering::Relaxed);
-                metrics::gauge!("outbox_in_flight_messages").set(0.0);
-                self.inner.hub.close();
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".to_string());
-                tracing::error!(
-                    panic = %message,
-                    "outbox relay: the relay panicked and stopped; restart the process (a bug: please report it with this line)"
-                );
-                Err(Error::Panicked(message))
+        // The panic's handling is tracked too: `stop()` returns only once it is done.
+        let run = async {
+            match std::panic::AssertUnwindSafe(relay.run())
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(panic) => Err(self.panicked(panic_message(panic)).await),
             }
-        }
+        };
+        self.inner.tracker.track_future(run).await
+    }
+
+    /// After the relay panicked (a bug; `message` is the panic's): it no longer runs, and says
+    /// so.
+    async fn panicked(&self, message: String) -> Error {
+        // Health must not stay green over a relay that no longer runs, and its tasks beside the
+        // pipeline (the listener; the waker holding the wake lock, so that writers keep
+        // notifying; maintenance) stop with it: the token is the relay's own (a child of the
+        // caller's).
+        self.inner.counters.running.store(false, Ordering::Relaxed);
+        self.inner.stop.token().cancel();
+        metrics::counter!("outbox_relay_panics_total").increment(1);
+        // Its batches were aborted with the pipeline (they alone count messages in flight, and
+        // none is left to count their reports). What the producers still hold is given a few
+        // seconds to be acknowledged, as at a stop, then purged, so that no retry of it lands
+        // after another relay published the rows again; nothing is in flight for this relay
+        // any more; the delivery streams end.
+        let within = self.inner.settings.shutdown_timeout.min(PANIC_FLUSH);
+        crate::relay::flush_then_purge(&self.inner.producers, within).await;
+        self.inner.counters.in_flight.store(0, Ordering::Relaxed);
+        metrics::gauge!("outbox_in_flight_messages").set(0.0);
+        self.inner.hub.close();
+        tracing::error!(
+            panic = %message,
+            "outbox relay: the relay panicked and stopped; restart the process (a bug: please report it with this line)"
+        );
+        Error::Panicked(message)
     }
 
     /// Stops the relay gracefully (see [`run`](Self::run)) within `timeout`: in-flight sends

@@ -623,6 +623,20 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
     ctx.report.running(false);
 }
 
+/// Gives what the producers hold up to `within` to be acknowledged (each flushed on a blocking
+/// thread, side by side), then purges the rest (see [`purge_producers`]). A relay that panicked
+/// stops this way: its late reports are not awaited, but a message already on the wire to a
+/// working broker is more likely acknowledged than purged and written anyway.
+pub(crate) async fn flush_then_purge(producers: &Producers, within: Duration) {
+    let flushes: Vec<_> = (producers.all().await.into_iter())
+        .map(|producer| tokio::task::spawn_blocking(move || producer.flush(within)))
+        .collect();
+    for flush in flushes {
+        let _ = flush.await;
+    }
+    purge_producers(producers).await;
+}
+
 /// Purges what every producer still holds, queued or in flight, and waits up to
 /// [`PURGE_FLUSH`] for the purged reports: a message held in a producer would otherwise be
 /// retried by librdkafka after the relay returned, while its row is pending (a duplicate later,
