@@ -609,13 +609,9 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
             "outbox relay: stopping: waiting for Kafka to acknowledge the messages sent (at most the rest of shutdown_timeout); those still unacknowledged then are purged and their events published again later"
         );
     }
-    let flushes: Vec<_> = (producers.into_iter())
-        .map(|producer| tokio::task::spawn_blocking(move || producer.flush(left)))
-        .collect();
+    let flushed = flush_all(producers, left);
     let _ = tokio::time::timeout_at(deadline, ctx.late.wait()).await;
-    for flush in flushes {
-        let _ = flush.await;
-    }
+    flushed.await;
     purge_producers(&ctx.producers).await;
     let _ = tokio::time::timeout(LATE_GRACE, ctx.late.wait()).await;
     background.close();
@@ -628,13 +624,25 @@ async fn shut_down(ctx: &Ctx, background: TaskTracker) {
 /// stops this way: its late reports are not awaited, but a message already on the wire to a
 /// working broker is more likely acknowledged than purged and written anyway.
 pub(crate) async fn flush_then_purge(producers: &Producers, within: Duration) {
-    let flushes: Vec<_> = (producers.all().await.into_iter())
+    flush_all(producers.all().await, within).await;
+    purge_producers(producers).await;
+}
+
+/// Flushes each of `producers` for up to `within`, side by side on blocking threads, started
+/// at once (a stop waits for its late reports meanwhile); the future completes when every
+/// flush has returned.
+fn flush_all(
+    producers: Vec<producer::RelayProducer>,
+    within: Duration,
+) -> impl std::future::Future<Output = ()> {
+    let flushes: Vec<_> = (producers.into_iter())
         .map(|producer| tokio::task::spawn_blocking(move || producer.flush(within)))
         .collect();
-    for flush in flushes {
-        let _ = flush.await;
+    async move {
+        for flush in flushes {
+            let _ = flush.await;
+        }
     }
-    purge_producers(producers).await;
 }
 
 /// Purges what every producer still holds, queued or in flight, and waits up to

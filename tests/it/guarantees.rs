@@ -3649,14 +3649,7 @@ async fn a_split_backlog_split_again_into_fewer_groups_keeps_running() {
         .expect("delay the broker");
     let sizes: [i64; 8] = [300, 5, 200, 3, 120, 60, 8, 150];
     let total: i64 = sizes.iter().sum();
-    let mut events = Vec::new();
-    for n in 1..=300 {
-        for (a, &size) in sizes.iter().enumerate() {
-            if n <= size {
-                events.push(ev(&env.topic, &format!("R{a}"), n));
-            }
-        }
-    }
+    let events = interleaved(&env.topic, "R", &sizes);
     let ids = insert(&outbox, &mut client, &events).await;
     // (About 3 s on the mock broker.)
     support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
@@ -3708,14 +3701,7 @@ async fn a_relay_that_panics_with_messages_in_flight_loses_nothing() {
         .broker_round_trip_time(1, Duration::from_millis(300))
         .expect("delay the broker");
     let sizes: [i64; 8] = [200, 3, 150, 40, 100, 7, 80, 1];
-    let mut events = Vec::new();
-    for n in 1..=200 {
-        for (a, &size) in sizes.iter().enumerate() {
-            if n <= size {
-                events.push(ev(&env.topic, &format!("P{a}"), n));
-            }
-        }
-    }
+    let events = interleaved(&env.topic, "P", &sizes);
     let ids = insert(&outbox, &mut client, &events).await;
     support::eventually(Duration::from_secs(30), "some events delivered", || async {
         match outbox.stats() {
@@ -3758,4 +3744,17 @@ async fn a_relay_that_panics_with_messages_in_flight_loses_nothing() {
         assert_order_with_contiguous_replays(&aggregate, &seen, &(1..=size).collect::<Vec<_>>());
     }
     stop_and_join(&again, relay).await;
+}
+
+/// Events of aggregates `{prefix}0`, `{prefix}1`, … with `sizes[a]` events each (counters
+/// 1..=size), interleaved: every aggregate's n-th event before any (n+1)-th.
+fn interleaved(topic: &str, prefix: &str, sizes: &[i64]) -> Vec<NewEvent> {
+    let longest = sizes.iter().copied().max().unwrap_or(0);
+    (1..=longest)
+        .flat_map(|n| {
+            (sizes.iter().enumerate())
+                .filter(move |&(_, &size)| n <= size)
+                .map(move |(a, _)| ev(topic, &format!("{prefix}{a}"), n))
+        })
+        .collect()
 }
