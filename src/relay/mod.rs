@@ -192,11 +192,13 @@ impl Relay {
         let (handoffs, handed) = HandoffSender::new();
         let (notifications, armed) = self.spawn_wake_sources(&background, &ctx, handoffs);
         maintenance::spawn(&background, &ctx);
-        // The prompt producer starts, connects and asks for its producer id now, off the first
-        // caught-up batch's path.
-        if ctx.settings.prompt_producer {
+        // The prompt and pipelining producers start, connect and ask for their producer ids
+        // now, off the path of the first caught-up batch and of the first run of an
+        // aggregate's events.
+        let pipe = ctx.settings.max_in_flight_per_aggregate > 1;
+        if ctx.settings.prompt_producer || pipe {
             let producers = ctx.producers.clone();
-            drop(tokio::task::spawn_blocking(move || producers.warm_prompt()));
+            drop(tokio::task::spawn_blocking(move || producers.warm(pipe)));
         }
         let mut pipeline = Pipeline {
             wakeups: Wakeups::new(notifications, timing.poll_interval)

@@ -438,7 +438,7 @@ struct Current {
     generation: u64,
     producer: RelayProducer,
     /// This generation's prompt producer (see [`Producers::get`]), created when the relay starts
-    /// ([`Producers::warm_prompt`]) or else when first needed.
+    /// ([`Producers::warm`]) or else when first needed.
     prompt: Option<RelayProducer>,
 }
 
@@ -829,12 +829,22 @@ impl Producers {
         }
     }
 
-    /// Creates the prompt producer, if it is configured and not created yet (a blocking call:
-    /// librdkafka starts its threads), so that it has connected and holds a producer id before
-    /// the first batch that caught up.
-    pub(crate) fn warm_prompt(&self) {
+    /// Creates the prompt producer (if it is configured) and, with `pipe`, the pipelining
+    /// producer, unless they exist (a blocking call: librdkafka starts its threads), so that they
+    /// have connected and hold a producer id before the first batch that caught up and the first
+    /// run of an aggregate's events. A fresh producer sends nothing before it has its producer
+    /// id, and librdkafka asks again only every 500 ms after a refusal (a broker that has no block
+    /// of producer ids yet answers `COORDINATOR_LOAD_IN_PROGRESS`: KAFKA-14417): a first run
+    /// created on demand could then outlast the caught-up batch's kick ([`MAX_KICK`]) and wait
+    /// out `linger.ms` (CI saw a run of 4 events arrive after the 8 s linger on the 3-node
+    /// cluster). A pipelining producer that cannot be created here is tried again by the first
+    /// run.
+    pub(crate) fn warm(&self, pipe: bool) {
         if self.prompt_config.is_some() {
             let _warm = self.get(true);
+        }
+        if pipe {
+            let _warm = self.pipe();
         }
     }
 

@@ -2506,6 +2506,60 @@ async fn a_producer_refused_its_id_for_seconds_is_rebuilt_until_it_gets_one() {
     support::stop_and_join(&outbox, handle).await;
 }
 
+/// A fresh producer sends nothing before it has its producer id, and librdkafka asks again only
+/// every 500 ms after a refusal (a broker without a block of producer ids answers
+/// COORDINATOR_LOAD_IN_PROGRESS: KAFKA-14417). The pipelining producer used to be created by the
+/// first run of an aggregate's events: with a long `linger.ms` that run outlasted the caught-up
+/// batch's kick and then waited out the linger (CI on the 3-node cluster: a run of 4 events not
+/// there within 4 s, linger 8 s). It is now created, and gets its id, when the relay starts: with
+/// the id refused six times (3 s of retries) just before the first run, the run still arrives
+/// well within half the linger (checked without the warm-up: not within 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_run_of_an_aggregate_does_not_wait_for_a_producer_id() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = outbox::testing::MockKafka::start(1).unwrap();
+    let linger = Duration::from_secs(8);
+    let (outbox, table, topic) = relay_on_mock_with(&mock, "pidwarm", |b| {
+        b.kafka_property("linger.ms", linger.as_millis().to_string())
+            .publish_timeout(Duration::from_secs(30))
+            .batch_timeout(linger + Duration::from_secs(4))
+            .lease(Duration::from_secs(60))
+            .poll_interval(Duration::from_secs(60))
+    })
+    .await;
+    let handle = outbox.start().expect("start");
+    support::wait_armed(&outbox, &table, HANG).await;
+    // One event alone (the main producer, kicked): the broker is reachable. Then a moment for
+    // the pipelining producer, created at start, to get its id from the mock broker (a few ms).
+    write_events(&outbox, &topic, &["warm"], 1).await;
+    support::eventually(HANG, "the warm-up event delivered", || async {
+        let s = outbox.stats();
+        (s.delivered == 1).then_some(()).ok_or(format!("{s:?}"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::wait_armed(&outbox, &table, HANG).await;
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 6],
+    );
+    write_events(&outbox, &topic, &["run"], 4).await;
+    support::eventually(linger / 2, "the run delivered", || async {
+        let s = outbox.stats();
+        (s.delivered == 5).then_some(()).ok_or(format!("{s:?}"))
+    })
+    .await;
+    mock.clear_request_errors(RDKafkaApiKey::InitProducerId);
+    let mut reader = outbox::testing::TopicReader::connect(&mock.bootstrap_servers(), &topic, HANG)
+        .await
+        .unwrap();
+    let mut records = reader.read_for(Duration::from_secs(1)).await;
+    records.sort_by_key(|r| r.offset);
+    assert_each_key_in_order(&records, &["warm"], 1, "warm-up");
+    assert_each_key_in_order(&records, &["run"], 4, "the first run");
+    support::stop_and_join(&outbox, handle).await;
+}
+
 /// A producer that becomes fatal again after every rebuild (every produce request answered with
 /// OUT_OF_ORDER_SEQUENCE_NUMBER): the relay gives up after a bounded number of rebuilds and
 /// `run` ends with `Error::ProducerFailed` naming the fatal error, instead of running on while
