@@ -405,6 +405,15 @@ async fn assert_relay_sessions_keep_their_settings(cfg: &tokio_postgres::Config)
         );
         assert_eq!(show(&session, "jit").await, "off", "{role}");
         assert_eq!(show(&session, "idle_session_timeout").await, "0", "{role}");
+        // A fence is durable before its batch sends; a batch's confirm need not be.
+        let durability = match role {
+            "fence" => Some("on"),
+            "batch" => Some("off"),
+            _ => None,
+        };
+        if let Some(want) = durability {
+            assert_eq!(show(&session, "synchronous_commit").await, want, "{role}");
+        }
     }
 }
 
@@ -412,16 +421,20 @@ async fn assert_relay_sessions_keep_their_settings(cfg: &tokio_postgres::Config)
 /// 0`) changes neither for the relay: each of its sessions runs read committed (the isolation
 /// its SQL is written for; a serializable relay would also take predicate locks that can fail
 /// writers' transactions) with JIT off (a custom plan would be compiled on every execution:
-/// 0.97 s measured for a reservation that runs in 0.2 ms). Read on sessions connected exactly
-/// as the relay connects each role; and a relay on that database delivers every event, in
-/// order per aggregate.
+/// 0.97 s measured for a reservation that runs in 0.2 ms), and `synchronous_commit = off`
+/// does not reach its fences (a fence lost with a server crash could let another relay publish
+/// the fenced aggregates while the batch's messages may still land), while its batch sessions
+/// commit their confirms without waiting for the flush whatever the default. Read on sessions
+/// connected exactly as the relay connects each role; and a relay on that database delivers
+/// every event, in order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() {
+async fn database_defaults_cannot_change_the_relay_s_isolation_jit_or_fence_durability() {
     support::init_tracing();
     let db_config = database_with_defaults(&[
         "default_transaction_isolation = 'serializable'",
         "jit = on",
         "jit_above_cost = 0",
+        "synchronous_commit = off",
     ])
     .await;
     // The premise: a session with the database's defaults has them.
@@ -431,6 +444,7 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_or_turn_on_jit() 
         "serializable"
     );
     assert_eq!(show(&plain, "jit_above_cost").await, "0");
+    assert_eq!(show(&plain, "synchronous_commit").await, "off");
     assert_relay_sessions_keep_their_settings(&db_config).await;
     let (outbox, _table, topic) = fresh_outbox(db_config.clone(), "iso", 2, "connect").await;
     let relay = outbox.start().unwrap();
