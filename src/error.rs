@@ -106,6 +106,9 @@ pub enum Error {
     /// text is the panic's message. The relay no longer runs
     /// ([`Health::running`](crate::Health) is `false`) and cannot be started again on this
     /// `Outbox`: restart the process, or connect a new `Outbox`. The rows of the batches it was
+    /// A panic of a task beside the pipeline (the listener, the waker, a task waiting for a
+    /// late delivery report or removing a fence) stops the relay too; its message then starts
+    /// with the task's name (`listener: …`). The rows of the batches it was
     /// running are released by Postgres with their sessions and delivered by the next relay
     /// once their fences expire (those already published, again); reports of messages held
     /// from earlier batches that come in after this error are still written by tasks that end

@@ -23,7 +23,7 @@ use crate::store::{AdminSql, RelaySql, WriterSql};
 use crate::writer::Writer;
 
 /// The message of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     match panic.downcast::<String>() {
         Ok(s) => *s,
         Err(panic) => panic.downcast_ref::<&str>().map_or_else(

@@ -69,7 +69,10 @@ pub(crate) async fn run_batch(
     watch_pipes(&ctx, &mut published.stragglers, cutoff);
     let outcomes = published.outcomes;
     #[cfg(feature = "testing")]
-    if crate::testing::faults::take_relay_panic(&ctx.settings.table) {
+    if crate::testing::faults::take_panic(
+        &ctx.settings.table,
+        crate::testing::faults::PanicAt::Batch,
+    ) {
         panic!("injected by outbox::testing::faults::panic_the_relay_of");
     }
     let confirmed = match published.early_error.take() {
@@ -127,13 +130,10 @@ fn hold_stragglers(
     topics.dedup();
     topics.truncate(10);
     ctx.report.held(stragglers.len(), &topics);
-    ctx.late.spawn(confirm_late(
-        ctx.clone(),
-        rows,
-        stragglers,
-        holds,
-        fetched_at,
-    ));
+    ctx.spawn_late(
+        "late report",
+        confirm_late(ctx.clone(), rows, stragglers, holds, fetched_at),
+    );
 }
 
 /// The batch could not confirm (an early write or the confirm failed): its transaction is
@@ -156,8 +156,10 @@ async fn not_confirmed(
     if e.is_timeout() || !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
         free_by_the_lease(ctx);
     }
-    ctx.late
-        .spawn(unfence_when_settled(ctx.clone(), batch_id, stragglers));
+    ctx.spawn_late(
+        "fence removal",
+        unfence_when_settled(ctx.clone(), batch_id, stragglers),
+    );
     BatchDone::failed()
 }
 
@@ -174,8 +176,10 @@ async fn not_fenced(
     // it does not hold its aggregates back until it expires (found by a breaker helper:
     // 33 s with the defaults).
     if e.is_timeout() {
-        ctx.late
-            .spawn(unfence_when_settled(ctx.clone(), batch_id, Vec::new()));
+        ctx.spawn_late(
+            "fence removal",
+            unfence_when_settled(ctx.clone(), batch_id, Vec::new()),
+        );
     } else {
         // Another error may still follow a commit (a connection lost before the reply):
         // the relay wakes when such a fence would have expired (a breaker helper's reading).
@@ -210,7 +214,7 @@ fn watch_pipes(ctx: &Arc<Ctx>, stragglers: &mut [Straggler], cutoff: Instant) {
     let alive = Arc::downgrade(&alive);
     let at = cutoff + ctx.settings.publish_timeout;
     let task_ctx = ctx.clone();
-    ctx.late.spawn(async move {
+    ctx.spawn_late("pipelining watch", async move {
         tokio::select! {
             _ = tokio::time::sleep_until(at) => {}
             // At stop, `shut_down` flushes and then purges every producer.

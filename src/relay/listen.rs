@@ -124,6 +124,13 @@ impl Listener {
                 );
             }
             first = false;
+            #[cfg(feature = "testing")]
+            if crate::testing::faults::take_panic(
+                &self.table,
+                crate::testing::faults::PanicAt::Listener,
+            ) {
+                panic!("injected by outbox::testing::faults::panic_the_listener_of");
+            }
             backoff = reconnect_backoff();
             // Coalesced like notifications: a full queue already means "poll".
             let _ = self.wake.try_send(Wake::Listening);
@@ -217,6 +224,7 @@ impl Listener {
 /// lock taken again and a catch-up poll requested.
 pub(crate) fn spawn_waker(
     tracker: &TaskTracker,
+    panics: &Arc<super::supervise::Panics>,
     pg: Pg,
     table: String,
     armed: watch::Receiver<bool>,
@@ -230,7 +238,7 @@ pub(crate) fn spawn_waker(
         wake,
         token,
     };
-    tracker.spawn(waker.run());
+    tracker.spawn(super::supervise::supervised(panics, "waker", waker.run()));
 }
 
 /// The waker task's state (see [`spawn_waker`]).

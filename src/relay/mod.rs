@@ -33,6 +33,7 @@ mod retry;
 mod scan;
 mod shared;
 mod split;
+mod supervise;
 pub(crate) mod timing;
 mod wake;
 
@@ -99,6 +100,20 @@ pub(crate) struct Ctx {
     alone_next: publish::AloneNext,
     /// Wake-ups for rows that turn due or free through a task beside the pipeline.
     due: DueSender,
+    /// The first panic of a task beside the pipeline, which the pipeline raises again.
+    panics: Arc<supervise::Panics>,
+}
+
+impl Ctx {
+    /// Spawns `task`, which outlives its batch (a late report's, a fence's removal), on
+    /// [`Ctx::late`], supervised (`name` in a panic's message; see [`supervise`]).
+    fn spawn_late<F>(&self, name: &'static str, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.late
+            .spawn(supervise::supervised(&self.panics, name, task));
+    }
 }
 
 /// A relay ready to run (see [`Outbox::run`](crate::Outbox::run)).
@@ -148,6 +163,8 @@ struct Pipeline {
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
     /// becomes a tight loop of re-sends).
     batch_errors: Backoff,
+    /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
+    panics: watch::Receiver<Option<String>>,
 }
 
 type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
@@ -185,6 +202,7 @@ impl Relay {
             ),
             settings: self.settings.clone(),
             alone_next: publish::AloneNext::default(),
+            panics: supervise::Panics::new(),
         });
         report::register_metrics();
         ctx.report.running(true);
@@ -215,11 +233,16 @@ impl Relay {
             split_epoch: 0,
             last_weights: [0; split::BUCKETS],
             batch_errors: fresh_backoff(),
+            panics: ctx.panics.watch(),
             ctx: ctx.clone(),
         };
         pipeline.run().await;
         let mut wakeups = pipeline.drain().await;
         shut_down(&ctx, background).await;
+        // A task beside the pipeline that panicked while the relay stopped.
+        if let Some(message) = ctx.panics.first() {
+            supervise::raise(message);
+        }
         hand_off(&ctx, &mut wakeups).await;
         self.hub.close();
         if let Some(e) = ctx.fatal.gave_up() {
@@ -255,9 +278,14 @@ impl Relay {
             reconnects,
             connected,
         };
-        background.spawn(listener.run());
+        background.spawn(supervise::supervised(
+            &ctx.panics,
+            "listener",
+            listener.run(),
+        ));
         listen::spawn_waker(
             background,
+            &ctx.panics,
             self.pg.clone(),
             self.settings.table.clone(),
             arm_rx,
@@ -282,6 +310,11 @@ impl Pipeline {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
                 Some(done) = self.batches.join_next() => self.batch_done(done),
+                Ok(()) = self.panics.changed() => {
+                    if let Some(message) = self.panics.borrow_and_update().clone() {
+                        supervise::raise(message);
+                    }
+                }
                 Some(wake) = self.wakeups.next(), if free => {
                     self.reserve(wake).await;
                 }

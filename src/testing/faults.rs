@@ -380,12 +380,29 @@ pub fn fatal_producer_errors(mock: &MockKafka, count: usize) {
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
 }
 
-/// Tables whose relay panics in its next batch (see [`panic_the_relay_of`]).
-static PANIC_TABLES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Where an injected panic strikes (see [`panic_the_relay_of`], [`panic_the_listener_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PanicAt {
+    /// The next batch to finish publishing.
+    Batch,
+    /// The listener, when it next connects and LISTENs.
+    Listener,
+}
 
-/// Whether any table was ever given to [`panic_the_relay_of`]: until then a batch does not
-/// take the lock (the benchmark builds with `testing` too, and every batch checks).
+/// Tables whose relay is to panic, and where (see [`panic_the_relay_of`]).
+static PANIC_TABLES: std::sync::Mutex<Vec<(String, PanicAt)>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether any panic was ever asked for: until then a batch does not take the lock (the
+/// benchmark builds with `testing` too, and every batch checks).
 static PANIC_ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn ask_panic(table: &str, at: PanicAt) {
+    PANIC_TABLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((table.to_string(), at));
+    PANIC_ASKED.store(true, Ordering::Release);
+}
 
 /// Makes the relay of `table` panic in its next batch to finish publishing, once, after its
 /// messages were sent and before the batch is confirmed: what a bug in the relay does. The relay
@@ -393,20 +410,24 @@ static PANIC_ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// batch's events, published but not confirmed, are published again by the next relay once
 /// their fence expires. Only relays of `table` (tests run side by side) are affected.
 pub fn panic_the_relay_of(table: &str) {
-    PANIC_TABLES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(table.to_string());
-    PANIC_ASKED.store(true, Ordering::Release);
+    ask_panic(table, PanicAt::Batch);
 }
 
-/// Whether the relay of `table` is to panic now (once per [`panic_the_relay_of`]).
-pub(crate) fn take_relay_panic(table: &str) -> bool {
+/// Makes the listener of the relay of `table` panic, once, the next time it has connected and
+/// LISTENs (after its session was ended, for instance): what a bug in a task beside the
+/// pipeline does. The relay must stop with [`Error::Panicked`](crate::Error) naming the
+/// listener, as for a panic of the pipeline.
+pub fn panic_the_listener_of(table: &str) {
+    ask_panic(table, PanicAt::Listener);
+}
+
+/// Whether the relay of `table` is to panic now at `at` (once per ask).
+pub(crate) fn take_panic(table: &str, at: PanicAt) -> bool {
     if !PANIC_ASKED.load(Ordering::Acquire) {
         return false;
     }
     let mut tables = PANIC_TABLES.lock().unwrap_or_else(|e| e.into_inner());
-    match tables.iter().position(|t| t == table) {
+    match tables.iter().position(|(t, a)| t == table && *a == at) {
         Some(i) => {
             tables.swap_remove(i);
             true

@@ -2600,6 +2600,64 @@ async fn a_producer_fatal_after_every_rebuild_stops_the_relay_with_an_error() {
     assert!(!outbox.stats().running);
 }
 
+/// A panic in a task beside the pipeline — here the listener, injected with
+/// `outbox::testing::faults::panic_the_listener_of` for when it next connects, after its session
+/// was terminated — stops the relay as a panic of the pipeline does: `Error::Panicked` naming the
+/// listener, stats and health not running, the relay's sessions ended. Before, the listener's
+/// task ended alone: the relay ran on with its fallback poll and health green (checked without
+/// the supervision: the relay task does not end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_listener_stops_the_relay_with_an_error() {
+    support::init_tracing();
+    // A database of its own: its listener session is the relay's.
+    let pg = support::fresh_database().await;
+    let (outbox, table, _topic) = fresh_outbox(pg.clone(), "listenpanic", 1, "connect").await;
+    let relay = outbox.start().expect("start");
+    support::wait_armed(&outbox, &table, HANG).await;
+    outbox::testing::faults::panic_the_listener_of(&table);
+    let client = outbox::testing::connect(&pg).await.unwrap();
+    let ended: i64 = client
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+              where datname = current_database() and application_name = 'outbox-relay-listener'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1, "the relay's listener session");
+    let ended = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("the relay task ends after the listener's panic")
+        .expect("the relay task itself did not panic");
+    match ended {
+        Err(Error::Panicked(message)) => assert!(
+            message.starts_with("listener: ") && message.contains("panic_the_listener_of"),
+            "the error names the task and the panic: {message}"
+        ),
+        other => panic!("the relay ended with {other:?}, not Error::Panicked"),
+    }
+    assert!(!outbox.stats().running, "stats say the relay still runs");
+    let health = outbox.health().await.expect("health");
+    assert!(!health.running, "health says the relay still runs");
+    support::eventually(HANG, "the relay's sessions end", || async {
+        let left: i64 = client
+            .query_one(
+                "select count(*) from pg_stat_activity
+                  where datname = current_database() and application_name like 'outbox-relay%'
+                    and application_name <> 'outbox-relay-admin'",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        (left == 0)
+            .then_some(())
+            .ok_or(format!("{left} sessions left"))
+    })
+    .await;
+}
+
 /// A bug that panics the relay (injected with `outbox::testing::faults::panic_the_relay_of`:
 /// its first batch panics after publishing, before confirming): the relay task ends with
 /// `Error::Panicked` naming the panic, `outbox_relay_panics_total` counts it, health says the
