@@ -2626,34 +2626,50 @@ async fn a_panicking_listener_stops_the_relay_with_an_error() {
         .unwrap()
         .get(0);
     assert_eq!(ended, 1, "the relay's listener session");
-    let ended = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("the relay task ends after the listener's panic")
-        .expect("the relay task itself did not panic");
-    match ended {
-        Err(Error::Panicked(message)) => assert!(
-            message.starts_with("listener: ") && message.contains("panic_the_listener_of"),
-            "the error names the task and the panic: {message}"
-        ),
-        other => panic!("the relay ended with {other:?}, not Error::Panicked"),
-    }
+    let message = panicked(relay).await;
+    assert!(
+        message.starts_with("listener: ") && message.contains("panic_the_listener_of"),
+        "the error names the task and the panic: {message}"
+    );
     assert!(!outbox.stats().running, "stats say the relay still runs");
     let health = outbox.health().await.expect("health");
     assert!(!health.running, "health says the relay still runs");
+    relay_sessions_end(&client).await;
+}
+
+/// The message of the `Error::Panicked` the task of a relay that panics ends with.
+async fn panicked(relay: tokio::task::JoinHandle<outbox::Result<()>>) -> String {
+    let ended = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("the relay task ends after its panic")
+        .expect("the relay task itself did not panic");
+    match ended {
+        Err(Error::Panicked(message)) => message,
+        other => panic!("the relay ended with {other:?}, not Error::Panicked"),
+    }
+}
+
+/// The relay's tasks beside the pipeline (the listener, the waker, maintenance) end: no relay
+/// session is left in `client`'s database but the handle's own (admin: health, status).
+async fn relay_sessions_end(client: &tokio_postgres::Client) {
     support::eventually(HANG, "the relay's sessions end", || async {
-        let left: i64 = client
-            .query_one(
-                "select count(*) from pg_stat_activity
+        let sessions: Vec<String> = client
+            .query(
+                "select application_name from pg_stat_activity
                   where datname = current_database() and application_name like 'outbox-relay%'
                     and application_name <> 'outbox-relay-admin'",
                 &[],
             )
             .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        (left == 0)
-            .then_some(())
-            .ok_or(format!("{left} sessions left"))
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if sessions.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("relay sessions left: {sessions:?}"))
+        }
     })
     .await;
 }
@@ -2694,17 +2710,11 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
         .await
         .unwrap();
-    let ended = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("the relay task ends after its panic")
-        .expect("the relay task itself did not panic");
-    match ended {
-        Err(Error::Panicked(message)) => assert!(
-            message.contains("panic_the_relay_of"),
-            "the error names the panic: {message}"
-        ),
-        other => panic!("the relay ended with {other:?}, not Error::Panicked"),
-    }
+    let message = panicked(relay).await;
+    assert!(
+        message.contains("panic_the_relay_of"),
+        "the error names the panic: {message}"
+    );
     assert!(!outbox.stats().running, "stats say the relay still runs");
     assert_eq!(
         outbox.stats().in_flight,
@@ -2732,28 +2742,8 @@ async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() 
         reasons.contains("not running"),
         "health's problems name it: {reasons:?}"
     );
-    // Its tasks beside the pipeline stopped too (the listener, the waker, maintenance): no
-    // relay session is left in the database but the handle's own (admin: health, status).
-    support::eventually(HANG, "the relay's sessions end", || async {
-        let sessions: Vec<String> = client
-            .query(
-                "select application_name from pg_stat_activity
-                  where datname = current_database() and application_name like 'outbox-relay%'
-                    and application_name <> 'outbox-relay-admin'",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if sessions.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("relay sessions left: {sessions:?}"))
-        }
-    })
-    .await;
+    // Its tasks beside the pipeline stopped too.
+    relay_sessions_end(&client).await;
     let got = reader.read(1, HANG).await;
     assert_eq!(
         got.first().and_then(|r| r.header("event_id")),
