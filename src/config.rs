@@ -113,11 +113,36 @@ pub(crate) fn redact_config_error<'a>(
     let mut text = text.to_string();
     for (k, v) in properties {
         let unknown = text.contains(&format!("No such configuration property: \"{k}\""));
-        if !v.is_empty() && (is_secret_property(k) || unknown) {
-            text = text.replace(v.as_str(), "<redacted>");
+        if v.is_empty() || !(is_secret_property(k) || unknown) {
+            continue;
         }
+        text = if v.chars().count() >= 4 {
+            text.replace(v.as_str(), "<redacted>")
+        } else {
+            // A value of a few characters (`sasl.password=e`) is hidden where it stands as a
+            // word, not inside every word that contains it: replacing each "e" left
+            // `Cli<redacted>nt config <redacted>rror` (found by the new-user helper).
+            replace_words(&text, v, "<redacted>")
+        };
     }
     text
+}
+
+/// `text` with each occurrence of `word` that no letter or digit touches on either side
+/// replaced by `with`.
+fn replace_words(text: &str, word: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let (before, after) = (&rest[..at], &rest[at + word.len()..]);
+        let touches = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+        let alone = !touches(before.chars().next_back()) && !touches(after.chars().next());
+        out.push_str(before);
+        out.push_str(if alone { with } else { word });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// How the relay learns about new events.
@@ -892,14 +917,15 @@ impl OutboxBuilder {
             }
             e => e.to_string(),
         };
-        let text = redact_config_error(&text, self.kafka_properties.iter().map(|(k, v)| (k, v)));
-        // librdkafka built without OpenSSL names it, not what to do about it.
+        // librdkafka built without OpenSSL names it, not what to do about it (read before the
+        // redaction, which may hide part of that word).
         let hint = if cfg!(feature = "kafka-ssl") || !text.to_ascii_lowercase().contains("openssl")
         {
             ""
         } else {
             " (this build has no TLS: build the crate, or outbox-relay, with the `kafka-ssl` feature — `cargo install --locked --path . --features cli,kafka-ssl` for outbox-relay — which links librdkafka with OpenSSL)"
         };
+        let text = redact_config_error(&text, self.kafka_properties.iter().map(|(k, v)| (k, v)));
         format!("kafka_property: {text}{hint}")
     }
 }
@@ -1161,5 +1187,47 @@ mod producer_config_tests {
         }
         let own = kafka_config_of(crate::Outbox::builder().kafka_property("linger.ms", "0"));
         assert!(prompt_config(&own).is_none());
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redact_config_error;
+
+    fn redact(text: &str, props: &[(&str, &str)]) -> String {
+        let props: Vec<(String, String)> = props
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        redact_config_error(text, props.iter().map(|(k, v)| (k, v)))
+    }
+
+    /// A secret of a few characters is hidden where it stands alone, and the words around it
+    /// stay readable (before: `Cli<redacted>nt config <redacted>rror` for `sasl.password=e`).
+    #[test]
+    fn a_short_secret_is_hidden_as_a_word_not_inside_words() {
+        let text = "Client config error: Unsupported value \"e\" for configuration property \"sasl.password\": e";
+        let got = redact(text, &[("sasl.password", "e")]);
+        assert_eq!(
+            got,
+            "Client config error: Unsupported value \"<redacted>\" for configuration property \"sasl.password\": <redacted>"
+        );
+    }
+
+    /// A secret of four characters or more is hidden wherever it appears, inside words too.
+    #[test]
+    fn a_longer_secret_is_hidden_everywhere() {
+        let got = redact(
+            "bad value hunter2x and xhunter2",
+            &[("sasl.password", "hunter2")],
+        );
+        assert!(!got.contains("hunter2"), "{got}");
+    }
+
+    /// Values of properties that are not secret are left alone.
+    #[test]
+    fn other_values_stay() {
+        let got = redact("value 5 for linger.ms", &[("linger.ms", "5")]);
+        assert_eq!(got, "value 5 for linger.ms");
     }
 }

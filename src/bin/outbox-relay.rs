@@ -208,7 +208,9 @@ fn listen_addr(value: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(addr) = value.parse() {
         return Ok(addr);
     }
-    let expected = "expected IP:port or host:port, e.g. 127.0.0.1:9464 or localhost:9464";
+    // No host name in the example: a usage error hides every value of the command line
+    // wherever it appears, and `--metrics-addr localhost` hid the example's (new-user helper).
+    let expected = "expected IP:port or host:port (the port is needed), e.g. 127.0.0.1:9464";
     match value.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
@@ -523,25 +525,28 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `e` as a failure; a migration refused for want of privileges says which role migrates (found
+/// by new-user helpers, who saw only "permission denied for schema public" from `migrate` and
+/// from `run --migrate`).
+fn migrate_failure(e: outbox::Error) -> Failure {
+    let refused = e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
+    let mut failure = Failure::from(e);
+    if refused {
+        failure.message.push_str(concat!(
+            " (migrating needs a role that may create the outbox objects in the schema ",
+            "and owns them once created — the migrator of scripts/roles.sql, see the ",
+            "README's Security section; the relay and writer roles cannot migrate)"
+        ));
+    }
+    failure
+}
+
 /// `migrate`: applies the migrations and says what changed.
 async fn migrate(cli: &Cli) -> Result<(), Failure> {
     let cfg = pg_config(cli)?;
-    let report = match Admin::migrate(cfg, &cli.table, &cli.channel).await {
-        Ok(report) => report,
-        // A role that may not create or alter the outbox objects (the relay's, or the
-        // writers'): say which role migrates (found by the new-user helper, who saw only
-        // "permission denied for schema public").
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-            let mut failure = Failure::from(e);
-            failure.message.push_str(concat!(
-                " (migrate needs a role that may create the outbox objects in the schema ",
-                "and owns them once created — the migrator of scripts/roles.sql, see the ",
-                "README's Security section; the relay and writer roles cannot migrate)"
-            ));
-            return Err(failure);
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let report = Admin::migrate(cfg, &cli.table, &cli.channel)
+        .await
+        .map_err(migrate_failure)?;
     let table = &cli.table;
     if let Some(previous) = report.previous_channel() {
         println!(
@@ -628,7 +633,11 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let token = CancellationToken::new();
     let builder = relay_builder(cli, args, &token)?;
     stop_on_signal(token.clone());
-    let outbox = builder.connect().await?;
+    let outbox = match builder.connect().await {
+        Ok(outbox) => outbox,
+        Err(e) if args.migrate => return Err(migrate_failure(e)),
+        Err(e) => return Err(e.into()),
+    };
     if let Some(addr) = args.metrics_addr {
         serve_metrics(
             addr,

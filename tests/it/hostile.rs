@@ -1047,6 +1047,27 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
         "{}",
         out.stderr
     );
+    // `run --migrate` says it too (found by the new-user helper: a bare "permission denied").
+    let brokers = support::kafka_brokers();
+    let out = cli(
+        &[
+            "--database-url",
+            &relay_url,
+            "--table",
+            &more,
+            "run",
+            "--migrate",
+        ],
+        &[("KAFKA_BROKERS", brokers.as_str())],
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stderr.contains("permission denied")
+            && out.stderr.contains("the migrator of scripts/roles.sql"),
+        "{}",
+        out.stderr
+    );
 
     let topic = topic_name("roles");
     support::create_topic(&topic, 1).await;
