@@ -239,11 +239,12 @@ impl Relay {
         pipeline.run().await;
         let mut wakeups = pipeline.drain().await;
         shut_down(&ctx, background).await;
-        // A task beside the pipeline that panicked while the relay stopped.
+        hand_off(&ctx, &mut wakeups).await;
+        // A task beside the pipeline that panicked while the relay stopped (after the handoff:
+        // the other relays still learn when this one's retries turn due).
         if let Some(message) = ctx.panics.first() {
             supervise::raise(message);
         }
-        hand_off(&ctx, &mut wakeups).await;
         self.hub.close();
         if let Some(e) = ctx.fatal.gave_up() {
             tracing::error!(error = %e, "outbox relay stopped: the Kafka producer keeps failing");
