@@ -23,9 +23,14 @@ impl Panics {
         })
     }
 
-    /// A receiver that sees the first panic when it is recorded.
+    /// A receiver that sees the first panic, recorded before this call or after: marked
+    /// changed, so that its first `changed()` returns at once and the caller looks (a panic of
+    /// a task spawned before the pipeline subscribed would otherwise count as seen — found by
+    /// a breaker helper).
     pub(crate) fn watch(&self) -> watch::Receiver<Option<String>> {
-        self.first.subscribe()
+        let mut watch = self.first.subscribe();
+        watch.mark_changed();
+        watch
     }
 
     /// The first panic recorded, if any.
@@ -66,4 +71,34 @@ where
 /// catches it).
 pub(crate) fn raise(message: String) -> ! {
     std::panic::resume_unwind(Box::new(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic recorded before the pipeline subscribed is still seen by it (the pipeline
+    /// subscribes after spawning the listener and the waker).
+    #[tokio::test]
+    async fn a_panic_before_the_watch_is_seen() {
+        let panics = Panics::new();
+        supervised(&panics, "listener", async { panic!("early") }).await;
+        let mut watch = panics.watch();
+        tokio::time::timeout(std::time::Duration::from_secs(1), watch.changed())
+            .await
+            .expect("changed() returns at once")
+            .expect("the sender lives");
+        assert_eq!(watch.borrow().as_deref(), Some("listener: early"));
+    }
+
+    /// Only the first panic is kept; a task that ends normally records nothing.
+    #[tokio::test]
+    async fn the_first_panic_is_kept() {
+        let panics = Panics::new();
+        supervised(&panics, "waker", async {}).await;
+        assert_eq!(panics.first(), None);
+        supervised(&panics, "late report", async { panic!("one") }).await;
+        supervised(&panics, "listener", async { panic!("two") }).await;
+        assert_eq!(panics.first().as_deref(), Some("late report: one"));
+    }
 }
