@@ -11,10 +11,8 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use uuid::Uuid;
 
-/// Kafka acknowledged an event, and the relay recorded it (the row is done or deleted, and
-/// every session sees it so). The record's commit does not wait for its WAL flush (README,
-/// "Guarantees"): a Postgres crash or failover within `wal_writer_delay` × 3 (0.6 s by default)
-/// can undo it, and the event is then published, and acknowledged, again.
+/// Kafka acknowledged an event, and the relay recorded it (the row is done or deleted; the
+/// commit waited for its WAL flush: README, "Guarantees").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryAck {
     pub(crate) event_id: Uuid,

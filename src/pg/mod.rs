@@ -579,18 +579,15 @@ impl Pg {
             }
             _ => p.push(("statement_timeout", "0".into())),
         }
-        // Durability of commits. A batch's confirm need not wait for its WAL flush: a confirm
-        // lost with a server crash leaves its rows pending, and they are published again (a
-        // contiguous replay, as after any crash), and the next batch of any of its aggregates
-        // commits its fence synchronously first, which flushes the WAL up to that fence,
-        // the confirm included, before it sends. Saves a flush per batch on the commit → ack
-        // path: 1k/s p50 4.2–4.5 → 3.6–3.8 ms (BENCHMARKS.md, "The confirm's commit"). The fence
-        // must be durable before its batch sends (it is what stops another relay after a crash
-        // that took the batch session along): `on`, whatever the database's default.
-        match role {
-            "batch" => p.push(("synchronous_commit", "off".into())),
-            "fence" => p.push(("synchronous_commit", "on".into())),
-            _ => {}
+        // Durability of commits, whatever the database's default: a fence must be durable
+        // before its batch sends (it is what stops another relay after a crash that took the
+        // batch session along), and a confirm too. A confirm that did not wait for its flush
+        // (tried: 1k/s p50 −0.55 ms) and was lost with a server crash brought its batch's
+        // fence back with its rows, and those aggregates waited for the fence to expire
+        // (33 s with the defaults) after the restart — found by a breaker helper;
+        // BENCHMARKS.md, "The confirm's commit".
+        if matches!(role, "batch" | "fence") {
+            p.push(("synchronous_commit", "on".into()));
         }
         p
     }

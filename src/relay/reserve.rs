@@ -30,10 +30,10 @@ pub(crate) const RESERVE_PARAM_TYPES: [Type; 5] = [
 /// Custom plans: a generic plan made while the table was nearly empty is several times slower
 /// once a backlog arrives (measured: 15k vs 40k events/s); planning costs well under 1 ms.
 /// Bitmap scans read and sort every pending row for the `order by seq limit n` reservation.
-/// Confirms commit without waiting for their WAL flush (see `Pg::session_params`: the next
-/// fence of any of their aggregates flushes them before it sends).
+/// Confirms wait for their WAL flush whatever the database's default (see
+/// `Pg::session_params`).
 pub(crate) const BATCH_SESSION_SETUP: &str = "set plan_cache_mode = force_custom_plan; \
-     set enable_bitmapscan = off; set synchronous_commit = off";
+     set enable_bitmapscan = off; set synchronous_commit = on";
 
 /// A row reserved for publishing.
 #[derive(Debug)]
