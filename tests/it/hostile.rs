@@ -1035,39 +1035,25 @@ async fn a_least_privilege_relay_role_runs_but_cannot_migrate() {
         relay_cfg.get_dbname().expect("a database name")
     );
     let more = format!("{prefix}_more");
-    let out = cli(
-        &["--database-url", &relay_url, "--table", &more, "migrate"],
-        &[],
-    )
-    .await;
-    assert_ne!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stderr.contains("permission denied")
-            && out.stderr.contains("the migrator of scripts/roles.sql"),
-        "{}",
-        out.stderr
-    );
     // `run --migrate` says it too (found by the new-user helper: a bare "permission denied").
     let brokers = support::kafka_brokers();
-    let out = cli(
-        &[
+    for command in [&["migrate"][..], &["run", "--migrate"][..]] {
+        let mut args = vec![
             "--database-url",
-            &relay_url,
+            relay_url.as_str(),
             "--table",
-            &more,
-            "run",
-            "--migrate",
-        ],
-        &[("KAFKA_BROKERS", brokers.as_str())],
-    )
-    .await;
-    assert_ne!(out.code, Some(0), "{}", out.all());
-    assert!(
-        out.stderr.contains("permission denied")
-            && out.stderr.contains("the migrator of scripts/roles.sql"),
-        "{}",
-        out.stderr
-    );
+            more.as_str(),
+        ];
+        args.extend_from_slice(command);
+        let out = cli(&args, &[("KAFKA_BROKERS", brokers.as_str())]).await;
+        assert_ne!(out.code, Some(0), "{command:?}: {}", out.all());
+        assert!(
+            out.stderr.contains("permission denied")
+                && out.stderr.contains("the migrator of scripts/roles.sql"),
+            "{command:?}: {}",
+            out.stderr
+        );
+    }
 
     let topic = topic_name("roles");
     support::create_topic(&topic, 1).await;
