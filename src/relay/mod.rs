@@ -147,6 +147,10 @@ struct Pipeline {
     /// is filled while a batch is in flight (each such attempt is a wasted scan), and the next
     /// reservation takes the share of every slot (see [`Pipeline::reserve`]).
     gated: bool,
+    /// The last reservation caught up with at most [`reserve::LIGHT_ROWS`] rows, or found none
+    /// (and the backlog is neither gated nor split): the relay keeps up, so the next
+    /// reservation is a light one (generic plans: see [`reserve::LIGHT_BEGIN`]).
+    light: bool,
     /// Where the next reservation's scan starts (see [`ScanStart::next`]).
     scan: ScanStart,
     /// A gated backlog split between the batch slots (see [`split`]): each slot reserves the
@@ -227,6 +231,7 @@ impl Relay {
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
             last_full: false,
+            light: false,
             gated: false,
             scan: ScanStart::new(),
             split: None,
@@ -357,6 +362,7 @@ impl Pipeline {
             1
         };
         self.gated = false;
+        let light = std::mem::take(&mut self.light) && share == 1 && group.is_none();
         let limit = ctx.settings.batch_size.saturating_mul(share);
         let ask = Ask {
             limit,
@@ -365,6 +371,7 @@ impl Pipeline {
             skip_blocked: start.skip_blocked,
             windowed: start.windowed,
             group: (self.split.as_ref()).zip(group).map(|(s, g)| s.filter(g)),
+            light,
         };
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
@@ -419,6 +426,7 @@ impl Pipeline {
         }
         self.gated = gated;
         self.last_full = false;
+        self.light = !gated && self.split.is_none();
         // A scan from the floor found nothing: a row below it that turns pending without a
         // wake-up of its own must not wait for the fallback poll.
         if let Some(at) = self.scan.full_scan_owed() {
@@ -515,6 +523,7 @@ impl Pipeline {
         // A split group's batch that caught up says nothing of the other groups' backlog: it
         // does not kick the producers (see `publish::publish`).
         let caught_up = scan.caught_up() && group.is_none();
+        self.light = caught_up && self.split.is_none() && rows.len() <= reserve::LIGHT_ROWS;
         let batch = run_batch(
             self.ctx.clone(),
             conn,

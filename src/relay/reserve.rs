@@ -192,10 +192,20 @@ impl BatchConn {
             (true, false) => &self.reserve_full,
             (false, _) => &self.reserve,
         };
-        let (_, rows) = futures::try_join!(
-            self.client.batch_execute("begin"),
-            self.client.query(statement, &params)
-        )?;
+        let rows = if ask.light {
+            let (_, rows, _) = futures::try_join!(
+                self.client.batch_execute(LIGHT_BEGIN),
+                self.client.query(statement, &params),
+                self.client.batch_execute(LIGHT_AFTER_RESERVE)
+            )?;
+            rows
+        } else {
+            let (_, rows) = futures::try_join!(
+                self.client.batch_execute("begin"),
+                self.client.query(statement, &params)
+            )?;
+            rows
+        };
         let scan = Scan::of(&rows);
         if returned(&rows).is_empty() {
             self.client.batch_execute("rollback").await?;
@@ -241,7 +251,39 @@ pub(crate) struct Ask {
     /// Only the rows of this group of aggregates: the group of each bucket, and the group (see
     /// [`super::split`]); `None`: every row.
     pub(crate) group: Option<(Arc<[i16]>, i16)>,
+    /// A light reservation (after one that caught up with at most [`LIGHT_ROWS`] rows): the
+    /// batch transaction's statements run their generic plans (see [`LIGHT_BEGIN`]).
+    pub(crate) light: bool,
 }
+
+/// A reservation that caught up with at most this many rows makes the next one light (see
+/// [`LIGHT_BEGIN`]): a relay that keeps up at 1k events/s reserves 2–5 rows at a time, where
+/// planning is most of a reservation's cost; at 10k events/s (batches of ~170 rows, the
+/// relay near the machine's limit) it is not, and light reservations capped at 256 rows there
+/// let the backlog outgrow the relay (p50 1.9–2.3 s against 61–82 ms, BENCHMARKS.md).
+pub(crate) const LIGHT_ROWS: usize = 64;
+
+/// Begins a light batch transaction: its statements run their generic plans, made once per
+/// session, instead of a custom plan per execution. Planning the reservation took 0.8 ms of
+/// its 1.05 ms server time in a relay that keeps up at 1k events/s (`pg_stat_statements`, 2,420
+/// reservations of 4.6 rows), and the confirm's 0.19 of 0.37 ms; a caught-up batch pays both
+/// on its way to the ack, and the two cores pay them per batch (BENCHMARKS.md, "Generic plans
+/// for the batches of a relay that keeps up"). A generic plan cannot see the limit or the
+/// table's size and, planned once on a near-empty table, chose sequential scans and nested
+/// loops that grew with the table (16 ms for 256 rows, from 0.9 ms); with sequential scans and
+/// nested loops disabled it keeps the custom plans' shape (the index scans, the hash join of
+/// candidates and gate; the gate's lateral probe stays a nested loop: nothing else can run a
+/// lateral), also for a full batch (a burst after a quiet spell: 2,000 rows reserved in 55 ms
+/// against 65 ms with custom plans, measured on a table of 24k pending rows). The plan is
+/// cached with the settings it was made under, and made again after an `ANALYZE` of the table.
+pub(crate) const LIGHT_BEGIN: &str = "begin; set local plan_cache_mode = force_generic_plan; \
+     set local enable_seqscan = off; set local enable_nestloop = off";
+
+/// After a light reservation, in the same round trip: nested loops again for the confirm (its
+/// plan is a nested loop over the ids and the primary key; without one it would join a full
+/// index scan of the table), which stays generic with sequential scans off (see
+/// [`super::CONFIRM_SETUP`]).
+pub(crate) const LIGHT_AFTER_RESERVE: &str = "set local enable_nestloop = on";
 
 /// What a reservation's scan found, besides its rows.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

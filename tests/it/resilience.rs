@@ -2,6 +2,7 @@
 //! timeouts), relay session parameters that a role's defaults cannot break, hostile rows in
 //! `find`/`status`, dropped objects and `migrate`, and the fault kit itself.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -446,6 +447,96 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_jit_or_fence_dura
     // The writer keeps the database's defaults (serializable).
     let writer = outbox::testing::connect(&db_config).await.unwrap();
     deliver_round_robin(&outbox, &writer, &topic, 60, 3).await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
+/// A relay that keeps up plans its small batches once per session: a light reservation (after
+/// one that caught up with few rows) runs the reservation and the confirm with their generic
+/// plans — planning was most of a caught-up batch's server time — under the settings that keep
+/// those plans' shape (sequential scans off, nested loops off for the reservation and on again
+/// for the confirm, whose plan is a nested loop over the primary key); a backlog's batches keep
+/// their custom plans. Read inside each batch transaction by a trigger on the confirm's update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_keeps_up_runs_generic_plans_and_a_backlog_custom_ones() {
+    support::init_tracing();
+    let (outbox, table, topic) =
+        fresh_outbox(support::postgres().await, "plans", 2, "connect").await;
+    let client = support::connect_pg().await;
+    client
+        .batch_execute(&format!(
+            "create table {table}_plans (seq int8, plan_cache_mode text, enable_nestloop text,
+                                         enable_seqscan text);
+             create function {table}_plans() returns trigger language plpgsql as $$
+             begin
+               insert into {table}_plans values (new.seq, current_setting('plan_cache_mode'),
+                   current_setting('enable_nestloop'), current_setting('enable_seqscan'));
+               return null;
+             end $$;
+             create trigger {table}_plans after update on {table} for each row
+               when (new.status = 'done' and old.status = 'new')
+               execute function {table}_plans();"
+        ))
+        .await
+        .unwrap();
+    // A backlog of 3,000 events (one batch of 2,000, one of 1,000), before the relay starts.
+    let backlog: Vec<NewEvent> = (0..3000)
+        .map(|n| NewEvent::new(&topic, format!("a{n}"), "T", json!({ "n": n })))
+        .collect();
+    outbox.add_new_events(&client, &backlog).await.unwrap();
+    let relay = outbox.start().unwrap();
+    let done = |n: i64| {
+        let (client, table) = (&client, &table);
+        move || async move {
+            match support::count_rows(client, table, "where status = 'done'").await {
+                d if d == n => Ok(()),
+                d => Err(format!("{d} done")),
+            }
+        }
+    };
+    support::eventually(HANG, "the backlog delivered", done(3000)).await;
+    // Then single events, each delivered before the next: the relay keeps up.
+    for n in 0..5 {
+        outbox
+            .add_new_event(
+                &client,
+                NewEvent::new(&topic, "single", "T", json!({ "n": n })),
+            )
+            .await
+            .unwrap();
+        support::eventually(HANG, "the single event delivered", done(3001 + n)).await;
+    }
+    let rows = client
+        .query(
+            &format!(
+                "select p.seq, p.plan_cache_mode, p.enable_nestloop, p.enable_seqscan,
+                        e.aggregate_id = 'single'
+                   from {table}_plans p join {table} e using (seq) order by p.seq"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3005, "one confirm per row");
+    let settings = |single: bool| -> BTreeMap<(String, String, String), usize> {
+        let mut seen = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.get::<_, bool>(4) == single) {
+            *seen.entry((r.get(1), r.get(2), r.get(3))).or_default() += 1;
+        }
+        seen
+    };
+    let of = |plans: &str, nestloop: &str, n: usize| {
+        BTreeMap::from([((plans.into(), nestloop.into(), "off".into()), n)])
+    };
+    assert_eq!(
+        settings(false),
+        of("force_custom_plan", "on", 3000),
+        "the backlog's confirms"
+    );
+    assert_eq!(
+        settings(true),
+        of("force_generic_plan", "on", 5),
+        "the single events' confirms"
+    );
     support::stop_and_join(&outbox, relay).await;
 }
 
