@@ -95,6 +95,15 @@ pub(crate) struct Listener {
     pub(crate) connected: Arc<AtomicBool>,
 }
 
+/// Clears `stats().listener_connected` when dropped.
+struct Listening(Arc<AtomicBool>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// The result of one attempt to connect and LISTEN.
 enum Attempt {
     Listening(Client, JoinHandle<Option<tokio_postgres::Error>>),
@@ -107,6 +116,9 @@ enum Attempt {
 
 impl Listener {
     pub(crate) async fn run(self) {
+        // However the task ends — stopped, or unwinding from a panic that stops the relay (see
+        // `supervise`) — it no longer listens.
+        let _listening = Listening(self.connected.clone());
         let mut backoff = reconnect_backoff();
         let mut first = true;
         loop {
