@@ -1813,21 +1813,15 @@ async fn wake_lock_pid(client: &tokio_postgres::Client, table: &str) -> Option<i
 async fn waker_session_lost_is_replaced_and_writers_notify_again() {
     support::init_tracing();
     // A database of its own: terminate_backends ends the waker sessions of the whole database.
-    let db = support::fresh_database().await;
-    let client = outbox::testing::connect(&db).await.unwrap();
-    let table = support::unique_name("waker_lost");
-    outbox::migrate_table(&client, &table, &table)
-        .await
-        .unwrap();
-    let topic = support::fresh_topic("waker_lost_topic", 1).await;
-    let brokers = support::kafka_brokers();
-    let (outbox, mut reader, relay) = support::start_with_reader(
-        on_table(db.clone(), &table).poll_interval(Duration::from_secs(3600)),
-        &brokers,
-        &topic,
-        HANG,
-    )
-    .await;
+    let OwnDatabase {
+        client,
+        table,
+        topic,
+        outbox,
+        mut reader,
+        relay,
+        ..
+    } = relay_on_own_database("waker_lost", |b| b.poll_interval(Duration::from_secs(3600))).await;
     support::wait_armed(&outbox, &table, HANG).await;
     let old = wake_lock_pid(&client, &table)
         .await
@@ -2717,10 +2711,61 @@ async fn a_panicking_listener_stops_the_relay_with_an_error() {
         message.starts_with("listener: ") && message.contains("panic_the_listener_of"),
         "the error names the task and the panic: {message}"
     );
-    assert!(!outbox.stats().running, "stats say the relay still runs");
+    let stats = outbox.stats();
+    assert!(!stats.running, "stats say the relay still runs");
+    assert!(
+        !stats.listener_connected,
+        "stats say the listener still listens"
+    );
     let health = outbox.health().await.expect("health");
     assert!(!health.running, "health says the relay still runs");
+    assert_eq!(health.listener_connected, Some(false), "{health:?}");
     relay_sessions_end(&client).await;
+}
+
+/// A started relay with a reader, on a table (also its channel) of a fresh database of its own,
+/// for the tests that count or end every relay session of their database.
+struct OwnDatabase {
+    pg: tokio_postgres::Config,
+    /// A plain session of the database (the tests' writer).
+    client: tokio_postgres::Client,
+    table: String,
+    /// A topic of one partition, read by `reader` from before the relay started.
+    topic: String,
+    outbox: Outbox,
+    reader: support::TopicReader,
+    relay: support::RelayTask,
+}
+
+/// Creates a database, migrates a table `name…` in it and starts a relay on it, configured by
+/// `configure` from [`on_table`].
+async fn relay_on_own_database(
+    name: &str,
+    configure: impl FnOnce(OutboxBuilder) -> OutboxBuilder,
+) -> OwnDatabase {
+    let pg = support::fresh_database().await;
+    let client = outbox::testing::connect(&pg).await.unwrap();
+    let table = support::unique_name(name);
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = support::fresh_topic(&format!("{name}_topic"), 1).await;
+    let (outbox, reader, relay) = support::start_with_reader(
+        configure(on_table(pg.clone(), &table)),
+        &support::kafka_brokers(),
+        &topic,
+        HANG,
+    )
+    .await;
+    OwnDatabase {
+        pg,
+        client,
+        table,
+        topic,
+        outbox,
+        reader,
+        relay,
+    }
 }
 
 /// The message of the `Error::Panicked` the task of a relay that panics ends with.
@@ -2774,21 +2819,15 @@ async fn relay_sessions_end(client: &tokio_postgres::Client) {
 async fn a_panicking_relay_stops_with_an_error_and_reports_itself_not_running() {
     support::init_tracing();
     // A database of its own: the relay's sessions in it are counted.
-    let pg = support::fresh_database().await;
-    let client = outbox::testing::connect(&pg).await.unwrap();
-    let table = support::unique_name("panicked");
-    outbox::migrate_table(&client, &table, &table)
-        .await
-        .unwrap();
-    let topic = support::fresh_topic("panicked_topic", 1).await;
-    let brokers = support::kafka_brokers();
-    let (outbox, mut reader, relay) = support::start_with_reader(
-        short_fence(on_table(pg.clone(), &table)),
-        &brokers,
-        &topic,
-        HANG,
-    )
-    .await;
+    let OwnDatabase {
+        pg,
+        client,
+        table,
+        topic,
+        outbox,
+        mut reader,
+        relay,
+    } = relay_on_own_database("panicked", short_fence).await;
     let mut acks = outbox.subscribe();
     let panics = support::counter_value("outbox_relay_panics_total");
     outbox::testing::faults::panic_the_relay_of(&table);
