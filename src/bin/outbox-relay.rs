@@ -516,8 +516,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Find(args) => {
-            for e in admin(&cli).await?.find(&event_filter(args)).await? {
-                println!("{}", text::json_line(&event_json(&e)));
+            let events = admin(&cli).await?.find(&event_filter(args)).await?;
+            for e in &events {
+                println!("{}", text::json_line(&event_json(e)));
+            }
+            // On stderr, so that stdout stays JSON lines: an empty stdout alone looked like a
+            // command that did nothing (a new-user helper's reading).
+            if events.is_empty() {
+                eprintln!("no events match");
             }
             Ok(())
         }

@@ -1418,6 +1418,11 @@ async fn find_filters_and_pages_json_lines() {
 
     let on_t2 = find(&table, &["--topic", &t2]).await;
     assert_eq!(ids_of(&on_t2), vec![ids[2], ids[4]]);
+    // Nothing found: no JSON line, and stderr says so.
+    let none = cli_on(&table, &["find", "--aggregate", "nosuch"]).await;
+    assert_code(&none, 0, "find with no match");
+    assert_eq!(none.stdout.trim(), "", "{}", none.stdout);
+    assert!(none.stderr.contains("no events match"), "{}", none.stderr);
     assert!(on_t2.iter().all(|v| v["topic"] == t2.as_str()));
 
     let created = find(&table, &["--type", "Created", "--topic", &t1]).await;
