@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
     let missing = committed.difference(&seen).count();
     let leaked = seen.contains(&rolled_back);
     println!(
-        "summary: {} committed, {} delivered, {} missing, rolled-back event published: {}, in {:.0?}",
+        "summary: {} committed, {} delivered, {} missing, rolled-back event published: {}, {:.0?} from the first write to the last ack",
         committed.len(),
         seen.intersection(&committed).count(),
         missing,
