@@ -270,6 +270,7 @@ impl Outbox {
             &settings.table,
             settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,
             settings.on_delivery == OnDelivery::Delete,
+            settings.batch_size,
         ));
         let writer_sql = Arc::new(WriterSql::new(&settings.table));
         let admin_sql = Arc::new(AdminSql::new(&settings.table, &settings.channel));

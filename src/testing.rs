@@ -1486,7 +1486,12 @@ pub async fn reserve_every_aggregate(
 /// The relay's SQL for `table` (default dead-letter policy: block the aggregate), with
 /// `delete_on_delivery` choosing `OnDelivery::Delete`'s confirmation.
 pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
-    let sql = crate::store::RelaySql::new(table, true, delete_on_delivery);
+    let sql = crate::store::RelaySql::new(
+        table,
+        true,
+        delete_on_delivery,
+        crate::Settings::default().batch_size,
+    );
     RelaySql {
         reserve: sql.reserve,
         reserve_full: sql.reserve_full,

@@ -149,7 +149,7 @@ struct Pipeline {
     gated: bool,
     /// The last reservation caught up with at most [`reserve::LIGHT_ROWS`] rows, or found none
     /// (and the backlog is neither gated nor split): the relay keeps up, so the next
-    /// reservation is a light one (generic plans: see [`reserve::LIGHT_BEGIN`]).
+    /// reservation is a light one (a generic plan: see [`reserve::LIGHT_BEGIN`]).
     light: bool,
     /// Where the next reservation's scan starts (see [`ScanStart::next`]).
     scan: ScanStart,

@@ -102,6 +102,9 @@ pub(crate) struct BatchConn {
     reserve_full: Statement,
     /// The same within a window (see `RelaySql::reserve_windowed`).
     reserve_windowed: Statement,
+    /// The three for a light batch (see `RelaySql::light_reserve`), and their limit.
+    light_reserve: [Statement; 3],
+    light_limit: usize,
     pub(crate) confirm: Statement,
     /// Rows acknowledged while the batch still publishes (see `confirm::confirm_early`).
     pub(crate) confirm_early: Statement,
@@ -132,14 +135,18 @@ impl BatchConn {
         )
         .await
         .map(
-            |(reserve, reserve_full, reserve_windowed, confirm, confirm_early)| BatchConn {
-                client: Arc::new(client),
-                reserve,
-                reserve_full,
-                reserve_windowed,
-                confirm,
-                confirm_early,
-                server,
+            |([reserve, reserve_full, reserve_windowed], light_reserve, confirm, confirm_early)| {
+                BatchConn {
+                    client: Arc::new(client),
+                    reserve,
+                    reserve_full,
+                    reserve_windowed,
+                    light_reserve,
+                    light_limit: sql.light_limit,
+                    confirm,
+                    confirm_early,
+                    server,
+                }
             },
         )
     }
@@ -148,8 +155,7 @@ impl BatchConn {
         client: &Client,
         sql: &RelaySql,
         timing: &Timing,
-    ) -> Result<(Statement, Statement, Statement, Statement, Statement), tokio_postgres::Error>
-    {
+    ) -> Result<([Statement; 3], [Statement; 3], Statement, Statement), tokio_postgres::Error> {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -159,20 +165,18 @@ impl BatchConn {
             ))
             .await?;
         let types = RESERVE_PARAM_TYPES;
-        let (reserve, reserve_full, reserve_windowed, confirm, confirm_early) = futures::try_join!(
+        let [l0, l1, l2] = &sql.light_reserve;
+        let (r0, r1, r2, l0, l1, l2, confirm, confirm_early) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),
             client.prepare_typed(&sql.reserve_windowed, &types),
+            client.prepare_typed(l0, &types),
+            client.prepare_typed(l1, &types),
+            client.prepare_typed(l2, &types),
             client.prepare(&sql.confirm),
             client.prepare(&sql.confirm_early)
         )?;
-        Ok((
-            reserve,
-            reserve_full,
-            reserve_windowed,
-            confirm,
-            confirm_early,
-        ))
+        Ok(([r0, r1, r2], [l0, l1, l2], confirm, confirm_early))
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
@@ -187,12 +191,17 @@ impl BatchConn {
         };
         let params: [&(dyn postgres_types::ToSql + Sync); 5] =
             [&limit, &max_bytes, &ask.from, &buckets, &group];
-        let statement = match (ask.skip_blocked, ask.windowed) {
-            (true, true) => &self.reserve_windowed,
-            (true, false) => &self.reserve_full,
-            (false, _) => &self.reserve,
+        // Light statements limit their candidates to `light_limit`, written in: only for that.
+        let light = ask.light && ask.limit == self.light_limit;
+        let statement = match (light, ask.skip_blocked, ask.windowed) {
+            (false, true, true) => &self.reserve_windowed,
+            (false, true, false) => &self.reserve_full,
+            (false, false, _) => &self.reserve,
+            (true, true, true) => &self.light_reserve[2],
+            (true, true, false) => &self.light_reserve[1],
+            (true, false, _) => &self.light_reserve[0],
         };
-        let rows = if ask.light {
+        let rows = if light {
             let (_, rows, _) = futures::try_join!(
                 self.client.batch_execute(LIGHT_BEGIN),
                 self.client.query(statement, &params),
@@ -251,8 +260,8 @@ pub(crate) struct Ask {
     /// Only the rows of this group of aggregates: the group of each bucket, and the group (see
     /// [`super::split`]); `None`: every row.
     pub(crate) group: Option<(Arc<[i16]>, i16)>,
-    /// A light reservation (after one that caught up with at most [`LIGHT_ROWS`] rows): the
-    /// batch transaction's statements run their generic plans (see [`LIGHT_BEGIN`]).
+    /// A light reservation (after one that caught up with at most [`LIGHT_ROWS`] rows): it runs
+    /// its generic plan (see [`LIGHT_BEGIN`]); only with `limit` = `batch_size`.
     pub(crate) light: bool,
 }
 
@@ -263,27 +272,31 @@ pub(crate) struct Ask {
 /// let the backlog outgrow the relay (p50 1.9–2.3 s against 61–82 ms, BENCHMARKS.md).
 pub(crate) const LIGHT_ROWS: usize = 64;
 
-/// Begins a light batch transaction: its statements run their generic plans, made once per
+/// Begins a light batch transaction: its reservation runs its generic plan, made once per
 /// session, instead of a custom plan per execution. Planning the reservation took 0.8 ms of
 /// its 1.05 ms server time in a relay that keeps up at 1k events/s (`pg_stat_statements`, 2,420
-/// reservations of 4.6 rows), and the confirm's 0.19 of 0.37 ms; a caught-up batch pays both
-/// on its way to the ack, and the two cores pay them per batch (BENCHMARKS.md, "Generic plans
-/// for the batches of a relay that keeps up"). A generic plan cannot see the limit or the
-/// table's size and, planned once on a near-empty table, chose sequential scans and nested
-/// loops that grew with the table (16 ms for 256 rows, from 0.9 ms); with sequential scans and
-/// nested loops disabled it keeps the custom plans' shape (the index scans, the hash join of
-/// candidates and gate; the gate's lateral probe stays a nested loop: nothing else can run a
-/// lateral), also for a full batch (a burst after a quiet spell: 2,000 rows reserved in 55 ms
-/// against 65 ms with custom plans, measured on a table of 24k pending rows). The plan is
-/// cached with the settings it was made under, and made again after an `ANALYZE` of the table.
+/// reservations of 4.6 rows); a caught-up batch pays it on its way to the ack, and the two
+/// cores pay it per batch (BENCHMARKS.md, "Generic plans for the batches of a relay that keeps
+/// up"). A generic plan cannot see the table's size and, planned once on a near-empty table,
+/// chose sequential scans and nested loops that grew with the table (16 ms for 256 rows, from
+/// 0.9 ms); with sequential scans and nested loops disabled it keeps the custom plans' shape
+/// (the index scans, the hash join of candidates and gate; the gate's lateral probe stays a
+/// nested loop: nothing else can run a lateral), also for a full batch (a burst after a quiet
+/// spell: 2,000 rows reserved in 55 ms against 65 ms with custom plans, measured on a table of
+/// 24k pending rows); and it sees the limit, written into the light statements (see
+/// `RelaySql::light_reserve`). The plan is cached with the settings it was made under, and made
+/// again after an `ANALYZE` of the table.
 pub(crate) const LIGHT_BEGIN: &str = "begin; set local plan_cache_mode = force_generic_plan; \
      set local enable_seqscan = off; set local enable_nestloop = off";
 
-/// After a light reservation, in the same round trip: nested loops again for the confirm (its
-/// plan is a nested loop over the ids and the primary key; without one it would join a full
-/// index scan of the table), which stays generic with sequential scans off (see
-/// [`super::CONFIRM_SETUP`]).
-pub(crate) const LIGHT_AFTER_RESERVE: &str = "set local enable_nestloop = on";
+/// After a light reservation, in the same round trip: the confirm (and an early write) plan
+/// custom again, with nested loops. Their generic plans saved 0.15 ms but cannot see how many
+/// ids a batch has: made on a table that looked empty, the confirm's generic plan hashed the
+/// whole primary key per confirm (8.4 s for one row on a table grown to 1M rows), or put the
+/// table outside a nested loop over the ids (81 s for a 2,000-row burst's batch: a confirm past
+/// `postgres_timeout`, its batch published again) — found by two breaker helpers.
+pub(crate) const LIGHT_AFTER_RESERVE: &str =
+    "set local plan_cache_mode = force_custom_plan; set local enable_nestloop = on";
 
 /// What a reservation's scan found, besides its rows.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,8 @@
 -- at most about its compression ratio × the budget; an uncompressed `jsonb` can be larger
 -- stored than as text (many small numbers), and then the first cut keeps less than the budget
 -- of text: the rows returned are the prefix within the budget by both measures.
--- $1 int8: batch size; $2 int8: byte budget; $3 int8: the scan's start (no row below this `seq`
+-- $1 int8: batch size (the candidates' limit is `{{limit}}`: `$1`, or the batch size as a literal
+-- in a light batch's statements, whose generic plans must see it); $2 int8: byte budget; $3 int8: the scan's start (no row below this `seq`
 -- is a candidate; the lowest int8 for a full scan). The start bounds only the scan for
 -- candidates, never the gate's probe: an open row below it still holds back its aggregate's later
 -- rows, so a scan that starts too high delays rows but never reorders them. Which rows block
@@ -73,7 +74,7 @@ with win as materialized (
              or coalesce(($4::int2[])[1 + (hashtext(c.aggregate_id) & 63)], 0) = $5::int2)
         {{skip_blocked}}
       order by seq
-      limit $1
+      limit {{limit}}
         for update of c skip locked
  ),
  gate as materialized (

@@ -450,21 +450,28 @@ async fn database_defaults_cannot_change_the_relay_s_isolation_jit_or_fence_dura
     support::stop_and_join(&outbox, relay).await;
 }
 
-/// A relay that keeps up plans its small batches once per session: a light reservation (after
-/// one that caught up with few rows) runs the reservation and the confirm with their generic
-/// plans — planning was most of a caught-up batch's server time — under the settings that keep
-/// those plans' shape (sequential scans off, nested loops off for the reservation and on again
-/// for the confirm, whose plan is a nested loop over the primary key); a backlog's batches keep
-/// their custom plans. Read inside each batch transaction by a trigger on the confirm's update.
+/// A relay that keeps up plans its small batches' reservations once per session: a light
+/// reservation (after one that caught up with few rows) runs its generic plan — planning was
+/// most of a caught-up batch's server time — from its own statement, whose candidates' limit is
+/// written in; its confirm plans custom every time, with nested loops (a generic confirm made
+/// on a table that looked empty hashed the whole table per confirm); a backlog's reservations
+/// plan custom. Counted by `pg_stat_statements` (calls and plans per statement) on a server of
+/// its own; the settings at each confirm read inside the batch transaction by a trigger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_that_keeps_up_runs_generic_plans_and_a_backlog_custom_ones() {
+async fn a_relay_that_keeps_up_plans_its_reservations_once_and_its_confirms_each_time() {
     support::init_tracing();
-    let (outbox, table, topic) =
-        fresh_outbox(support::postgres().await, "plans", 2, "connect").await;
-    let client = support::connect_pg().await;
+    let server = outbox::testing::TestPostgres::builder()
+        .setting("shared_preload_libraries", "pg_stat_statements")
+        .setting("pg_stat_statements.track_planning", "on")
+        .start()
+        .await
+        .unwrap();
+    let (outbox, table, topic) = fresh_outbox(server.config(), "plans", 2, "connect").await;
+    let client = outbox::testing::connect(&server.config()).await.unwrap();
     client
         .batch_execute(&format!(
-            "create table {table}_plans (seq int8, plan_cache_mode text, enable_nestloop text,
+            "create extension pg_stat_statements;
+             create table {table}_plans (seq int8, plan_cache_mode text, enable_nestloop text,
                                          enable_seqscan text);
              create function {table}_plans() returns trigger language plpgsql as $$
              begin
@@ -505,39 +512,65 @@ async fn a_relay_that_keeps_up_runs_generic_plans_and_a_backlog_custom_ones() {
             .unwrap();
         support::eventually(HANG, "the single event delivered", done(3001 + n)).await;
     }
-    let rows = client
+    support::stop_and_join(&outbox, relay).await;
+    // Calls and plans of the relay's statements on this table (`limit $1`: the reservations
+    // whose limit is a parameter; a light one's literal limit shows as a higher `$n`).
+    let counts = |what: &'static str| {
+        let (client, table) = (&client, &table);
+        async move {
+            let row = client
+                .query_one(
+                    &format!(
+                        "select coalesce(sum(calls), 0)::int8, coalesce(sum(plans), 0)::int8
+                           from pg_stat_statements where {what}
+                            and query like '%{table} %'"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        }
+    };
+    let (calls, plans) = counts("query like '-- Reserve:%' and query ~ 'limit \\$1\\M'").await;
+    assert!(
+        calls >= 2 && plans == calls,
+        "backlog reservations: {calls} calls, {plans} plans"
+    );
+    let (calls, plans) = counts("query like '-- Reserve:%' and query !~ 'limit \\$1\\M'").await;
+    assert!(
+        calls >= 5 && plans < calls,
+        "light reservations: {calls} calls, {plans} plans"
+    );
+    let (calls, plans) = counts("query like '-- Confirm a batch%'").await;
+    assert!(
+        calls >= 7 && plans == calls,
+        "confirms: {calls} calls, {plans} plans"
+    );
+    // Every confirm, light or not, ran with nested loops and a custom plan.
+    let seen: BTreeMap<(String, String, String), i64> = client
         .query(
             &format!(
-                "select p.seq, p.plan_cache_mode, p.enable_nestloop, p.enable_seqscan,
-                        e.aggregate_id = 'single'
-                   from {table}_plans p join {table} e using (seq) order by p.seq"
+                "select plan_cache_mode, enable_nestloop, enable_seqscan, count(*)
+                   from {table}_plans group by 1, 2, 3"
             ),
             &[],
         )
         .await
-        .unwrap();
-    assert_eq!(rows.len(), 3005, "one confirm per row");
-    let settings = |single: bool| -> BTreeMap<(String, String, String), usize> {
-        let mut seen = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.get::<_, bool>(4) == single) {
-            *seen.entry((r.get(1), r.get(2), r.get(3))).or_default() += 1;
-        }
-        seen
-    };
-    let of = |plans: &str, nestloop: &str, n: usize| {
-        BTreeMap::from([((plans.into(), nestloop.into(), "off".into()), n)])
-    };
-    assert_eq!(
-        settings(false),
-        of("force_custom_plan", "on", 3000),
-        "the backlog's confirms"
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+        .collect();
+    let expected = (
+        "force_custom_plan".to_string(),
+        "on".to_string(),
+        "off".to_string(),
     );
     assert_eq!(
-        settings(true),
-        of("force_generic_plan", "on", 5),
-        "the single events' confirms"
+        seen,
+        BTreeMap::from([(expected, 3005)]),
+        "settings at the confirms"
     );
-    support::stop_and_join(&outbox, relay).await;
 }
 
 /// When the pipeline's Postgres round trips keep failing — here its sessions are read-only
