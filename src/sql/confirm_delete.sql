@@ -2,7 +2,7 @@
 -- fence deleted ($7 uuid batch id). Returns the held rows as confirm.sql does.
 with unfenced as (delete from {{table}}_fence where batch_id = $7),
      delivered as (
-         delete from {{table}} where id = any(
+         delete from {{table}} where id = any($1::uuid[]) and id = any(
              select u.id from unnest($1::uuid[], $2::int2[]) as u(id, outcome)
               where u.outcome = {{delivered}})
      ),

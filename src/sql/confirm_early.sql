@@ -10,4 +10,4 @@ update {{table}} e set
      next_attempt_at = null,
      reserved_to = null
    from unnest($1::uuid[], $2::int4[], $3::int8[]) as u(id, part, off)
-  where e.id = u.id
+  where e.id = u.id and e.id = any($1::uuid[])

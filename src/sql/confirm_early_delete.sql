@@ -3,4 +3,4 @@
 -- parameters as confirm_early.sql).
 delete from {{table}} e
  using unnest($1::uuid[], $2::int4[], $3::int8[]) as u(id, part, off)
- where e.id = u.id
+ where e.id = u.id and e.id = any($1::uuid[])

@@ -18,4 +18,4 @@ update {{table}} e set
      reserved_to = null
    from unnest($1::uuid[], $2::int2[], $3::int4[], $4::int8[], $5::text[], $6::int8[])
         as u(id, outcome, part, off, error, delay_ms)
-  where e.id = u.id
+  where e.id = u.id and e.id = any($1::uuid[])
