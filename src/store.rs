@@ -191,6 +191,13 @@ impl AdminSql {
 /// relay bounds its scans so after one failed (see `relay::scan::ScanStart::next`).
 pub(crate) const SCAN_WINDOW: usize = 10_000;
 
+/// The most rows a light batch reserves (see `relay::reserve::LIGHT_BEGIN`; fewer when
+/// `batch_size` is smaller): enough for a relay that keeps up (batches of 2–5 rows at 1k
+/// events/s), and a generic plan that misjudges a backlog — in a breaker's rerun, light
+/// reservations that met a burst took 94–242 ms for ~1,800 rows where custom ones took 57–126 —
+/// costs at most one batch this size before the full, custom-planned ones.
+pub(crate) const LIGHT_LIMIT: usize = 256;
+
 /// What the relay runs.
 #[derive(Debug)]
 pub(crate) struct RelaySql {
@@ -212,7 +219,8 @@ pub(crate) struct RelaySql {
     /// for what custom plans reserved in 15 ms to 0.15 s (a breaker helper's measurements, on
     /// statistics implying millions of pending rows).
     pub(crate) light_reserve: [String; 3],
-    /// The limit written into [`light_reserve`](Self::light_reserve): the relay's `batch_size`.
+    /// The limit written into [`light_reserve`](Self::light_reserve): the relay's `batch_size`,
+    /// at most [`LIGHT_LIMIT`].
     pub(crate) light_limit: usize,
     pub(crate) confirm: String,
     /// Rows acknowledged while the batch still publishes, written in its transaction.
@@ -232,7 +240,7 @@ pub(crate) struct RelaySql {
 impl RelaySql {
     /// `block_on_dead_letter`: whether a dead letter holds back the later events of its aggregate.
     /// `delete_on_delivery`: delete delivered rows instead of marking them done. `batch_size`:
-    /// the limit of a light batch's reservations.
+    /// the relay's; a light batch's reservations take at most [`LIGHT_LIMIT`] of it.
     pub(crate) fn new(
         table: &str,
         block_on_dead_letter: bool,
@@ -262,12 +270,13 @@ impl RelaySql {
         };
         let r = |sql: &str| render(sql, table, "", &[]);
         let [reserve, reserve_full, reserve_windowed] = reserve_statements(table, open, "$1");
+        let light_limit = batch_size.min(LIGHT_LIMIT);
         RelaySql {
             reserve,
             reserve_full,
             reserve_windowed,
-            light_reserve: reserve_statements(table, open, &batch_size.to_string()),
-            light_limit: batch_size,
+            light_reserve: reserve_statements(table, open, &light_limit.to_string()),
+            light_limit,
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             confirm_early: r(confirm_early),
             late_confirm: r(late_confirm),

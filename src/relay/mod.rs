@@ -363,7 +363,10 @@ impl Pipeline {
         };
         self.gated = false;
         let light = std::mem::take(&mut self.light) && share == 1 && group.is_none();
-        let limit = ctx.settings.batch_size.saturating_mul(share);
+        let limit = match ctx.settings.batch_size.saturating_mul(share) {
+            _ if light => ctx.sql.light_limit,
+            n => n,
+        };
         let ask = Ask {
             limit,
             max_bytes: ctx.settings.max_batch_bytes,
