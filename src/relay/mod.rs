@@ -151,6 +151,11 @@ struct Pipeline {
     /// (and the backlog is neither gated nor split): the relay keeps up, so the next
     /// reservation is a light one (a generic plan: see [`reserve::LIGHT_BEGIN`]).
     light: bool,
+    /// A batch failed (not fenced, not confirmed, or its task failed) and none confirmed
+    /// since: no light reservation meanwhile — an empty reservation then only means that the
+    /// failed batch's fence holds its aggregates, not that the relay keeps up, and the retry
+    /// should take the whole backlog again.
+    failing: bool,
     /// Where the next reservation's scan starts (see [`ScanStart::next`]).
     scan: ScanStart,
     /// A gated backlog split between the batch slots (see [`split`]): each slot reserves the
@@ -232,6 +237,7 @@ impl Relay {
             reserve_errors: fresh_backoff(),
             last_full: false,
             light: false,
+            failing: false,
             gated: false,
             scan: ScanStart::new(),
             split: None,
@@ -429,7 +435,7 @@ impl Pipeline {
         }
         self.gated = gated;
         self.last_full = false;
-        self.light = !gated && self.split.is_none();
+        self.light = !gated && self.split.is_none() && !self.failing;
         // A scan from the floor found nothing: a row below it that turns pending without a
         // wake-up of its own must not wait for the fallback poll.
         if let Some(at) = self.scan.full_scan_owed() {
@@ -526,7 +532,8 @@ impl Pipeline {
         // A split group's batch that caught up says nothing of the other groups' backlog: it
         // does not kick the producers (see `publish::publish`).
         let caught_up = scan.caught_up() && group.is_none();
-        self.light = caught_up && self.split.is_none() && rows.len() <= reserve::LIGHT_ROWS;
+        self.light =
+            caught_up && self.split.is_none() && rows.len() <= reserve::LIGHT_ROWS && !self.failing;
         let batch = run_batch(
             self.ctx.clone(),
             conn,
@@ -574,8 +581,11 @@ impl Pipeline {
                 // Only a confirmed batch ends an error streak: a batch that publishes but
                 // cannot be confirmed must not re-send in a tight loop.
                 self.batch_errors = fresh_backoff();
+                self.failing = false;
             }
             Ok((_, BatchDone { conn: None, .. })) => {
+                self.failing = true;
+                self.light = false;
                 // The batch rolled back: its rows are pending again, below where the scan
                 // would start.
                 self.end_split();
