@@ -601,6 +601,8 @@ impl Pipeline {
                 std::panic::resume_unwind(e.into_panic());
             }
             Err(e) => {
+                self.failing = true;
+                self.light = false;
                 self.end_split();
                 self.scan.reset();
                 self.ctx.report.batch_panicked(&e);

@@ -268,9 +268,9 @@ pub(crate) struct Ask {
 /// A reservation that caught up with at most this many rows makes the next one light (see
 /// [`LIGHT_BEGIN`]): a relay that keeps up at 1k events/s reserves 2–5 rows at a time, where
 /// planning is most of a reservation's cost; at 10k events/s (batches of ~170 rows, the
-/// relay near the machine's limit) it is not, and light reservations there (then after every
-/// batch that caught up, and before the requirement of no batch in flight) let the backlog
-/// outgrow the relay (p50 1.9–2.3 s against 61–82 ms, BENCHMARKS.md).
+/// relay near the machine's limit) it is not, and light reservations there (in a first form,
+/// after every batch that caught up, whatever its size) let the backlog outgrow the relay (p50
+/// 1.9–2.3 s against 61–82 ms, BENCHMARKS.md).
 pub(crate) const LIGHT_ROWS: usize = 64;
 
 /// Begins a light batch transaction: its reservation runs its generic plan, made once per
