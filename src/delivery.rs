@@ -11,8 +11,10 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use uuid::Uuid;
 
-/// Kafka acknowledged an event, and the relay recorded it (the row is done or deleted; the
-/// commit waited for its WAL flush: README, "Guarantees").
+/// Kafka acknowledged an event, and the relay recorded it (the row is done or deleted). That
+/// commit does not wait for its WAL flush: a server crash within about three
+/// `wal_writer_delay`s of it can undo the record, and the event is then published again (README,
+/// "Guarantees") — as one whose confirm failed is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryAck {
     pub(crate) event_id: Uuid,

@@ -85,6 +85,7 @@ pub(crate) async fn run_batch(
                 &outcomes,
                 &published.written_early,
                 &batch_id,
+                !published.stragglers.is_empty(),
             )
             .await
         }
@@ -101,6 +102,9 @@ pub(crate) async fn run_batch(
             // Rows come in `seq` order: those past the budget follow the last (or share its seq).
             let past_budget = rows.last().filter(|_| cut_by_bytes).map(|r| r.seq);
             let released_from = unsent.chain(past_budget).min();
+            if published.stragglers.is_empty() {
+                ctx.fences.confirmed(batch_id);
+            }
             hold_stragglers(&ctx, rows, published.stragglers, holds, fetched_at);
             BatchDone {
                 conn: Some(conn),
@@ -252,7 +256,7 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
         ctx.due.at(expired);
         return;
     }
-    match ctx.fences.remove(&batch_id).await {
+    match ctx.fences.remove(&[batch_id]).await {
         // Its aggregates are free: nothing else wakes the relay for them.
         Ok(()) => ctx.due.at(Instant::now()),
         Err(e) => {

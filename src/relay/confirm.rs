@@ -117,6 +117,13 @@ pub(crate) type Holds = HashMap<Uuid, SystemTime>;
 /// near-empty table got much worse with sequential scans off.)
 pub(crate) const CONFIRM_SETUP: &str = "set local enable_seqscan = off";
 
+/// [`CONFIRM_SETUP`] for the confirm of a batch with messages still held: it waits for its WAL
+/// flush, unlike the batch session's other commits (see `Pg::session_params`). Its holds stop
+/// every relay from publishing those rows while the messages may still land, and its fence is
+/// gone once it commits; lost with a server crash, the rows would be pending again at once.
+pub(crate) const CONFIRM_SETUP_DURABLE: &str =
+    "set local enable_seqscan = off; set local synchronous_commit = on";
+
 /// How many acknowledged rows a batch collects before it writes them while it still publishes
 /// (see [`confirm_early`]): fewer would add statements (each a round trip on the batch session)
 /// for little; a batch that ends with fewer leaves them all to the batch confirm.
@@ -179,7 +186,9 @@ async fn confirm_round_trip<T, E: Into<crate::Error>>(
 }
 
 /// Confirms the batch and commits (pipelined: one round trip). Returns when its retries and
-/// holds are due (see `ConfirmRows::due_in`), and the holds it wrote.
+/// holds are due (see `ConfirmRows::due_in`), and the holds it wrote. `holding`: messages of the
+/// batch are still unreported (held); the commit then waits for its WAL flush (see
+/// [`CONFIRM_SETUP_DURABLE`]).
 ///
 /// # Errors
 /// The Postgres error of the confirm or the commit (the transaction is then still open: roll it
@@ -192,8 +201,14 @@ pub(crate) async fn confirm_batch(
     outcomes: &[Outcome],
     written_early: &[bool],
     batch_id: &Uuid,
+    holding: bool,
 ) -> crate::Result<(Vec<Duration>, Holds)> {
     let c = ConfirmRows::new(ctx, rows, outcomes, written_early);
+    let setup = if holding {
+        CONFIRM_SETUP_DURABLE
+    } else {
+        CONFIRM_SETUP
+    };
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
         &c.ids,
         &c.codes,
@@ -206,7 +221,7 @@ pub(crate) async fn confirm_batch(
     // Planned with sequential scans off (see `CONFIRM_SETUP`); all three in one round trip.
     let op = async {
         futures::try_join!(
-            conn.client.batch_execute(CONFIRM_SETUP),
+            conn.client.batch_execute(setup),
             conn.client.query(&conn.confirm, &params),
             conn.client.batch_execute("commit")
         )

@@ -2,12 +2,18 @@
 //! its own) which aggregates the batch publishes and until when its messages can still land, so
 //! that a lost batch session cannot let another relay publish those aggregates meanwhile. The
 //! confirm statement deletes the fence; a batch that could not confirm removes it once its held
-//! messages settled; the rest expire (see `maintenance`).
+//! messages settled; the rest expire (see `maintenance`). A confirm does not wait for its WAL
+//! flush, so one lost with a server crash brings its fence back: the relay deletes the fences of
+//! the batches it confirmed lately, with nothing in flight, again when it reconnects
+//! ([`Fences::remove_recent`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use postgres_types::Type;
+use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
@@ -49,7 +55,19 @@ pub(crate) struct Fences {
     round_trip: std::time::Duration,
     stop: Arc<Stop>,
     conn: Shared<FenceConn>,
+    /// Batches confirmed within [`RECENT`] with nothing in flight, oldest first.
+    recent: Mutex<VecDeque<(Instant, Uuid)>>,
 }
+
+/// How long a confirmed batch's fence is deleted again after a reconnect
+/// ([`Fences::remove_recent`]): Postgres flushes a commit that did not wait at the latest three
+/// times `wal_writer_delay` (200 ms by default) after it; ten seconds covers a `wal_writer_delay`
+/// of three. A fence older than that which a crash brought back expires by itself (`fence`).
+pub(crate) const RECENT: Duration = Duration::from_secs(10);
+
+/// The most confirmed batches remembered (a relay that keeps up at 1k events/s confirms about
+/// 700 a second): older ones are forgotten first.
+const MAX_RECENT: usize = 16_384;
 
 impl Fences {
     pub(crate) fn new(pg: Pg, sql: Arc<RelaySql>, timing: &Timing, stop: Arc<Stop>) -> Self {
@@ -60,7 +78,43 @@ impl Fences {
             round_trip: timing.round_trip,
             stop,
             conn: Shared::new(),
+            recent: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Remembers batch `batch_id`, confirmed with none of its messages in flight: its fence may
+    /// be deleted again at any time (see [`remove_recent`](Self::remove_recent)).
+    pub(crate) fn confirmed(&self, batch_id: Uuid) {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while (recent.front()).is_some_and(|(at, _)| now.duration_since(*at) > RECENT)
+            || recent.len() >= MAX_RECENT
+        {
+            recent.pop_front();
+        }
+        recent.push_back((now, batch_id));
+    }
+
+    /// Deletes the fences of the batches confirmed within [`RECENT`] (see
+    /// [`confirmed`](Self::confirmed)): called when the relay opens a batch session, so that after
+    /// a server crash that lost confirms their aggregates do not wait for the fences to expire
+    /// (33 s with the defaults). Returns whether there were any.
+    ///
+    /// # Errors
+    /// As [`insert`](Self::insert).
+    pub(crate) async fn remove_recent(&self) -> crate::Result<bool> {
+        let ids: Vec<Uuid> = {
+            let now = Instant::now();
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            (recent.iter())
+                .filter(|(at, _)| now.duration_since(*at) <= RECENT)
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        self.remove(&ids).await.map(|()| true)
     }
 
     /// Records the fence of batch `batch_id` over `aggregates` (autocommit), within the round
@@ -80,13 +134,14 @@ impl Fences {
             .map(drop)
     }
 
-    /// Removes the fence of a batch that did not confirm, once nothing of it is in flight.
+    /// Removes the fences of batches with nothing in flight: one that did not confirm, once its
+    /// messages settled, or those confirmed lately (see [`remove_recent`](Self::remove_recent)).
     ///
     /// # Errors
     /// As [`insert`](Self::insert).
-    pub(crate) async fn remove(&self, batch_id: &Uuid) -> crate::Result<()> {
+    pub(crate) async fn remove(&self, batch_ids: &[Uuid]) -> crate::Result<()> {
         let f = self.conn().await?;
-        let params: [&(dyn postgres_types::ToSql + Sync); 1] = [batch_id];
+        let params: [&(dyn postgres_types::ToSql + Sync); 1] = [&batch_ids];
         let op = f.client.execute(&f.delete, &params);
         self.conn
             .round_trip(&self.pg, &f, &self.stop, "unfence", self.round_trip, op)
@@ -112,7 +167,7 @@ impl Fences {
                 .prepare_typed(&self.sql.fence, &[Type::UUID, Type::INT8, Type::TEXT_ARRAY])
                 .await?;
             let delete = client
-                .prepare_typed(&self.sql.unfence, &[Type::UUID])
+                .prepare_typed(&self.sql.unfence, &[Type::UUID_ARRAY])
                 .await?;
             Ok::<_, tokio_postgres::Error>((insert, delete))
         };

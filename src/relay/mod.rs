@@ -388,6 +388,9 @@ impl Pipeline {
             _ = ctx.stop.token().cancelled() => return,
             r = self.reserver.reserve(&ctx.pg, &ctx.sql, &ctx.timing, &ctx.stop, ask) => r,
         };
+        if self.reserver.take_opened() {
+            remove_recent_fences(&ctx);
+        }
         let scan = match (self.split.as_mut(), group) {
             (Some(split), Some(g)) => split.scan(g),
             _ => &mut self.scan,
@@ -907,4 +910,21 @@ impl Ctx {
         }
         Some(streak)
     }
+}
+
+/// A batch session was opened: if it replaces one a server crash ended, confirms that had not
+/// reached the disk were lost with it and brought their batches' fences back (see
+/// [`Fences::remove_recent`]); they are deleted again, and the relay wakes for their aggregates.
+fn remove_recent_fences(ctx: &Arc<Ctx>) {
+    let task_ctx = ctx.clone();
+    ctx.spawn_late("fence removal", async move {
+        match task_ctx.fences.remove_recent().await {
+            Ok(true) => task_ctx.due.at(Instant::now()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: the fences of batches confirmed before a new batch session was opened were not removed again; if a server crash brought them back, their aggregates wait for them to expire");
+                task_ctx.due.at(Instant::now() + task_ctx.timing.fence);
+            }
+        }
+    });
 }

@@ -30,10 +30,10 @@ pub(crate) const RESERVE_PARAM_TYPES: [Type; 5] = [
 /// Custom plans: a generic plan made while the table was nearly empty is several times slower
 /// once a backlog arrives (measured: 15k vs 40k events/s); planning costs well under 1 ms.
 /// Bitmap scans read and sort every pending row for the `order by seq limit n` reservation.
-/// Confirms wait for their WAL flush whatever the database's default (see
-/// `Pg::session_params`).
+/// Confirms do not wait for their WAL flush, whatever the database's default, unless they write
+/// holds (see `Pg::session_params`).
 pub(crate) const BATCH_SESSION_SETUP: &str = "set plan_cache_mode = force_custom_plan; \
-     set enable_bitmapscan = off; set synchronous_commit = on";
+     set enable_bitmapscan = off; set synchronous_commit = off";
 
 /// A row reserved for publishing.
 #[derive(Debug)]
@@ -390,6 +390,8 @@ fn next_from(blocker: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) 
 #[derive(Default)]
 pub(crate) struct Reserver {
     idle: Vec<BatchConn>,
+    /// A batch session was opened since [`take_opened`](Self::take_opened) was last called.
+    opened: bool,
 }
 
 impl Reserver {
@@ -410,7 +412,10 @@ impl Reserver {
     ) -> crate::Result<(Option<(BatchConn, Vec<Reserved>)>, Scan)> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
-            _ => BatchConn::open(pg, sql, timing, stop).await?,
+            _ => {
+                self.opened = true;
+                BatchConn::open(pg, sql, timing, stop).await?
+            }
         };
         let reserve = conn.reserve(ask);
         let (rows, scan) =
@@ -420,6 +425,12 @@ impl Reserver {
             return Ok((None, scan));
         }
         Ok((Some((conn, rows)), scan))
+    }
+
+    /// Whether a batch session was opened since the last call (after a server restart, every
+    /// session is new).
+    pub(crate) fn take_opened(&mut self) -> bool {
+        std::mem::take(&mut self.opened)
     }
 
     /// Returns a connection whose batch committed.

@@ -1713,6 +1713,68 @@ async fn a_failed_late_write_records_none_of_the_later_events_of_its_run() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A confirm commits without waiting for its WAL flush (a lost one is published again), except
+/// the confirm of a batch whose messages are still held: its holds are what stops every relay
+/// from publishing those rows while the messages may still land, so it must survive a server
+/// crash. Messages held here by `linger.ms` 1.5 s against a 10 ms `batch_timeout`; a trigger
+/// reads `synchronous_commit` at each write of the batch sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_with_messages_held_waits_for_its_flush() {
+    let env = setup("heldsync", 1, None).await;
+    let table = env.table.as_str();
+    let setup_client = support::connect_pg().await;
+    setup_client
+        .batch_execute(&format!(
+            "create table {table}_commits (seq int8, status text, held bool, sync text);
+             create function {table}_commits() returns trigger language plpgsql as $$
+             begin
+               if current_setting('application_name') = 'outbox-relay-batch' then
+                 insert into {table}_commits values (new.seq, new.status,
+                     new.next_attempt_at is not null, current_setting('synchronous_commit'));
+               end if;
+               return null;
+             end $$;
+             create trigger {table}_commits after update on {table}
+               for each row execute function {table}_commits();"
+        ))
+        .await
+        .expect("the trigger");
+    let (outbox, _acks, handle, mut reader, mut client) = run(
+        &env,
+        env.builder()
+            .kafka_property("linger.ms", "1500")
+            .batch_size(5)
+            .batch_timeout(Duration::from_millis(10))
+            .publish_timeout(Duration::from_secs(3))
+            .lease(Duration::from_secs(10)),
+    )
+    .await;
+    let ids = insert(&outbox, &mut client, &counters(&env.topic, "X", 1..=5)).await;
+    support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
+    let got = read_n(&mut reader, 5, Duration::from_secs(20)).await;
+    assert_eq!(counters_by_key(&got).get("X"), Some(&vec![1, 2, 3, 4, 5]));
+    let seen: Vec<(String, bool, String)> = client
+        .query(
+            &format!("select status, held, sync from {table}_commits order by seq"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        seen.iter()
+            .any(|(status, held, _)| status == "new" && *held),
+        "the batch confirmed with its messages held: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, held, sync)| !held || sync == "on"),
+        "a confirm that writes holds waits for its flush: {seen:?}"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Per-aggregate pipelining (mock cluster)
 // ----------------------------------------------------------------------------------------------
