@@ -1403,6 +1403,11 @@ pub struct RelaySql {
     /// (10,000 of them, or `$1` when larger), as the relay runs it
     /// after such a scan failed (see [`next_scan_start`] for where the next one continues).
     pub reserve_windowed: String,
+    /// [`reserve`](Self::reserve), [`reserve_full`](Self::reserve_full) and
+    /// [`reserve_windowed`](Self::reserve_windowed) as a relay that keeps up runs them (after a
+    /// reservation that caught up with few rows): the candidates' limit written in (the batch
+    /// size, at most 256) instead of `$1`, which the relay still passes.
+    pub light_reserve: [String; 3],
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
     /// errors (`text[]`), `$6` delays in ms (`int8[]`), `$7` the batch id (`uuid`, its fence is
@@ -1496,6 +1501,7 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
         reserve: sql.reserve,
         reserve_full: sql.reserve_full,
         reserve_windowed: sql.reserve_windowed,
+        light_reserve: sql.light_reserve,
         confirm: sql.confirm,
         late_confirm: sql.late_confirm,
         late_fail: sql.late_fail,
