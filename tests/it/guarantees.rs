@@ -1647,6 +1647,16 @@ async fn held_batches_share_one_session_for_their_late_reports() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// Batches of five whose messages are held for their late reports: `linger.ms` 1.5 s against
+/// a 10 ms `batch_timeout` (a full batch keeps the linger; one that caught up kicks).
+fn held_five_at_a_time(b: OutboxBuilder) -> OutboxBuilder {
+    b.kafka_property("linger.ms", "1500")
+        .batch_size(5)
+        .batch_timeout(Duration::from_millis(10))
+        .publish_timeout(Duration::from_secs(3))
+        .lease(Duration::from_secs(10))
+}
+
 /// A run of one aggregate's events held for their late reports (`linger.ms` 1.5 s against a
 /// 10 ms `batch_timeout`) whose first late write fails (a trigger refuses it once, standing for a
 /// dropped connection or a missed deadline on that one statement): the later events of the run
@@ -1657,17 +1667,8 @@ async fn held_batches_share_one_session_for_their_late_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_late_write_records_none_of_the_later_events_of_its_run() {
     let env = setup("latew", 1, None).await;
-    let (outbox, _acks, handle, mut reader, mut client) = run(
-        &env,
-        env.builder()
-            .kafka_property("linger.ms", "1500")
-            // A full batch of the five: it keeps the linger (one that caught up kicks).
-            .batch_size(5)
-            .batch_timeout(Duration::from_millis(10))
-            .publish_timeout(Duration::from_secs(3))
-            .lease(Duration::from_secs(10)),
-    )
-    .await;
+    let (outbox, _acks, handle, mut reader, mut client) =
+        run(&env, held_five_at_a_time(env.builder())).await;
     let table = env.table.as_str();
     let tx = client.transaction().await.expect("begin");
     let ids = outbox
@@ -1739,16 +1740,8 @@ async fn a_confirm_with_messages_held_waits_for_its_flush() {
         ))
         .await
         .expect("the trigger");
-    let (outbox, _acks, handle, mut reader, mut client) = run(
-        &env,
-        env.builder()
-            .kafka_property("linger.ms", "1500")
-            .batch_size(5)
-            .batch_timeout(Duration::from_millis(10))
-            .publish_timeout(Duration::from_secs(3))
-            .lease(Duration::from_secs(10)),
-    )
-    .await;
+    let (outbox, _acks, handle, mut reader, mut client) =
+        run(&env, held_five_at_a_time(env.builder())).await;
     let ids = insert(&outbox, &mut client, &counters(&env.topic, "X", 1..=5)).await;
     support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
     let got = read_n(&mut reader, 5, Duration::from_secs(20)).await;
