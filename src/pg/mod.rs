@@ -579,20 +579,12 @@ impl Pg {
             }
             _ => p.push(("statement_timeout", "0".into())),
         }
-        // Durability of commits, whatever the database's default. A fence must be durable
-        // before its batch sends: it is what stops another relay after a crash that took the
-        // batch session along. A confirm need not wait for its WAL flush (1k/s p50 −0.55 ms,
-        // BENCHMARKS.md, "The confirm's commit"): one lost with a server crash leaves its rows
-        // pending, and they are published again, a contiguous replay — the next batch of any
-        // of those aggregates commits its fence synchronously before it sends, which flushes
-        // the WAL up to it, the confirm included. What such a confirm also undid, its fence's
-        // deletion, the relay redoes when it reconnects (`Fences::remove_recent`), and a
-        // confirm with messages still held, whose holds must last, waits for its flush
-        // (`confirm::CONFIRM_SETUP_DURABLE`).
-        match role {
-            "fence" => p.push(("synchronous_commit", "on".into())),
-            "batch" => p.push(("synchronous_commit", "off".into())),
-            _ => {}
+        // Durability of fences, whatever the database's default: a fence must be durable
+        // before its batch sends, as it is what stops another relay after a crash that took
+        // the batch session along. (A confirm need not wait for its flush; it says so in its
+        // own transaction, see `confirm::CONFIRM_SETUP`.)
+        if role == "fence" {
+            p.push(("synchronous_commit", "on".into()));
         }
         p
     }

@@ -103,7 +103,7 @@ pub(crate) async fn run_batch(
             let past_budget = rows.last().filter(|_| cut_by_bytes).map(|r| r.seq);
             let released_from = unsent.chain(past_budget).min();
             if published.stragglers.is_empty() {
-                ctx.fences.confirmed(batch_id);
+                ctx.fences.settled(batch_id);
             }
             hold_stragglers(&ctx, rows, published.stragglers, holds, fetched_at);
             BatchDone {
@@ -176,19 +176,14 @@ async fn not_fenced(
     e: &crate::Error,
 ) -> BatchDone {
     ctx.report.fence_failed(e);
-    // A fence that missed its deadline may still have committed: removed at once, so that
-    // it does not hold its aggregates back until it expires (found by a breaker helper:
-    // 33 s with the defaults).
-    if e.is_timeout() {
-        ctx.spawn_late(
-            "fence removal",
-            unfence_when_settled(ctx.clone(), batch_id, Vec::new()),
-        );
-    } else {
-        // Another error may still follow a commit (a connection lost before the reply):
-        // the relay wakes when such a fence would have expired (a breaker helper's reading).
-        ctx.due.at(Instant::now() + ctx.timing.fence);
-    }
+    // A fence whose insert failed may still have committed (it missed its deadline, or the
+    // connection was lost before the reply): nothing was sent, so it is removed at once rather
+    // than left to hold its aggregates back until it expires (found by breaker helpers: 33 s
+    // with the defaults, after a timeout and after a server crash).
+    ctx.spawn_late(
+        "fence removal",
+        unfence_when_settled(ctx.clone(), batch_id, Vec::new()),
+    );
     // A rollback that fails or misses its deadline leaves the session to end with the
     // dropped connection (at the latest after the lease).
     if !conn.rollback(&ctx.pg, &ctx.timing, &ctx.stop).await {
@@ -259,8 +254,12 @@ async fn unfence_when_settled(ctx: Arc<Ctx>, batch_id: Uuid, stragglers: Vec<Str
     match ctx.fences.remove(&[batch_id]).await {
         // Its aggregates are free: nothing else wakes the relay for them.
         Ok(()) => ctx.due.at(Instant::now()),
+        // Removed when the relay opens its next batch session (after a server crash, every
+        // session is new), or it expires (found by a breaker helper: this removal failed during
+        // the crash, and the aggregates waited 30 s).
         Err(e) => {
-            tracing::debug!(error = %e, "outbox relay: fence not removed; it expires by itself");
+            ctx.fences.settled(batch_id);
+            tracing::warn!(error = %e, "outbox relay: a failed batch's fence could not be removed; its aggregates wait until the next batch session removes it, or until it expires");
             ctx.due.at(expired);
         }
     }

@@ -115,12 +115,23 @@ pub(crate) type Holds = HashMap<Uuid, SystemTime>;
 /// 1,000 ids and 47–62 ms against 17–27 ms for 2,000, so a confirm's cost grew with the table up
 /// to hundreds of thousands of rows. (Not a session setting: the reservation's plans on a
 /// near-empty table got much worse with sequential scans off.)
-pub(crate) const CONFIRM_SETUP: &str = "set local enable_seqscan = off";
+///
+/// The confirm's commit does not wait for its WAL flush, whatever the database's default (1k/s
+/// p50 −0.55 to −0.68 ms: BENCHMARKS.md, "The confirm's commit" and "Where a caught-up batch
+/// waits"). One lost with a server crash leaves its rows pending, and they are published again,
+/// a contiguous replay: the next batch of any of those aggregates commits its fence
+/// synchronously before it sends, which flushes the WAL up to it, the confirm included. What
+/// such a confirm also undid, its fence's deletion, the relay redoes when it opens its next
+/// batch session (`Fences::remove_recent`). Set for the transaction only (`set local`): with
+/// PgBouncer in session pooling a session setting would outlive the relay's session when no
+/// `server_reset_query` resets it, and the next client's commits would not wait either.
+pub(crate) const CONFIRM_SETUP: &str =
+    "set local enable_seqscan = off; set local synchronous_commit = off";
 
 /// [`CONFIRM_SETUP`] for the confirm of a batch with messages still held: it waits for its WAL
-/// flush, unlike the batch session's other commits (see `Pg::session_params`). Its holds stop
-/// every relay from publishing those rows while the messages may still land, and its fence is
-/// gone once it commits; lost with a server crash, the rows would be pending again at once.
+/// flush. Its holds stop every relay from publishing those rows while the messages may still
+/// land, and its fence is gone once it commits; lost with a server crash, the rows would be
+/// pending again at once.
 pub(crate) const CONFIRM_SETUP_DURABLE: &str =
     "set local enable_seqscan = off; set local synchronous_commit = on";
 

@@ -4,8 +4,8 @@
 //! confirm statement deletes the fence; a batch that could not confirm removes it once its held
 //! messages settled; the rest expire (see `maintenance`). A confirm does not wait for its WAL
 //! flush, so one lost with a server crash brings its fence back: the relay deletes the fences of
-//! the batches it confirmed lately, with nothing in flight, again when it reconnects
-//! ([`Fences::remove_recent`]).
+//! the batches it confirmed lately, with nothing in flight, again when it opens a batch session
+//! ([`Fences::remove_recent`]), and so the fences it could not remove.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
@@ -55,19 +55,19 @@ pub(crate) struct Fences {
     round_trip: std::time::Duration,
     stop: Arc<Stop>,
     conn: Shared<FenceConn>,
-    /// Batches confirmed within [`RECENT`] with nothing in flight, oldest first.
+    /// How long a settled batch's fence is deleted again ([`Fences::remove_recent`]): the
+    /// fence's lifetime (`Timing::fence`), after which it has expired anyway. (A window counted
+    /// from the crash's end would not do: an outage longer than it, or a reconnect's backoff,
+    /// brought the 33 s wait back — found by a breaker helper with a 10 s window.)
+    lifetime: Duration,
+    /// Batches settled (see [`settled`](Fences::settled)) within `lifetime`, oldest first.
     recent: Mutex<VecDeque<(Instant, Uuid)>>,
 }
 
-/// How long a confirmed batch's fence is deleted again after a reconnect
-/// ([`Fences::remove_recent`]): Postgres flushes a commit that did not wait at the latest three
-/// times `wal_writer_delay` (200 ms by default) after it; ten seconds covers a `wal_writer_delay`
-/// of three. A fence older than that which a crash brought back expires by itself (`fence`).
-pub(crate) const RECENT: Duration = Duration::from_secs(10);
-
-/// The most confirmed batches remembered (a relay that keeps up at 1k events/s confirms about
-/// 700 a second): older ones are forgotten first.
-const MAX_RECENT: usize = 16_384;
+/// The most settled batches remembered (a relay that keeps up at 1k events/s confirms about 700
+/// a second, 23,000 over the default fence lifetime of 33 s): older ones are forgotten first,
+/// and their fences, if a crash brought them back, expire by themselves. 32 bytes each.
+const MAX_RECENT: usize = 32_768;
 
 impl Fences {
     pub(crate) fn new(pg: Pg, sql: Arc<RelaySql>, timing: &Timing, stop: Arc<Stop>) -> Self {
@@ -75,6 +75,7 @@ impl Fences {
             pg,
             sql,
             lifetime_ms: millis(timing.fence),
+            lifetime: timing.fence,
             round_trip: timing.round_trip,
             stop,
             conn: Shared::new(),
@@ -82,12 +83,13 @@ impl Fences {
         }
     }
 
-    /// Remembers batch `batch_id`, confirmed with none of its messages in flight: its fence may
-    /// be deleted again at any time (see [`remove_recent`](Self::remove_recent)).
-    pub(crate) fn confirmed(&self, batch_id: Uuid) {
+    /// Remembers batch `batch_id`, with none of its messages in flight (confirmed, or its fence
+    /// could not be removed once they settled): its fence may be deleted again at any time (see
+    /// [`remove_recent`](Self::remove_recent)).
+    pub(crate) fn settled(&self, batch_id: Uuid) {
         let now = Instant::now();
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        while (recent.front()).is_some_and(|(at, _)| now.duration_since(*at) > RECENT)
+        while (recent.front()).is_some_and(|(at, _)| now.duration_since(*at) > self.lifetime)
             || recent.len() >= MAX_RECENT
         {
             recent.pop_front();
@@ -95,10 +97,10 @@ impl Fences {
         recent.push_back((now, batch_id));
     }
 
-    /// Deletes the fences of the batches confirmed within [`RECENT`] (see
-    /// [`confirmed`](Self::confirmed)): called when the relay opens a batch session, so that after
-    /// a server crash that lost confirms their aggregates do not wait for the fences to expire
-    /// (33 s with the defaults). Returns whether there were any.
+    /// Deletes the fences of the batches settled within the fence's lifetime (see
+    /// [`settled`](Self::settled)): called when the relay has opened a batch session, so that
+    /// after a server crash that lost confirms their aggregates do not wait for the fences to
+    /// expire (33 s with the defaults). Returns whether there were any.
     ///
     /// # Errors
     /// As [`insert`](Self::insert).
@@ -107,7 +109,7 @@ impl Fences {
             let now = Instant::now();
             let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             (recent.iter())
-                .filter(|(at, _)| now.duration_since(*at) <= RECENT)
+                .filter(|(at, _)| now.duration_since(*at) <= self.lifetime)
                 .map(|(_, id)| *id)
                 .collect()
         };

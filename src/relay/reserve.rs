@@ -30,10 +30,10 @@ pub(crate) const RESERVE_PARAM_TYPES: [Type; 5] = [
 /// Custom plans: a generic plan made while the table was nearly empty is several times slower
 /// once a backlog arrives (measured: 15k vs 40k events/s); planning costs well under 1 ms.
 /// Bitmap scans read and sort every pending row for the `order by seq limit n` reservation.
-/// Confirms do not wait for their WAL flush, whatever the database's default, unless they write
-/// holds (see `Pg::session_params`).
+/// (Whether a confirm waits for its WAL flush is set in its own transaction: see
+/// `confirm::CONFIRM_SETUP`.)
 pub(crate) const BATCH_SESSION_SETUP: &str = "set plan_cache_mode = force_custom_plan; \
-     set enable_bitmapscan = off; set synchronous_commit = off";
+     set enable_bitmapscan = off";
 
 /// A row reserved for publishing.
 #[derive(Debug)]
@@ -413,8 +413,9 @@ impl Reserver {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
             _ => {
+                let conn = BatchConn::open(pg, sql, timing, stop).await?;
                 self.opened = true;
-                BatchConn::open(pg, sql, timing, stop).await?
+                conn
             }
         };
         let reserve = conn.reserve(ask);

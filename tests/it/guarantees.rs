@@ -1742,10 +1742,15 @@ async fn a_confirm_with_messages_held_waits_for_its_flush() {
         .expect("the trigger");
     let (outbox, _acks, handle, mut reader, mut client) =
         run(&env, held_five_at_a_time(env.builder())).await;
-    let ids = insert(&outbox, &mut client, &counters(&env.topic, "X", 1..=5)).await;
+    // Ten: the first batch is full whatever its limit (five, or ten after a gated reservation),
+    // so it keeps the linger (a batch that caught up would kick the producer).
+    let ids = insert(&outbox, &mut client, &counters(&env.topic, "X", 1..=10)).await;
     support::wait_status(&outbox, &ids, EventStatus::Done, Duration::from_secs(30)).await;
-    let got = read_n(&mut reader, 5, Duration::from_secs(20)).await;
-    assert_eq!(counters_by_key(&got).get("X"), Some(&vec![1, 2, 3, 4, 5]));
+    let got = read_n(&mut reader, 10, Duration::from_secs(20)).await;
+    assert_eq!(
+        counters_by_key(&got).get("X"),
+        Some(&(1..=10).collect::<Vec<i64>>())
+    );
     let seen: Vec<(String, bool, String)> = client
         .query(
             &format!("select status, held, sync from {table}_commits order by seq"),
