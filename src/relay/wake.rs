@@ -59,6 +59,8 @@ pub(crate) struct Wakeups {
     /// A scan from the first pending row owed (see [`Wakeups::full_scan_at`]).
     owed: Option<Pin<Box<Sleep>>>,
     paused: Option<Pin<Box<Sleep>>>,
+    /// Wake-ups read from `notifications` during a pause, yielded after it.
+    held: std::collections::VecDeque<Wake>,
     again: bool,
 }
 
@@ -168,6 +170,7 @@ impl Wakeups {
             base: Instant::now(),
             owed: None,
             paused: None,
+            held: std::collections::VecDeque::new(),
             again: true,
         }
     }
@@ -290,15 +293,35 @@ impl Stream for Wakeups {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Wake>> {
         let this = self.get_mut();
-        if let Some(pause) = this.paused.as_mut() {
-            if pause.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+        if this.paused.is_some() {
+            // The listener back (it reconnected: Postgres answers again) ends a pause at once:
+            // a pause after failures grows to 10 s and more with its jitter, and the relay
+            // sat out up to 16 s of it after a server had restarted (found by a breaker
+            // helper). Other wake-ups wait for the pause's end.
+            while let Some(rx) = this.notifications.as_mut() {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(Wake::Listening)) => {
+                        this.paused = None;
+                        return Poll::Ready(Some(Wake::Listening));
+                    }
+                    Poll::Ready(Some(w)) => this.held.push_back(w),
+                    Poll::Ready(None) => this.notifications = None,
+                    Poll::Pending => break,
+                }
+            }
+            if let Some(pause) = this.paused.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
             }
             this.paused = None;
             return Poll::Ready(Some(Wake::Resumed));
         }
         if std::mem::take(&mut this.again) {
             return Poll::Ready(Some(Wake::Again));
+        }
+        if let Some(w) = this.held.pop_front() {
+            return Poll::Ready(Some(w));
         }
         if let Some(rx) = this.notifications.as_mut() {
             match rx.poll_recv(cx) {
@@ -440,6 +463,32 @@ mod tests {
         let mut ticking = Wakeups::new(None, Duration::from_millis(10));
         assert_eq!(ticking.next().await, Some(Wake::Again));
         assert_eq!(ticking.next().await, Some(Wake::Tick));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_back_ends_a_pause() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut w = Wakeups::new(Some(rx), Duration::from_secs(3600));
+        assert_eq!(w.next().await, Some(Wake::Again));
+        let start = Instant::now();
+        w.pause(Duration::from_secs(10));
+        tx.try_send(Wake::Notified).unwrap();
+        let listener = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            listener.send(Wake::Listening).await.unwrap();
+        });
+        assert_eq!(w.next().await, Some(Wake::Listening));
+        assert!(
+            Instant::now() < start + Duration::from_secs(2),
+            "the pause ended when the listener was back"
+        );
+        assert_eq!(w.next().await, Some(Wake::Notified), "held, not lost");
+        // Without the listener a pause lasts.
+        w.pause(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(w.next().await, Some(Wake::Resumed));
+        assert!(Instant::now() >= start + Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]
