@@ -369,9 +369,10 @@ impl Pipeline {
         };
         self.gated = false;
         let light = std::mem::take(&mut self.light) && share == 1 && group.is_none();
-        let limit = match ctx.settings.batch_size.saturating_mul(share) {
-            _ if light => ctx.sql.light_limit,
-            n => n,
+        let limit = if light {
+            ctx.sql.light_limit
+        } else {
+            ctx.settings.batch_size.saturating_mul(share)
         };
         let ask = Ask {
             limit,
@@ -587,12 +588,7 @@ impl Pipeline {
                 self.failing = false;
             }
             Ok((_, BatchDone { conn: None, .. })) => {
-                self.failing = true;
-                self.light = false;
-                // The batch rolled back: its rows are pending again, below where the scan
-                // would start.
-                self.end_split();
-                self.scan.reset();
+                self.batch_failed();
                 pause(&mut self.wakeups, &mut self.batch_errors);
             }
             // A batch that panicked is a bug in the relay, as a panic of the pipeline is: the
@@ -604,14 +600,21 @@ impl Pipeline {
                 std::panic::resume_unwind(e.into_panic());
             }
             Err(e) => {
-                self.failing = true;
-                self.light = false;
-                self.end_split();
-                self.scan.reset();
+                self.batch_failed();
                 self.ctx.report.batch_panicked(&e);
             }
         }
         self.wakeups.again();
+    }
+
+    /// A batch ended without confirming (rolled back, or its task was cancelled): its rows are
+    /// pending again, below where the scan would start, and no reservation is light until a
+    /// batch confirms (see [`Pipeline::failing`]).
+    fn batch_failed(&mut self) {
+        self.failing = true;
+        self.light = false;
+        self.end_split();
+        self.scan.reset();
     }
     /// Stops reserving and lets every batch finish: batches stop sending, wait for their
     /// in-flight reports (bounded by `batch_timeout`, or half of the stop window), confirm and
