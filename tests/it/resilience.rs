@@ -825,8 +825,12 @@ async fn the_relay_follows_a_promoted_standby() {
         }
     })
     .await;
+    // The insert position, not the write position: a confirm commits without waiting for its
+    // WAL flush, so its record may not be written yet (with `pg_current_wal_lsn()` the standby
+    // was once "caught up" without the last confirms, and the promoted server published them
+    // again).
     let lsn: String = on_primary
-        .query_one("select pg_current_wal_lsn()::text", &[])
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
