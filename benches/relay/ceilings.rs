@@ -389,6 +389,9 @@ fn decode(rows: &[tokio_postgres::Row]) -> (Vec<Uuid>, Vec<i64>, Vec<String>) {
         let agg: String = r.get(2);
         let _: (String, String) = (r.get(3), r.get(4));
         let _: (Raw, Option<Raw>, i32, Option<f64>) = (r.get(5), r.get(6), r.get(7), r.get(8));
+        // `created_at_tz`, which the relay writes as `ce_time`.
+        let created: Option<chrono::DateTime<chrono::Utc>> = r.get(10);
+        let _ = created.map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
         ids.push(id);
         seqs.push(seq);
         if seen.insert(agg.clone()) {

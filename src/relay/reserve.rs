@@ -10,7 +10,7 @@ use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::pg::Pg;
-use crate::store::{RawJson, RelaySql};
+use crate::store::{PgTimestamp, RawJson, RelaySql};
 
 use super::shared::Session;
 use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
@@ -71,7 +71,7 @@ impl Reserved {
             headers: r.get(6),
             attempts: r.get(7),
             age_at_reserve: r.get(8),
-            created_at: r.get(10),
+            created_at: (r.get::<_, Option<PgTimestamp>>(10)).and_then(|t| t.rfc3339_micros()),
             invalid: None,
             bucket: (r.get::<_, Option<i32>>(16))
                 .and_then(|b| u8::try_from(b & 63).ok())
