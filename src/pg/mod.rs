@@ -773,11 +773,14 @@ impl Pg {
     /// pid; B reads its pid; A reads its setting and pid again. With real sessions A keeps its
     /// backend and setting and B has another backend; a transaction pooler hands A's server
     /// connection to B (it is the most recently released) or gives A another one. Three round
-    /// trips and two short-lived connections, within the Postgres timeout.
+    /// trips and two short-lived connections, within the Postgres timeout. A's second round
+    /// trip also reads `server_version_num`: a server older than Postgres 13
+    /// ([`MIN_SERVER_VERSION_NUM`]) is refused here, naming its version, rather than failing
+    /// later with a syntax error in every reservation.
     ///
     /// # Errors
-    /// [`Error::Config`] naming transaction pooling and the fix; [`Error::Postgres`] /
-    /// [`Error::Timeout`] when the probe cannot run.
+    /// [`Error::Config`] naming transaction pooling and the fix, or the server's version, or
+    /// both; [`Error::Postgres`] / [`Error::Timeout`] when the probe cannot run.
     pub(crate) async fn check_session_semantics(&self) -> crate::Result<()> {
         let deadline = self.connect_deadline();
         let connect = || async {
@@ -803,20 +806,22 @@ impl Pg {
             let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await?.get(0);
             let r = a
                 .query_one(
-                    "select current_setting('outbox.session_probe', true), pg_backend_pid()",
+                    "select current_setting('outbox.session_probe', true), pg_backend_pid(), \
+                            current_setting('server_version_num')::int4",
                     &[],
                 )
                 .await?;
             let kept: Option<String> = r.get(0);
             let pid_a2: i32 = r.get(1);
+            let version: i32 = r.get(2);
             // Clear the probe setting (it may sit on a pooled server connection).
             let _ = a
                 .execute("select set_config('outbox.session_probe', '', false)", &[])
                 .await;
             let broken = pid_a1 != pid_a2 || pid_b == pid_a1 || kept.as_deref() != Some(&token);
-            Ok::<bool, tokio_postgres::Error>(broken)
+            Ok::<(bool, i32), tokio_postgres::Error>((broken, version))
         };
-        let broken = bounded("pooler check", self.timeout, async {
+        let (broken, version) = bounded("pooler check", self.timeout, async {
             match probe.await {
                 // A statement prepared on one server connection and executed on another (26000),
                 // or a statement name another client session already used on this server
@@ -828,24 +833,65 @@ impl Pg {
                             || c == &tokio_postgres::error::SqlState::DUPLICATE_PSTATEMENT
                     }) =>
                 {
-                    Ok(true)
+                    Ok((true, 0))
                 }
                 r => r.map_err(Error::Postgres),
             }
         })
         .await?;
-        if broken {
-            return Err(Error::Config(crate::error::ConfigErrors::new(vec![
-                format!("database_url: {POOLER_PROBLEM}"),
-            ])));
+        let problems: Vec<String> = [
+            broken.then(|| POOLER_PROBLEM.to_string()),
+            version_problem(version),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| format!("database_url: {p}"))
+        .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(crate::error::ConfigErrors::new(problems)))
         }
-        Ok(())
     }
+}
+
+/// The oldest Postgres the outbox runs on (`server_version_num`): 13 has `gen_random_uuid()`
+/// built in (the table's `id` default); 12 added `MATERIALIZED` common table expressions (the
+/// reservation), `plan_cache_mode` and `ANALYZE (SKIP_LOCKED)`. The test suite runs on 15.
+pub(crate) const MIN_SERVER_VERSION_NUM: i32 = 130_000;
+
+/// What is wrong with a server of `server_version_num` `num` (`None`: it is recent enough; 0:
+/// not read, e.g. the probe failed first).
+fn version_problem(num: i32) -> Option<String> {
+    (num > 0 && num < MIN_SERVER_VERSION_NUM).then(|| {
+        let (major, minor) = if num >= 100_000 {
+            (num / 10_000, format!("{}", num % 10_000))
+        } else {
+            (num / 10_000, format!("{}.{}", num / 100 % 100, num % 100))
+        };
+        format!(
+            "the server is Postgres {major}.{minor} (server_version_num {num}); the outbox needs \
+             Postgres 13 or later (gen_random_uuid() built in; MATERIALIZED common table \
+             expressions, plan_cache_mode and ANALYZE (SKIP_LOCKED) from 12)"
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_older_than_postgres_13_is_named_with_its_version() {
+        assert_eq!(version_problem(150_018), None);
+        assert_eq!(version_problem(130_000), None);
+        assert_eq!(version_problem(0), None, "not read: no verdict");
+        let twelve = version_problem(120_022).expect("12 is too old");
+        assert!(twelve.contains("Postgres 12.22"), "{twelve}");
+        assert!(twelve.contains("13 or later"), "{twelve}");
+        let nine = version_problem(90_624).expect("9.6 is too old");
+        assert!(nine.contains("Postgres 9.6.24"), "{nine}");
+    }
 
     #[test]
     fn startup_options_escape_spaces_and_keep_the_connection_string_s_own() {
