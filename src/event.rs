@@ -310,6 +310,7 @@ pub struct Event {
     pub(crate) offset: Option<i64>,
     pub(crate) created_at_tz: Option<DateTime<Utc>>,
     pub(crate) problems: Vec<String>,
+    pub(crate) unpublished_headers: Vec<String>,
 }
 
 impl Event {
@@ -345,9 +346,20 @@ impl Event {
     pub fn payload(&self) -> &serde_json::Value {
         &self.payload
     }
-    /// Custom headers.
+    /// Custom headers as stored: a value that is not a JSON string is given as its JSON text.
+    /// The relay publishes only string values under names it does not set itself: see
+    /// [`unpublished_headers`](Self::unpublished_headers) for what it leaves out.
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
+    }
+    /// The row's custom headers the relay does not publish, one sentence each, as its warning
+    /// words them: a value that is not a JSON string, a name the relay sets itself (`event_id`,
+    /// `event_type`), or a `headers` column that is not a JSON object (then no custom header is
+    /// published). A relay running with `cloudevents_source` also leaves out the names of the
+    /// CloudEvents attributes (`ce_*`, `content-type`), which this list does not include. Empty
+    /// for rows written by [`Writer`](crate::Writer), which refuses such headers.
+    pub fn unpublished_headers(&self) -> &[String] {
+        &self.unpublished_headers
     }
     /// The status.
     pub fn status(&self) -> EventStatus {

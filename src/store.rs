@@ -367,7 +367,14 @@ pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
             serde_json::Value::String(String::from_utf8_lossy(&raw_payload.0).into_owned())
         }
     };
-    let headers = match get::<Option<RawJson>>(row, 6)? {
+    let raw_headers = get::<Option<RawJson>>(row, 6)?;
+    // What the relay would leave out of the record, by the rules it publishes with.
+    let unpublished_headers = crate::headers::parse(raw_headers.as_ref().map(|h| h.0.as_slice()))
+        .dropped
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let headers = match raw_headers {
         None => BTreeMap::new(),
         Some(raw) => match raw.parse("headers") {
             Ok(v) => headers_from_json(v),
@@ -416,6 +423,7 @@ pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
         offset: get(row, 15)?,
         created_at_tz,
         problems,
+        unpublished_headers,
     })
 }
 

@@ -1057,6 +1057,7 @@ fn event_json(e: &Event) -> serde_json::Value {
         "event_type": e.event_type(),
         "payload": e.payload(),
         "headers": e.headers(),
+        "headers_not_published": e.unpublished_headers(),
         "status": e.status().as_str(),
         "created_at": e.created_at(),
         "created_at_tz": e.created_at_tz(),

@@ -175,6 +175,50 @@ async fn forged_and_malformed_headers_are_dropped_valid_ones_kept() {
     )
     .await;
     assert_eq!(statuses, vec![("done".to_string(), 0); 4]);
+
+    // `find` says which stored headers were not published, in the relay's words.
+    let admin = Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap();
+    let found = admin.find(&outbox::EventFilter::new()).await.unwrap();
+    let unpublished: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(id, _)| {
+            let e = found.iter().find(|e| e.id() == *id).expect("found");
+            e.unpublished_headers().to_vec()
+        })
+        .collect();
+    let says = |i: usize, needles: &[&str]| {
+        assert_eq!(
+            unpublished[i].len(),
+            needles.len(),
+            "row {i}: {:?}",
+            unpublished[i]
+        );
+        for (line, needle) in unpublished[i].iter().zip(needles) {
+            assert!(line.contains(needle), "row {i}: {line:?} names {needle:?}");
+        }
+    };
+    says(0, &["`event_id` is reserved", "`event_type` is reserved"]);
+    says(
+        1,
+        &[
+            "`n` is a number",
+            "`obj` is an object",
+            "`deep` is an array",
+        ],
+    );
+    says(2, &["an array, not a JSON object"]);
+    says(3, &["a string, not a JSON object"]);
+    // What was published is what is stored less what `find` says was not.
+    let row1 = found.iter().find(|e| e.id() == rows[1].0).unwrap();
+    let published: Vec<&str> = row1
+        .headers()
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !unpublished[1].iter().any(|l| l.contains(&format!("`{k}`"))))
+        .collect();
+    assert_eq!(published, ["a", "z"]);
 }
 
 /// The binary logs every dropped header (with the event id and why) and counts it in
