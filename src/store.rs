@@ -587,8 +587,7 @@ impl<'a> FromSql<'a> for RawJson {
     }
 
     fn accepts(ty: &Type) -> bool {
-        // `text`: the reservation returns the JSON as printed (see `reserve.sql`).
-        *ty == Type::JSONB || *ty == Type::JSON || *ty == Type::TEXT
+        *ty == Type::JSONB || *ty == Type::JSON
     }
 }
 

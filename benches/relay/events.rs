@@ -169,8 +169,7 @@ pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
     c
 }
 
-/// JSON bytes read without parsing, like the relay's `RawJson` (the reservation returns the
-/// JSON text as `text`).
+/// JSON bytes read without parsing, like the relay's `RawJson`.
 #[allow(dead_code)]
 pub(crate) struct Raw(Vec<u8>);
 
@@ -182,6 +181,6 @@ impl<'a> FromSql<'a> for Raw {
         Ok(Raw(raw.to_vec()))
     }
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB || *ty == Type::JSON || *ty == Type::TEXT
+        *ty == Type::JSONB || *ty == Type::JSON
     }
 }

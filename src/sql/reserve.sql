@@ -24,15 +24,19 @@
 -- many rows were kept before the byte budget (more than returned: there is more to reserve at
 -- once). A row's age is read as it is returned (`clock_timestamp()`): the relay adds the time
 -- from the rows' arrival to their confirmation, so nothing is counted twice (the transaction's
--- start, `now()`, is earlier by the connect). Columns 5 and 6, the payload and headers, are their
--- JSON text (`text`: printed once, for the byte budget, and sent as printed; a `jsonb` column
--- would be printed again to be sent). Column 10 is `created_at_tz` (the relay writes `ce_time`
--- from it: formatting 2,000 timestamps with `to_char` cost 1 ms of each reservation, in the
--- statement every batch waits for). Columns 11-13 describe the scan, for where the
--- next one may start: whether it found `$1` candidates (more may be pending above them); the
--- lowest `seq` at which the gate held back rows behind a row that is pending and due (most
--- likely in another batch in flight: the rows it holds back must be seen again; the blocking
--- row itself, below them, is a cheap bound), null when none — rows held back behind a dead
+-- start, `now()`, is earlier by the connect). Columns 5 and 6, the payload and headers, are
+-- `jsonb` (printed by `jsonb_send` as they are sent). The byte budget prints the JSON text too
+-- and keeps only its length: carrying the printed text instead, through the window's sort and
+-- the final one, to send it as printed, spilled about three times a batch's text to temporary
+-- files once it passed `work_mem` (a reservation failed on every `temp_file_limit`, found by a
+-- breaker helper); the stored values the sorts carry are TOAST pointers. Column 10 is
+-- `created_at_tz` (the relay writes `ce_time` from it: formatting 2,000 timestamps with
+-- `to_char` cost 1 ms of each reservation, in the statement every batch waits for).
+-- Columns 11-13 describe the scan, for where the next one may start: whether it found `$1`
+-- candidates (more may be pending above them); the lowest `seq` at which the gate held back
+-- rows behind a row that is pending and due (most likely in another batch in flight: the rows
+-- it holds back must be seen again; the blocking row itself, below them, is a cheap bound),
+-- null when none — rows held back behind a dead
 -- letter, a retry's backoff or a hold wait for a full scan instead, so that they do not keep
 -- every scan starting below them; the highest `seq` it found; and (column 14) the lowest (below it
 -- every pending row was skipped: locked, fenced, not due or behind a blocked aggregate). Rows the byte budget left out
@@ -104,17 +108,11 @@ with win as materialized (
       where g.gap is null or c.seq < g.gap
  ),
  sized as (
-     -- The JSON text is printed once per row (`offset 0` keeps the subquery from being
-     -- flattened, which would print it once for the sum and again for the output).
-     select s.*,
-            sum(octet_length(s.payload_text) + coalesce(octet_length(s.headers_text), 0))
-                over (order by s.seq) as through_bytes
-       from (select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.attempts,
-                    k.created_at_tz, k.n, k.kept,
-                    k.payload::text as payload_text, k.headers::text as headers_text
-               from kept k
-              where k.n = 1 or k.stored_through <= $2
-             offset 0) s
+     select k.*,
+            sum(octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0))
+                over (order by k.seq) as through_bytes
+       from kept k
+      where k.n = 1 or k.stored_through <= $2
  ),
  -- Columns 11, 13 and 14 in one pass over the candidates; columns 12 and 15 are uncorrelated
  -- subqueries (computed once, whatever the plan; `cand` and `gate` are materialized, so each
@@ -122,8 +120,8 @@ with win as materialized (
  found as (
      select count(*) as candidates, max(c.seq) as max_seq, min(c.seq) as min_seq from cand c
  )
- select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload_text,
-        k.headers_text, k.attempts,
+ select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
+        k.attempts,
         case when isfinite(k.created_at_tz)
              then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8
              end,

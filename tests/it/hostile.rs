@@ -1363,6 +1363,59 @@ async fn a_backlog_of_large_events_drains_within_the_reservation_deadline() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A reservation's memory stays within `work_mem` whatever the rows' JSON: 2,000 events of
+/// 3.8 KB of JSON (7.7 MB of text in one batch, over `work_mem` 4 MB) drain through batch
+/// sessions whose `temp_file_limit` is 1 MB. A reservation that carried the printed JSON
+/// through its sorts (to print it once, for the byte budget and the result) spilled about three
+/// times the batch's text to temporary files, failed every time on `temp_file_limit` (53400)
+/// and delivered nothing (found by a breaker helper); the stored values the sorts carry are
+/// TOAST pointers, and the text is printed only for the budget's sum and the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_json_larger_than_work_mem_reserves_without_temporary_files() {
+    let (client, table) = migrated_table("tmpfile").await;
+    let topic = topic_name("tmpfile");
+    support::create_topic(&topic, 4).await;
+    let rows = 2_000;
+    client
+        .execute(
+            &format!(
+                "insert into {table} (aggregate_id, event_topic, event_type, payload)
+                 select 'agg-' || (i % 500), $1, 'Mid',
+                        (select jsonb_build_object('blob', string_agg(md5(i::text || '.' || j::text), ''))
+                           from generate_series(1, 120) j)
+                   from generate_series(1, $2::int) i"
+            ),
+            &[&topic, &rows],
+        )
+        .await
+        .unwrap();
+    let mut pg = support::postgres().await;
+    pg.options("-c work_mem=4MB -c temp_file_limit=1MB");
+    let outbox = Outbox::builder()
+        .postgres(pg)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    support::eventually(Duration::from_secs(60), "the backlog drains", || async {
+        let pending = outbox.status().await.map_err(|e| e.to_string())?.pending;
+        match (pending, outbox.stats().reserve_failures) {
+            (0, _) => Ok(()),
+            (n, failed) => Err(format!("{n} pending, {failed} reservations failed")),
+        }
+    })
+    .await;
+    assert_eq!(
+        outbox.stats().reserve_failures,
+        0,
+        "no reservation failed on temp_file_limit"
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// The identity sequence of `seq` restarted below the pending rows (a logical-replication
 /// upgrade or a restore that does not carry sequences, simulated with `alter ... restart`):
 /// new events would be numbered before older pending ones and published first (a breaker
