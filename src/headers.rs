@@ -146,57 +146,25 @@ enum Value {
 }
 
 impl<'de> de::Deserialize<'de> for Value {
+    /// Classified from the value's JSON text, which serde_json captures by skipping it (without
+    /// recursion, and without converting a number): a number outside `f64`'s range, which a
+    /// `jsonb` column holds happily (`1e309`, `1e131071`), made the whole column fail to parse
+    /// when read as a number, and every valid header of the row was dropped with it (found by
+    /// a breaker helper).
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(ValueVisitor)
-    }
-}
-
-struct ValueVisitor;
-
-impl<'de> Visitor<'de> for ValueVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_string()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        // IgnoredAny skips iteratively: no depth limit applies to what is skipped.
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Value::Other("an object"))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Other("an array"))
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Value, E> {
-        Ok(Value::Other("a bool"))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Value, E> {
-        Ok(Value::Other("a number"))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Value, E> {
-        Ok(Value::Other("a number"))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Value, E> {
-        Ok(Value::Other("a number"))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Other("null"))
+        let raw = <Box<serde_json::value::RawValue>>::deserialize(d)?;
+        let text = raw.get();
+        Ok(match text.as_bytes().first() {
+            Some(b'"') => match serde_json::from_str::<String>(text) {
+                Ok(s) => Value::String(s),
+                Err(e) => return Err(de::Error::custom(e)),
+            },
+            Some(b'{') => Value::Other("an object"),
+            Some(b'[') => Value::Other("an array"),
+            Some(b't' | b'f') => Value::Other("a bool"),
+            Some(b'n') => Value::Other("null"),
+            _ => Value::Other("a number"),
+        })
     }
 }
 
@@ -206,6 +174,32 @@ mod tests {
 
     fn deep(levels: usize) -> String {
         format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn a_number_outside_f64_costs_only_its_own_header() {
+        let big = format!("1e{}", 131_071);
+        let json = format!(
+            r#"{{"n":1e309,"ok":"1","m":-2e308,"big":{big},"esc":"a\u0001\"b","t":true,"u":null}}"#
+        );
+        let h = parse(Some(json.as_bytes()));
+        assert_eq!(
+            h.valid,
+            vec![
+                ("ok".into(), "1".into()),
+                ("esc".into(), "a\u{1}\"b".into())
+            ]
+        );
+        assert_eq!(
+            h.dropped,
+            vec![
+                Dropped::NotAString("n".into(), "a number"),
+                Dropped::NotAString("m".into(), "a number"),
+                Dropped::NotAString("big".into(), "a number"),
+                Dropped::NotAString("t".into(), "a bool"),
+                Dropped::NotAString("u".into(), "null"),
+            ]
+        );
     }
 
     #[test]
