@@ -807,13 +807,17 @@ impl Pg {
             let r = a
                 .query_one(
                     "select current_setting('outbox.session_probe', true), pg_backend_pid(), \
-                            current_setting('server_version_num')::int4",
+                            current_setting('server_version_num', true)",
                     &[],
                 )
                 .await?;
             let kept: Option<String> = r.get(0);
             let pid_a2: i32 = r.get(1);
-            let version: i32 = r.get(2);
+            // As text, parsed here: a value that is not a number (a proxy's, a function of the
+            // same name earlier on the search_path) skips the check rather than failing connect.
+            let version = (r.get::<_, Option<String>>(2))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+                .unwrap_or(0);
             // Clear the probe setting (it may sit on a pooled server connection).
             let _ = a
                 .execute("select set_config('outbox.session_probe', '', false)", &[])
@@ -860,8 +864,8 @@ impl Pg {
 /// reservation), `plan_cache_mode` and `ANALYZE (SKIP_LOCKED)`. The test suite runs on 15.
 pub(crate) const MIN_SERVER_VERSION_NUM: i32 = 130_000;
 
-/// What is wrong with a server of `server_version_num` `num` (`None`: it is recent enough; 0:
-/// not read, e.g. the probe failed first).
+/// What is wrong with a server of `server_version_num` `num` (`None`: it is recent enough; 0 or
+/// less: not read or not a version, e.g. the probe failed first).
 fn version_problem(num: i32) -> Option<String> {
     (num > 0 && num < MIN_SERVER_VERSION_NUM).then(|| {
         let (major, minor) = if num >= 100_000 {
