@@ -1363,13 +1363,14 @@ async fn a_backlog_of_large_events_drains_within_the_reservation_deadline() {
     support::stop_and_join(&outbox, relay).await;
 }
 
-/// A reservation's memory stays within `work_mem` whatever the rows' JSON: 2,000 events of
-/// 3.8 KB of JSON (7.7 MB of text in one batch, over `work_mem` 4 MB) drain through batch
-/// sessions whose `temp_file_limit` is 1 MB. A reservation that carried the printed JSON
-/// through its sorts (to print it once, for the byte budget and the result) spilled about three
-/// times the batch's text to temporary files, failed every time on `temp_file_limit` (53400)
-/// and delivered nothing (found by a breaker helper); the stored values the sorts carry are
-/// TOAST pointers, and the text is printed only for the budget's sum and the result.
+/// A reservation's sorts carry the rows' stored values, not their printed JSON: 2,000 events
+/// of 3.8 KB of JSON (stored out of line: 7.7 MB of text in one batch, over `work_mem` 4 MB)
+/// drain through batch sessions whose `temp_file_limit` is 1 MB. A reservation that carried the
+/// printed JSON through its sorts (to print it once, for the byte budget and the result) spilled
+/// about three times the batch's text to temporary files, failed every time on
+/// `temp_file_limit` (53400) and delivered nothing (found by a breaker helper). (Values stored
+/// inline, under about 2 KB, are carried whole: 2,000 of them near 2 KB still reach `work_mem`
+/// 4 MB, README "Postgres settings".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_json_larger_than_work_mem_reserves_without_temporary_files() {
     let (client, table) = migrated_table("tmpfile").await;
