@@ -1352,14 +1352,7 @@ async fn a_backlog_of_large_events_drains_within_the_reservation_deadline() {
         .await
         .unwrap();
     let relay = outbox.start().unwrap();
-    support::eventually(Duration::from_secs(60), "the backlog drains", || async {
-        let pending = outbox.status().await.map_err(|e| e.to_string())?.pending;
-        match (pending, outbox.stats().reserve_failures) {
-            (0, _) => Ok(()),
-            (n, failed) => Err(format!("{n} pending, {failed} reservations failed")),
-        }
-    })
-    .await;
+    backlog_drains(&outbox).await;
     support::stop_and_join(&outbox, relay).await;
 }
 
@@ -1401,6 +1394,18 @@ async fn a_batch_of_json_larger_than_work_mem_reserves_without_temporary_files()
         .await
         .unwrap();
     let relay = outbox.start().unwrap();
+    backlog_drains(&outbox).await;
+    assert_eq!(
+        outbox.stats().reserve_failures,
+        0,
+        "no reservation failed on temp_file_limit"
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
+/// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
+/// and the failed reservations.
+async fn backlog_drains(outbox: &Outbox) {
     support::eventually(Duration::from_secs(60), "the backlog drains", || async {
         let pending = outbox.status().await.map_err(|e| e.to_string())?.pending;
         match (pending, outbox.stats().reserve_failures) {
@@ -1409,12 +1414,6 @@ async fn a_batch_of_json_larger_than_work_mem_reserves_without_temporary_files()
         }
     })
     .await;
-    assert_eq!(
-        outbox.stats().reserve_failures,
-        0,
-        "no reservation failed on temp_file_limit"
-    );
-    support::stop_and_join(&outbox, relay).await;
 }
 
 /// The identity sequence of `seq` restarted below the pending rows (a logical-replication
