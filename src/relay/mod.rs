@@ -139,6 +139,15 @@ struct Pipeline {
     reserver: Reserver,
     /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
     reserve_errors: Backoff,
+    /// After a reservation that missed its deadline, the candidates' limit: 1, doubled after
+    /// each reservation that answers in time, until it reaches the batch's own (`None`). The
+    /// reservation reads and prints its candidates before the byte budget cuts them, and some
+    /// rows cost far more to print than they take to store: a `jsonb` number like `1e131071`
+    /// is 8 bytes stored and 131 KB printed, and 2,000 rows of them made every reservation of
+    /// the first 2,000 candidates miss its deadline, forever — nothing was delivered (found by
+    /// a breaker helper). With the limit narrowed, those rows are reserved a few at a time
+    /// (each then published or dead-lettered on its own merits) and the rows behind them follow.
+    candidates_cap: Option<usize>,
     /// The last reservation took all it was allowed (rows or bytes): more is likely pending.
     last_full: bool,
     /// A reservation found nothing while a full batch was in flight: the backlog's next events
@@ -235,6 +244,7 @@ impl Relay {
             batches: JoinSet::new(),
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
+            candidates_cap: None,
             last_full: false,
             light: false,
             failing: false,
@@ -368,11 +378,15 @@ impl Pipeline {
             1
         };
         self.gated = false;
-        let light = std::mem::take(&mut self.light) && share == 1 && group.is_none();
+        let light = std::mem::take(&mut self.light)
+            && share == 1
+            && group.is_none()
+            && self.candidates_cap.is_none();
         let limit = if light {
             ctx.sql.light_limit
         } else {
-            ctx.settings.batch_size.saturating_mul(share)
+            let limit = ctx.settings.batch_size.saturating_mul(share);
+            self.candidates_cap.map_or(limit, |cap| cap.clamp(1, limit))
         };
         let ask = Ask {
             limit,
@@ -397,6 +411,26 @@ impl Pipeline {
             _ => &mut self.scan,
         };
         scan.scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
+        self.candidates_cap = match (&reserved, self.candidates_cap) {
+            (
+                Err(crate::Error::Timeout {
+                    what: "reserve", ..
+                }),
+                _,
+            ) => {
+                tracing::warn!(
+                    candidates = limit,
+                    "outbox relay: a reservation missed its deadline; the next ones take one \
+                     candidate, doubling after each that answers in time"
+                );
+                Some(1)
+            }
+            (Err(_), cap) => cap,
+            (Ok(_), Some(cap)) if cap.saturating_mul(2) < ctx.settings.batch_size => {
+                Some(cap.saturating_mul(2))
+            }
+            (Ok(_), _) => None,
+        };
         match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)

@@ -1403,6 +1403,76 @@ async fn a_batch_of_json_larger_than_work_mem_reserves_without_temporary_files()
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// Rows whose JSON prints far larger than it is stored do not stall the rows behind them: 40
+/// rows each holding 100 `jsonb` numbers `1e131071` (1.6 KB stored, 13 MB printed), then 50
+/// ordinary events, `postgres_timeout` 300 ms. The reservation prints every candidate that fits
+/// the byte budget by its stored size, so each reservation of the first candidates printed
+/// 520 MB and missed its deadline, forever: nothing was delivered (found by a breaker helper
+/// with 2,000 such rows and the default deadline). After a reservation that misses its
+/// deadline the relay takes one candidate, doubling after each reservation that answers: the
+/// hostile rows go a few at a time (each a dead letter: too large for the producer) and the
+/// ordinary events follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_whose_json_prints_huge_do_not_stall_the_rows_behind_them() {
+    let (client, table) = migrated_table("hugenum").await;
+    let topic = topic_name("hugenum");
+    support::create_topic(&topic, 4).await;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'num-' || i, '{topic}', 'Huge',
+                    (select jsonb_build_object('a', jsonb_agg(1e131071::numeric))
+                       from generate_series(1, 100))
+               from generate_series(1, 40) i;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 10), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 50) i;"
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .postgres_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let count = |status: &'static str, event_type: &'static str| {
+        let client = &client;
+        let table = &table;
+        async move {
+            client
+                .query_one(
+                    &format!("select count(*) from {table} where status = $1 and event_type = $2"),
+                    &[&status, &event_type],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .map_err(|e| e.to_string())
+        }
+    };
+    support::eventually(
+        Duration::from_secs(90),
+        "the ordinary events behind the huge rows are delivered",
+        || async {
+            let (ok, huge) = (count("done", "Ok").await?, count("failed", "Huge").await?);
+            let failed = outbox.stats().reserve_failures;
+            if ok == 50 && huge == 40 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{ok} of 50 delivered, {huge} of 40 huge rows dead-lettered, {failed} reservations failed"
+                ))
+            }
+        },
+    )
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
 /// and the failed reservations.
 async fn backlog_drains(outbox: &Outbox) {
