@@ -411,26 +411,12 @@ impl Pipeline {
             _ => &mut self.scan,
         };
         scan.scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
-        self.candidates_cap = match (&reserved, self.candidates_cap) {
-            (
-                Err(crate::Error::Timeout {
-                    what: "reserve", ..
-                }),
-                _,
-            ) => {
-                tracing::warn!(
-                    candidates = limit,
-                    "outbox relay: a reservation missed its deadline; the next ones take one \
-                     candidate, doubling after each that answers in time"
-                );
-                Some(1)
-            }
-            (Err(_), cap) => cap,
-            (Ok(_), Some(cap)) if cap.saturating_mul(2) < ctx.settings.batch_size => {
-                Some(cap.saturating_mul(2))
-            }
-            (Ok(_), _) => None,
-        };
+        self.candidates_cap = next_candidates_cap(
+            self.candidates_cap,
+            &reserved,
+            limit,
+            ctx.settings.batch_size,
+        );
         match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
@@ -685,6 +671,36 @@ impl Pipeline {
 }
 
 /// Pauses reservations for the next delay of `errors`; returns its length.
+/// The candidates' cap after a reservation of `limit` candidates (see
+/// [`Pipeline::candidates_cap`]): 1 after one that missed its deadline (logged), doubled after
+/// one that answered in time, none once doubling would reach `batch_size`; unchanged after any
+/// other failure (the connect's, the server's error: they say nothing of the rows' cost).
+fn next_candidates_cap<T>(
+    cap: Option<usize>,
+    reserved: &crate::Result<T>,
+    limit: usize,
+    batch_size: usize,
+) -> Option<usize> {
+    match (reserved, cap) {
+        (
+            Err(crate::Error::Timeout {
+                what: "reserve", ..
+            }),
+            _,
+        ) => {
+            tracing::warn!(
+                candidates = limit,
+                "outbox relay: a reservation missed its deadline; the next ones take one \
+                 candidate, doubling after each that answers in time"
+            );
+            Some(1)
+        }
+        (Err(_), cap) => cap,
+        (Ok(_), Some(cap)) if cap.saturating_mul(2) < batch_size => Some(cap.saturating_mul(2)),
+        (Ok(_), _) => None,
+    }
+}
+
 fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
     let delay = errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
     wakeups.pause(delay);
@@ -964,4 +980,35 @@ fn remove_recent_fences(ctx: &Arc<Ctx>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_candidates_cap;
+    use std::time::Duration;
+
+    #[test]
+    fn the_candidates_cap_drops_to_one_after_a_missed_deadline_and_doubles_back() {
+        let timed_out: crate::Result<()> = Err(crate::Error::Timeout {
+            what: "reserve",
+            after: Duration::from_secs(10),
+        });
+        let connect: crate::Result<()> = Err(crate::Error::Timeout {
+            what: "connect",
+            after: Duration::from_secs(10),
+        });
+        let answered: crate::Result<()> = Ok(());
+        assert_eq!(next_candidates_cap(None, &timed_out, 2000, 2000), Some(1));
+        assert_eq!(next_candidates_cap(Some(8), &timed_out, 8, 2000), Some(1));
+        assert_eq!(next_candidates_cap(None, &connect, 2000, 2000), None);
+        assert_eq!(next_candidates_cap(Some(4), &connect, 4, 2000), Some(4));
+        let mut cap = Some(1);
+        let mut steps = 0;
+        while let Some(c) = cap {
+            cap = next_candidates_cap(cap, &answered, c, 2000);
+            steps += 1;
+        }
+        assert_eq!(steps, 11, "1, 2, 4, …, 1024, then the batch's own");
+        assert_eq!(next_candidates_cap(None, &answered, 2000, 2000), None);
+    }
 }
