@@ -59,7 +59,9 @@ pub(crate) struct Wakeups {
     /// A scan from the first pending row owed (see [`Wakeups::full_scan_at`]).
     owed: Option<Pin<Box<Sleep>>>,
     paused: Option<Pin<Box<Sleep>>>,
-    /// Wake-ups read from `notifications` during a pause, yielded after it.
+    /// Wake-ups read from `notifications` during a pause, yielded after it: each kind once (a
+    /// wake-up carries no data, so a second `Notified` says nothing the first does not), so a
+    /// NOTIFY storm during a 10 s pause holds at most one of each kind, not every one read.
     held: std::collections::VecDeque<Wake>,
     again: bool,
 }
@@ -304,7 +306,11 @@ impl Stream for Wakeups {
                         this.paused = None;
                         return Poll::Ready(Some(Wake::Listening));
                     }
-                    Poll::Ready(Some(w)) => this.held.push_back(w),
+                    Poll::Ready(Some(w)) => {
+                        if !this.held.contains(&w) {
+                            this.held.push_back(w);
+                        }
+                    }
                     Poll::Ready(None) => this.notifications = None,
                     Poll::Pending => break,
                 }
@@ -484,6 +490,24 @@ mod tests {
             "the pause ended when the listener was back"
         );
         assert_eq!(w.next().await, Some(Wake::Notified), "held, not lost");
+        // A storm of notifications during a pause is held as one wake-up of each kind.
+        w.pause(Duration::from_secs(10));
+        for _ in 0..2 {
+            tx.try_send(Wake::Notified).unwrap();
+            tx.try_send(Wake::Armed).unwrap();
+        }
+        tokio::task::yield_now().await;
+        let held = futures::poll!(w.next());
+        assert!(held.is_pending(), "paused: {held:?}");
+        for _ in 0..3 {
+            tx.try_send(Wake::Notified).unwrap();
+        }
+        let held = futures::poll!(w.next());
+        assert!(held.is_pending(), "paused: {held:?}");
+        assert_eq!(w.held.len(), 2, "one of each kind: {:?}", w.held);
+        assert_eq!(w.next().await, Some(Wake::Resumed));
+        assert_eq!(w.next().await, Some(Wake::Notified));
+        assert_eq!(w.next().await, Some(Wake::Armed));
         // Without the listener a pause lasts.
         w.pause(Duration::from_secs(10));
         let start = Instant::now();
