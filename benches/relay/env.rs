@@ -3,6 +3,7 @@
 use crate::events::payload_jsonb_text;
 use crate::events::payload_value;
 use crate::events::Keys;
+use crate::host;
 use crate::host::foreign_processes;
 use crate::host::loadavg;
 use crate::host::machine;
@@ -299,6 +300,9 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
     env.pg_desc = format!(
         "Postgres {ver} ({pg_kind}; fsync={fsync}, synchronous_commit={sc}, shared_buffers={sb}, max_wal_size={wal}, wal_level={wal_level})"
     );
+    if let Some(list) = env.opts.pin_postgres.clone() {
+        env.pg_desc += &pin_postgres(&env, &list)?;
+    }
     // The payload the raw producer sends must be what the relay sends (jsonb text).
     let sample: String = c
         .query_one(
@@ -320,4 +324,51 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
         sample.len()
     );
     Ok(env)
+}
+
+/// `--pin-postgres`: the postmaster and its processes (backends forked later inherit it) on
+/// `list`, this process (every thread; threads and children started later inherit it) and the
+/// broker's processes on the other allowed CPUs. Returns the Settings row's words for it.
+fn pin_postgres(env: &Env, list: &str) -> Result<String> {
+    let pg = host::cpu_list(list)?;
+    let allowed = host::allowed_cpus()?;
+    let rest: Vec<usize> = allowed
+        .iter()
+        .copied()
+        .filter(|c| !pg.contains(c))
+        .collect();
+    if rest.is_empty() || pg.iter().any(|c| !allowed.contains(c)) {
+        bail!("--pin-postgres {list}: needs CPUs of {allowed:?} with at least one left over");
+    }
+    let postmaster = env
+        .postmaster
+        .context("--pin-postgres: the postmaster's pid is unknown")?;
+    let mut pinned = 0;
+    for (pid, path) in host::all_pids() {
+        let ppid = read_stat(&path.join("stat")).map(|s| s.1);
+        if pid == postmaster || ppid == Some(postmaster) {
+            host::pin(pid, &pg)?;
+            pinned += 1;
+        }
+    }
+    host::pin(std::process::id() as i32, &rest)?;
+    for pid in env.broker_pids() {
+        host::pin(pid, &rest)?;
+    }
+    let words = |c: &[usize]| {
+        c.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    say!(
+        "pinned Postgres ({pinned} processes) to CPU {}, this process and the broker to CPU {}",
+        words(&pg),
+        words(&rest)
+    );
+    Ok(format!(
+        "; pinned (`--pin-postgres`): Postgres on CPU {}, the relay, the harness and the broker on CPU {}",
+        words(&pg),
+        words(&rest)
+    ))
 }

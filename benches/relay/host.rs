@@ -1,6 +1,7 @@
 //! The machine: CPU model, load, other engineers' processes, RSS and a perf-free CPU split.
 
 use crate::env::Env;
+use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -140,6 +141,53 @@ pub(crate) fn status_kb_of(pid: &str, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The CPUs this process may run on (`/proc/self/status` `Cpus_allowed_list`, e.g. `0-1`).
+pub(crate) fn allowed_cpus() -> Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    cpu_list(list.trim())
+}
+
+/// Parses a `taskset` CPU list (`0`, `0,2`, `0-3`).
+pub(crate) fn cpu_list(list: &str) -> Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.parse().with_context(|| format!("CPU list {list:?}"))?,
+            b.parse().with_context(|| format!("CPU list {list:?}"))?,
+        );
+        cpus.extend(a..=b);
+    }
+    if cpus.is_empty() {
+        bail!("empty CPU list {list:?}");
+    }
+    Ok(cpus)
+}
+
+/// Sets the CPU affinity of every thread of `pid` (`taskset -a -p -c`).
+pub(crate) fn pin(pid: i32, cpus: &[usize]) -> Result<()> {
+    let list = cpus
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("taskset")
+        .args(["-a", "-p", "-c", &list, &pid.to_string()])
+        .output()
+        .context("taskset (util-linux)")?;
+    if !out.status.success() {
+        bail!(
+            "taskset -a -p -c {list} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn rss_mb() -> f64 {

@@ -114,6 +114,12 @@ pub(crate) struct Cli {
     /// scripts/kafka-cluster), so that the CPU split counts the broker.
     #[arg(long, value_name = "PID")]
     pub(crate) broker_pid: Vec<i32>,
+    /// Run Postgres on these CPUs (a `taskset` list, e.g. `0`) and everything else this run
+    /// measures — this process (the relay and the harness), its child processes and the
+    /// `--broker-pid` processes — on the others: Postgres on cores of its own, as on its own
+    /// host, for both the drains and the ceilings. Default: no pinning (all share every core).
+    #[arg(long, value_name = "CPUS")]
+    pub(crate) pin_postgres: Option<String>,
     /// Topic partitions.
     #[arg(long, env = "OUTBOX_BENCH_PARTITIONS", default_value_t = 8)]
     pub(crate) partitions: i32,
@@ -155,6 +161,8 @@ pub(crate) struct Opts {
     pub(crate) no_recorder: bool,
     pub(crate) broker: Option<String>,
     pub(crate) broker_pids: Vec<i32>,
+    /// `--pin-postgres CPUS`: Postgres on CPUS, the rest on the other CPUs.
+    pub(crate) pin_postgres: Option<String>,
     /// `--wait-idle SECS`: at each phase start, wait up to SECS for other load to stop.
     pub(crate) wait_idle: f64,
     /// Relay overrides (`--batch-size`, `--batches-in-flight`); defaults otherwise.
@@ -197,6 +205,7 @@ impl Opts {
             no_recorder: cli.no_recorder,
             broker: cli.broker,
             broker_pids: cli.broker_pid,
+            pin_postgres: cli.pin_postgres,
             wait_idle: cli.wait_idle,
             batch_size: cli.batch_size,
             batches_in_flight: cli.batches_in_flight,
