@@ -145,7 +145,8 @@ impl Admin {
     ///
     /// # Errors
     /// [`Error::InvalidIdentifier`] for a bad table name; [`Error::Postgres`] when Postgres is
-    /// unreachable; [`Error::Schema`] when the table is not migrated, or the role cannot read
+    /// unreachable; [`Error::Config`] naming the server's version when it is older than Postgres
+    /// 13; [`Error::Schema`] when the table is not migrated, or the role cannot read
     /// `outbox_tables` (the message names the grant).
     pub async fn connect(pg: tokio_postgres::Config, table: &str) -> Result<Admin> {
         Self::connect_pg(Pg::plain(pg), table).await
@@ -172,6 +173,7 @@ impl Admin {
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
         let client = pg.connect_bounded("admin").await?;
+        crate::schema::refuse_old_server(&client, pg.timeout).await?;
         // Row-level security that applies to this role makes every query fail (its sessions run
         // with `row_security = off`): say so, with the fix, rather than the bare refusal.
         let rls = bounded(

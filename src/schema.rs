@@ -288,12 +288,16 @@ impl MigrationReport {
 /// sessions holding locks on it.
 ///
 /// # Errors
-/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::MigrationLocked`]
+/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Config`] naming the
+/// server's version when it is older than Postgres 13 (nothing is applied); [`Error::MigrationLocked`]
 /// naming the sessions that held the table through every attempt; [`Error::Postgres`] when a
 /// statement fails (nothing is applied then: the transaction rolls back).
 pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     validate_identifier("table", table)?;
     validate_identifier("channel", channel)?;
+    if let Some(problem) = crate::pg::server_version_problem(client).await? {
+        return Err(old_server(problem));
+    }
     // Read-only; any doubt (a query the role may not run) takes the full path.
     if up_to_date(client, table, channel).await.unwrap_or(false) {
         return Ok(MigrationReport {
@@ -879,4 +883,30 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
         ));
     }
     Ok(registered_channel)
+}
+
+/// The error for a server older than the outbox supports (see `pg::MIN_SERVER_VERSION_NUM`).
+fn old_server(problem: String) -> Error {
+    Error::Config(crate::error::ConfigErrors::new(vec![format!(
+        "database_url: {problem}"
+    )]))
+}
+
+/// Refuses a server older than Postgres 13 on a session that does not go through
+/// `connect()`'s pooler probe (which reads the version itself), within `timeout`.
+///
+/// # Errors
+/// [`Error::Config`] naming the version; [`Error::Postgres`] / [`Error::Timeout`] when the
+/// query fails or misses `timeout`.
+pub(crate) async fn refuse_old_server(client: &Client, timeout: std::time::Duration) -> Result<()> {
+    match crate::pg::bounded("version check", timeout, async {
+        crate::pg::server_version_problem(client)
+            .await
+            .map_err(Error::Postgres)
+    })
+    .await?
+    {
+        Some(problem) => Err(old_server(problem)),
+        None => Ok(()),
+    }
 }

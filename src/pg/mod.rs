@@ -815,9 +815,7 @@ impl Pg {
             let pid_a2: i32 = r.get(1);
             // As text, parsed here: a value that is not a number (a proxy's, a function of the
             // same name earlier on the search_path) skips the check rather than failing connect.
-            let version = (r.get::<_, Option<String>>(2))
-                .and_then(|v| v.trim().parse::<i32>().ok())
-                .unwrap_or(0);
+            let version = version_num(r.get(2));
             // Clear the probe setting (it may sit on a pooled server connection).
             let _ = a
                 .execute("select set_config('outbox.session_probe', '', false)", &[])
@@ -863,6 +861,29 @@ impl Pg {
 /// built in (the table's `id` default); 12 added `MATERIALIZED` common table expressions (the
 /// reservation), `plan_cache_mode` and `ANALYZE (SKIP_LOCKED)`. The test suite runs on 15.
 pub(crate) const MIN_SERVER_VERSION_NUM: i32 = 130_000;
+
+/// `server_version_num` read as text, parsed here: a value that is not a number (a proxy's, a
+/// function of the same name earlier on the `search_path`) is 0, which skips the check rather
+/// than failing.
+fn version_num(text: Option<String>) -> i32 {
+    text.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Why the server behind `client` is too old for the outbox (`None`: Postgres 13 or later, or a
+/// version that cannot be read), from its `server_version_num`; one round trip. For the
+/// sessions that do not go through the pooler probe: [`Admin`](crate::Admin)'s and
+/// [`migrate_table`](crate::migrate_table)'s.
+///
+/// # Errors
+/// The query's error.
+pub(crate) async fn server_version_problem(
+    client: &Client,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_one("select current_setting('server_version_num', true)", &[])
+        .await?;
+    Ok(version_problem(version_num(row.get(0))))
+}
 
 /// What is wrong with a server of `server_version_num` `num` (`None`: it is recent enough; 0 or
 /// less: not read or not a version, e.g. the probe failed first).

@@ -1700,6 +1700,69 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A server older than Postgres 13 is refused, naming its version, by `connect()` (in the
+/// pooler probe), by `migrate_table` (nothing applied) and by `Admin::connect`: no older server
+/// is installed here, so a `current_setting(text, bool)` earlier on the session's `search_path`
+/// than `pg_catalog` answers `server_version_num` as Postgres 12.22 would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_older_than_postgres_13_is_refused_by_name() {
+    let (table, client) = migrated_table("old_server").await;
+    let schema = support::unique_name("fake_version");
+    client
+        .batch_execute(&format!(
+            "create schema {schema};
+             create function {schema}.current_setting(name text, missing_ok bool) returns text
+               language sql stable
+               as $$ select case when name = 'server_version_num' then '120022'
+                                 else pg_catalog.current_setting(name, missing_ok) end $$;"
+        ))
+        .await
+        .unwrap();
+    let mut old = support::postgres().await;
+    old.options(format!("-c search_path={schema},pg_catalog,public"));
+    let says_twelve = |e: &Error| {
+        let text = e.to_string();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        assert!(text.contains("Postgres 12.22"), "{text}");
+        assert!(text.contains("Postgres 13 or later"), "{text}");
+    };
+
+    let e = tokio::time::timeout(HANG, on_table(old.clone(), &table).connect())
+        .await
+        .expect("connect() answers")
+        .expect_err("connect() must refuse Postgres 12");
+    says_twelve(&e);
+
+    let fresh = support::unique_name("old_server_fresh");
+    let c = outbox::testing::connect(&old).await.unwrap();
+    let e = outbox::migrate_table(&c, &fresh, &fresh)
+        .await
+        .expect_err("migrate_table must refuse Postgres 12");
+    says_twelve(&e);
+    let created: bool = client
+        .query_one("select to_regclass($1) is not null", &[&fresh])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!created, "nothing applied on a refused server");
+
+    let e = Admin::connect(old.clone(), &table)
+        .await
+        .expect_err("Admin::connect must refuse Postgres 12");
+    says_twelve(&e);
+
+    // The same session settings without the stand-in: all three accept the server.
+    let mut current = support::postgres().await;
+    current.options("-c search_path=public,pg_catalog");
+    Admin::connect(current.clone(), &table)
+        .await
+        .expect("Postgres 15 is accepted");
+    client
+        .batch_execute(&format!("drop schema {schema} cascade"))
+        .await
+        .unwrap();
+}
+
 /// Behind PgBouncer in transaction pooling, `connect()` refuses with an error naming
 /// transaction pooling and the fix; writers through the same pooler keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
