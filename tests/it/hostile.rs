@@ -1473,6 +1473,110 @@ async fn rows_whose_json_prints_huge_do_not_stall_the_rows_behind_them() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// One row whose JSON Postgres cannot print at all (8,200 numbers `1e131071`: 74 KB of text,
+/// over 1 GB printed: "out of memory … Cannot enlarge string buffer", 54000) and one that
+/// prints far slower than a third of `postgres_timeout` (2,000 of them: 262 MB) stopped every
+/// reservation at the head of the backlog, for good: the candidates' cap cannot go below one,
+/// and the first candidate is always printed (a breaker helper: 0 of 50 delivered behind one).
+/// Now each is dead-lettered, named in its `last_error` and announced to subscribers, and the
+/// events behind them are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_cannot_print_in_time_is_dead_lettered_and_the_rest_delivered() {
+    use futures::StreamExt as _;
+    support::init_tracing();
+    let (client, table) = migrated_table("unprintable").await;
+    let topic = topic_name("unprintable");
+    support::create_topic(&topic, 2).await;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'huge-' || n, '{topic}', 'Unprintable',
+                    (select jsonb_agg(1e131071::numeric) from generate_series(1, n))
+               from unnest(array[8200, 2000]) n;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 10), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 50) i;"
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .postgres_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let mut acks = outbox.subscribe();
+    let relay = outbox.start().unwrap();
+    support::eventually(
+        Duration::from_secs(60),
+        "the events behind the unprintable rows are delivered",
+        || async {
+            let rows = client
+                .query(
+                    &format!(
+                        "select event_type, status, count(*) from {table} group by 1, 2 order by 1, 2"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let counts: Vec<(String, String, i64)> =
+                rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            let want = vec![
+                ("Ok".to_string(), "done".to_string(), 50),
+                ("Unprintable".to_string(), "failed".to_string(), 2),
+            ];
+            if counts == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{counts:?}; {} reservations failed",
+                    outbox.stats().reserve_failures
+                ))
+            }
+        },
+    )
+    .await;
+    let errors: Vec<(String, String)> = client
+        .query(
+            &format!(
+                "select aggregate_id, last_error from {table} where status = 'failed' order by 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].0 == "huge-2000"
+            && errors[0]
+                .1
+                .contains("more than a third of postgres_timeout"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].0 == "huge-8200" && errors[1].1.contains("Postgres could not print"),
+        "{errors:?}"
+    );
+    assert_eq!(outbox.stats().dead_lettered, 2);
+    let mut dead = Vec::new();
+    while let Ok(Some(ack)) = tokio::time::timeout(Duration::from_secs(1), acks.next()).await {
+        if let outbox::DeliveryEvent::Failed(f) = ack {
+            assert!(f.is_dead_letter(), "{f:?}");
+            dead.push(f.aggregate_id().to_string());
+        }
+    }
+    dead.sort();
+    assert_eq!(dead, ["huge-2000", "huge-8200"]);
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
 /// and the failed reservations.
 async fn backlog_drains(outbox: &Outbox) {
