@@ -806,8 +806,8 @@ impl Pg {
             let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await?.get(0);
             let r = a
                 .query_one(
-                    "select current_setting('outbox.session_probe', true), pg_backend_pid(), \
-                            current_setting('server_version_num', true)",
+                    "select current_setting('outbox.session_probe', true)::text, pg_backend_pid(), \
+                            current_setting('server_version_num', true)::text",
                     &[],
                 )
                 .await?;
@@ -815,6 +815,8 @@ impl Pg {
             let pid_a2: i32 = r.get(1);
             // As text, parsed here: a value that is not a number (a proxy's, a function of the
             // same name earlier on the search_path) skips the check rather than failing connect.
+            // `::text` in the query: a shadowing function may return another type (a breaker
+            // helper's `returns int` panicked the read).
             let version = version_num(r.get(2));
             // Clear the probe setting (it may sit on a pooled server connection).
             let _ = a
@@ -880,7 +882,10 @@ pub(crate) async fn server_version_problem(
     client: &Client,
 ) -> Result<Option<String>, tokio_postgres::Error> {
     let row = client
-        .query_one("select current_setting('server_version_num', true)", &[])
+        .query_one(
+            "select current_setting('server_version_num', true)::text",
+            &[],
+        )
         .await?;
     Ok(version_problem(version_num(row.get(0))))
 }

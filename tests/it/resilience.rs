@@ -1751,6 +1751,38 @@ async fn a_server_older_than_postgres_13_is_refused_by_name() {
         .expect_err("Admin::connect must refuse Postgres 12");
     says_twelve(&e);
 
+    // A stand-in of another type (int) breaks every `current_setting` call, but the version
+    // reads must not panic (a breaker helper's `returns int` panicked all three): each call
+    // fails with an error.
+    let odd = support::unique_name("odd_version");
+    client
+        .batch_execute(&format!(
+            "create schema {odd};
+             create function {odd}.current_setting(name text, missing_ok bool) returns int
+               language sql stable as $$ select 120022 $$;"
+        ))
+        .await
+        .unwrap();
+    let mut odd_cfg = support::postgres().await;
+    odd_cfg.options(format!("-c search_path={odd},pg_catalog,public"));
+    let e = Admin::connect(odd_cfg.clone(), &table).await.unwrap_err();
+    eprintln!("Admin::connect with an int current_setting: {e}");
+    let c = outbox::testing::connect(&odd_cfg).await.unwrap();
+    let odd_table = support::unique_name("odd_version_table");
+    let e = outbox::migrate_table(&c, &odd_table, &odd_table)
+        .await
+        .unwrap_err();
+    eprintln!("migrate_table with an int current_setting: {e}");
+    let e = tokio::time::timeout(HANG, on_table(odd_cfg.clone(), &table).connect())
+        .await
+        .expect("connect() answers")
+        .unwrap_err();
+    eprintln!("connect() with an int current_setting: {e}");
+    client
+        .batch_execute(&format!("drop schema {odd} cascade"))
+        .await
+        .unwrap();
+
     // The same session settings without the stand-in: all three accept the server.
     let mut current = support::postgres().await;
     current.options("-c search_path=public,pg_catalog");
