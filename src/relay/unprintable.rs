@@ -65,14 +65,12 @@ pub(crate) fn print_limit(postgres_timeout: Duration) -> Duration {
     (postgres_timeout / 3).max(Duration::from_millis(1))
 }
 
-/// How long [`check`] waits for the row's lock, and then for its print: two Postgres timeouts,
+/// How long [`check`] waits for the row's lock, and then for its print: ten Postgres timeouts,
 /// at least 10 s. The reservation that failed may still hold the row: its statement goes on
 /// printing after the relay cancels it and closes its session (Postgres looks at the cancel only
-/// between values), and Postgres gives up printing at 1 GB (54000), after a few seconds. No
-/// reservation starts meanwhile, so the wait is short: a row a batch in flight holds (after a
-/// stall, say) fails the check with a lock timeout, and is checked again after the next failure.
+/// between values), and Postgres gives up printing at 1 GB (54000), after a few seconds.
 pub(crate) fn lock_and_print_wait(postgres_timeout: Duration) -> Duration {
-    (postgres_timeout * 2).max(Duration::from_secs(10))
+    (postgres_timeout * 10).max(Duration::from_secs(10))
 }
 
 /// Prints the row a reservation from `from` (a `seq`) takes first, and dead-letters it when
@@ -88,11 +86,15 @@ pub(crate) async fn check(ctx: &Ctx, from: i64) -> crate::Result<Option<Unprinta
     let timeout = ctx.pg.timeout;
     let wait = lock_and_print_wait(timeout);
     let client = ctx.pg.connect_bounded("relay-print-check").await?;
-    exec(
-        &client,
-        timeout,
-        &format!("begin; set local lock_timeout = {}", wait.as_millis()),
-    )
+    bounded("print check", timeout, async {
+        client
+            .batch_execute(&format!(
+                "begin; set local lock_timeout = {}",
+                wait.as_millis()
+            ))
+            .await
+            .map_err(Error::Postgres)
+    })
     .await?;
     let first = bounded("print check", wait + timeout, async {
         client
@@ -106,7 +108,13 @@ pub(crate) async fn check(ctx: &Ctx, from: i64) -> crate::Result<Option<Unprinta
     };
     let id: Uuid = row.get(0);
     let limit = print_limit(timeout);
-    exec(&client, timeout, "savepoint print_check").await?;
+    bounded("print check", timeout, async {
+        client
+            .batch_execute("savepoint print_check")
+            .await
+            .map_err(Error::Postgres)
+    })
+    .await?;
     let started = std::time::Instant::now();
     let printed = bounded("print check", wait, async {
         Ok(client.query_one(&ctx.sql.unprintable_print, &[&id]).await)
@@ -132,7 +140,13 @@ pub(crate) async fn check(ctx: &Ctx, from: i64) -> crate::Result<Option<Unprinta
         ),
         Err(e) => return Err(Error::Postgres(e)),
     };
-    exec(&client, timeout, "rollback to savepoint print_check").await?;
+    bounded("print check", timeout, async {
+        client
+            .batch_execute("rollback to savepoint print_check")
+            .await
+            .map_err(Error::Postgres)
+    })
+    .await?;
     let n = bounded("print check", timeout, async {
         client
             .execute(&ctx.sql.unprintable_fail, &[&id, &error])
@@ -140,7 +154,13 @@ pub(crate) async fn check(ctx: &Ctx, from: i64) -> crate::Result<Option<Unprinta
             .map_err(Error::Postgres)
     })
     .await?;
-    exec(&client, timeout, "commit").await?;
+    bounded("print check", timeout, async {
+        client
+            .batch_execute("commit")
+            .await
+            .map_err(Error::Postgres)
+    })
+    .await?;
     Ok((n == 1).then(|| Unprintable {
         id,
         aggregate_id: row.get(1),
@@ -148,14 +168,6 @@ pub(crate) async fn check(ctx: &Ctx, from: i64) -> crate::Result<Option<Unprinta
         attempts: row.get::<_, i32>(3).saturating_add(1),
         error,
     }))
-}
-
-/// Runs `sql` (no parameters) on the check's session within `timeout`.
-async fn exec(client: &tokio_postgres::Client, timeout: Duration, sql: &str) -> crate::Result<()> {
-    bounded("print check", timeout, async {
-        client.batch_execute(sql).await.map_err(Error::Postgres)
-    })
-    .await
 }
 
 #[cfg(test)]
@@ -175,7 +187,7 @@ mod tests {
         );
         assert_eq!(
             lock_and_print_wait(Duration::from_secs(10)),
-            Duration::from_secs(20)
+            Duration::from_secs(100)
         );
         let timed_out = Error::Timeout {
             what: "reserve",

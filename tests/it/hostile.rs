@@ -1424,12 +1424,21 @@ async fn rows_whose_json_prints_huge_do_not_stall_the_rows_behind_them() {
                     (select jsonb_build_object('a', jsonb_agg(1e131071::numeric))
                        from generate_series(1, 100))
                from generate_series(1, 40) i;
-             {}",
-            ordinary_events(&table, &topic)
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 10), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 50) i;"
         ))
         .await
         .unwrap();
-    let outbox = on_table_with_timeout(&table, Duration::from_millis(300)).await;
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .postgres_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
     let relay = outbox.start().unwrap();
     let count = |status: &'static str, event_type: &'static str| {
         let client = &client;
@@ -1484,12 +1493,21 @@ async fn a_row_postgres_cannot_print_in_time_is_dead_lettered_and_the_rest_deliv
              select 'huge-' || n, '{topic}', 'Unprintable',
                     (select jsonb_agg(1e131071::numeric) from generate_series(1, n))
                from unnest(array[8200, 2000]) n;
-             {}",
-            ordinary_events(&table, &topic)
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 10), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 50) i;"
         ))
         .await
         .unwrap();
-    let outbox = on_table_with_timeout(&table, Duration::from_millis(300)).await;
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .postgres_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
     let mut acks = outbox.subscribe();
     let relay = outbox.start().unwrap();
     support::eventually(
@@ -1557,29 +1575,6 @@ async fn a_row_postgres_cannot_print_in_time_is_dead_lettered_and_the_rest_deliv
     dead.sort();
     assert_eq!(dead, ["huge-2000", "huge-8200"]);
     support::stop_and_join(&outbox, relay).await;
-}
-
-/// SQL inserting 50 ordinary events over ten aggregates `ok-0`…`ok-9` (event type `Ok`) into
-/// `table` for `topic`.
-fn ordinary_events(table: &str, topic: &str) -> String {
-    format!(
-        "insert into {table} (aggregate_id, event_topic, event_type, payload)
-         select 'ok-' || (i % 10), '{topic}', 'Ok', jsonb_build_object('i', i)
-           from generate_series(1, 50) i;"
-    )
-}
-
-/// An outbox on `table` (also its channel) and the test's Kafka with `postgres_timeout`.
-async fn on_table_with_timeout(table: &str, postgres_timeout: Duration) -> Outbox {
-    Outbox::builder()
-        .postgres(support::postgres().await)
-        .table(table)
-        .channel(table)
-        .kafka_brokers(support::kafka_brokers())
-        .postgres_timeout(postgres_timeout)
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
