@@ -35,7 +35,6 @@ mod shared;
 mod split;
 mod supervise;
 pub(crate) mod timing;
-mod unprintable;
 mod wake;
 
 use std::sync::Arc;
@@ -147,8 +146,7 @@ struct Pipeline {
     /// is 8 bytes stored and 131 KB printed, and 2,000 rows of them made every reservation of
     /// the first 2,000 candidates miss its deadline, forever — nothing was delivered (found by
     /// a breaker helper). With the limit narrowed, those rows are reserved a few at a time
-    /// (each then published or dead-lettered on its own merits) and the rows behind them follow;
-    /// a row that cannot be printed in time even alone is dead-lettered ([`unprintable`]).
+    /// (each then published or dead-lettered on its own merits) and the rows behind them follow.
     candidates_cap: Option<usize>,
     /// The last reservation took all it was allowed (rows or bytes): more is likely pending.
     last_full: bool,
@@ -427,15 +425,6 @@ impl Pipeline {
             (Ok((Some((conn, rows)), scan)), _) => self.start_batch(conn, rows, scan, limit, group),
             (Err(e), _) => {
                 self.end_split();
-                if unprintable::may_be_unprintable(&e)
-                    && dead_letter_unprintable(&ctx, start.from).await
-                {
-                    // The row that failed it is a dead letter now: go on at once.
-                    ctx.report.reserve_failed(&e, Duration::ZERO);
-                    self.reserve_errors = fresh_backoff();
-                    self.wakeups.again();
-                    return;
-                }
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
             }
@@ -681,32 +670,11 @@ impl Pipeline {
     }
 }
 
-/// After a reservation from `from` failed in a way a row's JSON may cause: dead-letters its
-/// first candidate if Postgres cannot print that one in time (see [`unprintable`]); whether it
-/// did. A stop cancels it.
-async fn dead_letter_unprintable(ctx: &Ctx, from: i64) -> bool {
-    let checked = tokio::select! {
-        _ = ctx.stop.token().cancelled() => return false,
-        r = unprintable::check(ctx, from) => r,
-    };
-    match checked {
-        Ok(Some(row)) => {
-            ctx.report.unprintable(&row);
-            true
-        }
-        Ok(None) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "outbox relay: could not check whether the first pending event's JSON prints in time");
-            false
-        }
-    }
-}
-
+/// Pauses reservations for the next delay of `errors`; returns its length.
 /// The candidates' cap after a reservation of `limit` candidates (see
-/// [`Pipeline::candidates_cap`]): 1 after one that missed its deadline or that Postgres could
-/// not print (see [`unprintable::may_be_unprintable`]; logged), doubled after one that answered
-/// in time, none once doubling would reach `batch_size`; unchanged after any other failure (the
-/// connect's, the server's other errors: they say nothing of the rows' cost).
+/// [`Pipeline::candidates_cap`]): 1 after one that missed its deadline (logged), doubled after
+/// one that answered in time, none once doubling would reach `batch_size`; unchanged after any
+/// other failure (the connect's, the server's error: they say nothing of the rows' cost).
 fn next_candidates_cap<T>(
     cap: Option<usize>,
     reserved: &crate::Result<T>,
@@ -714,12 +682,16 @@ fn next_candidates_cap<T>(
     batch_size: usize,
 ) -> Option<usize> {
     match (reserved, cap) {
-        (Err(e), _) if unprintable::may_be_unprintable(e) => {
+        (
+            Err(crate::Error::Timeout {
+                what: "reserve", ..
+            }),
+            _,
+        ) => {
             tracing::warn!(
                 candidates = limit,
-                "outbox relay: a reservation missed its deadline (or Postgres could not print \
-                 its rows' JSON); the next ones take one candidate, doubling after each that \
-                 answers in time"
+                "outbox relay: a reservation missed its deadline; the next ones take one \
+                 candidate, doubling after each that answers in time"
             );
             Some(1)
         }
@@ -729,7 +701,6 @@ fn next_candidates_cap<T>(
     }
 }
 
-/// Pauses reservations for the next delay of `errors`; returns its length.
 fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
     let delay = errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
     wakeups.pause(delay);

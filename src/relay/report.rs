@@ -285,25 +285,6 @@ impl Reporter {
         });
     }
 
-    /// A row whose JSON could not be printed in time, dead-lettered outside any batch (see
-    /// `relay/unprintable.rs`): counted, logged and announced as any dead letter.
-    pub(crate) fn unprintable(&self, row: &super::unprintable::Unprintable) {
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("outbox_dead_letters_total").increment(1);
-        tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts = row.attempts, error = %printable(&row.error), "outbox event dead-lettered");
-        self.send(|| {
-            DeliveryEvent::Failed(DeliveryFailure {
-                event_id: row.id,
-                aggregate_id: row.aggregate_id.clone(),
-                topic: row.topic.clone(),
-                error: row.error.clone(),
-                kafka_code: None,
-                attempts: row.attempts,
-                dead_letter: true,
-            })
-        });
-    }
-
     /// Sends to the subscribers, building the item only when someone listens.
     fn send(&self, item: impl FnOnce() -> DeliveryEvent) {
         if let Some(tx) = self.acks.as_ref().filter(|tx| tx.receiver_count() > 0) {
