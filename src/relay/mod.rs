@@ -670,7 +670,6 @@ impl Pipeline {
     }
 }
 
-/// Pauses reservations for the next delay of `errors`; returns its length.
 /// The candidates' cap after a reservation of `limit` candidates (see
 /// [`Pipeline::candidates_cap`]): 1 after one that missed its deadline (logged), doubled after
 /// one that answered in time, none once doubling would reach `batch_size`; unchanged after any
@@ -701,6 +700,7 @@ fn next_candidates_cap<T>(
     }
 }
 
+/// Pauses reservations for the next delay of `errors`; returns its length.
 fn pause(wakeups: &mut Wakeups, errors: &mut Backoff) -> Duration {
     let delay = errors.next().unwrap_or(retry::MAX_ERROR_PAUSE);
     wakeups.pause(delay);
