@@ -222,6 +222,15 @@ pub(crate) struct RelaySql {
     /// The limit written into [`light_reserve`](Self::light_reserve): the relay's `batch_size`,
     /// at most [`LIGHT_LIMIT`].
     pub(crate) light_limit: usize,
+    /// [`reserve`](Self::reserve), [`reserve_full`](Self::reserve_full) and
+    /// [`reserve_windowed`](Self::reserve_windowed) printing nothing: the rows each would print
+    /// (ids, in `seq` order), for `relay::unprintable`.
+    pub(crate) unprintable_scan: [String; 3],
+    /// Prints rows one at a time (`print_each.sql`).
+    pub(crate) print_each: String,
+    /// A row Postgres cannot print, as a reservation returns it without its JSON
+    /// (`unprintable_row.sql`).
+    pub(crate) unprintable_row: String,
     pub(crate) confirm: String,
     /// Rows acknowledged while the batch still publishes, written in its transaction.
     pub(crate) confirm_early: String,
@@ -269,14 +278,17 @@ impl RelaySql {
             )
         };
         let r = |sql: &str| render(sql, table, "", &[]);
-        let [reserve, reserve_full, reserve_windowed] = reserve_statements(table, open, "$1");
+        let [reserve, reserve_full, reserve_windowed] = reserve_statements(table, open, "$1", true);
         let light_limit = batch_size.min(LIGHT_LIMIT);
         RelaySql {
             reserve,
             reserve_full,
             reserve_windowed,
-            light_reserve: reserve_statements(table, open, &light_limit.to_string()),
+            light_reserve: reserve_statements(table, open, &light_limit.to_string(), true),
             light_limit,
+            unprintable_scan: reserve_statements(table, open, "$1", false),
+            print_each: r(include_str!("sql/print_each.sql")),
+            unprintable_row: r(include_str!("sql/unprintable_row.sql")),
             confirm: render_with_outcomes(confirm, table, &[("confirm_update", update.as_str())]),
             confirm_early: r(confirm_early),
             late_confirm: r(late_confirm),
@@ -296,9 +308,18 @@ impl RelaySql {
 /// `reserve.sql` for `table` whose open rows are `open`, its candidates limited by `limit` (`$1`,
 /// or a literal): the scan from where the last one left off (no window, no skipping), the scan
 /// that skips blocked aggregates (`reserve_skip_blocked.sql`), and that one within its window
-/// (`reserve_window.sql`).
-fn reserve_statements(table: &str, open: &str, limit: &str) -> [String; 3] {
+/// (`reserve_window.sql`). `printed`: the rows' JSON is printed and sent (a reservation), or
+/// not at all (the same scan for `relay::unprintable`).
+fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [String; 3] {
     let no_window = "select null::int8 as first, null::int8 as last, false as full";
+    let (text_bytes, sent) = if printed {
+        (
+            "octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0)",
+            "k.payload, k.headers",
+        )
+    } else {
+        ("0", "null::jsonb, null::jsonb")
+    };
     let reserve = |window: &str, in_window: &str, skip: bool| {
         let (first_open, skip_blocked) = if skip {
             (
@@ -328,6 +349,8 @@ fn reserve_statements(table: &str, open: &str, limit: &str) -> [String; 3] {
                 ("window", window),
                 ("first_open", &first_open),
                 ("skip_blocked", &skip_blocked),
+                ("text_bytes", text_bytes),
+                ("sent", sent),
             ],
         )
     };
@@ -661,6 +684,11 @@ mod tests {
             &relay.light_reserve[0],
             &relay.light_reserve[1],
             &relay.light_reserve[2],
+            &relay.unprintable_scan[0],
+            &relay.unprintable_scan[1],
+            &relay.unprintable_scan[2],
+            &relay.print_each,
+            &relay.unprintable_row,
             &relay.late_confirm,
             &relay.late_fail,
             &relay.late_release,
@@ -685,6 +713,14 @@ mod tests {
         assert!(relay
             .reserve
             .contains("e.status <> 'done' and e.status = 'new'"));
+        // The scan for a row Postgres cannot print prints nothing.
+        for sql in &relay.unprintable_scan {
+            assert!(
+                !sql.contains("::text") && !sql.contains("k.payload"),
+                "{sql}"
+            );
+        }
+        assert!(relay.reserve.contains("octet_length(k.payload::text)"));
         // The channel is a bind parameter, never SQL text.
         assert!(admin.notify.contains("pg_notify($1, '')"));
         assert!(!admin.notify.contains("'c'"));

@@ -35,6 +35,7 @@ mod shared;
 mod split;
 mod supervise;
 pub(crate) mod timing;
+mod unprintable;
 mod wake;
 
 use std::sync::Arc;

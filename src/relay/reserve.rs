@@ -14,6 +14,7 @@ use crate::store::{PgTimestamp, RawJson, RelaySql};
 
 use super::shared::Session;
 use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
+use super::unprintable;
 
 /// The reservations' parameter types (`reserve.sql`'s `$1`–`$5`: batch size, byte budget, the
 /// scan's start, the group of each aggregate bucket, the group taken), as they are prepared.
@@ -60,7 +61,7 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
-    fn from_row(r: &tokio_postgres::Row) -> Self {
+    pub(crate) fn from_row(r: &tokio_postgres::Row) -> Self {
         let mut row = Reserved {
             id: r.get(0),
             seq: r.get(1),
@@ -182,15 +183,9 @@ impl BatchConn {
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
     /// transaction is ended. Returns the rows (none: `reserve.sql` then returns one row of
     /// nulls but for the scan's columns) and what the scan found.
-    async fn reserve(&self, ask: Ask) -> Result<(Vec<Reserved>, Scan), tokio_postgres::Error> {
-        let limit = i64::try_from(ask.limit).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(ask.max_bytes).unwrap_or(i64::MAX);
-        let (buckets, group): (&[i16], i16) = match &ask.group {
-            Some((buckets, group)) => (buckets, *group),
-            None => (&[], -1),
-        };
-        let params: [&(dyn postgres_types::ToSql + Sync); 5] =
-            [&limit, &max_bytes, &ask.from, &buckets, &group];
+    async fn reserve(&self, ask: &Ask) -> Result<(Vec<Reserved>, Scan), tokio_postgres::Error> {
+        let params = ask.params();
+        let params = params.refs();
         // Light statements limit their candidates to `light_limit`, written in: only for that.
         let light = ask.light && ask.limit == self.light_limit;
         let statement = match (light, ask.skip_blocked, ask.windowed) {
@@ -241,6 +236,27 @@ impl BatchConn {
     }
 }
 
+/// `reserve.sql`'s parameters `$1`–`$5` for an [`Ask`].
+pub(crate) struct Params<'a> {
+    limit: i64,
+    max_bytes: i64,
+    from: i64,
+    buckets: &'a [i16],
+    group: i16,
+}
+
+impl Params<'_> {
+    pub(crate) fn refs(&self) -> [&(dyn postgres_types::ToSql + Sync); 5] {
+        [
+            &self.limit,
+            &self.max_bytes,
+            &self.from,
+            &self.buckets,
+            &self.group,
+        ]
+    }
+}
+
 /// What a reservation asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ask {
@@ -263,6 +279,23 @@ pub(crate) struct Ask {
     /// A light reservation (after one that caught up with at most [`LIGHT_ROWS`] rows): it runs
     /// its generic plan (see [`LIGHT_BEGIN`]); only with `limit` = `RelaySql::light_limit`.
     pub(crate) light: bool,
+}
+
+impl Ask {
+    /// The reservation's parameters.
+    pub(crate) fn params(&self) -> Params<'_> {
+        let (buckets, group): (&[i16], i16) = match &self.group {
+            Some((buckets, group)) => (buckets, *group),
+            None => (&[], -1),
+        };
+        Params {
+            limit: i64::try_from(self.limit).unwrap_or(i64::MAX),
+            max_bytes: i64::try_from(self.max_bytes).unwrap_or(i64::MAX),
+            from: self.from,
+            buckets,
+            group,
+        }
+    }
 }
 
 /// A reservation that caught up with at most this many rows makes the next one light (see
@@ -418,9 +451,20 @@ impl Reserver {
                 conn
             }
         };
-        let reserve = conn.reserve(ask);
+        let reserve = conn.reserve(&ask);
         let (rows, scan) =
-            round_trip_on(pg, &conn, stop, "reserve", timing.round_trip, reserve).await?;
+            match round_trip_on(pg, &conn, stop, "reserve", timing.round_trip, reserve).await {
+                Ok(reserved) => reserved,
+                // One row Postgres cannot print fails every reservation that reaches it: find
+                // it and dead-letter it (in a batch of its own), so that the rest go on.
+                Err(e) if unprintable::failed_to_print(&e) => {
+                    match unprintable::locate(&conn, pg, sql, timing, stop, &ask, &e).await {
+                        Some(row) => return Ok((Some((conn, vec![row])), Scan::default())),
+                        None => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok((None, scan));

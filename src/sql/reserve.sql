@@ -70,6 +70,11 @@
 -- first open row unmemoized: a Zipf backlog's split scan over 60,832 pending rows took 0.96 s
 -- instead of ~30 ms (auto_explain, BENCHMARKS.md "Split scans planned for a few rows").
 -- Column 16: the row's bucket.
+-- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
+-- columns sent: their printed length and the two columns themselves in a reservation.
+-- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
+-- returns the rows a reservation prints, for `relay::unprintable` to find the one Postgres
+-- cannot print after a reservation failed on it.
 with win as materialized (
      {{window}}
  ),
@@ -116,8 +121,7 @@ with win as materialized (
  ),
  sized as (
      select k.*,
-            sum(octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0))
-                over (order by k.seq) as through_bytes
+            sum({{text_bytes}}) over (order by k.seq) as through_bytes
        from kept k
       where k.n = 1 or k.stored_through <= $2
  ),
@@ -127,7 +131,7 @@ with win as materialized (
  found as (
      select count(*) as candidates, max(c.seq) as max_seq, min(c.seq) as min_seq from cand c
  )
- select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, k.payload, k.headers,
+ select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, {{sent}},
         k.attempts,
         case when isfinite(k.created_at_tz)
              then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8

@@ -1473,6 +1473,107 @@ async fn rows_whose_json_prints_huge_do_not_stall_the_rows_behind_them() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// One row whose JSON Postgres cannot print at all does not stop the rows behind it: an event
+/// holding 8,200 `jsonb` numbers `1e131071` (66 KB stored, 1.07 GB printed: past Postgres' 1 GB
+/// string limit, "out of memory … Cannot enlarge string buffer", 54000) failed every reservation
+/// that reached it, for good (the first candidate is always printed): 0 of 50 events behind it
+/// were delivered (found by a breaker helper). The relay finds it among the rows the failed
+/// reservation printed, prints it alone to be sure, and dead-letters it with the server's
+/// message (never sent); its aggregate's next event waits behind it (BlockAggregate) and every
+/// other event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
+    let (client, table) = migrated_table("unprintable").await;
+    let topic = topic_name("unprintable");
+    support::create_topic(&topic, 4).await;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('A', '{topic}', 'Ok', '{{\"i\": 0}}');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'U', '{topic}', 'Unprintable', jsonb_agg(1e131071::numeric)
+               from generate_series(1, 8200);
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('U', '{topic}', 'Behind', '{{\"i\": 1}}');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 20) i;"
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let status = |event_type: &'static str| {
+        let client = &client;
+        let table = &table;
+        async move {
+            client
+                .query(
+                    &format!(
+                        "select status, coalesce(last_error, '') from {table}
+                          where event_type = $1 order by seq"
+                    ),
+                    &[&event_type],
+                )
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| e.to_string())
+        }
+    };
+    support::eventually(
+        Duration::from_secs(90),
+        "the events around the unprintable row are delivered",
+        || async {
+            let ok = status("Ok").await?;
+            let done = ok.iter().filter(|(s, _)| s == "done").count();
+            let bad = status("Unprintable").await?;
+            let failed = outbox.stats().reserve_failures;
+            if done == 21 && bad.iter().all(|(s, _)| s == "failed") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{done} of 21 delivered, the unprintable row {bad:?}, {failed} reservations failed"
+                ))
+            }
+        },
+    )
+    .await;
+    let bad = status("Unprintable").await.unwrap();
+    assert!(
+        bad[0].1.contains("54000") && bad[0].1.contains("Cannot enlarge string buffer"),
+        "the dead letter names the server's refusal: {bad:?}"
+    );
+    assert_eq!(
+        status("Behind").await.unwrap()[0].0,
+        "new",
+        "its aggregate's next event waits behind the dead letter"
+    );
+    support::stop_and_join(&outbox, relay).await;
+    let records = support::assert_nothing_more(
+        &support::kafka_brokers(),
+        &topic,
+        21,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        records.iter().all(|r| r.key.as_deref() != Some("U")),
+        "nothing of aggregate U was sent: {:?}",
+        records.iter().map(|r| &r.key).collect::<Vec<_>>()
+    );
+}
+
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
 /// and the failed reservations.
 async fn backlog_drains(outbox: &Outbox) {

@@ -1,0 +1,12 @@
+-- Prints the rows `$1` (uuid[]) one at a time, in the order given, as a reservation prints them
+-- (payload and headers as JSON text), and returns each one's position in `$1` (from 1), id and
+-- printed length in bytes (null when no such row). Postgres sends each result row as it is
+-- computed (no sort, no aggregate), so when one row cannot be printed ("out of memory … Cannot
+-- enlarge string buffer", 54000, past 1 GB of text) the rows before it arrive before the error:
+-- the first position missing names it (see `relay::unprintable`).
+select u.n,
+       u.id,
+       (select (octet_length(e.payload::text) + coalesce(octet_length(e.headers::text), 0))::int8
+          from {{table}} e
+         where e.id = u.id)
+  from unnest($1::uuid[]) with ordinality as u(id, n)
