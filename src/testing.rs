@@ -20,7 +20,7 @@
 
 pub mod faults;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -661,9 +661,13 @@ fn runuser() -> PathBuf {
     .unwrap_or_else(|| PathBuf::from("runuser"))
 }
 
-/// A TCP port that is free on 127.0.0.1, chosen at random below the kernel's ephemeral range
-/// (32768 and up on Linux) so that outgoing connections do not grab it while a server is down.
+/// A TCP port that is free on 127.0.0.1, chosen at random in 20000–25999: below the kernel's
+/// ephemeral range (32768 and up on Linux) so that outgoing connections do not grab it while a
+/// server is down, and apart from the ports `scripts/kafka-cluster` gives its nodes (26000–31999),
+/// so that a test cannot take the port of a node that is down while it restarts. A port is
+/// handed out once per process: a server restarted on its port keeps it.
 pub fn free_port() -> io::Result<u16> {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -676,8 +680,12 @@ pub fn free_port() -> io::Result<u16> {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let port = 20000 + (seed % 12000) as u16;
-        if TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).is_ok() {
+        let port = 20000 + (seed % 6000) as u16;
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port)
+            && TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).is_ok()
+        {
+            handed_out.insert(port);
             return Ok(port);
         }
     }
