@@ -433,6 +433,11 @@ fn describe_gauges() {
             "Messages sent, not yet acknowledged.",
         ),
         (
+            "outbox_reservation_candidates_limit",
+            Unit::Count,
+            "Candidates a reservation may take: batch_size, or less after one missed its deadline (1, then doubling while reservations answer within a quarter of postgres_timeout).",
+        ),
+        (
             "outbox_oldest_transaction_age_seconds",
             Unit::Seconds,
             "Age of the transaction holding the oldest snapshot in the database.",
