@@ -44,6 +44,9 @@ pub(crate) struct Env {
     pub(crate) run_id: String,
     /// Postmaster pid, when the server runs on this machine (for the CPU split).
     pub(crate) postmaster: Option<i32>,
+    /// `--pin-postgres`: Postgres' CPUs and the others'; whether they are pinned now.
+    pub(crate) pin: Option<(Vec<usize>, Vec<usize>)>,
+    pub(crate) pinned: Mutex<bool>,
     pub(crate) clk_tck: f64,
     pub(crate) cores: usize,
     pub(crate) load: Mutex<LoadLog>,
@@ -279,6 +282,8 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
         tansu,
         run_id,
         postmaster: None,
+        pin: None,
+        pinned: Mutex::new(false),
         clk_tck,
         cores,
         load: Mutex::new(LoadLog::default()),
@@ -301,7 +306,8 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
         "Postgres {ver} ({pg_kind}; fsync={fsync}, synchronous_commit={sc}, shared_buffers={sb}, max_wal_size={wal}, wal_level={wal_level})"
     );
     if let Some(list) = env.opts.pin_postgres.clone() {
-        env.pg_desc += &pin_postgres(&env, &list)?;
+        let words = pin_cpus(&mut env, &list)?;
+        env.pg_desc += &words;
     }
     // The payload the raw producer sends must be what the relay sends (jsonb text).
     let sample: String = c
@@ -326,10 +332,9 @@ pub(crate) async fn setup(opts: Opts) -> Result<Env> {
     Ok(env)
 }
 
-/// `--pin-postgres`: the postmaster and its processes (backends forked later inherit it) on
-/// `list`, this process (every thread; threads and children started later inherit it) and the
-/// broker's processes on the other allowed CPUs. Returns the Settings row's words for it.
-fn pin_postgres(env: &Env, list: &str) -> Result<String> {
+/// `--pin-postgres`: checks the CPU list and keeps it (see [`Env::pin_for`]). Returns the
+/// Settings row's words for it.
+fn pin_cpus(env: &mut Env, list: &str) -> Result<String> {
     let pg = host::cpu_list(list)?;
     let allowed = host::allowed_cpus()?;
     let rest: Vec<usize> = allowed
@@ -340,35 +345,87 @@ fn pin_postgres(env: &Env, list: &str) -> Result<String> {
     if rest.is_empty() || pg.iter().any(|c| !allowed.contains(c)) {
         bail!("--pin-postgres {list}: needs CPUs of {allowed:?} with at least one left over");
     }
-    let postmaster = env
-        .postmaster
+    env.postmaster
         .context("--pin-postgres: the postmaster's pid is unknown")?;
-    let mut pinned = 0;
-    for (pid, path) in host::all_pids() {
-        let ppid = read_stat(&path.join("stat")).map(|s| s.1);
-        if pid == postmaster || ppid == Some(postmaster) {
-            host::pin(pid, &pg)?;
-            pinned += 1;
+    let words = format!(
+        "; pinned (`--pin-postgres`): Postgres on CPU {}, the relay, the harness and the broker on CPU {}{}",
+        cpu_words(&pg),
+        cpu_words(&rest),
+        match &env.opts.pin_phases {
+            Some(phases) => format!(
+                ", during the phases {} only (the others on every core)",
+                phases
+                    .iter()
+                    .map(|p| format!("{p:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => String::new(),
         }
-    }
-    host::pin(std::process::id() as i32, &rest)?;
-    for pid in env.broker_pids() {
-        host::pin(pid, &rest)?;
-    }
-    let words = |c: &[usize]| {
-        c.iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    say!(
-        "pinned Postgres ({pinned} processes) to CPU {}, this process and the broker to CPU {}",
-        words(&pg),
-        words(&rest)
     );
-    Ok(format!(
-        "; pinned (`--pin-postgres`): Postgres on CPU {}, the relay, the harness and the broker on CPU {}",
-        words(&pg),
-        words(&rest)
-    ))
+    env.pin = Some((pg, rest));
+    Ok(words)
+}
+
+fn cpu_words(c: &[usize]) -> String {
+    c.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Env {
+    /// Before `phase`: with `--pin-postgres`, the postmaster and its processes (backends forked
+    /// later inherit it) on Postgres' CPUs, this process (every thread; threads and children
+    /// started later inherit it) and the broker's processes on the others — or, for a phase
+    /// `--pin-phases` leaves out, all of them back on every allowed CPU.
+    pub(crate) fn pin_for(&self, phase: Phase) -> Result<()> {
+        self.set_pinned(self.opts.pinned(phase))
+    }
+
+    /// Pins (`want`) or unpins as [`pin_for`](Self::pin_for) does; nothing without
+    /// `--pin-postgres`.
+    pub(crate) fn set_pinned(&self, want: bool) -> Result<()> {
+        let Some((pg, rest)) = &self.pin else {
+            return Ok(());
+        };
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if *pinned == want {
+            return Ok(());
+        }
+        let mut all: Vec<usize> = pg.iter().chain(rest).copied().collect();
+        all.sort_unstable();
+        let (pg_cpus, rest_cpus) = if want { (pg, rest) } else { (&all, &all) };
+        let postmaster = self
+            .postmaster
+            .context("--pin-postgres: the postmaster's pid is unknown")?;
+        let mut n = 0;
+        for (pid, path) in host::all_pids() {
+            let ppid = read_stat(&path.join("stat")).map(|s| s.1);
+            if pid == postmaster || ppid == Some(postmaster) {
+                // A backend may exit between the listing and the call.
+                if host::pin(pid, pg_cpus).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        host::pin(std::process::id() as i32, rest_cpus)?;
+        for pid in self.broker_pids() {
+            host::pin(pid, rest_cpus)?;
+        }
+        *pinned = want;
+        if want {
+            say!(
+                "pinned Postgres ({n} processes) to CPU {}, this process and the broker to CPU {}",
+                cpu_words(pg),
+                cpu_words(rest)
+            );
+        } else {
+            say!(
+                "unpinned: Postgres ({n} processes), this process and the broker on CPU {}",
+                cpu_words(&all)
+            );
+        }
+        Ok(())
+    }
 }

@@ -84,6 +84,15 @@ macro_rules! say {
 
 async fn run(env: &Env, r: &mut Results) {
     let o = env.opts.clone();
+    // Pinned or not as `--pin-phases` says, before the phase's load check and setup.
+    macro_rules! pin {
+        ($phase:expr) => {
+            if let Err(e) = env.pin_for($phase) {
+                say!("pinning for {:?} failed: {e:#}", $phase);
+                r.errors.push(format!("pinning for {:?}: {e:#}", $phase));
+            }
+        };
+    }
     macro_rules! attempt {
         ($name:expr, $e:expr) => {
             match $e.await {
@@ -97,6 +106,7 @@ async fn run(env: &Env, r: &mut Results) {
         };
     }
     if o.runs(Phase::Drain) {
+        pin!(Phase::Drain);
         say!("drain: {} events, default settings (MarkDone)", o.n);
         r.drain = attempt!(
             "drain",
@@ -104,6 +114,7 @@ async fn run(env: &Env, r: &mut Results) {
         );
     }
     if o.runs(Phase::Delete) {
+        pin!(Phase::Delete);
         say!("drain: {} events, OnDelivery::Delete", o.n);
         r.delete = attempt!(
             "delete",
@@ -111,20 +122,47 @@ async fn run(env: &Env, r: &mut Results) {
         );
     }
     if o.runs(Phase::Kafka) {
+        pin!(Phase::Kafka);
         say!("ceiling (a): raw producer, {} records", o.n);
         r.kafka = attempt!("kafka", kafka_ceiling(env, o.n));
     }
     if o.runs(Phase::Pg) {
+        pin!(Phase::Pg);
         say!("ceiling (b): reserve + confirm SQL, {} rows, MarkDone", o.n);
         r.pg_done = attempt!("pg", pg_ceiling(env, o.n, false));
         say!("ceiling (b): reserve + confirm SQL, {} rows, Delete", o.n);
         r.pg_delete = attempt!("pg delete", pg_ceiling(env, o.n, true));
     }
+    if o.runs(Phase::Drain)
+        && o.pin_phases
+            .as_ref()
+            .is_some_and(|p| p.contains(&Phase::Drain))
+    {
+        // The drain ran pinned against the pinned ceilings; the phases that run shared compare
+        // with the same drain on shared cores.
+        if let Err(e) = env.set_pinned(false) {
+            r.errors.push(format!("unpinning: {e:#}"));
+        }
+        say!("drain on shared cores: {} events (MarkDone)", o.n);
+        r.drain_shared = attempt!(
+            "drain (shared cores)",
+            drain(
+                env,
+                "drainshared",
+                o.n,
+                OnDelivery::MarkDone,
+                o.n / 10,
+                false
+            )
+        );
+    }
     if o.runs(Phase::Burst) {
+        pin!(Phase::Burst);
         say!("burst: {} events committed while the relay runs", o.n);
         r.burst = attempt!("burst", burst(env, o.n));
     }
     if o.runs(Phase::Profile) {
+        pin!(Phase::Profile);
         say!("profiled drain: {} events (MarkDone)", o.n);
         r.profile = attempt!(
             "profile",
@@ -132,28 +170,34 @@ async fn run(env: &Env, r: &mut Results) {
         );
     }
     if o.runs(Phase::Latency) {
+        pin!(Phase::Latency);
         say!("latency at 1k/s");
         r.lat1k = attempt!("latency 1k", latency(env, 1_000.0, 4));
         say!("latency at 10k/s");
         r.lat10k = attempt!("latency 10k", latency(env, 10_000.0, 32));
     }
     if o.runs(Phase::Wake) {
+        pin!(Phase::Wake);
         say!("wake path cost");
         r.wake = attempt!("wake", wake_cost(env));
     }
     if o.runs(Phase::Baseline) {
+        pin!(Phase::Baseline);
         say!("baseline: the original Go algorithm");
         r.baseline = attempt!("baseline", baseline(env));
     }
     if o.runs(Phase::Keys) {
+        pin!(Phase::Keys);
         say!("keys: skewed drains against the uniform one");
         r.keys = attempt!("keys", key_spread(env, r.drain.as_ref()));
     }
     if o.runs(Phase::LatencyMax) {
+        pin!(Phase::LatencyMax);
         say!("latency at the highest rate the writers reach");
         r.lat_max = attempt!("latency max", latency_max(env));
     }
     if o.runs(Phase::Snapshot) {
+        pin!(Phase::Snapshot);
         say!(
             "held snapshot: drain of {} events, then 1k/s for {} s",
             o.n,
@@ -162,10 +206,12 @@ async fn run(env: &Env, r: &mut Results) {
         r.snapshot = attempt!("snapshot", held_snapshot(env));
     }
     if o.runs(Phase::Debezium) {
+        pin!(Phase::Debezium);
         say!("Debezium side by side: drain of {} events, then 1k/s", o.n);
         r.debezium = attempt!("debezium", debezium(env));
     }
     if o.runs(Phase::MillionBin) {
+        pin!(Phase::MillionBin);
         say!(
             "drain: {} events by the outbox-relay binary (--metrics-addr, nobody scraping), its RSS every tenth",
             o.million
@@ -173,6 +219,7 @@ async fn run(env: &Env, r: &mut Results) {
         r.million_bin = attempt!("million-bin", million_bin(env, o.million));
     }
     if o.runs(Phase::Million) {
+        pin!(Phase::Million);
         // Last: the global Prometheus recorder stays installed for the rest of the process.
         say!(
             "drain: {} events, RSS every tenth, {}",

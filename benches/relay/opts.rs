@@ -120,6 +120,12 @@ pub(crate) struct Cli {
     /// host, for both the drains and the ceilings. Default: no pinning (all share every core).
     #[arg(long, value_name = "CPUS")]
     pub(crate) pin_postgres: Option<String>,
+    /// With `--pin-postgres`: pin only while these phases run (comma-separated; the others run
+    /// on shared cores), e.g. `drain,delete,kafka,pg`: the drains against the ceilings with
+    /// Postgres on a core of its own, the latencies and Debezium as a single host runs them.
+    /// Default: every phase pinned.
+    #[arg(long, value_enum, value_delimiter = ',', requires = "pin_postgres")]
+    pub(crate) pin_phases: Option<Vec<Phase>>,
     /// Topic partitions.
     #[arg(long, env = "OUTBOX_BENCH_PARTITIONS", default_value_t = 8)]
     pub(crate) partitions: i32,
@@ -163,6 +169,8 @@ pub(crate) struct Opts {
     pub(crate) broker_pids: Vec<i32>,
     /// `--pin-postgres CPUS`: Postgres on CPUS, the rest on the other CPUs.
     pub(crate) pin_postgres: Option<String>,
+    /// `--pin-phases`: the phases run pinned (`None`: all).
+    pub(crate) pin_phases: Option<Vec<Phase>>,
     /// `--wait-idle SECS`: at each phase start, wait up to SECS for other load to stop.
     pub(crate) wait_idle: f64,
     /// Relay overrides (`--batch-size`, `--batches-in-flight`); defaults otherwise.
@@ -206,6 +214,7 @@ impl Opts {
             broker: cli.broker,
             broker_pids: cli.broker_pid,
             pin_postgres: cli.pin_postgres,
+            pin_phases: cli.pin_phases,
             wait_idle: cli.wait_idle,
             batch_size: cli.batch_size,
             batches_in_flight: cli.batches_in_flight,
@@ -234,6 +243,11 @@ impl Opts {
             o.key_rounds = r.max(1);
         }
         o
+    }
+
+    /// Whether `phase` runs with Postgres pinned (`--pin-postgres`, `--pin-phases`).
+    pub(crate) fn pinned(&self, phase: Phase) -> bool {
+        self.pin_postgres.is_some() && self.pin_phases.as_ref().is_none_or(|p| p.contains(&phase))
     }
 
     pub(crate) fn runs(&self, phase: Phase) -> bool {

@@ -24,6 +24,9 @@ use std::path::PathBuf;
 #[derive(Default)]
 pub(crate) struct Results {
     pub(crate) drain: Option<Drain>,
+    /// With `--pin-phases` pinning the drain: the same drain on shared cores, the reference of
+    /// the phases that run shared (burst, held snapshot, Debezium, baseline).
+    pub(crate) drain_shared: Option<Drain>,
     pub(crate) delete: Option<Drain>,
     pub(crate) million: Option<Drain>,
     pub(crate) million_bin: Option<BinDrain>,
@@ -42,6 +45,14 @@ pub(crate) struct Results {
     pub(crate) snapshot: Option<HeldSnapshot>,
     pub(crate) debezium: Option<Debezium>,
     pub(crate) errors: Vec<String>,
+}
+
+impl Results {
+    /// The MarkDone drain the shared phases compare with: on shared cores when the drain ran
+    /// pinned and again shared (`drain_shared`), else the drain.
+    fn reference_drain(&self) -> Option<&Drain> {
+        self.drain_shared.as_ref().or(self.drain.as_ref())
+    }
 }
 
 pub(crate) fn num(x: f64) -> String {
@@ -156,6 +167,20 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
             );
         }
     }
+    if let Some(d) = &r.drain_shared {
+        row(
+            "Drain, default settings (MarkDone), on shared cores (the reference of the burst, the held snapshot, Debezium and the baseline)",
+            format!(
+                "{} events/s ({} events in {:.2} s); CPU {}",
+                num(d.rate),
+                num(d.n as f64),
+                d.secs,
+                d.cpu.render()
+            ),
+            "",
+            String::new(),
+        );
+    }
     if let Some(d) = &r.drain {
         row(
             "RSS of the bench process during the MarkDone drain",
@@ -183,8 +208,7 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
     }
     if let Some(b) = &r.burst {
         let reference = r
-            .drain
-            .as_ref()
+            .reference_drain()
             .map(|d| format!(" ({:.2}× the MarkDone drain)", b.rate / d.rate))
             .unwrap_or_default();
         row(
@@ -337,7 +361,7 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
             .skip(1)
             .copied()
             .fold(f64::INFINITY, f64::min);
-        let (ratio, target_ok) = match &r.drain {
+        let (ratio, target_ok) = match r.reference_drain() {
             Some(normal) => (
                 format!(
                     " = **{:.2} ×** the normal drain, slowest tenth after the first {:.2} ×",
@@ -388,7 +412,10 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
             "",
             String::new(),
         );
-        for (name, ours) in [("MarkDone drain", &r.drain), ("burst", &r.burst)] {
+        for (name, ours) in [
+            ("MarkDone drain", r.reference_drain()),
+            ("burst", r.burst.as_ref()),
+        ] {
             if let Some(d) = ours {
                 let ratio = d.rate / z.drain_rate;
                 row(
@@ -473,8 +500,7 @@ pub(crate) fn table(env: &Env, header: &[(String, String)], r: &Results) -> Stri
     }
     if let Some(b) = &r.baseline {
         let speedup = r
-            .drain
-            .as_ref()
+            .reference_drain()
             .map(|d| format!("; drain is {}× faster", num(d.rate / b.rate.max(1e-9))))
             .unwrap_or_default();
         row(
