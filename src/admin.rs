@@ -173,7 +173,7 @@ impl Admin {
     async fn connect_pg(pg: Pg, table: &str) -> Result<Admin> {
         crate::schema::validate_identifier("table", table)?;
         let client = pg.connect_bounded("admin").await?;
-        crate::schema::refuse_old_server(&client, pg.timeout).await?;
+        crate::schema::refuse_old_server(&client, Some(pg.timeout)).await?;
         // Row-level security that applies to this role makes every query fail (its sessions run
         // with `row_security = off`): say so, with the fix, rather than the bare refusal.
         let rls = bounded(

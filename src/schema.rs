@@ -295,9 +295,7 @@ impl MigrationReport {
 pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Result<MigrationReport> {
     validate_identifier("table", table)?;
     validate_identifier("channel", channel)?;
-    if let Some(problem) = crate::pg::server_version_problem(client).await? {
-        return Err(old_server(problem));
-    }
+    refuse_old_server(client, None).await?;
     // Read-only; any doubt (a query the role may not run) takes the full path.
     if up_to_date(client, table, channel).await.unwrap_or(false) {
         return Ok(MigrationReport {
@@ -885,28 +883,31 @@ pub(crate) async fn check_migrated<C: GenericClient>(client: &C, table: &str) ->
     Ok(registered_channel)
 }
 
-/// The error for a server older than the outbox supports (see `pg::MIN_SERVER_VERSION_NUM`).
-fn old_server(problem: String) -> Error {
-    Error::Config(crate::error::ConfigErrors::new(vec![format!(
-        "database_url: {problem}"
-    )]))
-}
-
-/// Refuses a server older than Postgres 13 on a session that does not go through
-/// `connect()`'s pooler probe (which reads the version itself), within `timeout`.
+/// Refuses a server older than Postgres 13 (see `pg::MIN_SERVER_VERSION_NUM`) on a session
+/// that does not go through `connect()`'s pooler probe (which reads the version itself): within
+/// `timeout`, or unbounded (`None`: [`migrate_table`] on the caller's client, which sets its own
+/// deadlines).
 ///
 /// # Errors
 /// [`Error::Config`] naming the version; [`Error::Postgres`] / [`Error::Timeout`] when the
 /// query fails or misses `timeout`.
-pub(crate) async fn refuse_old_server(client: &Client, timeout: std::time::Duration) -> Result<()> {
-    match crate::pg::bounded("version check", timeout, async {
+pub(crate) async fn refuse_old_server(
+    client: &Client,
+    timeout: Option<std::time::Duration>,
+) -> Result<()> {
+    let check = async {
         crate::pg::server_version_problem(client)
             .await
             .map_err(Error::Postgres)
-    })
-    .await?
-    {
-        Some(problem) => Err(old_server(problem)),
+    };
+    let problem = match timeout {
+        Some(t) => crate::pg::bounded("version check", t, check).await?,
+        None => check.await?,
+    };
+    match problem {
+        Some(problem) => Err(Error::Config(crate::error::ConfigErrors::new(vec![
+            format!("database_url: {problem}"),
+        ]))),
         None => Ok(()),
     }
 }
