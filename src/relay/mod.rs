@@ -1052,27 +1052,20 @@ mod tests {
             cap = next_candidates_cap(cap, &answered, c, 2000, took(c));
         }
         assert_eq!(cap, Some(256), "it settles below the size that would miss");
-        assert_eq!(
+        let after = |ms| {
             next_candidates_cap(
                 Some(256),
                 &answered,
                 256,
                 2000,
-                (Duration::from_millis(55), deadline)
-            ),
+                (Duration::from_millis(ms), deadline),
+            )
+        };
+        assert_eq!(
+            after(55),
             Some(512),
             "within a quarter of the deadline it doubles"
         );
-        assert_eq!(
-            next_candidates_cap(
-                Some(256),
-                &answered,
-                256,
-                2000,
-                (Duration::from_millis(56), deadline)
-            ),
-            Some(256),
-            "past a quarter it holds"
-        );
+        assert_eq!(after(56), Some(256), "past a quarter it holds");
     }
 }
