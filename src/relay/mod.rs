@@ -224,6 +224,7 @@ impl Relay {
             panics: supervise::Panics::new(),
         });
         report::register_metrics();
+        metrics::gauge!("outbox_reservation_candidates_limit").set(self.settings.batch_size as f64);
         ctx.report.running(true);
         let background = TaskTracker::new();
         let (handoffs, handed) = HandoffSender::new();

@@ -709,6 +709,11 @@ async fn metrics_and_health_endpoints() {
         Some(4.0),
         "one latency sample per delivered event:\n{text}"
     );
+    assert_eq!(
+        metric(&text, "outbox_reservation_candidates_limit"),
+        Some(2000.0),
+        "reservations take batch_size (the default) while none misses its deadline:\n{text}"
+    );
 
     let (code, body) = get(addr, "/health").await;
     assert_eq!(code, 200, "/health while healthy: {body}");
