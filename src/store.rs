@@ -312,13 +312,14 @@ impl RelaySql {
 /// not at all (the same scan for `relay::unprintable`).
 fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [String; 3] {
     let no_window = "select null::int8 as first, null::int8 as last, false as full";
-    let (text_bytes, sent) = if printed {
+    let (text_bytes, sent, skip_locked) = if printed {
         (
             "octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0)",
             "k.payload, k.headers",
+            "skip locked",
         )
     } else {
-        ("0", "null::jsonb, null::jsonb")
+        ("0", "null::jsonb, null::jsonb", "")
     };
     let reserve = |window: &str, in_window: &str, skip: bool| {
         let (first_open, skip_blocked) = if skip {
@@ -351,6 +352,7 @@ fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [S
                 ("skip_blocked", &skip_blocked),
                 ("text_bytes", text_bytes),
                 ("sent", sent),
+                ("skip_locked", skip_locked),
             ],
         )
     };
@@ -714,7 +716,9 @@ mod tests {
             .reserve
             .contains("e.status <> 'done' and e.status = 'new'"));
         // The scan for a row Postgres cannot print prints nothing.
+        assert!(relay.reserve.contains("for update of c skip locked"));
         for sql in &relay.unprintable_scan {
+            assert!(!sql.contains("skip locked"), "{sql}");
             assert!(
                 !sql.contains("::text") && !sql.contains("k.payload"),
                 "{sql}"

@@ -412,7 +412,10 @@ impl Pipeline {
             (Some(split), Some(g)) => split.scan(g),
             _ => &mut self.scan,
         };
-        scan.scanned(start, started, reserved.as_ref().ok().map(|r| &r.1));
+        match reserved.as_ref().ok().map(|r| &r.1) {
+            Some(s) if s.unprintable => {}
+            found => scan.scanned(start, started, found),
+        }
         let cap = next_candidates_cap(
             self.candidates_cap,
             &reserved,

@@ -351,6 +351,10 @@ pub(crate) struct Scan {
     /// when it found candidates), skipping blocked aggregates too. Rows the gate held back in
     /// the window wait for the next scan from the first pending row or the floor.
     pub(crate) windowed: bool,
+    /// Not a scan: a row Postgres cannot print, found after a reservation failed on it (see
+    /// [`unprintable::locate`]); it says nothing of where the next scan may start or of how
+    /// long one takes.
+    pub(crate) unprintable: bool,
 }
 
 impl Scan {
@@ -400,6 +404,7 @@ impl Scan {
             next_from,
             lowest,
             windowed: windowed && next_from.is_some(),
+            unprintable: false,
         }
     }
 }
@@ -425,6 +430,8 @@ pub(crate) struct Reserver {
     idle: Vec<BatchConn>,
     /// A batch session was opened since [`take_opened`](Self::take_opened) was last called.
     opened: bool,
+    /// See [`unprintable::locate`].
+    printable: Option<Uuid>,
 }
 
 impl Reserver {
@@ -455,21 +462,78 @@ impl Reserver {
         let (rows, scan) =
             match round_trip_on(pg, &conn, stop, "reserve", timing.round_trip, reserve).await {
                 Ok(reserved) => reserved,
-                // One row Postgres cannot print fails every reservation that reaches it: find
-                // it and dead-letter it (in a batch of its own), so that the rest go on.
-                Err(e) if unprintable::failed_to_print(&e) => {
-                    match unprintable::locate(&conn, pg, sql, timing, stop, &ask, &e).await {
-                        Some(row) => return Ok((Some((conn, vec![row])), Scan::default())),
-                        None => return Err(e),
-                    }
+                Err(e) => {
+                    return self
+                        .after_failure(conn, pg, sql, timing, stop, &ask, e)
+                        .await
                 }
-                Err(e) => return Err(e),
             };
         if rows.is_empty() {
             self.idle.push(conn);
             return Ok((None, scan));
         }
         Ok((Some((conn, rows)), scan))
+    }
+
+    /// After the reservation of `ask` on `conn` failed with `e`: one row Postgres cannot print
+    /// fails every reservation that reaches it, so after a print limit, or a small reservation
+    /// that missed its deadline (on a new session), the row is looked for (see
+    /// [`unprintable::locate`]): `Ok` with it, a batch of its own (a dead letter), so that the
+    /// rest go on; `Err(e)` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    async fn after_failure(
+        &mut self,
+        conn: BatchConn,
+        pg: &Pg,
+        sql: &RelaySql,
+        timing: &Timing,
+        stop: &Stop,
+        ask: &Ask,
+        e: crate::Error,
+    ) -> Result<(Option<(BatchConn, Vec<Reserved>)>, Scan), crate::Error> {
+        let (conn, after) = match &e {
+            e if unprintable::failed_to_print(e) => (conn, unprintable::After::Refused),
+            crate::Error::Timeout {
+                what: "reserve", ..
+            } if ask.limit <= unprintable::SMALL_RESERVATION => {
+                // A session that missed its deadline is dropped, never reused.
+                drop(conn);
+                match BatchConn::open(pg, sql, timing, stop).await {
+                    Ok(c) => (c, unprintable::After::TimedOut),
+                    Err(_) => return Err(e),
+                }
+            }
+            _ => return Err(e),
+        };
+        let found = unprintable::locate(
+            &conn,
+            pg,
+            sql,
+            timing,
+            stop,
+            ask,
+            after,
+            &mut self.printable,
+        )
+        .await;
+        match found {
+            Ok(Some(row)) => {
+                let scan = Scan {
+                    unprintable: true,
+                    ..Scan::default()
+                };
+                Ok((Some((conn, vec![row])), scan))
+            }
+            Ok(None) => {
+                tracing::warn!(error = %e, "outbox relay: a reservation failed, and no event it reaches is one Postgres cannot print");
+                self.idle.push(conn);
+                Err(e)
+            }
+            Err(l) => {
+                tracing::warn!(error = %l, reservation_error = %e, "outbox relay: cannot look for an event Postgres cannot print");
+                Err(e)
+            }
+        }
     }
 
     /// Whether a batch session was opened since the last call (after a server restart, every

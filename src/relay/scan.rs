@@ -224,6 +224,7 @@ mod tests {
             next_from,
             lowest,
             windowed,
+            unprintable: false,
         }
     }
 

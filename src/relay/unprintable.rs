@@ -8,17 +8,24 @@
 //! only those reservations reach waited behind it (found by a breaker helper: 0 of 50 events
 //! behind one such row delivered).
 //!
-//! After a reservation fails with SQLSTATE class 54 (program limit exceeded: raised by a value
-//! too large to print, never by load or an outage), [`locate`] runs the same scan without
-//! printing (`RelaySql::unprintable_scan`: the same candidates, fences, gate, group and byte
-//! budget by stored size, so the same rows the reservation printed, locked the same way), prints
-//! them one at a time in one statement that streams a result row per row printed (the first one
+//! [`locate`] runs after a reservation failed with a limit of Postgres (see [`failed_to_print`]:
+//! raised by a value too large to print, never by load or an outage), or after a small
+//! reservation missed its deadline (a row can take longer to fail than `postgres_timeout`: 2 MB
+//! of `\u0001` characters print six bytes each and reached the 1 GB limit after 15 s, found by a
+//! breaker helper). It runs the same scan without printing (`RelaySql::unprintable_scan`: the
+//! same candidates, fences, gate, group and byte budget by stored size, so the rows the
+//! reservation printed, locked the same way but waiting for rows locked elsewhere), prints them
+//! one at a time in one statement that streams a result row per row printed (the first one
 //! missing is the suspect), and prints the suspect alone. Only when Postgres refuses to print it
-//! alone with class 54 (or it prints past what one result row can carry) is it the culprit: it
-//! goes as a batch of one row, a dead letter at once (never sent), named in the log with the
-//! server's message; the other rows the scan locked are released when that batch commits.
-//! Nothing is timed: a row that prints slowly but within the limit is not judged here (a stall,
-//! a lock or a slow link can make any print slow; see README "Failure policy").
+//! alone with such an error (or it prints past what one result row can carry) is it the culprit:
+//! it goes as a batch of one row, a dead letter at once (never sent), named in the log with the
+//! server's message; the other rows the scan locked are released when that batch commits. Its
+//! round trips have [`LOCATE_DEADLINE`] (at least `postgres_timeout`): a print that fails after
+//! 15 s must be let fail. Nothing is judged by time: a row that prints slowly but within the
+//! limits is not a dead letter (a stall, a lock or a slow link can make any print slow); it is
+//! named in a warning with its print time on the server (see README "Failure policy").
+
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio_postgres::types::Type;
@@ -36,18 +43,58 @@ use super::timing::{round_trip_on, Stop, Timing};
 /// within the limit one at a time but past it together fails the reservation's result row.
 const MAX_PRINTED: i64 = (1 << 30) - 1 - (1 << 20);
 
-/// Whether a reservation failed because a value was too large for Postgres to print: SQLSTATE
-/// class 54, "program limit exceeded" (54000 for a string past 1 GB, 54001 for nesting past
-/// `max_stack_depth`).
+/// The deadline of each of [`locate`]'s round trips, unless `postgres_timeout` is longer: the
+/// prints that find the row let it fail however long that takes (15–20 s for 1 GB of escapes on
+/// the benchmark machine), and the scan waits for the cancelled reservation's locks.
+pub(crate) const LOCATE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A reservation of at most this many candidates that misses its deadline starts [`locate`]:
+/// reserving so few rows takes milliseconds unless one of them takes long to print (or the
+/// server stalls: then `locate` finds every row printable, or fails, and judges nothing). After
+/// one that misses its deadline the candidates' cap is 1, doubling; a reservation of one
+/// candidate alone does not do: while the cancelled statement still prints the row it holds its
+/// lock, so the next ones pass it (`skip locked`) and double the cap before one reaches it
+/// again (a test saw 2, 4 and 256).
+pub(crate) const SMALL_RESERVATION: usize = 16;
+
+/// Whether a statement failed because a value was too large for Postgres to print: SQLSTATE
+/// class 54, "program limit exceeded" (54000 "out of memory … Cannot enlarge string buffer" for
+/// a string past 1 GB), or XX000 "invalid memory alloc request size" (a text value of the
+/// printed JSON, 4 bytes longer, past 1 GB − 1: a row that prints to 1,073,741,820–822 bytes,
+/// found by a breaker helper; the same error public reports show for wal2json).
 pub(crate) fn failed_to_print(e: &crate::Error) -> bool {
-    e.code().is_some_and(|c| c.code().starts_with("54"))
+    e.as_db_error().is_some_and(is_print_limit)
 }
 
-/// After a reservation of `ask` failed with `failure` (see [`failed_to_print`]): finds the row
-/// Postgres cannot print among the rows that reservation printed, and returns it without its
-/// JSON, marked invalid (a dead letter, never sent) in a transaction on `conn` that holds the
-/// scan's row locks (the batch's). `None` when no single row is to blame (the reservation's
-/// failure stands; the transaction is rolled back), or when a round trip failed.
+fn is_print_limit(db: &tokio_postgres::error::DbError) -> bool {
+    let code = db.code().code();
+    code.starts_with("54")
+        || (code == "XX000"
+            && db
+                .message()
+                .starts_with("invalid memory alloc request size"))
+}
+
+/// Why [`locate`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// The reservation failed with a print limit ([`failed_to_print`]) on `conn`: it is rolled
+    /// back first.
+    Refused,
+    /// A reservation of at most [`SMALL_RESERVATION`] candidates missed its deadline; `conn` is
+    /// a fresh session.
+    TimedOut,
+}
+
+/// After a reservation of `ask` failed with `failure`: finds the row Postgres cannot print
+/// among the rows that reservation printed, and returns it without its JSON, marked invalid (a
+/// dead letter, never sent) in a transaction on `conn` that holds the scan's row locks (the
+/// batch's). `None` when no single row is to blame (the reservation's failure stands; the
+/// transaction is rolled back and `conn` may be reused), or when a round trip failed (drop
+/// `conn`). `printable`: the first candidate of the last such search after a missed deadline
+/// that found every row printable (its slowest named in a warning): the same first candidate
+/// is not printed again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn locate(
     conn: &BatchConn,
     pg: &Pg,
@@ -55,77 +102,80 @@ pub(crate) async fn locate(
     timing: &Timing,
     stop: &Stop,
     ask: &Ask,
-    failure: &crate::Error,
-) -> Option<Reserved> {
+    after: After,
+    printable: &mut Option<Uuid>,
+) -> Result<Option<Reserved>, crate::Error> {
     let client = &conn.client;
-    // Every round trip has the pipeline's deadline.
+    let deadline = timing.round_trip.max(LOCATE_DEADLINE);
+    // Every round trip has a deadline.
     macro_rules! step {
         ($what:expr, $op:expr $(,)?) => {
-            round_trip_on(pg, conn, stop, $what, timing.round_trip, $op)
+            round_trip_on(pg, conn, stop, $what, deadline, $op)
         };
     }
-    let found = async {
+    if after == After::Refused {
         step!("unprintable: rollback", client.batch_execute("rollback")).await?;
-        let scan = &sql.unprintable_scan[match (ask.skip_blocked, ask.windowed) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => 2,
-        }];
-        let params = ask.params();
-        let ids = step!("unprintable: scan", async {
-            let statement = client.prepare_typed(scan, &RESERVE_PARAM_TYPES).await?;
-            client.batch_execute("begin").await?;
-            let rows = client.query(&statement, &params.refs()).await?;
-            Ok::<_, tokio_postgres::Error>(
-                rows.iter()
-                    .filter_map(|r| r.get::<_, Option<Uuid>>(0))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .await?;
+    }
+    let scan = &sql.unprintable_scan[match (ask.skip_blocked, ask.windowed) {
+        (false, _) => 0,
+        (true, false) => 1,
+        (true, true) => 2,
+    }];
+    let params = ask.params();
+    let ids = step!("unprintable: scan", async {
+        let statement = client.prepare_typed(scan, &RESERVE_PARAM_TYPES).await?;
+        client.batch_execute("begin").await?;
+        let rows = client.query(&statement, &params.refs()).await?;
+        Ok::<_, tokio_postgres::Error>(
+            rows.iter()
+                .filter_map(|r| r.get::<_, Option<Uuid>>(0))
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await?;
+    let found = if after == After::TimedOut && ids.first().is_some_and(|id| Some(*id) == *printable)
+    {
+        None
+    } else {
         let print = step!(
             "unprintable: prepare",
             client.prepare_typed(&sql.print_each, &[Type::UUID_ARRAY]),
         )
         .await?;
-        let Some(suspect) = step!(
-            "unprintable: print each",
-            first_unprintable(conn, &print, &ids)
-        )
-        .await?
-        .map(|(i, _)| ids[i]) else {
-            return Ok(None);
-        };
-        // The suspect alone: the verdict.
-        let Some((_, why)) = step!(
-            "unprintable: print alone",
-            first_unprintable(conn, &print, &[suspect]),
-        )
-        .await?
-        else {
-            return Ok(None);
-        };
-        let row = step!(
-            "unprintable: the row",
-            client.query_one(&sql.unprintable_row, &[&suspect]),
-        )
-        .await?;
-        Ok::<_, crate::Error>(Some((row, why)))
-    }
-    .await;
-    let (row, why) = match found {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            tracing::warn!(error = %failure, "outbox relay: a reservation failed on a limit of Postgres, but no row it printed fails alone");
-            // Best effort: a connection whose rollback fails is dropped with the error.
-            let _ = step!("unprintable: rollback", client.batch_execute("rollback")).await;
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, reservation_error = %failure, "outbox relay: cannot look for the row Postgres cannot print");
-            return None;
+        let each = step!("unprintable: print each", print_each(conn, &print, &ids)).await?;
+        match each.refused {
+            Some((i, _)) => step!(
+                "unprintable: print alone",
+                print_each(conn, &print, &ids[i..=i])
+            )
+            .await?
+            .refused
+            .map(|(_, why)| (ids[i], why)),
+            None => {
+                if after == After::TimedOut {
+                    *printable = ids.first().copied();
+                    if let Some((i, secs)) = each.slowest {
+                        tracing::warn!(
+                            event_id = %ids[i],
+                            print_secs = secs,
+                            postgres_timeout = ?timing.round_trip,
+                            "outbox relay: a small reservation missed its deadline, and the slowest event it reaches takes this long to print as JSON on the server; if that is near postgres_timeout, every reservation that reaches it misses its deadline: raise postgres_timeout above it, or dead-letter the event by hand (README, Failure policy)"
+                        );
+                    }
+                }
+                None
+            }
         }
     };
+    let Some((suspect, why)) = found else {
+        step!("unprintable: rollback", client.batch_execute("rollback")).await?;
+        return Ok(None);
+    };
+    let row = step!(
+        "unprintable: the row",
+        client.query_one(&sql.unprintable_row, &[&suspect]),
+    )
+    .await?;
     let mut reserved = Reserved::from_row(&row);
     tracing::warn!(
         event_id = %reserved.id,
@@ -137,70 +187,86 @@ pub(crate) async fn locate(
         "Postgres cannot print its payload or headers as JSON: {why} (not sent, no retries; \
          make it printable and requeue it)"
     ));
-    Some(reserved)
+    Ok(Some(reserved))
 }
 
-/// Prints `ids` one at a time (`print_each.sql`) under a savepoint: the index of the first one
-/// Postgres cannot print (with why), or `None` when all print. A failure of another kind (not
-/// class 54) is returned as the error.
-async fn first_unprintable(
+/// What printing rows one at a time showed.
+struct Printed {
+    /// The index of the first row Postgres refused to print, with why.
+    refused: Option<(usize, String)>,
+    /// The index of the row that took longest to print before it, and its seconds.
+    slowest: Option<(usize, f64)>,
+}
+
+/// Prints `ids` one at a time (`print_each.sql`) under a savepoint, rolled back after. A
+/// failure other than a print limit is returned as the error.
+async fn print_each(
     conn: &BatchConn,
     print: &tokio_postgres::Statement,
     ids: &[Uuid],
-) -> Result<Option<(usize, String)>, tokio_postgres::Error> {
+) -> Result<Printed, tokio_postgres::Error> {
     let client = &conn.client;
     client.batch_execute("savepoint unprintable").await?;
-    let rows = client.query_raw(print, [&ids]).await;
+    let mut printed = Printed {
+        refused: None,
+        slowest: None,
+    };
     let mut next = 0usize;
-    let mut found = None;
-    match rows {
+    let mut clock = 0.0f64;
+    let refused = |next: usize, e: &tokio_postgres::Error| {
+        e.as_db_error()
+            .filter(|db| is_print_limit(db) && next < ids.len())
+            .map(|db| (next, server_message(db)))
+    };
+    match client.query_raw(print, [&ids]).await {
         Ok(rows) => {
             let mut rows = std::pin::pin!(rows);
             while let Some(row) = rows.next().await {
-                match row {
-                    Ok(row) => {
-                        let (n, len): (i64, Option<i64>) = (row.get(0), row.get(2));
-                        if usize::try_from(n).ok() != Some(next + 1) {
-                            // Out of order: no position can be named from the stream.
+                let row = match row {
+                    Ok(row) => row,
+                    Err(e) => match refused(next, &e) {
+                        Some(r) => {
+                            printed.refused = Some(r);
                             break;
                         }
-                        if let Some(len) = len.filter(|&l| l > MAX_PRINTED) {
-                            found = Some((
-                                next,
-                                format!("it prints {len} bytes, more than one result row of Postgres can carry (1 GB)"),
-                            ));
-                            break;
-                        }
-                        next += 1;
-                    }
-                    Err(e) if is_limit(&e) => {
-                        found = (next < ids.len()).then(|| (next, server_message(&e)));
-                        break;
-                    }
-                    Err(e) => return Err(e),
+                        None => return Err(e),
+                    },
+                };
+                let (n, len, at): (i64, Option<i64>, f64) = (row.get(0), row.get(2), row.get(3));
+                if usize::try_from(n).ok() != Some(next + 1) {
+                    // Out of order: no position can be named from the stream.
+                    break;
                 }
+                let took = at - clock;
+                clock = at;
+                if printed.slowest.is_none_or(|(_, s)| took > s) {
+                    printed.slowest = Some((next, took));
+                }
+                if let Some(len) = len.filter(|&l| l > MAX_PRINTED) {
+                    printed.refused = Some((
+                        next,
+                        format!("it prints {len} bytes, more than one result row of Postgres can carry (1 GB)"),
+                    ));
+                    break;
+                }
+                next += 1;
             }
         }
-        Err(e) if is_limit(&e) => found = (!ids.is_empty()).then(|| (0, server_message(&e))),
-        Err(e) => return Err(e),
+        Err(e) => match refused(0, &e) {
+            Some(r) => printed.refused = Some(r),
+            None => return Err(e),
+        },
     }
     client
         .batch_execute("rollback to savepoint unprintable; release savepoint unprintable")
         .await?;
-    Ok(found)
-}
-
-fn is_limit(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| c.code().starts_with("54"))
+    Ok(printed)
 }
 
 /// The server's error as it reported it: SQLSTATE, message and detail.
-fn server_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => match db.detail() {
-            Some(detail) => format!("{}: {} ({detail})", db.code().code(), db.message()),
-            None => format!("{}: {}", db.code().code(), db.message()),
-        },
-        None => e.to_string(),
+fn server_message(db: &tokio_postgres::error::DbError) -> String {
+    match db.detail() {
+        Some(detail) => format!("{}: {} ({detail})", db.code().code(), db.message()),
+        None => format!("{}: {}", db.code().code(), db.message()),
     }
 }

@@ -3,10 +3,13 @@
 -- printed length in bytes (null when no such row). Postgres sends each result row as it is
 -- computed (no sort, no aggregate), so when one row cannot be printed ("out of memory … Cannot
 -- enlarge string buffer", 54000, past 1 GB of text) the rows before it arrive before the error:
--- the first position missing names it (see `relay::unprintable`).
+-- the first position missing names it (see `relay::unprintable`). The fourth column, the clock
+-- read after each row's print (expressions are evaluated in the order written), gives each row's
+-- print time on the server (for the log only: nothing is judged by time).
 select u.n,
        u.id,
        (select (octet_length(e.payload::text) + coalesce(octet_length(e.headers::text), 0))::int8
           from {{table}} e
-         where e.id = u.id)
+         where e.id = u.id),
+       extract(epoch from clock_timestamp() - statement_timestamp())::float8
   from unnest($1::uuid[]) with ordinality as u(id, n)

@@ -1480,7 +1480,11 @@ async fn rows_whose_json_prints_huge_do_not_stall_the_rows_behind_them() {
 /// were delivered (found by a breaker helper). The relay finds it among the rows the failed
 /// reservation printed, prints it alone to be sure, and dead-letters it with the server's
 /// message (never sent); its aggregate's next event waits behind it (BlockAggregate) and every
-/// other event is delivered.
+/// other event is delivered. A second one, V, prints to 1,073,741,821 bytes: within the string
+/// limit, but its text value is 4 bytes longer than one allocation may be (XX000 "invalid
+/// memory alloc request size", found by a breaker helper).
+/// (`a_row_that_takes_longer_than_postgres_timeout_to_fail_printing_is_dead_lettered`: one
+/// whose print fails only after `postgres_timeout`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
     let (client, table) = migrated_table("unprintable").await;
@@ -1495,6 +1499,10 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
                from generate_series(1, 8200);
              insert into {table} (aggregate_id, event_topic, event_type, payload)
              values ('U', '{topic}', 'Behind', '{{\"i\": 1}}');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'V', '{topic}', 'Unprintable',
+                    (select jsonb_agg(1e131071::numeric) from generate_series(1, 8191))
+                    || to_jsonb(repeat('x', 114682));
              insert into {table} (aggregate_id, event_topic, event_type, payload)
              select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
                from generate_series(1, 20) i;"
@@ -1539,7 +1547,7 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
             let done = ok.iter().filter(|(s, _)| s == "done").count();
             let bad = status("Unprintable").await?;
             let failed = outbox.stats().reserve_failures;
-            if done == 21 && bad.iter().all(|(s, _)| s == "failed") {
+            if done == 21 && bad.len() == 2 && bad.iter().all(|(s, _)| s == "failed") {
                 Ok(())
             } else {
                 Err(format!(
@@ -1552,6 +1560,10 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
     let bad = status("Unprintable").await.unwrap();
     assert!(
         bad[0].1.contains("54000") && bad[0].1.contains("Cannot enlarge string buffer"),
+        "the dead letter names the server's refusal: {bad:?}"
+    );
+    assert!(
+        bad[1].1.contains("XX000") && bad[1].1.contains("invalid memory alloc request size"),
         "the dead letter names the server's refusal: {bad:?}"
     );
     assert_eq!(
@@ -1568,10 +1580,206 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
     )
     .await;
     assert!(
-        records.iter().all(|r| r.key.as_deref() != Some("U")),
-        "nothing of aggregate U was sent: {:?}",
+        records
+            .iter()
+            .all(|r| !matches!(r.key.as_deref(), Some("U" | "V"))),
+        "nothing of aggregates U and V was sent: {:?}",
         records.iter().map(|r| &r.key).collect::<Vec<_>>()
     );
+}
+
+/// Finding a row Postgres cannot print is not a scan: it took seconds (the row printed twice,
+/// up to 1 GB each), and counted as the last full scan's duration it spaced full scans ten times
+/// that apart — a dead letter requeued below the floor afterwards (two events of its aggregate
+/// pending behind it) waited 43.6 s instead of 0.25 s (found by a breaker helper). Here the
+/// requeued dead letter and the events behind it are delivered within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_dead_letter_goes_at_once_after_an_unprintable_row_was_found() {
+    let (client, table) = migrated_table("unprintreq").await;
+    let topic = topic_name("unprintreq");
+    support::create_topic(&topic, 4).await;
+    let dead: Uuid = client
+        .query_one(
+            &format!(
+                "insert into {table} (aggregate_id, event_topic, event_type, payload, status,
+                                      attempts, last_error)
+                 values ('D', '{topic}', 'Dead', '{{}}', 'failed', 1, 'a test dead letter')
+                 returning id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'D', '{topic}', 'Behind', jsonb_build_object('i', i)
+               from generate_series(1, 2) i;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 5) i;"
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let count = |condition: &'static str| {
+        let client = &client;
+        let table = &table;
+        async move {
+            client
+                .query_one(
+                    &format!("select count(*) from {table} where {condition}"),
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .map_err(|e| e.to_string())
+        }
+    };
+    support::eventually(
+        Duration::from_secs(30),
+        "the first events are delivered",
+        || async {
+            match count("event_type = 'Ok' and status = 'done'").await? {
+                5 => Ok(()),
+                n => Err(format!("{n} of 5 delivered")),
+            }
+        },
+    )
+    .await;
+    // The relay has caught up: the unprintable row comes with more events.
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'E', '{topic}', 'Unprintable', jsonb_agg(1e131071::numeric)
+               from generate_series(1, 8200);
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(6, 10) i;"
+        ))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(90),
+        "the unprintable row is dead-lettered and the rest delivered",
+        || async {
+            let done = count("event_type = 'Ok' and status = 'done'").await?;
+            let bad = count("event_type = 'Unprintable' and status = 'failed'").await?;
+            if done == 10 && bad == 1 {
+                Ok(())
+            } else {
+                Err(format!("{done} of 10 delivered, {bad} of 1 dead-lettered"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        outbox
+            .requeue(&RequeueFilter::all().ids([dead]))
+            .await
+            .unwrap(),
+        1
+    );
+    support::eventually(
+        Duration::from_secs(10),
+        "the requeued dead letter and the two events behind it are delivered",
+        || async {
+            match count("aggregate_id = 'D' and status = 'done'").await? {
+                3 => Ok(()),
+                n => Err(format!("{n} of 3 delivered")),
+            }
+        },
+    )
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
+/// A row whose print fails only after `postgres_timeout` (a breaker helper's 2 MB of `\u0001`
+/// characters reached the 1 GB limit after 15 s, past the default 10 s; here 8,200 numbers
+/// `1e131071`, about 2.4 s, against a `postgres_timeout` of 500 ms): the reservations that reach
+/// it miss their deadline instead of failing on it, so nothing named it and nothing behind it
+/// went. After a reservation of one candidate misses its deadline, the relay looks for the row
+/// with a longer deadline (at least 60 s) on a new session, and dead-letters it once Postgres
+/// refuses to print it alone; the rest are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_takes_longer_than_postgres_timeout_to_fail_printing_is_dead_lettered() {
+    support::init_tracing();
+    let (client, table) = migrated_table("slowfail").await;
+    let topic = topic_name("slowfail");
+    support::create_topic(&topic, 4).await;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'U', '{topic}', 'Unprintable', jsonb_agg(1e131071::numeric)
+               from generate_series(1, 8200);
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 20) i;"
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .postgres_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let state = || async {
+        client
+            .query_one(
+                &format!(
+                    "select count(*) filter (where event_type = 'Ok' and status = 'done'),
+                            max(status) filter (where event_type = 'Unprintable'),
+                            max(last_error) filter (where event_type = 'Unprintable')
+                       from {table}"
+                ),
+                &[],
+            )
+            .await
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    r.get::<_, Option<String>>(1),
+                    r.get::<_, Option<String>>(2),
+                )
+            })
+            .map_err(|e| e.to_string())
+    };
+    support::eventually(
+        Duration::from_secs(120),
+        "the row is dead-lettered and the rest delivered",
+        || async {
+            let (done, status, _) = state().await?;
+            let failed = outbox.stats().reserve_failures;
+            if done == 20 && status.as_deref() == Some("failed") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{done} of 20 delivered, the unprintable row {status:?}, {failed} reservations failed"
+                ))
+            }
+        },
+    )
+    .await;
+    let (_, _, error) = state().await.unwrap();
+    assert!(
+        error.as_deref().is_some_and(|e| e.contains("54000")),
+        "the dead letter names the server's refusal: {error:?}"
+    );
+    support::stop_and_join(&outbox, relay).await;
 }
 
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
