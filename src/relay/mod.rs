@@ -21,6 +21,7 @@
 //! (stop reserving → finish batches → flush the producer → record late reports → end streams).
 
 mod batch;
+mod cap;
 mod confirm;
 mod fence;
 mod listen;
@@ -54,6 +55,7 @@ use crate::pg::Pg;
 use crate::store::RelaySql;
 
 use self::batch::{run_batch, BatchDone};
+use self::cap::CandidatesCap;
 use self::confirm::LateConn;
 use self::fence::Fences;
 use self::report::Reporter;
@@ -140,15 +142,8 @@ struct Pipeline {
     reserver: Reserver,
     /// Pauses after failed reservations; a fresh backoff after any reservation that succeeds.
     reserve_errors: Backoff,
-    /// After a reservation that missed its deadline, the candidates' limit: 1, doubled after
-    /// each reservation that answers in time, until it reaches the batch's own (`None`). The
-    /// reservation reads and prints its candidates before the byte budget cuts them, and some
-    /// rows cost far more to print than they take to store: a `jsonb` number like `1e131071`
-    /// is 8 bytes stored and 131 KB printed, and 2,000 rows of them made every reservation of
-    /// the first 2,000 candidates miss its deadline, forever — nothing was delivered (found by
-    /// a breaker helper). With the limit narrowed, those rows are reserved a few at a time
-    /// (each then published or dead-lettered on its own merits) and the rows behind them follow.
-    candidates_cap: Option<usize>,
+    /// After a reservation that missed its deadline, the candidates' limit (see [`cap`]).
+    candidates_cap: CandidatesCap,
     /// The last reservation took all it was allowed (rows or bytes): more is likely pending.
     last_full: bool,
     /// A reservation found nothing while a full batch was in flight: the backlog's next events
@@ -246,7 +241,7 @@ impl Relay {
             batches: JoinSet::new(),
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
-            candidates_cap: None,
+            candidates_cap: CandidatesCap::default(),
             last_full: false,
             light: false,
             failing: false,
@@ -383,12 +378,12 @@ impl Pipeline {
         let light = std::mem::take(&mut self.light)
             && share == 1
             && group.is_none()
-            && self.candidates_cap.is_none();
+            && self.candidates_cap.cap.is_none();
         let limit = if light {
             ctx.sql.light_limit
         } else {
             let limit = ctx.settings.batch_size.saturating_mul(share);
-            self.candidates_cap.map_or(limit, |cap| cap.clamp(1, limit))
+            (self.candidates_cap.cap).map_or(limit, |cap| cap.clamp(1, limit))
         };
         let ask = Ask {
             limit,
@@ -416,18 +411,18 @@ impl Pipeline {
             Some(s) if s.unprintable => {}
             found => scan.scanned(start, started, found),
         }
-        let cap = next_candidates_cap(
-            self.candidates_cap,
+        let before = self.candidates_cap.cap;
+        self.candidates_cap.after(
             &reserved,
             limit,
             ctx.settings.batch_size,
             (started.elapsed(), ctx.timing.round_trip),
+            Instant::now(),
         );
-        if cap != self.candidates_cap {
+        if self.candidates_cap.cap != before {
             metrics::gauge!("outbox_reservation_candidates_limit")
-                .set(cap.unwrap_or(ctx.settings.batch_size) as f64);
+                .set(self.candidates_cap.cap.unwrap_or(ctx.settings.batch_size) as f64);
         }
-        self.candidates_cap = cap;
         match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
@@ -678,43 +673,6 @@ impl Pipeline {
             std::panic::resume_unwind(panic);
         }
         wakeups
-    }
-}
-
-/// The candidates' cap after a reservation of `limit` candidates that took `took` of its
-/// `deadline` (see [`Pipeline::candidates_cap`]): 1 after one that missed its deadline
-/// (logged); doubled after one that answered within a quarter of it (twice the candidates then
-/// likely answer within half), none once doubling would reach `batch_size`; unchanged after one
-/// that answered later, and after any other failure (the connect's, the server's error: they say
-/// nothing of the rows' cost). Doubling whatever the time took the cap back to the size that
-/// had missed its deadline, over and over: a breaker helper's 6,000 rows of 393 MB printed each
-/// drained with 29 missed deadlines at `postgres_timeout` 220 ms. A stall only keeps the cap
-/// where it is for a while; it never widens it.
-fn next_candidates_cap<T>(
-    cap: Option<usize>,
-    reserved: &crate::Result<T>,
-    limit: usize,
-    batch_size: usize,
-    (took, deadline): (Duration, Duration),
-) -> Option<usize> {
-    match (reserved, cap) {
-        (
-            Err(crate::Error::Timeout {
-                what: "reserve", ..
-            }),
-            _,
-        ) => {
-            tracing::warn!(
-                candidates = limit,
-                "outbox relay: a reservation missed its deadline; the next ones take one \
-                 candidate, doubling after each that answers in time"
-            );
-            Some(1)
-        }
-        (Err(_), cap) => cap,
-        (Ok(_), Some(cap)) if took.saturating_mul(4) > deadline => Some(cap),
-        (Ok(_), Some(cap)) if cap.saturating_mul(2) < batch_size => Some(cap.saturating_mul(2)),
-        (Ok(_), _) => None,
     }
 }
 
@@ -998,78 +956,4 @@ fn remove_recent_fences(ctx: &Arc<Ctx>) {
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::next_candidates_cap;
-    use std::time::Duration;
-
-    #[test]
-    fn the_candidates_cap_drops_to_one_after_a_missed_deadline_and_doubles_back() {
-        let timed_out: crate::Result<()> = Err(crate::Error::Timeout {
-            what: "reserve",
-            after: Duration::from_secs(10),
-        });
-        let connect: crate::Result<()> = Err(crate::Error::Timeout {
-            what: "connect",
-            after: Duration::from_secs(10),
-        });
-        let answered: crate::Result<()> = Ok(());
-        let deadline = Duration::from_secs(10);
-        let quick = (Duration::from_millis(50), deadline);
-        assert_eq!(
-            next_candidates_cap(None, &timed_out, 2000, 2000, quick),
-            Some(1)
-        );
-        assert_eq!(
-            next_candidates_cap(Some(8), &timed_out, 8, 2000, quick),
-            Some(1)
-        );
-        assert_eq!(next_candidates_cap(None, &connect, 2000, 2000, quick), None);
-        assert_eq!(
-            next_candidates_cap(Some(4), &connect, 4, 2000, quick),
-            Some(4)
-        );
-        let mut cap = Some(1);
-        let mut steps = 0;
-        while let Some(c) = cap {
-            cap = next_candidates_cap(cap, &answered, c, 2000, quick);
-            steps += 1;
-        }
-        assert_eq!(steps, 11, "1, 2, 4, …, 1024, then the batch's own");
-        assert_eq!(
-            next_candidates_cap(None, &answered, 2000, 2000, quick),
-            None
-        );
-    }
-
-    #[test]
-    fn the_candidates_cap_stops_doubling_while_reservations_take_over_a_quarter_of_the_deadline() {
-        let answered: crate::Result<()> = Ok(());
-        let deadline = Duration::from_millis(220);
-        // Rows that cost ~0.4 ms each to print: 256 answer in ~100 ms, 512 would miss.
-        let took = |cap: usize| (Duration::from_micros(400 * cap as u64), deadline);
-        let mut cap = Some(1);
-        for _ in 0..20 {
-            let c = cap.unwrap();
-            cap = next_candidates_cap(cap, &answered, c, 2000, took(c));
-        }
-        assert_eq!(cap, Some(256), "it settles below the size that would miss");
-        let after = |ms| {
-            next_candidates_cap(
-                Some(256),
-                &answered,
-                256,
-                2000,
-                (Duration::from_millis(ms), deadline),
-            )
-        };
-        assert_eq!(
-            after(55),
-            Some(512),
-            "within a quarter of the deadline it doubles"
-        );
-        assert_eq!(after(56), Some(256), "past a quarter it holds");
-    }
 }

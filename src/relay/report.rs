@@ -435,7 +435,7 @@ fn describe_gauges() {
         (
             "outbox_reservation_candidates_limit",
             Unit::Count,
-            "Candidates a reservation may take: batch_size, or less after one missed its deadline (1, then doubling while reservations answer within a quarter of postgres_timeout).",
+            "Candidates a reservation may take: batch_size, or less after one missed its deadline (1, then doubling while reservations answer within half of postgres_timeout, below the size that missed for a minute).",
         ),
         (
             "outbox_oldest_transaction_age_seconds",
