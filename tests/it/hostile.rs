@@ -1509,15 +1509,7 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
         ))
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .table(&table)
-        .channel(&table)
-        .kafka_brokers(support::kafka_brokers())
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = relay_on(&table, |b| b).await;
     let status = |event_type: &'static str| {
         let client = &client;
         let table = &table;
@@ -1622,29 +1614,8 @@ async fn a_requeued_dead_letter_goes_at_once_after_an_unprintable_row_was_found(
         ))
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .table(&table)
-        .channel(&table)
-        .kafka_brokers(support::kafka_brokers())
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
-    let count = |condition: &'static str| {
-        let client = &client;
-        let table = &table;
-        async move {
-            client
-                .query_one(
-                    &format!("select count(*) from {table} where {condition}"),
-                    &[],
-                )
-                .await
-                .map(|r| r.get::<_, i64>(0))
-                .map_err(|e| e.to_string())
-        }
-    };
+    let (outbox, relay) = relay_on(&table, |b| b).await;
+    let count = |condition: &'static str| count_where(&client, &table, condition);
     support::eventually(
         Duration::from_secs(30),
         "the first events are delivered",
@@ -1727,16 +1698,8 @@ async fn a_row_that_takes_longer_than_postgres_timeout_to_fail_printing_is_dead_
         ))
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(support::postgres().await)
-        .table(&table)
-        .channel(&table)
-        .kafka_brokers(support::kafka_brokers())
-        .postgres_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) =
+        relay_on(&table, |b| b.postgres_timeout(Duration::from_millis(500))).await;
     let state = || async {
         client
             .query_one(
@@ -1780,6 +1743,38 @@ async fn a_row_that_takes_longer_than_postgres_timeout_to_fail_printing_is_dead_
         "the dead letter names the server's refusal: {error:?}"
     );
     support::stop_and_join(&outbox, relay).await;
+}
+
+/// An outbox on `table` (the channel named after it) with the tests' brokers, `tune` applied
+/// to its builder, and its relay started.
+async fn relay_on(
+    table: &str,
+    tune: impl FnOnce(outbox::OutboxBuilder) -> outbox::OutboxBuilder,
+) -> (Outbox, tokio::task::JoinHandle<outbox::Result<()>>) {
+    let builder = Outbox::builder()
+        .postgres(support::postgres().await)
+        .table(table)
+        .channel(table)
+        .kafka_brokers(support::kafka_brokers());
+    let outbox = tune(builder).connect().await.unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, relay)
+}
+
+/// How many rows of `table` meet `condition` (SQL).
+async fn count_where(
+    client: &tokio_postgres::Client,
+    table: &str,
+    condition: &str,
+) -> Result<i64, String> {
+    client
+        .query_one(
+            &format!("select count(*) from {table} where {condition}"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .map_err(|e| e.to_string())
 }
 
 /// Waits (up to 60 s) until the outbox has nothing pending; the panic names the pending rows
