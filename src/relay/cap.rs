@@ -59,7 +59,12 @@ impl CandidatesCap {
                      size for a minute"
                 );
                 self.cap = Some(1);
-                self.missed = Some((limit, now));
+                // A reservation of one candidate that missed says nothing of a size: any
+                // stall longer than two deadlines makes one, and remembered, it held the cap
+                // at 1 for a minute (a breaker helper: 20,000 rows at ~1 per batch, 58.8 s).
+                if limit > 1 {
+                    self.missed = Some((limit, now));
+                }
             }
             (Err(_), _) | (Ok(_), None) => {}
             (Ok(_), Some(cap)) => {
@@ -141,6 +146,23 @@ mod tests {
         c.after(&Ok(()), 512, 2000, QUICK, later);
         c.after(&Ok(()), 1024, 2000, QUICK, later);
         assert_eq!(c.cap, None, "back to the batch's own");
+    }
+
+    #[test]
+    fn a_reservation_of_one_candidate_that_missed_does_not_pin_the_cap() {
+        let now = Instant::now();
+        let mut c = CandidatesCap::default();
+        c.after(&timed_out(), 2000, 2000, QUICK, now);
+        c.after(&timed_out(), 1, 2000, QUICK, now);
+        for _ in 0..20 {
+            let limit = c.cap.unwrap();
+            c.after(&Ok(()), limit, 2000, QUICK, now);
+        }
+        assert_eq!(
+            c.cap,
+            Some(1024),
+            "below the 2,000 that missed, not held at 1"
+        );
     }
 
     #[test]

@@ -37,6 +37,8 @@ mod split;
 mod supervise;
 pub(crate) mod timing;
 mod unprintable;
+
+pub(crate) use self::unprintable::UNPRINTABLE;
 mod wake;
 
 use std::sync::Arc;

@@ -111,6 +111,10 @@ pub(crate) struct BatchConn {
     pub(crate) confirm_early: Statement,
     /// The connection string's server it is on.
     server: usize,
+    /// Its backend's process id (`pg_backend_pid()`): after it missed a deadline, its cancelled
+    /// statement holds its row locks until the server notices the closed session (see
+    /// [`unprintable::locate`]).
+    pid: i32,
 }
 
 impl Session for BatchConn {
@@ -136,7 +140,13 @@ impl BatchConn {
         )
         .await
         .map(
-            |([reserve, reserve_full, reserve_windowed], light_reserve, confirm, confirm_early)| {
+            |(
+                [reserve, reserve_full, reserve_windowed],
+                light_reserve,
+                confirm,
+                confirm_early,
+                pid,
+            )| {
                 BatchConn {
                     client: Arc::new(client),
                     reserve,
@@ -147,6 +157,7 @@ impl BatchConn {
                     confirm,
                     confirm_early,
                     server,
+                    pid,
                 }
             },
         )
@@ -156,7 +167,8 @@ impl BatchConn {
         client: &Client,
         sql: &RelaySql,
         timing: &Timing,
-    ) -> Result<([Statement; 3], [Statement; 3], Statement, Statement), tokio_postgres::Error> {
+    ) -> Result<([Statement; 3], [Statement; 3], Statement, Statement, i32), tokio_postgres::Error>
+    {
         // A session that idles in its batch transaction longer than the lease (a hung relay) is
         // ended by Postgres, which releases the rows.
         client
@@ -167,7 +179,7 @@ impl BatchConn {
             .await?;
         let types = RESERVE_PARAM_TYPES;
         let [l0, l1, l2] = &sql.light_reserve;
-        let (r0, r1, r2, l0, l1, l2, confirm, confirm_early) = futures::try_join!(
+        let (r0, r1, r2, l0, l1, l2, confirm, confirm_early, pid) = futures::try_join!(
             client.prepare_typed(&sql.reserve, &types),
             client.prepare_typed(&sql.reserve_full, &types),
             client.prepare_typed(&sql.reserve_windowed, &types),
@@ -175,9 +187,11 @@ impl BatchConn {
             client.prepare_typed(l1, &types),
             client.prepare_typed(l2, &types),
             client.prepare(&sql.confirm),
-            client.prepare(&sql.confirm_early)
+            client.prepare(&sql.confirm_early),
+            client.query_one("select pg_backend_pid()", &[])
         )?;
-        Ok(([r0, r1, r2], [l0, l1, l2], confirm, confirm_early))
+        let pid = pid.try_get(0).unwrap_or(0);
+        Ok(([r0, r1, r2], [l0, l1, l2], confirm, confirm_early, pid))
     }
 
     /// Begins the batch transaction and locks the rows `ask` describes. On an empty result the
@@ -430,8 +444,6 @@ pub(crate) struct Reserver {
     idle: Vec<BatchConn>,
     /// A batch session was opened since [`take_opened`](Self::take_opened) was last called.
     opened: bool,
-    /// See [`unprintable::locate`].
-    printable: Option<Uuid>,
 }
 
 impl Reserver {
@@ -497,25 +509,16 @@ impl Reserver {
                 what: "reserve", ..
             } if ask.limit <= unprintable::SMALL_RESERVATION => {
                 // A session that missed its deadline is dropped, never reused.
+                let old = conn.pid;
                 drop(conn);
                 match BatchConn::open(pg, sql, timing, stop).await {
-                    Ok(c) => (c, unprintable::After::TimedOut),
+                    Ok(c) => (c, unprintable::After::TimedOut(old)),
                     Err(_) => return Err(e),
                 }
             }
             _ => return Err(e),
         };
-        let found = unprintable::locate(
-            &conn,
-            pg,
-            sql,
-            timing,
-            stop,
-            ask,
-            after,
-            &mut self.printable,
-        )
-        .await;
+        let found = unprintable::locate(&conn, pg, sql, timing, stop, ask, after).await;
         match found {
             Ok(Some(row)) => {
                 let scan = Scan {

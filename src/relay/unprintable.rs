@@ -14,7 +14,8 @@
 //! of `\u0001` characters print six bytes each and reached the 1 GB limit after 15 s, found by a
 //! breaker helper). It runs the same scan without printing (`RelaySql::unprintable_scan`: the
 //! same candidates, fences, gate, group and byte budget by stored size, so the rows the
-//! reservation printed, locked the same way but waiting for rows locked elsewhere), prints them
+//! reservation printed, locked the same way; after a missed deadline, once the cancelled
+//! statement's backend is gone, since it holds the rows until then), prints them
 //! one at a time in one statement that streams a result row per row printed (the first one
 //! missing is the suspect), and prints the suspect alone. Only when Postgres refuses to print it
 //! alone with such an error (or it prints past what one result row can carry) is it the culprit:
@@ -37,6 +38,10 @@ use crate::store::RelaySql;
 use super::reserve::{Ask, BatchConn, Reserved, RESERVE_PARAM_TYPES};
 use super::timing::{round_trip_on, Stop, Timing};
 
+/// How a dead letter's `last_error` begins when Postgres cannot print it (`find` then shows it
+/// without its payload and headers: see `find.sql`).
+pub(crate) const UNPRINTABLE: &str = "Postgres cannot print its payload or headers as JSON";
+
 /// The most bytes of payload and headers (JSON text) one result row can carry: a row Postgres
 /// sends is one message, a string of at most 1 GB − 1 (`MaxAllocSize`); this leaves 1 MiB for
 /// the row's other columns and the message's framing. A row that prints its payload and headers
@@ -45,7 +50,8 @@ const MAX_PRINTED: i64 = (1 << 30) - 1 - (1 << 20);
 
 /// The deadline of each of [`locate`]'s round trips, unless `postgres_timeout` is longer: the
 /// prints that find the row let it fail however long that takes (15–20 s for 1 GB of escapes on
-/// the benchmark machine), and the scan waits for the cancelled reservation's locks.
+/// the benchmark machine), and the wait for the cancelled reservation's backend to end lasts as
+/// long as its print.
 pub(crate) const LOCATE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A reservation of at most this many candidates that misses its deadline starts [`locate`]:
@@ -81,9 +87,9 @@ pub(crate) enum After {
     /// The reservation failed with a print limit ([`failed_to_print`]) on `conn`: it is rolled
     /// back first.
     Refused,
-    /// A reservation of at most [`SMALL_RESERVATION`] candidates missed its deadline; `conn` is
-    /// a fresh session.
-    TimedOut,
+    /// A reservation of at most [`SMALL_RESERVATION`] candidates missed its deadline on the
+    /// session of this backend (process id); `conn` is a fresh session.
+    TimedOut(i32),
 }
 
 /// After a reservation of `ask` failed with `failure`: finds the row Postgres cannot print
@@ -91,10 +97,7 @@ pub(crate) enum After {
 /// dead letter, never sent) in a transaction on `conn` that holds the scan's row locks (the
 /// batch's). `None` when no single row is to blame (the reservation's failure stands; the
 /// transaction is rolled back and `conn` may be reused), or when a round trip failed (drop
-/// `conn`). `printable`: the first candidate of the last such search after a missed deadline
-/// that found every row printable (its slowest named in a warning): the same first candidate
-/// is not printed again.
-#[allow(clippy::too_many_arguments)]
+/// `conn`).
 pub(crate) async fn locate(
     conn: &BatchConn,
     pg: &Pg,
@@ -103,7 +106,6 @@ pub(crate) async fn locate(
     stop: &Stop,
     ask: &Ask,
     after: After,
-    printable: &mut Option<Uuid>,
 ) -> Result<Option<Reserved>, crate::Error> {
     let client = &conn.client;
     let deadline = timing.round_trip.max(LOCATE_DEADLINE);
@@ -113,8 +115,29 @@ pub(crate) async fn locate(
             round_trip_on(pg, conn, stop, $what, deadline, $op)
         };
     }
-    if after == After::Refused {
-        step!("unprintable: rollback", client.batch_execute("rollback")).await?;
+    match after {
+        After::Refused => {
+            step!("unprintable: rollback", client.batch_execute("rollback")).await?;
+        }
+        // The cancelled statement holds its rows until it has printed the row it is printing
+        // (Postgres checks for a cancel between rows, not within one) and the server notices
+        // the closed session: until its backend is gone, the scan would pass the row by.
+        // Waiting for locks instead (an earlier form) waited on any other session's locks too
+        // — another relay's batch, an operator's transaction — 60 s with the relay stopped
+        // (found by a breaker helper).
+        After::TimedOut(pid) => {
+            step!("unprintable: the cancelled statement's end", async {
+                while client
+                    .query_opt("select 1 from pg_stat_activity where pid = $1", &[&pid])
+                    .await?
+                    .is_some()
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            })
+            .await?;
+        }
     }
     let scan = &sql.unprintable_scan[match (ask.skip_blocked, ask.windowed) {
         (false, _) => 0,
@@ -133,10 +156,7 @@ pub(crate) async fn locate(
         )
     })
     .await?;
-    let found = if after == After::TimedOut && ids.first().is_some_and(|id| Some(*id) == *printable)
-    {
-        None
-    } else {
+    let found = {
         let print = step!(
             "unprintable: prepare",
             client.prepare_typed(&sql.print_each, &[Type::UUID_ARRAY]),
@@ -152,9 +172,13 @@ pub(crate) async fn locate(
             .refused
             .map(|(_, why)| (ids[i], why)),
             None => {
-                if after == After::TimedOut {
-                    *printable = ids.first().copied();
-                    if let Some((i, secs)) = each.slowest {
+                // A row that prints in half the deadline or more (after a stall, every print is
+                // quick and nothing is named).
+                let slow = each
+                    .slowest
+                    .filter(|&(_, secs)| secs * 2.0 >= timing.round_trip.as_secs_f64());
+                if matches!(after, After::TimedOut(_)) {
+                    if let Some((i, secs)) = slow {
                         tracing::warn!(
                             event_id = %ids[i],
                             print_secs = secs,
@@ -184,8 +208,7 @@ pub(crate) async fn locate(
         "outbox relay: Postgres cannot print the event's payload or headers as JSON; it is a dead letter, not sent"
     );
     reserved.invalid = Some(format!(
-        "Postgres cannot print its payload or headers as JSON: {why} (not sent, no retries; \
-         make it printable and requeue it)"
+        "{UNPRINTABLE}: {why} (not sent, no retries; make it printable and requeue it)"
     ));
     Ok(Some(reserved))
 }

@@ -74,10 +74,7 @@
 -- columns sent: their printed length and the two columns themselves in a reservation.
 -- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
 -- returns the rows a reservation prints, for `relay::unprintable` to find the one Postgres
--- cannot print after a reservation failed on it; it waits for rows locked elsewhere
--- (`{{skip_locked}}` empty) instead of skipping them: after a reservation that missed its
--- deadline, its cancelled statement keeps its rows locked until it has finished printing the
--- row it is printing (Postgres checks for a cancel between rows, not within one).
+-- cannot print after a reservation failed on it.
 with win as materialized (
      {{window}}
  ),
@@ -96,7 +93,7 @@ with win as materialized (
         {{skip_blocked}}
       order by seq
       limit {{limit}}
-        for update of c {{skip_locked}}
+        for update of c skip locked
  ),
  gate as materialized (
      select a.aggregate_id, g.seq as gap, g.due as gap_due

@@ -1563,6 +1563,22 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
         "new",
         "its aggregate's next event waits behind the dead letter"
     );
+    // `find` lists the dead letters without the JSON Postgres cannot print (printing it failed
+    // every `find` that reached it, found by a new-user helper).
+    let dead = outbox
+        .find(&outbox::EventFilter::new().status(outbox::EventStatus::Failed))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for e in &dead {
+        assert_eq!(e.payload(), &Value::Null, "{e:?}");
+        assert!(
+            e.decode_problems()
+                .iter()
+                .any(|p| p.contains("cannot print")),
+            "{e:?}"
+        );
+    }
     support::stop_and_join(&outbox, relay).await;
     let records = support::assert_nothing_more(
         &support::kafka_brokers(),
