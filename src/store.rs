@@ -385,36 +385,7 @@ fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [S
 pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
     let mut problems = Vec::new();
     let id = get(row, 0)?;
-    // A row written by SQL may nest deeper than serde_json's limit (128 levels): the payload is
-    // then given as its JSON text, and the headers that can be read are kept.
-    let raw_payload = get::<RawJson>(row, 5)?;
-    let payload = match raw_payload.parse("payload") {
-        Ok(v) => v,
-        Err(p) => {
-            problems.push(p);
-            serde_json::Value::String(String::from_utf8_lossy(&raw_payload.0).into_owned())
-        }
-    };
-    let raw_headers = get::<Option<RawJson>>(row, 6)?;
-    // What the relay would leave out of the record, by the rules it publishes with.
-    let unpublished_headers = crate::headers::parse(raw_headers.as_ref().map(|h| h.0.as_slice()))
-        .dropped
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let headers = match raw_headers {
-        None => BTreeMap::new(),
-        Some(raw) => match raw.parse("headers") {
-            Ok(v) => headers_from_json(v),
-            Err(p) => {
-                problems.push(p);
-                crate::headers::parse(Some(&raw.0))
-                    .valid
-                    .into_iter()
-                    .collect()
-            }
-        },
-    };
+    let (payload, headers, unpublished_headers) = json_columns(row, &mut problems)?;
     let status: String = get(row, 7)?;
     let last_error: Option<String> = get(row, 11)?;
     if status == "failed"
@@ -465,6 +436,45 @@ pub(crate) fn event_from_row(row: &Row) -> crate::Result<Event> {
         problems,
         unpublished_headers,
     })
+}
+
+/// The payload (column 5), the headers (column 6) and the headers the relay would leave out of
+/// the record, by the rules it publishes with. A row written by SQL may nest deeper than
+/// serde_json's limit (128 levels): the payload is then given as its JSON text, and the headers
+/// that can be read are kept; each such value adds to `problems`.
+#[allow(clippy::type_complexity)]
+fn json_columns(
+    row: &Row,
+    problems: &mut Vec<String>,
+) -> crate::Result<(serde_json::Value, BTreeMap<String, String>, Vec<String>)> {
+    let raw_payload = get::<RawJson>(row, 5)?;
+    let payload = match raw_payload.parse("payload") {
+        Ok(v) => v,
+        Err(p) => {
+            problems.push(p);
+            serde_json::Value::String(String::from_utf8_lossy(&raw_payload.0).into_owned())
+        }
+    };
+    let raw_headers = get::<Option<RawJson>>(row, 6)?;
+    let unpublished = crate::headers::parse(raw_headers.as_ref().map(|h| h.0.as_slice()))
+        .dropped
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let headers = match raw_headers {
+        None => BTreeMap::new(),
+        Some(raw) => match raw.parse("headers") {
+            Ok(v) => headers_from_json(v),
+            Err(p) => {
+                problems.push(p);
+                crate::headers::parse(Some(&raw.0))
+                    .valid
+                    .into_iter()
+                    .collect()
+            }
+        },
+    };
+    Ok((payload, headers, unpublished))
 }
 
 /// One column of a row; a type that does not match is a schema problem, not a panic.

@@ -24,6 +24,30 @@ pub(crate) struct CandidatesCap {
 }
 
 impl CandidatesCap {
+    /// No cap: reservations take `batch_size` candidates (the gauge
+    /// `outbox_reservation_candidates_limit` says so from the start).
+    pub(crate) fn new(batch_size: usize) -> CandidatesCap {
+        set_gauge(None, batch_size);
+        CandidatesCap::default()
+    }
+
+    /// [`next`](Self::next), and the gauge `outbox_reservation_candidates_limit` when the cap
+    /// changed.
+    pub(crate) fn after<T>(
+        &mut self,
+        reserved: &crate::Result<T>,
+        limit: usize,
+        batch_size: usize,
+        took: (Duration, Duration),
+        now: Instant,
+    ) {
+        let before = self.cap;
+        self.next(reserved, limit, batch_size, took, now);
+        if self.cap != before {
+            set_gauge(self.cap, batch_size);
+        }
+    }
+
     /// After a reservation of `limit` candidates that took `took` of its `deadline`, at `now`:
     /// - one that missed its deadline (logged): 1;
     /// - any other failure (the connect's, the server's error: they say nothing of the rows'
@@ -37,7 +61,7 @@ impl CandidatesCap {
     /// reservation took over a quarter of the deadline kept it low for good after one latency
     /// spike (batches of 27 rows where 170 had answered in time before, found by a breaker
     /// helper). Now it stays below the size that missed for a minute, and a stall only holds it.
-    pub(crate) fn after<T>(
+    fn next<T>(
         &mut self,
         reserved: &crate::Result<T>,
         limit: usize,
@@ -82,6 +106,11 @@ impl CandidatesCap {
             }
         }
     }
+}
+
+/// The candidates' limit of the next reservation: the cap, or `batch_size` without one.
+fn set_gauge(cap: Option<usize>, batch_size: usize) {
+    metrics::gauge!("outbox_reservation_candidates_limit").set(cap.unwrap_or(batch_size) as f64);
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ use self::cap::CandidatesCap;
 use self::confirm::LateConn;
 use self::fence::Fences;
 use self::report::Reporter;
-use self::reserve::{Ask, BatchConn, Reserved, Reserver};
+use self::reserve::{Ask, BatchConn, Reservation, Reserved, Reserver};
 use self::scan::ScanStart;
 use self::shared::Shared;
 use self::split::Split;
@@ -221,7 +221,6 @@ impl Relay {
             panics: supervise::Panics::new(),
         });
         report::register_metrics();
-        metrics::gauge!("outbox_reservation_candidates_limit").set(self.settings.batch_size as f64);
         ctx.report.running(true);
         let background = TaskTracker::new();
         let (handoffs, handed) = HandoffSender::new();
@@ -243,7 +242,7 @@ impl Relay {
             batches: JoinSet::new(),
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
-            candidates_cap: CandidatesCap::default(),
+            candidates_cap: CandidatesCap::new(self.settings.batch_size),
             last_full: false,
             light: false,
             failing: false,
@@ -405,38 +404,58 @@ impl Pipeline {
         if self.reserver.take_opened() {
             remove_recent_fences(&ctx);
         }
-        let scan = match (self.split.as_mut(), group) {
-            (Some(split), Some(g)) => split.scan(g),
-            _ => &mut self.scan,
-        };
-        match reserved.as_ref().ok().map(|r| &r.1) {
-            Some(s) if s.unprintable => {}
-            found => scan.scanned(start, started, found),
-        }
-        let before = self.candidates_cap.cap;
-        self.candidates_cap.after(
-            &reserved,
-            limit,
-            ctx.settings.batch_size,
-            (started.elapsed(), ctx.timing.round_trip),
-            Instant::now(),
-        );
-        if self.candidates_cap.cap != before {
-            metrics::gauge!("outbox_reservation_candidates_limit")
-                .set(self.candidates_cap.cap.unwrap_or(ctx.settings.batch_size) as f64);
-        }
+        self.note_reservation(&reserved, start, started, limit, group);
         match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
-            (Ok((None, scan)), None) => self.reserved_nothing(start.skip_blocked, scan),
-            (Ok((None, scan)), Some(g)) => self.group_empty(g, scan),
-            (Ok((Some((conn, rows)), scan)), _) => self.start_batch(conn, rows, scan, limit, group),
+            (Ok(Reservation::Nothing(scan)), None) => {
+                self.reserved_nothing(start.skip_blocked, scan)
+            }
+            (Ok(Reservation::Nothing(scan)), Some(g)) => self.group_empty(g, scan),
+            (Ok(Reservation::Batch(conn, rows, scan)), _) => {
+                self.start_batch(conn, rows, scan, limit, group)
+            }
+            (Ok(Reservation::Unprintable(conn, row)), _) => {
+                self.start_batch(conn, vec![row], Scan::default(), limit, group)
+            }
             (Err(e), _) => {
                 self.end_split();
                 let delay = pause(&mut self.wakeups, &mut self.reserve_errors);
                 ctx.report.reserve_failed(&e, delay);
             }
         }
+    }
+
+    /// What a reservation of `limit` candidates from `start`, begun at `started`, tells the
+    /// scan state (of the split's `group`, or the backlog's) and the candidates' cap. A row
+    /// found unprintable tells the scan state nothing: its search is not a scan.
+    fn note_reservation(
+        &mut self,
+        reserved: &crate::Result<Reservation>,
+        start: scan::Start,
+        started: Instant,
+        limit: usize,
+        group: Option<usize>,
+    ) {
+        let scan = match (self.split.as_mut(), group) {
+            (Some(split), Some(g)) => split.scan(g),
+            _ => &mut self.scan,
+        };
+        match reserved {
+            Ok(Reservation::Unprintable(..)) => {}
+            Ok(Reservation::Nothing(found) | Reservation::Batch(_, _, found)) => {
+                scan.scanned(start, started, Some(found))
+            }
+            Err(_) => scan.scanned(start, started, None),
+        }
+        let (settings, timing) = (&self.ctx.settings, &self.ctx.timing);
+        self.candidates_cap.after(
+            reserved,
+            limit,
+            settings.batch_size,
+            (started.elapsed(), timing.round_trip),
+            Instant::now(),
+        );
     }
 
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
@@ -449,12 +468,12 @@ impl Pipeline {
             self.wakeups.again();
             return;
         }
+        // Nothing although the batch in flight was full: the gate holds the backlog.
+        let gated = self.last_full && !self.batches.is_empty();
         // Twice the fence's lifetime: a failed batch's aggregates are retried after it.
         self.ctx
             .report
             .reservation_empty(self.ctx.timing.fence.saturating_mul(2));
-        // Nothing although the batch in flight was full: the gate holds the backlog.
-        let gated = self.last_full && !self.batches.is_empty();
         if !final_scan && !gated {
             // Nothing from where the last scan left off: scan from the first pending
             // row before deciding that there is nothing. (When gated, the next

@@ -365,10 +365,6 @@ pub(crate) struct Scan {
     /// when it found candidates), skipping blocked aggregates too. Rows the gate held back in
     /// the window wait for the next scan from the first pending row or the floor.
     pub(crate) windowed: bool,
-    /// Not a scan: a row Postgres cannot print, found after a reservation failed on it (see
-    /// [`unprintable::locate`]); it says nothing of where the next scan may start or of how
-    /// long one takes.
-    pub(crate) unprintable: bool,
 }
 
 impl Scan {
@@ -418,7 +414,6 @@ impl Scan {
             next_from,
             lowest,
             windowed: windowed && next_from.is_some(),
-            unprintable: false,
         }
     }
 }
@@ -438,6 +433,19 @@ fn next_from(blocker: Option<i64>, cut_by_bytes: bool, last: i64, max_seq: i64) 
     }
 }
 
+/// What [`Reserver::reserve`] got.
+pub(crate) enum Reservation {
+    /// Nothing to reserve (the connection went back to the pool), and what the scan found.
+    Nothing(Scan),
+    /// A batch: its session, its rows (in `seq` order), and what the scan found.
+    Batch(BatchConn, Vec<Reserved>, Scan),
+    /// Not a scan: a row Postgres cannot print, found after a reservation failed on it (see
+    /// [`unprintable::locate`]), marked invalid, as a batch of its own on this session (a
+    /// dead letter, never sent). It says nothing of where the next scan may start or of how
+    /// long one takes.
+    Unprintable(BatchConn, Reserved),
+}
+
 /// Reserves batches over a pool of idle batch connections.
 #[derive(Default)]
 pub(crate) struct Reserver {
@@ -448,8 +456,8 @@ pub(crate) struct Reserver {
 
 impl Reserver {
     /// Reserves the rows `ask` describes (see [`BatchConn::reserve`]) on an idle (or new)
-    /// connection; with what the scan found. No batch when there was nothing to reserve (the
-    /// connection goes back to the pool).
+    /// connection; with what the scan found. After a failure that one row Postgres cannot
+    /// print may cause, that row when it is found (see [`Reservation::Unprintable`]).
     ///
     /// # Errors
     /// The Postgres error of the connect or the reservation, or [`Error::Timeout`](crate::Error::Timeout)
@@ -461,7 +469,7 @@ impl Reserver {
         timing: &Timing,
         stop: &Stop,
         ask: Ask,
-    ) -> crate::Result<(Option<(BatchConn, Vec<Reserved>)>, Scan)> {
+    ) -> crate::Result<Reservation> {
         let conn = match self.idle.pop() {
             Some(c) if !c.client.is_closed() => c,
             _ => {
@@ -482,9 +490,9 @@ impl Reserver {
             };
         if rows.is_empty() {
             self.idle.push(conn);
-            return Ok((None, scan));
+            return Ok(Reservation::Nothing(scan));
         }
-        Ok((Some((conn, rows)), scan))
+        Ok(Reservation::Batch(conn, rows, scan))
     }
 
     /// After the reservation of `ask` on `conn` failed with `e`: one row Postgres cannot print
@@ -502,7 +510,7 @@ impl Reserver {
         stop: &Stop,
         ask: &Ask,
         e: crate::Error,
-    ) -> Result<(Option<(BatchConn, Vec<Reserved>)>, Scan), crate::Error> {
+    ) -> crate::Result<Reservation> {
         let (conn, after) = match &e {
             e if unprintable::failed_to_print(e) => (conn, unprintable::After::Refused),
             crate::Error::Timeout {
@@ -520,13 +528,7 @@ impl Reserver {
         };
         let found = unprintable::locate(&conn, pg, sql, timing, stop, ask, after).await;
         match found {
-            Ok(Some(row)) => {
-                let scan = Scan {
-                    unprintable: true,
-                    ..Scan::default()
-                };
-                Ok((Some((conn, vec![row])), scan))
-            }
+            Ok(Some(row)) => Ok(Reservation::Unprintable(conn, row)),
             Ok(None) => {
                 tracing::warn!(error = %e, "outbox relay: a reservation failed, and no event it reaches is one Postgres cannot print");
                 self.idle.push(conn);

@@ -224,7 +224,6 @@ mod tests {
             next_from,
             lowest,
             windowed,
-            unprintable: false,
         }
     }
 

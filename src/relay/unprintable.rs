@@ -107,37 +107,22 @@ pub(crate) async fn locate(
     ask: &Ask,
     after: After,
 ) -> Result<Option<Reserved>, crate::Error> {
-    let client = &conn.client;
-    let deadline = timing.round_trip.max(LOCATE_DEADLINE);
-    // Every round trip has a deadline.
-    macro_rules! step {
-        ($what:expr, $op:expr $(,)?) => {
-            round_trip_on(pg, conn, stop, $what, deadline, $op)
-        };
-    }
+    let search = Search {
+        conn,
+        pg,
+        stop,
+        deadline: timing.round_trip.max(LOCATE_DEADLINE),
+    };
     match after {
         After::Refused => {
-            step!("unprintable: rollback", client.batch_execute("rollback")).await?;
+            search
+                .step(
+                    "unprintable: rollback",
+                    conn.client.batch_execute("rollback"),
+                )
+                .await?
         }
-        // The cancelled statement holds its rows until it has printed the row it is printing
-        // (Postgres checks for a cancel between rows, not within one) and the server notices
-        // the closed session: until its backend is gone, the scan would pass the row by.
-        // Waiting for locks instead (an earlier form) waited on any other session's locks too
-        // — another relay's batch, an operator's transaction — 60 s with the relay stopped
-        // (found by a breaker helper).
-        After::TimedOut(pid) => {
-            step!("unprintable: the cancelled statement's end", async {
-                while client
-                    .query_opt("select 1 from pg_stat_activity where pid = $1", &[&pid])
-                    .await?
-                    .is_some()
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Ok::<_, tokio_postgres::Error>(())
-            })
-            .await?;
-        }
+        After::TimedOut(pid) => search.wait_for_end(pid).await?,
     }
     let scan = &sql.unprintable_scan[match (ask.skip_blocked, ask.windowed) {
         (false, _) => 0,
@@ -145,72 +130,134 @@ pub(crate) async fn locate(
         (true, true) => 2,
     }];
     let params = ask.params();
-    let ids = step!("unprintable: scan", async {
-        let statement = client.prepare_typed(scan, &RESERVE_PARAM_TYPES).await?;
-        client.batch_execute("begin").await?;
-        let rows = client.query(&statement, &params.refs()).await?;
-        Ok::<_, tokio_postgres::Error>(
-            rows.iter()
-                .filter_map(|r| r.get::<_, Option<Uuid>>(0))
-                .collect::<Vec<_>>(),
-        )
-    })
-    .await?;
-    let found = {
-        let print = step!(
-            "unprintable: prepare",
-            client.prepare_typed(&sql.print_each, &[Type::UUID_ARRAY]),
-        )
-        .await?;
-        let each = step!("unprintable: print each", print_each(conn, &print, &ids)).await?;
-        match each.refused {
-            Some((i, _)) => step!(
-                "unprintable: print alone",
-                print_each(conn, &print, &ids[i..=i])
+    let client = &conn.client;
+    let ids = search
+        .step("unprintable: scan", async {
+            let statement = client.prepare_typed(scan, &RESERVE_PARAM_TYPES).await?;
+            client.batch_execute("begin").await?;
+            let rows = client.query(&statement, &params.refs()).await?;
+            Ok::<_, tokio_postgres::Error>(
+                rows.iter()
+                    .filter_map(|r| r.get::<_, Option<Uuid>>(0))
+                    .collect::<Vec<_>>(),
             )
-            .await?
-            .refused
-            .map(|(_, why)| (ids[i], why)),
-            None => {
-                // A row that prints in half the deadline or more (after a stall, every print is
-                // quick and nothing is named).
-                let slow = each
-                    .slowest
-                    .filter(|&(_, secs)| secs * 2.0 >= timing.round_trip.as_secs_f64());
-                if matches!(after, After::TimedOut(_)) {
-                    if let Some((i, secs)) = slow {
-                        tracing::warn!(
-                            event_id = %ids[i],
-                            print_secs = secs,
-                            postgres_timeout = ?timing.round_trip,
-                            "outbox relay: a small reservation missed its deadline, and the slowest event it reaches takes this long to print as JSON on the server; if that is near postgres_timeout, every reservation that reaches it misses its deadline: raise postgres_timeout above it, or dead-letter the event by hand (README, Failure policy)"
-                        );
-                    }
-                }
-                None
-            }
-        }
-    };
-    let Some((suspect, why)) = found else {
-        step!("unprintable: rollback", client.batch_execute("rollback")).await?;
+        })
+        .await?;
+    let Some((suspect, why)) = search.suspect(sql, &ids, timing, after).await? else {
+        search
+            .step("unprintable: rollback", client.batch_execute("rollback"))
+            .await?;
         return Ok(None);
     };
-    let row = step!(
-        "unprintable: the row",
-        client.query_one(&sql.unprintable_row, &[&suspect]),
-    )
-    .await?;
-    let mut reserved = Reserved::from_row(&row);
-    tracing::warn!(
-        event_id = %reserved.id,
-        seq = reserved.seq,
-        error = %why,
-        "outbox relay: Postgres cannot print the event's payload or headers as JSON; it is a dead letter, not sent"
-    );
-    reserved.invalid = Some(format!(
-        "{UNPRINTABLE}: {why} (not sent, no retries; make it printable and requeue it)"
-    ));
-    Ok(Some(reserved))
+    search.dead_letter(sql, suspect, &why).await.map(Some)
+}
+
+/// The session [`locate`] searches on, and the deadline of each of its round trips.
+struct Search<'a> {
+    conn: &'a BatchConn,
+    pg: &'a Pg,
+    stop: &'a Stop,
+    deadline: Duration,
+}
+
+impl Search<'_> {
+    /// Runs one round trip (`what` names it in a timeout) within the deadline.
+    async fn step<T, E: Into<crate::Error>>(
+        &self,
+        what: &'static str,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> crate::Result<T> {
+        round_trip_on(self.pg, self.conn, self.stop, what, self.deadline, op).await
+    }
+
+    /// Waits until the backend `pid` (the session whose reservation missed its deadline) is
+    /// gone. Its cancelled statement holds its rows until it has printed the row it is printing
+    /// (Postgres checks for a cancel between rows, not within one) and the server notices the
+    /// closed session: until then, the scan would pass the row by. Waiting for locks instead (an
+    /// earlier form) waited on any other session's locks too — another relay's batch, an
+    /// operator's transaction — 60 s with the relay stopped (found by a breaker helper).
+    async fn wait_for_end(&self, pid: i32) -> crate::Result<()> {
+        let client = &self.conn.client;
+        self.step("unprintable: the cancelled statement's end", async {
+            while client
+                .query_opt("select 1 from pg_stat_activity where pid = $1", &[&pid])
+                .await?
+                .is_some()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        })
+        .await
+    }
+
+    /// Prints the scanned `ids` one at a time, then the first one refused alone: that row and
+    /// the server's message when Postgres refuses it alone too; `None` when every row printed
+    /// (after a missed deadline, the slowest one is named in a warning when it took half the
+    /// deadline or more: after a stall every print is quick and nothing is named).
+    async fn suspect(
+        &self,
+        sql: &RelaySql,
+        ids: &[Uuid],
+        timing: &Timing,
+        after: After,
+    ) -> crate::Result<Option<(Uuid, String)>> {
+        let client = &self.conn.client;
+        let print = self
+            .step(
+                "unprintable: prepare",
+                client.prepare_typed(&sql.print_each, &[Type::UUID_ARRAY]),
+            )
+            .await?;
+        let each = self
+            .step(
+                "unprintable: print each",
+                print_each(self.conn, &print, ids),
+            )
+            .await?;
+        if let Some((i, _)) = each.refused {
+            let alone = self
+                .step(
+                    "unprintable: print alone",
+                    print_each(self.conn, &print, &ids[i..=i]),
+                )
+                .await?;
+            return Ok(alone.refused.map(|(_, why)| (ids[i], why)));
+        }
+        let slow =
+            (each.slowest).filter(|&(_, secs)| secs * 2.0 >= timing.round_trip.as_secs_f64());
+        if let (After::TimedOut(_), Some((i, secs))) = (after, slow) {
+            tracing::warn!(
+                event_id = %ids[i],
+                print_secs = secs,
+                postgres_timeout = ?timing.round_trip,
+                "outbox relay: a small reservation missed its deadline, and the slowest event it reaches takes this long to print as JSON on the server; if that is near postgres_timeout, every reservation that reaches it misses its deadline: raise postgres_timeout above it, or dead-letter the event by hand (README, Failure policy)"
+            );
+        }
+        Ok(None)
+    }
+
+    /// The row `id` without its JSON, marked invalid with `why` (the server's refusal): a dead
+    /// letter, never sent; logged with its event id.
+    async fn dead_letter(&self, sql: &RelaySql, id: Uuid, why: &str) -> crate::Result<Reserved> {
+        let row = self
+            .step(
+                "unprintable: the row",
+                self.conn.client.query_one(&sql.unprintable_row, &[&id]),
+            )
+            .await?;
+        let mut reserved = Reserved::from_row(&row);
+        tracing::warn!(
+            event_id = %reserved.id,
+            seq = reserved.seq,
+            error = %why,
+            "outbox relay: Postgres cannot print the event's payload or headers as JSON; it is a dead letter, not sent"
+        );
+        reserved.invalid = Some(format!(
+            "{UNPRINTABLE}: {why} (not sent, no retries; make it printable and requeue it)"
+        ));
+        Ok(reserved)
+    }
 }
 
 /// What printing rows one at a time showed.
