@@ -365,6 +365,10 @@ pub(crate) struct Scan {
     /// when it found candidates), skipping blocked aggregates too. Rows the gate held back in
     /// the window wait for the next scan from the first pending row or the floor.
     pub(crate) windowed: bool,
+    /// After a scan that found as many candidates as it could take: the `seq` after the
+    /// highest of them, where a scan that goes on past all of them starts (see
+    /// `Pipeline::reserved_nothing`).
+    pub(crate) past: Option<i64>,
 }
 
 impl Scan {
@@ -414,6 +418,9 @@ impl Scan {
             next_from,
             lowest,
             windowed: windowed && next_from.is_some(),
+            past: max_seq
+                .filter(|_| found_limit)
+                .and_then(|m| m.checked_add(1)),
         }
     }
 }

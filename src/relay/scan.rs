@@ -56,6 +56,10 @@ pub(crate) struct ScanStart {
     /// A scan started at the floor since the last full scan: rows below the floor have not been
     /// looked at since (see [`ScanStart::full_scan_owed`]).
     below_floor_unseen: bool,
+    /// The scans since the last full one went past candidates held back behind rows another
+    /// transaction has (see [`ScanStart::go_past`]): they are pending below the later scans'
+    /// candidates, so those do not raise the floor.
+    past_held: bool,
 }
 
 impl ScanStart {
@@ -69,6 +73,7 @@ impl ScanStart {
             floor: None,
             bounded: false,
             below_floor_unseen: false,
+            past_held: false,
         }
     }
 
@@ -147,6 +152,7 @@ impl ScanStart {
             _ => {
                 self.last_full_scan = Instant::now();
                 self.below_floor_unseen = false;
+                self.past_held = false;
                 (i64::MIN, true, self.bounded)
             }
         };
@@ -182,7 +188,10 @@ impl ScanStart {
                 self.bounded &= self.full_scan_took >= SLOW_FULL_SCAN;
             }
         }
-        self.floor = scan.lowest.or(self.floor);
+        self.floor = match (scan.lowest, self.floor) {
+            (Some(lowest), Some(floor)) if self.past_held => Some(floor.min(lowest)),
+            (lowest, floor) => lowest.or(floor),
+        };
     }
 
     /// The next scan may start where `scan` left off (a reservation that started a batch, or
@@ -190,6 +199,16 @@ impl ScanStart {
     pub(crate) fn left_off(&mut self, scan: &Scan) {
         self.next_from = scan.next_from;
         self.next_windowed = scan.windowed;
+    }
+
+    /// The next scan goes on at `from`, past every candidate of one that kept none of them,
+    /// skipping blocked aggregates, as after a window (see `Pipeline::reserved_nothing`). The
+    /// candidates it passes stay pending below the next scans' candidates: until the next full
+    /// scan, the floor does not rise past them.
+    pub(crate) fn go_past(&mut self, from: i64) {
+        self.next_from = Some(from);
+        self.next_windowed = true;
+        self.past_held = true;
     }
 
     /// A batch confirmed; it released the rows from `released` pending (unsent, or past its
@@ -224,6 +243,7 @@ mod tests {
             next_from,
             lowest,
             windowed,
+            past: None,
         }
     }
 
@@ -266,6 +286,39 @@ mod tests {
         assert_eq!(s.next(Wake::Again), on);
         assert_eq!(s.floor, None, "nothing found yet: no floor");
         assert!(s.sweep_started.is_some(), "the full scan goes on");
+    }
+
+    #[test]
+    fn a_scan_past_held_back_candidates_goes_on_after_them_and_keeps_the_floor_below_them() {
+        let mut s = ScanStart::new();
+        assert_eq!(s.next(Wake::Again), FULL);
+        // A full scan found its limit of candidates from 100 to 119, every one held back.
+        s.scanned(
+            FULL,
+            Instant::now(),
+            Some(&found(Some(100), Some(100), false)),
+        );
+        s.go_past(120);
+        s.last_full_scan = Instant::now() - Duration::from_secs(60);
+        let on = Start {
+            from: 120,
+            skip_blocked: true,
+            windowed: true,
+        };
+        assert_eq!(
+            s.next(Wake::Again),
+            on,
+            "however long ago the full scan was"
+        );
+        s.scanned(
+            on,
+            Instant::now(),
+            Some(&found(Some(200), Some(150), false)),
+        );
+        assert_eq!(s.floor, Some(100), "the held-back candidates are below 150");
+        assert_eq!(s.next(Wake::Notified), FULL);
+        s.scanned(FULL, Instant::now(), Some(&found(None, Some(150), false)));
+        assert_eq!(s.floor, Some(150), "a full scan sets the floor again");
     }
 
     #[test]
