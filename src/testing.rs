@@ -1400,8 +1400,9 @@ pub struct RelaySql {
     /// = byte budget (`int8`, see [`max_batch_bytes`](crate::OutboxBuilder::max_batch_bytes)),
     /// `$3` = the scan's start (`int8`, see [`next_scan_start`]), `$4` = the group of each of 64
     /// aggregate buckets (`int2[]`) and `$5` = the group taken (`int2`; `-1`, with any `$4`:
-    /// every row; the relay splits a gated backlog of few aggregates between its batch slots).
-    /// Run inside a transaction.
+    /// every row; the relay splits a gated backlog of few aggregates between its batch slots),
+    /// `$6` = aggregates left out (`text[]`, never null; the relay leaves out those held back
+    /// behind rows another transaction has locked). Run inside a transaction.
     pub reserve: String,
     /// The reservation of a scan from the first pending row (`$3` the lowest `int8`), as the
     /// relay runs it: the same, skipping the rows of aggregates whose first open row is not
@@ -1473,11 +1474,11 @@ pub fn reserved_rows(rows: &[tokio_postgres::Row]) -> &[tokio_postgres::Row] {
 
 /// The reservations' parameter types, in order (see [`RelaySql::reserve`]), as the relay
 /// prepares them.
-pub const RESERVE_PARAM_TYPES: [postgres_types::Type; 5] = crate::relay::RESERVE_PARAM_TYPES;
+pub const RESERVE_PARAM_TYPES: [postgres_types::Type; 6] = crate::relay::RESERVE_PARAM_TYPES;
 
 /// Runs the reservation `statement` (one of [`RelaySql`]'s) as the relay does without a split:
 /// at most `limit` rows within a byte budget of 16 MiB, its scan starting at `seq` `from` (the
-/// lowest `int8` for the first pending row), every aggregate. Run it inside a transaction: the
+/// lowest `int8` for the first pending row), every aggregate, none left out. Run it inside a transaction: the
 /// rows stay locked until it ends.
 ///
 /// # Errors
@@ -1491,7 +1492,14 @@ pub async fn reserve_every_aggregate(
     client
         .query(
             statement,
-            &[&limit, &(16i64 << 20), &from, &Vec::<i16>::new(), &-1i16],
+            &[
+                &limit,
+                &(16i64 << 20),
+                &from,
+                &Vec::<i16>::new(),
+                &-1i16,
+                &Vec::<String>::new(),
+            ],
         )
         .await
 }

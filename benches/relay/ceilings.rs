@@ -286,8 +286,10 @@ impl CeilingSession {
             let from = self.scan_from();
             // Every row: no group of a split backlog (see `RelaySql::reserve`).
             let (buckets, group): (&[i16], i16) = (&[], -1);
-            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 5] =
-                [&limit, &budget, &from, &buckets, &group];
+            // No aggregate left out.
+            let left_out: &[String] = &[];
+            let reserve_params: [&(dyn postgres_types::ToSql + Sync); 6] =
+                [&limit, &budget, &from, &buckets, &group, &left_out];
             let a = Instant::now();
             let statement = if from == i64::MIN {
                 &self.reserve_full

@@ -179,11 +179,20 @@ struct Pipeline {
     /// still holds its aggregates, must not end the streak, or a confirm that keeps failing
     /// becomes a tight loop of re-sends).
     batch_errors: Backoff,
+    /// Aggregates left out of the reservations (held back behind rows another transaction has
+    /// locked), until when (see [`Pipeline::leave_out`]).
+    left_out: (Arc<[String]>, Instant),
     /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
     panics: watch::Receiver<Option<String>>,
 }
 
 type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
+
+/// How long the reservations leave out the aggregates a full scan found held back behind rows
+/// another transaction has locked (see `Pipeline::reserved_nothing`): once the lock is gone,
+/// such an aggregate waits up to this long; while it lasts, one reservation in this long finds
+/// its held-back rows again.
+const LEFT_OUT_FOR: Duration = Duration::from_secs(1);
 
 fn fresh_backoff() -> Backoff {
     Box::new(retry::error_backoff())
@@ -252,6 +261,7 @@ impl Relay {
             split_epoch: 0,
             last_weights: [0; split::BUCKETS],
             batch_errors: fresh_backoff(),
+            left_out: (Arc::from([]), Instant::now()),
             panics: ctx.panics.watch(),
             ctx: ctx.clone(),
         };
@@ -394,6 +404,7 @@ impl Pipeline {
             windowed: start.windowed,
             group: (self.split.as_ref()).zip(group).map(|(s, g)| s.filter(g)),
             light,
+            left_out: self.left_out(),
         };
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
@@ -408,9 +419,7 @@ impl Pipeline {
         match (reserved, group) {
             // (A scan that skipped blocked aggregates and found nothing is final, unless its
             // window ended before the pending rows did.)
-            (Ok(Reservation::Nothing(scan)), None) => {
-                self.reserved_nothing(start.skip_blocked, scan)
-            }
+            (Ok(Reservation::Nothing(scan)), None) => self.reserved_nothing(start, scan),
             (Ok(Reservation::Nothing(scan)), Some(g)) => self.group_empty(g, scan),
             (Ok(Reservation::Batch(conn, rows, scan)), _) => {
                 self.start_batch(conn, rows, scan, limit, group)
@@ -458,9 +467,33 @@ impl Pipeline {
         );
     }
 
+    /// The aggregates the reservations leave out now (see [`Pipeline::leave_out`]).
+    fn left_out(&mut self) -> Arc<[String]> {
+        if self.left_out.1 <= Instant::now() && !self.left_out.0.is_empty() {
+            self.left_out = (Arc::from([]), Instant::now());
+        }
+        self.left_out.0.clone()
+    }
+
+    /// Leaves `held` (aggregates a full scan found held back behind rows another transaction
+    /// has locked) out of the reservations for [`LEFT_OUT_FOR`], with those left out already.
+    /// A lock released meanwhile is noticed when that ends; one held on is found again by the
+    /// next full scan after it (one reservation of held-back candidates).
+    fn leave_out(&mut self, held: Vec<String>) {
+        let mut all: Vec<String> = self.left_out().iter().cloned().chain(held).collect();
+        all.sort_unstable();
+        all.dedup();
+        tracing::debug!(
+            aggregates = all.len(),
+            "outbox relay: aggregates held back behind rows another transaction has locked are left out of the reservations for a while"
+        );
+        self.left_out = (all.into(), Instant::now() + LEFT_OUT_FOR);
+    }
+
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
     /// pending row, or from the floor until the next full scan).
-    fn reserved_nothing(&mut self, final_scan: bool, scan: Scan) {
+    fn reserved_nothing(&mut self, start: scan::Start, scan: Scan) {
+        let final_scan = start.skip_blocked;
         self.reserve_errors = fresh_backoff();
         if scan.windowed {
             // Its window ended before the pending rows did: go on after it.
@@ -476,9 +509,17 @@ impl Pipeline {
             // operator's `select … for update`, an uncommitted `update`) or another relay's
             // batch. Such rows pile up at the lowest `seq`s while the other aggregates drain,
             // and once they filled a scan every scan found only them: a breaker helper saw
-            // delivery stop after 61 of 300 events for the 90 s of one row's lock. Go on past
-            // them, as after a window; the scan that reaches the end decides there is nothing.
-            self.scan.go_past(past);
+            // delivery stop after 61 of 300 events for the 90 s of one row's lock. A full scan
+            // names their aggregates: the next scans leave them out for LEFT_OUT_FOR (going on
+            // past them instead walked a pile of 50,000 again after every batch: a breaker
+            // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
+            // past them, as after a window; the scan that reaches the end decides there is
+            // nothing.
+            if start.from == i64::MIN && !scan.held.is_empty() {
+                self.leave_out(scan.held);
+            } else {
+                self.scan.go_past(past);
+            }
             self.wakeups.again();
             return;
         }

@@ -16,14 +16,16 @@ use super::shared::Session;
 use super::timing::{millis, round_trip, round_trip_on, Stop, Timing};
 use super::unprintable;
 
-/// The reservations' parameter types (`reserve.sql`'s `$1`–`$5`: batch size, byte budget, the
-/// scan's start, the group of each aggregate bucket, the group taken), as they are prepared.
-pub(crate) const RESERVE_PARAM_TYPES: [Type; 5] = [
+/// The reservations' parameter types (`reserve.sql`'s `$1`–`$6`: batch size, byte budget, the
+/// scan's start, the group of each aggregate bucket, the group taken, the aggregates left out),
+/// as they are prepared.
+pub(crate) const RESERVE_PARAM_TYPES: [Type; 6] = [
     Type::INT8,
     Type::INT8,
     Type::INT8,
     Type::INT2_ARRAY,
     Type::INT2,
+    Type::TEXT_ARRAY,
 ];
 
 /// Session settings of the relay's batch connections (besides the lease timeout).
@@ -250,23 +252,25 @@ impl BatchConn {
     }
 }
 
-/// `reserve.sql`'s parameters `$1`–`$5` for an [`Ask`].
+/// `reserve.sql`'s parameters `$1`–`$6` for an [`Ask`].
 pub(crate) struct Params<'a> {
     limit: i64,
     max_bytes: i64,
     from: i64,
     buckets: &'a [i16],
     group: i16,
+    left_out: &'a [String],
 }
 
 impl Params<'_> {
-    pub(crate) fn refs(&self) -> [&(dyn postgres_types::ToSql + Sync); 5] {
+    pub(crate) fn refs(&self) -> [&(dyn postgres_types::ToSql + Sync); 6] {
         [
             &self.limit,
             &self.max_bytes,
             &self.from,
             &self.buckets,
             &self.group,
+            &self.left_out,
         ]
     }
 }
@@ -293,6 +297,9 @@ pub(crate) struct Ask {
     /// A light reservation (after one that caught up with at most [`LIGHT_ROWS`] rows): it runs
     /// its generic plan (see [`LIGHT_BEGIN`]); only with `limit` = `RelaySql::light_limit`.
     pub(crate) light: bool,
+    /// Aggregates whose rows are no candidates: held back behind a row another transaction
+    /// has locked (see `Pipeline::reserved_nothing`).
+    pub(crate) left_out: Arc<[String]>,
 }
 
 impl Ask {
@@ -308,6 +315,7 @@ impl Ask {
             from: self.from,
             buckets,
             group,
+            left_out: &self.left_out,
         }
     }
 }
@@ -347,7 +355,7 @@ pub(crate) const LIGHT_AFTER_RESERVE: &str =
     "set local plan_cache_mode = force_custom_plan; set local enable_nestloop = on";
 
 /// What a reservation's scan found, besides its rows.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Scan {
     /// Rows were left out by the byte budget (reserve again at once).
     pub(crate) cut_by_bytes: bool,
@@ -369,6 +377,9 @@ pub(crate) struct Scan {
     /// highest of them, where a scan that goes on past all of them starts (see
     /// `Pipeline::reserved_nothing`).
     pub(crate) past: Option<i64>,
+    /// When it kept none of them: the aggregates the gate held back behind a row that is
+    /// pending and due but not among the candidates (column 17).
+    pub(crate) held: Vec<String>,
 }
 
 impl Scan {
@@ -394,6 +405,7 @@ impl Scan {
         let max_seq: Option<i64> = first.get(13);
         let lowest: Option<i64> = first.get(14);
         let window_end: Option<i64> = first.get(15);
+        let held: Option<Vec<String>> = first.try_get(17).ok().flatten();
         let cut_by_bytes =
             kept.is_some_and(|k| usize::try_from(k).map_or(true, |k| k > rows.len()));
         let last_seq = last.get::<_, Option<i64>>(1);
@@ -421,6 +433,7 @@ impl Scan {
             past: max_seq
                 .filter(|_| found_limit)
                 .and_then(|m| m.checked_add(1)),
+            held: held.unwrap_or_default(),
         }
     }
 }

@@ -244,6 +244,7 @@ mod tests {
             lowest,
             windowed,
             past: None,
+            held: Vec::new(),
         }
     }
 

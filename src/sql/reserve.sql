@@ -69,7 +69,11 @@
 -- candidates and read them all by a sequential scan, sorted (spilling) and probed each one's
 -- first open row unmemoized: a Zipf backlog's split scan over 60,832 pending rows took 0.96 s
 -- instead of ~30 ms (auto_explain, BENCHMARKS.md "Split scans planned for a few rows").
--- Column 16: the row's bucket.
+-- Column 16: the row's bucket. $6 text[]: aggregates left out of the candidates (held back behind
+-- a row another transaction has locked: `Pipeline::reserved_nothing`; usually empty). Column 17,
+-- only when no row is kept (the row of nulls): the aggregates the gate held back behind a row
+-- that is pending and due but not a candidate (locked by another transaction, or in a batch in
+-- flight), computed only then.
 -- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
 -- columns sent: their printed length and the two columns themselves in a reservation.
 -- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
@@ -90,6 +94,7 @@ with win as materialized (
                                   where until > now())
         and ($5::int2 < 0
              or abs(coalesce(($4::int2[])[1 + (hashtext(c.aggregate_id) & 63)], 0) - $5::int2) < 1)
+        and c.aggregate_id <> all($6::text[])
         {{skip_blocked}}
       order by seq
       limit {{limit}}
@@ -143,7 +148,9 @@ with win as materialized (
         f.max_seq,
         f.min_seq,
         (select case when w.full then w.last end from win w),
-        hashtext(k.aggregate_id) & 63
+        hashtext(k.aggregate_id) & 63,
+        case when k.id is null
+             then (select array_agg(g.aggregate_id) from gate g where g.gap_due) end
    from found f
    left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq

@@ -3096,7 +3096,8 @@ async fn reserve_plan(client: &tokio_postgres::Client, table: &str) -> String {
             .replace("$2", "16777216")
             .replace("$3", "(-9223372036854775807 - 1)")
             .replace("$4", "'{}'")
-            .replace("$5", "(-1)"),
+            .replace("$5", "(-1)")
+            .replace("$6", "'{}'::text[]"),
     )
     .await;
     client.batch_execute("rollback").await.unwrap();
