@@ -180,8 +180,13 @@ struct Pipeline {
     /// becomes a tight loop of re-sends).
     batch_errors: Backoff,
     /// Aggregates left out of the reservations (held back behind rows another transaction has
-    /// locked), until when (see [`Pipeline::leave_out`]).
-    left_out: (Arc<[String]>, Instant),
+    /// locked), each until when (see [`Pipeline::leave_out`]), and the list the reservations
+    /// take (the unexpired ones).
+    left_out: scan::LeftOut,
+    /// The aggregates of each batch in flight (sorted): a row of such an aggregate that holds
+    /// back the candidates of a scan may be this relay's own, locked by a batch whose fence has
+    /// not committed yet, and such an aggregate is not left out.
+    in_flight: std::collections::HashMap<tokio::task::Id, Vec<String>>,
     /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
     panics: watch::Receiver<Option<String>>,
 }
@@ -261,7 +266,8 @@ impl Relay {
             split_epoch: 0,
             last_weights: [0; split::BUCKETS],
             batch_errors: fresh_backoff(),
-            left_out: (Arc::from([]), Instant::now()),
+            left_out: scan::LeftOut::default(),
+            in_flight: Default::default(),
             panics: ctx.panics.watch(),
             ctx: ctx.clone(),
         };
@@ -339,7 +345,14 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = self.ctx.stop.token().cancelled() => return,
-                Some(done) = self.batches.join_next() => self.batch_done(done),
+                Some(done) = self.batches.join_next_with_id() => {
+                    let id = match &done {
+                        Ok((id, _)) => *id,
+                        Err(e) => e.id(),
+                    };
+                    self.in_flight.remove(&id);
+                    self.batch_done(done.map(|(_, done)| done));
+                }
                 Ok(()) = self.panics.changed() => {
                     if let Some(message) = self.panics.borrow_and_update().clone() {
                         supervise::raise(message);
@@ -404,7 +417,7 @@ impl Pipeline {
             windowed: start.windowed,
             group: (self.split.as_ref()).zip(group).map(|(s, g)| s.filter(g)),
             light,
-            left_out: self.left_out(),
+            left_out: self.left_out.now(Instant::now()),
         };
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
@@ -467,27 +480,26 @@ impl Pipeline {
         );
     }
 
-    /// The aggregates the reservations leave out now (see [`Pipeline::leave_out`]).
-    fn left_out(&mut self) -> Arc<[String]> {
-        if self.left_out.1 <= Instant::now() && !self.left_out.0.is_empty() {
-            self.left_out = (Arc::from([]), Instant::now());
+    /// Leaves `held` (aggregates a full scan found held back behind rows that are no
+    /// candidates) out of the reservations for [`LEFT_OUT_FOR`] each, but for the aggregates of
+    /// this relay's batches in flight (their rows may be held behind that batch's, whose fence
+    /// has not committed yet: left out, a hot aggregate's next events waited up to a second,
+    /// found by a breaker helper). Each keeps its own deadline: extending all of them with each
+    /// new one kept an aggregate whose lock was gone out as long as new ones came (found by a
+    /// breaker helper). A lock released meanwhile is noticed when its aggregate's time ends; one
+    /// held on is found again by the next full scan after it (one reservation of held-back
+    /// candidates). `false` when none is left out.
+    fn leave_out(&mut self, held: Vec<String>) -> bool {
+        let in_flight = &self.in_flight;
+        let ours = |a: &String| in_flight.values().any(|v| v.binary_search(a).is_ok());
+        let added = self.left_out.add(held, ours, Instant::now() + LEFT_OUT_FOR);
+        if added > 0 {
+            tracing::debug!(
+                added,
+                "outbox relay: aggregates whose events a full scan found held back behind rows another session has locked are left out of the reservations for a second"
+            );
         }
-        self.left_out.0.clone()
-    }
-
-    /// Leaves `held` (aggregates a full scan found held back behind rows another transaction
-    /// has locked) out of the reservations for [`LEFT_OUT_FOR`], with those left out already.
-    /// A lock released meanwhile is noticed when that ends; one held on is found again by the
-    /// next full scan after it (one reservation of held-back candidates).
-    fn leave_out(&mut self, held: Vec<String>) {
-        let mut all: Vec<String> = self.left_out().iter().cloned().chain(held).collect();
-        all.sort_unstable();
-        all.dedup();
-        tracing::debug!(
-            aggregates = all.len(),
-            "outbox relay: aggregates held back behind rows another transaction has locked are left out of the reservations for a while"
-        );
-        self.left_out = (all.into(), Instant::now() + LEFT_OUT_FOR);
+        added > 0
     }
 
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
@@ -515,9 +527,7 @@ impl Pipeline {
             // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
             // past them, as after a window; the scan that reaches the end decides there is
             // nothing.
-            if start.from == i64::MIN && !scan.held.is_empty() {
-                self.leave_out(scan.held);
-            } else {
+            if !(start.from == i64::MIN && self.leave_out(scan.held)) {
                 self.scan.go_past(past);
             }
             self.wakeups.again();
@@ -610,6 +620,9 @@ impl Pipeline {
         self.armed.send_replace(false);
         self.last_full = scan.cut_by_bytes || rows.len() >= limit;
         self.last_weights = split::weights(&rows);
+        let mut aggregates: Vec<String> = rows.iter().map(|r| r.aggregate_id.clone()).collect();
+        aggregates.sort_unstable();
+        aggregates.dedup();
         let more_groups = match (self.split.as_mut(), group) {
             (Some(split), Some(g)) => {
                 split.scan(g).left_off(&scan);
@@ -648,8 +661,10 @@ impl Pipeline {
         );
         let group = group.map(|g| (g, self.split_epoch));
         let batch = async move { (group, batch.await) };
-        self.batches
+        let handle = self
+            .batches
             .spawn(tracing::Instrument::instrument(batch, span));
+        self.in_flight.insert(handle.id(), aggregates);
     }
 
     /// Takes a finished batch's connection back and schedules its due retries.

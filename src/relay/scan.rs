@@ -227,6 +227,53 @@ impl ScanStart {
     }
 }
 
+/// Aggregates the reservations leave out (see `Pipeline::leave_out`), each until its own
+/// deadline.
+#[derive(Debug, Default)]
+pub(crate) struct LeftOut {
+    until: Vec<(String, Instant)>,
+    /// The unexpired aggregates, as the reservations take them.
+    list: std::sync::Arc<[String]>,
+}
+
+impl LeftOut {
+    /// The aggregates left out at `now`.
+    pub(crate) fn now(&mut self, now: Instant) -> std::sync::Arc<[String]> {
+        let before = self.until.len();
+        self.until.retain(|(_, until)| *until > now);
+        if self.until.len() != before {
+            self.refresh();
+        }
+        self.list.clone()
+    }
+
+    /// Leaves out each aggregate of `held` until `until`, but those `ours` says are this
+    /// relay's and those left out already (they keep their own deadline: a new one never
+    /// extends another's). How many were added.
+    pub(crate) fn add(
+        &mut self,
+        held: Vec<String>,
+        ours: impl Fn(&String) -> bool,
+        until: Instant,
+    ) -> usize {
+        let mut added = 0;
+        for aggregate in held {
+            if !ours(&aggregate) && !self.until.iter().any(|(a, _)| *a == aggregate) {
+                self.until.push((aggregate, until));
+                added += 1;
+            }
+        }
+        if added > 0 {
+            self.refresh();
+        }
+        added
+    }
+
+    fn refresh(&mut self) {
+        self.list = self.until.iter().map(|(a, _)| a.clone()).collect();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +367,31 @@ mod tests {
         assert_eq!(s.next(Wake::Notified), FULL);
         s.scanned(FULL, Instant::now(), Some(&found(None, Some(150), false)));
         assert_eq!(s.floor, Some(150), "a full scan sets the floor again");
+    }
+
+    #[test]
+    fn an_aggregate_is_left_out_until_its_own_deadline_and_never_one_of_ours() {
+        let mut l = LeftOut::default();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let none = |_: &String| false;
+        assert_eq!(l.add(vec!["a".into()], none, t0 + second), 1);
+        assert_eq!(&*l.now(t0), ["a".to_string()]);
+        // A new aggregate later does not extend the first one's time (a breaker helper kept an
+        // aggregate whose lock was gone out as long as new ones came).
+        let half = t0 + second / 2;
+        assert_eq!(l.add(vec!["a".into(), "b".into()], none, half + second), 1);
+        assert_eq!(&*l.now(half), ["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            &*l.now(t0 + second),
+            ["b".to_string()],
+            "a's second is over"
+        );
+        assert!(l.now(half + second).is_empty());
+        // An aggregate of this relay's batch in flight is never left out.
+        let ours = |a: &String| a == "hot";
+        assert_eq!(l.add(vec!["hot".into()], ours, t0 + second), 0);
+        assert!(l.now(t0).is_empty());
     }
 
     #[test]
