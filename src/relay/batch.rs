@@ -36,7 +36,8 @@ impl BatchDone {
     }
 }
 
-/// Publishes a reserved batch, confirms it and reports it. `fetched_at`: when its rows had
+/// Publishes a reserved batch, confirms it and reports it. `chains`: the rows' indexes grouped by
+/// aggregate ([`publish::chains`], computed once by the pipeline). `fetched_at`: when its rows had
 /// arrived (each row's age was read just before, see `reserve.sql`) — the batch
 /// stops sending `batch_timeout` after that, not after the reservation started, so that a
 /// reservation slow to fetch (large events) still leaves the batch its time to send (the lease,
@@ -49,13 +50,13 @@ pub(crate) async fn run_batch(
     ctx: Arc<Ctx>,
     conn: BatchConn,
     rows: Vec<Reserved>,
+    chains: Vec<Vec<usize>>,
     cut_by_bytes: bool,
     caught_up: bool,
     fetched_at: Instant,
 ) -> BatchDone {
     ctx.report.batch_reserved(&rows);
     let cutoff = fetched_at + ctx.timing.batch_timeout;
-    let chains = publish::chains(&rows);
     // Fence the batch's aggregates (committed on its own connection) before sending anything.
     let batch_id = Uuid::new_v4();
     let aggregates: Vec<&str> = chains

@@ -183,10 +183,11 @@ struct Pipeline {
     /// locked), each until when (see [`Pipeline::leave_out`]), and the list the reservations
     /// take (the unexpired ones).
     left_out: scan::LeftOut,
-    /// The aggregates of each batch in flight (sorted): a row of such an aggregate that holds
-    /// back the candidates of a scan may be this relay's own, locked by a batch whose fence has
-    /// not committed yet, and such an aggregate is not left out.
-    in_flight: std::collections::HashMap<tokio::task::Id, Vec<String>>,
+    /// The aggregates of each batch in flight, as sorted [`aggregate_hash`]es: a row of such an
+    /// aggregate that holds back the candidates of a scan may be this relay's own, locked by a
+    /// batch whose fence has not committed yet, and such an aggregate is not left out (nor is
+    /// one whose hash collides with theirs: it is gone past instead, which is safe).
+    in_flight: std::collections::HashMap<tokio::task::Id, Vec<u64>>,
     /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
     panics: watch::Receiver<Option<String>>,
 }
@@ -199,6 +200,23 @@ type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
 /// its held-back rows again.
 const LEFT_OUT_FOR: Duration = Duration::from_secs(1);
 
+/// An aggregate id's hash, to remember a batch's aggregates without copying their ids.
+fn aggregate_hash(aggregate_id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(aggregate_id)
+}
+
+/// The sorted hashes of a batch's aggregates (one chain per aggregate).
+fn aggregate_hashes(rows: &[Reserved], chains: &[Vec<usize>]) -> Vec<u64> {
+    let mut hashes: Vec<u64> = chains
+        .iter()
+        .map(|c| aggregate_hash(&rows[c[0]].aggregate_id))
+        .collect();
+    hashes.sort_unstable();
+    hashes
+}
+
 fn fresh_backoff() -> Backoff {
     Box::new(retry::error_backoff())
 }
@@ -208,7 +226,46 @@ impl Relay {
     pub(crate) async fn run(self) -> crate::Result<()> {
         let timing = Timing::new(&self.settings);
         let (due, due_requests) = DueSender::new();
-        let ctx = Arc::new(Ctx {
+        let ctx = Arc::new(self.context(timing, due));
+        report::register_metrics();
+        ctx.report.running(true);
+        let background = TaskTracker::new();
+        let (handoffs, handed) = HandoffSender::new();
+        let (notifications, armed) = self.spawn_wake_sources(&background, &ctx, handoffs);
+        maintenance::spawn(&background, &ctx);
+        // The prompt and pipelining producers start, connect and ask for their producer ids
+        // now, off the path of the first caught-up batch and of the first run of an
+        // aggregate's events.
+        let pipe = ctx.settings.max_in_flight_per_aggregate > 1;
+        if ctx.settings.prompt_producer || pipe {
+            let producers = ctx.producers.clone();
+            drop(tokio::task::spawn_blocking(move || producers.warm(pipe)));
+        }
+        let wakeups = Wakeups::new(notifications, timing.poll_interval)
+            .with_requests(due_requests)
+            .with_handoffs(handed);
+        let mut pipeline = Pipeline::new(ctx.clone(), wakeups, armed);
+        pipeline.run().await;
+        let mut wakeups = pipeline.drain().await;
+        shut_down(&ctx, background).await;
+        hand_off(&ctx, &mut wakeups).await;
+        // A task beside the pipeline that panicked while the relay stopped (after the handoff:
+        // the other relays still learn when this one's retries turn due).
+        if let Some(message) = ctx.panics.first() {
+            supervise::raise(message);
+        }
+        self.hub.close();
+        if let Some(e) = ctx.fatal.gave_up() {
+            tracing::error!(error = %e, "outbox relay stopped: the Kafka producer keeps failing");
+            return Err(e);
+        }
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+
+    /// The state the pipeline and its tasks share.
+    fn context(&self, timing: Timing, due: DueSender) -> Ctx {
+        Ctx {
             due,
             timing,
             sql: self.sql.clone(),
@@ -233,60 +290,7 @@ impl Relay {
             settings: self.settings.clone(),
             alone_next: publish::AloneNext::default(),
             panics: supervise::Panics::new(),
-        });
-        report::register_metrics();
-        ctx.report.running(true);
-        let background = TaskTracker::new();
-        let (handoffs, handed) = HandoffSender::new();
-        let (notifications, armed) = self.spawn_wake_sources(&background, &ctx, handoffs);
-        maintenance::spawn(&background, &ctx);
-        // The prompt and pipelining producers start, connect and ask for their producer ids
-        // now, off the path of the first caught-up batch and of the first run of an
-        // aggregate's events.
-        let pipe = ctx.settings.max_in_flight_per_aggregate > 1;
-        if ctx.settings.prompt_producer || pipe {
-            let producers = ctx.producers.clone();
-            drop(tokio::task::spawn_blocking(move || producers.warm(pipe)));
         }
-        let mut pipeline = Pipeline {
-            wakeups: Wakeups::new(notifications, timing.poll_interval)
-                .with_requests(due_requests)
-                .with_handoffs(handed),
-            armed,
-            batches: JoinSet::new(),
-            reserver: Reserver::default(),
-            reserve_errors: fresh_backoff(),
-            candidates_cap: CandidatesCap::new(self.settings.batch_size),
-            last_full: false,
-            light: false,
-            failing: false,
-            gated: false,
-            scan: ScanStart::new(),
-            split: None,
-            split_epoch: 0,
-            last_weights: [0; split::BUCKETS],
-            batch_errors: fresh_backoff(),
-            left_out: scan::LeftOut::default(),
-            in_flight: Default::default(),
-            panics: ctx.panics.watch(),
-            ctx: ctx.clone(),
-        };
-        pipeline.run().await;
-        let mut wakeups = pipeline.drain().await;
-        shut_down(&ctx, background).await;
-        hand_off(&ctx, &mut wakeups).await;
-        // A task beside the pipeline that panicked while the relay stopped (after the handoff:
-        // the other relays still learn when this one's retries turn due).
-        if let Some(message) = ctx.panics.first() {
-            supervise::raise(message);
-        }
-        self.hub.close();
-        if let Some(e) = ctx.fatal.gave_up() {
-            tracing::error!(error = %e, "outbox relay stopped: the Kafka producer keeps failing");
-            return Err(e);
-        }
-        tracing::info!("outbox relay stopped");
-        Ok(())
     }
 
     /// Starts the listener and the waker (in [`WakeMode::Notify`]); returns their wake-ups and
@@ -333,6 +337,30 @@ impl Relay {
 }
 
 impl Pipeline {
+    fn new(ctx: Arc<Ctx>, wakeups: Wakeups, armed: watch::Sender<bool>) -> Pipeline {
+        Pipeline {
+            wakeups,
+            armed,
+            batches: JoinSet::new(),
+            reserver: Reserver::default(),
+            reserve_errors: fresh_backoff(),
+            candidates_cap: CandidatesCap::new(ctx.settings.batch_size),
+            last_full: false,
+            light: false,
+            failing: false,
+            gated: false,
+            scan: ScanStart::new(),
+            split: None,
+            split_epoch: 0,
+            last_weights: [0; split::BUCKETS],
+            batch_errors: fresh_backoff(),
+            left_out: scan::LeftOut::default(),
+            in_flight: Default::default(),
+            panics: ctx.panics.watch(),
+            ctx,
+        }
+    }
+
     /// Takes wake-ups while a batch slot is free (and, when the backlog is gated, only once no
     /// batch is in flight; when it is split, only while a group has no batch), until the stop is
     /// requested.
@@ -491,7 +519,10 @@ impl Pipeline {
     /// candidates). `false` when none is left out.
     fn leave_out(&mut self, held: Vec<String>) -> bool {
         let in_flight = &self.in_flight;
-        let ours = |a: &String| in_flight.values().any(|v| v.binary_search(a).is_ok());
+        let ours = |a: &String| {
+            let hash = aggregate_hash(a);
+            in_flight.values().any(|v| v.binary_search(&hash).is_ok())
+        };
         let added = self.left_out.add(held, ours, Instant::now() + LEFT_OUT_FOR);
         if added > 0 {
             tracing::debug!(
@@ -620,9 +651,8 @@ impl Pipeline {
         self.armed.send_replace(false);
         self.last_full = scan.cut_by_bytes || rows.len() >= limit;
         self.last_weights = split::weights(&rows);
-        let mut aggregates: Vec<String> = rows.iter().map(|r| r.aggregate_id.clone()).collect();
-        aggregates.sort_unstable();
-        aggregates.dedup();
+        let chains = publish::chains(&rows);
+        let aggregates = aggregate_hashes(&rows, &chains);
         let more_groups = match (self.split.as_mut(), group) {
             (Some(split), Some(g)) => {
                 split.scan(g).left_off(&scan);
@@ -655,6 +685,7 @@ impl Pipeline {
             self.ctx.clone(),
             conn,
             rows,
+            chains,
             scan.cut_by_bytes,
             caught_up,
             Instant::now(),
