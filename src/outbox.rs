@@ -107,6 +107,13 @@ pub struct RelayStats {
     /// overdue (`outbox_pipelining_purges_total`); after each, every aggregate's events go one
     /// at a time for 5–60 s (see the README's failure policy).
     pub pipelining_purges: u64,
+    /// Aggregates the relay now leaves out of its reservations because their next event is
+    /// held back behind a row another transaction has locked (`select … for update`, an
+    /// uncommitted `update`): each for a second at a time while the lock lasts, so that the
+    /// other aggregates' events are reserved (`outbox_left_out_aggregates`; see the README's
+    /// failure policy). Non-zero for long: look for a session idle in transaction
+    /// ([`Health::oldest_transaction`]).
+    pub left_out_aggregates: u64,
 }
 
 /// The relay's health, from [`Outbox::health`].
@@ -534,6 +541,7 @@ impl Outbox {
             kafka_unavailable: kafka.unavailable.load(Ordering::Relaxed),
             producer_rebuilds: kafka.rebuilds.load(Ordering::Relaxed),
             pipelining_purges: kafka.pipe_purges.load(Ordering::Relaxed),
+            left_out_aggregates: c.left_out.load(Ordering::Relaxed),
         }
     }
 }

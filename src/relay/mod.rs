@@ -188,6 +188,8 @@ struct Pipeline {
     /// batch whose fence has not committed yet, and such an aggregate is not left out (nor is
     /// one whose hash collides with theirs: it is gone past instead, which is safe).
     in_flight: std::collections::HashMap<tokio::task::Id, Vec<u64>>,
+    /// When [`Pipeline::leave_out`] last warned (at most once in [`LEFT_OUT_WARN_EVERY`]).
+    left_out_warned: Option<Instant>,
     /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
     panics: watch::Receiver<Option<String>>,
 }
@@ -199,6 +201,10 @@ type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
 /// such an aggregate waits up to this long; while it lasts, one reservation in this long finds
 /// its held-back rows again.
 const LEFT_OUT_FOR: Duration = Duration::from_secs(1);
+
+/// The longest `Pipeline::leave_out` stays quiet while aggregates keep being left out: a lock
+/// held for minutes warns once a minute, with how many aggregates wait and a few of them.
+const LEFT_OUT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// An aggregate id's hash, to remember a batch's aggregates without copying their ids.
 fn aggregate_hash(aggregate_id: &str) -> u64 {
@@ -338,6 +344,7 @@ impl Relay {
 
 impl Pipeline {
     fn new(ctx: Arc<Ctx>, wakeups: Wakeups, armed: watch::Sender<bool>) -> Pipeline {
+        ctx.report.left_out(0);
         Pipeline {
             wakeups,
             armed,
@@ -356,6 +363,7 @@ impl Pipeline {
             batch_errors: fresh_backoff(),
             left_out: scan::LeftOut::default(),
             in_flight: Default::default(),
+            left_out_warned: None,
             panics: ctx.panics.watch(),
             ctx,
         }
@@ -445,7 +453,7 @@ impl Pipeline {
             windowed: start.windowed,
             group: (self.split.as_ref()).zip(group).map(|(s, g)| s.filter(g)),
             light,
-            left_out: self.left_out.now(Instant::now()),
+            left_out: self.left_out_now(),
         };
         // A stop cancels a reservation in progress (its connection is dropped, which ends the
         // transaction); every round trip of it has a deadline.
@@ -523,14 +531,41 @@ impl Pipeline {
             let hash = aggregate_hash(a);
             in_flight.values().any(|v| v.binary_search(&hash).is_ok())
         };
+        // A few of them for the warning, printable and cut (an id is the caller's text).
+        let some: Vec<String> = (held.iter().filter(|a| !ours(a)).take(5))
+            .map(|a| crate::text::printable(a).chars().take(100).collect())
+            .collect();
         let added = self.left_out.add(held, ours, Instant::now() + LEFT_OUT_FOR);
-        if added > 0 {
+        if added == 0 {
+            return false;
+        }
+        self.ctx.report.left_out(self.left_out.len());
+        let now = Instant::now();
+        if (self.left_out_warned).is_none_or(|at| now.duration_since(at) >= LEFT_OUT_WARN_EVERY) {
+            self.left_out_warned = Some(now);
+            tracing::warn!(
+                aggregates = self.left_out.len(),
+                first = %some.join(", "),
+                "outbox relay: events are held back behind rows another transaction has locked (a session idle in transaction? see pg_stat_activity, or health's oldest_transaction); their aggregates are left out of the reservations a second at a time while every other aggregate goes on (at most one warning a minute; outbox_left_out_aggregates counts them)"
+            );
+        } else {
             tracing::debug!(
                 added,
                 "outbox relay: aggregates whose events a full scan found held back behind rows another session has locked are left out of the reservations for a second"
             );
         }
-        added > 0
+        true
+    }
+
+    /// The aggregates left out now (see [`Pipeline::leave_out`]); the count reported when it
+    /// changed.
+    fn left_out_now(&mut self) -> std::sync::Arc<[String]> {
+        let before = self.left_out.len();
+        let list = self.left_out.now(Instant::now());
+        if list.len() != before {
+            self.ctx.report.left_out(list.len());
+        }
+        list
     }
 
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first

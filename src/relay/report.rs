@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) listener_reconnects: Arc<AtomicU64>,
     pub(crate) listener_connected: Arc<AtomicBool>,
     pub(crate) in_flight: AtomicI64,
+    /// Aggregates the reservations leave out now (see `Pipeline::leave_out`).
+    pub(crate) left_out: AtomicU64,
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
@@ -180,6 +182,13 @@ impl Reporter {
     pub(crate) fn in_flight(&self, delta: i64) {
         let now = self.counters.in_flight.fetch_add(delta, Ordering::Relaxed) + delta;
         metrics::gauge!("outbox_in_flight_messages").set(now as f64);
+    }
+
+    /// The reservations now leave out `n` aggregates (held back behind rows another
+    /// transaction has locked).
+    pub(crate) fn left_out(&self, n: usize) {
+        self.counters.left_out.store(n as u64, Ordering::Relaxed);
+        metrics::gauge!("outbox_left_out_aggregates").set(n as f64);
     }
 
     /// A confirmed batch: every settled row, then the batch's delivery figures.
@@ -436,6 +445,11 @@ fn describe_gauges() {
             "outbox_reservation_candidates_limit",
             Unit::Count,
             "Candidates a reservation may take: batch_size, or less after one missed its deadline (1, then doubling while reservations answer within half of postgres_timeout, below the size that missed for a minute).",
+        ),
+        (
+            "outbox_left_out_aggregates",
+            Unit::Count,
+            "Aggregates the relay leaves out of its reservations, a second at a time, because their next event is held back behind a row another transaction has locked.",
         ),
         (
             "outbox_oldest_transaction_age_seconds",

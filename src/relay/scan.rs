@@ -269,6 +269,11 @@ impl LeftOut {
         added
     }
 
+    /// How many aggregates are left out (expired ones until the next [`now`](Self::now)).
+    pub(crate) fn len(&self) -> usize {
+        self.until.len()
+    }
+
     fn refresh(&mut self) {
         self.list = self.until.iter().map(|(a, _)| a.clone()).collect();
     }

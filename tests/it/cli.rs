@@ -714,6 +714,11 @@ async fn metrics_and_health_endpoints() {
         Some(2000.0),
         "reservations take batch_size (the default) while none misses its deadline:\n{text}"
     );
+    assert_eq!(
+        metric(&text, "outbox_left_out_aggregates"),
+        Some(0.0),
+        "no aggregate left out while no row is locked:\n{text}"
+    );
 
     let (code, body) = get(addr, "/health").await;
     assert_eq!(code, 200, "/health while healthy: {body}");
