@@ -107,12 +107,12 @@ pub struct RelayStats {
     /// overdue (`outbox_pipelining_purges_total`); after each, every aggregate's events go one
     /// at a time for 5–60 s (see the README's failure policy).
     pub pipelining_purges: u64,
-    /// Aggregates the relay now leaves out of its reservations because their next event is
-    /// held back behind a row another transaction has locked (`select … for update`, an
-    /// uncommitted `update`): each for a second at a time while the lock lasts, so that the
-    /// other aggregates' events are reserved (`outbox_left_out_aggregates`; see the README's
-    /// failure policy). Non-zero for long: look for a session idle in transaction
-    /// ([`Health::oldest_transaction`]).
+    /// Aggregates the relay leaves out of its reservations because their next event is held
+    /// back behind a row another transaction has locked (`select … for update`, an uncommitted
+    /// `update`): each for a second at a time while the lock lasts, so that the other
+    /// aggregates' events are reserved; counted until 5 s after a scan last found it held back
+    /// (`outbox_left_out_aggregates`; see the README's failure policy). Non-zero for long: look
+    /// for a session idle in transaction ([`Health::oldest_transaction`]).
     pub left_out_aggregates: u64,
 }
 

@@ -524,7 +524,9 @@ impl Pipeline {
     /// new one kept an aggregate whose lock was gone out as long as new ones came (found by a
     /// breaker helper). A lock released meanwhile is noticed when its aggregate's time ends; one
     /// held on is found again by the next full scan after it (one reservation of held-back
-    /// candidates). `false` when none is left out.
+    /// candidates). Reports how many a scan found held back within the last
+    /// [`scan::HELD_SHOWN_FOR`] and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false` when
+    /// none is left out.
     fn leave_out(&mut self, held: Vec<String>) -> bool {
         let in_flight = &self.in_flight;
         let ours = |a: &String| {
@@ -535,16 +537,19 @@ impl Pipeline {
         let some: Vec<String> = (held.iter().filter(|a| !ours(a)).take(5))
             .map(|a| crate::text::printable(a).chars().take(100).collect())
             .collect();
-        let added = self.left_out.add(held, ours, Instant::now() + LEFT_OUT_FOR);
+        let now = Instant::now();
+        let before = self.left_out.held();
+        let added = self.left_out.add(held, ours, now, now + LEFT_OUT_FOR);
+        if self.left_out.held() != before {
+            self.ctx.report.left_out(self.left_out.held());
+        }
         if added == 0 {
             return false;
         }
-        self.ctx.report.left_out(self.left_out.len());
-        let now = Instant::now();
         if (self.left_out_warned).is_none_or(|at| now.duration_since(at) >= LEFT_OUT_WARN_EVERY) {
             self.left_out_warned = Some(now);
             tracing::warn!(
-                aggregates = self.left_out.len(),
+                aggregates = self.left_out.held(),
                 first = %some.join(", "),
                 "outbox relay: events are held back behind rows another transaction has locked (a session idle in transaction? see pg_stat_activity, or health's oldest_transaction); their aggregates are left out of the reservations a second at a time while every other aggregate goes on (at most one warning a minute; outbox_left_out_aggregates counts them)"
             );
@@ -557,13 +562,13 @@ impl Pipeline {
         true
     }
 
-    /// The aggregates left out now (see [`Pipeline::leave_out`]); the count reported when it
-    /// changed.
+    /// The aggregates left out now (see [`Pipeline::leave_out`]); the count of those found held
+    /// back lately reported when it changed.
     fn left_out_now(&mut self) -> std::sync::Arc<[String]> {
-        let before = self.left_out.len();
+        let before = self.left_out.held();
         let list = self.left_out.now(Instant::now());
-        if list.len() != before {
-            self.ctx.report.left_out(list.len());
+        if self.left_out.held() != before {
+            self.ctx.report.left_out(self.left_out.held());
         }
         list
     }

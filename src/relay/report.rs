@@ -449,7 +449,7 @@ fn describe_gauges() {
         (
             "outbox_left_out_aggregates",
             Unit::Count,
-            "Aggregates the relay leaves out of its reservations, a second at a time, because their next event is held back behind a row another transaction has locked.",
+            "Aggregates the relay leaves out of its reservations, a second at a time, because their next event is held back behind a row another transaction has locked (each counted until 5 s after a scan last found it so).",
         ),
         (
             "outbox_oldest_transaction_age_seconds",

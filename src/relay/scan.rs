@@ -228,13 +228,20 @@ impl ScanStart {
 }
 
 /// Aggregates the reservations leave out (see `Pipeline::leave_out`), each until its own
-/// deadline.
+/// deadline, and those found held back lately (what the relay reports).
 #[derive(Debug, Default)]
 pub(crate) struct LeftOut {
     until: Vec<(String, Instant)>,
     /// The unexpired aggregates, as the reservations take them.
     list: std::sync::Arc<[String]>,
+    /// When a scan last found each aggregate held back, for [`HELD_SHOWN_FOR`].
+    found: std::collections::HashMap<String, Instant>,
 }
+
+/// How long an aggregate counts as held back ([`LeftOut::held`]) after a scan last found it so.
+/// Its time left out ends after a second, and the next full scan finds it again while the lock
+/// lasts: counted only while left out, a lock held for minutes read 1, 0, 1, … to a scrape.
+pub(crate) const HELD_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LeftOut {
     /// The aggregates left out at `now`.
@@ -244,21 +251,27 @@ impl LeftOut {
         if self.until.len() != before {
             self.refresh();
         }
+        self.found.retain(|_, at| *at + HELD_SHOWN_FOR > now);
         self.list.clone()
     }
 
-    /// Leaves out each aggregate of `held` until `until`, but those `ours` says are this
-    /// relay's and those left out already (they keep their own deadline: a new one never
-    /// extends another's). How many were added.
+    /// Leaves out each aggregate of `held` (found held back at `now`) until `until`, but those
+    /// `ours` says are this relay's and those left out already (they keep their own deadline: a
+    /// new one never extends another's). How many were added.
     pub(crate) fn add(
         &mut self,
         held: Vec<String>,
         ours: impl Fn(&String) -> bool,
+        now: Instant,
         until: Instant,
     ) -> usize {
         let mut added = 0;
         for aggregate in held {
-            if !ours(&aggregate) && !self.until.iter().any(|(a, _)| *a == aggregate) {
+            if ours(&aggregate) {
+                continue;
+            }
+            self.found.insert(aggregate.clone(), now);
+            if !self.until.iter().any(|(a, _)| *a == aggregate) {
                 self.until.push((aggregate, until));
                 added += 1;
             }
@@ -269,9 +282,10 @@ impl LeftOut {
         added
     }
 
-    /// How many aggregates are left out (expired ones until the next [`now`](Self::now)).
-    pub(crate) fn len(&self) -> usize {
-        self.until.len()
+    /// How many aggregates a scan found held back (and left out) within the last
+    /// [`HELD_SHOWN_FOR`], as of the last [`now`](Self::now) or [`add`](Self::add).
+    pub(crate) fn held(&self) -> usize {
+        self.found.len()
     }
 
     fn refresh(&mut self) {
@@ -380,12 +394,15 @@ mod tests {
         let t0 = Instant::now();
         let second = Duration::from_secs(1);
         let none = |_: &String| false;
-        assert_eq!(l.add(vec!["a".into()], none, t0 + second), 1);
+        assert_eq!(l.add(vec!["a".into()], none, t0, t0 + second), 1);
         assert_eq!(&*l.now(t0), ["a".to_string()]);
         // A new aggregate later does not extend the first one's time (a breaker helper kept an
         // aggregate whose lock was gone out as long as new ones came).
         let half = t0 + second / 2;
-        assert_eq!(l.add(vec!["a".into(), "b".into()], none, half + second), 1);
+        assert_eq!(
+            l.add(vec!["a".into(), "b".into()], none, half, half + second),
+            1
+        );
         assert_eq!(&*l.now(half), ["a".to_string(), "b".to_string()]);
         assert_eq!(
             &*l.now(t0 + second),
@@ -393,10 +410,18 @@ mod tests {
             "a's second is over"
         );
         assert!(l.now(half + second).is_empty());
-        // An aggregate of this relay's batch in flight is never left out.
+        // Both still count as held back, found lately, until HELD_SHOWN_FOR after the scan
+        // that last found each.
+        assert_eq!(l.held(), 2);
+        l.now(t0 + HELD_SHOWN_FOR);
+        assert_eq!(l.held(), 2, "a was found again with b, half a second later");
+        l.now(half + HELD_SHOWN_FOR);
+        assert_eq!(l.held(), 0, "neither found since");
+        // An aggregate of this relay's batch in flight is never left out, nor counted.
         let ours = |a: &String| a == "hot";
-        assert_eq!(l.add(vec!["hot".into()], ours, t0 + second), 0);
+        assert_eq!(l.add(vec!["hot".into()], ours, t0, t0 + second), 0);
         assert!(l.now(t0).is_empty());
+        assert_eq!(l.held(), 0);
     }
 
     #[test]
