@@ -28,7 +28,8 @@ pub(crate) struct Counters {
     pub(crate) listener_reconnects: Arc<AtomicU64>,
     pub(crate) listener_connected: Arc<AtomicBool>,
     pub(crate) in_flight: AtomicI64,
-    /// Aggregates the reservations leave out now (see `Pipeline::leave_out`).
+    /// Aggregates found held back behind another transaction's lock within the last 5 s, left
+    /// out of the reservations (see `Pipeline::leave_out`, `LeftOut::held`).
     pub(crate) left_out: AtomicU64,
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,

@@ -1849,17 +1849,7 @@ async fn a_pile_behind_a_locked_row_does_not_hold_back_the_other_aggregates() {
     );
     // The relay shows what it leaves out, steadily while the lock lasts (counted until 5 s
     // after a scan last found it held back, though each time left out is a second).
-    support::eventually(
-        Duration::from_secs(5),
-        "the stats count the left-out aggregate",
-        || async {
-            match outbox.stats().left_out_aggregates {
-                1 => Ok(()),
-                n => Err(format!("{n} left out")),
-            }
-        },
-    )
-    .await;
+    left_out_becomes(&outbox, 1, Duration::from_secs(5)).await;
     // Each time left out ends after a second and the next full scan finds it again: the count
     // must not drop in between (it read 0 between two of them before it was kept for 5 s).
     for _ in 0..600 {
@@ -1882,17 +1872,8 @@ async fn a_pile_behind_a_locked_row_does_not_hold_back_the_other_aggregates() {
         },
     )
     .await;
-    support::eventually(
-        Duration::from_secs(10),
-        "nothing is left out once the lock is gone",
-        || async {
-            match outbox.stats().left_out_aggregates {
-                0 => Ok(()),
-                n => Err(format!("{n} left out")),
-            }
-        },
-    )
-    .await;
+    // Nothing is left out once the lock is gone.
+    left_out_becomes(&outbox, 0, Duration::from_secs(10)).await;
     support::stop_and_join(&outbox, relay).await;
     let records = support::assert_nothing_more(
         &support::kafka_brokers(),
@@ -1902,6 +1883,17 @@ async fn a_pile_behind_a_locked_row_does_not_hold_back_the_other_aggregates() {
     )
     .await;
     assert_in_order_per_key(&records);
+}
+
+/// Waits until `outbox`'s stats count `n` left-out aggregates.
+async fn left_out_becomes(outbox: &Outbox, n: u64, within: Duration) {
+    support::eventually(within, &format!("{n} left-out aggregate(s)"), || async {
+        match outbox.stats().left_out_aggregates {
+            got if got == n => Ok(()),
+            got => Err(format!("{got} left out")),
+        }
+    })
+    .await;
 }
 
 /// Each key's records carry increasing payload numbers `i`.
