@@ -110,7 +110,11 @@ pub struct RelayStats {
     /// Aggregates the relay leaves out of its reservations because their next event is held
     /// back behind a row another transaction has locked (`select … for update`, an uncommitted
     /// `update`): each for a second at a time while the lock lasts, so that the other
-    /// aggregates' events are reserved; counted until 5 s after a scan last found it held back
+    /// aggregates' events are reserved; counted until this relay publishes it again, or until
+    /// 5 s (twice the spacing of full scans if longer: seconds behind tens of thousands of locked
+    /// aggregates) after a scan last found it held back. A lower bound: a scan names at most
+    /// `batch_size` of them, and events held back that do not fill a scan are not counted (see
+    /// [`Health::oldest_transaction`]). Not counted: rows in another relay's batch
     /// (`outbox_left_out_aggregates`; see the README's failure policy). Non-zero for long: look
     /// for a session idle in transaction ([`Health::oldest_transaction`]).
     pub left_out_aggregates: u64,

@@ -524,29 +524,44 @@ impl Pipeline {
     /// new one kept an aggregate whose lock was gone out as long as new ones came (found by a
     /// breaker helper). A lock released meanwhile is noticed when its aggregate's time ends; one
     /// held on is found again by the next full scan after it (one reservation of held-back
-    /// candidates). Reports how many a scan found held back within the last
-    /// [`scan::HELD_SHOWN_FOR`] and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false` when
-    /// none is left out.
-    fn leave_out(&mut self, held: Vec<String>) -> bool {
+    /// candidates). `held_by_relays`: those of `held` whose blocking row another relay's batch
+    /// has locked (reserved, its fence not yet committed) — left out too, but neither counted nor
+    /// warned of: several relays on one table warned of a lock that did not exist (found by a
+    /// breaker helper). Reports how many a scan found held back lately
+    /// ([`scan::held_shown_for`]) and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false`
+    /// when none is left out.
+    fn leave_out(&mut self, held: Vec<String>, held_by_relays: Vec<String>) -> bool {
         let in_flight = &self.in_flight;
         let ours = |a: &String| {
             let hash = aggregate_hash(a);
             in_flight.values().any(|v| v.binary_search(&hash).is_ok())
         };
+        // Behind another relay's batch (between its reservation and its fence): left out too,
+        // but not reported as a lock.
+        let locked = |a: &String| !held_by_relays.contains(a);
         // A few of them for the warning, printable and cut (an id is the caller's text).
-        let some: Vec<String> = (held.iter().filter(|a| !ours(a)).take(5))
+        let some: Vec<String> = (held.iter().filter(|a| !ours(a) && locked(a)).take(5))
             .map(|a| crate::text::printable(a).chars().take(100).collect())
             .collect();
         let now = Instant::now();
         let before = self.left_out.held();
-        let added = self.left_out.add(held, ours, now, now + LEFT_OUT_FOR);
+        let added = self
+            .left_out
+            .add(held, ours, locked, now, now + LEFT_OUT_FOR);
         if self.left_out.held() != before {
             self.ctx.report.left_out(self.left_out.held());
         }
         if added == 0 {
             return false;
         }
-        if (self.left_out_warned).is_none_or(|at| now.duration_since(at) >= LEFT_OUT_WARN_EVERY) {
+        if some.is_empty() {
+            tracing::debug!(
+                added,
+                "outbox relay: aggregates held back behind another relay's batch are left out of the reservations for a second"
+            );
+        } else if (self.left_out_warned)
+            .is_none_or(|at| now.duration_since(at) >= LEFT_OUT_WARN_EVERY)
+        {
             self.left_out_warned = Some(now);
             tracing::warn!(
                 aggregates = self.left_out.held(),
@@ -566,7 +581,8 @@ impl Pipeline {
     /// back lately reported when it changed.
     fn left_out_now(&mut self) -> std::sync::Arc<[String]> {
         let before = self.left_out.held();
-        let list = self.left_out.now(Instant::now());
+        let shown_for = scan::held_shown_for(self.scan.every());
+        let list = self.left_out.now(Instant::now(), shown_for);
         if self.left_out.held() != before {
             self.ctx.report.left_out(self.left_out.held());
         }
@@ -598,7 +614,7 @@ impl Pipeline {
             // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
             // past them, as after a window; the scan that reaches the end decides there is
             // nothing.
-            if !(start.from == i64::MIN && self.leave_out(scan.held)) {
+            if !(start.from == i64::MIN && self.leave_out(scan.held, scan.held_by_relays)) {
                 self.scan.go_past(past);
             }
             self.wakeups.again();
@@ -693,6 +709,12 @@ impl Pipeline {
         self.last_weights = split::weights(&rows);
         let chains = publish::chains(&rows);
         let aggregates = aggregate_hashes(&rows, &chains);
+        if self.left_out.held() > 0 {
+            for chain in &chains {
+                self.left_out.publishing(&rows[chain[0]].aggregate_id);
+            }
+            self.ctx.report.left_out(self.left_out.held());
+        }
         let more_groups = match (self.split.as_mut(), group) {
             (Some(split), Some(g)) => {
                 split.scan(g).left_off(&scan);

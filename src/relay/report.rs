@@ -28,8 +28,8 @@ pub(crate) struct Counters {
     pub(crate) listener_reconnects: Arc<AtomicU64>,
     pub(crate) listener_connected: Arc<AtomicBool>,
     pub(crate) in_flight: AtomicI64,
-    /// Aggregates found held back behind another transaction's lock within the last 5 s, left
-    /// out of the reservations (see `Pipeline::leave_out`, `LeftOut::held`).
+    /// Aggregates found held back behind another transaction's lock lately, left out of the
+    /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
     pub(crate) left_out: AtomicU64,
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
@@ -450,7 +450,7 @@ fn describe_gauges() {
         (
             "outbox_left_out_aggregates",
             Unit::Count,
-            "Aggregates the relay leaves out of its reservations, a second at a time, because their next event is held back behind a row another transaction has locked (each counted until 5 s after a scan last found it so).",
+            "Aggregates the relay leaves out of its reservations, a second at a time, because their next event is held back behind a row another transaction has locked (each counted until this relay publishes it again, or until 5 s, or two full scans' spacing if longer, after a scan last found it so; at most one scan's candidates: a lower bound).",
         ),
         (
             "outbox_oldest_transaction_age_seconds",

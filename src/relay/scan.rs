@@ -79,7 +79,7 @@ impl ScanStart {
 
     /// How long after a full scan the next one comes at the latest while wake-ups keep coming:
     /// [`FULL_SCAN_EVERY`], or ten times the last full scan's duration if that is longer.
-    fn every(&self) -> Duration {
+    pub(crate) fn every(&self) -> Duration {
         FULL_SCAN_EVERY.max(self.full_scan_took.saturating_mul(10))
     }
 
@@ -238,30 +238,48 @@ pub(crate) struct LeftOut {
     found: std::collections::HashMap<String, Instant>,
 }
 
-/// How long an aggregate counts as held back ([`LeftOut::held`]) after a scan last found it so.
-/// Its time left out ends after a second, and the next full scan finds it again while the lock
-/// lasts: counted only while left out, a lock held for minutes read 1, 0, 1, … to a scrape.
+/// How long an aggregate counts as held back ([`LeftOut::held`]) after a scan last found it so,
+/// at least (see [`held_shown_for`]). Its time left out ends after a second, and the next full
+/// scan finds it again while the lock lasts: counted only while left out, a lock held for
+/// minutes read 1, 0, 1, … to a scrape.
 pub(crate) const HELD_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long an aggregate counts as held back after a scan last found it so, when full scans come
+/// at most every `every` ([`ScanStart::every`]): until two of them could have found it again, and
+/// at least [`HELD_SHOWN_FOR`]. Behind 20,000–50,000 locked aggregates a full scan took seconds,
+/// the next came 15–30 s later, and a 5 s count read 0 for most of a lock that lasted (found by a
+/// breaker helper). An aggregate this relay publishes again stops counting at once
+/// ([`LeftOut::publishing`]).
+pub(crate) fn held_shown_for(every: Duration) -> Duration {
+    HELD_SHOWN_FOR.max(
+        every
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(1)),
+    )
+}
+
 impl LeftOut {
-    /// The aggregates left out at `now`.
-    pub(crate) fn now(&mut self, now: Instant) -> std::sync::Arc<[String]> {
+    /// The aggregates left out at `now`; those found held back more than `shown_for` ago
+    /// ([`held_shown_for`]) no longer count.
+    pub(crate) fn now(&mut self, now: Instant, shown_for: Duration) -> std::sync::Arc<[String]> {
         let before = self.until.len();
         self.until.retain(|(_, until)| *until > now);
         if self.until.len() != before {
             self.refresh();
         }
-        self.found.retain(|_, at| *at + HELD_SHOWN_FOR > now);
+        self.found.retain(|_, at| *at + shown_for > now);
         self.list.clone()
     }
 
     /// Leaves out each aggregate of `held` (found held back at `now`) until `until`, but those
     /// `ours` says are this relay's and those left out already (they keep their own deadline: a
-    /// new one never extends another's). How many were added.
+    /// new one never extends another's); counts as held back those `counted` says (not another
+    /// relay's batch in flight). How many were added.
     pub(crate) fn add(
         &mut self,
         held: Vec<String>,
         ours: impl Fn(&String) -> bool,
+        counted: impl Fn(&String) -> bool,
         now: Instant,
         until: Instant,
     ) -> usize {
@@ -270,7 +288,9 @@ impl LeftOut {
             if ours(&aggregate) {
                 continue;
             }
-            self.found.insert(aggregate.clone(), now);
+            if counted(&aggregate) {
+                self.found.insert(aggregate.clone(), now);
+            }
             if !self.until.iter().any(|(a, _)| *a == aggregate) {
                 self.until.push((aggregate, until));
                 added += 1;
@@ -282,10 +302,17 @@ impl LeftOut {
         added
     }
 
-    /// How many aggregates a scan found held back (and left out) within the last
-    /// [`HELD_SHOWN_FOR`], as of the last [`now`](Self::now) or [`add`](Self::add).
+    /// How many aggregates a scan found held back (and left out) lately (see [`held_shown_for`]),
+    /// as of the last [`now`](Self::now), [`add`](Self::add) or [`publishing`](Self::publishing).
     pub(crate) fn held(&self) -> usize {
         self.found.len()
+    }
+
+    /// This relay publishes `aggregate` again: it is held back no longer.
+    pub(crate) fn publishing(&mut self, aggregate: &str) {
+        if !self.found.is_empty() {
+            self.found.remove(aggregate);
+        }
     }
 
     fn refresh(&mut self) {
@@ -311,6 +338,7 @@ mod tests {
             windowed,
             past: None,
             held: Vec::new(),
+            held_by_relays: Vec::new(),
         }
     }
 
@@ -393,34 +421,64 @@ mod tests {
         let mut l = LeftOut::default();
         let t0 = Instant::now();
         let second = Duration::from_secs(1);
+        let shown = HELD_SHOWN_FOR;
         let none = |_: &String| false;
-        assert_eq!(l.add(vec!["a".into()], none, t0, t0 + second), 1);
-        assert_eq!(&*l.now(t0), ["a".to_string()]);
+        let all = |_: &String| true;
+        assert_eq!(l.add(vec!["a".into()], none, all, t0, t0 + second), 1);
+        assert_eq!(&*l.now(t0, shown), ["a".to_string()]);
         // A new aggregate later does not extend the first one's time (a breaker helper kept an
         // aggregate whose lock was gone out as long as new ones came).
         let half = t0 + second / 2;
         assert_eq!(
-            l.add(vec!["a".into(), "b".into()], none, half, half + second),
+            l.add(vec!["a".into(), "b".into()], none, all, half, half + second),
             1
         );
-        assert_eq!(&*l.now(half), ["a".to_string(), "b".to_string()]);
+        assert_eq!(&*l.now(half, shown), ["a".to_string(), "b".to_string()]);
         assert_eq!(
-            &*l.now(t0 + second),
+            &*l.now(t0 + second, shown),
             ["b".to_string()],
             "a's second is over"
         );
-        assert!(l.now(half + second).is_empty());
-        // Both still count as held back, found lately, until HELD_SHOWN_FOR after the scan
-        // that last found each.
+        assert!(l.now(half + second, shown).is_empty());
+        // Both still count as held back, found lately, until `shown` after the scan that last
+        // found each.
         assert_eq!(l.held(), 2);
-        l.now(t0 + HELD_SHOWN_FOR);
+        l.now(t0 + shown, shown);
         assert_eq!(l.held(), 2, "a was found again with b, half a second later");
-        l.now(half + HELD_SHOWN_FOR);
+        l.now(half + shown, shown);
         assert_eq!(l.held(), 0, "neither found since");
         // An aggregate of this relay's batch in flight is never left out, nor counted.
         let ours = |a: &String| a == "hot";
-        assert_eq!(l.add(vec!["hot".into()], ours, t0, t0 + second), 0);
-        assert!(l.now(t0).is_empty());
+        assert_eq!(l.add(vec!["hot".into()], ours, all, t0, t0 + second), 0);
+        assert!(l.now(t0, shown).is_empty());
+        assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn another_relay_s_batch_is_left_out_uncounted_and_a_published_aggregate_stops_counting() {
+        let mut l = LeftOut::default();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let none = |_: &String| false;
+        // "r" is behind another relay's batch: left out like "x", but not counted (several
+        // relays warned of a lock that did not exist).
+        let counted = |a: &String| a != "r";
+        let added = l.add(vec!["x".into(), "r".into()], none, counted, t0, t0 + second);
+        assert_eq!(added, 2);
+        assert_eq!(
+            &*l.now(t0, HELD_SHOWN_FOR),
+            ["x".to_string(), "r".to_string()]
+        );
+        assert_eq!(l.held(), 1, "only x is held back behind a lock");
+        // Full scans every 20 s (a slow one behind a large pile): x counts until two of them
+        // could have found it again, not 5 s (a breaker helper read 0 while the lock lasted).
+        let shown = held_shown_for(Duration::from_secs(20));
+        assert_eq!(shown, Duration::from_secs(41));
+        assert_eq!(held_shown_for(Duration::from_millis(500)), HELD_SHOWN_FOR);
+        l.now(t0 + Duration::from_secs(30), shown);
+        assert_eq!(l.held(), 1, "x still counts 30 s after a scan found it");
+        // Published again by this relay: the lock is gone, x no longer counts.
+        l.publishing("x");
         assert_eq!(l.held(), 0);
     }
 

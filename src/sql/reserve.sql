@@ -73,7 +73,11 @@
 -- a row another transaction has locked: `Pipeline::reserved_nothing`; usually empty). Column 17,
 -- only when no row is kept (the row of nulls): the aggregates the gate held back behind a row
 -- that is pending and due but not a candidate (locked by another transaction, or in a batch in
--- flight), computed only then.
+-- flight), computed only then; column 18, then, those of them whose row is locked by a relay's
+-- batch session (its `xmax`, the locker's transaction id, held as a `transactionid` lock by a
+-- session named `outbox-relay-batch`): another relay's batch between its reservation and its
+-- fence, not a lock to warn about (several relays warned of a lock that did not exist: found by a
+-- breaker helper). `pg_locks` and the sessions' names are readable by every role.
 -- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
 -- columns sent: their printed length and the two columns themselves in a reservation.
 -- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
@@ -101,10 +105,10 @@ with win as materialized (
         for update of c skip locked
  ),
  gate as materialized (
-     select a.aggregate_id, g.seq as gap, g.due as gap_due
+     select a.aggregate_id, g.seq as gap, g.due as gap_due, g.xmax as gap_locker
        from (select aggregate_id, max(seq) as max_seq from cand group by aggregate_id) a
        left join lateral (
-            select e.seq,
+            select e.seq, e.xmax,
                    e.status = 'new' and (e.next_attempt_at is null or e.next_attempt_at <= now())
                        as due
               from {{table}} e
@@ -150,7 +154,14 @@ with win as materialized (
         (select case when w.full then w.last end from win w),
         hashtext(k.aggregate_id) & 63,
         case when k.id is null
-             then (select array_agg(g.aggregate_id) from gate g where g.gap_due) end
+             then (select array_agg(g.aggregate_id) from gate g where g.gap_due) end,
+        case when k.id is null
+             then (select array_agg(g.aggregate_id) from gate g
+                    where g.gap_due
+                      and g.gap_locker in (select l.transactionid from pg_locks l
+                                             join pg_stat_activity a on a.pid = l.pid
+                                            where l.locktype = 'transactionid'
+                                              and a.application_name = 'outbox-relay-batch')) end
    from found f
    left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq
