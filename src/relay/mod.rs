@@ -524,21 +524,24 @@ impl Pipeline {
     /// new one kept an aggregate whose lock was gone out as long as new ones came (found by a
     /// breaker helper). A lock released meanwhile is noticed when its aggregate's time ends; one
     /// held on is found again by the next full scan after it (one reservation of held-back
-    /// candidates). `held_by_relays`: those of `held` whose blocking row another relay's batch
-    /// has locked (reserved, its fence not yet committed) — left out too, but neither counted nor
-    /// warned of: several relays on one table warned of a lock that did not exist (found by a
-    /// breaker helper). Reports how many a scan found held back lately
+    /// candidates). `held_locked`: those of `held` whose blocking row a transaction in progress
+    /// has locked that is not a relay's batch session. The others are left out too, but neither
+    /// counted nor warned of (another relay's batch between its reservation and its fence, or a
+    /// row another relay confirmed after this scan's snapshot): several relays on one table
+    /// warned of a lock that did not exist (found by a breaker helper). Reports how many a scan found held back lately
     /// ([`scan::held_shown_for`]) and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false`
     /// when none is left out.
-    fn leave_out(&mut self, held: Vec<String>, held_by_relays: Vec<String>) -> bool {
+    fn leave_out(&mut self, held: Vec<String>, held_locked: Vec<String>) -> bool {
         let in_flight = &self.in_flight;
         let ours = |a: &String| {
             let hash = aggregate_hash(a);
             in_flight.values().any(|v| v.binary_search(&hash).is_ok())
         };
-        // Behind another relay's batch (between its reservation and its fence): left out too,
-        // but not reported as a lock.
-        let locked = |a: &String| !held_by_relays.contains(a);
+        // Behind another relay's batch, or a row confirmed since the snapshot: left out too, but
+        // not reported as a lock.
+        let held_locked: std::collections::HashSet<&str> =
+            held_locked.iter().map(String::as_str).collect();
+        let locked = |a: &String| held_locked.contains(a.as_str());
         // A few of them for the warning, printable and cut (an id is the caller's text).
         let some: Vec<String> = (held.iter().filter(|a| !ours(a) && locked(a)).take(5))
             .map(|a| crate::text::printable(a).chars().take(100).collect())
@@ -614,7 +617,7 @@ impl Pipeline {
             // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
             // past them, as after a window; the scan that reaches the end decides there is
             // nothing.
-            if !(start.from == i64::MIN && self.leave_out(scan.held, scan.held_by_relays)) {
+            if !(start.from == i64::MIN && self.leave_out(scan.held, scan.held_locked)) {
                 self.scan.go_past(past);
             }
             self.wakeups.again();

@@ -380,9 +380,9 @@ pub(crate) struct Scan {
     /// When it kept none of them: the aggregates the gate held back behind a row that is
     /// pending and due but not among the candidates (column 17).
     pub(crate) held: Vec<String>,
-    /// Those of `held` whose blocking row a relay's batch session has locked (column 18):
-    /// another relay's batch in flight, not a lock to report.
-    pub(crate) held_by_relays: Vec<String>,
+    /// Those of `held` whose blocking row a transaction in progress has locked, other than a
+    /// relay's batch session (column 18): the locks to report.
+    pub(crate) held_locked: Vec<String>,
 }
 
 impl Scan {
@@ -409,7 +409,7 @@ impl Scan {
         let lowest: Option<i64> = first.get(14);
         let window_end: Option<i64> = first.get(15);
         let held: Option<Vec<String>> = first.try_get(17).ok().flatten();
-        let held_by_relays: Option<Vec<String>> = first.try_get(18).ok().flatten();
+        let held_locked: Option<Vec<String>> = first.try_get(18).ok().flatten();
         let cut_by_bytes =
             kept.is_some_and(|k| usize::try_from(k).map_or(true, |k| k > rows.len()));
         let last_seq = last.get::<_, Option<i64>>(1);
@@ -438,7 +438,7 @@ impl Scan {
                 .filter(|_| found_limit)
                 .and_then(|m| m.checked_add(1)),
             held: held.unwrap_or_default(),
-            held_by_relays: held_by_relays.unwrap_or_default(),
+            held_locked: held_locked.unwrap_or_default(),
         }
     }
 }

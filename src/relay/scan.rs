@@ -338,7 +338,7 @@ mod tests {
             windowed,
             past: None,
             held: Vec::new(),
-            held_by_relays: Vec::new(),
+            held_locked: Vec::new(),
         }
     }
 

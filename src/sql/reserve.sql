@@ -73,11 +73,15 @@
 -- a row another transaction has locked: `Pipeline::reserved_nothing`; usually empty). Column 17,
 -- only when no row is kept (the row of nulls): the aggregates the gate held back behind a row
 -- that is pending and due but not a candidate (locked by another transaction, or in a batch in
--- flight), computed only then; column 18, then, those of them whose row is locked by a relay's
--- batch session (its `xmax`, the locker's transaction id, held as a `transactionid` lock by a
--- session named `outbox-relay-batch`): another relay's batch between its reservation and its
--- fence, not a lock to warn about (several relays warned of a lock that did not exist: found by a
--- breaker helper). `pg_locks` and the sessions' names are readable by every role.
+-- flight), computed only then; column 18, then, those of them whose blocking row another
+-- transaction in progress has locked or changed (its `xmax`, held as a `transactionid` lock),
+-- unless that transaction is a relay's batch session (named `outbox-relay-batch`): the locks
+-- to report. The others are no lock to warn about: another relay's batch between its reservation
+-- and its fence, or a row version this statement's snapshot still sees as pending though a
+-- transaction that has committed since (another relay's confirm) changed it — several relays
+-- warned of a lock that did not exist (found by a breaker helper). A lock shared by several
+-- transactions (a MultiXact `xmax`: `for share` twice) is not recognised, and not reported.
+-- `pg_locks` and the sessions' names are readable by every role.
 -- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
 -- columns sent: their printed length and the two columns themselves in a reservation.
 -- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
@@ -159,9 +163,10 @@ with win as materialized (
              then (select array_agg(g.aggregate_id) from gate g
                     where g.gap_due
                       and g.gap_locker in (select l.transactionid from pg_locks l
-                                             join pg_stat_activity a on a.pid = l.pid
+                                             left join pg_stat_activity a on a.pid = l.pid
                                             where l.locktype = 'transactionid'
-                                              and a.application_name = 'outbox-relay-batch')) end
+                                              and a.application_name
+                                                  is distinct from 'outbox-relay-batch')) end
    from found f
    left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq
