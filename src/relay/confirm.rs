@@ -273,7 +273,9 @@ pub(crate) async fn confirm_late(
     // Runs in which a delivered message could not be recorded (the write failed, or its hold
     // was gone): it will be sent again, so the later messages of its run are not recorded either
     // (their holds end and they are sent again after it, a contiguous replay) — recorded as
-    // delivered, they would be done before an earlier event of their aggregate.
+    // delivered, they would be done before an earlier event of their aggregate. So are the
+    // runs in which a message was acknowledged without an offset (it is sent again: see
+    // `retry::without_offset`).
     let mut unrecorded_runs = HashSet::new();
     let mut waiting = in_order(stragglers);
     let stopping = async {
@@ -299,6 +301,9 @@ pub(crate) async fn confirm_late(
         if late.after_failure {
             failed_runs.insert(late.run);
         }
+        if late.replay {
+            unrecorded_runs.insert(late.run);
+        }
         // A report that is an error settles its overdue count without an acknowledgement,
         // unless its outcome records a failure itself (or the relay is stopping).
         let unacknowledged = late.report.is_err() && !ctx.stop.token().is_cancelled();
@@ -308,6 +313,10 @@ pub(crate) async fn confirm_late(
         }
         let row = &rows[late.idx];
         let run = late.run;
+        if matches!(late.report, Ok((_, offset)) if offset < 0) {
+            // Its own outcome is written below (a failure, or nothing after an earlier one).
+            unrecorded_runs.insert(run);
+        }
         let outcome = run_outcome(&ctx, row, late, &mut failed_runs);
         overdue.settled_one(unacknowledged && !matches!(outcome, Some(Outcome::Failed(_))));
         let written = write_late(&ctx, row, outcome.as_ref(), holds.get(&row.id)).await;
@@ -334,8 +343,10 @@ fn run_outcome(
 ) -> Option<Outcome> {
     if failed_runs.contains(&late.run) {
         return match late.report {
-            Ok((partition, offset)) => Some(publish::order_anomaly(ctx, row, partition, offset)),
-            Err(_) => None,
+            Ok((partition, offset)) if offset >= 0 => {
+                Some(publish::order_anomaly(ctx, row, partition, offset))
+            }
+            _ => None,
         };
     }
     let outcome = late_outcome(ctx, row, late.report, late.alone, late.pipe.is_some());
@@ -397,6 +408,8 @@ struct LateReport {
     run: usize,
     /// Its run had failed before the batch ended (see `Straggler::after_failure`).
     after_failure: bool,
+    /// That failure was an acknowledgement without an offset (see `Straggler::replay`).
+    replay: bool,
     report: Result<(i32, i64), rdkafka::error::KafkaError>,
 }
 
@@ -419,6 +432,7 @@ fn in_order(stragglers: Vec<Straggler>) -> SelectAll<BoxStream<'static, LateRepo
                     alone,
                     pipe,
                     after_failure,
+                    replay,
                     watch,
                     _permit,
                     ..
@@ -431,6 +445,7 @@ fn in_order(stragglers: Vec<Straggler>) -> SelectAll<BoxStream<'static, LateRepo
                     pipe,
                     run,
                     after_failure,
+                    replay,
                     report,
                 }
             })

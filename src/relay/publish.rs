@@ -43,14 +43,21 @@ pub(crate) enum Outcome {
 
 impl Outcome {
     /// The outcome of a delivery report for `row`; `None` when the message was purged from the
-    /// producer's queue before it was sent (nothing to record: it is simply released).
+    /// producer's queue before it was sent (nothing to record: it is simply released). An
+    /// acknowledgement without an offset is no delivery (see [`retry::without_offset`]).
     pub(crate) fn of_report(
         ctx: &Ctx,
         row: &Reserved,
         report: Result<(i32, i64), KafkaError>,
     ) -> Option<Outcome> {
         match report {
-            Ok((partition, offset)) => Some(Outcome::Delivered { partition, offset }),
+            Ok((partition, offset)) if offset >= 0 => {
+                Some(Outcome::Delivered { partition, offset })
+            }
+            Ok((partition, offset)) => {
+                metrics::counter!("outbox_acks_without_offset_total").increment(1);
+                Some(Outcome::Failed(retry::without_offset(partition, offset)))
+            }
             Err(e) if is_purged_unsent(&e) => None,
             Err(e) => {
                 let cause = ctx.producers.state().client_problem().map(|p| p.error);
@@ -80,6 +87,9 @@ pub(crate) struct Straggler {
     /// Its run had a failure before the batch ended: its report, and those of the messages that
     /// follow it, release the events (as in the batch).
     pub(crate) after_failure: bool,
+    /// That failure was an acknowledgement without an offset: the run's later messages are sent
+    /// again whatever their reports say (see [`retry::Failure::without_offset`]).
+    pub(crate) replay: bool,
     /// Alive while the report is awaited; its batch's purge of the pipelining producer
     /// (`batch::purge_when_overdue`) watches it.
     pub(crate) watch: Option<std::sync::Arc<()>>,
@@ -430,6 +440,7 @@ async fn publish_one(
                 pipe: None,
                 follows: false,
                 after_failure: false,
+                replay: false,
                 watch: None,
                 _permit: permit,
             }]);
@@ -488,8 +499,8 @@ async fn pipeline(
     let depth = ctx.settings.max_in_flight_per_aggregate;
     let mut window: VecDeque<InFlight> = VecDeque::with_capacity(depth.min(run.len()));
     let mut next = 0;
-    // Position of the first event not delivered.
-    let mut failed_at: Option<usize> = None;
+    // The first event not delivered.
+    let mut failed_at: Option<RunFailure> = None;
     loop {
         while failed_at.is_none()
             && next < run.len()
@@ -580,7 +591,7 @@ fn hold(
     ctx: &Ctx,
     window: VecDeque<InFlight>,
     generation: u64,
-    failed_at: Option<usize>,
+    failed_at: Option<RunFailure>,
     out: &mut Vec<(usize, Outcome)>,
 ) -> Vec<Straggler> {
     let held = window.into_iter().enumerate().map(|(i, f)| {
@@ -596,7 +607,8 @@ fn hold(
             follows: i > 0,
             // Only a message after the failed one (a local refusal fails the message after
             // every one in flight: those before it are judged on their own reports).
-            after_failure: failed_at.is_some_and(|p| f.pos > p),
+            after_failure: failed_at.is_some_and(|p| f.pos > p.at),
+            replay: failed_at.is_some_and(|p| f.pos > p.at && p.replay),
             watch: None,
             _permit: f.permit,
         }
@@ -624,14 +636,20 @@ fn settle(
     pos: usize,
     report: Result<(i32, i64), KafkaError>,
     local: bool,
-    failed_at: &mut Option<usize>,
+    failed_at: &mut Option<RunFailure>,
     out: &mut Vec<(usize, Outcome)>,
 ) {
     let row = &rows[idx];
-    if failed_at.is_some_and(|f| pos > f) {
-        // Failed because a predecessor did: released as it was, without an attempt.
-        if let Ok((partition, offset)) = report {
-            decided(out, idx, order_anomaly(ctx, row, partition, offset));
+    if let Some(failed) = failed_at.as_mut().filter(|f| pos > f.at) {
+        // Failed because a predecessor did: released as it was, without an attempt. Sent again
+        // after a predecessor acknowledged without an offset (it may be in Kafka: resending it
+        // alone would put it after this one), and so is this one if it has no offset either.
+        match report {
+            Ok((partition, offset)) if offset >= 0 && !failed.replay => {
+                decided(out, idx, order_anomaly(ctx, row, partition, offset));
+            }
+            Ok(_) => failed.replay = true,
+            Err(_) => {}
         }
         return;
     }
@@ -642,10 +660,34 @@ fn settle(
             decided(out, idx, o);
         }
         Some(o) => {
-            *failed_at = Some(failed_at.map_or(pos, |f| f.min(pos)));
+            let replay = matches!(&o, Outcome::Failed(f) if f.without_offset);
+            RunFailure::at(failed_at, pos, replay);
             out.push((idx, o));
         }
-        None => *failed_at = Some(failed_at.map_or(pos, |f| f.min(pos))),
+        None => RunFailure::at(failed_at, pos, false),
+    }
+}
+
+/// The first failure of a [`pipeline`]'s run.
+#[derive(Clone, Copy)]
+struct RunFailure {
+    /// Its position in the run.
+    at: usize,
+    /// A failure of the run was an acknowledgement without an offset: the run's later events are
+    /// sent again even when acknowledged (see [`retry::Failure::without_offset`]).
+    replay: bool,
+}
+
+impl RunFailure {
+    /// Records a failure at `pos` of the run (`replay`: an acknowledgement without an offset).
+    fn at(failed: &mut Option<RunFailure>, pos: usize, replay: bool) {
+        *failed = Some(match *failed {
+            Some(f) => RunFailure {
+                at: f.at.min(pos),
+                replay: f.replay || replay,
+            },
+            None => RunFailure { at: pos, replay },
+        });
     }
 }
 

@@ -269,6 +269,10 @@ impl Reporter {
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("outbox_delivery_failures_total").increment(1);
             tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)");
+        } else if f.without_offset {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outbox_delivery_failures_total").increment(1);
+            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery unconfirmed: Kafka acknowledged the event without an offset; will send it again (no attempt counted)");
         } else if !f.charged {
             self.counters.retried.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("outbox_kafka_unavailable_total").increment(1);

@@ -131,6 +131,11 @@ pub(crate) struct Failure {
     /// its next attempt goes alone (see `publish::AloneNext`). Neither the event's failure nor
     /// the cluster's.
     pub(crate) shared_batch: bool,
+    /// Kafka's acknowledgement came without an offset (see [`without_offset`]): the event may
+    /// or may not be in the topic, so it is sent again, and so are the later events of its
+    /// pipelined run even when acknowledged (a contiguous replay, never a stale event after a
+    /// newer one).
+    pub(crate) without_offset: bool,
 }
 
 /// Judges attempt number `attempts_before + 1` of an event that failed with `e`. `cause`: what
@@ -155,6 +160,7 @@ pub(crate) fn judge(
             dead: false,
             charged: false,
             shared_batch: false,
+            without_offset: false,
         };
     }
     let permanent = code.is_some_and(is_permanent);
@@ -184,6 +190,7 @@ pub(crate) fn judge(
         dead: permanent || last,
         charged: true,
         shared_batch: false,
+        without_offset: false,
     }
 }
 
@@ -199,6 +206,29 @@ pub(crate) fn refused_batch(e: &KafkaError) -> Failure {
         dead: false,
         charged: false,
         shared_batch: true,
+        without_offset: false,
+    }
+}
+
+/// An acknowledgement of partition `partition` without an offset (`offset` < 0), which no
+/// broker gave: librdkafka's idempotent producer reports messages as delivered with offset -1001
+/// when a request of theirs failed with an uncertain outcome (a timeout, a lost connection) and
+/// a later request of the partition succeeded ("implicitly acked by subsequent batch success",
+/// `rd_kafka_dr_implicit_ack`), and when a retry is answered DUPLICATE_SEQUENCE_NUMBER (offset
+/// -1001, or the broker's -1). That inference can be wrong: in a chaos run on a 3-node Apache
+/// Kafka 4.1 cluster with partition leaders killed, 8 events so acknowledged were in no
+/// partition (confluent-kafka-go#921 reports the same loss during a leader election). Nothing
+/// proves such an event is in Kafka, so it is not recorded as delivered: it is sent again (a
+/// duplicate at worst), after the backoff of a failure of the cluster, with no attempt counted;
+/// never a dead letter.
+pub(crate) fn without_offset(partition: i32, offset: i64) -> Failure {
+    Failure {
+        error: format!("Kafka acknowledged the event without an offset (partition {partition}, offset {offset}: librdkafka inferred the delivery from a later one, or from a duplicate's answer); nothing proves it is in the topic, so it is sent again (a duplicate at worst), no attempt counted"),
+        code: None,
+        dead: false,
+        charged: false,
+        shared_batch: false,
+        without_offset: true,
     }
 }
 
@@ -211,6 +241,7 @@ pub(crate) fn invalid_row(rule: &str) -> Failure {
         dead: true,
         charged: true,
         shared_batch: false,
+        without_offset: false,
     }
 }
 

@@ -3819,3 +3819,69 @@ fn interleaved(topic: &str, prefix: &str, sizes: &[i64]) -> Vec<NewEvent> {
         })
         .collect()
 }
+
+/// A delivery report that says "delivered" without an offset is no proof that the event is in
+/// Kafka: librdkafka infers such deliveries (a request with an uncertain outcome followed by a
+/// successful one; a retry answered DUPLICATE_SEQUENCE_NUMBER), and in a chaos run on a 3-node
+/// Apache Kafka cluster 8 events so reported (offset -1001) were in no partition after leader
+/// kills. The relay sends such an event again (a duplicate at worst, as a contiguous replay)
+/// and records only a delivery with an offset. Here the mock cluster answers a Produce request
+/// with DUPLICATE_SEQUENCE_NUMBER without writing it (librdkafka reports offset -1 for the
+/// first message and -1 + i for the i-th of that request): a lone event, then a hot
+/// aggregate's pipelined run (whose later messages look delivered with offsets 0, 1, …), must
+/// each reach the topic, in order, with a real offset in their rows. Fails with the offset
+/// check removed (the lone event is done at offset -1, not in the topic) and with the run's
+/// replay removed (H 2–30 done, not in the topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_report_without_an_offset_is_no_delivery() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("nooffset", |b| {
+        b.publish_timeout(Duration::from_secs(10))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+            .retry_backoff(Duration::from_millis(100), Duration::from_millis(500))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    let t = env.topic.as_str();
+    let duplicate = RDKafkaRespErr::RD_KAFKA_RESP_ERR_DUPLICATE_SEQUENCE_NUMBER;
+
+    fail_next_produce(&kafka, duplicate);
+    let lone = insert(&outbox, &mut client, &[ev(t, "L", 1)]).await;
+    let done =
+        support::wait_status(&outbox, &lone, EventStatus::Done, Duration::from_secs(60)).await;
+    assert_offsets_recorded(&done);
+
+    fail_next_produce(&kafka, duplicate);
+    let hot = insert(&outbox, &mut client, &counters(t, "H", 1..=30)).await;
+    let done =
+        support::wait_status(&outbox, &hot, EventStatus::Done, Duration::from_secs(60)).await;
+    assert_offsets_recorded(&done);
+
+    // Every record up to the last event's offset: the warm-up event, L and H's 30, with any
+    // replays.
+    let last = done.iter().filter_map(|e| e.offset()).max().unwrap();
+    let got = reader
+        .read(last as usize + 1, Duration::from_secs(20))
+        .await;
+    let by_key = counters_by_key(&got);
+    assert_eq!(by_key.get("L"), Some(&vec![1]), "{got:#?}");
+    assert_order_with_contiguous_replays(
+        "H",
+        by_key.get("H").map(Vec::as_slice).unwrap_or_default(),
+        &(1..=30).collect::<Vec<i64>>(),
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
+/// Asserts that every event of `done` has the partition and offset Kafka gave it.
+fn assert_offsets_recorded(done: &[Event]) {
+    let without: Vec<_> = done
+        .iter()
+        .filter(|e| e.offset().is_none_or(|o| o < 0))
+        .map(|e| (e.seq(), e.partition(), e.offset()))
+        .collect();
+    assert!(
+        without.is_empty(),
+        "delivered without an offset (seq, partition, offset): {without:?}"
+    );
+}
