@@ -114,9 +114,9 @@ pub struct RelayStats {
     /// 5 s (twice the spacing of full scans if longer: seconds behind tens of thousands of locked
     /// aggregates) after a scan last found it held back. A lower bound: a scan names at most
     /// `batch_size` of them, and events held back that do not fill a scan are not counted (see
-    /// [`Health::oldest_transaction`]). Not counted: rows in another relay's batch
-    /// (`outbox_left_out_aggregates`; see the README's failure policy). Non-zero for long: look
-    /// for a session idle in transaction ([`Health::oldest_transaction`]).
+    /// [`Health::oldest_pending_age`]). Not counted: rows in another relay's batch
+    /// (`outbox_left_out_aggregates`; see the README's failure policy). Non-zero for long: end
+    /// the session [`Health::held_back_by`] names.
     pub left_out_aggregates: u64,
 }
 
@@ -144,6 +144,16 @@ pub struct Health {
     /// being cleaned up and slows reservations); see [`OutboxStatus::oldest_transaction`].
     /// Informational: it does not make the relay unhealthy.
     pub oldest_transaction: Option<crate::OldestTransaction>,
+    /// Who holds the row locks that events are held back behind while their aggregates are
+    /// left out of the reservations ([`RelayStats::left_out_aggregates`] > 0): up to three
+    /// sessions, oldest transaction first, each `pid N (application 'name', state, transaction
+    /// open S s)` (or "a prepared transaction (pg_prepared_xacts)"), as the last full scan that
+    /// found them named them; `None` when nothing is left out, and behind another relay's batch.
+    /// The session to commit, roll back or end (`pg_terminate_backend`): a session idle in
+    /// transaction after `select … for update` holds no snapshot, so
+    /// [`oldest_transaction`](Self::oldest_transaction) may not name it. Informational: it does
+    /// not make the relay unhealthy (the held-back events' age does).
+    pub held_back_by: Option<String>,
     /// What is wrong with Kafka since the last confirmed delivery, if anything: the Kafka
     /// client's own report (e.g. "Local: Authentication failure: SASL authentication error: …",
     /// "Local: All broker connections are down", a fatal producer error), the last delivery
@@ -518,6 +528,9 @@ impl Outbox {
             backlog: status.pending,
             oldest_pending_age: status.oldest_pending_age,
             dead_letters: status.dead_letters,
+            held_back_by: (stats.left_out_aggregates > 0)
+                .then(|| self.inner.counters.held_back_by())
+                .flatten(),
             legacy_reservations: status.legacy_reservations,
             oldest_transaction: status.oldest_transaction,
         })
@@ -566,6 +579,7 @@ mod tests {
             dead_letters,
             legacy_reservations: 0,
             oldest_transaction: None,
+            held_back_by: None,
             kafka_problem: None,
             kafka_problem_since: None,
             producer_rebuilds: 0,

@@ -931,6 +931,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "dead_letters": h.dead_letters,
                         "legacy_reservations": h.legacy_reservations,
                         "oldest_transaction": h.oldest_transaction.as_ref().map(oldest_json),
+                        "held_back_by": h.held_back_by,
                         "kafka_problem": h.kafka_problem,
                         "kafka_problem_since": h.kafka_problem_since,
                         "producer_rebuilds": h.producer_rebuilds,

@@ -528,10 +528,17 @@ impl Pipeline {
     /// has locked that is not a relay's batch session. The others are left out too, but neither
     /// counted nor warned of (another relay's batch between its reservation and its fence, or a
     /// row another relay confirmed after this scan's snapshot): several relays on one table
-    /// warned of a lock that did not exist (found by a breaker helper). Reports how many a scan found held back lately
-    /// ([`scan::held_shown_for`]) and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false`
-    /// when none is left out.
-    fn leave_out(&mut self, held: Vec<String>, held_locked: Vec<String>) -> bool {
+    /// warned of a lock that did not exist (found by a breaker helper). Reports how many a scan
+    /// found held back lately ([`scan::held_shown_for`]) and who holds their locks
+    /// (`Scan::held_by`), and warns at most once in [`LEFT_OUT_WARN_EVERY`]. `false` when none
+    /// is left out.
+    fn leave_out(&mut self, scan: Scan) -> bool {
+        let Scan {
+            held,
+            held_locked,
+            held_by,
+            ..
+        } = scan;
         let in_flight = &self.in_flight;
         let ours = |a: &String| {
             let hash = aggregate_hash(a);
@@ -551,9 +558,17 @@ impl Pipeline {
         let added = self
             .left_out
             .add(held, ours, locked, now, now + LEFT_OUT_FOR);
-        if self.left_out.held() != before {
-            self.ctx.report.left_out(self.left_out.held());
+        // The session's application name is its own text: printable, and cut.
+        let held_by = held_by.filter(|_| !some.is_empty()).map(|who| {
+            crate::text::printable(&who)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        });
+        if held_by.is_some() {
+            self.ctx.report.held_back_by(held_by.clone());
         }
+        self.report_left_out(before);
         if added == 0 {
             return false;
         }
@@ -569,7 +584,8 @@ impl Pipeline {
             tracing::warn!(
                 aggregates = self.left_out.held(),
                 first = %some.join(", "),
-                "outbox relay: events are held back behind rows another transaction has locked (a session idle in transaction? see pg_stat_activity, or health's oldest_transaction); their aggregates are left out of the reservations a second at a time while every other aggregate goes on (at most one warning a minute; outbox_left_out_aggregates counts them)"
+                held_by = held_by.as_deref().unwrap_or("unknown"),
+                "outbox relay: events are held back behind rows another transaction has locked (held_by names its session: commit, roll back or end it; health's held_back_by shows it too); their aggregates are left out of the reservations a second at a time while every other aggregate goes on (at most one warning a minute; outbox_left_out_aggregates counts them)"
             );
         } else {
             tracing::debug!(
@@ -586,10 +602,17 @@ impl Pipeline {
         let before = self.left_out.held();
         let shown_for = scan::held_shown_for(self.scan.every());
         let list = self.left_out.now(Instant::now(), shown_for);
-        if self.left_out.held() != before {
-            self.ctx.report.left_out(self.left_out.held());
-        }
+        self.report_left_out(before);
         list
+    }
+
+    /// Reports the count of aggregates found held back lately (see [`Pipeline::leave_out`])
+    /// if it changed from `before`.
+    fn report_left_out(&self, before: usize) {
+        let now = self.left_out.held();
+        if now != before {
+            self.ctx.report.left_out(now);
+        }
     }
 
     /// A reservation found nothing; `final_scan`: it skipped blocked aggregates (from the first
@@ -617,7 +640,7 @@ impl Pipeline {
             // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
             // past them, as after a window; the scan that reaches the end decides there is
             // nothing.
-            if !(start.from == i64::MIN && self.leave_out(scan.held, scan.held_locked)) {
+            if !(start.from == i64::MIN && self.leave_out(scan)) {
                 self.scan.go_past(past);
             }
             self.wakeups.again();
@@ -712,11 +735,12 @@ impl Pipeline {
         self.last_weights = split::weights(&rows);
         let chains = publish::chains(&rows);
         let aggregates = aggregate_hashes(&rows, &chains);
-        if self.left_out.held() > 0 {
+        let before = self.left_out.held();
+        if before > 0 {
             for chain in &chains {
                 self.left_out.publishing(&rows[chain[0]].aggregate_id);
             }
-            self.ctx.report.left_out(self.left_out.held());
+            self.report_left_out(before);
         }
         let more_groups = match (self.split.as_mut(), group) {
             (Some(split), Some(g)) => {

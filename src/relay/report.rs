@@ -31,6 +31,9 @@ pub(crate) struct Counters {
     /// Aggregates found held back behind another transaction's lock lately, left out of the
     /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
     pub(crate) left_out: AtomicU64,
+    /// Who holds the locks those aggregates wait for, as the last full scan that found them
+    /// named them (`reserve.sql` column 19); cleared when none is counted.
+    pub(crate) held_back_by: Mutex<Option<String>>,
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
@@ -54,6 +57,14 @@ pub(crate) struct PostgresState {
 const PROBLEM_TEXT_MAX: usize = 512;
 
 impl Counters {
+    /// Who holds the locks the left-out aggregates wait for (see [`Counters::held_back_by`]).
+    pub(crate) fn held_back_by(&self) -> Option<String> {
+        self.held_back_by
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The pipeline's Postgres problem, if any.
     pub(crate) fn postgres_problem(&self) -> Option<ClientProblem> {
         self.postgres_state().problem.clone()
@@ -186,10 +197,22 @@ impl Reporter {
     }
 
     /// The reservations now leave out `n` aggregates (held back behind rows another
-    /// transaction has locked).
+    /// transaction has locked); with none, who held the locks is forgotten.
     pub(crate) fn left_out(&self, n: usize) {
         self.counters.left_out.store(n as u64, Ordering::Relaxed);
         metrics::gauge!("outbox_left_out_aggregates").set(n as f64);
+        if n == 0 {
+            self.held_back_by(None);
+        }
+    }
+
+    /// Who holds the locks the left-out aggregates wait for (see [`Counters::held_back_by`]).
+    pub(crate) fn held_back_by(&self, who: Option<String>) {
+        *self
+            .counters
+            .held_back_by
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = who;
     }
 
     /// A confirmed batch: every settled row, then the batch's delivery figures.

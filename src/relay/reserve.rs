@@ -383,6 +383,9 @@ pub(crate) struct Scan {
     /// Those of `held` whose blocking row a transaction in progress has locked, other than a
     /// relay's batch session (column 18): the locks to report.
     pub(crate) held_locked: Vec<String>,
+    /// Who holds those locks (column 19): up to three sessions, as `reserve.sql` describes
+    /// them (their application names are the sessions' own text: made printable where shown).
+    pub(crate) held_by: Option<String>,
 }
 
 impl Scan {
@@ -410,6 +413,7 @@ impl Scan {
         let window_end: Option<i64> = first.get(15);
         let held: Option<Vec<String>> = first.try_get(17).ok().flatten();
         let held_locked: Option<Vec<String>> = first.try_get(18).ok().flatten();
+        let held_by: Option<String> = first.try_get(19).ok().flatten();
         let cut_by_bytes =
             kept.is_some_and(|k| usize::try_from(k).map_or(true, |k| k > rows.len()));
         let last_seq = last.get::<_, Option<i64>>(1);
@@ -439,6 +443,7 @@ impl Scan {
                 .and_then(|m| m.checked_add(1)),
             held: held.unwrap_or_default(),
             held_locked: held_locked.unwrap_or_default(),
+            held_by,
         }
     }
 }

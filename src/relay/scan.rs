@@ -339,6 +339,7 @@ mod tests {
             past: None,
             held: Vec::new(),
             held_locked: Vec::new(),
+            held_by: None,
         }
     }
 

@@ -81,6 +81,10 @@
 -- transaction that has committed since (another relay's confirm) changed it — several relays
 -- warned of a lock that did not exist (found by a breaker helper). A lock shared by several
 -- transactions (a MultiXact `xmax`: `for share` twice) is not recognised, and not reported.
+-- Only a granted `transactionid` lock is its transaction's own: a session waiting for that
+-- transaction shows one too, not granted. Column 19, then: who holds those locks, for the
+-- warning and `Health::held_back_by` — at most three sessions, oldest transaction first, each
+-- "pid N (application 'name', state, transaction open S s)", or a prepared transaction.
 -- `pg_locks` and the sessions' names are readable by every role.
 -- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
 -- columns sent: their printed length and the two columns themselves in a reservation.
@@ -164,9 +168,25 @@ with win as materialized (
                     where g.gap_due
                       and g.gap_locker in (select l.transactionid from pg_locks l
                                              left join pg_stat_activity a on a.pid = l.pid
-                                            where l.locktype = 'transactionid'
+                                            where l.locktype = 'transactionid' and l.granted
                                               and a.application_name
-                                                  is distinct from 'outbox-relay-batch')) end
+                                                  is distinct from 'outbox-relay-batch')) end,
+        case when k.id is null
+             then (select string_agg(h.who, '; ')
+                     from (select case when l.pid is null
+                                       then 'a prepared transaction (pg_prepared_xacts)'
+                                       else format('pid %s (application %s, %s, transaction open %s s)',
+                                                   l.pid, quote_literal(coalesce(a.application_name, '')),
+                                                   coalesce(a.state, 'state unknown'),
+                                                   coalesce(extract(epoch from clock_timestamp() - a.xact_start)::bigint::text, '?'))
+                                   end as who
+                             from pg_locks l
+                             left join pg_stat_activity a on a.pid = l.pid
+                            where l.locktype = 'transactionid' and l.granted
+                              and l.transactionid in (select g.gap_locker from gate g where g.gap_due)
+                              and a.application_name is distinct from 'outbox-relay-batch'
+                            order by a.xact_start nulls first
+                            limit 3) h) end
    from found f
    left join sized k on k.n = 1 or k.through_bytes <= $2
   order by k.seq

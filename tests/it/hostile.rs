@@ -1821,6 +1821,11 @@ async fn pile_behind_a_locked_row(by_a_relay: bool) {
             .unwrap();
     }
     let lock = locker.transaction().await.unwrap();
+    let locker_pid: i32 = lock
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     lock.batch_execute(&format!(
         "select 1 from {table}
           where id = (select id from {table} where aggregate_id = 'hot' order by seq offset 1 limit 1)
@@ -1881,6 +1886,19 @@ async fn pile_behind_a_locked_row(by_a_relay: bool) {
             "counted without a gap while the lock lasts (by a relay's batch: {by_a_relay})"
         );
     }
+    // Health names the session to end (idle in transaction after `select … for update`, it
+    // holds no snapshot: `oldest_transaction` does not name it); none for a relay's batch.
+    let held_back_by = outbox.health().await.unwrap().held_back_by;
+    if by_a_relay {
+        assert_eq!(held_back_by, None);
+    } else {
+        let who = held_back_by.expect("health names who holds the lock");
+        assert!(
+            who.starts_with(&format!("pid {locker_pid} (application ''"))
+                && who.contains("idle in transaction"),
+            "{who}"
+        );
+    }
     lock.rollback().await.unwrap();
     support::eventually(
         Duration::from_secs(30),
@@ -1893,8 +1911,9 @@ async fn pile_behind_a_locked_row(by_a_relay: bool) {
         },
     )
     .await;
-    // Nothing is left out once the lock is gone.
+    // Nothing is left out once the lock is gone, and no session is named.
     left_out_becomes(&outbox, 0, Duration::from_secs(10)).await;
+    assert_eq!(outbox.health().await.unwrap().held_back_by, None);
     support::stop_and_join(&outbox, relay).await;
     let records = support::assert_nothing_more(
         &support::kafka_brokers(),
