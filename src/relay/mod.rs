@@ -190,6 +190,10 @@ struct Pipeline {
     in_flight: std::collections::HashMap<tokio::task::Id, Vec<u64>>,
     /// When [`Pipeline::leave_out`] last warned (at most once in [`LEFT_OUT_WARN_EVERY`]).
     left_out_warned: Option<Instant>,
+    /// Since when scans from the first pending row have found only held-back candidates and
+    /// left their aggregates out, with no batch started since (see
+    /// `Pipeline::reserved_nothing`).
+    leaving_out_since: Option<Instant>,
     /// The first panic of a task beside the pipeline (see [`supervise`]): raised again here.
     panics: watch::Receiver<Option<String>>,
 }
@@ -364,6 +368,7 @@ impl Pipeline {
             left_out: scan::LeftOut::default(),
             in_flight: Default::default(),
             left_out_warned: None,
+            leaving_out_since: None,
             panics: ctx.panics.watch(),
             ctx,
         }
@@ -637,10 +642,19 @@ impl Pipeline {
             // delivery stop after 61 of 300 events for the 90 s of one row's lock. A full scan
             // names their aggregates: the next scans leave them out for LEFT_OUT_FOR (going on
             // past them instead walked a pile of 50,000 again after every batch: a breaker
-            // helper saw 290 of 5,000 other events in 90 s, Postgres busy). Other scans go on
-            // past them, as after a window; the scan that reaches the end decides there is
-            // nothing.
-            if !(start.from == i64::MIN && self.leave_out(scan)) {
+            // helper saw 290 of 5,000 other events in 90 s, Postgres busy), and the next scan
+            // starts at the first pending row again, past more of them each time. Once that has
+            // gone on for half of LEFT_OUT_FOR, the first ones left out come back before the
+            // pile is covered (more held-back aggregates than the scans name in a second: a
+            // breaker helper saw free events wait up to 56 s behind 20,000 locked aggregates),
+            // so the scans go on past them as well. Other scans go on past them, as after a
+            // window; the scan that reaches the end decides there is nothing.
+            let now = Instant::now();
+            let again_from_the_start = start.from == i64::MIN
+                && self.leave_out(scan)
+                && now.duration_since(*self.leaving_out_since.get_or_insert(now))
+                    < LEFT_OUT_FOR / 2;
+            if !again_from_the_start {
                 self.scan.go_past(past);
             }
             self.wakeups.again();
@@ -735,6 +749,7 @@ impl Pipeline {
         self.last_weights = split::weights(&rows);
         let chains = publish::chains(&rows);
         let aggregates = aggregate_hashes(&rows, &chains);
+        self.leaving_out_since = None;
         let before = self.left_out.held();
         if before > 0 {
             for chain in &chains {

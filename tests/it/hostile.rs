@@ -2206,3 +2206,85 @@ async fn assert_migrate_repairs_the_sequence(admin: &tokio_postgres::Client) {
         "{report:?}"
     );
 }
+
+/// A pile of locked aggregates larger than the scans can name in a second (3,000 aggregates,
+/// each first row locked by another transaction, two events behind each; `batch_size` 20, so a
+/// scan names 20 of them): new events of other aggregates must still go, each within seconds,
+/// while the lock lasts. Scans from the first pending row used to leave out 20 more held-back
+/// aggregates each and start over, but the first ones left out came back after a second, before
+/// the pile was covered, so no scan reached the new events (found by a breaker helper: free
+/// events waited up to 56 s behind 20,000 locked aggregates; here 3 of 5 waited over 20 s). Now
+/// the scans go on past the pile once leaving out has lasted half a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pile_too_large_to_leave_out_in_a_second_does_not_starve_the_others() {
+    support::init_tracing();
+    let (client, table) = migrated_table("bigpile").await;
+    let topic = topic_name("bigpile");
+    support::create_topic(&topic, 4).await;
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'L' || (i % 3000), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(0, 8999) i"
+        ))
+        .await
+        .unwrap();
+    let mut locker = support::connect_pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "select 1 from {table}
+          where seq in (select min(seq) from {table} group by aggregate_id)
+            for update"
+    ))
+    .await
+    .unwrap();
+    let (outbox, relay) = relay_on(&table, |b| b.batch_size(20)).await;
+    for k in 0..5 {
+        client
+            .batch_execute(&format!(
+                "insert into {table} (aggregate_id, event_topic, event_type, payload)
+                 values ('free{k}', '{topic}', 'Ok', '{{\"i\": 0}}')"
+            ))
+            .await
+            .unwrap();
+        support::eventually(
+            Duration::from_secs(20),
+            &format!("free event {k} goes while 3,000 aggregates are locked"),
+            || async {
+                let done = count_where(
+                    &client,
+                    &table,
+                    &format!("aggregate_id = 'free{k}' and status = 'done'"),
+                )
+                .await?;
+                match done {
+                    1 => Ok(()),
+                    _ => Err("not delivered".to_string()),
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        count_where(
+            &client,
+            &table,
+            "aggregate_id like 'L%' and status = 'done'"
+        )
+        .await
+        .unwrap(),
+        0,
+        "nothing behind a locked row"
+    );
+    lock.rollback().await.unwrap();
+    backlog_drains(&outbox).await;
+    support::stop_and_join(&outbox, relay).await;
+    let records = support::assert_nothing_more(
+        &support::kafka_brokers(),
+        &topic,
+        9005,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_in_order_per_key(&records);
+}
