@@ -1846,24 +1846,7 @@ async fn pile_behind_a_locked_row(by_a_relay: bool) {
         },
     )
     .await;
-    client
-        .batch_execute(&format!(
-            "insert into {table} (aggregate_id, event_topic, event_type, payload)
-             values ('fresh', '{topic}', 'Ok', '{{\"i\": 0}}')"
-        ))
-        .await
-        .unwrap();
-    support::eventually(
-        Duration::from_secs(5),
-        "a new event of another aggregate goes while the lock lasts",
-        || async {
-            match count("aggregate_id = 'fresh' and status = 'done'").await? {
-                1 => Ok(()),
-                _ => Err("not delivered".to_string()),
-            }
-        },
-    )
-    .await;
+    new_event_goes(&client, &table, &topic, "fresh", Duration::from_secs(5)).await;
     assert_eq!(
         count("aggregate_id = 'hot' and status = 'done'")
             .await
@@ -1914,14 +1897,19 @@ async fn pile_behind_a_locked_row(by_a_relay: bool) {
     // Nothing is left out once the lock is gone, and no session is named.
     left_out_becomes(&outbox, 0, Duration::from_secs(10)).await;
     assert_eq!(outbox.health().await.unwrap().held_back_by, None);
+    stopped_with_all_in_order(outbox, relay, &topic, 4001).await;
+}
+
+/// Stops the relay, then asserts that `topic` holds exactly `n` records, each key's in order.
+async fn stopped_with_all_in_order(
+    outbox: Outbox,
+    relay: tokio::task::JoinHandle<outbox::Result<()>>,
+    topic: &str,
+    n: usize,
+) {
     support::stop_and_join(&outbox, relay).await;
-    let records = support::assert_nothing_more(
-        &support::kafka_brokers(),
-        &topic,
-        4001,
-        Duration::from_secs(2),
-    )
-    .await;
+    let brokers = support::kafka_brokers();
+    let records = support::assert_nothing_more(&brokers, topic, n, Duration::from_secs(2)).await;
     assert_in_order_per_key(&records);
 }
 
@@ -1950,18 +1938,60 @@ fn assert_in_order_per_key(records: &[outbox::testing::ConsumedRecord]) {
     }
 }
 
-async fn row_lock_holds_back_only_its_aggregate(slots: usize) {
-    let (client, table) = migrated_table("rowlock").await;
-    let topic = topic_name("rowlock");
+/// Inserts an event of `aggregate` (payload `{"i": 0}`) and waits until it is delivered, while
+/// a lock lasts.
+async fn new_event_goes(
+    client: &tokio_postgres::Client,
+    table: &str,
+    topic: &str,
+    aggregate: &str,
+    within: Duration,
+) {
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('{aggregate}', '{topic}', 'Ok', '{{\"i\": 0}}')"
+        ))
+        .await
+        .unwrap();
+    support::eventually(
+        within,
+        &format!("a new event of {aggregate} goes while the lock lasts"),
+        || async {
+            let condition = format!("aggregate_id = '{aggregate}' and status = 'done'");
+            match count_where(client, table, &condition).await? {
+                1 => Ok(()),
+                _ => Err("not delivered".to_string()),
+            }
+        },
+    )
+    .await;
+}
+
+/// A migrated table and a topic of 4 partitions named after `prefix`, and a client. With
+/// `rows` events for it, `i` from 0, of aggregates `prefix_of` || (`i` % `aggregates`).
+async fn table_with_events(
+    prefix: &str,
+    prefix_of: &str,
+    aggregates: i64,
+    rows: i64,
+) -> (tokio_postgres::Client, String, String) {
+    let (client, table) = migrated_table(prefix).await;
+    let topic = topic_name(prefix);
     support::create_topic(&topic, 4).await;
     client
         .batch_execute(&format!(
             "insert into {table} (aggregate_id, event_topic, event_type, payload)
-             select 'h' || (i % 3), '{topic}', 'Ok', jsonb_build_object('i', i)
-               from generate_series(0, 299) i"
+             select '{prefix_of}' || (i % {aggregates}), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(0, {rows} - 1) i"
         ))
         .await
         .unwrap();
+    (client, table, topic)
+}
+
+async fn row_lock_holds_back_only_its_aggregate(slots: usize) {
+    let (client, table, topic) = table_with_events("rowlock", "h", 3, 300).await;
     let mut locker = support::connect_pg().await;
     let lock = locker.transaction().await.unwrap();
     // The eleventh event of h2 (only: `for update` with `offset` locks the rows it skips too).
@@ -2218,17 +2248,7 @@ async fn assert_migrate_repairs_the_sequence(admin: &tokio_postgres::Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pile_too_large_to_leave_out_in_a_second_does_not_starve_the_others() {
     support::init_tracing();
-    let (client, table) = migrated_table("bigpile").await;
-    let topic = topic_name("bigpile");
-    support::create_topic(&topic, 4).await;
-    client
-        .batch_execute(&format!(
-            "insert into {table} (aggregate_id, event_topic, event_type, payload)
-             select 'L' || (i % 3000), '{topic}', 'Ok', jsonb_build_object('i', i)
-               from generate_series(0, 8999) i"
-        ))
-        .await
-        .unwrap();
+    let (client, table, topic) = table_with_events("bigpile", "L", 3000, 9000).await;
     let mut locker = support::connect_pg().await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute(&format!(
@@ -2240,30 +2260,8 @@ async fn a_pile_too_large_to_leave_out_in_a_second_does_not_starve_the_others() 
     .unwrap();
     let (outbox, relay) = relay_on(&table, |b| b.batch_size(20)).await;
     for k in 0..5 {
-        client
-            .batch_execute(&format!(
-                "insert into {table} (aggregate_id, event_topic, event_type, payload)
-                 values ('free{k}', '{topic}', 'Ok', '{{\"i\": 0}}')"
-            ))
-            .await
-            .unwrap();
-        support::eventually(
-            Duration::from_secs(20),
-            &format!("free event {k} goes while 3,000 aggregates are locked"),
-            || async {
-                let done = count_where(
-                    &client,
-                    &table,
-                    &format!("aggregate_id = 'free{k}' and status = 'done'"),
-                )
-                .await?;
-                match done {
-                    1 => Ok(()),
-                    _ => Err("not delivered".to_string()),
-                }
-            },
-        )
-        .await;
+        let aggregate = format!("free{k}");
+        new_event_goes(&client, &table, &topic, &aggregate, Duration::from_secs(20)).await;
     }
     assert_eq!(
         count_where(
@@ -2278,13 +2276,5 @@ async fn a_pile_too_large_to_leave_out_in_a_second_does_not_starve_the_others() 
     );
     lock.rollback().await.unwrap();
     backlog_drains(&outbox).await;
-    support::stop_and_join(&outbox, relay).await;
-    let records = support::assert_nothing_more(
-        &support::kafka_brokers(),
-        &topic,
-        9005,
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_in_order_per_key(&records);
+    stopped_with_all_in_order(outbox, relay, &topic, 9005).await;
 }
