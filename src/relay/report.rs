@@ -413,6 +413,10 @@ fn register_counters() {
             "Failed delivery attempts caused by the cluster (unreachable, no leader, not enough replicas, authentication, timeout), not by the event: retried without counting an attempt.",
         ),
         (
+            "outbox_acks_without_offset_total",
+            "Delivery reports of success without an offset (librdkafka inferred the delivery from a later request's success, or from a duplicate's answer): nothing proves the event is in Kafka, so it is sent again (a duplicate at worst); each is also counted in outbox_delivery_failures_total.",
+        ),
+        (
             "outbox_order_anomalies_total",
             "Events acknowledged although an earlier event of their pipelined run failed (ruled out by the pipelining producer's settings; any is a bug to report).",
         ),

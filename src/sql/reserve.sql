@@ -175,9 +175,12 @@ with win as materialized (
              then (select string_agg(h.who, '; ')
                      from (select case when l.pid is null
                                        then 'a prepared transaction (pg_prepared_xacts)'
+                                       when a.state is null
+                                       then format('pid %s (application %s; its state and age are shown to roles with pg_read_all_stats)',
+                                                   l.pid, quote_literal(coalesce(a.application_name, '')))
                                        else format('pid %s (application %s, %s, transaction open %s s)',
                                                    l.pid, quote_literal(coalesce(a.application_name, '')),
-                                                   coalesce(a.state, 'state unknown'),
+                                                   a.state,
                                                    coalesce(extract(epoch from clock_timestamp() - a.xact_start)::bigint::text, '?'))
                                    end as who
                              from pg_locks l

@@ -719,6 +719,11 @@ async fn metrics_and_health_endpoints() {
         Some(0.0),
         "no aggregate left out while no row is locked:\n{text}"
     );
+    assert_eq!(
+        metric(&text, "outbox_acks_without_offset_total"),
+        Some(0.0),
+        "registered at 0, so that an alert on it has a series (found by a new user):\n{text}"
+    );
 
     let (code, body) = get(addr, "/health").await;
     assert_eq!(code, 200, "/health while healthy: {body}");
@@ -728,6 +733,7 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(h["listener_connected"], true, "{h}");
     assert_eq!(h["running"], true, "{h}");
     assert_eq!(h["backlog"], 0, "{h}");
+    assert_eq!(h["held_back_by"], Value::Null, "no row locked: {h}");
     assert!(h["last_delivery"].is_string(), "last delivery set: {h}");
 
     let (code, body) = get(addr, "/nope").await;
