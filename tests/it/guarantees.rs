@@ -3885,3 +3885,69 @@ fn assert_offsets_recorded(done: &[Event]) {
         "delivered without an offset (seq, partition, offset): {without:?}"
     );
 }
+
+/// A relay stopping while its pipelined messages wait for their partition's leader still purges
+/// them `publish_timeout` after their batch ended, before their holds end, as it does while it
+/// runs: its stop flushes its producers until the stop's deadline, which may come after the
+/// holds, and the pipelining producer retries without end, so a message was written after
+/// another relay had published the events again and newer ones of their aggregate (found by a
+/// breaker helper: 13 order violations in chaos runs on a 3-node Kafka cluster, each from a relay
+/// stopped while waiting for Kafka). Here the broker is down from before the batch until 3 s
+/// into an 8 s stop (the holds end about 2.3 s after the batch started): nothing of the batch may
+/// reach the topic from the stopping relay; a new relay then publishes each event once, in order.
+/// Fails without the purge at stop (the five events are written when the broker comes back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_writes_nothing_after_its_holds_end() {
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("stoppipe", |b| {
+        b.publish_timeout(Duration::from_secs(1))
+            .batch_timeout(Duration::from_millis(300))
+            .lease(Duration::from_secs(10))
+            .shutdown_timeout(Duration::from_secs(8))
+    })
+    .await;
+    let mut reader = reader(&env).await;
+    let t = env.topic.as_str();
+    kafka.broker_down(1).expect("broker down");
+    let ids = insert(&outbox, &mut client, &counters(t, "S", 1..=5)).await;
+    // The batch ends (300 ms) with its five messages queued on the pipelining producer.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let purges = outbox.stats().pipelining_purges;
+    let broker_back = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        kafka.broker_up(1).expect("broker up");
+    };
+    let stopped = async {
+        outbox
+            .stop(Duration::from_secs(8))
+            .await
+            .expect("the relay stops");
+        handle
+            .await
+            .unwrap()
+            .expect("the relay ended without error");
+    };
+    tokio::join!(broker_back, stopped);
+    assert_eq!(
+        outbox.stats().pipelining_purges - purges,
+        1,
+        "the pipelining producer purged while stopping"
+    );
+    // Only the warm-up event: nothing of the batch was written by the stopped relay.
+    let got = reader.read(6, Duration::from_secs(3)).await;
+    assert_eq!(
+        counters_by_key(&got).get("S"),
+        None,
+        "written after the holds ended: {got:#?}"
+    );
+    // Another relay publishes them, each once and in order.
+    let next = env.builder().connect().await.expect("connect");
+    let next_handle = next.start().expect("start");
+    support::wait_status(&next, &ids, EventStatus::Done, Duration::from_secs(30)).await;
+    let got = reader.read(5, Duration::from_secs(10)).await;
+    assert_eq!(
+        counters_by_key(&got).get("S"),
+        Some(&(1..=5).collect::<Vec<i64>>()),
+        "{got:#?}"
+    );
+    stop_and_join(&next, next_handle).await;
+}
