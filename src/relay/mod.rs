@@ -966,6 +966,7 @@ fn flush_all(
 /// retried by librdkafka after the relay returned, while its row is pending (a duplicate later,
 /// after another relay published the row again).
 pub(crate) async fn purge_producers(producers: &Producers) {
+    producers.purging_all();
     for producer in producers.all().await {
         if producer.in_flight_count() > 0 {
             producer.purge(PurgeConfig::default().queue().inflight());

@@ -2315,6 +2315,76 @@ async fn a_slow_broker_does_not_starve_a_pipelined_aggregate() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// A purge of the pipelining producer (a broker 1.5 s away: its first message's report is
+/// overdue) makes librdkafka raise a fatal error on that gapless producer ("Fatal error: Local:
+/// Gap-less ordering would not be guaranteed if proceeding: … Purged in flight"). The relay
+/// purged that producer and discards it, so the error is expected: neither an ERROR nor a
+/// WARN in the log (the purge's own warning says what happened), and never in health (found by
+/// a breaker helper: an ERROR "FATAL" line and a WARN "Kafka client error" at each purge, 2-7
+/// per chaos run, alarming at 3 a.m. while nothing was wrong). Fails when the purged
+/// producer's errors are logged as any other producer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_pipelining_producer_s_fatal_error_is_expected_not_alarming() {
+    support::init_tracing();
+    let (kafka, env, outbox, handle, mut client) = warm_relay_on_mock("purgefatal", |b| {
+        b.publish_timeout(Duration::from_secs(2))
+            .batch_timeout(Duration::from_secs(1))
+            .lease(Duration::from_secs(20))
+    })
+    .await;
+    // A pipelined run first, so that the pipelining producer knows the topic's leader and has
+    // its producer id: the next run's request is in flight at once, and purged in flight.
+    let warm = insert(&outbox, &mut client, &counters(&env.topic, "W", 1..=3)).await;
+    wait_done_uncharged(&outbox, &warm, "a first run").await;
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(10))
+        .expect("delay the broker");
+    let slow = insert(&outbox, &mut client, &counters(&env.topic, "S", 1..=5)).await;
+    support::eventually(Duration::from_secs(30), "a purge", || async {
+        match outbox.stats().pipelining_purges {
+            0 => Err("no purge".to_owned()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    // The purged producer's fatal error comes from its own thread soon after the purge; the
+    // broker still answers 10 s late, so nothing is delivered meanwhile (which would clear a
+    // problem from health).
+    let mut named = Vec::new();
+    for _ in 0..20 {
+        named.extend(outbox.health().await.expect("health").kafka_problem);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kafka
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("undelay the broker");
+    wait_done_uncharged(&outbox, &slow, "the five delivered after the purge").await;
+    stop_and_join(&outbox, handle).await;
+    // The fatal error names the purged request's topic, which is this test's alone.
+    let alarms: Vec<String> = [tracing::Level::ERROR, tracing::Level::WARN]
+        .into_iter()
+        .flat_map(|level| support::logged(level, &env.topic))
+        .filter(|line| line.contains("Gap-less") || line.contains("Fatal"))
+        .collect();
+    assert_eq!(
+        alarms,
+        Vec::<String>::new(),
+        "the purged producer's fatal error, logged as an alarm"
+    );
+    assert!(
+        !named
+            .iter()
+            .any(|p| p.contains("Fatal") || p.contains("Gap-less")),
+        "health named the purged producer's expected fatal error: {named:?}"
+    );
+    assert!(
+        named
+            .iter()
+            .any(|p| p.contains("without an acknowledgement")),
+        "health names the purged messages: {named:?}"
+    );
+}
+
 /// After a purge of the pipelining producer (a broker 1.5 s away: its first message's report is
 /// overdue), once the broker answers again, pipelining resumes after the first pause (5 s), not
 /// after a fixed minute: a hundred events of one aggregate on a broker 100 ms away are delivered

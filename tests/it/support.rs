@@ -510,15 +510,71 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// Installs a `tracing` subscriber writing to the test output, filtered by `RUST_LOG`
-/// (default `warn`). Safe to call from every test.
+/// (default `warn`), and keeping the process's latest warnings and errors for [`logged`]
+/// whatever `RUST_LOG` says. Safe to call from every test.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(filter),
         )
-        .with_test_writer()
+        .with(Captured.with_filter(tracing_subscriber::filter::LevelFilter::WARN))
         .try_init();
+}
+
+/// How many of the latest warnings and errors [`logged`] keeps.
+const CAPTURED_MAX: usize = 50_000;
+
+fn captured() -> &'static Mutex<std::collections::VecDeque<(tracing::Level, String)>> {
+    static CAPTURED: OnceLock<Mutex<std::collections::VecDeque<(tracing::Level, String)>>> =
+        OnceLock::new();
+    CAPTURED.get_or_init(Default::default)
+}
+
+/// The layer of [`init_tracing`] that keeps warnings and errors: each as its message and
+/// fields (`message k=v …`), from every thread (librdkafka's log lines come from its own).
+struct Captured;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write as _;
+                match field.name() {
+                    "message" => {
+                        let _ = write!(self.0, "{value:?}");
+                    }
+                    name => {
+                        let _ = write!(self.0, " {name}={value:?}");
+                    }
+                }
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        let mut captured = captured().lock().unwrap_or_else(|e| e.into_inner());
+        if captured.len() >= CAPTURED_MAX {
+            captured.pop_front();
+        }
+        captured.push_back((*event.metadata().level(), text.0));
+    }
+}
+
+/// The warnings and errors logged in this process since [`init_tracing`] (the latest
+/// [`CAPTURED_MAX`]) whose text contains `containing`, at `level` (`WARN` or `ERROR`).
+pub fn logged(level: tracing::Level, containing: &str) -> Vec<String> {
+    let captured = captured().lock().unwrap_or_else(|e| e.into_inner());
+    (captured.iter())
+        .filter(|(l, text)| *l == level && text.contains(containing))
+        .map(|(_, text)| text.clone())
+        .collect()
 }
 
 // ----------------------------------------------------------------------------------------------
