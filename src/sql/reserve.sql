@@ -147,6 +147,16 @@ with win as materialized (
  -- is computed once too).
  found as (
      select count(*) as candidates, max(c.seq) as max_seq, min(c.seq) as min_seq from cand c
+ ),
+ -- The transactions whose locks columns 18 and 19 report, with their sessions: read only by
+ -- those columns' subqueries, which run only when no row is kept (a CTE is computed as far as
+ -- it is read), and then once for both.
+ lockers as materialized (
+     select l.transactionid, l.pid, a.application_name, a.state, a.xact_start
+       from pg_locks l
+       left join pg_stat_activity a on a.pid = l.pid
+      where l.locktype = 'transactionid' and l.granted
+        and a.application_name is distinct from 'outbox-relay-batch'
  )
  select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, {{sent}},
         k.attempts,
@@ -166,29 +176,22 @@ with win as materialized (
         case when k.id is null
              then (select array_agg(g.aggregate_id) from gate g
                     where g.gap_due
-                      and g.gap_locker in (select l.transactionid from pg_locks l
-                                             left join pg_stat_activity a on a.pid = l.pid
-                                            where l.locktype = 'transactionid' and l.granted
-                                              and a.application_name
-                                                  is distinct from 'outbox-relay-batch')) end,
+                      and g.gap_locker in (select l.transactionid from lockers l)) end,
         case when k.id is null
              then (select string_agg(h.who, '; ')
                      from (select case when l.pid is null
                                        then 'a prepared transaction (pg_prepared_xacts)'
-                                       when a.state is null
+                                       when l.state is null
                                        then format('pid %s (application %s; its state and age are shown to roles with pg_read_all_stats)',
-                                                   l.pid, quote_literal(coalesce(a.application_name, '')))
+                                                   l.pid, quote_literal(coalesce(l.application_name, '')))
                                        else format('pid %s (application %s, %s, transaction open %s s)',
-                                                   l.pid, quote_literal(coalesce(a.application_name, '')),
-                                                   a.state,
-                                                   coalesce(extract(epoch from clock_timestamp() - a.xact_start)::bigint::text, '?'))
+                                                   l.pid, quote_literal(coalesce(l.application_name, '')),
+                                                   l.state,
+                                                   coalesce(extract(epoch from clock_timestamp() - l.xact_start)::bigint::text, '?'))
                                    end as who
-                             from pg_locks l
-                             left join pg_stat_activity a on a.pid = l.pid
-                            where l.locktype = 'transactionid' and l.granted
-                              and l.transactionid in (select g.gap_locker from gate g where g.gap_due)
-                              and a.application_name is distinct from 'outbox-relay-batch'
-                            order by a.xact_start nulls first
+                             from lockers l
+                            where l.transactionid in (select g.gap_locker from gate g where g.gap_due)
+                            order by l.xact_start nulls first
                             limit 3) h) end
    from found f
    left join sized k on k.n = 1 or k.through_bytes <= $2
