@@ -21,7 +21,7 @@ use crate::store::ConfirmOutcome;
 
 use super::publish::{self, report_result, Outcome, Straggler};
 use super::reserve::{BatchConn, Reserved};
-use super::retry::{retry_delay, unavailable_delay};
+use super::retry::{retry_delay, unavailable_delay, FailureKind};
 use super::shared::{Session, SharedSession};
 use super::timing::{millis, round_trip, round_trip_on, LATE_GRACE};
 use super::Ctx;
@@ -29,14 +29,17 @@ use super::Ctx;
 /// How long a row waits before it is due again after `outcome` (a retry's backoff, a hold).
 fn due_after(ctx: &Ctx, row: &Reserved, outcome: &Outcome) -> Option<Duration> {
     match outcome {
-        Outcome::Failed(f) if f.shared_batch => Some(ctx.settings.retry_backoff_min),
-        Outcome::Failed(f) if !f.charged => Some(unavailable_delay(
-            &ctx.settings,
-            ctx.producers.state().streak(),
-        )),
-        Outcome::Failed(f) if !f.dead => Some(retry_delay(&ctx.settings, row.attempts + 1)),
+        Outcome::Failed(f) => match f.kind {
+            FailureKind::SharedBatch => Some(ctx.settings.retry_backoff_min),
+            FailureKind::Cluster | FailureKind::Unconfirmed => Some(unavailable_delay(
+                &ctx.settings,
+                ctx.producers.state().streak(),
+            )),
+            FailureKind::Event => Some(retry_delay(&ctx.settings, row.attempts + 1)),
+            FailureKind::Dead => None,
+        },
         Outcome::Held => Some(ctx.timing.hold),
-        _ => None,
+        Outcome::NotSent | Outcome::Delivered { .. } => None,
     }
 }
 
@@ -64,13 +67,16 @@ impl<'a> ConfirmRows<'a> {
                 Outcome::Delivered { partition, offset } => {
                     (ConfirmOutcome::Delivered, *partition, *offset, None)
                 }
-                Outcome::Failed(f) if f.dead => {
-                    (ConfirmOutcome::Dead, 0, 0, Some(f.error.as_str()))
+                Outcome::Failed(f) => {
+                    let code = match f.kind {
+                        FailureKind::Dead => ConfirmOutcome::Dead,
+                        FailureKind::Event => ConfirmOutcome::Retry,
+                        FailureKind::Cluster
+                        | FailureKind::SharedBatch
+                        | FailureKind::Unconfirmed => ConfirmOutcome::Defer,
+                    };
+                    (code, 0, 0, Some(f.error.as_str()))
                 }
-                Outcome::Failed(f) if !f.charged => {
-                    (ConfirmOutcome::Defer, 0, 0, Some(f.error.as_str()))
-                }
-                Outcome::Failed(f) => (ConfirmOutcome::Retry, 0, 0, Some(f.error.as_str())),
                 Outcome::Held => (ConfirmOutcome::Hold, 0, 0, None),
             };
             c.ids.push(row.id);
@@ -577,7 +583,7 @@ async fn record_late(
             client
                 .execute(
                     &c.fail,
-                    &[&row.id, &f.error, &delay, &f.dead, hold, &f.charged],
+                    &[&row.id, &f.error, &delay, &f.dead(), hold, &f.charged()],
                 )
                 .await
         }
@@ -592,7 +598,7 @@ async fn record_late(
         let frees = match o {
             Outcome::Delivered { .. } => true,
             Outcome::Failed(f) => {
-                f.dead && ctx.settings.dead_letter_policy == DeadLetterPolicy::Continue
+                f.dead() && ctx.settings.dead_letter_policy == DeadLetterPolicy::Continue
             }
             Outcome::NotSent | Outcome::Held => false,
         };

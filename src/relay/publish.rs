@@ -24,7 +24,7 @@ use crate::text::printable;
 use super::confirm::{confirm_early, EARLY_CONFIRM_MAX_CHAINS, EARLY_CONFIRM_ROWS};
 use super::producer::RelayProducer;
 use super::reserve::{BatchConn, Reserved};
-use super::retry::{self, Failure};
+use super::retry::{self, Failure, FailureKind};
 use super::Ctx;
 use crate::otel::PublishSpan;
 
@@ -62,7 +62,7 @@ impl Outcome {
             Err(e) => {
                 let cause = ctx.producers.state().client_problem().map(|p| p.error);
                 let failure = retry::judge(&ctx.settings, &e, row.attempts, cause.as_deref());
-                if !failure.charged {
+                if !failure.charged() {
                     ctx.producers.state().unavailable(e.to_string());
                 }
                 Some(Outcome::Failed(failure))
@@ -660,7 +660,7 @@ fn settle(
             decided(out, idx, o);
         }
         Some(o) => {
-            let replay = matches!(&o, Outcome::Failed(f) if f.without_offset);
+            let replay = matches!(&o, Outcome::Failed(f) if f.kind == FailureKind::Unconfirmed);
             RunFailure::at(failed_at, pos, replay);
             out.push((idx, o));
         }

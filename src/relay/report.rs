@@ -15,6 +15,7 @@ use crate::text::printable;
 use super::producer::{ClientProblem, KafkaState};
 use super::publish::Outcome;
 use super::reserve::Reserved;
+use super::retry::FailureKind;
 
 /// Counters kept by the relay; read them with [`Outbox::stats`](crate::Outbox::stats).
 #[derive(Debug, Default)]
@@ -287,27 +288,35 @@ impl Reporter {
     }
 
     fn failed(&self, row: &Reserved, f: &super::retry::Failure) {
-        let attempts = row.attempts + i32::from(f.charged);
-        if f.shared_batch {
-            self.counters.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_delivery_failures_total").increment(1);
-            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)");
-        } else if f.without_offset {
-            self.counters.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_delivery_failures_total").increment(1);
-            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery unconfirmed: Kafka acknowledged the event without an offset; will send it again (no attempt counted)");
-        } else if !f.charged {
-            self.counters.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_kafka_unavailable_total").increment(1);
-            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)");
-        } else if f.dead {
-            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_dead_letters_total").increment(1);
-            tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox event dead-lettered");
-        } else {
-            self.counters.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_delivery_failures_total").increment(1);
-            tracing::warn!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), topic = %printable(&row.topic), attempts, error = %printable(&f.error), "outbox delivery failed; will retry");
+        let attempts = row.attempts + i32::from(f.charged());
+        let (event, error) = (&row.id, printable(&f.error));
+        let (aggregate_id, topic) = (printable(&row.aggregate_id), printable(&row.topic));
+        match f.kind {
+            FailureKind::SharedBatch => {
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_delivery_failures_total").increment(1);
+                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)");
+            }
+            FailureKind::Unconfirmed => {
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_delivery_failures_total").increment(1);
+                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery unconfirmed: Kafka acknowledged the event without an offset; will send it again (no attempt counted)");
+            }
+            FailureKind::Cluster => {
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_kafka_unavailable_total").increment(1);
+                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)");
+            }
+            FailureKind::Dead => {
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_dead_letters_total").increment(1);
+                tracing::error!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox event dead-lettered");
+            }
+            FailureKind::Event => {
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_delivery_failures_total").increment(1);
+                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed; will retry");
+            }
         }
         self.send(|| {
             DeliveryEvent::Failed(DeliveryFailure {
@@ -317,7 +326,7 @@ impl Reporter {
                 error: f.error.clone(),
                 kafka_code: f.code,
                 attempts,
-                dead_letter: f.dead,
+                dead_letter: f.dead(),
             })
         });
     }

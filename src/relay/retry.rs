@@ -120,22 +120,45 @@ pub(crate) struct Failure {
     pub(crate) error: String,
     /// librdkafka's error code, when the error has one.
     pub(crate) code: Option<RDKafkaErrorCode>,
-    /// A permanent error, or the last allowed attempt: the event becomes a dead letter.
-    pub(crate) dead: bool,
-    /// Whether the attempt counts (`attempts + 1`); `false` for a failure of the cluster or the
-    /// producer, not of the event (see [`is_cluster_unavailable`]), and for a refused record
-    /// batch the event only shared ([`refused_batch`]).
-    pub(crate) charged: bool,
+    /// Whose failure it was, and so what follows.
+    pub(crate) kind: FailureKind,
+}
+
+/// Whose failure a [`Failure`] is: each kind is retried (or not) in its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The event's own failure, retried after its backoff (`retry_delay`); the attempt counts
+    /// (`attempts + 1`).
+    Event,
+    /// The event's own failure, permanent or on its last allowed attempt: a dead letter; the
+    /// attempt counts.
+    Dead,
+    /// A failure of the cluster or the producer, not of the event (see
+    /// [`is_cluster_unavailable`]): retried after the cluster's backoff (`unavailable_delay`),
+    /// no attempt counted, never a dead letter.
+    Cluster,
     /// The broker refused the record batch the event shared with others (too large, or another
-    /// record invalid), and the refusal came too late to send the event alone within its batch:
-    /// its next attempt goes alone (see `publish::AloneNext`). Neither the event's failure nor
-    /// the cluster's.
-    pub(crate) shared_batch: bool,
-    /// Kafka's acknowledgement came without an offset (see [`without_offset`]): the event may
-    /// or may not be in the topic, so it is sent again, and so are the later events of its
-    /// pipelined run even when acknowledged (a contiguous replay, never a stale event after a
-    /// newer one).
-    pub(crate) without_offset: bool,
+    /// record invalid), and the refusal came too late to send the event alone within its batch
+    /// ([`refused_batch`]): its next attempt goes alone after `retry_backoff_min` (see
+    /// `publish::AloneNext`). Neither the event's failure nor the cluster's: no attempt counted.
+    SharedBatch,
+    /// Kafka's acknowledgement came without an offset ([`without_offset`]): the event may or may
+    /// not be in the topic, so it is sent again after the cluster's backoff, no attempt counted,
+    /// and so are the later events of its pipelined run even when acknowledged (a contiguous
+    /// replay, never a stale event after a newer one).
+    Unconfirmed,
+}
+
+impl Failure {
+    /// Whether the event becomes a dead letter.
+    pub(crate) fn dead(&self) -> bool {
+        self.kind == FailureKind::Dead
+    }
+
+    /// Whether the attempt counts (`attempts + 1`): only for the event's own failures.
+    pub(crate) fn charged(&self) -> bool {
+        matches!(self.kind, FailureKind::Event | FailureKind::Dead)
+    }
 }
 
 /// Judges attempt number `attempts_before + 1` of an event that failed with `e`. `cause`: what
@@ -157,10 +180,7 @@ pub(crate) fn judge(
         return Failure {
             error,
             code,
-            dead: false,
-            charged: false,
-            shared_batch: false,
-            without_offset: false,
+            kind: FailureKind::Cluster,
         };
     }
     let permanent = code.is_some_and(is_permanent);
@@ -187,15 +207,16 @@ pub(crate) fn judge(
     Failure {
         error,
         code,
-        dead: permanent || last,
-        charged: true,
-        shared_batch: false,
-        without_offset: false,
+        kind: if permanent || last {
+            FailureKind::Dead
+        } else {
+            FailureKind::Event
+        },
     }
 }
 
 /// A late report that the record batch the event shared was refused (see
-/// [`Failure::shared_batch`]): no attempt counted, never a dead letter; the event is sent
+/// [`FailureKind::SharedBatch`]): no attempt counted, never a dead letter; the event is sent
 /// again, alone, after `retry_backoff_min`.
 pub(crate) fn refused_batch(e: &KafkaError) -> Failure {
     Failure {
@@ -203,10 +224,7 @@ pub(crate) fn refused_batch(e: &KafkaError) -> Failure {
             "{e} (refused with the record batch it shared; it will be sent again, alone)"
         ),
         code: e.rdkafka_error_code(),
-        dead: false,
-        charged: false,
-        shared_batch: true,
-        without_offset: false,
+        kind: FailureKind::SharedBatch,
     }
 }
 
@@ -225,10 +243,7 @@ pub(crate) fn without_offset(partition: i32, offset: i64) -> Failure {
     Failure {
         error: format!("Kafka acknowledged the event without an offset (partition {partition}, offset {offset}: librdkafka inferred the delivery from a later one, or from a duplicate's answer); nothing proves it is in the topic, so it is sent again (a duplicate at worst), no attempt counted"),
         code: None,
-        dead: false,
-        charged: false,
-        shared_batch: false,
-        without_offset: true,
+        kind: FailureKind::Unconfirmed,
     }
 }
 
@@ -238,10 +253,7 @@ pub(crate) fn invalid_row(rule: &str) -> Failure {
     Failure {
         error: rule.to_string(),
         code: None,
-        dead: true,
-        charged: true,
-        shared_batch: false,
-        without_offset: false,
+        kind: FailureKind::Dead,
     }
 }
 
@@ -301,7 +313,7 @@ mod tests {
             0,
             None,
         );
-        ((f.dead, f.charged), f.error)
+        ((f.dead(), f.charged()), f.error)
     }
 
     #[test]
@@ -333,7 +345,7 @@ mod tests {
         let settings = Settings::default();
         let e = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
         let last = judge(&settings, &e, settings.max_attempts as i32 - 1, None);
-        assert!(last.dead, "{last:?}");
+        assert!(last.dead(), "{last:?}");
         assert!(
             last.error.contains("requeue") && !last.error.contains("retried"),
             "{}",
