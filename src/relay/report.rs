@@ -291,32 +291,20 @@ impl Reporter {
         let attempts = row.attempts + i32::from(f.charged());
         let (event, error) = (&row.id, printable(&f.error));
         let (aggregate_id, topic) = (printable(&row.aggregate_id), printable(&row.topic));
-        match f.kind {
-            FailureKind::SharedBatch => {
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("outbox_delivery_failures_total").increment(1);
-                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)");
-            }
-            FailureKind::Unconfirmed => {
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("outbox_delivery_failures_total").increment(1);
-                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery unconfirmed: Kafka acknowledged the event without an offset; will send it again (no attempt counted)");
-            }
-            FailureKind::Cluster => {
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("outbox_kafka_unavailable_total").increment(1);
-                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)");
-            }
-            FailureKind::Dead => {
-                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("outbox_dead_letters_total").increment(1);
-                tracing::error!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox event dead-lettered");
-            }
-            FailureKind::Event => {
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("outbox_delivery_failures_total").increment(1);
-                tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "outbox delivery failed; will retry");
-            }
+        let (metric, message) = match f.kind {
+            FailureKind::SharedBatch => ("outbox_delivery_failures_total", "outbox delivery failed: the broker refused the record batch the event shared; will send it alone (no attempt counted)"),
+            FailureKind::Unconfirmed => ("outbox_delivery_failures_total", "outbox delivery unconfirmed: Kafka acknowledged the event without an offset; will send it again (no attempt counted)"),
+            FailureKind::Cluster => ("outbox_kafka_unavailable_total", "outbox delivery failed: Kafka unavailable; will retry (no attempt counted)"),
+            FailureKind::Event => ("outbox_delivery_failures_total", "outbox delivery failed; will retry"),
+            FailureKind::Dead => ("outbox_dead_letters_total", "outbox event dead-lettered"),
+        };
+        metrics::counter!(metric).increment(1);
+        if f.dead() {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(event_id = %event, %aggregate_id, %topic, attempts, %error, "{message}");
+        } else {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event_id = %event, %aggregate_id, %topic, attempts, %error, "{message}");
         }
         self.send(|| {
             DeliveryEvent::Failed(DeliveryFailure {

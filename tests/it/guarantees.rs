@@ -2315,6 +2315,17 @@ async fn a_slow_broker_does_not_starve_a_pipelined_aggregate() {
     stop_and_join(&outbox, handle).await;
 }
 
+/// Waits (up to 30 s) for the relay's first purge of its pipelining producer.
+async fn a_purge(outbox: &Outbox) {
+    support::eventually(Duration::from_secs(30), "a purge", || async {
+        match outbox.stats().pipelining_purges {
+            0 => Err("no purge".to_owned()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+}
+
 /// A purge of the pipelining producer (a broker 1.5 s away: its first message's report is
 /// overdue) makes librdkafka raise a fatal error on that gapless producer ("Fatal error: Local:
 /// Gap-less ordering would not be guaranteed if proceeding: … Purged in flight"). The relay
@@ -2340,13 +2351,7 @@ async fn a_purged_pipelining_producer_s_fatal_error_is_expected_not_alarming() {
         .broker_round_trip_time(1, Duration::from_secs(10))
         .expect("delay the broker");
     let slow = insert(&outbox, &mut client, &counters(&env.topic, "S", 1..=5)).await;
-    support::eventually(Duration::from_secs(30), "a purge", || async {
-        match outbox.stats().pipelining_purges {
-            0 => Err("no purge".to_owned()),
-            _ => Ok(()),
-        }
-    })
-    .await;
+    a_purge(&outbox).await;
     // The purged producer's fatal error comes from its own thread soon after the purge; the
     // broker still answers 10 s late, so nothing is delivered meanwhile (which would clear a
     // problem from health).
@@ -2403,13 +2408,7 @@ async fn pipelining_resumes_seconds_after_a_purge_once_the_broker_answers() {
         .broker_round_trip_time(1, Duration::from_millis(1500))
         .expect("delay the broker");
     let slow = insert(&outbox, &mut client, &counters(&env.topic, "S", 1..=5)).await;
-    support::eventually(Duration::from_secs(30), "a purge", || async {
-        match outbox.stats().pipelining_purges {
-            0 => Err("no purge".to_owned()),
-            _ => Ok(()),
-        }
-    })
-    .await;
+    a_purge(&outbox).await;
     let purged_at = tokio::time::Instant::now();
     kafka
         .broker_round_trip_time(1, Duration::ZERO)
