@@ -148,7 +148,9 @@ pub struct Health {
     /// left out of the reservations ([`RelayStats::left_out_aggregates`] > 0): up to three
     /// sessions, oldest transaction first, each `pid N (application 'name', state, transaction
     /// open S s)` (or "a prepared transaction (pg_prepared_xacts)"), as the last full scan that
-    /// found them named them; `None` when nothing is left out, and behind another relay's batch.
+    /// found them named them, followed by `(as of N s ago)` once that scan is a second old or
+    /// more (the ages are that scan's); `None` when nothing is left out, and behind another
+    /// relay's batch.
     /// The session to commit, roll back or end (`pg_terminate_backend`): a session idle in
     /// transaction after `select … for update` holds no snapshot, so
     /// [`oldest_transaction`](Self::oldest_transaction) may not name it. Informational: it does

@@ -33,8 +33,8 @@ pub(crate) struct Counters {
     /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
     pub(crate) left_out: AtomicU64,
     /// Who holds the locks those aggregates wait for, as the last full scan that found them
-    /// named them (`reserve.sql` column 19); cleared when none is counted.
-    pub(crate) held_back_by: Mutex<Option<String>>,
+    /// named them (`reserve.sql` column 19), and when; cleared when none is counted.
+    pub(crate) held_back_by: Mutex<Option<(String, std::time::Instant)>>,
     /// Unix time in milliseconds of the last confirmed delivery, 0 if none.
     pub(crate) last_delivery_ms: AtomicI64,
     pub(crate) running: AtomicBool,
@@ -58,12 +58,19 @@ pub(crate) struct PostgresState {
 const PROBLEM_TEXT_MAX: usize = 512;
 
 impl Counters {
-    /// Who holds the locks the left-out aggregates wait for (see [`Counters::held_back_by`]).
+    /// Who holds the locks the left-out aggregates wait for (see [`Counters::held_back_by`]),
+    /// with "(as of N s ago)" once the scan that named them is a second old or more: its
+    /// transactions' ages are as of that scan, and full scans can come tens of seconds apart
+    /// behind a large pile (a breaker read 15 s where the transaction had been open 49 s).
     pub(crate) fn held_back_by(&self) -> Option<String> {
-        self.held_back_by
+        let held = self
+            .held_back_by
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.as_ref().map(|(who, at)| match at.elapsed().as_secs() {
+            0 => who.clone(),
+            ago => format!("{who} (as of {ago} s ago)"),
+        })
     }
 
     /// The pipeline's Postgres problem, if any.
@@ -213,7 +220,8 @@ impl Reporter {
             .counters
             .held_back_by
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = who;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            who.map(|who| (who, std::time::Instant::now()));
     }
 
     /// A confirmed batch: every settled row, then the batch's delivery figures.
@@ -494,4 +502,31 @@ fn describe_gauges() {
         Unit::Seconds,
         "From the writer's transaction start to the confirmed delivery."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_holds_the_locks_says_how_old_the_scan_that_named_them_is() {
+        let counters = Counters::default();
+        assert_eq!(counters.held_back_by(), None);
+        let who = "pid 7 (application 'psql', idle in transaction, transaction open 15 s)";
+        *counters.held_back_by.lock().unwrap() = Some((who.to_owned(), std::time::Instant::now()));
+        assert_eq!(
+            counters.held_back_by().as_deref(),
+            Some(who),
+            "a fresh scan's figures"
+        );
+        let then = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(34))
+            .expect("the clock is older than 34 s");
+        *counters.held_back_by.lock().unwrap() = Some((who.to_owned(), then));
+        assert_eq!(
+            counters.held_back_by().as_deref(),
+            Some(format!("{who} (as of 34 s ago)").as_str()),
+            "the ages are the scan's, 34 s ago"
+        );
+    }
 }
