@@ -347,7 +347,17 @@ impl fmt::Display for PgBrief<'_> {
             db.severity(),
             db.code().code(),
             db.message()
-        )
+        )?;
+        // A prepared statement gone (26000) or its name taken (42P05): the session was moved to
+        // another server connection between two round trips, which only a pooler does. Said
+        // where the error shows (logs, health, `/health`'s error when its own query fails so).
+        use tokio_postgres::error::SqlState;
+        if db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
+            || db.code() == &SqlState::DUPLICATE_PSTATEMENT
+        {
+            f.write_str(" (the session was moved to another server connection: a pooler in transaction or statement pooling is in front of it; the relay needs session pooling)")?;
+        }
+        Ok(())
     }
 }
 

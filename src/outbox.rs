@@ -179,6 +179,12 @@ pub struct Health {
     pub postgres_problem: Option<String>,
     /// Since when `postgres_problem` has lasted; unhealthy once longer than `max_pending_age`.
     pub postgres_problem_since: Option<DateTime<Utc>>,
+    /// The relay's sessions go through a pooler that moves them between server connections:
+    /// since the last confirmed batch, a round trip of the pipeline failed because a session's
+    /// prepared statement was gone (SQLSTATE 26000, or 42P05: the sign `connect()`'s pooler
+    /// check reads), as with PgBouncer switched to `pool_mode = transaction` after `connect()`.
+    /// Nothing can be delivered so: unhealthy at once. Cleared like `postgres_problem`.
+    pub sessions_pooled_by_transaction: bool,
 }
 
 impl Health {
@@ -234,6 +240,9 @@ impl Health {
                 "a Kafka problem has lasted {:.0} s (limit {limit:.0} s)",
                 l.as_secs_f64()
             ));
+        }
+        if self.sessions_pooled_by_transaction {
+            reasons.push("the relay's Postgres sessions lost their prepared statements (SQLSTATE 26000): a pooler in transaction or statement pooling is in front of the relay; point it at Postgres or at a session-pooling port".to_string());
         }
         if let Some(l) = lasted(&self.postgres_problem_since) {
             reasons.push(format!(
@@ -520,6 +529,7 @@ impl Outbox {
         Ok(Health {
             postgres_problem_since: postgres.as_ref().map(|p| p.since),
             postgres_problem: postgres.map(|p| p.error),
+            sessions_pooled_by_transaction: self.inner.counters.sessions_moved(),
             kafka_problem_since: kafka.as_ref().map(|p| p.since),
             kafka_problem: kafka.map(|p| p.error),
             producer_rebuilds: stats.producer_rebuilds,
@@ -587,6 +597,7 @@ mod tests {
             producer_rebuilds: 0,
             postgres_problem: None,
             postgres_problem_since: None,
+            sessions_pooled_by_transaction: false,
         }
     }
 
@@ -606,6 +617,22 @@ mod tests {
             reasons.len() == 1
                 && reasons[0].contains("2 dead letter(s)")
                 && reasons[0].contains("requeue"),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn sessions_moved_by_a_pooler_are_unhealthy_at_once() {
+        let limit = Duration::from_secs(300);
+        let mut h = health(1, 0);
+        assert!(h.is_healthy(limit));
+        h.sessions_pooled_by_transaction = true;
+        h.postgres_problem =
+            Some("postgres: ERROR 26000: prepared statement \"s7\" does not exist".into());
+        h.postgres_problem_since = Some(chrono::Utc::now());
+        let reasons = h.reasons(limit);
+        assert!(
+            reasons.len() == 1 && reasons[0].contains("transaction or statement pooling"),
             "{reasons:?}"
         );
     }

@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "outbox-relay",
     version,
-    about = "Transactional outbox relay: Postgres → Kafka"
+    about = "Transactional outbox relay: Postgres → Kafka",
+    after_help = "Logging: OUTBOX_LOG, a tracing filter (default info,rdkafka=warn; e.g. OUTBOX_LOG=info,outbox::relay=debug logs every batch).\nExit codes: 0 success, 1 other failure, 2 bad flags, 3 invalid configuration, 4 Postgres or Kafka unreachable or refusing the login, 5 table missing, not migrated or with a schema problem (README: The `outbox-relay` binary)."
 )]
 struct Cli {
     /// Postgres connection string.
@@ -937,6 +938,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "producer_rebuilds": h.producer_rebuilds,
                         "postgres_problem": h.postgres_problem,
                         "postgres_problem_since": h.postgres_problem_since,
+                        "sessions_pooled_by_transaction": h.sessions_pooled_by_transaction,
                     });
                     (if healthy { 200 } else { 503 }, body)
                 }

@@ -52,6 +52,23 @@ pub(crate) struct PostgresState {
     problem: Option<ClientProblem>,
     /// When a fence or confirm last failed.
     batch_failed_at: Option<std::time::Instant>,
+    /// A failure said a session's prepared statement was gone (see [`sessions_moved`]): its
+    /// session went through a pooler to another server connection.
+    sessions_moved: bool,
+}
+
+/// Whether `e` says a session's prepared statement is gone (SQLSTATE 26000) or its name is
+/// taken (42P05): the session was moved to another server connection between two round trips,
+/// as a pooler in transaction or statement pooling does (the same sign the pooler check at
+/// `connect()` reads). A pooler switched to transaction pooling after `connect()` (a PgBouncer
+/// reload) made every fence fail so, with health green for `max_pending_age` (found by a
+/// breaker helper: 1,000 events stalled, `/health` 200).
+fn sessions_moved(e: &crate::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
+            || db.code() == &SqlState::DUPLICATE_PSTATEMENT
+    })
 }
 
 /// Longest problem text, in bytes.
@@ -76,6 +93,12 @@ impl Counters {
     /// The pipeline's Postgres problem, if any.
     pub(crate) fn postgres_problem(&self) -> Option<ClientProblem> {
         self.postgres_state().problem.clone()
+    }
+
+    /// Whether a failure since the last confirmed batch said a session was moved to another
+    /// server connection (see [`sessions_moved`]).
+    pub(crate) fn sessions_moved(&self) -> bool {
+        self.postgres_state().sessions_moved
     }
 
     fn postgres_state(&self) -> std::sync::MutexGuard<'_, PostgresState> {
@@ -177,6 +200,10 @@ impl Reporter {
     fn postgres_failed(&self, e: &crate::Error, batch: bool) {
         let mut state = self.counters.postgres_state();
         ClientProblem::note(&mut state.problem, problem_text(e));
+        if sessions_moved(e) && !state.sessions_moved {
+            state.sessions_moved = true;
+            tracing::error!(error = %e, "outbox relay: a Postgres session lost its prepared statement: {}", crate::pg::POOLER_PROBLEM);
+        }
         if batch {
             state.batch_failed_at = Some(std::time::Instant::now());
         }

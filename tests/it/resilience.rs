@@ -1733,6 +1733,51 @@ async fn start_pgbouncer_ignoring(pool_mode: &str, ignore: &str) -> Option<Bounc
     Some(bouncer)
 }
 
+impl Bouncer {
+    /// Stops this PgBouncer and starts it again on the same port in `pool_mode`, with
+    /// `server_round_robin` on (each transaction to the next server connection): every client
+    /// connection is dropped, and the clients' new ones go through the new mode.
+    async fn restart_in(&mut self, pool_mode: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let ini = self._dir.path().join("pgbouncer.ini");
+        let old = std::fs::read_to_string(&ini).unwrap();
+        let mode = old
+            .lines()
+            .map(|l| match l.starts_with("pool_mode") {
+                true => format!("pool_mode = {pool_mode}\nserver_round_robin = 1"),
+                false => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&ini, mode + "\n").unwrap();
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("pgbouncer was installed");
+        let mut cmd = std::process::Command::new(bin);
+        if nix_is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        self.child = (cmd.arg(&ini).stdin(std::process::Stdio::null()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + HANG;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pgbouncer did not listen again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 fn nix_is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
@@ -1873,6 +1918,108 @@ async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
     }
     let n = support::count_rows(&client, &table, "").await;
     assert_eq!(n, 20);
+}
+
+/// A pooler switched from session to transaction pooling after `connect()` (PgBouncer
+/// restarted with `pool_mode = transaction`): the relay's sessions reconnect through it, their
+/// prepared statements land on other server connections and every fence fails with 26000, so
+/// nothing is delivered. Health says so at once — not `max_pending_age` later — naming the
+/// pooler (found by a breaker helper: 1,000 events stalled, `/health` 200 for 5 minutes). Back
+/// in session pooling, the events are delivered and health is clear. Fails without the check
+/// (no reason until the events are 5 minutes old).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooler_switched_to_transaction_pooling_after_connect_is_unhealthy_at_once() {
+    support::init_tracing();
+    let Some(mut bouncer) = start_pgbouncer("session").await else {
+        eprintln!("SKIPPED a_pooler_switched_to_transaction_pooling_after_connect_is_unhealthy_at_once: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let (table, client) = migrated_table("bouncer_switch").await;
+    let topic = support::fresh_topic("bouncer_switch_topic", 1).await;
+    let outbox = on_table(bouncer.config(), &table)
+        .connect()
+        .await
+        .expect("session pooling is accepted");
+    let relay = outbox.start().unwrap();
+    let add = |n: i64| {
+        let (outbox, client, topic) = (&outbox, &client, &topic);
+        async move {
+            (outbox.add_new_event(client, NewEvent::new(topic, "a", "T", json!({"n": n}))))
+                .await
+                .unwrap();
+        }
+    };
+    add(1).await;
+    let first = outbox::testing::consume_all(&support::kafka_brokers(), &topic, 1, HANG).await;
+    assert_eq!(first.len(), 1);
+    let limit = Duration::from_secs(300);
+    assert_eq!(
+        outbox.health().await.unwrap().reasons(limit),
+        Vec::<String>::new()
+    );
+
+    bouncer.restart_in("transaction").await;
+    for n in 2..=6 {
+        add(n).await;
+    }
+    // With each transaction on the next server connection, health's own query may fail the
+    // same way: then its error names the pooler (`/health` answers 503 with it).
+    support::eventually(
+        Duration::from_secs(60),
+        "health names the pooler",
+        || async {
+            let (reasons, problem) = match outbox.health().await {
+                Ok(health) => (health.reasons(limit), health.postgres_problem),
+                Err(e) => (vec![e.to_string()], None),
+            };
+            match reasons
+                .iter()
+                .any(|r| r.contains("transaction or statement pooling"))
+            {
+                true => Ok(()),
+                false => Err(format!("reasons {reasons:?}, problem {problem:?}")),
+            }
+        },
+    )
+    .await;
+
+    bouncer.restart_in("session").await;
+    support::eventually(HANG, "the six delivered", || async {
+        match support::count_rows(&client, &table, "where status = 'done'").await {
+            6 => Ok(()),
+            n => Err(format!("{n} of 6 done")),
+        }
+    })
+    .await;
+    // A batch whose confirm failed after its publish is published again (a contiguous replay):
+    // every event is there, first seen in order.
+    let all = outbox::testing::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        1_000,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut firsts: Vec<i64> = Vec::new();
+    for n in all.iter().map(|r| r.json()["n"].as_i64().unwrap()) {
+        if !firsts.contains(&n) {
+            firsts.push(n);
+        }
+    }
+    assert_eq!(
+        firsts,
+        (1..=6).collect::<Vec<_>>(),
+        "every event, first seen in order"
+    );
+    support::eventually(Duration::from_secs(30), "health clear again", || async {
+        let health = outbox.health().await.map_err(|e| e.to_string())?;
+        match health.reasons(limit).is_empty() {
+            true => Ok(()),
+            false => Err(format!("{:?}", health.reasons(limit))),
+        }
+    })
+    .await;
+    support::stop_and_join(&outbox, relay).await;
 }
 
 /// Behind PgBouncer in session pooling the relay works: its startup options are refused by
