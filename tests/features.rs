@@ -7,8 +7,9 @@
 fn the_integration_suite_needs_its_features() {
     panic!(
         "the integration suite (tests/it) was not built: it needs the features `testing`, `cli` \
-         and `sqlx`. Run `scripts/test` (installs and starts Postgres and a 3-node Kafka \
-         cluster, then runs `cargo test --all-features`) or `cargo test --all-features` (Kafka \
+         and `sqlx`. Run `scripts/test` (installs the Postgres server programs the tests start \
+         throwaway servers from, starts a 3-node Kafka cluster, then runs `cargo test \
+         --all-features`) or `cargo test --all-features` (Kafka \
          tests then use librdkafka's mock cluster unless KAFKA_BROKERS is set)."
     );
 }
