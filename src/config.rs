@@ -769,7 +769,7 @@ impl OutboxBuilder {
     fn check_endpoints(&self, problems: &mut Vec<String>) -> Option<tokio_postgres::Config> {
         let pg = match &self.postgres {
             None => {
-                problems.push("postgres: not set; call `database_url` or `postgres`".to_string());
+                problems.push("postgres: not set; call `database_url` or `postgres` (outbox-relay: --database-url or DATABASE_URL)".to_string());
                 None
             }
             Some(Err(e)) => {
@@ -792,7 +792,7 @@ impl OutboxBuilder {
             self.kafka_brokers.as_deref().map(str::trim),
             None | Some("")
         ) {
-            problems.push("kafka_brokers: not set; give `host:port[,host:port…]`".to_string());
+            problems.push("kafka_brokers: not set; give `host:port[,host:port…]` (outbox-relay: --kafka-brokers or KAFKA_BROKERS)".to_string());
         }
         if let Some(source) = &self.settings.cloudevents_source {
             if let Err(reason) = crate::cloudevents::check_source(source) {
