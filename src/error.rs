@@ -236,6 +236,18 @@ impl Error {
         matches!(self, Error::Timeout { .. })
     }
 
+    /// Whether a session's prepared statement is gone (SQLSTATE 26000) or its name taken
+    /// (42P05): the session was moved to another server connection (a pooler in transaction or
+    /// statement pooling), or someone ran `DEALLOCATE ALL` in it. What was prepared on that
+    /// connection cannot be used again: the relay replaces it.
+    pub(crate) fn lost_prepared_statement(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        self.as_db_error().is_some_and(|db| {
+            db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
+                || db.code() == &SqlState::DUPLICATE_PSTATEMENT
+        })
+    }
+
     /// `true` for [`Error::AlreadyStarted`].
     pub fn is_already_started(&self) -> bool {
         matches!(self, Error::AlreadyStarted)
@@ -355,7 +367,7 @@ impl fmt::Display for PgBrief<'_> {
         if db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
             || db.code() == &SqlState::DUPLICATE_PSTATEMENT
         {
-            f.write_str(" (the session was moved to another server connection: a pooler in transaction or statement pooling is in front of it; the relay needs session pooling)")?;
+            f.write_str(" (the session was moved to another server connection — a pooler in transaction or statement pooling in front of it; the relay needs session pooling — or DEALLOCATE ran in it)")?;
         }
         Ok(())
     }

@@ -183,7 +183,9 @@ pub struct Health {
     /// since the last confirmed batch, a round trip of the pipeline failed because a session's
     /// prepared statement was gone (SQLSTATE 26000, or 42P05: the sign `connect()`'s pooler
     /// check reads), as with PgBouncer switched to `pool_mode = transaction` after `connect()`.
-    /// Nothing can be delivered so: unhealthy at once. Cleared like `postgres_problem`.
+    /// Little or nothing can be delivered so: unhealthy at once, and for 60 s after the last
+    /// such failure (the relay replaces each such session; `DEALLOCATE ALL` run in one of its
+    /// sessions, by a trigger say, looks the same).
     pub sessions_pooled_by_transaction: bool,
 }
 
@@ -242,7 +244,7 @@ impl Health {
             ));
         }
         if self.sessions_pooled_by_transaction {
-            reasons.push("the relay's Postgres sessions lost their prepared statements (SQLSTATE 26000): a pooler in transaction or statement pooling is in front of the relay; point it at Postgres or at a session-pooling port".to_string());
+            reasons.push("the relay's Postgres sessions lost their prepared statements (SQLSTATE 26000) within the last minute: a pooler in transaction or statement pooling is in front of the relay (point it at Postgres or at a session-pooling port), or DEALLOCATE ran in its sessions".to_string());
         }
         if let Some(l) = lasted(&self.postgres_problem_since) {
             reasons.push(format!(

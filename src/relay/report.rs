@@ -40,6 +40,8 @@ pub(crate) struct Counters {
     pub(crate) running: AtomicBool,
     /// The pipeline's Postgres problem, if any (see [`PostgresState`]).
     pub(crate) postgres: Mutex<PostgresState>,
+    /// When a failure of the pipeline last said a session's prepared statement was gone.
+    sessions_moved_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The pipeline's failing Postgres round trips (reservation, fence, confirm) since the last
@@ -52,24 +54,13 @@ pub(crate) struct PostgresState {
     problem: Option<ClientProblem>,
     /// When a fence or confirm last failed.
     batch_failed_at: Option<std::time::Instant>,
-    /// A failure said a session's prepared statement was gone (see [`sessions_moved`]): its
-    /// session went through a pooler to another server connection.
-    sessions_moved: bool,
 }
 
-/// Whether `e` says a session's prepared statement is gone (SQLSTATE 26000) or its name is
-/// taken (42P05): the session was moved to another server connection between two round trips,
-/// as a pooler in transaction or statement pooling does (the same sign the pooler check at
-/// `connect()` reads). A pooler switched to transaction pooling after `connect()` (a PgBouncer
-/// reload) made every fence fail so, with health green for `max_pending_age` (found by a
-/// breaker helper: 1,000 events stalled, `/health` 200).
-fn sessions_moved(e: &crate::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    e.as_db_error().is_some_and(|db| {
-        db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
-            || db.code() == &SqlState::DUPLICATE_PSTATEMENT
-    })
-}
+/// How long health names sessions moved by a pooler after the last failure that said so (see
+/// [`Counters::sessions_moved`]): a transaction pooler lets some batches through, and an empty
+/// reservation says nothing about it, so neither may clear it (found by a breaker helper:
+/// health went 200 between failures while the backlog stood).
+const SESSIONS_MOVED_SHOWN: Duration = Duration::from_secs(60);
 
 /// Longest problem text, in bytes.
 const PROBLEM_TEXT_MAX: usize = 512;
@@ -95,10 +86,15 @@ impl Counters {
         self.postgres_state().problem.clone()
     }
 
-    /// Whether a failure since the last confirmed batch said a session was moved to another
-    /// server connection (see [`sessions_moved`]).
+    /// Whether a failure of the last [`SESSIONS_MOVED_SHOWN`] said a session's prepared
+    /// statement was gone ([`crate::Error::lost_prepared_statement`]): its session went
+    /// through a pooler to another server connection.
     pub(crate) fn sessions_moved(&self) -> bool {
-        self.postgres_state().sessions_moved
+        let at = *self
+            .sessions_moved_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        at.is_some_and(|at| at.elapsed() < SESSIONS_MOVED_SHOWN)
     }
 
     fn postgres_state(&self) -> std::sync::MutexGuard<'_, PostgresState> {
@@ -200,9 +196,14 @@ impl Reporter {
     fn postgres_failed(&self, e: &crate::Error, batch: bool) {
         let mut state = self.counters.postgres_state();
         ClientProblem::note(&mut state.problem, problem_text(e));
-        if sessions_moved(e) && !state.sessions_moved {
-            state.sessions_moved = true;
-            tracing::error!(error = %e, "outbox relay: a Postgres session lost its prepared statement: {}", crate::pg::POOLER_PROBLEM);
+        if e.lost_prepared_statement() {
+            // Logged when it starts, and again once it had stopped for a while.
+            if !self.counters.sessions_moved() {
+                tracing::error!(error = %e, "outbox relay: a Postgres session lost its prepared statements (the relay replaces the session): {}", crate::pg::POOLER_PROBLEM);
+            }
+            *(self.counters.sessions_moved_at.lock())
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
         }
         if batch {
             state.batch_failed_at = Some(std::time::Instant::now());
@@ -534,6 +535,19 @@ fn describe_gauges() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_moved_are_named_for_a_minute_after_the_last_sign() {
+        let counters = Counters::default();
+        assert!(!counters.sessions_moved());
+        *counters.sessions_moved_at.lock().unwrap() = Some(std::time::Instant::now());
+        assert!(counters.sessions_moved(), "just now");
+        let then = std::time::Instant::now()
+            .checked_sub(SESSIONS_MOVED_SHOWN + Duration::from_secs(1))
+            .expect("the clock is older than a minute");
+        *counters.sessions_moved_at.lock().unwrap() = Some(then);
+        assert!(!counters.sessions_moved(), "over a minute ago");
+    }
 
     #[test]
     fn who_holds_the_locks_says_how_old_the_scan_that_named_them_is() {

@@ -1920,6 +1920,79 @@ async fn pgbouncer_transaction_pooling_is_refused_writers_work() {
     assert_eq!(n, 20);
 }
 
+/// A session whose prepared statements are gone fails every round trip the same way for good:
+/// the relay replaces it. Here `DEALLOCATE ALL` runs in the fence session (a trigger on the
+/// fence table), with no pooler anywhere: once the trigger is dropped, the next events are
+/// delivered within seconds (found by a breaker helper: after PgBouncer went back to session
+/// pooling, and after such a trigger, every fence failed with 26000 until the relay or
+/// PgBouncer was restarted — 4,039 events stalled). Fails without the replacement (nothing
+/// more delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_lost_its_prepared_statements_is_replaced() {
+    support::init_tracing();
+    let (table, client) = migrated_table("dealloc").await;
+    let topic = support::fresh_topic("dealloc_topic", 1).await;
+    let outbox = on_table(support::postgres().await, &table)
+        .connect()
+        .await
+        .expect("connect");
+    let relay = outbox.start().unwrap();
+    let add = |n: i64| {
+        let (outbox, client, topic) = (&outbox, &client, &topic);
+        async move {
+            (outbox.add_new_event(
+                client,
+                NewEvent::new(topic, format!("a{n}"), "T", json!({"n": n})),
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    let done = |n: i64| {
+        let (client, table) = (&client, &table);
+        async move {
+            support::eventually(HANG, "delivered", || async {
+                match support::count_rows(client, table, "where status = 'done'").await {
+                    d if d >= n => Ok(()),
+                    d => Err(format!("{d} of {n} done")),
+                }
+            })
+            .await;
+        }
+    };
+    add(1).await;
+    done(1).await;
+    client
+        .batch_execute(&format!(
+            "create function {table}_dealloc() returns trigger language plpgsql as
+               $$ begin execute 'deallocate all'; return null; end $$;
+             create trigger {table}_dealloc after insert on {table}_fence
+               for each statement execute function {table}_dealloc();"
+        ))
+        .await
+        .unwrap();
+    // The fence of the next batch commits, then its session's statements are gone.
+    add(2).await;
+    done(2).await;
+    add(3).await;
+    support::eventually(HANG, "a fence failed on the lost statement", || async {
+        match outbox.health().await.map_err(|e| e.to_string())? {
+            h if h.sessions_pooled_by_transaction => Ok(()),
+            h => Err(format!("{:?}", h.postgres_problem)),
+        }
+    })
+    .await;
+    client
+        .batch_execute(&format!("drop trigger {table}_dealloc on {table}_fence"))
+        .await
+        .unwrap();
+    for n in 4..=6 {
+        add(n).await;
+    }
+    done(6).await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// A pooler switched from session to transaction pooling after `connect()` (PgBouncer
 /// restarted with `pool_mode = transaction`): the relay's sessions reconnect through it, their
 /// prepared statements land on other server connections and every fence fails with 26000, so
