@@ -352,7 +352,11 @@ fn run_outcome(
             Ok((partition, offset)) if offset >= 0 => {
                 Some(publish::order_anomaly(ctx, row, partition, offset))
             }
-            _ => None,
+            Err(e) => {
+                publish::mark_alone_if_refused_with_its_batch(ctx, row, &e);
+                None
+            }
+            Ok(_) => None,
         };
     }
     let outcome = late_outcome(ctx, row, late.report, late.alone, late.pipe.is_some());

@@ -2724,6 +2724,84 @@ async fn s5_broker_size_limit_in_one_record_batch_dead_letters_only_the_big_even
     s5_broker_limit(true).await;
 }
 
+/// An event too large for its topic 40th in a pipelined run of 60 (one aggregate, one
+/// transaction; topic `max.message.bytes` 3,000, the event 8 kB): the broker refuses the record
+/// batch that holds it with events before it. Every event of that refused record batch goes
+/// alone next time, so the run costs a cycle or two, not one per event before the culprit
+/// (found by a breaker helper: with only the first marked, 51 cycles, 54 s and 51 fatal
+/// pipelining producers for the 50th of 100). The 39 before it are delivered in order, it is a
+/// dead letter after one attempt. Needs a real broker (topic configs). Fails with only the
+/// first event of the refused batch sent alone (dozens of pipelining producers replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_an_oversized_event_late_in_a_pipelined_run_costs_a_cycle_not_one_per_event() {
+    if support::kafka_is_mock() {
+        eprintln!("s5 pipelined: skipped: the mock cluster does not enforce max.message.bytes");
+        return;
+    }
+    support::init_tracing();
+    let env = Env::named(
+        "s5pipe",
+        support::kafka_brokers(),
+        support::postgres().await,
+    );
+    outbox::migrate_table(&support::connect_pg().await, &env.table, &env.channel)
+        .await
+        .expect("migrate");
+    let topic = &env.topic;
+    support::create_topic_with_config(&env.brokers, topic, 1, &[("max.message.bytes", "3000")])
+        .await
+        .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
+    let (outbox, _acks, handle, mut reader, mut client) = run(&env, env.builder()).await;
+    let events: Vec<NewEvent> = (1..=60)
+        .map(|n| {
+            let pad = if n == 40 {
+                "x".repeat(8_000)
+            } else {
+                String::new()
+            };
+            NewEvent::new(topic, "h", "counter", json!({ "n": n, "pad": pad }))
+        })
+        .collect();
+    let ids = insert(&outbox, &mut client, &events).await;
+    let dead = support::wait_status(
+        &outbox,
+        &ids[39..40],
+        EventStatus::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(dead[0].attempts(), 1, "{}", support::brief(&dead));
+    support::wait_status(
+        &outbox,
+        &ids[..39],
+        EventStatus::Done,
+        Duration::from_secs(10),
+    )
+    .await;
+    let got = read_n(&mut reader, 39, Duration::from_secs(10)).await;
+    let ns: Vec<i64> = got
+        .iter()
+        .map(|r| r.json()["n"].as_i64().unwrap())
+        .collect();
+    let mut firsts: Vec<i64> = Vec::new();
+    for n in ns {
+        if !firsts.contains(&n) {
+            firsts.push(n);
+        }
+    }
+    assert_eq!(
+        firsts,
+        (1..=39).collect::<Vec<_>>(),
+        "the 39 before it, in order"
+    );
+    let rebuilds = outbox.stats().producer_rebuilds;
+    assert!(
+        rebuilds <= 3,
+        "{rebuilds} producers replaced: the refused record batch's events were not all sent alone"
+    );
+    stop_and_join(&outbox, handle).await;
+}
+
 /// `s5_oversized` with the broker's own limit (a 200 kB event, topic limit 100,000); skipped on
 /// the mock cluster, which does not enforce topic configs.
 async fn s5_broker_limit(together: bool) {
