@@ -2779,16 +2779,7 @@ async fn s5_an_oversized_event_late_in_a_pipelined_run_costs_a_cycle_not_one_per
     )
     .await;
     let got = read_n(&mut reader, 39, Duration::from_secs(10)).await;
-    let ns: Vec<i64> = got
-        .iter()
-        .map(|r| r.json()["n"].as_i64().unwrap())
-        .collect();
-    let mut firsts: Vec<i64> = Vec::new();
-    for n in ns {
-        if !firsts.contains(&n) {
-            firsts.push(n);
-        }
-    }
+    let firsts = support::first_seen(got.iter().map(|r| r.json()["n"].as_i64().unwrap()));
     assert_eq!(
         firsts,
         (1..=39).collect::<Vec<_>>(),

@@ -1703,33 +1703,12 @@ async fn start_pgbouncer_ignoring(pool_mode: &str, ignore: &str) -> Option<Bounc
         let mode = if p.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let mut cmd = std::process::Command::new(&bin);
-    if nix_is_root() {
-        cmd.args(["-u", "nobody"]);
-    }
-    let child = cmd
-        .arg(&ini)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
     let bouncer = Bouncer {
-        child,
+        child: spawn_pgbouncer(&bin, &ini),
         port,
         _dir: dir,
     };
-    let deadline = tokio::time::Instant::now() + HANG;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pgbouncer did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bouncer.wait_listening().await;
     Some(bouncer)
 }
 
@@ -1753,17 +1732,15 @@ impl Bouncer {
         std::fs::write(&ini, mode + "\n").unwrap();
         let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
             .expect("pgbouncer was installed");
-        let mut cmd = std::process::Command::new(bin);
-        if nix_is_root() {
-            cmd.args(["-u", "nobody"]);
-        }
-        self.child = (cmd.arg(&ini).stdin(std::process::Stdio::null()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap();
+        self.child = spawn_pgbouncer(&bin, &ini);
+        self.wait_listening().await;
+    }
+
+    /// Waits (up to [`HANG`]) until PgBouncer accepts connections on its port.
+    async fn wait_listening(&self) {
         let deadline = tokio::time::Instant::now() + HANG;
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
@@ -1771,11 +1748,47 @@ impl Bouncer {
         {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "pgbouncer did not listen again"
+                "pgbouncer did not listen"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Starts PgBouncer `bin` on `ini` (as `nobody` when root: it refuses to run as root).
+fn spawn_pgbouncer(bin: &std::path::Path, ini: &std::path::Path) -> std::process::Child {
+    let mut cmd = std::process::Command::new(bin);
+    if nix_is_root() {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.arg(ini)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()))
+}
+
+/// A migrated table named from `prefix` (and a direct client to it), a fresh one-partition topic,
+/// and a relay on the table started through `bouncer` (in session pooling).
+async fn relay_through(
+    bouncer: &Bouncer,
+    prefix: &str,
+) -> (
+    String,
+    tokio_postgres::Client,
+    String,
+    Outbox,
+    tokio::task::JoinHandle<outbox::Result<()>>,
+) {
+    let (table, client) = migrated_table(prefix).await;
+    let topic = support::fresh_topic(&format!("{prefix}_topic"), 1).await;
+    let outbox = on_table(bouncer.config(), &table)
+        .connect()
+        .await
+        .expect("session pooling is accepted");
+    let relay = outbox.start().unwrap();
+    (table, client, topic, outbox, relay)
 }
 
 fn nix_is_root() -> bool {
@@ -2007,13 +2020,7 @@ async fn a_pooler_switched_to_transaction_pooling_after_connect_is_unhealthy_at_
         eprintln!("SKIPPED a_pooler_switched_to_transaction_pooling_after_connect_is_unhealthy_at_once: pgbouncer is not installed (apt-get install pgbouncer)");
         return;
     };
-    let (table, client) = migrated_table("bouncer_switch").await;
-    let topic = support::fresh_topic("bouncer_switch_topic", 1).await;
-    let outbox = on_table(bouncer.config(), &table)
-        .connect()
-        .await
-        .expect("session pooling is accepted");
-    let relay = outbox.start().unwrap();
+    let (table, client, topic, outbox, relay) = relay_through(&bouncer, "bouncer_switch").await;
     let add = |n: i64| {
         let (outbox, client, topic) = (&outbox, &client, &topic);
         async move {
@@ -2073,12 +2080,7 @@ async fn a_pooler_switched_to_transaction_pooling_after_connect_is_unhealthy_at_
         Duration::from_secs(5),
     )
     .await;
-    let mut firsts: Vec<i64> = Vec::new();
-    for n in all.iter().map(|r| r.json()["n"].as_i64().unwrap()) {
-        if !firsts.contains(&n) {
-            firsts.push(n);
-        }
-    }
+    let firsts = support::first_seen(all.iter().map(|r| r.json()["n"].as_i64().unwrap()));
     assert_eq!(
         firsts,
         (1..=6).collect::<Vec<_>>(),
@@ -2104,13 +2106,7 @@ async fn pgbouncer_session_pooling_works() {
         eprintln!("SKIPPED pgbouncer_session_pooling_works: pgbouncer is not installed (apt-get install pgbouncer)");
         return;
     };
-    let (table, _client) = migrated_table("bouncer_sess").await;
-    let topic = support::fresh_topic("bouncer_topic", 1).await;
-    let outbox = on_table(bouncer.config(), &table)
-        .connect()
-        .await
-        .expect("session pooling is accepted");
-    let relay = outbox.start().unwrap();
+    let (table, _client, topic, outbox, relay) = relay_through(&bouncer, "bouncer_sess").await;
     let w = outbox::testing::connect(&bouncer.config()).await.unwrap();
     outbox
         .add_new_event(&w, NewEvent::new(&topic, "a", "T", json!({"n": 1})))

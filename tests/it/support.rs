@@ -509,6 +509,17 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{p}_{suffix:012x}")
 }
 
+/// The values of `seen` in the order each first appeared (a replay's copies dropped).
+pub fn first_seen(seen: impl IntoIterator<Item = i64>) -> Vec<i64> {
+    let mut firsts: Vec<i64> = Vec::new();
+    for n in seen {
+        if !firsts.contains(&n) {
+            firsts.push(n);
+        }
+    }
+    firsts
+}
+
 /// Installs a `tracing` subscriber writing to the test output, filtered by `RUST_LOG`
 /// (default `warn`), and keeping the process's latest warnings and errors for [`logged`]
 /// whatever `RUST_LOG` says. Safe to call from every test.
