@@ -241,11 +241,8 @@ impl Error {
     /// statement pooling), or someone ran `DEALLOCATE ALL` in it. What was prepared on that
     /// connection cannot be used again: the relay replaces it.
     pub(crate) fn lost_prepared_statement(&self) -> bool {
-        use tokio_postgres::error::SqlState;
-        self.as_db_error().is_some_and(|db| {
-            db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
-                || db.code() == &SqlState::DUPLICATE_PSTATEMENT
-        })
+        self.as_db_error()
+            .is_some_and(|db| is_moved_session(db.code()))
     }
 
     /// `true` for [`Error::AlreadyStarted`].
@@ -346,6 +343,15 @@ impl fmt::Display for PgErrorDisplay<'_> {
     }
 }
 
+/// A prepared statement gone (26000) or its name taken by another client (42P05): the session
+/// was moved to another server connection between two round trips — what a pooler in
+/// transaction or statement pooling does (PgBouncer 1.18), or `DEALLOCATE` run in the session.
+/// The sign that `connect()`'s pooler check and the relay's health read.
+pub(crate) fn is_moved_session(code: &tokio_postgres::error::SqlState) -> bool {
+    use tokio_postgres::error::SqlState;
+    code == &SqlState::INVALID_SQL_STATEMENT_NAME || code == &SqlState::DUPLICATE_PSTATEMENT
+}
+
 /// A server error's severity, SQLSTATE and message, without its detail and hint (which can
 /// quote a row's values).
 pub(crate) struct PgBrief<'a>(pub(crate) &'a DbError);
@@ -360,13 +366,9 @@ impl fmt::Display for PgBrief<'_> {
             db.code().code(),
             db.message()
         )?;
-        // A prepared statement gone (26000) or its name taken (42P05): the session was moved to
-        // another server connection between two round trips, which only a pooler does. Said
-        // where the error shows (logs, health, `/health`'s error when its own query fails so).
-        use tokio_postgres::error::SqlState;
-        if db.code() == &SqlState::INVALID_SQL_STATEMENT_NAME
-            || db.code() == &SqlState::DUPLICATE_PSTATEMENT
-        {
+        // Said where the error shows (logs, health, `/health`'s error when its own query fails
+        // so).
+        if is_moved_session(db.code()) {
             f.write_str(" (the session was moved to another server connection — a pooler in transaction or statement pooling in front of it; the relay needs session pooling — or DEALLOCATE ran in it)")?;
         }
         Ok(())

@@ -831,14 +831,7 @@ impl Pg {
                 // or a statement name another client session already used on this server
                 // connection (42P05): the pooler moved the session between two round trips
                 // (PgBouncer 1.18 in transaction pooling, seen intermittently).
-                Err(e)
-                    if e.code().is_some_and(|c| {
-                        c == &tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME
-                            || c == &tokio_postgres::error::SqlState::DUPLICATE_PSTATEMENT
-                    }) =>
-                {
-                    Ok((true, 0))
-                }
+                Err(e) if e.code().is_some_and(crate::error::is_moved_session) => Ok((true, 0)),
                 r => r.map_err(Error::Postgres),
             }
         })

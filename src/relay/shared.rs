@@ -1,7 +1,7 @@
 //! A session shared by the relay's tasks of one kind (the batch fences, the late reports):
 //! opened on demand, kept open, and replaced after a round trip on it missed its deadline (it may
-//! be stuck) or found its prepared statements gone. tokio-postgres pipelines the tasks' statements on it, so that however many tasks
-//! there are, they take one Postgres connection.
+//! be stuck) or found its prepared statements gone. tokio-postgres pipelines the tasks'
+//! statements on it, so that however many tasks there are, they take one Postgres connection.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -98,26 +98,19 @@ impl<T: SharedSession> Shared<T> {
         let live = Live::start(s.live());
         let r = round_trip(stop, what, after, op).await;
         drop(live);
-        // Its prepared statements gone (a pooler moved the session, or `DEALLOCATE ALL` ran in
-        // it), the session would fail every round trip the same way for good: the next `get`
-        // opens a new one (found by a breaker helper: every fence failed for minutes after
-        // PgBouncer was back in session pooling, until it was restarted).
-        if r.as_ref().is_err_and(crate::Error::lost_prepared_statement) {
+        // Replaced after a missed deadline (it may be stuck), and once its prepared statements
+        // are gone (a pooler moved the session, or `DEALLOCATE ALL` ran in it: it would fail
+        // every round trip the same way for good — found by a breaker helper, every fence
+        // failed for minutes after PgBouncer was back in session pooling).
+        let timed_out = r.as_ref().is_err_and(crate::Error::is_timeout);
+        if timed_out || r.as_ref().is_err_and(crate::Error::lost_prepared_statement) {
             let mut slot = self.slot.lock().await;
             if slot.as_ref().is_some_and(|g| Arc::ptr_eq(g, s)) {
                 *slot = None;
             }
         }
-        if r.as_ref().is_err_and(crate::Error::is_timeout) {
-            {
-                let mut slot = self.slot.lock().await;
-                if slot.as_ref().is_some_and(|g| Arc::ptr_eq(g, s)) {
-                    *slot = None;
-                }
-            }
-            if s.live().load(Ordering::SeqCst) == 0 {
-                pg.cancel(s.client(), s.server(), what);
-            }
+        if timed_out && s.live().load(Ordering::SeqCst) == 0 {
+            pg.cancel(s.client(), s.server(), what);
         }
         r
     }
