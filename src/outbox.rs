@@ -180,7 +180,7 @@ pub struct Health {
     /// Since when `postgres_problem` has lasted; unhealthy once longer than `max_pending_age`.
     pub postgres_problem_since: Option<DateTime<Utc>>,
     /// The relay's sessions go through a pooler that moves them between server connections:
-    /// since the last confirmed batch, a round trip of the pipeline failed because a session's
+    /// within the last minute, a round trip of the pipeline failed because a session's
     /// prepared statement was gone (SQLSTATE 26000, or 42P05: the sign `connect()`'s pooler
     /// check reads), as with PgBouncer switched to `pool_mode = transaction` after `connect()`.
     /// Little or nothing can be delivered so: unhealthy at once, and for 60 s after the last
