@@ -33,6 +33,11 @@ struct Migration {
     sql: &'static str,
 }
 
+/// The schema's history, oldest first. A migration only adds (a column with a default, an
+/// index, a table, a trigger that lets what it does not know pass): relays of the previous
+/// build keep running on the table while the next build's `migrate` upgrades it, and after a
+/// rollback (`check_migrated` takes any version at or above its own; an older `migrate` leaves
+/// a newer schema as it is) — README, "Upgrading outbox".
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -280,6 +285,10 @@ impl MigrationReport {
 /// `create` on the schema — the relay's, with `outbox-relay run --migrate` — passes when there is
 /// nothing to do.
 ///
+/// A table a newer build of this crate migrated (a version above [`SCHEMA_VERSION`] in
+/// `outbox_migrations`, as after rolling a deployment back) is left as it is, with an info log
+/// line: its recorded version stays, so the newer relays still start on it.
+///
 /// `client` must not be inside a transaction: the migration runs its own.
 ///
 /// Each attempt waits at most 2 s for a lock (`lock_timeout`): while DDL waits for a lock on
@@ -288,7 +297,8 @@ impl MigrationReport {
 /// sessions holding locks on it.
 ///
 /// # Errors
-/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Config`] naming the
+/// [`Error::InvalidIdentifier`] for a bad table or channel name; [`Error::Schema`] when a newer
+/// build migrated the table and `channel` is not its registered one; [`Error::Config`] naming the
 /// server's version when it is older than Postgres 13 (nothing is applied); [`Error::MigrationLocked`]
 /// naming the sessions that held the table through every attempt; [`Error::Postgres`] when a
 /// statement fails (nothing is applied then: the transaction rolls back).
@@ -383,8 +393,8 @@ async fn migrate_once(client: &Client, table: &str, channel: &str) -> Result<Mig
     }
 }
 
-/// Whether `table` is registered with `channel` and [`SCHEMA_VERSION`] (which `migrate`
-/// registers in the transaction that applied every migration) and misses none of its objects
+/// Whether `table` is registered with `channel` and [`SCHEMA_VERSION`] or a newer version
+/// (which `migrate` registers in the transaction that applied every migration) and misses none of its objects
 /// (see [`missing_objects`]). Reads only what the relay role may read (`outbox_tables`, the
 /// catalogs).
 async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<bool> {
@@ -398,7 +408,8 @@ async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<bool>
         .query_opt(include_str!("sql/table_channel.sql"), &[&table])
         .await?
         .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
-    if registered != Some((channel.to_string(), SCHEMA_VERSION)) {
+    // At or above this build's version: a newer build's `migrate` registers its own.
+    if !registered.is_some_and(|(c, v)| c == channel && v >= SCHEMA_VERSION) {
         return Ok(false);
     }
     // A sequence check that fails (what keeps the role from reading the table is named
@@ -463,6 +474,9 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         .await?
         .map(|r| r.get(0));
     let channel_changed = previous_channel.as_deref().is_some_and(|c| c != channel);
+    if let Some(newer) = done.iter().copied().max().filter(|v| *v > SCHEMA_VERSION) {
+        return leave_a_newer_schema(table, channel, previous_channel.as_deref(), newer);
+    }
     if done.is_empty() {
         refuse_running_go_relay(tx, table).await?;
     }
@@ -501,6 +515,40 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         applied,
         previous_channel,
         repaired,
+    })
+}
+
+/// A table a newer build of this crate migrated (its `outbox_migrations` holds version `newer`,
+/// above [`SCHEMA_VERSION`]) is left as it is: recording this build's version would make the
+/// newer relays refuse it as outdated, and re-creating what this build knows could undo what
+/// the newer migrations changed. Reached when a deployment is rolled back to an older build
+/// that runs `migrate` at start (`run --migrate`); the older relay runs on the newer schema
+/// (`check_migrated` takes any version at or above its own, and migrations only add).
+///
+/// # Errors
+/// [`Error::Schema`] when the call asks for another channel than the registered one: only a
+/// build that knows the newer schema may re-create its trigger.
+fn leave_a_newer_schema(
+    table: &str,
+    channel: &str,
+    registered_channel: Option<&str>,
+    newer: i32,
+) -> Result<MigrationReport> {
+    if let Some(registered) = registered_channel.filter(|c| *c != channel) {
+        return Err(Error::Schema(format!(
+            "`{table}` was migrated to schema version {newer} by a newer outbox than this one (which knows versions up to {SCHEMA_VERSION}); this build cannot change its channel from `{registered}` to `{channel}`: run the newer outbox's migrate, or keep the channel `{registered}`; nothing was changed"
+        )));
+    }
+    tracing::info!(
+        table,
+        schema_version = newer,
+        this_build = SCHEMA_VERSION,
+        "outbox migrate: the table was migrated by a newer outbox; left as it is (this build runs on it)"
+    );
+    Ok(MigrationReport {
+        applied: Vec::new(),
+        previous_channel: None,
+        repaired: Vec::new(),
     })
 }
 

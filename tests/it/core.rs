@@ -994,6 +994,80 @@ async fn concurrent_migrations_of_a_fresh_table_both_succeed() {
     assert_eq!(support::find_ids(&outbox, &[id]).await.len(), 1);
 }
 
+/// Rolling a deployment back to an older build that runs `migrate` at start: the older
+/// `migrate` leaves a table a newer build migrated as it is — its recorded version stays, so the
+/// newer relays still start — and the older relay runs on it; asking it for another channel is
+/// refused, naming the versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_migrate_leaves_a_table_a_newer_build_migrated_as_it_is() {
+    support::init_tracing();
+    let table = support::unique_name("newer");
+    let channel = support::unique_name("newer_c");
+    let pg = support::connect_pg().await;
+    outbox::migrate_table(&pg, &table, &channel).await.unwrap();
+    // What a build one schema version ahead records.
+    let newer = outbox::SCHEMA_VERSION + 1;
+    pg.execute(
+        "insert into outbox_migrations (table_name, version, name) values ($1, $2, 'from_a_newer_build')",
+        &[&table, &newer],
+    )
+    .await
+    .unwrap();
+    pg.execute(
+        "update outbox_tables set schema_version = $2 where table_name = $1",
+        &[&table, &newer],
+    )
+    .await
+    .unwrap();
+    let registered = || async {
+        pg.query_one(
+            "select schema_version from outbox_tables where table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get::<_, i32>(0)
+    };
+    // The full path (an object missing sends `migrate` past its read-only check) and the quick one.
+    pg.batch_execute(&format!("drop index {table}_pending_idx"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let report = outbox::migrate_table(&pg, &table, &channel).await.unwrap();
+        assert!(report.applied().is_empty(), "{:?}", report.applied());
+        assert_eq!(
+            registered().await,
+            newer,
+            "an older migrate recorded its own, older version: the newer relays would refuse the table as outdated"
+        );
+    }
+    let err = outbox::migrate_table(&pg, &table, "another_channel")
+        .await
+        .expect_err("an older build cannot re-create a newer build's trigger");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("schema version {newer}")) && text.contains(&channel),
+        "{text}"
+    );
+    assert_eq!(registered().await, newer);
+    // The older relay runs on the newer schema.
+    pg.batch_execute(&format!(
+        "create index {table}_pending_idx on {table} (seq) where status = 'new'"
+    ))
+    .await
+    .unwrap();
+    let outbox = support::builder_on(&table, &channel)
+        .await
+        .connect()
+        .await
+        .expect("an older relay connects to a newer schema");
+    let id = outbox
+        .add_new_event(&pg, ev("some-topic", "agg", "T", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(support::find_ids(&outbox, &[id]).await.len(), 1);
+}
+
 // ----------------------------------------------------------------------------------------------
 // 5. Configuration validation
 // ----------------------------------------------------------------------------------------------
