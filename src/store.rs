@@ -227,6 +227,20 @@ pub(crate) struct RelaySql {
     /// The limit written into [`light_reserve`](Self::light_reserve): the relay's `batch_size`,
     /// at most [`LIGHT_LIMIT`].
     pub(crate) light_limit: usize,
+    /// Begins a batch transaction: `begin`, then the table's `ROW EXCLUSIVE` lock — the lock its
+    /// confirm's `UPDATE`/`DELETE` takes — before its reservation takes `ROW SHARE`. Upgrading
+    /// from `ROW SHARE` to `ROW EXCLUSIVE` at the confirm, with DDL (a `migrate`, an
+    /// `alter table`) queued for `ACCESS EXCLUSIVE` in between, is a deadlock Postgres breaks by
+    /// failing the confirm, whose published events then go again (a test saw 2 batches replayed
+    /// per `migrate`); and a `create index` (`SHARE`, which `ROW SHARE` lets in) held the
+    /// confirm up for as long as it built. With the lock taken first, such DDL waits for the
+    /// batches in flight to end and the next ones wait at their reservation, before anything is
+    /// published (Postgres docs, "Explicit Locking": `ROW EXCLUSIVE` conflicts with `SHARE` and
+    /// stronger; the relay role's `UPDATE` privilege allows it). No round trip of its own: it
+    /// goes with the reservation.
+    pub(crate) begin: String,
+    /// [`begin`](Self::begin) for a light batch: with `relay::reserve::LIGHT_BEGIN`'s settings.
+    pub(crate) light_begin: String,
     /// [`reserve`](Self::reserve), [`reserve_full`](Self::reserve_full) and
     /// [`reserve_windowed`](Self::reserve_windowed) printing nothing: the rows each would print
     /// (ids, in `seq` order), for `relay::unprintable`.
@@ -285,12 +299,15 @@ impl RelaySql {
         let r = |sql: &str| render(sql, table, "", &[]);
         let [reserve, reserve_full, reserve_windowed] = reserve_statements(table, open, "$1", true);
         let light_limit = batch_size.min(LIGHT_LIMIT);
+        let lock = format!("lock table {table} in row exclusive mode");
         RelaySql {
             reserve,
             reserve_full,
             reserve_windowed,
             light_reserve: reserve_statements(table, open, &light_limit.to_string(), true),
             light_limit,
+            begin: format!("begin; {lock}"),
+            light_begin: format!("{}; {lock}", crate::relay::LIGHT_BEGIN),
             unprintable_scan: reserve_statements(table, open, "$1", false),
             print_each: r(include_str!("sql/print_each.sql")),
             unprintable_row: r(include_str!("sql/unprintable_row.sql")),

@@ -98,7 +98,7 @@ pub(crate) async fn sample_batches(
                         "confirm SQL"
                     } else if head == "commit" {
                         "commit"
-                    } else if head == "begin" {
+                    } else if head.starts_with("begin") {
                         "begin"
                     } else {
                         "other SQL"

@@ -30,6 +30,7 @@ mod producer;
 mod publish;
 mod report;
 mod reserve;
+pub(crate) use reserve::LIGHT_BEGIN;
 mod retry;
 mod scan;
 mod shared;

@@ -108,6 +108,9 @@ pub(crate) struct BatchConn {
     /// The three for a light batch (see `RelaySql::light_reserve`), and their limit.
     light_reserve: [Statement; 3],
     light_limit: usize,
+    /// `RelaySql::begin` and `RelaySql::light_begin`: each batch transaction's first round trip.
+    begin: Arc<str>,
+    light_begin: Arc<str>,
     pub(crate) confirm: Statement,
     /// Rows acknowledged while the batch still publishes (see `confirm::confirm_early`).
     pub(crate) confirm_early: Statement,
@@ -156,6 +159,8 @@ impl BatchConn {
                     reserve_windowed,
                     light_reserve,
                     light_limit: sql.light_limit,
+                    begin: sql.begin.as_str().into(),
+                    light_begin: sql.light_begin.as_str().into(),
                     confirm,
                     confirm_early,
                     server,
@@ -214,14 +219,14 @@ impl BatchConn {
         };
         let rows = if light {
             let (_, rows, _) = futures::try_join!(
-                self.client.batch_execute(LIGHT_BEGIN),
+                self.client.batch_execute(&self.light_begin),
                 self.client.query(statement, &params),
                 self.client.batch_execute(LIGHT_AFTER_RESERVE)
             )?;
             rows
         } else {
             let (_, rows) = futures::try_join!(
-                self.client.batch_execute("begin"),
+                self.client.batch_execute(&self.begin),
                 self.client.query(statement, &params)
             )?;
             rows

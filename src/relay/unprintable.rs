@@ -134,7 +134,7 @@ pub(crate) async fn locate(
     let ids = search
         .step("unprintable: scan", async {
             let statement = client.prepare_typed(scan, &RESERVE_PARAM_TYPES).await?;
-            client.batch_execute("begin").await?;
+            client.batch_execute(&sql.begin).await?;
             let rows = client.query(&statement, &params.refs()).await?;
             Ok::<_, tokio_postgres::Error>(
                 rows.iter()

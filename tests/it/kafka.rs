@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::support::{self, Cluster, ConsumedRecord};
 
 /// What a test wrote: event id → (aggregate, per-aggregate counter).
-type Expected = Arc<Mutex<HashMap<Uuid, (String, u64)>>>;
+pub(crate) type Expected = Arc<Mutex<HashMap<Uuid, (String, u64)>>>;
 
 type Env = support::TestEnv;
 
@@ -38,7 +38,7 @@ async fn setup(prefix: &str, cluster: &Cluster, partitions: i32) -> Env {
 
 /// Inserts `per_aggregate` events for each of `aggregates` aggregates (`{prefix}-{i}`), in
 /// transactions of one event per aggregate, recording them in `expected`.
-async fn write(
+pub(crate) async fn write(
     outbox: &Outbox,
     env: &Env,
     expected: &Expected,
@@ -73,7 +73,7 @@ async fn write(
 }
 
 /// A writer task: rounds of one event for each of 20 aggregates, every 20 ms, until `stop`.
-fn spawn_writer(
+pub(crate) fn spawn_writer(
     outbox: Outbox,
     env: &Env,
     expected: Expected,
@@ -104,7 +104,7 @@ async fn statuses(env: &Env) -> HashMap<String, i64> {
 }
 
 /// Waits until every row is `done` (panics naming the counts and any dead letter's error).
-async fn wait_all_done(env: &Env, within: Duration) {
+pub(crate) async fn wait_all_done(env: &Env, within: Duration) {
     support::eventually(within, "every event done", || async {
         let s = statuses(env).await;
         if s.keys().all(|k| k == "done") {
@@ -144,7 +144,11 @@ async fn read_every_event(
 }
 
 /// Reads the whole topic (with rdkafka) until every expected event arrived, then checks it.
-async fn read_back_and_check(env: &Env, expected: &Expected, what: &str) -> Vec<ConsumedRecord> {
+pub(crate) async fn read_back_and_check(
+    env: &Env,
+    expected: &Expected,
+    what: &str,
+) -> Vec<ConsumedRecord> {
     let expected = expected.lock().unwrap().clone();
     let mut reader =
         support::TopicReader::connect(&env.brokers, &env.topic, Duration::from_secs(30))

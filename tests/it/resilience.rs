@@ -1445,6 +1445,81 @@ async fn migrate_does_not_queue_writers_behind_a_transaction_left_open() {
     );
 }
 
+/// README "Upgrading outbox": the next build's `migrate` runs while the relay drains a backlog
+/// and writers write. What a migration does is stood in for by `migrate`'s repairs, on the same
+/// path (same transaction, `lock_timeout`, attempts): a check constraint re-added under an
+/// `ACCESS EXCLUSIVE` lock, scanning the table, and an index built under a `SHARE` lock.
+/// `migrate` gets its locks between the relay's batches (no `MigrationLocked`), no confirm
+/// fails (a batch takes its `ROW EXCLUSIVE` lock before reserving: see `RelaySql::begin`; without
+/// it the DDL deadlocked with the confirm's lock upgrade and 2 batches went again), and every
+/// event arrives in order, read back from Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrate_while_the_relay_drains_and_writers_write_loses_nothing() {
+    use crate::kafka::{read_back_and_check, spawn_writer, wait_all_done, write, Expected};
+    support::init_tracing();
+    let env = support::TestEnv::named(
+        "upgrade",
+        support::kafka_brokers(),
+        support::postgres().await,
+    );
+    let client = support::connect_pg().await;
+    outbox::migrate_table(&client, &env.table, &env.channel)
+        .await
+        .unwrap();
+    support::create_topic(&env.topic, 4).await;
+    let outbox = env.builder().batch_size(100).connect().await.unwrap();
+    let expected = Expected::default();
+    write(&outbox, &env, &expected, "backlog", 100, 100).await;
+    let relay = outbox.start().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = spawn_writer(outbox.clone(), &env, expected.clone(), stop.clone());
+    let table = &env.table;
+    support::eventually(Duration::from_secs(60), "the drain under way", || async {
+        match support::count_rows(&client, table, "where status = 'done'").await {
+            n if n >= 1_000 => Ok(()),
+            n => Err(format!("{n} done")),
+        }
+    })
+    .await;
+    client
+        .batch_execute(&format!(
+            "set lock_timeout = '10s';
+             alter table {table} drop constraint {table}_status_check;
+             drop index {table}_pending_idx"
+        ))
+        .await
+        .unwrap();
+    let pending = support::count_rows(&client, table, "where status = 'new'").await;
+    let report = outbox::migrate_table(&client, table, &env.channel)
+        .await
+        .expect("migrate gets its locks while the relay runs");
+    let mut repaired = report.repaired().to_vec();
+    repaired.sort();
+    assert_eq!(
+        repaired,
+        [
+            format!("{table}_pending_idx (index)"),
+            format!("{table}_status_check (constraint)"),
+        ]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    writer.await.unwrap();
+    wait_all_done(&env, Duration::from_secs(120)).await;
+    let records = read_back_and_check(&env, &expected, "migrate while relaying").await;
+    eprintln!(
+        "{pending} events pending when migrate ran; {} records read back",
+        records.len()
+    );
+    assert!(pending > 0, "migrate ran while events were pending");
+    assert_eq!(
+        outbox.stats().confirm_failures,
+        0,
+        "a batch's confirm failed (its events went again): its lock upgrade deadlocked with migrate's DDL"
+    );
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// With the fence table, an index and the wake trigger dropped, `connect()` names what is
 /// missing, and `migrate` re-creates exactly those; with the outbox table dropped, `migrate`
 /// creates it again (it used to print "up to date").
