@@ -348,15 +348,11 @@ fn run_outcome(
     failed_runs: &mut HashSet<usize>,
 ) -> Option<Outcome> {
     if failed_runs.contains(&late.run) {
-        return match late.report {
-            Ok((partition, offset)) if offset >= 0 => {
-                Some(publish::order_anomaly(ctx, row, partition, offset))
-            }
-            Err(e) => {
-                publish::mark_alone_if_refused_with_its_batch(ctx, row, &e);
-                None
-            }
-            Ok(_) => None,
+        // A replaying run never gets here (its reports are skipped, and one without an offset
+        // made its run replay before this call).
+        return match publish::after_run_failure(ctx, row, late.report, false) {
+            publish::AfterRunFailure::Anomaly(o) => Some(o),
+            publish::AfterRunFailure::Replay | publish::AfterRunFailure::Released => None,
         };
     }
     let outcome = late_outcome(ctx, row, late.report, late.alone, late.pipe.is_some());

@@ -620,7 +620,7 @@ fn hold(
 /// pipelining producer's guarantees rule out (see [`pipeline`]): it is in Kafka, so it is
 /// recorded as delivered (sending it again would add a copy, not restore the order); logged as
 /// an error and counted in `outbox_order_anomalies_total`.
-pub(crate) fn order_anomaly(ctx: &Ctx, row: &Reserved, partition: i32, offset: i64) -> Outcome {
+fn order_anomaly(ctx: &Ctx, row: &Reserved, partition: i32, offset: i64) -> Outcome {
     tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), partition, offset, "outbox relay: order anomaly: an event was acknowledged after an earlier event of its aggregate failed; the earlier one will follow it");
     metrics::counter!("outbox_order_anomalies_total").increment(1);
     ctx.fatal.delivered();
@@ -641,15 +641,10 @@ fn settle(
 ) {
     let row = &rows[idx];
     if let Some(failed) = failed_at.as_mut().filter(|f| pos > f.at) {
-        // Failed because a predecessor did: released as it was, without an attempt. Sent again
-        // after a predecessor acknowledged without an offset (it may be in Kafka: resending it
-        // alone would put it after this one), and so is this one if it has no offset either.
-        match report {
-            Ok((partition, offset)) if offset >= 0 && !failed.replay => {
-                decided(out, idx, order_anomaly(ctx, row, partition, offset));
-            }
-            Ok(_) => failed.replay = true,
-            Err(e) => mark_alone_if_refused_with_its_batch(ctx, row, &e),
+        match after_run_failure(ctx, row, report, failed.replay) {
+            AfterRunFailure::Anomaly(o) => decided(out, idx, o),
+            AfterRunFailure::Replay => failed.replay = true,
+            AfterRunFailure::Released => {}
         }
         return;
     }
@@ -722,15 +717,46 @@ pub(crate) fn outcome_marking_alone(
     }
 }
 
-/// An event released because an earlier one of its pipelined run failed, whose own report says
-/// the broker refused the record batch it shared (the earlier one's, too large or with an
-/// invalid record: see [`is_batch_refused_error`]): it goes alone next time as well. Marking
-/// only the failed one, each next try pipelined the rest into the same refused record batch
-/// again, one cycle (about a second) and one fatal pipelining producer per event before the
-/// culprit (found by a breaker helper: 51 cycles, 54 s, for an 8 KB event 50th in its run).
-pub(crate) fn mark_alone_if_refused_with_its_batch(ctx: &Ctx, row: &Reserved, e: &KafkaError) {
-    if is_batch_refused_error(e) {
-        ctx.alone_next.mark(row.id);
+/// What the report of an event after the first failure of its pipelined run means (see
+/// [`after_run_failure`]).
+pub(crate) enum AfterRunFailure {
+    /// Acknowledged with an offset, which the pipelining producer's guarantees rule out: an
+    /// [`order_anomaly`], recorded as delivered.
+    Anomaly(Outcome),
+    /// Acknowledged without an offset (it may be in Kafka): the run's later events are sent
+    /// again even when acknowledged — resent alone, this one would land after them — and so is
+    /// this one (see [`retry::Failure::without_offset`]).
+    Replay,
+    /// Not delivered: released as it was, without an attempt.
+    Released,
+}
+
+/// The one rule for an event of a pipelined run after the run's first failure, in a batch
+/// ([`pipeline`]'s `settle`) and in a late report (`confirm::run_outcome`): failed because a
+/// predecessor did, it is released as it was. `replaying`: the run already replays (an
+/// acknowledgement is then one more copy, not an anomaly). A refusal of the record batch it
+/// shared with the failed one (too large, an invalid record: see [`is_batch_refused_error`])
+/// marks it to go alone next time as well: marking only the failed one, each next try
+/// pipelined the rest into the same refused record batch again, one cycle (about a second) and
+/// one fatal pipelining producer per event before the culprit (found by a breaker helper: 51
+/// cycles, 54 s, for an 8 KB event 50th in its run).
+pub(crate) fn after_run_failure(
+    ctx: &Ctx,
+    row: &Reserved,
+    report: Result<(i32, i64), KafkaError>,
+    replaying: bool,
+) -> AfterRunFailure {
+    match report {
+        Ok((partition, offset)) if offset >= 0 && !replaying => {
+            AfterRunFailure::Anomaly(order_anomaly(ctx, row, partition, offset))
+        }
+        Ok(_) => AfterRunFailure::Replay,
+        Err(e) => {
+            if is_batch_refused_error(&e) {
+                ctx.alone_next.mark(row.id);
+            }
+            AfterRunFailure::Released
+        }
     }
 }
 
