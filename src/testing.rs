@@ -1417,6 +1417,10 @@ pub struct RelaySql {
     /// reservation that caught up with few rows): the candidates' limit written in (the batch
     /// size, at most 256) instead of `$1`, which the relay still passes.
     pub light_reserve: [String; 3],
+    /// Begins a batch transaction as the relay does before [`reserve`](Self::reserve) (in the
+    /// same round trip): `begin` and the table's `ROW EXCLUSIVE` lock, so that DDL waits for the
+    /// batch instead of deadlocking with its confirm.
+    pub begin: String,
     /// Confirmation of a batch; `$1` ids (`uuid[]`), `$2` outcomes (`int2[]`: 0 delivered,
     /// 1 retry, 2 dead letter, 3 hold), `$3` partitions (`int4[]`), `$4` offsets (`int8[]`), `$5`
     /// errors (`text[]`), `$6` delays in ms (`int8[]`), `$7` the batch id (`uuid`, its fence is
@@ -1518,6 +1522,7 @@ pub fn relay_sql(table: &str, delete_on_delivery: bool) -> RelaySql {
         reserve_full: sql.reserve_full,
         reserve_windowed: sql.reserve_windowed,
         light_reserve: sql.light_reserve,
+        begin: sql.begin,
         confirm: sql.confirm,
         late_confirm: sql.late_confirm,
         late_fail: sql.late_fail,

@@ -240,6 +240,8 @@ struct CeilingSession {
     /// A scan from the first pending row runs the relay's other reservation.
     reserve_full: tokio_postgres::Statement,
     confirm: tokio_postgres::Statement,
+    /// The relay's `begin` (with its table lock).
+    begin: String,
     shared: Arc<CeilingShared>,
 }
 
@@ -269,6 +271,7 @@ impl CeilingSession {
             reserve,
             reserve_full,
             confirm,
+            begin: sql.begin,
             shared,
         })
     }
@@ -297,7 +300,7 @@ impl CeilingSession {
                 &self.reserve
             };
             let (_, all) = futures::try_join!(
-                self.client.batch_execute("begin"),
+                self.client.batch_execute(&self.begin),
                 self.client.query(statement, &reserve_params)
             )?;
             let b = Instant::now();
