@@ -981,14 +981,19 @@ async fn concurrent_migrations_of_a_fresh_table_both_succeed() {
         vec![vec![], all_migrations()],
         "exactly one of them applied the migrations"
     );
-    // The table is usable.
-    let outbox = support::builder_on(&table, &channel)
+    assert_usable(&table, &channel, &a, "connect after concurrent migrations").await;
+}
+
+/// A relay connects to `table` (`what` names the step if it cannot), and an event written
+/// through `client` is found.
+async fn assert_usable(table: &str, channel: &str, client: &tokio_postgres::Client, what: &str) {
+    let outbox = support::builder_on(table, channel)
         .await
         .connect()
         .await
-        .expect("connect after concurrent migrations");
+        .expect(what);
     let id = outbox
-        .add_new_event(&a, ev("some-topic", "agg", "T", json!({})))
+        .add_new_event(client, ev("some-topic", "agg", "T", json!({})))
         .await
         .unwrap();
     assert_eq!(support::find_ids(&outbox, &[id]).await.len(), 1);
@@ -1056,16 +1061,13 @@ async fn an_older_migrate_leaves_a_table_a_newer_build_migrated_as_it_is() {
     ))
     .await
     .unwrap();
-    let outbox = support::builder_on(&table, &channel)
-        .await
-        .connect()
-        .await
-        .expect("an older relay connects to a newer schema");
-    let id = outbox
-        .add_new_event(&pg, ev("some-topic", "agg", "T", json!({})))
-        .await
-        .unwrap();
-    assert_eq!(support::find_ids(&outbox, &[id]).await.len(), 1);
+    assert_usable(
+        &table,
+        &channel,
+        &pg,
+        "an older relay connects to a newer schema",
+    )
+    .await;
 }
 
 // ----------------------------------------------------------------------------------------------
