@@ -40,20 +40,38 @@ pub(crate) struct Counters {
     pub(crate) running: AtomicBool,
     /// The pipeline's Postgres problem, if any (see [`PostgresState`]).
     pub(crate) postgres: Mutex<PostgresState>,
-    /// When a failure of the pipeline last said a session's prepared statement was gone.
-    sessions_moved_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The pipeline's failing Postgres round trips (reservation, fence, confirm) since the last
 /// success: cleared by a confirmed batch, or by a reservation that found nothing unless a batch
 /// failed recently (a batch that cannot be confirmed leaves its aggregates fenced, so the
-/// reservations in between find nothing: they do not show that batches work).
+/// reservations in between find nothing: they do not show that batches work) — all but the
+/// sign of a pooler, which only time clears (see [`SESSIONS_MOVED_SHOWN`]).
 #[derive(Debug, Default)]
 pub(crate) struct PostgresState {
     /// The last failure (see [`problem_text`]) and since when failures have lasted.
     problem: Option<ClientProblem>,
     /// When a fence or confirm last failed.
     batch_failed_at: Option<std::time::Instant>,
+    /// When a failure last said a session's prepared statement was gone.
+    sessions_moved_at: Option<std::time::Instant>,
+}
+
+impl PostgresState {
+    /// Whether a failure of the last [`SESSIONS_MOVED_SHOWN`] said a session's prepared
+    /// statement was gone.
+    fn sessions_moved(&self) -> bool {
+        self.sessions_moved_at
+            .is_some_and(|at| at.elapsed() < SESSIONS_MOVED_SHOWN)
+    }
+
+    /// The state once the pipeline's round trips work again: the pooler's sign stays.
+    fn cleared(&self) -> PostgresState {
+        PostgresState {
+            sessions_moved_at: self.sessions_moved_at,
+            ..PostgresState::default()
+        }
+    }
 }
 
 /// How long health names sessions moved by a pooler after the last failure that said so (see
@@ -90,11 +108,7 @@ impl Counters {
     /// statement was gone ([`crate::Error::lost_prepared_statement`]): its session went
     /// through a pooler to another server connection.
     pub(crate) fn sessions_moved(&self) -> bool {
-        let at = *self
-            .sessions_moved_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        at.is_some_and(|at| at.elapsed() < SESSIONS_MOVED_SHOWN)
+        self.postgres_state().sessions_moved()
     }
 
     fn postgres_state(&self) -> std::sync::MutexGuard<'_, PostgresState> {
@@ -198,12 +212,10 @@ impl Reporter {
         ClientProblem::note(&mut state.problem, problem_text(e));
         if e.lost_prepared_statement() {
             // Logged when it starts, and again once it had stopped for a while.
-            if !self.counters.sessions_moved() {
+            if !state.sessions_moved() {
                 tracing::error!(error = %e, "outbox relay: a Postgres session lost its prepared statements (the relay replaces the session): {}", crate::pg::POOLER_PROBLEM);
             }
-            *(self.counters.sessions_moved_at.lock())
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some(std::time::Instant::now());
+            state.sessions_moved_at = Some(std::time::Instant::now());
         }
         if batch {
             state.batch_failed_at = Some(std::time::Instant::now());
@@ -212,7 +224,8 @@ impl Reporter {
 
     /// A batch was confirmed: the pipeline's Postgres round trips work.
     fn batch_succeeded(&self) {
-        *self.counters.postgres_state() = PostgresState::default();
+        let mut state = self.counters.postgres_state();
+        *state = state.cleared();
     }
 
     /// A reservation found nothing to reserve: the problem is over unless a fence or confirm
@@ -222,7 +235,7 @@ impl Reporter {
     pub(crate) fn reservation_empty(&self, quiet: Duration) {
         let mut state = self.counters.postgres_state();
         if state.batch_failed_at.is_none_or(|at| at.elapsed() > quiet) {
-            *state = PostgresState::default();
+            *state = state.cleared();
         }
     }
 
@@ -540,12 +553,23 @@ mod tests {
     fn sessions_moved_are_named_for_a_minute_after_the_last_sign() {
         let counters = Counters::default();
         assert!(!counters.sessions_moved());
-        *counters.sessions_moved_at.lock().unwrap() = Some(std::time::Instant::now());
+        counters.postgres.lock().unwrap().sessions_moved_at = Some(std::time::Instant::now());
         assert!(counters.sessions_moved(), "just now");
+        {
+            // A confirmed batch or an empty reservation clears the rest, not this.
+            let mut state = counters.postgres.lock().unwrap();
+            ClientProblem::note(&mut state.problem, "postgres: ERROR 26000".into());
+            *state = state.cleared();
+            assert!(state.problem.is_none());
+        }
+        assert!(
+            counters.sessions_moved(),
+            "kept by a batch that went through"
+        );
         let then = std::time::Instant::now()
             .checked_sub(SESSIONS_MOVED_SHOWN + Duration::from_secs(1))
             .expect("the clock is older than a minute");
-        *counters.sessions_moved_at.lock().unwrap() = Some(then);
+        counters.postgres.lock().unwrap().sessions_moved_at = Some(then);
         assert!(!counters.sessions_moved(), "over a minute ago");
     }
 
