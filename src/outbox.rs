@@ -300,6 +300,7 @@ impl Outbox {
                 tracing::warn!(table = %settings.table, error = %e, "outbox: the table has never been analyzed and ANALYZE failed; reservations may be slow until autovacuum analyzes it (or run ANALYZE as its owner)")
             }
         }
+        let counters = Arc::new(Counters::for_table(&settings.table));
         let relay_sql = Arc::new(RelaySql::new(
             &settings.table,
             settings.dead_letter_policy == crate::DeadLetterPolicy::BlockAggregate,
@@ -327,7 +328,7 @@ impl Outbox {
                 stop,
                 tracker: TaskTracker::new(),
                 started: AtomicBool::new(false),
-                counters: Arc::new(Counters::default()),
+                counters,
             }),
         })
     }
@@ -473,7 +474,8 @@ impl Outbox {
         // caller's).
         self.inner.counters.running.store(false, Ordering::Relaxed);
         self.inner.stop.token().cancel();
-        metrics::counter!("outbox_relay_panics_total").increment(1);
+        metrics::counter!("outbox_relay_panics_total", "table" => self.inner.counters.table.get())
+            .increment(1);
         // Its batches were aborted with the pipeline (they alone count messages in flight, and
         // none is left to count their reports). What the producers still hold is given a few
         // seconds to be acknowledged, as at a stop, then purged, so that no retry of it lands
@@ -482,7 +484,8 @@ impl Outbox {
         let within = self.inner.settings.shutdown_timeout.min(PANIC_FLUSH);
         crate::relay::flush_then_purge(&self.inner.producers, within).await;
         self.inner.counters.in_flight.store(0, Ordering::Relaxed);
-        metrics::gauge!("outbox_in_flight_messages").set(0.0);
+        metrics::gauge!("outbox_in_flight_messages", "table" => self.inner.counters.table.get())
+            .set(0.0);
         self.inner.hub.close();
         tracing::error!(
             panic = %message,

@@ -234,7 +234,9 @@ fn watch_pipes(ctx: &Arc<Ctx>, stragglers: &mut [Straggler], cutoff: Instant) {
         }
         if alive.strong_count() > 0 {
             for g in generations {
-                task_ctx.producers.purge_pipe(g);
+                if task_ctx.producers.purge_pipe(g) {
+                    task_ctx.report.pipelining_purged();
+                }
             }
         }
     });

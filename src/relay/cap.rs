@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::report::TableLabel;
+
 /// How long the size of a reservation that missed its deadline bounds the cap (see
 /// [`CandidatesCap::after`]).
 pub(crate) const MISSED_REMEMBERED: Duration = Duration::from_secs(60);
@@ -26,13 +28,14 @@ pub(crate) struct CandidatesCap {
 impl CandidatesCap {
     /// No cap: reservations take `batch_size` candidates (the gauge
     /// `outbox_reservation_candidates_limit` says so from the start).
-    pub(crate) fn new(batch_size: usize) -> CandidatesCap {
-        set_gauge(None, batch_size);
-        CandidatesCap::default()
+    pub(crate) fn new(batch_size: usize, table: &TableLabel) -> CandidatesCap {
+        let cap = CandidatesCap::default();
+        cap.set_gauge(batch_size, table);
+        cap
     }
 
-    /// [`next`](Self::next), and the gauge `outbox_reservation_candidates_limit` when the cap
-    /// changed.
+    /// [`next`](Self::next); whether the cap changed (set the gauge then: see
+    /// [`set_gauge`](Self::set_gauge)).
     pub(crate) fn after<T>(
         &mut self,
         reserved: &crate::Result<T>,
@@ -40,12 +43,16 @@ impl CandidatesCap {
         batch_size: usize,
         took: (Duration, Duration),
         now: Instant,
-    ) {
+    ) -> bool {
         let before = self.cap;
         self.next(reserved, limit, batch_size, took, now);
-        if self.cap != before {
-            set_gauge(self.cap, batch_size);
-        }
+        self.cap != before
+    }
+
+    /// The gauge `outbox_reservation_candidates_limit`: the cap, or `batch_size` without one.
+    pub(crate) fn set_gauge(&self, batch_size: usize, table: &TableLabel) {
+        metrics::gauge!("outbox_reservation_candidates_limit", "table" => table.get())
+            .set(self.cap.unwrap_or(batch_size) as f64);
     }
 
     /// After a reservation of `limit` candidates that took `took` of its `deadline`, at `now`:
@@ -106,11 +113,6 @@ impl CandidatesCap {
             }
         }
     }
-}
-
-/// The candidates' limit of the next reservation: the cap, or `batch_size` without one.
-fn set_gauge(cap: Option<usize>, batch_size: usize) {
-    metrics::gauge!("outbox_reservation_candidates_limit").set(cap.unwrap_or(batch_size) as f64);
 }
 
 #[cfg(test)]

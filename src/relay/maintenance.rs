@@ -175,12 +175,13 @@ async fn update_gauges(ctx: &Ctx) -> crate::Result<()> {
         dead += r.get::<_, i64>(3);
         oldest = oldest.max(r.get::<_, Option<f64>>(4).unwrap_or(0.0));
     }
-    metrics::gauge!("outbox_backlog_events").set(pending as f64);
-    metrics::gauge!("outbox_retrying_events").set(retrying as f64);
-    metrics::gauge!("outbox_dead_letter_events").set(dead as f64);
-    metrics::gauge!("outbox_oldest_pending_age_seconds").set(oldest);
+    let table = ctx.report.table();
+    metrics::gauge!("outbox_backlog_events", "table" => table.clone()).set(pending as f64);
+    metrics::gauge!("outbox_retrying_events", "table" => table.clone()).set(retrying as f64);
+    metrics::gauge!("outbox_dead_letter_events", "table" => table.clone()).set(dead as f64);
+    metrics::gauge!("outbox_oldest_pending_age_seconds", "table" => table.clone()).set(oldest);
     let legacy: i64 = client.query_one(&ctx.sql.status_relays, &[]).await?.get(1);
-    metrics::gauge!("outbox_legacy_reservations").set(legacy as f64);
+    metrics::gauge!("outbox_legacy_reservations", "table" => table.clone()).set(legacy as f64);
     if legacy > 0 {
         tracing::error!(
             table = %ctx.settings.table,
@@ -193,7 +194,7 @@ async fn update_gauges(ctx: &Ctx) -> crate::Result<()> {
         Some(r) => r.get::<_, Option<f64>>(3).unwrap_or(0.0),
         None => 0.0,
     };
-    metrics::gauge!("outbox_oldest_transaction_age_seconds").set(xact_age);
+    metrics::gauge!("outbox_oldest_transaction_age_seconds", "table" => table).set(xact_age);
     Ok(())
 }
 

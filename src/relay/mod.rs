@@ -238,7 +238,7 @@ impl Relay {
         let timing = Timing::new(&self.settings);
         let (due, due_requests) = DueSender::new();
         let ctx = Arc::new(self.context(timing, due));
-        report::register_metrics();
+        report::register_metrics(&self.counters.table);
         ctx.report.running(true);
         let background = TaskTracker::new();
         let (handoffs, handed) = HandoffSender::new();
@@ -356,7 +356,7 @@ impl Pipeline {
             batches: JoinSet::new(),
             reserver: Reserver::default(),
             reserve_errors: fresh_backoff(),
-            candidates_cap: CandidatesCap::new(ctx.settings.batch_size),
+            candidates_cap: CandidatesCap::new(ctx.settings.batch_size, &ctx.report.table_label()),
             last_full: false,
             light: false,
             failing: false,
@@ -513,13 +513,16 @@ impl Pipeline {
             Err(_) => scan.scanned(start, started, None),
         }
         let (settings, timing) = (&self.ctx.settings, &self.ctx.timing);
-        self.candidates_cap.after(
+        let changed = self.candidates_cap.after(
             reserved,
             limit,
             settings.batch_size,
             (started.elapsed(), timing.round_trip),
             Instant::now(),
         );
+        if changed {
+            (self.candidates_cap).set_gauge(settings.batch_size, &self.ctx.report.table_label());
+        }
     }
 
     /// Leaves `held` (aggregates a full scan found held back behind rows that are no
@@ -1116,7 +1119,7 @@ impl Ctx {
         };
         if code == rdkafka::types::RDKafkaErrorCode::GaplessGuarantee {
             if self.producers.replace_pipe(generation) {
-                metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer::PIPELINING)
+                metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer::PIPELINING, "table" => self.report.table())
                     .increment(1);
                 tracing::warn!(fatal = %reason, "outbox relay: a record batch of the pipelining producer failed permanently; replaced it (the messages after it are retried, no attempt counted)");
             }

@@ -669,36 +669,37 @@ impl Producers {
     /// `PurgeQueue`, never sent; in flight: `PurgeInflight`, possibly written) and retires it;
     /// the next [`Producers::pipe`] creates a fresh one (a new producer id: the purged messages'
     /// sequence numbers are gone), after a pause (see [`PIPE_PAUSE`]). Does nothing when that
-    /// producer was already replaced.
-    pub(crate) fn purge_pipe(&self, generation: u64) {
-        if let Some(old) = self.take_pipe(generation) {
-            let (pause, purges) = {
-                let mut state = self.pipe_pause.lock().unwrap_or_else(|e| e.into_inner());
-                state.purged = state.purged.max(generation);
-                state.purges = state.purges.saturating_add(1);
-                let (purges, pause) = (state.purges, pipe_pause(state.purges));
-                state.until = Some(std::time::Instant::now() + pause);
-                (pause, purges)
-            };
-            self.context
-                .state
-                .pipe_purges
-                .fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("outbox_pipelining_purges_total").increment(1);
-            tracing::warn!(
-                pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
-                purges_in_a_row = purges,
-                "outbox relay: purging the pipelining producer: a held message's delivery report is overdue; sending each aggregate's events one at a time for a while"
-            );
-            self.context
-                .state
-                .purged_pipe
-                .fetch_max(generation, Ordering::Relaxed);
-            drop(tokio::task::spawn_blocking(move || {
-                old.purge(PurgeConfig::default().queue().inflight());
-                drop(old);
-            }));
-        }
+    /// producer was already replaced; whether it purged.
+    pub(crate) fn purge_pipe(&self, generation: u64) -> bool {
+        let Some(old) = self.take_pipe(generation) else {
+            return false;
+        };
+        let (pause, purges) = {
+            let mut state = self.pipe_pause.lock().unwrap_or_else(|e| e.into_inner());
+            state.purged = state.purged.max(generation);
+            state.purges = state.purges.saturating_add(1);
+            let (purges, pause) = (state.purges, pipe_pause(state.purges));
+            state.until = Some(std::time::Instant::now() + pause);
+            (pause, purges)
+        };
+        self.context
+            .state
+            .pipe_purges
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+            purges_in_a_row = purges,
+            "outbox relay: purging the pipelining producer: a held message's delivery report is overdue; sending each aggregate's events one at a time for a while"
+        );
+        self.context
+            .state
+            .purged_pipe
+            .fetch_max(generation, Ordering::Relaxed);
+        drop(tokio::task::spawn_blocking(move || {
+            old.purge(PurgeConfig::default().queue().inflight());
+            drop(old);
+        }));
+        true
     }
 
     /// The producer for sending a message alone (created when first needed, replaced when

@@ -55,7 +55,8 @@ impl Outcome {
                 Some(Outcome::Delivered { partition, offset })
             }
             Ok((partition, offset)) => {
-                metrics::counter!("outbox_acks_without_offset_total").increment(1);
+                metrics::counter!("outbox_acks_without_offset_total", "table" => ctx.report.table())
+                    .increment(1);
                 Some(Outcome::Failed(retry::without_offset(partition, offset)))
             }
             Err(e) if is_purged_unsent(&e) => None,
@@ -622,7 +623,7 @@ fn hold(
 /// an error and counted in `outbox_order_anomalies_total`.
 fn order_anomaly(ctx: &Ctx, row: &Reserved, partition: i32, offset: i64) -> Outcome {
     tracing::error!(event_id = %row.id, aggregate_id = %printable(&row.aggregate_id), partition, offset, "outbox relay: order anomaly: an event was acknowledged after an earlier event of its aggregate failed; the earlier one will follow it");
-    metrics::counter!("outbox_order_anomalies_total").increment(1);
+    metrics::counter!("outbox_order_anomalies_total", "table" => ctx.report.table()).increment(1);
     ctx.fatal.delivered();
     Outcome::Delivered { partition, offset }
 }
@@ -901,7 +902,7 @@ fn record_of<'a>(
     row: &'a Reserved,
     event_id: &'a str,
 ) -> (FutureRecord<'a, str, [u8]>, PublishSpan) {
-    let (headers, span) = record_headers(row, event_id, ctx.settings.cloudevents_source.as_deref());
+    let (headers, span) = record_headers(ctx, row, event_id);
     let record = FutureRecord::to(&row.topic)
         .key(row.aggregate_id.as_str())
         .payload(row.payload.0.as_slice())
@@ -1024,11 +1025,8 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 /// `outbox_headers_dropped_total{reason}`; the event itself is published. Under feature
 /// `opentelemetry` the record is published in a producer span continuing the row's
 /// `traceparent`, and carries that span's `traceparent` instead (see [`crate::otel`]).
-fn record_headers(
-    row: &Reserved,
-    event_id: &str,
-    cloudevents_source: Option<&str>,
-) -> (OwnedHeaders, PublishSpan) {
+fn record_headers(ctx: &Ctx, row: &Reserved, event_id: &str) -> (OwnedHeaders, PublishSpan) {
+    let cloudevents_source = ctx.settings.cloudevents_source.as_deref();
     let mut custom = crate::headers::parse(row.headers.as_ref().map(|h| h.0.as_slice()));
     if cloudevents_source.is_some() {
         custom.valid.retain(|(name, _)| {
@@ -1055,7 +1053,7 @@ fn record_headers(
         custom.valid.extend(trace);
     }
     for dropped in &custom.dropped {
-        metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason())
+        metrics::counter!("outbox_headers_dropped_total", "reason" => dropped.reason(), "table" => ctx.report.table())
             .increment(1);
         tracing::warn!(
             event_id,

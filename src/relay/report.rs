@@ -40,6 +40,31 @@ pub(crate) struct Counters {
     pub(crate) running: AtomicBool,
     /// The pipeline's Postgres problem, if any (see [`PostgresState`]).
     pub(crate) postgres: Mutex<PostgresState>,
+    /// The `table` label of the relay's metrics.
+    pub(crate) table: TableLabel,
+}
+
+/// The label every relay metric carries, `table="<outbox table>"`: relays of one process on
+/// different tables keep series of their own (unlabelled, the gauges of one overwrote the
+/// other's).
+#[derive(Debug, Clone)]
+pub(crate) struct TableLabel(metrics::SharedString);
+
+impl TableLabel {
+    pub(crate) fn new(table: &str) -> Self {
+        TableLabel(metrics::SharedString::from_shared(Arc::<str>::from(table)))
+    }
+
+    /// The label's value (a shared string: cloning it copies no bytes).
+    pub(crate) fn get(&self) -> metrics::SharedString {
+        self.0.clone()
+    }
+}
+
+impl Default for TableLabel {
+    fn default() -> Self {
+        TableLabel::new(crate::config::DEFAULT_TABLE)
+    }
 }
 
 /// The pipeline's failing Postgres round trips (reservation, fence, confirm) since the last
@@ -84,6 +109,14 @@ const SESSIONS_MOVED_SHOWN: Duration = Duration::from_secs(60);
 const PROBLEM_TEXT_MAX: usize = 512;
 
 impl Counters {
+    /// Counters of a relay on `table` (the label of its metrics).
+    pub(crate) fn for_table(table: &str) -> Counters {
+        Counters {
+            table: TableLabel::new(table),
+            ..Counters::default()
+        }
+    }
+
     /// Who holds the locks the left-out aggregates wait for (see [`Counters::held_back_by`]),
     /// with "(as of N s ago)" once the scan that named them is a second old or more: its
     /// transactions' ages are as of that scan, and full scans can come tens of seconds apart
@@ -145,9 +178,10 @@ pub(crate) struct Reporter {
 
 /// One sample of `outbox_commit_to_ack_seconds` for a delivered `row`: its age when it was read
 /// plus `acked_after`, the time from then to the recorded delivery.
-fn record_commit_to_ack(row: &Reserved, acked_after: Duration) {
+fn record_commit_to_ack(table: &TableLabel, row: &Reserved, acked_after: Duration) {
     if let Some(age) = row.age_at_reserve {
-        metrics::histogram!("outbox_commit_to_ack_seconds").record(age + acked_after.as_secs_f64());
+        metrics::histogram!("outbox_commit_to_ack_seconds", "table" => table.get())
+            .record(age + acked_after.as_secs_f64());
     }
 }
 
@@ -168,7 +202,7 @@ impl Reporter {
     /// `which`: the producers replaced (labels from [`super::producer::LABELS`]).
     pub(crate) fn producer_rebuilt(&self, which: &[&'static str], fatal: &str, streak: u32) {
         for &producer in which {
-            metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer)
+            metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer, "table" => self.table())
                 .increment(1);
         }
         tracing::error!(
@@ -179,13 +213,28 @@ impl Reporter {
         );
     }
 
+    /// The `table` label's value of the relay's metrics (see [`TableLabel`]).
+    pub(crate) fn table(&self) -> metrics::SharedString {
+        self.counters.table.get()
+    }
+
+    /// The `table` label of the relay's metrics.
+    pub(crate) fn table_label(&self) -> TableLabel {
+        self.counters.table.clone()
+    }
+
+    /// The relay purged its pipelining producer (see `Producers::purge_pipe`).
+    pub(crate) fn pipelining_purged(&self) {
+        metrics::counter!("outbox_pipelining_purges_total", "table" => self.table()).increment(1);
+    }
+
     pub(crate) fn running(&self, running: bool) {
         self.counters.running.store(running, Ordering::Relaxed);
     }
 
     pub(crate) fn batch_reserved(&self, rows: &[Reserved]) {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("outbox_batches_total").increment(1);
+        metrics::counter!("outbox_batches_total", "table" => self.table()).increment(1);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
             tracing::debug!(event_ids = ?ids, "outbox batch reserved");
@@ -242,14 +291,14 @@ impl Reporter {
     /// A message was handed to the producer (`+1`) or left the relay's hands (`-1`).
     pub(crate) fn in_flight(&self, delta: i64) {
         let now = self.counters.in_flight.fetch_add(delta, Ordering::Relaxed) + delta;
-        metrics::gauge!("outbox_in_flight_messages").set(now as f64);
+        metrics::gauge!("outbox_in_flight_messages", "table" => self.table()).set(now as f64);
     }
 
     /// The reservations now leave out `n` aggregates (held back behind rows another
     /// transaction has locked); with none, who held the locks is forgotten.
     pub(crate) fn left_out(&self, n: usize) {
         self.counters.left_out.store(n as u64, Ordering::Relaxed);
-        metrics::gauge!("outbox_left_out_aggregates").set(n as f64);
+        metrics::gauge!("outbox_left_out_aggregates", "table" => self.table()).set(n as f64);
         if n == 0 {
             self.held_back_by(None);
         }
@@ -280,7 +329,7 @@ impl Reporter {
         for (row, outcome) in rows.iter().zip(outcomes) {
             if self.announce(row, outcome, now) {
                 delivered += 1;
-                record_commit_to_ack(row, acked_after);
+                record_commit_to_ack(&self.counters.table, row, acked_after);
             }
         }
         self.count_delivered(delivered, now);
@@ -292,7 +341,7 @@ impl Reporter {
     pub(crate) fn settled_late(&self, row: &Reserved, outcome: &Outcome, acked_after: Duration) {
         let now = Utc::now();
         if self.announce(row, outcome, now) {
-            record_commit_to_ack(row, acked_after);
+            record_commit_to_ack(&self.counters.table, row, acked_after);
             self.count_delivered(1, now);
         }
     }
@@ -333,7 +382,7 @@ impl Reporter {
         self.counters
             .last_delivery_ms
             .fetch_max(at.timestamp_millis(), Ordering::Relaxed);
-        metrics::counter!("outbox_events_delivered_total").increment(n);
+        metrics::counter!("outbox_events_delivered_total", "table" => self.table()).increment(n);
     }
 
     fn failed(&self, row: &Reserved, f: &super::retry::Failure) {
@@ -347,7 +396,7 @@ impl Reporter {
             FailureKind::Event => ("outbox_delivery_failures_total", "outbox delivery failed; will retry"),
             FailureKind::Dead => ("outbox_dead_letters_total", "outbox event dead-lettered"),
         };
-        metrics::counter!(metric).increment(1);
+        metrics::counter!(metric, "table" => self.table()).increment(1);
         if f.dead() {
             self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             tracing::error!(event_id = %event, %aggregate_id, %topic, attempts, %error, "{message}");
@@ -381,7 +430,7 @@ impl Reporter {
             .confirm_failures
             .fetch_add(1, Ordering::Relaxed)
             + 1;
-        metrics::counter!("outbox_confirm_failures_total").increment(1);
+        metrics::counter!("outbox_confirm_failures_total", "table" => self.table()).increment(1);
         self.postgres_failed(e, true);
         tracing::error!(
             confirm_failures_total = streak,
@@ -424,13 +473,13 @@ impl Reporter {
 /// Describes the relay's metrics and registers its counters at zero, so that `rate(…)` alerts
 /// have a series to evaluate before the first event (a counter otherwise appears only when it
 /// first increases).
-pub(crate) fn register_metrics() {
-    register_counters();
+pub(crate) fn register_metrics(table: &TableLabel) {
+    register_counters(table);
     describe_gauges();
 }
 
 /// The counters, each at zero; the rebuilds once per producer label.
-fn register_counters() {
+fn register_counters(table: &TableLabel) {
     use metrics::{describe_counter, Unit};
     let counters = [
         (
@@ -473,7 +522,7 @@ fn register_counters() {
     ];
     for (name, help) in counters {
         describe_counter!(name, Unit::Count, help);
-        metrics::counter!(name).increment(0);
+        metrics::counter!(name, "table" => table.get()).increment(0);
     }
     describe_counter!(
         "outbox_producer_rebuilds_total",
@@ -481,7 +530,8 @@ fn register_counters() {
         "Times a Kafka producer became fatal and was replaced, by producer: main, prompt (linger.ms 0, for batches that caught up), pipelining (an aggregate's events back to back)."
     );
     for producer in super::producer::LABELS {
-        metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer).increment(0);
+        metrics::counter!("outbox_producer_rebuilds_total", "producer" => producer, "table" => table.get())
+            .increment(0);
     }
 }
 

@@ -296,11 +296,15 @@ pub(crate) async fn metrics_until(
     .await
 }
 
-/// The value of an unlabelled sample `name value` in Prometheus text.
+/// The value of the first sample of `name` in Prometheus text, with or without labels.
 pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
-        let (n, v) = l.split_once(' ')?;
-        (n == name).then(|| v.trim().parse().ok()).flatten()
+        let (n, v) = l.rsplit_once(' ')?;
+        // The series of `name`, whatever its labels (the relay's carry `table`).
+        let series = n.strip_prefix(name)?;
+        (series.is_empty() || series.starts_with('{'))
+            .then(|| v.trim().parse().ok())
+            .flatten()
     })
 }
 

@@ -1767,6 +1767,62 @@ fn all_migrations() -> Vec<i32> {
     (1..=outbox::SCHEMA_VERSION).collect()
 }
 
+/// Two relays of one process on different tables keep metric series of their own (label
+/// `table`): each table's delivered counter counts its events, and each relay's
+/// `outbox_reservation_candidates_limit` gauge shows its own `batch_size` (unlabelled, the
+/// relay that set it last overwrote the other's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_on_two_tables_in_one_process_keep_their_own_metrics() {
+    support::init_tracing();
+    support::prometheus();
+    let topic = support::fresh_topic("two_tables", 1).await;
+    let pg = support::connect_pg().await;
+    let mut relays = Vec::new();
+    for (prefix, batch_size, events) in [("metrics_a", 7, 3), ("metrics_b", 11, 5)] {
+        let table = support::unique_name(prefix);
+        outbox::migrate_table(&pg, &table, &table).await.unwrap();
+        let outbox = support::builder_on(&table, &table)
+            .await
+            .batch_size(batch_size)
+            .connect()
+            .await
+            .unwrap();
+        let handle = outbox.start().unwrap();
+        for n in 0..events {
+            outbox
+                .add_new_event(&pg, ev(&topic, "agg", "T", json!({ "n": n })))
+                .await
+                .unwrap();
+        }
+        relays.push((table, batch_size, events, outbox, handle));
+    }
+    for (table, batch_size, events, outbox, _) in &relays {
+        support::eventually(Duration::from_secs(30), "every event delivered", || async {
+            let s = outbox.stats();
+            (s.delivered == *events)
+                .then_some(())
+                .ok_or(format!("{s:?}"))
+        })
+        .await;
+        let series = |name: &str| format!("{name}{{table=\"{table}\"}}");
+        assert_eq!(
+            support::counter_value(&series("outbox_events_delivered_total")),
+            *events as f64,
+            "{}",
+            support::prometheus().render()
+        );
+        assert_eq!(
+            support::counter_value(&series("outbox_reservation_candidates_limit")),
+            *batch_size as f64,
+            "{}",
+            support::prometheus().render()
+        );
+    }
+    for (_, _, _, outbox, handle) in relays {
+        stop_and_join(&outbox, handle).await;
+    }
+}
+
 /// A subscriber that never reads does not stall the relay: every event is delivered, and the
 /// subscriber is told how many items it missed, then continues with newer ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

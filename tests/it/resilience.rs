@@ -2937,7 +2937,7 @@ async fn a_fatal_prompt_or_main_producer_is_replaced() {
         ("main", 2, &["a", "b", "c", "d", "e", "f"][..]),
     ] {
         let mock = outbox::testing::MockKafka::start(1).unwrap();
-        let (outbox, _table, topic) = relay_on_mock_with(&mock, &format!("fatal_{case}"), |b| {
+        let (outbox, table, topic) = relay_on_mock_with(&mock, &format!("fatal_{case}"), |b| {
             b.prompt_producer(true)
                 .max_in_flight_per_aggregate(1)
                 .batch_size(batch_size)
@@ -2950,7 +2950,8 @@ async fn a_fatal_prompt_or_main_producer_is_replaced() {
             (s.delivered == 1).then_some(()).ok_or(format!("{s:?}"))
         })
         .await;
-        let series = format!("outbox_producer_rebuilds_total{{producer=\"{case}\"}}");
+        let series =
+            format!("outbox_producer_rebuilds_total{{producer=\"{case}\",table=\"{table}\"}}");
         let before = support::counter_value(&series);
         outbox::testing::faults::fatal_producer_errors(&mock, 1);
         let per_key: usize = if case == "prompt" { 3 } else { 1 };
