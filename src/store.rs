@@ -334,13 +334,18 @@ impl RelaySql {
 /// not at all (the same scan for `relay::unprintable`).
 fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [String; 3] {
     let no_window = "select null::int8 as first, null::int8 as last, false as full";
-    let (text_bytes, sent) = if printed {
+    let (text_bytes, sent, texts) = if printed {
         (
             "octet_length(k.payload::text) + coalesce(octet_length(k.headers::text), 0)",
             "k.payload, k.headers",
+            "k.aggregate_id, k.event_topic, k.event_type",
         )
     } else {
-        ("0", "null::jsonb, null::jsonb")
+        (
+            "0",
+            "null::jsonb, null::jsonb",
+            "null::text, null::text, null::text",
+        )
     };
     let reserve = |window: &str, in_window: &str, skip: bool| {
         let (first_open, skip_blocked) = if skip {
@@ -373,6 +378,7 @@ fn reserve_statements(table: &str, open: &str, limit: &str, printed: bool) -> [S
                 ("skip_blocked", &skip_blocked),
                 ("text_bytes", text_bytes),
                 ("sent", sent),
+                ("texts", texts),
             ],
         )
     };

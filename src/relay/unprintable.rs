@@ -67,7 +67,8 @@ pub(crate) const SMALL_RESERVATION: usize = 16;
 /// class 54, "program limit exceeded" (54000 "out of memory … Cannot enlarge string buffer" for
 /// a string past 1 GB), or XX000 "invalid memory alloc request size" (a text value of the
 /// printed JSON, 4 bytes longer, past 1 GB − 1: a row that prints to 1,073,741,820–822 bytes,
-/// found by a breaker helper; the same error public reports show for wal2json).
+/// found by a breaker helper; the same error public reports show for wal2json); or a text
+/// value the server cannot send in UTF8 (22021, 22P05: see `is_print_limit`).
 pub(crate) fn failed_to_print(e: &crate::Error) -> bool {
     e.as_db_error().is_some_and(is_print_limit)
 }
@@ -75,6 +76,12 @@ pub(crate) fn failed_to_print(e: &crate::Error) -> bool {
 fn is_print_limit(db: &tokio_postgres::error::DbError) -> bool {
     let code = db.code().code();
     code.starts_with("54")
+        // A text value the server cannot send in the client's encoding (UTF8): bytes invalid
+        // in it in a `SQL_ASCII` database (22021), or a character with no UTF8 equivalent in
+        // another server encoding (22P05, e.g. 0x81 in WIN1252) — found by a breaker helper:
+        // one such row stopped every delivery.
+        || code == "22021"
+        || code == "22P05"
         || (code == "XX000"
             && db
                 .message()
@@ -251,7 +258,7 @@ impl Search<'_> {
             event_id = %reserved.id,
             seq = reserved.seq,
             error = %why,
-            "outbox relay: Postgres cannot print the event's payload or headers as JSON; it is a dead letter, not sent"
+            "outbox relay: Postgres cannot print the event (its payload or headers as JSON, or its text in the relay's encoding, UTF8); it is a dead letter, not sent"
         );
         reserved.invalid = Some(format!(
             "{UNPRINTABLE}: {why} (not sent, no retries; make it printable and requeue it)"

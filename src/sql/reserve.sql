@@ -88,9 +88,11 @@
 -- `pg_locks` and the sessions' names are readable by every role.
 -- `{{text_bytes}}` is a row's payload and headers as JSON text, in bytes, and `{{sent}}` the two
 -- columns sent: their printed length and the two columns themselves in a reservation.
--- The same scan without printing anything (`RelaySql::unprintable_scan`: `0` and two nulls)
--- returns the rows a reservation prints, for `relay::unprintable` to find the one Postgres
--- cannot print after a reservation failed on it.
+-- `{{texts}}` are the row's text columns (aggregate id, topic, type). The same scan without
+-- printing anything (`RelaySql::unprintable_scan`: `0`, and nulls for the JSON and the texts,
+-- which a server in another encoding than UTF8 may not be able to send) returns the rows a
+-- reservation prints, for `relay::unprintable` to find the one Postgres cannot print after a
+-- reservation failed on it.
 with win as materialized (
      {{window}}
  ),
@@ -158,7 +160,7 @@ with win as materialized (
       where l.locktype = 'transactionid' and l.granted
         and a.application_name is distinct from 'outbox-relay-batch'
  )
- select k.id, k.seq, k.aggregate_id, k.event_topic, k.event_type, {{sent}},
+ select k.id, k.seq, {{texts}}, {{sent}},
         k.attempts,
         case when isfinite(k.created_at_tz)
              then greatest(0, extract(epoch from clock_timestamp() - k.created_at_tz))::float8

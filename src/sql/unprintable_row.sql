@@ -1,7 +1,16 @@
 -- The row `$1` (uuid) with `reserve.sql`'s columns but its payload and headers, which Postgres
 -- cannot print (`relay::unprintable`): `null` JSON and no headers; it is dead-lettered, never
--- sent. Columns 9 and 11–15 (the scan's) are not read for it.
-select id, seq, aggregate_id, event_topic, event_type, 'null'::jsonb, null::jsonb, attempts,
+-- sent. Columns 9 and 11–15 (the scan's) are not read for it. Outside a UTF8 database its text
+-- columns come as the server stores them, bytes above 0x7f escaped (`\ooo`): what made it
+-- unprintable may be in them (see `print_each.sql`).
+select id, seq,
+       case when current_setting('server_encoding') = 'UTF8' then aggregate_id::text
+            else encode(convert_to(aggregate_id, 'SQL_ASCII'), 'escape') end,
+       case when current_setting('server_encoding') = 'UTF8' then event_topic::text
+            else encode(convert_to(event_topic, 'SQL_ASCII'), 'escape') end,
+       case when current_setting('server_encoding') = 'UTF8' then event_type::text
+            else encode(convert_to(event_type, 'SQL_ASCII'), 'escape') end,
+       'null'::jsonb, null::jsonb, attempts,
        case when isfinite(created_at_tz)
             then greatest(0, extract(epoch from clock_timestamp() - created_at_tz))::float8
             end,

@@ -1596,6 +1596,144 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
     );
 }
 
+/// In a `SQL_ASCII` database a row may hold bytes that are not UTF8, which the server refuses to
+/// send to the relay (a UTF8 client: 22021 "invalid byte sequence for encoding \"UTF8\""): one
+/// such row failed every reservation that reached it, and 0 of 100 events were delivered (found
+/// by a breaker helper). The relay finds it as it finds a row Postgres cannot print, dead-letters
+/// it naming the server's refusal, and delivers the rest; `status` (and so `/health` and the
+/// gauges) still reads the table, the dead letter's topic escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_server_cannot_send_in_utf8_is_dead_lettered_and_the_rest_delivered() {
+    support::init_tracing();
+    let name = support::unique_name("ascii_db");
+    support::connect_pg()
+        .await
+        .batch_execute(&format!(
+            "create database {name} encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C' template template0"
+        ))
+        .await
+        .unwrap();
+    let mut config = support::postgres().await;
+    config.dbname(&name);
+    let client = outbox::testing::connect(&config).await.unwrap();
+    let table = support::unique_name("ascii");
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = topic_name("ascii");
+    support::create_topic(&topic, 4).await;
+    // Rows 1-10 good, then a bad aggregate id, a bad topic and a bad payload string, then good
+    // rows again; `convert_from(…, 'SQL_ASCII')` stores the bytes as they are.
+    let bad = |hex: &str| format!("convert_from('\\x{hex}'::bytea, 'SQL_ASCII')");
+    client
+        .batch_execute(&format!(
+            "insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(1, 10) i;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ({agg}, '{topic}', 'Bad', '{{}}');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('bad-topic', {bad_topic}, 'Bad', '{{}}');
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('bad-payload', '{topic}', 'Bad', ({payload})::jsonb);
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'ok-' || (i % 5), '{topic}', 'Ok', jsonb_build_object('i', i)
+               from generate_series(11, 20) i;",
+            agg = bad("61ff"),
+            bad_topic = bad("74ff"),
+            payload = bad("7b2261223a2261ff227d"),
+        ))
+        .await
+        .unwrap();
+    let outbox = Outbox::builder()
+        .postgres(config.clone())
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let statuses = || async {
+        client
+            .query(
+                &format!(
+                    "select event_type, status, coalesce(last_error, '') from {table} order by seq"
+                ),
+                &[],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r.get::<_, String>(0),
+                            r.get::<_, String>(1),
+                            r.get::<_, String>(2),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string())
+    };
+    support::eventually(
+        Duration::from_secs(90),
+        "the good events delivered, the bad ones dead letters",
+        || async {
+            let rows = statuses().await?;
+            let done = rows
+                .iter()
+                .filter(|(t, s, _)| t == "Ok" && s == "done")
+                .count();
+            let failed = rows
+                .iter()
+                .filter(|(t, s, _)| t == "Bad" && s == "failed")
+                .count();
+            if done == 20 && failed == 3 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{done} of 20 delivered, {failed} of 3 dead letters; {:?}",
+                    outbox.stats()
+                ))
+            }
+        },
+    )
+    .await;
+    for (_, _, error) in statuses()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(t, _, _)| t == "Bad")
+    {
+        assert!(
+            error.contains("22021") && error.contains("UTF8"),
+            "the dead letter names the server's refusal: {error}"
+        );
+    }
+    let status = outbox
+        .status()
+        .await
+        .expect("status reads a table with such a row");
+    let topics: Vec<&str> = status.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert!(
+        topics.contains(&"t\\377"),
+        "the bad topic escaped: {topics:?}"
+    );
+    support::stop_and_join(&outbox, relay).await;
+    let records = support::assert_nothing_more(
+        &support::kafka_brokers(),
+        &topic,
+        20,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        records.iter().all(|r| r.header("event_type") == Some("Ok")),
+        "only the good events were sent"
+    );
+}
+
 /// Finding a row Postgres cannot print is not a scan: it took seconds (the row printed twice,
 /// up to 1 GB each), and counted as the last full scan's duration it spaced full scans ten times
 /// that apart — a dead letter requeued below the floor afterwards (two events of its aggregate
