@@ -245,6 +245,13 @@ impl Error {
             .is_some_and(|db| is_moved_session(db.code()))
     }
 
+    /// A write refused as read-only (SQLSTATE 25006): the session began while the database,
+    /// role or server defaulted to `default_transaction_read_only = on` (or it is on a
+    /// standby), and keeps that default however the server's changes after.
+    pub(crate) fn read_only(&self) -> bool {
+        self.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    }
+
     /// `true` for [`Error::AlreadyStarted`].
     pub fn is_already_started(&self) -> bool {
         matches!(self, Error::AlreadyStarted)

@@ -101,9 +101,15 @@ impl<T: SharedSession> Shared<T> {
         // Replaced after a missed deadline (it may be stuck), and once its prepared statements
         // are gone (a pooler moved the session, or `DEALLOCATE ALL` ran in it: it would fail
         // every round trip the same way for good — found by a breaker helper, every fence
-        // failed for minutes after PgBouncer was back in session pooling).
+        // failed for minutes after PgBouncer was back in session pooling), and after a write
+        // refused as read-only (a session opened while the database defaulted to read-only
+        // keeps that default: a breaker helper saw every fence fail for 4 min 38 s after
+        // `alter database … reset default_transaction_read_only`, until the session ended).
         let timed_out = r.as_ref().is_err_and(crate::Error::is_timeout);
-        if timed_out || r.as_ref().is_err_and(crate::Error::lost_prepared_statement) {
+        let stale = r
+            .as_ref()
+            .is_err_and(|e| e.lost_prepared_statement() || e.read_only());
+        if timed_out || stale {
             let mut slot = self.slot.lock().await;
             if slot.as_ref().is_some_and(|g| Arc::ptr_eq(g, s)) {
                 *slot = None;

@@ -1520,6 +1520,88 @@ async fn a_migrate_while_the_relay_drains_and_writers_write_loses_nothing() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A database made read-only for a while (`alter database … set default_transaction_read_only
+/// = on`) while the relay's fence session is replaced: once it is writable again the relay
+/// delivers by itself. A session opened meanwhile keeps the read-only default; a breaker helper
+/// saw a fence session opened then fail every batch's fence with 25006 for good (2,000 events
+/// stuck 4 min 38 s after the reset, until the session was ended by hand). Each shared session
+/// a write was refused on as read-only is now replaced (`Shared::round_trip`). Here the relay
+/// also recovers without that (its sessions end after the failed batches), so this test guards
+/// the recovery, not that replacement alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_read_only_for_a_while_is_written_again_once_writable() {
+    support::init_tracing();
+    let db = support::fresh_database().await;
+    let name = db.get_dbname().unwrap().to_string();
+    let client = outbox::testing::connect(&db).await.unwrap();
+    let table = support::unique_name("readonly");
+    outbox::migrate_table(&client, &table, &table)
+        .await
+        .unwrap();
+    let topic = support::fresh_topic("readonly", 1).await;
+    let outbox = Outbox::builder()
+        .postgres(db.clone())
+        .table(&table)
+        .channel(&table)
+        .kafka_brokers(support::kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let write = |n: i64| {
+        format!(
+            "begin read write; insert into {table} (aggregate_id, event_topic, event_type, payload)
+             select 'agg', '{topic}', 'T', jsonb_build_object('i', i) from generate_series({n}, {n} + 9) i;
+             commit"
+        )
+    };
+    client.batch_execute(&write(0)).await.unwrap();
+    let done = |n: u64| {
+        let outbox = &outbox;
+        async move {
+            support::eventually(Duration::from_secs(60), "the events delivered", || async {
+                let s = outbox.stats();
+                (s.delivered >= n).then_some(()).ok_or(format!("{s:?}"))
+            })
+            .await
+        }
+    };
+    done(10).await;
+    let admin = support::connect_pg().await;
+    admin
+        .batch_execute(&format!(
+            "alter database {name} set default_transaction_read_only = on;
+             select pg_terminate_backend(pid) from pg_stat_activity
+              where datname = '{name}' and application_name = 'outbox-relay-fence'"
+        ))
+        .await
+        .unwrap();
+    // The writer's own session began before: it writes in a `read write` transaction anyway.
+    client.batch_execute(&write(10)).await.unwrap();
+    support::eventually(
+        Duration::from_secs(60),
+        "a write refused as read-only",
+        || async {
+            let health = outbox.health().await.map_err(|e| e.to_string())?;
+            match health.postgres_problem {
+                Some(p) if p.contains("25006") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // Long enough for every session the relay opens to have opened read-only.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    admin
+        .batch_execute(&format!(
+            "alter database {name} reset default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    done(20).await;
+    support::stop_and_join(&outbox, relay).await;
+}
+
 /// With the fence table, an index and the wake trigger dropped, `connect()` names what is
 /// missing, and `migrate` re-creates exactly those; with the outbox table dropped, `migrate`
 /// creates it again (it used to print "up to date").
