@@ -248,7 +248,14 @@ impl Admin {
                 Some(c) => c,
                 None => self.pg.connect("admin").await?,
             };
-            op(guard.insert(client)).await
+            let client = guard.insert(client);
+            // Before any statement that could call a planted function or operator.
+            let untrusted =
+                crate::schema_check::untrusted_creators(&*client, &self.sql.table).await?;
+            if !untrusted.is_empty() {
+                return Err(Error::Schema(untrusted.join("; ")));
+            }
+            op(client).await
         })
         .await;
         match result {

@@ -115,12 +115,96 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
     client: &C,
     table: &str,
 ) -> Result<Vec<String>> {
-    let mut problems = column_deviations(client, table).await?;
+    let mut problems = untrusted_creators(client, table).await?;
+    problems.extend(column_deviations(client, table).await?);
     problems.extend(missing_object_problems(client, table).await?);
     if problems.is_empty() {
         problems.extend(sequence_problems(client, table).await);
     }
     Ok(problems)
+}
+
+/// The schemas on the session's `search_path` in which a role that is not trusted may create
+/// objects, each with the fix. Postgres resolves a function or operator call to the best match
+/// on the path, and one in such a schema taking `varchar` exactly beats `pg_catalog`'s, which
+/// needs a cast: `hashtext(aggregate_id)`, `status <> 'done'` and the like in the relay's SQL
+/// would run that role's code with the relay's — or an operator's — privileges (CVE-2018-1058;
+/// a breaker helper, as a writer with `create` on `public`, read the events it may not read,
+/// marked 40 of them done unpublished, and made itself superuser when a superuser ran
+/// `outbox-relay status`). Named: `PUBLIC` (which may create in `public` by default before
+/// Postgres 15), and the roles that may insert into the table — its writers — unless trusted:
+/// superusers, the schema's owner, the connected role and the roles it is a member of, the
+/// table's owner (who can change the table anyway). A migrator that may create but not write
+/// events is not named.
+///
+/// # Errors
+/// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
+pub(crate) async fn untrusted_creators<C: GenericClient>(
+    client: &C,
+    table: &str,
+) -> Result<Vec<String>> {
+    let creators = format!(
+        "select n.nspname::text,
+                string_agg(case when a.grantee = 0 then 'public' else quote_ident(r.rolname) end,
+                           ', ' order by r.rolname nulls first)
+           from pg_namespace n
+          cross join lateral aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+           left join pg_roles r on r.oid = a.grantee
+          where n.nspname = any (current_schemas(false))
+            and a.privilege_type = 'CREATE'
+            and a.grantee <> n.nspowner
+            and (a.grantee = 0 or {})
+          group by n.nspname
+          order by n.nspname",
+        untrusted_writer("a.grantee")
+    );
+    // What such a role created there before (a revoke leaves it in place).
+    let planted = format!(
+        "select n.nspname::text, o.what, quote_ident(r.rolname)
+           from (select pronamespace, proowner, 'function ' || oid::regprocedure::text
+                   from pg_proc
+                 union all
+                 select oprnamespace, oprowner, 'operator ' || oid::regoperator::text
+                   from pg_operator) o (ns, owner, what)
+           join pg_namespace n on n.oid = o.ns
+           join pg_roles r on r.oid = o.owner
+          where n.nspname = any (current_schemas(false)) and {}
+          order by 1, 2",
+        untrusted_writer("o.owner")
+    );
+    let mut problems: Vec<String> = (client.query(&creators, &[&table]).await?.iter())
+        .map(|r| {
+            let (schema, roles): (String, String) = (r.get(0), r.get(1));
+            format!(
+                "schema `{schema}` is on the relay's search_path and roles that write the outbox table (or every role) may create objects in it ({roles}): a function or operator created there would run in the relay's SQL with its privileges, or an operator's running `status` (CVE-2018-1058); `revoke create on schema {schema} from {roles}` (Postgres 15 and later no longer grant it to public)"
+            )
+        })
+        .collect();
+    problems.extend((client.query(&planted, &[&table]).await?.iter()).map(|r| {
+        let (schema, what, owner): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        format!(
+            "{what} in schema `{schema}`, on the relay's search_path, belongs to {owner}, a role that writes the outbox table: the relay's SQL could call it with its privileges (CVE-2018-1058); drop it, or move it out of the search_path, after checking what it does"
+        )
+    }));
+    Ok(problems)
+}
+
+/// A condition on the role `oid` (an SQL expression): it may insert into the table (`$1`) —
+/// a writer — and is not trusted: not a superuser, not the connected role nor a role it is a
+/// member of (not `pg_has_role`: a superuser has every role's privileges, and a superuser
+/// running `status` is what must not be led astray), not the table's owner.
+fn untrusted_writer(oid: &str) -> String {
+    format!(
+        "coalesce(has_table_privilege({oid}, to_regclass($1), 'INSERT'), false)
+         and not exists (select 1 from pg_roles t
+                          where t.oid = {oid}
+                            and (t.rolsuper or t.rolname = current_user
+                                 or exists (select 1 from pg_auth_members m
+                                              join pg_roles u on u.oid = m.member
+                                             where u.rolname = current_user and m.roleid = t.oid)
+                                 or t.oid = (select relowner from pg_class
+                                              where oid = to_regclass($1))))"
+    )
 }
 
 /// Missing columns, other types and nullable columns the relay reads as non-null.

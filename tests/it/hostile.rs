@@ -1596,6 +1596,105 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
     );
 }
 
+/// A writer that may create objects in a schema on the relay's `search_path` could plant an
+/// operator that beats `pg_catalog`'s for the relay's `varchar` columns (`status <> 'done'`),
+/// run by the relay — or by a superuser running `status` — with their privileges
+/// (CVE-2018-1058; a breaker helper made itself superuser so). `connect()` refuses such a schema
+/// naming the role and the `revoke`, and then the objects the role created there; `Admin`'s
+/// calls (`status`, `find`, `requeue`) refuse before any statement on the table, so the
+/// planted operator never runs; revoked and dropped, both work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_may_create_in_the_relay_s_schema_is_refused_before_its_code_runs() {
+    support::init_tracing();
+    let db = support::fresh_database().await;
+    let admin_pg = outbox::testing::connect(&db).await.unwrap();
+    let table = support::unique_name("shadow");
+    outbox::migrate_table(&admin_pg, &table, &table)
+        .await
+        .unwrap();
+    let writer = support::unique_name("shadow_writer");
+    admin_pg
+        .batch_execute(&format!(
+            "create role {writer};
+             grant insert on {table} to {writer};
+             grant create on schema public to {writer};
+             create table public.spy (who text);
+             grant insert on public.spy to public;
+             set role {writer};
+             create function public.spy_ne(varchar, varchar) returns boolean language sql
+                 as $$ insert into public.spy values (current_user)
+                       returning $1::text operator(pg_catalog.<>) $2::text $$;
+             create operator public.<> (leftarg = varchar, rightarg = varchar,
+                                        function = public.spy_ne);
+             reset role;
+             insert into {table} (aggregate_id, event_topic, event_type, payload)
+             values ('a', 't', 'x', '{{}}')"
+        ))
+        .await
+        .unwrap();
+    let builder = || {
+        Outbox::builder()
+            .postgres(db.clone())
+            .table(&table)
+            .channel(&table)
+            .kafka_brokers(support::kafka_brokers())
+    };
+    let e = builder()
+        .connect()
+        .await
+        .expect_err("connect() refuses a schema writers may create in");
+    let text = e.to_string();
+    assert!(
+        text.contains(&writer) && text.contains("revoke create on schema public"),
+        "{text}"
+    );
+    let admin = Admin::connect(db.clone(), &table).await.unwrap();
+    let e = admin
+        .status()
+        .await
+        .expect_err("status refuses before running anything on the table");
+    assert!(e.to_string().contains(&writer), "{e}");
+    let spied: i64 = admin_pg
+        .query_one("select count(*) from public.spy", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spied, 0, "the planted operator ran");
+    admin_pg
+        .batch_execute(&format!("revoke create on schema public from {writer}"))
+        .await
+        .unwrap();
+    // What it planted stays after the revoke, and is named.
+    let e = builder()
+        .connect()
+        .await
+        .expect_err("connect() refuses the planted operator");
+    assert!(
+        e.to_string()
+            .contains("operator <>(character varying,character varying) in schema `public`"),
+        "{e}"
+    );
+    assert!(admin.status().await.is_err());
+    admin_pg
+        .batch_execute("drop operator public.<> (varchar, varchar); drop function public.spy_ne(varchar, varchar)")
+        .await
+        .unwrap();
+    builder()
+        .connect()
+        .await
+        .expect("connect once revoked and dropped");
+    admin
+        .status()
+        .await
+        .expect("status once revoked and dropped");
+    let spied: i64 = admin_pg
+        .query_one("select count(*) from public.spy", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spied, 0, "the planted operator never ran");
+}
+
 /// In a `SQL_ASCII` database a row may hold bytes that are not UTF8, which the server refuses to
 /// send to the relay (a UTF8 client: 22021 "invalid byte sequence for encoding \"UTF8\""): one
 /// such row failed every reservation that reached it, and 0 of 100 events were delivered (found
