@@ -21,6 +21,10 @@ begin
   end loop;
 end
 $roles$;
+-- Before Postgres 15 every role may create in `public`: a writer could then plant functions or
+-- operators the relay's SQL would call (CVE-2018-1058; the relay refuses to start so). Only the
+-- migrator creates there.
+revoke create on schema public from public;
 grant usage, create on schema public to app_outbox_migrator;
 grant usage on schema public to app_outbox_relay, app_outbox_writer;
 

@@ -180,7 +180,8 @@ impl fmt::Display for SchemaError {
                 needed,
             } => write!(
                 f,
-                "table `{table}` is at schema version {version}, this crate needs {needed}: run `outbox::migrate`"
+                "table `{table}` is at schema version {version}, this crate needs {needed}: run `{}` (or `outbox::migrate_table`) as a role that may change the table",
+                migrate_command(table)
             ),
             SchemaError::ChannelMismatch {
                 table,

@@ -243,6 +243,7 @@ pub struct MigrationReport {
     applied: Vec<i32>,
     previous_channel: Option<String>,
     repaired: Vec<String>,
+    newer: Option<i32>,
 }
 
 impl MigrationReport {
@@ -257,6 +258,13 @@ impl MigrationReport {
     /// Versions applied by this call, ascending; empty when the table was up to date.
     pub fn applied(&self) -> &[i32] {
         &self.applied
+    }
+
+    /// The table's schema version when a newer build of this crate migrated it (above
+    /// [`SCHEMA_VERSION`]): this call then left it as it is — nothing applied, nothing repaired
+    /// (run the newer build's `migrate` for that).
+    pub fn migrated_by_newer(&self) -> Option<i32> {
+        self.newer
     }
 
     /// The channel the trigger notified before this call, when this call changed it.
@@ -307,11 +315,15 @@ pub async fn migrate_table(client: &Client, table: &str, channel: &str) -> Resul
     validate_identifier("channel", channel)?;
     refuse_old_server(client, None).await?;
     // Read-only; any doubt (a query the role may not run) takes the full path.
-    if up_to_date(client, table, channel).await.unwrap_or(false) {
+    if let Ok(Some(version)) = up_to_date(client, table, channel).await {
+        if version > SCHEMA_VERSION {
+            return leave_a_newer_schema(table, channel, Some(channel), version);
+        }
         return Ok(MigrationReport {
             applied: Vec::new(),
             previous_channel: None,
             repaired: Vec::new(),
+            newer: None,
         });
     }
     let mut attempt = 1;
@@ -397,27 +409,31 @@ async fn migrate_once(client: &Client, table: &str, channel: &str) -> Result<Mig
 /// (which `migrate` registers in the transaction that applied every migration) and misses none of its objects
 /// (see [`missing_objects`]). Reads only what the relay role may read (`outbox_tables`, the
 /// catalogs).
-async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<bool> {
+async fn up_to_date(client: &Client, table: &str, channel: &str) -> Result<Option<i32>> {
     let bookkeeping = client
         .query_one("select to_regclass('outbox_tables') is not null", &[])
         .await?;
     if !bookkeeping.get::<_, bool>(0) {
-        return Ok(false);
+        return Ok(None);
     }
     let registered = client
         .query_opt(include_str!("sql/table_channel.sql"), &[&table])
         .await?
         .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
     // At or above this build's version: a newer build's `migrate` registers its own.
-    if !registered.is_some_and(|(c, v)| c == channel && v >= SCHEMA_VERSION) {
-        return Ok(false);
-    }
+    let Some(version) = registered
+        .filter(|(c, v)| c == channel && *v >= SCHEMA_VERSION)
+        .map(|(_, v)| v)
+    else {
+        return Ok(None);
+    };
     // A sequence check that fails (what keeps the role from reading the table is named
     // elsewhere) sends nobody down the path that writes.
-    Ok(missing_objects(client, table).await?.is_empty()
+    let intact = missing_objects(client, table).await?.is_empty()
         && crate::schema_check::sequence_behind(client, table)
             .await
-            .map_or(true, |behind| behind.is_none()))
+            .map_or(true, |behind| behind.is_none());
+    Ok(intact.then_some(version))
 }
 
 /// [`migrate_table`] for the default table `events` and channel `outbox`.
@@ -515,6 +531,7 @@ async fn migrate_in_tx(client: &Client, table: &str, channel: &str) -> Result<Mi
         applied,
         previous_channel,
         repaired,
+        newer: None,
     })
 }
 
@@ -543,12 +560,13 @@ fn leave_a_newer_schema(
         table,
         schema_version = newer,
         this_build = SCHEMA_VERSION,
-        "outbox migrate: the table was migrated by a newer outbox; left as it is (this build runs on it)"
+        "outbox migrate: the table was migrated by a newer outbox; left as it is, nothing applied or repaired (this build's relay runs on it; repairs need the newer build's migrate)"
     );
     Ok(MigrationReport {
         applied: Vec::new(),
         previous_channel: None,
         repaired: Vec::new(),
+        newer: Some(newer),
     })
 }
 

@@ -567,7 +567,12 @@ async fn migrate(cli: &Cli) -> Result<(), Failure> {
             report.repaired().join(", ")
         );
     }
-    if report.applied().is_empty() && report.repaired().is_empty() {
+    if let Some(version) = report.migrated_by_newer() {
+        println!(
+            "table {table} is at schema version {version}, migrated by a newer outbox (this build knows {}): left as it is, nothing applied or repaired (repairs need the newer build's migrate)",
+            outbox::SCHEMA_VERSION
+        );
+    } else if report.applied().is_empty() && report.repaired().is_empty() {
         println!(
             "table {table} is up to date (schema version {})",
             outbox::SCHEMA_VERSION
