@@ -1744,15 +1744,7 @@ async fn a_row_the_server_cannot_send_in_utf8_is_dead_lettered_and_the_rest_deli
         ))
         .await
         .unwrap();
-    let outbox = Outbox::builder()
-        .postgres(config.clone())
-        .table(&table)
-        .channel(&table)
-        .kafka_brokers(support::kafka_brokers())
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on_database(&config, &table).await;
     let statuses = || async {
         client
             .query(

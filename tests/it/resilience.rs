@@ -1539,15 +1539,7 @@ async fn a_database_read_only_for_a_while_is_written_again_once_writable() {
         .await
         .unwrap();
     let topic = support::fresh_topic("readonly", 1).await;
-    let outbox = Outbox::builder()
-        .postgres(db.clone())
-        .table(&table)
-        .channel(&table)
-        .kafka_brokers(support::kafka_brokers())
-        .connect()
-        .await
-        .unwrap();
-    let relay = outbox.start().unwrap();
+    let (outbox, relay) = support::start_on_database(&db, &table).await;
     let write = |n: i64| {
         format!(
             "begin read write; insert into {table} (aggregate_id, event_topic, event_type, payload)

@@ -1502,6 +1502,24 @@ pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
     topic
 }
 
+/// A relay on `table` (also its channel) of the database `pg`, on the test cluster, connected
+/// and started.
+pub async fn start_on_database(
+    pg: &tokio_postgres::Config,
+    table: &str,
+) -> (outbox::Outbox, RelayTask) {
+    let outbox = outbox::Outbox::builder()
+        .postgres(pg.clone())
+        .table(table)
+        .channel(table)
+        .kafka_brokers(kafka_brokers())
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    (outbox, relay)
+}
+
 /// A relay on `table` (also its channel) from [`builder_on`], connected and started.
 pub async fn start_on(table: &str) -> (outbox::Outbox, RelayTask) {
     let outbox = builder_on(table, table).await.connect().await.unwrap();
