@@ -131,11 +131,14 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
 /// would run that role's code with the relay's — or an operator's — privileges (CVE-2018-1058;
 /// a breaker helper, as a writer with `create` on `public`, read the events it may not read,
 /// marked 40 of them done unpublished, and made itself superuser when a superuser ran
-/// `outbox-relay status`). Named: `PUBLIC` (which may create in `public` by default before
-/// Postgres 15), and the roles that may insert into the table — its writers — unless trusted:
-/// superusers, the schema's owner, the connected role and the roles it is a member of, the
-/// table's owner (who can change the table anyway). A migrator that may create but not write
-/// events is not named.
+/// `outbox-relay status`). Named: every role that can act as a writer of the table (see
+/// [`UNTRUSTED`]) and may create in a schema on the path — by a grant (to it, to a role it
+/// belongs to, or to `PUBLIC`, as before Postgres 15), or owning it (as the owner of the
+/// database owns `public` since Postgres 15) — and the functions and operators such a role
+/// can act as the owner of there (a second breaker helper got past a first form five ways:
+/// column-level `insert`, `create` through a group, a `noinherit` member, a schema the writer
+/// owns first on the path, the writer owning the database). A migrator that may create but
+/// not write events is not named.
 ///
 /// # Errors
 /// [`Error::Postgres`](crate::Error::Postgres) when the catalog cannot be read.
@@ -144,68 +147,66 @@ pub(crate) async fn untrusted_creators<C: GenericClient>(
     table: &str,
 ) -> Result<Vec<String>> {
     let creators = format!(
-        "select n.nspname::text,
-                string_agg(case when a.grantee = 0 then 'public' else quote_ident(r.rolname) end,
-                           ', ' order by r.rolname nulls first)
-           from pg_namespace n
-          cross join lateral aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
-           left join pg_roles r on r.oid = a.grantee
-          where n.nspname = any (current_schemas(false))
-            and a.privilege_type = 'CREATE'
-            and a.grantee <> n.nspowner
-            and (a.grantee = 0 or {})
-          group by n.nspname
-          order by n.nspname",
-        untrusted_writer("a.grantee")
+        "{UNTRUSTED}
+         select p.nspname::text, string_agg(quote_ident(u.rolname), ', ' order by u.rolname)
+           from path p
+           join untrusted u
+             on exists (select 1 from pg_roles g
+                         where has_schema_privilege(g.oid, p.oid, 'CREATE')
+                           and pg_has_role(u.oid, g.oid, 'MEMBER'))
+          group by p.nspname
+          order by p.nspname"
     );
     // What such a role created there before (a revoke leaves it in place).
     let planted = format!(
-        "select n.nspname::text, o.what, quote_ident(r.rolname)
+        "{UNTRUSTED}
+         select p.nspname::text, o.what, quote_ident(r.rolname)
            from (select pronamespace, proowner, 'function ' || oid::regprocedure::text
                    from pg_proc
                  union all
                  select oprnamespace, oprowner, 'operator ' || oid::regoperator::text
                    from pg_operator) o (ns, owner, what)
-           join pg_namespace n on n.oid = o.ns
+           join path p on p.oid = o.ns
            join pg_roles r on r.oid = o.owner
-          where n.nspname = any (current_schemas(false)) and {}
-          order by 1, 2",
-        untrusted_writer("o.owner")
+          where exists (select 1 from untrusted u where pg_has_role(u.oid, o.owner, 'MEMBER'))
+          order by 1, 2"
     );
     let mut problems: Vec<String> = (client.query(&creators, &[&table]).await?.iter())
         .map(|r| {
             let (schema, roles): (String, String) = (r.get(0), r.get(1));
             format!(
-                "schema `{schema}` is on the relay's search_path and roles that write the outbox table (or every role) may create objects in it ({roles}): a function or operator created there would run in the relay's SQL with its privileges, or an operator's running `status` (CVE-2018-1058); `revoke create on schema {schema} from {roles}` (Postgres 15 and later no longer grant it to public)"
+                "schema `{schema}` is on the relay's search_path and roles that write the outbox table (or can act as one of its writers) may create objects in it ({roles}, by a grant, through a role they belong to, or owning it): a function or operator created there would run in the relay's SQL with its privileges, or an operator's running `status` (CVE-2018-1058); revoke their `create` on it (`revoke create on schema {schema} from …`; Postgres 15 and later no longer grant it to public), or take the schema off the role's search_path"
             )
         })
         .collect();
     problems.extend((client.query(&planted, &[&table]).await?.iter()).map(|r| {
         let (schema, what, owner): (String, String, String) = (r.get(0), r.get(1), r.get(2));
         format!(
-            "{what} in schema `{schema}`, on the relay's search_path, belongs to {owner}, a role that writes the outbox table: the relay's SQL could call it with its privileges (CVE-2018-1058); drop it, or move it out of the search_path, after checking what it does"
+            "{what} in schema `{schema}`, on the relay's search_path, belongs to {owner}, a role a writer of the outbox table can act as: the relay's SQL could call it with its privileges (CVE-2018-1058); drop it, or move it out of the search_path, after checking what it does"
         )
     }));
     Ok(problems)
 }
 
-/// A condition on the role `oid` (an SQL expression): it may insert into the table (`$1`) —
-/// a writer — and is not trusted: not a superuser, not the connected role nor a role it is a
-/// member of (not `pg_has_role`: a superuser has every role's privileges, and a superuser
-/// running `status` is what must not be led astray), not the table's owner.
-fn untrusted_writer(oid: &str) -> String {
-    format!(
-        "coalesce(has_table_privilege({oid}, to_regclass($1), 'INSERT'), false)
-         and not exists (select 1 from pg_roles t
-                          where t.oid = {oid}
-                            and (t.rolsuper or t.rolname = current_user
-                                 or exists (select 1 from pg_auth_members m
-                                              join pg_roles u on u.oid = m.member
-                                             where u.rolname = current_user and m.roleid = t.oid)
-                                 or t.oid = (select relowner from pg_class
-                                              where oid = to_regclass($1))))"
-    )
-}
+/// The common part of [`untrusted_creators`]' queries (`$1` the table): `path`, the schemas on
+/// the session's `search_path`; `writer`, the roles that may insert into the table (any column:
+/// a column-level grant too); `untrusted`, every role that can act as a writer — the writers,
+/// and the roles that are members of one, also without inheriting (`set role`) — but
+/// superusers, the connected role and the table's owner (who can change the table anyway). A
+/// superuser has every role's privileges, so membership is read with `pg_has_role(…,
+/// 'MEMBER')` from the untrusted side only: a superuser running `status` is what must not be
+/// led astray.
+const UNTRUSTED: &str = "with path as (
+            select oid, nspname from pg_namespace where nspname = any (current_schemas(false))),
+          writer as (
+            select r.oid from pg_roles r
+             where coalesce(has_any_column_privilege(r.oid, to_regclass($1), 'INSERT'), false)),
+          untrusted as (
+            select u.oid, u.rolname from pg_roles u
+             where not u.rolsuper and u.rolname <> current_user
+               and u.oid <> coalesce((select relowner from pg_class
+                                       where oid = to_regclass($1)), 0)
+               and exists (select 1 from writer w where pg_has_role(u.oid, w.oid, 'MEMBER')))";
 
 /// Missing columns, other types and nullable columns the relay reads as non-null.
 async fn column_deviations<C: GenericClient>(client: &C, table: &str) -> Result<Vec<String>> {

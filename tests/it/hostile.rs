@@ -1607,6 +1607,7 @@ async fn a_row_postgres_cannot_print_is_dead_lettered_and_the_rest_delivered() {
 async fn a_writer_that_may_create_in_the_relay_s_schema_is_refused_before_its_code_runs() {
     support::init_tracing();
     let db = support::fresh_database().await;
+    let db_name = db.get_dbname().unwrap().to_string();
     let admin_pg = outbox::testing::connect(&db).await.unwrap();
     let table = support::unique_name("shadow");
     outbox::migrate_table(&admin_pg, &table, &table)
@@ -1693,6 +1694,44 @@ async fn a_writer_that_may_create_in_the_relay_s_schema_is_refused_before_its_co
         .unwrap()
         .get(0);
     assert_eq!(spied, 0, "the planted operator never ran");
+    // Ways around a first form of the check (a breaker helper's), each refused, then undone.
+    let other = support::unique_name("shadow_other");
+    for (how, setup, undo) in [
+        (
+            "a column-level insert",
+            format!("create role {other}; grant insert (aggregate_id, event_topic, event_type, payload) on {table} to {other}; grant create on schema public to {other}"),
+            format!("revoke create on schema public from {other}; revoke insert (aggregate_id, event_topic, event_type, payload) on {table} from {other}; drop role {other}"),
+        ),
+        (
+            "create through a group the writer belongs to",
+            format!("create role {other}; grant create on schema public to {other}; grant {other} to {writer}"),
+            format!("revoke {other} from {writer}; revoke create on schema public from {other}; drop role {other}"),
+        ),
+        (
+            "a noinherit member of the writer",
+            format!("create role {other} noinherit; grant {writer} to {other}; grant create on schema public to {other}"),
+            format!("revoke create on schema public from {other}; revoke {writer} from {other}; drop role {other}"),
+        ),
+        (
+            "the writer owning the database (and so `public`, since Postgres 15)",
+            format!("alter database {db_name} owner to {writer}"),
+            format!("alter database {db_name} owner to current_user"),
+        ),
+        (
+            "a schema the writer owns, first on the path",
+            format!("create schema {other} authorization {writer}; alter database {db_name} set search_path = {other}, public"),
+            format!("alter database {db_name} reset search_path; drop schema {other}"),
+        ),
+    ] {
+        admin_pg.batch_execute(&setup).await.unwrap();
+        let e = builder().connect().await.map(drop).expect_err(how);
+        assert!(e.to_string().contains("CVE-2018-1058"), "{how}: {e}");
+        admin_pg.batch_execute(&undo).await.unwrap();
+    }
+    builder()
+        .connect()
+        .await
+        .expect("connect once every way was undone");
 }
 
 /// In a `SQL_ASCII` database a row may hold bytes that are not UTF8, which the server refuses to
