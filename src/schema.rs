@@ -854,9 +854,12 @@ pub(crate) async fn analyze_if_never_analyzed(client: &Client, table: &str) -> R
 
 /// Checks, for a relay, that `table` is migrated to [`SCHEMA_VERSION`] and notifies on
 /// `channel`, that its columns and objects are what the relay relies on, and that the connected
-/// role has the relay's privileges. Every problem found is reported at once.
+/// role has the relay's privileges, and that no writer can plant functions or operators on its
+/// `search_path` ([`crate::schema_check::untrusted_creators`]). Every problem found is reported
+/// at once.
 pub(crate) async fn check<C: GenericClient>(client: &C, table: &str, channel: &str) -> Result<()> {
-    let mut problems = crate::schema_check::missing_relay_privileges(client, table).await?;
+    let mut problems = crate::schema_check::untrusted_creators(client, table).await?;
+    problems.extend(crate::schema_check::missing_relay_privileges(client, table).await?);
     problems.extend(crate::schema_check::row_security_problems(client, table).await?);
     match check_migrated(client, table).await {
         Ok(registered_channel) => {
