@@ -128,6 +128,12 @@ pub struct Health {
     pub running: bool,
     /// Whether the LISTEN connection is up (`None` in [`WakeMode::PollOnly`](crate::WakeMode)).
     pub listener_connected: Option<bool>,
+    /// Why the LISTEN connection is down, while it is: the last failure to connect or to
+    /// LISTEN, or how its session ended, with the server's severity, SQLSTATE and message (e.g.
+    /// "LISTEN failed: postgres: ERROR 25006 cannot execute LISTEN during recovery (the session
+    /// is read-only: the server is a hot standby …)"), at most about 530 bytes; `None` while it
+    /// is up, before its first attempt ended, and in `PollOnly`.
+    pub listener_problem: Option<String>,
     /// When the last delivery was confirmed.
     pub last_delivery: Option<DateTime<Utc>>,
     /// Pending events.
@@ -216,7 +222,10 @@ impl Health {
             reasons.push("the relay is not running".to_string());
         }
         if self.listener_connected == Some(false) {
-            reasons.push("the LISTEN connection is down".to_string());
+            reasons.push(match &self.listener_problem {
+                Some(why) => format!("the LISTEN connection is down ({why})"),
+                None => "the LISTEN connection is down".to_string(),
+            });
         }
         if let Some(age) = self.oldest_pending_age.filter(|a| *a > max_pending_age) {
             // The usual cause at 3 a.m. is not a stuck relay: say so when it may be.
@@ -541,6 +550,9 @@ impl Outbox {
             running: stats.running,
             listener_connected: (self.inner.settings.wake == crate::WakeMode::Notify)
                 .then_some(stats.listener_connected),
+            listener_problem: (self.inner.settings.wake == crate::WakeMode::Notify)
+                .then(|| self.inner.counters.listener.problem())
+                .flatten(),
             last_delivery: stats.last_delivery,
             backlog: status.pending,
             oldest_pending_age: status.oldest_pending_age,
@@ -565,8 +577,8 @@ impl Outbox {
             confirm_failures: c.confirm_failures.load(Ordering::Relaxed),
             reserve_failures: c.reserve_failures.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
-            listener_reconnects: c.listener_reconnects.load(Ordering::Relaxed),
-            listener_connected: c.listener_connected.load(Ordering::Relaxed),
+            listener_reconnects: c.listener.reconnects.load(Ordering::Relaxed),
+            listener_connected: c.listener.connected.load(Ordering::Relaxed),
             in_flight: c.in_flight.load(Ordering::Relaxed),
             last_delivery: (last > 0)
                 .then(|| DateTime::<Utc>::from_timestamp_millis(last))
@@ -590,6 +602,7 @@ mod tests {
         Health {
             running: true,
             listener_connected: Some(true),
+            listener_problem: None,
             last_delivery: None,
             backlog: 3,
             oldest_pending_age: Some(Duration::from_secs(oldest)),

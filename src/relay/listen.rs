@@ -2,7 +2,7 @@
 //! `Connection::poll_message`, and the advisory lock by which an idle relay asks writers to
 //! NOTIFY. Both run as tasks and hand their [`Wake`]s to [`Wakeups`](super::wake::Wakeups).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use crate::error::PgErrorDisplay;
 use crate::pg::Pg;
 use crate::schema::{wake_lock_key, LOCK_CLASS};
 
+use super::report::ListenerState;
 use super::wake::{handoff_delays, HandoffSender, Wake};
 
 /// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s.
@@ -89,18 +90,16 @@ pub(crate) struct Listener {
     /// Due times handed over by a stopping relay.
     pub(crate) handoffs: HandoffSender,
     pub(crate) token: CancellationToken,
-    /// Counts re-established connections (`stats().listener_reconnects`).
-    pub(crate) reconnects: Arc<AtomicU64>,
-    /// Whether it LISTENs now (`stats().listener_connected`).
-    pub(crate) connected: Arc<AtomicBool>,
+    /// Whether it LISTENs now, its reconnects, and why it is down (`stats()`, health).
+    pub(crate) state: Arc<ListenerState>,
 }
 
 /// Clears `stats().listener_connected` when dropped.
-struct Listening(Arc<AtomicBool>);
+struct Listening(Arc<ListenerState>);
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -118,7 +117,7 @@ impl Listener {
     pub(crate) async fn run(self) {
         // However the task ends — stopped, or unwinding from a panic that stops the relay (see
         // `supervise`) — it no longer listens.
-        let _listening = Listening(self.connected.clone());
+        let _listening = Listening(self.state.clone());
         let mut backoff = reconnect_backoff();
         let mut first = true;
         loop {
@@ -127,9 +126,9 @@ impl Listener {
                 Attempt::Failed if self.sleep(backoff.next()).await => continue,
                 Attempt::Failed | Attempt::Stopped => return,
             };
-            self.connected.store(true, Ordering::Relaxed);
+            self.state.up();
             if !first {
-                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.state.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     channel = self.channel,
                     "outbox listener reconnected; running a catch-up pass"
@@ -154,19 +153,22 @@ impl Listener {
                 futures::future::pending(),
             )
             .await;
-            self.connected.store(false, Ordering::Relaxed);
             drop(client);
             drain.abort();
             match ended {
                 Ended::Stopped => return,
                 Ended::Closed(Some(e)) => {
-                    tracing::warn!(error = %PgErrorDisplay(&e), "outbox listener connection lost; reconnecting")
+                    tracing::warn!(error = %PgErrorDisplay(&e), "outbox listener connection lost; reconnecting");
+                    self.state
+                        .down("its connection was lost", Some(&crate::Error::Postgres(e)));
                 }
                 Ended::Closed(None) => {
-                    tracing::warn!("outbox listener connection closed; reconnecting")
+                    tracing::warn!("outbox listener connection closed; reconnecting");
+                    self.state.down("the server closed its connection", None);
                 }
                 Ended::Silent(e) => {
-                    tracing::warn!(error = %e, "outbox listener session does not answer; dropping it and reconnecting")
+                    tracing::warn!(error = %e, "outbox listener session does not answer; dropping it and reconnecting");
+                    self.state.down("its session stopped answering", Some(&e));
                 }
             }
             if !self.sleep(backoff.next()).await {
@@ -201,6 +203,7 @@ impl Listener {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox listener: cannot connect; retrying");
+                self.state.down("cannot connect", Some(&e));
                 return Attempt::Failed;
             }
         };
@@ -214,6 +217,8 @@ impl Listener {
             Err(e) => {
                 tracing::warn!(error = %PgErrorDisplay(&e), "outbox listener: LISTEN failed; reconnecting");
                 drain.abort();
+                self.state
+                    .down("LISTEN failed", Some(&crate::Error::Postgres(e)));
                 Attempt::Failed
             }
         }

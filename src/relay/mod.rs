@@ -317,7 +317,7 @@ impl Relay {
             return (None, armed);
         }
         let (tx, rx) = mpsc::channel(16);
-        let (reconnects, connected) = ctx.report.listener_counters();
+        let state = ctx.report.listener_state();
         let token = ctx.stop.token();
         let listener = listen::Listener {
             pg: self.pg.clone(),
@@ -326,8 +326,7 @@ impl Relay {
             table: self.settings.table.clone(),
             handoffs,
             token: token.clone(),
-            reconnects,
-            connected,
+            state,
         };
         background.spawn(supervise::supervised(
             &ctx.panics,

@@ -26,8 +26,8 @@ pub(crate) struct Counters {
     pub(crate) confirm_failures: AtomicU64,
     pub(crate) reserve_failures: AtomicU64,
     pub(crate) batches: AtomicU64,
-    pub(crate) listener_reconnects: Arc<AtomicU64>,
-    pub(crate) listener_connected: Arc<AtomicBool>,
+    /// The LISTEN connection: up or down, reconnects, and why it is down.
+    pub(crate) listener: Arc<ListenerState>,
     pub(crate) in_flight: AtomicI64,
     /// Aggregates found held back behind another transaction's lock lately, left out of the
     /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
@@ -42,6 +42,47 @@ pub(crate) struct Counters {
     pub(crate) postgres: Mutex<PostgresState>,
     /// The `table` label of the relay's metrics.
     pub(crate) table: TableLabel,
+}
+
+/// The LISTEN connection as `stats()` and health see it.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerState {
+    /// Whether it LISTENs now (`stats().listener_connected`).
+    pub(crate) connected: AtomicBool,
+    /// Re-established connections (`stats().listener_reconnects`).
+    pub(crate) reconnects: AtomicU64,
+    /// Why it is down: the last failure to connect or LISTEN, or how its session ended, as
+    /// [`problem_text`] puts it; `None` while it is up.
+    problem: Mutex<Option<String>>,
+}
+
+impl ListenerState {
+    /// It LISTENs.
+    pub(crate) fn up(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+        *self.problem_state() = None;
+    }
+
+    /// It is down: `what` happened (e.g. "LISTEN failed"), with the error `e` if there is one.
+    pub(crate) fn down(&self, what: &str, e: Option<&crate::Error>) {
+        self.connected.store(false, Ordering::Relaxed);
+        *self.problem_state() = Some(match e {
+            Some(e) => format!("{what}: {}", problem_text(e)),
+            None => what.to_string(),
+        });
+    }
+
+    /// Why it is down (see the field).
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.problem_state().clone()
+    }
+
+    fn problem_state(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.problem.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The label every relay metric carries, `table="<outbox table>"`: relays of one process on
@@ -462,11 +503,8 @@ impl Reporter {
         tracing::error!(error = %e, "outbox relay: batch task panicked");
     }
 
-    pub(crate) fn listener_counters(&self) -> (Arc<AtomicU64>, Arc<AtomicBool>) {
-        (
-            self.counters.listener_reconnects.clone(),
-            self.counters.listener_connected.clone(),
-        )
+    pub(crate) fn listener_state(&self) -> Arc<ListenerState> {
+        self.counters.listener.clone()
     }
 }
 

@@ -793,7 +793,8 @@ async fn primary_and_standby(
 /// A relay pointed at a hot standby (a demoted primary behind an address that did not move)
 /// cannot LISTEN there (25006, "cannot execute LISTEN during recovery"): its listener retries
 /// with backoff rather than at once, which forked a new server backend every few
-/// milliseconds. Counted in the standby's log over 3 s.
+/// milliseconds. Counted in the standby's log over 3 s. Health says why: the LISTEN's and the
+/// reservations' refusals name the standby (it said only "the LISTEN connection is down").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
     support::init_tracing();
@@ -810,6 +811,24 @@ async fn a_listen_refused_by_a_standby_is_retried_with_backoff() {
         .matches("cannot execute LISTEN during recovery")
         .count();
     assert!(!outbox.stats().listener_connected);
+    let health = outbox.health().await.unwrap();
+    let listen = health.listener_problem.clone().unwrap_or_default();
+    assert!(
+        listen.starts_with("LISTEN failed: postgres: ERROR 25006:")
+            && listen.contains("hot standby"),
+        "{health:?}"
+    );
+    let reasons = health.reasons(Duration::from_secs(300));
+    assert!(
+        reasons[0]
+            .starts_with("the LISTEN connection is down (LISTEN failed: postgres: ERROR 25006:"),
+        "{reasons:?}"
+    );
+    let reserve = health.postgres_problem.clone().unwrap_or_default();
+    assert!(
+        reserve.contains("25006") && reserve.contains("hot standby"),
+        "{health:?}"
+    );
     support::stop_and_join(&outbox, relay).await;
     assert!(
         (1..=15).contains(&refused),
