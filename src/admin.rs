@@ -121,8 +121,9 @@ pub struct OutboxStatus {
     pub schema_problems: Vec<String>,
     /// The transaction holding the oldest snapshot in the database, which keeps Postgres from
     /// removing dead rows (delivered or deleted events) and so slows the relay's reservations;
-    /// `None` when no other session holds a snapshot (or the role may not see it: grant
-    /// `pg_read_all_stats`).
+    /// `None` when no other session holds a snapshot. A session of another role is named with
+    /// its pid and application name only, unless this role has `pg_read_all_stats` (see
+    /// [`OldestTransaction::age`]).
     pub oldest_transaction: Option<OldestTransaction>,
 }
 
@@ -134,10 +135,12 @@ pub struct OldestTransaction {
     pub pid: i32,
     /// Its `application_name` (may be empty).
     pub application_name: String,
-    /// Its state (`active`, `idle in transaction`, …).
+    /// Its state (`active`, `idle in transaction`, …); empty when `age` is `None`.
     pub state: String,
-    /// Time since its transaction (else its statement) began.
-    pub age: Duration,
+    /// Time since its transaction (else its statement) began; `None` for a session of another
+    /// role when this role lacks `pg_read_all_stats` (Postgres shows such a session's snapshot
+    /// to every role, its state and times only to those; it read as 0 s before).
+    pub age: Option<Duration>,
 }
 
 impl Admin {
@@ -368,7 +371,7 @@ impl Admin {
                 pid: r.get(0),
                 application_name: r.get(1),
                 state: r.get(2),
-                age: age(r.get(3)).unwrap_or_default(),
+                age: age(r.get(3)),
             }),
             topics,
         })

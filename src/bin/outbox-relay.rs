@@ -1028,16 +1028,19 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
         println!("SCHEMA PROBLEM: {}", text::printable(p));
     }
     if let Some(t) = &s.oldest_transaction {
+        let state_and_age = match t.age {
+            Some(age) => format!("{}, {:.1}s", text::printable(&t.state), age.as_secs_f64()),
+            None => "state and age hidden (another role's session: they need pg_read_all_stats)"
+                .to_string(),
+        };
         println!(
-            "oldest transaction (holds back cleanup): pid {} ({}), {}, {:.1}s",
+            "oldest transaction (holds back cleanup): pid {} ({}), {state_and_age}",
             t.pid,
             if t.application_name.is_empty() {
                 "-".to_string()
             } else {
                 text::printable(&t.application_name).to_string()
             },
-            text::printable(&t.state),
-            t.age.as_secs_f64()
         );
     }
     if s.legacy_reservations > 0 {
@@ -1053,7 +1056,7 @@ fn print_status(table: &str, s: &outbox::OutboxStatus, json: bool) {
 fn oldest_json(t: &outbox::OldestTransaction) -> serde_json::Value {
     serde_json::json!({
         "pid": t.pid, "application_name": t.application_name, "state": t.state,
-        "age_s": t.age.as_secs_f64(),
+        "age_s": t.age.map(|a| a.as_secs_f64()),
     })
 }
 

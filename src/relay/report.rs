@@ -620,7 +620,7 @@ fn describe_gauges() {
         (
             "outbox_oldest_transaction_age_seconds",
             Unit::Seconds,
-            "Age of the transaction holding the oldest snapshot in the database.",
+            "Age of the transaction holding the oldest snapshot in the database (0 when none, or when it is another role's session and the relay's role lacks pg_read_all_stats).",
         ),
     ];
     for (name, unit, help) in gauges {

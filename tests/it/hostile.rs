@@ -938,6 +938,45 @@ impl Roles {
     }
 }
 
+/// A snapshot held by another role's session: the README's relay role (no `pg_read_all_stats`)
+/// sees its pid and application name but not its state or times, and `status` said it was
+/// 0.0 s old (found by a new user and a breaker); now its age is unknown (`None`), and a role
+/// that may see it gets the age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_transaction_of_a_role_the_relay_cannot_see_has_no_age() {
+    let roles = Roles::migrated().await;
+    roles.admin.batch_execute(&roles.grants).await.unwrap();
+    let holder = outbox::testing::faults::SnapshotHolder::start(&roles.config("writer"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let as_relay = outbox::Admin::connect(roles.config("relay"), "events")
+        .await
+        .unwrap();
+    let t = as_relay
+        .status()
+        .await
+        .unwrap()
+        .oldest_transaction
+        .expect("another role's snapshot is named");
+    assert_eq!(
+        (t.pid, t.application_name.as_str(), t.state.as_str(), t.age),
+        (holder.pid(), "outbox-test-snapshot", "", None)
+    );
+    let as_superuser = outbox::Admin::connect(roles.admin_cfg.clone(), "events")
+        .await
+        .unwrap();
+    let t = as_superuser
+        .status()
+        .await
+        .unwrap()
+        .oldest_transaction
+        .unwrap();
+    assert_eq!(t.state, "idle in transaction");
+    assert!(t.age.is_some_and(|a| a >= Duration::from_secs(1)), "{t:?}");
+    holder.release().await.unwrap();
+}
+
 /// Connects `builder` (`who` says whose relay it is), starts it and asserts that the one event
 /// `id` of `topic` is consumed within 30 s.
 async fn connect_and_deliver(
