@@ -122,7 +122,30 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
     if problems.is_empty() {
         problems.extend(sequence_problems(client, table).await);
     }
+    if !problems.is_empty() {
+        if let Some(newer) = migrated_by_newer(client, table).await {
+            // This build's `migrate` changes nothing on a newer schema (see
+            // `MigrationReport::migrated_by_newer`): its advice to run `migrate` would mislead
+            // (found by a breaker helper).
+            problems.insert(0, format!(
+                "`{table}` is at schema version {newer}, migrated by a newer outbox (this build knows {}): the problems below are measured against this build's schema, and this build's `migrate` leaves the table as it is — where they say to run `migrate`, run the newer build's `status` and `migrate`, and its relays",
+                crate::schema::SCHEMA_VERSION
+            ));
+        }
+    }
     Ok(problems)
+}
+
+/// The schema version recorded for `table` when a newer outbox migrated it (above
+/// [`SCHEMA_VERSION`](crate::schema::SCHEMA_VERSION)); `None` otherwise, or when it cannot be
+/// read (the other checks name that).
+async fn migrated_by_newer<C: GenericClient>(client: &C, table: &str) -> Option<i32> {
+    let row = client
+        .query_opt(include_str!("sql/table_channel.sql"), &[&table])
+        .await
+        .ok()??;
+    let version: i32 = row.try_get(1).ok()?;
+    (version > crate::schema::SCHEMA_VERSION).then_some(version)
 }
 
 /// The schemas on the session's `search_path` in which a role that is not trusted may create

@@ -1037,6 +1037,22 @@ async fn an_older_migrate_leaves_a_table_a_newer_build_migrated_as_it_is() {
     pg.batch_execute(&format!("drop index {table}_pending_idx"))
         .await
         .unwrap();
+    // `status` names the missing index, and says this build's `migrate` will not re-create it.
+    let problems = outbox::Admin::connect(support::postgres().await, &table)
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .schema_problems;
+    assert!(
+        problems.len() == 2
+            && problems[0].contains(&format!(
+                "at schema version {newer}, migrated by a newer outbox"
+            ))
+            && problems[1].contains("pending_idx"),
+        "{problems:#?}"
+    );
     for path in ["full", "quick"] {
         let report = outbox::migrate_table(&pg, &table, &channel).await.unwrap();
         assert!(report.applied().is_empty(), "{:?}", report.applied());
