@@ -695,32 +695,47 @@ impl Pg {
     /// request that could not be sent is logged at debug (the session closes anyway).
     pub(crate) fn cancel(&self, client: &Arc<Client>, server: usize, what: &'static str) {
         let session = Arc::clone(client);
-        let token = client.cancel_token();
         let pg = self.clone();
         let deadline = self.connect_deadline();
-        tokio::spawn(async move {
-            let cancel = cancel::send(&pg.config, server, pg.tls.clone(), token);
-            match tokio::time::timeout(deadline, cancel).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(what, error = %e, "outbox relay: cancel request failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(what, "outbox relay: cancel request timed out");
-                    return;
-                }
+        tokio::spawn(async move { pg.cancel_statement(&session, server, what, deadline).await });
+    }
+
+    /// [`cancel`](Self::cancel), awaited rather than on a task: returns once the statement of
+    /// `session` (on the connection string's server `server`) ended, or the request or the wait
+    /// for its end took longer than `deadline` (each).
+    pub(crate) async fn cancel_statement(
+        &self,
+        session: &Client,
+        server: usize,
+        what: &'static str,
+        deadline: Duration,
+    ) {
+        let cancel = cancel::send(
+            &self.config,
+            server,
+            self.tls.clone(),
+            session.cancel_token(),
+        );
+        match tokio::time::timeout(deadline, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(what, error = %e, "outbox relay: cancel request failed");
+                return;
             }
-            match tokio::time::timeout(deadline, session.batch_execute("")).await {
-                Ok(_) => tracing::debug!(what, "outbox relay: cancelled statement ended"),
-                Err(_) => tracing::warn!(
-                    what,
-                    waited_ms = deadline.as_millis() as u64,
-                    "outbox relay: a cancelled statement was still running when its session was \
-                     closed (Postgres ends it when it next writes to the session)"
-                ),
+            Err(_) => {
+                tracing::debug!(what, "outbox relay: cancel request timed out");
+                return;
             }
-        });
+        }
+        match tokio::time::timeout(deadline, session.batch_execute("")).await {
+            Ok(_) => tracing::debug!(what, "outbox relay: cancelled statement ended"),
+            Err(_) => tracing::warn!(
+                what,
+                waited_ms = deadline.as_millis() as u64,
+                "outbox relay: a cancelled statement was still running when its session was \
+                 closed (Postgres ends it when it next writes to the session)"
+            ),
+        }
     }
 }
 

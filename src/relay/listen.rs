@@ -267,7 +267,13 @@ struct Waker {
     token: CancellationToken,
 }
 
-type Session = (Client, JoinHandle<Option<tokio_postgres::Error>>);
+/// A waker session: its client, the task driving its connection, and its server's index in the
+/// connection string (for a cancel request).
+type Session = (Client, JoinHandle<Option<tokio_postgres::Error>>, usize);
+
+/// How long a stopping waker waits for the cancel of its queued lock request (each of the
+/// request and the statement's end).
+const STOP_CANCEL_WAIT: Duration = Duration::from_secs(2);
 
 impl Waker {
     async fn run(mut self) {
@@ -279,7 +285,8 @@ impl Waker {
                 _ = self.token.cancelled() => return,
                 r = self.armed.wait_for(|a| *a) => if r.is_err() { return },
             }
-            let (client, mut drive) = match session.take().filter(|(c, _)| !c.is_closed()) {
+            let (client, mut drive, server) = match session.take().filter(|(c, ..)| !c.is_closed())
+            {
                 Some(s) => s,
                 None => match self.connect().await {
                     Some(Ok(s)) => s,
@@ -298,7 +305,16 @@ impl Waker {
             // they notify; the grant comes once earlier writers have committed.
             let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
             let granted = tokio::select! {
-                _ = self.token.cancelled() => return,
+                _ = self.token.cancelled() => {
+                    // Dropped alone, the session's backend would stay queued for the lock (it
+                    // notices a closed client only when it next writes): until every writer
+                    // transaction holding the shared lock ended — 29 s seen by a new user, and
+                    // a relay restarted in a loop would pile them up against max_connections.
+                    self.pg
+                        .cancel_statement(&client, server, "waker lock", STOP_CANCEL_WAIT)
+                        .await;
+                    return;
+                }
                 r = client.execute("select pg_advisory_lock($1, $2)", &params) => r,
             };
             if let Err(e) = granted {
@@ -323,7 +339,7 @@ impl Waker {
                 }
             }
             if self.unlock(&client).await {
-                session = Some((client, drive));
+                session = Some((client, drive, server));
             } else {
                 drive.abort();
             }
@@ -337,7 +353,8 @@ impl Waker {
             _ = self.token.cancelled() => None,
             r = tokio::time::timeout(after, self.pg.connect_driven("waker", None)) => Some(r
                 .map_err(|_| crate::Error::Timeout { what: "connect", after })
-                .and_then(|r| r.map_err(crate::Error::Postgres))),
+                .and_then(|r| r.map_err(crate::Error::Postgres))
+                .map(|(client, drive)| (client, drive, self.pg.server_of_last_connect()))),
         }
     }
 

@@ -2415,6 +2415,69 @@ async fn waker_session_lost_is_replaced_and_writers_notify_again() {
     support::stop_and_join(&outbox, relay).await;
 }
 
+/// A relay stopped while its waker is queued for the wake lock (behind a writer's transaction
+/// holding it shared) cancels the lock request: the waker's backend ends with the relay, not
+/// when that transaction does (a new user saw one linger 29 s in `pg_advisory_lock`; a relay
+/// restarted in a loop behind a long transaction would pile them up against
+/// `max_connections`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
+    support::init_tracing();
+    let OwnDatabase {
+        pg,
+        client,
+        table,
+        topic,
+        outbox,
+        mut reader,
+        relay,
+    } = relay_on_own_database("waker_stop", |b| b).await;
+    support::wait_armed(&outbox, &table, HANG).await;
+    // Taken shared as a writer's transaction takes it: granted once the relay is busy.
+    let holder = outbox::testing::connect(&pg).await.unwrap();
+    let (class, key) = outbox::wake_lock(&table);
+    let shared = tokio::spawn(async move {
+        holder
+            .execute("select pg_advisory_lock_shared($1, $2)", &[&class, &key])
+            .await
+            .map(|_| holder)
+    });
+    outbox
+        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(reader.read(1, HANG).await.len(), 1);
+    let holder = shared.await.unwrap().unwrap();
+    support::eventually(
+        HANG,
+        "the idle relay's waker queued for the lock",
+        || async {
+            match support::wake_lock_holders(&client, &table).await {
+                (0, 2) => Ok(()),
+                (granted, all) => Err(format!("exclusive granted: {granted}, locks: {all}")),
+            }
+        },
+    )
+    .await;
+    support::stop_and_join(&outbox, relay).await;
+    support::eventually(Duration::from_secs(10), "no waker session left", || async {
+        let n: i64 = client
+            .query_one(
+                "select count(*) from pg_stat_activity
+                  where datname = current_database() and application_name = 'outbox-relay-waker'",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        (n == 0)
+            .then_some(())
+            .ok_or(format!("{n} waker session(s)"))
+    })
+    .await;
+    drop(holder);
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.5 Large valid events
 // ----------------------------------------------------------------------------------------------
