@@ -361,24 +361,61 @@ async fn lock_holders(client: &Client, table: &str) -> Result<String> {
     let rows = client
         .query(include_str!("sql/lock_holders.sql"), &[&table])
         .await?;
-    if rows.is_empty() {
-        return Ok("none any more".into());
-    }
-    let each = rows.iter().map(|r| {
-        let state = r
-            .get::<_, Option<String>>(2)
+    Ok(describe_lock_holders(rows.iter().map(|r| LockHolder {
+        pid: r.get(0),
+        application_name: r.get(1),
+        state: r.get(2),
+        transaction_age: r.get(3),
+    })))
+}
+
+/// A row of `lock_holders.sql`.
+struct LockHolder {
+    pid: i32,
+    application_name: String,
+    state: Option<String>,
+    /// Seconds; `None` for another role's session without `pg_read_all_stats`.
+    transaction_age: Option<f64>,
+}
+
+/// The holders as [`Error::MigrationLocked`] names them. A relay's batch younger than one
+/// attempt's lock wait holds the table for that batch only, and `migrate`'s lock request gets
+/// past it: such batches are counted at the end, not listed beside the session to end (a new
+/// user found them listed first and took them for the blocker).
+fn describe_lock_holders(holders: impl Iterator<Item = LockHolder>) -> String {
+    let mut named = Vec::new();
+    let mut batches = 0;
+    for h in holders {
+        let brief_batch = h.application_name == "outbox-relay-batch"
+            && h.transaction_age
+                .is_some_and(|s| s < MIGRATION_LOCK_TIMEOUT.as_secs_f64());
+        if brief_batch {
+            batches += 1;
+            continue;
+        }
+        let state = h
+            .state
             .unwrap_or_else(|| "state unknown to this role".into());
-        let age = match r.get::<_, Option<f64>>(3) {
+        let age = match h.transaction_age {
             Some(s) => format!("transaction open {s:.0} s"),
             None => "transaction age unknown to this role".into(),
         };
-        format!(
+        named.push(format!(
             "pid {} (\"{}\", {state}, {age})",
-            r.get::<_, i32>(0),
-            crate::text::printable(&r.get::<_, String>(1)),
-        )
-    });
-    Ok(each.collect::<Vec<_>>().join(", "))
+            h.pid,
+            crate::text::printable(&h.application_name),
+        ));
+    }
+    let mut text = match named.is_empty() {
+        true => "none any more".to_string(),
+        false => named.join(", "),
+    };
+    if batches > 0 {
+        text.push_str(&format!(
+            " (and {batches} relay batch(es) younger than {MIGRATION_LOCK_TIMEOUT:?}, which hold it for one batch only)"
+        ));
+    }
+    text
 }
 
 /// One attempt of [`migrate_table`]'s transaction.
@@ -978,5 +1015,47 @@ pub(crate) async fn refuse_old_server(
             format!("database_url: {problem}"),
         ]))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{describe_lock_holders, LockHolder};
+
+    fn holder(pid: i32, name: &str, age: Option<f64>) -> LockHolder {
+        LockHolder {
+            pid,
+            application_name: name.to_string(),
+            state: Some("idle in transaction".to_string()),
+            transaction_age: age,
+        }
+    }
+
+    /// A relay's brief batches are counted, not listed beside the session to end; a batch open
+    /// longer than a lock wait, and a session of unknown age, are listed.
+    #[test]
+    fn brief_relay_batches_are_counted_not_named() {
+        let text = describe_lock_holders(
+            [
+                holder(7, "psql", Some(40.0)),
+                holder(8, "outbox-relay-batch", Some(0.3)),
+                holder(9, "outbox-relay-batch", Some(30.0)),
+                holder(10, "outbox-relay-batch", None),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            text,
+            "pid 7 (\"psql\", idle in transaction, transaction open 40 s), \
+             pid 9 (\"outbox-relay-batch\", idle in transaction, transaction open 30 s), \
+             pid 10 (\"outbox-relay-batch\", idle in transaction, transaction age unknown to this role) \
+             (and 1 relay batch(es) younger than 2s, which hold it for one batch only)"
+        );
+        let only_batches =
+            describe_lock_holders([holder(8, "outbox-relay-batch", Some(0.1))].into_iter());
+        assert!(
+            only_batches.starts_with("none any more (and 1 relay batch(es)"),
+            "{only_batches}"
+        );
     }
 }
