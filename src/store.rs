@@ -16,14 +16,20 @@ use crate::event::{Event, EventFilter, EventStatus, DEFAULT_FIND_LIMIT};
 use crate::schema::{wake_lock_key, LOCK_CLASS};
 
 /// Renders a statement or migration for `table` and `channel`: replaces `{{table}}`,
-/// `{{channel}}`, `{{lock_class}}` and `{{lock_key}}` (the table's wake lock), then each
-/// `{{name}}` of `vars`.
+/// `{{channel}}`, `{{lock_class}}` and `{{lock_key}}` (the table's wake lock), `{{sendable
+/// <column>}}` for the text columns (see [`sendable_text`]), then each `{{name}}` of `vars`.
 pub(crate) fn render(sql: &str, table: &str, channel: &str, vars: &[(&str, &str)]) -> String {
     let mut out = sql
         .replace("{{table}}", table)
         .replace("{{channel}}", channel)
         .replace("{{lock_class}}", &LOCK_CLASS.to_string())
         .replace("{{lock_key}}", &wake_lock_key(table).to_string());
+    for column in ["aggregate_id", "event_topic", "event_type"] {
+        out = out.replace(
+            &format!("{{{{sendable {column}}}}}"),
+            &sendable_text(column),
+        );
+    }
     for (name, value) in vars {
         out = out.replace(&format!("{{{{{name}}}}}"), value);
     }
@@ -84,6 +90,17 @@ impl ConfirmOutcome {
 }
 
 /// Renders `sql` with the confirm outcomes' codes and `extra` variables.
+/// `column` as text the server can always send: as it is in a UTF8 database; elsewhere (a
+/// `SQL_ASCII` or `WIN1252` database, where a value may hold bytes with no UTF8 form: 22021,
+/// 22P05) as the server stores it, bytes above 0x7f escaped (`\ooo`). For the columns of a row
+/// that may be unprintable (`relay::unprintable`) and a dead letter's topic in `status`.
+fn sendable_text(column: &str) -> String {
+    format!(
+        "case when current_setting('server_encoding') = 'UTF8' then {column}::text \
+         else encode(convert_to({column}, 'SQL_ASCII'), 'escape') end"
+    )
+}
+
 fn render_with_outcomes(sql: &str, table: &str, extra: &[(&str, &str)]) -> String {
     let outcomes = ConfirmOutcome::vars();
     let mut vars: Vec<(&str, &str)> = outcomes.iter().map(|(n, v)| (*n, v.as_str())).collect();

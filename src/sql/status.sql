@@ -2,8 +2,7 @@
 -- when nothing is pending: `greatest` skips a null, so it is applied to the age only). Outside a
 -- UTF8 database the topic comes as the server stores it, bytes above 0x7f escaped (`\ooo`): a
 -- dead letter's topic may hold bytes the server cannot send in UTF8 (`relay::unprintable`).
-select case when current_setting('server_encoding') = 'UTF8' then event_topic::text
-            else encode(convert_to(event_topic, 'SQL_ASCII'), 'escape') end,
+select {{sendable event_topic}},
        count(*) filter (where status = 'new'),
        count(*) filter (where status = 'new' and next_attempt_at > now()),
        count(*) filter (where status = 'failed'),

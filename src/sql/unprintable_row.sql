@@ -4,12 +4,9 @@
 -- columns come as the server stores them, bytes above 0x7f escaped (`\ooo`): what made it
 -- unprintable may be in them (see `print_each.sql`).
 select id, seq,
-       case when current_setting('server_encoding') = 'UTF8' then aggregate_id::text
-            else encode(convert_to(aggregate_id, 'SQL_ASCII'), 'escape') end,
-       case when current_setting('server_encoding') = 'UTF8' then event_topic::text
-            else encode(convert_to(event_topic, 'SQL_ASCII'), 'escape') end,
-       case when current_setting('server_encoding') = 'UTF8' then event_type::text
-            else encode(convert_to(event_type, 'SQL_ASCII'), 'escape') end,
+       {{sendable aggregate_id}},
+       {{sendable event_topic}},
+       {{sendable event_type}},
        'null'::jsonb, null::jsonb, attempts,
        case when isfinite(created_at_tz)
             then greatest(0, extract(epoch from clock_timestamp() - created_at_tz))::float8
