@@ -555,6 +555,13 @@ impl Pg {
             // makes its statements fail instead of silently hiding rows (`connect()` names it:
             // `schema_check::row_security_problems`).
             ("row_security", "off".into()),
+            // A relay killed (OOM killer, SIGKILL, a node drained) leaves its statements running:
+            // Postgres notices a closed client only when it next writes to it, so a waker
+            // queued for the wake lock, or a batch waiting for a row lock, stayed (holding a
+            // connection slot and its place in the lock queue) until the blocker ended; a relay
+            // restarted in a loop piled them up. Checked every second (Postgres 14; on 13 the
+            // parameter is skipped, as `idle_session_timeout` is).
+            ("client_connection_check_interval", "1000".into()),
         ];
         match role {
             // Bounded by the caller's deadline; the server gives up at the same time.

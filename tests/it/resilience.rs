@@ -2478,6 +2478,69 @@ async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
     drop(holder);
 }
 
+/// A relay killed (SIGKILL: the OOM killer, a node drained) while its waker is queued for the
+/// wake lock behind a writer's transaction: the waker's backend ends within seconds
+/// (`client_connection_check_interval`), not when that transaction does — Postgres notices a
+/// closed client only when it next writes to it, and a relay restarted in a loop behind a long
+/// transaction piled such backends up against `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_leaves_no_backend_queued_for_the_wake_lock() {
+    support::init_tracing();
+    let (table, client) = migrated_table("waker_kill").await;
+    let holder = support::connect_pg().await;
+    let (class, key) = outbox::wake_lock(&table);
+    holder
+        .execute("select pg_advisory_lock_shared($1, $2)", &[&class, &key])
+        .await
+        .unwrap();
+    let mut child = support::ChildRelay::builder(&[
+        ("DATABASE_URL", support::postgres_url().await),
+        ("KAFKA_BROKERS", support::kafka_brokers()),
+        ("OUTBOX_TABLE", table.clone()),
+        ("OUTBOX_CHANNEL", table.clone()),
+    ])
+    .spawn();
+    let (class, key) = (i64::from(class as u32), i64::from(key as u32));
+    let waker = support::eventually(
+        HANG,
+        "the relay's waker queued for the wake lock",
+        || async {
+            let pid: Option<i32> = client
+                .query_opt(
+                    "select pid from pg_locks
+                  where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
+                    and objsubid = 2 and mode = 'ExclusiveLock' and not granted",
+                    &[&class, &key],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|r| r.get(0));
+            pid.ok_or_else(|| format!("none queued; relay log:\n{}", child.stderr()))
+        },
+    )
+    .await;
+    child.sigkill();
+    support::eventually(
+        Duration::from_secs(10),
+        "the killed relay's waker backend ended",
+        || async {
+            let n: i64 = client
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = $1",
+                    &[&waker],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            (n == 0)
+                .then_some(())
+                .ok_or(format!("backend {waker} still there"))
+        },
+    )
+    .await;
+    drop(holder);
+}
+
 // ----------------------------------------------------------------------------------------------
 // 9.5 Large valid events
 // ----------------------------------------------------------------------------------------------
