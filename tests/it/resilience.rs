@@ -2353,18 +2353,64 @@ async fn pgbouncer_dropping_startup_options_cannot_change_relay_sessions() {
 
 /// Pid of the backend holding the table's wake lock (exclusive, granted), if any.
 async fn wake_lock_pid(client: &tokio_postgres::Client, table: &str) -> Option<i32> {
+    wake_lock_request(client, table, true).await.unwrap()
+}
+
+/// Pid of the backend holding (`granted`) or queued for (not `granted`) the table's wake lock
+/// in exclusive mode — the waker's —, if any.
+async fn wake_lock_request(
+    client: &tokio_postgres::Client,
+    table: &str,
+    granted: bool,
+) -> Result<Option<i32>, String> {
     let (class, key) = outbox::wake_lock(table);
     let (class, key) = (i64::from(class as u32), i64::from(key as u32));
-    client
+    Ok(client
         .query_opt(
             "select pid from pg_locks
               where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
-                and objsubid = 2 and mode = 'ExclusiveLock' and granted",
-            &[&class, &key],
+                and objsubid = 2 and mode = 'ExclusiveLock' and granted = $3",
+            &[&class, &key, &granted],
         )
         .await
-        .unwrap()
-        .map(|r| r.get(0))
+        .map_err(|e| e.to_string())?
+        .map(|r| r.get(0)))
+}
+
+/// Waits until the waker queued for the table's wake lock (behind a shared holder); its pid.
+async fn queued_waker(
+    client: &tokio_postgres::Client,
+    table: &str,
+    log: impl Fn() -> String,
+) -> i32 {
+    support::eventually(
+        HANG,
+        "the relay's waker queued for the wake lock",
+        || async {
+            wake_lock_request(client, table, false)
+                .await?
+                .ok_or_else(|| format!("none queued; {}", log()))
+        },
+    )
+    .await
+}
+
+/// Waits up to 10 s for backend `pid` to end (`what` is its story); panics otherwise.
+async fn backend_ends(client: &tokio_postgres::Client, pid: i32, what: &str) {
+    support::eventually(Duration::from_secs(10), what, || async {
+        let n: i64 = client
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        (n == 0)
+            .then_some(())
+            .ok_or(format!("backend {pid} still there"))
+    })
+    .await;
 }
 
 /// The waker's session is terminated (`pg_terminate_backend`, as an operator or
@@ -2448,33 +2494,9 @@ async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
         .unwrap();
     assert_eq!(reader.read(1, HANG).await.len(), 1);
     let holder = shared.await.unwrap().unwrap();
-    support::eventually(
-        HANG,
-        "the idle relay's waker queued for the lock",
-        || async {
-            match support::wake_lock_holders(&client, &table).await {
-                (0, 2) => Ok(()),
-                (granted, all) => Err(format!("exclusive granted: {granted}, locks: {all}")),
-            }
-        },
-    )
-    .await;
+    let waker = queued_waker(&client, &table, || format!("{:?}", outbox.stats())).await;
     support::stop_and_join(&outbox, relay).await;
-    support::eventually(Duration::from_secs(10), "no waker session left", || async {
-        let n: i64 = client
-            .query_one(
-                "select count(*) from pg_stat_activity
-                  where datname = current_database() and application_name = 'outbox-relay-waker'",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        (n == 0)
-            .then_some(())
-            .ok_or(format!("{n} waker session(s)"))
-    })
-    .await;
+    backend_ends(&client, waker, "the stopped relay's waker backend ended").await;
     drop(holder);
 }
 
@@ -2500,44 +2522,12 @@ async fn a_killed_relay_leaves_no_backend_queued_for_the_wake_lock() {
         ("OUTBOX_CHANNEL", table.clone()),
     ])
     .spawn();
-    let (class, key) = (i64::from(class as u32), i64::from(key as u32));
-    let waker = support::eventually(
-        HANG,
-        "the relay's waker queued for the wake lock",
-        || async {
-            let pid: Option<i32> = client
-                .query_opt(
-                    "select pid from pg_locks
-                  where locktype = 'advisory' and classid::bigint = $1 and objid::bigint = $2
-                    and objsubid = 2 and mode = 'ExclusiveLock' and not granted",
-                    &[&class, &key],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|r| r.get(0));
-            pid.ok_or_else(|| format!("none queued; relay log:\n{}", child.stderr()))
-        },
-    )
+    let waker = queued_waker(&client, &table, || {
+        format!("relay log:\n{}", child.stderr())
+    })
     .await;
     child.sigkill();
-    support::eventually(
-        Duration::from_secs(10),
-        "the killed relay's waker backend ended",
-        || async {
-            let n: i64 = client
-                .query_one(
-                    "select count(*) from pg_stat_activity where pid = $1",
-                    &[&waker],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            (n == 0)
-                .then_some(())
-                .ok_or(format!("backend {waker} still there"))
-        },
-    )
-    .await;
+    backend_ends(&client, waker, "the killed relay's waker backend ended").await;
     drop(holder);
 }
 
