@@ -379,10 +379,16 @@ impl fmt::Display for PgBrief<'_> {
         if is_moved_session(db.code()) {
             f.write_str(" (the session was moved to another server connection — a pooler in transaction or statement pooling in front of it; the relay needs session pooling — or DEALLOCATE ran in it)")?;
         }
-        // The same refusal on a hot standby and under `default_transaction_read_only`: both are
-        // named (a relay left on a demoted primary showed only "the LISTEN connection is down").
+        // A relay left on a demoted primary showed only "the LISTEN connection is down". "…
+        // during recovery" is a standby's alone; a write refused "in a read-only transaction"
+        // is a standby's or `default_transaction_read_only`'s (LISTEN works under the latter).
         if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION {
-            f.write_str(" (the session is read-only: the server is a hot standby — a demoted primary the connection string still names? point it at the primary, or list every host with target_session_attrs=read-write — or default_transaction_read_only is on for the database or role)")?;
+            const PRIMARY: &str = "point the connection string at the primary, or list every host with target_session_attrs=read-write";
+            if db.message().contains("during recovery") {
+                write!(f, " (the server is a hot standby — a demoted primary the connection string still names? {PRIMARY})")?;
+            } else {
+                write!(f, " (the session is read-only: default_transaction_read_only is on for the database or role, or the server is a hot standby — {PRIMARY})")?;
+            }
         }
         Ok(())
     }

@@ -134,6 +134,13 @@ pub struct Health {
     /// is read-only: the server is a hot standby …)"), at most about 530 bytes; `None` while it
     /// is up, before its first attempt ended, and in `PollOnly`.
     pub listener_problem: Option<String>,
+    /// Why the idle relay cannot take its table's wake lock, while that lasts: the last failure
+    /// to connect or to take it (e.g. "cannot take the wake lock: postgres: ERROR 42501:
+    /// permission denied for function pg_advisory_lock"). Writers NOTIFY only while an idle
+    /// relay holds it, so until then the relay finds new events by polling (`poll_interval`), as
+    /// with the LISTEN connection down. `None` when it holds the lock, while the relay is busy
+    /// (the lock is not wanted), and in `PollOnly`.
+    pub waker_problem: Option<String>,
     /// When the last delivery was confirmed.
     pub last_delivery: Option<DateTime<Utc>>,
     /// Pending events.
@@ -226,6 +233,11 @@ impl Health {
                 Some(why) => format!("the LISTEN connection is down ({why})"),
                 None => "the LISTEN connection is down".to_string(),
             });
+        }
+        if let Some(why) = &self.waker_problem {
+            reasons.push(format!(
+                "the relay cannot take its wake lock, so writers do not NOTIFY ({why})"
+            ));
         }
         if let Some(age) = self.oldest_pending_age.filter(|a| *a > max_pending_age) {
             // The usual cause at 3 a.m. is not a stuck relay: say so when it may be.
@@ -553,6 +565,9 @@ impl Outbox {
             listener_problem: (self.inner.settings.wake == crate::WakeMode::Notify)
                 .then(|| self.inner.counters.listener.problem())
                 .flatten(),
+            waker_problem: (self.inner.settings.wake == crate::WakeMode::Notify)
+                .then(|| self.inner.counters.waker.problem())
+                .flatten(),
             last_delivery: stats.last_delivery,
             backlog: status.pending,
             oldest_pending_age: status.oldest_pending_age,
@@ -603,6 +618,7 @@ mod tests {
             running: true,
             listener_connected: Some(true),
             listener_problem: None,
+            waker_problem: None,
             last_delivery: None,
             backlog: 3,
             oldest_pending_age: Some(Duration::from_secs(oldest)),

@@ -136,15 +136,28 @@ pub(crate) async fn schema_deviations<C: GenericClient>(
     Ok(problems)
 }
 
-/// The schema version recorded for `table` when a newer outbox migrated it (above
+/// The schema version of `table` when a newer outbox migrated it (above
 /// [`SCHEMA_VERSION`](crate::schema::SCHEMA_VERSION)); `None` otherwise, or when it cannot be
-/// read (the other checks name that).
+/// read (the other checks name that). Read where `migrate` decides it — the highest version in
+/// `outbox_migrations` (a breaker helper set only `outbox_tables.schema_version` by hand, and
+/// `status` said `migrate` would leave the table while it repaired it) — and from
+/// `outbox_tables` for a role that may not read `outbox_migrations` (the relay's).
 async fn migrated_by_newer<C: GenericClient>(client: &C, table: &str) -> Option<i32> {
-    let row = client
-        .query_opt(include_str!("sql/table_channel.sql"), &[&table])
+    let version = match client
+        .query(include_str!("sql/migrations_applied.sql"), &[&table])
         .await
-        .ok()??;
-    let version: i32 = row.try_get(1).ok()?;
+    {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, i32>(0).ok())
+            .max()?,
+        Err(_) => client
+            .query_opt(include_str!("sql/table_channel.sql"), &[&table])
+            .await
+            .ok()??
+            .try_get(1)
+            .ok()?,
+    };
     (version > crate::schema::SCHEMA_VERSION).then_some(version)
 }
 

@@ -932,6 +932,7 @@ async fn respond<B>(state: &HttpState, req: &hyper::Request<B>) -> hyper::Respon
                         "running": h.running,
                         "listener_connected": h.listener_connected,
                         "listener_problem": h.listener_problem,
+                        "waker_problem": h.waker_problem,
                         "last_delivery": h.last_delivery,
                         "backlog": h.backlog,
                         "oldest_pending_age_s": h.oldest_pending_age.map(|d| d.as_secs_f64()),

@@ -14,12 +14,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::PgErrorDisplay;
 use crate::pg::Pg;
-use crate::schema::{wake_lock_key, LOCK_CLASS};
+use crate::schema::LOCK_CLASS;
 
 use super::report::ListenerState;
 use super::wake::{handoff_delays, HandoffSender, Wake};
 
-/// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s.
+/// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s, plus up to
+/// as much random jitter (at most about 10 s apart).
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     super::retry::backoff(Duration::from_millis(50), Duration::from_secs(5))
 }
@@ -238,33 +239,17 @@ impl Listener {
 /// NOTIFY; sends [`Wake::Armed`] each time the lock is granted (a catch-up poll). The session
 /// is supervised like the listener's: when it ends (terminated backend, `idle_session_timeout`,
 /// lost connection) or stops answering its pings while the lock is held, it is replaced, the
-/// lock taken again and a catch-up poll requested.
-pub(crate) fn spawn_waker(
-    tracker: &TaskTracker,
-    panics: &Arc<super::supervise::Panics>,
-    pg: Pg,
-    table: String,
-    armed: watch::Receiver<bool>,
-    wake: mpsc::Sender<Wake>,
-    token: CancellationToken,
-) {
-    let waker = Waker {
-        pg,
-        key: wake_lock_key(&table),
-        armed,
-        wake,
-        token,
-    };
-    tracker.spawn(super::supervise::supervised(panics, "waker", waker.run()));
-}
-
-/// The waker task's state (see [`spawn_waker`]).
-struct Waker {
-    pg: Pg,
-    key: i32,
-    armed: watch::Receiver<bool>,
-    wake: mpsc::Sender<Wake>,
-    token: CancellationToken,
+/// lock taken again and a catch-up poll requested. Run it with [`spawn`](Self::spawn).
+pub(crate) struct Waker {
+    pub(crate) pg: Pg,
+    /// The table's wake lock key (`schema::wake_lock_key`).
+    pub(crate) key: i32,
+    pub(crate) armed: watch::Receiver<bool>,
+    pub(crate) wake: mpsc::Sender<Wake>,
+    pub(crate) token: CancellationToken,
+    /// Why it cannot take the wake lock while the relay wants it (health's `waker_problem`);
+    /// `connected` is whether it holds the lock.
+    pub(crate) state: Arc<ListenerState>,
 }
 
 /// A waker session: its client, the task driving its connection, and its server's index in the
@@ -276,11 +261,20 @@ type Session = (Client, JoinHandle<Option<tokio_postgres::Error>>, usize);
 const STOP_CANCEL_WAIT: Duration = Duration::from_secs(2);
 
 impl Waker {
+    /// Runs it on a supervised task of `tracker`.
+    pub(crate) fn spawn(self, tracker: &TaskTracker, panics: &Arc<super::supervise::Panics>) {
+        tracker.spawn(super::supervise::supervised(panics, "waker", self.run()));
+    }
+
     async fn run(mut self) {
         let mut session: Option<Session> = None;
         let mut backoff = reconnect_backoff();
         loop {
-            // Wait until the relay wants to be woken.
+            // Wait until the relay wants to be woken; while it is busy the lock is not wanted,
+            // and a failure to take it is no longer a problem.
+            if !*self.armed.borrow() {
+                self.state.clear();
+            }
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 r = self.armed.wait_for(|a| *a) => if r.is_err() { return },
@@ -293,6 +287,7 @@ impl Waker {
                     Some(Err(e)) => {
                         let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                         tracing::warn!(error = %e, ?delay, "outbox waker: cannot connect; writers will not notify until it can");
+                        self.state.down("cannot connect", Some(&e));
                         if !self.sleep(delay).await {
                             return;
                         }
@@ -318,10 +313,21 @@ impl Waker {
                 r = client.execute("select pg_advisory_lock($1, $2)", &params) => r,
             };
             if let Err(e) = granted {
-                tracing::warn!(error = %PgErrorDisplay(&e), "outbox waker: lock failed; reconnecting");
+                // After a pause: an error that comes back at once (a role that may not run
+                // `pg_advisory_lock`) reconnected about 100 times a second (a breaker helper).
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %PgErrorDisplay(&e), ?delay, "outbox waker: cannot take the wake lock; writers will not notify until it can (the relay polls meanwhile); reconnecting");
                 drive.abort();
+                self.state.down(
+                    "cannot take the wake lock",
+                    Some(&crate::Error::Postgres(e)),
+                );
+                if !self.sleep(delay).await {
+                    return;
+                }
                 continue;
             }
+            self.state.up();
             backoff = reconnect_backoff();
             let _ = self.wake.try_send(Wake::Armed);
             let mut disarmed = self.armed.clone();

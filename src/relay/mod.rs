@@ -333,15 +333,15 @@ impl Relay {
             "listener",
             listener.run(),
         ));
-        listen::spawn_waker(
-            background,
-            &ctx.panics,
-            self.pg.clone(),
-            self.settings.table.clone(),
-            arm_rx,
-            tx,
-            token.clone(),
-        );
+        listen::Waker {
+            pg: self.pg.clone(),
+            key: crate::schema::wake_lock_key(&self.settings.table),
+            armed: arm_rx,
+            wake: tx,
+            token: token.clone(),
+            state: ctx.report.waker_state(),
+        }
+        .spawn(background, &ctx.panics);
         (Some(rx), armed)
     }
 }

@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) batches: AtomicU64,
     /// The LISTEN connection: up or down, reconnects, and why it is down.
     pub(crate) listener: Arc<ListenerState>,
+    /// The waker: whether it holds the wake lock, and why it cannot take it while wanted.
+    pub(crate) waker: Arc<ListenerState>,
     pub(crate) in_flight: AtomicI64,
     /// Aggregates found held back behind another transaction's lock lately, left out of the
     /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
@@ -44,7 +46,7 @@ pub(crate) struct Counters {
     pub(crate) table: TableLabel,
 }
 
-/// The LISTEN connection as `stats()` and health see it.
+/// The LISTEN connection (or the waker's session) as `stats()` and health see it.
 #[derive(Debug, Default)]
 pub(crate) struct ListenerState {
     /// Whether it LISTENs now (`stats().listener_connected`).
@@ -70,6 +72,11 @@ impl ListenerState {
             Some(e) => format!("{what}: {}", problem_text(e)),
             None => what.to_string(),
         });
+    }
+
+    /// No problem to report any more (it is not wanted for now), though it is not up.
+    pub(crate) fn clear(&self) {
+        *self.problem_state() = None;
     }
 
     /// Why it is down (see the field).
@@ -505,6 +512,10 @@ impl Reporter {
 
     pub(crate) fn listener_state(&self) -> Arc<ListenerState> {
         self.counters.listener.clone()
+    }
+
+    pub(crate) fn waker_state(&self) -> Arc<ListenerState> {
+        self.counters.waker.clone()
     }
 }
 

@@ -977,6 +977,86 @@ async fn the_oldest_transaction_of_a_role_the_relay_cannot_see_has_no_age() {
     holder.release().await.unwrap();
 }
 
+/// A relay whose role may not run `pg_advisory_lock` (execute revoked from PUBLIC): its waker's
+/// lock call failed at once and it reconnected at once — about 100 sessions a second — while
+/// `/health` stayed green (a breaker helper). It now waits between attempts, as the listener
+/// does, and health names the problem; the relay still delivers, by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waker_that_may_not_take_its_lock_backs_off_and_is_unhealthy() {
+    let roles = Roles::migrated().await;
+    roles.admin.batch_execute(&roles.grants).await.unwrap();
+    roles
+        .admin
+        .batch_execute("revoke execute on function pg_advisory_lock(integer, integer) from public")
+        .await
+        .unwrap();
+    let topic = topic_name("nowaker");
+    support::create_topic(&topic, 1).await;
+    let outbox = Outbox::builder()
+        .postgres(roles.config("relay"))
+        .kafka_brokers(support::kafka_brokers())
+        .poll_interval(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let relay = outbox.start().unwrap();
+    let health = support::eventually(
+        Duration::from_secs(60),
+        "health names the waker's problem",
+        || async {
+            let h = outbox.health().await.map_err(|e| e.to_string())?;
+            match &h.waker_problem {
+                Some(p) if p.starts_with("cannot take the wake lock: postgres: ERROR 42501") => {
+                    Ok(h)
+                }
+                _ => Err(format!("{h:?}")),
+            }
+        },
+    )
+    .await;
+    let reasons = health.reasons(Duration::from_secs(300));
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("the relay cannot take its wake lock, so writers do not NOTIFY")),
+        "{reasons:?}"
+    );
+    // Sessions opened in the database (counted as they end, and flushed within a second).
+    let sessions = || async {
+        roles
+            .admin
+            .query_one(
+                "select sessions from pg_stat_database where datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = sessions().await;
+    let writer = outbox::testing::connect(&roles.config("writer"))
+        .await
+        .unwrap();
+    let id = outbox::add_new_event(&writer, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    let records = support::consume_all(
+        &support::kafka_brokers(),
+        &topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(records[0].header("event_id"), Some(id.to_string().as_str()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let opened = sessions().await - before;
+    support::stop_and_join(&outbox, relay).await;
+    assert!(
+        opened <= 25,
+        "{opened} sessions opened in the database in about 4 s (the waker's retries)"
+    );
+}
+
 /// Connects `builder` (`who` says whose relay it is), starts it and asserts that the one event
 /// `id` of `topic` is consumed within 30 s.
 async fn connect_and_deliver(
