@@ -378,19 +378,22 @@ struct LockHolder {
     transaction_age: Option<f64>,
 }
 
-/// The holders as [`Error::MigrationLocked`] names them. A relay's batch younger than one
-/// attempt's lock wait holds the table for that batch only, and `migrate`'s lock request gets
-/// past it: such batches are counted at the end, not listed beside the session to end (a new
-/// user found them listed first and took them for the blocker).
+/// The holders as [`Error::MigrationLocked`] names them. A relay's batch holds the table for
+/// one batch — at most the relay's lease, after which Postgres ends its session
+/// (`idle_in_transaction_session_timeout`) — so relay batches are counted at the end, not
+/// listed beside the session to end (a new user found them listed first and took them for the
+/// blocker; a breaker helper saw them listed with "age unknown" for the README's migrator, which
+/// may not read other roles' session times).
 fn describe_lock_holders(holders: impl Iterator<Item = LockHolder>) -> String {
     let mut named = Vec::new();
     let mut batches = 0;
+    let mut oldest_batch: Option<f64> = None;
     for h in holders {
-        let brief_batch = h.application_name == "outbox-relay-batch"
-            && h.transaction_age
-                .is_some_and(|s| s < MIGRATION_LOCK_TIMEOUT.as_secs_f64());
-        if brief_batch {
+        if h.application_name == "outbox-relay-batch" {
             batches += 1;
+            if let Some(s) = h.transaction_age {
+                oldest_batch = Some(oldest_batch.map_or(s, |o| o.max(s)));
+            }
             continue;
         }
         let state = h
@@ -407,13 +410,20 @@ fn describe_lock_holders(holders: impl Iterator<Item = LockHolder>) -> String {
         ));
     }
     let mut text = match named.is_empty() {
-        true => "none any more".to_string(),
+        true => "none but relay batches".to_string(),
         false => named.join(", "),
     };
     if batches > 0 {
+        let oldest = match oldest_batch {
+            Some(s) => format!(", the oldest open {s:.0} s"),
+            None => String::new(),
+        };
         text.push_str(&format!(
-            " (and {batches} relay batch(es) younger than {MIGRATION_LOCK_TIMEOUT:?}, which hold it for one batch only)"
+            " (and {batches} relay batch(es){oldest}: each holds the table for one batch, ended by the relay's lease at the latest)"
         ));
+    }
+    if named.is_empty() && batches == 0 {
+        text = "none any more".to_string();
     }
     text
 }
@@ -1031,31 +1041,33 @@ mod tests {
         }
     }
 
-    /// A relay's brief batches are counted, not listed beside the session to end; a batch open
-    /// longer than a lock wait, and a session of unknown age, are listed.
+    /// A relay's batches are counted (with the oldest age known), not listed beside the
+    /// session to end; whatever their age or whether it is known.
     #[test]
-    fn brief_relay_batches_are_counted_not_named() {
+    fn relay_batches_are_counted_not_named() {
         let text = describe_lock_holders(
             [
                 holder(7, "psql", Some(40.0)),
                 holder(8, "outbox-relay-batch", Some(0.3)),
                 holder(9, "outbox-relay-batch", Some(30.0)),
                 holder(10, "outbox-relay-batch", None),
+                holder(11, "app", None),
             ]
             .into_iter(),
         );
         assert_eq!(
             text,
             "pid 7 (\"psql\", idle in transaction, transaction open 40 s), \
-             pid 9 (\"outbox-relay-batch\", idle in transaction, transaction open 30 s), \
-             pid 10 (\"outbox-relay-batch\", idle in transaction, transaction age unknown to this role) \
-             (and 1 relay batch(es) younger than 2s, which hold it for one batch only)"
+             pid 11 (\"app\", idle in transaction, transaction age unknown to this role) \
+             (and 3 relay batch(es), the oldest open 30 s: each holds the table for one batch, \
+             ended by the relay's lease at the latest)"
         );
-        let only_batches =
-            describe_lock_holders([holder(8, "outbox-relay-batch", Some(0.1))].into_iter());
-        assert!(
-            only_batches.starts_with("none any more (and 1 relay batch(es)"),
-            "{only_batches}"
+        let unknown = describe_lock_holders([holder(8, "outbox-relay-batch", None)].into_iter());
+        assert_eq!(
+            unknown,
+            "none but relay batches (and 1 relay batch(es): each holds the table for one batch, \
+             ended by the relay's lease at the latest)"
         );
+        assert_eq!(describe_lock_holders([].into_iter()), "none any more");
     }
 }
