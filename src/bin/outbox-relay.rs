@@ -4,7 +4,7 @@
 //! `OUTBOX_*`); any librdkafka property is passed with `-X key=value`, like kcat.
 //!
 //! Exit codes (derived in one place, `exit_code`, from the error's predicates): 0 success, 2 bad
-//! flags, 3 invalid configuration, 4 Postgres unreachable, the login refused, or not answering
+//! flags, 3 invalid configuration or argument value, 4 Postgres unreachable, the login refused, or not answering
 //! within its timeout (`connect_timeout` in the URL, default 10 s), or a Kafka client error
 //! outside the relay's deliveries, 5 outbox table missing, not migrated or with a schema problem
 //! (`status` prints them, then exits 5), 1 anything else. An
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
     name = "outbox-relay",
     version,
     about = "Transactional outbox relay: Postgres → Kafka",
-    after_help = "Logging: OUTBOX_LOG, a tracing filter (default info,rdkafka=warn; e.g. OUTBOX_LOG=info,outbox::relay=debug logs every batch).\nExit codes: 0 success, 1 other failure, 2 bad flags, 3 invalid configuration, 4 Postgres unreachable or refusing the login, or a Kafka client error outside deliveries (an unreachable Kafka does not stop run: its events wait), 5 table missing, not migrated or with a schema problem (README: The `outbox-relay` binary)."
+    after_help = "Logging: OUTBOX_LOG, a tracing filter (default info,rdkafka=warn; e.g. OUTBOX_LOG=info,outbox::relay=debug logs every batch).\nExit codes: 0 success, 1 other failure, 2 bad flags, 3 invalid configuration or argument value, 4 Postgres unreachable or refusing the login, or a Kafka client error outside deliveries (an unreachable Kafka does not stop run: its events wait), 5 table missing, not migrated or with a schema problem (README: The `outbox-relay` binary)."
 )]
 struct Cli {
     /// Postgres connection string.
