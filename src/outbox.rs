@@ -138,8 +138,9 @@ pub struct Health {
     /// to connect or to take it (e.g. "cannot take the wake lock: postgres: ERROR 42501:
     /// permission denied for function pg_advisory_lock"). Writers NOTIFY only while an idle
     /// relay holds it, so until then the relay finds new events by polling (`poll_interval`), as
-    /// with the LISTEN connection down. `None` when it holds the lock, while the relay is busy
-    /// (the lock is not wanted), and in `PollOnly`.
+    /// with the LISTEN connection down. `None` when it holds the lock, while its request waits
+    /// behind writers' transactions or another idle relay (writers NOTIFY meanwhile), while the
+    /// relay is busy (the lock is not wanted), and in `PollOnly`.
     pub waker_problem: Option<String>,
     /// When the last delivery was confirmed.
     pub last_delivery: Option<DateTime<Utc>>,

@@ -256,6 +256,11 @@ pub(crate) struct Waker {
 /// connection string (for a cancel request).
 type Session = (Client, JoinHandle<Option<tokio_postgres::Error>>, usize);
 
+/// How long a lock request waits without failing before the waker counts as queued (behind
+/// writers' transactions or another idle relay), no longer failing: a refusal comes back at
+/// once.
+const QUEUED_AFTER: Duration = Duration::from_millis(200);
+
 /// How long a stopping waker waits for the cancel of its queued lock request (each of the
 /// request and the statement's end).
 const STOP_CANCEL_WAIT: Duration = Duration::from_secs(2);
@@ -288,7 +293,7 @@ impl Waker {
                         let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                         tracing::warn!(error = %e, ?delay, "outbox waker: cannot connect; writers will not notify until it can");
                         self.state.down("cannot connect", Some(&e));
-                        if !self.sleep(delay).await {
+                        if !self.pause(delay).await {
                             return;
                         }
                         continue;
@@ -299,18 +304,36 @@ impl Waker {
             // Queue for the exclusive lock: from this moment writers' shared try-locks fail and
             // they notify; the grant comes once earlier writers have committed.
             let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
-            let granted = tokio::select! {
-                _ = self.token.cancelled() => {
-                    // Dropped alone, the session's backend would stay queued for the lock (it
-                    // notices a closed client only when it next writes): until every writer
-                    // transaction holding the shared lock ended — 29 s seen by a new user, and
-                    // a relay restarted in a loop would pile them up against max_connections.
-                    self.pg
-                        .cancel_statement(&client, server, "waker lock", STOP_CANCEL_WAIT)
-                        .await;
-                    return;
+            let granted = {
+                let lock = client.execute("select pg_advisory_lock($1, $2)", &params);
+                tokio::pin!(lock);
+                let queued = tokio::time::sleep(QUEUED_AFTER);
+                tokio::pin!(queued);
+                let mut waiting = false;
+                loop {
+                    tokio::select! {
+                        _ = self.token.cancelled() => {
+                            // Dropped alone, the session's backend would stay queued for the lock
+                            // (it notices a closed client only when it next writes): until every
+                            // writer transaction holding the shared lock ended — 29 s seen by a new
+                            // user, and a relay restarted in a loop would pile them up against
+                            // max_connections.
+                            self.pg
+                                .cancel_statement(&client, server, "waker lock", STOP_CANCEL_WAIT)
+                                .await;
+                            return;
+                        }
+                        r = &mut lock => break r,
+                        // Queued behind writers' transactions (or another idle relay) for a while
+                        // without failing: writers NOTIFY while it waits, so an earlier failure is
+                        // no longer a problem (a breaker helper saw /health 503 for 58.8 s, until
+                        // the writer committed, after the queued session was terminated once).
+                        _ = &mut queued, if !waiting => {
+                            waiting = true;
+                            self.state.clear();
+                        }
+                    }
                 }
-                r = client.execute("select pg_advisory_lock($1, $2)", &params) => r,
             };
             if let Err(e) = granted {
                 // After a pause: an error that comes back at once (a role that may not run
@@ -322,7 +345,7 @@ impl Waker {
                     "cannot take the wake lock",
                     Some(&crate::Error::Postgres(e)),
                 );
-                if !self.sleep(delay).await {
+                if !self.pause(delay).await {
                     return;
                 }
                 continue;
@@ -396,11 +419,14 @@ impl Waker {
         }
     }
 
-    /// Sleeps for `delay`; `false` when the relay stops meanwhile.
-    async fn sleep(&self, delay: Duration) -> bool {
+    /// Sleeps for `delay`, or until the relay no longer wants the lock (busy again: the failure
+    /// is then no problem, and the next wait clears it); `false` when the relay stops meanwhile.
+    async fn pause(&self, delay: Duration) -> bool {
+        let mut armed = self.armed.clone();
         tokio::select! {
             _ = self.token.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
+            _ = armed.wait_for(|a| !*a) => true,
         }
     }
 }

@@ -2395,6 +2395,36 @@ async fn queued_waker(
     .await
 }
 
+/// Makes the idle relay's waker wait for the wake lock behind a session holding it shared, as
+/// a writer's transaction holds it (granted while the relay is busy with an event, then held):
+/// that session and the queued waker's pid.
+async fn queue_the_waker(
+    pg: &tokio_postgres::Config,
+    client: &tokio_postgres::Client,
+    table: &str,
+    topic: &str,
+    outbox: &Outbox,
+    reader: &mut support::TopicReader,
+) -> (tokio_postgres::Client, i32) {
+    support::wait_armed(outbox, table, HANG).await;
+    let holder = outbox::testing::connect(pg).await.unwrap();
+    let (class, key) = outbox::wake_lock(table);
+    let shared = tokio::spawn(async move {
+        holder
+            .execute("select pg_advisory_lock_shared($1, $2)", &[&class, &key])
+            .await
+            .map(|_| holder)
+    });
+    outbox
+        .add_new_event(client, NewEvent::new(topic, "a", "T", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(reader.read(1, HANG).await.len(), 1);
+    let holder = shared.await.unwrap().unwrap();
+    let waker = queued_waker(client, table, || format!("{:?}", outbox.stats())).await;
+    (holder, waker)
+}
+
 /// Waits up to 10 s for backend `pid` to end (`what` is its story); panics otherwise.
 async fn backend_ends(client: &tokio_postgres::Client, pid: i32, what: &str) {
     support::eventually(Duration::from_secs(10), what, || async {
@@ -2478,25 +2508,58 @@ async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
         mut reader,
         relay,
     } = relay_on_own_database("waker_stop", |b| b).await;
-    support::wait_armed(&outbox, &table, HANG).await;
-    // Taken shared as a writer's transaction takes it: granted once the relay is busy.
-    let holder = outbox::testing::connect(&pg).await.unwrap();
-    let (class, key) = outbox::wake_lock(&table);
-    let shared = tokio::spawn(async move {
-        holder
-            .execute("select pg_advisory_lock_shared($1, $2)", &[&class, &key])
-            .await
-            .map(|_| holder)
-    });
-    outbox
-        .add_new_event(&client, NewEvent::new(&topic, "a", "T", json!({"n": 1})))
-        .await
-        .unwrap();
-    assert_eq!(reader.read(1, HANG).await.len(), 1);
-    let holder = shared.await.unwrap().unwrap();
-    let waker = queued_waker(&client, &table, || format!("{:?}", outbox.stats())).await;
+    let (holder, waker) = queue_the_waker(&pg, &client, &table, &topic, &outbox, &mut reader).await;
     support::stop_and_join(&outbox, relay).await;
     backend_ends(&client, waker, "the stopped relay's waker backend ended").await;
+    drop(holder);
+}
+
+/// A waker queued for the wake lock is no problem, even after a failure: writers NOTIFY while it
+/// waits. A breaker helper terminated the queued waker's backend; it reconnected and queued
+/// again, yet `/health` said "writers do not NOTIFY" (503) until the writer's transaction ended,
+/// 58.8 s later. A lock request that waits without failing now clears the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waker_queued_again_after_a_failure_is_no_problem() {
+    support::init_tracing();
+    let OwnDatabase {
+        pg,
+        client,
+        table,
+        topic,
+        outbox,
+        mut reader,
+        relay,
+    } = relay_on_own_database("waker_requeue", |b| b).await;
+    let (holder, first) = queue_the_waker(&pg, &client, &table, &topic, &outbox, &mut reader).await;
+    client
+        .execute("select pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    let second = support::eventually(HANG, "the waker queued again", || async {
+        match wake_lock_request(&client, &table, false).await? {
+            Some(pid) if pid != first => Ok(pid),
+            other => Err(format!("queued: {other:?} (terminated: {first})")),
+        }
+    })
+    .await;
+    support::eventually(
+        Duration::from_secs(5),
+        "no waker problem while it waits",
+        || async {
+            let h = outbox.health().await.map_err(|e| e.to_string())?;
+            match h.waker_problem {
+                None => Ok(()),
+                Some(p) => Err(p),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        wake_lock_request(&client, &table, false).await.unwrap(),
+        Some(second),
+        "still queued behind the holder"
+    );
+    support::stop_and_join(&outbox, relay).await;
     drop(holder);
 }
 
