@@ -553,6 +553,8 @@ impl Outbox {
         }
         let kafka = self.inner.producers.state().current();
         let postgres = self.inner.counters.postgres_problem();
+        // The LISTEN connection and the waker run only in `WakeMode::Notify`.
+        let notify = self.inner.settings.wake == crate::WakeMode::Notify;
         Ok(Health {
             postgres_problem_since: postgres.as_ref().map(|p| p.since),
             postgres_problem: postgres.map(|p| p.error),
@@ -561,12 +563,11 @@ impl Outbox {
             kafka_problem: kafka.map(|p| p.error),
             producer_rebuilds: stats.producer_rebuilds,
             running: stats.running,
-            listener_connected: (self.inner.settings.wake == crate::WakeMode::Notify)
-                .then_some(stats.listener_connected),
-            listener_problem: (self.inner.settings.wake == crate::WakeMode::Notify)
+            listener_connected: notify.then_some(stats.listener_connected),
+            listener_problem: notify
                 .then(|| self.inner.counters.listener.problem())
                 .flatten(),
-            waker_problem: (self.inner.settings.wake == crate::WakeMode::Notify)
+            waker_problem: notify
                 .then(|| self.inner.counters.waker.problem())
                 .flatten(),
             last_delivery: stats.last_delivery,

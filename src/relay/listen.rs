@@ -16,7 +16,7 @@ use crate::error::PgErrorDisplay;
 use crate::pg::Pg;
 use crate::schema::LOCK_CLASS;
 
-use super::report::ListenerState;
+use super::report::SessionState;
 use super::wake::{handoff_delays, HandoffSender, Wake};
 
 /// Backoff between reconnects of the listener and the waker: 50 ms doubling to 5 s, plus up to
@@ -92,11 +92,11 @@ pub(crate) struct Listener {
     pub(crate) handoffs: HandoffSender,
     pub(crate) token: CancellationToken,
     /// Whether it LISTENs now, its reconnects, and why it is down (`stats()`, health).
-    pub(crate) state: Arc<ListenerState>,
+    pub(crate) state: Arc<SessionState>,
 }
 
 /// Clears `stats().listener_connected` when dropped.
-struct Listening(Arc<ListenerState>);
+struct Listening(Arc<SessionState>);
 
 impl Drop for Listening {
     fn drop(&mut self) {
@@ -249,7 +249,7 @@ pub(crate) struct Waker {
     pub(crate) token: CancellationToken,
     /// Why it cannot take the wake lock while the relay wants it (health's `waker_problem`);
     /// `connected` is whether it holds the lock.
-    pub(crate) state: Arc<ListenerState>,
+    pub(crate) state: Arc<SessionState>,
 }
 
 /// A waker session: its client, the task driving its connection, and its server's index in the
@@ -289,66 +289,28 @@ impl Waker {
                 Some(s) => s,
                 None => match self.connect().await {
                     Some(Ok(s)) => s,
-                    Some(Err(e)) => {
-                        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                        tracing::warn!(error = %e, ?delay, "outbox waker: cannot connect; writers will not notify until it can");
-                        self.state.down("cannot connect", Some(&e));
-                        if !self.pause(delay).await {
-                            return;
-                        }
-                        continue;
+                    Some(Err(e)) if self.failed("cannot connect", &e, &mut backoff).await => {
+                        continue
                     }
-                    None => return,
+                    Some(Err(_)) | None => return,
                 },
             };
-            // Queue for the exclusive lock: from this moment writers' shared try-locks fail and
-            // they notify; the grant comes once earlier writers have committed.
-            let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
-            let granted = {
-                let lock = client.execute("select pg_advisory_lock($1, $2)", &params);
-                tokio::pin!(lock);
-                let queued = tokio::time::sleep(QUEUED_AFTER);
-                tokio::pin!(queued);
-                let mut waiting = false;
-                loop {
-                    tokio::select! {
-                        _ = self.token.cancelled() => {
-                            // Dropped alone, the session's backend would stay queued for the lock
-                            // (it notices a closed client only when it next writes): until every
-                            // writer transaction holding the shared lock ended — 29 s seen by a new
-                            // user, and a relay restarted in a loop would pile them up against
-                            // max_connections.
-                            self.pg
-                                .cancel_statement(&client, server, "waker lock", STOP_CANCEL_WAIT)
-                                .await;
-                            return;
-                        }
-                        r = &mut lock => break r,
-                        // Queued behind writers' transactions (or another idle relay) for a while
-                        // without failing: writers NOTIFY while it waits, so an earlier failure is
-                        // no longer a problem (a breaker helper saw /health 503 for 58.8 s, until
-                        // the writer committed, after the queued session was terminated once).
-                        _ = &mut queued, if !waiting => {
-                            waiting = true;
-                            self.state.clear();
-                        }
-                    }
-                }
-            };
-            if let Err(e) = granted {
+            match self.take_lock(&client, server).await {
+                Some(Ok(_)) => {}
                 // After a pause: an error that comes back at once (a role that may not run
                 // `pg_advisory_lock`) reconnected about 100 times a second (a breaker helper).
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %PgErrorDisplay(&e), ?delay, "outbox waker: cannot take the wake lock; writers will not notify until it can (the relay polls meanwhile); reconnecting");
-                drive.abort();
-                self.state.down(
-                    "cannot take the wake lock",
-                    Some(&crate::Error::Postgres(e)),
-                );
-                if !self.pause(delay).await {
+                Some(Err(e)) => {
+                    drive.abort();
+                    let e = crate::Error::Postgres(e);
+                    if self
+                        .failed("cannot take the wake lock", &e, &mut backoff)
+                        .await
+                    {
+                        continue;
+                    }
                     return;
                 }
-                continue;
+                None => return,
             }
             self.state.up();
             backoff = reconnect_backoff();
@@ -373,6 +335,61 @@ impl Waker {
                 drive.abort();
             }
         }
+    }
+
+    /// Queues for the exclusive wake lock on `client` (on the connection string's server
+    /// `server`) and waits for it: from the request on, writers' shared try-locks fail and they
+    /// notify; the grant comes once earlier writers have committed. `None` when the relay stops
+    /// meanwhile, after the request was cancelled.
+    async fn take_lock(
+        &self,
+        client: &Client,
+        server: usize,
+    ) -> Option<Result<u64, tokio_postgres::Error>> {
+        let params: [&(dyn postgres_types::ToSql + Sync); 2] = [&LOCK_CLASS, &self.key];
+        let lock = client.execute("select pg_advisory_lock($1, $2)", &params);
+        tokio::pin!(lock);
+        let queued = tokio::time::sleep(QUEUED_AFTER);
+        tokio::pin!(queued);
+        let mut waiting = false;
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => {
+                    // Dropped alone, the session's backend would stay queued for the lock (it
+                    // notices a closed client only when it next writes): until every writer
+                    // transaction holding the shared lock ended — 29 s seen by a new user, and
+                    // a relay restarted in a loop would pile them up against max_connections.
+                    self.pg
+                        .cancel_statement(client, server, "waker lock", STOP_CANCEL_WAIT)
+                        .await;
+                    return None;
+                }
+                r = &mut lock => return Some(r),
+                // Queued behind writers' transactions (or another idle relay) for a while
+                // without failing: writers NOTIFY while it waits, so an earlier failure is no
+                // longer a problem (a breaker helper saw /health 503 for 58.8 s, until the
+                // writer committed, after the queued session was terminated once).
+                _ = &mut queued, if !waiting => {
+                    waiting = true;
+                    self.state.clear();
+                }
+            }
+        }
+    }
+
+    /// A failure to connect or to take the lock (`what`, e.g. "cannot connect"): logged,
+    /// recorded for health's `waker_problem`, then a pause of the backoff's next delay;
+    /// `false` when the relay stops meanwhile.
+    async fn failed(
+        &self,
+        what: &str,
+        e: &crate::Error,
+        backoff: &mut impl Iterator<Item = Duration>,
+    ) -> bool {
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tracing::warn!(error = %e, ?delay, "outbox waker: {what}; writers will not notify until it can (the relay polls meanwhile); retrying");
+        self.state.down(what, Some(e));
+        self.pause(delay).await
     }
 
     /// Connects within the connect deadline; `None` when the relay stops meanwhile.

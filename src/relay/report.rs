@@ -27,9 +27,9 @@ pub(crate) struct Counters {
     pub(crate) reserve_failures: AtomicU64,
     pub(crate) batches: AtomicU64,
     /// The LISTEN connection: up or down, reconnects, and why it is down.
-    pub(crate) listener: Arc<ListenerState>,
+    pub(crate) listener: Arc<SessionState>,
     /// The waker: whether it holds the wake lock, and why it cannot take it while wanted.
-    pub(crate) waker: Arc<ListenerState>,
+    pub(crate) waker: Arc<SessionState>,
     pub(crate) in_flight: AtomicI64,
     /// Aggregates found held back behind another transaction's lock lately, left out of the
     /// reservations (see `Pipeline::leave_out`, `LeftOut::held`, `scan::held_shown_for`).
@@ -48,7 +48,7 @@ pub(crate) struct Counters {
 
 /// The LISTEN connection (or the waker's session) as `stats()` and health see it.
 #[derive(Debug, Default)]
-pub(crate) struct ListenerState {
+pub(crate) struct SessionState {
     /// Whether it LISTENs now (`stats().listener_connected`).
     pub(crate) connected: AtomicBool,
     /// Re-established connections (`stats().listener_reconnects`).
@@ -58,7 +58,7 @@ pub(crate) struct ListenerState {
     problem: Mutex<Option<String>>,
 }
 
-impl ListenerState {
+impl SessionState {
     /// It LISTENs.
     pub(crate) fn up(&self) {
         self.connected.store(true, Ordering::Relaxed);
@@ -510,11 +510,11 @@ impl Reporter {
         tracing::error!(error = %e, "outbox relay: batch task panicked");
     }
 
-    pub(crate) fn listener_state(&self) -> Arc<ListenerState> {
+    pub(crate) fn listener_state(&self) -> Arc<SessionState> {
         self.counters.listener.clone()
     }
 
-    pub(crate) fn waker_state(&self) -> Arc<ListenerState> {
+    pub(crate) fn waker_state(&self) -> Arc<SessionState> {
         self.counters.waker.clone()
     }
 }

@@ -2395,19 +2395,14 @@ async fn queued_waker(
     .await
 }
 
-/// Makes the idle relay's waker wait for the wake lock behind a session holding it shared, as
-/// a writer's transaction holds it (granted while the relay is busy with an event, then held):
-/// that session and the queued waker's pid.
-async fn queue_the_waker(
-    pg: &tokio_postgres::Config,
-    client: &tokio_postgres::Client,
-    table: &str,
-    topic: &str,
-    outbox: &Outbox,
-    reader: &mut support::TopicReader,
-) -> (tokio_postgres::Client, i32) {
+/// A relay on a database of its own (`name…`) whose idle waker waits for the wake lock behind a
+/// session holding it shared, as a writer's transaction holds it (granted while the relay was
+/// busy with an event, then held): the database, that session and the queued waker's pid.
+async fn relay_with_a_queued_waker(name: &str) -> (OwnDatabase, tokio_postgres::Client, i32) {
+    let mut db = relay_on_own_database(name, |b| b).await;
+    let (outbox, table, client) = (&db.outbox, &db.table, &db.client);
     support::wait_armed(outbox, table, HANG).await;
-    let holder = outbox::testing::connect(pg).await.unwrap();
+    let holder = outbox::testing::connect(&db.pg).await.unwrap();
     let (class, key) = outbox::wake_lock(table);
     let shared = tokio::spawn(async move {
         holder
@@ -2416,13 +2411,13 @@ async fn queue_the_waker(
             .map(|_| holder)
     });
     outbox
-        .add_new_event(client, NewEvent::new(topic, "a", "T", json!({"n": 1})))
+        .add_new_event(client, NewEvent::new(&db.topic, "a", "T", json!({"n": 1})))
         .await
         .unwrap();
-    assert_eq!(reader.read(1, HANG).await.len(), 1);
+    assert_eq!(db.reader.read(1, HANG).await.len(), 1);
     let holder = shared.await.unwrap().unwrap();
-    let waker = queued_waker(client, table, || format!("{:?}", outbox.stats())).await;
-    (holder, waker)
+    let waker = queued_waker(&db.client, &db.table, || format!("{:?}", db.outbox.stats())).await;
+    (db, holder, waker)
 }
 
 /// Waits up to 10 s for backend `pid` to end (`what` is its story); panics otherwise.
@@ -2499,16 +2494,13 @@ async fn waker_session_lost_is_replaced_and_writers_notify_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
     support::init_tracing();
+    let (db, holder, waker) = relay_with_a_queued_waker("waker_stop").await;
     let OwnDatabase {
-        pg,
         client,
-        table,
-        topic,
         outbox,
-        mut reader,
         relay,
-    } = relay_on_own_database("waker_stop", |b| b).await;
-    let (holder, waker) = queue_the_waker(&pg, &client, &table, &topic, &outbox, &mut reader).await;
+        ..
+    } = db;
     support::stop_and_join(&outbox, relay).await;
     backend_ends(&client, waker, "the stopped relay's waker backend ended").await;
     drop(holder);
@@ -2521,16 +2513,14 @@ async fn a_stopping_relay_leaves_no_waker_queued_for_the_wake_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waker_queued_again_after_a_failure_is_no_problem() {
     support::init_tracing();
+    let (db, holder, first) = relay_with_a_queued_waker("waker_requeue").await;
     let OwnDatabase {
-        pg,
         client,
         table,
-        topic,
         outbox,
-        mut reader,
         relay,
-    } = relay_on_own_database("waker_requeue", |b| b).await;
-    let (holder, first) = queue_the_waker(&pg, &client, &table, &topic, &outbox, &mut reader).await;
+        ..
+    } = db;
     client
         .execute("select pg_terminate_backend($1)", &[&first])
         .await
